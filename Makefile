@@ -1,0 +1,27 @@
+# Two entry points (README): `make reproduce` and `make test`. Both set up the venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTHON ?= python3
+
+.PHONY: setup reproduce test notebooks clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch==2.13.0 (pinned in pyproject) is the CPU build that lies on the local disk
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+reproduce: setup
+	$(VENV)/bin/fs3d reproduce
+
+test: setup
+	$(PY) -m pytest -q -n 2 --nbmake notebooks tests
+
+notebooks: setup
+	$(PY) -m jupytext --sync notebooks/*.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

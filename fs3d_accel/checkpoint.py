@@ -1,0 +1,149 @@
+"""Checkpoint layouts: the official SAM 3D Objects files and ours.
+
+Official layout (what the released files hold; see the architecture reference, section 7):
+
+=========================  ==================  ======================================================
+file                       state_dict_key      keys
+=========================  ==================  ======================================================
+ss_generator.ckpt          ``state_dict``      ``_base_models.generator.reverse_fn.backbone.<ss flow>``
+                                               ``_base_models.condition_embedder.<ss fuser>``
+slat_generator.ckpt        ``state_dict``      same prefixes for the SLaT flow model / SLaT fuser
+ss_decoder.ckpt            none (flat)         ``<ss decoder>``
+slat_decoder_mesh.ckpt     none (flat)         ``<mesh decoder>``
+=========================  ==================  ======================================================
+
+Our layout is one flat state dict (``model.safetensors``) keyed by the pipeline's module names
+(``ss.flow.blocks.0...``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+GEN_PREFIX = "_base_models.generator.reverse_fn.backbone."
+COND_PREFIX = "_base_models.condition_embedder."
+
+#: official file -> (state_dict_key, [(our module prefix, on-disk prefix)])
+OFFICIAL_FILES: dict[str, tuple[str | None, list[tuple[str, str]]]] = {
+    "ss_generator": ("state_dict", [("ss.flow.", GEN_PREFIX), ("ss.condition.", COND_PREFIX)]),
+    "slat_generator": ("state_dict", [("slat.flow.", GEN_PREFIX), ("slat.condition.", COND_PREFIX)]),
+    "ss_decoder": (None, [("ss.decoder.", "")]),
+    "slat_decoder_mesh": (None, [("decode.decoder.", "")]),
+}
+OFFICIAL_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable or does not match the model (message lists the keys)."""
+
+
+def _fmt(keys, limit: int = 20) -> str:
+    keys = sorted(keys)
+    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
+    return ", ".join(keys[:limit]) + more
+
+
+def to_official(ours: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+    """Split our flat state dict into the official files' flat key spaces (with on-disk prefixes)."""
+    out: dict[str, dict[str, Tensor]] = {name: {} for name in OFFICIAL_FILES}
+    for key, value in ours.items():
+        for name, (_, pairs) in OFFICIAL_FILES.items():
+            for ours_prefix, disk_prefix in pairs:
+                if key.startswith(ours_prefix):
+                    out[name][disk_prefix + key[len(ours_prefix):]] = value
+                    break
+            else:
+                continue
+            break
+        else:
+            raise CheckpointError(f"key {key!r} belongs to no official checkpoint file")
+    return out
+
+
+def from_official(files: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor]:
+    """Inverse of :func:`to_official`: official files' flat dicts -> our flat state dict.
+
+    Entries outside the known prefixes of a generator file (EMA copies, optimiser state) are
+    dropped, as the official loader's prefix filter does.
+    """
+    ours: dict[str, Tensor] = {}
+    for name, sd in files.items():
+        if name not in OFFICIAL_FILES:
+            raise CheckpointError(f"unknown official file {name!r}; expected {sorted(OFFICIAL_FILES)}")
+        _, pairs = OFFICIAL_FILES[name]
+        for key, value in sd.items():
+            for ours_prefix, disk_prefix in sorted(pairs, key=lambda p: -len(p[1])):
+                if key.startswith(disk_prefix):
+                    ours[ours_prefix + key[len(disk_prefix):]] = value
+                    break
+    return ours
+
+
+def check_state_dict(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], what: str) -> None:
+    """Raise :class:`CheckpointError` listing missing, unexpected and mis-shaped keys."""
+    missing = set(expected) - set(given)
+    unexpected = set(given) - set(expected)
+    shapes = [f"{k}: checkpoint {tuple(given[k].shape)} vs model {tuple(expected[k].shape)}"
+              for k in sorted(set(expected) & set(given)) if tuple(given[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys: {_fmt(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys: {_fmt(unexpected)}")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatches: " + "; ".join(shapes[:20]))
+    if problems:
+        raise CheckpointError(f"{what} does not match the model:\n  " + "\n  ".join(problems))
+
+
+def load_tensor_file(path: Path) -> dict:
+    """Load a .safetensors or torch file (``weights_only=True``) with a clear error on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+
+
+@dataclass
+class OfficialCheckpoint:
+    """The official files found in a directory."""
+
+    directory: Path
+    files: dict[str, Path]
+
+    @classmethod
+    def find(cls, directory: Path) -> "OfficialCheckpoint | None":
+        directory = Path(directory)
+        files = {}
+        for name in OFFICIAL_FILES:
+            for suffix in OFFICIAL_SUFFIXES:
+                p = directory / f"{name}{suffix}"
+                if p.is_file():
+                    files[name] = p
+                    break
+        return cls(directory, files) if files else None
+
+    def load(self) -> dict[str, dict[str, Tensor]]:
+        missing = set(OFFICIAL_FILES) - set(self.files)
+        if missing:
+            raise CheckpointError(f"official checkpoint folder {self.directory} lacks: {sorted(missing)}")
+        out = {}
+        for name, path in self.files.items():
+            raw = load_tensor_file(path)
+            key, _ = OFFICIAL_FILES[name]
+            if key is not None and path.suffix != ".safetensors":
+                if key not in raw:
+                    raise CheckpointError(f"{path} has no {key!r} entry (top-level keys: {_fmt(map(str, raw))})")
+                raw = raw[key]
+            out[name] = {k: v for k, v in raw.items() if isinstance(v, Tensor)}
+        return out

@@ -1,0 +1,190 @@
+"""SLaT flow transformer (stage 2): velocity of the structured latent on sparse voxels.
+
+Architecture and state-dict keys follow ``sam3d-architecture.md`` section 3 (keys relative to the
+checkpoint prefix ``reverse_fn.backbone.``): sparse IO res-blocks around a stack of modulated
+sparse transformer blocks with full self-attention per batch element and cross-attention to the
+condition tokens.
+
+Token subset seam: ``forward`` works on whatever voxels it is given. A caller that passes only
+``feats[active], coords[active]`` gets velocities for those rows; the dropped voxels are then
+absent as convolution neighbours, pooling members and attention keys for the kept ones (as in the
+released Fast-SAM3D carving code, which slices the coordinates before the network call).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .configs import SLaTFlowConfig
+from .layers import AbsolutePositionEmbedder, FeedForwardNet, LayerNorm32, TimestepEmbedder, zero_module
+from .sparse import (SparseConv3d, SparseCrossAttention, SparseDownsample, SparseLinear, SparseSelfAttention,
+                     SparseTensor, SparseUpsample)
+
+#: res-blocks per IO level (official ``num_io_res_blocks``; the last one of each input level
+#: downsamples, the first one of each output level upsamples)
+NUM_IO_RES_BLOCKS = 2
+#: LayerNorm32 eps of the res-blocks and transformer blocks
+NORM_EPS = 1e-6
+
+
+class SparseResBlock3d(nn.Module):
+    """Sparse conv res-block with timestep adaLN (scale, shift) on the second norm.
+
+    Keys: ``norm1`` (affine), ``conv1.conv``, ``conv2.conv`` (zero-init), ``emb_layers.1``
+    (emb -> 2*out, first half scale, second half shift), ``skip_connection`` (SparseLinear, only
+    when channels change). Down/upsampling happens FIRST, before the residual split.
+    """
+
+    def __init__(self, channels: int, emb_channels: int, out_channels: int | None = None,
+                 downsample: bool = False, upsample: bool = False) -> None:
+        super().__init__()
+        if downsample and upsample:
+            raise ValueError("a res-block cannot both downsample and upsample")
+        out_channels = out_channels or channels
+        self.channels, self.out_channels = channels, out_channels
+        self.norm1 = LayerNorm32(channels, elementwise_affine=True, eps=NORM_EPS)
+        self.norm2 = LayerNorm32(out_channels, elementwise_affine=False, eps=NORM_EPS)
+        self.conv1 = SparseConv3d(channels, out_channels, 3)
+        self.conv2 = zero_module(SparseConv3d(out_channels, out_channels, 3))
+        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels))
+        self.skip_connection = SparseLinear(channels, out_channels) if channels != out_channels else nn.Identity()
+        self.updown: nn.Module | None = None
+        if downsample:
+            self.updown = SparseDownsample(2)
+        elif upsample:
+            self.updown = SparseUpsample(2)
+
+    def forward(self, x: SparseTensor, emb: Tensor) -> SparseTensor:
+        lin = self.emb_layers[1]
+        scale, shift = self.emb_layers(emb.to(lin.weight.dtype)).chunk(2, dim=1)
+        if self.updown is not None:
+            x = self.updown(x)
+        h = x.replace(F.silu(self.norm1(x.feats)))
+        h = self.conv1(h)
+        f = self.norm2(h.feats) * (1 + x.per_row(scale)) + x.per_row(shift)
+        h = self.conv2(h.replace(F.silu(f)))
+        return h.replace(h.feats + self.skip_connection(x).feats)
+
+
+class ModulatedSparseTransformerCrossBlock(nn.Module):
+    """adaLN-gated self-attention, plain cross-attention, adaLN-gated MLP on sparse tokens.
+
+    norm1/norm3: LayerNorm32 no affine; norm2: affine; all eps 1e-6. ``adaLN_modulation`` =
+    (SiLU, Linear(C, 6C)) chunked as shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp.
+    """
+
+    def __init__(self, channels: int, ctx_channels: int, num_heads: int, mlp_ratio: float = 4.0,
+                 qk_rms_norm: bool = True) -> None:
+        super().__init__()
+        self.norm1 = LayerNorm32(channels, elementwise_affine=False, eps=NORM_EPS)
+        self.norm2 = LayerNorm32(channels, elementwise_affine=True, eps=NORM_EPS)
+        self.norm3 = LayerNorm32(channels, elementwise_affine=False, eps=NORM_EPS)
+        self.self_attn = SparseSelfAttention(channels, num_heads, mode="full", qk_rms_norm=qk_rms_norm)
+        self.cross_attn = SparseCrossAttention(channels, ctx_channels, num_heads)
+        self.mlp = FeedForwardNet(channels, mlp_ratio)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels))
+
+    def forward(self, x: SparseTensor, emb: Tensor, context: Tensor | None = None,
+                context_kv: tuple[Tensor, Tensor] | None = None) -> SparseTensor:
+        mod = self.adaLN_modulation(emb.to(self.adaLN_modulation[1].weight.dtype))
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (x.per_row(m) for m in mod.chunk(6, dim=1))
+        f = x.feats
+        h = self.norm1(f) * (1 + scale_msa) + shift_msa
+        f = f + self.self_attn(x.replace(h)).feats * gate_msa
+        f = f + self.cross_attn(x.replace(self.norm2(f)), context, context_kv).feats
+        h = self.norm3(f) * (1 + scale_mlp) + shift_mlp
+        f = f + self.mlp(h) * gate_mlp
+        return x.replace(f)
+
+
+class SLaTFlowModel(nn.Module):
+    """Velocity network of the SLaT stage (official ``SLatFlowModel``, keys as its checkpoint)."""
+
+    def __init__(self, cfg: SLaTFlowConfig) -> None:
+        super().__init__()
+        if cfg.model_channels % cfg.num_heads:
+            raise ValueError(f"model_channels {cfg.model_channels} not divisible by num_heads {cfg.num_heads}")
+        if not cfg.io_block_channels:
+            raise ValueError("io_block_channels must name at least one IO level")
+        if cfg.resolution % 2 ** len(cfg.io_block_channels):
+            raise ValueError(f"resolution {cfg.resolution} not divisible by 2^{len(cfg.io_block_channels)}")
+        self.cfg = cfg
+        c, emb = cfg.model_channels, cfg.model_channels
+        io = list(cfg.io_block_channels)
+        self.t_embedder = TimestepEmbedder(c)
+        self.input_layer = SparseLinear(cfg.in_channels, io[0])
+        self.input_blocks = nn.ModuleList()
+        for chan, next_chan in zip(io, io[1:] + [c]):
+            self.input_blocks.extend(SparseResBlock3d(chan, emb, chan) for _ in range(NUM_IO_RES_BLOCKS - 1))
+            self.input_blocks.append(SparseResBlock3d(chan, emb, next_chan, downsample=True))
+        self.pos_embedder = AbsolutePositionEmbedder(c)
+        self.blocks = nn.ModuleList(
+            ModulatedSparseTransformerCrossBlock(c, cfg.cond_channels, cfg.num_heads, cfg.mlp_ratio, qk_rms_norm=True)
+            for _ in range(cfg.num_blocks))
+        self.out_blocks = nn.ModuleList()
+        for chan, prev_chan in zip(reversed(io), [c] + list(reversed(io[1:]))):
+            self.out_blocks.append(SparseResBlock3d(prev_chan * 2, emb, chan, upsample=True))
+            self.out_blocks.extend(SparseResBlock3d(chan * 2, emb, chan) for _ in range(NUM_IO_RES_BLOCKS - 1))
+        self.out_layer = SparseLinear(io[0], cfg.in_channels)
+
+    @property
+    def torso_dtype(self) -> torch.dtype:
+        """dtype of the blocks' parameters (fp16 when the official ``use_fp16`` is mirrored)."""
+        return self.blocks[0].adaLN_modulation[1].weight.dtype if len(self.blocks) else self.input_layer.weight.dtype
+
+    def precompute_cond_kv(self, cond: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Per-block cross-attention (k, v), each (B, L, H, D); the same for every sampler step.
+
+        Passing the result as ``cond_kv`` gives bit-identical outputs to passing ``cond``.
+        """
+        cond = cond.to(self.torso_dtype)
+        return [blk.cross_attn.context_kv(cond) for blk in self.blocks]
+
+    def forward(self, feats: Tensor, coords: Tensor, t: Tensor, cond: Tensor | None,
+                cond_kv: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        """feats (N, in_ch), coords (N, 4) int [batch, x, y, z] sorted by batch, t (B,) already
+        scaled by the sampler's time scale, cond (B, L, cond_ch) -> velocity (N, in_ch).
+
+        Row r uses t[coords[r, 0]] and cond[coords[r, 0]]. ``cond_kv`` (from
+        :meth:`precompute_cond_kv`) replaces ``cond`` in the cross-attention.
+        """
+        cfg = self.cfg
+        if feats.ndim != 2 or feats.shape[1] != cfg.in_channels:
+            raise ValueError(f"feats must be (N, {cfg.in_channels}), got {tuple(feats.shape)}")
+        if cond_kv is None:
+            if cond is None or cond.ndim != 3 or cond.shape[2] != cfg.cond_channels:
+                raise ValueError(f"cond must be (B, L, {cfg.cond_channels}), got "
+                                 f"{None if cond is None else tuple(cond.shape)}")
+            batch = cond.shape[0]
+        else:
+            if len(cond_kv) != len(self.blocks):
+                raise ValueError(f"cond_kv has {len(cond_kv)} entries, model has {len(self.blocks)} blocks")
+            batch = cond_kv[0][0].shape[0]
+        if len(feats) == 0:
+            raise ValueError("SLaT flow model needs at least one voxel")
+        if int(coords[:, 1:].max()) >= cfg.resolution:
+            raise ValueError(f"coords exceed resolution {cfg.resolution}")
+        t = t.reshape(-1)
+        if t.numel() == 1 and batch > 1:
+            t = t.expand(batch)
+        if t.numel() != batch:
+            raise ValueError(f"t has {t.numel()} entries, cond batch is {batch}")
+        x = SparseTensor.create(feats, coords, batch_size=batch)
+        dtype = self.torso_dtype
+        emb = self.t_embedder(t)
+        h = self.input_layer(x)
+        h = h.replace(h.feats.to(dtype))
+        skips = []
+        for block in self.input_blocks:
+            h = block(h, emb)
+            skips.append(h.feats)
+        h = h.replace(h.feats + self.pos_embedder(h.coords[:, 1:]).to(dtype))
+        ctx = None if cond_kv is not None else cond.to(dtype)
+        for i, block in enumerate(self.blocks):
+            h = block(h, emb, ctx, None if cond_kv is None else cond_kv[i])
+        for block, skip in zip(self.out_blocks, reversed(skips)):
+            h = block(h.replace(torch.cat([h.feats, skip], dim=1)), emb)
+        f = h.feats.to(feats.dtype)
+        f = F.layer_norm(f, f.shape[-1:])
+        return self.out_layer(h.replace(f.to(self.out_layer.weight.dtype))).feats.to(feats.dtype)

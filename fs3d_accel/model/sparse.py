@@ -1,0 +1,579 @@
+"""Sparse voxel tensors and the sparse ops of the SLaT generator and decoders, in pure PyTorch.
+
+No spconv: submanifold convolution uses a neighbour table built by coordinate hashing (linear keys,
+sort, ``searchsorted``) and one gather + matmul + ``index_add`` per kernel offset; attention packs
+variable-length sequences (per batch element, or per swin window) into a padded batch for
+``F.scaled_dot_product_attention`` with a key-padding mask (never a dense block-diagonal mask).
+
+Neighbour tables, window partitions and down/up-sampling maps depend only on the coordinates, so
+they live in :attr:`SparseTensor.cache`, a dict shared by every tensor with the same coordinates
+(:meth:`SparseTensor.replace` keeps it). A new coordinate set (downsample, upsample, subdivide)
+gets a new cache.
+
+Convolution kernel orientation (ours, documented, to be checked against spconv on GPU):
+``weight[:, i, j, k, :]`` (on-disk spconv layout ``(C_out, k, k, k, C_in)``) multiplies the
+neighbour at ``(x + i - k//2, y + j - k//2, z + k - k//2)``, i.e. the same as a dense
+``nn.Conv3d`` (cross-correlation) with weight ``weight.permute(0, 4, 1, 2, 3)`` over a grid
+indexed ``[x, y, z]``.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .layers import MultiHeadRMSNorm
+
+#: SDPA working-set budget (elements of the attention matrix) for one chunk of windows.
+_ATTN_CHUNK_ELEMENTS = 1 << 26
+
+
+# ----------------------------------------------------------------------------------------------
+# Sparse tensor
+# ----------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class SparseTensor:
+    """``feats`` (N, C) at integer ``coords`` (N, 4) int32 ``[batch, x, y, z]``.
+
+    Rows must be sorted by batch index (each batch element's rows contiguous); :meth:`create`
+    checks this. ``cache`` holds coordinate-derived tables (batch size, layout, neighbour tables,
+    window partitions, down-sampling maps) and is shared by tensors with the same coordinates.
+    """
+
+    feats: Tensor
+    coords: Tensor
+    cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.coords.ndim != 2 or self.coords.shape[1] != 4:
+            raise ValueError(f"coords must be (N, 4) [batch, x, y, z], got {tuple(self.coords.shape)}")
+        if self.feats.ndim != 2:
+            raise ValueError(f"feats must be (N, C), got {tuple(self.feats.shape)}")
+        if self.feats.shape[0] != self.coords.shape[0]:
+            raise ValueError(f"feats rows {self.feats.shape[0]} != coords rows {self.coords.shape[0]}")
+        if self.coords.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"coords must be int32 or int64, got {self.coords.dtype}")
+
+    @classmethod
+    def create(cls, feats: Tensor, coords: Tensor, batch_size: int | None = None) -> "SparseTensor":
+        """Validated constructor: non-negative coords, rows sorted by batch, batch < batch_size."""
+        st = cls(feats, coords.int())
+        if len(st) > 0:
+            c = st.coords
+            if bool((c < 0).any()):
+                raise ValueError("coords must be non-negative")
+            if bool((c[1:, 0] < c[:-1, 0]).any()):
+                raise ValueError("coords rows must be sorted by batch index (batch rows contiguous)")
+            if batch_size is not None and int(c[-1, 0]) >= batch_size:
+                raise ValueError(f"coords batch index {int(c[-1, 0])} >= batch_size {batch_size}")
+        if batch_size is not None:
+            if batch_size < 1:
+                raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            st.cache["batch_size"] = int(batch_size)
+        return st
+
+    def __len__(self) -> int:
+        return int(self.coords.shape[0])
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.feats.shape[1])
+
+    def replace(self, feats: Tensor) -> "SparseTensor":
+        """Same coordinates (and cache), new features."""
+        if feats.shape[0] != self.feats.shape[0]:
+            raise ValueError(f"replacement feats have {feats.shape[0]} rows, expected {self.feats.shape[0]}")
+        return SparseTensor(feats, self.coords, self.cache)
+
+    @property
+    def batch_size(self) -> int:
+        if "batch_size" not in self.cache:
+            self.cache["batch_size"] = int(self.coords[-1, 0]) + 1 if len(self) else 1
+        return self.cache["batch_size"]
+
+    @property
+    def batch_idx(self) -> Tensor:
+        """(N,) int64 batch index of every row."""
+        if "batch_idx" not in self.cache:
+            self.cache["batch_idx"] = self.coords[:, 0].long()
+        return self.cache["batch_idx"]
+
+    @property
+    def seqlens(self) -> list[int]:
+        """Number of rows of each batch element."""
+        if "seqlens" not in self.cache:
+            if self.batch_size == 1:
+                self.cache["seqlens"] = [len(self)]
+            else:
+                counts = torch.bincount(self.batch_idx, minlength=self.batch_size)
+                self.cache["seqlens"] = [int(n) for n in counts.tolist()]
+        return self.cache["seqlens"]
+
+    @property
+    def layout(self) -> list[slice]:
+        """Per-batch-element row slices."""
+        if "layout" not in self.cache:
+            starts = [0] + list(itertools.accumulate(self.seqlens))
+            self.cache["layout"] = [slice(a, b) for a, b in zip(starts[:-1], starts[1:])]
+        return self.cache["layout"]
+
+    def per_row(self, values: Tensor) -> Tensor:
+        """Broadcast per-batch values (B, C) to the rows: (C,) for B == 1, else (N, C)."""
+        if values.shape[0] != self.batch_size:
+            raise ValueError(f"per-batch values have {values.shape[0]} rows, batch_size is {self.batch_size}")
+        return values[0] if self.batch_size == 1 else values[self.batch_idx]
+
+
+# ----------------------------------------------------------------------------------------------
+# Coordinate hashing
+# ----------------------------------------------------------------------------------------------
+def _linear_keys(coords: Tensor, pad: int, extent: int) -> Tensor:
+    """int64 key ((b*R + x+pad)*R + y+pad)*R + z+pad with R = ``extent``."""
+    c = coords.long()
+    return ((c[:, 0] * extent + c[:, 1] + pad) * extent + c[:, 2] + pad) * extent + c[:, 3] + pad
+
+
+def kernel_offsets(kernel_size: int) -> list[tuple[int, int, int]]:
+    """Offsets in weight order: flat index i*k*k + j*k + l <-> (i-k//2, j-k//2, l-k//2)."""
+    p = kernel_size // 2
+    return [(i - p, j - p, l - p) for i, j, l in itertools.product(range(kernel_size), repeat=3)]
+
+
+def neighbour_pairs(x: SparseTensor, kernel_size: int) -> list[tuple[Tensor, Tensor] | None]:
+    """Per kernel offset, (in_idx, out_idx) pairs of active neighbours, cached on ``x``.
+
+    Entry is ``None`` for the centre offset (every site is its own neighbour).
+    """
+    key = ("subm_pairs", kernel_size)
+    if key in x.cache:
+        return x.cache[key]
+    pad = kernel_size // 2
+    n = len(x)
+    extent = (int(x.coords[:, 1:].max()) if n else 0) + 2 * pad + 1
+    keys = _linear_keys(x.coords, pad, extent)
+    sorted_keys, order = torch.sort(keys)
+    if n > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
+        raise ValueError("duplicate voxel coordinates in sparse tensor")
+    rows = torch.arange(n, device=keys.device)
+    pairs: list[tuple[Tensor, Tensor] | None] = []
+    for dx, dy, dz in kernel_offsets(kernel_size):
+        if dx == dy == dz == 0:
+            pairs.append(None)
+            continue
+        q = keys + (dx * extent + dy) * extent + dz
+        pos = torch.searchsorted(sorted_keys, q).clamp_(max=max(n - 1, 0))
+        found = sorted_keys[pos] == q
+        pairs.append((order[pos[found]], rows[found]))
+    x.cache[key] = pairs
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolution and point-wise layers
+# ----------------------------------------------------------------------------------------------
+class _ConvParams(nn.Module):
+    """Holds spconv-layout parameters so that keys read ``conv.weight`` / ``conv.bias``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int) -> None:
+        super().__init__()
+        k = kernel_size
+        self.weight = nn.Parameter(torch.empty(out_channels, k, k, k, in_channels))
+        self.bias = nn.Parameter(torch.empty(out_channels))
+        bound = 1.0 / math.sqrt(in_channels * k ** 3)  # same range as nn.Conv3d's default init
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+
+class SparseConv3d(nn.Module):
+    """Submanifold 3D convolution (stride 1, outputs only at input sites), odd kernel size.
+
+    Parameters: ``conv.weight`` (C_out, k, k, k, C_in) in spconv's on-disk layout, ``conv.bias``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.conv = _ConvParams(in_channels, out_channels, kernel_size)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        if x.num_channels != self.in_channels:
+            raise ValueError(f"SparseConv3d expects {self.in_channels} channels, got {x.num_channels}")
+        w, b = self.conv.weight, self.conv.bias
+        # like nn.Linear: compute in the parameter dtype (autocast, if on, decides by itself)
+        feats = x.feats if torch.is_autocast_enabled(x.feats.device.type) else x.feats.to(w.dtype)
+        k = self.kernel_size
+        if k == 1:
+            return x.replace(F.linear(feats, w.reshape(self.out_channels, self.in_channels), b))
+        # (K, C_out, C_in), K in kernel_offsets order
+        wk = w.permute(1, 2, 3, 0, 4).reshape(k ** 3, self.out_channels, self.in_channels)
+        pairs = neighbour_pairs(x, k)
+        centre = len(pairs) // 2
+        out = F.linear(feats, wk[centre], b)
+        for o, pair in enumerate(pairs):
+            if pair is None:
+                continue
+            in_idx, out_idx = pair
+            if in_idx.numel():
+                out.index_add_(0, out_idx, F.linear(feats.index_select(0, in_idx), wk[o]).to(out.dtype))
+        return x.replace(out)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, submanifold"
+
+
+class SparseLinear(nn.Linear):
+    """nn.Linear on the features (keys ``weight``, ``bias``)."""
+
+    def forward(self, x: SparseTensor) -> SparseTensor:  # type: ignore[override]
+        return x.replace(super().forward(x.feats))
+
+
+class SparseSiLU(nn.SiLU):
+    def forward(self, x: SparseTensor) -> SparseTensor:  # type: ignore[override]
+        return x.replace(F.silu(x.feats))
+
+
+class SparseGELU(nn.GELU):
+    def forward(self, x: SparseTensor) -> SparseTensor:  # type: ignore[override]
+        return x.replace(super().forward(x.feats))
+
+
+class SparseGroupNorm32(nn.GroupNorm):
+    """GroupNorm per batch element over all its points and the channels of each group, in fp32."""
+
+    def forward(self, x: SparseTensor) -> SparseTensor:  # type: ignore[override]
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        f = x.feats.float()
+        out = torch.empty_like(f)
+        for sl in x.layout:
+            if sl.stop > sl.start:
+                seg = f[sl].t().unsqueeze(0)  # (1, C, n)
+                out[sl] = F.group_norm(seg, self.num_groups, w, b, self.eps)[0].t()
+        return x.replace(out.to(x.feats.dtype))
+
+
+class SparseLayerNorm32(nn.LayerNorm):
+    """LayerNorm over the channels of every point, computed in fp32.
+
+    (Per-point normalisation is independent of the batch element; the official models apply
+    ``LayerNorm32`` to the features directly, which this equals.)
+    """
+
+    def forward(self, x: SparseTensor) -> SparseTensor:  # type: ignore[override]
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        out = F.layer_norm(x.feats.float(), self.normalized_shape, w, b, self.eps)
+        return x.replace(out.to(x.feats.dtype))
+
+
+# ----------------------------------------------------------------------------------------------
+# Resolution changes
+# ----------------------------------------------------------------------------------------------
+class SparseDownsample(nn.Module):
+    """Mean-pool features into cells ``coord // factor`` (per batch element).
+
+    The coarse tensor's cache remembers the fine coordinates, the fine->coarse map and the fine
+    cache, so a following :class:`SparseUpsample` restores them exactly.
+    """
+
+    def __init__(self, factor: int = 2) -> None:
+        super().__init__()
+        if factor < 2:
+            raise ValueError(f"downsample factor must be >= 2, got {factor}")
+        self.factor = factor
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        f = self.factor
+        n = len(x)
+        if n == 0:
+            raise ValueError("cannot downsample an empty sparse tensor")
+        coarse = torch.cat([x.coords[:, :1], torch.div(x.coords[:, 1:], f, rounding_mode="floor")], dim=1)
+        extent = int(coarse[:, 1:].max()) + 1
+        keys = _linear_keys(coarse, 0, extent)
+        ukeys, inverse = torch.unique(keys, sorted=True, return_inverse=True)  # batch-major order
+        m = ukeys.shape[0]
+        # children table (M, f^3): deterministic sum (no scatter collisions)
+        r = (x.coords[:, 1:] - coarse[:, 1:] * f).long()
+        child = (r[:, 0] * f + r[:, 1]) * f + r[:, 2]
+        table = torch.full((m * f ** 3,), n, dtype=torch.long, device=keys.device)
+        table[inverse * f ** 3 + child] = torch.arange(n, device=keys.device)
+        table = table.view(m, f ** 3)
+        counts = (table < n).sum(1, keepdim=True)
+        padded = torch.cat([x.feats, x.feats.new_zeros(1, x.num_channels)], dim=0)
+        feats = (padded[table].float().sum(1) / counts).to(x.feats.dtype)
+        rest = ukeys
+        z = rest % extent
+        rest = rest // extent
+        y = rest % extent
+        rest = rest // extent
+        xx = rest % extent
+        b = rest // extent
+        new_coords = torch.stack([b, xx, y, z], dim=1).int()
+        out = SparseTensor(feats, new_coords)
+        out.cache["batch_size"] = x.batch_size
+        out.cache[("upsample_source", f)] = (x.coords, inverse, x.cache)
+        return out
+
+
+class SparseUpsample(nn.Module):
+    """Nearest upsampling back to the fine coordinates cached by the paired SparseDownsample."""
+
+    def __init__(self, factor: int = 2) -> None:
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        key = ("upsample_source", self.factor)
+        if key not in x.cache:
+            raise ValueError(
+                f"SparseUpsample({self.factor}) needs a tensor produced by SparseDownsample({self.factor})")
+        fine_coords, inverse, fine_cache = x.cache[key]
+        return SparseTensor(x.feats[inverse], fine_coords, fine_cache)
+
+
+_CHILD_OFFSETS = torch.tensor(list(itertools.product((0, 1), repeat=3)), dtype=torch.int32)
+
+
+class SparseSubdivide(nn.Module):
+    """Each voxel -> its 8 children at ``2*coord + {0,1}^3`` (x slowest), features copied.
+
+    Children of one voxel are consecutive rows, so batch order is kept. The result has a fresh
+    cache (new neighbour tables at the finer resolution).
+    """
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return subdivide_like(x, x.feats)
+
+
+def subdivide_coords(coords: Tensor) -> Tensor:
+    """(N, 4) -> (8N, 4): children ``2*coord + offset`` in (0,0,0), (0,0,1), ..., (1,1,1) order."""
+    off = _CHILD_OFFSETS.to(coords.device)
+    child = coords[:, None, 1:] * 2 + off[None]
+    batch = coords[:, None, :1].expand(-1, 8, 1)
+    return torch.cat([batch, child.to(coords.dtype)], dim=2).reshape(-1, 4)
+
+
+def subdivide_like(x: SparseTensor, feats: Tensor) -> SparseTensor:
+    """Subdivide ``x``'s coordinates (cached, so tensors sharing coords share the result's cache)."""
+    if "subdivided" not in x.cache:
+        cache: dict[Any, Any] = {"batch_size": x.batch_size}
+        x.cache["subdivided"] = (subdivide_coords(x.coords), cache)
+    coords, cache = x.cache["subdivided"]
+    return SparseTensor(feats.repeat_interleave(8, dim=0), coords, cache)
+
+
+# ----------------------------------------------------------------------------------------------
+# Attention
+# ----------------------------------------------------------------------------------------------
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+    """(B, L, H, D) in and out; ``mask`` (B, Lk) bool key-padding (True = attend) or None."""
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=attn_mask)
+    return out.transpose(1, 2)
+
+
+@dataclass
+class Packing:
+    """How variable-length segments of a flat (N, ...) tensor map into a padded (S, L, ...) one."""
+
+    slot: Tensor          # (N,) flat index into S*L of every row (rows in segment order)
+    num_segments: int
+    max_len: int
+    mask: Tensor | None   # (S, L) True = real row; None when all segments have length max_len
+
+    def pack(self, x: Tensor) -> Tensor:
+        out = x.new_zeros((self.num_segments * self.max_len,) + tuple(x.shape[1:]))
+        out[self.slot] = x
+        return out.view((self.num_segments, self.max_len) + tuple(x.shape[1:]))
+
+    def unpack(self, x: Tensor) -> Tensor:
+        return x.reshape((-1,) + tuple(x.shape[2:]))[self.slot]
+
+
+def make_packing(seqlens: Sequence[int], device: torch.device | str) -> Packing:
+    """Packing of consecutive segments with the given lengths."""
+    lens = torch.as_tensor(list(seqlens), dtype=torch.long, device=device)
+    s = len(seqlens)
+    max_len = max(seqlens) if s else 0
+    seg = torch.repeat_interleave(torch.arange(s, device=device), lens)
+    starts = torch.cumsum(lens, 0) - lens
+    pos = torch.arange(int(lens.sum()), device=device) - starts[seg]
+    slot = seg * max_len + pos
+    mask = None
+    if s and min(seqlens) != max_len:
+        mask = torch.arange(max_len, device=device)[None] < lens[:, None]
+    return Packing(slot, s, max_len, mask)
+
+
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, q_seqlens: Sequence[int],
+                     kv_seqlens: Sequence[int] | None = None) -> Tensor:
+    """Attention of each query segment over its own key segment (full attention per element).
+
+    q: (Nq, H, D), k/v: (Nk, H, D), rows grouped by segment; returns (Nq, H, D). One segment is a
+    plain SDPA call; equal lengths are a reshape; otherwise segments are padded to the longest with
+    a key-padding mask.
+    """
+    kv_seqlens = q_seqlens if kv_seqlens is None else kv_seqlens
+    if len(q_seqlens) != len(kv_seqlens):
+        raise ValueError(f"{len(q_seqlens)} query segments vs {len(kv_seqlens)} key segments")
+    if sum(q_seqlens) != q.shape[0] or sum(kv_seqlens) != k.shape[0] or k.shape[0] != v.shape[0]:
+        raise ValueError("segment lengths do not match the number of rows of q/k/v")
+    if any(lq > 0 and lk == 0 for lq, lk in zip(q_seqlens, kv_seqlens)):
+        raise ValueError("a segment has queries but no keys")
+    if q.shape[0] == 0:
+        return q.new_zeros(0, q.shape[1], v.shape[2])
+    if len(q_seqlens) == 1:
+        return _sdpa(q[None], k[None], v[None])[0]
+    same = kv_seqlens is q_seqlens or list(kv_seqlens) == list(q_seqlens)
+    if len(set(q_seqlens)) == 1 and len(set(kv_seqlens)) == 1:
+        b = len(q_seqlens)
+        out = _sdpa(q.reshape(b, -1, *q.shape[1:]), k.reshape(b, -1, *k.shape[1:]), v.reshape(b, -1, *v.shape[1:]))
+        return out.reshape(q.shape[0], *out.shape[2:])
+    qp = make_packing(q_seqlens, q.device)
+    kp = qp if same else make_packing(kv_seqlens, q.device)
+    out = _sdpa(qp.pack(q), kp.pack(k), kp.pack(v), kp.mask)
+    return qp.unpack(out)
+
+
+def dense_cross_attention(q: Tensor, k: Tensor, v: Tensor, q_seqlens: Sequence[int]) -> Tensor:
+    """Sparse queries (Nq, H, D) grouped by batch element x dense keys/values (B, L, H, D)."""
+    b = k.shape[0]
+    if len(q_seqlens) != b:
+        raise ValueError(f"{len(q_seqlens)} query segments but {b} condition rows")
+    if b == 1:
+        return _sdpa(q[None], k, v)[0]
+    qp = make_packing(q_seqlens, q.device)
+    return qp.unpack(_sdpa(qp.pack(q), k, v))
+
+
+def _shift3(shift: int | Sequence[int]) -> tuple[int, int, int]:
+    s = (shift,) * 3 if isinstance(shift, int) else tuple(int(v) for v in shift)
+    if len(s) != 3 or min(s) < 0:
+        raise ValueError(f"window shift must be a non-negative int or 3 ints, got {shift}")
+    return s  # type: ignore[return-value]
+
+
+@dataclass
+class WindowPartition:
+    """Tokens sorted by window id and packed into (num_windows, max_len)."""
+
+    perm: Tensor          # (N,) rows in window order
+    packing: Packing
+    window_id: Tensor     # (N,) window id of every row in the ORIGINAL order
+
+
+def window_partition(coords: Tensor, window: int, shift: int | Sequence[int] = 0,
+                     cache: dict | None = None) -> WindowPartition:
+    """Windows ``(coords[:,1:] + shift) // window`` per batch element (cached in ``cache``)."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    s = _shift3(shift)
+    key = ("window", window, s)
+    if cache is not None and key in cache:
+        return cache[key]
+    c = coords.long()
+    w = torch.div(c[:, 1:] + torch.tensor(s, device=c.device), window, rounding_mode="floor")
+    extent = int(w.max()) + 1 if len(c) else 1
+    wid = ((c[:, 0] * extent + w[:, 0]) * extent + w[:, 1]) * extent + w[:, 2]
+    sorted_ids, perm = torch.sort(wid, stable=True)
+    _, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
+    part = WindowPartition(perm, make_packing(counts.tolist(), c.device), wid)
+    if cache is not None:
+        cache[key] = part
+    return part
+
+
+def windowed_attention(q: Tensor, k: Tensor, v: Tensor, coords: Tensor, window: int,
+                       shift: int | Sequence[int] = 0, cache: dict | None = None) -> Tensor:
+    """Self-attention inside swin windows: q/k/v (N, H, D) -> (N, H, D)."""
+    part = window_partition(coords, window, shift, cache)
+    pk = part.packing
+    qs, ks, vs = (pk.pack(t[part.perm]) for t in (q, k, v))
+    h, l = q.shape[1], pk.max_len
+    chunk = max(1, _ATTN_CHUNK_ELEMENTS // max(1, h * l * l))
+    outs = []
+    for a in range(0, pk.num_segments, chunk):
+        m = None if pk.mask is None else pk.mask[a:a + chunk]
+        outs.append(_sdpa(qs[a:a + chunk], ks[a:a + chunk], vs[a:a + chunk], m))
+    out_sorted = pk.unpack(torch.cat(outs, dim=0))
+    out = torch.empty_like(out_sorted)
+    out[part.perm] = out_sorted
+    return out
+
+
+class SparseSelfAttention(nn.Module):
+    """Multi-head self-attention on sparse tokens: ``to_qkv``, optional q/k RMS norm, ``to_out``.
+
+    ``mode``: "full" (per batch element) or "windowed" (swin, ``window_size``, ``shift_window``).
+    """
+
+    def __init__(self, channels: int, num_heads: int, mode: str = "full", window_size: int | None = None,
+                 shift_window: int | Sequence[int] = 0, qk_rms_norm: bool = False) -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"channels {channels} not divisible by num_heads {num_heads}")
+        if mode not in ("full", "windowed"):
+            raise ValueError(f"attention mode must be 'full' or 'windowed', got {mode!r}")
+        if mode == "windowed" and not window_size:
+            raise ValueError("windowed attention needs window_size")
+        self.channels, self.num_heads, self.mode = channels, num_heads, mode
+        self.window_size, self.shift_window = window_size, shift_window
+        self.to_qkv = nn.Linear(channels, 3 * channels)
+        if qk_rms_norm:
+            head_dim = channels // num_heads
+            self.q_rms_norm = MultiHeadRMSNorm(head_dim, num_heads)
+            self.k_rms_norm = MultiHeadRMSNorm(head_dim, num_heads)
+        self.qk_rms_norm = qk_rms_norm
+        self.to_out = nn.Linear(channels, channels)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        n = len(x)
+        qkv = self.to_qkv(x.feats).view(n, 3, self.num_heads, -1)
+        q, k, v = qkv.unbind(1)
+        if self.qk_rms_norm:
+            q, k = self.q_rms_norm(q), self.k_rms_norm(k)
+        if self.mode == "full":
+            h = varlen_attention(q, k, v, x.seqlens)
+        else:
+            h = windowed_attention(q, k, v, x.coords, self.window_size, self.shift_window, x.cache)
+        return x.replace(self.to_out(h.reshape(n, self.channels)))
+
+
+class SparseCrossAttention(nn.Module):
+    """Sparse queries x dense condition tokens: ``to_q``, ``to_kv`` (cond -> 2C), ``to_out``."""
+
+    def __init__(self, channels: int, ctx_channels: int, num_heads: int) -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"channels {channels} not divisible by num_heads {num_heads}")
+        self.channels, self.num_heads = channels, num_heads
+        self.to_q = nn.Linear(channels, channels)
+        self.to_kv = nn.Linear(ctx_channels, 2 * channels)
+        self.to_out = nn.Linear(channels, channels)
+
+    def context_kv(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, L, Cc) -> k, v each (B, L, H, D); reusable across sampler steps."""
+        b, l, _ = context.shape
+        kv = self.to_kv(context).view(b, l, 2, self.num_heads, -1)
+        return kv[:, :, 0], kv[:, :, 1]
+
+    def forward(self, x: SparseTensor, context: Tensor | None = None,
+                kv: tuple[Tensor, Tensor] | None = None) -> SparseTensor:
+        if kv is None:
+            if context is None:
+                raise ValueError("cross attention needs a context or precomputed kv")
+            kv = self.context_kv(context)
+        k, v = kv
+        n = len(x)
+        q = self.to_q(x.feats).view(n, self.num_heads, -1)
+        h = dense_cross_attention(q, k, v, x.seqlens)
+        return x.replace(self.to_out(h.reshape(n, self.channels)))

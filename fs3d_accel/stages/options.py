@@ -1,0 +1,50 @@
+"""Run options of the exact fast path: precision, batched CFG, condition K/V cache.
+
+None of these changes what is computed beyond floating-point rounding: ``fp32`` with every switch off
+is the reference. ``autocast-fp16`` is how the official pipeline runs (fp32 weights, fp16 autocast);
+``fp16`` / ``bf16`` hold the weights in half precision (norms still computed in fp32).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+PRECISIONS = ("fp32", "autocast-fp16", "autocast-bf16", "fp16", "bf16")
+CUDA_ONLY_PRECISIONS = ("autocast-fp16", "fp16")
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    precision: str = "fp32"
+    #: run the conditional and unconditional CFG branches as one batch of 2
+    batch_cfg: bool = False
+    #: compute each block's cross-attention K/V of the (constant) condition once per object
+    cache_cond_kv: bool = False
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
+
+    def check_device(self, device: torch.device | str) -> None:
+        dev = torch.device(device)
+        if dev.type != "cuda" and self.precision in CUDA_ONLY_PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is CUDA-only (fp16 kernels); "
+                             f"device is {dev}. Use 'fp32' or 'bf16' on CPU.")
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision, torch.float32)
+
+    def compute_dtype(self, device: torch.device | str | None = None) -> torch.dtype:
+        """dtype of the tensors fed to the networks (matches the weights)."""
+        return self.weight_dtype
+
+    def autocast(self, device: torch.device | str):
+        dev = torch.device(device)
+        if self.precision == "autocast-fp16":
+            return torch.autocast(dev.type, dtype=torch.float16)
+        if self.precision == "autocast-bf16":
+            return torch.autocast(dev.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()

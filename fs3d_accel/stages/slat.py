@@ -1,0 +1,106 @@
+"""Stage 2: structured latent (SLaT flow sampler on the sparse voxels of stage 1)."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..model.condition import ConditionFuser
+from ..model.configs import ModelConfig, SamplerConfig
+from ..model.slat_flow import SLaTFlowModel
+from ..preprocess import PreparedInputs
+from ..samplers import EulerFlowSampler, guided
+from ..seams import (EventBus, SparseTokens, StepPolicy, TokenTransform, TransformContext, TransformState)
+from .options import RunOptions
+from .types import SLaTOutput, SSOutput
+
+
+def slat_noise(num_voxels: int, channels: int, generator: torch.Generator) -> Tensor:
+    """Initial SLaT noise (N, C), drawn on the CPU."""
+    return torch.randn((num_voxels, channels), generator=generator)
+
+
+class SLaTStage(nn.Module):
+    """Condition embedding (no point map) and the SLaT flow sampler on sparse voxels."""
+
+    name = "slat"
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.condition = ConditionFuser(cfg.slat_condition)
+        self.flow = SLaTFlowModel(cfg.slat_flow)
+        self.register_buffer("mean", torch.tensor(cfg.slat_mean, dtype=torch.float32), persistent=False)
+        self.register_buffer("std", torch.tensor(cfg.slat_std, dtype=torch.float32), persistent=False)
+
+    def velocity_net(self, cond: Tensor, coords: Tensor, sampler_cfg: SamplerConfig, options: RunOptions):
+        flow = self.flow
+        dtype = options.compute_dtype(cond.device)
+        uncond = cond * 0
+        kv = flow.precompute_cond_kv(cond.to(dtype)) if options.cache_cond_kv else None
+        ukv = flow.precompute_cond_kv(uncond.to(dtype)) if options.cache_cond_kv else None
+
+        def run(feats: Tensor, c_coords: Tensor, t: float, c: Tensor, ckv) -> Tensor:
+            tt = torch.full((c.shape[0],), t * sampler_cfg.time_scale, device=c.device)
+            with options.autocast(c.device):
+                if ckv is not None:
+                    out = flow(feats.to(dtype), c_coords, tt, c.to(dtype), cond_kv=ckv)
+                else:
+                    out = flow(feats.to(dtype), c_coords, tt, c.to(dtype))
+            return out.float()
+
+        def select(x: Tensor, active: Tensor | None) -> tuple[Tensor, Tensor]:
+            if active is None:
+                return x, coords
+            return x[active], coords[active]
+
+        def net_cond(x, t, active, is_uncond):
+            f, c = select(x, active)
+            return run(f, c, t, uncond if is_uncond else cond, ukv if is_uncond else kv)
+
+        batched = None
+        if options.batch_cfg:
+            both = torch.cat([cond, uncond], 0)
+            both_kv = flow.precompute_cond_kv(both.to(dtype)) if options.cache_cond_kv else None
+
+            def batched(x, t, active):
+                f, c = select(x, active)
+                c1 = c.clone()
+                c1[:, 0] = 1
+                out = run(torch.cat([f, f], 0), torch.cat([c, c1], 0), t, both, both_kv)
+                n = f.shape[0]
+                return out[:n], out[n:]
+
+        return guided(net_cond, sampler_cfg, batched)
+
+    @torch.no_grad()
+    def forward(self, inputs: PreparedInputs, ss: SSOutput, *, generator: torch.Generator,
+                policy: StepPolicy | None = None, events: EventBus | None = None,
+                options: RunOptions | None = None, sampler: SamplerConfig | None = None,
+                coords_transform: TokenTransform | None = None, noise: Tensor | None = None) -> SLaTOutput:
+        options = options or RunOptions()
+        sampler_cfg = sampler or self.cfg.slat_sampler
+        device = next(self.flow.parameters()).device
+        coords = ss.coords.to(device)
+        state = TransformState()
+        if coords_transform is not None:
+            tokens, state = coords_transform.reduce(
+                SparseTokens(coords=coords, resolution=ss.resolution),
+                TransformContext(mask=inputs.mask_full, occupancy_logits=ss.occupancy_logits))
+            coords = tokens.coords.to(device=device, dtype=torch.int32)
+        if coords.shape[0] == 0:
+            raise ValueError("the SS stage produced no occupied voxel; nothing for the SLaT stage to refine")
+        inp = inputs.to(device)
+        with options.autocast(device):
+            cond = self.condition(**{k: v.to(options.compute_dtype(device)) for k, v in inp.slat_kwargs().items()})
+        cond = cond.float()
+        x0 = noise if noise is not None else slat_noise(coords.shape[0], self.cfg.slat_flow.in_channels, generator)
+        if x0.shape != (coords.shape[0], self.cfg.slat_flow.in_channels):
+            raise ValueError(f"SLaT noise shape {tuple(x0.shape)} != ({coords.shape[0]}, {self.cfg.slat_flow.in_channels})")
+        net = self.velocity_net(cond, coords, sampler_cfg, options)
+        occupancy = ss.occupancy_logits > 0
+        feats = EulerFlowSampler(sampler_cfg, "slat").sample(
+            x0.to(device), net, policy, events,
+            extras={"coords": coords, "occupancy": occupancy, "occupancy_logits": ss.occupancy_logits,
+                    "resolution": ss.resolution})
+        slat = feats * self.std + self.mean
+        return SLaTOutput(coords=coords, feats=feats, slat=slat, resolution=ss.resolution, coords_state=state)

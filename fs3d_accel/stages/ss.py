@@ -1,0 +1,140 @@
+"""Stage 1: sparse structure (condition -> SS flow sampler -> SS decoder -> voxels, layout)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..model.condition import ConditionFuser
+from ..model.configs import LAYOUT_MODALITIES, ModelConfig, SamplerConfig
+from ..model.ss_decoder import SSDecoder
+from ..model.ss_flow import SSFlowModel
+from ..pose import decode_layout
+from ..preprocess import PreparedInputs
+from ..samplers import EulerFlowSampler, guided
+from ..seams import EventBus, StepPolicy
+from .options import RunOptions
+from .types import SSOutput
+
+
+def ss_latent_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Per-modality latent shapes (batch 1), keys in sorted order as the official sampler draws them."""
+    shapes = {"shape": (1, cfg.ss_flow.num_shape_tokens, cfg.ss_flow.in_channels)}
+    shapes.update({k: (1, 1, c) for k, c in LAYOUT_MODALITIES.items()})
+    return {k: shapes[k] for k in sorted(shapes)}
+
+
+def ss_noise(cfg: ModelConfig, generator: torch.Generator) -> dict[str, Tensor]:
+    """Initial noise, drawn on the CPU in sorted modality order (device independent)."""
+    return {k: torch.randn(s, generator=generator) for k, s in ss_latent_shapes(cfg).items()}
+
+
+def surface_voxels(occupied: Tensor) -> Tensor:
+    """Keep occupied voxels whose 3x3x3 neighbourhood is not fully occupied (official pruning)."""
+    occ = occupied.float()[None, None]
+    counts = F.conv3d(occ, torch.ones(1, 1, 3, 3, 3, dtype=occ.dtype, device=occ.device), padding=1)[0, 0]
+    return occupied & (counts < 27)
+
+
+def downsample_coords(coords: Tensor, resolution: int, max_voxels: int,
+                      generator: torch.Generator | None) -> tuple[Tensor, int]:
+    """Above ``max_voxels``, halve the coordinates into the centred half-size box, dedupe, and
+    randomly subsample to the budget (official ``downsample_sparse_structure``)."""
+    if coords.shape[0] <= max_voxels:
+        return coords, 1
+    xyz = coords[:, 1:].float()
+    half = torch.round((xyz - resolution / 2) / 2 + resolution / 2).to(torch.int32)
+    c = torch.unique(torch.cat([coords[:, :1], half], 1), dim=0)
+    if c.shape[0] > max_voxels:
+        perm = torch.randperm(c.shape[0], generator=generator)[:max_voxels]
+        c = c[perm.sort().values]
+    return c.to(torch.int32), 2
+
+
+class SSStage(nn.Module):
+    """Condition embedding, SS flow sampling, SS decoding, voxel extraction and layout decoding."""
+
+    name = "ss"
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.condition = ConditionFuser(cfg.ss_condition)
+        self.flow = SSFlowModel(cfg.ss_flow)
+        self.decoder = SSDecoder(cfg.ss_decoder)
+
+    def velocity_net(self, cond: Tensor, sampler_cfg: SamplerConfig, options: RunOptions):
+        flow = self.flow
+        d = torch.zeros(1, device=cond.device) if self.cfg.ss_flow.is_shortcut_model else None
+        dtype = options.compute_dtype(cond.device)
+        cond_kv = flow.precompute_cond_kv(cond.to(dtype)) if options.cache_cond_kv else None
+        uncond = cond * 0
+        uncond_kv = flow.precompute_cond_kv(uncond.to(dtype)) if options.cache_cond_kv else None
+
+        def run(x: dict[str, Tensor], t: float, c: Tensor, kv) -> dict[str, Tensor]:
+            b = c.shape[0]
+            tt = torch.full((b,), t * sampler_cfg.time_scale, device=c.device)
+            dd = None if d is None else d.expand(b) * sampler_cfg.time_scale
+            xb = {k: v.to(dtype) for k, v in x.items()}
+            with options.autocast(c.device):
+                out = flow(xb, tt, c.to(dtype), dd, cond_kv=kv) if kv is not None else flow(xb, tt, c.to(dtype), dd)
+            return {k: out[k].float() for k in x}
+
+        def net_cond(x, t, active, is_uncond):
+            return run(x, t, uncond if is_uncond else cond, uncond_kv if is_uncond else cond_kv)
+
+        batched = None
+        if options.batch_cfg:
+            both = torch.cat([cond, uncond], 0)
+            both_kv = None
+            if options.cache_cond_kv:
+                both_kv = flow.precompute_cond_kv(both.to(dtype))
+
+            def batched(x, t, active):
+                xx = {k: torch.cat([v, v], 0) for k, v in x.items()}
+                out = run(xx, t, both, both_kv)
+                return {k: v[:1] for k, v in out.items()}, {k: v[1:] for k, v in out.items()}
+
+        return guided(net_cond, sampler_cfg, batched)
+
+    @torch.no_grad()
+    def forward(self, inputs: PreparedInputs, *, generator: torch.Generator, policy: StepPolicy | None = None,
+                events: EventBus | None = None, options: RunOptions | None = None,
+                sampler: SamplerConfig | None = None, noise: dict[str, Tensor] | None = None) -> SSOutput:
+        options = options or RunOptions()
+        sampler_cfg = sampler or self.cfg.ss_sampler
+        device = next(self.flow.parameters()).device
+        inp = inputs.to(device)
+        with options.autocast(device):
+            cond = self.condition(**{k: v.to(options.compute_dtype(device)) for k, v in inp.ss_kwargs().items()})
+        cond = cond.float()
+        x0 = noise if noise is not None else ss_noise(self.cfg, generator)
+        x0 = {k: v.to(device) for k, v in x0.items()}
+        net = self.velocity_net(cond, sampler_cfg, options)
+        latents = EulerFlowSampler(sampler_cfg, "ss").sample(x0, net, policy, events)
+        return self.decode_structure(latents, inputs, generator, options)
+
+    @torch.no_grad()
+    def decode_structure(self, latents: dict[str, Tensor], inputs: PreparedInputs, generator: torch.Generator | None,
+                         options: RunOptions | None = None) -> SSOutput:
+        """SS latents -> occupancy -> surface voxels, and the layout tokens -> metric pose."""
+        options = options or RunOptions()
+        r = self.cfg.ss_flow.resolution
+        shape = latents["shape"]
+        z = shape.permute(0, 2, 1).reshape(shape.shape[0], shape.shape[2], r, r, r)
+        device = next(self.decoder.parameters()).device
+        with options.autocast(device):
+            logits = self.decoder(z.to(device, options.compute_dtype(device)))[0, 0].float()
+        occupied = logits > 0
+        coords_all = torch.nonzero(occupied).to(torch.int32)
+        coords_all = torch.cat([torch.zeros_like(coords_all[:, :1]), coords_all], 1)
+        surf = surface_voxels(occupied)
+        coords = torch.nonzero(surf).to(torch.int32)
+        coords = torch.cat([torch.zeros_like(coords[:, :1]), coords], 1)
+        res = logits.shape[-1]
+        coords, factor = downsample_coords(coords.cpu(), res, self.cfg.max_voxels, generator)
+        layout = decode_layout(latents, inputs.pointmap_scale, inputs.pointmap_shift, factor)
+        return SSOutput(latents=latents, occupancy_logits=logits, coords=coords.to(logits.device),
+                        coords_original=coords_all, downsample_factor=factor, layout=layout, resolution=res)

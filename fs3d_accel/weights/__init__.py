@@ -1,0 +1,28 @@
+"""Weights shipped inside the package (loaded with no network access)."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+WEIGHTS_DIR = Path(__file__).resolve().parent
+#: name -> (folder, config name)
+SHIPPED = {"sam3d-mini": ("sam3d-mini", "mini")}
+
+
+def shipped_weights(name: str) -> tuple[Path, str]:
+    """Path of the shipped safetensors file of ``name`` and its config name."""
+    if name not in SHIPPED:
+        raise ValueError(f"unknown pretrained model {name!r}; shipped: {sorted(SHIPPED)}")
+    folder, cfg = SHIPPED[name]
+    path = WEIGHTS_DIR / folder / "model.safetensors"
+    if not path.is_file():
+        raise FileNotFoundError(f"weights of {name!r} are not in this installation ({path})")
+    return path, cfg
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
