@@ -144,13 +144,16 @@ def kernel_offsets(kernel_size: int) -> list[tuple[int, int, int]]:
     return [(i - p, j - p, l - p) for i, j, l in itertools.product(range(kernel_size), repeat=3)]
 
 
-def neighbour_pairs(x: SparseTensor, kernel_size: int) -> list[tuple[Tensor, Tensor] | None]:
-    """Per kernel offset, (in_idx, out_idx) pairs of active neighbours, cached on ``x``.
+def neighbour_table(x: SparseTensor, kernel_size: int) -> Tensor:
+    """(N, k^3) int64 row index of the neighbour at each kernel offset, ``N`` where absent.
 
-    Entry is ``None`` for the centre offset (every site is its own neighbour).
+    Built once per coordinate set and kernel size (cached on ``x``).
     """
-    key = ("subm_pairs", kernel_size)
+    key = ("subm_table", kernel_size)
     if key in x.cache:
+        return x.cache[key]
+    if kernel_size == 3 and "subdivided_from" in x.cache:
+        x.cache[key] = _table_from_parent(x.cache["subdivided_from"])
         return x.cache[key]
     pad = kernel_size // 2
     n = len(x)
@@ -159,18 +162,60 @@ def neighbour_pairs(x: SparseTensor, kernel_size: int) -> list[tuple[Tensor, Ten
     sorted_keys, order = torch.sort(keys)
     if n > 1 and bool((sorted_keys[1:] == sorted_keys[:-1]).any()):
         raise ValueError("duplicate voxel coordinates in sparse tensor")
-    rows = torch.arange(n, device=keys.device)
-    pairs: list[tuple[Tensor, Tensor] | None] = []
-    for dx, dy, dz in kernel_offsets(kernel_size):
-        if dx == dy == dz == 0:
-            pairs.append(None)
-            continue
-        q = keys + (dx * extent + dy) * extent + dz
-        pos = torch.searchsorted(sorted_keys, q).clamp_(max=max(n - 1, 0))
-        found = sorted_keys[pos] == q
-        pairs.append((order[pos[found]], rows[found]))
-    x.cache[key] = pairs
-    return pairs
+    offsets = torch.tensor(kernel_offsets(kernel_size), dtype=torch.long, device=keys.device)
+    deltas = (offsets[:, 0] * extent + offsets[:, 1]) * extent + offsets[:, 2]  # (K,)
+    q = keys[:, None] + deltas[None]  # (N, K); padding keeps neighbours inside the key box
+    pos = torch.searchsorted(sorted_keys, q.reshape(-1)).clamp_(max=max(n - 1, 0)).view_as(q)
+    found = sorted_keys[pos] == q
+    table = torch.where(found, order[pos], torch.full_like(pos, n))
+    x.cache[key] = table
+    return table
+
+
+def _child_maps() -> tuple[Tensor, Tensor]:
+    """For child slot o (index in {0,1}^3 order) and 3^3 kernel offset d: the parent's kernel
+    offset floor((o+d)/2) and the neighbour's child slot (o+d) mod 2."""
+    offs = kernel_offsets(3)
+    parent_k = torch.empty(8, 27, dtype=torch.long)
+    child = torch.empty(8, 27, dtype=torch.long)
+    for oi, o in enumerate(itertools.product((0, 1), repeat=3)):
+        for kd, d in enumerate(offs):
+            s = [a + b for a, b in zip(o, d)]
+            parent_k[oi, kd] = offs.index(tuple(v // 2 for v in s))
+            child[oi, kd] = (s[0] % 2) * 4 + (s[1] % 2) * 2 + s[2] % 2
+    return parent_k, child
+
+
+_PARENT_K, _CHILD_SLOT = _child_maps()
+
+
+def _table_from_parent(parent: "SparseTensor") -> Tensor:
+    """3^3 neighbour table of a subdivided tensor from its parent's (no hashing): all 8 children
+    of a voxel exist, so a child's neighbour exists iff the corresponding parent neighbour does."""
+    ptable = neighbour_table(parent, 3)
+    n = ptable.shape[0]
+    dev = ptable.device
+    nb = ptable[:, _PARENT_K.to(dev)]  # (Np, 8, 27)
+    table = torch.where(nb < n, nb * 8 + _CHILD_SLOT.to(dev), torch.full_like(nb, 8 * n))
+    return table.reshape(8 * n, 27)
+
+
+def neighbour_pairs(x: SparseTensor, kernel_size: int) -> list[tuple[Tensor, Tensor] | None]:
+    """Per kernel offset, (in_idx, out_idx) of the present neighbours (``None`` at the centre)."""
+    key = ("subm_pairs", kernel_size)
+    if key not in x.cache:
+        table = neighbour_table(x, kernel_size)
+        n = len(x)
+        centre = table.shape[1] // 2
+        pairs: list[tuple[Tensor, Tensor] | None] = []
+        for o in range(table.shape[1]):
+            if o == centre:
+                pairs.append(None)
+                continue
+            out_idx = torch.nonzero(table[:, o] < n)[:, 0]
+            pairs.append((table[out_idx, o], out_idx))
+        x.cache[key] = pairs
+    return x.cache[key]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -193,7 +238,17 @@ class SparseConv3d(nn.Module):
     """Submanifold 3D convolution (stride 1, outputs only at input sites), odd kernel size.
 
     Parameters: ``conv.weight`` (C_out, k, k, k, C_in) in spconv's on-disk layout, ``conv.bias``.
+
+    Two equivalent algorithms (``impl``): "gather" builds (rows, k^3 * C_in) neighbour features in
+    row chunks and does one matmul per chunk (no scatter; fastest on CPU, deterministic);
+    "scatter" does one gather + matmul + ``index_add_`` per kernel offset over present neighbours
+    only (no wasted FLOPs on absent neighbours; used on GPU). "auto" picks by device.
     """
+
+    #: "auto" | "gather" | "scatter"
+    impl: str = "auto"
+    #: gather path: elements of the gathered (rows, k^3*C_in) block per chunk
+    gather_chunk_elements: int = 1 << 20  # ~4 MB fp32: cache-friendly on CPU
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
         super().__init__()
@@ -208,21 +263,39 @@ class SparseConv3d(nn.Module):
         w, b = self.conv.weight, self.conv.bias
         # like nn.Linear: compute in the parameter dtype (autocast, if on, decides by itself)
         feats = x.feats if torch.is_autocast_enabled(x.feats.device.type) else x.feats.to(w.dtype)
-        k = self.kernel_size
-        if k == 1:
+        if self.kernel_size == 1:
             return x.replace(F.linear(feats, w.reshape(self.out_channels, self.in_channels), b))
+        impl = self.impl
+        if impl == "auto":
+            impl = "gather" if feats.device.type == "cpu" else "scatter"
+        if impl == "gather":
+            return x.replace(self._gather(x, feats))
+        if impl == "scatter":
+            return x.replace(self._scatter(x, feats))
+        raise ValueError(f"SparseConv3d.impl must be 'auto', 'gather' or 'scatter', got {impl!r}")
+
+    def _gather(self, x: SparseTensor, feats: Tensor) -> Tensor:
+        table = neighbour_table(x, self.kernel_size)
+        n, k3 = table.shape
+        w = self.conv.weight.reshape(self.out_channels, k3 * self.in_channels)
+        padded = torch.cat([feats, feats.new_zeros(1, self.in_channels)], dim=0)
+        rows = max(1, self.gather_chunk_elements // (k3 * self.in_channels))
+        outs = [F.linear(padded[table[a:a + rows]].flatten(1), w, self.conv.bias) for a in range(0, n, rows)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+
+    def _scatter(self, x: SparseTensor, feats: Tensor) -> Tensor:
+        k3 = self.kernel_size ** 3
         # (K, C_out, C_in), K in kernel_offsets order
-        wk = w.permute(1, 2, 3, 0, 4).reshape(k ** 3, self.out_channels, self.in_channels)
-        pairs = neighbour_pairs(x, k)
-        centre = len(pairs) // 2
-        out = F.linear(feats, wk[centre], b)
+        wk = self.conv.weight.permute(1, 2, 3, 0, 4).reshape(k3, self.out_channels, self.in_channels)
+        pairs = neighbour_pairs(x, self.kernel_size)
+        out = F.linear(feats, wk[k3 // 2], self.conv.bias)
         for o, pair in enumerate(pairs):
             if pair is None:
                 continue
             in_idx, out_idx = pair
             if in_idx.numel():
                 out.index_add_(0, out_idx, F.linear(feats.index_select(0, in_idx), wk[o]).to(out.dtype))
-        return x.replace(out)
+        return out
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, submanifold"
@@ -308,7 +381,8 @@ class SparseDownsample(nn.Module):
         table = table.view(m, f ** 3)
         counts = (table < n).sum(1, keepdim=True)
         padded = torch.cat([x.feats, x.feats.new_zeros(1, x.num_channels)], dim=0)
-        feats = (padded[table].float().sum(1) / counts).to(x.feats.dtype)
+        acc = torch.promote_types(x.feats.dtype, torch.float32)  # fp16/bf16 sums in fp32
+        feats = (padded[table].to(acc).sum(1) / counts).to(x.feats.dtype)
         rest = ukeys
         z = rest % extent
         rest = rest // extent
@@ -362,12 +436,16 @@ def subdivide_coords(coords: Tensor) -> Tensor:
 
 
 def subdivide_like(x: SparseTensor, feats: Tensor) -> SparseTensor:
-    """Subdivide ``x``'s coordinates (cached, so tensors sharing coords share the result's cache)."""
-    if "subdivided" not in x.cache:
-        cache: dict[Any, Any] = {"batch_size": x.batch_size}
-        x.cache["subdivided"] = (subdivide_coords(x.coords), cache)
-    coords, cache = x.cache["subdivided"]
-    return SparseTensor(feats.repeat_interleave(8, dim=0), coords, cache)
+    """Subdivide ``x``'s coordinates carrying ``feats`` (N, C) -> (8N, C) copied to the children.
+
+    The child cache links to the parent (not the reverse, so no reference cycle keeps GPU tables
+    alive): the child's 3^3 neighbour table is derived from the parent's without hashing.
+    """
+    if feats.shape[0] != len(x):
+        raise ValueError(f"feats rows {feats.shape[0]} != voxels {len(x)}")
+    parent = SparseTensor(feats.new_empty(len(x), 0), x.coords, x.cache)
+    cache: dict[Any, Any] = {"batch_size": x.batch_size, "subdivided_from": parent}
+    return SparseTensor(feats.repeat_interleave(8, dim=0), subdivide_coords(x.coords), cache)
 
 
 # ----------------------------------------------------------------------------------------------

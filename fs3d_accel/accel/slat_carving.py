@@ -1,0 +1,188 @@
+"""Spatiotemporal token carving for the SLaT sampler (Fast-SAM3D, Sec. 3.2, spatial part).
+
+At a carving step only the most salient tokens enter the SLaT network (``compute(active)``); the
+others reuse the velocity they had at the previous step. Saliency per token i:
+
+    J_i = (1 - w_f) * (w_M * M^_i + gamma * A^_i) + w_f * S^_i
+
+with M_i = ||v_i||_2 of the previous step's velocity (the current one is unknown before the pass),
+A_i = ||v_i - v'_i||_2 the change against a reference velocity v' (``change_reference="step"``: the
+step before, i.e. the change between the two most recent velocities; ``"selection"``: the velocity
+seen at the previous carving step, as the released tracker), S_i = S_freq (see
+:func:`fs3d_accel.accel.spectral.voxel_highfreq_scores`), and ^ = min-max normalisation over the
+tokens, (u - min) / (max - min + 1e-6). Paper: w_M = 1, w_f = 1/2 (J = 1/2 (M + gamma A) + 1/2 S).
+Released: J = 0.3 S + 0.7 (0.3 M + 0.7 A), i.e. w_M = 0.3, gamma = 0.7, w_f = 0.3.
+
+The lowest-J tokens are frozen; a token frozen at ``max_frozen_steps`` consecutive carving steps is
+forced back into the network (released: streak cap 4).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..seams import ComputeFn, Latent, StepContext
+from ._common import check_choice, check_int, check_nonneg, check_range, policy_state
+from .spectral import HFERConfig, coords_grid, minmax, voxel_grid, voxel_highfreq_scores
+
+CHANGE_REFERENCES = ("step", "selection")
+
+
+def token_freq_scores(extras: dict[str, Any], hfer: HFERConfig) -> tuple[Tensor, str]:
+    """Per-token S_freq in [0,1] (float64, (N,)) and where it came from.
+
+    ``extras["token_scores"]`` (precomputed, e.g. max-pooled through a coordinate transform) wins;
+    else the occupancy logits when every token voxel is occupied in them ("occupancy"); else (the
+    tokens were moved by a coordinate transform) the binary grid of the token voxels ("coords").
+    """
+    if extras.get("token_scores") is not None:
+        return minmax(torch.as_tensor(extras["token_scores"]).double().cpu()), "extras"
+    coords = extras.get("coords")
+    if coords is None:
+        raise ValueError("SLaT carving needs extras['coords'] (N,4) to compute the frequency saliency "
+                         "(or set freq_weight=0)")
+    logits = extras.get("occupancy_logits")
+    c = coords[:, 1:].long().cpu()
+    if logits is not None:
+        r = logits.shape[0]
+        if len(c) and int(c.min()) >= 0 and int(c.max()) < r and bool((logits.cpu()[c[:, 0], c[:, 1], c[:, 2]] > 0).all()):
+            return voxel_highfreq_scores(voxel_grid(logits, hfer), coords, hfer.cutoff_3d), "occupancy"
+        res = r
+    else:
+        res = int(extras.get("resolution") or (int(c.max()) + 1))
+    return voxel_highfreq_scores(coords_grid(coords, res), coords, hfer.cutoff_3d), "coords"
+
+
+def token_norm(v: Tensor) -> Tensor:
+    """Per-token L2 norm over channels, float64 (N,)."""
+    return v.double().norm(dim=-1)
+
+
+def saliency(v_prev: Tensor, v_ref: Tensor | None, s_freq: Tensor, *, gamma: float, freq_weight: float,
+             magnitude_weight: float) -> dict[str, Tensor]:
+    """M, A (raw), their normalised forms and J (float64, (N,) each) -- see the module docstring."""
+    m = token_norm(v_prev)
+    a = torch.zeros_like(m) if v_ref is None else token_norm(v_prev - v_ref)
+    mh, ah, sh = minmax(m, 1e-6), minmax(a, 1e-6), minmax(s_freq.double(), 1e-6)
+    j = (1 - freq_weight) * (magnitude_weight * mh + gamma * ah) + freq_weight * sh
+    return {"M": m, "A": a, "M_hat": mh, "A_hat": ah, "S_freq": sh, "J": j}
+
+
+def select_frozen(j: Tensor, n_skip: int, streak: Tensor, max_frozen: int) -> tuple[Tensor, Tensor]:
+    """The ``n_skip`` lowest-``j`` tokens, minus those already frozen ``max_frozen`` times in a row.
+
+    Returns (frozen bool mask (N,), new streak). Ties break by token index (stable sort).
+    """
+    n = j.numel()
+    frozen = torch.zeros(n, dtype=torch.bool)
+    if n_skip > 0:
+        order = torch.argsort(j, stable=True)
+        frozen[order[:n_skip]] = True
+    frozen &= streak < max_frozen
+    new_streak = torch.where(frozen, streak + 1, torch.zeros_like(streak))
+    return frozen, new_streak
+
+
+@dataclass(frozen=True)
+class SLaTTokenCarving:
+    """Recompute only the salient SLaT tokens; the rest reuse their previous velocity.
+
+    Give either ``keep`` (paper: fraction of tokens RECOMPUTED, K = ceil(keep N); paper top-10 %)
+    or ``carve_ratio`` (released semantics: fraction FROZEN, floor(ratio N) lowest-J tokens; README
+    0.1 = 90 % recomputed). Default: keep = 0.1. ``keep=1`` (or ``carve_ratio=0``) never carves and
+    is bit-identical to the plain sampler. Carving starts at ``start_step`` (released: 2) and needs a
+    previous velocity. ``hfer`` sets the S_freq grid and cut-off.
+    """
+
+    keep: float | None = None
+    carve_ratio: float | None = None
+    gamma: float = 1.0
+    freq_weight: float = 0.5
+    magnitude_weight: float = 1.0
+    max_frozen_steps: int = 4
+    start_step: int = 2
+    change_reference: str = "step"
+    hfer: HFERConfig = field(default_factory=HFERConfig.paper)
+
+    def __post_init__(self) -> None:
+        if self.keep is not None and self.carve_ratio is not None:
+            raise ValueError("give either keep (fraction recomputed) or carve_ratio (fraction frozen), not both")
+        if self.keep is None and self.carve_ratio is None:
+            object.__setattr__(self, "keep", 0.1)
+        if self.keep is not None:
+            check_range("keep", self.keep, 0.0, 1.0, low_open=True)
+        else:
+            check_range("carve_ratio", self.carve_ratio, 0.0, 1.0, high_open=True)
+        check_nonneg("gamma", self.gamma)
+        check_range("freq_weight", self.freq_weight, 0.0, 1.0)
+        check_nonneg("magnitude_weight", self.magnitude_weight)
+        check_int("max_frozen_steps", self.max_frozen_steps, 0)
+        check_int("start_step", self.start_step, 1)
+        check_choice("change_reference", self.change_reference, CHANGE_REFERENCES)
+        if not isinstance(self.hfer, HFERConfig):
+            raise TypeError(f"hfer must be an HFERConfig, got {type(self.hfer).__name__}")
+
+    @classmethod
+    def released(cls, carve_ratio: float = 0.1, **kw: Any) -> "SLaTTokenCarving":
+        """The released code's carving (README ratio 0.1; weights 0.3 S + 0.49 A + 0.21 M)."""
+        base = dict(carve_ratio=carve_ratio, gamma=0.7, magnitude_weight=0.3, freq_weight=0.3, max_frozen_steps=4,
+                    start_step=2, change_reference="selection", hfer=HFERConfig())
+        base.update(kw)
+        return cls(**base)
+
+    def num_frozen(self, n: int) -> int:
+        if self.keep is not None:
+            return n - min(n, max(1, math.ceil(self.keep * n - 1e-9)))
+        return int(self.carve_ratio * n)
+
+    # ------------------------------------------------------------------ policy
+    def velocity(self, ctx: StepContext, compute: ComputeFn) -> Latent:
+        x = ctx.x
+        if isinstance(x, dict):
+            raise TypeError("SLaTTokenCarving works on the SLaT (N,C) latent, not the SS modality dict")
+        n = x.shape[0]
+        n_skip = self.num_frozen(n)
+        st = policy_state(ctx, self)
+        if ctx.step < self.start_step or not ctx.history or n_skip <= 0 or self.max_frozen_steps == 0:
+            st["streak"] = None  # a full pass refreshes every token
+            return compute()
+        v_prev = ctx.history[-1].v
+        if self.change_reference == "step":
+            v_ref = ctx.history[-2].v if len(ctx.history) >= 2 else None
+        else:
+            v_ref = st.get("last_selection_v")
+        st["last_selection_v"] = v_prev
+        if "s_freq" not in st:
+            if self.freq_weight > 0:
+                st["s_freq"], st["s_freq_source"] = token_freq_scores(ctx.extras, self.hfer)
+            else:
+                st["s_freq"], st["s_freq_source"] = torch.zeros(n, dtype=torch.float64), "none"
+        if st["s_freq"].numel() != n:
+            raise ValueError(f"frequency scores have {st['s_freq'].numel()} rows, latent has {n} tokens")
+        sal = saliency(v_prev, v_ref, st["s_freq"], gamma=self.gamma, freq_weight=self.freq_weight,
+                       magnitude_weight=self.magnitude_weight)
+        streak = st.get("streak")
+        if streak is None:
+            streak = torch.zeros(n, dtype=torch.long)
+        frozen, st["streak"] = select_frozen(sal["J"], n_skip, streak, self.max_frozen_steps)
+        ctx.info["carving"] = {k: sal[k].float() for k in ("M", "A", "S_freq", "J")}
+        ctx.info["carving"].update(selected=~frozen, freq_source=st["s_freq_source"])
+        if not bool(frozen.any()):
+            return compute()
+        active = torch.nonzero(~frozen).flatten().to(x.device)
+        out = compute(active)
+        v = v_prev.clone()
+        v[active] = out.to(v.dtype)
+        return v
+
+    @property
+    def tag(self) -> str:
+        frac = f"keep{self.keep:g}" if self.keep is not None else f"carve{self.carve_ratio:g}"
+        return f"carving-{frac}-g{self.gamma:g}-wf{self.freq_weight:g}-wm{self.magnitude_weight:g}-f{self.max_frozen_steps}"
+
+
+__all__ = ["CHANGE_REFERENCES", "SLaTTokenCarving", "saliency", "select_frozen", "token_freq_scores", "token_norm"]

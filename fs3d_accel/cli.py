@@ -1,0 +1,129 @@
+"""``fs3d`` command line: run the pipeline, build data, profile, evaluate, calibrate, reproduce."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _load_pipeline(args) -> "object":
+    from .pipeline import Pipeline
+    if args.checkpoint:
+        return Pipeline.from_checkpoint(args.checkpoint, config=args.config, device=args.device)
+    if args.weights == "random":
+        return Pipeline.from_config(args.config or "mini", device=args.device)
+    return Pipeline.from_pretrained(args.weights, device=args.device)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default="sam3d-mini", help="shipped weights name, or 'random' (seeded random init)")
+    p.add_argument("--checkpoint", default=None, help="official checkpoint folder or our model.safetensors")
+    p.add_argument("--config", default=None, help="config name (mini|full) for --checkpoint / random weights")
+    p.add_argument("--device", default="cpu")
+
+
+def cmd_run(args) -> int:
+    """Reconstruct one object: from an image/mask/point-map .npz or a shipped sample index."""
+    import numpy as np
+    pipe = _load_pipeline(args)
+    if args.sample is not None:
+        from fs3d_analysis.data import load_shipped_samples
+        s = load_shipped_samples()[args.sample]
+        image, mask, pointmap = s.image, s.mask, s.pointmap
+    else:
+        if not args.inputs:
+            raise SystemExit("give --sample N or --inputs file.npz (arrays image, mask, pointmap)")
+        data = np.load(args.inputs)
+        missing = {"image", "mask", "pointmap"} - set(data.files)
+        if missing:
+            raise SystemExit(f"{args.inputs} lacks arrays: {sorted(missing)}")
+        image, mask, pointmap = data["image"], data["mask"], data["pointmap"]
+    if args.method != "base":
+        from .accel import make_method
+        pipe.with_accel(make_method(args.method))
+    res = pipe(image, mask, pointmap=pointmap, seed=args.seed)
+    out = Path(args.out)
+    res.posed_mesh.export(out) if args.posed else res.mesh.export(out)
+    lay = res.layout
+    print(f"wrote {out} ({len(res.mesh.vertices)} vertices, {len(res.mesh.faces)} faces)")
+    print(f"layout: scale {lay.scale.round(4).tolist()} translation {lay.translation.round(4).tolist()}")
+    print("stage seconds: " + ", ".join(f"{k} {v:.3f}" for k, v in res.timings.items()))
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from fs3d_analysis.report import reproduce
+    reproduce(out_dir=Path(args.out), device=args.device, quick=args.quick, weights=args.weights)
+    return 0
+
+
+def cmd_data(args) -> int:
+    from fs3d_analysis.data.corpus import build_corpus
+    manifest = build_corpus(root=args.root, resolution=args.resolution, progress=True)
+    print(manifest)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from fs3d_analysis.eval import main as eval_main
+    return eval_main(args)
+
+
+def cmd_calibrate(args) -> int:
+    from fs3d_analysis.calibrate import main as calibrate_main
+    return calibrate_main(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="fs3d", description=__doc__)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="reconstruct one object to a mesh file")
+    _add_model_args(p)
+    p.add_argument("--sample", type=int, default=None, help="index of a shipped sample")
+    p.add_argument("--inputs", default=None, help=".npz with image (HxWx3 uint8), mask (HxW bool), pointmap (HxWx3)")
+    p.add_argument("--method", default="base", help="accelerator: base, fast-sam3d, taylorseer, ...")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--posed", action="store_true", help="export the mesh in the camera frame")
+    p.add_argument("--out", default="runs/mesh.glb")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("reproduce", help="the whole story on the embedded model: report under runs/")
+    p.add_argument("--out", default="runs/reproduce")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--weights", default="sam3d-mini")
+    p.add_argument("--quick", action="store_true", help="fewer objects and repeats (CI)")
+    p.set_defaults(fn=cmd_reproduce)
+
+    p = sub.add_parser("data", help="build the shape corpus (evaluation + training split)")
+    p.add_argument("action", choices=["build"])
+    p.add_argument("--root", default=None)
+    p.add_argument("--resolution", type=int, default=64)
+    p.set_defaults(fn=cmd_data)
+
+    p = sub.add_parser("eval", help="evaluate methods on a dataset -> tidy table")
+    _add_model_args(p)
+    p.add_argument("--methods", default="base,fast-sam3d")
+    p.add_argument("--dataset", default="shipped")
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/eval")
+    p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("calibrate", help="search accelerator thresholds under a quality constraint")
+    _add_model_args(p)
+    p.add_argument("--dataset", default="shipped")
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--max-f1-drop", type=float, default=0.5)
+    p.add_argument("--out", default="runs/calibrate")
+    p.set_defaults(fn=cmd_calibrate)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.fn(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,288 @@
+"""Module-level latency: forward pre/post hooks, CUDA events, one synchronisation per run.
+
+On CUDA every selected module call records a start and an end ``torch.cuda.Event`` in its hooks;
+the events are resolved after the run with a single ``torch.cuda.synchronize`` (no per-module
+syncs, so kernels keep queueing as in an unprofiled run). On CPU the hooks read
+``time.perf_counter`` (exact there: CPU ops are synchronous) and the ``timer`` column says
+``wall_clock``. Peak memory (CUDA only) is tracked by folding ``max_memory_allocated`` into every
+open call at each hook and resetting the peak counter, so nested calls each get their own peak.
+
+Hooks are removed when the run ends or raises.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from .modules import ModuleSpec, category, depth, is_pipeline, nearest_selected_parent, network_paths, \
+    select_modules, stage_of, stage_roots
+from .workload import make_runner
+
+CUDA_TIMER = "cuda_event"
+CPU_TIMER = "wall_clock"
+
+
+def _device_of(root: nn.Module) -> torch.device:
+    try:
+        return next(root.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class _Frame:
+    path: str
+    start: Any
+    peak: int = 0
+    entry_alloc: int = 0
+
+
+@dataclass
+class _Call:
+    start: Any
+    end: Any
+    peak: int
+    entry_alloc: int
+
+
+class ModuleTimer:
+    """Context manager that times every call of the given modules (path -> module).
+
+    ``calls[path]`` holds the raw records of the current run; :meth:`resolve` synchronises once
+    and returns path -> list of seconds (one per call).
+    """
+
+    def __init__(self, modules: dict[str, nn.Module], device: torch.device, memory: bool = True) -> None:
+        self.modules = modules
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.memory = memory and self.cuda
+        self.calls: dict[str, list[_Call]] = {p: [] for p in modules}
+        self._stack: list[_Frame] = []
+        self._handles: list[Any] = []
+
+    # -- time stamps
+    def _stamp(self) -> Any:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            return ev
+        return time.perf_counter()
+
+    def _fold_peak(self) -> None:
+        peak = torch.cuda.max_memory_allocated(self.device)
+        for fr in self._stack:
+            fr.peak = max(fr.peak, peak)
+        torch.cuda.reset_peak_memory_stats(self.device)
+
+    # -- hooks
+    def _pre(self, path: str) -> Callable:
+        def hook(mod: nn.Module, args: Any) -> None:
+            alloc = 0
+            if self.memory:
+                self._fold_peak()
+                alloc = torch.cuda.memory_allocated(self.device)
+            self._stack.append(_Frame(path, self._stamp(), alloc, alloc))
+        return hook
+
+    def _post(self, path: str) -> Callable:
+        def hook(mod: nn.Module, args: Any, out: Any) -> None:
+            end = self._stamp()
+            if self.memory:
+                self._fold_peak()
+            # the frame of this call is the innermost open frame with this path
+            for i in range(len(self._stack) - 1, -1, -1):
+                if self._stack[i].path == path:
+                    fr = self._stack.pop(i)
+                    self.calls[path].append(_Call(fr.start, end, fr.peak, fr.entry_alloc))
+                    return
+        return hook
+
+    def attach(self) -> None:
+        if self._handles:
+            raise RuntimeError("ModuleTimer is already attached")
+        try:
+            for path, mod in self.modules.items():
+                self._handles.append(mod.register_forward_pre_hook(self._pre(path)))
+                self._handles.append(mod.register_forward_hook(self._post(path), always_call=True))
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._stack.clear()
+
+    def __enter__(self) -> "ModuleTimer":
+        self.attach()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.detach()
+
+    def reset(self) -> None:
+        self.calls = {p: [] for p in self.modules}
+        self._stack.clear()
+
+    def resolve(self) -> dict[str, list[tuple[float, int, int]]]:
+        """path -> [(seconds, peak_alloc_bytes, entry_alloc_bytes)] per call (one sync)."""
+        _sync(self.device)
+        out: dict[str, list[tuple[float, int, int]]] = {}
+        for path, calls in self.calls.items():
+            if self.cuda:
+                out[path] = [(c.start.elapsed_time(c.end) / 1e3, c.peak, c.entry_alloc) for c in calls]
+            else:
+                out[path] = [(c.end - c.start, 0, 0) for c in calls]
+        return out
+
+
+def _pct(x: list[float], q: float) -> float:
+    return float(np.percentile(x, q)) if len(x) else float("nan")
+
+
+def _timed_runs(run: Callable[[], Any], device: torch.device, repeats: int) -> list[float]:
+    out = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        run()
+        _sync(device)
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def profile_latency(pipe: nn.Module, inputs: Any, modules: ModuleSpec = "auto", warmup: int = 1,
+                    repeats: int = 3, memory: bool = True, measure_overhead: bool = True) -> pd.DataFrame:
+    """Time every selected module of ``pipe`` while it runs on ``inputs``.
+
+    Returns one row per (stage, module path, module type) with: ``calls`` (per run), ``total_s``
+    (median over repeats of the module's summed time per run) with ``total_p10_s``/``total_p90_s``,
+    per-call ``call_median_s`` / ``call_p10_s`` / ``call_p90_s``, ``self_s`` (total minus the
+    selected sub-modules directly under it), ``share_stage`` and ``share_run`` (of ``total_s``),
+    ``peak_alloc_bytes`` (max over calls of the peak allocated CUDA memory during the call; NaN on
+    CPU) and ``peak_delta_bytes`` (that peak minus the memory allocated at call entry), ``timer``.
+
+    ``attrs``: ``timer``, ``device``, ``repeats``, ``warmup``, ``run_s`` (median profiled run),
+    ``unprofiled_run_s``, ``overhead_frac`` (profiled / unprofiled - 1, same process and inputs),
+    ``stage_s`` (stage -> seconds), ``num_hooked_modules``.
+
+    ``inputs``: see :func:`~fs3d_analysis.profile.workload.make_runner`; ``modules``: see
+    :func:`~fs3d_analysis.profile.modules.select_modules`.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup}")
+    run = make_runner(pipe, inputs)
+    device = _device_of(pipe)
+    selected = select_modules(pipe, modules)
+    pipeline = is_pipeline(pipe)
+    nets = network_paths(pipe)
+    roots = stage_roots(pipe)
+
+    with torch.inference_mode():
+        for _ in range(warmup):
+            run()
+        unprofiled = _timed_runs(run, device, repeats) if measure_overhead else []
+
+        per_repeat: list[dict[str, list[tuple[float, int, int]]]] = []
+        wall: list[float] = []
+        timer = ModuleTimer(selected, device, memory)
+        with timer:
+            for _ in range(repeats):
+                timer.reset()
+                if timer.memory:
+                    torch.cuda.reset_peak_memory_stats(device)
+                _sync(device)
+                t0 = time.perf_counter()
+                run()
+                per_repeat.append(timer.resolve())  # the one synchronisation of this run
+                wall.append(time.perf_counter() - t0)
+
+    timer_name = CUDA_TIMER if device.type == "cuda" else CPU_TIMER
+    run_s = float(np.median(wall))
+    called = [p for p in selected if any(rep[p] for rep in per_repeat)]
+    parent = {p: nearest_selected_parent(p, called) for p in called}
+    totals = {p: [sum(t for t, _, _ in rep[p]) for rep in per_repeat] for p in called}
+    child_totals = {p: np.zeros(repeats) for p in called}
+    for p in called:
+        if parent[p] is not None:
+            child_totals[parent[p]] += np.asarray(totals[p])
+    stage_s = {s: float(np.median(totals[r])) for s, r in roots.items() if r in totals}
+
+    rows = []
+    for p in called:
+        mod = selected[p]
+        calls = [c for rep in per_repeat for c in rep[p]]
+        secs = [c[0] for c in calls]
+        total = float(np.median(totals[p]))
+        stage = stage_of(p, pipeline)
+        stage_total = stage_s.get(stage, float("nan"))
+        cuda_mem = timer.memory
+        rows.append({
+            "stage": stage,
+            "module": p,
+            "type": type(mod).__name__,
+            "category": category(mod, p, pipeline, nets),
+            "depth": depth(p),
+            "calls": len(calls) / repeats,
+            "total_s": total,
+            "total_p10_s": _pct(totals[p], 10),
+            "total_p90_s": _pct(totals[p], 90),
+            "call_median_s": float(np.median(secs)),
+            "call_p10_s": _pct(secs, 10),
+            "call_p90_s": _pct(secs, 90),
+            "self_s": float(np.median(np.asarray(totals[p]) - child_totals[p])),
+            "share_stage": total / stage_total if stage_total == stage_total and stage_total > 0 else float("nan"),
+            "share_run": total / run_s if run_s > 0 else float("nan"),
+            "peak_alloc_bytes": float(max(c[1] for c in calls)) if cuda_mem else float("nan"),
+            "peak_delta_bytes": float(max(c[1] - c[2] for c in calls)) if cuda_mem else float("nan"),
+            "timer": timer_name,
+        })
+    df = pd.DataFrame(rows)
+    unprof = float(np.median(unprofiled)) if unprofiled else float("nan")
+    df.attrs.update({
+        "timer": timer_name,
+        "device": device_name(device),
+        "repeats": repeats,
+        "warmup": warmup,
+        "run_s": run_s,
+        "unprofiled_run_s": unprof,
+        "overhead_frac": run_s / unprof - 1 if unprofiled else float("nan"),
+        "stage_s": stage_s,
+        "num_hooked_modules": len(selected),
+        "note": ("CUDA events recorded in forward hooks, resolved after one synchronisation per run"
+                 if timer_name == CUDA_TIMER else
+                 "CPU: time.perf_counter in forward hooks (wall clock); no memory tracking"),
+    })
+    return df
+
+
+def device_name(device: torch.device | str) -> str:
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    import platform
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def stage_table(latency: pd.DataFrame) -> pd.DataFrame:
+    """The stage rows of a latency table: stage, seconds, share of the run."""
+    st = latency[latency["category"].isin(["stage"]) | (latency["module"] == "")]
+    return st[["stage", "total_s", "share_run"]].reset_index(drop=True)
+
+
+__all__ = ["CPU_TIMER", "CUDA_TIMER", "ModuleTimer", "device_name", "profile_latency", "stage_table"]
