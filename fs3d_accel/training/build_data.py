@@ -43,9 +43,12 @@ def render_shape(mesh, rng: np.random.Generator, views: int, min_pixels: int = 4
     cam = Camera.from_fov(IMAGE_SIZE, fov_deg=FOV_DEG)
     out = []
     tries = 0
-    while len(out) < views and tries < 4 * views:
+    while len(out) < views and tries < 8 * views:
         tries += 1
-        layout = random_layout(rng, cam)
+        try:
+            layout = random_layout(rng, cam)
+        except ValueError:  # scale/depth draw that does not fit the frustum: draw again
+            continue
         light = random_lighting(rng)
         seed = int(rng.integers(2 ** 31))
         r = render([SceneObject("obj", mesh, layout, rng.uniform(0.1, 1.0, 3))], cam, light, seed=seed)
@@ -122,6 +125,9 @@ def build(out_dir: Path, views: int = 3, max_faces: int = 1500, n_procedural: in
                 raw = trimesh.Trimesh(np.asarray(raw.vertices), np.asarray(raw.faces), process=True)
                 v, f = _decimate(np.asarray(raw.vertices), np.asarray(raw.faces), max_faces)
                 mesh, _ = normalize_mesh(trimesh.Trimesh(v, f, process=False))
+                trimesh.repair.fix_normals(mesh)  # outward faces: the GPU SDF takes its sign from them
+                if mesh.is_watertight and mesh.volume < 0:
+                    mesh.invert()
                 if len(mesh.vertices) >= 65535:
                     raise ValueError("too many vertices for uint16 faces")
                 rng = np.random.default_rng([seed, zlib.crc32(ref.name.encode())])

@@ -1,14 +1,18 @@
-"""Ground-truth geometry on the GPU: signed distances to a triangle mesh, occupancy, corner SDFs.
+"""Ground-truth geometry on the GPU: truncated signed distances, occupancy, corner SDFs.
 
-Everything is brute force over (query point, triangle) pairs in chunks, in float32, so it runs
-wherever torch runs (the GPU machine has no trimesh / point-cloud-utils). Sign = generalised
-winding number (> 0.5 inside), robust to open or non-manifold meshes.
+Exact point-triangle distances for ~10^5 query points x 10^3 triangles per view are too slow
+for thousands of views, so the SDF is taken from a dense oriented surface sampling: for each
+query the nearest surface sample (matmul-based ``cdist``, argmin only) gives the distance
+(point-to-tangent-plane within ``2 * trunc`` of the surface, Euclidean further away) and the sign
+(side of that sample's outward normal). Near the surface the error is second order in the
+sample spacing (about 0.01 of the object size for 16k samples). Meshes must have outward face
+normals (the data builder runs ``trimesh.repair.fix_normals``).
 
 Frames: the *object frame* is the view-aligned normalised cube: the posed mesh (camera frame)
 re-centred at its bounding-box centre and divided by its longest side, with no rotation, so the
 GT layout is ``R = I``, ``t = centre``, ``s = longest side`` (``x_cam = s * x + t``).
-Voxel ``(x, y, z)`` of the ``R``-grid covers ``[x/R - 0.5, (x+1)/R - 0.5]`` (same as the
-pipeline's mesh extractor). A surface voxel's corner lattice has ``(sub+1)^3`` points at
+Voxel ``(x, y, z)`` of the ``R``-grid covers ``[x/R - 0.5, (x+1)/R - 0.5]`` (as the pipeline's
+mesh extractor). A surface voxel's corner lattice has ``(sub+1)^3`` points at
 ``(sub * voxel + (i, j, k)) / (R * sub) - 0.5`` for ``i, j, k`` in ``0..sub`` (i slowest).
 """
 from __future__ import annotations
@@ -21,65 +25,40 @@ from torch import Tensor
 
 from ..stages.ss import surface_voxels
 
-#: query points x triangles per chunk (bounds the temporaries to a few hundred MB on the GPU)
-PAIR_CHUNK = 1 << 23
+#: query points per cdist chunk
+QUERY_CHUNK = 4096
 
 
-def _dot(a: Tensor, b: Tensor) -> Tensor:
-    return (a * b).sum(-1)
+def sample_oriented_surface(vertices: Tensor, faces: Tensor, n: int, generator: torch.Generator | None = None
+                            ) -> tuple[Tensor, Tensor]:
+    """Area-weighted surface samples (n,3) and their unit face normals (n,3)."""
+    tri = vertices.float()[faces.long()]
+    cr = torch.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0], dim=-1)
+    area = cr.norm(dim=-1)
+    if not bool(area.sum() > 0):
+        raise ValueError("mesh has zero surface area")
+    dev = vertices.device
+    idx = torch.multinomial(area.cpu(), n, replacement=True, generator=generator).to(dev)
+    r = torch.rand(n, 2, generator=generator).to(dev)
+    s = r[:, 0].sqrt()
+    bc = torch.stack([1 - s, s * (1 - r[:, 1]), s * r[:, 1]], -1)
+    pts = (bc[:, :, None] * tri[idx]).sum(1)
+    nrm = cr[idx] / area[idx].clamp_min(1e-30)[:, None]
+    return pts, nrm
 
 
-def _seg_dist2(p: Tensor, u: Tensor, v: Tensor) -> Tensor:
-    """Squared distance of points p (M,1,3) to segments u->v (1,F,3)."""
-    e = v - u
-    t = (_dot(p - u, e) / _dot(e, e).clamp_min(1e-20)).clamp(0, 1)
-    d = p - (u + t[..., None] * e)
-    return _dot(d, d)
-
-
-def _chunk_pairs(points: Tensor, tri: Tensor, fn) -> Tensor:
-    m = max(1, PAIR_CHUNK // max(1, tri.shape[0]))
-    return torch.cat([fn(points[i:i + m]) for i in range(0, points.shape[0], m)]) if len(points) else \
-        points.new_zeros(0)
-
-
-def unsigned_distance(points: Tensor, tri: Tensor) -> Tensor:
-    """(M,) distance of points (M,3) to the nearest of triangles (F,3,3)."""
-    a, b, c = (tri[None, :, i] for i in range(3))
-    n = torch.cross(b - a, c - a, dim=-1)
-    area2 = _dot(n, n)
-    nn_ = n / area2.clamp_min(1e-30).sqrt()[..., None]
-    ok = area2 > 1e-24
-
-    def fn(p: Tensor) -> Tensor:
-        p = p[:, None]
-        inside = (_dot(torch.cross(b - a, p - a, dim=-1), n) >= 0) & \
-                 (_dot(torch.cross(c - b, p - b, dim=-1), n) >= 0) & \
-                 (_dot(torch.cross(a - c, p - c, dim=-1), n) >= 0) & ok
-        dp = _dot(p - a, nn_) ** 2
-        de = torch.minimum(torch.minimum(_seg_dist2(p, a, b), _seg_dist2(p, b, c)), _seg_dist2(p, c, a))
-        return torch.where(inside, dp, de).amin(1)
-
-    return _chunk_pairs(points, tri, fn).clamp_min(0).sqrt()
-
-
-def winding_number(points: Tensor, tri: Tensor) -> Tensor:
-    """(M,) generalised winding number (Van Oosterom-Strackee solid angles / 4 pi)."""
-    def fn(p: Tensor) -> Tensor:
-        a, b, c = (tri[None, :, i] - p[:, None] for i in range(3))
-        la, lb, lc = a.norm(dim=-1), b.norm(dim=-1), c.norm(dim=-1)
-        det = _dot(a, torch.cross(b, c, dim=-1))
-        den = la * lb * lc + _dot(a, b) * lc + _dot(b, c) * la + _dot(c, a) * lb
-        return torch.atan2(det, den).sum(1) / (2 * math.pi)
-
-    return _chunk_pairs(points, tri, fn)
-
-
-def signed_distance(points: Tensor, tri: Tensor) -> Tensor:
-    """(M,) signed distance, negative inside (winding number > 0.5)."""
-    d = unsigned_distance(points, tri)
-    inside = winding_number(points, tri).abs() > 0.5
-    return torch.where(inside, -d, d)
+def sampled_sdf(queries: Tensor, points: Tensor, normals: Tensor, near: float) -> Tensor:
+    """(M,) signed distance of queries (M,3) to the surface sampled by points/normals (S,3)."""
+    out = []
+    for i in range(0, queries.shape[0], QUERY_CHUNK):
+        q = queries[i:i + QUERY_CHUNK]
+        j = torch.cdist(q, points).argmin(1)
+        d = q - points[j]
+        plane = (d * normals[j]).sum(-1)
+        eu = d.norm(dim=-1)
+        sign = torch.where(plane < 0, -1.0, 1.0)
+        out.append(torch.where(eu < near, plane, sign * eu))
+    return torch.cat(out) if out else queries.new_zeros(0)
 
 
 def grid_centers(res: int, device=None) -> Tensor:
@@ -104,32 +83,33 @@ class ViewGeometry:
     size: Tensor           # () longest side (= layout scale)
 
 
-def view_aligned_triangles(vertices: Tensor, faces: Tensor, rotation: Tensor, translation: Tensor,
-                           scale: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Pose the canonical mesh (``x_cam = (s x) @ R + t``) and normalise it without rotation.
-
-    Returns (triangles (F,3,3) in the object frame, centre (3,), longest side ())."""
+def view_frame(vertices: Tensor, rotation: Tensor, translation: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Centre (3,) and longest side () of the posed mesh ``x_cam = (s x) @ R + t``."""
     cam = (vertices.float() * scale) @ rotation.float() + translation.float()
     lo, hi = cam.amin(0), cam.amax(0)
-    center = (lo + hi) / 2
-    size = (hi - lo).max()
-    local = (cam - center) / size
-    return local[faces.long()], center, size
+    return (lo + hi) / 2, (hi - lo).max()
 
 
-def view_geometry(vertices: Tensor, faces: Tensor, rotation: Tensor, translation: Tensor, scale: float,
-                  res: int = 32, sub: int = 4) -> ViewGeometry:
+def view_geometry(vertices: Tensor, points: Tensor, normals: Tensor, rotation: Tensor, translation: Tensor,
+                  scale: float, res: int = 32, sub: int = 4, trunc: float = 3 / 128) -> ViewGeometry:
     """Occupancy (voxels whose centre is inside or within half a voxel diagonal of the surface),
-    its surface voxels and their corner-lattice SDF for one posed mesh."""
-    tri, center, size = view_aligned_triangles(vertices, faces, rotation, translation, scale)
-    dev = tri.device
-    sdf_c = signed_distance(grid_centers(res, dev), tri).view(res, res, res)
+    its surface voxels and their corner-lattice SDF for one posed mesh.
+
+    ``vertices``: canonical mesh vertices (for the bounding box); ``points``/``normals``: its
+    oriented surface samples (canonical frame)."""
+    center, size = view_frame(vertices, rotation, translation, scale)
+    rot = rotation.float()
+    p = ((points.float() * scale) @ rot + translation.float() - center) / size
+    n = normals.float() @ rot
+    dev = p.device
+    near = 2 * trunc
+    sdf_c = sampled_sdf(grid_centers(res, dev), p, n, near).view(res, res, res)
     occ = sdf_c < (math.sqrt(3) / 2) / res
     coords = torch.nonzero(surface_voxels(occ)).to(torch.int32)
-    lat = coords[:, None, :].long() * sub + lattice_offsets(sub, dev)[None]  # (N, L, 3)
+    lat = coords[:, None, :].long() * sub + lattice_offsets(sub, dev)[None]
     g = res * sub + 1
     keys = (lat[..., 0] * g + lat[..., 1]) * g + lat[..., 2]
     uniq, inv = torch.unique(keys.reshape(-1), return_inverse=True)
-    pts = torch.stack([uniq // (g * g), (uniq // g) % g, uniq % g], -1).float() / (res * sub) - 0.5
-    sdf_l = signed_distance(pts, tri)[inv].view(coords.shape[0], -1)
+    q = torch.stack([uniq // (g * g), (uniq // g) % g, uniq % g], -1).float() / (res * sub) - 0.5
+    sdf_l = sampled_sdf(q, p, n, near)[inv].view(coords.shape[0], -1)
     return ViewGeometry(occ, coords, sdf_l, center, size)

@@ -380,21 +380,20 @@ class _BoundCall(nn.Module):
 
 def _fvcore_call(module: nn.Module, path: str, args: tuple, kwargs: dict, root: nn.Module) -> tuple[dict, dict]:
     """(raw fvcore FLOPs per path (x2), closed-form rule FLOPs per path) for one call."""
-    from fvcore.nn import FlopCountAnalysis
-
     bound = _BoundCall(module, args, kwargs)
     hooks = _Hooks(root, None, track_bytes=False)
-    from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
-
-    fa = FlopCountAnalysis(bound, bound.inputs())
-    # set_op_handle(op, None) does not drop a default handler: rebuild the table instead
-    fa.clear_op_handles()
-    fa.set_op_handle(**{k: v for k, v in _DEFAULT_SUPPORTED_OPS.items() if k not in FVCORE_DISABLED_OPS})
-    fa.set_op_handle("aten::scaled_dot_product_attention", _fvcore_sdpa)
-    fa.set_op_handle("aten::baddbmm", _fvcore_baddbmm)
-    fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
     with warnings.catch_warnings(), torch.no_grad(), hooks:
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore")  # tracer and torch.jit deprecation warnings (fvcore import)
+        from fvcore.nn import FlopCountAnalysis
+        from fvcore.nn.flop_count import _DEFAULT_SUPPORTED_OPS
+
+        fa = FlopCountAnalysis(bound, bound.inputs())
+        # set_op_handle(op, None) does not drop a default handler: rebuild the table instead
+        fa.clear_op_handles()
+        fa.set_op_handle(**{k: v for k, v in _DEFAULT_SUPPORTED_OPS.items() if k not in FVCORE_DISABLED_OPS})
+        fa.set_op_handle("aten::scaled_dot_product_attention", _fvcore_sdpa)
+        fa.set_op_handle("aten::baddbmm", _fvcore_baddbmm)
+        fa.unsupported_ops_warnings(False).uncalled_modules_warnings(False).tracer_warnings("none")
         by_mod = fa.by_module()
     raw = {}
     for name, v in by_mod.items():
@@ -519,7 +518,12 @@ def count_flops(pipe_or_module: nn.Module, inputs: Any, modules: ModuleSpec = "a
         if not fvcore:
             return float("nan")
         net = next((n for n in nets if _under(path, n)), None)
-        if net is None or net in failures:
+        if net is None:  # a stage (or the pipeline): its networks' sum, glue outside them excluded
+            inner = [n for n in nets if _under(n, path)]
+            if not inner or any(n in failures for n in inner):
+                return float("nan")
+            return float(sum(table.get(n, 0.0) for n in inner))
+        if net in failures:
             return float("nan")
         return float(table.get(path, 0.0))
 

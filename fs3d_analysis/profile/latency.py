@@ -193,7 +193,7 @@ def profile_latency(pipe: nn.Module, inputs: Any, modules: ModuleSpec = "auto", 
     nets = network_paths(pipe)
     roots = stage_roots(pipe)
 
-    with torch.inference_mode():
+    with torch.no_grad():
         for _ in range(warmup):
             run()
         unprofiled = _timed_runs(run, device, repeats) if measure_overhead else []

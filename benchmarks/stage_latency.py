@@ -1,0 +1,191 @@
+"""Stage-by-stage latency of the reference pipeline at true scale (``full`` config) on one GPU.
+
+Times, with CUDA events after warm-up (medians of ``--repeats``):
+  * SS stage (condition + 25-step sampler with CFG 7 + SS decoder + voxel extraction + layout),
+  * one SS flow network pass,
+  * SLaT stage (condition + 25-step sampler with CFG 1) on the surface voxels of real YCB scans
+    voxelised to 64^3 (``benchmarks/data/ycb_surface_coords_r64.npz``), and one SLaT pass per N,
+  * mesh decoder network (sparse swin transformer + 2 subdivisions) per N,
+for several precision / fast-path variants, and writes a Markdown + CSV table with the device name
+and the parameter count of each stage.
+
+    python benchmarks/stage_latency.py --out runs/stage_latency            # GPU, full config
+    python benchmarks/stage_latency.py --config mini --device cpu --repeats 1 --variants fp32  # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fs3d_accel.pipeline import Pipeline
+from fs3d_accel.stages.options import RunOptions
+
+VARIANTS = {
+    "official-like (fp32 weights, fp16 autocast)": RunOptions(precision="autocast-fp16"),
+    "fp32": RunOptions(precision="fp32"),
+    "bf16 weights": RunOptions(precision="bf16"),
+    "bf16 + batched CFG": RunOptions(precision="bf16", batch_cfg=True),
+    "bf16 + batched CFG + cond K/V cache": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True),
+}
+SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32": "fp32", "bf16": "bf16 weights",
+         "bf16-cfg": "bf16 + batched CFG", "bf16-cfg-kv": "bf16 + batched CFG + cond K/V cache"}
+COORDS_FILE = Path(__file__).parent / "data" / "ycb_surface_coords_r64.npz"
+
+
+class Timer:
+    """CUDA-event (or wall-clock on CPU) timing of a callable: warm-up, then the median of repeats."""
+
+    def __init__(self, device: torch.device, warmup: int, repeats: int) -> None:
+        self.device, self.warmup, self.repeats = device, warmup, repeats
+
+    def __call__(self, fn) -> dict:
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.repeats):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b) / 1000)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        return {"median_s": statistics.median(times), "min_s": min(times), "n": len(times)}
+
+
+def synthetic_inputs(size: int = 518, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), bool)
+    mask[size // 4: 3 * size // 4, size // 3: 2 * size // 3] = True
+    ys, xs = np.mgrid[0:size, 0:size]
+    pm = np.stack([(xs - size / 2) / size, (ys - size / 2) / size, np.full((size, size), 2.0)], -1).astype(np.float32)
+    return img, mask, pm
+
+
+def load_coords(resolution: int, device) -> dict[str, torch.Tensor]:
+    data = np.load(COORDS_FILE)
+    out = {}
+    for name in data.files:
+        xyz = torch.from_numpy(data[name].astype(np.int64))
+        if resolution != 64:
+            xyz = torch.unique(xyz * resolution // 64, dim=0)
+        c = torch.cat([torch.zeros_like(xyz[:, :1]), xyz], 1).to(torch.int32)
+        out[name] = c.to(device)
+    return out
+
+
+def param_counts(pipe: Pipeline) -> dict[str, int]:
+    return {f"{s}.{c}": sum(p.numel() for p in m.parameters())
+            for s in ("ss", "slat", "decode") for c, m in getattr(pipe, s).named_children()}
+
+
+def _markdown(df) -> str:
+    try:
+        return df.to_markdown(floatfmt=".4f")
+    except ImportError:  # tabulate missing (the GPU image has no registry)
+        return "```\n" + df.to_string(float_format=lambda x: f"{x:.4f}") + "\n```"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="full")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--variants", default="official-like,bf16,bf16-cfg,bf16-cfg-kv",
+                    help=f"comma list of {sorted(SHORT)}")
+    ap.add_argument("--slat-sampler-n", type=int, default=13151, help="N closest to this gets the full SLaT sampler timing")
+    ap.add_argument("--out", default="runs/stage_latency")
+    args = ap.parse_args()
+    dev = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    timer = Timer(dev, args.warmup, args.repeats)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+    base = Pipeline.from_config(args.config, seed=0, device="cpu")
+    counts = param_counts(base)
+    ref_state = {k: v.clone() for k, v in base.state_dict().items()}
+    img, mask, pm = synthetic_inputs(base.config.image_size)
+    inputs = base.prepare(img, mask, pm)
+    coords = load_coords(base.config.slat_flow.resolution, dev)
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    rows = []
+    for short in args.variants.split(","):
+        label = SHORT[short]
+        opts = VARIANTS[label]
+        pipe = Pipeline.from_config(args.config, seed=0, device="cpu")
+        pipe.load_state_dict(ref_state)
+        if opts.weight_dtype != torch.float32:
+            pipe = pipe.to(opts.weight_dtype)
+        pipe = pipe.to(dev)
+        pipe.options = opts
+        inp = inputs.to(dev)
+        with torch.no_grad():
+            ss = pipe.run_ss(inp, seed=0)
+            r = timer(lambda: pipe.run_ss(inp, seed=0))
+            rows.append(dict(variant=label, stage="SS stage (cond + 25 steps + decoder)", N=None, **r))
+            cond = pipe.ss.condition(**{k: v.to(opts.weight_dtype) for k, v in inp.ss_kwargs().items()})
+            lat = {k: v.to(dev, opts.weight_dtype) for k, v in ss.latents.items()}
+            tt = torch.full((1,), 500.0, device=dev)
+            d = torch.zeros(1, device=dev)
+            with opts.autocast(dev):
+                r = timer(lambda: pipe.ss.flow(lat, tt, cond, d))
+            rows.append(dict(variant=label, stage="SS flow, one pass (B=1)", N=None, **r))
+            r = timer(lambda: pipe.ss.decoder(ss.latents["shape"].permute(0, 2, 1).reshape(
+                1, 8, *(3 * [pipe.config.ss_flow.resolution])).to(dev, opts.weight_dtype)))
+            rows.append(dict(variant=label, stage="SS decoder", N=None, **r))
+            target = min(coords, key=lambda k: abs(coords[k].shape[0] - args.slat_sampler_n))
+            slat_cond = pipe.slat.condition(**{k: v.to(opts.weight_dtype) for k, v in inp.slat_kwargs().items()})
+            for name, c in sorted(coords.items(), key=lambda kv: kv[1].shape[0]):
+                n = c.shape[0]
+                feats = torch.randn(n, 8, device=dev, dtype=opts.weight_dtype)
+                with opts.autocast(dev):
+                    r = timer(lambda: pipe.slat.flow(feats, c, tt, slat_cond))
+                rows.append(dict(variant=label, stage="SLaT flow, one pass", N=n, object=name, **r))
+                with opts.autocast(dev):
+                    r = timer(lambda: pipe.decode.decoder(feats, c))
+                rows.append(dict(variant=label, stage="mesh decoder network", N=n, object=name, **r))
+                if name == target:
+                    ss_n = dataclasses.replace(ss, coords=c)
+                    r = timer(lambda: pipe.run_slat(inp, ss_n, seed=0))
+                    rows.append(dict(variant=label, stage="SLaT stage (cond + 25 steps)", N=n, object=name, **r))
+        print(f"done {label}", flush=True)
+        del pipe
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+
+    import pandas as pd
+    df = pd.DataFrame(rows)
+    df.to_csv(out / "stage_latency.csv", index=False)
+    meta = {"device": device_name, "config": args.config, "torch": torch.__version__, "repeats": args.repeats,
+            "warmup": args.warmup, "param_counts": counts, "total_params": sum(counts.values())}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    piv = df.pivot_table(index=["stage", "N"], columns="variant", values="median_s", dropna=False)
+    piv = piv.dropna(how="all")
+    lines = [f"# Stage latency, config `{args.config}`, device **{device_name}**, torch {torch.__version__}",
+             f"CUDA-event medians of {args.repeats} after {args.warmup} warm-up; seconds.", "",
+             _markdown(piv), "", "## Parameters per stage component", "",
+             "| component | parameters |", "|---|---|"]
+    lines += [f"| {k} | {v:,} |" for k, v in counts.items()]
+    lines.append(f"| total | {sum(counts.values()):,} |")
+    (out / "stage_latency.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
