@@ -7,35 +7,11 @@ scene_shift`` maps it back, so metric ``s_m = s * scene_scale``, ``t_m = t * sce
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 from torch import Tensor
 
+from .layout import Layout
 from .model.configs import ROTATION_6D_MEAN, ROTATION_6D_STD
-
-
-@dataclass
-class Layout:
-    """Object pose in the camera frame: rotation (3,3), translation (3,), scale (3,)."""
-
-    rotation: np.ndarray
-    translation: np.ndarray
-    scale: np.ndarray
-
-    def __post_init__(self) -> None:
-        self.rotation = np.asarray(self.rotation, dtype=np.float64).reshape(3, 3)
-        self.translation = np.asarray(self.translation, dtype=np.float64).reshape(3)
-        self.scale = np.asarray(self.scale, dtype=np.float64).reshape(3)
-
-    def apply(self, points: np.ndarray) -> np.ndarray:
-        """Object-local (N,3) -> camera frame (N,3): ``(s * x) @ R + t``."""
-        return (np.asarray(points, dtype=np.float64) * self.scale) @ self.rotation + self.translation
-
-    def to_quaternion(self) -> np.ndarray:
-        """Quaternion (w, x, y, z) of the rotation, in PyTorch3D's convention."""
-        return matrix_to_quaternion(torch.from_numpy(self.rotation)).numpy()
 
 
 def rotation_6d_to_matrix(d6: Tensor) -> Tensor:

@@ -218,6 +218,9 @@ class SpectralTokenAggregation:
 
     # ------------------------------------------------------------------ TokenTransform
     def reduce(self, tokens: SparseTokens, ctx: TransformContext) -> tuple[SparseTokens, TransformState]:
+        if self.placement == "pre_slat" and tokens.feats is not None:
+            raise ValueError("placement 'pre_slat' shrinks coordinates before the SLaT stage; got tokens with feats "
+                             "(use placement='pre_decoder' for the structured latent)")
         measured = self.measure(ctx)
         scale, reason = self.decide(len(tokens), tokens.resolution, measured)
         if self.placement == "pre_slat" and scale != 1.0 and tokens.scores is None:

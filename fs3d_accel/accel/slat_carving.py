@@ -64,9 +64,11 @@ def token_norm(v: Tensor) -> Tensor:
 
 def saliency(v_prev: Tensor, v_ref: Tensor | None, s_freq: Tensor, *, gamma: float, freq_weight: float,
              magnitude_weight: float) -> dict[str, Tensor]:
-    """M, A (raw), their normalised forms and J (float64, (N,) each) -- see the module docstring."""
+    """M, A (raw), their normalised forms and J (float64 on the CPU, (N,) each) -- see the module
+    docstring. Inputs may live on any device; the (N,) scores are small, so they are moved to the CPU."""
+    v_prev = v_prev.detach().double().cpu()
     m = token_norm(v_prev)
-    a = torch.zeros_like(m) if v_ref is None else token_norm(v_prev - v_ref)
+    a = torch.zeros_like(m) if v_ref is None else token_norm(v_prev - v_ref.detach().double().cpu())
     mh, ah, sh = minmax(m, 1e-6), minmax(a, 1e-6), minmax(s_freq.double(), 1e-6)
     j = (1 - freq_weight) * (magnitude_weight * mh + gamma * ah) + freq_weight * sh
     return {"M": m, "A": a, "M_hat": mh, "A_hat": ah, "S_freq": sh, "J": j}
@@ -77,6 +79,7 @@ def select_frozen(j: Tensor, n_skip: int, streak: Tensor, max_frozen: int) -> tu
 
     Returns (frozen bool mask (N,), new streak). Ties break by token index (stable sort).
     """
+    j, streak = j.cpu(), streak.cpu()
     n = j.numel()
     frozen = torch.zeros(n, dtype=torch.bool)
     if n_skip > 0:

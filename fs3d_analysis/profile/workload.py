@@ -40,7 +40,7 @@ def _with_batch(xyz: Tensor) -> Tensor:
     return torch.cat([torch.zeros_like(xyz[:, :1]), xyz], 1)
 
 
-def shell_coords(resolution: int, num_voxels: int, thickness: float = 1.0, spacing: int = 4) -> Tensor:
+def shell_coords(resolution: int, num_voxels: int, thickness: float = 1.0, spacing: int = 3) -> Tensor:
     """(N, 4) int32 [0, x, y, z]: concentric spherical shells (outermost first) at ``resolution``^3,
     trimmed to exactly ``num_voxels`` voxels (inner shells are added until there are enough).
 
