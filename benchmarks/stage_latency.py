@@ -33,9 +33,13 @@ VARIANTS = {
     "bf16 weights": RunOptions(precision="bf16"),
     "bf16 + batched CFG": RunOptions(precision="bf16", batch_cfg=True),
     "bf16 + batched CFG + cond K/V cache": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True),
+    "... + torch.compile (SS)": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True),
+    "... + compile with CUDA graphs (SS)": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True,
+                                                      compile_ss=True, compile_mode="reduce-overhead"),
 }
 SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32": "fp32", "bf16": "bf16 weights",
-         "bf16-cfg": "bf16 + batched CFG", "bf16-cfg-kv": "bf16 + batched CFG + cond K/V cache"}
+         "bf16-cfg": "bf16 + batched CFG", "bf16-cfg-kv": "bf16 + batched CFG + cond K/V cache",
+         "compile": "... + torch.compile (SS)", "cudagraphs": "... + compile with CUDA graphs (SS)"}
 COORDS_FILE = Path(__file__).parent / "data" / "ycb_surface_coords_r64.npz"
 
 

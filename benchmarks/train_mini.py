@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-slat-flow", type=int, default=16)
     ap.add_argument("--lr-flow", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--deadline-s", type=float, default=None,
+                    help="scale the stage budgets so the whole run ends by then (data prep included)")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     torch.manual_seed(a.seed)
@@ -63,15 +65,25 @@ def main(argv: list[str] | None = None) -> dict:
         pipe.ss.flow.zero_init_()
     log(f"resumed components: {loaded}")
     ms = a.max_steps
+    budgets = {"ss_vae": 0.0 if a.skip_vae else a.ss_vae_s, "slat_vae": 0.0 if a.skip_vae else a.slat_vae_s,
+               "ss_flow": a.ss_flow_s, "slat_flow": a.slat_flow_s}
+    if a.deadline_s is not None:
+        left = a.deadline_s - (time.perf_counter() - t0) - 40  # encode + saves
+        f = min(1.0, left / max(1.0, sum(budgets.values())))
+        budgets = {k: v * f for k, v in budgets.items()}
+        log(f"stage budgets scaled by {f:.2f}: {budgets}")
+    if a.device == "cuda":
+        log(f"GPU memory in use: {torch.cuda.memory_allocated() / 2**30:.2f} GiB")
     if not a.skip_vae:
-        tr.ss_vae(StageConfig(a.ss_vae_s, a.batch_ss_vae, 1e-3, ms, warmup=50))
-        tr.slat_vae(StageConfig(a.slat_vae_s, a.batch_slat_vae, 1e-3, ms, warmup=50))
+        tr.ss_vae(StageConfig(budgets["ss_vae"], a.batch_ss_vae, 1e-3, ms, warmup=50))
+        tr.slat_vae(StageConfig(budgets["slat_vae"], a.batch_slat_vae, 1e-3, ms, warmup=50))
         tr.stats.pop("slat_mean", None)  # decoder/encoder changed: re-measure
-        if "ss_latent_std" in tr.stats and "ss_vae_folded" in tr.stats:
-            pass
+        tr.stats.pop("slat_std", None)
+        tr.save(a.out / "ckpt")
     tr.encode()
-    tr.ss_flow(StageConfig(a.ss_flow_s, a.batch_ss_flow, a.lr_flow, ms, weight_decay=0.01))
-    tr.slat_flow(StageConfig(a.slat_flow_s, a.batch_slat_flow, a.lr_flow, ms, weight_decay=0.01))
+    tr.ss_flow(StageConfig(budgets["ss_flow"], a.batch_ss_flow, a.lr_flow, ms, weight_decay=0.01))
+    tr.save(a.out / "ckpt")
+    tr.slat_flow(StageConfig(budgets["slat_flow"], a.batch_slat_flow, a.lr_flow, ms, weight_decay=0.01))
     tr.save(a.out / "ckpt")
     info = {"views": len(raw), "shapes": len(raw.names), "seconds": time.perf_counter() - t0,
             "timings": ts.timings, "resumed": loaded, "args": {k: str(v) for k, v in vars(a).items()},

@@ -41,6 +41,7 @@ class PreparedInputs:
     pointmap_scale: Tensor  # (3,)
     pointmap_shift: Tensor  # (3,)
     mask_full: Tensor       # (H,W) bool, the mask as given (for HFER etc.)
+    image_full: Tensor      # (H,W,3) float in [0,1], the image as given (for texture-aware signals)
 
     def to(self, device: torch.device | str) -> "PreparedInputs":
         return PreparedInputs(**{k: v.to(device) for k, v in self.__dict__.items()})
@@ -206,4 +207,4 @@ def prepare_inputs(image, mask, pointmap, size: int, crop_factor: float = 1.2) -
     f_pm = resize(pad_to_square(pm_n, nan), size, "nearest")
     return PreparedInputs(image=c_img[None], mask=c_mask[None], rgb_image=f_img[None], rgb_image_mask=f_mask[None],
                           pointmap=c_pm[None], rgb_pointmap=f_pm[None], pointmap_scale=scale,
-                          pointmap_shift=shift, mask_full=m)
+                          pointmap_shift=shift, mask_full=m, image_full=img.permute(1, 2, 0).contiguous())

@@ -132,7 +132,9 @@ def test_downsample_means_and_upsample_round_trip():
     for i, (b, cx, cy, cz) in enumerate(coords.tolist()):
         cells.setdefault((b, cx // 2, cy // 2, cz // 2), []).append(i)
     assert [tuple(c) for c in down.coords.tolist()] == sorted(cells)
-    expected = torch.stack([feats[cells[tuple(c)]].mean(0) for c in down.coords.tolist()])
+    # official semantics: scatter_reduce 'mean' over a zero start (include_self) = sum / (count + 1)
+    expected = torch.stack([feats[cells[tuple(c)]].sum(0) / (len(cells[tuple(c)]) + 1)
+                            for c in down.coords.tolist()])
     torch.testing.assert_close(down.feats, expected, atol=1e-12, rtol=0)
     assert down.batch_size == 2
     up = SparseUpsample(2)(down)

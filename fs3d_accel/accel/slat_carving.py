@@ -8,9 +8,18 @@ others reuse the velocity they had at the previous step. Saliency per token i:
 with M_i = ||v_i||_2 of the previous step's velocity (the current one is unknown before the pass),
 A_i = ||v_i - v'_i||_2 the change against a reference velocity v' (``change_reference="step"``: the
 step before, i.e. the change between the two most recent velocities; ``"selection"``: the velocity
-seen at the previous carving step, as the released tracker), S_i = S_freq (see
-:func:`fs3d_accel.accel.spectral.voxel_highfreq_scores`), and ^ = min-max normalisation over the
-tokens, (u - min) / (max - min + 1e-6). Paper: w_M = 1, w_f = 1/2 (J = 1/2 (M + gamma A) + 1/2 S).
+seen at the previous carving step, as the released tracker), and ^ = min-max normalisation over the
+tokens, (u - min) / (max - min + 1e-6). The frequency term is
+
+    S_freq(i) = minmax_j( |IFFT3( FFT3(V) * 1[ ||k|| >= c R ] )|(p_j) )(i)
+
+with V the (R,R,R) coarse-voxel field (``hfer.voxel_values``: 0/1 occupancy, or the positive
+occupancy logits as the released code), k the integer FFT frequency vector, c = ``hfer.cutoff_3d``
+(0.125, i.e. 8 bins at 64^3), p_j the voxel of token j: the magnitude of the high-pass-filtered
+occupancy at each token, large at edges, corners and thin parts (computed once per run, see
+:func:`token_freq_scores` for where V comes from when a coordinate transform moved the tokens).
+
+Paper: w_M = 1, w_f = 1/2 (J = 1/2 (M + gamma A) + 1/2 S), gamma = 1 (not given in the paper).
 Released: J = 0.3 S + 0.7 (0.3 M + 0.7 A), i.e. w_M = 0.3, gamma = 0.7, w_f = 0.3.
 
 The lowest-J tokens are frozen; a token frozen at ``max_frozen_steps`` consecutive carving steps is

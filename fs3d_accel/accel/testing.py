@@ -38,7 +38,7 @@ def ss_field(kind: str = "nonlinear") -> Callable[[Latent, float, Tensor | None]
     def net(x: Latent, t: float, active: Tensor | None) -> Latent:
         out = {}
         for i, (k, v) in enumerate(x.items()):
-            idx = torch.arange(v.numel(), dtype=v.dtype).reshape(v.shape)
+            idx = torch.arange(v.numel(), dtype=v.dtype, device=v.device).reshape(v.shape)
             if kind == "linear":
                 out[k] = (0.1 * (i + 1)) * idx.cos() + (1.0 + 0.5 * i) * t * idx.sin()
             else:
@@ -52,11 +52,11 @@ def slat_field(kind: str = "nonlinear", rate: Tensor | None = None) -> Callable[
     """SLaT-like field on (N,C) features; ``active`` selects rows. ``"constant"``: all ones."""
 
     def net(x: Tensor, t: float, active: Tensor | None) -> Tensor:
-        rows = torch.arange(x.shape[0]) if active is None else active
+        rows = torch.arange(x.shape[0], device=x.device) if active is None else active
         xs = x[rows]
         if kind == "constant":
             return torch.ones_like(xs)
-        r = (rows.to(x.dtype) + 1)[:, None] if rate is None else rate[rows][:, None]
+        r = (rows.to(x.dtype) + 1)[:, None] if rate is None else rate.to(x.device)[rows][:, None]
         if kind == "linear":
             return r * (1 + t) * torch.ones_like(xs)
         return torch.sin(2 * xs + r * t) + 0.1 * r

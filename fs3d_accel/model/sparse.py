@@ -351,7 +351,11 @@ class SparseLayerNorm32(nn.LayerNorm):
 # Resolution changes
 # ----------------------------------------------------------------------------------------------
 class SparseDownsample(nn.Module):
-    """Mean-pool features into cells ``coord // factor`` (per batch element).
+    """Pool features into cells ``coord // factor`` (per batch element): sum / (count + 1).
+
+    The ``+ 1`` is the official (TRELLIS) ``scatter_reduce(zeros, reduce="mean")`` whose
+    ``include_self=True`` default counts the initial zero as a member; the released weights
+    were trained with it.
 
     The coarse tensor's cache remembers the fine coordinates, the fine->coarse map and the fine
     cache, so a following :class:`SparseUpsample` restores them exactly.
@@ -382,7 +386,9 @@ class SparseDownsample(nn.Module):
         counts = (table < n).sum(1, keepdim=True)
         padded = torch.cat([x.feats, x.feats.new_zeros(1, x.num_channels)], dim=0)
         acc = torch.promote_types(x.feats.dtype, torch.float32)  # fp16/bf16 sums in fp32
-        feats = (padded[table].to(acc).sum(1) / counts).to(x.feats.dtype)
+        # official: torch.scatter_reduce(zeros, ..., reduce="mean") with the default include_self=True,
+        # i.e. the zero it starts from counts as one more member: sum / (count + 1)
+        feats = (padded[table].to(acc).sum(1) / (counts + 1)).to(x.feats.dtype)
         rest = ukeys
         z = rest % extent
         rest = rest // extent

@@ -35,7 +35,8 @@ class DecodeStage(nn.Module):
         state = TransformState()
         if decoder_transform is not None:
             tokens, state = decoder_transform.reduce(
-                tokens, TransformContext(mask=inputs.mask_full, occupancy_logits=ss.occupancy_logits))
+                tokens, TransformContext(mask=inputs.mask_full, occupancy_logits=ss.occupancy_logits,
+                                 info={"image": inputs.image_full}))
         dtype = options.compute_dtype(device)
         with options.autocast(device):
             out = self.decoder(tokens.feats.to(dtype), tokens.coords.to(torch.int32))

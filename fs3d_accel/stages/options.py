@@ -22,6 +22,10 @@ class RunOptions:
     batch_cfg: bool = False
     #: compute each block's cross-attention K/V of the (constant) condition once per object
     cache_cond_kv: bool = False
+    #: torch.compile the SS flow network (static shapes); CUDA only. ``compile_mode`` is passed to
+    #: torch.compile ("default", "reduce-overhead" = CUDA graphs, "max-autotune-no-cudagraphs").
+    compile_ss: bool = False
+    compile_mode: str = "default"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -29,6 +33,8 @@ class RunOptions:
 
     def check_device(self, device: torch.device | str) -> None:
         dev = torch.device(device)
+        if dev.type != "cuda" and self.compile_ss:
+            raise ValueError(f"compile_ss is CUDA-only (inductor/CUDA graphs); device is {dev}")
         if dev.type != "cuda" and self.precision in CUDA_ONLY_PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is CUDA-only (fp16 kernels); "
                              f"device is {dev}. Use 'fp32' or 'bf16' on CPU.")

@@ -82,11 +82,14 @@ class SLaTStage(nn.Module):
         device = next(self.flow.parameters()).device
         coords = ss.coords.to(device)
         state = TransformState()
+        token_scores = None
         if coords_transform is not None:
             tokens, state = coords_transform.reduce(
                 SparseTokens(coords=coords, resolution=ss.resolution),
-                TransformContext(mask=inputs.mask_full, occupancy_logits=ss.occupancy_logits))
+                TransformContext(mask=inputs.mask_full, occupancy_logits=ss.occupancy_logits,
+                                 info={"image": inputs.image_full}))
             coords = tokens.coords.to(device=device, dtype=torch.int32)
+            token_scores = tokens.scores
         if coords.shape[0] == 0:
             raise ValueError("the SS stage produced no occupied voxel; nothing for the SLaT stage to refine")
         inp = inputs.to(device)
@@ -101,6 +104,6 @@ class SLaTStage(nn.Module):
         feats = EulerFlowSampler(sampler_cfg, "slat").sample(
             x0.to(device), net, policy, events,
             extras={"coords": coords, "occupancy": occupancy, "occupancy_logits": ss.occupancy_logits,
-                    "resolution": ss.resolution})
+                    "resolution": ss.resolution, "token_scores": token_scores})
         slat = feats * self.std + self.mean
         return SLaTOutput(coords=coords, feats=feats, slat=slat, resolution=ss.resolution, coords_state=state)

@@ -65,13 +65,24 @@ class SSStage(nn.Module):
         self.flow = SSFlowModel(cfg.ss_flow)
         self.decoder = SSDecoder(cfg.ss_decoder)
 
+    def compiled_flow(self, options: RunOptions) -> nn.Module:
+        """The SS flow network, torch.compile'd when ``options.compile_ss`` (cached per mode; kept out
+        of the module tree so state dicts and hooks see the plain module names)."""
+        if not options.compile_ss:
+            return self.flow
+        cache = self.__dict__.setdefault("_compiled", {})
+        if options.compile_mode not in cache:
+            cache[options.compile_mode] = torch.compile(self.flow, mode=options.compile_mode, dynamic=False)
+        return cache[options.compile_mode]
+
     def velocity_net(self, cond: Tensor, sampler_cfg: SamplerConfig, options: RunOptions):
-        flow = self.flow
+        flow = self.compiled_flow(options)
         d = torch.zeros(1, device=cond.device) if self.cfg.ss_flow.is_shortcut_model else None
         dtype = options.compute_dtype(cond.device)
-        cond_kv = flow.precompute_cond_kv(cond.to(dtype)) if options.cache_cond_kv else None
+        plain = self.flow
+        cond_kv = plain.precompute_cond_kv(cond.to(dtype)) if options.cache_cond_kv else None
         uncond = cond * 0
-        uncond_kv = flow.precompute_cond_kv(uncond.to(dtype)) if options.cache_cond_kv else None
+        uncond_kv = plain.precompute_cond_kv(uncond.to(dtype)) if options.cache_cond_kv else None
 
         def run(x: dict[str, Tensor], t: float, c: Tensor, kv) -> dict[str, Tensor]:
             b = c.shape[0]
@@ -90,7 +101,7 @@ class SSStage(nn.Module):
             both = torch.cat([cond, uncond], 0)
             both_kv = None
             if options.cache_cond_kv:
-                both_kv = flow.precompute_cond_kv(both.to(dtype))
+                both_kv = plain.precompute_cond_kv(both.to(dtype))
 
             def batched(x, t, active):
                 xx = {k: torch.cat([v, v], 0) for k, v in x.items()}

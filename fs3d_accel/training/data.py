@@ -144,7 +144,7 @@ class TrainSet:
 
 
 def build_trainset(raw: RawViews, device: str | torch.device, image_size: int = 112, crop_factor: float = 1.2,
-                   n_surface: int = 16384, log=print) -> TrainSet:
+                   n_surface: int = 8192, log=print) -> TrainSet:
     """Pre-process every view and compute its GT geometry on ``device``."""
     dev = torch.device(device)
     t0 = time.perf_counter()

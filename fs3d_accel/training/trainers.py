@@ -234,6 +234,9 @@ class MiniTrainer:
                 m, _ = self.ss_encoder(occ)
             means.append(m.float())
         z = torch.cat(means)                                        # (N, 8, r, r, r)
+        if "mean_occupancy_u8" not in self.stats:  # for the mean-shape baseline of the evaluation
+            mo = self.ts.occupancy.float().mean(0)
+            self.stats["mean_occupancy_u8"] = (mo * 255).round().to(torch.uint8).flatten().tolist()
         std = z.transpose(0, 1).reshape(z.shape[1], -1).std(1)
         mu = z.transpose(0, 1).reshape(z.shape[1], -1).mean(1)
         if fold_ss_std and "ss_latent_std" not in self.stats:
@@ -333,26 +336,38 @@ class MiniTrainer:
             return self.slat_encoder
         return self.pipe.get_submodule(name)
 
-    def save(self, folder: Path, use_ema: bool = True) -> None:
-        """One torch file per component (fp32; EMA weights where kept) + stats.json."""
+    #: checkpoint files (at most 16 MiB each in fp16): file stem -> components
+    GROUPS = {"ss_gen": ("ss.condition", "ss.flow"), "slat_gen": ("slat.condition", "slat.flow"),
+              "vaes": ("ss.decoder", "decode.decoder", "ss_encoder", "slat_encoder")}
+
+    def save(self, folder: Path, use_ema: bool = True, dtype: torch.dtype = torch.float16) -> None:
+        """One torch file per group of components (EMA weights where kept) + stats.json."""
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        for name in self.COMPONENTS + ("ss_encoder", "slat_encoder"):
-            sd = self.module(name).state_dict()
-            if use_ema and name in self.emas:
-                sd = {k: self.emas[name].shadow[k] for k in sd}
-            torch.save({k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in sd.items()},
-                       folder / f"{name}.pt")
+        for stem, names in self.GROUPS.items():
+            blob = {}
+            for name in names:
+                sd = self.module(name).state_dict()
+                if use_ema and name in self.emas:
+                    sd = {k: self.emas[name].shadow[k] for k in sd}
+                blob[name] = {k: v.detach().to(dtype).cpu() if v.is_floating_point() else v.cpu()
+                              for k, v in sd.items()}
+            torch.save(blob, folder / f"{stem}.pt")
         (folder / "stats.json").write_text(json.dumps(self.stats, indent=1))
 
     def load(self, folder: Path) -> list[str]:
-        """Load whatever component files exist in ``folder`` (and stats.json); returns the names loaded."""
+        """Load whatever group files exist in ``folder`` (and stats.json); returns the components loaded."""
         folder = Path(folder)
         loaded = []
-        for name in self.COMPONENTS + ("ss_encoder", "slat_encoder"):
-            f = folder / f"{name}.pt"
-            if f.is_file():
-                self.module(name).load_state_dict(torch.load(f, map_location=self.dev, weights_only=True))
+        for stem in self.GROUPS:
+            f = folder / f"{stem}.pt"
+            if not f.is_file():
+                continue
+            blob = torch.load(f, map_location=self.dev, weights_only=True)
+            for name, sd in blob.items():
+                mod = self.module(name)
+                ref = mod.state_dict()
+                mod.load_state_dict({k: v.to(ref[k].dtype) for k, v in sd.items()})
                 loaded.append(name)
         if (folder / "stats.json").is_file():
             self.stats = json.loads((folder / "stats.json").read_text())
