@@ -28,9 +28,11 @@ divided by max |official| (scale-free; element-wise relative error is meaningles
 
 Work-arounds (none changes what is compared):
 
-- spconv's CPU build cannot add a bias inside a sparse convolution ("cpu don't support act and
-  bias"). Every official spconv conv with a bias is run without it and the bias is added to the
-  output features afterwards (what the GPU kernel computes). Biases stay non-zero in both models.
+- spconv's CPU build (2.3.8) cannot add a bias inside a sparse convolution, and its SubMConv3d
+  output on CPU depends on uninitialised memory (see :func:`_reference_convs`). Every official
+  spconv SubMConv3d therefore computes through :func:`subm_conv_reference`, an independent exact
+  submanifold conv (coordinate lookup, float64 accumulation); module tree, weights, biases (non-zero)
+  and data flow stay official.
 - ``kaolin`` (FlexiCubes input checks) is replaced by an empty module; explicit ``device="cuda"``
   tensor creations while building the mesh decoder (FlexiCubes tables, unused here) become meta.
 - ``torchvision._meta_registrations`` is skipped (CUDA torchvision wheel next to a CPU torch).
@@ -272,20 +274,59 @@ def _fuser_overrides(node, c):
     return node
 
 
-def _bias_after_conv(module: torch.nn.Module) -> int:
-    """Run every spconv conv without its bias and add the bias to the output (CPU spconv work-around)."""
+def subm_conv_reference(feats: Tensor, indices: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Submanifold conv by coordinate lookup (independent of spconv and of our implementation).
+
+    ``weight`` is spconv's (C_out, k, k, k, C_in); output row i = bias + sum over offsets (a, b, c)
+    of W[:, a, b, c, :] @ feats[voxel at coords_i + (a, b, c) - k // 2] (cross-correlation, as dense
+    ``conv3d(weight.permute(0, 4, 1, 2, 3), padding=k // 2)`` restricted to the input sites).
+    """
+    k = weight.shape[1]
+    r = k // 2
+    c = indices.long()
+    ext = int(c[:, 1:].max()) + 2 * r + 1
+
+    def code(cc: Tensor) -> Tensor:
+        return ((cc[:, 0] * ext + cc[:, 1] + r) * ext + cc[:, 2] + r) * ext + cc[:, 3] + r
+
+    keys = code(c)
+    skeys, order = torch.sort(keys)
+    out = torch.zeros(len(c), weight.shape[0], dtype=torch.float64)
+    f = feats.double()
+    for a in range(k):
+        for b in range(k):
+            for e in range(k):
+                nb = c.clone()
+                nb[:, 1:] += torch.tensor([a - r, b - r, e - r])
+                q = code(nb)
+                pos = torch.searchsorted(skeys, q).clamp(max=len(skeys) - 1)
+                hit = skeys[pos] == q
+                if hit.any():
+                    src = order[pos[hit]]
+                    out[hit] += f[src] @ weight[:, a, b, e, :].double().T
+    if bias is not None:
+        out += bias.double()
+    return out.to(feats.dtype)
+
+
+def _reference_convs(module: torch.nn.Module) -> int:
+    """Route every official spconv ``SubMConv3d`` through :func:`subm_conv_reference`.
+
+    Why: the spconv 2.3.8 CPU build cannot add a bias inside the conv ("cpu don't support act and
+    bias"), and, worse, its SubMConv3d output on CPU depends on uninitialised memory (the same call
+    on the same tensor gives results off by ~0.2 once the allocator hands back used memory; checked
+    against a dense conv3d). The official module tree, weights, indice keys and data flow stay
+    as they are; only the arithmetic of the conv is replaced by an exact, independent one.
+    """
     import spconv.pytorch as spc
     n = 0
     for m in module.modules():
-        if isinstance(m, (spc.SubMConv3d, spc.SparseConv3d)) and m.bias is not None:
-            bias = m.bias.detach().clone()
-            m.bias = None
-            fwd = m.forward
-
-            def forward(x, _fwd=fwd, _b=bias):
-                out = _fwd(x)
-                return out.replace_feature(out.features + _b.to(out.features.dtype))
-
+        if isinstance(m, spc.SparseConv3d) or (isinstance(m, spc.SubMConv3d) and not m.subm):
+            raise NotImplementedError("strided sparse conv in the official model: no reference implemented")
+        if isinstance(m, spc.SubMConv3d):
+            def forward(x, _m=m):
+                out = subm_conv_reference(x.features, x.indices, _m.weight, _m.bias)
+                return x.replace_feature(out)
             m.forward = forward
             n += 1
     return n
@@ -299,7 +340,7 @@ class OfficialModels:
     slat_generator: Any    # FlowMatching(reverse_fn=CFG(backbone=SLatFlowModelTdfyWrapper))
     slat_condition: Any
     mesh_decoder: Any      # SLatMeshDecoderTdfyWrapper, to_representation bypassed
-    biases_moved: int = 0
+    reference_convs: int = 0
 
     @property
     def ss_flow(self):
@@ -336,8 +377,8 @@ def build_official(cfg: ModelConfig, files: dict[str, dict[str, Tensor]], hf: Pa
         mods[name].load_state_dict({k: v.detach().clone().float() for k, v in sd.items()}, strict=True)
         mods[name].eval()
     mods["mesh_decoder"].to_representation = lambda h: h  # network output, no FlexiCubes extraction
-    moved = sum(_bias_after_conv(mods[k]) for k in ("slat_generator", "mesh_decoder"))
-    return OfficialModels(**mods, biases_moved=moved)
+    convs = sum(_reference_convs(mods[k]) for k in ("slat_generator", "mesh_decoder"))
+    return OfficialModels(**mods, reference_convs=convs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -460,7 +501,7 @@ def run_parity(cfg: ModelConfig | None = None, seed: int = 0, num_voxels: int = 
                                    layout="ours")
     t0 = time.perf_counter()
     off = build_official(cfg, pipes["fp32"].state_dicts(layout="official"), hf)
-    info: dict[str, Any] = {"build_official_s": time.perf_counter() - t0, "biases_moved": off.biases_moved}
+    info: dict[str, Any] = {"build_official_s": time.perf_counter() - t0, "reference_convs": off.reference_convs}
     rows: list[Row] = []
     opts = {"fp32": RunOptions(), "bf16": RunOptions(precision="bf16")}
     g = torch.Generator().manual_seed(seed + 7)
@@ -647,8 +688,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Samplers: SS {cfg.ss_sampler}, SLaT {cfg.slat_sampler}. SLaT/mesh stages on {info['slat_voxels']} voxels "
         f"(mesh decoder output: {info['mesh_decoder_out_voxels']} voxels at {cfg.mesh_decoder.output_resolution}^3).",
         f"Same random weights in both (ours -> `state_dicts('official')` -> strict official load); layers that "
-        f"initialise to zero were randomised first. {info['biases_moved']} official sparse-conv biases are added after "
-        "the conv (spconv CPU cannot fuse them).",
+        f"initialise to zero were randomised first. The {info['reference_convs']} official spconv SubMConv3d layers compute "
+        "through an exact reference (spconv's CPU build cannot add biases and reads uninitialised memory; see the script).",
         "Official always fp32; 'ours' = our weights in fp32 or bf16. rel = error / max|official| (max) and "
         "mean error / mean|official| (mean).",
         "",

@@ -13,7 +13,7 @@ What it does:
    cross-checked by fvcore) of one object, and the profiler's own overhead;
 4. sweeps the number of active voxels N (concentric shells, ``--sweep``) and counts the SLaT
    generator's and the mesh decoder's FLOPs per object at each N (one network pass counted, times
-   the number of passes of the sampler schedule), and finds the N where they would equal the
+   the number of passes of the config's own sampler schedule, also under --steps), and finds the N where they would equal the
    paper's 219.8 / 324 TFLOPs (quadratic fit in N);
 5. writes ``stages.md`` / ``stages.csv`` (paper-style), ``sweep.csv``, ``modules_latency.csv``,
    ``modules_flops.csv``, ``summary.md``, ``flops_vs_voxels.png`` and (``--trace``) a TensorBoard
@@ -191,7 +191,10 @@ def main(argv=None) -> None:
     ns = args.sweep or DEFAULT_SWEEP[args.config]
     print("sweep over N:", ns, flush=True)
     dec_dtype = pipe.options.compute_dtype(device)
-    sweep = sweep_flops(pipe, ns, passes["slat"], dec_dtype, device)
+    # per-object FLOPs of the sweep always use the config's own SLaT schedule (the paper's), even
+    # when --steps shortened the profiled run
+    sweep_passes = count_network_passes(cfg.slat_sampler)
+    sweep = sweep_flops(pipe, ns, sweep_passes, dec_dtype, device)
     cross = {}
     for stage in ("slat", "decode"):
         s = sweep[sweep["stage"] == stage]
@@ -229,7 +232,7 @@ def main(argv=None) -> None:
         "network_flops_flopcounter": fl.attrs["network_flops"], "network_flops_fvcore": fl.attrs["network_flops_fvcore"],
         "fvcore_fallbacks": fl.attrs["fvcore_fallbacks"], "fvcore_failures": fl.attrs["fvcore_failures"],
         "matmul_peak_tflops": peak.tflops, "matmul_peak_dtype": peak.dtype, "copy_bandwidth_gb_s": peak.bytes_per_s / 1e9,
-        "n_at_paper_flops": cross, "trace": str(trace_path) if trace_path else None,
+        "n_at_paper_flops": cross, "sweep_slat_passes": sweep_passes, "trace": str(trace_path) if trace_path else None,
         "wall_s": time.perf_counter() - t_start,
     }
     (out / "summary.json").write_text(json.dumps(meta, indent=2, default=str))
@@ -242,7 +245,8 @@ def main(argv=None) -> None:
           "(`tflops_executed` = what the PyTorch implementation executed, padding included).", "",
           stages.to_markdown(index=False, floatfmt=".4g"), "",
           "## Networks", "", nets.to_markdown(index=False, floatfmt=".4g"), "",
-          "## FLOPs vs active voxels N (concentric shells)", "",
+          f"## FLOPs vs active voxels N (concentric shells; SLaT x {sweep_passes} passes of the config's "
+          f"{cfg.slat_sampler.steps}-step schedule)", "",
           sweep.to_markdown(index=False, floatfmt=".4g"), "",
           "N at which the paper's per-object FLOPs would be reached (quadratic fit in N):", "",
           pd.DataFrame(cross).T.to_markdown(floatfmt=".4g"), "",

@@ -71,11 +71,13 @@ class ModuleTimer:
         self.calls: dict[str, list[_Call]] = {p: [] for p in modules}
         self._stack: list[_Frame] = []
         self._handles: list[Any] = []
+        #: CUDA events are reused across runs (creating one costs tens of microseconds)
+        self._pool: list[Any] = []
 
     # -- time stamps
     def _stamp(self) -> Any:
         if self.cuda:
-            ev = torch.cuda.Event(enable_timing=True)
+            ev = self._pool.pop() if self._pool else torch.cuda.Event(enable_timing=True)
             ev.record()
             return ev
         return time.perf_counter()
@@ -134,6 +136,11 @@ class ModuleTimer:
         self.detach()
 
     def reset(self) -> None:
+        """Forget the calls of the last run (call after :meth:`resolve`: its events are reused)."""
+        if self.cuda:
+            for calls in self.calls.values():
+                for c in calls:
+                    self._pool.extend((c.start, c.end))
         self.calls = {p: [] for p in self.modules}
         self._stack.clear()
 
@@ -176,8 +183,11 @@ def profile_latency(pipe: nn.Module, inputs: Any, modules: ModuleSpec = "auto", 
     CPU) and ``peak_delta_bytes`` (that peak minus the memory allocated at call entry), ``timer``.
 
     ``attrs``: ``timer``, ``device``, ``repeats``, ``warmup``, ``run_s`` (median profiled run),
-    ``unprofiled_run_s``, ``overhead_frac`` (profiled / unprofiled - 1, same process and inputs),
-    ``stage_s`` (stage -> seconds), ``num_hooked_modules``.
+    ``unprofiled_run_s``, ``overhead_frac`` (profiled / unprofiled - 1, same process and inputs,
+    runs interleaved), ``stage_s`` (stage -> seconds), ``num_hooked_modules``.
+
+    Memory (CUDA, ``memory=True``) is read in one extra run after the timed ones, because reading
+    and resetting the allocator's peak in every hook is slow enough to distort the times.
 
     ``inputs``: see :func:`~fs3d_analysis.profile.workload.make_runner`; ``modules``: see
     :func:`~fs3d_analysis.profile.modules.select_modules`.
@@ -196,21 +206,29 @@ def profile_latency(pipe: nn.Module, inputs: Any, modules: ModuleSpec = "auto", 
     with torch.no_grad():
         for _ in range(warmup):
             run()
-        unprofiled = _timed_runs(run, device, repeats) if measure_overhead else []
-
         per_repeat: list[dict[str, list[tuple[float, int, int]]]] = []
         wall: list[float] = []
-        timer = ModuleTimer(selected, device, memory)
-        with timer:
-            for _ in range(repeats):
+        unprofiled: list[float] = []
+        # timing runs never track memory: reading/resetting the allocator's peak costs ~0.3 ms per
+        # hook on an H100 host, which would distort the times it sits between
+        timer = ModuleTimer(selected, device, memory=False)
+        for _ in range(repeats):
+            if measure_overhead:  # interleaved with the profiled runs, so drift hits both alike
+                unprofiled.extend(_timed_runs(run, device, 1))
+            with timer:
                 timer.reset()
-                if timer.memory:
-                    torch.cuda.reset_peak_memory_stats(device)
                 _sync(device)
                 t0 = time.perf_counter()
                 run()
                 per_repeat.append(timer.resolve())  # the one synchronisation of this run
                 wall.append(time.perf_counter() - t0)
+        mem_calls: dict[str, list[tuple[float, int, int]]] = {}
+        if memory and device.type == "cuda":
+            mem_timer = ModuleTimer(selected, device, memory=True)
+            with mem_timer:
+                torch.cuda.reset_peak_memory_stats(device)
+                run()
+                mem_calls = mem_timer.resolve()
 
     timer_name = CUDA_TIMER if device.type == "cuda" else CPU_TIMER
     run_s = float(np.median(wall))
@@ -231,7 +249,7 @@ def profile_latency(pipe: nn.Module, inputs: Any, modules: ModuleSpec = "auto", 
         total = float(np.median(totals[p]))
         stage = stage_of(p, pipeline)
         stage_total = stage_s.get(stage, float("nan"))
-        cuda_mem = timer.memory
+        mem = mem_calls.get(p) or []
         rows.append({
             "stage": stage,
             "module": p,
@@ -248,8 +266,8 @@ def profile_latency(pipe: nn.Module, inputs: Any, modules: ModuleSpec = "auto", 
             "self_s": float(np.median(np.asarray(totals[p]) - child_totals[p])),
             "share_stage": total / stage_total if stage_total == stage_total and stage_total > 0 else float("nan"),
             "share_run": total / run_s if run_s > 0 else float("nan"),
-            "peak_alloc_bytes": float(max(c[1] for c in calls)) if cuda_mem else float("nan"),
-            "peak_delta_bytes": float(max(c[1] - c[2] for c in calls)) if cuda_mem else float("nan"),
+            "peak_alloc_bytes": float(max(c[1] for c in mem)) if mem else float("nan"),
+            "peak_delta_bytes": float(max(c[1] - c[2] for c in mem)) if mem else float("nan"),
             "timer": timer_name,
         })
     df = pd.DataFrame(rows)

@@ -1,0 +1,186 @@
+"""What every observation notebook needs: the pipeline to study, the run size, where figures go,
+and interactive knobs that still give static output when a notebook runs headless (CI, nbmake).
+
+Environment:
+
+- ``FS3D_CONFIG``: ``mini`` (default, CPU) or ``full`` (needs CUDA);
+- ``FS3D_QUICK=1``: CI size (few samples, short sweeps) -- see :func:`quick_mode` / :func:`pick`;
+- ``FS3D_ALLOW_RANDOM=1``: development only; without shipped weights, use a seeded random-weight
+  pipeline whose SS decoder is biased to a sparse occupancy (random weights otherwise fill half the
+  grid and the sparse stages crawl). Measurements on it say nothing about the paper's claims.
+- ``FS3D_CHECKPOINT``: official checkpoint folder (or our ``model.safetensors``) for ``full``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import torch
+
+from fs3d_accel.model.configs import SamplerConfig
+from fs3d_accel.pipeline import Pipeline
+
+CONFIGS = ("mini", "full")
+PRETRAINED = {"mini": "sam3d-mini"}
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("", "0", "false", "no", "off")
+T = TypeVar("T")
+
+
+def _flag(name: str) -> bool:
+    value = os.environ.get(name, "").strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ValueError(f"environment variable {name}={os.environ[name]!r}: use 1/0 (or true/false)")
+
+
+def quick_mode() -> bool:
+    """``FS3D_QUICK=1``: the CI size (a few samples, short sweeps)."""
+    return _flag("FS3D_QUICK")
+
+
+def allow_random() -> bool:
+    """``FS3D_ALLOW_RANDOM=1``: random weights are acceptable when no trained weights exist."""
+    return _flag("FS3D_ALLOW_RANDOM")
+
+
+def pick(full: T, quick: T) -> T:
+    """``quick`` in quick mode, else ``full`` (sample counts, sweep grids)."""
+    return quick if quick_mode() else full
+
+
+def config_name() -> str:
+    """``FS3D_CONFIG`` (default ``mini``); ``full`` needs a CUDA device."""
+    name = os.environ.get("FS3D_CONFIG", "mini").strip() or "mini"
+    if name not in CONFIGS:
+        raise ValueError(f"FS3D_CONFIG={name!r}: use one of {CONFIGS}")
+    if name == "full" and not torch.cuda.is_available():
+        raise ValueError("FS3D_CONFIG=full needs a CUDA GPU; use the default 'mini' on CPU")
+    return name
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def repo_root() -> Path:
+    """The repository root (notebooks run from ``notebooks/`` or from the root)."""
+    here = Path.cwd()
+    for p in (here, *here.parents):
+        if (p / "fs3d_accel").is_dir() and (p / "pyproject.toml").is_file():
+            return p
+    return Path(__file__).resolve().parents[1]
+
+
+def figures_dir() -> Path:
+    out = repo_root() / "figures"
+    out.mkdir(exist_ok=True)
+    return out
+
+
+def random_pipeline(config: str = "mini", device: str | torch.device = "cpu", seed: int = 0,
+                    occupied_fraction: float = 0.03) -> Pipeline:
+    """Seeded random weights, SS decoder output bias shifted so that about ``occupied_fraction`` of
+    the occupancy grid is set on a synthetic scene (the idea of ``tests/conftest.py``'s
+    ``sparsify_occupancy``; a 3-step SS run sets the quantile, to keep start-up short)."""
+    import numpy as np
+
+    if not 0 < occupied_fraction < 1:
+        raise ValueError(f"occupied_fraction must be in (0, 1), got {occupied_fraction}")
+    pipe = Pipeline.from_config(config, seed=seed, device=device)
+    h, w = 64, 80
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+    mask = np.zeros((h, w), bool)
+    mask[h // 4: 3 * h // 4, w // 3: 2 * w // 3] = True
+    ys, xs = np.mgrid[0:h, 0:w]
+    pm = np.stack([(xs - w / 2) * 0.01, (ys - h / 2) * 0.01, 2.0 + 0.002 * xs], -1).astype(np.float32)
+    ss = pipe.run_ss(pipe.prepare(img, mask, pm), seed=seed,
+                     sampler=SamplerConfig(steps=3, rescale_t=3.0, cfg_strength=7.0))
+    q = torch.quantile(ss.occupancy_logits.flatten().float().cpu(), 1 - occupied_fraction)
+    with torch.no_grad():
+        pipe.ss.decoder.out_layer[2].bias -= q.to(pipe.ss.decoder.out_layer[2].bias.device)
+    pipe.source = f"config:{config} (random init, sparsified to {occupied_fraction:g})"
+    return pipe
+
+
+def is_random(pipe: Pipeline) -> bool:
+    """True for a random-weight pipeline (its measurements do not test the paper's claims)."""
+    return pipe.source.startswith("config:")
+
+
+def load_pipeline(device: str | torch.device | None = None, config: str | None = None) -> Pipeline:
+    """The pipeline the notebooks study.
+
+    ``mini``: the shipped ``sam3d-mini`` weights. ``full``: ``FS3D_CHECKPOINT`` (official folder or
+    our safetensors). Without weights, a random sparse pipeline if ``FS3D_ALLOW_RANDOM=1``, else a
+    FileNotFoundError saying what to do.
+    """
+    config = config or config_name()
+    if config not in CONFIGS:
+        raise ValueError(f"config {config!r}: use one of {CONFIGS}")
+    device = device or default_device()
+    try:
+        if config == "mini":
+            return Pipeline.from_pretrained(PRETRAINED["mini"], device=device)
+        ckpt = os.environ.get("FS3D_CHECKPOINT")
+        if not ckpt:
+            raise FileNotFoundError("FS3D_CONFIG=full needs FS3D_CHECKPOINT=<official checkpoint folder>")
+        return Pipeline.from_checkpoint(ckpt, config="full", device=device)
+    except FileNotFoundError as exc:
+        if allow_random():
+            return random_pipeline(config, device=device)
+        raise FileNotFoundError(
+            f"no trained weights for config {config!r} ({exc}). The notebooks measure the paper's claims and "
+            "need a model that generates shapes; for development only, set FS3D_ALLOW_RANDOM=1 to run them on "
+            "random weights.") from exc
+
+
+def banner(pipe: Pipeline) -> str:
+    """One line naming the model, the device and the run size (print it at the top of a notebook)."""
+    size = "quick (FS3D_QUICK=1)" if quick_mode() else "full size"
+    line = f"model: {pipe.source} | config {pipe.config.name} | device {pipe.device} | {size}"
+    if is_random(pipe):
+        line += "\nWARNING: random weights -- figures show the machinery, not the paper's observations."
+    return line
+
+
+def interact_static(draw: Callable[..., Any], **controls: Any) -> None:
+    """Sliders that re-run ``draw(**values)`` on change, plus one draw with the current values now.
+
+    The first draw is ordinary cell output, so a headless run (nbmake, nbconvert) records it and
+    saves its figures; in a live notebook later draws appear in the output area under the sliders.
+    ``controls`` are ipywidgets value widgets keyed by ``draw``'s parameter names.
+    """
+    import ipywidgets as widgets
+    from IPython.display import display
+
+    out = widgets.Output()
+
+    def redraw(_change: Any = None) -> None:
+        with out:
+            out.clear_output(wait=True)
+            draw(**{k: c.value for k, c in controls.items()})
+
+    for c in controls.values():
+        c.observe(redraw, names="value")
+    display(widgets.VBox([*controls.values(), out]))
+    draw(**{k: c.value for k, c in controls.items()})
+
+
+def show(fig: Any, path: Path | None = None, dpi: int = 120) -> None:
+    """Save ``fig`` (if ``path``), display it and close it (keeps memory flat under Agg)."""
+    import matplotlib.pyplot as plt
+    from IPython.display import display
+
+    if path is not None:
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    display(fig)
+    plt.close(fig)
+
+
+__all__ = ["CONFIGS", "allow_random", "banner", "config_name", "default_device", "figures_dir", "interact_static",
+           "is_random", "load_pipeline", "pick", "quick_mode", "random_pipeline", "repo_root", "show"]
