@@ -157,3 +157,29 @@ def main(args) -> int:
     summary.to_csv(Path(args.out) / "summary.csv", index=False)
     print(summary.to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     return 0
+
+
+PAPER_METHODS = ("base", "fast-sam3d", "fast-sam3d-released", "taylorseer", "easycache", "random-drop",
+                 "uniform-merge", "fast3dcache")
+
+
+def method_factories(names: Iterable[str] = PAPER_METHODS) -> dict[str, Callable[[], Accelerator]]:
+    """Name -> factory for the registry's methods (fresh accelerator per object)."""
+    from fs3d_accel.accel import make_method
+    return {n: (lambda n=n: make_method(n)) for n in names}
+
+
+def ablation_factories() -> dict[str, Callable[[], Accelerator]]:
+    """The paper's 8-row ablation: every subset of {SS cache, SLaT carving+cache, mesh aggregation}."""
+    from itertools import product
+
+    from fs3d_accel.accel import make_method
+
+    out: dict[str, Callable[[], Accelerator]] = {}
+    for ss, slat, mesh in product((False, True), repeat=3):
+        name = "ablation[" + ",".join(n for n, on in (("SS", ss), ("SLaT", slat), ("Mesh", mesh)) if on) + "]"
+        if not (ss or slat or mesh):
+            name = "ablation[none]"
+        off = {k: None for k, on in (("ss", ss), ("slat", slat), ("mesh", mesh)) if not on}
+        out[name] = (lambda off=off: make_method("fast-sam3d", **off))
+    return out
