@@ -701,7 +701,7 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "parity_official.md").write_text(text)
+    (args.out / "parity_official_cpu.md").write_text(text)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,10 @@ H <= tau_low). Two placements:
   Thresholds are given for the 64^3 grid and scaled by (R / 64)^2 (surface voxel counts grow with
   the area): 2048 / 42000 at 64^3 become 512 / 10500 at the mini model's 32^3.
 
+``signal`` names the registered instance-level signal that gives the score (default ``"HFER"``,
+the joint score above; :mod:`fs3d_accel.accel.signals`), so another complexity measure plugs in
+without touching this class.
+
 With S = 1 the tokens are returned unchanged (same object, same order) and vertices are not
 touched, so the transform is then bit-identical to the plain pipeline.
 """
@@ -154,6 +158,7 @@ class SpectralTokenAggregation:
     min_tokens: int | None = None
     max_tokens: int | None = None
     zero_hfer_is_identity: bool = False
+    signal: str = "HFER"
 
     def __post_init__(self) -> None:
         check_range("w", self.w, 0.0, 1.0)
@@ -171,6 +176,9 @@ class SpectralTokenAggregation:
         for name in ("min_tokens", "max_tokens"):
             if getattr(self, name) is not None:
                 check_int(name, getattr(self, name), 1)
+        if self.signal != "HFER":
+            from .signals import get_signal
+            get_signal(self.signal, "instance")
 
     @classmethod
     def released(cls, **kw: Any) -> "SpectralTokenAggregation":
@@ -193,7 +201,10 @@ class SpectralTokenAggregation:
         return value * (resolution / REFERENCE_RESOLUTION) ** 2
 
     def measure(self, ctx: TransformContext) -> dict[str, float]:
-        """HFER of the mask and the voxels, and the joint score."""
+        """HFER of the mask and the voxels, and the joint score (or the named signal's score)."""
+        if self.signal != "HFER":
+            from .signals import get_signal
+            return {"score": float(get_signal(self.signal, "instance").compute(ctx, w=self.w, hfer=self.hfer))}
         h2 = ctx.info.get("hfer_2d")
         if h2 is None:
             if ctx.mask is None:
@@ -212,7 +223,7 @@ class SpectralTokenAggregation:
             return 2.0, "max_tokens"
         if lo is not None and n_tokens < lo:
             return 1.0, "min_tokens"
-        if self.zero_hfer_is_identity and (measured["hfer_2d"] == 0 or measured["hfer_3d"] == 0):
+        if self.zero_hfer_is_identity and "hfer_2d" in measured and (measured["hfer_2d"] == 0 or measured["hfer_3d"] == 0):
             return 1.0, "zero_hfer"
         return self.choose_scale(measured["score"]), "score"
 
@@ -240,7 +251,8 @@ class SpectralTokenAggregation:
     @property
     def tag(self) -> str:
         s = "-".join(f"{x:g}" for x in self.scales)
-        return f"sta-w{self.w:g}-t{self.tau_low:g}-{self.tau_high:g}-S{s}-{self.placement}"
+        sig = "" if self.signal == "HFER" else f"-{self.signal}"
+        return f"sta-w{self.w:g}-t{self.tau_low:g}-{self.tau_high:g}-S{s}-{self.placement}{sig}"
 
 
 __all__ = ["PLACEMENTS", "SpectralTokenAggregation", "quantize_tokens", "reduce_with", "restore_affine",

@@ -24,6 +24,11 @@ Released: J = 0.3 S + 0.7 (0.3 M + 0.7 A), i.e. w_M = 0.3, gamma = 0.7, w_f = 0.
 
 The lowest-J tokens are frozen; a token frozen at ``max_frozen_steps`` consecutive carving steps is
 forced back into the network (released: streak cap 4).
+
+Pluggable signals (:mod:`fs3d_accel.accel.signals`): ``signals={"M": w1, "A": w2, "S_freq": w3, ...}``
+replaces the formula above by J = sum_name w_name * minmax(signal_name) over registered token-level
+signals (gamma / magnitude_weight / freq_weight are then unused). ``{"M": 0.5, "A": 0.5,
+"S_freq": 0.5}`` gives exactly the paper's J.
 """
 from __future__ import annotations
 
@@ -36,6 +41,7 @@ from torch import Tensor
 
 from ..seams import ComputeFn, Latent, StepContext
 from ._common import check_choice, check_int, check_nonneg, check_range, policy_state
+from .signals import TokenInputs, check_weights, token_signal_values
 from .spectral import HFERConfig, coords_grid, minmax, voxel_grid, voxel_highfreq_scores
 
 CHANGE_REFERENCES = ("step", "selection")
@@ -83,6 +89,21 @@ def saliency(v_prev: Tensor, v_ref: Tensor | None, s_freq: Tensor, *, gamma: flo
     return {"M": m, "A": a, "M_hat": mh, "A_hat": ah, "S_freq": sh, "J": j}
 
 
+def signal_saliency(weights: tuple[tuple[str, float], ...], inputs: TokenInputs,
+                    cache: dict[str, Tensor] | None = None) -> dict[str, Tensor]:
+    """Raw values of each named token signal and J = sum w * minmax(value, 1e-6) (float64 CPU, (N,))."""
+    out: dict[str, Tensor] = {}
+    j: Tensor | None = None
+    for name, w in weights:
+        raw = token_signal_values(name, inputs, cache)
+        out[name] = raw
+        term = w * minmax(raw, 1e-6)
+        j = term if j is None else j + term
+    assert j is not None
+    out["J"] = j
+    return out
+
+
 def select_frozen(j: Tensor, n_skip: int, streak: Tensor, max_frozen: int) -> tuple[Tensor, Tensor]:
     """The ``n_skip`` lowest-``j`` tokens, minus those already frozen ``max_frozen`` times in a row.
 
@@ -107,7 +128,8 @@ class SLaTTokenCarving:
     or ``carve_ratio`` (released semantics: fraction FROZEN, floor(ratio N) lowest-J tokens; README
     0.1 = 90 % recomputed). Default: keep = 0.1. ``keep=1`` (or ``carve_ratio=0``) never carves and
     is bit-identical to the plain sampler. Carving starts at ``start_step`` (released: 2) and needs a
-    previous velocity. ``hfer`` sets the S_freq grid and cut-off.
+    previous velocity. ``hfer`` sets the S_freq grid and cut-off. ``signals`` (``{name: weight}`` of
+    registered token signals) switches to the pluggable saliency (module docstring).
     """
 
     keep: float | None = None
@@ -119,6 +141,7 @@ class SLaTTokenCarving:
     start_step: int = 2
     change_reference: str = "step"
     hfer: HFERConfig = field(default_factory=HFERConfig.paper)
+    signals: Any = None
 
     def __post_init__(self) -> None:
         if self.keep is not None and self.carve_ratio is not None:
@@ -137,6 +160,8 @@ class SLaTTokenCarving:
         check_choice("change_reference", self.change_reference, CHANGE_REFERENCES)
         if not isinstance(self.hfer, HFERConfig):
             raise TypeError(f"hfer must be an HFERConfig, got {type(self.hfer).__name__}")
+        if self.signals is not None:
+            object.__setattr__(self, "signals", check_weights(self.signals, "token"))
 
     @classmethod
     def released(cls, carve_ratio: float = 0.1, **kw: Any) -> "SLaTTokenCarving":
@@ -168,6 +193,8 @@ class SLaTTokenCarving:
         else:
             v_ref = st.get("last_selection_v")
         st["last_selection_v"] = v_prev
+        if self.signals is not None:
+            return self._carve_with_signals(ctx, compute, st, v_prev, v_ref, n_skip)
         if "s_freq" not in st:
             if self.freq_weight > 0:
                 st["s_freq"], st["s_freq_source"] = token_freq_scores(ctx.extras, self.hfer)
@@ -191,10 +218,35 @@ class SLaTTokenCarving:
         v[active] = out.to(v.dtype)
         return v
 
+    def _carve_with_signals(self, ctx: StepContext, compute: ComputeFn, st: dict[str, Any], v_prev: Tensor,
+                            v_ref: Tensor | None, n_skip: int) -> Latent:
+        """The carving step with J from the named signals (same freezing rule as the paper's J)."""
+        n = ctx.x.shape[0]
+        inputs = TokenInputs(v_prev=v_prev, v_ref=v_ref, extras=ctx.extras, hfer=self.hfer, step=ctx.step,
+                             num_steps=ctx.num_steps)
+        sal = signal_saliency(self.signals, inputs, st.setdefault("signal_cache", {}))
+        streak = st.get("streak")
+        if streak is None:
+            streak = torch.zeros(n, dtype=torch.long)
+        frozen, st["streak"] = select_frozen(sal["J"], n_skip, streak, self.max_frozen_steps)
+        ctx.info["carving"] = {k: v.float() for k, v in sal.items()}
+        ctx.info["carving"].update(selected=~frozen, freq_source="signals")
+        if not bool(frozen.any()):
+            return compute()
+        active = torch.nonzero(~frozen).flatten().to(ctx.x.device)
+        out = compute(active)
+        v = v_prev.clone()
+        v[active] = out.to(v.dtype)
+        return v
+
     @property
     def tag(self) -> str:
         frac = f"keep{self.keep:g}" if self.keep is not None else f"carve{self.carve_ratio:g}"
+        if self.signals is not None:
+            sig = "+".join(f"{w:g}{name}" for name, w in self.signals)
+            return f"carving-{frac}-{sig}-f{self.max_frozen_steps}"
         return f"carving-{frac}-g{self.gamma:g}-wf{self.freq_weight:g}-wm{self.magnitude_weight:g}-f{self.max_frozen_steps}"
 
 
-__all__ = ["CHANGE_REFERENCES", "SLaTTokenCarving", "saliency", "select_frozen", "token_freq_scores", "token_norm"]
+__all__ = ["CHANGE_REFERENCES", "SLaTTokenCarving", "saliency", "select_frozen", "signal_saliency", "token_freq_scores",
+           "token_norm"]
