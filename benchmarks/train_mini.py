@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-slat-flow", type=int, default=16)
     ap.add_argument("--lr-flow", type=float, default=3e-4)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=0, help="pre-processing processes (0: cores - 2)")
     ap.add_argument("--deadline-s", type=float, default=None,
                     help="scale the stage budgets so the whole run ends by then (data prep included)")
     a = ap.parse_args(argv)
@@ -55,10 +56,10 @@ def main(argv: list[str] | None = None) -> dict:
     def log(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:7.1f}s] {msg}", flush=True)
 
-    pipe = Pipeline.from_config("mini", seed=a.seed, device=a.device)
     raw = load_shards(a.data, a.max_shapes)
     log(f"loaded {len(raw.names)} shapes, {len(raw)} views")
-    ts = build_trainset(raw, a.device, log=log)
+    ts = build_trainset(raw, a.device, log=log, workers=a.workers)  # forks before CUDA is initialised
+    pipe = Pipeline.from_config("mini", seed=a.seed, device=a.device)
     tr = MiniTrainer(pipe, ts, a.out, printer=log, seed=a.seed)
     loaded = tr.load(a.resume) if a.resume is not None else []
     if "ss.flow" not in loaded:

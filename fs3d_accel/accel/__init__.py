@@ -180,3 +180,11 @@ __all__ = [
     "SLaTStepCache", "SLaTTokenCarving", "SSModalityCache", "ShadowPolicy", "SpectralTokenAggregation",
     "TaylorSeer", "UniformTokenMerge", "hfer", "hfer_2d", "hfer_3d", "make_method", "voxel_highfreq_scores",
 ]
+
+# calibrated presets, pluggable signals, instance-adaptive control (re-exports)
+from .presets import from_preset  # noqa: E402
+from .signals import available_signals, get_signal, register_signal  # noqa: E402
+from .adaptive import AdaptiveFastSAM3D  # noqa: E402
+
+FastSAM3D.from_preset = from_preset  # type: ignore[attr-defined]
+METHODS["fast-sam3d-adaptive"] = _single(lambda kw: AdaptiveFastSAM3D(**kw))

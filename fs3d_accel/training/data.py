@@ -53,7 +53,8 @@ def load_shards(folder: str | Path, max_shapes: int | None = None) -> RawViews:
                                             "bg_seed", "focal", "rotation", "translation", "scale")}
     n_shapes = 0
     for f in files:
-        z = np.load(f)
+        with np.load(f) as zf:  # NpzFile decompresses on every key access: read each array once
+            z = {k: zf[k] for k in zf.files}
         size = int(z["image_size"])
         vo, fo, po = z["vert_offsets"], z["face_offsets"], z["pix_offsets"]
         ns = len(z["names"])
@@ -118,6 +119,42 @@ def layout_tokens(center: Tensor, size: Tensor, scene_scale: Tensor, scene_shift
     }
 
 
+_RAW: RawViews | None = None
+
+
+def _prepare_range(args: tuple[int, int, int, float]) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    lo, hi, size, crop = args
+    torch.set_num_threads(1)
+    cond = {k: [] for k in COND_KEYS}
+    scales, shifts = [], []
+    for i in range(lo, hi):
+        img, m, pm = view_arrays(_RAW, i)
+        p = prepare_inputs(img, m, pm, size, crop)
+        for k in COND_KEYS:
+            cond[k].append(getattr(p, k)[0].half().numpy())
+        scales.append(float(p.pointmap_scale[0]))
+        shifts.append(p.pointmap_shift.numpy())
+    return ({k: np.stack(v) for k, v in cond.items()}, np.array(scales, np.float32),
+            np.stack(shifts).astype(np.float32))
+
+
+def prepare_views(raw: RawViews, size: int, crop: float, workers: int = 0) -> list:
+    """``prepare_inputs`` of every view, in ``workers`` forked processes (0: all cores but 2, 1: inline)."""
+    import os
+    global _RAW
+    _RAW = raw
+    n = len(raw)
+    workers = workers or max(1, (os.cpu_count() or 2) - 2)
+    step = 128
+    jobs = [(i, min(i + step, n), size, crop) for i in range(0, n, step)]
+    if workers == 1 or n <= step:
+        return [_prepare_range(j) for j in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    with ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as ex:
+        return list(ex.map(_prepare_range, jobs))
+
+
 @dataclass
 class TrainSet:
     """Everything the trainers need, on one device."""
@@ -144,20 +181,14 @@ class TrainSet:
 
 
 def build_trainset(raw: RawViews, device: str | torch.device, image_size: int = 112, crop_factor: float = 1.2,
-                   n_surface: int = 8192, log=print) -> TrainSet:
+                   n_surface: int = 8192, log=print, workers: int = 0) -> TrainSet:
     """Pre-process every view and compute its GT geometry on ``device``."""
     dev = torch.device(device)
     t0 = time.perf_counter()
-    cond = {k: [] for k in COND_KEYS}
-    scales, shifts = [], []
-    for i in range(len(raw)):
-        img, m, pm = view_arrays(raw, i)
-        p = prepare_inputs(img, m, pm, image_size, crop_factor)
-        for k in COND_KEYS:
-            cond[k].append(getattr(p, k)[0].half())
-        scales.append(float(p.pointmap_scale[0]))
-        shifts.append(p.pointmap_shift)
-    cond_t = {k: torch.stack(v).to(dev) for k, v in cond.items()}
+    parts = prepare_views(raw, image_size, crop_factor, workers)
+    cond_t = {k: torch.from_numpy(np.concatenate([p[0][k] for p in parts])).to(dev) for k in COND_KEYS}
+    scales = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    shifts = torch.from_numpy(np.concatenate([p[2] for p in parts]))
     t1 = time.perf_counter()
     log(f"prepared {len(raw)} views in {t1 - t0:.1f}s")
     gen = torch.Generator().manual_seed(0)
@@ -180,8 +211,8 @@ def build_trainset(raw: RawViews, device: str | torch.device, image_size: int = 
     t2 = time.perf_counter()
     log(f"geometry of {len(raw)} views in {t2 - t1:.1f}s; mean surface voxels "
         f"{sum(len(c) for c in coords) / max(1, len(coords)):.0f}")
-    return TrainSet(cond=cond_t, scene_scale=torch.tensor(scales, device=dev),
-                    scene_shift=torch.stack(shifts).to(dev), occupancy=torch.stack(occ), coords=coords,
+    return TrainSet(cond=cond_t, scene_scale=scales.float().to(dev),
+                    scene_shift=shifts.float().to(dev), occupancy=torch.stack(occ), coords=coords,
                     corner_sdf=sdf, center=torch.stack(centers), size=torch.stack(sizes),
                     view_shape=torch.from_numpy(raw.view_shape).to(dev),
                     timings={"prepare_s": t1 - t0, "geometry_s": t2 - t1})

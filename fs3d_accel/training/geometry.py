@@ -25,8 +25,8 @@ from torch import Tensor
 
 from ..stages.ss import surface_voxels
 
-#: query points per cdist chunk
-QUERY_CHUNK = 4096
+#: query points per chunk of the (queries x samples) score matrix
+QUERY_CHUNK = 16384
 
 
 def sample_oriented_surface(vertices: Tensor, faces: Tensor, n: int, generator: torch.Generator | None = None
@@ -50,9 +50,17 @@ def sample_oriented_surface(vertices: Tensor, faces: Tensor, n: int, generator: 
 def sampled_sdf(queries: Tensor, points: Tensor, normals: Tensor, near: float) -> Tensor:
     """(M,) signed distance of queries (M,3) to the surface sampled by points/normals (S,3)."""
     out = []
+    # nearest sample by argmin of |p|^2 - 2 q.p (half precision on the GPU: only the argmin is
+    # taken from it; distances are recomputed in float32)
+    half = queries.device.type == "cuda"
+    pt = (-2 * points).T.contiguous()
+    pn = (points * points).sum(-1)
+    if half:
+        pt, pn = pt.half(), pn.half()
     for i in range(0, queries.shape[0], QUERY_CHUNK):
         q = queries[i:i + QUERY_CHUNK]
-        j = torch.cdist(q, points).argmin(1)
+        scores = torch.addmm(pn[None], q.to(pt.dtype), pt)
+        j = scores.argmin(1)
         d = q - points[j]
         plane = (d * normals[j]).sum(-1)
         eu = d.norm(dim=-1)

@@ -37,7 +37,6 @@ import warnings
 from collections import defaultdict
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn

@@ -12,7 +12,7 @@ Hooks are removed when the run ends or raises.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
