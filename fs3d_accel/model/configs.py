@@ -267,6 +267,11 @@ def full_config() -> ModelConfig:
     return cfg
 
 
+#: sam3d-mini SLaT latent normalisation, measured on its training latents (fs3d_accel.training)
+MINI_SLAT_MEAN = (-0.35082448, 0.5830462, 0.74348038, -1.0498409, -0.066792801, 0.46949133, 1.8211267, 0.74463093)
+MINI_SLAT_STD = (0.15860599, 0.13662554, 0.31037331, 0.33859062, 0.32812229, 0.74874991, 0.26506418, 0.66970819)
+
+
 def mini_config() -> ModelConfig:
     """Same architecture, small: 112 px DINO (8x8 patches), 8^3 shape latent -> 32^3 occupancy."""
     dino = DinoConfig(image_size=112, patch_size=14, embed_dim=128, depth=3, num_heads=4, num_registers=4)
@@ -285,6 +290,8 @@ def mini_config() -> ModelConfig:
                                  io_block_channels=(32,), resolution=32),
         mesh_decoder=MeshDecoderConfig(resolution=32, model_channels=96, num_blocks=2, num_heads=4,
                                        window_size=8, upsample_channels=(32, 16), num_groups=8),
+        slat_mean=MINI_SLAT_MEAN,
+        slat_std=MINI_SLAT_STD,
         max_voxels=42000,
     )
     cfg.validate()
