@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     raw = load_shards(a.data, a.max_shapes)
     log(f"loaded {len(raw.names)} shapes, {len(raw)} views")
-    ts = build_trainset(raw, a.device, log=log, workers=a.workers)  # forks before CUDA is initialised
+    lattice = not (a.skip_vae and a.slat_flow_s <= 0)  # SS-only runs need no corner SDFs
+    ts = build_trainset(raw, a.device, log=log, workers=a.workers, lattice=lattice)  # forks before CUDA is initialised
     pipe = Pipeline.from_config("mini", seed=a.seed, device=a.device)
     tr = MiniTrainer(pipe, ts, a.out, printer=log, seed=a.seed)
     loaded = tr.load(a.resume) if a.resume is not None else []
@@ -81,10 +82,11 @@ def main(argv: list[str] | None = None) -> dict:
         tr.stats.pop("slat_mean", None)  # decoder/encoder changed: re-measure
         tr.stats.pop("slat_std", None)
         tr.save(a.out / "ckpt")
-    tr.encode()
+    tr.encode(slat=lattice)
     tr.ss_flow(StageConfig(budgets["ss_flow"], a.batch_ss_flow, a.lr_flow, ms, weight_decay=0.01))
     tr.save(a.out / "ckpt")
-    tr.slat_flow(StageConfig(budgets["slat_flow"], a.batch_slat_flow, a.lr_flow, ms, weight_decay=0.01))
+    if budgets["slat_flow"] > 0:
+        tr.slat_flow(StageConfig(budgets["slat_flow"], a.batch_slat_flow, a.lr_flow, ms, weight_decay=0.01))
     tr.save(a.out / "ckpt")
     info = {"views": len(raw), "shapes": len(raw.names), "seconds": time.perf_counter() - t0,
             "timings": ts.timings, "resumed": loaded, "args": {k: str(v) for k, v in vars(a).items()},

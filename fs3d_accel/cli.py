@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/eval")
+    p.add_argument("--ray", action="store_true", help="spread (object, method) pairs over Ray actors (one model "
+                   "replica each: one per GPU with --device cuda, else one per CPU)")
+    p.add_argument("--workers", type=int, default=None, help="number of Ray actors (default: GPUs or CPUs)")
     p.set_defaults(fn=cmd_eval)
 
     p = sub.add_parser("calibrate", help="search accelerator thresholds under a quality constraint")

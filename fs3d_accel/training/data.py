@@ -181,7 +181,8 @@ class TrainSet:
 
 
 def build_trainset(raw: RawViews, device: str | torch.device, image_size: int = 112, crop_factor: float = 1.2,
-                   n_surface: int = 8192, log=print, workers: int = 0) -> TrainSet:
+                   n_surface: int = 8192, log=print, workers: int = 0,
+                   lattice: bool = True) -> TrainSet:
     """Pre-process every view and compute its GT geometry on ``device``."""
     dev = torch.device(device)
     t0 = time.perf_counter()
@@ -200,7 +201,7 @@ def build_trainset(raw: RawViews, device: str | torch.device, image_size: int = 
         s = int(raw.view_shape[i])
         g = view_geometry(torch.from_numpy(raw.vertices[s]).to(dev), surf[s][0], surf[s][1],
                           torch.from_numpy(raw.rotation[i]).to(dev), torch.from_numpy(raw.translation[i]).to(dev),
-                          float(raw.scale[i]))
+                          float(raw.scale[i]), lattice=lattice)
         occ.append(g.occupancy)
         coords.append(g.coords)
         sdf.append(g.corner_sdf.half())

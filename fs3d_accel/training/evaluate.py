@@ -79,11 +79,11 @@ def visual_hull_mesh(mask: np.ndarray, pointmap: np.ndarray, intrinsics: np.ndar
     return _marching(inside.astype(np.float32), 0.5, origin, pitch)
 
 
-def _metrics(pred, gt_posed, pred_center, pred_size, gt_center, gt_size) -> dict:
+def _metrics(pred, gt_posed, pred_center, pred_size, gt_center, gt_size, n_points: int = 10_000) -> dict:
     from fs3d_analysis.data.layout import Layout as ALayout
     from fs3d_analysis.metrics import box_iou_3d, shape_metrics
-    posed = shape_metrics(pred, gt_posed, mode="gt")
-    shape = shape_metrics(pred, gt_posed, mode="independent")
+    posed = shape_metrics(pred, gt_posed, mode="gt", n_points=n_points)
+    shape = shape_metrics(pred, gt_posed, mode="independent", n_points=n_points)
     lp = ALayout(np.eye(3), pred_center, np.full(3, pred_size))
     lg = ALayout(np.eye(3), gt_center, np.full(3, gt_size))
     return {"cd_posed": posed.chamfer, "f1_posed": posed.f_score, "viou_posed": posed.volume_iou,
@@ -93,9 +93,12 @@ def _metrics(pred, gt_posed, pred_center, pred_size, gt_center, gt_size) -> dict
             "scale_ratio": pred_size / gt_size}
 
 
-def evaluate(pipe, samples, mean_occupancy: np.ndarray, seed: int = 0, methods=("sam3d-mini", "mean-shape",
-                                                                                      "visual-hull")) -> list[dict]:
-    """One row per (sample, method) with the metrics above (NaN + ``error`` when a method fails)."""
+def evaluate(pipe, samples, mean_occupancy: np.ndarray, seed: int = 0,
+             methods=("sam3d-mini", "mean-shape", "visual-hull"), ss_sampler=None, slat_sampler=None,
+             n_points: int = 10_000) -> list[dict]:
+    """One row per (sample, method) with the metrics above (NaN + ``error`` when a method fails).
+
+    ``ss_sampler`` / ``slat_sampler``: optional :class:`SamplerConfig` overrides of the pipeline's."""
     import trimesh
     rows = []
     for s in samples:
@@ -106,7 +109,11 @@ def evaluate(pipe, samples, mean_occupancy: np.ndarray, seed: int = 0, methods=(
             row = {"sample": s.name, "method": m}
             try:
                 if m == "sam3d-mini":
-                    res = pipe(s.image, s.mask, pointmap=s.pointmap, seed=seed)
+                    inp = pipe.prepare(s.image, s.mask, s.pointmap)
+                    ss = pipe.run_ss(inp, seed=seed, sampler=ss_sampler)
+                    slat = pipe.run_slat(inp, ss, seed=seed, sampler=slat_sampler)
+                    res = pipe.run_decode(inp, ss, slat)
+                    res.layout, res.ss = ss.layout, ss
                     pm = res.posed_mesh
                     pred = trimesh.Trimesh(pm.vertices.astype(np.float64), pm.faces, process=False)
                     pc, ps = np.asarray(res.layout.translation), float(np.mean(res.layout.scale))
@@ -117,10 +124,11 @@ def evaluate(pipe, samples, mean_occupancy: np.ndarray, seed: int = 0, methods=(
                 else:
                     pred = visual_hull_mesh(s.mask, s.pointmap, s.intrinsics)
                     pc, ps = view_aligned_gt(np.asarray(pred.vertices))
-                row.update(_metrics(pred, gt_posed, np.asarray(pc, dtype=np.float64), ps, gc, gs))
+                row.update(_metrics(pred, gt_posed, np.asarray(pc, dtype=np.float64), ps, gc, gs, n_points))
             except Exception as e:  # noqa: BLE001 - a failed reconstruction is a result, recorded as such
                 row.update({"error": f"{type(e).__name__}: {e}", "f1_posed": 0.0, "f1_shape": 0.0,
                             "viou_posed": 0.0, "viou_shape": 0.0, "box_iou_3d": 0.0})
             row["seconds"] = time.perf_counter() - t0
             rows.append(row)
     return rows
+

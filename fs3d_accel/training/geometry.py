@@ -99,7 +99,8 @@ def view_frame(vertices: Tensor, rotation: Tensor, translation: Tensor, scale: f
 
 
 def view_geometry(vertices: Tensor, points: Tensor, normals: Tensor, rotation: Tensor, translation: Tensor,
-                  scale: float, res: int = 32, sub: int = 4, trunc: float = 3 / 128) -> ViewGeometry:
+                  scale: float, res: int = 32, sub: int = 4, trunc: float = 3 / 128,
+                  lattice: bool = True) -> ViewGeometry:
     """Occupancy (voxels whose centre is inside or within half a voxel diagonal of the surface),
     its surface voxels and their corner-lattice SDF for one posed mesh.
 
@@ -114,6 +115,8 @@ def view_geometry(vertices: Tensor, points: Tensor, normals: Tensor, rotation: T
     sdf_c = sampled_sdf(grid_centers(res, dev), p, n, near).view(res, res, res)
     occ = sdf_c < (math.sqrt(3) / 2) / res
     coords = torch.nonzero(surface_voxels(occ)).to(torch.int32)
+    if not lattice:  # occupancy only (SS stages)
+        return ViewGeometry(occ, coords, torch.zeros(len(coords), 0, device=dev), center, size)
     lat = coords[:, None, :].long() * sub + lattice_offsets(sub, dev)[None]
     g = res * sub + 1
     keys = (lat[..., 0] * g + lat[..., 1]) * g + lat[..., 2]

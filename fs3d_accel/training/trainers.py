@@ -235,7 +235,7 @@ class MiniTrainer:
 
     # --------------------------------------------------------------- encode latents
     @torch.no_grad()
-    def encode(self, batch: int = 64, fold_ss_std: bool = True) -> dict:
+    def encode(self, batch: int = 64, fold_ss_std: bool = True, slat: bool = True) -> dict:
         self.ss_encoder.eval(), self.slat_encoder.eval()
         means = []
         for i in range(0, len(self.ts), batch):
@@ -258,6 +258,8 @@ class MiniTrainer:
         s = torch.tensor(self.stats["ss_latent_std"], device=self.dev)
         zn = z / s[None, :, None, None, None]
         self.shape_latents = zn.flatten(2).transpose(1, 2).contiguous()  # (N, r^3, 8), token = x*r^2+y*r+z
+        if not slat:
+            return self.stats
         lat = []
         for i in range(0, len(self.ts), 16):
             idx = list(range(i, min(i + 16, len(self.ts))))

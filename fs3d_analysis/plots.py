@@ -1,0 +1,382 @@
+"""Seaborn figures of the observation notebooks, one function per figure, each taking the tidy
+table that the matching helper of :mod:`fs3d_analysis.experiments` returns and returning the
+matplotlib ``Figure`` (callers save it; nothing here writes files or calls ``plt.show``).
+
+Profiling figures (notebook 01) live in :mod:`fs3d_analysis.profile.plots`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.figure import Figure
+
+sns.set_theme(style="whitegrid", context="notebook")
+
+ROLE_PALETTE = {"shape": "#1f77b4", "layout": "#d62728"}
+MODALITY_LABELS = {"shape": "shape", "6drotation_normalized": "rotation (6D)", "scale": "scale",
+                   "translation": "translation", "translation_scale": "translation scale"}
+
+
+def _need(df: pd.DataFrame, cols: Sequence[str], what: str) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ValueError(f"{what}: table lacks columns {missing}")
+    if len(df) == 0:
+        raise ValueError(f"{what}: empty table")
+
+
+def _modality_palette(mods: Sequence[str]) -> dict[str, tuple]:
+    layout = [m for m in mods if m != "shape"]
+    reds = sns.color_palette("Reds_d", max(len(layout), 1))
+    pal = {m: c for m, c in zip(layout, reds)}
+    pal["shape"] = ROLE_PALETTE["shape"]
+    return pal
+
+
+# ---------------------------------------------------------------------------------------------
+# 02 SS trajectories
+# ---------------------------------------------------------------------------------------------
+
+
+def _mark_steps(ax, marks: Sequence[int], label: str = "CFG on/off") -> None:
+    for i, s in enumerate(marks):
+        ax.axvline(s - 0.5, color="0.5", ls="--", lw=0.9, zorder=0, label=label if i == 0 else None)
+
+
+def plot_ss_velocity_dynamics(dyn: pd.DataFrame, marks: Sequence[int] = (), title: str | None = None) -> Figure:
+    """Per-modality velocity norm, relative first difference and cosine to the previous step over
+    the SS sampler steps (:func:`~fs3d_analysis.experiments.ss_dynamics`); shape blue, layout red.
+    Several runs/objects: median line with the inter-quartile band. ``marks``: steps where
+    guidance switches (dashed; see :func:`~fs3d_analysis.experiments.cfg_switch_steps`)."""
+    _need(dyn, ["step", "modality", "v_norm", "rel_dv", "cos_prev"], "plot_ss_velocity_dynamics")
+    mods = sorted(dyn["modality"].unique(), key=lambda m: (m != "shape", m))
+    pal = _modality_palette(mods)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, col, label in zip(axes, ("v_norm", "rel_dv", "cos_prev"),
+                              ("||v_s||", "||v_s - v_(s-1)|| / ||v_(s-1)||", "cos(v_s, v_(s-1))")):
+        sns.lineplot(data=dyn, x="step", y=col, hue="modality", hue_order=mods, palette=pal, ax=ax,
+                     estimator="median", errorbar=("pi", 50), marker="o", markersize=3, legend=ax is axes[0])
+        ax.set_ylabel(label)
+        _mark_steps(ax, marks)
+    axes[0].set_yscale("log")
+    axes[1].set_yscale("log")
+    if axes[0].get_legend() is not None:
+        h, lab = axes[0].get_legend_handles_labels()
+        axes[0].legend(h, [MODALITY_LABELS.get(x, x) for x in lab], fontsize=8)
+    fig.suptitle(title or "SS sampler: shape vs layout velocity dynamics")
+    fig.tight_layout()
+    return fig
+
+
+def plot_extrapolation_error_vs_k(err: pd.DataFrame, title: str | None = None) -> Figure:
+    """Relative error of the extrapolated velocity against the true one (extrapolated steps only)
+    vs the stride k, per modality, one panel per layout mode
+    (:func:`~fs3d_analysis.experiments.extrapolation_error_table` or the per-step table)."""
+    y = "rel_err_mean" if "rel_err_mean" in err.columns else "rel_err"
+    _need(err, ["k", "mode", "modality", y], "plot_extrapolation_error_vs_k")
+    if y == "rel_err" and "decision" in err.columns:
+        err = err[err["decision"] == "extrapolated"]
+    mods = sorted(err["modality"].unique(), key=lambda m: (m != "shape", m))
+    modes = list(dict.fromkeys(err["mode"]))
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.2), sharey=True, squeeze=False)
+    for ax, mode in zip(axes[0], modes):
+        sns.lineplot(data=err[err["mode"] == mode], x="k", y=y, hue="modality", hue_order=mods,
+                     palette=_modality_palette(mods), marker="o", ax=ax, errorbar=("pi", 50), legend=ax is axes[0][0])
+        ax.set_yscale("log")
+        ax.set_title(f"layout mode: {mode}" + (" (beta anchor)" if mode == "paper" else " (no anchor)"))
+        ax.set_ylabel("||v_extrap - v_true|| / ||v_true||")
+        ax.set_xticks(sorted(err["k"].unique()))
+        if ax.get_legend() is not None:
+            h, lab = ax.get_legend_handles_labels()
+            ax.legend(h, [MODALITY_LABELS.get(x, x) for x in lab], fontsize=8)
+    fig.suptitle(title or "SS modality cache: extrapolation error vs stride k")
+    fig.tight_layout()
+    return fig
+
+
+def plot_pose_drift_vs_k(drift: pd.DataFrame, title: str | None = None) -> Figure:
+    """Final layout of the cached run against the plain run vs k: rotation error (deg), relative
+    translation error, and the occupancy IoU (shape); hue = layout mode (beta anchor or not)."""
+    _need(drift, ["k", "mode", "rotation_error_deg", "translation_error_rel", "occupancy_iou"], "plot_pose_drift_vs_k")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, col, label in zip(axes, ("rotation_error_deg", "translation_error_rel", "occupancy_iou"),
+                              ("rotation drift (deg)", "translation drift / |t|", "occupancy IoU vs base")):
+        sns.lineplot(data=drift, x="k", y=col, hue="mode", style="mode", markers=True, ax=ax, errorbar=("pi", 50),
+                     legend=ax is axes[0])
+        ax.set_ylabel(label)
+        ax.set_xticks(sorted(drift["k"].unique()))
+        if col != "occupancy_iou":
+            ax.axvspan(3.5, max(drift["k"].max(), 4) + 0.5, color="0.9", zorder=0)
+    fig.suptitle(title or "Layout drift of the final pose vs k (shaded: k >= 4)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_ss_step_error(traj: pd.DataFrame, marks: Sequence[int] = (), title: str | None = None) -> Figure:
+    """One cached SS run: per-step relative error of the velocity used against the true one (0 on
+    computed steps), per modality (the interactive view of notebook 02)."""
+    _need(traj, ["step", "modality", "rel_err", "decision"], "plot_ss_step_error")
+    mods = sorted(traj["modality"].unique(), key=lambda m: (m != "shape", m))
+    fig, ax = plt.subplots(figsize=(9, 3.8))
+    sns.lineplot(data=traj, x="step", y="rel_err", hue="modality", hue_order=mods, palette=_modality_palette(mods),
+                 marker="o", ax=ax)
+    for s in traj.loc[traj["decision"] != "extrapolated", "step"].unique():
+        ax.axvline(s, color="0.85", lw=0.8, zorder=0)
+    _mark_steps(ax, marks)
+    ax.set_ylabel("||v_used - v_true|| / ||v_true||")
+    ax.set_title(title or "per-step velocity error (grey lines: full network steps)")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# 03 SLaT sparsity
+# ---------------------------------------------------------------------------------------------
+
+
+def densest_slice(tokens: pd.DataFrame, axis: str = "z") -> int:
+    """The coordinate along ``axis`` holding the most tokens (for a 2D slice)."""
+    return int(tokens.drop_duplicates("token")[axis].value_counts().idxmax())
+
+
+def plot_update_slices(tokens: pd.DataFrame, steps: Sequence[int], keys: Sequence[str] = ("v_norm", "dv_norm"),
+                       axis: str = "z", index: int | None = None, resolution: int | None = None,
+                       title: str | None = None) -> Figure:
+    """Per-token maps on one slice of the voxel grid (rows: ``keys``, columns: ``steps``); empty
+    voxels blank. ``tokens``: :meth:`SLaTUpdateRecorder.tokens_frame` (one run). Each row shares
+    one colour scale (per-step maxima differ, so this shows where, and when, updates happen)."""
+    _need(tokens, ["step", "token", "x", "y", "z", *keys], "plot_update_slices")
+    if axis not in ("x", "y", "z"):
+        raise ValueError(f"axis must be x, y or z, got {axis!r}")
+    index = densest_slice(tokens, axis) if index is None else index
+    u, v = [a for a in ("x", "y", "z") if a != axis]
+    res = resolution or int(tokens[["x", "y", "z"]].to_numpy().max()) + 1
+    sl = tokens[tokens[axis] == index]
+    if len(sl) == 0:
+        raise ValueError(f"plot_update_slices: no tokens on the slice {axis} = {index}")
+    # crop to the object's extent on this slice (+1 voxel), the rest of the grid is empty
+    lo_u, hi_u = max(int(sl[u].min()) - 1, 0), min(int(sl[u].max()) + 2, res)
+    lo_v, hi_v = max(int(sl[v].min()) - 1, 0), min(int(sl[v].max()) + 2, res)
+    labels = {"v_norm": "M = |v|", "dv_norm": "A = |v_s - v_(s-1)|", "J": "J", "selected": "selected",
+              "err_norm": "|v - v_true|"}
+    fig, axes = plt.subplots(len(keys), len(steps), figsize=(2.3 * len(steps) + 1, 2.3 * len(keys) + 0.6),
+                             squeeze=False)
+    for r, key in enumerate(keys):
+        vals = sl[sl["step"].isin(steps)][key].astype(float) if key in sl else pd.Series(dtype=float)
+        vmax = float(np.nanpercentile(vals, 99)) if vals.notna().any() else 1.0
+        im = None
+        for c, step in enumerate(steps):
+            ax = axes[r][c]
+            g = sl[sl["step"] == step]
+            img = np.full((res, res), np.nan)
+            if key in g:
+                img[g[u].to_numpy(), g[v].to_numpy()] = g[key].astype(float).to_numpy()
+            im = ax.imshow(img[lo_u:hi_u, lo_v:hi_v].T, origin="lower", cmap="magma", vmin=0, vmax=vmax or 1.0,
+                           interpolation="nearest", extent=(lo_u - 0.5, hi_u - 0.5, lo_v - 0.5, hi_v - 0.5))
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(f"step {step}", fontsize=9)
+            if c == 0:
+                ax.set_ylabel(labels.get(key, key), fontsize=9)
+        if im is not None:
+            fig.colorbar(im, ax=list(axes[r]), shrink=0.8, pad=0.01)
+    fig.suptitle(title or f"SLaT per-token updates on the slice {axis} = {index}")
+    return fig
+
+
+def plot_update_scatter3d(tokens: pd.DataFrame, step: int, key: str = "dv_norm", title: str | None = None) -> Figure:
+    """3D scatter of the tokens at one step coloured by ``key`` (largest drawn last, on top)."""
+    _need(tokens, ["step", "x", "y", "z", key], "plot_update_scatter3d")
+    g = tokens[tokens["step"] == step].sort_values(key)
+    if len(g) == 0:
+        raise ValueError(f"plot_update_scatter3d: no tokens at step {step}")
+    fig = plt.figure(figsize=(6, 5.5))
+    ax = fig.add_subplot(projection="3d")
+    p = ax.scatter(g["x"], g["y"], g["z"], c=g[key], cmap="magma", s=6, depthshade=False)
+    fig.colorbar(p, ax=ax, shrink=0.6, label=key)
+    ax.set_xlabel("x")
+    ax.set_ylabel("y")
+    ax.set_zlabel("z")
+    ax.set_title(title or f"step {step}: {key} per token")
+    return fig
+
+
+def plot_energy_concentration(conc: pd.DataFrame, title: str | None = None) -> Figure:
+    """Share of tokens holding 50/80/90 % of the update energy per step, for M and A; the dotted
+    lines are what uniform updates would give (token share = energy share)."""
+    _need(conc, ["step", "key", "energy", "token_share"], "plot_energy_concentration")
+    keys = list(dict.fromkeys(conc["key"]))
+    fig, axes = plt.subplots(1, len(keys), figsize=(6 * len(keys), 4), sharey=True, squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        d = conc[conc["key"] == key]
+        sns.lineplot(data=d, x="step", y="token_share", hue="energy", palette="viridis", marker="o", ax=ax,
+                     legend="full")
+        for e in d["energy"].unique():
+            ax.axhline(e, ls=":", color="0.6", lw=0.8)
+        ax.set_title({"v_norm": "M = |v|", "dv_norm": "A = |v_s - v_(s-1)|"}.get(key, key))
+        ax.set_ylabel("share of tokens")
+        ax.set_ylim(0, 1)
+    fig.suptitle(title or "How concentrated are the SLaT updates? (fewer tokens = sparser)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_saliency_ranking(rank: pd.DataFrame, title: str | None = None) -> Figure:
+    """Spearman correlation of each saliency signal with the next-step update, and top-K recall,
+    per step (:func:`~fs3d_analysis.experiments.saliency_ranking`)."""
+    _need(rank, ["step", "signal", "spearman", "topk_recall"], "plot_saliency_ranking")
+    order = [s for s in ("J", "M", "A", "S_freq", "random") if s in set(rank["signal"])]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    for ax, col in zip(axes, ("spearman", "topk_recall")):
+        sns.lineplot(data=rank, x="step", y=col, hue="signal", hue_order=order, marker="o", ax=ax,
+                     legend=ax is axes[0])
+    top = float(rank["top"].iloc[0]) if "top" in rank else None
+    axes[0].axhline(0, color="0.5", lw=0.8)
+    axes[0].set_ylabel("Spearman(signal, |v_s - v_(s-1)|)")
+    axes[1].set_ylabel(f"top-{top:.0%} recall" if top else "top-K recall")
+    if top:
+        axes[1].axhline(top, ls=":", color="0.5", lw=0.8)
+    fig.suptitle(title or "Does the saliency J rank the tokens that change next?")
+    fig.tight_layout()
+    return fig
+
+
+def plot_topk_tradeoff(topk: pd.DataFrame, title: str | None = None) -> Figure:
+    """Carving alone at each keep fraction: structured-latent error, mesh agreement with the base
+    (F1 and Chamfer, if measured) and SLaT time relative to the base (CPU or GPU wall time)."""
+    _need(topk, ["keep", "slat_rel_err", "time_slat"], "plot_topk_tradeoff")
+    panels = [("slat_rel_err", "SLaT latent rel. error vs base")]
+    if "f_score" in topk:
+        panels += [("f_score", "F1@0.05 vs base mesh (%)"), ("chamfer", "Chamfer vs base mesh")]
+    d = topk.copy()
+    if "time_slat_base" in d:
+        d["slat_time_ratio"] = d["time_slat"] / d["time_slat_base"]
+        panels.append(("slat_time_ratio", "SLaT time / base"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
+    for ax, (col, label) in zip(axes[0], panels):
+        sns.lineplot(data=d, x="keep", y=col, marker="o", ax=ax, errorbar=("pi", 50))
+        ax.set_ylabel(label)
+        ax.set_xlabel("keep (fraction of tokens recomputed)")
+    fig.suptitle(title or "Token carving: choice of top-K")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# 04 HFER and mesh aggregation
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_hfer_distribution(hfer: pd.DataFrame, columns: Sequence[str] = ("hfer_2d", "hfer_3d", "score"),
+                           tau: tuple[float, float] | None = (0.5, 0.7), title: str | None = None) -> Figure:
+    """Per-object HFER values (2D mask, 3D voxels, joint score), one strip per signal, objects
+    labelled; the aggregation thresholds tau_low / tau_high drawn on the joint score."""
+    cols = [c for c in columns if c in hfer.columns]
+    _need(hfer, ["object", *cols], "plot_hfer_distribution")
+    long = hfer.melt(id_vars=["object"], value_vars=cols, var_name="signal", value_name="HFER")
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(cols) + 3), 4.2))
+    sns.stripplot(data=long, x="signal", y="HFER", hue="object", size=8, jitter=0.15, ax=ax)
+    if tau is not None and "score" in cols:
+        i = cols.index("score")
+        for t, ls in zip(tau, ("--", "-.")):
+            ax.hlines(t, i - 0.4, i + 0.4, colors="k", linestyles=ls, lw=1)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, bbox_to_anchor=(1.01, 1), loc="upper left")
+    ax.set_title(title or "HFER per object (dashed: tau_low, tau_high on the joint score)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_hfer_vs_complexity(hfer: pd.DataFrame, x: str = "surface_voxels",
+                            ys: Sequence[str] = ("hfer_2d_gt", "hfer_3d_gt"), hue: str | None = "source",
+                            title: str | None = None) -> Figure:
+    """HFER (one panel per column in ``ys``) against a complexity measure of the GT mesh, with the
+    Spearman correlation in each panel title."""
+    from scipy.stats import spearmanr
+
+    ys = [y for y in ys if y in hfer.columns]
+    _need(hfer, [x, *ys], "plot_hfer_vs_complexity")
+    hue = hue if hue and hue in hfer.columns else None
+    fig, axes = plt.subplots(1, len(ys), figsize=(5 * len(ys), 4.2), squeeze=False)
+    for ax, y in zip(axes[0], ys):
+        d = hfer[[x, y] + ([hue] if hue else [])].dropna()
+        sns.scatterplot(data=d, x=x, y=y, hue=hue, ax=ax, s=45, legend=ax is axes[0][0])
+        if len(d) >= 3:
+            sns.regplot(data=d, x=x, y=y, scatter=False, ax=ax, color="0.3", line_kws={"lw": 1})
+            rho = spearmanr(d[x], d[y]).statistic
+            ax.set_title(f"{y}: Spearman rho = {rho:.2f} (n = {len(d)})", fontsize=10)
+        if "object" in hfer.columns and len(d) <= 12:
+            for _, r in hfer.loc[d.index].iterrows():
+                ax.annotate(str(r["object"]).split("_", 1)[-1][:12], (r[x], r[y]), fontsize=7, alpha=0.8)
+    fig.suptitle(title or f"HFER vs object complexity ({x})")
+    fig.tight_layout()
+    return fig
+
+
+def plot_detail_loss(detail: pd.DataFrame, metric: str = "f_score", title: str | None = None) -> Figure:
+    """Per object: agreement of the aggregated decode with the un-aggregated one for adaptive vs
+    uniform merging (bars; the chosen S written on the adaptive bars), and decoder tokens kept."""
+    _need(detail, ["object", "variant", "S", "tokens_before", "tokens_after", metric], "plot_detail_loss")
+    d = detail.copy()
+    d["tokens_kept"] = d["tokens_after"] / d["tokens_before"]
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4.2))
+    sns.barplot(data=d, x="object", y=metric, hue="variant", ax=axes[0])
+    axes[0].set_ylabel({"f_score": "F1@0.05 vs base mesh (%)", "chamfer": "Chamfer vs base mesh"}.get(metric, metric))
+    variants = list(dict.fromkeys(d["variant"]))
+    for cont, var in zip(axes[0].containers, variants):
+        if var == "adaptive":
+            labels = [f"S={s:g}" for s in d[d["variant"] == var].set_index("object").reindex(
+                list(dict.fromkeys(d["object"])))["S"]]
+            axes[0].bar_label(cont, labels=labels, fontsize=7, padding=2)
+    sns.barplot(data=d, x="object", y="tokens_kept", hue="variant", ax=axes[1], legend=False)
+    axes[1].set_ylabel("decoder tokens kept")
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=30)
+        for lab in ax.get_xticklabels():
+            lab.set_horizontalalignment("right")
+    fig.suptitle(title or "Detail loss: adaptive (HFER) vs uniform token aggregation")
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------
+# 05 methods
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_speed_quality(summary: pd.DataFrame, quality: str = "f_score", speed: str = "speedup",
+                       title: str | None = None, time_note: str = "") -> Figure:
+    """Speed-up over the base against a quality metric, one point per method
+    (:func:`fs3d_analysis.eval.summarize`); ablation rows (``ablation:*``) as hollow squares."""
+    _need(summary, ["method", speed, quality], "plot_speed_quality")
+    d = summary.copy()
+    d["kind"] = np.where(d["method"].str.startswith("ablation:"), "ablation", "method")
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    meth = d[d["kind"] == "method"]
+    sns.scatterplot(data=meth, x=speed, y=quality, hue="method", s=90, ax=ax, legend=False)
+    abl = d[d["kind"] == "ablation"]
+    if len(abl):
+        ax.scatter(abl[speed], abl[quality], marker="s", facecolors="none", edgecolors="0.3", s=60, label="ablation")
+        ax.legend(fontsize=8, loc="best")
+    for _, r in d.iterrows():
+        ax.annotate(str(r["method"]).removeprefix("ablation:"), (r[speed], r[quality]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points", color="0.35" if r["kind"] == "ablation" else "k")
+    ax.axvline(1.0, color="0.6", lw=0.8, ls=":")
+    ax.set_xlabel(f"speed-up over base ({time_note or 'wall time'})")
+    ax.set_ylabel({"f_score": "F1@0.05 (%)", "chamfer": "Chamfer distance"}.get(quality, quality))
+    ax.set_title(title or "Speed vs quality")
+    fig.tight_layout()
+    return fig
+
+
+__all__ = [
+    "densest_slice", "plot_detail_loss", "plot_energy_concentration", "plot_extrapolation_error_vs_k",
+    "plot_hfer_distribution", "plot_hfer_vs_complexity", "plot_pose_drift_vs_k", "plot_saliency_ranking",
+    "plot_speed_quality", "plot_ss_step_error", "plot_ss_velocity_dynamics", "plot_topk_tradeoff",
+    "plot_update_scatter3d", "plot_update_slices",
+]
