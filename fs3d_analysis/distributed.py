@@ -258,9 +258,12 @@ class ReplicaPool:
                 idle.append(slot)
                 self.stats.finished += 1
                 yield key, value
-        finally:
+        finally:  # an error or an abandoned generator: drop what is still queued on the actors
             for ref in flight:
-                ray.cancel(ref, force=False)
+                try:
+                    ray.cancel(ref, force=False)
+                except Exception:  # already finished, or not cancellable while running
+                    pass
 
     def close(self) -> None:
         ray = _ray()
@@ -343,7 +346,7 @@ def evaluate_ray(pipe_factory: PipeFactory, samples: Sequence, methods: Mapping[
         ray = _ray()
         try:
             before = PoolStats(**vars(pool.stats))
-            refs = {s.name: ray.put(s) for s in samples}
+            refs = {s.name: ray.put(s) for s in {s.name: s for s, _ in todo}.values()}
             methods_ref = ray.put(dict(methods))
             items = [((s.name, m, setting), (refs[s.name], m, methods_ref, seed, setting)) for s, m in todo]
             bar = tqdm(total=len(items), desc=f"eval {setting} (ray x{pool.num_workers})", disable=not progress)

@@ -142,6 +142,31 @@ def run_with_recorders(pipe: Pipeline, sample: Any, *recorders: Callable[[Any], 
     return run_stages(pipe, prepare(pipe, sample), accel=accel, seed=seed, until=until, listeners=recorders)
 
 
+def screen_samples(pipe: Pipeline, samples: Sequence[Any], n: int | None = None, min_tokens: int = 64,
+                   cheapest_first: bool = False, prefer: Sequence[str] = (), seed: int = 0
+                   ) -> tuple[dict[str, StageRun], pd.DataFrame]:
+    """Run the SS stage per sample and keep those with at least ``min_tokens`` surface voxels (an
+    empty or near-empty structure leaves nothing for the SLaT stage), until ``n`` are kept.
+    Visiting order: names in ``prefer`` first, then by increasing mask area if ``cheapest_first``
+    (fewer voxels, faster sparse stages), else as given. Returns the kept SS-only runs by name and
+    a table of every visited sample (tokens, kept)."""
+    order = sorted(samples, key=lambda s: int(np.asarray(s.mask).sum())) if cheapest_first else list(samples)
+    rank = {name: i for i, name in enumerate(prefer)}
+    order = sorted(order, key=lambda s: rank.get(s.name, len(rank)))  # stable: keeps the order otherwise
+    kept: dict[str, StageRun] = {}
+    rows = []
+    for s in order:
+        if n is not None and len(kept) >= n:
+            break
+        run = run_stages(pipe, prepare(pipe, s), seed=seed, until="ss")
+        tokens = int(run.ss.coords.shape[0])
+        ok = tokens >= min_tokens
+        rows.append({"object": s.name, "tokens": tokens, "kept": ok})
+        if ok:
+            kept[s.name] = run
+    return kept, pd.DataFrame(rows)
+
+
 # ---------------------------------------------------------------------------------------------
 # small measures
 # ---------------------------------------------------------------------------------------------
@@ -587,6 +612,6 @@ __all__ = [
     "ablation_table", "aggregation_variants", "carving_accel", "cfg_switch_steps", "choose_scales", "extrapolation_error_sweep",
     "extrapolation_error_table", "gt_hfer_row", "gt_voxel_logits", "hfer_row", "layout_drift", "mesh_agreement",
     "mesh_complexity", "method_factories", "occupancy_iou", "prepare", "rel_error", "run_stages", "run_with_recorders",
-    "saliency_ranking", "ss_cache_accel", "ss_cache_run", "ss_dynamics", "token_share_for_energy", "topk_sweep",
+    "saliency_ranking", "screen_samples", "ss_cache_accel", "ss_cache_run", "ss_dynamics", "token_share_for_energy", "topk_sweep",
     "update_concentration", "using_accel", "ycb_names", "ycb_samples",
 ]

@@ -4,7 +4,9 @@ and interactive knobs that still give static output when a notebook runs headles
 Environment:
 
 - ``FS3D_CONFIG``: ``mini`` (default, CPU) or ``full`` (needs CUDA);
-- ``FS3D_QUICK=1``: CI size (few samples, short sweeps) -- see :func:`quick_mode` / :func:`pick`;
+- ``FS3D_QUICK=1``: CI size (few samples, short sweeps, 8 SLaT steps) -- see :func:`quick_mode`,
+  :func:`pick`, :func:`apply_run_size`;
+- ``FS3D_SS_STEPS`` / ``FS3D_SLAT_STEPS``: override the sampler steps (:func:`apply_run_size`);
 - ``FS3D_ALLOW_RANDOM=1``: development only; without shipped weights, use a seeded random-weight
   pipeline whose SS decoder is biased to a sparse occupancy (random weights otherwise fill half the
   grid and the sparse stages crawl). Measurements on it say nothing about the paper's claims.
@@ -139,10 +141,61 @@ def load_pipeline(device: str | torch.device | None = None, config: str | None =
             "random weights.") from exc
 
 
+def set_samplers(pipe: Pipeline, ss_steps: int | None = None, slat_steps: int | None = None) -> Pipeline:
+    """Shorten (or lengthen) the sampler schedules of ``pipe`` in place, keeping their other
+    settings (rescale, CFG); ``None`` keeps a schedule. For CI-sized runs on a CPU: the trained mini
+    model's larger objects have 5-6 k SLaT tokens, and 25 SLaT steps x 2 CFG passes take minutes
+    there. Returns ``pipe``."""
+    from dataclasses import replace
+
+    for name, steps in (("ss_steps", ss_steps), ("slat_steps", slat_steps)):
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+            raise ValueError(f"{name} must be a positive int or None, got {steps!r}")
+    cfg = pipe.config
+    cfg = cfg.with_samplers(replace(cfg.ss_sampler, steps=ss_steps) if ss_steps else None,
+                            replace(cfg.slat_sampler, steps=slat_steps) if slat_steps else None)
+    pipe.config = cfg
+    for stage in (pipe.ss, pipe.slat, pipe.decode):
+        stage.cfg = cfg  # the stages read their sampler schedule from here at run time
+    return pipe
+
+
+#: SLaT steps in quick mode (CI): enough for the step-wise observations, minutes less on a CPU
+QUICK_SLAT_STEPS = 8
+#: shipped samples visited first in quick mode: with ``sam3d-mini`` the smallest non-empty
+#: structures (about 1.2 k and 2.2 k SLaT tokens); the SS screen still checks them
+QUICK_OBJECTS = ("011_banana", "021_bleach_cleanser")
+
+
+def _steps_env(name: str) -> int | None:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return None
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"environment variable {name}={raw!r}: use a positive integer")
+    return int(raw)
+
+
+def run_size_steps() -> tuple[int | None, int | None]:
+    """(SS steps, SLaT steps) for this run: ``FS3D_SS_STEPS`` / ``FS3D_SLAT_STEPS`` when set, else
+    quick mode shortens the SLaT sampler to :data:`QUICK_SLAT_STEPS`; ``None`` = the config's."""
+    ss, slat = _steps_env("FS3D_SS_STEPS"), _steps_env("FS3D_SLAT_STEPS")
+    if slat is None and quick_mode():
+        slat = QUICK_SLAT_STEPS
+    return ss, slat
+
+
+def apply_run_size(pipe: Pipeline) -> Pipeline:
+    """:func:`set_samplers` with :func:`run_size_steps` (a no-op at full size without overrides)."""
+    return set_samplers(pipe, *run_size_steps())
+
+
 def banner(pipe: Pipeline) -> str:
     """One line naming the model, the device and the run size (print it at the top of a notebook)."""
     size = "quick (FS3D_QUICK=1)" if quick_mode() else "full size"
-    line = f"model: {pipe.source} | config {pipe.config.name} | device {pipe.device} | {size}"
+    ss, slat = pipe.config.ss_sampler, pipe.config.slat_sampler
+    line = (f"model: {pipe.source} | config {pipe.config.name} | device {pipe.device} | {size} | "
+            f"samplers: SS {ss.steps} steps (CFG {ss.cfg_strength:g}), SLaT {slat.steps} steps (CFG {slat.cfg_strength:g})")
     if is_random(pipe):
         line += "\nWARNING: random weights -- figures show the machinery, not the paper's observations."
     return line
@@ -182,5 +235,6 @@ def show(fig: Any, path: Path | None = None, dpi: int = 120) -> None:
     plt.close(fig)
 
 
-__all__ = ["CONFIGS", "allow_random", "banner", "config_name", "default_device", "figures_dir", "interact_static",
-           "is_random", "load_pipeline", "pick", "quick_mode", "random_pipeline", "repo_root", "show"]
+__all__ = ["CONFIGS", "QUICK_OBJECTS", "QUICK_SLAT_STEPS", "allow_random", "banner", "config_name", "default_device", "figures_dir", "interact_static",
+           "is_random", "load_pipeline", "pick", "quick_mode", "random_pipeline", "repo_root", "run_size_steps",
+           "apply_run_size", "set_samplers", "show"]

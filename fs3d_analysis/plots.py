@@ -318,27 +318,34 @@ def plot_hfer_vs_complexity(hfer: pd.DataFrame, x: str = "surface_voxels",
     return fig
 
 
-def plot_detail_loss(detail: pd.DataFrame, metric: str = "f_score", title: str | None = None) -> Figure:
-    """Per object: agreement of the aggregated decode with the un-aggregated one for adaptive vs
-    uniform merging (bars; the chosen S written on the adaptive bars), and decoder tokens kept."""
-    _need(detail, ["object", "variant", "S", "tokens_before", "tokens_after", metric], "plot_detail_loss")
+def plot_detail_loss(detail: pd.DataFrame, metrics: Sequence[str] = ("f_score", "chamfer"),
+                     title: str | None = None) -> Figure:
+    """Per object: agreement of the aggregated decode with the un-aggregated one (one panel per
+    metric) for adaptive vs uniform merging (the chosen S written on the adaptive bars), and the
+    share of decoder tokens kept."""
+    _need(detail, ["object", "variant", "S", "tokens_before", "tokens_after", *metrics], "plot_detail_loss")
     d = detail.copy()
     d["tokens_kept"] = d["tokens_after"] / d["tokens_before"]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4.2))
-    sns.barplot(data=d, x="object", y=metric, hue="variant", ax=axes[0])
-    axes[0].set_ylabel({"f_score": "F1@0.05 vs base mesh (%)", "chamfer": "Chamfer vs base mesh"}.get(metric, metric))
+    objects = list(dict.fromkeys(d["object"]))
     variants = list(dict.fromkeys(d["variant"]))
-    for cont, var in zip(axes[0].containers, variants):
-        if var == "adaptive":
-            labels = [f"S={s:g}" for s in d[d["variant"] == var].set_index("object").reindex(
-                list(dict.fromkeys(d["object"])))["S"]]
-            axes[0].bar_label(cont, labels=labels, fontsize=7, padding=2)
-    sns.barplot(data=d, x="object", y="tokens_kept", hue="variant", ax=axes[1], legend=False)
-    axes[1].set_ylabel("decoder tokens kept")
-    for ax in axes:
+    labels = {"f_score": "F1@0.05 vs base mesh (%)", "chamfer": "Chamfer vs base mesh", "tokens_kept": "decoder tokens kept"}
+    cols = [*metrics, "tokens_kept"]
+    fig, axes = plt.subplots(1, len(cols), figsize=(max(4.5, 1.6 * len(objects) + 2) * len(cols), 4.4), squeeze=False)
+    for i, (ax, col) in enumerate(zip(axes[0], cols)):
+        sns.barplot(data=d, x="object", y=col, hue="variant", order=objects, hue_order=variants, ax=ax, legend=i == 0)
+        ax.set_ylabel(labels.get(col, col))
+        if col == "f_score":
+            lo = float(np.nanmin(d[col])) if d[col].notna().any() else 0.0
+            ax.set_ylim(max(0.0, lo - 5), 100.5)
+        for cont, var in zip(ax.containers, variants):
+            if var == "adaptive" and i == 0:
+                s_vals = d[d["variant"] == var].set_index("object").reindex(objects)["S"]
+                ax.bar_label(cont, labels=[f"S={v:g}" for v in s_vals], fontsize=7, padding=2)
         ax.tick_params(axis="x", rotation=30)
         for lab in ax.get_xticklabels():
             lab.set_horizontalalignment("right")
+    if axes[0][0].get_legend() is not None:
+        axes[0][0].legend(fontsize=8, loc="lower left")
     fig.suptitle(title or "Detail loss: adaptive (HFER) vs uniform token aggregation")
     fig.tight_layout()
     return fig

@@ -23,7 +23,8 @@
 # plain run, for K between 5 % and 30 %.
 #
 # Model from `load_pipeline()` (shipped `sam3d-mini`; random weights only with
-# `FS3D_ALLOW_RANDOM=1`, for development). `FS3D_QUICK=1` shrinks the run for CI.
+# `FS3D_ALLOW_RANDOM=1`, for development). `FS3D_QUICK=1` shrinks the run for CI (one object,
+# 8 SLaT steps); `FS3D_SLAT_STEPS` overrides the SLaT schedule.
 
 # %%
 import matplotlib
@@ -35,17 +36,22 @@ import pandas as pd
 from fs3d_analysis import experiments as ex
 from fs3d_analysis import plots
 from fs3d_analysis.data import load_shipped_samples
-from fs3d_analysis.notebook_utils import banner, figures_dir, interact_static, load_pipeline, pick, show
+from fs3d_analysis.notebook_utils import (QUICK_OBJECTS, apply_run_size, banner, figures_dir, interact_static, load_pipeline,
+                                          pick, show)
 from fs3d_analysis.record import SLaTUpdateRecorder
 
 pd.set_option("display.width", 160)
 pd.set_option("display.precision", 4)
 FIG = figures_dir()
-pipe = load_pipeline()
+pipe = apply_run_size(load_pipeline())
 print(banner(pipe))
-samples = list(load_shipped_samples())[: pick(3, 1)]
 KEEPS = pick((0.05, 0.1, 0.15, 0.2, 0.3), (0.05, 0.1, 0.3))
-print("objects:", [s.name for s in samples], "| keep:", KEEPS, "| SLaT steps:", pipe.config.slat_sampler.steps)
+# SS first: objects whose structure is (nearly) empty have nothing to refine; smallest masks first
+# (fewest voxels: SLaT cost grows with the token count, 5-6 k tokens take minutes on a CPU)
+ss_runs, screened = ex.screen_samples(pipe, load_shipped_samples(), n=pick(3, 1), cheapest_first=True,
+                                      prefer=pick((), QUICK_OBJECTS))
+print(screened.to_string(index=False))
+print("objects:", list(ss_runs), "| keep:", KEEPS)
 
 # %% [markdown]
 # ## 1. Per-token updates of the plain sampler
@@ -55,11 +61,12 @@ print("objects:", [s.name for s in samples], "| keep:", KEEPS, "| SLaT steps:", 
 
 # %%
 base, tokens, traces = {}, {}, {}
-for s in samples:
+for name, ss_run in ss_runs.items():
     rec, trace = SLaTUpdateRecorder(compute_freq=True), ex.VelocityTrace()
-    base[s.name] = ex.run_with_recorders(pipe, s, rec, trace)
-    tokens[s.name], traces[s.name] = rec.tokens_frame(run=0), trace
-obj = samples[0].name
+    run = ex.run_stages(pipe, ss_run.inputs, ss=ss_run.ss, listeners=[rec, trace])
+    run.timings["ss"] = ss_run.timings["ss"]
+    base[name], tokens[name], traces[name] = run, rec.tokens_frame(run=0), trace
+obj = next(iter(base))
 tok = tokens[obj]
 n_steps = int(tok["step"].max()) + 1
 STEPS = sorted({1, 2, n_steps // 4, n_steps // 2, 3 * n_steps // 4, n_steps - 1})

@@ -23,7 +23,9 @@
 # merging.
 #
 # Model from `load_pipeline()` (shipped `sam3d-mini`; random weights only with
-# `FS3D_ALLOW_RANDOM=1`, for development). `FS3D_QUICK=1` shrinks the run for CI.
+# `FS3D_ALLOW_RANDOM=1`, for development). `FS3D_QUICK=1` shrinks the run for CI (two objects
+# through the model, 8 SLaT steps, six extra YCB renders); `FS3D_SLAT_STEPS` overrides the SLaT
+# schedule.
 
 # %%
 import matplotlib
@@ -36,18 +38,22 @@ from fs3d_accel.accel import SpectralTokenAggregation
 from fs3d_analysis import experiments as ex
 from fs3d_analysis import plots
 from fs3d_analysis.data import load_shipped_samples
-from fs3d_analysis.notebook_utils import banner, figures_dir, interact_static, load_pipeline, pick, show
+from fs3d_analysis.notebook_utils import (QUICK_OBJECTS, apply_run_size, banner, figures_dir, interact_static, load_pipeline,
+                                          pick, show)
 
 pd.set_option("display.width", 160)
 pd.set_option("display.precision", 3)
 FIG = figures_dir()
-pipe = load_pipeline()
+pipe = apply_run_size(load_pipeline())
 print(banner(pipe))
 shipped = list(load_shipped_samples())
-modelled = shipped[: pick(len(shipped), 3)]
 shipped_names = {s.name for s in shipped}
 extra_names = [n for n in ex.ycb_names() if n not in shipped_names][: pick(None, 6)]
-print("model runs:", [s.name for s in modelled], "| extra YCB renders (ground-truth HFER only):", len(extra_names))
+# SS first: objects whose structure is (nearly) empty have nothing to aggregate
+ss_runs, screened = ex.screen_samples(pipe, shipped, n=pick(None, 2), cheapest_first=True,
+                                      prefer=pick((), QUICK_OBJECTS))
+print(screened.to_string(index=False))
+print("model runs:", list(ss_runs), "| extra YCB renders (ground-truth HFER only):", len(extra_names))
 
 # %% [markdown]
 # ## 1. HFER per object, as the aggregation measures it
@@ -56,7 +62,10 @@ print("model runs:", [s.name for s in modelled], "| extra YCB renders (ground-tr
 # SS occupancy logits) and the factor S it would pick with the defaults (w = 0.9, tau = 0.5 / 0.7).
 
 # %%
-runs = {s.name: ex.run_with_recorders(pipe, s) for s in modelled}
+runs = {}
+for name, ss_run in ss_runs.items():
+    runs[name] = ex.run_stages(pipe, ss_run.inputs, ss=ss_run.ss)
+    runs[name].timings["ss"] = ss_run.timings["ss"]
 hfer = pd.DataFrame([{"object": o, **ex.hfer_row(r.inputs, r.ss)} for o, r in runs.items()])
 show(plots.plot_hfer_distribution(hfer), FIG / "04_hfer_distribution.png")
 hfer[["object", "hfer_2d", "hfer_2d_silhouette", "hfer_3d", "score", "n_tokens", "S"]]
@@ -64,9 +73,13 @@ hfer[["object", "hfer_2d", "hfer_2d_silhouette", "hfer_3d", "score", "n_tokens",
 # %% [markdown]
 # ## 2. Does HFER track object complexity?
 # Model-free check on ground truth: HFER of the rendered mask and of the GT mesh's voxels (at the
-# model's occupancy resolution) against the number of surface voxels of the GT mesh, for the
-# shipped samples and more YCB scans rendered the same way. The model's own 3D HFER (from its
-# predicted occupancy) is the third panel, for the objects that ran through the pipeline.
+# model's occupancy resolution) against a complexity measure of the GT mesh, for the shipped
+# samples and more YCB scans rendered the same way. Complexity = `area_ratio`, the surface area
+# relative to a sphere of the convex hull's volume (1 for a sphere; thin, folded, hollow shapes
+# score high). The count of surface voxels is in the table too, but on normalised meshes it
+# mostly measures bulk (a large box has many surface voxels and little detail). The model's own
+# 3D HFER (from its predicted occupancy) is the third panel, for the objects that ran through the
+# pipeline.
 
 # %%
 res = pipe.config.occupancy_resolution
@@ -74,7 +87,7 @@ extra = ex.ycb_samples(extra_names) if extra_names else []
 gt = pd.DataFrame([{**ex.gt_hfer_row(s, res), "source": "shipped"} for s in shipped]
                   + [{**ex.gt_hfer_row(s, res), "source": "ycb render"} for s in extra])
 gt = gt.merge(hfer[["object", "hfer_3d"]], on="object", how="left")
-show(plots.plot_hfer_vs_complexity(gt, x="surface_voxels", ys=("hfer_2d_gt", "hfer_3d_gt", "hfer_3d")),
+show(plots.plot_hfer_vs_complexity(gt, x="area_ratio", ys=("hfer_2d_gt", "hfer_3d_gt", "hfer_3d")),
      FIG / "04_hfer_vs_complexity.png")
 gt[["hfer_2d_gt", "hfer_2d_silhouette_gt", "hfer_3d_gt", "surface_voxels", "area_ratio"]].corr("spearman").round(2)
 
@@ -94,7 +107,7 @@ detail.pivot_table(index="object", columns="variant", values=["S", "f_score", "c
 # ## 4. Turn the knobs
 # w, tau_low and tau_high change only the decision: S is recomputed from the cached HFER values and
 # the decoder re-runs only for objects whose S is new (decodes are cached per object and S; the
-adaptive and uniform merges share them, both quantise the tokens by S).
+# adaptive and uniform merges share them, both quantise the tokens by S).
 
 # %%
 def draw_aggregation(w: float = 0.9, tau_low: float = 0.5, tau_high: float = 0.7) -> None:

@@ -70,6 +70,12 @@ class AlwaysCrash:
         os._exit(1)
 
 
+@dataclass(frozen=True)
+class BadMethod:
+    def __call__(self):
+        raise ValueError("bad accelerator settings")
+
+
 def merge():
     return make_method("uniform-merge", scale=2.0)
 
@@ -229,6 +235,13 @@ def test_worker_dying_every_time_raises_after_max_retries(pool, tmp_path):
         evaluate_ray_(pool, tmp_path, {"base": AlwaysCrash()}, samples()[1:], max_retries=1)
     assert not (tmp_path / "results.csv").exists()
     assert len(pool.actors) == 2  # dead actors were replaced: the pool is still usable
+
+
+def test_error_in_the_work_propagates_without_retry(pool, tmp_path):
+    started = pool.stats.actors_started
+    with pytest.raises(ValueError, match="bad accelerator settings"):
+        evaluate_ray_(pool, tmp_path, {"base": BadMethod()}, samples()[:1])
+    assert pool.stats.actors_started == started and not (tmp_path / "results.csv").exists()
 
 
 def test_pool_rejects_bad_arguments():

@@ -18,7 +18,7 @@ from fs3d_accel.weights import SHIPPED, WEIGHTS_DIR, sha256
 FOLDER = WEIGHTS_DIR / SHIPPED["sam3d-mini"][0]
 WEIGHTS = FOLDER / "model.safetensors"
 #: F1@0.05 (posed, GT-box normalised, 4000 points) floor for the short-sampler reconstruction of
-#: 011_banana (a small object: ~1000 voxels, fast on CPU). Measured 23.0 when the weights were
+#: 011_banana (a small object: ~1000 voxels, fast on CPU). Measured 24.5 when the weights were
 #: shipped (the mean-shape baseline, which is given the GT layout, scores 26.8; see MODEL_CARD.md);
 #: a random-init model yields no surface. The floor is low because the model is weak.
 F1_FLOOR = 15.0

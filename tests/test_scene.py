@@ -20,8 +20,8 @@ TOL = dict(rtol=1e-4, atol=1e-4)
 
 @pytest.fixture(scope="module")
 def mini_pipe():
-    """The conftest mini pipeline with a sparser SS output (~1% occupied): fewer voxels, faster scenes."""
-    pipe = Pipeline.from_config(fast_mini_config(), seed=0)
+    """The conftest mini pipeline with 2-step samplers and a sparser SS output (~1% occupied): fast."""
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=2), seed=0)
     sparsify_occupancy(pipe, occupied_fraction=0.01)
     return pipe
 
@@ -69,12 +69,18 @@ def test_check_scene_rejects_mixed_or_empty_input():
         reconstruct_scene(None, objs, batch=False, batch_slat=True)
 
 
-@pytest.mark.parametrize("batch_cfg", [False, True])
-def test_batched_ss_equals_per_object_on_the_shipped_scene(mini_pipe, batch_cfg):
-    pipe = mini_pipe
+@pytest.fixture(scope="module")
+def shipped_scene_ss(mini_pipe):
+    """The shipped two-object scene: prepared inputs and the per-object SS outputs (seed 5)."""
     objs = group_scenes(load_shipped_samples())[6]
-    inputs = [pipe.prepare(s.image, s.mask, s.pointmap) for s in objs]
-    ref = [pipe.run_ss(i, seed=5) for i in inputs]
+    inputs = [mini_pipe.prepare(s.image, s.mask, s.pointmap) for s in objs]
+    return inputs, [mini_pipe.run_ss(i, seed=5) for i in inputs]
+
+
+@pytest.mark.parametrize("batch_cfg", [False, True])
+def test_batched_ss_equals_per_object_on_the_shipped_scene(mini_pipe, shipped_scene_ss, batch_cfg):
+    pipe = mini_pipe
+    inputs, ref = shipped_scene_ss
     old = pipe.options
     pipe.options = RunOptions(batch_cfg=batch_cfg)
     try:

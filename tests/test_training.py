@@ -122,6 +122,10 @@ def test_each_stage_runs_one_step_and_checkpoint_round_trips(tmp_path):
     for k, v in pipe2.ss.flow.state_dict().items():
         assert torch.allclose(v, tr.emas["ss.flow"].shadow[k].half().float(), atol=0), k
     assert tr2.stats == stats
+    # export refuses a checkpoint whose SLaT normalisation differs from mini_config's
+    from fs3d_accel.training.export import load_trained_pipeline
+    with pytest.raises(ValueError, match="update fs3d_accel/model/configs.py"):
+        load_trained_pipeline(tmp_path / "ckpt")
 
 
 def test_run_stage_reduces_a_quadratic_and_rejects_nan(tmp_path):
