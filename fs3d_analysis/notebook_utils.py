@@ -6,7 +6,8 @@ Environment:
 - ``FS3D_CONFIG``: ``mini`` (default, CPU) or ``full`` (needs CUDA);
 - ``FS3D_QUICK=1``: CI size (few samples, short sweeps, 8 SLaT steps) -- see :func:`quick_mode`,
   :func:`pick`, :func:`apply_run_size`;
-- ``FS3D_SS_STEPS`` / ``FS3D_SLAT_STEPS``: override the sampler steps (:func:`apply_run_size`);
+- ``FS3D_SS_STEPS`` / ``FS3D_SLAT_STEPS``: override the sampler steps, ``FS3D_THREADS`` the torch
+  CPU threads (:func:`apply_run_size`; quick mode uses one thread);
 - ``FS3D_ALLOW_RANDOM=1``: development only; without shipped weights, use a seeded random-weight
   pipeline whose SS decoder is biased to a sparse occupancy (random weights otherwise fill half the
   grid and the sparse stages crawl). Measurements on it say nothing about the paper's claims.
@@ -185,8 +186,20 @@ def run_size_steps() -> tuple[int | None, int | None]:
     return ss, slat
 
 
+def run_size_threads() -> int | None:
+    """torch CPU threads for this run: ``FS3D_THREADS`` when set, else 1 in quick mode (CI runs on
+    shared, oversubscribed CPUs, where busy-waiting OpenMP threads made a mini-model run 10-16x
+    slower than one thread), else ``None`` (torch's default)."""
+    n = _steps_env("FS3D_THREADS")
+    return 1 if n is None and quick_mode() else n
+
+
 def apply_run_size(pipe: Pipeline) -> Pipeline:
-    """:func:`set_samplers` with :func:`run_size_steps` (a no-op at full size without overrides)."""
+    """:func:`set_samplers` with :func:`run_size_steps`, and ``torch.set_num_threads`` with
+    :func:`run_size_threads` (both no-ops at full size without overrides). Returns ``pipe``."""
+    threads = run_size_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
     return set_samplers(pipe, *run_size_steps())
 
 
@@ -194,7 +207,8 @@ def banner(pipe: Pipeline) -> str:
     """One line naming the model, the device and the run size (print it at the top of a notebook)."""
     size = "quick (FS3D_QUICK=1)" if quick_mode() else "full size"
     ss, slat = pipe.config.ss_sampler, pipe.config.slat_sampler
-    line = (f"model: {pipe.source} | config {pipe.config.name} | device {pipe.device} | {size} | "
+    threads = f" ({torch.get_num_threads()} threads)" if pipe.device.type == "cpu" else ""
+    line = (f"model: {pipe.source} | config {pipe.config.name} | device {pipe.device}{threads} | {size} | "
             f"samplers: SS {ss.steps} steps (CFG {ss.cfg_strength:g}), SLaT {slat.steps} steps (CFG {slat.cfg_strength:g})")
     if is_random(pipe):
         line += "\nWARNING: random weights -- figures show the machinery, not the paper's observations."
@@ -236,5 +250,5 @@ def show(fig: Any, path: Path | None = None, dpi: int = 120) -> None:
 
 
 __all__ = ["CONFIGS", "QUICK_OBJECTS", "QUICK_SLAT_STEPS", "allow_random", "banner", "config_name", "default_device", "figures_dir", "interact_static",
-           "is_random", "load_pipeline", "pick", "quick_mode", "random_pipeline", "repo_root", "run_size_steps",
+           "is_random", "load_pipeline", "pick", "quick_mode", "random_pipeline", "repo_root", "run_size_steps", "run_size_threads",
            "apply_run_size", "set_samplers", "show"]

@@ -30,7 +30,7 @@
 # and pose (3D box IoU, rotation and translation error); see `fs3d_analysis.eval`.
 #
 # Model from `load_pipeline()` (shipped `sam3d-mini`; random weights only with
-# `FS3D_ALLOW_RANDOM=1`, for development). `FS3D_QUICK=1`: one object, 8 SLaT steps.
+# `FS3D_ALLOW_RANDOM=1`, for development). `FS3D_QUICK=1`: two objects, 8 SLaT steps, one CPU thread.
 
 # %%
 import matplotlib
@@ -59,7 +59,7 @@ TIMER = "GPU wall time (cuda-synchronised)" if pipe.device.type == "cuda" else "
 
 # %%
 shipped = list(load_shipped_samples())
-ss_runs, screened = ex.screen_samples(pipe, shipped, n=pick(None, 1), prefer=pick((), QUICK_OBJECTS))
+ss_runs, screened = ex.screen_samples(pipe, shipped, n=pick(None, 2), prefer=pick((), QUICK_OBJECTS))
 print(screened.to_string(index=False))
 samples = [s for s in shipped if s.name in ss_runs]
 steps = f"ss{pipe.config.ss_sampler.steps}-slat{pipe.config.slat_sampler.steps}"

@@ -91,6 +91,13 @@ def test_set_samplers_and_run_size(monkeypatch):
     monkeypatch.setenv("FS3D_SLAT_STEPS", "x")
     with pytest.raises(ValueError, match="FS3D_SLAT_STEPS"):
         nu.run_size_steps()
+    monkeypatch.delenv("FS3D_THREADS", raising=False)
+    assert nu.run_size_threads() == 1
+    monkeypatch.setenv("FS3D_THREADS", "3")
+    assert nu.run_size_threads() == 3
+    monkeypatch.setenv("FS3D_QUICK", "0")
+    monkeypatch.delenv("FS3D_THREADS")
+    assert nu.run_size_threads() is None
 
 
 # ---------------------------------------------------------------------------------------------
