@@ -106,9 +106,10 @@ ablation[["ss", "slat", "mesh", *[m for m in METRICS if m in ablation], "time_to
 # %% [markdown]
 # ## 3. Speed against quality
 # One point per method (filled) and per ablation subset (hollow squares), mean over the objects.
+# The empty and the full subset are the `base` and `fast-sam3d` points.
 
 # %%
-show(plots.plot_speed_quality(summary.drop_duplicates("method"), quality="f_score", time_note=TIMER,
+show(plots.plot_speed_quality(summary[~summary["method"].isin(list(reuse))], quality="f_score", time_note=TIMER,
                               title=f"Speed vs quality ({len(samples)} objects, {SETTING})"),
      FIG / "05_speed_quality.png")
 
