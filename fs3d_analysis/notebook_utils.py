@@ -79,8 +79,11 @@ def repo_root() -> Path:
 
 
 def figures_dir() -> Path:
-    out = repo_root() / "figures"
-    out.mkdir(exist_ok=True)
+    """``FS3D_FIGURES`` (set by ``fs3d reproduce`` so a run never overwrites the committed figures),
+    else the repository's ``figures/``."""
+    env = os.environ.get("FS3D_FIGURES", "").strip()
+    out = Path(env) if env else repo_root() / "figures"
+    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
@@ -209,7 +212,8 @@ def banner(pipe: Pipeline) -> str:
     ss, slat = pipe.config.ss_sampler, pipe.config.slat_sampler
     threads = f" ({torch.get_num_threads()} threads)" if pipe.device.type == "cpu" else ""
     line = (f"model: {pipe.source} | config {pipe.config.name} | device {pipe.device}{threads} | {size} | "
-            f"samplers: SS {ss.steps} steps (CFG {ss.cfg_strength:g}), SLaT {slat.steps} steps (CFG {slat.cfg_strength:g})")
+            f"samplers: SS {ss.steps} steps (CFG {ss.cfg_strength:g}), "
+            f"SLaT {slat.steps} steps (CFG {slat.cfg_strength:g})")
     if is_random(pipe):
         line += "\nWARNING: random weights -- figures show the machinery, not the paper's observations."
     return line
@@ -249,6 +253,8 @@ def show(fig: Any, path: Path | None = None, dpi: int = 120) -> None:
     plt.close(fig)
 
 
-__all__ = ["CONFIGS", "QUICK_OBJECTS", "QUICK_SLAT_STEPS", "allow_random", "banner", "config_name", "default_device", "figures_dir", "interact_static",
-           "is_random", "load_pipeline", "pick", "quick_mode", "random_pipeline", "repo_root", "run_size_steps", "run_size_threads",
-           "apply_run_size", "set_samplers", "show"]
+__all__ = [
+    "CONFIGS", "QUICK_OBJECTS", "QUICK_SLAT_STEPS", "allow_random", "banner", "config_name", "default_device",
+    "figures_dir", "interact_static", "is_random", "load_pipeline", "pick", "quick_mode", "random_pipeline",
+    "repo_root", "run_size_steps", "run_size_threads", "apply_run_size", "set_samplers", "show",
+]
