@@ -45,8 +45,8 @@ from fs3d_analysis.profile import (Workload, count_flops, measure_matmul_peak, p
 from fs3d_analysis.profile import plots
 
 ROOT = Path.cwd() if (Path.cwd() / "fs3d_accel").is_dir() else Path.cwd().parent
-FIG = ROOT / "figures"
-FIG.mkdir(exist_ok=True)
+FIG = Path(os.environ["FS3D_FIGURES"]) if os.environ.get("FS3D_FIGURES") else ROOT / "figures"
+FIG.mkdir(parents=True, exist_ok=True)
 CONFIG = os.environ.get("FS3D_CONFIG", "mini")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if CONFIG == "full" and DEVICE == "cpu":
