@@ -24,7 +24,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from fs3d_accel.accel import SLaTPolicy, SLaTTokenCarving, SpectralTokenAggregation, SSModalityCache, ShadowPolicy, make_method
+from fs3d_accel.accel import (SLaTPolicy, SLaTTokenCarving, SpectralTokenAggregation, SSModalityCache, ShadowPolicy,
+                              make_method)
 from fs3d_accel.accel.slat_carving import saliency, token_freq_scores
 from fs3d_accel.accel.spectral import HFERConfig, hfer_2d, hfer_3d
 from fs3d_accel.mesh import Mesh
@@ -206,7 +207,8 @@ def layout_drift(pred, ref) -> dict[str, float]:
             "scale_ratio": float(np.mean(pred.scale) / np.mean(ref.scale))}
 
 
-def mesh_agreement(pred: Mesh, ref: Mesh, n_points: int = 5000, threshold: float = 0.05, seed: int = 0) -> dict[str, float]:
+def mesh_agreement(pred: Mesh, ref: Mesh, n_points: int = 5000, threshold: float = 0.05,
+                   seed: int = 0) -> dict[str, float]:
     """Chamfer distance and F1@``threshold`` (%) of ``pred`` against ``ref``, both mapped by the
     reference's bounding-box normalisation; NaN when either mesh is empty. (No volumetric IoU: it
     needs watertight meshes and is slow on noisy ones.)"""
@@ -475,7 +477,8 @@ def gt_hfer_row(sample: Any, resolution: int = 32, cfg: HFERConfig | None = None
     h2 = hfer_2d(torch.as_tensor(sample.mask), cfg, image)
     h3 = hfer_3d(gt_voxel_logits(sample.mesh, resolution), cfg)
     return {"object": sample.name, "hfer_2d_gt": h2, "hfer_3d_gt": h3, "score_gt": w * h2 + (1 - w) * h3,
-            "hfer_2d_silhouette_gt": hfer_2d(torch.as_tensor(sample.mask), cfg), **mesh_complexity(sample.mesh, resolution)}
+            "hfer_2d_silhouette_gt": hfer_2d(torch.as_tensor(sample.mask), cfg),
+            **mesh_complexity(sample.mesh, resolution)}
 
 
 def ycb_names() -> list[str]:
@@ -544,7 +547,8 @@ class DecodeCache:
                 st = run.decode.decoder_state
                 rows.append({"object": obj, "variant": name, "S": float(st.info.get("S", st.scale)),
                              "tokens_before": len(base.slat.coords), "tokens_after": run.decode.num_tokens,
-                             "time_decode": run.timings["decode"], "time_decode_base": base.timings.get("decode", math.nan),
+                             "time_decode": run.timings["decode"],
+                             "time_decode_base": base.timings.get("decode", math.nan),
                              **mesh_agreement(run.mesh, base.mesh)})
         return pd.DataFrame(rows)
 
@@ -608,10 +612,11 @@ def ablation_table(summary: pd.DataFrame) -> pd.DataFrame:
 
 
 __all__ = [
-    "ABLATION_PARTS", "DecodeCache", "PAPER_METHODS", "StageRun", "VelocityTrace", "ablation_factories", "ablation_label",
-    "ablation_table", "aggregation_variants", "carving_accel", "cfg_switch_steps", "choose_scales", "extrapolation_error_sweep",
-    "extrapolation_error_table", "gt_hfer_row", "gt_voxel_logits", "hfer_row", "layout_drift", "mesh_agreement",
-    "mesh_complexity", "method_factories", "occupancy_iou", "prepare", "rel_error", "run_stages", "run_with_recorders",
-    "saliency_ranking", "screen_samples", "ss_cache_accel", "ss_cache_run", "ss_dynamics", "token_share_for_energy", "topk_sweep",
-    "update_concentration", "using_accel", "ycb_names", "ycb_samples",
+    "ABLATION_PARTS", "DecodeCache", "PAPER_METHODS", "StageRun", "VelocityTrace", "ablation_factories",
+    "ablation_label", "ablation_table", "aggregation_variants", "carving_accel", "cfg_switch_steps",
+    "choose_scales", "extrapolation_error_sweep", "extrapolation_error_table", "gt_hfer_row", "gt_voxel_logits",
+    "hfer_row", "layout_drift", "mesh_agreement", "mesh_complexity", "method_factories", "occupancy_iou", "prepare",
+    "rel_error", "run_stages", "run_with_recorders", "saliency_ranking", "screen_samples", "ss_cache_accel",
+    "ss_cache_run", "ss_dynamics", "token_share_for_energy", "topk_sweep", "update_concentration", "using_accel",
+    "ycb_names", "ycb_samples",
 ]

@@ -328,9 +328,10 @@ def plot_detail_loss(detail: pd.DataFrame, metrics: Sequence[str] = ("f_score", 
     d["tokens_kept"] = d["tokens_after"] / d["tokens_before"]
     objects = list(dict.fromkeys(d["object"]))
     variants = list(dict.fromkeys(d["variant"]))
-    labels = {"f_score": "F1@0.05 vs base mesh (%)", "chamfer": "Chamfer vs base mesh", "tokens_kept": "decoder tokens kept"}
+    labels = {"f_score": "F1@0.05 vs base mesh (%)", "chamfer": "Chamfer vs base mesh",
+              "tokens_kept": "decoder tokens kept"}
     cols = [*metrics, "tokens_kept"]
-    fig, axes = plt.subplots(1, len(cols), figsize=(max(4.5, 1.6 * len(objects) + 2) * len(cols), 4.4), squeeze=False)
+    fig, axes = plt.subplots(1, len(cols), figsize=(min(6.5, 0.9 * len(objects) + 2.5) * len(cols), 4.4), squeeze=False)
     for i, (ax, col) in enumerate(zip(axes[0], cols)):
         sns.barplot(data=d, x="object", y=col, hue="variant", order=objects, hue_order=variants, ax=ax, legend=i == 0)
         ax.set_ylabel(labels.get(col, col))

@@ -66,6 +66,11 @@ dyn = ex.ss_dynamics(rec.to_frame())
 CFG_SWITCH = ex.cfg_switch_steps(pipe.config.ss_sampler)
 print("classifier-free guidance switches at steps", CFG_SWITCH)
 show(plots.plot_ss_velocity_dynamics(dyn, marks=CFG_SWITCH), FIG / "02_ss_velocity_dynamics.png")
+calm = dyn[(dyn["step"] > 0) & ~dyn["step"].isin([s + d for s in CFG_SWITCH for d in (0, 1)])]
+med = calm.groupby("role")["rel_dv"].median()
+print(f"median relative change per step (CFG switch excluded): shape {med['shape']:.3g}, layout {med['layout']:.3g} -> "
+      + ("shape is smoother, as the paper observes" if med["shape"] < med["layout"]
+         else "layout is smoother: the paper's premise does not hold on this model"))
 dyn[dyn["step"] > 0].groupby(["role", "modality"])[["rel_dv", "cos_prev"]].median()
 
 # %% [markdown]

@@ -87,6 +87,9 @@ show(plots.plot_update_scatter3d(tok, n_steps // 2, "dv_norm", title=f"{obj}: A 
 # %%
 conc = pd.concat([ex.update_concentration(t).assign(object=o) for o, t in tokens.items()], ignore_index=True)
 show(plots.plot_energy_concentration(conc), FIG / "03_energy_concentration.png")
+a = conc[conc["key"] == "dv_norm"].groupby("energy")["token_share"].median()
+print("share of tokens holding 50 / 80 / 90 % of the change energy (median over steps):",
+      " / ".join(f"{a[e]:.0%}" for e in (0.5, 0.8, 0.9)), "(uniform: 50 / 80 / 90 %)")
 conc.groupby(["key", "energy"])["token_share"].median().unstack()
 
 # %% [markdown]
@@ -98,6 +101,8 @@ conc.groupby(["key", "energy"])["token_share"].median().unstack()
 # %%
 rank = pd.concat([ex.saliency_ranking(tr).assign(object=o) for o, tr in traces.items()], ignore_index=True)
 show(plots.plot_saliency_ranking(rank), FIG / "03_saliency_ranking.png")
+m = rank.groupby("signal")["spearman"].mean()
+print("mean Spearman with the next update: " + ", ".join(f"{k} {m[k]:.2f}" for k in ("J", "A", "M", "S_freq", "random")))
 rank.groupby("signal")[["spearman", "topk_recall"]].mean().sort_values("spearman", ascending=False)
 
 # %% [markdown]
@@ -106,6 +111,12 @@ rank.groupby("signal")[["spearman", "topk_recall"]].mean().sort_values("spearman
 # error of the final structured latent and the mesh's agreement with the plain run. Times are
 # wall-clock on this device (CPU wall time on a laptop; small token counts make the saving small
 # there).
+#
+# How to read the error: `compute(active)` runs the SLaT network on the recomputed tokens as a
+# sparse tensor of their own (their attention and sparse convolutions see only each other), and
+# frozen tokens reuse v_{s-1}. So two errors add up: the staleness of the frozen tokens and the
+# missing context of the recomputed ones; a larger K can raise the second faster than it lowers
+# the first.
 
 # %%
 topk = pd.concat([ex.topk_sweep(pipe, run, KEEPS).assign(object=o) for o, run in base.items()], ignore_index=True)

@@ -21,7 +21,7 @@ from fs3d_accel.seams import Accelerator, StepEvent
 from fs3d_analysis import experiments as ex
 from fs3d_analysis import notebook_utils as nu
 from fs3d_analysis import plots
-from fs3d_analysis.record import SLaTUpdateRecorder, SSTrajectoryRecorder
+from fs3d_analysis.record import SLaTUpdateRecorder
 
 
 @pytest.fixture(scope="module")
@@ -286,7 +286,8 @@ def test_decode_cache_and_variants(mini_pipe, base_run):
     run, _, _ = base_run
     hfer = pd.DataFrame([{"object": "o", **ex.hfer_row(run.inputs, run.ss)}])
     cache = ex.DecodeCache(mini_pipe, {"o": run})
-    variants = {"identity": lambda o: ("S=1", UniformTokenMerge(scale=1.0)), **ex.aggregation_variants(hfer, uniform=(2.0,))}
+    variants = {"identity": lambda o: ("S=1", UniformTokenMerge(scale=1.0)),
+                **ex.aggregation_variants(hfer, uniform=(2.0,))}
     d = cache.compare(variants).set_index("variant")
     assert d.loc["identity", "f_score"] == 100.0 and d.loc["identity", "tokens_after"] == len(run.slat.coords)
     assert d.loc["uniform S=2", "tokens_after"] < len(run.slat.coords)
@@ -334,15 +335,16 @@ def test_plots_draw_and_check_columns(base_run):
                                        "cos_prev": [np.nan, np.nan, 0.9, 0.5, 0.99, 0.2], "role": "x"}))
     err = pd.DataFrame({"k": [2, 3, 2, 3], "mode": ["paper"] * 2 + ["released"] * 2, "modality": "shape",
                         "rel_err_mean": [0.1, 0.2, 0.1, 0.3]})
-    drift = pd.DataFrame({"k": [2, 4], "mode": "paper", "rotation_error_deg": [1.0, 2], "translation_error_rel": [0.1, 0.2],
-                          "occupancy_iou": [0.9, 0.8]})
+    drift = pd.DataFrame({"k": [2, 4], "mode": "paper", "rotation_error_deg": [1.0, 2],
+                          "translation_error_rel": [0.1, 0.2], "occupancy_iou": [0.9, 0.8]})
     step_err = pd.DataFrame({"step": [0, 1], "modality": "shape", "rel_err": [0.0, 0.1],
                              "decision": ["computed", "extrapolated"]})
     tok = _tokens_frame()
     hfer = pd.DataFrame({"object": ["a", "b", "c"], "hfer_2d": [0.2, 0.5, 0.8], "hfer_3d": [0.3, 0.6, 0.9],
                          "score": [0.2, 0.5, 0.8], "area_ratio": [1.0, 1.5, 2.0], "hfer_2d_gt": [0.1, 0.4, 0.9]})
     detail = pd.DataFrame({"object": ["a", "a"], "variant": ["adaptive", "uniform S=2"], "S": [1.5, 2.0],
-                           "tokens_before": 10, "tokens_after": [6, 4], "f_score": [99.0, 95.0], "chamfer": [0.01, 0.02]})
+                           "tokens_before": 10, "tokens_after": [6, 4], "f_score": [99.0, 95.0],
+                           "chamfer": [0.01, 0.02]})
     summary = pd.DataFrame({"method": ["base", "fast-sam3d", "ablation:ss"], "speedup": [1.0, 2.0, 1.3],
                             "f_score": [50.0, 48.0, 49.0]})
     figs = [plots.plot_ss_velocity_dynamics(dyn, marks=[1]), plots.plot_extrapolation_error_vs_k(err),
@@ -350,8 +352,8 @@ def test_plots_draw_and_check_columns(base_run):
             plots.plot_update_slices(tok, [1, 2]), plots.plot_update_scatter3d(tok, 1),
             plots.plot_energy_concentration(ex.update_concentration(tok)),
             plots.plot_saliency_ranking(ex.saliency_ranking(trace)),
-            plots.plot_topk_tradeoff(pd.DataFrame({"keep": [0.1, 0.2], "slat_rel_err": [0.2, 0.1], "time_slat": [1.0, 2],
-                                                   "time_slat_base": 3.0})),
+            plots.plot_topk_tradeoff(pd.DataFrame({"keep": [0.1, 0.2], "slat_rel_err": [0.2, 0.1],
+                                                   "time_slat": [1.0, 2], "time_slat_base": 3.0})),
             plots.plot_hfer_distribution(hfer), plots.plot_hfer_vs_complexity(hfer, x="area_ratio", ys=("hfer_2d_gt",)),
             plots.plot_detail_loss(detail), plots.plot_speed_quality(summary, time_note="CPU wall time")]
     assert all(isinstance(f, matplotlib.figure.Figure) for f in figs)
