@@ -18,7 +18,7 @@ reproduce: setup
 	$(VENV)/bin/fs3d reproduce
 
 test: setup
-	FS3D_QUICK=1 MPLBACKEND=Agg $(PY) -m pytest -q -n 2 --nbmake --nbmake-timeout=1800 notebooks tests
+	FS3D_QUICK=1 MPLBACKEND=Agg OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --nbmake --nbmake-timeout=1800 notebooks tests
 
 notebooks: setup
 	$(PY) -m jupytext --sync notebooks/*.py

@@ -71,6 +71,12 @@ def score(result: Result, sample) -> dict[str, float]:
     return {**sm, **{k: lm[k] for k in ("box_iou_3d", "rotation_error_deg", "translation_error")}}
 
 
+def failed_scores() -> dict[str, float]:
+    """Metrics of a run that produced no mesh: F1, vIoU and box IoU 0; distances undefined."""
+    return {"chamfer": float("nan"), "f_score": 0.0, "volume_iou": 0.0, "box_iou_3d": 0.0,
+            "rotation_error_deg": float("nan"), "translation_error": float("nan")}
+
+
 def run_one(pipe: Pipeline, sample, accel: Accelerator | None, seed: int) -> tuple[Result, dict]:
     """Run one object with one accelerator; returns the result and its table row (without keys)."""
     counter = DecisionCounter()
@@ -106,9 +112,18 @@ def evaluate(pipe: Pipeline, samples: Sequence, methods: Mapping[str, Callable[[
     finished = set(map(tuple, done[KEY].astype(str).values.tolist())) if len(done) else set()
     todo = [(s, m) for s in samples for m in methods if (s.name, m, setting) not in finished]
     for sample, method in tqdm(todo, desc=f"eval {setting}", disable=not progress):
-        result, row = run_one(pipe, sample, methods[method](), seed)
+        try:
+            result, row = run_one(pipe, sample, methods[method](), seed)
+        except ValueError as exc:
+            # e.g. the SS stage found no occupied voxel (thin objects on a weak model): a failed
+            # reconstruction scores 0 (not NaN, which would silently drop it from the means)
+            row = {"object": sample.name, "method": method, "setting": setting, **failed_scores(),
+                   "error": f"{type(exc).__name__}: {exc}", "device": str(pipe.device),
+                   "config": pipe.config.name, "seed": seed}
+            pd.DataFrame([row]).to_csv(csv, mode="a", header=not csv.is_file(), index=False)
+            continue
         row = {"object": sample.name, "method": method, "setting": setting, **score(result, sample), **row,
-               "device": str(pipe.device), "config": pipe.config.name, "seed": seed}
+               "error": "", "device": str(pipe.device), "config": pipe.config.name, "seed": seed}
         pd.DataFrame([row]).to_csv(csv, mode="a", header=not csv.is_file(), index=False)
         if on_result is not None:
             on_result(method, sample, result)

@@ -32,3 +32,18 @@ def test_ablation_has_eight_distinct_subsets():
     flags = {(a.ss_policy is not None, a.slat_policy is not None, a.decoder_transform is not None)
              for a in (f() for f in facs.values())}
     assert len(flags) == 8
+
+
+def test_failed_reconstruction_is_a_zero_row_not_a_crash(tmp_path, mini_pipe):
+    samples = list(load_shipped_samples())[:1]
+
+    class EmptyStructure:
+        def velocity(self, ctx, compute):
+            raise ValueError("the SS stage produced no occupied voxel")
+
+    from fs3d_accel.seams import Accelerator
+    table = evaluate(mini_pipe, samples, {"broken": lambda: Accelerator(ss_policy=EmptyStructure())}, tmp_path,
+                     progress=False)
+    row = table.iloc[0]
+    assert row["f_score"] == 0.0 and row["volume_iou"] == 0.0
+    assert "no occupied voxel" in row["error"]
