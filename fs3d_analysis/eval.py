@@ -112,8 +112,9 @@ def evaluate(pipe: Pipeline, samples: Sequence, methods: Mapping[str, Callable[[
     finished = set(map(tuple, done[KEY].astype(str).values.tolist())) if len(done) else set()
     todo = [(s, m) for s in samples for m in methods if (s.name, m, setting) not in finished]
     for sample, method in tqdm(todo, desc=f"eval {setting}", disable=not progress):
+        accel = methods[method]()  # bad method settings raise here, before any run
         try:
-            result, row = run_one(pipe, sample, methods[method](), seed)
+            result, row = run_one(pipe, sample, accel, seed)
         except ValueError as exc:
             # e.g. the SS stage found no occupied voxel (thin objects on a weak model): a failed
             # reconstruction scores 0 (not NaN, which would silently drop it from the means)
