@@ -38,8 +38,7 @@ from .record import SSTrajectoryRecorder
 
 STAGE_ORDER = ("ss", "slat", "decode")
 #: the methods of the paper's comparison table, in table order
-PAPER_METHODS = ("base", "fast-sam3d", "fast-sam3d-released", "taylorseer", "easycache", "random-drop",
-                 "uniform-merge", "fast3dcache")
+from fs3d_analysis.eval import PAPER_METHODS, method_factories  # noqa: E402  (one registry of the paper's methods)
 ABLATION_PARTS = ("ss", "slat", "mesh")
 
 
@@ -576,11 +575,6 @@ def aggregation_variants(hfer: pd.DataFrame, agg: SpectralTokenAggregation | Non
 # ---------------------------------------------------------------------------------------------
 # 05: methods and ablation
 # ---------------------------------------------------------------------------------------------
-
-
-def method_factories(names: Sequence[str] = PAPER_METHODS) -> dict[str, Callable[[], Accelerator]]:
-    """Factories for :func:`fs3d_analysis.eval.evaluate` (fresh accelerator per object)."""
-    return {n: (lambda n=n: make_method(n)) for n in names}
 
 
 def ablation_label(parts: Iterable[str]) -> str:
