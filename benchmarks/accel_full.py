@@ -98,6 +98,7 @@ def main() -> None:
             xyz = torch.unique(xyz * res // 64, dim=0)
         return torch.cat([torch.zeros_like(xyz[:, :1]), xyz], 1).to(torch.int32).to(dev)
 
+    import pandas as pd
     rows = []
     with torch.no_grad():
         pipe.with_accel(None)
@@ -113,9 +114,9 @@ def main() -> None:
                                  slat_full_steps=sum(d in ("computed", "carved") for d, _ in trace.slat),
                                  time_ss=med[0], time_slat=med[1], time_decode_net=med[2], time_total=sum(med)))
                 print(f"{obj:22s} {trace.method:22s} " + " ".join(f"{v:.3f}" for v in med), flush=True)
+            pd.DataFrame(rows).to_csv(out / "accel_full_partial.csv", index=False)  # a killed run keeps its rows
         pipe.with_accel(None)
 
-    import pandas as pd
     df = pd.DataFrame(rows)
     base = df[df.method == "base"].set_index("object")["time_total"]
     df["speedup"] = df["object"].map(base) / df["time_total"]
