@@ -18,10 +18,11 @@ from fs3d_accel.weights import SHIPPED, WEIGHTS_DIR, sha256
 FOLDER = WEIGHTS_DIR / SHIPPED["sam3d-mini"][0]
 WEIGHTS = FOLDER / "model.safetensors"
 #: F1@0.05 (posed, GT-box normalised, 4000 points) floor for the short-sampler reconstruction of
-#: 011_banana (a small object: ~1000 voxels, fast on CPU). Measured 24.5 when the weights were
-#: shipped (the mean-shape baseline, which is given the GT layout, scores 26.8; see MODEL_CARD.md);
-#: a random-init model yields no surface. The floor is low because the model is weak.
-F1_FLOOR = 15.0
+#: 011_banana (a small object: ~2400 voxels, fast on CPU). Measured 51.5 with the run-3 weights
+#: (49.9-55.3 over seeds 0-2; the run-2 weights scored 24.5); the mean-shape baseline, which is given
+#: the GT layout, scores 26.8 (see MODEL_CARD.md), so the floor asks for clearly more than that with
+#: a wide margin below the measured value. A random-init model yields no surface.
+F1_FLOOR = 35.0
 SAMPLE = "011_banana"
 
 pytestmark = pytest.mark.skipif(not WEIGHTS.is_file(), reason=f"shipped weights absent: {WEIGHTS}")

@@ -1,4 +1,5 @@
-"""Training-curve figure (loss per stage against step) from ``train_log.csv``."""
+"""Training-curve figure (loss per stage against step) from ``train_log.csv``, optionally followed by
+a continuation run's log (its steps appended after the first run's last step, resume point marked)."""
 from __future__ import annotations
 
 import csv
@@ -18,11 +19,25 @@ def read_log(path: str | Path) -> dict[str, list[tuple[int, float]]]:
     return out
 
 
-def plot_curves(log_csv: str | Path, out_png: str | Path, title: str = "sam3d-mini training") -> Path:
+def last_steps(path: str | Path) -> dict[str, int]:
+    """Steps each stage ran in a log (its ``end`` row, else its last logged step)."""
+    out: dict[str, int] = {}
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            out[row["stage"]] = max(out.get(row["stage"], 0), int(row["step"]))
+    return out
+
+
+def plot_curves(log_csv: str | Path, out_png: str | Path, title: str = "sam3d-mini training",
+                continuation: str | Path | None = None, continuation_label: str = "continuation") -> Path:
+    """``continuation``: log of a run resumed from ``log_csv``'s checkpoint; its stages are drawn after
+    the first run's last step of the same stage, with a dashed line at the resume point."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     data = read_log(log_csv)
+    cont = read_log(continuation) if continuation is not None else {}
+    offsets = last_steps(log_csv)
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.4))
     for ax, stage in zip(axes, STAGE_TITLES):
         pts = data.get(stage, [])
@@ -30,6 +45,13 @@ def plot_curves(log_csv: str | Path, out_png: str | Path, title: str = "sam3d-mi
             s, l = zip(*pts)
             ax.plot(s, l, lw=1.2)
             ax.set_yscale("log")
+        if cont.get(stage):
+            off = offsets.get(stage, 0)
+            s, l = zip(*cont[stage])
+            ax.plot([off + x for x in s], l, lw=1.2, color="tab:orange", label=continuation_label)
+            ax.axvline(off, color="k", ls="--", lw=0.8)
+            ax.set_yscale("log")
+            ax.legend(fontsize=8)
         ax.set_title(STAGE_TITLES[stage], fontsize=9)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
