@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trials", type=int, default=20)
     p.add_argument("--max-f1-drop", type=float, default=0.5)
     p.add_argument("--out", default="runs/calibrate")
+    p.add_argument("--ray", action="store_true", help="measure each trial's objects in parallel on Ray actors (one "
+                   "model replica each: one per GPU with --device cuda, else one per CPU)")
+    p.add_argument("--workers", type=int, default=None, help="number of Ray actors (default: GPUs or CPUs)")
     p.set_defaults(fn=cmd_calibrate)
     return ap
 

@@ -22,7 +22,10 @@ device (a laptop CPU or one GPU), so Optuna's in-process ``study.optimize`` need
 scheduler; its TPE sampler handles the conditional range (tau_high > tau_low) by define-by-run,
 supports constraints and multi-objective search (TPE, NSGA-II) for the Pareto front; and an SQLite
 RDB storage in ``out_dir`` makes an interrupted calibration resume where it stopped. Ray Tune would
-add a Ray runtime for parallelism that one device cannot use.
+add a Ray runtime for parallelism that one device cannot use. What does parallelise is the objects
+of one trial: ``measure_fn`` (``fs3d calibrate --ray [--workers N]``) measures them on Ray actors, one
+model replica each (:class:`fs3d_analysis.distributed.RayMeasurePool`), while the trials stay sequential
+in the one study.
 
 Outputs in ``out_dir``: ``study.db`` (Optuna storage), ``base.csv`` (the base run, computed once),
 ``trials.csv`` (one row per trial), ``trial_objects.csv`` (one row per trial x object),
@@ -41,7 +44,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -378,15 +381,17 @@ def _fingerprint(pipe, samples: Sequence, seed: int, quality: str) -> dict[str, 
             "model": str(getattr(pipe, "source", "?"))}
 
 
-def _base_table(pipe, samples: Sequence, out: Path, seed: int, quality: str, warmup: bool = True) -> pd.DataFrame:
-    """The base run, cached in ``base.csv`` (+ ``base.json`` with what it was computed for)."""
+def _base_table(pipe, samples: Sequence, out: Path, seed: int, quality: str, warmup: bool = True,
+                measure_fn: Callable[..., pd.DataFrame] | None = None) -> pd.DataFrame:
+    """The base run, cached in ``base.csv`` (+ ``base.json`` with what it was computed for);
+    measured by ``measure_fn`` (default :func:`measure`)."""
     csv, meta = out / "base.csv", out / "base.json"
     fp = _fingerprint(pipe, samples, seed, quality)
     if csv.is_file() and meta.is_file() and json.loads(meta.read_text()) == fp:
         return pd.read_csv(csv)
     if warmup:
         run_warmup(pipe, samples[0], seed)
-    base = measure(pipe, samples, None, seed, quality)
+    base = (measure if measure_fn is None else measure_fn)(pipe, samples, None, seed, quality)
     base.to_csv(csv, index=False)
     meta.write_text(json.dumps(fp))
     return base
@@ -463,14 +468,21 @@ def calibrate(pipe, samples: Sequence, space: SearchSpace | None = None,
               out_dir: str | Path = "runs/calibrate", seed: int = 0, *, objective: str = "wall",
               quality: str = "fast", sampler: str = "tpe", dataset_name: str = "custom",
               enqueue_defaults: bool = True, figure_paths: Sequence[str | Path] = (),
-              warmup: bool = True, progress: bool = False) -> CalibrationResult:
+              warmup: bool = True, progress: bool = False,
+              measure_fn: Callable[..., pd.DataFrame] | None = None) -> CalibrationResult:
     """Search ``space`` for the fastest setting that meets ``constraint`` on ``samples``.
 
     ``n_trials`` is the total the study should hold: a rerun on the same ``out_dir`` resumes (finished
     trials are kept in ``study.db``) and only runs what is missing. ``objective``: ``"wall"`` (measured
     wall time) or ``"passes"`` (network-pass equivalents). ``enqueue_defaults`` makes the first trial
     the paper's setting (moved into the ranges). ``figure_paths``: extra copies of the Pareto plot.
-    ``warmup``: one untimed plain run before the timed base run.
+    ``warmup``: one untimed plain run (of ``pipe``, in this process) before the timed base run.
+    ``measure_fn(pipe, samples, accel, seed, quality)`` measures the base and every trial and returns
+    :func:`measure`'s table; ``None`` (default) is :func:`measure` itself, serially in this process.
+    ``RayMeasurePool(...).measure`` (:mod:`fs3d_analysis.distributed`) measures a trial's objects in
+    parallel on Ray actors; warm its actors with ``pool.warmup`` for a wall-time objective (then
+    ``warmup=False``: the local run would only warm ``pipe``). ``measure_fn`` is not part of the stored
+    settings, so a study can be resumed with either.
     """
     import optuna
 
@@ -484,6 +496,11 @@ def calibrate(pipe, samples: Sequence, space: SearchSpace | None = None,
         raise TypeError(f"n_trials must be an int, got {n_trials!r}")
     if n_trials < 1:
         raise ValueError(f"n_trials must be >= 1, got {n_trials}")
+    if measure_fn is None:
+        measure_fn = measure  # looked up per call (tests replace the module's measure)
+    elif not callable(measure_fn):
+        raise TypeError(f"measure_fn must be callable like measure(pipe, samples, accel, seed, quality), "
+                        f"got {type(measure_fn).__name__}")
     samples = list(samples)
     if not samples:
         raise ValueError("calibrate needs at least one sample")
@@ -513,7 +530,7 @@ def calibrate(pipe, samples: Sequence, space: SearchSpace | None = None,
             diff = sorted(k for k in setup if stored.get(k) != setup[k])
             raise ValueError(f"{out} holds a calibration with different settings ({diff}); use another out_dir")
 
-        base = _base_table(pipe, samples, out, seed, quality, warmup)
+        base = _base_table(pipe, samples, out, seed, quality, warmup, measure_fn)
 
         def write_tables(*_: Any) -> None:
             trials, objs = _trial_rows(study, space, constraint, objective)
@@ -523,7 +540,7 @@ def calibrate(pipe, samples: Sequence, space: SearchSpace | None = None,
         def objective_fn(trial) -> tuple[float, float]:
             params = space.suggest(trial)
             acc = space.build(params)
-            table = measure(pipe, samples, acc, seed, quality)
+            table = measure_fn(pipe, samples, acc, seed, quality)
             agg = compare(base, table)
             trial.set_user_attr("aggregates", agg)
             trial.set_user_attr("method", acc.name)
@@ -649,7 +666,11 @@ def quantile_thresholds(values: Sequence[float], n_options: int) -> tuple[float,
 
 
 def main(args) -> int:
-    """``fs3d calibrate``: search the default space on a dataset; writes ``<out>/`` (module docstring)."""
+    """``fs3d calibrate``: search the default space on a dataset; writes ``<out>/`` (module docstring).
+
+    ``--ray`` measures each trial's objects on Ray actors (``--workers N``; default one per GPU with
+    ``--device cuda``, else one per CPU), warmed up once before the search.
+    """
     from fs3d_accel.cli import _load_pipeline
     from fs3d_analysis.eval import load_dataset
 
@@ -657,11 +678,31 @@ def main(args) -> int:
                                    max_viou_drop=getattr(args, "max_viou_drop", QualityConstraint.max_viou_drop))
     if args.trials < 1:
         raise SystemExit(f"--trials must be >= 1, got {args.trials}")
+    use_ray, workers = bool(getattr(args, "ray", False)), getattr(args, "workers", None)
+    if workers is not None and not use_ray:
+        raise SystemExit(f"--workers {workers} needs --ray (it is the number of Ray actors)")
+    if workers is not None and workers < 1:
+        raise SystemExit(f"--workers must be >= 1, got {workers}")
+    if use_ray:
+        from fs3d_analysis.distributed import ray_available
+        if not ray_available():
+            raise SystemExit("--ray needs ray: pip install 'fs3d[ray]' (or pip install ray)")
     pipe = _load_pipeline(args)
     samples = load_dataset(args.dataset, getattr(args, "limit", None))
+    seed, objective = getattr(args, "seed", 0), "wall"
+    kw = dict(n_trials=args.trials, out_dir=args.out, seed=seed, objective=objective, dataset_name=args.dataset,
+              progress=True)
     t0 = time.perf_counter()
-    res = calibrate(pipe, samples, SearchSpace(), constraint, n_trials=args.trials, out_dir=args.out,
-                    seed=getattr(args, "seed", 0), dataset_name=args.dataset, progress=True)
+    if use_ray:
+        from fs3d_analysis.distributed import CliPipeFactory, RayMeasurePool
+        with RayMeasurePool(CliPipeFactory.from_args(args), workers,
+                            use_gpu=str(args.device).startswith("cuda")) as pool:
+            print(f"measuring on {pool.pool.num_workers} Ray workers ({pool.pool.device})")
+            if objective == "wall" and samples:
+                pool.warmup(samples[0], seed)  # every actor; the driver's pipe measures nothing
+            res = calibrate(pipe, samples, SearchSpace(), constraint, warmup=False, measure_fn=pool.measure, **kw)
+    else:
+        res = calibrate(pipe, samples, SearchSpace(), constraint, **kw)
     cols = ["trial", *SearchSpace().names, "speedup_wall", "speedup_passes", "f1_drop", "viou_drop", "feasible"]
     print(res.trials[[c for c in cols if c in res.trials]].to_string(index=False, float_format=lambda x: f"{x:.4g}"))
     print(f"{len(res.trials)} trials in {time.perf_counter() - t0:.0f} s; table {res.csv_path}, plot {res.pareto_path}")
