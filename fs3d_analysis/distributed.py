@@ -18,9 +18,11 @@ each result once, when it arrives, so nothing is lost or duplicated.
   exactly like ``evaluate`` (pairs already in ``results.csv`` are skipped), and the two harnesses can
   resume each other's files.
 * :class:`RayMeasurePool`: a drop-in for :func:`fs3d_analysis.calibrate.measure` with the objects of a
-  trial measured in parallel (see its docstring for wiring ``fs3d calibrate --ray``).
+  trial measured in parallel; ``fs3d calibrate --ray`` and ``calibrate(..., measure_fn=pool.measure)``.
 * :func:`reconstruct_scenes_ray`: :func:`fs3d_analysis.scene.reconstruct_scene` per scene, scenes
   spread over the actors; one row of per-scene times per scene.
+* :func:`reconstruct_scene_split`: one scene's objects spread over the actors (one batched share per
+  GPU), for the per-scene time of a single large scene.
 
 Ray is optional (``pip install fs3d[ray]``); everything here raises a clear ImportError without it.
 """
@@ -296,18 +298,17 @@ def _finished(csv: Path) -> set[tuple[str, str, str]]:
 
 
 def _append(csv: Path, text: str, key: tuple) -> None:
-    """Append a one-pair results.csv (header + row) produced by ``evaluate`` to ``csv``."""
-    header, body = text.split("\n", 1)
-    if csv.is_file() and csv.stat().st_size:
-        with csv.open() as f:
-            existing = f.readline().rstrip("\n")
-        if existing != header:
-            raise ValueError(f"{csv}: columns {existing!r} differ from the new row's {header!r} for {key}; "
-                             "use another out_dir")
-        with csv.open("a") as f:
-            f.write(body)
-    else:
-        csv.write_text(text)
+    """Append a one-pair results.csv (header + row) produced by ``evaluate`` to ``csv``, aligned by
+    column name (a failed pair's row has fewer columns); values keep their exact text."""
+    import csv as csvlib
+    import io
+
+    from fs3d_analysis.eval import append_row
+
+    records = list(csvlib.DictReader(io.StringIO(text)))
+    if len(records) != 1:
+        raise ValueError(f"{key}: expected one result row, got {len(records)}")
+    append_row(csv, records[0])
 
 
 def evaluate_ray(pipe_factory: PipeFactory, samples: Sequence, methods: Mapping[str, Callable],
@@ -381,17 +382,10 @@ class RayMeasurePool:
     object, so the two agree). On CPU each actor has one core: wall-time speedups measured this
     way are single-thread speedups.
 
-    Wiring ``fs3d calibrate --ray`` (calibrate.py): give ``calibrate()`` a ``measure_fn=measure``
-    argument, call ``measure_fn(pipe, samples, acc, seed, quality)`` in ``objective_fn`` (and in
-    ``_base_table``), and in ``main``::
-
-        if args.ray:
-            with RayMeasurePool(CliPipeFactory.from_args(args), args.workers,
-                                use_gpu=args.device.startswith("cuda")) as pool:
-                pool.warmup(samples[0], seed)
-                res = calibrate(pipe, samples, ..., measure_fn=pool.measure)
-
-    (``calibrate``'s own serial warm-up then only warms the driver's replica, which is harmless.)
+    Wired into the calibration: ``calibrate(pipe, samples, ..., measure_fn=pool.measure)`` measures the
+    base and every trial with it (``pipe`` then only names the model in the study's settings), and
+    ``fs3d calibrate --ray [--workers N]`` (:func:`fs3d_analysis.calibrate.main`) builds the pool from
+    the model arguments (:class:`CliPipeFactory`) and calls :meth:`warmup` once before a wall-time search.
     """
 
     def __init__(self, pipe_factory: PipeFactory | None, num_workers: int | None = None,
@@ -459,6 +453,49 @@ def reconstruct_scenes_ray(pipe_factory: PipeFactory, samples: Sequence, seed: i
     return pd.DataFrame([rows[sid] for sid in scenes])
 
 
+def split_evenly(items: Sequence, parts: int) -> list[list]:
+    """``items`` cut into ``min(parts, len(items))`` contiguous shares whose sizes differ by at most one."""
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise ValueError(f"parts must be an int >= 1, got {parts!r}")
+    items = list(items)
+    parts = min(parts, len(items))
+    q, r = divmod(len(items), parts)
+    out, start = [], 0
+    for i in range(parts):
+        stop = start + q + (i < r)
+        out.append(items[start:stop])
+        start = stop
+    return out
+
+
+def reconstruct_scene_split(pool: ReplicaPool, samples: Sequence, seed: int = 0, batch: bool = True) -> dict:
+    """One scene spread over the pool's actors: its objects cut into one contiguous share per actor,
+    each share reconstructed (batched) by ``reconstruct_scene`` on its own replica.
+
+    Every object keeps the seeds of the single-object pipeline, so the split changes no result beyond
+    batched-matmul rounding. Returns the scene's row: ``time_total`` is the driver's wall clock from
+    dispatch to the last share (Ray overhead included), ``time_<stage>_max`` the slowest share's stage
+    time, ``shares`` the per-share rows.
+    """
+    from fs3d_analysis.scene import check_scene
+
+    samples = list(samples)
+    scene_id = check_scene(samples)
+    ray = _ray()
+    shares = split_evenly(samples, pool.num_workers)
+    items = [(i, (ray.put([_writable(s) for s in share]), seed, batch)) for i, share in enumerate(shares)]
+    t0 = time.perf_counter()
+    rows = dict(pool.map_unordered("scene", items))
+    wall = time.perf_counter() - t0
+    ordered = [rows[i] for i in range(len(shares))]
+    stages = sorted({k for r in ordered for k in r if k.startswith("time_") and k != "time_total"})
+    return {"scene_id": scene_id, "n_objects": len(samples), "workers": len(shares), "time_total": wall,
+            **{f"{k}_max": max(r.get(k, 0.0) for r in ordered) for k in stages},
+            "share_time_total_max": max(r["time_total"] for r in ordered),
+            "n_voxels": sum(r["n_voxels"] for r in ordered), "n_faces": sum(r["n_faces"] for r in ordered),
+            "shares": ordered}
+
+
 # ---------------------------------------------------------------------------------------------
 # CLI
 # ---------------------------------------------------------------------------------------------
@@ -491,4 +528,4 @@ def eval_main(args, samples: Sequence, methods: Mapping[str, Callable]) -> pd.Da
 
 
 __all__ = ["CliPipeFactory", "PoolStats", "RayMeasurePool", "ReplicaPool", "eval_main", "evaluate_ray",
-           "ray_available", "reconstruct_scenes_ray"]
+           "ray_available", "reconstruct_scene_split", "reconstruct_scenes_ray", "split_evenly"]

@@ -26,6 +26,32 @@ from fs3d_accel.seams import Accelerator, StepEvent
 
 KEY = ["object", "method", "setting"]
 METRICS = ["chamfer", "f_score", "volume_iou", "box_iou_3d", "rotation_error_deg", "translation_error"]
+#: what ``run_one`` measures besides the metrics (failed runs leave these empty)
+RUN_COLUMNS = ["time_total", "time_ss", "time_slat", "time_decode", "ss_steps_computed", "ss_steps",
+               "ss_mean_active", "slat_steps_computed", "slat_steps", "slat_mean_active", "n_voxels",
+               "n_slat_tokens", "n_decoder_tokens", "aggregation_S"]
+#: column order of a new ``results.csv``
+COLUMNS = KEY + METRICS + RUN_COLUMNS + ["error", "device", "config", "seed"]
+
+
+def append_row(csv: Path, row: Mapping) -> None:
+    """Append one row to ``results.csv`` in the file's own column order (``COLUMNS`` for a new file).
+
+    Rows of failed runs lack the run columns: aligning by name keeps every value under its column
+    (appending a shorter row as-is would shift values). A field the file has no column for raises,
+    rather than being dropped.
+    """
+    csv = Path(csv)
+    new = not (csv.is_file() and csv.stat().st_size)
+    if new:
+        header = COLUMNS + [k for k in row if k not in COLUMNS]
+    else:
+        with csv.open() as f:
+            header = f.readline().rstrip("\n").split(",")
+        extra = [k for k in row if k not in header]
+        if extra:
+            raise ValueError(f"{csv}: the row has columns {extra} that the file lacks; use another out_dir")
+    pd.DataFrame([dict(row)]).reindex(columns=header).to_csv(csv, mode="a", header=new, index=False)
 
 
 @dataclass
@@ -121,11 +147,11 @@ def evaluate(pipe: Pipeline, samples: Sequence, methods: Mapping[str, Callable[[
             row = {"object": sample.name, "method": method, "setting": setting, **failed_scores(),
                    "error": f"{type(exc).__name__}: {exc}", "device": str(pipe.device),
                    "config": pipe.config.name, "seed": seed}
-            pd.DataFrame([row]).to_csv(csv, mode="a", header=not csv.is_file(), index=False)
+            append_row(csv, row)
             continue
         row = {"object": sample.name, "method": method, "setting": setting, **score(result, sample), **row,
                "error": "", "device": str(pipe.device), "config": pipe.config.name, "seed": seed}
-        pd.DataFrame([row]).to_csv(csv, mode="a", header=not csv.is_file(), index=False)
+        append_row(csv, row)
         if on_result is not None:
             on_result(method, sample, result)
     return pd.read_csv(csv)

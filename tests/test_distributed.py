@@ -253,3 +253,53 @@ def test_pool_rejects_bad_arguments():
         ReplicaPool(MiniFactory(), max_retries=-1)
     with pytest.raises(TypeError, match="pipe_factory"):
         ReplicaPool("mini")
+
+
+class _NoVoxel:
+    def velocity(self, ctx, compute):
+        raise ValueError("the SS stage produced no occupied voxel")
+
+
+class NoVoxelMethod:
+    """A method whose run fails like a thin object on a weak model (a zero row, not a crash)."""
+
+    def __call__(self):
+        from fs3d_accel.seams import Accelerator
+
+        return Accelerator(ss_policy=_NoVoxel())
+
+
+def test_failed_pair_lands_under_the_right_columns(pool, tmp_path):
+    """A failed pair's CSV text has fewer columns than a full row; appended after one, every value
+    must stay under its own column (found on the GPU run: a shifted row broke the header check)."""
+    evaluate_ray_(pool, tmp_path, {"base": lambda: None}, samples()[:1])
+    table = evaluate_ray_(pool, tmp_path, {"broken": NoVoxelMethod()}, samples()[:1]).set_index("method")
+    assert table.loc["broken", "device"] == "cpu" and table.loc["broken", "f_score"] == 0.0
+    assert "no occupied voxel" in table.loc["broken", "error"] and pd.isna(table.loc["broken", "time_total"])
+    assert table.loc["base", "time_total"] > 0 and pd.isna(table.loc["base", "error"])
+
+
+def test_split_evenly_shares_and_bad_input():
+    from fs3d_analysis.distributed import split_evenly
+
+    assert split_evenly(range(7), 3) == [[0, 1, 2], [3, 4], [5, 6]]
+    assert split_evenly([1, 2], 5) == [[1], [2]]
+    with pytest.raises(ValueError, match="parts"):
+        split_evenly([1], 0)
+
+
+def test_one_scene_split_over_actors_keeps_every_object(pool, mini):
+    from fs3d_analysis.distributed import reconstruct_scene_split
+    from fs3d_analysis.scene import reconstruct_scene
+
+    scene = two_object_scene()
+    row = reconstruct_scene_split(pool, scene, seed=0)
+    assert row["workers"] == 2 and row["n_objects"] == 2 and [s["objects"] for s in row["shares"]] == ["box0", "box1"]
+    assert row["time_total"] >= row["share_time_total_max"] > 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:  # each object alone (a share of one) = the per-object pipeline run
+        local = reconstruct_scene(mini[1], scene, seed=0, batch=False)
+    finally:
+        torch.set_num_threads(threads)
+    assert row["n_voxels"] == sum(int(r.ss.coords.shape[0]) for r in local.results)

@@ -3,7 +3,7 @@ import pandas as pd
 
 from fs3d_accel.accel import make_method
 from fs3d_analysis.data import load_shipped_samples
-from fs3d_analysis.eval import KEY, METRICS, ablation_factories, evaluate, summarize
+from fs3d_analysis.eval import COLUMNS, KEY, METRICS, ablation_factories, append_row, evaluate, summarize
 
 
 def test_evaluate_rows_resume_and_summary(tmp_path, mini_pipe):
@@ -47,3 +47,36 @@ def test_failed_reconstruction_is_a_zero_row_not_a_crash(tmp_path, mini_pipe):
     row = table.iloc[0]
     assert row["f_score"] == 0.0 and row["volume_iou"] == 0.0
     assert "no occupied voxel" in row["error"]
+
+
+def test_failed_and_successful_rows_stay_aligned_in_either_order(tmp_path, mini_pipe):
+    """A failed run's row lacks the run columns; it must land under the right columns whether it is
+    written before or after a full row (pandas' plain append would shift the values)."""
+    samples = list(load_shipped_samples())[:1]
+
+    class EmptyStructure:
+        def velocity(self, ctx, compute):
+            raise ValueError("the SS stage produced no occupied voxel")
+
+    from fs3d_accel.seams import Accelerator
+    broken = lambda: Accelerator(ss_policy=EmptyStructure())  # noqa: E731
+    for order in (("base", "broken"), ("broken", "base")):
+        out = tmp_path / "-".join(order)
+        methods = {m: (broken if m == "broken" else (lambda: None)) for m in order}
+        table = evaluate(mini_pipe, samples, methods, out, progress=False)
+        assert list(table.columns) == COLUMNS
+        table = table.set_index("method")
+        assert table.loc["broken", "device"] == "cpu" and table.loc["broken", "seed"] == 0
+        assert "no occupied voxel" in table.loc["broken", "error"]
+        assert pd.isna(table.loc["broken", "time_total"]) and table.loc["broken", "f_score"] == 0.0
+        assert table.loc["base", "time_total"] > 0 and pd.isna(table.loc["base", "error"])
+        assert table.loc["base", "n_voxels"] > 0 and table.loc["base", "device"] == "cpu"
+
+
+def test_append_row_rejects_a_column_the_file_lacks(tmp_path):
+    csv = tmp_path / "results.csv"
+    append_row(csv, {"object": "a", "method": "base", "setting": "default", "f_score": 1.0})
+    import pytest
+    with pytest.raises(ValueError, match="columns \\['surprise'\\]"):
+        append_row(csv, {"object": "b", "method": "base", "setting": "default", "surprise": 2})
+    assert len(pd.read_csv(csv)) == 1
