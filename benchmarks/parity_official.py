@@ -442,12 +442,9 @@ def _sorted_by_coords(coords: Tensor, feats: Tensor, resolution: int) -> tuple[T
 # ---------------------------------------------------------------------------------------------
 def make_scene(h: int = 96, w: int = 120, seed: int = 0):
     """Synthetic image / mask / camera-frame point map (tilted plane at z ~ 2, some invalid pixels)."""
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-    mask = np.zeros((h, w), bool)
-    mask[h // 4: 3 * h // 4, w // 3: 2 * w // 3] = True
-    ys, xs = np.mgrid[0:h, 0:w]
-    pm = np.stack([(xs - w / 2) * 0.01, (ys - h / 2) * 0.01, 2.0 + 0.002 * xs], -1).astype(np.float32)
+    from fs3d_accel.synthetic import synthetic_scene
+
+    img, mask, pm = synthetic_scene(h, w, seed)
     pm[:4, :4] = np.nan
     return img, mask, pm
 

@@ -90,25 +90,14 @@ def figures_dir() -> Path:
 def random_pipeline(config: str = "mini", device: str | torch.device = "cpu", seed: int = 0,
                     occupied_fraction: float = 0.03) -> Pipeline:
     """Seeded random weights, SS decoder output bias shifted so that about ``occupied_fraction`` of
-    the occupancy grid is set on a synthetic scene (the idea of ``tests/conftest.py``'s
-    ``sparsify_occupancy``; a 3-step SS run sets the quantile, to keep start-up short)."""
-    import numpy as np
+    the occupancy grid is set on a synthetic scene (:func:`fs3d_accel.synthetic.sparsify_occupancy`;
+    a 3-step SS run sets the quantile, to keep start-up short)."""
+    from fs3d_accel.synthetic import sparsify_occupancy
 
     if not 0 < occupied_fraction < 1:
         raise ValueError(f"occupied_fraction must be in (0, 1), got {occupied_fraction}")
     pipe = Pipeline.from_config(config, seed=seed, device=device)
-    h, w = 64, 80
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-    mask = np.zeros((h, w), bool)
-    mask[h // 4: 3 * h // 4, w // 3: 2 * w // 3] = True
-    ys, xs = np.mgrid[0:h, 0:w]
-    pm = np.stack([(xs - w / 2) * 0.01, (ys - h / 2) * 0.01, 2.0 + 0.002 * xs], -1).astype(np.float32)
-    ss = pipe.run_ss(pipe.prepare(img, mask, pm), seed=seed,
-                     sampler=SamplerConfig(steps=3, rescale_t=3.0, cfg_strength=7.0))
-    q = torch.quantile(ss.occupancy_logits.flatten().float().cpu(), 1 - occupied_fraction)
-    with torch.no_grad():
-        pipe.ss.decoder.out_layer[2].bias -= q.to(pipe.ss.decoder.out_layer[2].bias.device)
+    sparsify_occupancy(pipe, occupied_fraction, seed, sampler=SamplerConfig(steps=3, rescale_t=3.0, cfg_strength=7.0))
     pipe.source = f"config:{config} (random init, sparsified to {occupied_fraction:g})"
     return pipe
 

@@ -1,22 +1,18 @@
 """Shared fixtures: a small, fast mini pipeline (random weights) and a synthetic scene."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
-import torch
 
 from fs3d_accel.model.configs import SamplerConfig, mini_config
+from fs3d_accel.synthetic import sparsify_occupancy, synthetic_scene  # noqa: F401 (re-exported to tests)
 
 
 def make_scene(h: int = 64, w: int = 80, seed: int = 0):
     """Synthetic image / mask / camera-frame point map (a tilted plane at z ~ 2)."""
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
-    mask = np.zeros((h, w), bool)
-    mask[h // 4: 3 * h // 4, w // 3: 2 * w // 3] = True
-    ys, xs = np.mgrid[0:h, 0:w]
-    pm = np.stack([(xs - w / 2) * 0.01, (ys - h / 2) * 0.01, 2.0 + 0.002 * xs], -1).astype(np.float32)
-    return img, mask, pm
+    return synthetic_scene(h, w, seed)
 
 
 def fast_mini_config(ss_steps: int = 3, slat_steps: int = 3):
@@ -26,15 +22,27 @@ def fast_mini_config(ss_steps: int = 3, slat_steps: int = 3):
                              SamplerConfig(steps=slat_steps, rescale_t=1.0, cfg_strength=1.0))
 
 
-def sparsify_occupancy(pipe, occupied_fraction: float = 0.03, seed: int = 0) -> None:
-    """Shift the random SS decoder's output bias so that about ``occupied_fraction`` of the grid is
-    occupied: random weights otherwise fill half the volume and make the sparse stages slow."""
-    img, mask, pm = make_scene()
-    inputs = pipe.prepare(img, mask, pm)
-    ss = pipe.run_ss(inputs, seed=seed)
-    q = torch.quantile(ss.occupancy_logits.flatten(), 1 - occupied_fraction)
-    with torch.no_grad():
-        pipe.ss.decoder.out_layer[2].bias -= q
+@dataclass
+class SceneObject:
+    """The fields of a dataset sample that scene mode reads."""
+
+    name: str
+    image: np.ndarray
+    mask: np.ndarray
+    pointmap: np.ndarray
+    scene_id: int = 3
+    object_index: int = 0
+
+
+def two_object_scene() -> list[SceneObject]:
+    """Two small boxes in the synthetic image (few voxels: fast), in object order."""
+    img, _, pm = make_scene()
+    objs = []
+    for i, (r, c) in enumerate(((slice(10, 26), slice(8, 28)), (slice(36, 54), slice(50, 70)))):
+        m = np.zeros(img.shape[:2], bool)
+        m[r, c] = True
+        objs.append(SceneObject(f"box{i}", img, m, pm, object_index=i))
+    return objs
 
 
 @pytest.fixture(scope="session")

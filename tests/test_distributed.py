@@ -19,7 +19,7 @@ from fs3d_analysis.distributed import ray_available
 pytestmark = pytest.mark.skipif(not ray_available(), reason="ray is not installed (pip install 'fs3d[ray]')")
 
 import conftest  # noqa: E402
-from conftest import fast_mini_config, sparsify_occupancy  # noqa: E402
+from conftest import fast_mini_config, sparsify_occupancy, two_object_scene  # noqa: E402
 from fs3d_accel.accel import make_method  # noqa: E402
 from fs3d_accel.pipeline import Pipeline  # noqa: E402
 from fs3d_analysis.data import load_shipped_samples  # noqa: E402
@@ -87,27 +87,6 @@ TIME_COLS = lambda t: [c for c in t.columns if c.startswith("time_")]  # noqa: E
 def samples():
     s = load_shipped_samples()
     return [s[4], s[5]]
-
-
-@dataclass
-class SceneObject:
-    name: str
-    image: np.ndarray
-    mask: np.ndarray
-    pointmap: np.ndarray
-    scene_id: int = 3
-    object_index: int = 0
-
-
-def two_object_scene() -> list[SceneObject]:
-    """Two small boxes in the conftest synthetic image (few voxels: fast)."""
-    img, _, pm = conftest.make_scene()
-    objs = []
-    for i, (r, c) in enumerate(((slice(10, 26), slice(8, 28)), (slice(36, 54), slice(50, 70)))):
-        m = np.zeros(img.shape[:2], bool)
-        m[r, c] = True
-        objs.append(SceneObject(f"box{i}", img, m, pm, object_index=i))
-    return objs
 
 
 def canonical(table: pd.DataFrame) -> pd.DataFrame:

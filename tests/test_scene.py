@@ -1,13 +1,12 @@
 """Scene mode: the objects of one image batched through SS (and SLaT) equal the per-object runs."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import pytest
 import torch
 
-from conftest import fast_mini_config, make_scene, sparsify_occupancy
+from conftest import fast_mini_config, sparsify_occupancy
+from conftest import SceneObject, two_object_scene as conftest_two_object_scene
 from fs3d_accel.pipeline import Pipeline
 from fs3d_accel.seams import Accelerator, IdentityPolicy
 from fs3d_accel.stages.options import RunOptions
@@ -26,25 +25,9 @@ def mini_pipe():
     return pipe
 
 
-@dataclass
-class SceneObject:
-    name: str
-    image: np.ndarray
-    mask: np.ndarray
-    pointmap: np.ndarray
-    scene_id: int = 3
-    object_index: int = 0
-
-
-def two_object_scene() -> list[SceneObject]:
-    """Two boxes in the conftest synthetic image, listed in reverse object order."""
-    img, _, pm = make_scene()
-    objs = []
-    for i, (r, c) in enumerate(((slice(10, 26), slice(8, 28)), (slice(36, 54), slice(50, 70)))):
-        m = np.zeros(img.shape[:2], bool)
-        m[r, c] = True
-        objs.append(SceneObject(f"box{i}", img, m, pm, object_index=i))
-    return objs[::-1]
+def two_object_scene():
+    """The conftest two-box scene, listed in reverse object order."""
+    return conftest_two_object_scene()[::-1]
 
 
 def test_group_scenes_orders_objects_and_finds_the_shipped_pair():
