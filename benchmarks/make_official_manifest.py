@@ -44,8 +44,6 @@ manifest therefore records that layout for every sparse-conv weight.
 from __future__ import annotations
 
 import argparse
-import importlib.abc
-import importlib.machinery
 import json
 import os
 import re
@@ -54,8 +52,8 @@ import sys
 import types
 from pathlib import Path
 
-#: top-level packages replaced by empty modules (see module docstring)
-STUB_ROOTS = frozenset({"kaolin"})
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.official_stubs import STUB_ROOTS, StubFinder  # noqa: E402,F401 (STUB_ROOTS: see docstring)
 
 #: which official files we describe, and how the pipeline builds and loads each one
 #: (``sam3d_objects/pipeline/inference_pipeline.py``: ``init_ss_generator``,
@@ -80,32 +78,6 @@ FILES = {
 }
 
 
-class _StubModule(types.ModuleType):
-    __path__: list[str] = []
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return type(name, (), {"__init__": lambda self, *a, **k: None})
-
-
-class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def __init__(self) -> None:
-        self.touched: set[str] = set()
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname.split(".")[0] in STUB_ROOTS:
-            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        self.touched.add(spec.name)
-        return _StubModule(spec.name)
-
-    def exec_module(self, module) -> None:
-        pass
-
-
 def _git_head(repo: Path) -> str:
     try:
         return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], check=True,
@@ -114,11 +86,11 @@ def _git_head(repo: Path) -> str:
         return "unknown"
 
 
-def _bootstrap(official: Path, dinov2: Path) -> _StubFinder:
+def _bootstrap(official: Path, dinov2: Path) -> StubFinder:
     os.environ.setdefault("LIDRA_SKIP_INIT", "1")  # sam3d_objects/__init__.py: skip sam3d_objects.init
     sys.path.insert(0, str(official))
     sys.modules["torchvision._meta_registrations"] = types.ModuleType("torchvision._meta_registrations")
-    finder = _StubFinder()
+    finder = StubFinder()
     sys.meta_path.insert(0, finder)
 
     import torch

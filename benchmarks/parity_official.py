@@ -50,8 +50,6 @@ Set-up: see ``benchmarks/make_official_manifest.py`` (venv ``/tmp/offvenv``). Ru
 from __future__ import annotations
 
 import argparse
-import importlib.abc
-import importlib.machinery
 import os
 import sys
 import time
@@ -68,14 +66,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.official_stubs import STUB_ROOTS, StubFinder  # noqa: E402,F401 (STUB_ROOTS re-exported)
 from fs3d_accel.model.configs import ModelConfig, SamplerConfig, mini_config  # noqa: E402
 
 DEFAULT_OFFICIAL = Path(os.environ.get("FS3D_OFFICIAL", "/tmp/official/facebookresearch+sam-3d-objects"))
 DEFAULT_DINOV2 = Path(os.environ.get("FS3D_DINOV2", "/tmp/official/facebookresearch+dinov2"))
 DEFAULT_HF = Path(os.environ.get("FS3D_HF_CONFIGS", "/tmp/official/wlfeng0509+Fast-SAM3D/checkpoints/hf"))
-
-#: top-level packages replaced by empty modules (only what the model modules import)
-STUB_ROOTS = frozenset({"kaolin"})
 
 #: where parity_config() differs from mini_config(), and why
 DEVIATIONS = (
@@ -101,30 +97,6 @@ def parity_config(base: ModelConfig | None = None) -> ModelConfig:
 # ---------------------------------------------------------------------------------------------
 # Official code set-up
 # ---------------------------------------------------------------------------------------------
-class _StubModule(types.ModuleType):
-    __path__: list[str] = []
-
-    def __getattr__(self, name: str):
-        if name.startswith("__"):
-            raise AttributeError(name)
-        return type(name, (), {"__init__": lambda self, *a, **k: None})
-
-
-class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def __init__(self) -> None:
-        self.touched: set[str] = set()
-
-    def find_spec(self, fullname, path, target=None):
-        if fullname.split(".")[0] in STUB_ROOTS:
-            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
-        return None
-
-    def create_module(self, spec):
-        self.touched.add(spec.name)
-        return _StubModule(spec.name)
-
-    def exec_module(self, module) -> None:
-        pass
 
 
 _BOOTSTRAPPED: dict[str, Any] = {}
@@ -141,7 +113,7 @@ def official_available(official: Path = DEFAULT_OFFICIAL) -> str | None:
     return None
 
 
-def bootstrap(official: Path = DEFAULT_OFFICIAL, dinov2: Path = DEFAULT_DINOV2) -> _StubFinder:
+def bootstrap(official: Path = DEFAULT_OFFICIAL, dinov2: Path = DEFAULT_DINOV2) -> StubFinder:
     """Make ``sam3d_objects`` importable on a CPU machine (idempotent; see module docstring)."""
     if "finder" in _BOOTSTRAPPED:
         return _BOOTSTRAPPED["finder"]
@@ -149,7 +121,7 @@ def bootstrap(official: Path = DEFAULT_OFFICIAL, dinov2: Path = DEFAULT_DINOV2) 
     if str(official) not in sys.path:
         sys.path.insert(0, str(official))
     sys.modules.setdefault("torchvision._meta_registrations", types.ModuleType("torchvision._meta_registrations"))
-    finder = _StubFinder()
+    finder = StubFinder()
     sys.meta_path.insert(0, finder)
     real_load = torch.hub.load
 
