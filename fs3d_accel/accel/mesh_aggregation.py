@@ -27,6 +27,7 @@ touched, so the transform is then bit-identical to the plain pipeline.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,9 +47,43 @@ REFERENCE_RESOLUTION = 64
 # ---------------------------------------------------------------------------------------------
 
 
+_KEY_LIMIT = 1 << 62
+
+
+def _row_keys(q: Tensor) -> Tensor | None:
+    """One int64 per row of q (N,4) whose order is the rows' lexicographic order (mixed radix over
+    the per-column ranges), or ``None`` when the ranges are too wide for int64. Sorting these keys
+    is much cheaper than ``torch.unique(dim=0)``'s row comparisons (CPU and CUDA); one host sync."""
+    q64 = q.long()
+    lo = q64.min(0).values
+    spans = (q64.max(0).values - lo + 1).tolist()
+    total = 1
+    for s in spans:
+        total *= s
+    if total >= _KEY_LIMIT:
+        return None
+    rel = q64 - lo
+    key = rel[:, 0]
+    for ax in range(1, q64.shape[1]):
+        key = key * spans[ax] + rel[:, ax]
+    return key
+
+
+def _unique_rows(q: Tensor) -> tuple[Tensor, Tensor]:
+    """(sorted unique rows, inverse) exactly as ``torch.unique(q, dim=0, return_inverse=True)``."""
+    key = _row_keys(q) if q.shape[0] else None
+    if key is None:
+        return torch.unique(q, dim=0, return_inverse=True)
+    ukey, inv = torch.unique(key, sorted=True, return_inverse=True)
+    # any member row of a group stands for it (the members are equal rows)
+    first = torch.empty(ukey.shape[0], dtype=torch.long, device=q.device)
+    first.scatter_(0, inv, torch.arange(q.shape[0], device=q.device))
+    return q[first], inv
+
+
 def _merge(q: Tensor, tokens: SparseTokens) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Dedupe rows of q (N,4) (sorted lexicographically) and max-pool feats / scores over duplicates."""
-    uniq, inv = torch.unique(q, dim=0, return_inverse=True)
+    uniq, inv = _unique_rows(q)
     m = uniq.shape[0]
 
     def pool(x: Tensor | None) -> Tensor | None:
@@ -79,15 +114,16 @@ def shrink_tokens(tokens: SparseTokens, scale: float) -> tuple[SparseTokens, dic
     xyz = c[:, 1:].double()
     lo, hi = xyz.min(0).values, xyz.max(0).values
     out = xyz.clone()
-    for ax in range(3):
-        if hi[ax] == lo[ax]:
+    # the per-axis parameters as Python floats (same IEEE double arithmetic, one host sync)
+    for ax, (l, h) in enumerate(zip(lo.tolist(), hi.tolist())):
+        if h == l:
             continue
-        size = hi[ax] - lo[ax] + 1
+        size = h - l + 1
         target = size / scale
-        t_min = lo[ax] + (size - target) / 2
+        t_min = l + (size - target) / 2
         t_max = t_min + target - 1
-        p = torch.round((xyz[:, ax] - lo[ax]) / (hi[ax] - lo[ax]) * (target - 1) + t_min)
-        out[:, ax] = torch.clamp(p, float(torch.floor(t_min)), float(torch.floor(t_max)))
+        p = torch.round((xyz[:, ax] - l) / (h - l) * (target - 1) + t_min)
+        out[:, ax] = torch.clamp(p, float(math.floor(t_min)), float(math.floor(t_max)))
     q = torch.cat([c[:, :1], out.to(c.dtype)], 1)
     coords, feats, scores = _merge(q, tokens)
     lo2, hi2 = coords[:, 1:].double().min(0).values, coords[:, 1:].double().max(0).values

@@ -77,13 +77,28 @@ def token_norm(v: Tensor) -> Tensor:
     return v.double().norm(dim=-1)
 
 
+def host_f64(v: Tensor, memo: dict[str, Any] | None = None) -> Tensor:
+    """``v`` as a float64 CPU tensor (copied in its own dtype, then widened: same values, half the
+    transfer). ``memo`` (a per-run dict) keeps the last two conversions, so the previous step's
+    velocity, which becomes the next step's reference, crosses to the host only once."""
+    if memo is not None:
+        for src, version, host in memo.get("host_f64", ()):
+            if src is v and src._version == version:  # same tensor, not modified in place since
+                return host
+    host = v.detach().cpu().double()
+    if memo is not None:
+        memo["host_f64"] = (memo.get("host_f64", ())[-1:]) + ((v, v._version, host),)
+    return host
+
+
 def saliency(v_prev: Tensor, v_ref: Tensor | None, s_freq: Tensor, *, gamma: float, freq_weight: float,
-             magnitude_weight: float) -> dict[str, Tensor]:
+             magnitude_weight: float, memo: dict[str, Any] | None = None) -> dict[str, Tensor]:
     """M, A (raw), their normalised forms and J (float64 on the CPU, (N,) each) -- see the module
-    docstring. Inputs may live on any device; the (N,) scores are small, so they are moved to the CPU."""
-    v_prev = v_prev.detach().double().cpu()
+    docstring. Inputs may live on any device; the (N,) scores are small, so they are moved to the CPU
+    (``memo``: see :func:`host_f64`)."""
+    v_prev = host_f64(v_prev, memo)
     m = token_norm(v_prev)
-    a = torch.zeros_like(m) if v_ref is None else token_norm(v_prev - v_ref.detach().double().cpu())
+    a = torch.zeros_like(m) if v_ref is None else token_norm(v_prev - host_f64(v_ref, memo))
     mh, ah, sh = minmax(m, 1e-6), minmax(a, 1e-6), minmax(s_freq.double(), 1e-6)
     j = (1 - freq_weight) * (magnitude_weight * mh + gamma * ah) + freq_weight * sh
     return {"M": m, "A": a, "M_hat": mh, "A_hat": ah, "S_freq": sh, "J": j}
@@ -104,20 +119,44 @@ def signal_saliency(weights: tuple[tuple[str, float], ...], inputs: TokenInputs,
     return out
 
 
+def lowest_k(j: Tensor, k: int) -> Tensor:
+    """Bool mask (N,) of the ``k`` smallest entries of the 1-D ``j``, ties broken by lower index:
+    exactly the first ``k`` of a stable ascending argsort, found with one O(N) selection
+    (``kthvalue``) instead of a full sort."""
+    n = j.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=j.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=j.device)
+    if bool(torch.isnan(j).any()):  # sort order of NaN: keep the plain argsort semantics
+        frozen = torch.zeros(n, dtype=torch.bool, device=j.device)
+        frozen[torch.argsort(j, stable=True)[:k]] = True
+        return frozen
+    t = torch.kthvalue(j, k).values
+    below = j < t
+    ties = j == t
+    need = k - int(below.sum())
+    return below | (ties & (torch.cumsum(ties, 0) <= need))
+
+
 def select_frozen(j: Tensor, n_skip: int, streak: Tensor, max_frozen: int) -> tuple[Tensor, Tensor]:
     """The ``n_skip`` lowest-``j`` tokens, minus those already frozen ``max_frozen`` times in a row.
 
     Returns (frozen bool mask (N,), new streak). Ties break by token index (stable sort).
     """
     j, streak = j.cpu(), streak.cpu()
-    n = j.numel()
-    frozen = torch.zeros(n, dtype=torch.bool)
-    if n_skip > 0:
-        order = torch.argsort(j, stable=True)
-        frozen[order[:n_skip]] = True
+    frozen = lowest_k(j, n_skip)
     frozen &= streak < max_frozen
     new_streak = torch.where(frozen, streak + 1, torch.zeros_like(streak))
     return frozen, new_streak
+
+
+def _fill_active(v_prev: Tensor, frozen: Tensor, compute: ComputeFn) -> Tensor:
+    """Network on the non-frozen rows; frozen rows keep ``v_prev`` (one out-of-place index_copy
+    instead of clone + index_put: same values)."""
+    active = torch.nonzero(~frozen).flatten().to(v_prev.device)
+    out = compute(active)
+    return v_prev.index_copy(0, active, out.to(v_prev.dtype))
 
 
 @dataclass(frozen=True)
@@ -203,7 +242,7 @@ class SLaTTokenCarving:
         if st["s_freq"].numel() != n:
             raise ValueError(f"frequency scores have {st['s_freq'].numel()} rows, latent has {n} tokens")
         sal = saliency(v_prev, v_ref, st["s_freq"], gamma=self.gamma, freq_weight=self.freq_weight,
-                       magnitude_weight=self.magnitude_weight)
+                       magnitude_weight=self.magnitude_weight, memo=st)
         streak = st.get("streak")
         if streak is None:
             streak = torch.zeros(n, dtype=torch.long)
@@ -212,11 +251,7 @@ class SLaTTokenCarving:
         ctx.info["carving"].update(selected=~frozen, freq_source=st["s_freq_source"])
         if not bool(frozen.any()):
             return compute()
-        active = torch.nonzero(~frozen).flatten().to(x.device)
-        out = compute(active)
-        v = v_prev.clone()
-        v[active] = out.to(v.dtype)
-        return v
+        return _fill_active(v_prev, frozen, compute)
 
     def _carve_with_signals(self, ctx: StepContext, compute: ComputeFn, st: dict[str, Any], v_prev: Tensor,
                             v_ref: Tensor | None, n_skip: int) -> Latent:
@@ -233,11 +268,7 @@ class SLaTTokenCarving:
         ctx.info["carving"].update(selected=~frozen, freq_source="signals")
         if not bool(frozen.any()):
             return compute()
-        active = torch.nonzero(~frozen).flatten().to(ctx.x.device)
-        out = compute(active)
-        v = v_prev.clone()
-        v[active] = out.to(v.dtype)
-        return v
+        return _fill_active(v_prev, frozen, compute)
 
     @property
     def tag(self) -> str:
@@ -248,5 +279,5 @@ class SLaTTokenCarving:
         return f"carving-{frac}-g{self.gamma:g}-wf{self.freq_weight:g}-wm{self.magnitude_weight:g}-f{self.max_frozen_steps}"
 
 
-__all__ = ["CHANGE_REFERENCES", "SLaTTokenCarving", "saliency", "select_frozen", "signal_saliency", "token_freq_scores",
+__all__ = ["CHANGE_REFERENCES", "SLaTTokenCarving", "host_f64", "lowest_k", "saliency", "select_frozen", "signal_saliency", "token_freq_scores",
            "token_norm"]

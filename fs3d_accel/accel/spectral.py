@@ -21,6 +21,7 @@ HFER is 0 when the signal has no energy outside DC (e.g. a constant image).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -64,10 +65,19 @@ def _bin_radius_sq(shape: tuple[int, ...], device: torch.device | None = None) -
     return sum(g * g for g in grids)
 
 
+@functools.lru_cache(maxsize=32)
+def _high_bins(shape: tuple[int, ...], radius: float, inclusive: bool, device: str) -> Tensor:
+    """Bool mask of the bins with radius > ``radius`` (``>=`` if ``inclusive``); cached because
+    the grids (256^2, 64^3) repeat for every object and building them costs as much as the FFT.
+    Callers must not modify the returned tensor."""
+    r2 = _bin_radius_sq(shape, torch.device(device))
+    return r2 >= radius * radius if inclusive else r2 > radius * radius
+
+
 def _energy(x: Tensor, spectrum: str) -> Tensor:
     f = torch.fft.fftn(x.double())
     mag = f.abs()
-    return mag * mag if spectrum == "power" else mag
+    return mag.mul_(mag) if spectrum == "power" else mag
 
 
 def hfer(x: Tensor, radius: float, *, spectrum: str = "power", remove_dc: bool = True,
@@ -81,17 +91,15 @@ def hfer(x: Tensor, radius: float, *, spectrum: str = "power", remove_dc: bool =
     check_choice("spectrum", spectrum, SPECTRA)
     if x.numel() == 0:
         raise ValueError("hfer of an empty array")
-    e = _energy(x, spectrum)
-    r2 = _bin_radius_sq(tuple(x.shape), e.device)
+    e = _energy(x, spectrum)  # a fresh tensor: safe to modify in place
     full_total = float(e.sum())
     if remove_dc:
-        e = e.clone()
         e.view(-1)[0] = 0.0
-    total = float(e.sum())
+    total = float(e.sum()) if remove_dc else full_total
     # a constant signal leaves only round-off outside DC
     if total <= 1e-12 * max(full_total, 1e-300) or total <= 1e-300:
         return 0.0
-    high = r2 >= radius * radius if inclusive else r2 > radius * radius
+    high = _high_bins(tuple(x.shape), float(radius), bool(inclusive), str(e.device))
     return float(e[high].sum()) / total
 
 
@@ -159,7 +167,7 @@ def voxel_grid(occupancy_logits: Tensor, cfg: HFERConfig) -> Tensor:
     """(R,R,R) float64 signal: positive logits (``"logits"``) or 0/1 occupancy (``"binary"``)."""
     if occupancy_logits.ndim != 3 or len(set(occupancy_logits.shape)) != 1:
         raise ValueError(f"occupancy_logits must be a cube (R,R,R), got {tuple(occupancy_logits.shape)}")
-    lg = occupancy_logits.detach().double().cpu()
+    lg = occupancy_logits.detach().cpu().double()  # copy float32 to the host, then widen (same values)
     if cfg.voxel_values == "binary":
         return (lg > 0).double()
     return torch.where(lg > 0, lg, torch.zeros_like(lg))
@@ -175,9 +183,8 @@ def hfer_3d(occupancy_logits: Tensor, cfg: HFERConfig = HFERConfig()) -> float:
 def highpass_magnitude(grid: Tensor, cutoff: float) -> Tensor:
     """|IFFT(F(grid) * 1[radius >= cutoff * R])|: the spatial high-frequency intensity field."""
     f = torch.fft.fftn(grid.double())
-    r2 = _bin_radius_sq(tuple(grid.shape), f.device)
-    rad = cutoff * grid.shape[0]
-    return torch.fft.ifftn(f * (r2 >= rad * rad)).abs()
+    high = _high_bins(tuple(grid.shape), float(cutoff * grid.shape[0]), True, str(f.device))
+    return torch.fft.ifftn(f * high).abs()
 
 
 def minmax(u: Tensor, eps: float = 0.0) -> Tensor:

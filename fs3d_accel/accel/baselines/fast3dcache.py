@@ -22,7 +22,7 @@ import torch
 
 from ...seams import ComputeFn, Latent, StepContext
 from .._common import check_int, check_range, policy_state
-from ..slat_carving import saliency, select_frozen
+from ..slat_carving import _fill_active, saliency, select_frozen
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,10 @@ class Fast3DCache:
             st["streak"] = None
             return compute()
         v_prev = ctx.history[-1].v
-        sal = saliency(v_prev, st.get("last_selection_v"), torch.zeros(n, dtype=torch.float64), gamma=self.accel_weight,
-                       freq_weight=0.0, magnitude_weight=1 - self.accel_weight)
+        if st.get("zeros") is None or st["zeros"].numel() != n:
+            st["zeros"] = torch.zeros(n, dtype=torch.float64)  # no frequency term; built once per run
+        sal = saliency(v_prev, st.get("last_selection_v"), st["zeros"], gamma=self.accel_weight,
+                       freq_weight=0.0, magnitude_weight=1 - self.accel_weight, memo=st)
         st["last_selection_v"] = v_prev
         streak = st.get("streak")
         if streak is None:
@@ -64,10 +66,7 @@ class Fast3DCache:
         ctx.info["carving"] = {"M": sal["M"].float(), "A": sal["A"].float(), "J": sal["J"].float(), "selected": ~frozen}
         if not bool(frozen.any()):
             return compute()
-        active = torch.nonzero(~frozen).flatten().to(x.device)
-        v = v_prev.clone()
-        v[active] = compute(active).to(v.dtype)
-        return v
+        return _fill_active(v_prev, frozen, compute)
 
     @property
     def tag(self) -> str:
