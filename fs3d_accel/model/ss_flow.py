@@ -139,6 +139,21 @@ class MoTBlock(nn.Module):
         return {s: h + gate_mlp * self.mlp[s](modulate(self.norm3(h), shift_mlp, scale_mlp)) for s, h in x.items()}
 
 
+@torch.compiler.nested_compile_region
+def _block_region(blk: MoTBlock, h: dict[str, Tensor], t_emb: Tensor, cond: Tensor,
+                  kv: dict[str, tuple[Tensor, Tensor]] | None) -> dict[str, Tensor]:
+    """One MoT block as a nested compile region: under torch.compile the identical block body is traced
+    and compiled once and reused by all blocks (weights are graph inputs), instead of unrolling 24
+    copies into the graph, which is what makes compiling the full model slow. Only used while compiling."""
+    return blk(h, t_emb, cond, kv)
+
+
+def independent_cond_kv(cond_kv: CondKV) -> CondKV:
+    """Contiguous copies of cached K/V: ``precompute_cond_kv`` returns k and v as two views of one
+    tensor, and a nested compile region refuses aliasing inputs. Same values, so same results."""
+    return [{s: (k.contiguous(), v.contiguous()) for s, (k, v) in kv.items()} for kv in cond_kv]
+
+
 class SSFlowModel(nn.Module):
     """Official ``SparseStructureFlowTdfyWrapper`` (MoT backbone of the SS generator).
 
@@ -146,6 +161,10 @@ class SSFlowModel(nn.Module):
     scale: (B, 1, 3), translation: (B, 1, 3), translation_scale: (B, 1, 1)}, t (B,) already times
     1000, cond (B, L, Cc) condition tokens -> velocities with the same keys/shapes (sorted keys).
     """
+
+    #: under torch.compile, run each block through :func:`_block_region` (compile the block once);
+    #: eager calls are unaffected. Pass cached K/V through :func:`independent_cond_kv` when compiling.
+    compile_block_regions: bool = True
 
     def __init__(self, cfg: SSFlowConfig) -> None:
         super().__init__()
@@ -253,8 +272,10 @@ class SSFlowModel(nn.Module):
         h = {s: x.to(dtype) for s, x in h.items()}
         t_emb = t_emb.to(dtype)
         cond = cond.to(dtype)
+        regions = self.compile_block_regions and torch.compiler.is_compiling()
         for i, blk in enumerate(self.blocks):
-            h = blk(h, t_emb, cond, None if cond_kv is None else cond_kv[i])
+            kv = None if cond_kv is None else cond_kv[i]
+            h = _block_region(blk, h, t_emb, cond, kv) if regions else blk(h, t_emb, cond, kv)
 
         out = {SHAPE: lm[SHAPE].to_output(h[SHAPE])}
         splits = [lm[m].num_tokens for m in LAYOUT_STREAM_ORDER]

@@ -13,6 +13,20 @@ import torch
 
 PRECISIONS = ("fp32", "autocast-fp16", "autocast-bf16", "fp16", "bf16")
 CUDA_ONLY_PRECISIONS = ("autocast-fp16", "fp16")
+#: torch.compile modes accepted by ``compile_mode`` (inductor only).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def compile_backends() -> tuple[str, ...]:
+    """Names accepted by ``RunOptions.compile_backend``: "inductor" plus every registered dynamo
+    backend, debug ones included (``list_backends()`` hides "eager" / "aot_eager" by default)."""
+    import torch._dynamo
+    return tuple(sorted({"inductor", *torch._dynamo.list_backends(exclude_tags=())}))
+
+
+#: Test-only switch: lets ``check_device`` accept ``compile_ss`` on the CPU (tests patch it with a
+#: debug ``compile_backend``); the user-facing check stays CUDA-only.
+_ALLOW_CPU_COMPILE = False
 
 
 @dataclass(frozen=True)
@@ -22,18 +36,31 @@ class RunOptions:
     batch_cfg: bool = False
     #: compute each block's cross-attention K/V of the (constant) condition once per object
     cache_cond_kv: bool = False
-    #: torch.compile the SS flow network (static shapes); CUDA only. ``compile_mode`` is passed to
-    #: torch.compile ("default", "reduce-overhead" = CUDA graphs, "max-autotune-no-cudagraphs").
+    #: torch.compile the SS flow network forward (one static-shape graph, the MoT block body compiled
+    #: once and reused by every block; see ``SSStage.compiled_flow``); CUDA only. ``compile_mode`` is
+    #: passed to torch.compile ("default", "reduce-overhead" = CUDA graphs, "max-autotune-no-cudagraphs").
     compile_ss: bool = False
     compile_mode: str = "default"
+    #: torch.compile backend of ``compile_ss``: "inductor" (the default) or any registered dynamo
+    #: backend ("eager" / "aot_eager" let tests check graph breaks and recompiles on the CPU).
+    compile_backend: str = "inductor"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r}; choose one of {PRECISIONS}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"unknown compile_mode {self.compile_mode!r}; choose one of {COMPILE_MODES}")
+        # "inductor" is checked without importing torch._dynamo (RunOptions() is built on every run)
+        if self.compile_backend != "inductor" and self.compile_backend not in compile_backends():
+            raise ValueError(f"unknown compile_backend {self.compile_backend!r}; "
+                             f"choose one of {compile_backends()}")
+        if self.compile_backend != "inductor" and self.compile_mode != "default":
+            raise ValueError(f"compile_mode {self.compile_mode!r} needs compile_backend='inductor', "
+                             f"got {self.compile_backend!r}")
 
     def check_device(self, device: torch.device | str) -> None:
         dev = torch.device(device)
-        if dev.type != "cuda" and self.compile_ss:
+        if dev.type != "cuda" and self.compile_ss and not _ALLOW_CPU_COMPILE:
             raise ValueError(f"compile_ss is CUDA-only (inductor/CUDA graphs); device is {dev}")
         if dev.type != "cuda" and self.precision in CUDA_ONLY_PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is CUDA-only (fp16 kernels); "

@@ -10,10 +10,10 @@ from torch import Tensor, nn
 from ..model.condition import ConditionFuser
 from ..model.configs import LAYOUT_MODALITIES, ModelConfig, SamplerConfig
 from ..model.ss_decoder import SSDecoder
-from ..model.ss_flow import SSFlowModel
+from ..model.ss_flow import CondKV, SSFlowModel, independent_cond_kv
 from ..pose import decode_layout
 from ..preprocess import PreparedInputs
-from ..samplers import EulerFlowSampler, guided
+from ..samplers import EulerFlowSampler, cfg_active, guided, time_grid
 from ..seams import EventBus, StepPolicy
 from .options import RunOptions
 from .types import SSOutput
@@ -66,26 +66,56 @@ class SSStage(nn.Module):
         self.decoder = SSDecoder(cfg.ss_decoder)
 
     def compiled_flow(self, options: RunOptions) -> nn.Module:
-        """The SS flow network, torch.compile'd when ``options.compile_ss`` (cached per mode; kept out
-        of the module tree so state dicts and hooks see the plain module names)."""
+        """The SS flow network, torch.compile'd when ``options.compile_ss`` (cached per backend and mode;
+        kept out of the module tree so state dicts and hooks see the plain module names).
+
+        Static shapes (``dynamic=False``): the forward is one graph, and the MoT blocks run as a nested
+        compile region so the block body is compiled once, not 24 times. Only the network forward is
+        compiled; the sampler loop, CFG and the K/V cache stay eager.
+        """
         if not options.compile_ss:
             return self.flow
         cache = self.__dict__.setdefault("_compiled", {})
-        if options.compile_mode not in cache:
-            cache[options.compile_mode] = torch.compile(self.flow, mode=options.compile_mode, dynamic=False)
-        return cache[options.compile_mode]
+        key = (options.compile_backend, options.compile_mode)
+        if key not in cache:
+            kw = {"mode": options.compile_mode} if options.compile_backend == "inductor" else {}
+            cache[key] = torch.compile(self.flow, backend=options.compile_backend, dynamic=False, **kw)
+        return cache[key]
+
+    @staticmethod
+    def compiled_batch_size(sampler_cfg: SamplerConfig, options: RunOptions) -> int:
+        """The one batch size the compiled flow is specialised to: 2 with batched CFG when any step is
+        guided, else 1. Calls of the other size (the unguided steps of a batched-CFG run) run the plain
+        module: compiling a second static graph for them would double the compile time."""
+        grid = time_grid(sampler_cfg.steps, sampler_cfg.rescale_t)
+        any_guided = any(cfg_active(sampler_cfg, t) for t in grid[:-1])
+        return 2 if options.batch_cfg and any_guided else 1
 
     def velocity_net(self, cond: Tensor, sampler_cfg: SamplerConfig, options: RunOptions):
-        flow = self.compiled_flow(options)
+        compiled = self.compiled_flow(options) if options.compile_ss else None
+        compiled_b = self.compiled_batch_size(sampler_cfg, options)
         d = torch.zeros(1, device=cond.device) if self.cfg.ss_flow.is_shortcut_model else None
         dtype = options.compute_dtype(cond.device)
         plain = self.flow
-        cond_kv = plain.precompute_cond_kv(cond.to(dtype)) if options.cache_cond_kv else None
-        uncond = cond * 0
-        uncond_kv = plain.precompute_cond_kv(uncond.to(dtype)) if options.cache_cond_kv else None
 
-        def run(x: dict[str, Tensor], t: float, c: Tensor, kv) -> dict[str, Tensor]:
+        def kv_of(c: Tensor) -> tuple[CondKV | None, CondKV | None]:
+            """(K/V for the plain module, K/V for the compiled one), computed once per object outside
+            the compiled region; the compiled copy holds independent tensors (nested-region inputs)."""
+            if not options.cache_cond_kv:
+                return None, None
+            kv = plain.precompute_cond_kv(c.to(dtype))
+            return kv, (independent_cond_kv(kv) if compiled is not None and c.shape[0] == compiled_b else None)
+
+        cond_kv = kv_of(cond)
+        uncond = cond * 0
+        uncond_kv = kv_of(uncond)
+
+        def run(x: dict[str, Tensor], t: float, c: Tensor, kvs: tuple[CondKV | None, CondKV | None]
+                ) -> dict[str, Tensor]:
             b = c.shape[0]
+            use_compiled = compiled is not None and b == compiled_b
+            flow, kv = (compiled, kvs[1]) if use_compiled else (plain, kvs[0])
+            # t and d are tensors (values never guarded), every input keeps its shape across steps
             tt = torch.full((b,), t * sampler_cfg.time_scale, device=c.device)
             dd = None if d is None else d.expand(b) * sampler_cfg.time_scale
             xb = {k: v.to(dtype) for k, v in x.items()}
@@ -99,9 +129,7 @@ class SSStage(nn.Module):
         batched = None
         if options.batch_cfg:
             both = torch.cat([cond, uncond], 0)
-            both_kv = None
-            if options.cache_cond_kv:
-                both_kv = plain.precompute_cond_kv(both.to(dtype))
+            both_kv = kv_of(both)
 
             def batched(x, t, active):
                 xx = {k: torch.cat([v, v], 0) for k, v in x.items()}
