@@ -133,6 +133,23 @@ class SLaTFlowModel(nn.Module):
         """dtype of the blocks' parameters (fp16 when the official ``use_fp16`` is mirrored)."""
         return self.blocks[0].adaLN_modulation[1].weight.dtype if len(self.blocks) else self.input_layer.weight.dtype
 
+    def _sparse_input(self, feats: Tensor, coords: Tensor, batch: int, structure: dict | None) -> SparseTensor:
+        """The validated sparse input; with a ``structure``, validated once for its coordinates."""
+        checked = None if structure is None else structure.get("checked_input")
+        if checked is not None:
+            if checked[0] is not coords or checked[1] != batch:
+                raise ValueError("a persistent structure must be used with the same coords tensor and batch size "
+                                 "on every call (make one per coordinate set)")
+            return SparseTensor(feats, checked[2], structure)
+        if int(coords[:, 1:].max()) >= self.cfg.resolution:
+            raise ValueError(f"coords exceed resolution {self.cfg.resolution}")
+        x = SparseTensor.create(feats, coords, batch_size=batch)
+        if structure is None:
+            return x
+        structure.update(x.cache)
+        structure["checked_input"] = (coords, batch, x.coords)
+        return SparseTensor(feats, x.coords, structure)
+
     def precompute_cond_kv(self, cond: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Per-block cross-attention (k, v), each (B, L, H, D); the same for every sampler step.
 
@@ -142,12 +159,16 @@ class SLaTFlowModel(nn.Module):
         return [blk.cross_attn.context_kv(cond) for blk in self.blocks]
 
     def forward(self, feats: Tensor, coords: Tensor, t: Tensor, cond: Tensor | None,
-                cond_kv: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+                cond_kv: list[tuple[Tensor, Tensor]] | None = None,
+                structure: dict | None = None) -> Tensor:
         """feats (N, in_ch), coords (N, 4) int [batch, x, y, z] sorted by batch, t (B,) already
         scaled by the sampler's time scale, cond (B, L, cond_ch) -> velocity (N, in_ch).
 
         Row r uses t[coords[r, 0]] and cond[coords[r, 0]]. ``cond_kv`` (from
-        :meth:`precompute_cond_kv`) replaces ``cond`` in the cross-attention.
+        :meth:`precompute_cond_kv`) replaces ``cond`` in the cross-attention. ``structure`` (from
+        :func:`~fs3d_accel.model.sparse.persistent_structure`), passed with the same ``coords`` on every
+        call, keeps the coordinate-derived tables across calls: the checks and tables that need the
+        host run on the first call only. Outputs are the same with or without it.
         """
         cfg = self.cfg
         if feats.ndim != 2 or feats.shape[1] != cfg.in_channels:
@@ -163,14 +184,12 @@ class SLaTFlowModel(nn.Module):
             batch = cond_kv[0][0].shape[0]
         if len(feats) == 0:
             raise ValueError("SLaT flow model needs at least one voxel")
-        if int(coords[:, 1:].max()) >= cfg.resolution:
-            raise ValueError(f"coords exceed resolution {cfg.resolution}")
         t = t.reshape(-1)
         if t.numel() == 1 and batch > 1:
             t = t.expand(batch)
         if t.numel() != batch:
             raise ValueError(f"t has {t.numel()} entries, cond batch is {batch}")
-        x = SparseTensor.create(feats, coords, batch_size=batch)
+        x = self._sparse_input(feats, coords, batch, structure)
         dtype = self.torso_dtype
         emb = self.t_embedder(t)
         h = self.input_layer(x)

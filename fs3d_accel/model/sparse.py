@@ -132,6 +132,22 @@ class SparseTensor:
 # ----------------------------------------------------------------------------------------------
 # Coordinate hashing
 # ----------------------------------------------------------------------------------------------
+def persistent_structure() -> dict[Any, Any]:
+    """An empty cache to pass to a network for every pass over the same coordinates (the sampler
+    steps of one object): neighbour tables, attention layouts and down-sampling maps are then built
+    once, and their host synchronisations happen once, instead of on every pass. Call
+    :func:`release_structure` when done, to free the tables promptly."""
+    return {"persistent": True}
+
+
+def release_structure(cache: dict[Any, Any]) -> None:
+    """Empty a :func:`persistent_structure` and the coarser caches it memoised (breaks their cycle)."""
+    for key, value in list(cache.items()):
+        if isinstance(key, tuple) and key[0] == "downsample":
+            release_structure(value[3])
+    cache.clear()
+
+
 def _linear_keys(coords: Tensor, pad: int, extent: int) -> Tensor:
     """int64 key ((b*R + x+pad)*R + y+pad)*R + z+pad with R = ``extent``."""
     c = coords.long()
@@ -372,6 +388,10 @@ class SparseDownsample(nn.Module):
         n = len(x)
         if n == 0:
             raise ValueError("cannot downsample an empty sparse tensor")
+        memo_key = ("downsample", f)
+        if memo_key in x.cache:  # a persistent structure (see :func:`persistent_structure`): reuse the maps
+            new_coords, table, counts, coarse_cache = x.cache[memo_key]
+            return SparseTensor(self._pool(x, table, counts), new_coords, coarse_cache)
         coarse = torch.cat([x.coords[:, :1], torch.div(x.coords[:, 1:], f, rounding_mode="floor")], dim=1)
         extent = int(coarse[:, 1:].max()) + 1
         keys = _linear_keys(coarse, 0, extent)
@@ -384,11 +404,7 @@ class SparseDownsample(nn.Module):
         table[inverse * f ** 3 + child] = torch.arange(n, device=keys.device)
         table = table.view(m, f ** 3)
         counts = (table < n).sum(1, keepdim=True)
-        padded = torch.cat([x.feats, x.feats.new_zeros(1, x.num_channels)], dim=0)
-        acc = torch.promote_types(x.feats.dtype, torch.float32)  # fp16/bf16 sums in fp32
-        # official: torch.scatter_reduce(zeros, ..., reduce="mean") with the default include_self=True,
-        # i.e. the zero it starts from counts as one more member: sum / (count + 1)
-        feats = (padded[table].to(acc).sum(1) / (counts + 1)).to(x.feats.dtype)
+        feats = self._pool(x, table, counts)
         rest = ukeys
         z = rest % extent
         rest = rest // extent
@@ -400,7 +416,20 @@ class SparseDownsample(nn.Module):
         out = SparseTensor(feats, new_coords)
         out.cache["batch_size"] = x.batch_size
         out.cache[("upsample_source", f)] = (x.coords, inverse, x.cache)
+        if x.cache.get("persistent"):
+            # the coarse maps and cache outlive this pass; this makes a reference cycle through the two
+            # caches, which release_structure() breaks when the caller is done with the coordinates
+            out.cache["persistent"] = True
+            x.cache[memo_key] = (new_coords, table, counts, out.cache)
         return out
+
+    @staticmethod
+    def _pool(x: SparseTensor, table: Tensor, counts: Tensor) -> Tensor:
+        padded = torch.cat([x.feats, x.feats.new_zeros(1, x.num_channels)], dim=0)
+        acc = torch.promote_types(x.feats.dtype, torch.float32)  # fp16/bf16 sums in fp32
+        # official: torch.scatter_reduce(zeros, ..., reduce="mean") with the default include_self=True,
+        # i.e. the zero it starts from counts as one more member: sum / (count + 1)
+        return (padded[table].to(acc).sum(1) / (counts + 1)).to(x.feats.dtype)
 
 
 class SparseUpsample(nn.Module):

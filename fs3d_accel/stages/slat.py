@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from ..model.condition import ConditionFuser
 from ..model.configs import ModelConfig, SamplerConfig
 from ..model.slat_flow import SLaTFlowModel
+from ..model.sparse import persistent_structure, release_structure
 from ..preprocess import PreparedInputs
 from ..samplers import EulerFlowSampler, guided
 from ..seams import (EventBus, SparseTokens, StepPolicy, TokenTransform, TransformContext, TransformState)
@@ -32,20 +33,29 @@ class SLaTStage(nn.Module):
         self.register_buffer("mean", torch.tensor(cfg.slat_mean, dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.slat_std, dtype=torch.float32), persistent=False)
 
-    def velocity_net(self, cond: Tensor, coords: Tensor, sampler_cfg: SamplerConfig, options: RunOptions):
+    def velocity_net(self, cond: Tensor, coords: Tensor, sampler_cfg: SamplerConfig, options: RunOptions,
+                     structures: list[dict] | None = None):
+        """The guided velocity function of the sampler. With ``structures`` (a list the caller owns and
+        releases with :func:`release_structure`), passes over all tokens reuse one coordinate structure
+        per coordinate set (plain and CFG-batched) instead of rebuilding it every step."""
         flow = self.flow
+        cache = structures is not None
+        plain_structure = persistent_structure() if cache else None
+        if cache:
+            structures.append(plain_structure)
         dtype = options.compute_dtype(cond.device)
         uncond = cond * 0
         kv = flow.precompute_cond_kv(cond.to(dtype)) if options.cache_cond_kv else None
         ukv = flow.precompute_cond_kv(uncond.to(dtype)) if options.cache_cond_kv else None
 
-        def run(feats: Tensor, c_coords: Tensor, t: float, c: Tensor, ckv) -> Tensor:
+        def run(feats: Tensor, c_coords: Tensor, t: float, c: Tensor, ckv, structure=None) -> Tensor:
             tt = torch.full((c.shape[0],), t * sampler_cfg.time_scale, device=c.device)
+            extra = {} if structure is None else {"structure": structure}
             with options.autocast(c.device):
                 if ckv is not None:
-                    out = flow(feats.to(dtype), c_coords, tt, c.to(dtype), cond_kv=ckv)
+                    out = flow(feats.to(dtype), c_coords, tt, c.to(dtype), cond_kv=ckv, **extra)
                 else:
-                    out = flow(feats.to(dtype), c_coords, tt, c.to(dtype))
+                    out = flow(feats.to(dtype), c_coords, tt, c.to(dtype), **extra)
             return out.float()
 
         def select(x: Tensor, active: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -55,18 +65,29 @@ class SLaTStage(nn.Module):
 
         def net_cond(x, t, active, is_uncond):
             f, c = select(x, active)
-            return run(f, c, t, uncond if is_uncond else cond, ukv if is_uncond else kv)
+            return run(f, c, t, uncond if is_uncond else cond, ukv if is_uncond else kv,
+                       plain_structure if active is None else None)
+
+        def cfg_coords(c: Tensor) -> Tensor:
+            c1 = c.clone()
+            c1[:, 0] = 1
+            return torch.cat([c, c1], 0)
 
         batched = None
         if options.batch_cfg:
             both = torch.cat([cond, uncond], 0)
             both_kv = flow.precompute_cond_kv(both.to(dtype)) if options.cache_cond_kv else None
+            both_coords = cfg_coords(coords) if cache else None
+            both_structure = persistent_structure() if cache else None
+            if cache:
+                structures.append(both_structure)
 
             def batched(x, t, active):
                 f, c = select(x, active)
-                c1 = c.clone()
-                c1[:, 0] = 1
-                out = run(torch.cat([f, f], 0), torch.cat([c, c1], 0), t, both, both_kv)
+                if active is None and cache:
+                    out = run(torch.cat([f, f], 0), both_coords, t, both, both_kv, both_structure)
+                else:
+                    out = run(torch.cat([f, f], 0), cfg_coords(c), t, both, both_kv)
                 n = f.shape[0]
                 return out[:n], out[n:]
 
@@ -99,11 +120,16 @@ class SLaTStage(nn.Module):
         x0 = noise if noise is not None else slat_noise(coords.shape[0], self.cfg.slat_flow.in_channels, generator)
         if x0.shape != (coords.shape[0], self.cfg.slat_flow.in_channels):
             raise ValueError(f"SLaT noise shape {tuple(x0.shape)} != ({coords.shape[0]}, {self.cfg.slat_flow.in_channels})")
-        net = self.velocity_net(cond, coords, sampler_cfg, options)
+        structures: list[dict] = []
+        net = self.velocity_net(cond, coords, sampler_cfg, options, structures)
         occupancy = ss.occupancy_logits > 0
-        feats = EulerFlowSampler(sampler_cfg, "slat").sample(
-            x0.to(device), net, policy, events,
-            extras={"coords": coords, "occupancy": occupancy, "occupancy_logits": ss.occupancy_logits,
-                    "resolution": ss.resolution, "token_scores": token_scores})
+        try:
+            feats = EulerFlowSampler(sampler_cfg, "slat").sample(
+                x0.to(device), net, policy, events,
+                extras={"coords": coords, "occupancy": occupancy, "occupancy_logits": ss.occupancy_logits,
+                        "resolution": ss.resolution, "token_scores": token_scores})
+        finally:
+            for structure in structures:
+                release_structure(structure)
         slat = feats * self.std + self.mean
         return SLaTOutput(coords=coords, feats=feats, slat=slat, resolution=ss.resolution, coords_state=state)
