@@ -18,7 +18,8 @@ reproduce: setup
 	$(VENV)/bin/fs3d reproduce
 
 test: setup
-	FS3D_QUICK=1 MPLBACKEND=Agg OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --nbmake --nbmake-timeout=1800 notebooks tests
+	# figures of the quick-mode notebook runs go to runs/, never over the committed full-size figures/
+	FS3D_FIGURES=runs/test-figures FS3D_QUICK=1 MPLBACKEND=Agg OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --nbmake --nbmake-timeout=1800 notebooks tests
 
 notebooks: setup
 	$(PY) -m jupytext --sync notebooks/*.py

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -31,6 +33,14 @@
 #
 # Model from `load_pipeline()` (shipped `sam3d-mini`; random weights only with
 # `FS3D_ALLOW_RANDOM=1`, for development). `FS3D_QUICK=1`: two objects, 8 SLaT steps, one CPU thread.
+#
+# **Our run** (the committed `figures/05_speed_quality.png`): shipped `sam3d-mini` run-3 weights,
+# **quick mode** (011_banana and 021_bleach_cleanser, 25 SS steps, 8 SLaT steps, one CPU thread;
+# the full size, 8 objects x 15 methods with 25 SLaT steps, takes well over the ~8 minutes we had
+# per notebook). The numbers quoted below are from that run; the printed tables are the
+# measurement of *your* run. Note for a full-size run: finished rows are resumed from
+# `runs/05_accelerate/results.csv`, keyed by the setting name only (not the weights), so delete
+# that file after the weights change.
 
 # %%
 import matplotlib
@@ -107,6 +117,24 @@ ablation[["ss", "slat", "mesh", *[m for m in METRICS if m in ablation], "time_to
 # ## 3. Speed against quality
 # One point per method (filled) and per ablation subset (hollow squares), mean over the objects.
 # The empty and the full subset are the `base` and `fast-sam3d` points.
+#
+# *In our run* (quick, 2 objects, CPU wall time): Fast-SAM3D runs **2.74x** faster than the base
+# (3.14 s -> 1.15 s per object; SS 10 of 25 steps computed, SLaT 3 of 8 steps with 26 % of the
+# tokens active on average, decoder tokens merged by S = 2) and keeps the quality: F1@0.05 18.9 vs
+# 18.6, vIoU 0.075 vs 0.070, Chamfer 0.306 vs 0.314, 3D box IoU 0.42 vs 0.42. So the paper's
+# "quality kept at about 2.7x" is reproduced here (on CPU wall time of the mini model, not GPU time
+# at full scale). The released-code variant is faster (3.21x) but loses 2.0 F1 points; TaylorSeer
+# (1.99x) keeps F1 (19.2) but its pose degrades (box IoU 0.14); EasyCache (1.08x), Fast3Dcache
+# (1.20x) and uniform merge (1.27x) keep quality with little speed-up; random drop (1.41x) loses
+# the most (F1 14.4, vIoU 0.025). Ablation: each module alone gives 1.27-1.32x, any two
+# 1.67-1.77x, all three 2.74x; the SS cache alone costs 2.0 F1 points, the SLaT and mesh modules
+# alone cost none. Two objects make these quality differences indicative only.
+#
+# The absolute quality columns are low (F1 about 19, rotation error about 155 degrees) because
+# `evaluate` compares the object-frame mesh and the layout with the canonical ground truth, while
+# `sam3d-mini`'s object frame is camera-aligned and its rotation always the identity (see its model
+# card: its posed F1 on these samples is 45 and 11); the comparisons between methods are what
+# this notebook is for.
 
 # %%
 show(plots.plot_speed_quality(summary[~summary["method"].isin(list(reuse))], quality="f_score", time_note=TIMER,

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -29,6 +31,12 @@
 #
 # Measured on `load_pipeline()` (shipped `sam3d-mini`; `FS3D_ALLOW_RANDOM=1` for development only).
 # `FS3D_QUICK=1`: 4 trials on 2 objects.
+#
+# **Our run** (the committed `figures/06_pareto.png`): shipped `sam3d-mini` run-3 weights, **quick
+# mode** (4 trials on 003_cracker_box and 011_banana, the default 25-step samplers; the full size,
+# 30 trials on 8 objects, needs about an hour on our 2-core CPU). The numbers quoted below are from
+# that run; the printed tables are the measurement of *your* run. With so few trials and objects it
+# shows the machinery and a first reading, not a calibrated preset for the dataset.
 
 # %%
 import json
@@ -85,6 +93,17 @@ res.base[["object", "f_score", "volume_iou", "time_total", "passes"]]
 # blue ones meet it; the orange step line is the Pareto front over all trials, the star the chosen
 # setting. A speedup below 1 in wall time with a pass ratio above 1 means the saved network passes
 # did not pay for the policy's overhead at this model size (on a mini model the network is cheap).
+#
+# *In our run* (quick: 4 trials, 2 objects): all four trials meet the budget, and in all four the
+# accelerated meshes score slightly *higher* F1 than the plain pipeline (F1 drop -0.4 to -2.1 points,
+# vIoU drop within ±0.004), so the constraint never binds and the fastest trial wins: the paper's
+# setting (trial 0, k = 3, beta = 0.7, keep = 0.1, E = 1.5, w = 0.9, tau = 0.5 / 0.7) at 5.7x wall
+# time and 4.1x network passes (SS 2.5x, SLaT 11.4x fewer passes, 2.7x fewer decoder tokens). The
+# wall-time ratio is noisy on a shared CPU: the same setting measured 4.0x in section 3. The
+# absolute F1 is low (base 24.7 and 14.5) because this fast metric compares the object-frame mesh,
+# which for `sam3d-mini` is camera-aligned (see its model card), with the canonical ground truth;
+# only the drops are meaningful here. On this model the paper's claim that Fast-SAM3D keeps quality
+# while it speeds up is reproduced on these two objects.
 
 # %% [markdown]
 # ## 2. The preset: save, reload, same behaviour
@@ -193,6 +212,13 @@ choices.merge(sig, on="object")
 # %% [markdown]
 # Read the table as: the adaptive controller is worth having if it sits on or above the fixed
 # settings' speed/quality trade-off, i.e. it is at least as fast as a fixed setting of similar
-# quality, or better in quality at similar speed. With few objects (and, in development, a random
-# model whose signals hardly vary between objects) the choices collapse to one setting and the
-# controller reduces to a fixed one; its value shows on datasets with mixed difficulty.
+# quality, or better in quality at similar speed. With few objects the tercile thresholds are
+# in-sample and degenerate (with two objects they fall between the two values), so the controller
+# can only send one object to each end of its range; its value shows on datasets with mixed
+# difficulty.
+#
+# *In our run* (quick: 2 objects): the signals differ little (layout_jitter 0.18 vs 0.17,
+# update_concentration 0.25 vs 0.26); the controller chose k = 2, keep = 0.4 for the cracker box and
+# k = 4, keep = 0.1 for the banana. It ran at 3.8x wall / 3.6x passes with F1 drop -0.26, against
+# 4.0x / 4.1x and -1.19 for the fixed paper setting: slower and no better in quality here, so on
+# these two objects the adaptive controller does not beat the fixed setting.
