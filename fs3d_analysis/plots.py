@@ -1,6 +1,7 @@
 """Seaborn figures of the observation notebooks, one function per figure, each taking the tidy
 table that the matching helper of :mod:`fs3d_analysis.experiments` returns and returning the
-matplotlib ``Figure`` (callers save it; nothing here writes files or calls ``plt.show``).
+matplotlib ``Figure`` (callers save it; nothing here writes files or calls ``plt.show``, except
+:func:`reconstruction_gallery`, which also saves its figure when given a ``path``).
 
 Profiling figures (notebook 01) live in :mod:`fs3d_analysis.profile.plots`.
 """
@@ -382,9 +383,224 @@ def plot_speed_quality(summary: pd.DataFrame, quality: str = "f_score", speed: s
     return fig
 
 
+# ---------------------------------------------------------------------------------------------
+# 06 reconstructions
+# ---------------------------------------------------------------------------------------------
+
+GALLERY_COLORS = {"pred": np.array([0.90, 0.55, 0.20]), "gt": np.array([0.45, 0.62, 0.85])}
+
+
+def _sample_camera(sample):
+    """The sample's pinhole camera: ``sample.camera`` if it has one, else built from
+    ``sample.intrinsics`` and the image size."""
+    from fs3d_analysis.data.render import Camera
+
+    cam = getattr(sample, "camera", None)
+    if isinstance(cam, Camera):
+        return cam
+    k = getattr(sample, "intrinsics", None)
+    if k is None:
+        raise ValueError(f"reconstruction_gallery: sample {getattr(sample, 'name', '?')!r} has neither a camera "
+                         "nor intrinsics; the reconstruction cannot be rendered from the input view")
+    k = np.asarray(k, dtype=np.float64)
+    h, w = np.asarray(sample.image).shape[:2]
+    return Camera(int(w), int(h), float(k[0, 0]), float(k[1, 1]), float(k[0, 2]), float(k[1, 2]))
+
+
+def _posed_trimesh(result):
+    """Camera-frame trimesh of a pipeline ``Result`` (its posed mesh), an ``fs3d_accel`` ``Mesh`` or a
+    trimesh; None for a failed run (None / exception / empty mesh)."""
+    import trimesh
+
+    if result is None or isinstance(result, BaseException):
+        return None
+    mesh = getattr(result, "posed_mesh", result)
+    if not isinstance(mesh, trimesh.Trimesh):
+        mesh = trimesh.Trimesh(np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces), process=False)
+    return mesh if len(mesh.faces) else None
+
+
+def _render_view(mesh, camera, color, scale: int, near: float = 1e-3):
+    """(H*scale, W*scale, 3) uint8 render of a camera-frame mesh through ``camera`` (white
+    background) and its hit mask, with :func:`fs3d_analysis.data.render.render`; faces reaching
+    closer than ``near`` to the camera plane are dropped."""
+    from fs3d_analysis.data.layout import Layout
+    from fs3d_analysis.data.render import Camera, Lighting, SceneObject, render
+
+    cam = Camera(camera.width * scale, camera.height * scale, camera.fx * scale, camera.fy * scale,
+                 camera.cx * scale, camera.cy * scale)
+    light = Lighting(direction=np.array([-0.35, -0.45, 1.0]) / np.linalg.norm([-0.35, -0.45, 1.0]),
+                     ambient=0.3, diffuse=0.7, background=(np.ones(3), np.ones(3)))
+    import trimesh
+
+    v, f = np.asarray(mesh.vertices, dtype=np.float64), np.asarray(mesh.faces)
+    front = (v[f][..., 2] > near).all(axis=1)  # near-plane culling: the renderer needs z > 0
+    if not front.any():
+        raise ValueError("the mesh lies entirely behind the camera")
+    used, faces = np.unique(f[front], return_inverse=True)
+    mesh = trimesh.Trimesh(v[used], faces.reshape(-1, 3), process=False)
+    r = render([SceneObject("mesh", mesh, Layout(np.eye(3), np.zeros(3), np.ones(3)), color)], cam, light)
+    return r.rgb, r.instance >= 0
+
+
+def _crop_box(boxes: Sequence[tuple[float, float, float, float]], w: int, h: int, pad: float = 0.25):
+    """Square (x0, x1, y0, y1) around the union of pixel boxes, padded, kept inside the image."""
+    x0 = min(b[0] for b in boxes); x1 = max(b[1] for b in boxes)  # noqa: E702
+    y0 = min(b[2] for b in boxes); y1 = max(b[3] for b in boxes)  # noqa: E702
+    side = min(max(x1 - x0, y1 - y0) * (1 + 2 * pad), float(max(w, h)))
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    sx, sy = min(side, w), min(side, h)
+    lo_x = float(np.clip(cx - sx / 2, 0, w - sx))
+    lo_y = float(np.clip(cy - sy / 2, 0, h - sy))
+    return lo_x, lo_x + sx, lo_y, lo_y + sy
+
+
+def _hit_box(hit: np.ndarray, scale: int):
+    ys, xs = np.nonzero(hit)
+    if len(xs) == 0:
+        return None
+    return xs.min() / scale, (xs.max() + 1) / scale, ys.min() / scale, (ys.max() + 1) / scale
+
+
+def _metric_text(m) -> str:
+    if not m:
+        return ""
+    f1 = m.get("f1_posed", m.get("f_score"))
+    viou = m.get("viou_posed", m.get("volume_iou"))
+    parts = []
+    if f1 is not None and np.isfinite(f1):
+        parts.append(f"F1 {f1:.1f}")
+    if viou is not None and np.isfinite(viou):
+        parts.append(f"vIoU {viou:.2f}")
+    return " · ".join(parts)
+
+
+def reconstruction_gallery(samples: Sequence, results: Sequence, path=None, metrics: Sequence | None = None,
+                           show_gt: bool = True, ncols: int = 2, render_scale: int = 2, crop: bool = True,
+                           notes: Sequence[str] | None = None, n_points: int = 4000, panel_in: float = 2.3,
+                           dpi: int = 110, title: str | None = None) -> Figure:
+    """Inputs beside their reconstructions: per object the input image with the mask outline
+    (green), the reconstructed *posed* mesh rendered from the input camera (orange; the mask outline
+    dashed on top, to judge placement) and, if ``show_gt`` and the sample has ``posed_mesh()``, the
+    ground-truth mesh from the same camera (blue). ``ncols`` objects per figure row.
+
+    ``samples``: objects with ``image``, ``mask``, ``name`` and ``camera`` or ``intrinsics`` (e.g.
+    :class:`fs3d_analysis.data.Sample`); ``results``: per sample a pipeline ``Result``, a ``Mesh`` /
+    trimesh in the camera frame, or None / an exception for a failed run (drawn as such).
+    ``metrics``: per sample a dict with ``f1_posed``/``viou_posed`` (or ``f_score``/``volume_iou``);
+    if None they are computed here for samples with a GT: F1@0.05 and vIoU with
+    :func:`fs3d_analysis.metrics.shape_metrics` (``mode="gt"``, ``n_points`` surface points: the
+    posed metrics of the model card). ``notes``: an extra line per object (e.g. run time). Renders use
+    :func:`fs3d_analysis.data.render.render` at ``render_scale`` x the input resolution; ``crop``
+    zooms every panel of an object onto the same square around its mask and renders.
+
+    The figure is ``(ncols * panels * panel_in) x (rows * (panel_in + 0.55) + 0.5)`` inches; it is
+    saved at ``dpi`` to ``path`` when given (no tight bbox, so the PNG size is that times ``dpi``)."""
+    samples, results = list(samples), list(results)
+    if len(samples) == 0:
+        raise ValueError("reconstruction_gallery: no samples")
+    if len(results) != len(samples):
+        raise ValueError(f"reconstruction_gallery: {len(samples)} samples but {len(results)} results")
+    if metrics is not None and len(metrics) != len(samples):
+        raise ValueError(f"reconstruction_gallery: {len(samples)} samples but {len(metrics)} metric rows")
+    if notes is not None and len(notes) != len(samples):
+        raise ValueError(f"reconstruction_gallery: {len(samples)} samples but {len(notes)} notes")
+    if ncols < 1 or render_scale < 1:
+        raise ValueError("reconstruction_gallery: ncols and render_scale must be >= 1")
+    has_gt = [callable(getattr(s, "posed_mesh", None)) for s in samples]
+    show_gt = bool(show_gt and any(has_gt))
+    panels = 3 if show_gt else 2
+    ncols = min(ncols, len(samples))
+    nrows = -(-len(samples) // ncols)
+    fig, axes = plt.subplots(nrows, ncols * panels, squeeze=False,
+                             figsize=(ncols * panels * panel_in, nrows * (panel_in + 0.55) + 0.5))
+    for ax in axes.flat:
+        ax.set_axis_off()
+
+    for i, (sample, result) in enumerate(zip(samples, results)):
+        r, c0 = divmod(i, ncols)
+        row_axes = axes[r][c0 * panels: (c0 + 1) * panels]
+        name = str(getattr(sample, "name", f"object {i}"))
+        image, mask = np.asarray(sample.image), np.asarray(sample.mask, dtype=bool)
+        h, w = mask.shape
+        camera = _sample_camera(sample)
+        if (camera.width, camera.height) != (w, h):
+            raise ValueError(f"reconstruction_gallery: {name}: camera {camera.width}x{camera.height} != image {w}x{h}")
+        ext = (0, w, h, 0)
+        boxes = []
+        ys, xs = np.nonzero(mask)
+        if len(xs):
+            boxes.append((xs.min(), xs.max() + 1, ys.min(), ys.max() + 1))
+
+        pred = _posed_trimesh(result)
+        gt = sample.posed_mesh() if show_gt and has_gt[i] else None
+        views = {}
+        for key, mesh in (("pred", pred), ("gt", gt)):
+            if mesh is None:
+                continue
+            try:
+                views[key] = _render_view(mesh, camera, GALLERY_COLORS[key], render_scale)
+            except ValueError as exc:  # e.g. a prediction reaching behind the camera
+                views[key] = exc
+                continue
+            b = _hit_box(views[key][1], render_scale)
+            if b is not None:
+                boxes.append(b)
+        m = metrics[i] if metrics is not None else None
+        if m is None and pred is not None and gt is not None:
+            from fs3d_analysis.metrics import shape_metrics
+            m = shape_metrics(pred, gt, mode="gt", n_points=n_points).as_dict()
+        if m is None and pred is None and gt is not None:
+            m = {"f_score": 0.0, "volume_iou": 0.0}  # a failed run scores 0, as in the model card
+
+        box = _crop_box(boxes, w, h) if crop and boxes else (0, w, 0, h)
+        xx, yy = np.arange(w) + 0.5, np.arange(h) + 0.5
+
+        ax = row_axes[0]
+        ax.imshow(image, extent=ext, interpolation="nearest")
+        if mask.any():
+            ax.contour(xx, yy, mask.astype(float), levels=[0.5], colors="lime", linewidths=1.2)
+        ax.set_title(name if notes is None else f"{name}\n{notes[i]}", fontsize=8)
+
+        for ax, key, label in zip(row_axes[1:], ("pred", "gt"), ("reconstruction", "ground truth")):
+            v = views.get(key)
+            if isinstance(v, tuple):
+                ax.imshow(v[0], extent=ext, interpolation="bilinear")
+                if mask.any():
+                    ax.contour(xx, yy, mask.astype(float), levels=[0.5], colors="k", linewidths=0.7,
+                               linestyles="--", alpha=0.6)
+            else:
+                ax.imshow(np.ones((h, w, 3)), extent=ext)
+                why = ("no mesh (run failed)" if key == "pred" else "no GT") if v is None else f"not rendered:\n{v}"
+                ax.text(w / 2, h / 2, why, ha="center", va="center", fontsize=7, color="0.3", wrap=True)
+            if key == "pred":
+                mt = _metric_text(m)
+                ax.set_title(f"{label}\n{mt} (posed)" if mt else label, fontsize=8)
+            else:
+                ax.set_title(label, fontsize=8)
+
+        for ax in row_axes:
+            ax.set_axis_on()
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_xlim(box[0], box[1])
+            ax.set_ylim(box[3], box[2])
+            ax.set_aspect("equal")
+            ax.grid(False)
+    fig.suptitle(title or "Inputs (mask outlined) and reconstructions rendered from the input camera", wrap=True)
+    fig.tight_layout()
+    if path is not None:
+        from pathlib import Path
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi)
+    return fig
+
+
 __all__ = [
     "densest_slice", "plot_detail_loss", "plot_energy_concentration", "plot_extrapolation_error_vs_k",
     "plot_hfer_distribution", "plot_hfer_vs_complexity", "plot_pose_drift_vs_k", "plot_saliency_ranking",
     "plot_speed_quality", "plot_ss_step_error", "plot_ss_velocity_dynamics", "plot_topk_tradeoff",
-    "plot_update_scatter3d", "plot_update_slices",
+    "plot_update_scatter3d", "plot_update_slices", "reconstruction_gallery",
 ]
