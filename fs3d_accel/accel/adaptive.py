@@ -21,14 +21,14 @@ from __future__ import annotations
 import bisect
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 from ..seams import Accelerator, ComputeFn, Latent, StepContext
 from ._common import check_int, check_real, policy_state
 from .mesh_aggregation import SpectralTokenAggregation
 from .signals import get_signal
 from .slat_carving import SLaTTokenCarving
-from .slat_step_cache import SLaTStepCache
+from .slat_step_cache import SLaTPolicy, SLaTStepCache
 from .ss_cache import SSModalityCache
 
 _DEFAULT: Any = object()
@@ -144,30 +144,11 @@ class AdaptiveCarving:
 
 
 @dataclass(frozen=True)
-class AdaptiveSLaTPolicy:
+class AdaptiveSLaTPolicy(SLaTPolicy):
     """As :class:`~fs3d_accel.accel.slat_step_cache.SLaTPolicy`, but the carving may be adaptive."""
 
     carving: SLaTTokenCarving | AdaptiveCarving | None = None
-    step_cache: SLaTStepCache | None = None
-
-    def __post_init__(self) -> None:
-        if self.carving is not None and not isinstance(self.carving, (SLaTTokenCarving, AdaptiveCarving)):
-            raise TypeError(f"carving must be SLaTTokenCarving, AdaptiveCarving or None, "
-                            f"got {type(self.carving).__name__}")
-        if self.step_cache is not None and not isinstance(self.step_cache, SLaTStepCache):
-            raise TypeError(f"step_cache must be SLaTStepCache or None, got {type(self.step_cache).__name__}")
-
-    def velocity(self, ctx: StepContext, compute: ComputeFn) -> Latent:
-        if self.step_cache is not None and not self.step_cache.should_compute(ctx):
-            return self.step_cache.reuse(ctx)
-        v = self.carving.velocity(ctx, compute) if self.carving is not None else compute()
-        if self.step_cache is not None:
-            self.step_cache.after_compute(ctx, v)
-        return v
-
-    @property
-    def tag(self) -> str:
-        return "+".join(p.tag for p in (self.carving, self.step_cache) if p is not None) or "slat-identity"
+    carving_types: ClassVar[tuple[type, ...]] = (SLaTTokenCarving, AdaptiveCarving)
 
 
 def AdaptiveFastSAM3D(ss: AdaptiveSSCache | SSModalityCache | None = _DEFAULT,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from ..seams import ComputeFn, Latent, StepContext
 from ._common import check_choice, check_int, check_nonneg, policy_state
@@ -73,10 +74,13 @@ class SLaTPolicy:
 
     carving: SLaTTokenCarving | None = None
     step_cache: SLaTStepCache | None = None
+    #: the carving classes this policy accepts (subclasses widen it)
+    carving_types: ClassVar[tuple[type, ...]] = (SLaTTokenCarving,)
 
     def __post_init__(self) -> None:
-        if self.carving is not None and not isinstance(self.carving, SLaTTokenCarving):
-            raise TypeError(f"carving must be SLaTTokenCarving or None, got {type(self.carving).__name__}")
+        if self.carving is not None and not isinstance(self.carving, self.carving_types):
+            names = ", ".join(t.__name__ for t in self.carving_types)
+            raise TypeError(f"carving must be {names} or None, got {type(self.carving).__name__}")
         if self.step_cache is not None and not isinstance(self.step_cache, SLaTStepCache):
             raise TypeError(f"step_cache must be SLaTStepCache or None, got {type(self.step_cache).__name__}")
 
