@@ -102,6 +102,18 @@ def random_pipeline(config: str = "mini", device: str | torch.device = "cpu", se
     return pipe
 
 
+def weights_fingerprint(pipe: Pipeline) -> str:
+    """12 hex digits identifying the pipeline's weights (its source and a checksum of every parameter):
+    resumable result folders are keyed by it, so rows measured with other weights are never reused."""
+    import hashlib
+
+    h = hashlib.sha1(f"{pipe.config.name}|{pipe.source}".encode())
+    with torch.no_grad():
+        for name, p in pipe.state_dict().items():
+            h.update(f"{name}{tuple(p.shape)}{float(p.double().sum()) if p.numel() else 0.0:.17g}".encode())
+    return h.hexdigest()[:12]
+
+
 def is_random(pipe: Pipeline) -> bool:
     """True for a random-weight pipeline (its measurements do not test the paper's claims)."""
     return pipe.source.startswith("config:")

@@ -38,9 +38,8 @@
 # **quick mode** (011_banana and 021_bleach_cleanser, 25 SS steps, 8 SLaT steps, one CPU thread;
 # the full size, 8 objects x 15 methods with 25 SLaT steps, takes well over the ~8 minutes we had
 # per notebook). The numbers quoted below are from that run; the printed tables are the
-# measurement of *your* run. Note for a full-size run: finished rows are resumed from
-# `runs/05_accelerate/results.csv`, keyed by the setting name only (not the weights), so delete
-# that file after the weights change.
+# measurement of *your* run. A full-size run resumes finished rows from
+# `runs/05_accelerate/<weights fingerprint>/results.csv`: rows of other weights are never reused.
 
 # %%
 import matplotlib
@@ -53,7 +52,7 @@ from fs3d_analysis import plots
 from fs3d_analysis.data import load_shipped_samples
 from fs3d_analysis.eval import METRICS, evaluate, summarize
 from fs3d_analysis.notebook_utils import (QUICK_OBJECTS, apply_run_size, banner, figures_dir, is_random, load_pipeline, pick, quick_mode,
-                                          repo_root, show)
+                                          repo_root, show, weights_fingerprint)
 
 pd.set_option("display.width", 200)
 pd.set_option("display.precision", 3)
@@ -74,7 +73,7 @@ print(screened.to_string(index=False))
 samples = [s for s in shipped if s.name in ss_runs]
 steps = f"ss{pipe.config.ss_sampler.steps}-slat{pipe.config.slat_sampler.steps}"
 SETTING = f"{pipe.config.name}-{steps}" + ("-random" if is_random(pipe) else "")
-OUT = repo_root() / "runs" / ("05_accelerate_quick" if quick_mode() else "05_accelerate")
+OUT = repo_root() / "runs" / ("05_accelerate_quick" if quick_mode() else "05_accelerate") / weights_fingerprint(pipe)
 if quick_mode() and (OUT / "results.csv").is_file():
     (OUT / "results.csv").unlink()  # CI: always measure afresh
 print("evaluating", [s.name for s in samples], "| setting", SETTING, "| rows in", OUT.relative_to(repo_root()))

@@ -28,3 +28,16 @@ def test_sparsify_hits_the_fraction_and_rejects_bad_fractions():
     for bad in (0.0, 1.0, -0.1):
         with pytest.raises(ValueError, match="occupied_fraction"):
             sparsify_occupancy(pipe, occupied_fraction=bad)
+
+
+def test_weights_fingerprint_follows_the_weights_not_the_object():
+    from fs3d_analysis.notebook_utils import weights_fingerprint
+
+    a = Pipeline.from_config(fast_mini_config(ss_steps=2), seed=0)
+    b = Pipeline.from_config(fast_mini_config(ss_steps=2), seed=0)
+    fa = weights_fingerprint(a)
+    assert len(fa) == 12 and fa == weights_fingerprint(b)
+    with torch.no_grad():
+        b.slat.flow.out_layer.bias.add_(1e-3)
+    assert weights_fingerprint(b) != fa
+    assert weights_fingerprint(Pipeline.from_config(fast_mini_config(ss_steps=2), seed=1)) != fa
