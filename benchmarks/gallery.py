@@ -17,7 +17,8 @@ the results are bit-identical); the table gives the median, first, min and max w
 object and the stage split of the fastest run. One untimed warm-up call on the first object runs
 before (its time is reported separately as the cold first call).
 
-Writes ``figures/06_reconstructions.png`` (``fs3d_analysis.plots.reconstruction_gallery``) and
+Writes ``benchmarks/results/mini_cpu_gallery.png`` (``fs3d_analysis.plots.reconstruction_gallery``; notebook 00 draws
+the committed ``figures/00_reconstructions.png`` the same way) and
 ``benchmarks/results/mini_cpu_timing.{md,csv}``.
 """
 from __future__ import annotations
@@ -71,7 +72,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3,
                     help="timed runs per object (the machine may be shared: the median and min show the noise)")
     ap.add_argument("--n-extra", type=int, default=4, help="objects taken from benchmarks/data/ycb_scale/objects")
-    ap.add_argument("--figure", type=Path, default=ROOT / "figures" / "06_reconstructions.png")
+    ap.add_argument("--figure", type=Path, default=ROOT / "benchmarks" / "results" / "mini_cpu_gallery.png")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "mini_cpu_timing")
     ap.add_argument("--load-note", default="the machine's 2 cores were shared with another job running notebooks "
                                            "during the measurement, so the times are noisy and likely pessimistic")
