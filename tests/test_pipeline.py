@@ -214,3 +214,21 @@ def test_batched_cfg_and_cond_kv_match_reference(scene):
     for k in ref_ss.latents:
         assert torch.allclose(ss.latents[k], ref_ss.latents[k], atol=1e-4, rtol=1e-4), k
     assert torch.allclose(slat.feats, ref_slat.feats, atol=1e-4, rtol=1e-4)
+
+
+def test_xz_compressed_checkpoint_loads_the_same_weights_and_bad_files_fail_clearly(tmp_path, mini_pipe):
+    """The package ships its weights as model.safetensors.xz; a folder holding only that file loads."""
+    import lzma
+
+    from safetensors.torch import save
+
+    from fs3d_accel.checkpoint import CheckpointError
+
+    sd = {k: v.contiguous() for k, v in mini_pipe.state_dicts("ours").items()}
+    (tmp_path / "model.safetensors.xz").write_bytes(lzma.compress(save(sd)))
+    loaded = Pipeline.from_checkpoint(tmp_path, config=fast_mini_config())
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    (tmp_path / "model.safetensors.xz").write_bytes(b"not xz")
+    with pytest.raises(CheckpointError, match="cannot read checkpoint .*model.safetensors.xz"):
+        Pipeline.from_checkpoint(tmp_path, config=fast_mini_config())

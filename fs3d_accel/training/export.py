@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from ..pipeline import Pipeline
-from ..weights import WEIGHTS_DIR, sha256
+from ..weights import WEIGHTS_DIR, WEIGHTS_FILE, sha256_bytes
 from .trainers import MiniTrainer
 
 
@@ -40,14 +40,17 @@ def load_trained_pipeline(ckpt: str | Path, device: str = "cpu") -> tuple[Pipeli
 
 
 def export_weights(pipe: Pipeline, out_dir: str | Path | None = None) -> tuple[Path, str]:
-    """Write ``model.safetensors`` (fp16, keys = ``Pipeline.from_config('mini').state_dict()``) and
-    ``config.txt``; returns (path, sha256)."""
-    from safetensors.torch import save_file
+    """Write ``model.safetensors.xz`` (fp16 safetensors, keys = ``Pipeline.from_config('mini').state_dict()``,
+    xz-compressed) and ``config.txt``; returns (path, sha256 of the uncompressed safetensors bytes)."""
+    import lzma
+
+    from safetensors.torch import save
 
     out = Path(out_dir) if out_dir is not None else WEIGHTS_DIR / "sam3d-mini"
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: (v.half() if v.is_floating_point() else v).contiguous().cpu() for k, v in pipe.state_dict().items()}
-    path = out / "model.safetensors"
-    save_file(sd, str(path), metadata={"config": "mini", "format": "fs3d-ours"})
+    data = save(sd, metadata={"config": "mini", "format": "fs3d-ours"})
+    path = out / WEIGHTS_FILE
+    path.write_bytes(lzma.compress(data, preset=9))
     (out / "config.txt").write_text("mini\n")
-    return path, sha256(path)
+    return path, sha256_bytes(data)
