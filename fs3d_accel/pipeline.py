@@ -70,6 +70,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed_stage(events: EventBus, device: torch.device, timings: dict[str, float], name: str,
+                fn: Callable[[], Any]) -> Any:
+    """``fn()`` between the stage's start/end :class:`StageEvent` (the end event carries the output and
+    the seconds); its CUDA-synchronised wall time goes to ``timings[name]``."""
+    events.emit(StageEvent(name, "start"))
+    _sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(device)
+    timings[name] = time.perf_counter() - t0
+    events.emit(StageEvent(name, "end", {"output": out, "seconds": timings[name]}))
+    return out
+
+
 class Pipeline(nn.Module):
     """Image + mask (+ point map) -> mesh and layout, through the stages ss, slat, decode."""
 
@@ -211,18 +225,10 @@ class Pipeline(nn.Module):
         return self.run_prepared(inputs, seed)
 
     def run_prepared(self, inputs: PreparedInputs, seed: int = 0) -> Result:
-        device = self.device
         timings: dict[str, float] = {}
 
         def timed(name: str, fn: Callable[[], Any]) -> Any:
-            self.events.emit(StageEvent(name, "start"))
-            _sync(device)
-            t0 = time.perf_counter()
-            out = fn()
-            _sync(device)
-            timings[name] = time.perf_counter() - t0
-            self.events.emit(StageEvent(name, "end", {"output": out, "seconds": timings[name]}))
-            return out
+            return timed_stage(self.events, self.device, timings, name, fn)
 
         ss = timed("ss", lambda: self.run_ss(inputs, seed))
         slat = timed("slat", lambda: self.run_slat(inputs, ss, seed))

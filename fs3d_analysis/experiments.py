@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -29,9 +28,9 @@ from fs3d_accel.accel import (SLaTPolicy, SLaTTokenCarving, SpectralTokenAggrega
 from fs3d_accel.accel.slat_carving import saliency, token_freq_scores
 from fs3d_accel.accel.spectral import HFERConfig, hfer_2d, hfer_3d
 from fs3d_accel.mesh import Mesh
-from fs3d_accel.pipeline import Pipeline, Result
+from fs3d_accel.pipeline import Pipeline, Result, timed_stage
 from fs3d_accel.preprocess import PreparedInputs
-from fs3d_accel.seams import Accelerator, StageEvent, StepEvent, TransformContext
+from fs3d_accel.seams import Accelerator, StepEvent, TransformContext
 from fs3d_accel.stages.types import DecodeOutput, SLaTOutput, SSOutput
 
 from .record import SSTrajectoryRecorder
@@ -99,11 +98,6 @@ def prepare(pipe: Pipeline, sample: Any) -> PreparedInputs:
     return pipe.prepare(sample.image, sample.mask, sample.pointmap)
 
 
-def _sync(pipe: Pipeline) -> None:
-    if pipe.device.type == "cuda":
-        torch.cuda.synchronize(pipe.device)
-
-
 def run_stages(pipe: Pipeline, inputs: PreparedInputs, *, accel: Accelerator | None = None, seed: int = 0,
                until: str = "decode", ss: SSOutput | None = None, slat: SLaTOutput | None = None,
                listeners: Sequence[Callable[[Any], None]] = ()) -> StageRun:
@@ -118,14 +112,7 @@ def run_stages(pipe: Pipeline, inputs: PreparedInputs, *, accel: Accelerator | N
     timings: dict[str, float] = {}
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:
-        pipe.events.emit(StageEvent(name, "start"))
-        _sync(pipe)
-        t0 = time.perf_counter()
-        out = fn()
-        _sync(pipe)
-        timings[name] = time.perf_counter() - t0
-        pipe.events.emit(StageEvent(name, "end", {"output": out, "seconds": timings[name]}))
-        return out
+        return timed_stage(pipe.events, pipe.device, timings, name, fn)
 
     with using_accel(pipe, accel), pipe.events.listening(*listeners):
         if ss is None:

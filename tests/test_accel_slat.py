@@ -8,20 +8,8 @@ from fs3d_accel.accel import SLaTPolicy, SLaTStepCache, SLaTTokenCarving
 from fs3d_accel.accel.slat_carving import saliency, select_frozen
 from fs3d_accel.accel.spectral import HFERConfig, voxel_grid, voxel_highfreq_scores
 from fs3d_accel.accel.tangent_cache import TangentCacheRule
-from fs3d_accel.accel.testing import mini_harness, run_sampler, slat_field
+from fs3d_accel.accel.testing import cube_object, mini_harness, run_sampler, slat_field
 from fs3d_accel.seams import EventBus
-
-
-def _cube_object(r=16, lo=4, hi=11):
-    """Occupancy logits of a solid cube [lo, hi]^3 in an r^3 grid and its surface voxels as coords."""
-    logits = -torch.ones(r, r, r)
-    logits[lo:hi + 1, lo:hi + 1, lo:hi + 1] = 1.0
-    occ = logits > 0
-    inner = torch.zeros_like(occ)
-    inner[lo + 1:hi, lo + 1:hi, lo + 1:hi] = True
-    xyz = torch.nonzero(occ & ~inner).to(torch.int32)
-    coords = torch.cat([torch.zeros_like(xyz[:, :1]), xyz], 1)
-    return logits, coords
 
 
 def _run(policy, net, n=None, steps=8, extras=None, seed=0):
@@ -36,7 +24,7 @@ def _run(policy, net, n=None, steps=8, extras=None, seed=0):
 
 
 def test_constant_field_selects_by_frequency_alone():
-    logits, coords = _cube_object()
+    logits, coords = cube_object()
     n = coords.shape[0]
     extras = {"coords": coords, "occupancy_logits": logits, "resolution": 16}
     calls = []

@@ -7,22 +7,12 @@ import torch
 from fs3d_accel.accel import SLaTTokenCarving, SpectralTokenAggregation, available_signals, get_signal, register_signal
 from fs3d_accel.accel.signals import (PAPER_WEIGHTS, TokenInputs, normal_variation_field, token_signal_values,
                                       unregister_signal)
-from fs3d_accel.accel.testing import run_sampler, slat_field, ss_latent
+from fs3d_accel.accel.testing import cube_object, run_sampler, slat_field, ss_latent
 from fs3d_accel.seams import EventBus, StepRecord, TransformContext
 
 
-def _cube_object(r=16, lo=4, hi=11):
-    logits = -torch.ones(r, r, r)
-    logits[lo:hi + 1, lo:hi + 1, lo:hi + 1] = 1.0
-    occ = logits > 0
-    inner = torch.zeros_like(occ)
-    inner[lo + 1:hi, lo + 1:hi, lo + 1:hi] = True
-    xyz = torch.nonzero(occ & ~inner).to(torch.int32)
-    return logits, torch.cat([torch.zeros_like(xyz[:, :1]), xyz], 1)
-
-
 def _run(policy, steps=6, seed=0):
-    logits, coords = _cube_object()
+    logits, coords = cube_object()
     extras = {"coords": coords, "occupancy_logits": logits, "resolution": 16}
     bus = EventBus()
     seen = []
@@ -155,7 +145,7 @@ def test_normal_variation_is_zero_on_flat_faces_and_largest_at_corners():
     assert face < 1e-9
     assert corner > edge > 0.05
     assert float(nv.min()) >= 0 and float(nv.max()) <= 1
-    logits, coords = _cube_object()
+    logits, coords = cube_object()
     inp = TokenInputs(v_prev=None, v_ref=None, extras={"coords": coords, "occupancy_logits": logits})
     vals = token_signal_values("NV", inp)
     assert vals.shape == (coords.shape[0],)

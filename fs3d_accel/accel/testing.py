@@ -125,6 +125,18 @@ class MiniHarness:
         return EulerFlowSampler(cfg, "slat").sample(x0, net, policy, events, extras)
 
 
+def cube_object(r: int = 16, lo: int = 4, hi: int = 11) -> tuple[Tensor, Tensor]:
+    """Occupancy logits of a solid cube [lo, hi]^3 in an r^3 grid (+1 inside, -1 outside) and its
+    surface voxels as (N, 4) int32 coords with batch 0."""
+    logits = -torch.ones(r, r, r)
+    logits[lo:hi + 1, lo:hi + 1, lo:hi + 1] = 1.0
+    occ = logits > 0
+    inner = torch.zeros_like(occ)
+    inner[lo + 1:hi, lo + 1:hi, lo + 1:hi] = True
+    xyz = torch.nonzero(occ & ~inner).to(torch.int32)
+    return logits, torch.cat([torch.zeros_like(xyz[:, :1]), xyz], 1)
+
+
 def _block_subset(coords: Tensor, num_tokens: int) -> Tensor:
     """The ``num_tokens`` coords nearest to the occupied voxels' centroid (a compact blob)."""
     xyz = coords[:, 1:].double()
@@ -154,4 +166,4 @@ def mini_harness(num_tokens: int = 160, slat_steps: int = 2) -> MiniHarness:
     return harness
 
 
-__all__ = ["MiniHarness", "mini_harness", "run_sampler", "slat_field", "ss_field", "ss_latent", "synthetic_object"]
+__all__ = ["MiniHarness", "cube_object", "mini_harness", "run_sampler", "slat_field", "ss_field", "ss_latent", "synthetic_object"]
