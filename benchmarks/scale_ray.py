@@ -78,6 +78,11 @@ def main() -> None:
                          "extraction 4.6x slower on the 32-core GPU host)")
     ap.add_argument("--out", default="runs/scale_ray")
     args = ap.parse_args()
+    for flag in ("limit", "scene_limit"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if args.scene_repeats < 1:
+        raise SystemExit(f"--scene-repeats must be >= 1, got {args.scene_repeats}")
     if args.plain_threads < 1:
         raise SystemExit(f"--plain-threads must be >= 1, got {args.plain_threads}")
     torch.set_num_threads(args.plain_threads)

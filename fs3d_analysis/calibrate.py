@@ -678,15 +678,8 @@ def main(args) -> int:
                                    max_viou_drop=getattr(args, "max_viou_drop", QualityConstraint.max_viou_drop))
     if args.trials < 1:
         raise SystemExit(f"--trials must be >= 1, got {args.trials}")
-    use_ray, workers = bool(getattr(args, "ray", False)), getattr(args, "workers", None)
-    if workers is not None and not use_ray:
-        raise SystemExit(f"--workers {workers} needs --ray (it is the number of Ray actors)")
-    if workers is not None and workers < 1:
-        raise SystemExit(f"--workers must be >= 1, got {workers}")
-    if use_ray:
-        from fs3d_analysis.distributed import ray_available
-        if not ray_available():
-            raise SystemExit("--ray needs ray: pip install 'fs3d[ray]' (or pip install ray)")
+    from fs3d_analysis.distributed import check_ray_args
+    use_ray, workers = check_ray_args(args)
     pipe = _load_pipeline(args)
     samples = load_dataset(args.dataset, getattr(args, "limit", None))
     seed, objective = getattr(args, "seed", 0), "wall"

@@ -63,6 +63,19 @@ def _ray():
     return ray
 
 
+def check_ray_args(args) -> tuple[bool, int | None]:
+    """``(use_ray, workers)`` from a CLI namespace's ``--ray`` / ``--workers``; exits with a clear message
+    for ``--workers`` without ``--ray``, a count below 1, or ``--ray`` without ray installed."""
+    use_ray, workers = bool(getattr(args, "ray", False)), getattr(args, "workers", None)
+    if workers is not None and not use_ray:
+        raise SystemExit(f"--workers {workers} needs --ray (it is the number of Ray actors)")
+    if workers is not None and workers < 1:
+        raise SystemExit(f"--workers must be >= 1, got {workers}")
+    if use_ray and not ray_available():
+        raise SystemExit("--ray needs ray: pip install 'fs3d[ray]' (or pip install ray)")
+    return use_ray, workers
+
+
 def _cuda_available() -> bool:
     import torch
     return torch.cuda.is_available()
@@ -527,5 +540,5 @@ def eval_main(args, samples: Sequence, methods: Mapping[str, Callable]) -> pd.Da
                         num_workers=getattr(args, "workers", None), seed=args.seed, use_gpu=use_gpu)
 
 
-__all__ = ["CliPipeFactory", "PoolStats", "RayMeasurePool", "ReplicaPool", "eval_main", "evaluate_ray",
+__all__ = ["CliPipeFactory", "PoolStats", "check_ray_args", "RayMeasurePool", "ReplicaPool", "eval_main", "evaluate_ray",
            "ray_available", "reconstruct_scene_split", "reconstruct_scenes_ray", "split_evenly"]

@@ -190,10 +190,19 @@ def main(args) -> int:
     from fs3d_accel.accel import make_method
     from fs3d_accel.cli import _load_pipeline
 
+    from fs3d_analysis.distributed import check_ray_args
+
+    use_ray, _ = check_ray_args(args)
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"--limit must be >= 1, got {args.limit}")
     samples = load_dataset(args.dataset, args.limit)
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not names:
+        raise SystemExit(f"--methods names no method: {args.methods!r}")
+    for m in names:
+        make_method(m)  # an unknown name fails here, before any model is loaded or run
     methods = {m: (lambda m=m: make_method(m)) for m in names}
-    if getattr(args, "ray", False):  # --ray: pairs spread over Ray actors (fs3d_analysis.distributed)
+    if use_ray:  # --ray: pairs spread over Ray actors (fs3d_analysis.distributed)
         from fs3d_analysis.distributed import eval_main as ray_eval_main
         table = ray_eval_main(args, samples, methods)
     else:

@@ -80,3 +80,19 @@ def test_append_row_rejects_a_column_the_file_lacks(tmp_path):
     with pytest.raises(ValueError, match="columns \\['surprise'\\]"):
         append_row(csv, {"object": "b", "method": "base", "setting": "default", "surprise": 2})
     assert len(pd.read_csv(csv)) == 1
+
+
+def test_eval_cli_rejects_bad_arguments_before_loading_a_model():
+    import pytest
+
+    from fs3d_accel.cli import main
+
+    cases = [(["--workers", "2"], "--workers 2 needs --ray"),
+             (["--ray", "--workers", "0"], "--workers must be >= 1, got 0"),
+             (["--limit", "0"], "--limit must be >= 1, got 0"),
+             (["--methods", " , "], "--methods names no method")]
+    for argv, msg in cases:
+        with pytest.raises(SystemExit, match=msg):
+            main(["eval", *argv, "--weights", "no-such-weights"])
+    with pytest.raises(ValueError, match="no-such-method"):
+        main(["eval", "--methods", "base,no-such-method", "--weights", "no-such-weights"])
