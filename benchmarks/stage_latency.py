@@ -36,10 +36,18 @@ VARIANTS = {
     "... + torch.compile (SS)": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True),
     "... + compile with CUDA graphs (SS)": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True,
                                                       compile_ss=True, compile_mode="reduce-overhead"),
+    "... + CUDA graphs (SS, SLaT; eager kernels)": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True,
+                                                              cuda_graphs=True),
+    "... + torch.compile (SS) + CUDA graphs (SLaT)": RunOptions(precision="bf16", batch_cfg=True,
+                                                                cache_cond_kv=True, compile_ss=True, cuda_graphs=True),
 }
 SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32": "fp32", "bf16": "bf16 weights",
          "bf16-cfg": "bf16 + batched CFG", "bf16-cfg-kv": "bf16 + batched CFG + cond K/V cache",
-         "compile": "... + torch.compile (SS)", "cudagraphs": "... + compile with CUDA graphs (SS)"}
+         "compile": "... + torch.compile (SS)", "cudagraphs": "... + compile with CUDA graphs (SS)",
+         "graphs": "... + CUDA graphs (SS, SLaT; eager kernels)",
+         "compile-graphs": "... + torch.compile (SS) + CUDA graphs (SLaT)"}
+#: outputs of every variant are compared with this one's (same weights, inputs, seeds)
+REFERENCE_VARIANT = "bf16-cfg-kv"
 COORDS_FILE = Path(__file__).parent / "data" / "ycb_surface_coords_r64.npz"
 
 
@@ -67,6 +75,24 @@ class Timer:
                 fn()
                 times.append(time.perf_counter() - t0)
         return {"median_s": statistics.median(times), "min_s": min(times), "n": len(times)}
+
+
+def matmul_peak_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> float | None:
+    """Measured bf16 matmul throughput (TFLOP/s) of an n x n x n product: the MFU denominator."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    r = Timer(device, 3, repeats)(lambda: a @ b)
+    return 2 * n ** 3 / r["median_s"] / 1e12
+
+
+def count_flops(fn) -> float:
+    """FLOPs of one call (torch.utils.flop_counter: matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return float(counter.get_total_flops())
 
 
 def synthetic_inputs(size: int = 518, seed: int = 0):
@@ -136,6 +162,8 @@ def main() -> None:
         coords = {k: coords[k] for k in wanted}
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     rows = []
+    extra = {"peak_tflops": matmul_peak_tflops(dev), "flops": {}, "parity": {}}
+    outputs: dict[str, dict[str, torch.Tensor]] = {}
     for short in args.variants.split(","):
         label = SHORT[short]
         opts = VARIANTS[label]
@@ -156,12 +184,15 @@ def main() -> None:
                              median_s=first, min_s=first, n=1))
             r = timer(lambda: pipe.run_ss(inp, seed=0))
             rows.append(dict(variant=label, stage="SS stage (cond + 25 steps + decoder)", N=None, **r))
+            outputs[short] = {f"ss.{k}": v.float().cpu() for k, v in pipe.run_ss(inp, seed=0).latents.items()}
             cond = pipe.ss.condition(**{k: v.to(opts.weight_dtype) for k, v in inp.ss_kwargs().items()})
             lat = {k: v.to(dev, opts.weight_dtype) for k, v in ss.latents.items()}
             tt = torch.full((1,), 500.0, device=dev)
             d = torch.zeros(1, device=dev)
             with opts.autocast(dev):
                 r = timer(lambda: pipe.ss.flow(lat, tt, cond, d))
+                if "SS flow pass" not in extra["flops"]:
+                    extra["flops"]["SS flow pass"] = count_flops(lambda: pipe.ss.flow(lat, tt, cond, d))
             rows.append(dict(variant=label, stage="SS flow, one pass (B=1)", N=None, **r))
             r = timer(lambda: pipe.ss.decoder(ss.latents["shape"].permute(0, 2, 1).reshape(
                 1, 8, *(3 * [pipe.config.ss_flow.resolution])).to(dev, opts.weight_dtype)))
@@ -181,19 +212,63 @@ def main() -> None:
                     ss_n = dataclasses.replace(ss, coords=c)
                     r = timer(lambda: pipe.run_slat(inp, ss_n, seed=0))
                     rows.append(dict(variant=label, stage="SLaT stage (cond + 25 steps)", N=n, object=name, **r))
+                    outputs[short]["slat.feats"] = pipe.run_slat(inp, ss_n, seed=0).feats.float().cpu()
+                    if "SLaT flow pass" not in extra["flops"]:
+                        with opts.autocast(dev):
+                            extra["flops"]["SLaT flow pass"] = count_flops(lambda: pipe.slat.flow(feats, c, tt, slat_cond))
+                            extra["flops"]["mesh decoder network"] = count_flops(lambda: pipe.decode.decoder(feats, c))
+                        extra["slat_n"] = n
         print(f"done {label}", flush=True)
         del pipe
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-        write_tables(rows, out, args, device_name, counts)  # after every variant: a killed run keeps its rows
+        ref = outputs.get(REFERENCE_VARIANT)
+        if ref is not None:
+            for v, outs in outputs.items():
+                extra["parity"][v] = {k: float((outs[k] - ref[k]).abs().max()) for k in ref if k in outs}
+        write_tables(rows, out, args, device_name, counts, extra)  # after every variant: a killed run keeps its rows
 
 
-def write_tables(rows: list[dict], out: Path, args, device_name: str, counts: dict[str, int]) -> None:
+def efficiency_lines(df, extra: dict, config) -> list[str]:
+    """Per-object generation time (SS stage + SLaT stage + mesh decoder network) per variant, and the
+    transformer stages' MFU: FLOPs of the network passes the sampler runs / stage time / matmul peak."""
+    from fs3d_accel.samplers import count_network_passes
+    peak, flops = extra.get("peak_tflops"), extra.get("flops", {})
+    n = extra.get("slat_n")
+    passes = {"SS": count_network_passes(config.ss_sampler), "SLaT": count_network_passes(config.slat_sampler)}
+    lines = ["## Per object and MFU", "",
+             f"Measured bf16 matmul peak: {peak:.0f} TFLOP/s (8192^3). " if peak else "No GPU: no MFU. ",
+             f"FLOPs per pass (FlopCounterMode): " + ", ".join(f"{k} {v / 1e12:.2f} TF" for k, v in flops.items())
+             + f"; sample passes per object: SS {passes['SS']}, SLaT {passes['SLaT']} (N = {n}).", "",
+             "| variant | SS stage s | SLaT stage s | mesh decoder s | per object s | SS MFU | SLaT MFU |",
+             "|---|---|---|---|---|---|---|"]
+    for variant, g in df.groupby("variant", sort=False):
+        def med(stage, N=None):
+            sel = g[g.stage == stage] if N is None else g[(g.stage == stage) & (g.N == N)]
+            return float(sel.median_s.iloc[0]) if len(sel) else float("nan")
+        ss, sl, dec = med("SS stage (cond + 25 steps + decoder)"), med("SLaT stage (cond + 25 steps)", n), \
+            med("mesh decoder network", n)
+        mfu = {}
+        for key, t, stage in (("SS", ss, "SS flow pass"), ("SLaT", sl, "SLaT flow pass")):
+            f = flops.get(stage)
+            mfu[key] = (f"{100 * f * passes[key] / t / (peak * 1e12):.0f}%" if peak and f and t == t else "n/a")
+        lines.append(f"| {variant} | {ss:.3f} | {sl:.3f} | {dec:.3f} | {ss + sl + dec:.3f} | {mfu['SS']} | {mfu['SLaT']} |")
+    parity = extra.get("parity", {})
+    if parity:
+        lines += ["", f"## Outputs against `{REFERENCE_VARIANT}` (max |difference|, same weights, inputs and seeds)", "",
+                  "| variant | " + " | ".join(next(iter(parity.values()))) + " |",
+                  "|---|" + "---|" * len(next(iter(parity.values())))]
+        lines += [f"| {v} | " + " | ".join(f"{x:.3g}" for x in d.values()) + " |" for v, d in parity.items()]
+    return lines
+
+
+def write_tables(rows: list[dict], out: Path, args, device_name: str, counts: dict[str, int],
+                 extra: dict | None = None) -> None:
     import pandas as pd
     df = pd.DataFrame(rows)
     df.to_csv(out / "stage_latency.csv", index=False)
     meta = {"device": device_name, "config": args.config, "torch": torch.__version__, "repeats": args.repeats,
-            "warmup": args.warmup, "param_counts": counts, "total_params": sum(counts.values())}
+            "warmup": args.warmup, "param_counts": counts, "total_params": sum(counts.values()), **(extra or {})}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     piv = df.pivot_table(index=["stage", "N"], columns="variant", values="median_s", dropna=False)
     piv = piv.dropna(how="all")
@@ -203,6 +278,9 @@ def write_tables(rows: list[dict], out: Path, args, device_name: str, counts: di
              "| component | parameters |", "|---|---|"]
     lines += [f"| {k} | {v:,} |" for k, v in counts.items()]
     lines.append(f"| total | {sum(counts.values()):,} |")
+    if extra:
+        from fs3d_accel.model.configs import get_config
+        lines += [""] + efficiency_lines(df, extra, get_config(args.config))
     (out / "stage_latency.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -175,7 +175,8 @@ def batched_slat(pipe: Pipeline, inputs: Sequence[PreparedInputs], ss_outputs: S
     cond = _conditions(pipe, slat, inputs, PreparedInputs.slat_kwargs)
     chans = pipe.config.slat_flow.in_channels
     x0 = torch.cat([slat_noise(n, chans, _generators(seed)[1]) for n in counts], 0).to(device)
-    raw_cfg, raw_opts = replace(cfg, cfg_strength=0.0), replace(opts, batch_cfg=False)
+    # no CUDA graphs here: the batched scene pass runs once per scene shape, so nothing would be replayed
+    raw_cfg, raw_opts = replace(cfg, cfg_strength=0.0), replace(opts, batch_cfg=False, cuda_graphs=False)
 
     def make_raw(c: Tensor):
         return slat.velocity_net(c, coords_2b if c.shape[0] == 2 * b else coords_b, raw_cfg, raw_opts)

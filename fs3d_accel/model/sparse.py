@@ -517,9 +517,10 @@ def make_packing(seqlens: Sequence[int], device: torch.device | str) -> Packing:
     lens = torch.as_tensor(list(seqlens), dtype=torch.long, device=device)
     s = len(seqlens)
     max_len = max(seqlens) if s else 0
-    seg = torch.repeat_interleave(torch.arange(s, device=device), lens)
+    total = int(sum(seqlens))  # from the host list: no device read, so no synchronisation
+    seg = torch.repeat_interleave(torch.arange(s, device=device), lens, output_size=total)
     starts = torch.cumsum(lens, 0) - lens
-    pos = torch.arange(int(lens.sum()), device=device) - starts[seg]
+    pos = torch.arange(total, device=device) - starts[seg]
     slot = seg * max_len + pos
     mask = None
     if s and min(seqlens) != max_len:
@@ -564,6 +565,8 @@ def dense_cross_attention(q: Tensor, k: Tensor, v: Tensor, q_seqlens: Sequence[i
         raise ValueError(f"{len(q_seqlens)} query segments but {b} condition rows")
     if b == 1:
         return _sdpa(q[None], k, v)[0]
+    if len(set(q_seqlens)) == 1:  # equal segments (the two CFG halves): a reshape, no packing
+        return _sdpa(q.reshape(b, -1, *q.shape[1:]), k, v).reshape(q.shape[0], *v.shape[2:])
     qp = make_packing(q_seqlens, q.device)
     return qp.unpack(_sdpa(qp.pack(q), k, v))
 

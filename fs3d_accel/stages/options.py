@@ -27,6 +27,9 @@ def compile_backends() -> tuple[str, ...]:
 #: Test-only switch: lets ``check_device`` accept ``compile_ss`` on the CPU (tests patch it with a
 #: debug ``compile_backend``); the user-facing check stays CUDA-only.
 _ALLOW_CPU_COMPILE = False
+#: Test-only switch: lets ``check_device`` accept ``cuda_graphs`` on the CPU, where
+#: :class:`~fs3d_accel.stages.graphs.GraphedCall` runs every call eagerly (tests check the wiring).
+_ALLOW_CPU_GRAPHS = False
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,11 @@ class RunOptions:
     #: torch.compile backend of ``compile_ss``: "inductor" (the default) or any registered dynamo
     #: backend ("eager" / "aot_eager" let tests check graph breaks and recompiles on the CPU).
     compile_backend: str = "inductor"
+    #: replay each fixed-shape flow pass from a CUDA graph (``stages/graphs.py``): every SS pass that
+    #: is not torch.compile'd, and the full-token SLaT passes of an object (its coordinate structure is
+    #: built on the first pass, captured on the second, replayed after). CUDA only; needs weights in
+    #: the compute precision (fp32 / fp16 / bf16), not an autocast precision.
+    cuda_graphs: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -57,11 +65,17 @@ class RunOptions:
         if self.compile_backend != "inductor" and self.compile_mode != "default":
             raise ValueError(f"compile_mode {self.compile_mode!r} needs compile_backend='inductor', "
                              f"got {self.compile_backend!r}")
+        if self.cuda_graphs and self.precision.startswith("autocast"):
+            raise ValueError(f"cuda_graphs needs weights in the compute precision (fp32, fp16 or bf16); "
+                             f"precision {self.precision!r} casts inside autocast, whose weight cache "
+                             f"cannot live in a CUDA graph")
 
     def check_device(self, device: torch.device | str) -> None:
         dev = torch.device(device)
         if dev.type != "cuda" and self.compile_ss and not _ALLOW_CPU_COMPILE:
             raise ValueError(f"compile_ss is CUDA-only (inductor/CUDA graphs); device is {dev}")
+        if dev.type != "cuda" and self.cuda_graphs and not _ALLOW_CPU_GRAPHS:
+            raise ValueError(f"cuda_graphs is CUDA-only; device is {dev}")
         if dev.type != "cuda" and self.precision in CUDA_ONLY_PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is CUDA-only (fp16 kernels); "
                              f"device is {dev}. Use 'fp32' or 'bf16' on CPU.")

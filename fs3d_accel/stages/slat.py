@@ -11,6 +11,7 @@ from ..model.sparse import persistent_structure, release_structure
 from ..preprocess import PreparedInputs
 from ..samplers import EulerFlowSampler, guided
 from ..seams import (EventBus, SparseTokens, StepPolicy, TokenTransform, TransformContext, TransformState)
+from .graphs import GraphedCall
 from .options import RunOptions
 from .types import SLaTOutput, SSOutput
 
@@ -39,7 +40,9 @@ class SLaTStage(nn.Module):
         releases with :func:`release_structure`), passes over all tokens reuse one coordinate structure
         per coordinate set (plain and CFG-batched) instead of rebuilding it every step."""
         flow = self.flow
-        cache = structures is not None
+        cache = structures is not None or options.cuda_graphs
+        if cache and structures is None:
+            raise ValueError("cuda_graphs needs a structures list (the graphs live in the coordinate structures)")
         plain_structure = persistent_structure() if cache else None
         if cache:
             structures.append(plain_structure)
@@ -51,12 +54,21 @@ class SLaTStage(nn.Module):
         def run(feats: Tensor, c_coords: Tensor, t: float, c: Tensor, ckv, structure=None) -> Tensor:
             tt = torch.full((c.shape[0],), t * sampler_cfg.time_scale, device=c.device)
             extra = {} if structure is None else {"structure": structure}
-            with options.autocast(c.device):
-                if ckv is not None:
-                    out = flow(feats.to(dtype), c_coords, tt, c.to(dtype), cond_kv=ckv, **extra)
-                else:
-                    out = flow(feats.to(dtype), c_coords, tt, c.to(dtype), **extra)
-            return out.float()
+
+            def call(f: Tensor, tt: Tensor) -> Tensor:
+                with options.autocast(c.device):
+                    if ckv is not None:
+                        out = flow(f.to(dtype), c_coords, tt, c.to(dtype), cond_kv=ckv, **extra)
+                    else:
+                        out = flow(f.to(dtype), c_coords, tt, c.to(dtype), **extra)
+                return out.float()
+
+            if options.cuda_graphs and structure is not None:
+                # full-token passes over one coordinate set: same shapes every step. One graph per
+                # condition (the plain structure serves the cond and the uncond pass); the graphs live
+                # in the structure and go with release_structure at the end of the object
+                call = structure.setdefault(("cuda_graph", id(c)), GraphedCall(call))
+            return call(feats, tt)
 
         def select(x: Tensor, active: Tensor | None) -> tuple[Tensor, Tensor]:
             if active is None:

@@ -15,6 +15,7 @@ from ..pose import decode_layout
 from ..preprocess import PreparedInputs
 from ..samplers import EulerFlowSampler, cfg_active, guided, time_grid
 from ..seams import EventBus, StepPolicy
+from .graphs import GraphedCall
 from .options import RunOptions
 from .types import SSOutput
 
@@ -108,6 +109,7 @@ class SSStage(nn.Module):
 
         cond_kv = kv_of(cond)
         uncond = cond * 0
+        graphs: dict[int, GraphedCall] = {}  # one per condition tensor (cond, uncond, both)
         uncond_kv = kv_of(uncond)
 
         def run(x: dict[str, Tensor], t: float, c: Tensor, kvs: tuple[CondKV | None, CondKV | None]
@@ -118,10 +120,17 @@ class SSStage(nn.Module):
             # t and d are tensors (values never guarded), every input keeps its shape across steps
             tt = torch.full((b,), t * sampler_cfg.time_scale, device=c.device)
             dd = None if d is None else d.expand(b) * sampler_cfg.time_scale
-            xb = {k: v.to(dtype) for k, v in x.items()}
-            with options.autocast(c.device):
-                out = flow(xb, tt, c.to(dtype), dd, cond_kv=kv) if kv is not None else flow(xb, tt, c.to(dtype), dd)
-            return {k: out[k].float() for k in x}
+            keys = list(x)
+
+            def call(tt: Tensor, *xs: Tensor) -> list[Tensor]:
+                xb = {k: v.to(dtype) for k, v in zip(keys, xs)}
+                with options.autocast(c.device):
+                    out = flow(xb, tt, c.to(dtype), dd, cond_kv=kv) if kv is not None else flow(xb, tt, c.to(dtype), dd)
+                return [out[k].float() for k in keys]
+
+            if options.cuda_graphs and not use_compiled:
+                call = graphs.setdefault(id(c), GraphedCall(call))
+            return dict(zip(keys, call(tt, *(x[k] for k in keys))))
 
         def net_cond(x, t, active, is_uncond):
             return run(x, t, uncond if is_uncond else cond, uncond_kv if is_uncond else cond_kv)

@@ -1,0 +1,142 @@
+"""CUDA-graph replay of flow passes (``RunOptions.cuda_graphs``): options checks, capturability of the
+SLaT flow with a persistent structure (no host-synchronising op after the first pass), eager
+fallback and unchanged outputs on the CPU; replay equals eager where a GPU is present."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fs3d_accel.stages.options as options_mod
+from conftest import fast_mini_config, make_scene, sparsify_occupancy
+from fs3d_accel.model.configs import mini_config
+from fs3d_accel.model.slat_flow import SLaTFlowModel
+from fs3d_accel.model.sparse import persistent_structure, release_structure
+from fs3d_accel.pipeline import Pipeline
+from fs3d_accel.stages.graphs import GraphedCall
+from fs3d_accel.stages.options import RunOptions
+
+#: aten ops that copy a device value to the host (or size an output by data): illegal in a capture
+HOST_SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "unique", "_unique", "_unique2", "unique_dim",
+                 "unique_consecutive", "masked_select", "equal", "is_nonzero",
+                 "_assert_async", "bincount", "histc", "repeat_interleave without output_size"}
+
+
+class OpLog(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.__name__.split(".")[0]
+        if name == "repeat_interleave" and (kwargs or {}).get("output_size") is None:
+            name = "repeat_interleave without output_size"  # sizes its output from device data
+        self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def _slat_inputs(n=300, seed=0, batch=1):
+    cfg = mini_config().slat_flow
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(cfg.resolution ** 3, generator=g)[:n].sort().values
+    xyz = torch.stack([flat // cfg.resolution ** 2, (flat // cfg.resolution) % cfg.resolution,
+                       flat % cfg.resolution], 1)
+    coords = torch.cat([torch.zeros(n, 1, dtype=torch.long), xyz], 1).int()
+    if batch == 2:
+        c1 = coords.clone()
+        c1[:, 0] = 1
+        coords = torch.cat([coords, c1], 0)
+    feats = torch.randn(coords.shape[0], cfg.in_channels, generator=g)
+    cond = torch.randn(batch, 7, cfg.cond_channels, generator=g)
+    return cfg, coords, feats, cond
+
+
+def test_options_reject_graphs_with_autocast_and_off_cuda():
+    with pytest.raises(ValueError, match="cuda_graphs needs weights in the compute precision"):
+        RunOptions(precision="autocast-bf16", cuda_graphs=True)
+    with pytest.raises(ValueError, match="cuda_graphs is CUDA-only"):
+        RunOptions(precision="bf16", cuda_graphs=True).check_device("cpu")
+    RunOptions(precision="bf16", cuda_graphs=True).check_device("cuda")  # accepted
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_slat_flow_after_its_first_pass_runs_no_host_sync(batch):
+    """What makes a SLaT pass capturable: with the structure built, no op reads device data on the host."""
+    cfg, coords, feats, cond = _slat_inputs(batch=batch)
+    torch.manual_seed(0)
+    flow = SLaTFlowModel(cfg).eval()
+    kv = flow.precompute_cond_kv(cond)
+    structure = persistent_structure()
+    t = torch.full((batch,), 500.0)
+    with torch.no_grad():
+        with OpLog() as first:
+            flow(feats, coords, t, None, cond_kv=kv, structure=structure)
+        with OpLog() as second:
+            flow(feats * 2, coords, t, None, cond_kv=kv, structure=structure)
+    assert HOST_SYNC_OPS & set(first.ops), "the first pass builds the tables (and syncs): the probe must see it"
+    assert not HOST_SYNC_OPS & set(second.ops), sorted(HOST_SYNC_OPS & set(second.ops))
+    release_structure(structure)
+
+
+def test_graphed_call_is_eager_on_cpu_and_checks_its_arguments():
+    calls = []
+
+    def fn(a, b):
+        calls.append(1)
+        return {"s": a + b, "p": [a * b]}
+
+    g = GraphedCall(fn)
+    a, b = torch.arange(3.0), torch.ones(3)
+    for _ in range(3):
+        out = g(a, b)
+    assert torch.equal(out["s"], a + b) and torch.equal(out["p"][0], a * b)
+    assert len(calls) == 3 and g.captures == 0 and g.replays == 0
+    with pytest.raises(TypeError, match="must be tensors"):
+        g(a, 1.0)
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        GraphedCall(fn, warmup=0)
+
+
+@pytest.mark.parametrize("batch_cfg", [False, True])
+def test_stages_with_cuda_graphs_switched_on_give_the_same_output_on_cpu(monkeypatch, batch_cfg):
+    """The wiring (graph per condition / per structure) leaves every value unchanged."""
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=3, slat_steps=3), seed=0)
+    sparsify_occupancy(pipe, occupied_fraction=0.02)
+    img, mask, pm = make_scene(pipe.config.image_size)
+    inputs = pipe.prepare(img, mask, pm)
+    outs = []
+    for graphs in (False, True):
+        pipe.options = RunOptions(batch_cfg=batch_cfg, cache_cond_kv=True, cuda_graphs=graphs)
+        ss = pipe.run_ss(inputs, seed=0)
+        outs.append((ss, pipe.run_slat(inputs, ss, seed=0)))
+    (ss0, sl0), (ss1, sl1) = outs
+    for k in ss0.latents:
+        assert torch.equal(ss0.latents[k], ss1.latents[k])
+    assert torch.equal(sl0.feats, sl1.feats)
+
+
+def test_slat_velocity_net_with_graphs_needs_a_structures_list(monkeypatch):
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=2), seed=0)
+    cond = torch.zeros(1, 3, pipe.config.slat_flow.cond_channels)
+    coords = torch.zeros(1, 4, dtype=torch.int32)
+    with pytest.raises(ValueError, match="cuda_graphs needs a structures list"):
+        pipe.slat.velocity_net(cond, coords, pipe.config.slat_sampler, RunOptions(cuda_graphs=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_replay_equals_eager_on_cuda():
+    cfg, coords, feats, cond = _slat_inputs(n=500)
+    flow = SLaTFlowModel(cfg).eval().cuda()
+    coords, feats, cond = coords.cuda(), feats.cuda(), cond.cuda()
+    kv = flow.precompute_cond_kv(cond)
+    structure = persistent_structure()
+    t = torch.full((1,), 500.0, device="cuda")
+    g = GraphedCall(lambda f, tt: flow(f, coords, tt, None, cond_kv=kv, structure=structure))
+    with torch.no_grad():
+        eager = [flow(feats * (i + 1), coords, t * (i + 1), None, cond_kv=kv) for i in range(4)]
+        graphed = [g(feats * (i + 1), t * (i + 1)) for i in range(4)]
+    assert g.captures == 1 and g.replays == 3
+    for a, b in zip(eager, graphed):
+        assert torch.equal(a, b)
+    release_structure(structure)
+
