@@ -139,8 +139,16 @@ def main() -> None:
                     help=f"comma list of {sorted(SHORT)}")
     ap.add_argument("--slat-sampler-n", type=int, default=13151, help="N closest to this gets the full SLaT sampler timing")
     ap.add_argument("--objects", default=None, help="comma list of YCB names to time (default: every one in the file)")
+    ap.add_argument("--conv-impl", default="auto", choices=["auto", "gather", "scatter"],
+                    help="SparseConv3d algorithm (auto = gather; scatter was the GPU default before run 3)")
+    ap.add_argument("--gather-chunk", type=int, default=None,
+                    help="SparseConv3d.gather_chunk_elements (elements of one gathered block)")
     ap.add_argument("--out", default="runs/stage_latency")
     args = ap.parse_args()
+    from fs3d_accel.model.sparse import SparseConv3d
+    SparseConv3d.impl = args.conv_impl
+    if args.gather_chunk:
+        SparseConv3d.gather_chunk_elements = SparseConv3d.gather_chunk_elements_cuda = args.gather_chunk
     dev = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -267,12 +275,14 @@ def write_tables(rows: list[dict], out: Path, args, device_name: str, counts: di
     import pandas as pd
     df = pd.DataFrame(rows)
     df.to_csv(out / "stage_latency.csv", index=False)
-    meta = {"device": device_name, "config": args.config, "torch": torch.__version__, "repeats": args.repeats,
+    meta = {"device": device_name, "config": args.config, "conv_impl": args.conv_impl,
+            "gather_chunk": args.gather_chunk, "torch": torch.__version__, "repeats": args.repeats,
             "warmup": args.warmup, "param_counts": counts, "total_params": sum(counts.values()), **(extra or {})}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     piv = df.pivot_table(index=["stage", "N"], columns="variant", values="median_s", dropna=False)
     piv = piv.dropna(how="all")
-    lines = [f"# Stage latency, config `{args.config}`, device **{device_name}**, torch {torch.__version__}",
+    lines = [f"# Stage latency, config `{args.config}`, device **{device_name}**, torch {torch.__version__}, "
+             f"sparse conv `{args.conv_impl}`",
              f"CUDA-event medians of {args.repeats} after {args.warmup} warm-up; seconds.", "",
              _markdown(piv), "", "## Parameters per stage component", "",
              "| component | parameters |", "|---|---|"]

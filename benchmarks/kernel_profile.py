@@ -1,0 +1,117 @@
+"""Where the GPU time of one network pass goes: torch.profiler kernel tables at true scale.
+
+Cases (``full`` config, bf16 weights, cond K/V cached, SLaT structure warmed as the sampler runs it):
+one SLaT flow pass at each ``--objects`` voxel set (B = 1 and the CFG pair, B = 2), one SS flow pass
+(B = 2), the mesh decoder network on the voxel set, and the decoder after uniform aggregation at
+``--scale`` (reduce + network, what Fast-SAM3D's aggregation runs). For each: wall time, summed CUDA
+kernel time, and the top kernels by CUDA time, written to ``kernel_profile.md``.
+
+    python benchmarks/kernel_profile.py --out runs/kernel_profile
+    python benchmarks/kernel_profile.py --config mini --device cpu --out /tmp/kp   # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from fs3d_accel.accel.mesh_aggregation import quantize_tokens
+from fs3d_accel.model.sparse import persistent_structure, release_structure
+from fs3d_accel.pipeline import Pipeline
+from fs3d_accel.seams import SparseTokens
+from fs3d_accel.stages.ss import ss_noise
+from stage_latency import load_coords
+
+
+def profile_case(name: str, fn, device: torch.device, top: int) -> list[str]:
+    """Warm up, then profile 3 calls; the table lists per-call averages."""
+    for _ in range(2):
+        fn()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            fn()
+        sync()
+    wall = (time.perf_counter() - t0) / 3
+    events = prof.key_averages()
+    attr = "device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    kernels = [e for e in events if getattr(e, attr, 0) > 0 and (device.type != "cuda" or e.device_type.name == "CUDA")]
+    kernels.sort(key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in kernels) / 3 / 1e3
+    lines = [f"## {name}", "", f"wall per call {wall * 1e3:.1f} ms; summed {'CUDA kernel' if device.type == 'cuda' else 'CPU op'} "
+             f"time per call {total:.1f} ms; launches per call {sum(e.count for e in kernels) // 3}", "",
+             "| kernel | ms per call | calls per call |", "|---|---|---|"]
+    for e in kernels[:top]:
+        lines.append(f"| `{e.key[:90]}` | {getattr(e, attr) / 3 / 1e3:.2f} | {e.count // 3} |")
+    print("\n".join(lines), flush=True)
+    return lines + [""]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="full")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--objects", default="007_tuna_fish_can,021_bleach_cleanser")
+    ap.add_argument("--scale", type=float, default=1.5)
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--conv-impl", default="auto", choices=["auto", "gather", "scatter"],
+                    help="SparseConv3d algorithm (auto = gather; scatter was the GPU default before run 3)")
+    ap.add_argument("--gather-chunk", type=int, default=None,
+                    help="SparseConv3d.gather_chunk_elements (elements of one gathered block)")
+    ap.add_argument("--out", default="runs/kernel_profile")
+    args = ap.parse_args()
+    from fs3d_accel.model.sparse import SparseConv3d
+    SparseConv3d.impl = args.conv_impl
+    if args.gather_chunk:
+        SparseConv3d.gather_chunk_elements = SparseConv3d.gather_chunk_elements_cuda = args.gather_chunk
+    dev = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = torch.bfloat16
+    pipe = Pipeline.from_config(args.config, seed=0, device="cpu").to(dtype).to(dev)
+    cfg = pipe.config
+    coords = load_coords(cfg.slat_flow.resolution, dev)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    lines = [f"# Kernel profile, config `{args.config}`, {name}, torch {torch.__version__}", ""]
+    with torch.no_grad():
+        cond = torch.randn(2, 64, cfg.slat_flow.cond_channels, generator=g).to(dev, dtype)
+        kv2, kv1 = pipe.slat.flow.precompute_cond_kv(cond), pipe.slat.flow.precompute_cond_kv(cond[:1])
+        for obj in args.objects.split(","):
+            c = coords[obj]
+            n = c.shape[0]
+            c2 = torch.cat([c, c + torch.tensor([1, 0, 0, 0], device=dev, dtype=c.dtype)], 0)
+            f = torch.randn(n, cfg.slat_flow.in_channels, generator=g).to(dev, dtype)
+            for b, cc, kv in ((1, c, kv1), (2, c2, kv2)):
+                st = persistent_structure()
+                tt = torch.full((b,), 500.0, device=dev)
+                ff = f if b == 1 else torch.cat([f, f], 0)
+                lines += profile_case(f"SLaT flow pass, {obj} (N = {n}), B = {b}",
+                                      lambda: pipe.slat.flow(ff, cc, tt, None, cond_kv=kv, structure=st), dev, args.top)
+                release_structure(st)
+            feats = torch.randn(n, cfg.slat_flow.in_channels, generator=g).to(dev, dtype)
+            lines += profile_case(f"mesh decoder network, {obj} (N = {n})",
+                                  lambda: pipe.decode.decoder(feats, c), dev, args.top)
+
+            def aggregated():
+                tok = quantize_tokens(SparseTokens(coords=c, resolution=cfg.slat_flow.resolution, feats=feats), args.scale)
+                return pipe.decode.decoder(tok.feats, tok.coords.to(torch.int32))
+
+            lines += profile_case(f"aggregation S = {args.scale} + mesh decoder network, {obj}", aggregated, dev, args.top)
+        ss_cond = torch.randn(2, 64, cfg.ss_flow.cond_channels, generator=g).to(dev, dtype)
+        ss_kv = pipe.ss.flow.precompute_cond_kv(ss_cond)
+        lat = {k: torch.cat([v, v], 0).to(dev, dtype) for k, v in ss_noise(cfg, g).items()}
+        tt = torch.full((2,), 500.0, device=dev)
+        d = torch.zeros(2, device=dev)
+        lines += profile_case("SS flow pass, B = 2", lambda: pipe.ss.flow(lat, tt, ss_cond, d, cond_kv=ss_kv), dev, args.top)
+    (out / "kernel_profile.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
