@@ -23,7 +23,7 @@ from fs3d_accel.model.sparse import persistent_structure, release_structure
 from fs3d_accel.pipeline import Pipeline
 from fs3d_accel.seams import SparseTokens
 from fs3d_accel.stages.ss import ss_noise
-from stage_latency import load_coords
+from stage_latency import add_conv_args, apply_conv_args, load_coords
 
 
 def profile_case(name: str, fn, device: torch.device, top: int) -> list[str]:
@@ -60,16 +60,10 @@ def main() -> None:
     ap.add_argument("--objects", default="007_tuna_fish_can,021_bleach_cleanser")
     ap.add_argument("--scale", type=float, default=1.5)
     ap.add_argument("--top", type=int, default=15)
-    ap.add_argument("--conv-impl", default="auto", choices=["auto", "gather", "scatter"],
-                    help="SparseConv3d algorithm (auto = gather; scatter was the GPU default before run 3)")
-    ap.add_argument("--gather-chunk", type=int, default=None,
-                    help="SparseConv3d.gather_chunk_elements (elements of one gathered block)")
+    add_conv_args(ap)
     ap.add_argument("--out", default="runs/kernel_profile")
     args = ap.parse_args()
-    from fs3d_accel.model.sparse import SparseConv3d
-    SparseConv3d.impl = args.conv_impl
-    if args.gather_chunk:
-        SparseConv3d.gather_chunk_elements = SparseConv3d.gather_chunk_elements_cuda = args.gather_chunk
+    apply_conv_args(args)
     dev = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -77,6 +77,21 @@ class Timer:
         return {"median_s": statistics.median(times), "min_s": min(times), "n": len(times)}
 
 
+def add_conv_args(ap: argparse.ArgumentParser) -> None:
+    """--conv-impl / --gather-chunk: which sparse-conv algorithm the run uses (shared with kernel_profile)."""
+    ap.add_argument("--conv-impl", default="auto", choices=["auto", "gather", "scatter"],
+                    help="SparseConv3d algorithm (auto = gather; scatter was the GPU default before run 3)")
+    ap.add_argument("--gather-chunk", type=int, default=None,
+                    help="SparseConv3d.gather_chunk_elements (elements of one gathered block)")
+
+
+def apply_conv_args(args: argparse.Namespace) -> None:
+    from fs3d_accel.model.sparse import SparseConv3d
+    SparseConv3d.impl = args.conv_impl
+    if args.gather_chunk:
+        SparseConv3d.gather_chunk_elements = SparseConv3d.gather_chunk_elements_cuda = args.gather_chunk
+
+
 def matmul_peak_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -> float | None:
     """Measured bf16 matmul throughput (TFLOP/s) of an n x n x n product: the MFU denominator."""
     if device.type != "cuda":
@@ -139,16 +154,10 @@ def main() -> None:
                     help=f"comma list of {sorted(SHORT)}")
     ap.add_argument("--slat-sampler-n", type=int, default=13151, help="N closest to this gets the full SLaT sampler timing")
     ap.add_argument("--objects", default=None, help="comma list of YCB names to time (default: every one in the file)")
-    ap.add_argument("--conv-impl", default="auto", choices=["auto", "gather", "scatter"],
-                    help="SparseConv3d algorithm (auto = gather; scatter was the GPU default before run 3)")
-    ap.add_argument("--gather-chunk", type=int, default=None,
-                    help="SparseConv3d.gather_chunk_elements (elements of one gathered block)")
+    add_conv_args(ap)
     ap.add_argument("--out", default="runs/stage_latency")
     args = ap.parse_args()
-    from fs3d_accel.model.sparse import SparseConv3d
-    SparseConv3d.impl = args.conv_impl
-    if args.gather_chunk:
-        SparseConv3d.gather_chunk_elements = SparseConv3d.gather_chunk_elements_cuda = args.gather_chunk
+    apply_conv_args(args)
     dev = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
