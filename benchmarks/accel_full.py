@@ -79,6 +79,8 @@ def main() -> None:
                          "shapes (attention plans, allocator growth) is not charged to one method")
     ap.add_argument("--out", default="runs/accel_full")
     args = ap.parse_args()
+    if args.object_warmup < 0 or args.repeats < 1:
+        raise SystemExit(f"--object-warmup must be >= 0 and --repeats >= 1, got {args.object_warmup} and {args.repeats}")
     dev = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

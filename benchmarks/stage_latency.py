@@ -87,8 +87,10 @@ def add_conv_args(ap: argparse.ArgumentParser) -> None:
 
 def apply_conv_args(args: argparse.Namespace) -> None:
     from fs3d_accel.model.sparse import SparseConv3d
+    if args.gather_chunk is not None and args.gather_chunk < 1:
+        raise SystemExit(f"--gather-chunk must be >= 1 element, got {args.gather_chunk}")
     SparseConv3d.impl = args.conv_impl
-    if args.gather_chunk:
+    if args.gather_chunk is not None:
         SparseConv3d.gather_chunk_elements = SparseConv3d.gather_chunk_elements_cuda = args.gather_chunk
 
 
@@ -181,6 +183,9 @@ def main() -> None:
     rows = []
     extra = {"peak_tflops": matmul_peak_tflops(dev), "flops": {}, "parity": {}}
     outputs: dict[str, dict[str, torch.Tensor]] = {}
+    unknown_variants = sorted(set(args.variants.split(",")) - set(SHORT))
+    if unknown_variants:
+        raise SystemExit(f"--variants: unknown {unknown_variants}; choose from {sorted(SHORT)}")
     for short in args.variants.split(","):
         label = SHORT[short]
         opts = VARIANTS[label]

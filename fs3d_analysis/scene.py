@@ -31,6 +31,7 @@ from torch import Tensor
 from fs3d_accel.pipeline import SLAT_SEED_OFFSET, Pipeline, Result
 from fs3d_accel.seams import StageEvent
 from fs3d_accel.preprocess import PreparedInputs
+from fs3d_accel.model.sparse import release_structure
 from fs3d_accel.samplers import EulerFlowSampler, guided
 from fs3d_accel.stages.slat import slat_noise
 from fs3d_accel.stages.ss import ss_noise
@@ -175,15 +176,21 @@ def batched_slat(pipe: Pipeline, inputs: Sequence[PreparedInputs], ss_outputs: S
     cond = _conditions(pipe, slat, inputs, PreparedInputs.slat_kwargs)
     chans = pipe.config.slat_flow.in_channels
     x0 = torch.cat([slat_noise(n, chans, _generators(seed)[1]) for n in counts], 0).to(device)
-    # no CUDA graphs here: the batched scene pass runs once per scene shape, so nothing would be replayed
-    raw_cfg, raw_opts = replace(cfg, cfg_strength=0.0), replace(opts, batch_cfg=False, cuda_graphs=False)
+    raw_cfg, raw_opts = replace(cfg, cfg_strength=0.0), replace(opts, batch_cfg=False)
+    # one coordinate structure per coordinate set, reused by every step (and home of the CUDA graphs
+    # when ``opts.cuda_graphs``); released below
+    structures: list[dict] = []
 
     def make_raw(c: Tensor):
-        return slat.velocity_net(c, coords_2b if c.shape[0] == 2 * b else coords_b, raw_cfg, raw_opts)
+        return slat.velocity_net(c, coords_2b if c.shape[0] == 2 * b else coords_b, raw_cfg, raw_opts, structures)
 
     net = _guided_batch(make_raw, cond, cfg, opts.batch_cfg, cat=lambda a, c: torch.cat([a, c], 0),
                         split=lambda v, n: (v[:v.shape[0] // 2], v[v.shape[0] // 2:]))
-    feats = EulerFlowSampler(cfg, "slat").sample(x0, net, None, pipe.events, extras={"coords": coords_b})
+    try:
+        feats = EulerFlowSampler(cfg, "slat").sample(x0, net, None, pipe.events, extras={"coords": coords_b})
+    finally:
+        for structure in structures:
+            release_structure(structure)
     out = []
     for s, f in zip(ss_outputs, torch.split(feats, counts, 0)):
         out.append(SLaTOutput(coords=s.coords.to(device), feats=f, slat=f * slat.std + slat.mean,

@@ -15,6 +15,21 @@ def make_scene(h: int = 64, w: int = 80, seed: int = 0):
     return synthetic_scene(h, w, seed)
 
 
+def random_slat_inputs(n: int = 300, seed: int = 0, batch: int = 1):
+    """(mini SLaT flow config, coords (batch*n, 4) int32 sorted by batch, feats, cond (batch, 7, C)):
+    n distinct random voxels at the mini resolution, repeated per batch element (the CFG-pair layout)."""
+    import torch
+    cfg = mini_config().slat_flow
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randperm(cfg.resolution ** 3, generator=g)[:n].sort().values
+    xyz = torch.stack([flat // cfg.resolution ** 2, (flat // cfg.resolution) % cfg.resolution,
+                       flat % cfg.resolution], 1)
+    coords = torch.cat([torch.cat([torch.full((n, 1), b, dtype=torch.long), xyz], 1) for b in range(batch)], 0).int()
+    feats = torch.randn(coords.shape[0], cfg.in_channels, generator=g)
+    cond = torch.randn(batch, 7, cfg.cond_channels, generator=g)
+    return cfg, coords, feats, cond
+
+
 def fast_mini_config(ss_steps: int = 3, slat_steps: int = 3):
     """The mini architecture with short sampler schedules (CFG kept on, so both branches run)."""
     cfg = mini_config()

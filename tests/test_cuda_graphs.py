@@ -6,8 +6,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fs3d_accel.stages.options as options_mod
-from conftest import fast_mini_config, make_scene, sparsify_occupancy
-from fs3d_accel.model.configs import mini_config
+from conftest import fast_mini_config, make_scene, random_slat_inputs, sparsify_occupancy
 from fs3d_accel.model.slat_flow import SLaTFlowModel
 from fs3d_accel.model.sparse import persistent_structure, release_structure
 from fs3d_accel.pipeline import Pipeline
@@ -33,22 +32,6 @@ class OpLog(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _slat_inputs(n=300, seed=0, batch=1):
-    cfg = mini_config().slat_flow
-    g = torch.Generator().manual_seed(seed)
-    flat = torch.randperm(cfg.resolution ** 3, generator=g)[:n].sort().values
-    xyz = torch.stack([flat // cfg.resolution ** 2, (flat // cfg.resolution) % cfg.resolution,
-                       flat % cfg.resolution], 1)
-    coords = torch.cat([torch.zeros(n, 1, dtype=torch.long), xyz], 1).int()
-    if batch == 2:
-        c1 = coords.clone()
-        c1[:, 0] = 1
-        coords = torch.cat([coords, c1], 0)
-    feats = torch.randn(coords.shape[0], cfg.in_channels, generator=g)
-    cond = torch.randn(batch, 7, cfg.cond_channels, generator=g)
-    return cfg, coords, feats, cond
-
-
 def test_options_reject_graphs_with_autocast_and_off_cuda():
     with pytest.raises(ValueError, match="cuda_graphs needs weights in the compute precision"):
         RunOptions(precision="autocast-bf16", cuda_graphs=True)
@@ -60,7 +43,7 @@ def test_options_reject_graphs_with_autocast_and_off_cuda():
 @pytest.mark.parametrize("batch", [1, 2])
 def test_slat_flow_after_its_first_pass_runs_no_host_sync(batch):
     """What makes a SLaT pass capturable: with the structure built, no op reads device data on the host."""
-    cfg, coords, feats, cond = _slat_inputs(batch=batch)
+    cfg, coords, feats, cond = random_slat_inputs(batch=batch)
     torch.manual_seed(0)
     flow = SLaTFlowModel(cfg).eval()
     kv = flow.precompute_cond_kv(cond)
@@ -125,7 +108,7 @@ def test_slat_velocity_net_with_graphs_needs_a_structures_list(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_graph_replay_equals_eager_on_cuda():
-    cfg, coords, feats, cond = _slat_inputs(n=500)
+    cfg, coords, feats, cond = random_slat_inputs(n=500)
     flow = SLaTFlowModel(cfg).eval().cuda()
     coords, feats, cond = coords.cuda(), feats.cuda(), cond.cuda()
     kv = flow.precompute_cond_kv(cond)

@@ -3,8 +3,7 @@ import pytest
 import torch
 
 import fs3d_accel.model.sparse as sparse
-from conftest import fast_mini_config, make_scene, sparsify_occupancy
-from fs3d_accel.model.configs import mini_config
+from conftest import fast_mini_config, make_scene, random_slat_inputs, sparsify_occupancy
 from fs3d_accel.model.slat_flow import SLaTFlowModel
 from fs3d_accel.model.sparse import persistent_structure, release_structure
 from fs3d_accel.pipeline import Pipeline
@@ -12,20 +11,8 @@ from fs3d_accel.stages.options import RunOptions
 from fs3d_accel.stages.slat import SLaTStage
 
 
-def _inputs(n=300, seed=0):
-    cfg = mini_config().slat_flow
-    g = torch.Generator().manual_seed(seed)
-    flat = torch.randperm(cfg.resolution ** 3, generator=g)[:n].sort().values
-    xyz = torch.stack([flat // cfg.resolution ** 2, (flat // cfg.resolution) % cfg.resolution,
-                       flat % cfg.resolution], 1)
-    coords = torch.cat([torch.zeros(n, 1, dtype=torch.long), xyz], 1).int()
-    feats = torch.randn(n, cfg.in_channels, generator=g)
-    cond = torch.randn(1, 7, cfg.cond_channels, generator=g)
-    return cfg, coords, feats, cond
-
-
 def test_flow_with_structure_equals_without_and_builds_tables_once(monkeypatch):
-    cfg, coords, feats, cond = _inputs()
+    cfg, coords, feats, cond = random_slat_inputs()
     torch.manual_seed(0)
     flow = SLaTFlowModel(cfg).eval()
     calls = {"n": 0}

@@ -1,11 +1,15 @@
 """CUDA-graph replay of fixed-shape network calls inside a sampler loop.
 
-Why: on the H100 one SLaT or SS flow pass is bound by the host (a few thousand small kernel
-launches plus Python per pass), not by the GPU's arithmetic: a SLaT pass takes ~50 ms at 5k and at
-14k voxels alike. Within one object every full-token SLaT pass has the same shapes, and every SS
-pass has the same shapes always, so the kernels of one pass can be captured once as a CUDA graph
-and replayed for the remaining steps: one launch per pass instead of thousands. The values
-computed are the same kernels on the same inputs (replay re-runs the captured kernels).
+Why: within one object every full-token SLaT pass has the same shapes, and every SS pass has the
+same shapes always, so the kernels of one pass can be captured once as a CUDA graph and replayed
+for the remaining steps: one launch per pass instead of ~2,000 kernel launches and their Python.
+The values computed are the same kernels on the same inputs (replay re-runs the captured kernels).
+
+What it buys depends on whether a pass is host-bound. Measured on the H100 (``full`` config, bf16,
+``benchmarks/results/kernel_profile_h100``): a CFG-batched SLaT pass at N = 14k runs 41.5 ms of
+kernels, so it is GPU-bound and gains nothing; the unguided batch-1 passes (21 ms of kernels, ~37 ms
+wall) are host-bound and gain. Capturing costs two extra eager passes per graph, so over a 25-step
+object the SLaT stage got slower (1.23 vs 1.14 s) and the option stays off by default.
 
 Requirements the callers meet: the captured function reads only its tensor arguments and tensors
 that stay alive and unchanged for the graph's life (weights, the condition, its cached K/V, the
@@ -89,11 +93,6 @@ class GraphedCall:
             output = self.fn(*inputs)
         self.captures += 1
         return _Captured(graph, inputs, output)
-
-    def release(self) -> None:
-        """Drop every captured graph (and with it the graph's private memory pool)."""
-        self._captured.clear()
-        self._seen.clear()
 
 
 __all__ = ["GraphedCall"]
