@@ -133,3 +133,36 @@ def test_batched_slat_checks_its_inputs(mini_pipe):
             batched_slat(mini_pipe, [object()], [object()])
     finally:
         mini_pipe.with_accel(None)
+
+
+def test_batched_slat_builds_coordinate_tables_once_and_releases_them(monkeypatch):
+    """Scene SLaT reuses one coordinate structure per coordinate set across steps (as the
+    per-object stage does): the tables are built as often for 4 steps as for 1, and freed after."""
+    import fs3d_accel.model.sparse as sparse
+    import fs3d_analysis.scene as scene_mod
+
+    objs = two_object_scene()
+    counts, released = {}, []
+    real_keys, real_release = sparse._linear_keys, scene_mod.release_structure
+
+    def counting_keys(*a, **k):
+        counts["n"] = counts.get("n", 0) + 1
+        return real_keys(*a, **k)
+
+    def recording_release(structure):
+        real_release(structure)
+        released.append(structure)
+
+    monkeypatch.setattr(sparse, "_linear_keys", counting_keys)
+    monkeypatch.setattr(scene_mod, "release_structure", recording_release)
+    per_steps = {}
+    for steps in (1, 4):
+        pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=steps), seed=0)
+        sparsify_occupancy(pipe, occupied_fraction=0.01)
+        inputs = [pipe.prepare(o.image, o.mask, o.pointmap) for o in objs]
+        ss = [pipe.run_ss(i, seed=2) for i in inputs]
+        counts["n"], released[:] = 0, []
+        batched_slat(pipe, inputs, ss, seed=2)
+        per_steps[steps] = counts["n"]
+        assert len(released) >= 1 and all(s == {} for s in released)
+    assert per_steps[1] > 0 and per_steps[4] == per_steps[1]

@@ -1,0 +1,97 @@
+"""Does the exact fast path change what sam3d-mini reconstructs? Quality with each switch on and off.
+
+Runs the embedded sam3d-mini (base method, no accelerator) over held-out YCB objects under several
+``RunOptions`` and scores every result against the ground truth (``fs3d_analysis.eval.score``):
+
+* ``fp32``: the reference;
+* ``fp32 + batched CFG + K/V cache``: exact rearrangements (floating-point reassociation only);
+* ``bf16 + batched CFG + K/V cache``: bf16 weights, what the GPU timings use.
+
+The SLaT coordinate-structure cache and the gather sparse conv are always on (they are the defaults).
+``torch.compile`` and CUDA graphs are CUDA-only and are not covered here; their output differences
+at full scale are in ``benchmarks/results/stage_latency_h100_run3``.
+
+    python benchmarks/fast_path_quality.py --out benchmarks/results/fast_path_quality_cpu
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from fs3d_accel.pipeline import Pipeline
+from fs3d_accel.stages.options import RunOptions
+from fs3d_analysis.data import load_shipped_samples
+from fs3d_analysis.eval import run_one, score
+
+SETTINGS = {
+    "fp32": RunOptions(),
+    "fp32 + batched CFG + K/V cache": RunOptions(batch_cfg=True, cache_cond_kv=True),
+    "bf16 + batched CFG + K/V cache": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True),
+}
+DATASETS = {"shipped": None, "ycb_scale": Path(__file__).parent / "data" / "ycb_scale" / "objects"}
+METRICS = ["f_score", "volume_iou", "chamfer", "box_iou_3d"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default="shipped,ycb_scale", help=f"comma list of {sorted(DATASETS)}")
+    ap.add_argument("--limit", type=int, default=None, help="objects per dataset (default: all)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default="runs/fast_path_quality")
+    args = ap.parse_args()
+    names = args.datasets.split(",")
+    unknown = sorted(set(names) - set(DATASETS))
+    if unknown:
+        raise SystemExit(f"--datasets: unknown {unknown}; choose from {sorted(DATASETS)}")
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit(f"--limit must be >= 1, got {args.limit}")
+    samples = [(d, s) for d in names for s in list(load_shipped_samples(DATASETS[d]) if DATASETS[d]
+                                                  else load_shipped_samples())[: args.limit]]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for label, opts in SETTINGS.items():
+        pipe = Pipeline.from_pretrained("sam3d-mini", device=args.device)
+        if opts.weight_dtype != torch.float32:
+            pipe = pipe.to(opts.weight_dtype)
+        pipe.options = opts
+        for dataset, sample in samples:
+            result, row = run_one(pipe, sample, None, args.seed)
+            rows.append({"setting": label, "dataset": dataset, "object": sample.name, **score(result, sample),
+                         "n_voxels": row["n_voxels"], "time_total": row["time_total"]})
+            print(f"{label:32s} {sample.name:26s} F1 {rows[-1]['f_score']:.2f} vIoU {rows[-1]['volume_iou']:.3f}",
+                  flush=True)
+        pd.DataFrame(rows).to_csv(out / "fast_path_quality.csv", index=False)
+    write_report(pd.DataFrame(rows), out, args)
+
+
+def write_report(df: pd.DataFrame, out: Path, args) -> None:
+    ref = df[df.setting == "fp32"].set_index(["dataset", "object"])
+    lines = ["# sam3d-mini quality with the exact fast path on and off", "",
+             f"Device `{args.device}`, torch {torch.__version__}, seed {args.seed}, datasets {args.datasets}; "
+             f"{df.object.nunique()} objects. Mean over objects, and the largest per-object change against fp32.", "",
+             "| setting | " + " | ".join(f"mean {m}" for m in METRICS) + " | max abs ΔF1 | max abs ΔvIoU | voxel-count changes |",
+             "|---|" + "---|" * (len(METRICS) + 3)]
+    summary = {}
+    for label, g in df.groupby("setting", sort=False):
+        g = g.set_index(["dataset", "object"])
+        d_f1 = (g.f_score - ref.f_score).abs().max()
+        d_iou = (g.volume_iou - ref.volume_iou).abs().max()
+        changed = int((g.n_voxels != ref.n_voxels).sum())
+        means = [g[m].mean() for m in METRICS]
+        summary[label] = {"means": dict(zip(METRICS, means)), "max_abs_dF1": d_f1, "max_abs_dvIoU": d_iou,
+                          "voxel_count_changes": changed}
+        lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in means)
+                     + f" | {d_f1:.3f} | {d_iou:.4f} | {changed} of {len(g)} |")
+    (out / "fast_path_quality.md").write_text("\n".join(lines) + "\n")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
