@@ -172,16 +172,23 @@ def summarize(table: pd.DataFrame, base: str = "base") -> pd.DataFrame:
 
 
 def load_dataset(name: str, limit: int | None = None):
-    """``shipped`` (samples inside the package) or ``ycb`` (rendered from the corpus' eval split)."""
+    """``shipped`` (samples inside the package), ``ycb`` (rendered from the corpus' eval split), or the
+    path of a folder of samples in the shipped format (``samples.npz`` + ``meshes.npz``, e.g.
+    ``benchmarks/data/ycb_scale/objects``)."""
+    from pathlib import Path
+
+    from fs3d_analysis.data import load_shipped_samples
     if name == "shipped":
-        from fs3d_analysis.data import load_shipped_samples
         samples = list(load_shipped_samples())
     elif name == "ycb":
         from fs3d_analysis.data.corpus import load_manifest
         from fs3d_analysis.data.dataset import RenderedDataset
         samples = list(RenderedDataset.from_corpus(load_manifest(), "eval"))
+    elif (Path(name) / "samples.npz").is_file():
+        samples = list(load_shipped_samples(name))
     else:
-        raise ValueError(f"unknown dataset {name!r}; use 'shipped' or 'ycb'")
+        raise ValueError(f"unknown dataset {name!r}; use 'shipped', 'ycb' or a folder holding samples.npz "
+                         f"and meshes.npz")
     return samples[:limit] if limit else samples
 
 

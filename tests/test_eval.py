@@ -1,5 +1,6 @@
 """Evaluation harness: tidy rows, resumption, paper-style summary."""
 import pandas as pd
+import pytest
 
 from fs3d_accel.accel import make_method
 from fs3d_analysis.data import load_shipped_samples
@@ -96,3 +97,17 @@ def test_eval_cli_rejects_bad_arguments_before_loading_a_model():
             main(["eval", *argv, "--weights", "no-such-weights"])
     with pytest.raises(ValueError, match="no-such-method"):
         main(["eval", "--methods", "base,no-such-method", "--weights", "no-such-weights"])
+
+
+def test_load_dataset_reads_a_sample_folder_and_rejects_unknown_names(tmp_path):
+    from pathlib import Path
+
+    from fs3d_analysis.eval import load_dataset
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "data" / "ycb_scale" / "scene"
+    samples = load_dataset(str(folder), limit=2)
+    assert [s.name for s in samples] == [s.name for s in load_dataset(str(folder))][:2]
+    assert len(samples) == 2
+    with pytest.raises(ValueError, match="folder holding samples.npz"):
+        load_dataset(str(tmp_path))
+    with pytest.raises(ValueError, match="unknown dataset 'ycbb'"):
+        load_dataset("ycbb")
