@@ -53,7 +53,11 @@ def cmd_run(args) -> int:
 
 def cmd_reproduce(args) -> int:
     from fs3d_analysis.report import reproduce
-    reproduce(out_dir=Path(args.out), device=args.device, quick=args.quick, weights=args.weights)
+    try:
+        reproduce(out_dir=Path(args.out), device=args.device, quick=args.quick, weights=args.weights,
+                  config=args.config, allow_random=args.allow_random)
+    except ValueError as e:
+        raise SystemExit(f"fs3d reproduce: {e}") from e
     return 0
 
 
@@ -93,6 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--weights", default="sam3d-mini")
     p.add_argument("--quick", action="store_true", help="fewer objects and repeats (CI)")
+    p.add_argument("--config", choices=["mini", "full"], default=None,
+                   help="model size: mini (embedded trained model; default on cpu) or full (default on cuda; "
+                   "weights from FS3D_CHECKPOINT)")
+    p.add_argument("--allow-random", action="store_true",
+                   help="full size without FS3D_CHECKPOINT: random weights, timings only")
     p.set_defaults(fn=cmd_reproduce)
 
     p = sub.add_parser("data", help="build the shape corpus (evaluation + training split)")
@@ -103,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate methods on a dataset -> tidy table")
     _add_model_args(p)
-    p.add_argument("--methods", default="base,fast-sam3d")
+    p.add_argument("--methods", default="base,fast-sam3d",
+                   help="comma-separated method names, or preset:PATH for a calibrated preset file")
     p.add_argument("--dataset", default="shipped")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -116,8 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="search accelerator thresholds under a quality constraint")
     _add_model_args(p)
     p.add_argument("--dataset", default="shipped")
+    p.add_argument("--limit", type=int, default=None, help="first N objects of the dataset")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--trials", type=int, default=20)
-    p.add_argument("--max-f1-drop", type=float, default=0.5)
+    p.add_argument("--max-f1-drop", type=float, default=0.5, help="allowed mean F1@0.05 loss, points (0-100)")
+    p.add_argument("--max-viou-drop", type=float, default=0.01, help="allowed mean volumetric-IoU loss (0-1)")
+    p.add_argument("--objective", choices=["wall", "passes"], default="wall",
+                   help="speedup to maximise: measured wall time, or network-pass equivalents (deterministic; "
+                   "the better proxy for a large model when calibrating with a small one)")
+    p.add_argument("--quality", choices=["fast", "exact"], default="fast",
+                   help="vIoU from filled surface voxels (fast) or winding numbers as fs3d eval scores (exact)")
+    p.add_argument("--sampler", choices=["tpe", "nsga2"], default="tpe")
     p.add_argument("--out", default="runs/calibrate")
     p.add_argument("--ray", action="store_true", help="measure each trial's objects in parallel on Ray actors (one "
                    "model replica each: one per GPU with --device cuda, else one per CPU)")

@@ -674,17 +674,25 @@ def main(args) -> int:
     from fs3d_accel.cli import _load_pipeline
     from fs3d_analysis.eval import load_dataset
 
-    constraint = QualityConstraint(max_f1_drop=args.max_f1_drop,
-                                   max_viou_drop=getattr(args, "max_viou_drop", QualityConstraint.max_viou_drop))
+    try:
+        constraint = QualityConstraint(max_f1_drop=args.max_f1_drop,
+                                       max_viou_drop=getattr(args, "max_viou_drop", QualityConstraint.max_viou_drop))
+    except ValueError as e:
+        raise SystemExit(f"bad quality constraint: {e}") from e
     if args.trials < 1:
         raise SystemExit(f"--trials must be >= 1, got {args.trials}")
+    limit = getattr(args, "limit", None)
+    if limit is not None and limit < 1:
+        raise SystemExit(f"--limit must be >= 1, got {limit}")
+    objective, quality = getattr(args, "objective", "wall"), getattr(args, "quality", "fast")
+    sampler = getattr(args, "sampler", "tpe")
     from fs3d_analysis.distributed import check_ray_args
     use_ray, workers = check_ray_args(args)
     pipe = _load_pipeline(args)
-    samples = load_dataset(args.dataset, getattr(args, "limit", None))
-    seed, objective = getattr(args, "seed", 0), "wall"
-    kw = dict(n_trials=args.trials, out_dir=args.out, seed=seed, objective=objective, dataset_name=args.dataset,
-              progress=True)
+    samples = load_dataset(args.dataset, limit)
+    seed = getattr(args, "seed", 0)
+    kw = dict(n_trials=args.trials, out_dir=args.out, seed=seed, objective=objective, quality=quality,
+              sampler=sampler, dataset_name=args.dataset, progress=True)
     t0 = time.perf_counter()
     if use_ray:
         from fs3d_analysis.distributed import CliPipeFactory, RayMeasurePool

@@ -193,8 +193,8 @@ def load_dataset(name: str, limit: int | None = None):
 
 
 def main(args) -> int:
-    """``fs3d eval`` entry point."""
-    from fs3d_accel.accel import make_method
+    """``fs3d eval`` entry point. ``--methods`` takes registered names and ``preset:PATH`` files."""
+    from fs3d_accel.accel.presets import method_factory
     from fs3d_accel.cli import _load_pipeline
 
     from fs3d_analysis.distributed import check_ray_args
@@ -206,9 +206,8 @@ def main(args) -> int:
     names = [m.strip() for m in args.methods.split(",") if m.strip()]
     if not names:
         raise SystemExit(f"--methods names no method: {args.methods!r}")
-    for m in names:
-        make_method(m)  # an unknown name fails here, before any model is loaded or run
-    methods = {m: (lambda m=m: make_method(m)) for m in names}
+    # an unknown name or a bad preset file fails here, before any model is loaded or run
+    methods = {m: method_factory(m) for m in names}
     if use_ray:  # --ray: pairs spread over Ray actors (fs3d_analysis.distributed)
         from fs3d_analysis.distributed import eval_main as ray_eval_main
         table = ray_eval_main(args, samples, methods)
@@ -225,9 +224,9 @@ PAPER_METHODS = ("base", "fast-sam3d", "fast-sam3d-released", "taylorseer", "eas
 
 
 def method_factories(names: Iterable[str] = PAPER_METHODS) -> dict[str, Callable[[], Accelerator]]:
-    """Name -> factory for the registry's methods (fresh accelerator per object)."""
-    from fs3d_accel.accel import make_method
-    return {n: (lambda n=n: make_method(n)) for n in names}
+    """Name -> factory for the registry's methods or ``preset:PATH`` files (fresh accelerator per object)."""
+    from fs3d_accel.accel.presets import method_factory
+    return {n: method_factory(n) for n in names}
 
 
 def ablation_factories() -> dict[str, Callable[[], Accelerator]]:

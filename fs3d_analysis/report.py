@@ -69,24 +69,44 @@ def to_markdown(executed: Path) -> Path:
 
 
 def reproduce(out_dir: Path = Path("runs/reproduce"), device: str = "cpu", quick: bool = False,
-              weights: str = "sam3d-mini", notebooks: tuple[str, ...] = STORY) -> Path:
-    """Execute the story notebooks and write ``<out_dir>/report.md``; returns its path."""
+              weights: str = "sam3d-mini", notebooks: tuple[str, ...] = STORY, config: str | None = None,
+              allow_random: bool = False) -> Path:
+    """Execute the story notebooks and write ``<out_dir>/report.md``; returns its path.
+
+    ``config``: ``mini`` (the embedded trained sam3d-mini) or ``full`` (the SAM 3D dimensions, CUDA
+    only, weights from ``FS3D_CHECKPOINT``); default ``mini`` on CPU and ``full`` on CUDA.
+    ``allow_random``: without a checkpoint, run ``full`` on seeded random weights
+    (``FS3D_ALLOW_RANDOM=1``): the timings and FLOPs are those of the full model, but the observation
+    figures then say nothing about the paper's claims, and the report says so.
+    """
     from tqdm.auto import tqdm
 
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    config = config or ("full" if device == "cuda" else "mini")
+    if config not in ("mini", "full"):
+        raise ValueError(f"config must be 'mini' or 'full', got {config!r}")
+    if config == "full" and device != "cuda":
+        raise ValueError("config 'full' needs --device cuda (the full model is far too slow on a CPU)")
     if device == "cuda":
         import torch
         if not torch.cuda.is_available():
             raise ValueError("--device cuda requested but CUDA is not available on this machine")
     if weights != "sam3d-mini":
         raise ValueError(f"the story notebooks use the embedded 'sam3d-mini' (or FS3D_CHECKPOINT for full); got {weights!r}")
+    random_weights = config == "full" and not os.environ.get("FS3D_CHECKPOINT")
+    if random_weights and not allow_random:
+        raise ValueError("config 'full' needs FS3D_CHECKPOINT=<official checkpoint folder or model.safetensors>; "
+                         "pass --allow-random to run the full-size model on random weights (timings only), "
+                         "or --config mini for the embedded trained model")
     out_dir = Path(out_dir).resolve()
     figures = out_dir / "figures"
     figures.mkdir(parents=True, exist_ok=True)
     nb_dir = notebooks_dir()
     env = {"FS3D_QUICK": "1" if quick else "0", "FS3D_FIGURES": str(figures), "MPLBACKEND": "Agg",
-           "FS3D_CONFIG": "full" if device == "cuda" else "mini", "FS3D_RUN_DIR": str(out_dir)}
+           "FS3D_CONFIG": config, "FS3D_RUN_DIR": str(out_dir), "FS3D_ALLOW_RANDOM": "1" if random_weights else "0"}
+    model = f"random weights at `{config}` size" if random_weights else (
+        f"`{weights}`" if config == "mini" else f"checkpoint `{os.environ.get('FS3D_CHECKPOINT')}`")
     rows = []
     with _env(**env):
         for name in tqdm(notebooks, desc="reproduce", file=sys.stdout):
@@ -96,16 +116,25 @@ def reproduce(out_dir: Path = Path("runs/reproduce"), device: str = "cpu", quick
             executed, seconds = execute_notebook(src, out_dir)
             md = to_markdown(executed)
             rows.append({"notebook": name, "seconds": round(seconds, 1), "markdown": md.name})
+    device_name = "CPU"
+    if device == "cuda":
+        import torch
+        device_name = torch.cuda.get_device_name(0)
     lines = ["# fs3d reproduce", "",
-             f"Embedded model `{weights}`, device `{device}`, config `{env['FS3D_CONFIG']}`, "
+             f"Model {model}, device `{device}` ({device_name}), config `{config}`, "
              f"{'quick (CI) sizes' if quick else 'full notebook sizes'}. Every number below was measured in this run; "
-             "CPU times are wall-clock times on this machine.", "",
-             "| notebook | seconds | report |", "|---|---|---|"]
+             "times are wall-clock times on this machine.", ""]
+    if random_weights:
+        lines += ["**Random weights**: no trained full-size weights were given (FS3D_CHECKPOINT). Timings, FLOPs and "
+                  "memory are those of the full-size model, but the observation figures and quality tables do not "
+                  "test the paper's claims.", ""]
+    lines += ["| notebook | seconds | report |", "|---|---|---|"]
     lines += [f"| {r['notebook']} | {r['seconds']} | [{r['markdown']}]({r['markdown']}) |" for r in rows]
     lines += ["", "## Figures", ""]
     lines += [f"![{p.stem}](figures/{p.name})" for p in sorted(figures.glob("*.png"))]
     report = out_dir / "report.md"
     report.write_text("\n".join(lines) + "\n")
-    (out_dir / "reproduce.json").write_text(json.dumps({"env": env, "notebooks": rows}, indent=2))
+    (out_dir / "reproduce.json").write_text(json.dumps({"env": env, "device": device_name, "notebooks": rows},
+                                                       indent=2))
     print(f"report: {report}")
     return report

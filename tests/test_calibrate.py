@@ -272,3 +272,37 @@ def test_cli_rejects_zero_trials_before_loading_a_model():
 
     with pytest.raises(SystemExit, match="--trials must be >= 1, got 0"):
         main(["calibrate", "--trials", "0", "--weights", "no-such-weights"])
+
+
+# ---------------------------------------------------------------------------------------------
+# method names on the command line: registered names and preset:PATH
+# ---------------------------------------------------------------------------------------------
+
+
+def test_method_factory_builds_fresh_preset_accelerators_named_after_the_file(tmp_path):
+    from fs3d_accel.accel.presets import method_factory
+    path = save_preset(tmp_path / "ycb.json", {"k": 2, "keep": 0.4})
+    factory = method_factory(f"preset:{path}")
+    a, b = factory(), factory()
+    assert a is not b and a.name == b.name == f"preset:{path}"
+    assert a.ss_policy.k == 2 and a.slat_policy.carving.keep == 0.4
+    assert method_factory("taylorseer")().name == "taylorseer"
+
+
+def test_method_factory_rejects_unknown_names_and_bad_presets(tmp_path):
+    from fs3d_accel.accel.presets import method_factory
+    with pytest.raises(ValueError, match="unknown method 'fast-sam4d'"):
+        method_factory("fast-sam4d")
+    with pytest.raises(ValueError, match="give the preset file"):
+        method_factory("preset:")
+    with pytest.raises(FileNotFoundError, match="no preset file"):
+        method_factory(f"preset:{tmp_path / 'none.json'}")
+    bad = save_preset(tmp_path / "bad.json", {"k": 0})
+    with pytest.raises(ValueError, match="k"):
+        method_factory(f"preset:{bad}")
+
+
+def test_calibrate_cli_rejects_a_negative_viou_budget():
+    from fs3d_accel.cli import main
+    with pytest.raises(SystemExit, match="max_viou_drop must be a finite number >= 0"):
+        main(["calibrate", "--max-viou-drop", "-0.1", "--trials", "1"])

@@ -16,7 +16,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ..seams import Accelerator
 
@@ -131,4 +131,35 @@ def from_preset(preset: str | Path | Preset | Mapping[str, Any]) -> Accelerator:
     return load_preset(preset).build()
 
 
-__all__ = ["FORMAT", "HYPERPARAMETERS", "Preset", "VERSION", "from_preset", "load_preset", "save_preset"]
+#: prefix of a method name that names a preset file instead of a registered method
+PRESET_PREFIX = "preset:"
+
+
+def method_factory(spec: str) -> Callable[[], Accelerator]:
+    """A factory of fresh accelerators for a method name as the command line takes it: a registered
+    method (``fast-sam3d``, ``taylorseer``, ...) or ``preset:PATH`` (a calibrated preset file). The
+    name or file is checked here, before any model runs; each call of the factory builds a new
+    accelerator (policies keep per-object state). Preset accelerators are named ``preset:<file stem>``
+    so tables stay readable."""
+    from . import make_method
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a method name must be a non-empty string, got {spec!r}")
+    spec = spec.strip()
+    if spec.startswith(PRESET_PREFIX):
+        path = spec[len(PRESET_PREFIX):]
+        if not path:
+            raise ValueError(f"{spec!r}: give the preset file after '{PRESET_PREFIX}'")
+        preset = load_preset(path)
+        preset.build()  # bad hyperparameters fail now
+
+        def build() -> Accelerator:
+            acc = preset.build()
+            acc.name = spec
+            return acc
+        return build
+    make_method(spec)  # an unknown name fails here
+    return lambda: make_method(spec)
+
+
+__all__ = ["FORMAT", "HYPERPARAMETERS", "PRESET_PREFIX", "Preset", "VERSION", "from_preset", "load_preset",
+           "method_factory", "save_preset"]
