@@ -173,8 +173,11 @@ def _dino_overrides(node, dino, prenorm: bool) -> None:
                             "mlp_ratio": dino.mlp_ratio, "num_register_tokens": dino.num_registers}
 
 
-def official_yamls(cfg: ModelConfig, hf: Path = DEFAULT_HF) -> dict[str, Any]:
-    """The HF yamls' model nodes with every dimension overridden to ``cfg``."""
+def official_yamls(cfg: ModelConfig, hf: Path = DEFAULT_HF, pipeline_fp16: bool = False) -> dict[str, Any]:
+    """The HF yamls' model nodes with every dimension overridden to ``cfg``.
+
+    ``pipeline_fp16``: keep the yamls' ``use_fp16`` (SLaT flow torso and mesh decoder torso in fp16,
+    as the official pipeline runs them on a GPU); by default (parity, CPU) every model is fp32."""
     from omegaconf import OmegaConf
     out: dict[str, Any] = {}
     # --- SS generator + fuser
@@ -201,7 +204,8 @@ def official_yamls(cfg: ModelConfig, hf: Path = DEFAULT_HF) -> dict[str, Any]:
     bb.out_channels = f.in_channels
     bb.io_block_channels = list(f.io_block_channels)
     bb.patch_size = 2 ** len(f.io_block_channels)
-    bb.use_fp16 = False
+    if not pipeline_fp16:
+        bb.use_fp16 = False
     out["slat_generator"] = gen
     out["slat_condition"] = _fuser_overrides(y.condition_embedder.backbone, cfg.slat_condition)
     # --- decoders
@@ -218,7 +222,8 @@ def official_yamls(cfg: ModelConfig, hf: Path = DEFAULT_HF) -> dict[str, Any]:
                          "(upsample widths model_channels//4, //8; 32 groups; 101 outputs); use parity_config()")
     d.resolution, d.model_channels, d.latent_channels = md.resolution, c, md.latent_channels
     d.num_blocks, d.num_heads, d.mlp_ratio, d.window_size = md.num_blocks, md.num_heads, md.mlp_ratio, md.window_size
-    d.use_fp16 = False
+    if not pipeline_fp16:
+        d.use_fp16 = False
     out["mesh_decoder"] = d
     return out
 
@@ -306,12 +311,13 @@ def _reference_convs(module: torch.nn.Module) -> int:
 
 @dataclass
 class OfficialModels:
-    ss_generator: Any      # ShortCut(reverse_fn=CFG(backbone=SparseStructureFlowTdfyWrapper))
-    ss_condition: Any      # EmbedderFuser
-    ss_decoder: Any        # SparseStructureDecoderTdfyWrapper
-    slat_generator: Any    # FlowMatching(reverse_fn=CFG(backbone=SLatFlowModelTdfyWrapper))
-    slat_condition: Any
-    mesh_decoder: Any      # SLatMeshDecoderTdfyWrapper, to_representation bypassed
+    """The official modules (``None`` for those not built: see ``build_official(only=...)``)."""
+    ss_generator: Any = None    # ShortCut(reverse_fn=CFG(backbone=SparseStructureFlowTdfyWrapper))
+    ss_condition: Any = None    # EmbedderFuser
+    ss_decoder: Any = None      # SparseStructureDecoderTdfyWrapper
+    slat_generator: Any = None  # FlowMatching(reverse_fn=CFG(backbone=SLatFlowModelTdfyWrapper))
+    slat_condition: Any = None
+    mesh_decoder: Any = None    # SLatMeshDecoderTdfyWrapper, to_representation bypassed
     reference_convs: int = 0
 
     @property
@@ -328,11 +334,27 @@ def _strip(sd: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def build_official(cfg: ModelConfig, files: dict[str, dict[str, Tensor]], hf: Path = DEFAULT_HF) -> OfficialModels:
+#: the official modules build_official() can build
+OFFICIAL_MODULES = ("ss_generator", "ss_condition", "ss_decoder", "slat_generator", "slat_condition", "mesh_decoder")
+
+
+def build_official(cfg: ModelConfig, files: dict[str, dict[str, Tensor]], hf: Path = DEFAULT_HF, *,
+                   only: tuple[str, ...] | None = None, reference_convs: bool = True,
+                   pipeline_fp16: bool = False) -> OfficialModels:
     """Instantiate the official modules at ``cfg``'s dims and strictly load ``files``
-    (``pipe.state_dicts(layout="official")``) into them."""
+    (``pipe.state_dicts(layout="official")``) into them.
+
+    ``only``: build just these (names of :data:`OFFICIAL_MODULES`; the condition fusers need the
+    dinov2 checkout). ``reference_convs``: route the spconv SubMConv3d layers through
+    :func:`subm_conv_reference` (CPU; off to keep the real sparse-conv kernels on a GPU).
+    ``pipeline_fp16``: see :func:`official_yamls`."""
     from hydra.utils import instantiate
-    nodes = official_yamls(cfg, hf)
+    unknown = sorted(set(only or ()) - set(OFFICIAL_MODULES))
+    if unknown:
+        raise ValueError(f"unknown official modules {unknown}; choose from {OFFICIAL_MODULES}")
+    nodes = official_yamls(cfg, hf, pipeline_fp16=pipeline_fp16)
+    if only is not None:
+        nodes = {k: v for k, v in nodes.items() if k in only}
     mods = {}
     for name, node in nodes.items():
         if name == "mesh_decoder":
@@ -346,10 +368,14 @@ def build_official(cfg: ModelConfig, files: dict[str, dict[str, Tensor]], hf: Pa
              "slat_condition": _strip(files["slat_generator"], cond),
              "ss_decoder": files["ss_decoder"], "mesh_decoder": files["slat_decoder_mesh"]}
     for name, sd in loads.items():
+        if name not in mods:
+            continue
         mods[name].load_state_dict({k: v.detach().clone().float() for k, v in sd.items()}, strict=True)
         mods[name].eval()
-    mods["mesh_decoder"].to_representation = lambda h: h  # network output, no FlexiCubes extraction
-    convs = sum(_reference_convs(mods[k]) for k in ("slat_generator", "mesh_decoder"))
+    if "mesh_decoder" in mods:
+        mods["mesh_decoder"].to_representation = lambda h: h  # network output, no FlexiCubes extraction
+    convs = sum(_reference_convs(mods[k]) for k in ("slat_generator", "mesh_decoder")
+                if k in mods) if reference_convs else 0
     return OfficialModels(**mods, reference_convs=convs)
 
 

@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -41,7 +43,7 @@ import torch
 from fs3d_accel.model.configs import SamplerConfig
 from fs3d_accel.pipeline import Pipeline
 from fs3d_analysis.profile import (Workload, count_flops, measure_matmul_peak, profile_latency, roofline_table,
-                                   shell_coords, stage_flops_table, trace, voxelize_mesh)
+                                   shell_coords, stage_flops_table, trace)
 from fs3d_analysis.profile import plots
 
 ROOT = Path.cwd() if (Path.cwd() / "fs3d_accel").is_dir() else Path.cwd().parent
@@ -57,17 +59,20 @@ print(CONFIG, DEVICE)
 # %% [markdown]
 # ## The workload
 # `mini`: one sampler step per stage (with the SS stage's CFG branch) and 400 shell voxels, so the
-# whole notebook runs in seconds. `full`: the official 25 + 25 steps, and the surface voxels of a
-# mesh at 64^3 (pybullet's duck, about the size of a scanned object).
+# whole notebook runs in seconds. `full`: the official 25 + 25 steps, and the 64^3 surface voxels
+# of a real scanned object (YCB 021 bleach cleanser, N = 14,171: the size of the performance anchors'
+# 13k-voxel object; the same voxels `benchmarks/stage_latency.py` times).
 
 # %%
+import numpy as np
+
 pipe = Pipeline.from_config(CONFIG, device=DEVICE)
 if CONFIG == "full":
-    import pybullet_data
-    import trimesh
-
-    mesh = trimesh.load(Path(pybullet_data.getDataPath()) / "duck.obj", force="mesh")
-    coords = voxelize_mesh(mesh, pipe.config.slat_flow.resolution)
+    xyz = np.load(ROOT / "benchmarks" / "data" / "ycb_surface_coords_r64.npz")["021_bleach_cleanser"]
+    xyz = torch.from_numpy(xyz.astype(np.int64))
+    if pipe.config.slat_flow.resolution != 64:
+        xyz = torch.unique(xyz * pipe.config.slat_flow.resolution // 64, dim=0)
+    coords = torch.cat([torch.zeros_like(xyz[:, :1]), xyz], 1).to(torch.int32)
     pipe.options = type(pipe.options)(precision="autocast-fp16")  # as the official pipeline runs
     wl = Workload.synthetic(256, coords=coords)
     repeats, dtype = 3, torch.float16

@@ -1,0 +1,856 @@
+"""The OFFICIAL SAM 3D Objects modules next to our pipeline, per stage, in one process on one device.
+
+Same random weights (ours -> ``pipe.state_dicts('official')`` -> strict official load, as in
+``parity_official.py``), same condition tokens, same noise and the same voxels (surface voxels of
+real YCB scans, ``benchmarks/data/ycb_surface_coords_r64.npz``), at the official dimensions
+(``--config full``). Timed units:
+
+==========  ==================================================================================
+stage       what one call does
+==========  ==================================================================================
+ss          SS generator sampler: 25 Euler steps with CFG 7 on t <= 0.5 (44 network passes);
+            official ``ShortCut(CFG(SparseStructureFlowTdfyWrapper))`` vs our ``EulerFlowSampler``
+            + ``SSStage.velocity_net`` (condition K/V cache and CFG batching included in the time)
+slat        SLaT generator sampler at N voxels: 25 steps, CFG 1 on t <= 0.5 (38 passes);
+            official ``FlowMatching(CFG(SLatFlowModelTdfyWrapper))`` vs ours
+mesh        mesh decoder network (sparse swin transformer + 2 subdivisions, 101 output channels;
+            the official ``to_representation`` / our mesh extraction are not timed)
+==========  ==================================================================================
+
+Variants: ``official`` runs the official modules as the official pipeline runs them on a GPU
+(``InferencePipeline.sample_sparse_structure`` / ``sample_slat`` / ``decode_slat`` with
+``pipeline.yaml``'s ``dtype: float16``): SS generator fp32 weights under fp16 autocast; SLaT generator
+with the yaml's ``use_fp16: true`` (fp16 torso) under fp16 autocast; mesh decoder with ``use_fp16: true``,
+no autocast. ``official-compile`` adds what ``pipeline.yaml``'s ``compile_model: true`` does to the
+timed stages: ``torch.compile(ss_generator.reverse_fn.inner_forward, mode=--official-compile-mode,
+fullgraph=True, dynamic=False)`` (SS stage only). Every other name is one of our
+``stage_latency.py`` variants (``RunOptions``). On a CPU (smoke test) the official modules run in fp32.
+
+Per unit: official seconds, ours seconds, speedup vs official, MFU (model FLOPs of the unit, counted
+once with FlopCounterMode on our fp32 network with the present-neighbour sparse conv, over the bf16
+matmul peak measured in the same run, both from ``stage_latency.py``), peak memory
+(``torch.cuda.max_memory_allocated`` over the timed calls, only that stage's network resident) and
+the largest difference of the output from the official one. Timing: one first call (includes
+compilation and autotuning, reported separately), ``--warmup`` untimed calls, then the median of
+``--repeats`` calls timed with CUDA events (perf_counter on CPU).
+
+Official code on the GPU: dense attention (SS flow) through the official ``sdpa`` backend
+(``ATTN_BACKEND=sdpa``); sparse attention (SLaT, mesh decoder) through the official ``flash_attn`` path,
+as the official pipeline selects it on an H100, with ``flash_attn`` provided by
+``official_flash_shim.py`` (exact SDPA per group of equal-length segments; flash_attn is not installable
+there). ``--official-attn sdpa`` uses the official ``masked_sdpa`` instead (a dense N x N block-diagonal
+mask: far slower and N^2 memory, not what the pipeline runs). Sparse convolutions through spconv-triton, registered as ``spconv`` /
+``spconv.pytorch`` by :func:`setup_spconv`. On a CPU the official spconv SubMConv3d layers compute
+through ``parity_official.subm_conv_reference`` (spconv-triton has no CPU kernels; spconv's CPU build
+cannot add biases), so CPU timings of the official SLaT / mesh stages are meaningless: the CPU run
+proves the import chain, the wiring and the output agreement only.
+
+The GPU machine has no registry: the official source, the HF yamls and the official code's pure-python
+dependencies travel as ``.whl/official.tar.xz`` (~1.1 MB, git-ignored; layout ``sam-3d-objects/``
+(sam3d_objects + OFFICIAL_COMMIT), ``hf/`` (the 4 yamls + pipeline.yaml), ``deps/`` (hydra-core 1.3.2,
+omegaconf 2.3.1, antlr4-python3-runtime 4.9.3, PyYAML 6.0.4 without its C extension, optree 0.20.0 for
+cp311 + cp312, loguru, einops, easydict, astor, plyfile, spconv-triton 1.0.0); see ``README.txt`` inside).
+The dinov2 checkout is not needed (no condition fuser of the official code is built). GPU call
+(carry ``.whl/official.tar.xz``)::
+
+    mkdir -p /tmp/off && tar xJf .whl/official.tar.xz -C /tmp/off && \
+    export PYTHONPATH=/tmp/off/deps:$PWD FS3D_OFFICIAL=/tmp/off/sam-3d-objects FS3D_HF_CONFIGS=/tmp/off/hf \
+           ATTN_BACKEND=sdpa TRITON_CACHE_DIR=/tmp/triton && \
+    cd benchmarks && timeout 570 python base_vs_official.py --device cuda --config full --out $OUT/bvo
+
+CPU smoke test (same import chain: unpack the bundle, PYTHONPATH=<bundle>/deps:<repo>)::
+
+    python benchmarks/base_vs_official.py --device cpu --config mini --steps 2 --max-voxels 200 \
+        --objects 021_bleach_cleanser --variants official,fp32,bf16-cfg-kv --warmup 0 --repeats 1 --out /tmp/bvo
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+import traceback
+import types
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import parity_official as po  # noqa: E402
+from benchmarks.stage_latency import (COORDS_FILE, SHORT, VARIANTS, Timer, add_conv_args,  # noqa: E402
+                                      apply_conv_args, count_flops, load_coords, matmul_peak_tflops,
+                                      synthetic_inputs)
+
+OFFICIAL_VARIANTS = ("official", "official-compile")
+STAGES = ("ss", "slat", "mesh")
+STAGE_LABELS = {"ss": "SS generator sampler", "slat": "SLaT generator sampler", "mesh": "mesh decoder network"}
+DEFAULT_OBJECTS = "021_bleach_cleanser,007_tuna_fish_can,013_apple"  # N = 5,192 / 14,171 / 20,581 at 64^3
+#: the headline pair first: a run cut short by the time limit keeps official vs our fastest exact path
+DEFAULT_VARIANTS = "official,compile,bf16-cfg-kv,official-like"
+#: official HF yamls that parity_official.official_yamls() reads
+HF_FILES = ("ss_generator.yaml", "slat_generator.yaml", "ss_decoder.yaml", "slat_decoder_mesh.yaml")
+CSV_NAME, README_NAME, FIG_NAME = "base_vs_official.csv", "README.md", "base_vs_official.png"
+COLUMNS = ["variant", "stage", "object", "N", "median_s", "min_s", "first_call_s", "n", "speedup_vs_official",
+           "model_tflop", "achieved_tflops", "mfu", "peak_mem_gb", "resident_gb", "max_abs_vs_official",
+           "rel_vs_official", "precision", "error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+# ---------------------------------------------------------------------------------------------
+def _known_objects() -> list[str]:
+    import numpy as np
+    return sorted(np.load(COORDS_FILE).files)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
+    ap.add_argument("--config", default="full", help="full (official dims) or mini (parity_config(): CPU smoke test)")
+    ap.add_argument("--objects", default=DEFAULT_OBJECTS, help="comma list of YCB objects (SLaT and mesh stages)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed calls after the first call")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls (median reported)")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS,
+                    help=f"comma list of {list(OFFICIAL_VARIANTS)} and our stage_latency variants {sorted(SHORT)}")
+    ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {list(STAGES)}")
+    ap.add_argument("--steps", type=int, default=None, help="sampler steps of both samplers (default: 25, official)")
+    ap.add_argument("--max-voxels", type=int, default=None,
+                    help="keep at most this many voxels per object (a random subset; CPU smoke tests)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--official-precision", default="auto", choices=["auto", "pipeline", "fp32"],
+                    help="pipeline: fp16 torsos + fp16 autocast as the official pipeline runs (the default on "
+                         "CUDA); fp32: everything fp32, no autocast (the default on CPU)")
+    ap.add_argument("--official-compile-mode", default="max-autotune",
+                    help="torch.compile mode of the official-compile variant (pipeline.yaml's _compile: max-autotune)")
+    ap.add_argument("--official", type=Path, default=po.DEFAULT_OFFICIAL,
+                    help="sam-3d-objects checkout (folder holding sam3d_objects/); env FS3D_OFFICIAL")
+    ap.add_argument("--hf-configs", type=Path, default=po.DEFAULT_HF,
+                    help="folder of the official HF yamls; env FS3D_HF_CONFIGS")
+    ap.add_argument("--official-attn", default="flash-shim", choices=["flash-shim", "sdpa"],
+                    help="official sparse attention: flash-shim = the official flash_attn path served by SDPA per "
+                         "group of equal-length segments (official_flash_shim.py; flash_attn is not installable "
+                         "there), sdpa = the official masked_sdpa (dense N x N block-diagonal mask)")
+    add_conv_args(ap)  # our SparseConv3d algorithm (auto = gather)
+    ap.add_argument("--out", type=Path, default=Path("runs/base_vs_official"))
+    return ap
+
+
+def _split(value: str, what: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise SystemExit(f"--{what}: empty list")
+    dup = sorted({v for v in items if items.count(v) > 1})
+    if dup:
+        raise SystemExit(f"--{what}: listed twice: {dup}")
+    return items
+
+
+def parse_args(argv: list[str] | None = None, check_cuda: bool = True) -> argparse.Namespace:
+    """Parse and validate; every error is a SystemExit with a message naming the argument."""
+    args = build_parser().parse_args(argv)
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError as exc:
+        raise SystemExit(f"--device: {exc}") from None
+    if dev.type not in ("cuda", "cpu"):
+        raise SystemExit(f"--device must be cuda[:N] or cpu, got {args.device!r}")
+    if dev.type == "cuda" and check_cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here (use --device cpu for the smoke test)")
+    args.device = dev
+    if args.official_precision == "auto":
+        args.official_precision = "pipeline" if dev.type == "cuda" else "fp32"
+    if args.config not in ("full", "mini"):
+        raise SystemExit(f"--config must be 'full' or 'mini', got {args.config!r}")
+    if args.warmup < 0:
+        raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"--steps must be >= 1, got {args.steps}")
+    if args.max_voxels is not None and args.max_voxels < 1:
+        raise SystemExit(f"--max-voxels must be >= 1, got {args.max_voxels}")
+    if args.gather_chunk is not None and args.gather_chunk < 1:
+        raise SystemExit(f"--gather-chunk must be >= 1 element, got {args.gather_chunk}")
+    args.stages = _split(args.stages, "stages")
+    bad = sorted(set(args.stages) - set(STAGES))
+    if bad:
+        raise SystemExit(f"--stages: unknown {bad}; choose from {list(STAGES)}")
+    args.stages = [s for s in STAGES if s in args.stages]
+    args.objects = _split(args.objects, "objects")
+    known = _known_objects()
+    bad = sorted(set(args.objects) - set(known))
+    if bad:
+        raise SystemExit(f"--objects: {bad} not in {COORDS_FILE.name} (has {known})")
+    variants = _split(args.variants, "variants")
+    bad = sorted(set(variants) - set(OFFICIAL_VARIANTS) - set(SHORT))
+    if bad:
+        raise SystemExit(f"--variants: unknown {bad}; choose from {list(OFFICIAL_VARIANTS) + sorted(SHORT)}")
+    for v in variants:
+        if v == "official-compile":
+            if dev.type != "cuda":
+                raise SystemExit("--variants official-compile: torch.compile of the official code is CUDA-only here")
+            continue
+        if v in SHORT:
+            try:
+                VARIANTS[SHORT[v]].check_device(dev)
+            except ValueError as exc:
+                raise SystemExit(f"--variants {v}: {exc}") from None
+    # official variants first: ours are compared with the official outputs of the same run
+    args.variants = [v for v in OFFICIAL_VARIANTS if v in variants] + [v for v in variants if v in SHORT]
+    if any(v in OFFICIAL_VARIANTS for v in args.variants):
+        if not (args.official / "sam3d_objects").is_dir():
+            raise SystemExit(f"--official / FS3D_OFFICIAL: no sam3d_objects package under {args.official}")
+        missing = [f for f in HF_FILES if not (args.hf_configs / f).is_file()]
+        if missing:
+            raise SystemExit(f"--hf-configs / FS3D_HF_CONFIGS: {missing} missing in {args.hf_configs}")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Official code set-up
+# ---------------------------------------------------------------------------------------------
+def setup_spconv(device: torch.device) -> tuple[str, bool]:
+    """Make ``import spconv.pytorch`` work for the official code; returns (description, reference_convs).
+
+    CUDA: spconv-triton (it does not register itself as ``spconv``, so ``spconv`` and
+    ``spconv.pytorch`` become aliases of ``spconv_triton`` / ``spconv_triton.pytorch``). CPU: the real
+    spconv if installed, else the same alias (construction and data structures only); on CPU every
+    official SubMConv3d then computes through ``parity_official.subm_conv_reference``.
+    """
+    import importlib.util
+    existing = sys.modules.get("spconv")
+    aliased = existing is not None and str(getattr(existing, "__version__", "")).startswith("spconv_triton")
+    if device.type != "cuda" and not aliased and (existing is not None or importlib.util.find_spec("spconv")):
+        import spconv
+        return f"spconv {spconv.__version__} (CPU build), SubMConv3d through the exact reference conv", True
+    try:
+        import spconv_triton
+        import spconv_triton.pytorch as stp
+    except ImportError as exc:
+        raise SystemExit(f"spconv-triton is not importable ({exc}); put the official bundle's deps on PYTHONPATH") from None
+    current = sys.modules.get("spconv.pytorch")
+    if current is not None and current is not stp:
+        raise SystemExit("a real spconv is already imported; cannot alias spconv to spconv_triton")
+    alias = types.ModuleType("spconv")
+    alias.__version__ = f"spconv_triton-{spconv_triton.__version__}"
+    alias.__path__ = []  # a package, so `import spconv.pytorch` resolves through sys.modules
+    alias.pytorch = stp
+    alias.constants = spconv_triton.constants
+    sys.modules["spconv"] = alias
+    sys.modules["spconv.pytorch"] = stp
+    if device.type == "cuda":
+        return f"spconv-triton {spconv_triton.__version__} (aliased as spconv)", False
+    return (f"spconv-triton {spconv_triton.__version__} aliased as spconv (no CPU kernels): "
+            "SubMConv3d through the exact reference conv"), True
+
+
+def setup_official(args) -> dict[str, Any]:
+    """Attention backends, spconv, stubs; returns facts for the report."""
+    os.environ.setdefault("ATTN_BACKEND", "sdpa")  # dense attention (SS flow): the official SDPA path
+    if args.official_attn == "flash-shim":
+        # sparse attention: the official flash_attn path, served by PyTorch SDPA per group of equal-length
+        # segments (official_flash_shim); the official `sdpa` path builds a dense N x N mask instead
+        from benchmarks import official_flash_shim
+        official_flash_shim.install()
+        os.environ["SPARSE_ATTN_BACKEND"] = "flash_attn"
+    else:
+        os.environ["SPARSE_ATTN_BACKEND"] = "sdpa"
+    if "sam3d_objects.model.backbone.tdfy_dit.modules.sparse" in sys.modules:
+        raise SystemExit("the official sparse package was imported before its attention backend was chosen")
+    spconv_desc, reference = setup_spconv(args.device)
+    finder = po.bootstrap(args.official)
+    return {"spconv": spconv_desc, "reference_convs": reference, "stubbed": finder,
+            "attn_backend": os.environ["ATTN_BACKEND"], "sparse_attn_backend": os.environ["SPARSE_ATTN_BACKEND"]}
+
+
+def official_commit(official: Path) -> str:
+    """From ``<official>/OFFICIAL_COMMIT`` (the bundle writes it), else the parity report, else unknown."""
+    f = official / "OFFICIAL_COMMIT"
+    if f.is_file():
+        return f.read_text().strip()
+    rep = ROOT / "benchmarks" / "results" / "parity_official_cpu.md"
+    if rep.is_file():
+        m = re.search(r"sam-3d-objects@([0-9a-f]{40})", rep.read_text())
+        if m:
+            return m.group(1) + " (from parity_official_cpu.md)"
+    return "unknown"
+
+
+# ---------------------------------------------------------------------------------------------
+# Model set-up
+# ---------------------------------------------------------------------------------------------
+def model_config(args):
+    from fs3d_accel.model.configs import full_config, mini_config
+    cfg = full_config() if args.config == "full" else po.parity_config(mini_config())
+    if args.steps is not None:
+        cfg = cfg.with_samplers(replace(cfg.ss_sampler, steps=args.steps), replace(cfg.slat_sampler, steps=args.steps))
+    return cfg
+
+
+def object_coords(args, resolution: int) -> dict[str, torch.Tensor]:
+    """(N, 4) int32 [0, x, y, z] per object, sorted; optionally a random subset of --max-voxels."""
+    coords = load_coords(resolution, "cpu")
+    out = {}
+    for i, name in enumerate(args.objects):
+        c = coords[name]
+        if args.max_voxels is not None and len(c) > args.max_voxels:
+            g = torch.Generator().manual_seed(args.seed + 100 + i)
+            keep = torch.randperm(len(c), generator=g)[:args.max_voxels].sort().values
+            c = c[keep]
+        out[name] = c.contiguous()
+    return out
+
+
+def stage_copy(stage: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A deep copy of one of our stages without its condition fuser, in ``dtype``."""
+    saved = stage._modules.get("condition")
+    if saved is not None:
+        stage._modules["condition"] = None
+    try:
+        dup = copy.deepcopy(stage)
+    finally:
+        if saved is not None:
+            stage._modules["condition"] = saved
+    dup.__dict__.pop("_compiled", None)
+    return dup.to(dtype).eval()
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _free(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def measure(fn: Callable[[], Any], dev: torch.device, warmup: int, repeats: int) -> tuple[Any, dict]:
+    """First call (timed alone: includes compilation / autotuning), then stage_latency.Timer
+    (``warmup`` untimed calls, median of ``repeats``); peak memory over the timed calls."""
+    _sync(dev)
+    resident = torch.cuda.memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else float("nan")
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(dev)
+    first = time.perf_counter() - t0
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    r = Timer(dev, warmup, repeats)(fn)
+    peak = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else float("nan")
+    return out, {"median_s": r["median_s"], "min_s": r["min_s"], "n": r["n"], "first_call_s": first,
+                 "peak_mem_gb": peak, "resident_gb": resident}
+
+
+def _flat(x) -> torch.Tensor:
+    if isinstance(x, dict):
+        return torch.cat([x[k].detach().float().reshape(-1).cpu() for k in sorted(x)])
+    return x.detach().float().reshape(-1).cpu()
+
+
+def difference(ref, got) -> tuple[float, float]:
+    """(max |got - ref|, that / max |ref|); NaN where shapes differ."""
+    a, b = _flat(ref), _flat(got)
+    if a.shape != b.shape:
+        return float("nan"), float("nan")
+    d = float((a - b).abs().max()) if a.numel() else 0.0
+    return d, d / max(float(a.abs().max()) if a.numel() else 0.0, 1e-30)
+
+
+# ---------------------------------------------------------------------------------------------
+# Runners (each returns a zero-argument callable producing the unit's output on the CPU-comparable form)
+# ---------------------------------------------------------------------------------------------
+def official_amp(dev: torch.device, precision: str):
+    """fp16 autocast as the official pipeline runs the generators ('pipeline'); nothing for 'fp32'."""
+    return torch.autocast(dev.type, dtype=torch.float16) if precision == "pipeline" else contextlib.nullcontext()
+
+
+def official_ss_fn(gen, noise: dict[str, torch.Tensor], cond: torch.Tensor, dev: torch.device, precision: str):
+    shapes = {k: tuple(v.shape) for k, v in noise.items()}
+    gen._generate_noise = lambda shape, device: {k: v.clone() for k, v in noise.items()}
+
+    def fn():
+        with official_amp(dev, precision):
+            return gen(shapes, dev, cond)
+    return fn
+
+
+def official_slat_fn(gen, noise: torch.Tensor, cond: torch.Tensor, coords: torch.Tensor, dev: torch.device,
+                     precision: str):
+    coords_np = coords.cpu().numpy()  # the pipeline passes coords.cpu().numpy()
+    gen._generate_noise = lambda shape, device: noise[None].clone()
+
+    def fn():
+        with official_amp(dev, precision):
+            return gen((1, noise.shape[0], noise.shape[1]), dev, cond, coords_np)[0]
+    return fn
+
+
+def official_mesh_fn(dec, latent: torch.Tensor, coords: torch.Tensor):
+    from sam3d_objects.model.backbone.tdfy_dit.modules import sparse as sp
+
+    def fn():  # decode_slat: no autocast; the fp16 torso casts inside
+        return dec(sp.SparseTensor(feats=latent, coords=coords))
+    return fn
+
+
+def ours_ss_fn(stage, noise: dict[str, torch.Tensor], cond: torch.Tensor, sampler_cfg, opts):
+    from fs3d_accel.samplers import EulerFlowSampler
+
+    def fn():
+        net = stage.velocity_net(cond, sampler_cfg, opts)
+        return EulerFlowSampler(sampler_cfg, "ss").sample({k: v.clone() for k, v in noise.items()}, net)
+    return fn
+
+
+def ours_slat_fn(stage, noise: torch.Tensor, cond: torch.Tensor, coords: torch.Tensor, sampler_cfg, opts):
+    from fs3d_accel.model.sparse import release_structure
+    from fs3d_accel.samplers import EulerFlowSampler
+
+    def fn():
+        structures: list[dict] = []
+        try:
+            net = stage.velocity_net(cond, coords, sampler_cfg, opts, structures)
+            return EulerFlowSampler(sampler_cfg, "slat").sample(noise.clone(), net)
+        finally:
+            for s in structures:
+                release_structure(s)
+    return fn
+
+
+def ours_mesh_fn(stage, latent: torch.Tensor, coords: torch.Tensor, opts, dev: torch.device):
+    dtype = opts.compute_dtype(dev)
+
+    def fn():
+        with opts.autocast(dev):
+            return stage.decoder(latent.to(dtype), coords)
+    return fn
+
+
+def mesh_output(out, resolution: int) -> torch.Tensor:
+    """Decoder output features sorted by voxel (official / ours emit voxels in different orders)."""
+    _, feats = po._sorted_by_coords(out.coords.cpu(), out.feats.float().cpu(), resolution)
+    return feats
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs
+# ---------------------------------------------------------------------------------------------
+def unit_flops(base, cfg, stage: str, dev: torch.device, cond: torch.Tensor | None = None,
+               coords: torch.Tensor | None = None, latent: torch.Tensor | None = None) -> float:
+    """Model FLOPs of one unit: FlopCounterMode on our fp32 network (SparseConv3d 'scatter':
+    present neighbours only), times the sampler's network passes (count_network_passes)."""
+    from fs3d_accel.model.sparse import SparseConv3d
+    from fs3d_accel.samplers import count_network_passes
+    from fs3d_accel.stages.ss import ss_latent_shapes
+    impl = SparseConv3d.impl
+    SparseConv3d.impl = "scatter"
+    try:
+        with torch.no_grad():
+            if stage == "ss":
+                net = base.ss.flow.to(dev)
+                lat = {k: torch.zeros(s, device=dev) for k, s in ss_latent_shapes(cfg).items()}
+                d = torch.zeros(1, device=dev) if cfg.ss_flow.is_shortcut_model else None
+                f = count_flops(lambda: net(lat, torch.full((1,), 500.0, device=dev), cond.to(dev), d))
+                return f * count_network_passes(cfg.ss_sampler)
+            if stage == "slat":
+                net = base.slat.flow.to(dev)
+                feats = torch.zeros(len(coords), cfg.slat_flow.in_channels, device=dev)
+                f = count_flops(lambda: net(feats, coords.to(dev), torch.full((1,), 500.0, device=dev), cond.to(dev)))
+                return f * count_network_passes(cfg.slat_sampler)
+            net = base.decode.decoder.to(dev)
+            return count_flops(lambda: net(latent.to(dev), coords.to(dev)))
+    finally:
+        SparseConv3d.impl = impl
+        for m in (base.ss.flow, base.slat.flow, base.decode.decoder):
+            m.to("cpu")
+        _free(dev)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+def _fmt(x, spec: str) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return ""
+    return format(x, spec)
+
+
+def complete_rows(rows: list[dict], peak_tflops: float | None) -> list[dict]:
+    """Fill speedup vs official, achieved TFLOP/s and MFU (in place; returns rows)."""
+    official = {(r["stage"], r.get("object")): r["median_s"] for r in rows
+                if r["variant"] == "official" and not r.get("error")}
+    for r in rows:
+        t = r.get("median_s", float("nan"))
+        ref = official.get((r["stage"], r.get("object")))
+        r["speedup_vs_official"] = ref / t if ref and t == t and t > 0 else float("nan")
+        f = r.get("model_tflop", float("nan"))
+        r["achieved_tflops"] = f / t if f == f and t == t and t > 0 else float("nan")
+        r["mfu"] = r["achieved_tflops"] / peak_tflops if peak_tflops and r["achieved_tflops"] == r["achieved_tflops"] \
+            else float("nan")
+    return rows
+
+
+def readme_text(rows: list[dict], meta: dict) -> str:
+    lines = [f"# Official SAM 3D Objects modules vs ours, per stage (`benchmarks/base_vs_official.py`)", "",
+             f"Device **{meta.get('device')}**, torch {meta.get('torch')}, config `{meta.get('config')}`, "
+             f"official code facebookresearch/sam-3d-objects@{meta.get('official_commit')} (imported, not copied).",
+             f"Timing: {meta.get('timing')}. Seed {meta.get('seed')}, sampler steps SS {meta.get('ss_steps')}, "
+             f"SLaT {meta.get('slat_steps')}.",
+             f"Official attention: ATTN_BACKEND={meta.get('attn_backend')}, SPARSE_ATTN_BACKEND="
+             f"{meta.get('sparse_attn_backend')}; sparse convs: {meta.get('spconv')}.",
+             f"Measured bf16 matmul peak: {_fmt(meta.get('peak_tflops'), '.0f') or 'n/a (no GPU)'} TFLOP/s; "
+             "MFU = model FLOPs of the unit (FlopCounterMode on our fp32 network, present sparse-conv neighbours "
+             "only, x network passes of the schedule) / median time / that peak.", ""]
+    lines += [f"- `{k}`: {v}" for k, v in meta.get("variants", {}).items()]
+    lines += ["", "| stage | object | N | variant | median s | first call s | speedup vs official | TFLOP | "
+              "TFLOP/s | MFU | peak GB | resident GB | max abs diff vs official | rel |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.get("error"):
+            lines.append(f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | "
+                         f"{_fmt(r.get('N'), 'd')} | {r['variant']} | ERROR: {r['error'][:120]} |||||||||||")
+            continue
+        mfu = r.get("mfu", float("nan"))
+        lines.append(
+            f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | {_fmt(r.get('N'), 'd')} | "
+            f"{r['variant']} | {_fmt(r['median_s'], '.4f')} | {_fmt(r.get('first_call_s'), '.3f')} | "
+            f"{_fmt(r.get('speedup_vs_official'), '.2f')} | {_fmt(r.get('model_tflop'), '.4g')} | "
+            f"{_fmt(r.get('achieved_tflops'), '.1f')} | {_fmt(100 * mfu if mfu == mfu else mfu, '.1f')}"
+            f"{'%' if mfu == mfu else ''} | {_fmt(r.get('peak_mem_gb'), '.2f')} | {_fmt(r.get('resident_gb'), '.2f')} | "
+            f"{_fmt(r.get('max_abs_vs_official'), '.3g')} | {_fmt(r.get('rel_vs_official'), '.3g')} |")
+    per_object = per_object_lines(rows)
+    if per_object:
+        lines += [""] + per_object
+    lines += ["", "## How the official modules run here", ""] + [f"- {n}" for n in meta.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def per_object_lines(rows: list[dict]) -> list[str]:
+    """SS + SLaT(object) + mesh(object) per variant, where all three were measured."""
+    ok = [r for r in rows if not r.get("error")]
+    ss = {r["variant"]: r["median_s"] for r in ok if r["stage"] == "ss"}
+    objs = []
+    for r in ok:
+        if r["stage"] == "slat" and r.get("object") not in objs:
+            objs.append(r["object"])
+    out = []
+    for o in objs:
+        for v in ss:
+            sl = [r for r in ok if r["variant"] == v and r["stage"] == "slat" and r.get("object") == o]
+            me = [r for r in ok if r["variant"] == v and r["stage"] == "mesh" and r.get("object") == o]
+            if sl and me:
+                out.append((o, sl[0]["N"], v, ss[v] + sl[0]["median_s"] + me[0]["median_s"]))
+    if not out:
+        return []
+    ref = {o: t for o, _, v, t in out if v == "official"}
+    lines = ["## Per object (SS sampler + SLaT sampler + mesh decoder network)", "",
+             "| object | N | variant | seconds | speedup vs official |", "|---|---|---|---|---|"]
+    lines += [f"| {o} | {n} | {v} | {t:.3f} | {_fmt(ref[o] / t if o in ref else float('nan'), '.2f')} |"
+              for o, n, v, t in out]
+    return lines
+
+
+def write_figure(rows: list[dict], path: Path) -> str | None:
+    """Grouped bars (seconds per unit and variant, log scale); None, or why no figure was drawn."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not importable: no figure"
+    ok = [r for r in rows if not r.get("error") and r.get("median_s", float("nan")) == r.get("median_s")]
+    if not ok:
+        return "no successful unit: no figure"
+    units, variants = [], []
+    for r in ok:
+        u = (r["stage"], r.get("object"), r.get("N"))
+        if u not in units:
+            units.append(u)
+        if r["variant"] not in variants:
+            variants.append(r["variant"])
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(units)), 4.5))
+    w = 0.8 / len(variants)
+    for j, v in enumerate(variants):
+        xs, ys = [], []
+        for i, u in enumerate(units):
+            m = [r for r in ok if r["variant"] == v and (r["stage"], r.get("object"), r.get("N")) == u]
+            if m:
+                xs.append(i + (j - (len(variants) - 1) / 2) * w)
+                ys.append(m[0]["median_s"])
+                sp = m[0].get("speedup_vs_official", float("nan"))
+                if sp == sp and v != "official":
+                    ax.text(xs[-1], ys[-1], f"{sp:.1f}x", ha="center", va="bottom", fontsize=7)
+        ax.bar(xs, ys, width=w, label=v)
+    ax.set_xticks(range(len(units)))
+    ax.set_xticklabels([STAGE_LABELS[s] + ("" if n is None or n != n else f"\n{o}\nN={int(n):,}") for s, o, n in units],
+                       fontsize=8)
+    ax.set_yscale("log")
+    ax.set_ylabel("median seconds (log)")
+    ax.set_title("official SAM 3D Objects modules vs ours (labels: speedup vs official)", fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
+_NOTES_PRINTED: set[str] = set()
+
+
+def write_outputs(rows: list[dict], out: Path, meta: dict) -> None:
+    """CSV, README table, JSON meta and the figure (called after every unit)."""
+    import csv
+    rows = complete_rows(rows, meta.get("peak_tflops"))
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / CSV_NAME, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in COLUMNS})
+    (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    (out / README_NAME).write_text(readme_text(rows, meta))
+    why = write_figure(rows, out / FIG_NAME)
+    if why and why not in _NOTES_PRINTED:
+        print(f"note: {why}", flush=True)
+        _NOTES_PRINTED.add(why)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+def official_notes(meta: dict, precision: str) -> list[str]:
+    gpu = precision == "pipeline"
+    return [
+        "Modules built from the official HF yamls with every dimension set to the config "
+        "(`parity_official.official_yamls`), random weights loaded strictly from our `state_dicts('official')`.",
+        ("SS generator: fp32 weights (yaml `use_fp16: false`) under `torch.autocast('cuda', float16)`, as "
+         "`sample_sparse_structure` with pipeline.yaml `dtype: float16`. SLaT generator: yaml `use_fp16: true` "
+         "(fp16 torso) under the same autocast, as `sample_slat`. Mesh decoder: yaml `use_fp16: true`, no autocast, "
+         "as `decode_slat`." if gpu else
+         "`--official-precision fp32`: every official module in fp32, no autocast (not how the pipeline runs "
+         "them on a GPU; the CPU default)."),
+        "Condition tokens come from OUR condition fusers (fp32; bit-identical to the official ones in "
+        "parity_official_cpu.md) and are fed to both; the official fusers (and the dinov2 checkout) are not built.",
+        "Noise: the official samplers' `_generate_noise` returns our noise (same draw for both).",
+        (f"Attention: dense `{meta.get('attn_backend')}` (SS flow). Sparse (SLaT full, mesh-decoder windowed): "
+         + ("the official flash_attn path, with `flash_attn` provided by `official_flash_shim.py` (exact "
+            "per-segment SDPA, equal-length segments batched; flash_attn itself is not installable there), as the "
+            "official pipeline selects flash_attn on an H100."
+            if meta.get("sparse_attn_backend") == "flash_attn" else
+            "the official `masked_sdpa` (dense block-diagonal additive mask over all tokens; pessimistic: the "
+            "official pipeline selects flash_attn on an H100).")),
+        f"Sparse convs: {meta.get('spconv')}.",
+        "Not timed: condition fusers, SS decoder, voxel extraction / downsampling, FlexiCubes mesh extraction "
+        "(`to_representation` bypassed), Gaussian decoders, layout post-optimisation.",
+        "`official-compile` (if run): pipeline.yaml `compile_model: true` compiles "
+        "`ss_generator.reverse_fn.inner_forward` (and the condition embedders and SS decoder, untimed here) with "
+        "`mode=max-autotune, fullgraph=True, dynamic=False`; here the same call with "
+        f"mode `{meta.get('official_compile_mode')}`.",
+    ]
+
+
+def run(args) -> list[dict]:
+    from fs3d_accel.pipeline import Pipeline
+    from fs3d_accel.stages.slat import slat_noise
+    from fs3d_accel.stages.ss import ss_noise
+
+    dev = args.device
+    apply_conv_args(args)
+    torch.backends.cuda.matmul.allow_tf32 = True  # as stage_latency.py (fp32 paths only)
+    torch.backends.cudnn.allow_tf32 = True
+    want_official = any(v in OFFICIAL_VARIANTS for v in args.variants)
+    meta: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "torch": torch.__version__, "config": args.config, "seed": args.seed,
+        "timing": (f"one first call, {args.warmup} warm-up, median of {args.repeats} "
+                   + ("(CUDA events)" if dev.type == "cuda" else "(perf_counter)")),
+        "official_commit": official_commit(args.official) if want_official else "not run",
+        "official_compile_mode": args.official_compile_mode, "tf32": True,
+        "our_conv_impl": args.conv_impl, "our_gather_chunk": args.gather_chunk,
+        "variants": {v: ("official modules, as the official pipeline runs them" if v == "official" else
+                         "official + torch.compile of the SS CFG step" if v == "official-compile" else
+                         f"ours: {SHORT[v]} = {VARIANTS[SHORT[v]]}") for v in args.variants},
+    }
+    if want_official:
+        info = setup_official(args)
+        meta.update({k: info[k] for k in ("spconv", "attn_backend", "sparse_attn_backend")})
+    else:
+        meta.update(spconv="not used", attn_backend="n/a", sparse_attn_backend="n/a")
+    cfg = model_config(args)
+    meta.update(ss_steps=cfg.ss_sampler.steps, slat_steps=cfg.slat_sampler.steps, ss_sampler=str(cfg.ss_sampler),
+                slat_sampler=str(cfg.slat_sampler))
+    meta["notes"] = official_notes(meta, args.official_precision)
+    meta["official_precision"] = args.official_precision
+    t0 = time.perf_counter()
+    base = Pipeline.from_config(cfg, seed=args.seed, device="cpu").eval()
+    print(f"built our {args.config} pipeline in {time.perf_counter() - t0:.1f} s", flush=True)
+    coords = object_coords(args, cfg.slat_flow.resolution)
+    meta["objects"] = {k: len(v) for k, v in coords.items()}
+
+    # ---- inputs shared by every variant: condition tokens (ours, fp32), noise, SLaT latents
+    img, mask, pm = synthetic_inputs(cfg.image_size, seed=args.seed)
+    inputs = base.prepare(img, mask, pm).to(dev)
+    with torch.no_grad():
+        cond = {}
+        for name, kw in (("ss", inputs.ss_kwargs()), ("slat", inputs.slat_kwargs())):
+            fuser = getattr(base, name).condition.to(dev)
+            cond[name] = fuser(**kw).float()
+            fuser.to("cpu")
+            _free(dev)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    noise_ss = {k: v.to(dev) for k, v in ss_noise(cfg, g).items()}
+    noise_slat = {k: slat_noise(len(c), cfg.slat_flow.in_channels, g).to(dev) for k, c in coords.items()}
+    mean, std = torch.tensor(cfg.slat_mean), torch.tensor(cfg.slat_std)
+    latent = {k: (torch.randn(len(c), cfg.slat_flow.in_channels, generator=g) * std + mean).to(dev)
+              for k, c in coords.items()}
+    coords = {k: v.to(dev) for k, v in coords.items()}
+    meta["cond_tokens"] = {k: list(v.shape) for k, v in cond.items()}
+
+    # ---- FLOPs and matmul peak
+    t0 = time.perf_counter()
+    flops: dict[tuple[str, str | None], float] = {}
+    if "ss" in args.stages:
+        flops[("ss", None)] = unit_flops(base, cfg, "ss", dev, cond=cond["ss"])
+    for o in args.objects:
+        if "slat" in args.stages:
+            flops[("slat", o)] = unit_flops(base, cfg, "slat", dev, cond=cond["slat"], coords=coords[o])
+        if "mesh" in args.stages:
+            flops[("mesh", o)] = unit_flops(base, cfg, "mesh", dev, coords=coords[o], latent=latent[o])
+    meta["peak_tflops"] = matmul_peak_tflops(dev)
+    print(f"FLOPs counted in {time.perf_counter() - t0:.1f} s; matmul peak {meta['peak_tflops']}", flush=True)
+
+    # ---- official modules
+    off = None
+    if want_official:
+        t0 = time.perf_counter()
+        need = tuple({"ss": "ss_generator", "slat": "slat_generator", "mesh": "mesh_decoder"}[s] for s in args.stages)
+        off = po.build_official(cfg, base.state_dicts("official"), args.hf_configs, only=need,
+                                reference_convs=info["reference_convs"],
+                                pipeline_fp16=args.official_precision == "pipeline")
+        meta["official_build_s"] = time.perf_counter() - t0
+        meta["official_reference_convs"] = off.reference_convs
+        meta["official_stubbed_imports"] = sorted(info["stubbed"].touched)
+        print(f"built official modules {need} in {meta['official_build_s']:.1f} s", flush=True)
+
+    rows: list[dict] = []
+    ref_out: dict[tuple[str, str | None], Any] = {}
+    res_out = cfg.mesh_decoder.output_resolution
+
+    def unit(variant: str, stage: str, obj: str | None, module: torch.nn.Module, make_fn, post, precision: str):
+        row = {"variant": variant, "stage": stage, "object": obj,
+               "N": None if obj is None else len(coords[obj]), "precision": precision,
+               "model_tflop": flops.get((stage, obj), float("nan")) / 1e12}
+        try:
+            module.to(dev)
+            with torch.no_grad():
+                out, r = measure(make_fn(), dev, args.warmup, args.repeats)
+            row.update(r)
+            got = post(out)
+            if variant == "official":
+                ref_out[(stage, obj)] = got
+                row.update(max_abs_vs_official=0.0, rel_vs_official=0.0)
+            elif (stage, obj) in ref_out:
+                d, rel = difference(ref_out[(stage, obj)], got)
+                row.update(max_abs_vs_official=d, rel_vs_official=rel)
+        except Exception as exc:  # keep going: one failing unit must not lose the others
+            traceback.print_exc()
+            row["error"] = f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("|", "/")
+            row.setdefault("median_s", float("nan"))
+        finally:
+            module.to("cpu")
+            _free(dev)
+        rows.append(row)
+        print(f"{variant:>16} {stage:>4} {obj or '':>20} N={row['N'] or '':>6} "
+              f"median {row.get('median_s', float('nan')):.4f} s  first {row.get('first_call_s', float('nan')):.3f} s"
+              + (f"  ERROR {row['error']}" if row.get("error") else ""), flush=True)
+        write_outputs(rows, args.out, meta)  # after every unit: a killed run keeps its rows
+
+    ss_post = lambda out: {k: v.float().cpu() for k, v in out.items()}  # noqa: E731
+    slat_post = lambda out: out.float().cpu()  # noqa: E731
+    mesh_post = lambda out: mesh_output(out, res_out)  # noqa: E731
+    off_prec = ("SS fp32+fp16 autocast; SLaT fp16 torso+fp16 autocast; mesh fp16 torso"
+                if args.official_precision == "pipeline" else "fp32")
+    for variant in args.variants:
+        if variant in OFFICIAL_VARIANTS:
+            compiled = variant == "official-compile"
+            for stage in args.stages:
+                if compiled and stage != "ss":
+                    print(f"official-compile: the pipeline compiles nothing in the {stage} stage "
+                          "(same as official); skipped", flush=True)
+                    continue
+                if stage == "ss":
+                    gen = off.ss_generator
+                    cfgf = gen.reverse_fn
+                    saved = cfgf.__dict__.get("inner_forward")
+                    if compiled:
+                        import torch._dynamo as dynamo
+                        dynamo.config.cache_size_limit = 64
+                        dynamo.config.accumulated_cache_size_limit = 2048
+                        dynamo.config.capture_scalar_outputs = True
+                        cfgf.inner_forward = torch.compile(type(cfgf).inner_forward.__get__(cfgf),
+                                                           mode=args.official_compile_mode, fullgraph=True,
+                                                           dynamic=False)
+                    try:
+                        unit(variant, "ss", None, gen, lambda: official_ss_fn(gen, noise_ss, cond["ss"], dev, args.official_precision),
+                             ss_post, off_prec + (f" + torch.compile({args.official_compile_mode})" if compiled else ""))
+                    finally:
+                        if compiled:
+                            if saved is None:
+                                cfgf.__dict__.pop("inner_forward", None)
+                            else:
+                                cfgf.inner_forward = saved
+                    continue
+                for o in args.objects:
+                    if stage == "slat":
+                        gen = off.slat_generator
+                        unit(variant, "slat", o, gen,
+                             lambda: official_slat_fn(gen, noise_slat[o], cond["slat"], coords[o], dev,
+                                                      args.official_precision),
+                             slat_post, off_prec)
+                    else:
+                        dec = off.mesh_decoder
+                        unit(variant, "mesh", o, dec, lambda: official_mesh_fn(dec, latent[o], coords[o]),
+                             mesh_post, off_prec)
+            continue
+        opts = VARIANTS[SHORT[variant]]
+        for stage in args.stages:
+            st = stage_copy({"ss": base.ss, "slat": base.slat, "mesh": base.decode}[stage], opts.weight_dtype)
+            if stage == "ss":
+                unit(variant, "ss", None, st, lambda: ours_ss_fn(st, noise_ss, cond["ss"], cfg.ss_sampler, opts),
+                     ss_post, opts.precision)
+            for o in args.objects if stage != "ss" else ():
+                if stage == "slat":
+                    unit(variant, "slat", o, st,
+                         lambda: ours_slat_fn(st, noise_slat[o], cond["slat"], coords[o], cfg.slat_sampler, opts),
+                         slat_post, opts.precision)
+                else:
+                    unit(variant, "mesh", o, st, lambda: ours_mesh_fn(st, latent[o], coords[o], opts, dev),
+                         mesh_post, opts.precision)
+            del st
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = run(args)
+    print((args.out / README_NAME).read_text())
+    failed = [r for r in rows if r.get("error")]
+    if failed:
+        print(f"{len(failed)} unit(s) failed; see the error column", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""``benchmarks/base_vs_official.py``: argument validation, the writers on synthetic rows, and a tiny
+CPU run of our variants (no official code needed); the official side runs only where the official
+code and its dependencies are importable (skipped otherwise)."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks import base_vs_official as bvo  # noqa: E402
+from benchmarks import parity_official as po  # noqa: E402
+
+TINY = ["--device", "cpu", "--config", "mini", "--steps", "1", "--max-voxels", "40", "--objects", "032_knife",
+        "--warmup", "0", "--repeats", "1"]
+
+
+def _exit_message(argv) -> str:
+    with pytest.raises(SystemExit) as e:
+        bvo.parse_args(argv)
+    return str(e.value)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--device", "cpu", "--config", "huge"], "--config"),
+    (["--device", "cpu", "--repeats", "0"], "--repeats"),
+    (["--device", "cpu", "--warmup", "-1"], "--warmup"),
+    (["--device", "cpu", "--steps", "0"], "--steps"),
+    (["--device", "cpu", "--max-voxels", "0"], "--max-voxels"),
+    (["--device", "cpu", "--stages", "ss,decoder"], "--stages"),
+    (["--device", "cpu", "--stages", ","], "--stages: empty"),
+    (["--device", "cpu", "--objects", "banana"], "--objects"),
+    (["--device", "cpu", "--variants", "fp32,warp-drive"], "--variants: unknown"),
+    (["--device", "cpu", "--variants", "fp32,fp32"], "listed twice"),
+    (["--device", "cpu", "--variants", "compile"], "--variants compile"),
+    (["--device", "cpu", "--variants", "official-like"], "--variants official-like"),
+    (["--device", "cpu", "--variants", "official-compile"], "CUDA-only"),
+    (["--device", "tpu"], "--device"),
+])
+def test_argument_errors(argv, needle):
+    assert needle in _exit_message(argv)
+
+
+def test_official_paths_checked_only_when_official_requested(tmp_path):
+    msg = _exit_message(["--device", "cpu", "--variants", "official,fp32", "--official", str(tmp_path)])
+    assert "FS3D_OFFICIAL" in msg
+    (tmp_path / "sam3d_objects").mkdir()
+    msg = _exit_message(["--device", "cpu", "--variants", "official", "--official", str(tmp_path),
+                         "--hf-configs", str(tmp_path)])
+    assert "FS3D_HF_CONFIGS" in msg and "ss_generator.yaml" in msg
+    args = bvo.parse_args(["--device", "cpu", "--variants", "fp32", "--official", str(tmp_path / "nowhere")])
+    assert args.variants == ["fp32"]
+
+
+def test_valid_arguments_are_normalised(tmp_path):
+    args = bvo.parse_args(["--device", "cpu", "--variants", "bf16-cfg-kv,fp32", "--stages", "mesh,ss",
+                           "--objects", "013_apple,032_knife", "--out", str(tmp_path)])
+    assert args.stages == ["ss", "mesh"]  # pipeline order
+    assert args.variants == ["bf16-cfg-kv", "fp32"]
+    assert args.objects == ["013_apple", "032_knife"]
+    assert args.device.type == "cpu"
+
+
+def _rows():
+    return [
+        dict(variant="official", stage="ss", object=None, N=None, median_s=4.0, min_s=3.9, first_call_s=5.0, n=3,
+             model_tflop=400.0, peak_mem_gb=10.0, resident_gb=4.0, max_abs_vs_official=0.0, rel_vs_official=0.0,
+             precision="fp32+autocast"),
+        dict(variant="compile", stage="ss", object=None, N=None, median_s=1.0, min_s=1.0, first_call_s=30.0, n=3,
+             model_tflop=400.0, peak_mem_gb=5.0, resident_gb=2.0, max_abs_vs_official=0.1, rel_vs_official=0.02,
+             precision="bf16"),
+        dict(variant="official", stage="slat", object="007_tuna_fish_can", N=14171, median_s=3.0, model_tflop=220.0),
+        dict(variant="compile", stage="slat", object="007_tuna_fish_can", N=14171, median_s=1.5, model_tflop=220.0),
+        dict(variant="official", stage="mesh", object="007_tuna_fish_can", N=14171, median_s=0.3, model_tflop=2.4),
+        dict(variant="compile", stage="mesh", object="007_tuna_fish_can", N=14171, median_s=float("nan"),
+             model_tflop=2.4, error="OutOfMemoryError: boom"),
+    ]
+
+
+def test_complete_rows_speedup_and_mfu():
+    rows = bvo.complete_rows(_rows(), peak_tflops=800.0)
+    assert rows[0]["speedup_vs_official"] == pytest.approx(1.0)
+    assert rows[1]["speedup_vs_official"] == pytest.approx(4.0)
+    assert rows[1]["achieved_tflops"] == pytest.approx(400.0)
+    assert rows[1]["mfu"] == pytest.approx(0.5)
+    assert rows[3]["speedup_vs_official"] == pytest.approx(2.0)
+    assert math.isnan(rows[5]["speedup_vs_official"])
+    assert math.isnan(bvo.complete_rows(_rows(), peak_tflops=None)[1]["mfu"])
+
+
+def test_writers_on_synthetic_rows(tmp_path):
+    meta = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0+cu130", "config": "full", "official_commit": "abc",
+            "peak_tflops": 800.0, "notes": ["note one"], "variants": {"official": "as the pipeline"}}
+    bvo.write_outputs(_rows(), tmp_path, meta)
+    with open(tmp_path / bvo.CSV_NAME) as fh:
+        got = list(csv.DictReader(fh))
+    assert len(got) == 6 and list(got[0]) == bvo.COLUMNS
+    assert float(got[1]["speedup_vs_official"]) == pytest.approx(4.0)
+    text = (tmp_path / bvo.README_NAME).read_text()
+    assert "NVIDIA H100 80GB HBM3" in text and "abc" in text and "note one" in text
+    assert "| SS generator sampler |  |  | compile | 1.0000 |" in text and "50.0%" in text
+    assert "ERROR: OutOfMemoryError: boom" in text
+    # per object: the compile variant lacks a mesh time (error), so only the official total appears
+    assert "| 007_tuna_fish_can | 14171 | official | 7.300 | 1.00 |" in text
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / bvo.FIG_NAME).stat().st_size > 0
+
+
+def test_ours_only_tiny_cpu_run(tmp_path):
+    args = bvo.parse_args(TINY + ["--variants", "fp32,bf16-cfg-kv", "--out", str(tmp_path)])
+    rows = bvo.run(args)
+    assert [(r["variant"], r["stage"]) for r in rows] == [(v, s) for v in ("fp32", "bf16-cfg-kv")
+                                                          for s in ("ss", "slat", "mesh")]
+    assert not any(r.get("error") for r in rows), [r.get("error") for r in rows]
+    assert all(r["median_s"] > 0 and r["model_tflop"] > 0 for r in rows)
+    assert all(r["N"] == 40 for r in rows if r["stage"] != "ss")
+    assert (tmp_path / bvo.CSV_NAME).exists() and (tmp_path / bvo.README_NAME).exists()
+
+
+def _official_skip() -> str | None:
+    why = po.official_available(po.DEFAULT_OFFICIAL)
+    if why:
+        return why
+    if not all((po.DEFAULT_HF / f).is_file() for f in bvo.HF_FILES):
+        return f"official HF yamls not found in {po.DEFAULT_HF}"
+    return None
+
+
+@pytest.mark.skipif(_official_skip() is not None, reason=str(_official_skip()))
+def test_official_tiny_cpu_run_matches_fp32(tmp_path):
+    args = bvo.parse_args(TINY + ["--variants", "official,fp32", "--out", str(tmp_path)])
+    rows = bvo.run(args)
+    assert not any(r.get("error") for r in rows), [r.get("error") for r in rows]
+    for r in rows:
+        if r["variant"] == "fp32":
+            assert r["rel_vs_official"] < 1e-5, r
