@@ -141,6 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="official sparse attention: flash-shim = the official flash_attn path served by SDPA per "
                          "group of equal-length segments (official_flash_shim.py; flash_attn is not installable "
                          "there), sdpa = the official masked_sdpa (dense N x N block-diagonal mask)")
+    ap.add_argument("--official-convs", default="spconv", choices=["spconv", "reference"],
+                    help="official SubMConv3d arithmetic on CUDA: spconv (spconv-triton, timed as the pipeline "
+                         "would run) or reference (parity_official.subm_conv_reference: exact float64 coordinate "
+                         "lookup, for parity checks; slow). CPU always uses the reference")
     add_conv_args(ap)  # our SparseConv3d algorithm (auto = gather)
     ap.add_argument("--out", type=Path, default=Path("runs/base_vs_official"))
     return ap
@@ -269,6 +273,9 @@ def setup_official(args) -> dict[str, Any]:
     if "sam3d_objects.model.backbone.tdfy_dit.modules.sparse" in sys.modules:
         raise SystemExit("the official sparse package was imported before its attention backend was chosen")
     spconv_desc, reference = setup_spconv(args.device)
+    if args.official_convs == "reference" and not reference:
+        reference = True
+        spconv_desc += "; SubMConv3d through the exact reference conv (--official-convs reference: parity, not speed)"
     finder = po.bootstrap(args.official)
     return {"spconv": spconv_desc, "reference_convs": reference, "stubbed": finder,
             "attn_backend": os.environ["ATTN_BACKEND"], "sparse_attn_backend": os.environ["SPARSE_ATTN_BACKEND"]}

@@ -268,13 +268,13 @@ def subm_conv_reference(feats: Tensor, indices: Tensor, weight: Tensor, bias: Te
 
     keys = code(c)
     skeys, order = torch.sort(keys)
-    out = torch.zeros(len(c), weight.shape[0], dtype=torch.float64)
+    out = torch.zeros(len(c), weight.shape[0], dtype=torch.float64, device=feats.device)
     f = feats.double()
     for a in range(k):
         for b in range(k):
             for e in range(k):
                 nb = c.clone()
-                nb[:, 1:] += torch.tensor([a - r, b - r, e - r])
+                nb[:, 1:] += torch.tensor([a - r, b - r, e - r], device=c.device)
                 q = code(nb)
                 pos = torch.searchsorted(skeys, q).clamp(max=len(skeys) - 1)
                 hit = skeys[pos] == q
