@@ -145,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="official SubMConv3d arithmetic on CUDA: spconv (spconv-triton, timed as the pipeline "
                          "would run) or reference (parity_official.subm_conv_reference: exact float64 coordinate "
                          "lookup, for parity checks; slow). CPU always uses the reference")
+    ap.add_argument("--tf32", default="on", choices=["on", "off"],
+                    help="TF32 tensor cores for fp32 matmuls/convs on CUDA (on: as stage_latency.py; off: fp32 "
+                         "parity at full fp32 precision)")
     add_conv_args(ap)  # our SparseConv3d algorithm (auto = gather)
     ap.add_argument("--out", type=Path, default=Path("runs/base_vs_official"))
     return ap
@@ -675,8 +678,9 @@ def run(args) -> list[dict]:
 
     dev = args.device
     apply_conv_args(args)
-    torch.backends.cuda.matmul.allow_tf32 = True  # as stage_latency.py (fp32 paths only)
-    torch.backends.cudnn.allow_tf32 = True
+    # TF32 for fp32 matmuls as stage_latency.py (speed); --tf32 off for fp32 parity at full precision
+    torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
+    torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
     want_official = any(v in OFFICIAL_VARIANTS for v in args.variants)
     meta: dict[str, Any] = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
@@ -684,7 +688,7 @@ def run(args) -> list[dict]:
         "timing": (f"one first call, {args.warmup} warm-up, median of {args.repeats} "
                    + ("(CUDA events)" if dev.type == "cuda" else "(perf_counter)")),
         "official_commit": official_commit(args.official) if want_official else "not run",
-        "official_compile_mode": args.official_compile_mode, "tf32": True,
+        "official_compile_mode": args.official_compile_mode, "tf32": args.tf32 == "on",
         "our_conv_impl": args.conv_impl, "our_gather_chunk": args.gather_chunk,
         "variants": {v: ("official modules, as the official pipeline runs them" if v == "official" else
                          "official + torch.compile of the SS CFG step" if v == "official-compile" else
