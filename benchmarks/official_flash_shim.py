@@ -13,8 +13,9 @@ own flash / memory-efficient kernels on CUDA). This is the "SDPA grouped per win
 replaced. :func:`install` registers it as ``flash_attn`` in ``sys.modules``; then set
 ``SPARSE_ATTN_BACKEND=flash_attn`` before the official ``sparse`` package is imported.
 
-Differences from flash_attn: segment lengths are read back to the host (one sync per call; the
-official callers build ``cu_seqlens`` from host lists anyway); dropout, causal masks, softmax_scale
+Differences from flash_attn: with several segments, their lengths are read back to the host (one
+sync per call; the official callers build ``cu_seqlens`` from host lists with a blocking copy anyway);
+a single segment is taken as the whole tensor without a read-back; dropout, causal masks, softmax_scale
 other than the default and windowed (local) attention raise instead of being ignored.
 """
 from __future__ import annotations
@@ -65,7 +66,12 @@ def _lengths(cu: Tensor) -> tuple[list[int], list[int]]:
 
 
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> Tensor:
-    """Block-diagonal attention over packed segments: q [Tq, H, C], k/v [Tk, H, C] -> [Tq, H, Cv]."""
+    """Block-diagonal attention over packed segments: q [Tq, H, C], k/v [Tk, H, C] -> [Tq, H, Cv].
+
+    One segment each (a single object, e.g. the SLaT flow at batch 1) needs no host read-back: the
+    segment is the whole tensor. Otherwise the lengths are read back once (a host sync)."""
+    if cu_seqlens_q.shape == (2,) and cu_seqlens_k.shape == (2,):
+        return _sdpa_bnhc(q[None], k[None], v[None])[0]
     starts_q, lens_q = _lengths(cu_seqlens_q)
     starts_k, lens_k = _lengths(cu_seqlens_k)
     if len(lens_q) != len(lens_k):

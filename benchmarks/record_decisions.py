@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fs3d_accel.accel import make_method
+from fs3d_accel.accel.presets import method_factory
 from fs3d_accel.accel.replay import DecisionRecorder, save_traces
 from fs3d_accel.pipeline import Pipeline
 from fs3d_analysis.data import load_shipped_samples
@@ -22,7 +22,7 @@ METHODS = "base,fast-sam3d,fast-sam3d-released,taylorseer,easycache,random-drop,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--methods", default=METHODS)
+    ap.add_argument("--methods", default=METHODS, help="method names, or preset:PATH for a calibrated preset")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/decisions_mini.json")
@@ -30,9 +30,10 @@ def main() -> None:
     pipe = Pipeline.from_pretrained("sam3d-mini")
     samples = list(load_shipped_samples())[: args.limit]
     traces, rows = [], []
+    methods = {m: method_factory(m) for m in args.methods.split(",")}  # bad names fail before any run
     for sample in samples:
-        for method in args.methods.split(","):
-            accel = make_method(method)
+        for method, make in methods.items():
+            accel = make()
             rec = DecisionRecorder(method, sample.name)
             with pipe.events.listening(rec):
                 result, row = run_one(pipe, sample, accel, args.seed)

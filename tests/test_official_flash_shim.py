@@ -77,3 +77,10 @@ def test_install_registers_once_and_refuses_to_shadow_a_real_package(monkeypatch
     monkeypatch.setitem(sys.modules, "flash_attn", fake)
     with pytest.raises(RuntimeError, match="real flash_attn"):
         shim.install()
+
+
+def test_single_segment_is_the_whole_tensor():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(6, 2, 4, generator=g) for _ in range(3))
+    out = shim.flash_attn_varlen_func(q, k, v, _cu([6]), _cu([6]), 6, 6)
+    torch.testing.assert_close(out, _reference(q, k, v, [6], [6]), atol=1e-5, rtol=1e-5)
