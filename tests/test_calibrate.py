@@ -306,3 +306,14 @@ def test_calibrate_cli_rejects_a_negative_viou_budget():
     from fs3d_accel.cli import main
     with pytest.raises(SystemExit, match="max_viou_drop must be a finite number >= 0"):
         main(["calibrate", "--max-viou-drop", "-0.1", "--trials", "1"])
+
+
+def test_shipped_preset_loads_by_name_everywhere():
+    from fs3d_accel.accel.presets import method_factory, shipped_presets
+    assert "sam3d-mini-ycb" in shipped_presets()
+    acc = method_factory("preset:sam3d-mini-ycb")()
+    assert acc.name == "preset:sam3d-mini-ycb" and acc.ss_policy.k == 4
+    assert abs(acc.slat_policy.carving.keep - 0.6834283796733843) < 1e-12
+    assert FastSAM3D.from_preset("sam3d-mini-ycb").ss_policy.k == 4
+    with pytest.raises(FileNotFoundError, match="no shipped preset named 'sam3d-maxi'"):
+        method_factory("preset:sam3d-maxi")
