@@ -39,8 +39,8 @@ def cmd_run(args) -> int:
             raise SystemExit(f"{args.inputs} lacks arrays: {sorted(missing)}")
         image, mask, pointmap = data["image"], data["mask"], data["pointmap"]
     if args.method != "base":
-        from .accel import make_method
-        pipe.with_accel(make_method(args.method))
+        from .accel.presets import method_factory
+        pipe.with_accel(method_factory(args.method)())
     res = pipe(image, mask, pointmap=pointmap, seed=args.seed)
     out = Path(args.out)
     res.posed_mesh.export(out) if args.posed else res.mesh.export(out)
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--sample", type=int, default=None, help="index of a shipped sample")
     p.add_argument("--inputs", default=None, help=".npz with image (HxWx3 uint8), mask (HxW bool), pointmap (HxWx3)")
-    p.add_argument("--method", default="base", help="accelerator: base, fast-sam3d, taylorseer, ...")
+    p.add_argument("--method", default="base", help="accelerator: base, fast-sam3d, taylorseer, ..., or preset:NAME|PATH")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--posed", action="store_true", help="export the mesh in the camera frame")
     p.add_argument("--out", default="runs/mesh.glb")
