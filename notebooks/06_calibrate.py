@@ -32,11 +32,14 @@
 # Measured on `load_pipeline()` (shipped `sam3d-mini`; `FS3D_ALLOW_RANDOM=1` for development only).
 # `FS3D_QUICK=1`: 4 trials on 2 objects.
 #
-# **Our run** (the committed `figures/06_pareto.png`): shipped `sam3d-mini` run-3 weights, **quick
-# mode** (4 trials on 003_cracker_box and 011_banana, the default 25-step samplers; the full size,
-# 30 trials on 8 objects, needs about an hour on our 2-core CPU). The numbers quoted below are from
-# that run; the printed tables are the measurement of *your* run. With so few trials and objects it
-# shows the machinery and a first reading, not a calibrated preset for the dataset.
+# **Our run** (the committed `figures/06_pareto.png`): shipped `sam3d-mini` run-3 weights, **full
+# size** (30 trials on the 8 shipped objects, default 25-step samplers; 11.6 min on our 2-core CPU).
+# The numbers quoted below are from that run; the printed tables are the measurement of *your* run
+# (CI runs the quick mode: 4 trials on 2 objects). The search scores quality with the fast vIoU
+# (`quality="fast"`), which reads much lower than the exact one on this model's open meshes (0.05
+# vs 0.26): compare drops, not levels. `fs3d calibrate --quality exact --objective passes` is the
+# stricter version; its preset, checked on 20 held-out objects, ships as `preset:sam3d-mini-ycb`
+# (`benchmarks/results/accel_quality_cpu/README.md`).
 
 # %%
 import json
@@ -94,16 +97,17 @@ res.base[["object", "f_score", "volume_iou", "time_total", "passes"]]
 # setting. A speedup below 1 in wall time with a pass ratio above 1 means the saved network passes
 # did not pay for the policy's overhead at this model size (on a mini model the network is cheap).
 #
-# *In our run* (quick: 4 trials, 2 objects): all four trials meet the budget, and in all four the
-# accelerated meshes score slightly *higher* F1 than the plain pipeline (F1 drop -0.4 to -2.1 points,
-# vIoU drop within ±0.004), so the constraint never binds and the fastest trial wins: the paper's
-# setting (trial 0, k = 3, beta = 0.7, keep = 0.1, E = 1.5, w = 0.9, tau = 0.5 / 0.7) at 5.7x wall
-# time and 4.1x network passes (SS 2.5x, SLaT 11.4x fewer passes, 2.7x fewer decoder tokens). The
-# wall-time ratio is noisy on a shared CPU: the same setting measured 4.0x in section 3. The
-# absolute F1 is low (base 24.7 and 14.5) because this fast metric compares the object-frame mesh,
-# which for `sam3d-mini` is camera-aligned (see its model card), with the canonical ground truth;
-# only the drops are meaningful here. On this model the paper's claim that Fast-SAM3D keeps quality
-# while it speeds up is reproduced on these two objects.
+# *In our run* (full size: 30 trials, 8 objects): 23 of the 30 trials meet the budget. The paper's
+# setting (trial 0: k = 3, beta = 0.7, keep = 0.1, E = 1.5, w = 0.9, tau = 0.5 / 0.7) is the fastest
+# (4.3x wall, 4.1x network passes) but **breaks the F1 budget** (F1 drop 0.72 points; vIoU drop
+# 0.001). The chosen setting is trial 25 (k = 3, beta = 0.62, keep = 0.17, E = 1.76, w = 0.93,
+# tau = 0.48 / 0.87): 3.7x wall, 4.05x passes, F1 drop 0.26, vIoU drop -0.0003. So on eight
+# objects the paper's setting sits just past the quality budget, and a slightly gentler carving
+# (keep 0.17 instead of 0.1) brings it back at almost the same pass count. The wall-time ratio is
+# noisy on a shared CPU: the paper setting measured 3.95x in section 3. The absolute F1 is low
+# (base around 25) because this fast metric compares the object-frame mesh, which for `sam3d-mini`
+# is camera-aligned (see its model card), with the canonical ground truth; only the drops are
+# meaningful here.
 
 # %% [markdown]
 # ## 2. The preset: save, reload, same behaviour
@@ -217,8 +221,21 @@ choices.merge(sig, on="object")
 # can only send one object to each end of its range; its value shows on datasets with mixed
 # difficulty.
 #
-# *In our run* (quick: 2 objects): the signals differ little (layout_jitter 0.18 vs 0.17,
-# update_concentration 0.25 vs 0.26); the controller chose k = 2, keep = 0.4 for the cracker box and
-# k = 4, keep = 0.1 for the banana. It ran at 3.8x wall / 3.6x passes with F1 drop -0.26, against
-# 4.0x / 4.1x and -1.19 for the fixed paper setting: slower and no better in quality here, so on
-# these two objects the adaptive controller does not beat the fixed setting.
+# *In our run* (full size: 8 objects): layout_jitter ranges 0.13-0.27 and update_concentration
+# only 0.228-0.257, so the carving signal barely separates the objects. The controller chose k = 2
+# for the three most jittery layouts (pitcher, scissors, hammer) and k = 4 for the calmest (apple,
+# bleach cleanser, banana). Its keep choices are made on the object's own run, after its own SS
+# stage, so they can differ from the signal table above (computed with the default SS cache).
+#
+# | setting | wall | passes | F1 drop | vIoU drop | meets budget |
+# |---|---|---|---|---|---|
+# | fixed paper (k = 3, keep = 0.1) | 3.95x | 4.10x | 0.72 | 0.0011 | no |
+# | fixed k = 4, keep = 0.1 | 4.40x | 4.90x | 0.35 | 0.0021 | yes |
+# | fixed k = 2, keep = 0.4 | 3.19x | 2.92x | -1.13 | -0.0040 | yes |
+# | adaptive (per object) | 3.75x | 3.71x | -1.88 | -0.0023 | yes |
+# | calibrated preset (trial 25) | 3.96x | 4.05x | 0.26 | -0.0003 | yes |
+#
+# The adaptive controller is the best in quality (F1 +1.9 points over base) at 3.7x passes, a point
+# no fixed setting here reaches (k = 2 / keep = 0.4 is both slower and worse). It is not the
+# fastest: fixed k = 4 is faster and still inside the budget on these objects. With in-sample
+# tercile thresholds on eight objects this is a first reading, not a verdict.
