@@ -370,7 +370,15 @@ def _flat(x) -> torch.Tensor:
 
 
 def difference(ref, got) -> tuple[float, float]:
-    """(max |got - ref|, that / max |ref|); NaN where shapes differ."""
+    """(max |got - ref|, that / max |ref|); NaN where shapes differ. Outputs of :func:`mesh_output`
+    ((voxel keys, features)) must cover the same voxels: features of different voxel sets are not
+    comparable row by row, so a mismatch raises (the unit then records it as its error)."""
+    if isinstance(ref, tuple):
+        (ref_keys, ref), (got_keys, got) = ref, got
+        if not torch.equal(ref_keys, got_keys):
+            missing = int((~torch.isin(got_keys, ref_keys)).sum())
+            raise ValueError(f"output voxel sets differ: {len(got_keys)} voxels vs {len(ref_keys)} official, "
+                             f"{missing} not among the official ones")
     a, b = _flat(ref), _flat(got)
     if a.shape != b.shape:
         return float("nan"), float("nan")
@@ -448,10 +456,10 @@ def ours_mesh_fn(stage, latent: torch.Tensor, coords: torch.Tensor, opts, dev: t
     return fn
 
 
-def mesh_output(out, resolution: int) -> torch.Tensor:
-    """Decoder output features sorted by voxel (official / ours emit voxels in different orders)."""
-    _, feats = po._sorted_by_coords(out.coords.cpu(), out.feats.float().cpu(), resolution)
-    return feats
+def mesh_output(out, resolution: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(voxel keys, features), sorted by voxel: official and ours emit voxels in different orders, and
+    :func:`difference` checks that both cover the same voxels before comparing features."""
+    return po._sorted_by_coords(out.coords.cpu(), out.feats.float().cpu(), resolution)
 
 
 # ---------------------------------------------------------------------------------------------

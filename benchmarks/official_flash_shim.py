@@ -15,7 +15,8 @@ replaced. :func:`install` registers it as ``flash_attn`` in ``sys.modules``; the
 
 Differences from flash_attn: with several segments, their lengths are read back to the host (one
 sync per call; the official callers build ``cu_seqlens`` from host lists with a blocking copy anyway);
-a single segment is taken as the whole tensor without a read-back; dropout, causal masks, softmax_scale
+a single segment is taken as the whole tensor without a read-back (checked against the host-side
+``max_seqlen`` the callers pass); dropout, causal masks, softmax_scale
 other than the default and windowed (local) attention raise instead of being ignored.
 """
 from __future__ import annotations
@@ -65,12 +66,18 @@ def _lengths(cu: Tensor) -> tuple[list[int], list[int]]:
     return offs[:-1], lens
 
 
-def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor) -> Tensor:
+def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
+                     max_seqlen_q: int | None = None, max_seqlen_k: int | None = None) -> Tensor:
     """Block-diagonal attention over packed segments: q [Tq, H, C], k/v [Tk, H, C] -> [Tq, H, Cv].
 
     One segment each (a single object, e.g. the SLaT flow at batch 1) needs no host read-back: the
-    segment is the whole tensor. Otherwise the lengths are read back once (a host sync)."""
-    if cu_seqlens_q.shape == (2,) and cu_seqlens_k.shape == (2,):
+    segment must then be the whole tensor, which the callers' host-side ``max_seqlen`` confirms.
+    Otherwise the lengths are read back once (a host sync) and checked against the tensors."""
+    if cu_seqlens_q.shape == (2,) and cu_seqlens_k.shape == (2,) and max_seqlen_q is not None \
+            and max_seqlen_k is not None:
+        if (max_seqlen_q, max_seqlen_k) != (q.shape[0], k.shape[0]):
+            raise ValueError(f"one segment of max length {max_seqlen_q} / {max_seqlen_k} but the tensors hold "
+                             f"{q.shape[0]} / {k.shape[0]} tokens")
         return _sdpa_bnhc(q[None], k[None], v[None])[0]
     starts_q, lens_q = _lengths(cu_seqlens_q)
     starts_k, lens_k = _lengths(cu_seqlens_k)
@@ -107,20 +114,20 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
 def flash_attn_varlen_qkvpacked_func(qkv: Tensor, cu_seqlens: Tensor, max_seqlen: int, **kwargs) -> Tensor:
     _check_kwargs(kwargs)
     q, k, v = qkv.unbind(dim=1)
-    return varlen_attention(q, k, v, cu_seqlens, cu_seqlens)
+    return varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
 
 
 def flash_attn_varlen_kvpacked_func(q: Tensor, kv: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                                     max_seqlen_q: int, max_seqlen_k: int, **kwargs) -> Tensor:
     _check_kwargs(kwargs)
     k, v = kv.unbind(dim=1)
-    return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
 def flash_attn_varlen_func(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                            max_seqlen_q: int, max_seqlen_k: int, **kwargs) -> Tensor:
     _check_kwargs(kwargs)
-    return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    return varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
 def flash_attn_qkvpacked_func(qkv: Tensor, **kwargs) -> Tensor:

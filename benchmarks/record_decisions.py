@@ -22,7 +22,7 @@ METHODS = "base,fast-sam3d,fast-sam3d-released,taylorseer,easycache,random-drop,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--methods", default=METHODS, help="method names, or preset:PATH for a calibrated preset")
+    ap.add_argument("--methods", default=METHODS, help="method names; preset:NAME|PATH for a calibrated preset")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="benchmarks/results/decisions_mini.json")

@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate methods on a dataset -> tidy table")
     _add_model_args(p)
     p.add_argument("--methods", default="base,fast-sam3d",
-                   help="comma-separated method names, or preset:PATH for a calibrated preset file")
+                   help="comma-separated method names; preset:NAME|PATH for a calibrated preset")
     p.add_argument("--dataset", default="shipped")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)

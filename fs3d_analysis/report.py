@@ -94,6 +94,8 @@ def reproduce(out_dir: Path = Path("runs/reproduce"), device: str = "cpu", quick
             raise ValueError("--device cuda requested but CUDA is not available on this machine")
     if weights != "sam3d-mini":
         raise ValueError(f"the story notebooks use the embedded 'sam3d-mini' (or FS3D_CHECKPOINT for full); got {weights!r}")
+    if allow_random and config != "full":
+        raise ValueError("--allow-random only applies to config 'full' (the mini config has trained weights)")
     random_weights = config == "full" and not os.environ.get("FS3D_CHECKPOINT")
     if random_weights and not allow_random:
         raise ValueError("config 'full' needs FS3D_CHECKPOINT=<official checkpoint folder or model.safetensors>; "

@@ -139,3 +139,14 @@ def test_official_tiny_cpu_run_matches_fp32(tmp_path):
     for r in rows:
         if r["variant"] == "fp32":
             assert r["rel_vs_official"] < 1e-5, r
+
+
+def test_difference_of_mesh_outputs_requires_the_same_voxels():
+    import torch
+    keys = torch.tensor([1, 5, 9])
+    feats = torch.tensor([[1.0, -2.0], [0.5, 0.0], [4.0, 1.0]])
+    d, rel = bvo.difference((keys, feats), (keys.clone(), feats + torch.tensor([[0.0, 0.0], [0.0, 0.5], [0.0, 0.0]])))
+    assert d == pytest.approx(0.5) and rel == pytest.approx(0.5 / 4.0)
+    with pytest.raises(ValueError, match="voxel sets differ: 3 voxels vs 3 official, 1 not among"):
+        bvo.difference((keys, feats), (torch.tensor([1, 5, 8]), feats))
+    assert math.isnan(bvo.difference(torch.zeros(3), torch.zeros(4))[0])

@@ -84,3 +84,5 @@ def test_single_segment_is_the_whole_tensor():
     q, k, v = (torch.randn(6, 2, 4, generator=g) for _ in range(3))
     out = shim.flash_attn_varlen_func(q, k, v, _cu([6]), _cu([6]), 6, 6)
     torch.testing.assert_close(out, _reference(q, k, v, [6], [6]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="one segment of max length 5 / 6 but the tensors hold 6 / 6"):
+        shim.flash_attn_varlen_func(q, k, v, _cu([5]), _cu([6]), 5, 6)

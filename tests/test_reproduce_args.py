@@ -13,6 +13,7 @@ from fs3d_analysis.report import reproduce
     (dict(device="cpu", config="huge"), "config must be 'mini' or 'full'"),
     (dict(device="cpu", config="full"), "config 'full' needs --device cuda"),
     (dict(device="cpu", weights="sam3d-base"), "use the embedded 'sam3d-mini'"),
+    (dict(device="cpu", config="mini", allow_random=True), "--allow-random only applies to config 'full'"),
 ])
 def test_reproduce_rejects_bad_arguments_before_running(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -26,11 +27,12 @@ def test_reproduce_on_cuda_without_a_gpu_says_so(tmp_path):
         reproduce(out_dir=tmp_path / "r", device="cuda", config="mini")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA to reach the checkpoint check")
 def test_reproduce_full_without_checkpoint_needs_allow_random(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # reach the checkpoint check on any machine
     monkeypatch.delenv("FS3D_CHECKPOINT", raising=False)
     with pytest.raises(ValueError, match="--allow-random"):
         reproduce(out_dir=tmp_path / "r", device="cuda")
+    assert not (tmp_path / "r").exists()
 
 
 def test_cli_turns_reproduce_errors_into_a_clean_exit(tmp_path):

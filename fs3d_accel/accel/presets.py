@@ -161,8 +161,8 @@ def method_factory(spec: str) -> Callable[[], Accelerator]:
     method (``fast-sam3d``, ``taylorseer``, ...) or ``preset:PATH`` (a calibrated preset file, or the
     name of a shipped preset such as ``preset:sam3d-mini-ycb``). The
     name or file is checked here, before any model runs; each call of the factory builds a new
-    accelerator (policies keep per-object state). Preset accelerators are named ``preset:<file stem>``
-    so tables stay readable."""
+    accelerator (policies keep per-object state). Preset accelerators are named by the spec as given
+    (``preset:sam3d-mini-ycb``), so tables say which preset ran."""
     from . import make_method
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a method name must be a non-empty string, got {spec!r}")
