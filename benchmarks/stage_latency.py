@@ -40,12 +40,22 @@ VARIANTS = {
                                                               cuda_graphs=True),
     "... + torch.compile (SS) + CUDA graphs (SLaT)": RunOptions(precision="bf16", batch_cfg=True,
                                                                 cache_cond_kv=True, compile_ss=True, cuda_graphs=True),
+    "... + torch.compile (SS, SLaT blocks)": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True,
+                                                        compile_ss=True, compile_slat=True),
+    "... + torch.compile (SS, SLaT blocks) + CUDA graphs (SLaT)": RunOptions(
+        precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True, cuda_graphs=True),
+    "... + torch.compile reduce-overhead (SS, SLaT blocks)": RunOptions(
+        precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
+        compile_mode="reduce-overhead"),
 }
 SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32": "fp32", "bf16": "bf16 weights",
          "bf16-cfg": "bf16 + batched CFG", "bf16-cfg-kv": "bf16 + batched CFG + cond K/V cache",
          "compile": "... + torch.compile (SS)", "cudagraphs": "... + compile with CUDA graphs (SS)",
          "graphs": "... + CUDA graphs (SS, SLaT; eager kernels)",
-         "compile-graphs": "... + torch.compile (SS) + CUDA graphs (SLaT)"}
+         "compile-graphs": "... + torch.compile (SS) + CUDA graphs (SLaT)",
+         "compile-all": "... + torch.compile (SS, SLaT blocks)",
+         "compile-all-graphs": "... + torch.compile (SS, SLaT blocks) + CUDA graphs (SLaT)",
+         "compile-all-ro": "... + torch.compile reduce-overhead (SS, SLaT blocks)"}
 #: outputs of every variant are compared with this one's (same weights, inputs, seeds)
 REFERENCE_VARIANT = "bf16-cfg-kv"
 COORDS_FILE = Path(__file__).parent / "data" / "ycb_surface_coords_r64.npz"

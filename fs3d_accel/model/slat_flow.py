@@ -12,6 +12,8 @@ released Fast-SAM3D carving code, which slices the coordinates before the networ
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -85,21 +87,60 @@ class ModulatedSparseTransformerCrossBlock(nn.Module):
         self.mlp = FeedForwardNet(channels, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels))
 
+    def _modulation(self, emb: Tensor) -> tuple[Tensor, ...]:
+        """(B, E) -> shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, C)."""
+        return self.adaLN_modulation(emb.to(self.adaLN_modulation[1].weight.dtype)).chunk(6, dim=1)
+
+    def _residuals(self, f: Tensor, mods, self_attn: Callable[[Tensor], Tensor],
+                   cross_attn: Callable[[Tensor], Tensor]) -> Tensor:
+        """The block's math on features ``f`` with modulations broadcastable to ``f``; shared by the
+        sparse :meth:`forward` and the dense :meth:`dense_forward` so the two cannot drift apart."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mods
+        h = self.norm1(f) * (1 + scale_msa) + shift_msa
+        f = f + self_attn(h) * gate_msa
+        f = f + cross_attn(self.norm2(f))
+        h = self.norm3(f) * (1 + scale_mlp) + shift_mlp
+        return f + self.mlp(h) * gate_mlp
+
     def forward(self, x: SparseTensor, emb: Tensor, context: Tensor | None = None,
                 context_kv: tuple[Tensor, Tensor] | None = None) -> SparseTensor:
-        mod = self.adaLN_modulation(emb.to(self.adaLN_modulation[1].weight.dtype))
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (x.per_row(m) for m in mod.chunk(6, dim=1))
-        f = x.feats
-        h = self.norm1(f) * (1 + scale_msa) + shift_msa
-        f = f + self.self_attn(x.replace(h)).feats * gate_msa
-        f = f + self.cross_attn(x.replace(self.norm2(f)), context, context_kv).feats
-        h = self.norm3(f) * (1 + scale_mlp) + shift_mlp
-        f = f + self.mlp(h) * gate_mlp
+        mods = [x.per_row(m) for m in self._modulation(emb)]
+        f = self._residuals(x.feats, mods, lambda h: self.self_attn(x.replace(h)).feats,
+                            lambda h: self.cross_attn(x.replace(h), context, context_kv).feats)
         return x.replace(f)
+
+    def dense_forward(self, f: Tensor, emb: Tensor, context: Tensor | None = None,
+                      context_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """The block on B equal-length batch elements laid out densely, (B, L, C) -> (B, L, C).
+
+        The same values as :meth:`forward` on those tokens, on plain tensors (what torch.compile of
+        the SLaT torso traces; see :meth:`SLaTFlowModel.dense_torso`). Submodule hooks do not fire.
+        """
+        mods = [m[:, None] for m in self._modulation(emb)]
+        return self._residuals(f, mods, self.self_attn.dense,
+                               lambda h: self.cross_attn.dense(h, context, context_kv))
+
+
+@torch.compiler.nested_compile_region
+def _dense_block_region(block: ModulatedSparseTransformerCrossBlock, f: Tensor, emb: Tensor,
+                        context: Tensor | None, context_kv: tuple[Tensor, Tensor] | None) -> Tensor:
+    """One transformer block as a nested compile region: traced and compiled once, reused by all 24
+    blocks (weights are graph inputs), as the SS flow's ``_block_region``. Only used while compiling."""
+    return block.dense_forward(f, emb, context, context_kv)
+
+
+def independent_slat_cond_kv(cond_kv: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """Contiguous copies of cached K/V (``precompute_cond_kv`` gives k and v as views of one tensor,
+    which a nested compile region refuses as inputs). Same values, so same results."""
+    return [(k.contiguous(), v.contiguous()) for k, v in cond_kv]
 
 
 class SLaTFlowModel(nn.Module):
     """Velocity network of the SLaT stage (official ``SLatFlowModel``, keys as its checkpoint)."""
+
+    #: under torch.compile, run each block of :meth:`dense_torso` as a nested compile region (the
+    #: block compiled once, not 24 times); eager calls are unaffected
+    compile_block_regions: bool = True
 
     def __init__(self, cfg: SLaTFlowConfig) -> None:
         super().__init__()
@@ -158,9 +199,32 @@ class SLaTFlowModel(nn.Module):
         cond = cond.to(self.torso_dtype)
         return [blk.cross_attn.context_kv(cond) for blk in self.blocks]
 
+    def dense_torso(self, f: Tensor, emb: Tensor, context: Tensor | None,
+                    cond_kv: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+        """The transformer blocks on B equal-length batch elements, (B, L, C) -> (B, L, C).
+
+        This is what ``RunOptions.compile_slat`` compiles (with L dynamic, so one graph serves every
+        object): under torch.compile each block runs as a nested compile region, so the block body is
+        compiled once. The same values as the sparse block loop of :meth:`forward`.
+        """
+        regions = self.compile_block_regions and torch.compiler.is_compiling()
+        for i, block in enumerate(self.blocks):
+            kv = None if cond_kv is None else cond_kv[i]
+            f = (_dense_block_region(block, f, emb, context, kv) if regions
+                 else block.dense_forward(f, emb, context, kv))
+        return f
+
+    def _check_no_block_hooks(self) -> None:
+        hooked = [name for name, m in self.blocks.named_modules()
+                  if m._forward_hooks or m._forward_pre_hooks]
+        if hooked:
+            raise ValueError(f"the compiled SLaT torso (compile_slat) runs the transformer blocks as one "
+                             f"function, so the module hooks on blocks.{hooked[0]} (and {len(hooked) - 1} "
+                             f"more) would never fire; remove them or turn compile_slat off")
+
     def forward(self, feats: Tensor, coords: Tensor, t: Tensor, cond: Tensor | None,
                 cond_kv: list[tuple[Tensor, Tensor]] | None = None,
-                structure: dict | None = None) -> Tensor:
+                structure: dict | None = None, torso: Callable[..., Tensor] | None = None) -> Tensor:
         """feats (N, in_ch), coords (N, 4) int [batch, x, y, z] sorted by batch, t (B,) already
         scaled by the sampler's time scale, cond (B, L, cond_ch) -> velocity (N, in_ch).
 
@@ -169,6 +233,9 @@ class SLaTFlowModel(nn.Module):
         :func:`~fs3d_accel.model.sparse.persistent_structure`), passed with the same ``coords`` on every
         call, keeps the coordinate-derived tables across calls: the checks and tables that need the
         host run on the first call only. Outputs are the same with or without it.
+
+        ``torso`` (the torch.compile'd :meth:`dense_torso`) replaces the block loop when every batch
+        element has the same number of tokens (one object, or the CFG pair); otherwise the loop runs.
         """
         cfg = self.cfg
         if feats.ndim != 2 or feats.shape[1] != cfg.in_channels:
@@ -200,8 +267,14 @@ class SLaTFlowModel(nn.Module):
             skips.append(h.feats)
         h = h.replace(h.feats + self.pos_embedder(h.coords[:, 1:]).to(dtype))
         ctx = None if cond_kv is not None else cond.to(dtype)
-        for i, block in enumerate(self.blocks):
-            h = block(h, emb, ctx, None if cond_kv is None else cond_kv[i])
+        if torso is not None and len(set(h.seqlens)) == 1:
+            self._check_no_block_hooks()
+            f = h.feats.view(h.batch_size, -1, h.num_channels)
+            torch._dynamo.maybe_mark_dynamic(f, 1)  # token count: one graph for every object
+            h = h.replace(torso(f, emb, ctx, cond_kv).reshape(len(h), -1))
+        else:
+            for i, block in enumerate(self.blocks):
+                h = block(h, emb, ctx, None if cond_kv is None else cond_kv[i])
         for block, skip in zip(self.out_blocks, reversed(skips)):
             h = block(h.replace(torch.cat([h.feats, skip], dim=1)), emb)
         f = h.feats.to(feats.dtype)

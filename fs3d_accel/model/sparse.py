@@ -656,12 +656,29 @@ class SparseSelfAttention(nn.Module):
         self.qk_rms_norm = qk_rms_norm
         self.to_out = nn.Linear(channels, channels)
 
-    def forward(self, x: SparseTensor) -> SparseTensor:
-        n = len(x)
-        qkv = self.to_qkv(x.feats).view(n, 3, self.num_heads, -1)
-        q, k, v = qkv.unbind(1)
+    def _qkv(self, feats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(..., C) -> q, k, v each (..., H, D), q/k RMS-normed when configured."""
+        qkv = self.to_qkv(feats).view(*feats.shape[:-1], 3, self.num_heads, -1)
+        q, k, v = qkv.unbind(-3)
         if self.qk_rms_norm:
             q, k = self.q_rms_norm(q), self.k_rms_norm(k)
+        return q, k, v
+
+    def dense(self, feats: Tensor) -> Tensor:
+        """Full attention on equal-length batch elements laid out densely: (B, L, C) -> (B, L, C).
+
+        The same values as :meth:`forward` on those tokens (the same SDPA call on the same views);
+        used by the compiled SLaT torso, which runs on plain tensors. Module hooks do not see it.
+        """
+        if self.mode != "full":
+            raise ValueError(f"dense attention is the 'full' mode; this module is {self.mode!r}")
+        b, l, c = feats.shape
+        q, k, v = self._qkv(feats)
+        return self.to_out(_sdpa(q, k, v).reshape(b, l, c))
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        n = len(x)
+        q, k, v = self._qkv(x.feats)
         if self.mode == "full":
             h = varlen_attention(q, k, v, x.seqlens)
         else:
@@ -698,3 +715,18 @@ class SparseCrossAttention(nn.Module):
         q = self.to_q(x.feats).view(n, self.num_heads, -1)
         h = dense_cross_attention(q, k, v, x.seqlens)
         return x.replace(self.to_out(h.reshape(n, self.channels)))
+
+    def dense(self, feats: Tensor, context: Tensor | None = None,
+              kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Queries of equal-length batch elements laid out densely, (B, L, C) -> (B, L, C); the same
+        values as :meth:`forward` (used by the compiled SLaT torso; module hooks do not see it)."""
+        if kv is None:
+            if context is None:
+                raise ValueError("cross attention needs a context or precomputed kv")
+            kv = self.context_kv(context)
+        k, v = kv
+        b, l, c = feats.shape
+        if k.shape[0] != b:
+            raise ValueError(f"{b} query batch elements but {k.shape[0]} condition rows")
+        q = self.to_q(feats).view(b, l, self.num_heads, -1)
+        return self.to_out(_sdpa(q, k, v).reshape(b, l, c))

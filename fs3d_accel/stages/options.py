@@ -24,7 +24,7 @@ def compile_backends() -> tuple[str, ...]:
     return tuple(sorted({"inductor", *torch._dynamo.list_backends(exclude_tags=())}))
 
 
-#: Test-only switch: lets ``check_device`` accept ``compile_ss`` on the CPU (tests patch it with a
+#: Test-only switch: lets ``check_device`` accept ``compile_ss`` / ``compile_slat`` on the CPU (tests patch it with a
 #: debug ``compile_backend``); the user-facing check stays CUDA-only.
 _ALLOW_CPU_COMPILE = False
 #: Test-only switch: lets ``check_device`` accept ``cuda_graphs`` on the CPU, where
@@ -43,8 +43,14 @@ class RunOptions:
     #: once and reused by every block; see ``SSStage.compiled_flow``); CUDA only. ``compile_mode`` is
     #: passed to torch.compile ("default", "reduce-overhead" = CUDA graphs, "max-autotune-no-cudagraphs").
     compile_ss: bool = False
+    #: torch.compile the SLaT flow's 24 transformer blocks (``SLaTFlowModel.dense_torso``) with the
+    #: token count dynamic, so one graph per batch size serves every object; the sparse IO res-blocks,
+    #: the sampler loop, CFG and the K/V cache stay eager. CUDA only. Same ``compile_mode`` /
+    #: ``compile_backend`` as ``compile_ss``. Module hooks on the SLaT blocks cannot fire inside it
+    #: (the flow refuses to run it while any are registered).
+    compile_slat: bool = False
     compile_mode: str = "default"
-    #: torch.compile backend of ``compile_ss``: "inductor" (the default) or any registered dynamo
+    #: torch.compile backend of ``compile_ss`` / ``compile_slat``: "inductor" (the default) or any registered dynamo
     #: backend ("eager" / "aot_eager" let tests check graph breaks and recompiles on the CPU).
     compile_backend: str = "inductor"
     #: replay each fixed-shape flow pass from a CUDA graph (``stages/graphs.py``): every SS pass that
@@ -74,11 +80,25 @@ class RunOptions:
         dev = torch.device(device)
         if dev.type != "cuda" and self.compile_ss and not _ALLOW_CPU_COMPILE:
             raise ValueError(f"compile_ss is CUDA-only (inductor/CUDA graphs); device is {dev}")
+        if dev.type != "cuda" and self.compile_slat and not _ALLOW_CPU_COMPILE:
+            raise ValueError(f"compile_slat is CUDA-only (inductor/CUDA graphs); device is {dev}")
         if dev.type != "cuda" and self.cuda_graphs and not _ALLOW_CPU_GRAPHS:
             raise ValueError(f"cuda_graphs is CUDA-only; device is {dev}")
         if dev.type != "cuda" and self.precision in CUDA_ONLY_PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is CUDA-only (fp16 kernels); "
                              f"device is {dev}. Use 'fp32' or 'bf16' on CPU.")
+
+    def pin_for_graphs(self, tensors) -> None:
+        """Mark long-lived inputs of compiled regions (cached condition K/V) as static addresses under
+        ``compile_mode="reduce-overhead"``, so its CUDA graphs read them in place instead of copying
+        them into graph buffers on every replay. No effect in other modes."""
+        if self.compile_mode != "reduce-overhead" or self.compile_backend != "inductor":
+            return
+        import torch._dynamo
+        from torch.utils import _pytree as pytree
+        for t in pytree.tree_leaves(tensors):
+            if isinstance(t, torch.Tensor):
+                torch._dynamo.mark_static_address(t)
 
     @property
     def weight_dtype(self) -> torch.dtype:

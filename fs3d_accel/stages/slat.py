@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ..model.condition import ConditionFuser
 from ..model.configs import ModelConfig, SamplerConfig
-from ..model.slat_flow import SLaTFlowModel
+from ..model.slat_flow import SLaTFlowModel, independent_slat_cond_kv
 from ..model.sparse import persistent_structure, release_structure
 from ..preprocess import PreparedInputs
 from ..samplers import EulerFlowSampler, guided
@@ -34,6 +34,22 @@ class SLaTStage(nn.Module):
         self.register_buffer("mean", torch.tensor(cfg.slat_mean, dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.slat_std, dtype=torch.float32), persistent=False)
 
+    def compiled_torso(self, options: RunOptions):
+        """The SLaT flow's transformer blocks (:meth:`SLaTFlowModel.dense_torso`), torch.compile'd when
+        ``options.compile_slat`` (cached per backend and mode, kept out of the module tree), else None.
+
+        The token count is marked dynamic at each call, so one graph per batch size (1, and 2 for the
+        CFG pair) serves objects of every size; each block is a nested compile region.
+        """
+        if not options.compile_slat:
+            return None
+        cache = self.__dict__.setdefault("_compiled_torso", {})
+        key = (options.compile_backend, options.compile_mode)
+        if key not in cache:
+            kw = {"mode": options.compile_mode} if options.compile_backend == "inductor" else {}
+            cache[key] = torch.compile(self.flow.dense_torso, backend=options.compile_backend, **kw)
+        return cache[key]
+
     def velocity_net(self, cond: Tensor, coords: Tensor, sampler_cfg: SamplerConfig, options: RunOptions,
                      structures: list[dict] | None = None):
         """The guided velocity function of the sampler. With ``structures`` (a list the caller owns and
@@ -48,12 +64,26 @@ class SLaTStage(nn.Module):
             structures.append(plain_structure)
         dtype = options.compute_dtype(cond.device)
         uncond = cond * 0
-        kv = flow.precompute_cond_kv(cond.to(dtype)) if options.cache_cond_kv else None
-        ukv = flow.precompute_cond_kv(uncond.to(dtype)) if options.cache_cond_kv else None
+        torso = self.compiled_torso(options)
+
+        def kv_of(c: Tensor):
+            """Cached K/V of a condition (independent copies for the compiled torso's regions)."""
+            if not options.cache_cond_kv:
+                return None
+            kv = flow.precompute_cond_kv(c.to(dtype))
+            if torso is None:
+                return kv
+            kv = independent_slat_cond_kv(kv)
+            options.pin_for_graphs(kv)
+            return kv
+
+        kv, ukv = kv_of(cond), kv_of(uncond)
 
         def run(feats: Tensor, c_coords: Tensor, t: float, c: Tensor, ckv, structure=None) -> Tensor:
             tt = torch.full((c.shape[0],), t * sampler_cfg.time_scale, device=c.device)
             extra = {} if structure is None else {"structure": structure}
+            if torso is not None:
+                extra["torso"] = torso
 
             def call(f: Tensor, tt: Tensor) -> Tensor:
                 with options.autocast(c.device):
@@ -88,7 +118,7 @@ class SLaTStage(nn.Module):
         batched = None
         if options.batch_cfg:
             both = torch.cat([cond, uncond], 0)
-            both_kv = flow.precompute_cond_kv(both.to(dtype)) if options.cache_cond_kv else None
+            both_kv = kv_of(both)
             both_coords = cfg_coords(coords) if cache else None
             both_structure = persistent_structure() if cache else None
             if cache:

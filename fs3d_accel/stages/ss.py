@@ -70,9 +70,11 @@ class SSStage(nn.Module):
         """The SS flow network, torch.compile'd when ``options.compile_ss`` (cached per backend and mode;
         kept out of the module tree so state dicts and hooks see the plain module names).
 
-        Static shapes (``dynamic=False``): the forward is one graph, and the MoT blocks run as a nested
-        compile region so the block body is compiled once, not 24 times. Only the network forward is
-        compiled; the sampler loop, CFG and the K/V cache stay eager.
+        Static shapes (``dynamic=False``): the forward is one graph per batch size (2 for the batched CFG
+        pair, 1 for the unguided steps), and the MoT blocks run as a nested compile region so the block
+        body is compiled once, not 24 times. Only the network forward is compiled; the sampler loop,
+        CFG and the K/V cache stay eager. The batch-1 graph doubles the one-off compile time but
+        saves more per object than an eager batch-1 pass would (those passes are host-bound).
         """
         if not options.compile_ss:
             return self.flow
@@ -83,40 +85,33 @@ class SSStage(nn.Module):
             cache[key] = torch.compile(self.flow, backend=options.compile_backend, dynamic=False, **kw)
         return cache[key]
 
-    @staticmethod
-    def compiled_batch_size(sampler_cfg: SamplerConfig, options: RunOptions) -> int:
-        """The one batch size the compiled flow is specialised to: 2 with batched CFG when any step is
-        guided, else 1. Calls of the other size (the unguided steps of a batched-CFG run) run the plain
-        module: compiling a second static graph for them would double the compile time."""
-        grid = time_grid(sampler_cfg.steps, sampler_cfg.rescale_t)
-        any_guided = any(cfg_active(sampler_cfg, t) for t in grid[:-1])
-        return 2 if options.batch_cfg and any_guided else 1
-
     def velocity_net(self, cond: Tensor, sampler_cfg: SamplerConfig, options: RunOptions):
         compiled = self.compiled_flow(options) if options.compile_ss else None
-        compiled_b = self.compiled_batch_size(sampler_cfg, options)
         d = torch.zeros(1, device=cond.device) if self.cfg.ss_flow.is_shortcut_model else None
         dtype = options.compute_dtype(cond.device)
         plain = self.flow
 
-        def kv_of(c: Tensor) -> tuple[CondKV | None, CondKV | None]:
-            """(K/V for the plain module, K/V for the compiled one), computed once per object outside
-            the compiled region; the compiled copy holds independent tensors (nested-region inputs)."""
+        def kv_of(c: Tensor) -> CondKV | None:
+            """K/V of the condition, computed once per object outside any compiled region; for the
+            compiled flow as independent tensors (nested-region inputs)."""
             if not options.cache_cond_kv:
-                return None, None
+                return None
             kv = plain.precompute_cond_kv(c.to(dtype))
-            return kv, (independent_cond_kv(kv) if compiled is not None and c.shape[0] == compiled_b else None)
+            if compiled is None:
+                return kv
+            kv = independent_cond_kv(kv)
+            options.pin_for_graphs(kv)
+            return kv
 
         cond_kv = kv_of(cond)
         uncond = cond * 0
         graphs: dict[int, GraphedCall] = {}  # one per condition tensor (cond, uncond, both)
         uncond_kv = kv_of(uncond)
 
-        def run(x: dict[str, Tensor], t: float, c: Tensor, kvs: tuple[CondKV | None, CondKV | None]
-                ) -> dict[str, Tensor]:
+        def run(x: dict[str, Tensor], t: float, c: Tensor, kv: CondKV | None) -> dict[str, Tensor]:
             b = c.shape[0]
-            use_compiled = compiled is not None and b == compiled_b
-            flow, kv = (compiled, kvs[1]) if use_compiled else (plain, kvs[0])
+            use_compiled = compiled is not None
+            flow = compiled if use_compiled else plain
             # t and d are tensors (values never guarded), every input keeps its shape across steps
             tt = torch.full((b,), t * sampler_cfg.time_scale, device=c.device)
             dd = None if d is None else d.expand(b) * sampler_cfg.time_scale
