@@ -8,10 +8,11 @@ Runs the embedded sam3d-mini (base method, no accelerator) over held-out YCB obj
 * ``bf16 + batched CFG + K/V cache``: bf16 weights, what the GPU timings use.
 
 The SLaT coordinate-structure cache and the gather sparse conv are always on (they are the defaults).
-``torch.compile`` and CUDA graphs are CUDA-only and are not covered here; their output differences
-at full scale are in ``benchmarks/results/stage_latency_h100_run3``.
+* ``... + torch.compile (SS, SLaT blocks)``: CUDA only; also compared with the bf16 setting, which
+  differs from it only by compilation.
 
     python benchmarks/fast_path_quality.py --out benchmarks/results/fast_path_quality_cpu
+    python benchmarks/fast_path_quality.py --device cuda --settings fp32,bf16-cfg-kv,compile-all
 """
 from __future__ import annotations
 
@@ -31,7 +32,12 @@ SETTINGS = {
     "fp32": RunOptions(),
     "fp32 + batched CFG + K/V cache": RunOptions(batch_cfg=True, cache_cond_kv=True),
     "bf16 + batched CFG + K/V cache": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True),
+    "bf16 + batched CFG + K/V cache + torch.compile (SS, SLaT blocks)": RunOptions(
+        precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True),
 }
+SHORT = dict(zip(("fp32", "fp32-cfg-kv", "bf16-cfg-kv", "compile-all"), SETTINGS))
+#: the compiled setting is also compared with this one (same precision: only compilation differs)
+SAME_PRECISION_REF = "bf16 + batched CFG + K/V cache"
 DATASETS = {"shipped": None, "ycb_scale": Path(__file__).parent / "data" / "ycb_scale" / "objects"}
 METRICS = ["f_score", "volume_iou", "chamfer", "box_iou_3d"]
 
@@ -43,7 +49,22 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default="runs/fast_path_quality")
+    ap.add_argument("--settings", default=None,
+                    help=f"comma list of {list(SHORT)} (default: all that run on the device; fp32 is always run "
+                         "first, as the reference)")
     args = ap.parse_args()
+    if args.settings is None:
+        wanted = [k for k, v in SETTINGS.items() if args.device.startswith("cuda") or not v.compile_ss]
+    else:
+        bad = sorted(set(args.settings.split(",")) - set(SHORT))
+        if bad:
+            raise SystemExit(f"--settings: unknown {bad}; choose from {list(SHORT)}")
+        wanted = ["fp32"] + [SHORT[k] for k in args.settings.split(",") if SHORT[k] != "fp32"]
+    for label in wanted:
+        try:
+            SETTINGS[label].check_device(args.device)
+        except ValueError as exc:
+            raise SystemExit(f"--settings: {label!r}: {exc}") from None
     names = args.datasets.split(",")
     unknown = sorted(set(names) - set(DATASETS))
     if unknown:
@@ -55,7 +76,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    for label, opts in SETTINGS.items():
+    for label in wanted:
+        opts = SETTINGS[label]
         pipe = Pipeline.from_pretrained("sam3d-mini", device=args.device)
         if opts.weight_dtype != torch.float32:
             pipe = pipe.to(opts.weight_dtype)
@@ -77,6 +99,7 @@ def write_report(df: pd.DataFrame, out: Path, args) -> None:
              f"{df.object.nunique()} objects. Mean over objects, and the largest per-object change against fp32.", "",
              "| setting | " + " | ".join(f"mean {m}" for m in METRICS) + " | max abs ΔF1 | max abs ΔvIoU | voxel-count changes |",
              "|---|" + "---|" * (len(METRICS) + 3)]
+    same = df[df.setting == SAME_PRECISION_REF].set_index(["dataset", "object"])
     summary = {}
     for label, g in df.groupby("setting", sort=False):
         g = g.set_index(["dataset", "object"])
@@ -88,6 +111,20 @@ def write_report(df: pd.DataFrame, out: Path, args) -> None:
                           "voxel_count_changes": changed}
         lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in means)
                      + f" | {d_f1:.3f} | {d_iou:.4f} | {changed} of {len(g)} |")
+    compiled = [label for label in df.setting.unique() if SETTINGS[label].compile_ss and len(same)]
+    if compiled:
+        lines += ["", f"Compiled against `{SAME_PRECISION_REF}` (same weights and precision; only compilation differs):",
+                  "", "| setting | mean ΔF1 | max abs ΔF1 | mean ΔvIoU | max abs ΔvIoU | voxel-count changes |",
+                  "|---|---|---|---|---|---|"]
+    for label in compiled:
+        g = df[df.setting == label].set_index(["dataset", "object"])
+        d_f1, d_iou = g.f_score - same.f_score, g.volume_iou - same.volume_iou
+        changed = int((g.n_voxels != same.n_voxels).sum())
+        summary[label]["vs_" + SAME_PRECISION_REF] = {"mean_dF1": d_f1.mean(), "max_abs_dF1": d_f1.abs().max(),
+                                                      "mean_dvIoU": d_iou.mean(), "max_abs_dvIoU": d_iou.abs().max(),
+                                                      "voxel_count_changes": changed}
+        lines.append(f"| {label} | {d_f1.mean():+.3f} | {d_f1.abs().max():.3f} | {d_iou.mean():+.4f} | "
+                     f"{d_iou.abs().max():.4f} | {changed} of {len(g)} |")
     (out / "fast_path_quality.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     print("\n".join(lines))

@@ -7,6 +7,7 @@ one SLaT flow pass at each ``--objects`` voxel set (B = 1 and the CFG pair, B = 
 kernel time, and the top kernels by CUDA time, written to ``kernel_profile.md``.
 
     python benchmarks/kernel_profile.py --out runs/kernel_profile
+    python benchmarks/kernel_profile.py --cases slat --compile-slat --objects 007_tuna_fish_can   # compiled torso
     python benchmarks/kernel_profile.py --config mini --device cpu --out /tmp/kp   # smoke test
 """
 from __future__ import annotations
@@ -19,11 +20,15 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fs3d_accel.accel.mesh_aggregation import quantize_tokens
+from fs3d_accel.model.slat_flow import independent_slat_cond_kv
 from fs3d_accel.model.sparse import persistent_structure, release_structure
 from fs3d_accel.pipeline import Pipeline
 from fs3d_accel.seams import SparseTokens
 from fs3d_accel.stages.ss import ss_noise
 from stage_latency import add_conv_args, apply_conv_args, load_coords
+
+
+CASES = ("slat", "mesh", "aggregation", "ss")
 
 
 def profile_case(name: str, fn, device: torch.device, top: int) -> list[str]:
@@ -63,9 +68,15 @@ def main() -> None:
     ap.add_argument("--objects", default="007_tuna_fish_can,021_bleach_cleanser")
     ap.add_argument("--scale", type=float, default=1.5)
     ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma list of {list(CASES)}")
+    ap.add_argument("--compile-slat", action="store_true",
+                    help="SLaT passes through the torch.compile'd transformer torso (RunOptions.compile_slat)")
     add_conv_args(ap)
     ap.add_argument("--out", default="runs/kernel_profile")
     args = ap.parse_args()
+    cases = args.cases.split(",")
+    if sorted(set(cases) - set(CASES)):
+        raise SystemExit(f"--cases: unknown {sorted(set(cases) - set(CASES))}; choose from {list(CASES)}")
     apply_conv_args(args)
     if args.scale < 1:
         raise SystemExit(f"--scale is an aggregation factor S >= 1, got {args.scale}")
@@ -85,27 +96,40 @@ def main() -> None:
     with torch.no_grad():
         cond = torch.randn(2, 64, cfg.slat_flow.cond_channels, generator=g).to(dev, dtype)
         kv2, kv1 = pipe.slat.flow.precompute_cond_kv(cond), pipe.slat.flow.precompute_cond_kv(cond[:1])
+        torso = None
+        if args.compile_slat:
+            torso = torch.compile(pipe.slat.flow.dense_torso)
+            kv2, kv1 = independent_slat_cond_kv(kv2), independent_slat_cond_kv(kv1)
+            lines += ["SLaT passes run the transformer blocks through `torch.compile(dense_torso)` "
+                      "(`RunOptions.compile_slat`).", ""]
         for obj in args.objects.split(","):
             c = coords[obj]
             n = c.shape[0]
             c2 = torch.cat([c, c + torch.tensor([1, 0, 0, 0], device=dev, dtype=c.dtype)], 0)
             f = torch.randn(n, cfg.slat_flow.in_channels, generator=g).to(dev, dtype)
-            for b, cc, kv in ((1, c, kv1), (2, c2, kv2)):
+            for b, cc, kv in ((1, c, kv1), (2, c2, kv2)) if "slat" in cases else ():
                 st = persistent_structure()
                 tt = torch.full((b,), 500.0, device=dev)
                 ff = f if b == 1 else torch.cat([f, f], 0)
                 lines += profile_case(f"SLaT flow pass, {obj} (N = {n}), B = {b}",
-                                      lambda: pipe.slat.flow(ff, cc, tt, None, cond_kv=kv, structure=st), dev, args.top)
+                                      lambda: pipe.slat.flow(ff, cc, tt, None, cond_kv=kv, structure=st, torso=torso),
+                                      dev, args.top)
                 release_structure(st)
             feats = torch.randn(n, cfg.slat_flow.in_channels, generator=g).to(dev, dtype)
-            lines += profile_case(f"mesh decoder network, {obj} (N = {n})",
-                                  lambda: pipe.decode.decoder(feats, c), dev, args.top)
+            if "mesh" in cases:
+                lines += profile_case(f"mesh decoder network, {obj} (N = {n})",
+                                      lambda: pipe.decode.decoder(feats, c), dev, args.top)
 
             def aggregated():
                 tok = quantize_tokens(SparseTokens(coords=c, resolution=cfg.slat_flow.resolution, feats=feats), args.scale)
                 return pipe.decode.decoder(tok.feats, tok.coords.to(torch.int32))
 
-            lines += profile_case(f"aggregation S = {args.scale} + mesh decoder network, {obj}", aggregated, dev, args.top)
+            if "aggregation" in cases:
+                lines += profile_case(f"aggregation S = {args.scale} + mesh decoder network, {obj}", aggregated,
+                                      dev, args.top)
+        if "ss" not in cases:
+            (out / "kernel_profile.md").write_text("\n".join(lines) + "\n")
+            return
         ss_cond = torch.randn(2, 64, cfg.ss_flow.cond_channels, generator=g).to(dev, dtype)
         ss_kv = pipe.ss.flow.precompute_cond_kv(ss_cond)
         lat = {k: torch.cat([v, v], 0).to(dev, dtype) for k, v in ss_noise(cfg, g).items()}

@@ -8,8 +8,12 @@ The values computed are the same kernels on the same inputs (replay re-runs the 
 What it buys depends on whether a pass is host-bound. Measured on the H100 (``full`` config, bf16,
 ``benchmarks/results/kernel_profile_h100``): a CFG-batched SLaT pass at N = 14k runs 41.5 ms of
 kernels, so it is GPU-bound and gains nothing; the unguided batch-1 passes (21 ms of kernels, ~37 ms
-wall) are host-bound and gain. Capturing costs two extra eager passes per graph, so over a 25-step
-object the SLaT stage got slower (1.23 vs 1.14 s) and the option stays off by default.
+wall) are host-bound and gain. Capturing then cost two extra eager passes per graph, so over a 25-step
+object the SLaT stage got slower (1.23 vs 1.14 s). With the compiled SLaT torso (``compile_slat``) a
+pass runs far fewer, faster kernels, so even the CFG-batched pass waits on the host (kernel profile:
+26.5 ms of kernels in ~37 ms), and a capture now costs only its own host time (no extra eager pass
+unless ``side_stream_warmup``). Whether it pays is measured by ``benchmarks/base_vs_official.py``
+(variant ``compile-all-graphs``); the option stays off by default.
 
 Requirements the callers meet: the captured function reads only its tensor arguments and tensors
 that stay alive and unchanged for the graph's life (weights, the condition, its cached K/V, the
@@ -44,11 +48,15 @@ class GraphedCall:
     non-CUDA device always run eagerly, so the same code path works on the CPU.
     """
 
-    def __init__(self, fn: Callable[..., Any], warmup: int = 1) -> None:
+    def __init__(self, fn: Callable[..., Any], warmup: int = 1, side_stream_warmup: bool = False) -> None:
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (the first call builds caches eagerly), got {warmup}")
         self.fn = fn
         self.warmup = warmup
+        #: run one more eager pass on a side stream right before capturing (what ``torch.cuda.graphs``
+        #: recommends for lazy initialisation). Off by default: the ``warmup`` eager calls have already
+        #: done that work, and the extra pass cost more than the replays saved (H100, session 5).
+        self.side_stream_warmup = side_stream_warmup
         self._seen: dict[Signature, int] = {}
         self._captured: dict[Signature, _Captured] = {}
         self.replays = 0
@@ -81,13 +89,12 @@ class GraphedCall:
 
     def _capture(self, args: tuple[Tensor, ...]) -> _Captured:
         inputs = [a.clone() for a in args]
-        # one eager pass on a side stream first, as torch.cuda.graphs recommends (lazy inits, cuBLAS
-        # workspaces), then the capture itself
-        side = torch.cuda.Stream(device=inputs[0].device)
-        side.wait_stream(torch.cuda.current_stream(inputs[0].device))
-        with torch.cuda.stream(side):
-            self.fn(*inputs)
-        torch.cuda.current_stream(inputs[0].device).wait_stream(side)
+        if self.side_stream_warmup:
+            side = torch.cuda.Stream(device=inputs[0].device)
+            side.wait_stream(torch.cuda.current_stream(inputs[0].device))
+            with torch.cuda.stream(side):
+                self.fn(*inputs)
+            torch.cuda.current_stream(inputs[0].device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             output = self.fn(*inputs)
