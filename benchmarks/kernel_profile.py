@@ -20,10 +20,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from fs3d_accel.accel.mesh_aggregation import quantize_tokens
-from fs3d_accel.model.slat_flow import independent_slat_cond_kv
 from fs3d_accel.model.sparse import persistent_structure, release_structure
 from fs3d_accel.pipeline import Pipeline
 from fs3d_accel.seams import SparseTokens
+from fs3d_accel.stages.options import RunOptions
 from fs3d_accel.stages.ss import ss_noise
 from stage_latency import add_conv_args, apply_conv_args, load_coords
 
@@ -99,7 +99,7 @@ def main() -> None:
         torso = None
         if args.compile_slat:
             torso = torch.compile(pipe.slat.flow.dense_torso)
-            kv2, kv1 = independent_slat_cond_kv(kv2), independent_slat_cond_kv(kv1)
+            kv2, kv1 = RunOptions().compiled_region_inputs((kv2, kv1))
             lines += ["SLaT passes run the transformer blocks through `torch.compile(dense_torso)` "
                       "(`RunOptions.compile_slat`).", ""]
         for obj in args.objects.split(","):

@@ -71,3 +71,18 @@ def mini_pipe():
     pipe = Pipeline.from_config(fast_mini_config(), seed=0)
     sparsify_occupancy(pipe)
     return pipe
+
+
+@pytest.fixture
+def cpu_compile(monkeypatch):
+    """Allow compile_ss / compile_slat on the CPU (test-only switch, used with debug dynamo backends)
+    and start and end from a clean dynamo state with cleared counters."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import fs3d_accel.stages.options as options_mod
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_COMPILE", True)
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()

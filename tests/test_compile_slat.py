@@ -13,7 +13,6 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-import fs3d_accel.stages.options as options_mod
 from fs3d_accel.model.configs import mini_config
 from fs3d_accel.model.sparse import persistent_structure, release_structure
 from fs3d_accel.samplers import EulerFlowSampler
@@ -42,15 +41,6 @@ def slat_setup():
     assert cfg.slat_sampler.steps == 25 and cfg.slat_sampler.cfg_strength > 0
     yield stage, objects, cfg.slat_sampler
     stage.__dict__.pop("_compiled_torso", None)
-
-
-@pytest.fixture
-def cpu_compile(monkeypatch):
-    monkeypatch.setattr(options_mod, "_ALLOW_CPU_COMPILE", True)
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 @torch.no_grad()
@@ -144,3 +134,18 @@ def test_compile_slat_is_cuda_only():
         RunOptions(compile_slat=True).check_device("cpu")
     with pytest.raises(ValueError, match="needs compile_backend='inductor'"):
         RunOptions(compile_slat=True, compile_backend="eager", compile_mode="reduce-overhead")
+
+
+def test_compiled_region_inputs_are_independent_copies():
+    """Cached K/V given to a compiled region: k and v are views of one tensor in the cache, and a nested
+    compile region refuses aliasing inputs, so they are copied apart (same values, same structure)."""
+    kv = torch.randn(1, 5, 2, 4, 8)
+    tree = [(kv[:, :, 0], kv[:, :, 1]), (kv[:, :, 1], kv[:, :, 0])]
+    out = RunOptions().compiled_region_inputs(tree)
+    assert isinstance(out, list) and len(out) == 2 and all(isinstance(p, tuple) for p in out)
+    ptrs = {kv.untyped_storage().data_ptr()}
+    for (k, v), (k0, v0) in zip(out, tree):
+        assert k.is_contiguous() and v.is_contiguous()
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+        ptrs |= {k.untyped_storage().data_ptr(), v.untyped_storage().data_ptr()}
+    assert len(ptrs) == 5  # the source and four separate copies

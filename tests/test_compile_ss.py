@@ -15,7 +15,6 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-import fs3d_accel.stages.options as options_mod
 from fs3d_accel.model.configs import mini_config
 from fs3d_accel.samplers import EulerFlowSampler
 from fs3d_accel.stages.options import RunOptions
@@ -34,16 +33,6 @@ def ss_setup():
     assert cfg.ss_sampler.steps == 25 and cfg.ss_sampler.cfg_strength > 0
     yield stage, objects, cfg.ss_sampler
     stage.__dict__.pop("_compiled", None)
-
-
-@pytest.fixture
-def cpu_compile(monkeypatch):
-    """Allow compile_ss on the CPU (test-only switch) and start from a clean dynamo state."""
-    monkeypatch.setattr(options_mod, "_ALLOW_CPU_COMPILE", True)
-    torch._dynamo.reset()
-    counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 @torch.no_grad()

@@ -129,12 +129,6 @@ def _dense_block_region(block: ModulatedSparseTransformerCrossBlock, f: Tensor, 
     return block.dense_forward(f, emb, context, context_kv)
 
 
-def independent_slat_cond_kv(cond_kv: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
-    """Contiguous copies of cached K/V (``precompute_cond_kv`` gives k and v as views of one tensor,
-    which a nested compile region refuses as inputs). Same values, so same results."""
-    return [(k.contiguous(), v.contiguous()) for k, v in cond_kv]
-
-
 class SLaTFlowModel(nn.Module):
     """Velocity network of the SLaT stage (official ``SLatFlowModel``, keys as its checkpoint)."""
 

@@ -148,12 +148,6 @@ def _block_region(blk: MoTBlock, h: dict[str, Tensor], t_emb: Tensor, cond: Tens
     return blk(h, t_emb, cond, kv)
 
 
-def independent_cond_kv(cond_kv: CondKV) -> CondKV:
-    """Contiguous copies of cached K/V: ``precompute_cond_kv`` returns k and v as two views of one
-    tensor, and a nested compile region refuses aliasing inputs. Same values, so same results."""
-    return [{s: (k.contiguous(), v.contiguous()) for s, (k, v) in kv.items()} for kv in cond_kv]
-
-
 class SSFlowModel(nn.Module):
     """Official ``SparseStructureFlowTdfyWrapper`` (MoT backbone of the SS generator).
 
@@ -163,7 +157,7 @@ class SSFlowModel(nn.Module):
     """
 
     #: under torch.compile, run each block through :func:`_block_region` (compile the block once);
-    #: eager calls are unaffected. Pass cached K/V through :func:`independent_cond_kv` when compiling.
+    #: eager calls are unaffected. Pass cached K/V through ``RunOptions.compiled_region_inputs`` when compiling.
     compile_block_regions: bool = True
 
     def __init__(self, cfg: SSFlowConfig) -> None:

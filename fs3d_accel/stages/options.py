@@ -88,17 +88,21 @@ class RunOptions:
             raise ValueError(f"precision {self.precision!r} is CUDA-only (fp16 kernels); "
                              f"device is {dev}. Use 'fp32' or 'bf16' on CPU.")
 
-    def pin_for_graphs(self, tensors) -> None:
-        """Mark long-lived inputs of compiled regions (cached condition K/V) as static addresses under
-        ``compile_mode="reduce-overhead"``, so its CUDA graphs read them in place instead of copying
-        them into graph buffers on every replay. No effect in other modes."""
-        if self.compile_mode != "reduce-overhead" or self.compile_backend != "inductor":
-            return
-        import torch._dynamo
+    def compiled_region_inputs(self, tree):
+        """Independent contiguous copies of the tensors in ``tree`` (cached condition K/V) for a compiled
+        flow: a nested compile region refuses inputs that alias one another, and ``precompute_cond_kv``
+        returns k and v as views of one tensor. Same values, so same results. Under
+        ``compile_mode="reduce-overhead"`` the copies are also marked static addresses, so inductor's CUDA
+        graphs read them in place instead of copying them into graph buffers on every replay."""
         from torch.utils import _pytree as pytree
-        for t in pytree.tree_leaves(tensors):
-            if isinstance(t, torch.Tensor):
-                torch._dynamo.mark_static_address(t)
+        out = pytree.tree_map(lambda t: t.clone(memory_format=torch.contiguous_format)
+                              if isinstance(t, torch.Tensor) else t, tree)
+        if self.compile_mode == "reduce-overhead" and self.compile_backend == "inductor":
+            from torch._dynamo import mark_static_address
+            for t in pytree.tree_leaves(out):
+                if isinstance(t, torch.Tensor):
+                    mark_static_address(t)
+        return out
 
     @property
     def weight_dtype(self) -> torch.dtype:

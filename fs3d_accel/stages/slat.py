@@ -6,7 +6,7 @@ from torch import Tensor, nn
 
 from ..model.condition import ConditionFuser
 from ..model.configs import ModelConfig, SamplerConfig
-from ..model.slat_flow import SLaTFlowModel, independent_slat_cond_kv
+from ..model.slat_flow import SLaTFlowModel
 from ..model.sparse import persistent_structure, release_structure
 from ..preprocess import PreparedInputs
 from ..samplers import EulerFlowSampler, guided
@@ -71,11 +71,7 @@ class SLaTStage(nn.Module):
             if not options.cache_cond_kv:
                 return None
             kv = flow.precompute_cond_kv(c.to(dtype))
-            if torso is None:
-                return kv
-            kv = independent_slat_cond_kv(kv)
-            options.pin_for_graphs(kv)
-            return kv
+            return kv if torso is None else options.compiled_region_inputs(kv)
 
         kv, ukv = kv_of(cond), kv_of(uncond)
 

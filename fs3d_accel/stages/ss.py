@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..model.condition import ConditionFuser
 from ..model.configs import LAYOUT_MODALITIES, ModelConfig, SamplerConfig
 from ..model.ss_decoder import SSDecoder
-from ..model.ss_flow import CondKV, SSFlowModel, independent_cond_kv
+from ..model.ss_flow import CondKV, SSFlowModel
 from ..pose import decode_layout
 from ..preprocess import PreparedInputs
 from ..samplers import EulerFlowSampler, cfg_active, guided, time_grid
@@ -97,11 +97,7 @@ class SSStage(nn.Module):
             if not options.cache_cond_kv:
                 return None
             kv = plain.precompute_cond_kv(c.to(dtype))
-            if compiled is None:
-                return kv
-            kv = independent_cond_kv(kv)
-            options.pin_for_graphs(kv)
-            return kv
+            return kv if compiled is None else options.compiled_region_inputs(kv)
 
         cond_kv = kv_of(cond)
         uncond = cond * 0
