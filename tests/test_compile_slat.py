@@ -13,6 +13,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from conftest import COMPILE_CASES
 from fs3d_accel.model.configs import mini_config
 from fs3d_accel.model.sparse import persistent_structure, release_structure
 from fs3d_accel.samplers import EulerFlowSampler
@@ -55,11 +56,7 @@ def _sample(stage: SLaTStage, cond, coords, noise, sampler, options: RunOptions)
             release_structure(s)
 
 
-@pytest.mark.parametrize("backend, batch_cfg, cache_kv, tol", [
-    ("eager", True, True, 0.0),
-    ("eager", False, False, 0.0),
-    ("aot_eager", True, True, 1e-5),
-])
+@COMPILE_CASES
 def test_compiled_slat_torso_one_graph_per_batch_size(slat_setup, cpu_compile, backend, batch_cfg, cache_kv, tol):
     stage, objects, sampler = slat_setup
     plain = RunOptions(batch_cfg=batch_cfg, cache_cond_kv=cache_kv)

@@ -15,6 +15,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
+from conftest import COMPILE_CASES
 from fs3d_accel.model.configs import mini_config
 from fs3d_accel.samplers import EulerFlowSampler
 from fs3d_accel.stages.options import RunOptions
@@ -41,14 +42,7 @@ def _sample(stage: SSStage, cond, noise, sampler, options: RunOptions):
     return EulerFlowSampler(sampler, "ss").sample(dict(noise), stage.velocity_net(cond, sampler, options))
 
 
-# aot_eager may trace composite / view ops into functional decompositions, which can reorder float32
-# arithmetic by an ulp per op; 1e-5 on O(1) latents is far below anything the sampler could show (with
-# torch 2.13 it measured exactly equal). eager runs the very same kernels, so it must be exact.
-@pytest.mark.parametrize("backend, batch_cfg, cache_kv, tol", [
-    ("eager", True, True, 0.0),
-    ("eager", False, False, 0.0),
-    ("aot_eager", True, True, 1e-5),
-])
+@COMPILE_CASES
 def test_compiled_ss_one_graph_no_recompile(ss_setup, cpu_compile, backend, batch_cfg, cache_kv, tol):
     stage, objects, sampler = ss_setup
     plain = RunOptions(batch_cfg=batch_cfg, cache_cond_kv=cache_kv)
