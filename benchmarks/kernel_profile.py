@@ -1,6 +1,7 @@
 """Where the GPU time of one network pass goes: torch.profiler kernel tables at true scale.
 
-Cases (``full`` config, bf16 weights, cond K/V cached, SLaT structure warmed as the sampler runs it):
+Cases (``full`` config, bf16 weights, the condition tokens of a synthetic image with their K/V cached,
+SLaT structure warmed as the sampler runs it):
 one SLaT flow pass at each ``--objects`` voxel set (B = 1 and the CFG pair, B = 2), one SS flow pass
 (B = 2), the mesh decoder network on the voxel set, and the decoder after uniform aggregation at
 ``--scale`` (reduce + network, what Fast-SAM3D's aggregation runs). For each: wall time, summed CUDA
@@ -25,7 +26,7 @@ from fs3d_accel.pipeline import Pipeline
 from fs3d_accel.seams import SparseTokens
 from fs3d_accel.stages.options import RunOptions
 from fs3d_accel.stages.ss import ss_noise
-from stage_latency import add_conv_args, apply_conv_args, load_coords
+from stage_latency import add_conv_args, apply_conv_args, load_coords, synthetic_inputs
 
 
 CASES = ("slat", "mesh", "aggregation", "ss")
@@ -94,7 +95,12 @@ def main() -> None:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
     lines = [f"# Kernel profile, config `{args.config}`, {name}, torch {torch.__version__}", ""]
     with torch.no_grad():
-        cond = torch.randn(2, 64, cfg.slat_flow.cond_channels, generator=g).to(dev, dtype)
+        # the real condition tokens of a synthetic image (SS 7,528 and SLaT 5,496 at full size): the
+        # cross-attention cost depends on their number (runs before session 5 used 64 random tokens)
+        inputs = pipe.prepare(*synthetic_inputs(cfg.image_size, seed=0)).to(dev)
+        slat_cond = pipe.slat.condition(**{k: v.to(dtype) for k, v in inputs.slat_kwargs().items()})
+        cond = torch.cat([slat_cond, slat_cond * 0], 0)
+        lines += [f"Condition tokens: SLaT {slat_cond.shape[1]}, from the condition fuser on a synthetic image.", ""]
         kv2, kv1 = pipe.slat.flow.precompute_cond_kv(cond), pipe.slat.flow.precompute_cond_kv(cond[:1])
         torso = None
         if args.compile_slat:
@@ -130,7 +136,8 @@ def main() -> None:
         if "ss" not in cases:
             (out / "kernel_profile.md").write_text("\n".join(lines) + "\n")
             return
-        ss_cond = torch.randn(2, 64, cfg.ss_flow.cond_channels, generator=g).to(dev, dtype)
+        ss_cond = pipe.ss.condition(**{k: v.to(dtype) for k, v in inputs.ss_kwargs().items()})
+        ss_cond = torch.cat([ss_cond, ss_cond * 0], 0)
         ss_kv = pipe.ss.flow.precompute_cond_kv(ss_cond)
         lat = {k: torch.cat([v, v], 0).to(dev, dtype) for k, v in ss_noise(cfg, g).items()}
         tt = torch.full((2,), 500.0, device=dev)

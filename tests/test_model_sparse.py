@@ -73,7 +73,8 @@ def test_sparse_tensor_layout_and_validation():
         SparseTensor.create(torch.randn(3, 2), coords, batch_size=1)
 
 
-@pytest.mark.parametrize("k,impl", [(1, "auto"), (3, "gather"), (3, "scatter"), (5, "gather")])
+@pytest.mark.parametrize("k,impl", [(1, "auto"), (3, "gather"), (3, "scatter"), (5, "gather"), (3, "transform"),
+                                    (5, "transform")])
 def test_sparse_conv_matches_dense_conv3d(k, impl):
     torch.manual_seed(0)
     res = 9
@@ -92,7 +93,7 @@ def test_sparse_conv_matches_dense_conv3d(k, impl):
     torch.testing.assert_close(out.feats, expected, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("impl", ["gather", "scatter"])
+@pytest.mark.parametrize("impl", ["gather", "scatter", "transform"])
 def test_sparse_conv_kernel_orientation(impl):
     # weight[:, 2, 1, 1, :] multiplies the neighbour at x+1; voxels at x=0,1,2 on one line
     coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [0, 2, 0, 0]], dtype=torch.int32)
@@ -104,6 +105,32 @@ def test_sparse_conv_kernel_orientation(impl):
         conv.conv.bias.zero_()
         conv.conv.weight[0, 2, 1, 1, 0] = 1.0
     assert conv(x).feats[:, 0].tolist() == [10.0, 100.0, 0.0]
+
+
+@pytest.mark.parametrize("c_in, c_out", [(16, 3), (3, 16)])
+def test_sparse_conv_transform_equals_gather(c_in, c_out):
+    """The transform-first conv gives the gather conv's values (only the order of the sums differs), in
+    fp32 and with bf16 features and weights (partial products summed in fp32), with row chunks."""
+    torch.manual_seed(1)
+    coords = random_coords(8, batch=2, frac=0.3)
+    x = SparseTensor.create(torch.randn(len(coords), c_in), coords)
+    conv = SparseConv3d(c_in, c_out, 3)
+    conv.gather_chunk_elements = 500
+    with torch.no_grad():
+        conv.conv.bias.normal_()
+        outs = {}
+        for impl in ("gather", "transform"):
+            conv.impl = impl
+            outs[impl] = conv(x).feats
+        torch.testing.assert_close(outs["transform"], outs["gather"], atol=1e-5, rtol=1e-5)
+        xb, cb = x.replace(x.feats.bfloat16()), conv.bfloat16()
+        cb.impl = "transform"
+        got = cb(xb).feats
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), outs["gather"], atol=0.05, rtol=0.02)
+    with pytest.raises(ValueError, match="'transform'"):
+        conv.impl = "nope"
+        conv(x)
 
 
 def test_neighbour_table_cached_and_duplicates_rejected():

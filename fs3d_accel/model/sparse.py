@@ -255,15 +255,19 @@ class SparseConv3d(nn.Module):
 
     Parameters: ``conv.weight`` (C_out, k, k, k, C_in) in spconv's on-disk layout, ``conv.bias``.
 
-    Two equivalent algorithms (``impl``): "gather" builds (rows, k^3 * C_in) neighbour features in
-    row chunks and does one matmul per chunk (no scatter, deterministic); "scatter" does one
+    Three equivalent algorithms (``impl``): "gather" builds (rows, k^3 * C_in) neighbour features in
+    row chunks and does one matmul per chunk (no scatter, deterministic); "transform" first multiplies
+    every input row by all k^3 offset matrices in one (N, C_in) x (C_in, k^3 * C_out) matmul, then sums
+    the k^3 neighbour rows of C_out (deterministic; moves k^3 * C_out instead of k^3 * C_in values per
+    row, so it wins when C_out < C_in: the SLaT upsampling block's 2048 -> 128 conv); "scatter" does one
     gather + matmul + ``index_add_`` per kernel offset over present neighbours only (no FLOPs on
-    absent neighbours, but 27 small scattered updates per conv). "auto" = "gather": it is the
-    faster one on the CPU and on the H100 too (mesh decoder network at N = 14k: 0.115 -> 0.076 s,
-    SLaT stage 1.17 -> 1.05 s; ``benchmarks/results/stage_latency_h100_run3``).
+    absent neighbours, but 27 small scattered updates per conv). "auto" = "transform" on CUDA when
+    C_out < C_in, else "gather" ("gather" beat "scatter" on the CPU and the H100: mesh decoder network
+    at N = 14k 0.115 -> 0.076 s, ``benchmarks/results/stage_latency_h100_run3``). The algorithms
+    differ only in the order of the floating-point sums.
     """
 
-    #: "auto" | "gather" | "scatter"
+    #: "auto" | "gather" | "transform" | "scatter"
     impl: str = "auto"
     #: gather path: elements of the gathered (rows, k^3*C_in) block per chunk
     gather_chunk_elements: int = 1 << 20  # ~4 MB fp32: cache-friendly on CPU
@@ -287,12 +291,32 @@ class SparseConv3d(nn.Module):
             return x.replace(F.linear(feats, w.reshape(self.out_channels, self.in_channels), b))
         impl = self.impl
         if impl == "auto":
-            impl = "gather"
+            impl = ("transform" if feats.device.type == "cuda" and self.out_channels < self.in_channels
+                    else "gather")
         if impl == "gather":
             return x.replace(self._gather(x, feats))
+        if impl == "transform":
+            return x.replace(self._transform(x, feats))
         if impl == "scatter":
             return x.replace(self._scatter(x, feats))
-        raise ValueError(f"SparseConv3d.impl must be 'auto', 'gather' or 'scatter', got {impl!r}")
+        raise ValueError(f"SparseConv3d.impl must be 'auto', 'gather', 'transform' or 'scatter', got {impl!r}")
+
+    def _transform(self, x: SparseTensor, feats: Tensor) -> Tensor:
+        table = neighbour_table(x, self.kernel_size)
+        n, k3 = table.shape
+        c_out = self.out_channels
+        # (C_in, k3 * C_out): column block k is offset k's (C_out, C_in) matrix, transposed
+        w = self.conv.weight.reshape(c_out, k3, self.in_channels).permute(2, 1, 0).reshape(self.in_channels, k3 * c_out)
+        # the last row stands for an absent neighbour (zeros); out= would break autograd (training)
+        per_offset = torch.cat([feats @ w, feats.new_zeros(1, k3 * c_out)]).view((n + 1) * k3, c_out)
+        # row table[j, k] * k3 + k of per_offset = what input voxel table[j, k] sends to j through offset k
+        index = table * k3 + torch.arange(k3, device=table.device)
+        acc = torch.promote_types(feats.dtype, torch.float32)  # fp16/bf16 partial products summed in fp32
+        chunk = self.gather_chunk_elements_cuda if feats.device.type == "cuda" else self.gather_chunk_elements
+        rows = max(1, chunk // (k3 * c_out))
+        outs = [per_offset[index[a:a + rows]].sum(1, dtype=acc) for a in range(0, n, rows)]
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
+        return (out + self.conv.bias.to(acc)).to(feats.dtype)
 
     def _gather(self, x: SparseTensor, feats: Tensor) -> Tensor:
         table = neighbour_table(x, self.kernel_size)
