@@ -148,7 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tf32", default="on", choices=["on", "off"],
                     help="TF32 tensor cores for fp32 matmuls/convs on CUDA (on: as stage_latency.py; off: fp32 "
                          "parity at full fp32 precision)")
-    add_conv_args(ap)  # our SparseConv3d algorithm (auto = gather)
+    add_conv_args(ap)  # our SparseConv3d algorithm (auto: see SparseConv3d)
     ap.add_argument("--out", type=Path, default=Path("runs/base_vs_official"))
     return ap
 

@@ -90,7 +90,7 @@ class Timer:
 def add_conv_args(ap: argparse.ArgumentParser) -> None:
     """--conv-impl / --gather-chunk: which sparse-conv algorithm the run uses (shared with kernel_profile)."""
     ap.add_argument("--conv-impl", default="auto", choices=["auto", "gather", "transform", "scatter"],
-                    help="SparseConv3d algorithm (auto = transform on CUDA when C_out < C_in, else gather; "
+                    help="SparseConv3d algorithm (auto = transform on CUDA when C_in >= 8 C_out, else gather; "
                          "scatter was the GPU default before run 3)")
     ap.add_argument("--gather-chunk", type=int, default=None,
                     help="SparseConv3d.gather_chunk_elements (elements of one gathered block)")

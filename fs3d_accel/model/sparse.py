@@ -262,13 +262,17 @@ class SparseConv3d(nn.Module):
     row, so it wins when C_out < C_in: the SLaT upsampling block's 2048 -> 128 conv); "scatter" does one
     gather + matmul + ``index_add_`` per kernel offset over present neighbours only (no FLOPs on
     absent neighbours, but 27 small scattered updates per conv). "auto" = "transform" on CUDA when
-    C_out < C_in, else "gather" ("gather" beat "scatter" on the CPU and the H100: mesh decoder network
+    C_in >= ``transform_min_ratio`` x C_out, else "gather" ("gather" beat "scatter" on the CPU and the H100: mesh decoder network
     at N = 14k 0.115 -> 0.076 s, ``benchmarks/results/stage_latency_h100_run3``). The algorithms
     differ only in the order of the floating-point sums.
     """
 
     #: "auto" | "gather" | "transform" | "scatter"
     impl: str = "auto"
+    #: "auto" picks "transform" on CUDA when C_in >= this x C_out. Measured on the H100 (session 5): the
+    #: SLaT upsampling conv (2048 -> 128, 16x) gains (SLaT stage at N = 14k 0.743 -> 0.714 s), the mesh
+    #: decoder's 768 -> 192 and 192 -> 96 convs lose (0.075 -> 0.079 s)
+    transform_min_ratio: int = 8
     #: gather path: elements of the gathered (rows, k^3*C_in) block per chunk
     gather_chunk_elements: int = 1 << 20  # ~4 MB fp32: cache-friendly on CPU
     #: the same on CUDA devices: 64M elements (128 MB bf16), so a pass is one or a few big matmuls
@@ -291,8 +295,8 @@ class SparseConv3d(nn.Module):
             return x.replace(F.linear(feats, w.reshape(self.out_channels, self.in_channels), b))
         impl = self.impl
         if impl == "auto":
-            impl = ("transform" if feats.device.type == "cuda" and self.out_channels < self.in_channels
-                    else "gather")
+            impl = ("transform" if feats.device.type == "cuda"
+                    and self.in_channels >= self.transform_min_ratio * self.out_channels else "gather")
         if impl == "gather":
             return x.replace(self._gather(x, feats))
         if impl == "transform":
