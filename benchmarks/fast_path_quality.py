@@ -34,8 +34,11 @@ SETTINGS = {
     "bf16 + batched CFG + K/V cache": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True),
     "bf16 + batched CFG + K/V cache + torch.compile (SS, SLaT blocks)": RunOptions(
         precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True),
+    "... + one-key K/V of the zero condition": RunOptions(
+        precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
+        collapse_zero_cond=True),
 }
-SHORT = dict(zip(("fp32", "fp32-cfg-kv", "bf16-cfg-kv", "compile-all"), SETTINGS))
+SHORT = dict(zip(("fp32", "fp32-cfg-kv", "bf16-cfg-kv", "compile-all", "compile-all-zkv"), SETTINGS))
 #: the compiled setting is also compared with this one (same precision: only compilation differs)
 SAME_PRECISION_REF = "bf16 + batched CFG + K/V cache"
 DATASETS = {"shipped": None, "ycb_scale": Path(__file__).parent / "data" / "ycb_scale" / "objects"}

@@ -44,6 +44,9 @@ VARIANTS = {
                                                         compile_ss=True, compile_slat=True),
     "... + torch.compile (SS, SLaT blocks) + CUDA graphs (SLaT)": RunOptions(
         precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True, cuda_graphs=True),
+    "... + torch.compile (SS, SLaT blocks) + one-key K/V of the zero condition": RunOptions(
+        precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
+        collapse_zero_cond=True),
     "... + torch.compile reduce-overhead (SS, SLaT blocks)": RunOptions(
         precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
         compile_mode="reduce-overhead"),
@@ -55,7 +58,8 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
          "compile-graphs": "... + torch.compile (SS) + CUDA graphs (SLaT)",
          "compile-all": "... + torch.compile (SS, SLaT blocks)",
          "compile-all-graphs": "... + torch.compile (SS, SLaT blocks) + CUDA graphs (SLaT)",
-         "compile-all-ro": "... + torch.compile reduce-overhead (SS, SLaT blocks)"}
+         "compile-all-ro": "... + torch.compile reduce-overhead (SS, SLaT blocks)",
+         "compile-all-zkv": "... + torch.compile (SS, SLaT blocks) + one-key K/V of the zero condition"}
 #: outputs of every variant are compared with this one's (same weights, inputs, seeds)
 REFERENCE_VARIANT = "bf16-cfg-kv"
 COORDS_FILE = Path(__file__).parent / "data" / "ycb_surface_coords_r64.npz"

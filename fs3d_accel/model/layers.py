@@ -107,6 +107,55 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Te
     return out.transpose(1, 2)
 
 
+def cross_attention(q: Tensor, kv: tuple[Tensor, ...]) -> Tensor:
+    """q (B, Lq, H, D) against cached K/V: ``(k, v)`` for the whole batch (one SDPA call), or the
+    per-element form ``(k_0, v_0, ..., k_{B-1}, v_{B-1})``, each (1, L_i, H, D), whose elements may have
+    different key counts (one call per element; see :func:`collapse_zero_condition_kv`). A flat tuple of
+    tensors rather than a list of pairs: torch.compile's nested regions take it as plain inputs."""
+    if len(kv) == 2:
+        return attention(q, kv[0], kv[1])
+    if len(kv) != 2 * q.shape[0]:
+        raise ValueError(f"{len(kv) // 2} per-element K/V pairs for a batch of {q.shape[0]} queries")
+    return torch.cat([attention(q[i:i + 1], kv[2 * i], kv[2 * i + 1]) for i in range(q.shape[0])], dim=0)
+
+
+def collapse_zero_condition_kv(kv: tuple[Tensor, Tensor], zero_rows: list[bool]) -> tuple[Tensor, ...]:
+    """Cached (k, v) of a batch whose rows ``zero_rows`` come from an all-zero condition (the
+    unconditional CFG branch): those rows keep ONE key and value instead of L.
+
+    Why it is exact: ``to_kv`` of a zero token is its bias, so all L keys of such a row are equal and all
+    L values are equal; softmax over equal scores is uniform and the output is that one value, which is
+    also the output of attention over a single key. (On the GPU's fp32-accumulating kernels both give the
+    value exactly; a CPU math path may differ by an ulp.) Returns ``kv`` unchanged when no row is zero,
+    ``(k[:, :1], v[:, :1])`` for a single zero row, else the per-element form of :func:`cross_attention`.
+    """
+    k, v = kv
+    if len(zero_rows) != k.shape[0]:
+        raise ValueError(f"zero_rows has {len(zero_rows)} entries, K/V batch is {k.shape[0]}")
+    if not any(zero_rows):
+        return kv
+    if all(zero_rows):
+        return k[:, :1], v[:, :1]
+    out: list[Tensor] = []
+    for i, zero in enumerate(zero_rows):
+        out += [k[i:i + 1, :1], v[i:i + 1, :1]] if zero else [k[i:i + 1], v[i:i + 1]]
+    return tuple(out)
+
+
+def map_kv_pairs(fn, tree):
+    """Apply ``fn`` to every (k, v) pair of a cached-K/V structure (lists and dicts of pairs: the SLaT
+    flow's per-block list, the SS flow's per-block dict of streams)."""
+    if isinstance(tree, tuple) and all(isinstance(t, Tensor) for t in tree):
+        if len(tree) != 2:
+            raise ValueError(f"expected a (k, v) pair, got {len(tree)} tensors (already collapsed?)")
+        return fn(tree)
+    if isinstance(tree, list):
+        return [map_kv_pairs(fn, t) for t in tree]
+    if isinstance(tree, dict):
+        return {k: map_kv_pairs(fn, t) for k, t in tree.items()}
+    raise TypeError(f"not a cached K/V structure: {type(tree).__name__}")
+
+
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     """adaLN modulation: x * (1 + scale) + shift (shift/scale broadcast over tokens)."""
     return x * (1 + scale) + shift

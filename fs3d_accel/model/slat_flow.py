@@ -123,7 +123,7 @@ class ModulatedSparseTransformerCrossBlock(nn.Module):
 
 @torch.compiler.nested_compile_region
 def _dense_block_region(block: ModulatedSparseTransformerCrossBlock, f: Tensor, emb: Tensor,
-                        context: Tensor | None, context_kv: tuple[Tensor, Tensor] | None) -> Tensor:
+                        context: Tensor | None, context_kv: tuple[Tensor, ...] | None) -> Tensor:
     """One transformer block as a nested compile region: traced and compiled once, reused by all 24
     blocks (weights are graph inputs), as the SS flow's ``_block_region``. Only used while compiling."""
     return block.dense_forward(f, emb, context, context_kv)
@@ -242,7 +242,8 @@ class SLaTFlowModel(nn.Module):
         else:
             if len(cond_kv) != len(self.blocks):
                 raise ValueError(f"cond_kv has {len(cond_kv)} entries, model has {len(self.blocks)} blocks")
-            batch = cond_kv[0][0].shape[0]
+            first = cond_kv[0]  # (k, v), or the per-element form (collapse_zero_condition_kv)
+            batch = first[0].shape[0] if len(first) == 2 else len(first) // 2
         if len(feats) == 0:
             raise ValueError("SLaT flow model needs at least one voxel")
         t = t.reshape(-1)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import MultiHeadRMSNorm
+from .layers import MultiHeadRMSNorm, cross_attention
 
 #: SDPA working-set budget (elements of the attention matrix) for one chunk of windows.
 _ATTN_CHUNK_ELEMENTS = 1 << 26
@@ -738,10 +738,14 @@ class SparseCrossAttention(nn.Module):
             if context is None:
                 raise ValueError("cross attention needs a context or precomputed kv")
             kv = self.context_kv(context)
-        k, v = kv
         n = len(x)
         q = self.to_q(x.feats).view(n, self.num_heads, -1)
-        h = dense_cross_attention(q, k, v, x.seqlens)
+        if len(kv) == 2:
+            h = dense_cross_attention(q, kv[0], kv[1], x.seqlens)
+        else:  # per-element K/V (collapse_zero_condition_kv): one call per batch element
+            if len(kv) != 2 * x.batch_size:
+                raise ValueError(f"{len(kv) // 2} per-element K/V pairs for {x.batch_size} batch elements")
+            h = torch.cat([_sdpa(q[sl][None], kv[2 * i], kv[2 * i + 1])[0] for i, sl in enumerate(x.layout)], dim=0)
         return x.replace(self.to_out(h.reshape(n, self.channels)))
 
     def dense(self, feats: Tensor, context: Tensor | None = None,
@@ -752,9 +756,8 @@ class SparseCrossAttention(nn.Module):
             if context is None:
                 raise ValueError("cross attention needs a context or precomputed kv")
             kv = self.context_kv(context)
-        k, v = kv
         b, l, c = feats.shape
-        if k.shape[0] != b:
-            raise ValueError(f"{b} query batch elements but {k.shape[0]} condition rows")
+        if len(kv) == 2 and kv[0].shape[0] != b:
+            raise ValueError(f"{b} query batch elements but {kv[0].shape[0]} condition rows")
         q = self.to_q(feats).view(b, l, self.num_heads, -1)
-        return self.to_out(_sdpa(q, k, v).reshape(b, l, c))
+        return self.to_out(cross_attention(q, kv).reshape(b, l, c))

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from .configs import LAYOUT_MODALITIES, LAYOUT_STREAM_ORDER, SSFlowConfig
 from .layers import (AbsolutePositionEmbedder, FeedForwardNet, LayerNorm32, MultiHeadRMSNorm, TimestepEmbedder,
+                     cross_attention,
                      attention, modulate)
 
 SHAPE = "shape"
@@ -106,11 +107,11 @@ class CrossAttention(nn.Module):
         k, v = self.to_kv(cond).reshape(b, n, 2, self.num_heads, -1).unbind(2)
         return k, v
 
-    def forward(self, x: Tensor, cond: Tensor | None = None, kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, cond: Tensor | None = None, kv=None) -> Tensor:
+        """``kv``: cached K/V (a (k, v) pair, or per-element pairs from ``collapse_zero_condition_kv``)."""
         b, n, c = x.shape
-        k, v = kv if kv is not None else self.kv(cond)
         q = self.to_q(x).reshape(b, n, self.num_heads, c // self.num_heads)
-        return self.to_out(attention(q, k, v).reshape(b, n, c))
+        return self.to_out(cross_attention(q, kv if kv is not None else self.kv(cond)).reshape(b, n, c))
 
 
 class MoTBlock(nn.Module):

@@ -47,7 +47,16 @@ class SLaTStage(nn.Module):
         key = (options.compile_backend, options.compile_mode)
         if key not in cache:
             kw = {"mode": options.compile_mode} if options.compile_backend == "inductor" else {}
-            cache[key] = torch.compile(self.flow.dense_torso, backend=options.compile_backend, **kw)
+            compiled = torch.compile(self.flow.dense_torso, backend=options.compile_backend, **kw)
+
+            def torso(*args):
+                # only the token count is dynamic (the flow marks it): without this, dynamo would make
+                # the batch dimension dynamic too once it has seen 2 and 1, and specialise it back
+                # inside the per-element K/V path (a recompile torch 2.13 fails on in nested regions)
+                with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+                    return compiled(*args)
+
+            cache[key] = torso
         return cache[key]
 
     def velocity_net(self, cond: Tensor, coords: Tensor, sampler_cfg: SamplerConfig, options: RunOptions,
@@ -66,14 +75,14 @@ class SLaTStage(nn.Module):
         uncond = cond * 0
         torso = self.compiled_torso(options)
 
-        def kv_of(c: Tensor):
-            """Cached K/V of a condition (independent copies for the compiled torso's regions)."""
+        def kv_of(c: Tensor, zero_rows: list[bool]):
+            """Cached K/V of a condition (``zero_rows``: which batch rows are the all-zero unconditional
+            condition; see ``RunOptions.prepare_cond_kv``)."""
             if not options.cache_cond_kv:
                 return None
-            kv = flow.precompute_cond_kv(c.to(dtype))
-            return kv if torso is None else options.compiled_region_inputs(kv)
+            return options.prepare_cond_kv(flow.precompute_cond_kv(c.to(dtype)), zero_rows, torso is not None)
 
-        kv, ukv = kv_of(cond), kv_of(uncond)
+        kv, ukv = kv_of(cond, [False]), kv_of(uncond, [True])
 
         def run(feats: Tensor, c_coords: Tensor, t: float, c: Tensor, ckv, structure=None) -> Tensor:
             tt = torch.full((c.shape[0],), t * sampler_cfg.time_scale, device=c.device)
@@ -114,7 +123,7 @@ class SLaTStage(nn.Module):
         batched = None
         if options.batch_cfg:
             both = torch.cat([cond, uncond], 0)
-            both_kv = kv_of(both)
+            both_kv = kv_of(both, [False, True])
             both_coords = cfg_coords(coords) if cache else None
             both_structure = persistent_structure() if cache else None
             if cache:

@@ -91,18 +91,17 @@ class SSStage(nn.Module):
         dtype = options.compute_dtype(cond.device)
         plain = self.flow
 
-        def kv_of(c: Tensor) -> CondKV | None:
-            """K/V of the condition, computed once per object outside any compiled region; for the
-            compiled flow as independent tensors (nested-region inputs)."""
+        def kv_of(c: Tensor, zero_rows: list[bool]) -> CondKV | None:
+            """K/V of the condition, computed once per object outside any compiled region (``zero_rows``:
+            which batch rows are the all-zero unconditional condition; see ``RunOptions.prepare_cond_kv``)."""
             if not options.cache_cond_kv:
                 return None
-            kv = plain.precompute_cond_kv(c.to(dtype))
-            return kv if compiled is None else options.compiled_region_inputs(kv)
+            return options.prepare_cond_kv(plain.precompute_cond_kv(c.to(dtype)), zero_rows, compiled is not None)
 
-        cond_kv = kv_of(cond)
+        cond_kv = kv_of(cond, [False])
         uncond = cond * 0
         graphs: dict[int, GraphedCall] = {}  # one per condition tensor (cond, uncond, both)
-        uncond_kv = kv_of(uncond)
+        uncond_kv = kv_of(uncond, [True])
 
         def run(x: dict[str, Tensor], t: float, c: Tensor, kv: CondKV | None) -> dict[str, Tensor]:
             b = c.shape[0]
@@ -129,7 +128,7 @@ class SSStage(nn.Module):
         batched = None
         if options.batch_cfg:
             both = torch.cat([cond, uncond], 0)
-            both_kv = kv_of(both)
+            both_kv = kv_of(both, [False, True])
 
             def batched(x, t, active):
                 xx = {k: torch.cat([v, v], 0) for k, v in x.items()}

@@ -138,13 +138,16 @@ def _install_default_rules() -> None:
         kv = _arg(args, kwargs, 2, "kv")
         n, c, h = len(x), mod.channels, mod.num_heads
         f = 2 * linear_flops(n, c, c)  # to_q, to_out
+        segs = list(x.seqlens)
         if kv is None:
             b, l, cc = context.shape
             f += linear_flops(b * l, cc, 2 * c)
+            kv_lens = [l] * len(segs)
+        elif len(kv) != 2:  # per-element K/V (collapse_zero_condition_kv): their own key counts
+            kv_lens = [k.shape[1] for k in kv[0::2]]
         else:
-            l = kv[0].shape[1]
-        segs = list(x.seqlens)
-        return f + varlen_attention_flops(h, segs, [l] * len(segs), c // h)
+            kv_lens = [kv[0].shape[1]] * len(segs)
+        return f + varlen_attention_flops(h, segs, kv_lens, c // h)
 
 
 _install_default_rules()

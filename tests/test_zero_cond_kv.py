@@ -1,0 +1,114 @@
+"""``RunOptions.collapse_zero_cond``: the unconditional CFG branch's cross-attention over one key.
+
+The unconditional branch feeds all-zero condition tokens, so every key (and every value) of its
+cross-attention is the ``to_kv`` bias; attention over one of them gives the same output. Checked on the
+attention itself, and on whole SS and SLaT samplers (batched and unbatched CFG, eager and the compiled
+SLaT torso) against the uncollapsed run. On the CPU's math path softmax divides by L, so the two agree to
+float rounding rather than bit for bit.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fs3d_accel.model.configs import mini_config
+from fs3d_accel.model.layers import collapse_zero_condition_kv, cross_attention, map_kv_pairs
+from fs3d_accel.model.sparse import release_structure
+from fs3d_accel.model.ss_flow import CrossAttention
+from fs3d_accel.samplers import EulerFlowSampler
+from fs3d_accel.stages.options import RunOptions
+from fs3d_accel.stages.slat import SLaTStage, slat_noise
+from fs3d_accel.stages.ss import SSStage, ss_noise
+
+
+@torch.no_grad()
+def test_attention_over_one_key_of_a_zero_condition():
+    torch.manual_seed(0)
+    attn = CrossAttention(32, 24, 4)
+    torch.nn.init.normal_(attn.to_kv.bias)
+    cond = torch.cat([torch.randn(1, 50, 24), torch.zeros(1, 50, 24)])
+    x = torch.randn(2, 9, 32)
+    full = attn.kv(cond)
+    collapsed = collapse_zero_condition_kv(full, [False, True])
+    assert len(collapsed) == 4 and collapsed[0].shape[1] == 50 and collapsed[2].shape[1] == 1
+    torch.testing.assert_close(attn(x, kv=collapsed), attn(x, kv=full), rtol=1e-6, atol=1e-6)
+    # the conditional row's attention is untouched: the same SDPA on the same tensors
+    q = torch.randn(2, 9, 4, 8)
+    assert torch.equal(cross_attention(q, collapsed)[:1], cross_attention(q[:1], (full[0][:1], full[1][:1])))
+    assert collapse_zero_condition_kv(full, [False, False]) is full
+    one = collapse_zero_condition_kv((full[0][1:], full[1][1:]), [True])  # a batch of one zero row
+    assert len(one) == 2 and one[0].shape[:2] == (1, 1)
+    torch.testing.assert_close(attn(x[1:], kv=one), attn(x[1:], kv=(full[0][1:], full[1][1:])), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="zero_rows has 1 entries, K/V batch is 2"):
+        collapse_zero_condition_kv(full, [True])
+    with pytest.raises(ValueError, match="2 per-element K/V pairs for a batch of 1"):
+        cross_attention(q[:1], collapsed)
+    with pytest.raises(ValueError, match="expected a .k, v. pair, got 4 tensors"):
+        map_kv_pairs(lambda p: p, [collapsed])
+    with pytest.raises(TypeError, match="not a cached K/V structure"):
+        map_kv_pairs(lambda p: p, [full[0]])
+
+
+def test_collapse_needs_the_kv_cache():
+    with pytest.raises(ValueError, match="collapse_zero_cond works on the cached condition K/V"):
+        RunOptions(collapse_zero_cond=True)
+    assert RunOptions(cache_cond_kv=True, collapse_zero_cond=True).collapse_zero_cond
+
+
+@pytest.fixture(scope="module")
+def mini():
+    import dataclasses
+    cfg = mini_config()
+    cfg = dataclasses.replace(cfg, ss_flow=dataclasses.replace(cfg.ss_flow, resolution=4))
+    torch.manual_seed(0)
+    return cfg, SSStage(cfg).eval(), SLaTStage(cfg).eval()
+
+
+def _bias_nonzero(module: torch.nn.Module) -> None:
+    """Random biases everywhere, so the zero condition's keys and values are not zero themselves."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.Linear) and m.bias is not None:
+                torch.nn.init.normal_(m.bias, std=0.1)
+
+
+@pytest.mark.parametrize("batch_cfg", [True, False])
+@torch.no_grad()
+def test_ss_sampler_same_with_collapsed_uncond_kv(mini, batch_cfg):
+    cfg, ss, _ = mini
+    _bias_nonzero(ss.flow)
+    g = torch.Generator().manual_seed(0)
+    cond, noise = torch.randn(1, 40, cfg.ss_flow.cond_channels, generator=g), ss_noise(cfg, g)
+    outs = []
+    for collapse in (False, True):
+        opts = RunOptions(batch_cfg=batch_cfg, cache_cond_kv=True, collapse_zero_cond=collapse)
+        net = ss.velocity_net(cond, cfg.ss_sampler, opts)
+        outs.append(EulerFlowSampler(cfg.ss_sampler, "ss").sample(dict(noise), net))
+    for k in outs[0]:
+        torch.testing.assert_close(outs[1][k], outs[0][k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+@pytest.mark.parametrize("batch_cfg, compiled", [(True, False), (False, False), (True, True)])
+@torch.no_grad()
+def test_slat_sampler_same_with_collapsed_uncond_kv(mini, batch_cfg, compiled, cpu_compile):
+    cfg, _, slat = mini
+    _bias_nonzero(slat.flow)
+    g = torch.Generator().manual_seed(1)
+    r = cfg.slat_flow.resolution
+    idx = torch.randperm(r ** 3, generator=g)[:200].sort().values
+    coords = torch.cat([torch.zeros(200, 1, dtype=torch.long),
+                        torch.stack([idx // (r * r), (idx // r) % r, idx % r], 1)], 1).int()
+    cond = torch.randn(1, 24, cfg.slat_flow.cond_channels, generator=g)
+    noise = slat_noise(200, cfg.slat_flow.in_channels, g)
+    outs = []
+    for collapse in (False, True):
+        opts = RunOptions(batch_cfg=batch_cfg, cache_cond_kv=True, collapse_zero_cond=collapse,
+                          compile_slat=compiled, compile_backend="eager")
+        structures: list[dict] = []
+        try:
+            net = slat.velocity_net(cond, coords, cfg.slat_sampler, opts, structures)
+            outs.append(EulerFlowSampler(cfg.slat_sampler, "slat").sample(noise.clone(), net))
+        finally:
+            for s in structures:
+                release_structure(s)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
