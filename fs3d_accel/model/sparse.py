@@ -262,9 +262,9 @@ class SparseConv3d(nn.Module):
     row, so it wins when C_out < C_in: the SLaT upsampling block's 2048 -> 128 conv); "scatter" does one
     gather + matmul + ``index_add_`` per kernel offset over present neighbours only (no FLOPs on
     absent neighbours, but 27 small scattered updates per conv). "auto" = "transform" on CUDA when
-    C_in >= ``transform_min_ratio`` x C_out, else "gather" ("gather" beat "scatter" on the CPU and the H100: mesh decoder network
-    at N = 14k 0.115 -> 0.076 s, ``benchmarks/results/stage_latency_h100_run3``). The algorithms
-    differ only in the order of the floating-point sums.
+    C_in >= ``transform_min_ratio`` x C_out, else "gather" ("gather" beat "scatter" on the CPU and the
+    H100: mesh decoder network at N = 14k 0.115 -> 0.076 s, ``benchmarks/results/stage_latency_h100_run3``).
+    The algorithms differ only in the order of the floating-point sums.
     """
 
     #: "auto" | "gather" | "transform" | "scatter"

@@ -14,8 +14,7 @@ from torch import Tensor, nn
 
 from .configs import LAYOUT_MODALITIES, LAYOUT_STREAM_ORDER, SSFlowConfig
 from .layers import (AbsolutePositionEmbedder, FeedForwardNet, LayerNorm32, MultiHeadRMSNorm, TimestepEmbedder,
-                     cross_attention,
-                     attention, modulate)
+                     attention, cross_attention, modulate)
 
 SHAPE = "shape"
 LAYOUT = "6drotation_normalized"
