@@ -8,11 +8,19 @@ from pathlib import Path
 
 def _load_pipeline(args) -> "object":
     from .pipeline import Pipeline
+    from .stages.options import fast_path
+    try:
+        options = fast_path(getattr(args, "fast_path", "off"))
+        options.check_device(args.device)
+    except ValueError as e:
+        raise SystemExit(f"--fast-path: {e}") from e
     if args.checkpoint:
-        return Pipeline.from_checkpoint(args.checkpoint, config=args.config, device=args.device)
-    if args.weights == "random":
-        return Pipeline.from_config(args.config or "mini", device=args.device)
-    return Pipeline.from_pretrained(args.weights, device=args.device)
+        pipe = Pipeline.from_checkpoint(args.checkpoint, config=args.config, device=args.device)
+    elif args.weights == "random":
+        pipe = Pipeline.from_config(args.config or "mini", device=args.device)
+    else:
+        pipe = Pipeline.from_pretrained(args.weights, device=args.device)
+    return pipe.with_options(options)
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -20,6 +28,15 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=None, help="official checkpoint folder or our model.safetensors")
     p.add_argument("--config", default=None, help="config name (mini|full) for --checkpoint / random weights")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--fast-path", default="off", choices=list(_fast_path_names()),
+                   help="exact fast-path setting: off (fp32 reference), fp32-cfg-kv, bf16 (bf16 weights, batched CFG, "
+                        "cached condition K/V), compiled (+ torch.compile, CUDA), compiled-zkv (+ one-key K/V of the "
+                        "zero condition, CUDA)")
+
+
+def _fast_path_names():
+    from .stages.options import FAST_PATHS
+    return FAST_PATHS
 
 
 def cmd_run(args) -> int:

@@ -235,6 +235,15 @@ class Pipeline(nn.Module):
         dec = timed("decode", lambda: self.run_decode(inputs, ss, slat))
         return Result(inputs=inputs, ss=ss, slat=slat, decode=dec, seed=seed, timings=timings)
 
+    def with_options(self, options: RunOptions) -> "Pipeline":
+        """Run with ``options`` (e.g. ``stages.options.fast_path("compiled")``): casts the weights to the
+        options' weight dtype (the half-precision settings need half-precision weights) and checks the
+        device first, so a CUDA-only setting on a CPU pipeline fails here with the reason. Returns self."""
+        options.check_device(self.device)
+        self.to(options.weight_dtype)
+        self.options = options
+        return self
+
     def with_accel(self, accel: Accelerator | None) -> "Pipeline":
         """Set the accelerator bundle (``None`` = plain pipeline); returns self for chaining."""
         self.accel = accel or Accelerator(name="base")

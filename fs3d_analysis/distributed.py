@@ -521,16 +521,18 @@ class CliPipeFactory:
     weights: str = "sam3d-mini"
     checkpoint: str | None = None
     config: str | None = None
+    fast_path: str = "off"
 
     @classmethod
     def from_args(cls, args) -> "CliPipeFactory":
-        return cls(weights=args.weights, checkpoint=args.checkpoint, config=args.config)
+        return cls(weights=args.weights, checkpoint=args.checkpoint, config=args.config,
+                   fast_path=getattr(args, "fast_path", "off"))
 
     def __call__(self, device: str = "cpu"):
         from fs3d_accel.cli import _load_pipeline
 
         return _load_pipeline(argparse.Namespace(weights=self.weights, checkpoint=self.checkpoint,
-                                                 config=self.config, device=device))
+                                                 config=self.config, device=device, fast_path=self.fast_path))
 
 
 def eval_main(args, samples: Sequence, methods: Mapping[str, Callable]) -> pd.DataFrame:

@@ -134,3 +134,22 @@ class RunOptions:
         if self.precision == "autocast-bf16":
             return torch.autocast(dev.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
+
+
+#: named settings of the exact fast path (CLI ``--fast-path``), each one step further than the last;
+#: timings and quality of each: ``benchmarks/results/base_vs_official_h100/NOTES.md``
+FAST_PATHS: dict[str, RunOptions] = {
+    "off": RunOptions(),
+    "fp32-cfg-kv": RunOptions(batch_cfg=True, cache_cond_kv=True),
+    "bf16": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True),
+    "compiled": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True),
+    "compiled-zkv": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True,
+                               compile_slat=True, collapse_zero_cond=True),
+}
+
+
+def fast_path(name: str) -> RunOptions:
+    """The named fast-path setting (:data:`FAST_PATHS`)."""
+    if name not in FAST_PATHS:
+        raise ValueError(f"unknown fast path {name!r}; choose one of {list(FAST_PATHS)}")
+    return FAST_PATHS[name]

@@ -1,0 +1,56 @@
+"""Named fast-path settings (``stages.options.FAST_PATHS``), ``Pipeline.with_options`` and ``--fast-path``."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fs3d_accel import cli
+from fs3d_accel.pipeline import Pipeline
+from fs3d_accel.stages.options import FAST_PATHS, RunOptions, fast_path
+from fs3d_analysis.distributed import CliPipeFactory
+
+
+def test_named_fast_paths():
+    assert list(FAST_PATHS) == ["off", "fp32-cfg-kv", "bf16", "compiled", "compiled-zkv"]
+    assert fast_path("off") == RunOptions()
+    assert fast_path("bf16").weight_dtype == torch.bfloat16 and fast_path("bf16").cache_cond_kv
+    assert fast_path("compiled-zkv").collapse_zero_cond and fast_path("compiled-zkv").compile_slat
+    with pytest.raises(ValueError, match="unknown fast path 'fastest'"):
+        fast_path("fastest")
+
+
+def test_with_options_casts_weights_and_checks_the_device():
+    pipe = Pipeline.from_config("mini", device="cpu")
+    with pytest.raises(ValueError, match="compile_ss is CUDA-only"):
+        pipe.with_options(fast_path("compiled"))
+    assert pipe.options == RunOptions()  # a refused setting leaves the pipeline as it was
+    assert next(pipe.parameters()).dtype == torch.float32
+    assert pipe.with_options(fast_path("bf16")) is pipe
+    assert pipe.options == fast_path("bf16")
+    assert {p.dtype for p in pipe.parameters()} == {torch.bfloat16}
+
+
+def test_cli_fast_path(tmp_path):
+    args = cli.build_parser().parse_args(["run", "--weights", "random", "--sample", "0", "--fast-path", "compiled"])
+    with pytest.raises(SystemExit, match="--fast-path: compile_ss is CUDA-only"):
+        args.fn(args)
+    with pytest.raises(SystemExit):  # argparse rejects unknown names
+        cli.build_parser().parse_args(["run", "--fast-path", "fastest"])
+    args = cli.build_parser().parse_args(["eval", "--fast-path", "bf16"])
+    assert CliPipeFactory.from_args(args).fast_path == "bf16"
+
+
+def test_cli_run_with_the_bf16_fast_path(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    mask = np.zeros((64, 64), bool)
+    mask[16:48, 20:44] = True
+    ys, xs = np.mgrid[0:64, 0:64]
+    pointmap = np.stack([(xs - 32) / 64, (ys - 32) / 64, np.full((64, 64), 2.0)], -1).astype(np.float32)
+    np.savez(tmp_path / "in.npz", image=image, mask=mask, pointmap=pointmap)
+    args = cli.build_parser().parse_args(["run", "--weights", "random", "--inputs", str(tmp_path / "in.npz"),
+                                          "--fast-path", "bf16", "--out", str(tmp_path / "m.ply")])
+    assert args.fn(args) == 0
+    assert (tmp_path / "m.ply").stat().st_size > 0
+    assert "wrote" in capsys.readouterr().out
