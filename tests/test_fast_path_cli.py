@@ -54,3 +54,23 @@ def test_cli_run_with_the_bf16_fast_path(tmp_path, capsys):
     assert args.fn(args) == 0
     assert (tmp_path / "m.ply").stat().st_size > 0
     assert "wrote" in capsys.readouterr().out
+
+
+@torch.no_grad()
+def test_accelerator_on_the_compiled_path_is_exact(cpu_compile):
+    """Fast-SAM3D (step caching, token carving: SLaT passes over token subsets) through the compiled
+    SS flow and SLaT torso (dynamo's eager backend on the CPU: same kernels), with the one-key zero
+    condition: the same latents as without compilation."""
+    from fs3d_accel.accel.presets import method_factory
+    from fs3d_analysis.data import load_shipped_samples
+    s = load_shipped_samples()[0]
+    base = RunOptions(batch_cfg=True, cache_cond_kv=True, collapse_zero_cond=True)
+    results = []
+    for opts in (base, RunOptions(batch_cfg=True, cache_cond_kv=True, collapse_zero_cond=True, compile_ss=True,
+                                  compile_slat=True, compile_backend="eager")):
+        pipe = Pipeline.from_pretrained("sam3d-mini").with_options(opts).with_accel(method_factory("fast-sam3d")())
+        results.append(pipe(s.image, s.mask, pointmap=s.pointmap, seed=0))
+    a, b = results
+    for k in a.ss.latents:
+        assert torch.equal(a.ss.latents[k], b.ss.latents[k]), k
+    assert torch.equal(a.slat.coords, b.slat.coords) and torch.equal(a.slat.feats, b.slat.feats)
