@@ -63,6 +63,8 @@ def main() -> None:
         if bad:
             raise SystemExit(f"--settings: unknown {bad}; choose from {list(SHORT)}")
         wanted = ["fp32"] + [SHORT[k] for k in args.settings.split(",") if SHORT[k] != "fp32"]
+        if any(SETTINGS[w].compile_ss for w in wanted) and SAME_PRECISION_REF not in wanted:
+            wanted.insert(1, SAME_PRECISION_REF)  # what a compiled setting is compared with
     for label in wanted:
         try:
             SETTINGS[label].check_device(args.device)
@@ -114,7 +116,7 @@ def write_report(df: pd.DataFrame, out: Path, args) -> None:
                           "voxel_count_changes": changed}
         lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in means)
                      + f" | {d_f1:.3f} | {d_iou:.4f} | {changed} of {len(g)} |")
-    compiled = [label for label in df.setting.unique() if SETTINGS[label].compile_ss and len(same)]
+    compiled = [label for label in df.setting.unique() if SETTINGS[label].compile_ss]
     if compiled:
         lines += ["", f"Compiled against `{SAME_PRECISION_REF}` (same weights and precision; only compilation differs):",
                   "", "| setting | mean ΔF1 | max abs ΔF1 | mean ΔvIoU | max abs ΔvIoU | voxel-count changes |",

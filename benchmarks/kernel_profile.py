@@ -104,8 +104,13 @@ def main() -> None:
         kv2, kv1 = pipe.slat.flow.precompute_cond_kv(cond), pipe.slat.flow.precompute_cond_kv(cond[:1])
         torso = None
         if args.compile_slat:
-            torso = torch.compile(pipe.slat.flow.dense_torso)
-            kv2, kv1 = RunOptions().compiled_region_inputs((kv2, kv1))
+            opts = RunOptions(precision="bf16", compile_slat=True)
+            try:
+                opts.check_device(dev)
+            except ValueError as e:
+                raise SystemExit(f"--compile-slat: {e}") from None
+            torso = pipe.slat.compiled_torso(opts)  # the same compiled torso the sampler uses
+            kv2, kv1 = opts.compiled_region_inputs((kv2, kv1))
             lines += ["SLaT passes run the transformer blocks through `torch.compile(dense_torso)` "
                       "(`RunOptions.compile_slat`).", ""]
         for obj in args.objects.split(","):

@@ -238,7 +238,9 @@ class Pipeline(nn.Module):
     def with_options(self, options: RunOptions) -> "Pipeline":
         """Run with ``options`` (e.g. ``stages.options.fast_path("compiled")``): casts the weights to the
         options' weight dtype (the half-precision settings need half-precision weights) and checks the
-        device first, so a CUDA-only setting on a CPU pipeline fails here with the reason. Returns self."""
+        device first, so a CUDA-only setting on a CPU pipeline fails here with the reason. Returns self.
+        Casting back to fp32 after a half-precision setting keeps the half-precision-rounded weights: load
+        the pipeline again for the fp32 reference."""
         options.check_device(self.device)
         self.to(options.weight_dtype)
         self.options = options

@@ -81,11 +81,19 @@ def test_dense_torso_equals_sparse_blocks(slat_setup):
     pair[len(coords):, 0] = 1
     cases = [(noise, coords, torch.tensor([400.0]), cond),
              (torch.cat([noise, noise]), pair, torch.tensor([400.0, 400.0]), torch.cat([cond, cond * 0]))]
+    calls = []
+
+    def torso(*args):
+        calls.append(args[0].shape)
+        return flow.dense_torso(*args)
+
     for feats, c, t, cnd in cases:
         ref = flow(feats, c, t, cnd)
-        assert torch.equal(flow(feats, c, t, cnd, torso=flow.dense_torso), ref)
+        assert torch.equal(flow(feats, c, t, cnd, torso=torso), ref)
         kv = flow.precompute_cond_kv(cnd)
-        assert torch.equal(flow(feats, c, t, None, cond_kv=kv, torso=flow.dense_torso), ref)
+        assert torch.equal(flow(feats, c, t, None, cond_kv=kv, torso=torso), ref)
+    # the torso really ran, on (B, L, C) with L the coarse token count of each batch element
+    assert [s[0] for s in calls] == [1, 1, 2, 2] and len({s[1] for s in calls}) == 1
 
 
 @torch.no_grad()

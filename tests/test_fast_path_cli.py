@@ -70,6 +70,9 @@ def test_accelerator_on_the_compiled_path_is_exact(cpu_compile):
                                   compile_slat=True, compile_backend="eager")):
         pipe = Pipeline.from_pretrained("sam3d-mini").with_options(opts).with_accel(method_factory("fast-sam3d")())
         results.append(pipe(s.image, s.mask, pointmap=s.pointmap, seed=0))
+    from torch._dynamo.utils import counters
+    # the compiled path really ran: SS flow graphs and SLaT torso graphs (one per batch size each)
+    assert counters["stats"]["unique_graphs"] >= 4, dict(counters["stats"])
     a, b = results
     for k in a.ss.latents:
         assert torch.equal(a.ss.latents[k], b.ss.latents[k]), k

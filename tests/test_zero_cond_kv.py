@@ -55,6 +55,28 @@ def test_collapse_needs_the_kv_cache():
     assert RunOptions(cache_cond_kv=True, collapse_zero_cond=True).collapse_zero_cond
 
 
+@pytest.fixture
+def key_counts(monkeypatch):
+    """Records the number of keys of every cross-attention SDPA call (dense and sparse paths), so the
+    sampler tests can see the one-key path was taken and not just that the outputs agree."""
+    import fs3d_accel.model.layers as layers
+    import fs3d_accel.model.sparse as sparse
+    seen: list[int] = []
+    attention, sdpa = layers.attention, sparse._sdpa
+
+    def rec_attention(q, k, v, mask=None):
+        seen.append(k.shape[1])
+        return attention(q, k, v, mask)
+
+    def rec_sdpa(q, k, v, mask=None):
+        seen.append(k.shape[1])
+        return sdpa(q, k, v, mask)
+
+    monkeypatch.setattr(layers, "attention", rec_attention)
+    monkeypatch.setattr(sparse, "_sdpa", rec_sdpa)
+    return seen
+
+
 @pytest.fixture(scope="module")
 def mini():
     import dataclasses
@@ -74,7 +96,7 @@ def _bias_nonzero(module: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize("batch_cfg", [True, False])
 @torch.no_grad()
-def test_ss_sampler_same_with_collapsed_uncond_kv(mini, batch_cfg):
+def test_ss_sampler_same_with_collapsed_uncond_kv(mini, batch_cfg, key_counts):
     cfg, ss, _ = mini
     _bias_nonzero(ss.flow)
     g = torch.Generator().manual_seed(0)
@@ -83,14 +105,17 @@ def test_ss_sampler_same_with_collapsed_uncond_kv(mini, batch_cfg):
     for collapse in (False, True):
         opts = RunOptions(batch_cfg=batch_cfg, cache_cond_kv=True, collapse_zero_cond=collapse)
         net = ss.velocity_net(cond, cfg.ss_sampler, opts)
+        key_counts.clear()
         outs.append(EulerFlowSampler(cfg.ss_sampler, "ss").sample(dict(noise), net))
+        # cross-attention keys: 40 condition tokens, or 1 for the collapsed zero condition
+        assert (1 in key_counts) == collapse and 40 in key_counts
     for k in outs[0]:
         torch.testing.assert_close(outs[1][k], outs[0][k], rtol=1e-5, atol=1e-5, msg=k)
 
 
 @pytest.mark.parametrize("batch_cfg, compiled", [(True, False), (False, False), (True, True)])
 @torch.no_grad()
-def test_slat_sampler_same_with_collapsed_uncond_kv(mini, batch_cfg, compiled, cpu_compile):
+def test_slat_sampler_same_with_collapsed_uncond_kv(mini, batch_cfg, compiled, cpu_compile, key_counts):
     cfg, _, slat = mini
     _bias_nonzero(slat.flow)
     g = torch.Generator().manual_seed(1)
@@ -107,7 +132,9 @@ def test_slat_sampler_same_with_collapsed_uncond_kv(mini, batch_cfg, compiled, c
         structures: list[dict] = []
         try:
             net = slat.velocity_net(cond, coords, cfg.slat_sampler, opts, structures)
+            key_counts.clear()
             outs.append(EulerFlowSampler(cfg.slat_sampler, "slat").sample(noise.clone(), net))
+            assert (1 in key_counts) == collapse and 24 in key_counts
         finally:
             for s in structures:
                 release_structure(s)

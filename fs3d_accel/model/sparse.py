@@ -264,7 +264,9 @@ class SparseConv3d(nn.Module):
     absent neighbours, but 27 small scattered updates per conv). "auto" = "transform" on CUDA when
     C_in >= ``transform_min_ratio`` x C_out, else "gather" ("gather" beat "scatter" on the CPU and the
     H100: mesh decoder network at N = 14k 0.115 -> 0.076 s, ``benchmarks/results/stage_latency_h100_run3``).
-    The algorithms differ only in the order of the floating-point sums.
+    In fp32 the algorithms differ only in the order of the floating-point sums; in half precision
+    "transform" also rounds each offset's partial product to the half dtype before summing them in fp32
+    (``tests/test_model_sparse.py`` bounds that against fp32).
     """
 
     #: "auto" | "gather" | "transform" | "scatter"
