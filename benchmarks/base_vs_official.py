@@ -88,6 +88,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import parity_official as po  # noqa: E402
+from fs3d_analysis.profile.busy import kernel_time  # noqa: E402
 from benchmarks.stage_latency import (COORDS_FILE, SHORT, VARIANTS, Timer, add_conv_args,  # noqa: E402
                                       apply_conv_args, count_flops, load_coords, matmul_peak_tflops,
                                       synthetic_inputs)
@@ -102,7 +103,7 @@ DEFAULT_VARIANTS = "official,compile-all-zkv,compile-all,bf16-cfg-kv,official-li
 HF_FILES = ("ss_generator.yaml", "slat_generator.yaml", "ss_decoder.yaml", "slat_decoder_mesh.yaml")
 CSV_NAME, README_NAME, FIG_NAME = "base_vs_official.csv", "README.md", "base_vs_official.png"
 COLUMNS = ["variant", "stage", "object", "N", "median_s", "min_s", "first_call_s", "n", "speedup_vs_official",
-           "model_tflop", "achieved_tflops", "mfu", "peak_mem_gb", "resident_gb", "max_abs_vs_official",
+           "model_tflop", "achieved_tflops", "mfu", "kernel_s", "launches", "gpu_busy", "peak_mem_gb", "resident_gb", "max_abs_vs_official",
            "rel_vs_official", "precision", "error"]
 
 
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="TF32 tensor cores for fp32 matmuls/convs on CUDA (on: as stage_latency.py; off: fp32 "
                          "parity at full fp32 precision)")
     add_conv_args(ap)  # our SparseConv3d algorithm (auto: see SparseConv3d)
+    ap.add_argument("--gpu-busy", action="store_true",
+                    help="profile one more call per unit and report its summed kernel time over the median wall "
+                         "time (GPU busy; far below 100%% means the call waits on the host). CUDA only")
     ap.add_argument("--out", type=Path, default=Path("runs/base_vs_official"))
     return ap
 
@@ -175,6 +179,8 @@ def parse_args(argv: list[str] | None = None, check_cuda: bool = True) -> argpar
     if dev.type == "cuda" and check_cuda and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available here (use --device cpu for the smoke test)")
     args.device = dev
+    if args.gpu_busy and dev.type != "cuda":
+        raise SystemExit("--gpu-busy: kernel time apart from wall time exists on a CUDA device only")
     if args.official_precision == "auto":
         args.official_precision = "pipeline" if dev.type == "cuda" else "fp32"
     if args.config not in ("full", "mini"):
@@ -335,6 +341,19 @@ def stage_copy(stage: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     dup.__dict__.pop("_compiled", None)
     dup.__dict__.pop("_compiled_torso", None)
     return dup.to(dtype).eval()
+
+
+def host_cpu() -> str:
+    """CPU model and core count of this machine: host-bound timings depend on it."""
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical cores"
 
 
 def _sync(dev: torch.device) -> None:
@@ -533,9 +552,15 @@ def readme_text(rows: list[dict], meta: dict) -> str:
              "MFU = model FLOPs of the unit (FlopCounterMode on our fp32 network, present sparse-conv neighbours "
              "only, x network passes of the schedule) / median time / that peak.", ""]
     lines += [f"- `{k}`: {v}" for k, v in meta.get("variants", {}).items()]
+    busy = any("gpu_busy" in r for r in rows)
+    if busy:
+        lines += ["GPU busy = summed CUDA kernel time of one extra, profiled call / median wall time; far below 100% "
+                  "means the call waits on the host (Python, launches), so its time depends on the CPU next to the GPU.",
+                  f"Host CPU: {meta.get('host_cpu', 'unknown')}.", ""]
     lines += ["", "| stage | object | N | variant | median s | first call s | speedup vs official | TFLOP | "
-              "TFLOP/s | MFU | peak GB | resident GB | max abs diff vs official | rel |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "TFLOP/s | MFU | " + ("GPU busy | launches | " if busy else "")
+              + "peak GB | resident GB | max abs diff vs official | rel |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if busy else "")]
     for r in rows:
         if r.get("error"):
             lines.append(f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | "
@@ -547,7 +572,9 @@ def readme_text(rows: list[dict], meta: dict) -> str:
             f"{r['variant']} | {_fmt(r['median_s'], '.4f')} | {_fmt(r.get('first_call_s'), '.3f')} | "
             f"{_fmt(r.get('speedup_vs_official'), '.2f')} | {_fmt(r.get('model_tflop'), '.4g')} | "
             f"{_fmt(r.get('achieved_tflops'), '.1f')} | {_fmt(100 * mfu if mfu == mfu else mfu, '.1f')}"
-            f"{'%' if mfu == mfu else ''} | {_fmt(r.get('peak_mem_gb'), '.2f')} | {_fmt(r.get('resident_gb'), '.2f')} | "
+            f"{'%' if mfu == mfu else ''} | "
+            + (f"{_fmt(100 * r['gpu_busy'], '.0f')}% | {r['launches']} | " if "gpu_busy" in r else "| | " if busy else "")
+            + f"{_fmt(r.get('peak_mem_gb'), '.2f')} | {_fmt(r.get('resident_gb'), '.2f')} | "
             f"{_fmt(r.get('max_abs_vs_official'), '.3g')} | {_fmt(r.get('rel_vs_official'), '.3g')} |")
     per_object = per_object_lines(rows)
     if per_object:
@@ -697,7 +724,7 @@ def run(args) -> list[dict]:
         "timing": (f"one first call, {args.warmup} warm-up, median of {args.repeats} "
                    + ("(CUDA events)" if dev.type == "cuda" else "(perf_counter)")),
         "official_commit": official_commit(args.official) if want_official else "not run",
-        "official_compile_mode": args.official_compile_mode, "tf32": args.tf32 == "on",
+        "official_compile_mode": args.official_compile_mode, "tf32": args.tf32 == "on", "host_cpu": host_cpu(),
         "our_conv_impl": args.conv_impl, "our_gather_chunk": args.gather_chunk,
         "variants": {v: ("official modules, as the official pipeline runs them" if v == "official" else
                          "official + torch.compile of the SS CFG step" if v == "official-compile" else
@@ -775,7 +802,11 @@ def run(args) -> list[dict]:
         try:
             module.to(dev)
             with torch.no_grad():
-                out, r = measure(make_fn(), dev, args.warmup, args.repeats)
+                fn = make_fn()
+                out, r = measure(fn, dev, args.warmup, args.repeats)
+                if args.gpu_busy:
+                    k = kernel_time(fn, dev)
+                    r.update(kernel_s=k.seconds, launches=k.launches, gpu_busy=k.seconds / r["median_s"])
             row.update(r)
             got = post(out)
             if variant == "official":

@@ -5,14 +5,19 @@ Runs the embedded sam3d-mini (base method, no accelerator) over held-out YCB obj
 
 * ``fp32``: the reference;
 * ``fp32 + batched CFG + K/V cache``: exact rearrangements (floating-point reassociation only);
-* ``bf16 + batched CFG + K/V cache``: bf16 weights, what the GPU timings use.
+* ``bf16 + batched CFG + K/V cache``: bf16 weights, what the GPU timings use;
+* ``... + torch.compile (SS, SLaT blocks)``: CUDA only;
+* ``... + one-key K/V of the zero condition``: compiled, CUDA only; and the same switch without compilation in
+  fp32 (``fp32-cfg-zkv``) and bf16 (``bf16-cfg-zkv``), which run on a CPU too.
 
 The SLaT coordinate-structure cache and the gather sparse conv are always on (they are the defaults).
-* ``... + torch.compile (SS, SLaT blocks)``: CUDA only; also compared with the bf16 setting, which
-  differs from it only by compilation.
+Besides the comparison with fp32, every setting that adds one switch to another setting is compared with that
+setting (``ONE_SWITCH_REF``; asking for the first brings the second along), so a switch's own effect is not
+mixed with the precision's.
 
     python benchmarks/fast_path_quality.py --out benchmarks/results/fast_path_quality_cpu
     python benchmarks/fast_path_quality.py --device cuda --settings fp32,bf16-cfg-kv,compile-all
+    python benchmarks/fast_path_quality.py --settings fp32-cfg-zkv,bf16-cfg-zkv
 """
 from __future__ import annotations
 
@@ -28,21 +33,42 @@ from fs3d_accel.stages.options import RunOptions
 from fs3d_analysis.data import load_shipped_samples
 from fs3d_analysis.eval import run_one, score
 
+_CFG_KV = dict(batch_cfg=True, cache_cond_kv=True)
+_COMPILED = dict(precision="bf16", compile_ss=True, compile_slat=True, **_CFG_KV)
 SETTINGS = {
     "fp32": RunOptions(),
-    "fp32 + batched CFG + K/V cache": RunOptions(batch_cfg=True, cache_cond_kv=True),
-    "bf16 + batched CFG + K/V cache": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True),
-    "bf16 + batched CFG + K/V cache + torch.compile (SS, SLaT blocks)": RunOptions(
-        precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True),
-    "... + one-key K/V of the zero condition": RunOptions(
-        precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
-        collapse_zero_cond=True),
+    "fp32 + batched CFG + K/V cache": RunOptions(**_CFG_KV),
+    "bf16 + batched CFG + K/V cache": RunOptions(precision="bf16", **_CFG_KV),
+    "bf16 + batched CFG + K/V cache + torch.compile (SS, SLaT blocks)": RunOptions(**_COMPILED),
+    "... + one-key K/V of the zero condition": RunOptions(collapse_zero_cond=True, **_COMPILED),
+    "fp32 + batched CFG + K/V cache + one-key K/V of the zero condition": RunOptions(collapse_zero_cond=True,
+                                                                                    **_CFG_KV),
+    "bf16 + batched CFG + K/V cache + one-key K/V of the zero condition": RunOptions(
+        precision="bf16", collapse_zero_cond=True, **_CFG_KV),
 }
-SHORT = dict(zip(("fp32", "fp32-cfg-kv", "bf16-cfg-kv", "compile-all", "compile-all-zkv"), SETTINGS))
-#: the compiled setting is also compared with this one (same precision: only compilation differs)
-SAME_PRECISION_REF = "bf16 + batched CFG + K/V cache"
+SHORT = dict(zip(("fp32", "fp32-cfg-kv", "bf16-cfg-kv", "compile-all", "compile-all-zkv", "fp32-cfg-zkv",
+                  "bf16-cfg-zkv"), SETTINGS))
+#: setting -> the setting it differs from by one switch (same weights and precision unless the switch is it)
+ONE_SWITCH_REF = {SHORT["compile-all"]: SHORT["bf16-cfg-kv"], SHORT["compile-all-zkv"]: SHORT["compile-all"],
+                  SHORT["fp32-cfg-zkv"]: SHORT["fp32-cfg-kv"], SHORT["bf16-cfg-zkv"]: SHORT["bf16-cfg-kv"]}
 DATASETS = {"shipped": None, "ycb_scale": Path(__file__).parent / "data" / "ycb_scale" / "objects"}
 METRICS = ["f_score", "volume_iou", "chamfer", "box_iou_3d"]
+
+
+def with_references(labels: list[str]) -> list[str]:
+    """``labels`` without repeats, each one-switch reference inserted before the first setting that needs it."""
+    out: list[str] = []
+
+    def add(label: str) -> None:
+        if label in out:
+            return
+        if label in ONE_SWITCH_REF:
+            add(ONE_SWITCH_REF[label])
+        out.append(label)
+
+    for label in labels:
+        add(label)
+    return out
 
 
 def main() -> None:
@@ -62,9 +88,7 @@ def main() -> None:
         bad = sorted(set(args.settings.split(",")) - set(SHORT))
         if bad:
             raise SystemExit(f"--settings: unknown {bad}; choose from {list(SHORT)}")
-        wanted = ["fp32"] + [SHORT[k] for k in args.settings.split(",") if SHORT[k] != "fp32"]
-        if any(SETTINGS[w].compile_ss for w in wanted) and SAME_PRECISION_REF not in wanted:
-            wanted.insert(1, SAME_PRECISION_REF)  # what a compiled setting is compared with
+        wanted = with_references(["fp32"] + [SHORT[k] for k in args.settings.split(",")])
     for label in wanted:
         try:
             SETTINGS[label].check_device(args.device)
@@ -104,7 +128,6 @@ def write_report(df: pd.DataFrame, out: Path, args) -> None:
              f"{df.object.nunique()} objects. Mean over objects, and the largest per-object change against fp32.", "",
              "| setting | " + " | ".join(f"mean {m}" for m in METRICS) + " | max abs ΔF1 | max abs ΔvIoU | voxel-count changes |",
              "|---|" + "---|" * (len(METRICS) + 3)]
-    same = df[df.setting == SAME_PRECISION_REF].set_index(["dataset", "object"])
     summary = {}
     for label, g in df.groupby("setting", sort=False):
         g = g.set_index(["dataset", "object"])
@@ -116,19 +139,22 @@ def write_report(df: pd.DataFrame, out: Path, args) -> None:
                           "voxel_count_changes": changed}
         lines.append(f"| {label} | " + " | ".join(f"{v:.4f}" for v in means)
                      + f" | {d_f1:.3f} | {d_iou:.4f} | {changed} of {len(g)} |")
-    compiled = [label for label in df.setting.unique() if SETTINGS[label].compile_ss]
-    if compiled:
-        lines += ["", f"Compiled against `{SAME_PRECISION_REF}` (same weights and precision; only compilation differs):",
-                  "", "| setting | mean ΔF1 | max abs ΔF1 | mean ΔvIoU | max abs ΔvIoU | voxel-count changes |",
-                  "|---|---|---|---|---|---|"]
-    for label in compiled:
+    paired = [label for label in df.setting.unique() if ONE_SWITCH_REF.get(label) in set(df.setting)]
+    if paired:
+        lines += ["", "Each setting against the setting it differs from by one switch (same weights; the same precision "
+                  "unless the switch is the precision):", "",
+                  "| setting | against | mean ΔF1 | max abs ΔF1 | mean ΔvIoU | max abs ΔvIoU | voxel-count changes |",
+                  "|---|---|---|---|---|---|---|"]
+    for label in paired:
+        ref_label = ONE_SWITCH_REF[label]
         g = df[df.setting == label].set_index(["dataset", "object"])
+        same = df[df.setting == ref_label].set_index(["dataset", "object"])
         d_f1, d_iou = g.f_score - same.f_score, g.volume_iou - same.volume_iou
         changed = int((g.n_voxels != same.n_voxels).sum())
-        summary[label]["vs_" + SAME_PRECISION_REF] = {"mean_dF1": d_f1.mean(), "max_abs_dF1": d_f1.abs().max(),
-                                                      "mean_dvIoU": d_iou.mean(), "max_abs_dvIoU": d_iou.abs().max(),
-                                                      "voxel_count_changes": changed}
-        lines.append(f"| {label} | {d_f1.mean():+.3f} | {d_f1.abs().max():.3f} | {d_iou.mean():+.4f} | "
+        summary[label]["vs_" + ref_label] = {"mean_dF1": d_f1.mean(), "max_abs_dF1": d_f1.abs().max(),
+                                             "mean_dvIoU": d_iou.mean(), "max_abs_dvIoU": d_iou.abs().max(),
+                                             "voxel_count_changes": changed}
+        lines.append(f"| {label} | {ref_label} | {d_f1.mean():+.3f} | {d_f1.abs().max():.3f} | {d_iou.mean():+.4f} | "
                      f"{d_iou.abs().max():.4f} | {changed} of {len(g)} |")
     (out / "fast_path_quality.md").write_text("\n".join(lines) + "\n")
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))

@@ -41,6 +41,7 @@ def _exit_message(argv) -> str:
     (["--device", "cpu", "--variants", "official-like"], "--variants official-like"),
     (["--device", "cpu", "--variants", "official-compile"], "CUDA-only"),
     (["--device", "tpu"], "--device"),
+    (["--device", "cpu", "--gpu-busy"], "--gpu-busy"),
 ])
 def test_argument_errors(argv, needle):
     assert needle in _exit_message(argv)
@@ -109,6 +110,23 @@ def test_writers_on_synthetic_rows(tmp_path):
     assert "| 007_tuna_fish_can | 14171 | official | 7.300 | 1.00 |" in text
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / bvo.FIG_NAME).stat().st_size > 0
+
+
+def test_gpu_busy_columns_only_where_measured(tmp_path):
+    rows = _rows()
+    rows[0].update(kernel_s=1.5, launches=120000, gpu_busy=0.5)  # official SS: 1.5 s of kernels in 3 s
+    rows[1].update(kernel_s=0.95, launches=900, gpu_busy=0.95)
+    meta = {"device": "H100", "peak_tflops": 800.0, "host_cpu": "Some CPU, 16 logical cores"}
+    bvo.write_outputs(rows, tmp_path, meta)
+    text = (tmp_path / bvo.README_NAME).read_text()
+    assert "| GPU busy | launches |" in text and "Some CPU, 16 logical cores" in text
+    assert "| 50% | 120000 |" in text and "| 95% | 900 |" in text
+    with open(tmp_path / bvo.CSV_NAME) as fh:
+        got = list(csv.DictReader(fh))
+    assert float(got[0]["gpu_busy"]) == 0.5 and got[2]["gpu_busy"] == ""
+    # without the measurement the table has no such columns
+    bvo.write_outputs(_rows(), tmp_path, meta)
+    assert "GPU busy" not in (tmp_path / bvo.README_NAME).read_text()
 
 
 def test_ours_only_tiny_cpu_run(tmp_path):

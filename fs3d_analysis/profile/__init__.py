@@ -6,6 +6,7 @@
     trace(pipe, wl, "runs/trace")                                      # TensorBoard / Perfetto
     roofline_table(lat, fl, measure_matmul_peak("cuda", torch.float16))
 """
+from .busy import KernelTime, kernel_time, sum_device_events
 from .closed_form import (linear_flops, padded_attention_flops, sdpa_flops, sparse_conv_flops, submanifold_pairs,
                           transformer_block_flops, varlen_attention_flops, window_lengths)
 from .flops import FLOP_RULES, count_flops, neighbour_pair_count, register_flop_rule, stage_flops_table
@@ -16,7 +17,8 @@ from .trace import trace
 from .workload import Workload, make_runner, replace_coords, shell_coords, synthetic_inputs, voxelize_mesh
 
 __all__ = [
-    "CATEGORIES", "DevicePeak", "FLOP_RULES", "ModuleTimer", "Workload", "count_flops", "device_name",
+    "CATEGORIES", "DevicePeak", "FLOP_RULES", "KernelTime", "ModuleTimer", "Workload", "count_flops", "device_name",
+    "kernel_time", "sum_device_events",
     "linear_flops", "make_runner", "measure_matmul_peak", "measure_memory_bandwidth", "neighbour_pair_count",
     "padded_attention_flops", "profile_latency", "register_flop_rule", "replace_coords", "roofline_table",
     "sdpa_flops", "select_modules", "shell_coords", "sparse_conv_flops", "stage_flops_table", "stage_table",

@@ -1,0 +1,214 @@
+"""Which attention kernel is fastest at SAM 3D's attention shapes on this GPU? (head dim 64)
+
+Half of a compiled SLaT or SS pass is attention (``results/kernel_profile_h100/``), so the fast exact path
+is bounded by the attention kernel. This times every exact kernel reachable from this PyTorch build on the
+shapes the samplers run: each ``scaled_dot_product_attention`` backend (cuDNN, FlashAttention-2, memory
+efficient) and ``flex_attention`` compiled with its default and a few explicit Triton tile settings. The
+report lists the FlashAttention implementations PyTorch could activate
+(``torch.nn.attention.list_flash_attention_impls``: FA3 / FA4 packages register there when installed). CUDA events, warm-up, median of ``--repeats``;
+TFLOP/s = 4 B H Lq Lk d / time. Outputs are checked against the math backend in fp32.
+
+Shapes (full config, N = 14,171 surface voxels of 007_tuna_fish_can -> 3,619 SLaT tokens; the condition
+tokens of a real image: SS 7,528, SLaT 5,496):
+
+    python benchmarks/attention_kernels.py --out runs/attention_kernels
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+HEADS, HEAD_DIM = 16, 64
+
+
+@dataclass(frozen=True)
+class AttnShape:
+    """One attention call of a sampler pass: batch (2 = the CFG pair), query and key lengths."""
+
+    name: str
+    batch: int
+    q_len: int
+    kv_len: int
+    heads: int = HEADS
+    head_dim: int = HEAD_DIM
+
+    @property
+    def flops(self) -> float:
+        """QK^T and PV products: 2 * 2 * B * H * Lq * Lk * d."""
+        return 4.0 * self.batch * self.heads * self.q_len * self.kv_len * self.head_dim
+
+
+SHAPES = (
+    AttnShape("SS self (shape stream), CFG pair", 2, 4096, 4096),
+    AttnShape("SS cross, CFG pair", 2, 4096, 7528),
+    AttnShape("SLaT self, N=14,171, CFG pair", 2, 3619, 3619),
+    AttnShape("SLaT cross, N=14,171, CFG pair", 2, 3619, 5496),
+    AttnShape("SLaT self, N=14,171, one branch", 1, 3619, 3619),
+)
+
+#: flex_attention Triton tiles tried besides its default choice (BLOCK_M, BLOCK_N, num_warps, num_stages)
+FLEX_TILES = ((128, 64, 4, 3), (128, 128, 8, 2), (64, 128, 4, 3))
+
+
+def sdpa_backends() -> dict[str, object]:
+    from torch.nn.attention import SDPBackend
+    return {"cuDNN": SDPBackend.CUDNN_ATTENTION, "FlashAttention-2 (PyTorch)": SDPBackend.FLASH_ATTENTION,
+            "memory-efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def registered_flash_impls() -> list[str]:
+    """FlashAttention implementations PyTorch can activate here (FA3 / FA4 packages register themselves)."""
+    try:
+        from torch.nn.attention import list_flash_attention_impls
+    except ImportError:
+        return []
+    return list(list_flash_attention_impls())
+
+
+def time_call(fn: Callable[[], torch.Tensor], warmup: int, repeats: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) / 1000)
+    return statistics.median(times)
+
+
+def kernels() -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """Name -> attention(q, k, v) for every kernel to try; (B, H, L, d) layout."""
+    from torch.nn.attention import sdpa_kernel
+    from torch.nn.attention.flex_attention import flex_attention
+
+    out: dict[str, Callable] = {}
+    for name, backend in sdpa_backends().items():
+        def run(q, k, v, _b=backend):
+            with sdpa_kernel([_b]):
+                return F.scaled_dot_product_attention(q, k, v)
+        out[f"SDPA {name}"] = run
+    flex = torch.compile(flex_attention, dynamic=False)
+    out["flex_attention (default tiles)"] = lambda q, k, v: flex(q, k, v)
+    for bm, bn, warps, stages in FLEX_TILES:
+        opts = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
+        out[f"flex_attention {bm}x{bn} w{warps} s{stages}"] = lambda q, k, v, _o=opts: flex(q, k, v, kernel_options=_o)
+    return out
+
+
+def activated_flash_kernel(impl: str) -> dict[str, Callable]:
+    """Activate a registered FlashAttention implementation (process-wide, irreversible) and return the SDPA
+    flash backend, which now dispatches to it."""
+    from torch.nn.attention import SDPBackend, activate_flash_attention_impl, sdpa_kernel
+    activate_flash_attention_impl(impl)
+
+    def run(q, k, v):
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            return F.scaled_dot_product_attention(q, k, v)
+    return {f"SDPA flash backend, {impl} activated": run}
+
+
+def measure(shapes, dtype: torch.dtype, warmup: int, repeats: int, device: torch.device,
+            candidates: dict[str, Callable] | None = None) -> list[dict]:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    rows = []
+    candidates = kernels() if candidates is None else candidates
+    for shape in shapes:
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(shape.batch, shape.heads, n, shape.head_dim, device=device, generator=g, dtype=dtype)
+                   for n in (shape.q_len, shape.kv_len, shape.kv_len))
+        with sdpa_kernel([SDPBackend.MATH]):
+            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+        for name, fn in candidates.items():
+            row = {"shape": shape.name, "B": shape.batch, "Lq": shape.q_len, "Lk": shape.kv_len, "kernel": name}
+            try:
+                out = fn(q, k, v)
+                row["max_abs_err"] = (out.float() - ref).abs().max().item()
+                t = time_call(lambda: fn(q, k, v), warmup, repeats)
+                row.update(ms=t * 1e3, tflops=shape.flops / t / 1e12)
+            except Exception as exc:  # a backend that refuses a shape is a result, not a crash
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            rows.append(row)
+            print(f"{shape.name:36s} {name:36s} " + (f"{row['ms']:.3f} ms {row['tflops']:.0f} TFLOP/s"
+                                                     if "ms" in row else row["error"]), flush=True)
+    return rows
+
+
+def write_report(rows: list[dict], meta: dict, out: Path) -> str:
+    import pandas as pd
+    df = pd.DataFrame(rows)
+    lines = ["# Attention kernels at SAM 3D's shapes (`benchmarks/attention_kernels.py`)", "",
+             f"Device **{meta['device']}**, torch {meta['torch']}, {meta['dtype']}, heads {HEADS}, head dim "
+             f"{HEAD_DIM}; CUDA events, {meta['warmup']} warm-up, median of {meta['repeats']}. "
+             f"Registered FlashAttention implementations: {meta['flash_impls'] or 'none'}"
+             + (f"; activated {meta['flash_impl_activated']}" if meta.get("flash_impl_activated") else "")
+             + (f"; activation failed: {meta['flash_impl_error']}" if meta.get("flash_impl_error") else "") + ".", ""]
+    for shape, g in df.groupby("shape", sort=False):
+        lines += [f"## {shape}", "", "| kernel | ms | TFLOP/s | max abs err vs fp32 math |", "|---|---|---|---|"]
+        best = g["ms"].min() if "ms" in g else float("nan")
+        for _, r in g.iterrows():
+            if isinstance(r.get("error"), str):
+                lines.append(f"| {r['kernel']} | refused: {r['error']} | | |")
+                continue
+            mark = "**" if r["ms"] == best else ""
+            lines.append(f"| {mark}{r['kernel']}{mark} | {r['ms']:.3f} | {r['tflops']:.0f} | {r['max_abs_err']:.2g} |")
+        lines.append("")
+    text = "\n".join(lines)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attention_kernels.md").write_text(text)
+    df.to_csv(out / "attention_kernels.csv", index=False)
+    (out / "meta.json").write_text(json.dumps(meta, indent=2))
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--flash-impl", default=None,
+                    help="also activate this registered FlashAttention implementation (e.g. FA4, needs its package "
+                         "importable) and time the SDPA flash backend through it, after every other kernel")
+    ap.add_argument("--out", type=Path, default=Path("runs/attention_kernels"))
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: the attention kernels compared here are CUDA kernels; "
+                         "no CUDA device is available")
+    if args.warmup < 0 or args.repeats < 1:
+        raise SystemExit(f"--warmup must be >= 0 and --repeats >= 1, got {args.warmup} and {args.repeats}")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    meta = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "dtype": args.dtype,
+            "warmup": args.warmup, "repeats": args.repeats, "flash_impls": registered_flash_impls()}
+    # one compiled flex_attention graph per (shape, tile setting): keep them all compiled
+    import torch._dynamo.config as dynamo_config
+    for name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, 64)
+    rows = measure(SHAPES, dtype, args.warmup, args.repeats, device)
+    if args.flash_impl:
+        try:
+            extra = activated_flash_kernel(args.flash_impl)
+        except Exception as exc:  # the package is missing or refuses this GPU: say so in the report
+            meta["flash_impl_error"] = f"{type(exc).__name__}: {exc}"
+            print(f"--flash-impl {args.flash_impl}: {meta['flash_impl_error']}", flush=True)
+        else:
+            meta["flash_impl_activated"] = args.flash_impl
+            rows += measure(SHAPES, dtype, args.warmup, args.repeats, device, candidates=extra)
+            rows.sort(key=lambda r: [s.name for s in SHAPES].index(r["shape"]))
+    print(write_report(rows, meta, args.out))
+
+
+if __name__ == "__main__":
+    main()
