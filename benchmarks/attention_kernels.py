@@ -87,22 +87,31 @@ def time_call(fn: Callable[[], torch.Tensor], warmup: int, repeats: int) -> floa
     return statistics.median(times)
 
 
-def kernels() -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
-    """Name -> attention(q, k, v) for every kernel to try; (B, H, L, d) layout."""
+def kernels(device: torch.device | None = None) -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
+                                                                     torch.Tensor]]:
+    """Name -> attention(q, k, v) for every kernel to try, on (B, L, H, d) tensors as the model holds them
+    (SDPA and flex take (B, H, L, d) views, as ``fs3d_accel.model.layers.attention`` passes them)."""
     from torch.nn.attention import sdpa_kernel
     from torch.nn.attention.flex_attention import flex_attention
+
+    def heads_first(fn):
+        return lambda q, k, v: fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
     out: dict[str, Callable] = {}
     for name, backend in sdpa_backends().items():
         def run(q, k, v, _b=backend):
             with sdpa_kernel([_b]):
                 return F.scaled_dot_product_attention(q, k, v)
-        out[f"SDPA {name}"] = run
+        out[f"SDPA {name}"] = heads_first(run)
     flex = torch.compile(flex_attention, dynamic=False)
-    out["flex_attention (default tiles)"] = lambda q, k, v: flex(q, k, v)
+    out["flex_attention (default tiles)"] = heads_first(lambda q, k, v: flex(q, k, v))
     for bm, bn, warps, stages in FLEX_TILES:
         opts = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
-        out[f"flex_attention {bm}x{bn} w{warps} s{stages}"] = lambda q, k, v, _o=opts: flex(q, k, v, kernel_options=_o)
+        out[f"flex_attention {bm}x{bn} w{warps} s{stages}"] = heads_first(
+            lambda q, k, v, _o=opts: flex(q, k, v, kernel_options=_o))
+    from fs3d_accel.model.attention_kernels import flash_attn_cute, flash_attn_cute_unavailable
+    if device is not None and flash_attn_cute_unavailable(device) is None:
+        out["FlashAttention-4 (flash_attn.cute, fs3d custom op)"] = flash_attn_cute
     return out
 
 
@@ -114,7 +123,8 @@ def activated_flash_kernel(impl: str) -> dict[str, Callable]:
 
     def run(q, k, v):
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            return F.scaled_dot_product_attention(q, k, v)
+            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                  v.transpose(1, 2)).transpose(1, 2)
     return {f"SDPA flash backend, {impl} activated": run}
 
 
@@ -122,13 +132,13 @@ def measure(shapes, dtype: torch.dtype, warmup: int, repeats: int, device: torch
             candidates: dict[str, Callable] | None = None) -> list[dict]:
     from torch.nn.attention import SDPBackend, sdpa_kernel
     rows = []
-    candidates = kernels() if candidates is None else candidates
+    candidates = kernels(device) if candidates is None else candidates
     for shape in shapes:
         g = torch.Generator(device=device).manual_seed(0)
-        q, k, v = (torch.randn(shape.batch, shape.heads, n, shape.head_dim, device=device, generator=g, dtype=dtype)
+        q, k, v = (torch.randn(shape.batch, n, shape.heads, shape.head_dim, device=device, generator=g, dtype=dtype)
                    for n in (shape.q_len, shape.kv_len, shape.kv_len))
         with sdpa_kernel([SDPBackend.MATH]):
-            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+            ref = F.scaled_dot_product_attention(*(t.float().transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
         for name, fn in candidates.items():
             row = {"shape": shape.name, "B": shape.batch, "Lq": shape.q_len, "Lk": shape.kv_len, "kernel": name}
             try:

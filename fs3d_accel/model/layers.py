@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import attention_kernels
+
 
 class LayerNorm32(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the input dtype, result cast back."""
@@ -100,8 +102,13 @@ class FeedForwardNet(nn.Module):
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """Scaled dot-product attention on (B, L, H, D) tensors; returns (B, L, H, D).
 
-    ``mask`` (optional): boolean (B, 1, Lq, Lk) or (B, 1, 1, Lk), True = attend.
+    ``mask`` (optional): boolean (B, 1, Lq, Lk) or (B, 1, 1, Lk), True = attend. Unmasked half-precision
+    CUDA calls go to FlashAttention-4 inside ``use_attention_kernel("flash-attn-cute")``
+    (:mod:`fs3d_accel.model.attention_kernels`); everything else to SDPA.
     """
+    if (mask is None and attention_kernels.current_attention_kernel() == attention_kernels.FLASH_ATTN_CUTE
+            and q.dtype in (torch.float16, torch.bfloat16)):
+        return attention_kernels.flash_attn_cute(q, k, v)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2)

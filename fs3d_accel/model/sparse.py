@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import MultiHeadRMSNorm, cross_attention
+from .layers import MultiHeadRMSNorm, attention, cross_attention
 
 #: SDPA working-set budget (elements of the attention matrix) for one chunk of windows.
 _ATTN_CHUNK_ELEMENTS = 1 << 26
@@ -522,8 +522,11 @@ def subdivide_like(x: SparseTensor, feats: Tensor) -> SparseTensor:
 # Attention
 # ----------------------------------------------------------------------------------------------
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
-    """(B, L, H, D) in and out; ``mask`` (B, Lk) bool key-padding (True = attend) or None."""
-    attn_mask = None if mask is None else mask[:, None, None, :]
+    """(B, L, H, D) in and out; ``mask`` (B, Lk) bool key-padding (True = attend) or None. Unmasked calls
+    go through :func:`~fs3d_accel.model.layers.attention`, which honours the selected attention kernel."""
+    if mask is None:
+        return attention(q, k, v)
+    attn_mask = mask[:, None, None, :]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=attn_mask)
     return out.transpose(1, 2)

@@ -63,6 +63,10 @@ class RunOptions:
     #: of L (the softmax over equal scores is uniform and returns that value either way). Saves that
     #: branch's cross-attention (~a third of an SS pass). Needs ``cache_cond_kv``.
     collapse_zero_cond: bool = False
+    #: kernel of the networks' unmasked attention ("sdpa", or "flash-attn-cute" = FlashAttention-4, CUDA
+    #: only, needs ``flash_attn.cute`` importable; see ``model/attention_kernels.py``). Entered by
+    #: :meth:`network_context` around every network call. Same math, different rounding.
+    attention_kernel: str = "sdpa"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -76,6 +80,9 @@ class RunOptions:
         if self.compile_backend != "inductor" and self.compile_mode != "default":
             raise ValueError(f"compile_mode {self.compile_mode!r} needs compile_backend='inductor', "
                              f"got {self.compile_backend!r}")
+        from ..model.attention_kernels import ATTENTION_KERNELS
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"unknown attention_kernel {self.attention_kernel!r}; choose one of {ATTENTION_KERNELS}")
         if self.collapse_zero_cond and not self.cache_cond_kv:
             raise ValueError("collapse_zero_cond works on the cached condition K/V; set cache_cond_kv=True")
         if self.cuda_graphs and self.precision.startswith("autocast"):
@@ -94,6 +101,14 @@ class RunOptions:
         if dev.type != "cuda" and self.precision in CUDA_ONLY_PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is CUDA-only (fp16 kernels); "
                              f"device is {dev}. Use 'fp32' or 'bf16' on CPU.")
+        if self.attention_kernel != "sdpa":
+            from ..model.attention_kernels import flash_attn_cute_unavailable
+            why = flash_attn_cute_unavailable(dev)
+            if why is not None:
+                raise ValueError(f"attention_kernel {self.attention_kernel!r}: {why}")
+            if self.precision not in ("fp16", "bf16", "autocast-fp16", "autocast-bf16"):
+                raise ValueError(f"attention_kernel {self.attention_kernel!r} takes fp16 / bf16 tensors; "
+                                 f"precision {self.precision!r} would run every attention through SDPA")
 
     def prepare_cond_kv(self, kv, zero_rows: list[bool], compiled: bool):
         """Cached condition K/V as the flows take them: collapsed for the all-zero rows (the
@@ -126,6 +141,14 @@ class RunOptions:
     def compute_dtype(self, device: torch.device | str | None = None) -> torch.dtype:
         """dtype of the tensors fed to the networks (matches the weights)."""
         return self.weight_dtype
+
+    def network_context(self, device: torch.device | str):
+        """What every network call runs under: :meth:`autocast` and the ``attention_kernel``."""
+        from ..model.attention_kernels import use_attention_kernel
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.autocast(device))
+        stack.enter_context(use_attention_kernel(self.attention_kernel))
+        return stack
 
     def autocast(self, device: torch.device | str):
         dev = torch.device(device)

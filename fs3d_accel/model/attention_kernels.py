@@ -1,0 +1,85 @@
+"""Which kernel runs the model's unmasked attention: PyTorch SDPA (default) or FlashAttention-4 (CuTe DSL).
+
+Half of a compiled SS or SLaT pass is attention at head dim 64, and cuDNN's SDPA kernel runs it at 300-400
+TFLOP/s on an H100 (``benchmarks/results/attention_kernels_h100/``). FlashAttention-4's Hopper kernel
+(``flash_attn.cute``, from the flash-attention repository's ``flash_attn/cute``; it JIT-compiles through
+``nvidia-cutlass-dsl``) is an alternative. It computes the same softmax attention with a different
+accumulation order, so outputs differ from SDPA's by rounding only.
+
+The choice is a context (:func:`use_attention_kernel`), entered by ``RunOptions.network_context`` around every
+network call, so model code stays kernel-agnostic. FA4 is wrapped in a ``torch.library`` custom op with a
+fake (meta) implementation: ``torch.compile`` treats it as one opaque call instead of tracing the CuTe DSL.
+PyTorch's own ``activate_flash_attention_impl("FA4")`` route is not used: in torch 2.11 it does not match the
+current ``flash_attn.cute`` return signature (``ValueError: too many values to unpack``, measured on the H100).
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from typing import Iterator
+
+import torch
+from torch import Tensor
+
+SDPA = "sdpa"
+FLASH_ATTN_CUTE = "flash-attn-cute"
+ATTENTION_KERNELS = (SDPA, FLASH_ATTN_CUTE)
+
+_current = SDPA
+
+
+def current_attention_kernel() -> str:
+    return _current
+
+
+@contextlib.contextmanager
+def use_attention_kernel(name: str) -> Iterator[None]:
+    """Run unmasked attention with kernel ``name`` inside the block; the previous choice comes back after,
+    also when the block raises."""
+    global _current
+    if name not in ATTENTION_KERNELS:
+        raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {name!r}")
+    previous, _current = _current, name
+    try:
+        yield
+    finally:
+        _current = previous
+
+
+def flash_attn_cute_unavailable(device: torch.device | str) -> str | None:
+    """Why FlashAttention-4 cannot run on ``device`` here, or None when it can."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"FlashAttention-4 runs on CUDA devices (Hopper or Blackwell), got {device}"
+    if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn.cute") is None:
+        return ("flash_attn.cute is not importable (install flash-attn-4, or put the flash-attention "
+                "repository's flash_attn/cute and nvidia-cutlass-dsl on the path)")
+    if torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        return f"FlashAttention-4 needs compute capability 9.x or 10.x, {torch.cuda.get_device_name(device)} has " \
+               f"{torch.cuda.get_device_capability(device)}"
+    return None
+
+
+def _flash_attn_cute_forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """The FA4 call itself (looked up at call time, so tests can stand in for it)."""
+    if not q.is_cuda:
+        raise ValueError(f"the {FLASH_ATTN_CUTE!r} attention kernel runs on CUDA tensors, got {q.device}; "
+                         f"use {SDPA!r} here")
+    from flash_attn.cute import flash_attn_func
+    out = flash_attn_func(q, k, v)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.library.custom_op("fs3d::flash_attn_cute", mutates_args=())
+def flash_attn_cute(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Softmax attention of (B, Lq, H, D) queries over (B, Lk, H, D) keys / values, scale 1/sqrt(D)."""
+    return _flash_attn_cute_forward(q, k, v).contiguous()
+
+
+@flash_attn_cute.register_fake
+def _(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+__all__ = ["ATTENTION_KERNELS", "FLASH_ATTN_CUTE", "SDPA", "current_attention_kernel", "flash_attn_cute",
+           "flash_attn_cute_unavailable", "use_attention_kernel"]

@@ -1,0 +1,102 @@
+"""The attention-kernel switch (``model/attention_kernels.py``, ``RunOptions.attention_kernel``): validation,
+the context restored after errors, and every unmasked attention of the SS and SLaT samplers routed through
+the FlashAttention-4 custom op while it is selected (a CPU stand-in plays FA4 here)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fs3d_accel.model import attention_kernels as ak
+from fs3d_accel.model.layers import attention
+from fs3d_accel.pipeline import Pipeline
+from fs3d_accel.stages.options import RunOptions
+from fs3d_analysis.data import load_shipped_samples
+
+from conftest import fast_mini_config
+
+
+def _sdpa_reference(q, k, v):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+@pytest.fixture
+def stand_in(monkeypatch):
+    """FA4 replaced by SDPA on the CPU; records the (Lq, Lk) of every call."""
+    calls: list[tuple[int, int]] = []
+
+    def fake(q, k, v):
+        calls.append((q.shape[1], k.shape[1]))
+        return _sdpa_reference(q, k, v)
+    monkeypatch.setattr(ak, "_flash_attn_cute_forward", fake)
+    return calls
+
+
+def test_unknown_kernel_rejected():
+    with pytest.raises(ValueError, match="unknown attention_kernel 'fa9'"):
+        RunOptions(attention_kernel="fa9")
+    with pytest.raises(ValueError, match="attention kernel must be one of"):
+        with ak.use_attention_kernel("fa9"):
+            pass
+
+
+def test_flash_kernel_refused_on_cpu_with_the_reason():
+    opts = RunOptions(precision="bf16", attention_kernel=ak.FLASH_ATTN_CUTE)
+    with pytest.raises(ValueError, match="runs on CUDA devices"):
+        opts.check_device("cpu")
+
+
+def test_context_restored_after_an_exception():
+    assert ak.current_attention_kernel() == ak.SDPA
+    with pytest.raises(RuntimeError, match="boom"):
+        with ak.use_attention_kernel(ak.FLASH_ATTN_CUTE):
+            assert ak.current_attention_kernel() == ak.FLASH_ATTN_CUTE
+            raise RuntimeError("boom")
+    assert ak.current_attention_kernel() == ak.SDPA
+
+
+def test_real_kernel_on_cpu_tensors_names_the_problem():
+    q = torch.randn(1, 4, 2, 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+        ak.flash_attn_cute(q, q, q)
+
+
+def test_attention_dispatch(stand_in):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 4, 16, generator=g, dtype=torch.bfloat16) for n in (5, 7, 7))
+    with ak.use_attention_kernel(ak.FLASH_ATTN_CUTE):
+        out = attention(q, k, v)
+        attention(q.float(), k.float(), v.float())  # fp32: stays on SDPA
+        attention(q, k, v, mask=torch.ones(2, 1, 1, 7, dtype=torch.bool))  # masked: stays on SDPA
+    attention(q, k, v)  # outside the context: SDPA
+    assert stand_in == [(5, 7)]
+    assert torch.equal(out, _sdpa_reference(q, k, v))
+
+
+def test_samplers_route_every_unmasked_attention(stand_in):
+    """bf16 mini pipeline, both samplers: with the kernel selected, the results equal the SDPA run bit for bit
+    (the stand-in is SDPA) and the stand-in saw self- and cross-attention calls of both stages."""
+    sample = load_shipped_samples()[0]
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=2), seed=0).to(torch.bfloat16)
+    inputs = pipe.prepare(sample.image, sample.mask, sample.pointmap)
+    base = RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True)
+    outs, ss_calls = [], 0
+    for opts in (base, RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True,
+                                  attention_kernel=ak.FLASH_ATTN_CUTE)):
+        pipe.options = opts
+        ss = pipe.run_ss(inputs, seed=0)
+        ss_calls = len(stand_in)
+        outs.append((ss, pipe.run_slat(inputs, ss, seed=0)))
+    (ss0, sl0), (ss1, sl1) = outs
+    for key in ss0.latents:
+        assert torch.equal(ss0.latents[key], ss1.latents[key])
+    assert torch.equal(sl0.slat, sl1.slat)
+    shape_tokens = pipe.config.ss_flow.num_shape_tokens
+    ss_seen, slat_seen = stand_in[:ss_calls], stand_in[ss_calls:]
+    assert (shape_tokens, shape_tokens) in ss_seen  # SS shape-stream self-attention
+    assert any(lq == shape_tokens and lk != shape_tokens for lq, lk in ss_seen)  # SS cross-attention
+    cond_tokens = {lk for lq, lk in ss_seen if lq == shape_tokens and lk != shape_tokens}
+    assert any(lq == lk for lq, lk in slat_seen)  # SLaT self-attention
+    assert any(lq != lk for lq, lk in slat_seen)  # SLaT cross-attention
+    assert cond_tokens and slat_seen
+    assert ak.current_attention_kernel() == ak.SDPA
