@@ -59,7 +59,7 @@ def run_object(pipe, inputs, coords, seed=0):
             tokens, _ = pipe.accel.decoder_transform.reduce(
                 tokens, TransformContext(mask=inputs.mask_full, occupancy_logits=ss.occupancy_logits))
         dtype = pipe.options.compute_dtype(dev)
-        with torch.no_grad(), pipe.options.network_context(dev):
+        with torch.no_grad(), pipe.options.network_context(dev, "decode"):
             return pipe.decode.decoder(tokens.feats.to(dtype), tokens.coords.to(torch.int32))
 
     _, t_dec = cuda_time(decode, dev)

@@ -471,7 +471,7 @@ def ours_mesh_fn(stage, latent: torch.Tensor, coords: torch.Tensor, opts, dev: t
     dtype = opts.compute_dtype(dev)
 
     def fn():
-        with opts.network_context(dev):
+        with opts.network_context(dev, "decode"):
             return stage.decoder(latent.to(dtype), coords)
     return fn
 

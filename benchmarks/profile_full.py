@@ -110,7 +110,7 @@ def sweep_flops(pipe, ns: list[int], slat_passes: int, decoder_dtype, device) ->
         dec_in = (feats.to(decoder_dtype), coords)
         for stage, net, args, passes in (("slat", pipe.slat.flow, flow_in, slat_passes),
                                          ("decode", pipe.decode.decoder, dec_in, 1)):
-            with pipe.options.network_context(device):
+            with pipe.options.network_context(device, stage):
                 fl = count_flops(net, args, modules=0, fvcore=False, track_bytes=False)
                 secs = []
                 with torch.no_grad():

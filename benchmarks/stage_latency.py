@@ -50,6 +50,9 @@ VARIANTS = {
     "... + one-key K/V of the zero condition + FlashAttention-4": RunOptions(
         precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
         collapse_zero_cond=True, attention_kernel="flash-attn-cute"),
+    "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT": RunOptions(
+        precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
+        collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_stages=("slat",)),
     "... + torch.compile reduce-overhead (SS, SLaT blocks)": RunOptions(
         precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
         compile_mode="reduce-overhead"),
@@ -63,7 +66,8 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
          "compile-all-graphs": "... + torch.compile (SS, SLaT blocks) + CUDA graphs (SLaT)",
          "compile-all-ro": "... + torch.compile reduce-overhead (SS, SLaT blocks)",
          "compile-all-zkv": "... + torch.compile (SS, SLaT blocks) + one-key K/V of the zero condition",
-         "compile-all-zkv-fa4": "... + one-key K/V of the zero condition + FlashAttention-4"}
+         "compile-all-zkv-fa4": "... + one-key K/V of the zero condition + FlashAttention-4",
+         "compile-all-zkv-fa4-slat": "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT"}
 #: outputs of every variant are compared with this one's (same weights, inputs, seeds)
 REFERENCE_VARIANT = "bf16-cfg-kv"
 COORDS_FILE = Path(__file__).parent / "data" / "ycb_surface_coords_r64.npz"
@@ -230,7 +234,7 @@ def main() -> None:
             lat = {k: v.to(dev, opts.weight_dtype) for k, v in ss.latents.items()}
             tt = torch.full((1,), 500.0, device=dev)
             d = torch.zeros(1, device=dev)
-            with opts.network_context(dev):
+            with opts.network_context(dev, "ss"):
                 r = timer(lambda: pipe.ss.flow(lat, tt, cond, d))
                 if "SS flow pass" not in extra["flops"]:
                     extra["flops"]["SS flow pass"] = count_flops(lambda: pipe.ss.flow(lat, tt, cond, d))
@@ -243,10 +247,10 @@ def main() -> None:
             for name, c in sorted(coords.items(), key=lambda kv: kv[1].shape[0]):
                 n = c.shape[0]
                 feats = torch.randn(n, 8, device=dev, dtype=opts.weight_dtype)
-                with opts.network_context(dev):
+                with opts.network_context(dev, "slat"):
                     r = timer(lambda: pipe.slat.flow(feats, c, tt, slat_cond))
                 rows.append(dict(variant=label, stage="SLaT flow, one pass", N=n, object=name, **r))
-                with opts.network_context(dev):
+                with opts.network_context(dev, "decode"):
                     r = timer(lambda: pipe.decode.decoder(feats, c))
                 rows.append(dict(variant=label, stage="mesh decoder network", N=n, object=name, **r))
                 if name == target:
@@ -255,7 +259,7 @@ def main() -> None:
                     rows.append(dict(variant=label, stage="SLaT stage (cond + 25 steps)", N=n, object=name, **r))
                     outputs[short]["slat.feats"] = pipe.run_slat(inp, ss_n, seed=0).feats.float().cpu()
                     if "SLaT flow pass" not in extra["flops"]:
-                        with opts.network_context(dev):
+                        with opts.network_context(dev, "slat"):
                             extra["flops"]["SLaT flow pass"] = count_flops(lambda: pipe.slat.flow(feats, c, tt, slat_cond))
                             extra["flops"]["mesh decoder network"] = count_flops(lambda: pipe.decode.decoder(feats, c))
                         extra["slat_n"] = n

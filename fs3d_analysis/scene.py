@@ -92,7 +92,7 @@ def _conditions(pipe: Pipeline, stage, inputs: list[PreparedInputs],
     dtype = opts.compute_dtype(device)
     per = [kwargs(i.to(device)) for i in inputs]
     batch = {k: torch.cat([p[k] for p in per], 0).to(dtype) for k in per[0]}
-    with opts.network_context(device):
+    with opts.network_context(device, "ss" if stage is pipe.ss else "slat"):
         return stage.condition(**batch).float()
 
 

@@ -100,3 +100,17 @@ def test_samplers_route_every_unmasked_attention(stand_in):
     assert any(lq != lk for lq, lk in slat_seen)  # SLaT cross-attention
     assert cond_tokens and slat_seen
     assert ak.current_attention_kernel() == ak.SDPA
+
+
+def test_kernel_only_in_the_chosen_stages(stand_in):
+    with pytest.raises(ValueError, match="attention_kernel_stages: unknown"):
+        RunOptions(attention_kernel_stages=("ss", "vae"))
+    opts = RunOptions(precision="bf16", attention_kernel=ak.FLASH_ATTN_CUTE, attention_kernel_stages=("slat",))
+    q = torch.randn(1, 3, 2, 8, dtype=torch.bfloat16)
+    for stage, routed in (("ss", False), ("slat", True), ("decode", False), (None, True)):
+        stand_in.clear()
+        with opts.network_context("cpu", stage):
+            attention(q, q, q)
+        assert bool(stand_in) is routed, stage
+    with pytest.raises(ValueError, match="stage must be one of"):
+        opts.network_context("cpu", "mesh")

@@ -38,7 +38,7 @@ class DecodeStage(nn.Module):
                 tokens, TransformContext(mask=inputs.mask_full, occupancy_logits=ss.occupancy_logits,
                                  info={"image": inputs.image_full}))
         dtype = options.compute_dtype(device)
-        with options.network_context(device):
+        with options.network_context(device, "decode"):
             out = self.decoder(tokens.feats.to(dtype), tokens.coords.to(torch.int32))
         v, f, colors = extract_mesh(out, self.cfg.mesh_decoder.output_resolution)[0]
         verts = torch.as_tensor(np.asarray(v), dtype=torch.float32)

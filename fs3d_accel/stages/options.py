@@ -13,6 +13,8 @@ import torch
 
 PRECISIONS = ("fp32", "autocast-fp16", "autocast-bf16", "fp16", "bf16")
 CUDA_ONLY_PRECISIONS = ("autocast-fp16", "fp16")
+#: stages that can choose their attention kernel (``RunOptions.attention_kernel_stages``)
+KERNEL_STAGES = ("ss", "slat", "decode")
 #: torch.compile modes accepted by ``compile_mode`` (inductor only).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -67,6 +69,9 @@ class RunOptions:
     #: only, needs ``flash_attn.cute`` importable; see ``model/attention_kernels.py``). Entered by
     #: :meth:`network_context` around every network call. Same math, different rounding.
     attention_kernel: str = "sdpa"
+    #: the stages whose networks use ``attention_kernel`` ("ss", "slat", "decode"); the others keep SDPA. FA4 pays
+    #: per kernel in SLaT but its per-call host cost made the compiled SS sampler slower on the H100.
+    attention_kernel_stages: tuple[str, ...] = ("ss", "slat", "decode")
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -83,6 +88,9 @@ class RunOptions:
         from ..model.attention_kernels import ATTENTION_KERNELS
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise ValueError(f"unknown attention_kernel {self.attention_kernel!r}; choose one of {ATTENTION_KERNELS}")
+        bad = sorted(set(self.attention_kernel_stages) - set(KERNEL_STAGES))
+        if bad:
+            raise ValueError(f"attention_kernel_stages: unknown {bad}; choose from {KERNEL_STAGES}")
         if self.collapse_zero_cond and not self.cache_cond_kv:
             raise ValueError("collapse_zero_cond works on the cached condition K/V; set cache_cond_kv=True")
         if self.cuda_graphs and self.precision.startswith("autocast"):
@@ -142,12 +150,16 @@ class RunOptions:
         """dtype of the tensors fed to the networks (matches the weights)."""
         return self.weight_dtype
 
-    def network_context(self, device: torch.device | str):
-        """What every network call runs under: :meth:`autocast` and the ``attention_kernel``."""
-        from ..model.attention_kernels import use_attention_kernel
+    def network_context(self, device: torch.device | str, stage: str | None = None):
+        """What every network call runs under: :meth:`autocast` and the attention kernel of ``stage`` (one of
+        ``attention_kernel_stages``: ``attention_kernel``, else SDPA; no stage named: ``attention_kernel``)."""
+        from ..model.attention_kernels import SDPA, use_attention_kernel
+        if stage is not None and stage not in KERNEL_STAGES:
+            raise ValueError(f"stage must be one of {KERNEL_STAGES}, got {stage!r}")
+        kernel = self.attention_kernel if stage is None or stage in self.attention_kernel_stages else SDPA
         stack = contextlib.ExitStack()
         stack.enter_context(self.autocast(device))
-        stack.enter_context(use_attention_kernel(self.attention_kernel))
+        stack.enter_context(use_attention_kernel(kernel))
         return stack
 
     def autocast(self, device: torch.device | str):

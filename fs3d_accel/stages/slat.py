@@ -91,7 +91,7 @@ class SLaTStage(nn.Module):
                 extra["torso"] = torso
 
             def call(f: Tensor, tt: Tensor) -> Tensor:
-                with options.network_context(c.device):
+                with options.network_context(c.device, "slat"):
                     if ckv is not None:
                         out = flow(f.to(dtype), c_coords, tt, c.to(dtype), cond_kv=ckv, **extra)
                     else:
@@ -161,7 +161,7 @@ class SLaTStage(nn.Module):
         if coords.shape[0] == 0:
             raise ValueError("the SS stage produced no occupied voxel; nothing for the SLaT stage to refine")
         inp = inputs.to(device)
-        with options.network_context(device):
+        with options.network_context(device, "slat"):
             cond = self.condition(**{k: v.to(options.compute_dtype(device)) for k, v in inp.slat_kwargs().items()})
         cond = cond.float()
         x0 = noise if noise is not None else slat_noise(coords.shape[0], self.cfg.slat_flow.in_channels, generator)

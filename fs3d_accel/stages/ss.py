@@ -114,7 +114,7 @@ class SSStage(nn.Module):
 
             def call(tt: Tensor, *xs: Tensor) -> list[Tensor]:
                 xb = {k: v.to(dtype) for k, v in zip(keys, xs)}
-                with options.network_context(c.device):
+                with options.network_context(c.device, "ss"):
                     out = flow(xb, tt, c.to(dtype), dd, cond_kv=kv) if kv is not None else flow(xb, tt, c.to(dtype), dd)
                 return [out[k].float() for k in keys]
 
@@ -145,7 +145,7 @@ class SSStage(nn.Module):
         sampler_cfg = sampler or self.cfg.ss_sampler
         device = next(self.flow.parameters()).device
         inp = inputs.to(device)
-        with options.network_context(device):
+        with options.network_context(device, "ss"):
             cond = self.condition(**{k: v.to(options.compute_dtype(device)) for k, v in inp.ss_kwargs().items()})
         cond = cond.float()
         x0 = noise if noise is not None else ss_noise(self.cfg, generator)
@@ -163,7 +163,7 @@ class SSStage(nn.Module):
         shape = latents["shape"]
         z = shape.permute(0, 2, 1).reshape(shape.shape[0], shape.shape[2], r, r, r)
         device = next(self.decoder.parameters()).device
-        with options.network_context(device):
+        with options.network_context(device, "ss"):
             logits = self.decoder(z.to(device, options.compute_dtype(device)))[0, 0].float()
         occupied = logits > 0
         coords_all = torch.nonzero(occupied).to(torch.int32)
