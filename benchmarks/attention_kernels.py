@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from benchmarks.stage_latency import Timer  # noqa: E402
 
 HEADS, HEAD_DIM = 16, 64
 
@@ -70,21 +75,6 @@ def registered_flash_impls() -> list[str]:
     except ImportError:
         return []
     return list(list_flash_attention_impls())
-
-
-def time_call(fn: Callable[[], torch.Tensor], warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        torch.cuda.synchronize()
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 1000)
-    return statistics.median(times)
 
 
 def kernels(device: torch.device | None = None) -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor],
@@ -144,7 +134,7 @@ def measure(shapes, dtype: torch.dtype, warmup: int, repeats: int, device: torch
             try:
                 out = fn(q, k, v)
                 row["max_abs_err"] = (out.float() - ref).abs().max().item()
-                t = time_call(lambda: fn(q, k, v), warmup, repeats)
+                t = Timer(device, warmup, repeats)(lambda: fn(q, k, v))["median_s"]
                 row.update(ms=t * 1e3, tflops=shape.flops / t / 1e12)
             except Exception as exc:  # a backend that refuses a shape is a result, not a crash
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
