@@ -114,3 +114,10 @@ def test_kernel_only_in_the_chosen_stages(stand_in):
         assert bool(stand_in) is routed, stage
     with pytest.raises(ValueError, match="stage must be one of"):
         opts.network_context("cpu", "mesh")
+    context = opts.network_context("cpu", "slat")
+    assert ak.current_attention_kernel() == ak.SDPA  # nothing entered before the with block
+    with pytest.raises(RuntimeError, match="boom"):
+        with context:
+            assert ak.current_attention_kernel() == ak.FLASH_ATTN_CUTE
+            raise RuntimeError("boom")
+    assert ak.current_attention_kernel() == ak.SDPA

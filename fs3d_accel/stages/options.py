@@ -34,6 +34,15 @@ _ALLOW_CPU_COMPILE = False
 _ALLOW_CPU_GRAPHS = False
 
 
+@contextlib.contextmanager
+def _entered_together(*contexts):
+    """Enter ``contexts`` when the ``with`` block starts (not when this is called), leave them in reverse order."""
+    with contextlib.ExitStack() as stack:
+        for c in contexts:
+            stack.enter_context(c)
+        yield
+
+
 @dataclass(frozen=True)
 class RunOptions:
     precision: str = "fp32"
@@ -157,10 +166,7 @@ class RunOptions:
         if stage is not None and stage not in KERNEL_STAGES:
             raise ValueError(f"stage must be one of {KERNEL_STAGES}, got {stage!r}")
         kernel = self.attention_kernel if stage is None or stage in self.attention_kernel_stages else SDPA
-        stack = contextlib.ExitStack()
-        stack.enter_context(self.autocast(device))
-        stack.enter_context(use_attention_kernel(kernel))
-        return stack
+        return _entered_together(self.autocast(device), use_attention_kernel(kernel))
 
     def autocast(self, device: torch.device | str):
         dev = torch.device(device)
