@@ -5,6 +5,7 @@
     fl = count_flops(pipe, wl)                                         # FlopCounterMode + fvcore
     trace(pipe, wl, "runs/trace")                                      # TensorBoard / Perfetto
     roofline_table(lat, fl, measure_matmul_peak("cuda", torch.float16))
+    kernel_time(lambda: run(), "cuda").seconds / wall_s                # GPU busy: host- or GPU-bound?
 """
 from .busy import KernelTime, kernel_time, sum_device_events
 from .closed_form import (linear_flops, padded_attention_flops, sdpa_flops, sparse_conv_flops, submanifold_pairs,
