@@ -121,3 +121,31 @@ def test_kernel_only_in_the_chosen_stages(stand_in):
             assert ak.current_attention_kernel() == ak.FLASH_ATTN_CUTE
             raise RuntimeError("boom")
     assert ak.current_attention_kernel() == ak.SDPA
+
+
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_custom_op_inside_the_compiled_flows(stand_in, cpu_compile, backend):
+    """The FA4 custom op inside the compiled SS flow and SLaT torso: no graph break on it (aot_eager traces it
+    through its fake implementation), the stand-in runs, and the latents equal the compiled SDPA run's."""
+    from torch._dynamo.utils import counters
+    sample = load_shipped_samples()[0]
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=2), seed=0).to(torch.bfloat16)
+    inputs = pipe.prepare(sample.image, sample.mask, sample.pointmap)
+    common = dict(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
+                  compile_backend=backend)
+    outs, graphs = [], []
+    for opts in (RunOptions(**common), RunOptions(attention_kernel=ak.FLASH_ATTN_CUTE, **common)):
+        pipe.options = opts
+        ss = pipe.run_ss(inputs, seed=0)
+        outs.append((ss, pipe.run_slat(inputs, ss, seed=0)))
+        graphs.append(counters["stats"]["unique_graphs"])
+    (ss0, sl0), (ss1, sl1) = outs
+    assert stand_in, "the compiled flows never called the FA4 op"
+    breaks = [str(k) for k in counters["graph_break"]]
+    assert not [b for b in breaks if "flash_attn_cute" in b], breaks
+    # the kernel choice is guarded: the FA4 run compiled its own SS and SLaT graphs instead of reusing SDPA's
+    assert graphs[0] >= 2 and graphs[1] >= 2 * graphs[0], graphs
+    tol = 0.0 if backend == "eager" else 2e-2
+    for key in ss0.latents:
+        torch.testing.assert_close(ss0.latents[key], ss1.latents[key], rtol=0, atol=tol)
+    torch.testing.assert_close(sl0.slat, sl1.slat, rtol=0, atol=tol)
