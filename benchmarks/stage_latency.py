@@ -53,6 +53,13 @@ VARIANTS = {
     "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT": RunOptions(
         precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
         collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_stages=("slat",)),
+    "... + one-key K/V of the zero condition, reduce-overhead": RunOptions(
+        precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
+        collapse_zero_cond=True, compile_mode="reduce-overhead"),
+    "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT, reduce-overhead": RunOptions(
+        precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
+        collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_stages=("slat",),
+        compile_mode="reduce-overhead"),
     "... + torch.compile reduce-overhead (SS, SLaT blocks)": RunOptions(
         precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
         compile_mode="reduce-overhead"),
@@ -67,7 +74,10 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
          "compile-all-ro": "... + torch.compile reduce-overhead (SS, SLaT blocks)",
          "compile-all-zkv": "... + torch.compile (SS, SLaT blocks) + one-key K/V of the zero condition",
          "compile-all-zkv-fa4": "... + one-key K/V of the zero condition + FlashAttention-4",
-         "compile-all-zkv-fa4-slat": "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT"}
+         "compile-all-zkv-fa4-slat": "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT",
+         "compile-all-zkv-ro": "... + one-key K/V of the zero condition, reduce-overhead",
+         "compile-all-zkv-fa4-slat-ro": "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT, "
+                                        "reduce-overhead"}
 #: outputs of every variant are compared with this one's (same weights, inputs, seeds)
 REFERENCE_VARIANT = "bf16-cfg-kv"
 COORDS_FILE = Path(__file__).parent / "data" / "ycb_surface_coords_r64.npz"
