@@ -271,6 +271,7 @@ def main() -> None:
                     if "SLaT flow pass" not in extra["flops"]:
                         with opts.network_context(dev, "slat"):
                             extra["flops"]["SLaT flow pass"] = count_flops(lambda: pipe.slat.flow(feats, c, tt, slat_cond))
+                        with opts.network_context(dev, "decode"):
                             extra["flops"]["mesh decoder network"] = count_flops(lambda: pipe.decode.decoder(feats, c))
                         extra["slat_n"] = n
         print(f"done {label}", flush=True)

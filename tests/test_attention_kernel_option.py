@@ -105,9 +105,11 @@ def test_samplers_route_every_unmasked_attention(stand_in):
 def test_kernel_only_in_the_chosen_stages(stand_in):
     with pytest.raises(ValueError, match="attention_kernel_stages: unknown"):
         RunOptions(attention_kernel_stages=("ss", "vae"))
+    with pytest.raises(ValueError, match="would never run"):
+        RunOptions(attention_kernel=ak.FLASH_ATTN_CUTE, attention_kernel_stages=())
     opts = RunOptions(precision="bf16", attention_kernel=ak.FLASH_ATTN_CUTE, attention_kernel_stages=("slat",))
     q = torch.randn(1, 3, 2, 8, dtype=torch.bfloat16)
-    for stage, routed in (("ss", False), ("slat", True), ("decode", False), (None, True)):
+    for stage, routed in (("ss", False), ("slat", True), ("decode", False)):
         stand_in.clear()
         with opts.network_context("cpu", stage):
             attention(q, q, q)
@@ -149,3 +151,16 @@ def test_custom_op_inside_the_compiled_flows(stand_in, cpu_compile, backend):
     for key in ss0.latents:
         torch.testing.assert_close(ss0.latents[key], ss1.latents[key], rtol=0, atol=tol)
     torch.testing.assert_close(sl0.slat, sl1.slat, rtol=0, atol=tol)
+
+
+def test_flop_counter_counts_the_op_like_sdpa(stand_in):
+    """FlopCounterMode sees FA4 through the op's formula: torch's own SDPA count for the same shapes (GPU SDPA
+    kernels are counted with it), and the stand-in's SDPA inside the op is not counted a second time."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+    q = torch.randn(2, 5, 4, 16, dtype=torch.bfloat16)
+    k = torch.randn(2, 7, 4, 16, dtype=torch.bfloat16)
+    with FlopCounterMode(display=False) as counter, ak.use_attention_kernel(ak.FLASH_ATTN_CUTE):
+        attention(q, k, k)
+    assert stand_in == [(5, 7)]
+    expected = sdpa_flop_count((2, 4, 5, 16), (2, 4, 7, 16), (2, 4, 7, 16))
+    assert counter.get_total_flops() == expected == 4 * 2 * 4 * 5 * 7 * 16

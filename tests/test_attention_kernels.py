@@ -31,9 +31,12 @@ def test_cpu_is_refused():
 def test_report_marks_the_fastest_and_keeps_refusals(tmp_path):
     rows = [{"shape": "S", "B": 2, "Lq": 4, "Lk": 4, "kernel": "a", "ms": 2.0, "tflops": 100.0, "max_abs_err": 1e-3},
             {"shape": "S", "B": 2, "Lq": 4, "Lk": 4, "kernel": "b", "ms": 1.0, "tflops": 200.0, "max_abs_err": 2e-3},
-            {"shape": "S", "B": 2, "Lq": 4, "Lk": 4, "kernel": "c", "error": "RuntimeError: no kernel"}]
+            {"shape": "S", "B": 2, "Lq": 4, "Lk": 4, "kernel": "c", "error": "RuntimeError: no kernel"},
+            {"shape": "S", "B": 2, "Lq": 4, "Lk": 4, "kernel": "d", "ms": 0.5, "tflops": 400.0, "max_abs_err": 0.5}]
     meta = {"device": "GPU", "torch": "2", "dtype": "bf16", "warmup": 1, "repeats": 2, "flash_impls": []}
     text = ak.write_report(rows, meta, tmp_path)
     assert "| **b** | 1.000 | 200 | 0.002 |" in text and "| a | 2.000 | 100 | 0.001 |" in text
     assert "| c | refused: RuntimeError: no kernel | | |" in text and "none" in text
+    assert "| d | 0.500 | 400 | 0.5 (WRONG: above 0.01) |" in text  # fastest, but wrong: not marked
+    assert "FlashAttention-4 through the fs3d custom op: not checked" in text
     assert (tmp_path / "attention_kernels.csv").is_file()

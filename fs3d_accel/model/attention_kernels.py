@@ -20,6 +20,7 @@ from typing import Iterator
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 SDPA = "sdpa"
 FLASH_ATTN_CUTE = "flash-attn-cute"
@@ -51,9 +52,15 @@ def flash_attn_cute_unavailable(device: torch.device | str) -> str | None:
     device = torch.device(device)
     if device.type != "cuda":
         return f"FlashAttention-4 runs on CUDA devices (Hopper or Blackwell), got {device}"
-    if importlib.util.find_spec("flash_attn") is None or importlib.util.find_spec("flash_attn.cute") is None:
+    try:  # finding the submodule imports the parent package, whose own imports may fail
+        found = importlib.util.find_spec("flash_attn") is not None and importlib.util.find_spec("flash_attn.cute")
+    except ImportError as exc:
+        found, reason = False, f": {exc}"
+    else:
+        reason = ""
+    if not found:
         return ("flash_attn.cute is not importable (install flash-attn-4, or put the flash-attention "
-                "repository's flash_attn/cute and nvidia-cutlass-dsl on the path)")
+                f"repository's flash_attn/cute and nvidia-cutlass-dsl on the path){reason}")
     if torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] not in (9, 10):
         return f"FlashAttention-4 needs compute capability 9.x or 10.x, {torch.cuda.get_device_name(device)} has " \
                f"{torch.cuda.get_device_capability(device)}"
@@ -79,6 +86,15 @@ def flash_attn_cute(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 @flash_attn_cute.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@register_flop_formula(torch.ops.fs3d.flash_attn_cute)
+def _flash_attn_cute_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    """QK^T and PV products, as FlopCounterMode counts SDPA: 2 * B * H * Lq * Lk * (D + Dv). Without this rule,
+    FLOP counts (and the MFU built on them) would miss every attention that runs through FA4."""
+    b, lq, h, d = q_shape
+    lk, dv = k_shape[1], v_shape[-1]
+    return 2 * b * h * lq * lk * (d + dv)
 
 
 __all__ = ["ATTENTION_KERNELS", "FLASH_ATTN_CUTE", "SDPA", "current_attention_kernel", "flash_attn_cute",

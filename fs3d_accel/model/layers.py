@@ -102,9 +102,9 @@ class FeedForwardNet(nn.Module):
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """Scaled dot-product attention on (B, L, H, D) tensors; returns (B, L, H, D).
 
-    ``mask`` (optional): boolean (B, 1, Lq, Lk) or (B, 1, 1, Lk), True = attend. Unmasked half-precision
-    CUDA calls go to FlashAttention-4 inside ``use_attention_kernel("flash-attn-cute")``
-    (:mod:`fs3d_accel.model.attention_kernels`); everything else to SDPA.
+    ``mask`` (optional): boolean (B, 1, Lq, Lk) or (B, 1, 1, Lk), True = attend. Unmasked fp16 / bf16
+    calls go to FlashAttention-4 inside ``use_attention_kernel("flash-attn-cute")``
+    (:mod:`fs3d_accel.model.attention_kernels`; CUDA tensors only, others raise there); everything else to SDPA.
     """
     if (mask is None and attention_kernels.current_attention_kernel() == attention_kernels.FLASH_ATTN_CUTE
             and q.dtype in (torch.float16, torch.bfloat16)):

@@ -100,6 +100,9 @@ class RunOptions:
         bad = sorted(set(self.attention_kernel_stages) - set(KERNEL_STAGES))
         if bad:
             raise ValueError(f"attention_kernel_stages: unknown {bad}; choose from {KERNEL_STAGES}")
+        if self.attention_kernel != "sdpa" and not self.attention_kernel_stages:
+            raise ValueError(f"attention_kernel {self.attention_kernel!r} with no attention_kernel_stages would "
+                             f"never run; name at least one of {KERNEL_STAGES}")
         if self.collapse_zero_cond and not self.cache_cond_kv:
             raise ValueError("collapse_zero_cond works on the cached condition K/V; set cache_cond_kv=True")
         if self.cuda_graphs and self.precision.startswith("autocast"):
@@ -159,13 +162,13 @@ class RunOptions:
         """dtype of the tensors fed to the networks (matches the weights)."""
         return self.weight_dtype
 
-    def network_context(self, device: torch.device | str, stage: str | None = None):
-        """What every network call runs under: :meth:`autocast` and the attention kernel of ``stage`` (one of
-        ``attention_kernel_stages``: ``attention_kernel``, else SDPA; no stage named: ``attention_kernel``)."""
+    def network_context(self, device: torch.device | str, stage: str):
+        """What every network call of ``stage`` ("ss", "slat" or "decode") runs under: :meth:`autocast`, and
+        ``attention_kernel`` if the stage is in ``attention_kernel_stages``, else SDPA."""
         from ..model.attention_kernels import SDPA, use_attention_kernel
-        if stage is not None and stage not in KERNEL_STAGES:
+        if stage not in KERNEL_STAGES:
             raise ValueError(f"stage must be one of {KERNEL_STAGES}, got {stage!r}")
-        kernel = self.attention_kernel if stage is None or stage in self.attention_kernel_stages else SDPA
+        kernel = self.attention_kernel if stage in self.attention_kernel_stages else SDPA
         return _entered_together(self.autocast(device), use_attention_kernel(kernel))
 
     def autocast(self, device: torch.device | str):
