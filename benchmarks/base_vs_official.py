@@ -88,7 +88,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import parity_official as po  # noqa: E402
-from fs3d_analysis.profile.busy import kernel_time  # noqa: E402
+from fs3d_analysis.profile.busy import KERNEL_CLASSES, kernel_class, kernel_time  # noqa: E402
 from benchmarks.stage_latency import (COORDS_FILE, SHORT, VARIANTS, Timer, add_conv_args,  # noqa: E402
                                       apply_conv_args, count_flops, load_coords, matmul_peak_tflops,
                                       synthetic_inputs)
@@ -102,6 +102,7 @@ DEFAULT_VARIANTS = "official,compile-all-zkv,compile-all,bf16-cfg-kv,official-li
 #: official HF yamls that parity_official.official_yamls() reads
 HF_FILES = ("ss_generator.yaml", "slat_generator.yaml", "ss_decoder.yaml", "slat_decoder_mesh.yaml")
 CSV_NAME, README_NAME, FIG_NAME = "base_vs_official.csv", "README.md", "base_vs_official.png"
+KERNELS_CSV_NAME = "kernels.csv"
 COLUMNS = ["variant", "stage", "object", "N", "median_s", "min_s", "first_call_s", "n", "speedup_vs_official",
            "model_tflop", "achieved_tflops", "mfu", "kernel_s", "launches", "gpu_busy", "peak_mem_gb", "resident_gb",
            "max_abs_vs_official", "rel_vs_official", "precision", "error"]
@@ -579,6 +580,9 @@ def readme_text(rows: list[dict], meta: dict) -> str:
     per_object = per_object_lines(rows)
     if per_object:
         lines += [""] + per_object
+    classes = kernel_class_lines(rows)
+    if classes:
+        lines += [""] + classes
     lines += ["", "## How the official modules run here", ""] + [f"- {n}" for n in meta.get("notes", [])]
     return "\n".join(lines) + "\n"
 
@@ -655,6 +659,42 @@ def write_figure(rows: list[dict], path: Path) -> str | None:
 _NOTES_PRINTED: set[str] = set()
 
 
+KERNEL_LABELS = [label for label, _ in KERNEL_CLASSES] + ["other"]
+
+
+def write_kernel_csv(rows: list[dict], path: Path) -> None:
+    """Every kernel of every ``--gpu-busy`` unit: seconds and launches in its one profiled call, and class."""
+    import csv
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["variant", "stage", "object", "N", "kernel", "class", "seconds", "launches"])
+        for r in rows:
+            for name, (sec, count) in sorted(r.get("kernels", {}).items(), key=lambda kv: -kv[1][0]):
+                w.writerow([r["variant"], r["stage"], r.get("object") or "", r.get("N") or "", name,
+                            kernel_class(name), f"{sec:.6g}", count])
+
+
+def kernel_class_lines(rows: list[dict]) -> list[str]:
+    """Per profiled unit: kernel seconds by class (where the GPU time goes), and the host's share."""
+    profiled = [r for r in rows if r.get("kernels")]
+    if not profiled:
+        return []
+    lines = ["## Where the GPU time goes (one profiled call per unit)", "",
+             f"Seconds of kernel time by class (`{KERNELS_CSV_NAME}` lists every kernel); 'idle' = median wall "
+             "time minus summed kernel time (the GPU waits on the host; negative when the profiled call's kernels "
+             "ran longer than the median unprofiled call).", "",
+             "| stage | object | variant | " + " | ".join(KERNEL_LABELS) + " | idle |",
+             "|---|---|---|" + "---|" * (len(KERNEL_LABELS) + 1)]
+    for r in profiled:
+        by: dict[str, float] = {}
+        for name, (sec, _) in r["kernels"].items():
+            by[kernel_class(name)] = by.get(kernel_class(name), 0.0) + sec
+        idle = r["median_s"] - r["kernel_s"]
+        lines.append(f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | {r['variant']} | "
+                     + " | ".join(f"{by.get(lbl, 0.0):.4f}" for lbl in KERNEL_LABELS) + f" | {idle:.4f} |")
+    return lines
+
+
 def write_outputs(rows: list[dict], out: Path, meta: dict) -> None:
     """CSV, README table, JSON meta and the figure (called after every unit)."""
     import csv
@@ -665,6 +705,8 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in COLUMNS})
+    if any("kernels" in r for r in rows):
+        write_kernel_csv(rows, out / KERNELS_CSV_NAME)
     (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     (out / README_NAME).write_text(readme_text(rows, meta))
     why = write_figure(rows, out / FIG_NAME)
@@ -806,7 +848,8 @@ def run(args) -> list[dict]:
                 out, r = measure(fn, dev, args.warmup, args.repeats)
                 if args.gpu_busy:
                     k = kernel_time(fn, dev)
-                    r.update(kernel_s=k.seconds, launches=k.launches, gpu_busy=k.seconds / r["median_s"])
+                    r.update(kernel_s=k.seconds, launches=k.launches, gpu_busy=k.seconds / r["median_s"],
+                             kernels=k.by_kernel)
             row.update(r)
             got = post(out)
             if variant == "official":

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 from fs3d_accel.model import attention_kernels as ak
-from fs3d_accel.model.layers import attention
+from fs3d_accel.model.layers import attention, cross_attention
 from fs3d_accel.pipeline import Pipeline
-from fs3d_accel.stages.options import RunOptions
+from fs3d_accel.stages.options import KERNEL_ROLES, RunOptions
 from fs3d_analysis.data import load_shipped_samples
 
 from conftest import fast_mini_config
@@ -102,12 +102,71 @@ def test_samplers_route_every_unmasked_attention(stand_in):
     assert ak.current_attention_kernel() == ak.SDPA
 
 
+def test_samplers_route_only_the_chosen_sites(stand_in):
+    """Sites ("ss.cross",): every routed call is an SS cross-attention (shape or layout queries over the
+    condition tokens), none is self-attention or SLaT; latents equal the SDPA run bit for bit."""
+    sample = load_shipped_samples()[0]
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=2), seed=0).to(torch.bfloat16)
+    inputs = pipe.prepare(sample.image, sample.mask, sample.pointmap)
+    base = RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True)
+    routed = RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, attention_kernel=ak.FLASH_ATTN_CUTE,
+                        attention_kernel_sites=("ss.cross",))
+    outs = []
+    for opts in (base, routed):
+        pipe.options = opts
+        ss = pipe.run_ss(inputs, seed=0)
+        outs.append((ss, pipe.run_slat(inputs, ss, seed=0)))
+    (ss0, sl0), (ss1, sl1) = outs
+    for key in ss0.latents:
+        assert torch.equal(ss0.latents[key], ss1.latents[key])
+    assert torch.equal(sl0.slat, sl1.slat)
+    cond_tokens = {lk for _, lk in stand_in}
+    assert len(cond_tokens) == 1 and stand_in  # one condition length: only cross-attention was routed
+    shape_tokens = pipe.config.ss_flow.num_shape_tokens
+    assert cond_tokens != {shape_tokens}
+    assert {lq for lq, _ in stand_in} >= {shape_tokens}
+
+
+def test_kernel_per_role(stand_in):
+    """Only the selected roles go to the kernel; cross_attention calls are "cross", plain calls "self"."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, n, 2, 8, generator=g, dtype=torch.bfloat16) for n in (3, 6, 6))
+    with ak.use_attention_kernel(ak.FLASH_ATTN_CUTE, roles=("cross",)):
+        assert ak.current_attention_kernel("self") == ak.SDPA
+        assert ak.current_attention_kernel("cross") == ak.FLASH_ATTN_CUTE
+        attention(q, q, q)
+        assert stand_in == []
+        out = cross_attention(q, (k, v))
+        assert stand_in == [(3, 6)]
+        attention(q, k, v, role="cross")
+        assert stand_in == [(3, 6), (3, 6)]
+    assert torch.equal(out, _sdpa_reference(q, k, v))
+    with pytest.raises(ValueError, match="attention role must be one of"):
+        attention(q, q, q, role="selfish")
+    with pytest.raises(ValueError, match="attention role must be one of"):
+        with ak.use_attention_kernel(ak.FLASH_ATTN_CUTE, roles=("self", "x")):
+            pass
+    assert ak.current_attention_kernel("cross") == ak.SDPA
+
+
+def test_sites_name_stages_or_roles():
+    assert KERNEL_ROLES == ak.ATTENTION_ROLES
+    with pytest.raises(ValueError, match=r"attention_kernel_sites: unknown \['slat.mlp', 'vae'\]"):
+        RunOptions(attention_kernel_sites=("ss", "vae", "slat.mlp"))
+    with pytest.raises(ValueError, match="tuple of sites, got the string 'slat'"):
+        RunOptions(attention_kernel_sites="slat")
+    opts = RunOptions(attention_kernel_sites=("ss.cross", "slat", "slat.self"))
+    assert opts.kernel_roles("ss") == ("cross",)
+    assert opts.kernel_roles("slat") == ("self", "cross")
+    assert opts.kernel_roles("decode") == ()
+    with pytest.raises(ValueError, match="stage must be one of"):
+        opts.kernel_roles("mesh")
+
+
 def test_kernel_only_in_the_chosen_stages(stand_in):
-    with pytest.raises(ValueError, match="attention_kernel_stages: unknown"):
-        RunOptions(attention_kernel_stages=("ss", "vae"))
     with pytest.raises(ValueError, match="would never run"):
-        RunOptions(attention_kernel=ak.FLASH_ATTN_CUTE, attention_kernel_stages=())
-    opts = RunOptions(precision="bf16", attention_kernel=ak.FLASH_ATTN_CUTE, attention_kernel_stages=("slat",))
+        RunOptions(attention_kernel=ak.FLASH_ATTN_CUTE, attention_kernel_sites=())
+    opts = RunOptions(precision="bf16", attention_kernel=ak.FLASH_ATTN_CUTE, attention_kernel_sites=("slat",))
     q = torch.randn(1, 3, 2, 8, dtype=torch.bfloat16)
     for stage, routed in (("ss", False), ("slat", True), ("decode", False)):
         stand_in.clear()

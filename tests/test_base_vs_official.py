@@ -116,11 +116,25 @@ def test_gpu_busy_columns_only_where_measured(tmp_path):
     rows = _rows()
     rows[0].update(kernel_s=1.5, launches=120000, gpu_busy=0.5)  # official SS: 1.5 s of kernels in 3 s
     rows[1].update(kernel_s=0.95, launches=900, gpu_busy=0.95)
+    rows[0]["kernels"] = {"cudnn_generated_fort_native_sdpa_sm90_flash_fprop": (1.0, 100),
+                          "nvjet_sm90_tst_256x128": (0.25, 200), "Memset (Device)": (0.25, 119700)}
     meta = {"device": "H100", "peak_tflops": 800.0, "host_cpu": "Some CPU, 16 logical cores"}
     bvo.write_outputs(rows, tmp_path, meta)
     text = (tmp_path / bvo.README_NAME).read_text()
     assert "| GPU busy | launches |" in text and "Some CPU, 16 logical cores" in text
     assert "| 50% | 120000 |" in text and "| 95% | 900 |" in text
+    # the kernel classes of the profiled unit: attention 1.0, matmul 0.25, copies 0.25, idle 4.0 - 1.5
+    header = next(line for line in text.splitlines() if line.startswith("| stage | object | variant | fused"))
+    cols = [c.strip() for c in header.strip("|").split("|")]
+    row = next(line for line in text.splitlines() if line.startswith("| SS generator sampler |  | official | "))
+    vals = dict(zip(cols, (c.strip() for c in row.strip("|").split("|"))))
+    assert (vals["attention"], vals["matmul"], vals["copy / memset"], vals["idle"]) == \
+        ("1.0000", "0.2500", "0.2500", "2.5000")
+    with open(tmp_path / bvo.KERNELS_CSV_NAME) as fh:
+        kernels = list(csv.DictReader(fh))
+    assert [(k["kernel"], k["class"], k["launches"]) for k in kernels] == [
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "attention", "100"),
+        ("nvjet_sm90_tst_256x128", "matmul", "200"), ("Memset (Device)", "copy / memset", "119700")]
     with open(tmp_path / bvo.CSV_NAME) as fh:
         got = list(csv.DictReader(fh))
     assert float(got[0]["gpu_busy"]) == 0.5 and got[2]["gpu_busy"] == ""

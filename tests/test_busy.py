@@ -7,18 +7,40 @@ import pytest
 import torch
 from torch.autograd import DeviceType
 
-from fs3d_analysis.profile.busy import KernelTime, kernel_time, sum_device_events
+from fs3d_analysis.profile.busy import KernelTime, kernel_class, kernel_time, sum_device_events
 
 
-def _row(device: DeviceType, us: float, count: int) -> SimpleNamespace:
-    return SimpleNamespace(device_type=device, device_time_total=us, count=count)
+def _row(device: DeviceType, us: float, count: int, key: str = "k") -> SimpleNamespace:
+    return SimpleNamespace(key=key, device_type=device, device_time_total=us, count=count)
 
 
 def test_sums_only_device_rows():
-    rows = [_row(DeviceType.CUDA, 1500.0, 3), _row(DeviceType.CPU, 9000.0, 50),  # an operator: repeats its kernels
-            _row(DeviceType.CUDA, 250.0, 2)]
+    rows = [_row(DeviceType.CUDA, 1500.0, 3, "nvjet_sm90_tst_256x128"),
+            _row(DeviceType.CPU, 9000.0, 50, "aten::linear"),  # an operator: repeats its kernels
+            _row(DeviceType.CUDA, 250.0, 2, "cudnn_generated_fort_native_sdpa_sm90_flash_fprop"),
+            _row(DeviceType.CUDA, 100.0, 1, "nvjet_sm90_tst_256x128")]  # same kernel again: merged
     got = sum_device_events(rows)
-    assert got == KernelTime(seconds=pytest.approx(0.00175), launches=5)
+    assert got == KernelTime(seconds=pytest.approx(0.00185), launches=6)
+    assert got.by_kernel == {"nvjet_sm90_tst_256x128": (pytest.approx(0.0016), 4),
+                             "cudnn_generated_fort_native_sdpa_sm90_flash_fprop": (pytest.approx(0.00025), 2)}
+    assert got.by_class() == {"matmul": pytest.approx(0.0016), "attention": pytest.approx(0.00025)}
+    assert list(got.by_class()) == ["matmul", "attention"]  # largest first
+
+
+@pytest.mark.parametrize("name,label", [
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7", "attention"),
+    ("kernel_cutlass_FlashAttentionForwardSm90_object_at", "attention"),
+    ("nvjet_sm90_tst_256x112_64x4_2x1_v_bz_coopA_bias_TNT", "matmul"),
+    ("void at::native::vectorized_gather_kernel<16, long>(char*)", "copy / memset"),
+    ("Memset (Device)", "copy / memset"),
+    ("triton_per_fused__to_copy_add_mul_native_layer_norm_split", "fused (triton)"),
+    ("triton_per_fused__scaled_dot_product_cudnn_attention__to_copy_clamp_min", "fused (triton)"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float>", "norm / reduce"),
+    ("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add>", "element-wise"),
+    ("some_custom_kernel", "other"),
+])
+def test_kernel_classes(name, label):
+    assert kernel_class(name) == label
 
 
 def test_no_device_rows_is_zero():

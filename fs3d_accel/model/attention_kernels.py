@@ -7,7 +7,9 @@ TFLOP/s on an H100 (``benchmarks/results/attention_kernels_h100/``). FlashAttent
 accumulation order, so outputs differ from SDPA's by rounding only.
 
 The choice is a context (:func:`use_attention_kernel`), entered by ``RunOptions.network_context`` around every
-network call, so model code stays kernel-agnostic. FA4 is wrapped in a ``torch.library`` custom op with a
+network call, so model code stays kernel-agnostic. Each attention call names its role ("self" or "cross"), and
+the context picks the kernel per role: per kernel, FA4 is faster than cuDNN at SAM 3D's cross-attention shapes
+and at SLaT's self-attention, but slower at SS's self-attention, so the best choice differs by call site. FA4 is wrapped in a ``torch.library`` custom op with a
 fake (meta) implementation: ``torch.compile`` treats it as one opaque call instead of tracing the CuTe DSL.
 PyTorch's own ``activate_flash_attention_impl("FA4")`` route is not used: in torch 2.11 it does not match the
 current ``flash_attn.cute`` return signature (``ValueError: too many values to unpack``, measured on the H100).
@@ -25,22 +27,35 @@ from torch.utils.flop_counter import register_flop_formula
 SDPA = "sdpa"
 FLASH_ATTN_CUTE = "flash-attn-cute"
 ATTENTION_KERNELS = (SDPA, FLASH_ATTN_CUTE)
+#: what an attention call does: tokens attending to their own set ("self") or to condition tokens ("cross")
+ATTENTION_ROLES = ("self", "cross")
 
-_current = SDPA
+#: (kernel, roles it applies to); every other role runs SDPA
+_current: tuple[str, tuple[str, ...]] = (SDPA, ATTENTION_ROLES)
 
 
-def current_attention_kernel() -> str:
-    return _current
+def check_role(role: str) -> None:
+    if role not in ATTENTION_ROLES:
+        raise ValueError(f"attention role must be one of {ATTENTION_ROLES}, got {role!r}")
+
+
+def current_attention_kernel(role: str = "self") -> str:
+    """The kernel that runs unmasked attention of ``role`` here."""
+    check_role(role)
+    name, roles = _current
+    return name if role in roles else SDPA
 
 
 @contextlib.contextmanager
-def use_attention_kernel(name: str) -> Iterator[None]:
-    """Run unmasked attention with kernel ``name`` inside the block; the previous choice comes back after,
-    also when the block raises."""
+def use_attention_kernel(name: str, roles: tuple[str, ...] = ATTENTION_ROLES) -> Iterator[None]:
+    """Run unmasked attention of ``roles`` with kernel ``name`` inside the block (other roles: SDPA); the
+    previous choice comes back after, also when the block raises."""
     global _current
     if name not in ATTENTION_KERNELS:
         raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {name!r}")
-    previous, _current = _current, name
+    for role in roles:
+        check_role(role)
+    previous, _current = _current, (name, tuple(roles))
     try:
         yield
     finally:
@@ -97,5 +112,5 @@ def _flash_attn_cute_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **k
     return 2 * b * h * lq * lk * (d + dv)
 
 
-__all__ = ["ATTENTION_KERNELS", "FLASH_ATTN_CUTE", "SDPA", "current_attention_kernel", "flash_attn_cute",
+__all__ = ["ATTENTION_KERNELS", "ATTENTION_ROLES", "check_role", "FLASH_ATTN_CUTE", "SDPA", "current_attention_kernel", "flash_attn_cute",
            "flash_attn_cute_unavailable", "use_attention_kernel"]

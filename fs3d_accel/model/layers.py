@@ -99,14 +99,15 @@ class FeedForwardNet(nn.Module):
         return self.mlp(x)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, role: str = "self") -> Tensor:
     """Scaled dot-product attention on (B, L, H, D) tensors; returns (B, L, H, D).
 
-    ``mask`` (optional): boolean (B, 1, Lq, Lk) or (B, 1, 1, Lk), True = attend. Unmasked fp16 / bf16
-    calls go to FlashAttention-4 inside ``use_attention_kernel("flash-attn-cute")``
+    ``mask`` (optional): boolean (B, 1, Lq, Lk) or (B, 1, 1, Lk), True = attend. ``role`` ("self" or "cross")
+    says what the call does, so the kernel can be chosen per role: unmasked fp16 / bf16 calls of a role
+    selected by ``use_attention_kernel("flash-attn-cute", roles)`` go to FlashAttention-4
     (:mod:`fs3d_accel.model.attention_kernels`; CUDA tensors only, others raise there); everything else to SDPA.
     """
-    if (mask is None and attention_kernels.current_attention_kernel() == attention_kernels.FLASH_ATTN_CUTE
+    if (mask is None and attention_kernels.current_attention_kernel(role) == attention_kernels.FLASH_ATTN_CUTE
             and q.dtype in (torch.float16, torch.bfloat16)):
         return attention_kernels.flash_attn_cute(q, k, v)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
@@ -120,10 +121,11 @@ def cross_attention(q: Tensor, kv: tuple[Tensor, ...]) -> Tensor:
     different key counts (one call per element; see :func:`collapse_zero_condition_kv`). A flat tuple of
     tensors rather than a list of pairs: torch.compile's nested regions take it as plain inputs."""
     if len(kv) == 2:
-        return attention(q, kv[0], kv[1])
+        return attention(q, kv[0], kv[1], role="cross")
     if len(kv) != 2 * q.shape[0]:
         raise ValueError(f"{len(kv) // 2} per-element K/V pairs for a batch of {q.shape[0]} queries")
-    return torch.cat([attention(q[i:i + 1], kv[2 * i], kv[2 * i + 1]) for i in range(q.shape[0])], dim=0)
+    return torch.cat([attention(q[i:i + 1], kv[2 * i], kv[2 * i + 1], role="cross") for i in range(q.shape[0])],
+                     dim=0)
 
 
 def collapse_zero_condition_kv(kv: tuple[Tensor, Tensor], zero_rows: list[bool]) -> tuple[Tensor, ...]:

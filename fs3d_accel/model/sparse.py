@@ -521,11 +521,12 @@ def subdivide_like(x: SparseTensor, feats: Tensor) -> SparseTensor:
 # ----------------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------------
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, role: str = "self") -> Tensor:
     """(B, L, H, D) in and out; ``mask`` (B, Lk) bool key-padding (True = attend) or None. Unmasked calls
-    go through :func:`~fs3d_accel.model.layers.attention`, which honours the selected attention kernel."""
+    go through :func:`~fs3d_accel.model.layers.attention`, which honours the attention kernel selected for
+    ``role`` ("self" / "cross")."""
     if mask is None:
-        return attention(q, k, v)
+        return attention(q, k, v, role=role)
     attn_mask = mask[:, None, None, :]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=attn_mask)
@@ -602,11 +603,11 @@ def dense_cross_attention(q: Tensor, k: Tensor, v: Tensor, q_seqlens: Sequence[i
     if len(q_seqlens) != b:
         raise ValueError(f"{len(q_seqlens)} query segments but {b} condition rows")
     if b == 1:
-        return _sdpa(q[None], k, v)[0]
+        return _sdpa(q[None], k, v, role="cross")[0]
     if len(set(q_seqlens)) == 1:  # equal segments (the two CFG halves): a reshape, no packing
-        return _sdpa(q.reshape(b, -1, *q.shape[1:]), k, v).reshape(q.shape[0], *v.shape[2:])
+        return _sdpa(q.reshape(b, -1, *q.shape[1:]), k, v, role="cross").reshape(q.shape[0], *v.shape[2:])
     qp = make_packing(q_seqlens, q.device)
-    return qp.unpack(_sdpa(qp.pack(q), k, v))
+    return qp.unpack(_sdpa(qp.pack(q), k, v, role="cross"))
 
 
 def _shift3(shift: int | Sequence[int]) -> tuple[int, int, int]:
@@ -750,7 +751,8 @@ class SparseCrossAttention(nn.Module):
         else:  # per-element K/V (collapse_zero_condition_kv): one call per batch element
             if len(kv) != 2 * x.batch_size:
                 raise ValueError(f"{len(kv) // 2} per-element K/V pairs for {x.batch_size} batch elements")
-            h = torch.cat([_sdpa(q[sl][None], kv[2 * i], kv[2 * i + 1])[0] for i, sl in enumerate(x.layout)], dim=0)
+            h = torch.cat([_sdpa(q[sl][None], kv[2 * i], kv[2 * i + 1], role="cross")[0]
+                           for i, sl in enumerate(x.layout)], dim=0)
         return x.replace(self.to_out(h.reshape(n, self.channels)))
 
     def dense(self, feats: Tensor, context: Tensor | None = None,

@@ -13,8 +13,12 @@ import torch
 
 PRECISIONS = ("fp32", "autocast-fp16", "autocast-bf16", "fp16", "bf16")
 CUDA_ONLY_PRECISIONS = ("autocast-fp16", "fp16")
-#: stages that can choose their attention kernel (``RunOptions.attention_kernel_stages``)
+#: stages that can choose their attention kernel (``RunOptions.attention_kernel_sites``)
 KERNEL_STAGES = ("ss", "slat", "decode")
+#: the attention roles a site may name after its stage ("slat.cross"); see ``model/attention_kernels.py``
+KERNEL_ROLES = ("self", "cross")
+#: every accepted entry of ``RunOptions.attention_kernel_sites``: a stage (all its attention) or stage.role
+KERNEL_SITES = KERNEL_STAGES + tuple(f"{st}.{r}" for st in KERNEL_STAGES for r in KERNEL_ROLES)
 #: torch.compile modes accepted by ``compile_mode`` (inductor only).
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -78,9 +82,11 @@ class RunOptions:
     #: only, needs ``flash_attn.cute`` importable; see ``model/attention_kernels.py``). Entered by
     #: :meth:`network_context` around every network call. Same math, different rounding.
     attention_kernel: str = "sdpa"
-    #: the stages whose networks use ``attention_kernel`` ("ss", "slat", "decode"); the others keep SDPA. FA4 pays
-    #: per kernel in SLaT but its per-call host cost made the compiled SS sampler slower on the H100.
-    attention_kernel_stages: tuple[str, ...] = ("ss", "slat", "decode")
+    #: where ``attention_kernel`` runs: a stage ("ss", "slat", "decode": all its attention) or one role of it
+    #: ("ss.cross", "slat.self", ...); everything else keeps SDPA. Per kernel on the H100, FA4 beats cuDNN at
+    #: SS cross-attention and both SLaT roles but not at SS self-attention; its per-call host cost made the
+    #: compiled SS sampler slower (``benchmarks/results/attention_kernels_h100/``).
+    attention_kernel_sites: tuple[str, ...] = ("ss", "slat", "decode")
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -97,12 +103,15 @@ class RunOptions:
         from ..model.attention_kernels import ATTENTION_KERNELS
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise ValueError(f"unknown attention_kernel {self.attention_kernel!r}; choose one of {ATTENTION_KERNELS}")
-        bad = sorted(set(self.attention_kernel_stages) - set(KERNEL_STAGES))
+        if isinstance(self.attention_kernel_sites, str):
+            raise ValueError(f"attention_kernel_sites is a tuple of sites, got the string "
+                             f"{self.attention_kernel_sites!r}; write ({self.attention_kernel_sites!r},)")
+        bad = sorted(set(self.attention_kernel_sites) - set(KERNEL_SITES))
         if bad:
-            raise ValueError(f"attention_kernel_stages: unknown {bad}; choose from {KERNEL_STAGES}")
-        if self.attention_kernel != "sdpa" and not self.attention_kernel_stages:
-            raise ValueError(f"attention_kernel {self.attention_kernel!r} with no attention_kernel_stages would "
-                             f"never run; name at least one of {KERNEL_STAGES}")
+            raise ValueError(f"attention_kernel_sites: unknown {bad}; choose from {KERNEL_SITES}")
+        if self.attention_kernel != "sdpa" and not self.attention_kernel_sites:
+            raise ValueError(f"attention_kernel {self.attention_kernel!r} with no attention_kernel_sites would "
+                             f"never run; name at least one of {KERNEL_SITES}")
         if self.collapse_zero_cond and not self.cache_cond_kv:
             raise ValueError("collapse_zero_cond works on the cached condition K/V; set cache_cond_kv=True")
         if self.cuda_graphs and self.precision.startswith("autocast"):
@@ -164,12 +173,18 @@ class RunOptions:
 
     def network_context(self, device: torch.device | str, stage: str):
         """What every network call of ``stage`` ("ss", "slat" or "decode") runs under: :meth:`autocast`, and
-        ``attention_kernel`` if the stage is in ``attention_kernel_stages``, else SDPA."""
-        from ..model.attention_kernels import SDPA, use_attention_kernel
+        ``attention_kernel`` for the attention roles :meth:`kernel_roles` selects (SDPA for the others)."""
+        from ..model.attention_kernels import use_attention_kernel
+        return _entered_together(self.autocast(device),
+                                 use_attention_kernel(self.attention_kernel, self.kernel_roles(stage)))
+
+    def kernel_roles(self, stage: str) -> tuple[str, ...]:
+        """The attention roles of ``stage`` that run ``attention_kernel`` (per ``attention_kernel_sites``)."""
         if stage not in KERNEL_STAGES:
             raise ValueError(f"stage must be one of {KERNEL_STAGES}, got {stage!r}")
-        kernel = self.attention_kernel if stage in self.attention_kernel_stages else SDPA
-        return _entered_together(self.autocast(device), use_attention_kernel(kernel))
+        if stage in self.attention_kernel_sites:
+            return KERNEL_ROLES
+        return tuple(r for r in KERNEL_ROLES if f"{stage}.{r}" in self.attention_kernel_sites)
 
     def autocast(self, device: torch.device | str):
         dev = torch.device(device)
