@@ -152,10 +152,19 @@ _EXPORTS = ("flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func
 
 
 def install() -> types.ModuleType:
-    """Register this shim as ``flash_attn`` (refuses to shadow a real flash_attn already imported)."""
+    """Register this shim as ``flash_attn`` (refuses to shadow a real flash_attn already imported).
+
+    A ``flash_attn`` package that exports none of these functions (the flash-attention repository's
+    ``flash_attn/cute`` = FlashAttention-4 under an empty ``__init__``, as the FA4 benchmarks carry it) gets
+    them added instead, so the official code's FA2 calls and FA4's ``flash_attn.cute`` both resolve."""
     current = sys.modules.get("flash_attn")
     if current is not None:
         if getattr(current, "__version__", "") == __version__:
+            return current
+        if hasattr(current, "__path__") and not any(hasattr(current, name) for name in _EXPORTS):
+            for name in _EXPORTS:
+                setattr(current, name, globals()[name])
+            current.__version__ = __version__
             return current
         raise RuntimeError(f"a real flash_attn ({getattr(current, '__version__', '?')}) is already imported")
     mod = types.ModuleType("flash_attn")
