@@ -103,7 +103,7 @@ DEFAULT_VARIANTS = "official,compile-all-zkv,compile-all,bf16-cfg-kv,official-li
 HF_FILES = ("ss_generator.yaml", "slat_generator.yaml", "ss_decoder.yaml", "slat_decoder_mesh.yaml")
 CSV_NAME, README_NAME, FIG_NAME = "base_vs_official.csv", "README.md", "base_vs_official.png"
 KERNELS_CSV_NAME = "kernels.csv"
-COLUMNS = ["variant", "stage", "object", "N", "median_s", "min_s", "first_call_s", "n", "speedup_vs_official",
+COLUMNS = ["round", "variant", "stage", "object", "N", "median_s", "min_s", "first_call_s", "n", "speedup_vs_official",
            "model_tflop", "achieved_tflops", "mfu", "kernel_s", "launches", "gpu_busy", "peak_mem_gb", "resident_gb",
            "max_abs_vs_official", "rel_vs_official", "precision", "error"]
 
@@ -123,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--objects", default=DEFAULT_OBJECTS, help="comma list of YCB objects (SLaT and mesh stages)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed calls after the first call")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls (median reported)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every unit this many times, round after round (all variants in each round). The "
+                         "official code is host-bound and its time drifts within a lease; a speedup taken within "
+                         "one round compares calls minutes apart, and the spread over rounds shows the drift. "
+                         "--gpu-busy profiles in round 1 only")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
                     help=f"comma list of {list(OFFICIAL_VARIANTS)} and our stage_latency variants {sorted(SHORT)}")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {list(STAGES)}")
@@ -190,6 +195,8 @@ def parse_args(argv: list[str] | None = None, check_cuda: bool = True) -> argpar
         raise SystemExit(f"--warmup must be >= 0, got {args.warmup}")
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {args.steps}")
     if args.max_voxels is not None and args.max_voxels < 1:
@@ -527,12 +534,13 @@ def _fmt(x, spec: str) -> str:
 
 
 def complete_rows(rows: list[dict], peak_tflops: float | None) -> list[dict]:
-    """Fill speedup vs official, achieved TFLOP/s and MFU (in place; returns rows)."""
-    official = {(r["stage"], r.get("object")): r["median_s"] for r in rows
+    """Fill speedup vs official (the official unit of the same round), achieved TFLOP/s and MFU (in place;
+    returns rows)."""
+    official = {(r.get("round", 1), r["stage"], r.get("object")): r["median_s"] for r in rows
                 if r["variant"] == "official" and not r.get("error")}
     for r in rows:
         t = r.get("median_s", float("nan"))
-        ref = official.get((r["stage"], r.get("object")))
+        ref = official.get((r.get("round", 1), r["stage"], r.get("object")))
         r["speedup_vs_official"] = ref / t if ref and t == t and t > 0 else float("nan")
         f = r.get("model_tflop", float("nan"))
         r["achieved_tflops"] = f / t if f == f and t == t and t > 0 else float("nan")
@@ -558,18 +566,21 @@ def readme_text(rows: list[dict], meta: dict) -> str:
         lines += ["GPU busy = summed CUDA kernel time of one extra, profiled call / median wall time; far below 100% "
                   "means the call waits on the host (Python, launches), so its time depends on the CPU next to the GPU.",
                   f"Host CPU: {meta.get('host_cpu', 'unknown')}.", ""]
-    lines += ["", "| stage | object | N | variant | median s | first call s | speedup vs official | TFLOP | "
+    multi = len({r.get("round", 1) for r in rows}) > 1
+    lines += ["", ("| round " if multi else "") + "| stage | object | N | variant | median s | first call s | speedup vs official | TFLOP | "
               "TFLOP/s | MFU | " + ("GPU busy | launches | " if busy else "")
               + "peak GB | resident GB | max abs diff vs official | rel |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + ("---|---|" if busy else "")]
+              ("|---" if multi else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+              + ("---|---|" if busy else "")]
     for r in rows:
+        lead = f"| {r.get('round', 1)} " if multi else ""
         if r.get("error"):
-            lines.append(f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | "
+            lines.append(lead + f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | "
                          f"{_fmt(r.get('N'), 'd')} | {r['variant']} | ERROR: {r['error'][:120]} |||||||||||")
             continue
         mfu = r.get("mfu", float("nan"))
         lines.append(
-            f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | {_fmt(r.get('N'), 'd')} | "
+            lead + f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | {_fmt(r.get('N'), 'd')} | "
             f"{r['variant']} | {_fmt(r['median_s'], '.4f')} | {_fmt(r.get('first_call_s'), '.3f')} | "
             f"{_fmt(r.get('speedup_vs_official'), '.2f')} | {_fmt(r.get('model_tflop'), '.4g')} | "
             f"{_fmt(r.get('achieved_tflops'), '.1f')} | {_fmt(100 * mfu if mfu == mfu else mfu, '.1f')}"
@@ -587,28 +598,56 @@ def readme_text(rows: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def per_object_lines(rows: list[dict]) -> list[str]:
-    """SS + SLaT(object) + mesh(object) per variant, where all three were measured."""
+def per_object_totals(rows: list[dict]) -> list[dict]:
+    """SS + SLaT(object) + mesh(object) per round, variant and object, where all three were measured in that round;
+    ``speedup`` against the official total of the same round."""
     ok = [r for r in rows if not r.get("error")]
-    ss = {r["variant"]: r["median_s"] for r in ok if r["stage"] == "ss"}
-    objs = []
-    for r in ok:
-        if r["stage"] == "slat" and r.get("object") not in objs:
-            objs.append(r["object"])
     out = []
-    for o in objs:
-        for v in ss:
-            sl = [r for r in ok if r["variant"] == v and r["stage"] == "slat" and r.get("object") == o]
-            me = [r for r in ok if r["variant"] == v and r["stage"] == "mesh" and r.get("object") == o]
-            if sl and me:
-                out.append((o, sl[0]["N"], v, ss[v] + sl[0]["median_s"] + me[0]["median_s"]))
-    if not out:
+    for rnd in sorted({r.get("round", 1) for r in ok}):
+        here = [r for r in ok if r.get("round", 1) == rnd]
+        ss = {r["variant"]: r["median_s"] for r in here if r["stage"] == "ss"}
+        objs = []
+        for r in here:
+            if r["stage"] == "slat" and r.get("object") not in objs:
+                objs.append(r["object"])
+        totals = []
+        for o in objs:
+            for v in ss:
+                sl = [r for r in here if r["variant"] == v and r["stage"] == "slat" and r.get("object") == o]
+                me = [r for r in here if r["variant"] == v and r["stage"] == "mesh" and r.get("object") == o]
+                if sl and me:
+                    totals.append(dict(round=rnd, object=o, N=sl[0]["N"], variant=v,
+                                       seconds=ss[v] + sl[0]["median_s"] + me[0]["median_s"]))
+        ref = {t["object"]: t["seconds"] for t in totals if t["variant"] == "official"}
+        for t in totals:
+            t["speedup"] = ref[t["object"]] / t["seconds"] if t["object"] in ref else float("nan")
+        out += totals
+    return out
+
+
+def per_object_lines(rows: list[dict]) -> list[str]:
+    """The per-object table (one row per round, variant and object); with several rounds, also the median and
+    range of each variant's seconds and same-round speedup over the rounds."""
+    totals = per_object_totals(rows)
+    if not totals:
         return []
-    ref = {o: t for o, _, v, t in out if v == "official"}
+    rounds = sorted({t["round"] for t in totals})
     lines = ["## Per object (SS sampler + SLaT sampler + mesh decoder network)", "",
-             "| object | N | variant | seconds | speedup vs official |", "|---|---|---|---|---|"]
-    lines += [f"| {o} | {n} | {v} | {t:.3f} | {_fmt(ref[o] / t if o in ref else float('nan'), '.2f')} |"
-              for o, n, v, t in out]
+             "| round | object | N | variant | seconds | speedup vs official (same round) |", "|---|---|---|---|---|---|"]
+    lines += [f"| {t['round']} | {t['object']} | {t['N']} | {t['variant']} | {t['seconds']:.3f} | "
+              f"{_fmt(t['speedup'], '.2f')} |" for t in totals]
+    if len(rounds) > 1:
+        lines += ["", f"Over {len(rounds)} rounds (median, and min-max):", "",
+                  "| object | variant | seconds | speedup vs official (same round) |", "|---|---|---|---|"]
+        keys = []
+        for t in totals:
+            if (t["object"], t["variant"]) not in keys:
+                keys.append((t["object"], t["variant"]))
+        for o, v in keys:
+            sec = [t["seconds"] for t in totals if (t["object"], t["variant"]) == (o, v)]
+            sp = [t["speedup"] for t in totals if (t["object"], t["variant"]) == (o, v) and t["speedup"] == t["speedup"]]
+            sp_text = f"{statistics.median(sp):.2f} ({min(sp):.2f}-{max(sp):.2f})" if sp else ""
+            lines.append(f"| {o} | {v} | {statistics.median(sec):.3f} ({min(sec):.3f}-{max(sec):.3f}) | {sp_text} |")
     return lines
 
 
@@ -636,10 +675,12 @@ def write_figure(rows: list[dict], path: Path) -> str | None:
         xs, ys = [], []
         for i, u in enumerate(units):
             m = [r for r in ok if r["variant"] == v and (r["stage"], r.get("object"), r.get("N")) == u]
-            if m:
+            if m:  # several rounds: their median
                 xs.append(i + (j - (len(variants) - 1) / 2) * w)
-                ys.append(m[0]["median_s"])
-                sp = m[0].get("speedup_vs_official", float("nan"))
+                ys.append(statistics.median(r["median_s"] for r in m))
+                sps = [r.get("speedup_vs_official", float("nan")) for r in m]
+                sps = [x for x in sps if x == x]
+                sp = statistics.median(sps) if sps else float("nan")
                 if sp == sp and v != "official":
                     ax.text(xs[-1], ys[-1], f"{sp:.1f}x", ha="center", va="bottom", fontsize=7)
         ax.bar(xs, ys, width=w, label=v)
@@ -837,8 +878,10 @@ def run(args) -> list[dict]:
     ref_out: dict[tuple[str, str | None], Any] = {}
     res_out = cfg.mesh_decoder.output_resolution
 
+    rnd = 1  # the round being measured (set by the loop below)
+
     def unit(variant: str, stage: str, obj: str | None, module: torch.nn.Module, make_fn, post, precision: str):
-        row = {"variant": variant, "stage": stage, "object": obj,
+        row = {"round": rnd, "variant": variant, "stage": stage, "object": obj,
                "N": None if obj is None else len(coords[obj]), "precision": precision,
                "model_tflop": flops.get((stage, obj), float("nan")) / 1e12}
         try:
@@ -846,13 +889,13 @@ def run(args) -> list[dict]:
             with torch.no_grad():
                 fn = make_fn()
                 out, r = measure(fn, dev, args.warmup, args.repeats)
-                if args.gpu_busy:
+                if args.gpu_busy and rnd == 1:
                     k = kernel_time(fn, dev)
                     r.update(kernel_s=k.seconds, launches=k.launches, gpu_busy=k.seconds / r["median_s"],
                              kernels=k.by_kernel)
             row.update(r)
             got = post(out)
-            if variant == "official":
+            if variant == "official" and (stage, obj) not in ref_out:
                 ref_out[(stage, obj)] = got
                 row.update(max_abs_vs_official=0.0, rel_vs_official=0.0)
             elif (stage, obj) in ref_out:
@@ -866,7 +909,8 @@ def run(args) -> list[dict]:
             module.to("cpu")
             _free(dev)
         rows.append(row)
-        print(f"{variant:>16} {stage:>4} {obj or '':>20} N={row['N'] or '':>6} "
+        print(f"{'round ' + str(rnd) + ' ' if args.rounds > 1 else ''}{variant:>16} {stage:>4} {obj or '':>20} "
+              f"N={row['N'] or '':>6} "
               f"median {row.get('median_s', float('nan')):.4f} s  first {row.get('first_call_s', float('nan')):.3f} s"
               + (f"  ERROR {row['error']}" if row.get("error") else ""), flush=True)
         write_outputs(rows, args.out, meta)  # after every unit: a killed run keeps its rows
@@ -876,63 +920,69 @@ def run(args) -> list[dict]:
     mesh_post = lambda out: mesh_output(out, res_out)  # noqa: E731
     off_prec = ("SS fp32+fp16 autocast; SLaT fp16 torso+fp16 autocast; mesh fp16 torso"
                 if args.official_precision == "pipeline" else "fp32")
-    for variant in args.variants:
-        if variant in OFFICIAL_VARIANTS:
-            compiled = variant == "official-compile"
-            for stage in args.stages:
-                if compiled and stage != "ss":
-                    print(f"official-compile: the pipeline compiles nothing in the {stage} stage "
-                          "(same as official); skipped", flush=True)
-                    continue
-                if stage == "ss":
-                    gen = off.ss_generator
-                    cfgf = gen.reverse_fn
-                    saved = cfgf.__dict__.get("inner_forward")
-                    if compiled:
-                        import torch._dynamo as dynamo
-                        dynamo.config.cache_size_limit = 64
-                        dynamo.config.accumulated_cache_size_limit = 2048
-                        dynamo.config.capture_scalar_outputs = True
-                        cfgf.inner_forward = torch.compile(type(cfgf).inner_forward.__get__(cfgf),
-                                                           mode=args.official_compile_mode, fullgraph=True,
-                                                           dynamic=False)
-                    try:
-                        unit(variant, "ss", None, gen, lambda: official_ss_fn(gen, noise_ss, cond["ss"], dev, args.official_precision),
-                             ss_post, off_prec + (f" + torch.compile({args.official_compile_mode})" if compiled else ""))
-                    finally:
+    copies: dict[tuple[str, str], torch.nn.Module] = {}
+    for rnd in range(1, args.rounds + 1):
+        for variant in args.variants:
+            if variant in OFFICIAL_VARIANTS:
+                compiled = variant == "official-compile"
+                for stage in args.stages:
+                    if compiled and stage != "ss":
+                        print(f"official-compile: the pipeline compiles nothing in the {stage} stage "
+                              "(same as official); skipped", flush=True)
+                        continue
+                    if stage == "ss":
+                        gen = off.ss_generator
+                        cfgf = gen.reverse_fn
+                        saved = cfgf.__dict__.get("inner_forward")
                         if compiled:
-                            if saved is None:
-                                cfgf.__dict__.pop("inner_forward", None)
-                            else:
-                                cfgf.inner_forward = saved
-                    continue
-                for o in args.objects:
+                            import torch._dynamo as dynamo
+                            dynamo.config.cache_size_limit = 64
+                            dynamo.config.accumulated_cache_size_limit = 2048
+                            dynamo.config.capture_scalar_outputs = True
+                            cfgf.inner_forward = torch.compile(type(cfgf).inner_forward.__get__(cfgf),
+                                                               mode=args.official_compile_mode, fullgraph=True,
+                                                               dynamic=False)
+                        try:
+                            unit(variant, "ss", None, gen, lambda: official_ss_fn(gen, noise_ss, cond["ss"], dev, args.official_precision),
+                                 ss_post, off_prec + (f" + torch.compile({args.official_compile_mode})" if compiled else ""))
+                        finally:
+                            if compiled:
+                                if saved is None:
+                                    cfgf.__dict__.pop("inner_forward", None)
+                                else:
+                                    cfgf.inner_forward = saved
+                        continue
+                    for o in args.objects:
+                        if stage == "slat":
+                            gen = off.slat_generator
+                            unit(variant, "slat", o, gen,
+                                 lambda: official_slat_fn(gen, noise_slat[o], cond["slat"], coords[o], dev,
+                                                          args.official_precision),
+                                 slat_post, off_prec)
+                        else:
+                            dec = off.mesh_decoder
+                            unit(variant, "mesh", o, dec, lambda: official_mesh_fn(dec, latent[o], coords[o]),
+                                 mesh_post, off_prec)
+                continue
+            opts = VARIANTS[SHORT[variant]]
+            for stage in args.stages:
+                st = copies.get((variant, stage))
+                if st is None:
+                    st = stage_copy({"ss": base.ss, "slat": base.slat, "mesh": base.decode}[stage], opts.weight_dtype)
+                    if rnd < args.rounds:  # kept for the next round: a compiled copy compiles once
+                        copies[(variant, stage)] = st
+                if stage == "ss":
+                    unit(variant, "ss", None, st, lambda: ours_ss_fn(st, noise_ss, cond["ss"], cfg.ss_sampler, opts),
+                         ss_post, opts.precision)
+                for o in args.objects if stage != "ss" else ():
                     if stage == "slat":
-                        gen = off.slat_generator
-                        unit(variant, "slat", o, gen,
-                             lambda: official_slat_fn(gen, noise_slat[o], cond["slat"], coords[o], dev,
-                                                      args.official_precision),
-                             slat_post, off_prec)
+                        unit(variant, "slat", o, st,
+                             lambda: ours_slat_fn(st, noise_slat[o], cond["slat"], coords[o], cfg.slat_sampler, opts),
+                             slat_post, opts.precision)
                     else:
-                        dec = off.mesh_decoder
-                        unit(variant, "mesh", o, dec, lambda: official_mesh_fn(dec, latent[o], coords[o]),
-                             mesh_post, off_prec)
-            continue
-        opts = VARIANTS[SHORT[variant]]
-        for stage in args.stages:
-            st = stage_copy({"ss": base.ss, "slat": base.slat, "mesh": base.decode}[stage], opts.weight_dtype)
-            if stage == "ss":
-                unit(variant, "ss", None, st, lambda: ours_ss_fn(st, noise_ss, cond["ss"], cfg.ss_sampler, opts),
-                     ss_post, opts.precision)
-            for o in args.objects if stage != "ss" else ():
-                if stage == "slat":
-                    unit(variant, "slat", o, st,
-                         lambda: ours_slat_fn(st, noise_slat[o], cond["slat"], coords[o], cfg.slat_sampler, opts),
-                         slat_post, opts.precision)
-                else:
-                    unit(variant, "mesh", o, st, lambda: ours_mesh_fn(st, latent[o], coords[o], opts, dev),
-                         mesh_post, opts.precision)
-            del st
+                        unit(variant, "mesh", o, st, lambda: ours_mesh_fn(st, latent[o], coords[o], opts, dev),
+                             mesh_post, opts.precision)
+                del st
     return rows
 
 

@@ -42,6 +42,7 @@ def _exit_message(argv) -> str:
     (["--device", "cpu", "--variants", "official-compile"], "CUDA-only"),
     (["--device", "tpu"], "--device"),
     (["--device", "cpu", "--gpu-busy"], "--gpu-busy"),
+    (["--device", "cpu", "--rounds", "0"], "--rounds"),
 ])
 def test_argument_errors(argv, needle):
     assert needle in _exit_message(argv)
@@ -107,9 +108,38 @@ def test_writers_on_synthetic_rows(tmp_path):
     assert "| SS generator sampler |  |  | compile | 1.0000 |" in text and "50.0%" in text
     assert "ERROR: OutOfMemoryError: boom" in text
     # per object: the compile variant lacks a mesh time (error), so only the official total appears
-    assert "| 007_tuna_fish_can | 14171 | official | 7.300 | 1.00 |" in text
+    assert "| 1 | 007_tuna_fish_can | 14171 | official | 7.300 | 1.00 |" in text
     if importlib.util.find_spec("matplotlib") is not None:
         assert (tmp_path / bvo.FIG_NAME).stat().st_size > 0
+
+
+def _two_round_rows():
+    """Official slower in round 1 (host drift), ours the same in both rounds."""
+    rows = []
+    for rnd, off_ss in ((1, 3.0), (2, 2.0)):
+        for v, ss, sl, me in (("official", off_ss, 2.5, 0.5), ("compile-all-zkv", 0.75, 0.65, 0.1)):
+            rows += [dict(round=rnd, variant=v, stage="ss", object=None, N=None, median_s=ss),
+                     dict(round=rnd, variant=v, stage="slat", object="007_tuna_fish_can", N=14171, median_s=sl),
+                     dict(round=rnd, variant=v, stage="mesh", object="007_tuna_fish_can", N=14171, median_s=me)]
+    return rows
+
+
+def test_rounds_compare_within_a_round(tmp_path):
+    rows = bvo.complete_rows(_two_round_rows(), peak_tflops=None)
+    ours_ss = [r for r in rows if r["variant"] == "compile-all-zkv" and r["stage"] == "ss"]
+    assert [r["speedup_vs_official"] for r in ours_ss] == [pytest.approx(4.0), pytest.approx(2.0 / 0.75)]
+    totals = bvo.per_object_totals(rows)
+    got = {(t["round"], t["variant"]): (t["seconds"], t["speedup"]) for t in totals}
+    assert got[(1, "official")] == (pytest.approx(6.0), pytest.approx(1.0))
+    assert got[(1, "compile-all-zkv")] == (pytest.approx(1.5), pytest.approx(4.0))
+    assert got[(2, "compile-all-zkv")] == (pytest.approx(1.5), pytest.approx(5.0 / 1.5))
+    bvo.write_outputs(rows, tmp_path, {"device": "H100"})
+    text = (tmp_path / bvo.README_NAME).read_text()
+    assert "| round | stage | object |" in text
+    assert "Over 2 rounds" in text
+    assert "| 007_tuna_fish_can | compile-all-zkv | 1.500 (1.500-1.500) | 3.67 (3.33-4.00) |" in text
+    with open(tmp_path / bvo.CSV_NAME) as fh:
+        assert [r["round"] for r in csv.DictReader(fh)] == ["1"] * 6 + ["2"] * 6
 
 
 def test_gpu_busy_columns_only_where_measured(tmp_path):
@@ -144,10 +174,10 @@ def test_gpu_busy_columns_only_where_measured(tmp_path):
 
 
 def test_ours_only_tiny_cpu_run(tmp_path):
-    args = bvo.parse_args(TINY + ["--variants", "fp32,bf16-cfg-kv", "--out", str(tmp_path)])
+    args = bvo.parse_args(TINY + ["--variants", "fp32,bf16-cfg-kv", "--rounds", "2", "--out", str(tmp_path)])
     rows = bvo.run(args)
-    assert [(r["variant"], r["stage"]) for r in rows] == [(v, s) for v in ("fp32", "bf16-cfg-kv")
-                                                          for s in ("ss", "slat", "mesh")]
+    assert [(r["round"], r["variant"], r["stage"]) for r in rows] == [
+        (rnd, v, s) for rnd in (1, 2) for v in ("fp32", "bf16-cfg-kv") for s in ("ss", "slat", "mesh")]
     assert not any(r.get("error") for r in rows), [r.get("error") for r in rows]
     assert all(r["median_s"] > 0 and r["model_tflop"] > 0 for r in rows)
     assert all(r["N"] == 40 for r in rows if r["stage"] != "ss")
