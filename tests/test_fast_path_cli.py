@@ -12,7 +12,10 @@ from fs3d_analysis.distributed import CliPipeFactory
 
 
 def test_named_fast_paths():
-    assert list(FAST_PATHS) == ["off", "fp32-cfg-kv", "bf16", "compiled", "compiled-zkv"]
+    assert list(FAST_PATHS) == ["off", "fp32-cfg-kv", "bf16", "compiled", "compiled-zkv", "compiled-zkv-fa4"]
+    fa4 = fast_path("compiled-zkv-fa4")
+    assert fa4.kernel_roles("slat") == ("self", "cross") and fa4.kernel_roles("ss") == ()
+    assert fa4.compile_mode == "reduce-overhead" and fa4.collapse_zero_cond
     assert fast_path("off") == RunOptions()
     assert fast_path("bf16").weight_dtype == torch.bfloat16 and fast_path("bf16").cache_cond_kv
     assert fast_path("compiled-zkv").collapse_zero_cond and fast_path("compiled-zkv").compile_slat

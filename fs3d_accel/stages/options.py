@@ -204,6 +204,11 @@ FAST_PATHS: dict[str, RunOptions] = {
     "compiled": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True),
     "compiled-zkv": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True,
                                compile_slat=True, collapse_zero_cond=True),
+    # + FlashAttention-4 in SLaT (self and cross) and CUDA graphs (reduce-overhead), which hide FA4's per-call host
+    # cost; needs flash_attn.cute (optional install). SS keeps cuDNN SDPA: FA4 did not pay there on the H100.
+    "compiled-zkv-fa4": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True,
+                                   compile_slat=True, collapse_zero_cond=True, compile_mode="reduce-overhead",
+                                   attention_kernel="flash-attn-cute", attention_kernel_sites=("slat",)),
 }
 
 
