@@ -62,6 +62,11 @@ CPU smoke test (same import chain: unpack the bundle, PYTHONPATH=<bundle>/deps:<
 
     python benchmarks/base_vs_official.py --device cpu --config mini --steps 2 --max-voxels 200 \
         --objects 021_bleach_cleanser --variants official,fp32,bf16-cfg-kv --warmup 0 --repeats 1 --out /tmp/bvo
+
+``--rounds R`` times every unit R times, round after round, and takes each speedup within its round (the host-bound
+official time drifts within a lease). ``--gpu-busy`` adds GPU busy, every kernel (``kernels.csv``), a kernel-class
+table and ``kernel_classes.png``. ``python base_vs_official.py --replot FOLDER`` re-renders a finished run's
+README and figures from its CSVs, without a GPU.
 """
 from __future__ import annotations
 
@@ -102,7 +107,7 @@ DEFAULT_VARIANTS = "official,compile-all-zkv,compile-all,bf16-cfg-kv,official-li
 #: official HF yamls that parity_official.official_yamls() reads
 HF_FILES = ("ss_generator.yaml", "slat_generator.yaml", "ss_decoder.yaml", "slat_decoder_mesh.yaml")
 CSV_NAME, README_NAME, FIG_NAME = "base_vs_official.csv", "README.md", "base_vs_official.png"
-KERNELS_CSV_NAME = "kernels.csv"
+KERNELS_CSV_NAME, KERNEL_FIG_NAME = "kernels.csv", "kernel_classes.png"
 COLUMNS = ["round", "variant", "stage", "object", "N", "median_s", "min_s", "first_call_s", "n", "speedup_vs_official",
            "model_tflop", "achieved_tflops", "mfu", "kernel_s", "launches", "gpu_busy", "peak_mem_gb", "resident_gb",
            "max_abs_vs_official", "rel_vs_official", "precision", "error"]
@@ -715,6 +720,45 @@ def write_kernel_csv(rows: list[dict], path: Path) -> None:
                             kernel_class(name), f"{sec:.6g}", count])
 
 
+def kernel_class_seconds(row: dict) -> dict[str, float]:
+    """One profiled unit's kernel seconds per class (every label of KERNEL_LABELS), plus "idle": median wall time
+    minus summed kernel time."""
+    by = dict.fromkeys(KERNEL_LABELS, 0.0)
+    for name, (sec, _) in row["kernels"].items():
+        by[kernel_class(name)] += sec
+    by["idle"] = row["median_s"] - row["kernel_s"]
+    return by
+
+
+def write_kernel_figure(rows: list[dict], path: Path) -> str | None:
+    """Stacked bars: each profiled unit's wall time split into kernel classes and GPU idle; None, or why no
+    figure was drawn."""
+    profiled = [r for r in rows if r.get("kernels") and not r.get("error")]
+    if not profiled:
+        return "no profiled unit: no kernel-class figure"
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import pandas as pd
+    except ImportError:
+        return "matplotlib / pandas not importable: no kernel-class figure"
+    labels = [f"{r['variant']}\n{STAGE_LABELS.get(r['stage'], r['stage'])}"
+              + (f", N={int(r['N']):,}" if r.get("N") else "") for r in profiled]
+    df = pd.DataFrame([kernel_class_seconds(r) for r in profiled], index=labels)
+    df = df.loc[:, (df != 0).any()]
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(df) + 1.5))
+    df.iloc[::-1].plot.barh(stacked=True, ax=ax, width=0.75, colormap="tab10")
+    ax.set_xlabel("seconds per call (kernel time by class; idle = wall time minus kernel time)")
+    ax.set_title("where the GPU time goes (one profiled call per unit)", fontsize=10)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
+
+
 def kernel_class_lines(rows: list[dict]) -> list[str]:
     """Per profiled unit: kernel seconds by class (where the GPU time goes), and the host's share."""
     profiled = [r for r in rows if r.get("kernels")]
@@ -727,12 +771,9 @@ def kernel_class_lines(rows: list[dict]) -> list[str]:
              "| stage | object | variant | " + " | ".join(KERNEL_LABELS) + " | idle |",
              "|---|---|---|" + "---|" * (len(KERNEL_LABELS) + 1)]
     for r in profiled:
-        by: dict[str, float] = {}
-        for name, (sec, _) in r["kernels"].items():
-            by[kernel_class(name)] = by.get(kernel_class(name), 0.0) + sec
-        idle = r["median_s"] - r["kernel_s"]
+        by = kernel_class_seconds(r)
         lines.append(f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | {r['variant']} | "
-                     + " | ".join(f"{by.get(lbl, 0.0):.4f}" for lbl in KERNEL_LABELS) + f" | {idle:.4f} |")
+                     + " | ".join(f"{by[lbl]:.4f}" for lbl in KERNEL_LABELS) + f" | {by['idle']:.4f} |")
     return lines
 
 
@@ -750,10 +791,48 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> None:
         write_kernel_csv(rows, out / KERNELS_CSV_NAME)
     (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     (out / README_NAME).write_text(readme_text(rows, meta))
-    why = write_figure(rows, out / FIG_NAME)
-    if why and why not in _NOTES_PRINTED:
-        print(f"note: {why}", flush=True)
-        _NOTES_PRINTED.add(why)
+    whys = [write_figure(rows, out / FIG_NAME)]
+    if any(r.get("kernels") for r in rows):
+        whys.append(write_kernel_figure(rows, out / KERNEL_FIG_NAME))
+    for why in whys:
+        if why and why not in _NOTES_PRINTED:
+            print(f"note: {why}", flush=True)
+            _NOTES_PRINTED.add(why)
+
+
+_INT_COLUMNS = {"round", "N", "n", "launches"}
+_TEXT_COLUMNS = {"variant", "stage", "object", "precision", "error"}
+
+
+def load_outputs(folder: Path) -> tuple[list[dict], dict]:
+    """Rows and meta of a finished run, read back from its CSVs and meta.json (``--replot``): numbers as numbers,
+    empty cells left out, each profiled unit's kernels from ``kernels.csv``."""
+    import csv
+    folder = Path(folder)
+    missing = [n for n in (CSV_NAME, "meta.json") if not (folder / n).is_file()]
+    if missing:
+        raise SystemExit(f"--replot: {folder} has no {', '.join(missing)} (not a base_vs_official.py output folder)")
+    rows = []
+    with open(folder / CSV_NAME) as fh:
+        for raw in csv.DictReader(fh):
+            row: dict[str, Any] = {}
+            for k, v in raw.items():
+                if v == "" or v is None:
+                    continue
+                row[k] = v if k in _TEXT_COLUMNS else int(float(v)) if k in _INT_COLUMNS else float(v)
+            row.setdefault("object", None)
+            row.setdefault("N", None)
+            rows.append(row)
+    if (folder / KERNELS_CSV_NAME).is_file():
+        with open(folder / KERNELS_CSV_NAME) as fh:
+            for k in csv.DictReader(fh):
+                unit = [r for r in rows if (r["variant"], r["stage"], r.get("object") or "") ==
+                        (k["variant"], k["stage"], k["object"]) and "kernel_s" in r]
+                if not unit:
+                    raise SystemExit(f"--replot: {KERNELS_CSV_NAME} names a unit missing from {CSV_NAME}: "
+                                     f"{k['variant']} {k['stage']} {k['object']}")
+                unit[0].setdefault("kernels", {})[k["kernel"]] = (float(k["seconds"]), int(k["launches"]))
+    return rows, json.loads((folder / "meta.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -987,6 +1066,16 @@ def run(args) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--replot"]:  # re-render a finished run's README and figures from its files
+        if len(argv) != 2:
+            raise SystemExit("usage: base_vs_official.py --replot OUTPUT_FOLDER")
+        rows, meta = load_outputs(Path(argv[1]))
+        write_outputs(rows, Path(argv[1]), meta)
+        print(f"re-rendered {argv[1]} from its {CSV_NAME}" + (f" and {KERNELS_CSV_NAME}" if any(
+            r.get("kernels") for r in rows) else ""), flush=True)
+        return
     args = parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = run(args)

@@ -142,6 +142,13 @@ def test_rounds_compare_within_a_round(tmp_path):
         assert [r["round"] for r in csv.DictReader(fh)] == ["1"] * 6 + ["2"] * 6
 
 
+def test_replot_rejects_a_folder_without_outputs(tmp_path):
+    with pytest.raises(SystemExit, match="not a base_vs_official.py output folder"):
+        bvo.main(["--replot", str(tmp_path)])
+    with pytest.raises(SystemExit, match="usage"):
+        bvo.main(["--replot"])
+
+
 def test_gpu_busy_columns_only_where_measured(tmp_path):
     rows = _rows()
     rows[0].update(kernel_s=1.5, launches=120000, gpu_busy=0.5)  # official SS: 1.5 s of kernels in 3 s
@@ -165,6 +172,18 @@ def test_gpu_busy_columns_only_where_measured(tmp_path):
     assert [(k["kernel"], k["class"], k["launches"]) for k in kernels] == [
         ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop", "attention", "100"),
         ("nvjet_sm90_tst_256x128", "matmul", "200"), ("Memset (Device)", "copy / memset", "119700")]
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert (tmp_path / bvo.KERNEL_FIG_NAME).stat().st_size > 0
+    # --replot: the files alone give back the same README
+    again = tmp_path / "again"
+    again.mkdir()
+    for name in (bvo.CSV_NAME, bvo.KERNELS_CSV_NAME, "meta.json"):
+        (again / name).write_bytes((tmp_path / name).read_bytes())
+    bvo.main(["--replot", str(again)])
+    assert (again / bvo.README_NAME).read_text() == text
+    loaded, _ = bvo.load_outputs(again)
+    assert loaded[0]["kernels"]["Memset (Device)"] == (0.25, 119700) and loaded[0]["launches"] == 120000
+    assert "kernels" not in loaded[1] and loaded[2]["object"] == "007_tuna_fish_can"
     with open(tmp_path / bvo.CSV_NAME) as fh:
         got = list(csv.DictReader(fh))
     assert float(got[0]["gpu_busy"]) == 0.5 and got[2]["gpu_busy"] == ""
