@@ -139,3 +139,49 @@ roof[roof["flops"] > 0].nlargest(10, "total_s")[
 # %%
 path = trace(pipe, wl, ROOT / "runs" / "01_profiling", run_name=CONFIG, warmup=0)
 print(path.relative_to(ROOT), f"{path.stat().st_size / 1e6:.1f} MB")
+
+# %% [markdown]
+# ## 5. Which kernels: attention, matmuls, fused kernels, copies, or the GPU waiting on the host
+# `kernel_time` profiles one call and sums every GPU kernel; `kernel_class` sorts kernel names into classes, and
+# the gap between the wall time and the summed kernel time is time the GPU waited on the host. On a GPU this
+# profiles one object of the workload above. A CPU has no separate kernel time, so there the cell shows the
+# committed H100 measurement of the official code next to ours (session 7, run D:
+# `benchmarks/base_vs_official.py --gpu-busy`, SS and SLaT samplers at N = 14,171).
+
+# %%
+import time
+
+from fs3d_analysis.profile.busy import kernel_class, kernel_time
+
+if DEVICE == "cuda":
+    run_once = lambda: wl.run(pipe)  # noqa: E731
+    run_once()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    run_once()
+    torch.cuda.synchronize()
+    wall_s = time.perf_counter() - t0
+    kt = kernel_time(run_once, DEVICE)
+    kernels = pd.DataFrame([dict(unit=f"ours, {CONFIG}", kernel=name, seconds=sec)
+                            for name, (sec, _) in kt.by_kernel.items()])
+    kernels["class"] = kernels["kernel"].map(kernel_class)
+    wall = pd.Series({f"ours, {CONFIG}": wall_s}, name="median_s")
+    kernel_total = pd.Series({f"ours, {CONFIG}": kt.seconds}, name="kernel_s")
+    source = f"live, {torch.cuda.get_device_name()}"
+else:
+    RUN_D = ROOT / "benchmarks" / "results" / "base_vs_official_h100" / "session7" / "run_d_official_fa4_best_busy"
+    kernels = pd.read_csv(RUN_D / "kernels.csv")
+    kernels["unit"] = kernels["variant"] + ", " + kernels["stage"]
+    runs = pd.read_csv(RUN_D / "base_vs_official.csv").dropna(subset=["kernel_s"])
+    runs["unit"] = runs["variant"] + ", " + runs["stage"]
+    wall, kernel_total = runs.set_index("unit")["median_s"], runs.set_index("unit")["kernel_s"]
+    source = "committed: NVIDIA H100 80GB HBM3, session 7 run D"
+classes = kernels.pivot_table(index="unit", columns="class", values="seconds", aggfunc="sum", fill_value=0.0)
+classes["GPU idle (host)"] = wall - kernel_total
+print(source)
+ax = classes.plot.barh(stacked=True, figsize=(9, 0.5 * len(classes) + 1.5), colormap="tab10")
+ax.set_xlabel("seconds per call")
+ax.set_title(f"kernel time by class ({source})", fontsize=9)
+ax.figure.tight_layout()
+ax.figure.savefig(FIG / "01_kernel_classes.png", dpi=120)
+classes.round(4)
