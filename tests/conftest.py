@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
+import torch
 
 from fs3d_accel.model.configs import SamplerConfig, mini_config
 from fs3d_accel.synthetic import sparsify_occupancy, synthetic_scene  # noqa: F401 (re-exported to tests)
@@ -97,3 +98,23 @@ COMPILE_CASES = pytest.mark.parametrize("backend, batch_cfg, cache_kv, tol", [
     ("eager", False, False, 0.0),
     ("aot_eager", True, True, 1e-5),
 ])
+
+
+def run_ss_slat_each(pipe, inputs, options_list, seed: int = 0) -> list:
+    """(SS output, SLaT output) of ``pipe`` on ``inputs`` under each ``RunOptions`` of ``options_list``."""
+    outs = []
+    for opts in options_list:
+        pipe.options = opts
+        ss = pipe.run_ss(inputs, seed=seed)
+        outs.append((ss, pipe.run_slat(inputs, ss, seed=seed)))
+    return outs
+
+
+def assert_same_ss_slat(a, b) -> None:
+    """Two (SS, SLaT) results equal bit for bit: every SS latent and the SLaT features."""
+    (ss0, sl0), (ss1, sl1) = a, b
+    assert ss0.latents.keys() == ss1.latents.keys()
+    for key in ss0.latents:
+        assert torch.equal(ss0.latents[key], ss1.latents[key]), key
+    assert torch.equal(sl0.feats, sl1.feats)
+

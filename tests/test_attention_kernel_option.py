@@ -13,7 +13,7 @@ from fs3d_accel.pipeline import Pipeline
 from fs3d_accel.stages.options import KERNEL_ROLES, RunOptions
 from fs3d_analysis.data import load_shipped_samples
 
-from conftest import fast_mini_config
+from conftest import assert_same_ss_slat, fast_mini_config, run_ss_slat_each
 
 
 def _sdpa_reference(q, k, v):
@@ -80,17 +80,13 @@ def test_samplers_route_every_unmasked_attention(stand_in):
     pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=2), seed=0).to(torch.bfloat16)
     inputs = pipe.prepare(sample.image, sample.mask, sample.pointmap)
     base = RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True)
-    outs, ss_calls = [], 0
-    for opts in (base, RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True,
-                                  attention_kernel=ak.FLASH_ATTN_CUTE)):
-        pipe.options = opts
-        ss = pipe.run_ss(inputs, seed=0)
-        ss_calls = len(stand_in)
-        outs.append((ss, pipe.run_slat(inputs, ss, seed=0)))
-    (ss0, sl0), (ss1, sl1) = outs
-    for key in ss0.latents:
-        assert torch.equal(ss0.latents[key], ss1.latents[key])
-    assert torch.equal(sl0.slat, sl1.slat)
+    (reference,) = run_ss_slat_each(pipe, inputs, [base])
+    assert stand_in == []
+    routed = RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, attention_kernel=ak.FLASH_ATTN_CUTE)
+    pipe.options = routed
+    ss = pipe.run_ss(inputs, seed=0)
+    ss_calls = len(stand_in)
+    assert_same_ss_slat(reference, (ss, pipe.run_slat(inputs, ss, seed=0)))
     shape_tokens = pipe.config.ss_flow.num_shape_tokens
     ss_seen, slat_seen = stand_in[:ss_calls], stand_in[ss_calls:]
     assert (shape_tokens, shape_tokens) in ss_seen  # SS shape-stream self-attention
@@ -111,15 +107,7 @@ def test_samplers_route_only_the_chosen_sites(stand_in):
     base = RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True)
     routed = RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, attention_kernel=ak.FLASH_ATTN_CUTE,
                         attention_kernel_sites=("ss.cross",))
-    outs = []
-    for opts in (base, routed):
-        pipe.options = opts
-        ss = pipe.run_ss(inputs, seed=0)
-        outs.append((ss, pipe.run_slat(inputs, ss, seed=0)))
-    (ss0, sl0), (ss1, sl1) = outs
-    for key in ss0.latents:
-        assert torch.equal(ss0.latents[key], ss1.latents[key])
-    assert torch.equal(sl0.slat, sl1.slat)
+    assert_same_ss_slat(*run_ss_slat_each(pipe, inputs, [base, routed]))
     cond_tokens = {lk for _, lk in stand_in}
     assert len(cond_tokens) == 1 and stand_in  # one condition length: only cross-attention was routed
     shape_tokens = pipe.config.ss_flow.num_shape_tokens

@@ -6,7 +6,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fs3d_accel.stages.options as options_mod
-from conftest import fast_mini_config, make_scene, random_slat_inputs, sparsify_occupancy
+from conftest import (assert_same_ss_slat, fast_mini_config, make_scene, random_slat_inputs, run_ss_slat_each,
+                      sparsify_occupancy)
 from fs3d_accel.model.slat_flow import SLaTFlowModel
 from fs3d_accel.model.sparse import persistent_structure, release_structure
 from fs3d_accel.pipeline import Pipeline
@@ -86,15 +87,8 @@ def test_stages_with_cuda_graphs_switched_on_give_the_same_output_on_cpu(monkeyp
     sparsify_occupancy(pipe, occupied_fraction=0.02)
     img, mask, pm = make_scene(pipe.config.image_size)
     inputs = pipe.prepare(img, mask, pm)
-    outs = []
-    for graphs in (False, True):
-        pipe.options = RunOptions(batch_cfg=batch_cfg, cache_cond_kv=True, cuda_graphs=graphs)
-        ss = pipe.run_ss(inputs, seed=0)
-        outs.append((ss, pipe.run_slat(inputs, ss, seed=0)))
-    (ss0, sl0), (ss1, sl1) = outs
-    for k in ss0.latents:
-        assert torch.equal(ss0.latents[k], ss1.latents[k])
-    assert torch.equal(sl0.feats, sl1.feats)
+    assert_same_ss_slat(*run_ss_slat_each(pipe, inputs, [
+        RunOptions(batch_cfg=batch_cfg, cache_cond_kv=True, cuda_graphs=graphs) for graphs in (False, True)]))
 
 
 def test_slat_velocity_net_with_graphs_needs_a_structures_list(monkeypatch):
