@@ -64,13 +64,13 @@ def key_counts(monkeypatch):
     seen: list[int] = []
     attention, sdpa = layers.attention, sparse._sdpa
 
-    def rec_attention(q, k, v, mask=None):
+    def rec_attention(q, k, v, mask=None, role="self"):
         seen.append(k.shape[1])
-        return attention(q, k, v, mask)
+        return attention(q, k, v, mask, role=role)
 
-    def rec_sdpa(q, k, v, mask=None):
+    def rec_sdpa(q, k, v, mask=None, role="self"):
         seen.append(k.shape[1])
-        return sdpa(q, k, v, mask)
+        return sdpa(q, k, v, mask, role=role)
 
     monkeypatch.setattr(layers, "attention", rec_attention)
     monkeypatch.setattr(sparse, "_sdpa", rec_sdpa)
