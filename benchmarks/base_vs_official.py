@@ -63,6 +63,11 @@ CPU smoke test (same import chain: unpack the bundle, PYTHONPATH=<bundle>/deps:<
     python benchmarks/base_vs_official.py --device cpu --config mini --steps 2 --max-voxels 200 \
         --objects 021_bleach_cleanser --variants official,fp32,bf16-cfg-kv --warmup 0 --repeats 1 --out /tmp/bvo
 
+MFU (executed) divides the FLOPs a unit actually executes instead: our samplers counted once per unit, run uncompiled
+in fp32 with the same FLOP-changing switches (:func:`counting_options`): the condition K/V cache computes the K/V once
+per object, the one-key K/V of the zero condition skips the unconditional branch's attention over L keys. MFU
+counts those skipped FLOPs as done, so it overstates the hardware's utilisation of those variants.
+
 ``--rounds R`` times every unit R times, round after round, and takes each speedup within its round (the host-bound
 official time drifts within a lease). ``--gpu-busy`` adds GPU busy, every kernel (``kernels.csv``), a kernel-class
 table and ``kernel_classes.png``. ``python base_vs_official.py --replot FOLDER`` re-renders a finished run's
@@ -109,7 +114,7 @@ HF_FILES = ("ss_generator.yaml", "slat_generator.yaml", "ss_decoder.yaml", "slat
 CSV_NAME, README_NAME, FIG_NAME = "base_vs_official.csv", "README.md", "base_vs_official.png"
 KERNELS_CSV_NAME, KERNEL_FIG_NAME = "kernels.csv", "kernel_classes.png"
 COLUMNS = ["round", "variant", "stage", "object", "N", "median_s", "min_s", "first_call_s", "n", "speedup_vs_official",
-           "model_tflop", "achieved_tflops", "mfu", "kernel_s", "launches", "gpu_busy", "peak_mem_gb", "resident_gb",
+           "model_tflop", "achieved_tflops", "mfu", "executed_tflop", "mfu_executed", "kernel_s", "launches", "gpu_busy", "peak_mem_gb", "resident_gb",
            "max_abs_vs_official", "rel_vs_official", "precision", "error"]
 
 
@@ -529,6 +534,35 @@ def unit_flops(base, cfg, stage: str, dev: torch.device, cond: torch.Tensor | No
         _free(dev)
 
 
+#: the options that change what a sampler computes (not only how): the rest (precision, batching, compilation,
+#: graphs, attention kernel) run the same FLOPs
+FLOP_OPTIONS = ("cache_cond_kv", "collapse_zero_cond")
+
+
+def counting_options(opts):
+    """``opts`` as an uncompiled fp32 SDPA run with the same FLOP-changing switches (:data:`FLOP_OPTIONS`):
+    FlopCounterMode sees every op of it (it cannot see inside compiled graphs or CUDA graph replays)."""
+    from fs3d_accel.stages.options import RunOptions
+    return RunOptions(**{"batch_cfg": opts.batch_cfg, **{k: getattr(opts, k) for k in FLOP_OPTIONS}})
+
+
+def executed_flops(stage_module: torch.nn.Module, make_fn, dev: torch.device) -> float:
+    """FLOPs one call of the unit actually executes: ``make_fn()``'s sampler run once under FlopCounterMode on the
+    fp32 ``stage_module`` (the K/V cache computes the condition K/V once per object, the one-key K/V skips the
+    unconditional branch's attention over L keys), where ``model_tflop`` counts every network pass in full."""
+    from fs3d_accel.model.sparse import SparseConv3d
+    impl = SparseConv3d.impl
+    SparseConv3d.impl = "scatter"  # present neighbours only, as unit_flops
+    try:
+        stage_module.to(dev)
+        with torch.no_grad():
+            return count_flops(make_fn())
+    finally:
+        SparseConv3d.impl = impl
+        stage_module.to("cpu")
+        _free(dev)
+
+
 # ---------------------------------------------------------------------------------------------
 # Output
 # ---------------------------------------------------------------------------------------------
@@ -536,6 +570,11 @@ def _fmt(x, spec: str) -> str:
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return ""
     return format(x, spec)
+
+
+def _percent(x) -> str:
+    """A fraction as "12.3%"; empty for a missing value."""
+    return "" if x is None or x != x else f"{100 * x:.1f}%"
 
 
 def complete_rows(rows: list[dict], peak_tflops: float | None) -> list[dict]:
@@ -551,6 +590,8 @@ def complete_rows(rows: list[dict], peak_tflops: float | None) -> list[dict]:
         r["achieved_tflops"] = f / t if f == f and t == t and t > 0 else float("nan")
         r["mfu"] = r["achieved_tflops"] / peak_tflops if peak_tflops and r["achieved_tflops"] == r["achieved_tflops"] \
             else float("nan")
+        e = r.get("executed_tflop", float("nan"))
+        r["mfu_executed"] = e / t / peak_tflops if peak_tflops and e == e and t == t and t > 0 else float("nan")
     return rows
 
 
@@ -573,23 +614,22 @@ def readme_text(rows: list[dict], meta: dict) -> str:
                   f"Host CPU: {meta.get('host_cpu', 'unknown')}.", ""]
     multi = len({r.get("round", 1) for r in rows}) > 1
     lines += ["", ("| round " if multi else "") + "| stage | object | N | variant | median s | first call s | speedup vs official | TFLOP | "
-              "TFLOP/s | MFU | " + ("GPU busy | launches | " if busy else "")
+              "TFLOP/s | MFU | MFU (executed) | " + ("GPU busy | launches | " if busy else "")
               + "peak GB | resident GB | max abs diff vs official | rel |",
-              ("|---" if multi else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+              ("|---" if multi else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
               + ("---|---|" if busy else "")]
     for r in rows:
         lead = f"| {r.get('round', 1)} " if multi else ""
         if r.get("error"):
             lines.append(lead + f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | "
-                         f"{_fmt(r.get('N'), 'd')} | {r['variant']} | ERROR: {r['error'][:120]} |||||||||||")
+                         f"{_fmt(r.get('N'), 'd')} | {r['variant']} | ERROR: {r['error'][:120]} ||||||||||||")
             continue
         mfu = r.get("mfu", float("nan"))
         lines.append(
             lead + f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | {_fmt(r.get('N'), 'd')} | "
             f"{r['variant']} | {_fmt(r['median_s'], '.4f')} | {_fmt(r.get('first_call_s'), '.3f')} | "
             f"{_fmt(r.get('speedup_vs_official'), '.2f')} | {_fmt(r.get('model_tflop'), '.4g')} | "
-            f"{_fmt(r.get('achieved_tflops'), '.1f')} | {_fmt(100 * mfu if mfu == mfu else mfu, '.1f')}"
-            f"{'%' if mfu == mfu else ''} | "
+            f"{_fmt(r.get('achieved_tflops'), '.1f')} | {_percent(mfu)} | {_percent(r.get('mfu_executed'))} | "
             + (f"{_fmt(100 * r['gpu_busy'], '.0f')}% | {r['launches']} | " if "gpu_busy" in r else "| | " if busy else "")
             + f"{_fmt(r.get('peak_mem_gb'), '.2f')} | {_fmt(r.get('resident_gb'), '.2f')} | "
             f"{_fmt(r.get('max_abs_vs_official'), '.3g')} | {_fmt(r.get('rel_vs_official'), '.3g')} |")
@@ -959,10 +999,35 @@ def run(args) -> list[dict]:
 
     rnd = 1  # the round being measured (set by the loop below)
 
+    executed: dict[tuple, float] = {}  # executed FLOPs per (stage, object, FLOP-changing switches)
+
+    def executed_tflop(variant: str, stage: str, obj: str | None) -> float:
+        """Model FLOPs for the official code and the mesh decoder (they skip nothing); counted for our samplers."""
+        model = flops.get((stage, obj), float("nan"))
+        if variant in OFFICIAL_VARIANTS or stage == "mesh" or model != model:
+            return model / 1e12
+        opts = counting_options(VARIANTS[SHORT[variant]])
+        key = (stage, obj) + tuple(getattr(opts, k) for k in FLOP_OPTIONS)
+        if key not in executed:
+            if not any(getattr(opts, k) for k in FLOP_OPTIONS):
+                executed[key] = model  # nothing skipped: the model count
+            elif stage == "ss":
+                executed[key] = executed_flops(base.ss, lambda: ours_ss_fn(base.ss, noise_ss, cond["ss"],
+                                                                           cfg.ss_sampler, opts), dev)
+            else:
+                executed[key] = executed_flops(base.slat, lambda: ours_slat_fn(
+                    base.slat, noise_slat[obj], cond["slat"], coords[obj], cfg.slat_sampler, opts), dev)
+        return executed[key] / 1e12
+
     def unit(variant: str, stage: str, obj: str | None, module: torch.nn.Module, make_fn, post, precision: str):
         row = {"round": rnd, "variant": variant, "stage": stage, "object": obj,
                "N": None if obj is None else len(coords[obj]), "precision": precision,
                "model_tflop": flops.get((stage, obj), float("nan")) / 1e12}
+        try:  # an auxiliary count: a failure leaves it empty and keeps the timing
+            row["executed_tflop"] = executed_tflop(variant, stage, obj)
+        except Exception:
+            traceback.print_exc()
+            print(f"executed FLOPs of {variant} {stage} {obj or ''} not counted (see above)", flush=True)
         try:
             module.to(dev)
             with torch.no_grad():

@@ -153,9 +153,12 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -
 
 
 def count_flops(fn) -> float:
-    """FLOPs of one call (torch.utils.flop_counter: matmuls, convolutions, attention)."""
+    """FLOPs of one call (torch.utils.flop_counter: matmuls, convolutions, attention; the CPU SDPA kernels, which
+    torch's counter does not know, through ``sdpa_flop_mapping``)."""
     from torch.utils.flop_counter import FlopCounterMode
-    with FlopCounterMode(display=False) as counter:
+
+    from fs3d_analysis.profile.flops import sdpa_flop_mapping
+    with FlopCounterMode(display=False, custom_mapping=sdpa_flop_mapping()) as counter:
         fn()
     return float(counter.get_total_flops())
 

@@ -203,6 +203,31 @@ def test_ours_only_tiny_cpu_run(tmp_path):
     assert (tmp_path / bvo.CSV_NAME).exists() and (tmp_path / bvo.README_NAME).exists()
 
 
+def test_executed_flops_count_what_the_switches_skip(tmp_path, monkeypatch):
+    """Executed FLOPs: counting a whole sampler run (batched CFG, nothing cached) gives the model count exactly
+    (per-pass count x passes); the condition K/V cache executes fewer; the mesh decoder skips nothing."""
+    monkeypatch.setattr(bvo, "FLOP_OPTIONS", ("batch_cfg",) + bvo.FLOP_OPTIONS)  # count bf16-cfg too
+    # several steps: with one pass the cache (K/V of both CFG branches, once) would execute more than it saves
+    tiny = [a if a != "1" or TINY[i - 1] != "--steps" else "4" for i, a in enumerate(TINY)]
+    args = bvo.parse_args(tiny + ["--variants", "bf16-cfg,bf16-cfg-kv", "--out", str(tmp_path)])
+    assert args.steps == 4
+    rows = {(r["variant"], r["stage"]): r for r in bvo.run(args)}
+    for stage in ("ss", "slat"):
+        plain, cached = rows[("bf16-cfg", stage)], rows[("bf16-cfg-kv", stage)]
+        assert plain["executed_tflop"] == pytest.approx(plain["model_tflop"], rel=1e-9), stage
+        assert 0 < cached["executed_tflop"] < cached["model_tflop"], stage
+    assert rows[("bf16-cfg-kv", "mesh")]["executed_tflop"] == rows[("bf16-cfg-kv", "mesh")]["model_tflop"]
+    text = (tmp_path / bvo.README_NAME).read_text()
+    assert "| MFU | MFU (executed) |" in text
+
+
+def test_counting_options_keep_only_what_changes_flops():
+    from benchmarks.stage_latency import SHORT, VARIANTS
+    opts = bvo.counting_options(VARIANTS[SHORT["compile-all-zkv-fa4-slat-ro"]])
+    assert (opts.precision, opts.compile_ss, opts.compile_slat, opts.attention_kernel) == ("fp32", False, False, "sdpa")
+    assert opts.cache_cond_kv and opts.collapse_zero_cond and opts.batch_cfg
+
+
 def _official_skip() -> str | None:
     why = po.official_available(po.DEFAULT_OFFICIAL)
     if why:

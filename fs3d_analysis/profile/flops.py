@@ -165,7 +165,9 @@ def _fcm_sdpa(query_shape, key_shape, value_shape, *args, out_shape=None, **kwar
     return 2 * _sdpa_macs(tuple(query_shape), tuple(key_shape), tuple(value_shape))
 
 
-def _fcm_custom_mapping() -> dict:
+def sdpa_flop_mapping() -> dict:
+    """``FlopCounterMode(custom_mapping=...)`` entries for the SDPA kernels torch's counter does not know (the CPU
+    ones): without them a CPU count leaves out every attention."""
     aten = torch.ops.aten
     mapping = {}
     for name in ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_fused_attention_overrideable"):
@@ -336,7 +338,7 @@ _ROOT_NAME = "__root__"
 
 def _fcm_run(root: nn.Module, run: Callable[[], Any], hooks: _Hooks) -> dict[str, float]:
     """Raw FlopCounterMode counts per module path ('' = root) for one run."""
-    fcm = FlopCounterMode(display=False, custom_mapping=_fcm_custom_mapping())
+    fcm = FlopCounterMode(display=False, custom_mapping=sdpa_flop_mapping())
     tracker = fcm.mod_tracker
     if not (hasattr(tracker, "_known_modules") and hasattr(tracker, "_seen_modules")):
         raise RuntimeError("this torch's ModuleTracker has no _known_modules/_seen_modules; cannot name modules")
@@ -584,4 +586,4 @@ def stage_flops_table(flops: pd.DataFrame) -> pd.DataFrame:
 
 
 __all__ = ["FLOP_RULES", "FVCORE_DISABLED_OPS", "count_flops", "neighbour_pair_count", "register_flop_rule",
-           "rule_for", "stage_flops_table"]
+           "rule_for", "sdpa_flop_mapping", "stage_flops_table"]
