@@ -613,7 +613,8 @@ def readme_text(rows: list[dict], meta: dict) -> str:
                   "means the call waits on the host (Python, launches), so its time depends on the CPU next to the GPU.",
                   f"Host CPU: {meta.get('host_cpu', 'unknown')}.", ""]
     multi = len({r.get("round", 1) for r in rows}) > 1
-    lines += ["", ("| round " if multi else "") + "| stage | object | N | variant | median s | first call s | speedup vs official | TFLOP | "
+    lines += ["", ("| round " if multi else "")
+              + "| stage | object | N | variant | median s | first call s | speedup vs official | TFLOP | "
               "TFLOP/s | MFU | MFU (executed) | " + ("GPU busy | launches | " if busy else "")
               + "peak GB | resident GB | max abs diff vs official | rel |",
               ("|---" if multi else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
@@ -626,7 +627,8 @@ def readme_text(rows: list[dict], meta: dict) -> str:
             continue
         mfu = r.get("mfu", float("nan"))
         lines.append(
-            lead + f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | {_fmt(r.get('N'), 'd')} | "
+            lead + f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | "
+            f"{_fmt(r.get('N'), 'd')} | "
             f"{r['variant']} | {_fmt(r['median_s'], '.4f')} | {_fmt(r.get('first_call_s'), '.3f')} | "
             f"{_fmt(r.get('speedup_vs_official'), '.2f')} | {_fmt(r.get('model_tflop'), '.4g')} | "
             f"{_fmt(r.get('achieved_tflops'), '.1f')} | {_percent(mfu)} | {_percent(r.get('mfu_executed'))} | "
@@ -678,7 +680,8 @@ def per_object_lines(rows: list[dict]) -> list[str]:
         return []
     rounds = sorted({t["round"] for t in totals})
     lines = ["## Per object (SS sampler + SLaT sampler + mesh decoder network)", "",
-             "| round | object | N | variant | seconds | speedup vs official (same round) |", "|---|---|---|---|---|---|"]
+             "| round | object | N | variant | seconds | speedup vs official (same round) |",
+             "|---|---|---|---|---|---|"]
     lines += [f"| {t['round']} | {t['object']} | {t['N']} | {t['variant']} | {t['seconds']:.3f} | "
               f"{_fmt(t['speedup'], '.2f')} |" for t in totals]
     if len(rounds) > 1:
@@ -690,7 +693,8 @@ def per_object_lines(rows: list[dict]) -> list[str]:
                 keys.append((t["object"], t["variant"]))
         for o, v in keys:
             sec = [t["seconds"] for t in totals if (t["object"], t["variant"]) == (o, v)]
-            sp = [t["speedup"] for t in totals if (t["object"], t["variant"]) == (o, v) and t["speedup"] == t["speedup"]]
+            sp = [t["speedup"] for t in totals
+                  if (t["object"], t["variant"]) == (o, v) and t["speedup"] == t["speedup"]]
             sp_text = f"{statistics.median(sp):.2f} ({min(sp):.2f}-{max(sp):.2f})" if sp else ""
             lines.append(f"| {o} | {v} | {statistics.median(sec):.3f} ({min(sec):.3f}-{max(sec):.3f}) | {sp_text} |")
     return lines

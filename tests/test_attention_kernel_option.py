@@ -131,6 +131,8 @@ def test_kernel_per_role(stand_in):
     assert torch.equal(out, _sdpa_reference(q, k, v))
     with pytest.raises(ValueError, match="attention role must be one of"):
         attention(q, q, q, role="selfish")
+    with pytest.raises(ValueError, match="attention role must be one of"):  # masked calls check it too
+        attention(q, q, q, mask=torch.ones(1, 1, 1, 3, dtype=torch.bool), role="selfish")
     with pytest.raises(ValueError, match="attention role must be one of"):
         with ak.use_attention_kernel(ak.FLASH_ATTN_CUTE, roles=("self", "x")):
             pass

@@ -9,8 +9,8 @@ accumulation order, so outputs differ from SDPA's by rounding only.
 The choice is a context (:func:`use_attention_kernel`), entered by ``RunOptions.network_context`` around every
 network call, so model code stays kernel-agnostic. Each attention call names its role ("self" or "cross"), and
 the context picks the kernel per role: per kernel, FA4 is faster than cuDNN at SAM 3D's cross-attention shapes
-and at SLaT's self-attention, but slower at SS's self-attention, so the best choice differs by call site. FA4 is wrapped in a ``torch.library`` custom op with a
-fake (meta) implementation: ``torch.compile`` treats it as one opaque call instead of tracing the CuTe DSL.
+and at SLaT's self-attention, but slower at SS's self-attention, so the best choice differs by call site. FA4 is
+wrapped in a ``torch.library`` custom op with a fake (meta) implementation: ``torch.compile`` treats it as one opaque call instead of tracing the CuTe DSL.
 PyTorch's own ``activate_flash_attention_impl("FA4")`` route is not used: in torch 2.11 it does not match the
 current ``flash_attn.cute`` return signature (``ValueError: too many values to unpack``, measured on the H100).
 """
@@ -112,5 +112,5 @@ def _flash_attn_cute_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **k
     return 2 * b * h * lq * lk * (d + dv)
 
 
-__all__ = ["ATTENTION_KERNELS", "ATTENTION_ROLES", "check_role", "FLASH_ATTN_CUTE", "SDPA", "current_attention_kernel", "flash_attn_cute",
-           "flash_attn_cute_unavailable", "use_attention_kernel"]
+__all__ = ["ATTENTION_KERNELS", "ATTENTION_ROLES", "FLASH_ATTN_CUTE", "SDPA", "check_role", "current_attention_kernel",
+           "flash_attn_cute", "flash_attn_cute_unavailable", "use_attention_kernel"]

@@ -107,8 +107,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, role:
     selected by ``use_attention_kernel("flash-attn-cute", roles)`` go to FlashAttention-4
     (:mod:`fs3d_accel.model.attention_kernels`; CUDA tensors only, others raise there); everything else to SDPA.
     """
-    if (mask is None and attention_kernels.current_attention_kernel(role) == attention_kernels.FLASH_ATTN_CUTE
-            and q.dtype in (torch.float16, torch.bfloat16)):
+    kernel = attention_kernels.current_attention_kernel(role)  # also rejects an unknown role, masked or not
+    if mask is None and kernel == attention_kernels.FLASH_ATTN_CUTE and q.dtype in (torch.float16, torch.bfloat16):
         return attention_kernels.flash_attn_cute(q, k, v)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
