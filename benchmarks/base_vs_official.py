@@ -99,6 +99,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import parity_official as po  # noqa: E402
 from fs3d_analysis.profile.busy import KERNEL_CLASSES, kernel_class, kernel_time  # noqa: E402
+from fs3d_analysis.profile.shape_only import skip_heavy_ops  # noqa: E402
 from benchmarks.stage_latency import (COORDS_FILE, SHORT, VARIANTS, Timer, add_conv_args,  # noqa: E402
                                       apply_conv_args, count_flops, load_coords, matmul_peak_tflops,
                                       synthetic_inputs)
@@ -169,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpu-busy", action="store_true",
                     help="profile one more call per unit and report its summed kernel time over the median wall "
                          "time (GPU busy; far below 100%% means the call waits on the host). CUDA only")
+    ap.add_argument("--flops-only", action="store_true",
+                    help="no timing: model and executed FLOPs of every variant and unit (products skipped, "
+                         "shapes kept: fs3d_analysis.profile.shape_only), to flops.csv; runs on a CPU at full size "
+                         "in minutes, for any variant")
     ap.add_argument("--out", type=Path, default=Path("runs/base_vs_official"))
     return ap
 
@@ -228,6 +233,8 @@ def parse_args(argv: list[str] | None = None, check_cuda: bool = True) -> argpar
     if bad:
         raise SystemExit(f"--variants: unknown {bad}; choose from {list(OFFICIAL_VARIANTS) + sorted(SHORT)}")
     for v in variants:
+        if args.flops_only:
+            break  # nothing runs as the variant: its FLOPs are counted uncompiled in fp32
         if v == "official-compile":
             if dev.type != "cuda":
                 raise SystemExit("--variants official-compile: torch.compile of the official code is CUDA-only here")
@@ -239,7 +246,7 @@ def parse_args(argv: list[str] | None = None, check_cuda: bool = True) -> argpar
                 raise SystemExit(f"--variants {v}: {exc}") from None
     # official variants first: ours are compared with the official outputs of the same run
     args.variants = [v for v in OFFICIAL_VARIANTS if v in variants] + [v for v in variants if v in SHORT]
-    if any(v in OFFICIAL_VARIANTS for v in args.variants):
+    if any(v in OFFICIAL_VARIANTS for v in args.variants) and not args.flops_only:
         if not (args.official / "sam3d_objects").is_dir():
             raise SystemExit(f"--official / FS3D_OFFICIAL: no sam3d_objects package under {args.official}")
         missing = [f for f in HF_FILES if not (args.hf_configs / f).is_file()]
@@ -513,7 +520,7 @@ def unit_flops(base, cfg, stage: str, dev: torch.device, cond: torch.Tensor | No
     impl = SparseConv3d.impl
     SparseConv3d.impl = "scatter"
     try:
-        with torch.no_grad():
+        with torch.no_grad(), skip_heavy_ops():  # shapes are all a count needs (exact: tests/test_shape_only.py)
             if stage == "ss":
                 net = base.ss.flow.to(dev)
                 lat = {k: torch.zeros(s, device=dev) for k, s in ss_latent_shapes(cfg).items()}
@@ -555,7 +562,7 @@ def executed_flops(stage_module: torch.nn.Module, make_fn, dev: torch.device) ->
     SparseConv3d.impl = "scatter"  # present neighbours only, as unit_flops
     try:
         stage_module.to(dev)
-        with torch.no_grad():
+        with torch.no_grad(), skip_heavy_ops():  # shapes are all a count needs (exact: tests/test_shape_only.py)
             return count_flops(make_fn())
     finally:
         SparseConv3d.impl = impl
@@ -923,7 +930,7 @@ def run(args) -> list[dict]:
     # TF32 for fp32 matmuls as stage_latency.py (speed); --tf32 off for fp32 parity at full precision
     torch.backends.cuda.matmul.allow_tf32 = args.tf32 == "on"
     torch.backends.cudnn.allow_tf32 = args.tf32 == "on"
-    want_official = any(v in OFFICIAL_VARIANTS for v in args.variants)
+    want_official = any(v in OFFICIAL_VARIANTS for v in args.variants) and not args.flops_only
     meta: dict[str, Any] = {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "torch": torch.__version__, "config": args.config, "seed": args.seed,
@@ -959,7 +966,8 @@ def run(args) -> list[dict]:
         cond = {}
         for name, kw in (("ss", inputs.ss_kwargs()), ("slat", inputs.slat_kwargs())):
             fuser = getattr(base, name).condition.to(dev)
-            cond[name] = fuser(**kw).float()
+            with skip_heavy_ops() if args.flops_only else contextlib.nullcontext():  # only its shape matters then
+                cond[name] = fuser(**kw).float()
             fuser.to("cpu")
             _free(dev)
     g = torch.Generator().manual_seed(args.seed + 1)
@@ -981,7 +989,7 @@ def run(args) -> list[dict]:
             flops[("slat", o)] = unit_flops(base, cfg, "slat", dev, cond=cond["slat"], coords=coords[o])
         if "mesh" in args.stages:
             flops[("mesh", o)] = unit_flops(base, cfg, "mesh", dev, coords=coords[o], latent=latent[o])
-    meta["peak_tflops"] = matmul_peak_tflops(dev)
+    meta["peak_tflops"] = None if args.flops_only else matmul_peak_tflops(dev)
     print(f"FLOPs counted in {time.perf_counter() - t0:.1f} s; matmul peak {meta['peak_tflops']}", flush=True)
 
     # ---- official modules
@@ -1022,6 +1030,9 @@ def run(args) -> list[dict]:
                 executed[key] = executed_flops(base.slat, lambda: ours_slat_fn(
                     base.slat, noise_slat[obj], cond["slat"], coords[obj], cfg.slat_sampler, opts), dev)
         return executed[key] / 1e12
+
+    if args.flops_only:
+        return flops_only_rows(args, flops, executed_tflop, coords, meta)
 
     def unit(variant: str, stage: str, obj: str | None, module: torch.nn.Module, make_fn, post, precision: str):
         row = {"round": rnd, "variant": variant, "stage": stage, "object": obj,
@@ -1131,6 +1142,39 @@ def run(args) -> list[dict]:
                         unit(variant, "mesh", o, st, lambda: ours_mesh_fn(st, latent[o], coords[o], opts, dev),
                              mesh_post, opts.precision)
                 del st
+    return rows
+
+
+FLOPS_CSV_NAME = "flops.csv"
+
+
+def flops_only_rows(args, flops: dict, executed_tflop, coords: dict, meta: dict) -> list[dict]:
+    """``--flops-only``: model and executed TFLOP of every variant and unit, written to flops.csv and README.md."""
+    import csv
+    rows = []
+    for variant in args.variants:
+        for (stage, obj), model in flops.items():
+            rows.append(dict(variant=variant, stage=stage, object=obj, N=None if obj is None else len(coords[obj]),
+                             model_tflop=model / 1e12, executed_tflop=executed_tflop(variant, stage, obj)))
+            print(f"{variant:>16} {stage:>4} {obj or '':>20} model {rows[-1]['model_tflop']:.4f} "
+                  f"executed {rows[-1]['executed_tflop']:.4f} TFLOP", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    cols = ["variant", "stage", "object", "N", "model_tflop", "executed_tflop"]
+    with open(args.out / FLOPS_CSV_NAME, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols)
+        w.writeheader()
+        w.writerows({k: ("" if r[k] is None else r[k]) for k in cols} for r in rows)
+    (args.out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+    lines = ["# Model and executed FLOPs per unit (`base_vs_official.py --flops-only`)", "",
+             f"Config `{meta.get('config')}`, condition tokens {meta.get('cond_tokens')}, sampler steps SS "
+             f"{meta.get('ss_steps')}, SLaT {meta.get('slat_steps')}. Model: one network pass in full x the "
+             "sampler's passes (what the official code runs). Executed: one sampler run with the variant's "
+             "FLOP-changing switches (condition K/V cache, one-key K/V of the zero condition).", "",
+             "| variant | stage | object | N | model TFLOP | executed TFLOP | executed / model |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['variant']} | {STAGE_LABELS.get(r['stage'], r['stage'])} | {r['object'] or ''} | "
+              f"{_fmt(r['N'], 'd')} | {r['model_tflop']:.4f} | {r['executed_tflop']:.4f} | "
+              f"{r['executed_tflop'] / r['model_tflop']:.3f} |" for r in rows]
+    (args.out / README_NAME).write_text("\n".join(lines) + "\n")
     return rows
 
 

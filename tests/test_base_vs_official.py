@@ -221,6 +221,25 @@ def test_executed_flops_count_what_the_switches_skip(tmp_path, monkeypatch):
     assert "| MFU | MFU (executed) |" in text
 
 
+def test_flops_only_counts_without_timing(tmp_path):
+    """--flops-only: compiled variants are accepted on a CPU (nothing runs as them), the official variant needs
+    no checkout, and the one-key K/V executes fewer FLOPs than the K/V cache alone, which executes fewer than the
+    model count."""
+    tiny = [a if a != "1" or TINY[i - 1] != "--steps" else "4" for i, a in enumerate(TINY)]
+    args = bvo.parse_args(tiny + ["--flops-only", "--variants", "official,compile-all,compile-all-zkv",
+                                  "--official", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+    rows = {(r["variant"], r["stage"]): r for r in bvo.run(args)}
+    for stage in ("ss", "slat"):
+        off, kv, zkv = (rows[(v, stage)] for v in ("official", "compile-all", "compile-all-zkv"))
+        assert off["executed_tflop"] == off["model_tflop"]
+        assert zkv["executed_tflop"] < kv["executed_tflop"] < kv["model_tflop"] == off["model_tflop"]
+    assert rows[("compile-all-zkv", "mesh")]["executed_tflop"] == rows[("compile-all-zkv", "mesh")]["model_tflop"]
+    with open(tmp_path / bvo.FLOPS_CSV_NAME) as fh:
+        assert len(list(csv.DictReader(fh))) == 9
+    assert "executed / model" in (tmp_path / bvo.README_NAME).read_text()
+    assert not (tmp_path / bvo.CSV_NAME).exists()  # no timing table
+
+
 def test_counting_options_keep_only_what_changes_flops():
     from benchmarks.stage_latency import SHORT, VARIANTS
     opts = bvo.counting_options(VARIANTS[SHORT["compile-all-zkv-fa4-slat-ro"]])
