@@ -78,6 +78,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import math
 import os
@@ -978,6 +979,10 @@ def run(args) -> list[dict]:
               for k, c in coords.items()}
     coords = {k: v.to(dev) for k, v in coords.items()}
     meta["cond_tokens"] = {k: list(v.shape) for k, v in cond.items()}
+    if args.flops_only:  # the condition tokens exist; the fusers (two DINO ViT-Ls at full size) only hold memory now
+        for name in ("ss", "slat"):
+            getattr(base, name).condition = torch.nn.Identity()
+        gc.collect()
 
     # ---- FLOPs and matmul peak
     t0 = time.perf_counter()

@@ -75,14 +75,18 @@ class SLaTStage(nn.Module):
         uncond = cond * 0
         torso = self.compiled_torso(options)
 
-        def kv_of(c: Tensor, zero_rows: list[bool]):
-            """Cached K/V of a condition (``zero_rows``: which batch rows are the all-zero unconditional
-            condition; see ``RunOptions.prepare_cond_kv``)."""
+        kv_cache: dict[str, object] = {}
+
+        def kv_of(name: str, c: Tensor, zero_rows: list[bool]):
+            """Cached K/V of condition ``name``, computed on its first pass, once per object (``zero_rows``: which
+            batch rows are the all-zero unconditional condition; see ``RunOptions.prepare_cond_kv``). Lazily:
+            with batched CFG the separate unconditional K/V is never used."""
             if not options.cache_cond_kv:
                 return None
-            return options.prepare_cond_kv(flow.precompute_cond_kv(c.to(dtype)), zero_rows, torso is not None)
-
-        kv, ukv = kv_of(cond, [False]), kv_of(uncond, [True])
+            if name not in kv_cache:
+                kv_cache[name] = options.prepare_cond_kv(flow.precompute_cond_kv(c.to(dtype)), zero_rows,
+                                                         torso is not None)
+            return kv_cache[name]
 
         def run(feats: Tensor, c_coords: Tensor, t: float, c: Tensor, ckv, structure=None) -> Tensor:
             tt = torch.full((c.shape[0],), t * sampler_cfg.time_scale, device=c.device)
@@ -112,8 +116,10 @@ class SLaTStage(nn.Module):
 
         def net_cond(x, t, active, is_uncond):
             f, c = select(x, active)
-            return run(f, c, t, uncond if is_uncond else cond, ukv if is_uncond else kv,
-                       plain_structure if active is None else None)
+            structure = plain_structure if active is None else None
+            if is_uncond:
+                return run(f, c, t, uncond, kv_of("uncond", uncond, [True]), structure)
+            return run(f, c, t, cond, kv_of("cond", cond, [False]), structure)
 
         def cfg_coords(c: Tensor) -> Tensor:
             c1 = c.clone()
@@ -123,7 +129,6 @@ class SLaTStage(nn.Module):
         batched = None
         if options.batch_cfg:
             both = torch.cat([cond, uncond], 0)
-            both_kv = kv_of(both, [False, True])
             both_coords = cfg_coords(coords) if cache else None
             both_structure = persistent_structure() if cache else None
             if cache:
@@ -132,9 +137,10 @@ class SLaTStage(nn.Module):
             def batched(x, t, active):
                 f, c = select(x, active)
                 if active is None and cache:
-                    out = run(torch.cat([f, f], 0), both_coords, t, both, both_kv, both_structure)
+                    out = run(torch.cat([f, f], 0), both_coords, t, both, kv_of("both", both, [False, True]),
+                              both_structure)
                 else:
-                    out = run(torch.cat([f, f], 0), cfg_coords(c), t, both, both_kv)
+                    out = run(torch.cat([f, f], 0), cfg_coords(c), t, both, kv_of("both", both, [False, True]))
                 n = f.shape[0]
                 return out[:n], out[n:]
 

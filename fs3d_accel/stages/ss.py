@@ -91,17 +91,22 @@ class SSStage(nn.Module):
         dtype = options.compute_dtype(cond.device)
         plain = self.flow
 
-        def kv_of(c: Tensor, zero_rows: list[bool]) -> CondKV | None:
-            """K/V of the condition, computed once per object outside any compiled region (``zero_rows``:
-            which batch rows are the all-zero unconditional condition; see ``RunOptions.prepare_cond_kv``)."""
+        kv_cache: dict[str, CondKV] = {}
+
+        def kv_of(name: str, c: Tensor, zero_rows: list[bool]) -> CondKV | None:
+            """K/V of condition ``name``, computed on its first pass, once per object, outside any compiled region
+            (``zero_rows``: which batch rows are the all-zero unconditional condition; see
+            ``RunOptions.prepare_cond_kv``). Lazily: with batched CFG the separate unconditional K/V is never
+            used, and a full-size K/V set is ~1.5 GB in fp32."""
             if not options.cache_cond_kv:
                 return None
-            return options.prepare_cond_kv(plain.precompute_cond_kv(c.to(dtype)), zero_rows, compiled is not None)
+            if name not in kv_cache:
+                kv_cache[name] = options.prepare_cond_kv(plain.precompute_cond_kv(c.to(dtype)), zero_rows,
+                                                         compiled is not None)
+            return kv_cache[name]
 
-        cond_kv = kv_of(cond, [False])
         uncond = cond * 0
         graphs: dict[int, GraphedCall] = {}  # one per condition tensor (cond, uncond, both)
-        uncond_kv = kv_of(uncond, [True])
 
         def run(x: dict[str, Tensor], t: float, c: Tensor, kv: CondKV | None) -> dict[str, Tensor]:
             b = c.shape[0]
@@ -123,16 +128,17 @@ class SSStage(nn.Module):
             return dict(zip(keys, call(tt, *(x[k] for k in keys))))
 
         def net_cond(x, t, active, is_uncond):
-            return run(x, t, uncond if is_uncond else cond, uncond_kv if is_uncond else cond_kv)
+            if is_uncond:
+                return run(x, t, uncond, kv_of("uncond", uncond, [True]))
+            return run(x, t, cond, kv_of("cond", cond, [False]))
 
         batched = None
         if options.batch_cfg:
             both = torch.cat([cond, uncond], 0)
-            both_kv = kv_of(both, [False, True])
 
             def batched(x, t, active):
                 xx = {k: torch.cat([v, v], 0) for k, v in x.items()}
-                out = run(xx, t, both, both_kv)
+                out = run(xx, t, both, kv_of("both", both, [False, True]))
                 return {k: v[:1] for k, v in out.items()}, {k: v[1:] for k, v in out.items()}
 
         return guided(net_cond, sampler_cfg, batched)
