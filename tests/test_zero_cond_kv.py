@@ -139,3 +139,28 @@ def test_slat_sampler_same_with_collapsed_uncond_kv(mini, batch_cfg, compiled, c
             for s in structures:
                 release_structure(s)
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stage_name", ["ss", "slat"])
+def test_batched_cfg_computes_no_separate_unconditional_kv(stage_name, monkeypatch):
+    """With batched CFG the unconditional K/V set is only ever used inside the batched pair, so it is not computed
+    on its own (it was, before the K/V became lazy: 1.5 TFLOP and ~1.5 GB fp32 per object at full size)."""
+    from conftest import fast_mini_config, run_ss_slat_each
+    from fs3d_accel.pipeline import Pipeline
+    from fs3d_analysis.data import load_shipped_samples
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=3, slat_steps=3), seed=0)
+    flow = getattr(pipe, stage_name).flow
+    seen: list[tuple[int, bool]] = []
+    original = flow.precompute_cond_kv
+
+    def record(c):
+        seen.append((c.shape[0], bool((c == 0).all())))
+        return original(c)
+
+    monkeypatch.setattr(flow, "precompute_cond_kv", record)
+    sample = load_shipped_samples()[0]
+    inputs = pipe.prepare(sample.image, sample.mask, sample.pointmap)
+    run_ss_slat_each(pipe, inputs, [RunOptions(batch_cfg=True, cache_cond_kv=True)])
+    assert (2, False) in seen  # the batched (cond, uncond) pair
+    assert (1, True) not in seen  # no unconditional set of its own
+    assert len(seen) == len(set(seen))  # each set once per object
