@@ -99,7 +99,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import parity_official as po  # noqa: E402
-from fs3d_analysis.profile.busy import KERNEL_CLASSES, kernel_class, kernel_time  # noqa: E402
+from fs3d_analysis.profile.busy import KERNEL_CLASSES, KernelTime, kernel_class, kernel_time  # noqa: E402
 from fs3d_analysis.profile.shape_only import skip_heavy_ops  # noqa: E402
 from benchmarks.stage_latency import (COORDS_FILE, SHORT, VARIANTS, Timer, add_conv_args,  # noqa: E402
                                       apply_conv_args, count_flops, load_coords, matmul_peak_tflops,
@@ -213,6 +213,8 @@ def parse_args(argv: list[str] | None = None, check_cuda: bool = True) -> argpar
         raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+    if args.flops_only and (args.gpu_busy or args.rounds > 1):
+        raise SystemExit("--flops-only times nothing: --gpu-busy and --rounds do not apply")
     if args.steps is not None and args.steps < 1:
         raise SystemExit(f"--steps must be >= 1, got {args.steps}")
     if args.max_voxels is not None and args.max_voxels < 1:
@@ -776,8 +778,7 @@ def kernel_class_seconds(row: dict) -> dict[str, float]:
     """One profiled unit's kernel seconds per class (every label of KERNEL_LABELS), plus "idle": median wall time
     minus summed kernel time."""
     by = dict.fromkeys(KERNEL_LABELS, 0.0)
-    for name, (sec, _) in row["kernels"].items():
-        by[kernel_class(name)] += sec
+    by.update(KernelTime(row["kernel_s"], row.get("launches", 0), row["kernels"]).by_class())
     by["idle"] = row["median_s"] - row["kernel_s"]
     return by
 

@@ -145,7 +145,9 @@ def test_sites_name_stages_or_roles():
         RunOptions(attention_kernel_sites=("ss", "vae", "slat.mlp"))
     with pytest.raises(ValueError, match="tuple of sites, got the string 'slat'"):
         RunOptions(attention_kernel_sites="slat")
-    opts = RunOptions(attention_kernel_sites=("ss.cross", "slat", "slat.self"))
+    with pytest.raises(ValueError, match="with attention_kernel='sdpa' they change nothing"):
+        RunOptions(attention_kernel_sites=("slat",))
+    opts = RunOptions(attention_kernel=ak.FLASH_ATTN_CUTE, attention_kernel_sites=("ss.cross", "slat", "slat.self"))
     assert opts.kernel_roles("ss") == ("cross",)
     assert opts.kernel_roles("slat") == ("self", "cross")
     assert opts.kernel_roles("decode") == ()

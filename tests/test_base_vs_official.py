@@ -43,6 +43,7 @@ def _exit_message(argv) -> str:
     (["--device", "tpu"], "--device"),
     (["--device", "cpu", "--gpu-busy"], "--gpu-busy"),
     (["--device", "cpu", "--rounds", "0"], "--rounds"),
+    (["--device", "cpu", "--flops-only", "--rounds", "2"], "--flops-only times nothing"),
 ])
 def test_argument_errors(argv, needle):
     assert needle in _exit_message(argv)

@@ -38,6 +38,7 @@ def test_sums_only_device_rows():
     ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float>", "norm / reduce"),
     ("void at::native::vectorized_elementwise_kernel<8, at::native::CUDAFunctor_add>", "element-wise"),
     ("some_custom_kernel", "other"),
+    ("void at::native::unrolled_elementwise_kernel<convert_to_float>", "element-wise"),  # "convert" is no conv
 ])
 def test_kernel_classes(name, label):
     assert kernel_class(name) == label

@@ -77,6 +77,16 @@ def test_install_registers_once_and_refuses_to_shadow_a_real_package(monkeypatch
     monkeypatch.setitem(sys.modules, "flash_attn", fake)
     with pytest.raises(RuntimeError, match="real flash_attn"):
         shim.install()
+    # a package holding only FA4 (flash_attn/cute under an empty __init__) gets the functions added, stays a package
+    fa4_only = type(sys)("flash_attn")
+    fa4_only.__path__ = ["/somewhere/flash_attn"]
+    monkeypatch.setitem(sys.modules, "flash_attn", fa4_only)
+    assert shim.install() is fa4_only and fa4_only.flash_attn_func is shim.flash_attn_func
+    assert shim.install() is fa4_only  # recognised as installed
+    fa4_only.flash_attn_func = lambda *a: None  # ... but one that already has an FA2 function is a real package
+    del fa4_only.__version__
+    with pytest.raises(RuntimeError, match="real flash_attn"):
+        shim.install()
 
 
 def test_single_segment_is_the_whole_tensor():

@@ -109,6 +109,9 @@ class RunOptions:
         bad = sorted(set(self.attention_kernel_sites) - set(KERNEL_SITES))
         if bad:
             raise ValueError(f"attention_kernel_sites: unknown {bad}; choose from {KERNEL_SITES}")
+        if self.attention_kernel == "sdpa" and self.attention_kernel_sites != KERNEL_STAGES:
+            raise ValueError(f"attention_kernel_sites {self.attention_kernel_sites} choose where a kernel other than "
+                             f"SDPA runs; with attention_kernel='sdpa' they change nothing (set attention_kernel)")
         if self.attention_kernel != "sdpa" and not self.attention_kernel_sites:
             raise ValueError(f"attention_kernel {self.attention_kernel!r} with no attention_kernel_sites would "
                              f"never run; name at least one of {KERNEL_SITES}")

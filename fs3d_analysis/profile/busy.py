@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 KERNEL_CLASSES: tuple[tuple[str, re.Pattern], ...] = (
     ("fused (triton)", re.compile(r"^triton_")),
     ("attention", re.compile(r"sdpa|fmha|flash|attention|attn", re.I)),
-    ("matmul", re.compile(r"nvjet|gemm|cutlass|cublas|wgmma|matmul|sm90_xmma|implicit_convolve|conv", re.I)),
+    ("matmul", re.compile(r"nvjet|gemm|cutlass|cublas|wgmma|matmul|sm90_xmma|convolution|implicit_convolve", re.I)),
     ("copy / memset", re.compile(r"^memcpy|^memset|copy_kernel|CatArray|gather|scatter|index", re.I)),
     ("norm / reduce", re.compile(r"norm|reduce|softmax", re.I)),
     ("element-wise", re.compile(r"elementwise|vectorized|unrolled", re.I)),

@@ -22,15 +22,10 @@ from torch.utils._pytree import tree_map
 
 _aten = torch.ops.aten
 #: the ops whose result is replaced by zeros (their FLOP formulas in torch's counter read shapes only)
-HEAVY_OPS = frozenset(op for op in (
-    _aten.mm.default, _aten.addmm.default, _aten.bmm.default, _aten.baddbmm.default, _aten.matmul.default,
-    _aten.convolution.default, _aten._convolution.default,
-    getattr(_aten, "_scaled_dot_product_flash_attention_for_cpu", None),
-    getattr(_aten, "_scaled_dot_product_efficient_attention", None),
-    getattr(_aten, "_scaled_dot_product_flash_attention", None),
-    getattr(_aten, "_scaled_dot_product_cudnn_attention", None),
-) if op is not None)
-HEAVY_OPS = frozenset(getattr(op, "default", op) for op in HEAVY_OPS)
+HEAVY_OPS = frozenset(getattr(_aten, name).default for name in (
+    "mm", "addmm", "bmm", "baddbmm", "matmul", "convolution", "_convolution",
+    "_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention") if hasattr(_aten, name))
 
 
 def _to_meta(x):
