@@ -74,6 +74,13 @@ VARIANTS = {
     "... + torch.compile reduce-overhead (SS, SLaT blocks)": RunOptions(
         precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
         compile_mode="reduce-overhead"),
+    "... + one-key K/V of the zero condition, reduce-overhead, implicit-GEMM sparse conv": RunOptions(
+        precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
+        collapse_zero_cond=True, compile_mode="reduce-overhead", sparse_conv="implicit"),
+    "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT, reduce-overhead, implicit-GEMM sparse conv":
+        RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
+                   collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_sites=("slat",),
+                   compile_mode="reduce-overhead", sparse_conv="implicit"),
 }
 SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32": "fp32", "bf16": "bf16 weights",
          "bf16-cfg": "bf16 + batched CFG", "bf16-cfg-kv": "bf16 + batched CFG + cond K/V cache",
@@ -87,6 +94,10 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
          "compile-all-zkv-fa4": "... + one-key K/V of the zero condition + FlashAttention-4",
          "compile-all-zkv-fa4-slat": "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT",
          "compile-all-zkv-ro": "... + one-key K/V of the zero condition, reduce-overhead",
+         "compile-all-zkv-ro-igemm": "... + one-key K/V of the zero condition, reduce-overhead, implicit-GEMM "
+                                     "sparse conv",
+         "compile-all-zkv-fa4-slat-ro-igemm": "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT, "
+                                              "reduce-overhead, implicit-GEMM sparse conv",
          "compile-all-zkv-fa4-slat-ro": "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT, "
                                         "reduce-overhead",
          "compile-all-zkv-fa4-best": "... + one-key K/V of the zero condition + FlashAttention-4 where it is faster "
@@ -126,7 +137,7 @@ class Timer:
 
 def add_conv_args(ap: argparse.ArgumentParser) -> None:
     """--conv-impl / --gather-chunk: which sparse-conv algorithm the run uses (shared with kernel_profile)."""
-    ap.add_argument("--conv-impl", default="auto", choices=["auto", "gather", "transform", "scatter"],
+    ap.add_argument("--conv-impl", default="auto", choices=["auto", "gather", "transform", "scatter", "implicit"],
                     help="SparseConv3d algorithm (auto = transform on CUDA when C_in >= 8 C_out, else gather; "
                          "scatter was the GPU default before run 3)")
     ap.add_argument("--gather-chunk", type=int, default=None,

@@ -1,11 +1,17 @@
 """Shared fixtures: a small, fast mini pipeline (random weights) and a synthetic scene."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels (the implicit-GEMM sparse conv) run on the CPU through Triton's interpreter. Set before
+    # anything imports triton: the interpreter patches triton.language when triton is first imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fs3d_accel.model.configs import SamplerConfig, mini_config
 from fs3d_accel.synthetic import sparsify_occupancy, synthetic_scene  # noqa: F401 (re-exported to tests)

@@ -18,10 +18,11 @@ indexed ``[x, y, z]``.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -237,6 +238,26 @@ def neighbour_pairs(x: SparseTensor, kernel_size: int) -> list[tuple[Tensor, Ten
 # ----------------------------------------------------------------------------------------------
 # Convolution and point-wise layers
 # ----------------------------------------------------------------------------------------------
+#: accepted values of ``SparseConv3d.impl`` and of :func:`use_conv_impl`
+CONV_IMPLS = ("auto", "gather", "transform", "scatter", "implicit")
+#: the algorithm :func:`use_conv_impl` gives convs whose ``impl`` is "auto" (None: the "auto" rule)
+_conv_impl_override: str | None = None
+
+
+@contextlib.contextmanager
+def use_conv_impl(name: str) -> Iterator[None]:
+    """Run every ``SparseConv3d`` whose ``impl`` is "auto" with algorithm ``name`` inside the block ("auto": the
+    class rule); the previous choice comes back after, also when the block raises. Same values to rounding."""
+    global _conv_impl_override
+    if name not in CONV_IMPLS:
+        raise ValueError(f"sparse conv algorithm must be one of {CONV_IMPLS}, got {name!r}")
+    previous, _conv_impl_override = _conv_impl_override, (None if name == "auto" else name)
+    try:
+        yield
+    finally:
+        _conv_impl_override = previous
+
+
 class _ConvParams(nn.Module):
     """Holds spconv-layout parameters so that keys read ``conv.weight`` / ``conv.bias``."""
 
@@ -255,13 +276,15 @@ class SparseConv3d(nn.Module):
 
     Parameters: ``conv.weight`` (C_out, k, k, k, C_in) in spconv's on-disk layout, ``conv.bias``.
 
-    Three equivalent algorithms (``impl``): "gather" builds (rows, k^3 * C_in) neighbour features in
+    Four equivalent algorithms (``impl``): "gather" builds (rows, k^3 * C_in) neighbour features in
     row chunks and does one matmul per chunk (no scatter, deterministic); "transform" first multiplies
     every input row by all k^3 offset matrices in one (N, C_in) x (C_in, k^3 * C_out) matmul, then sums
     the k^3 neighbour rows of C_out (deterministic; moves k^3 * C_out instead of k^3 * C_in values per
     row, so it wins when C_out < C_in: the SLaT upsampling block's 2048 -> 128 conv); "scatter" does one
     gather + matmul + ``index_add_`` per kernel offset over present neighbours only (no FLOPs on
-    absent neighbours, but 27 small scattered updates per conv). "auto" = "transform" on CUDA when
+    absent neighbours, but 27 small scattered updates per conv); "implicit" is the gather algorithm as one Triton
+    kernel that loads the neighbour rows straight into its matmul tiles, so the gathered block is never written
+    (``sparse_conv_triton.py``; CUDA only). "auto" = "transform" on CUDA when
     C_in >= ``transform_min_ratio`` x C_out, else "gather" ("gather" beat "scatter" on the CPU and the
     H100: mesh decoder network at N = 14k 0.115 -> 0.076 s, ``benchmarks/results/stage_latency_h100_run3``).
     In fp32 the algorithms differ only in the order of the floating-point sums; in half precision
@@ -269,7 +292,7 @@ class SparseConv3d(nn.Module):
     (``tests/test_model_sparse.py`` bounds that against fp32).
     """
 
-    #: "auto" | "gather" | "transform" | "scatter"
+    #: "auto" | "gather" | "transform" | "scatter" | "implicit" (``use_conv_impl`` overrides "auto" in a block)
     impl: str = "auto"
     #: "auto" picks "transform" on CUDA when C_in >= this x C_out. Measured on the H100 (session 5): the
     #: SLaT upsampling conv (2048 -> 128, 16x) gains (SLaT stage at N = 14k 0.743 -> 0.714 s), the mesh
@@ -297,15 +320,21 @@ class SparseConv3d(nn.Module):
             return x.replace(F.linear(feats, w.reshape(self.out_channels, self.in_channels), b))
         impl = self.impl
         if impl == "auto":
-            impl = ("transform" if feats.device.type == "cuda"
-                    and self.in_channels >= self.transform_min_ratio * self.out_channels else "gather")
+            impl = _conv_impl_override or (
+                "transform" if feats.device.type == "cuda"
+                and self.in_channels >= self.transform_min_ratio * self.out_channels else "gather")
+        if impl == "implicit":
+            from .sparse_conv_triton import implicit_gemm_subm_conv
+            return x.replace(implicit_gemm_subm_conv(feats, neighbour_table(x, self.kernel_size),
+                                                     w.reshape(self.out_channels, -1).to(feats.dtype),
+                                                     b.to(feats.dtype)))
         if impl == "gather":
             return x.replace(self._gather(x, feats))
         if impl == "transform":
             return x.replace(self._transform(x, feats))
         if impl == "scatter":
             return x.replace(self._scatter(x, feats))
-        raise ValueError(f"SparseConv3d.impl must be 'auto', 'gather', 'transform' or 'scatter', got {impl!r}")
+        raise ValueError(f"SparseConv3d.impl must be one of {CONV_IMPLS}, got {impl!r}")
 
     def _transform(self, x: SparseTensor, feats: Tensor) -> Tensor:
         table = neighbour_table(x, self.kernel_size)

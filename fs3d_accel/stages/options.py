@@ -87,6 +87,11 @@ class RunOptions:
     #: SS cross-attention and both SLaT roles but not at SS self-attention; its per-call host cost made the
     #: compiled SS sampler slower (``benchmarks/results/attention_kernels_h100/``).
     attention_kernel_sites: tuple[str, ...] = ("ss", "slat", "decode")
+    #: algorithm of the sparse convolutions (SLaT IO blocks, mesh decoder) whose ``SparseConv3d.impl`` is "auto":
+    #: "auto" keeps the class rule; "implicit" is the Triton implicit-GEMM kernel (CUDA only, needs triton), which
+    #: never writes the gathered neighbour block; "gather" / "transform" / "scatter" as in ``SparseConv3d``.
+    #: Same values to rounding. Entered by :meth:`network_context`.
+    sparse_conv: str = "auto"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -115,6 +120,9 @@ class RunOptions:
         if self.attention_kernel != "sdpa" and not self.attention_kernel_sites:
             raise ValueError(f"attention_kernel {self.attention_kernel!r} with no attention_kernel_sites would "
                              f"never run; name at least one of {KERNEL_SITES}")
+        from ..model.sparse import CONV_IMPLS
+        if self.sparse_conv not in CONV_IMPLS:
+            raise ValueError(f"unknown sparse_conv {self.sparse_conv!r}; choose one of {CONV_IMPLS}")
         if self.collapse_zero_cond and not self.cache_cond_kv:
             raise ValueError("collapse_zero_cond works on the cached condition K/V; set cache_cond_kv=True")
         if self.cuda_graphs and self.precision.startswith("autocast"):
@@ -133,6 +141,11 @@ class RunOptions:
         if dev.type != "cuda" and self.precision in CUDA_ONLY_PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is CUDA-only (fp16 kernels); "
                              f"device is {dev}. Use 'fp32' or 'bf16' on CPU.")
+        if self.sparse_conv == "implicit":
+            from ..model.sparse_conv_triton import triton_unavailable
+            why = triton_unavailable(dev)
+            if why is not None:
+                raise ValueError(f"sparse_conv 'implicit': {why}")
         if self.attention_kernel != "sdpa":
             from ..model.attention_kernels import flash_attn_cute_unavailable
             why = flash_attn_cute_unavailable(dev)
@@ -175,11 +188,14 @@ class RunOptions:
         return self.weight_dtype
 
     def network_context(self, device: torch.device | str, stage: str):
-        """What every network call of ``stage`` ("ss", "slat" or "decode") runs under: :meth:`autocast`, and
-        ``attention_kernel`` for the attention roles :meth:`kernel_roles` selects (SDPA for the others)."""
+        """What every network call of ``stage`` ("ss", "slat" or "decode") runs under: :meth:`autocast`,
+        ``attention_kernel`` for the attention roles :meth:`kernel_roles` selects (SDPA for the others), and the
+        ``sparse_conv`` algorithm."""
         from ..model.attention_kernels import use_attention_kernel
+        from ..model.sparse import use_conv_impl
         return _entered_together(self.autocast(device),
-                                 use_attention_kernel(self.attention_kernel, self.kernel_roles(stage)))
+                                 use_attention_kernel(self.attention_kernel, self.kernel_roles(stage)),
+                                 use_conv_impl(self.sparse_conv))
 
     def kernel_roles(self, stage: str) -> tuple[str, ...]:
         """The attention roles of ``stage`` that run ``attention_kernel`` (per ``attention_kernel_sites``)."""

@@ -1,0 +1,163 @@
+"""Which sparse-conv algorithm is fastest at each submanifold conv of the SLaT flow and the mesh decoder?
+
+The gathers of the "gather" algorithm were 59% of the mesh decoder's and 13% of the SLaT sampler's GPU time on the
+H100 (``results/base_vs_official_h100/session7``). This runs one real pass of each network (``--config``, random
+weights, the surface voxels of one YCB scan; the SLaT pass as the sampler batches the CFG pair: 2 x N rows),
+records the input of every ``SparseConv3d`` call, and times each algorithm on exactly those inputs: "gather",
+"transform" and "implicit" (the Triton implicit-GEMM kernel, ``fs3d_accel/model/sparse_conv_triton.py``), plus
+what "auto" picks. CUDA events after warm-up, medians; the implicit kernel autotunes its tiles on the first call
+(not timed). Each output is compared with the fp32 "gather" result on fp32 copies of the same input and weights.
+
+    python benchmarks/sparse_conv_kernels.py --out runs/sparse_conv               # GPU, full config
+    TRITON_INTERPRET=1 python benchmarks/sparse_conv_kernels.py --config mini --device cpu --max-voxels 300 \\
+        --repeats 1 --warmup 0 --out /tmp/sc                                       # CPU smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from benchmarks.stage_latency import Timer, _markdown, load_coords  # noqa: E402
+from fs3d_accel.model.sparse import SparseConv3d, SparseTensor  # noqa: E402
+from fs3d_accel.model.sparse_conv_triton import triton_unavailable  # noqa: E402
+from fs3d_accel.pipeline import Pipeline  # noqa: E402
+
+IMPLS = ("gather", "transform", "implicit")
+
+
+def capture_conv_inputs(run, model: torch.nn.Module) -> list[tuple[str, SparseConv3d, SparseTensor]]:
+    """(module name, conv, input) of every ``SparseConv3d`` call while ``run()`` runs; hooks removed after."""
+    calls: list[tuple[str, SparseConv3d, SparseTensor]] = []
+    handles = [m.register_forward_pre_hook(lambda mod, args, _n=name: calls.append((_n, mod, args[0])))
+               for name, m in model.named_modules() if isinstance(m, SparseConv3d) and m.kernel_size > 1]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def run_conv(conv: SparseConv3d, x: SparseTensor, impl: str) -> torch.Tensor:
+    saved = conv.impl
+    conv.impl = impl
+    try:
+        return conv(x).feats
+    finally:
+        conv.impl = saved
+
+
+def auto_pick(conv: SparseConv3d, x: SparseTensor) -> str:
+    """What ``impl="auto"`` runs for this call (the class rule, no override)."""
+    if x.feats.device.type == "cuda" and conv.in_channels >= conv.transform_min_ratio * conv.out_channels:
+        return "transform"
+    return "gather"
+
+
+def measure(network: str, calls, timer: Timer, impls: tuple[str, ...]) -> list[dict]:
+    rows = []
+    for name, conv, x in calls:
+        n, k3 = len(x), conv.kernel_size ** 3
+        flops = 2.0 * n * k3 * conv.in_channels * conv.out_channels
+        ref_conv = SparseConv3d(conv.in_channels, conv.out_channels, conv.kernel_size).to(x.feats.device)
+        ref_conv.load_state_dict({k: v.float() for k, v in conv.state_dict().items()})
+        with torch.no_grad():
+            ref = run_conv(ref_conv, x.replace(x.feats.float()), "gather")
+            row = dict(network=network, module=name, rows=n, c_in=conv.in_channels, c_out=conv.out_channels,
+                       gflop=flops / 1e9, auto=auto_pick(conv, x))
+            for impl in impls:
+                out = run_conv(conv, x, impl)  # first call: autotuning / table building, not timed
+                row[f"{impl}_err"] = float((out.float() - ref).abs().max())
+                t = timer(lambda: run_conv(conv, x, impl))["median_s"]
+                row[f"{impl}_ms"] = 1e3 * t
+                row[f"{impl}_tflops"] = flops / t / 1e12
+        ms = {i: row[f"{i}_ms"] for i in impls}
+        row["fastest"] = min(ms, key=ms.get)
+        row["auto_ms"] = ms[row["auto"]]
+        rows.append(row)
+        print(f"{network} {name}: " + ", ".join(f"{i} {ms[i]:.3f} ms" for i in impls), flush=True)
+    return rows
+
+
+def summary(df, impls: tuple[str, ...]):
+    """Per network: the summed conv time of one pass with each algorithm, with "auto", and with the fastest per call."""
+    import pandas as pd
+    out = []
+    for net, g in df.groupby("network", sort=False):
+        row = {"network": net, "convs": len(g)}
+        row.update({f"{i} (ms)": g[f"{i}_ms"].sum() for i in impls})
+        row["auto (ms)"] = g["auto_ms"].sum()
+        row["fastest per call (ms)"] = g[[f"{i}_ms" for i in impls]].min(axis=1).sum()
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="full")
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--object", default="007_tuna_fish_can", help="YCB scan whose surface voxels are used")
+    ap.add_argument("--max-voxels", type=int, default=None, help="keep the first this many voxels (smoke tests)")
+    ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--out", type=Path, default=Path("runs/sparse_conv"))
+    args = ap.parse_args(argv)
+    import pandas as pd
+
+    dev = torch.device(args.device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    why = triton_unavailable(dev)
+    impls = IMPLS if why is None else tuple(i for i in IMPLS if i != "implicit")
+    if why is not None:
+        print(f"implicit-GEMM conv not timed: {why}", flush=True)
+    pipe = Pipeline.from_config(args.config, seed=0, device="cpu").to(dtype).to(dev)
+    coords = load_coords(pipe.config.slat_flow.resolution, dev)
+    if args.object not in coords:
+        raise SystemExit(f"--object: {args.object!r} not in the coordinate file (has {sorted(coords)})")
+    c = coords[args.object][: args.max_voxels]
+    n = len(c)
+    c_pair = torch.cat([c, torch.cat([torch.ones_like(c[:, :1]), c[:, 1:]], 1)])  # the CFG pair, batch rows 0 and 1
+    g = torch.Generator().manual_seed(0)
+    cond = torch.randn(2, 64, pipe.config.slat_flow.cond_channels, generator=g).to(dev, dtype)
+    tt = torch.full((2,), 500.0, device=dev)
+    timer = Timer(dev, args.warmup, args.repeats)
+    rows = []
+    with torch.no_grad():
+        slat_calls = capture_conv_inputs(
+            lambda: pipe.slat.flow(torch.randn(2 * n, 8, generator=g).to(dev, dtype), c_pair, tt, cond), pipe.slat.flow)
+        rows += measure("SLaT flow, CFG pair", slat_calls, timer, impls)
+        dec_calls = capture_conv_inputs(
+            lambda: pipe.decode.decoder(torch.randn(n, 8, generator=g).to(dev, dtype), c), pipe.decode.decoder)
+        rows += measure("mesh decoder", dec_calls, timer, impls)
+    df = pd.DataFrame(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    df.to_csv(args.out / "sparse_conv_kernels.csv", index=False)
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    meta = {"device": device_name, "torch": torch.__version__, "config": args.config, "dtype": args.dtype,
+            "object": args.object, "voxels": n, "warmup": args.warmup, "repeats": args.repeats,
+            "implicit": why or "timed"}
+    (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
+    cols = ["network", "module", "rows", "c_in", "c_out", "auto"] + [f"{i}_ms" for i in impls] + \
+           [f"{i}_tflops" for i in impls] + ["fastest"] + [f"{i}_err" for i in impls]
+    text = "\n".join([
+        "# Sparse-conv algorithms at each conv of one pass (`benchmarks/sparse_conv_kernels.py`)", "",
+        f"Device **{device_name}**, torch {torch.__version__}, `{args.config}` config, {args.dtype}, {args.object} "
+        f"(N = {n} voxels; the SLaT pass holds the CFG pair, 2N rows at 64^3). CUDA events, {args.warmup} warm-up, "
+        f"median of {args.repeats}. `*_err`: largest |difference| from the fp32 gather result. Implicit GEMM: "
+        f"{meta['implicit']}.", "",
+        "## Per network: conv time of one pass", "", _markdown(summary(df, impls)), "",
+        "## Per conv call", "", _markdown(df[cols]), ""])
+    (args.out / "sparse_conv_kernels.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Implicit-GEMM submanifold convolution in Triton (``SparseConv3d.impl = "implicit"``).
+
+The "gather" algorithm of :class:`~fs3d_accel.model.sparse.SparseConv3d` writes the (N, k^3 * C_in) block of
+neighbour features to memory and reads it back in one cuBLAS matmul. Here each program gathers its rows'
+neighbour features straight into the matmul's operand tiles (through the same neighbour table), so that block
+never exists: the same products, summed in fp32 in a different order, with k^3 * C_in * C_out multiply-adds
+per voxel (absent neighbours are zero rows, as in "gather"). On the H100 the gathers were 59% of the mesh
+decoder's and 13% of the SLaT sampler's GPU time (``benchmarks/results/base_vs_official_h100/session7``).
+
+Written here rather than taken from spconv / spconv-triton: those need their own sparse-tensor types and rule
+books, autotune for minutes on first use, and the official mesh decoder built on spconv-triton disagrees with ours
+(``benchmarks/results/base_vs_official_h100/NOTES.md``); this kernel reads our neighbour table as it is.
+
+CUDA only. The tests run the kernel on the CPU through Triton's interpreter (``TRITON_INTERPRET=1`` set before
+this module is imported).
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+#: tile shapes tried on the first call per (C_in, C_out, dtype) on CUDA (``triton.autotune``)
+_CUDA_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (128, 128, 32, 4, 4),
+    (64, 64, 64, 4, 3),
+    (128, 256, 64, 8, 3),
+]
+#: the one tile shape used by the interpreter (no autotuning there)
+_INTERPRETER_TILE = (32, 32, 16)
+
+
+def triton_unavailable(device: torch.device | str) -> str | None:
+    """Why the implicit-GEMM conv cannot run on ``device`` here, or None when it can."""
+    device = torch.device(device)
+    if importlib.util.find_spec("triton") is None:
+        return "the implicit-GEMM sparse conv needs triton (pip install triton; CUDA builds of torch ship it)"
+    if device.type != "cuda" and not interpreting():
+        return (f"the implicit-GEMM sparse conv is a Triton kernel for CUDA devices, got {device} "
+                f"(TRITON_INTERPRET=1 runs it on the CPU for tests, very slowly)")
+    return None
+
+
+def interpreting() -> bool:
+    """Whether Triton kernels run in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _build():
+    """Define the kernel (imports triton on first use only: CPU installs of this package do not need it)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def subm_conv_kernel(feats, table, weight, bias, out, n_rows,
+                         C_IN: tl.constexpr, C_OUT: tl.constexpr, K3: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         DOT_PRECISION: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # out[r, :] = bias + sum_k sum_c feats[table[r, k], c] * weight[:, k * C_IN + c]
+        # (table[r, k] == n_rows: no neighbour, a zero row)
+        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < n_rows
+        col_ok = cols < C_OUT
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(K3):
+            nbr = tl.load(table + rows.to(tl.int64) * K3 + k, mask=row_ok, other=n_rows).to(tl.int64)
+            present = nbr < n_rows
+            for c0 in range(0, C_IN, BLOCK_K):
+                ch = c0 + tl.arange(0, BLOCK_K)
+                ch_ok = ch < C_IN
+                a = tl.load(feats + nbr[:, None] * C_IN + ch[None, :],
+                            mask=present[:, None] & ch_ok[None, :], other=0.0)
+                # weight is (C_out, K3 * C_in) row-major: the (BLOCK_K, BLOCK_N) tile is read transposed
+                b = tl.load(weight + cols[None, :].to(tl.int64) * (K3 * C_IN) + k * C_IN + ch[:, None],
+                            mask=ch_ok[:, None] & col_ok[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out + rows[:, None].to(tl.int64) * C_OUT + cols[None, :], acc.to(out.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+    tuned = triton.autotune(
+        configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                 for m, n, k, w, s in _CUDA_CONFIGS],
+        key=["C_IN", "C_OUT", "DOT_PRECISION"],
+    )(subm_conv_kernel)
+    return triton, subm_conv_kernel, tuned
+
+
+#: built kernels, per interpreter mode (the interpreter is chosen when the kernel is defined)
+_KERNELS: dict[bool, tuple] = {}
+
+
+def implicit_gemm_subm_conv(feats: Tensor, table: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """Submanifold conv of ``feats`` (N, C_in) through ``table`` (N, K3) int64 neighbour rows (N = absent).
+
+    ``weight``: (C_out, K3 * C_in), offset-major as ``SparseConv3d``'s ``conv.weight.reshape(C_out, -1)``.
+    Returns (N, C_out) in ``feats``' dtype, products summed in fp32 (fp32 inputs: IEEE fp32, no TF32).
+    """
+    why = triton_unavailable(feats.device)
+    if why is not None:
+        raise RuntimeError(why)
+    n, c_in = feats.shape
+    if table.dim() != 2 or table.shape[0] != n:
+        raise ValueError(f"table must be (N={n}, K3), got {tuple(table.shape)}")
+    k3 = table.shape[1]
+    c_out = weight.shape[0]
+    if weight.shape != (c_out, k3 * c_in):
+        raise ValueError(f"weight must be (C_out, K3 * C_in) = (C_out, {k3 * c_in}), got {tuple(weight.shape)}")
+    if weight.dtype != feats.dtype or (bias is not None and bias.dtype != feats.dtype):
+        raise ValueError(f"features, weight and bias must share one dtype, got {feats.dtype}, {weight.dtype}, "
+                         f"{None if bias is None else bias.dtype}")
+    if interpreting() not in _KERNELS:
+        _KERNELS[interpreting()] = _build()
+    triton, plain, tuned = _KERNELS[interpreting()]
+    feats, table, weight = feats.contiguous(), table.contiguous(), weight.contiguous()
+    out = feats.new_empty(n, c_out)
+    if n == 0:
+        return out
+    args = dict(C_IN=c_in, C_OUT=c_out, K3=k3, HAS_BIAS=bias is not None,
+                DOT_PRECISION="ieee" if feats.dtype == torch.float32 else "tf32")
+    bias_arg = bias if bias is not None else weight  # never read without HAS_BIAS
+    if interpreting():
+        bm, bn, bk = _INTERPRETER_TILE
+        grid = (triton.cdiv(n, bm), triton.cdiv(c_out, bn))
+        plain[grid](feats, table, weight, bias_arg, out, n, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **args)
+    else:
+        def grid(meta):
+            return triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])
+        tuned[grid](feats, table, weight, bias_arg, out, n, **args)
+    return out
