@@ -54,13 +54,6 @@ def run_conv(conv: SparseConv3d, x: SparseTensor, impl: str) -> torch.Tensor:
         conv.impl = saved
 
 
-def auto_pick(conv: SparseConv3d, x: SparseTensor) -> str:
-    """What ``impl="auto"`` runs for this call (the class rule, no override)."""
-    if x.feats.device.type == "cuda" and conv.in_channels >= conv.transform_min_ratio * conv.out_channels:
-        return "transform"
-    return "gather"
-
-
 def measure(network: str, calls, timer: Timer, impls: tuple[str, ...]) -> list[dict]:
     rows = []
     for name, conv, x in calls:
@@ -71,7 +64,8 @@ def measure(network: str, calls, timer: Timer, impls: tuple[str, ...]) -> list[d
         with torch.no_grad():
             ref = run_conv(ref_conv, x.replace(x.feats.float()), "gather")
             row = dict(network=network, module=name, rows=n, c_in=conv.in_channels, c_out=conv.out_channels,
-                       gflop=flops / 1e9, auto=auto_pick(conv, x))
+                       gflop=flops / 1e9, auto=conv.algorithm(x.feats.device),
+                       before=conv.algorithm(x.feats.device, "gather-or-transform"))
             for impl in impls:
                 out = run_conv(conv, x, impl)  # first call: autotuning / table building, not timed
                 row[f"{impl}_err"] = float((out.float() - ref).abs().max())
@@ -80,20 +74,23 @@ def measure(network: str, calls, timer: Timer, impls: tuple[str, ...]) -> list[d
                 row[f"{impl}_tflops"] = flops / t / 1e12
         ms = {i: row[f"{i}_ms"] for i in impls}
         row["fastest"] = min(ms, key=ms.get)
-        row["auto_ms"] = ms[row["auto"]]
+        row["auto_ms"] = ms.get(row["auto"], float("nan"))
+        row["before_ms"] = ms[row["before"]]
         rows.append(row)
         print(f"{network} {name}: " + ", ".join(f"{i} {ms[i]:.3f} ms" for i in impls), flush=True)
     return rows
 
 
 def summary(df, impls: tuple[str, ...]):
-    """Per network: the summed conv time of one pass with each algorithm, with "auto", and with the fastest per call."""
+    """Per network: the summed conv time of one pass with each algorithm, with "auto", with the "auto" rule before
+    session 8 (gather-or-transform) and with the fastest per call."""
     import pandas as pd
     out = []
     for net, g in df.groupby("network", sort=False):
         row = {"network": net, "convs": len(g)}
         row.update({f"{i} (ms)": g[f"{i}_ms"].sum() for i in impls})
         row["auto (ms)"] = g["auto_ms"].sum()
+        row["gather-or-transform (ms)"] = g["before_ms"].sum()
         row["fastest per call (ms)"] = g[[f"{i}_ms" for i in impls]].min(axis=1).sum()
         out.append(row)
     return pd.DataFrame(out)
@@ -145,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
             "object": args.object, "voxels": n, "warmup": args.warmup, "repeats": args.repeats,
             "implicit": why or "timed"}
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
-    cols = ["network", "module", "rows", "c_in", "c_out", "auto"] + [f"{i}_ms" for i in impls] + \
+    cols = ["network", "module", "rows", "c_in", "c_out", "auto", "before"] + [f"{i}_ms" for i in impls] + \
            [f"{i}_tflops" for i in impls] + ["fastest"] + [f"{i}_err" for i in impls]
     text = "\n".join([
         "# Sparse-conv algorithms at each conv of one pass (`benchmarks/sparse_conv_kernels.py`)", "",

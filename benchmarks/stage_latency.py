@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fs3d_accel.model.sparse import CONV_IMPLS
 from fs3d_accel.pipeline import Pipeline
 from fs3d_accel.stages.options import RunOptions
 
@@ -74,13 +75,15 @@ VARIANTS = {
     "... + torch.compile reduce-overhead (SS, SLaT blocks)": RunOptions(
         precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
         compile_mode="reduce-overhead"),
-    "... + one-key K/V of the zero condition, reduce-overhead, implicit-GEMM sparse conv": RunOptions(
+    # the sparse-conv algorithm of "auto" before session 8 (cuBLAS on gathered / transformed blocks), for comparisons
+    "... + one-key K/V of the zero condition, reduce-overhead, gather-or-transform sparse conv": RunOptions(
         precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
-        collapse_zero_cond=True, compile_mode="reduce-overhead", sparse_conv="implicit"),
-    "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT, reduce-overhead, implicit-GEMM sparse conv":
-        RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
-                   collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_sites=("slat",),
-                   compile_mode="reduce-overhead", sparse_conv="implicit"),
+        collapse_zero_cond=True, compile_mode="reduce-overhead", sparse_conv="gather-or-transform"),
+    "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT, reduce-overhead, gather-or-transform "
+    "sparse conv": RunOptions(
+        precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
+        collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_sites=("slat",),
+        compile_mode="reduce-overhead", sparse_conv="gather-or-transform"),
 }
 SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32": "fp32", "bf16": "bf16 weights",
          "bf16-cfg": "bf16 + batched CFG", "bf16-cfg-kv": "bf16 + batched CFG + cond K/V cache",
@@ -94,10 +97,10 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
          "compile-all-zkv-fa4": "... + one-key K/V of the zero condition + FlashAttention-4",
          "compile-all-zkv-fa4-slat": "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT",
          "compile-all-zkv-ro": "... + one-key K/V of the zero condition, reduce-overhead",
-         "compile-all-zkv-ro-igemm": "... + one-key K/V of the zero condition, reduce-overhead, implicit-GEMM "
-                                     "sparse conv",
-         "compile-all-zkv-fa4-slat-ro-igemm": "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT, "
-                                              "reduce-overhead, implicit-GEMM sparse conv",
+         "compile-all-zkv-ro-gt": "... + one-key K/V of the zero condition, reduce-overhead, gather-or-transform "
+                                  "sparse conv",
+         "compile-all-zkv-fa4-slat-ro-gt": "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT, "
+                                           "reduce-overhead, gather-or-transform sparse conv",
          "compile-all-zkv-fa4-slat-ro": "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT, "
                                         "reduce-overhead",
          "compile-all-zkv-fa4-best": "... + one-key K/V of the zero condition + FlashAttention-4 where it is faster "
@@ -137,9 +140,11 @@ class Timer:
 
 def add_conv_args(ap: argparse.ArgumentParser) -> None:
     """--conv-impl / --gather-chunk: which sparse-conv algorithm the run uses (shared with kernel_profile)."""
-    ap.add_argument("--conv-impl", default="auto", choices=["auto", "gather", "transform", "scatter", "implicit"],
-                    help="SparseConv3d algorithm (auto = transform on CUDA when C_in >= 8 C_out, else gather; "
-                         "scatter was the GPU default before run 3)")
+    ap.add_argument("--conv-impl", default="auto", choices=list(CONV_IMPLS),
+                    help="SparseConv3d.impl (auto = the Triton implicit GEMM on CUDA when triton is importable, else "
+                         "gather-or-transform: transform on CUDA when C_in >= 8 C_out, else gather; scatter was the "
+                         "GPU default before run 3). Any value but auto fixes every conv's algorithm, over the "
+                         "variants' RunOptions.sparse_conv")
     ap.add_argument("--gather-chunk", type=int, default=None,
                     help="SparseConv3d.gather_chunk_elements (elements of one gathered block)")
 

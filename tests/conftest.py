@@ -124,3 +124,14 @@ def assert_same_ss_slat(a, b) -> None:
         assert torch.equal(ss0.latents[key], ss1.latents[key]), key
     assert torch.equal(sl0.feats, sl1.feats)
 
+
+def random_coords(res: int, batch: int, frac: float, seed: int = 0) -> torch.Tensor:
+    """Random distinct voxels per batch element, rows sorted by batch, (N, 4) int32."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b in range(batch):
+        keep = torch.rand(res ** 3, generator=g) < frac
+        idx = torch.nonzero(keep)[:, 0]
+        xyz = torch.stack([idx // res ** 2, (idx // res) % res, idx % res], dim=1)
+        out.append(torch.cat([torch.full((len(xyz), 1), b), xyz], dim=1))
+    return torch.cat(out).int()

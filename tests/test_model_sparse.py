@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import trimesh
+from conftest import random_coords
 
 from fs3d_accel.model.configs import full_config, mini_config
 from fs3d_accel.model.mesh_decoder import MeshDecoder
@@ -21,18 +22,6 @@ from fs3d_accel.model.sparse import (SparseConv3d, SparseDownsample, SparseGroup
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-def random_coords(res: int, batch: int, frac: float, seed: int = 0) -> torch.Tensor:
-    """Random distinct voxels per batch element, rows sorted by batch, (N, 4) int32."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for b in range(batch):
-        keep = torch.rand(res ** 3, generator=g) < frac
-        idx = torch.nonzero(keep)[:, 0]
-        xyz = torch.stack([idx // res ** 2, (idx // res) % res, idx % res], dim=1)
-        out.append(torch.cat([torch.full((len(xyz), 1), b), xyz], dim=1))
-    return torch.cat(out).int()
-
-
 def shell_coords(res: int, r_in: float, r_out: float) -> torch.Tensor:
     g = torch.stack(torch.meshgrid(*[torch.arange(res)] * 3, indexing="ij"), -1).reshape(-1, 3)
     d = (g.float() + 0.5 - res / 2).norm(dim=-1)

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_coords
 
 from fs3d_accel.model import sparse_conv_triton as sct
 from fs3d_accel.model.sparse import SparseConv3d, SparseTensor, neighbour_table, use_conv_impl
 from fs3d_accel.pipeline import Pipeline
 from fs3d_accel.stages.options import RunOptions
-from tests.test_model_sparse import random_coords
 
 pytest.importorskip("triton")
 

@@ -19,6 +19,8 @@ indexed ``[x, y, z]``.
 from __future__ import annotations
 
 import contextlib
+import functools
+import importlib.util
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -239,7 +241,12 @@ def neighbour_pairs(x: SparseTensor, kernel_size: int) -> list[tuple[Tensor, Ten
 # Convolution and point-wise layers
 # ----------------------------------------------------------------------------------------------
 #: accepted values of ``SparseConv3d.impl`` and of :func:`use_conv_impl`
-CONV_IMPLS = ("auto", "gather", "transform", "scatter", "implicit")
+CONV_IMPLS = ("auto", "implicit", "gather-or-transform", "gather", "transform", "scatter")
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
 #: the algorithm :func:`use_conv_impl` gives convs whose ``impl`` is "auto" (None: the "auto" rule)
 _conv_impl_override: str | None = None
 
@@ -284,15 +291,18 @@ class SparseConv3d(nn.Module):
     gather + matmul + ``index_add_`` per kernel offset over present neighbours only (no FLOPs on
     absent neighbours, but 27 small scattered updates per conv); "implicit" is the gather algorithm as one Triton
     kernel that loads the neighbour rows straight into its matmul tiles, so the gathered block is never written
-    (``sparse_conv_triton.py``; CUDA only). "auto" = "transform" on CUDA when
+    (``sparse_conv_triton.py``; CUDA only). "gather-or-transform" = "transform" on CUDA when
     C_in >= ``transform_min_ratio`` x C_out, else "gather" ("gather" beat "scatter" on the CPU and the
     H100: mesh decoder network at N = 14k 0.115 -> 0.076 s, ``benchmarks/results/stage_latency_h100_run3``).
+    "auto" = "implicit" on CUDA when triton is importable (fastest or tied at every conv of the SLaT flow and the
+    mesh decoder on the H100: their convs per pass 5.7 -> 2.8 ms and 44.5 -> 7.2 ms at N = 14k,
+    ``benchmarks/results/sparse_conv_kernels_h100``), else "gather-or-transform".
     In fp32 the algorithms differ only in the order of the floating-point sums; in half precision
     "transform" also rounds each offset's partial product to the half dtype before summing them in fp32
     (``tests/test_model_sparse.py`` bounds that against fp32).
     """
 
-    #: "auto" | "gather" | "transform" | "scatter" | "implicit" (``use_conv_impl`` overrides "auto" in a block)
+    #: one of :data:`CONV_IMPLS` (``use_conv_impl`` overrides "auto" in a block)
     impl: str = "auto"
     #: "auto" picks "transform" on CUDA when C_in >= this x C_out. Measured on the H100 (session 5): the
     #: SLaT upsampling conv (2048 -> 128, 16x) gains (SLaT stage at N = 14k 0.743 -> 0.714 s), the mesh
@@ -318,11 +328,7 @@ class SparseConv3d(nn.Module):
         feats = x.feats if torch.is_autocast_enabled(x.feats.device.type) else x.feats.to(w.dtype)
         if self.kernel_size == 1:
             return x.replace(F.linear(feats, w.reshape(self.out_channels, self.in_channels), b))
-        impl = self.impl
-        if impl == "auto":
-            impl = _conv_impl_override or (
-                "transform" if feats.device.type == "cuda"
-                and self.in_channels >= self.transform_min_ratio * self.out_channels else "gather")
+        impl = self.algorithm(feats.device)
         if impl == "implicit":
             from .sparse_conv_triton import implicit_gemm_subm_conv
             return x.replace(implicit_gemm_subm_conv(feats, neighbour_table(x, self.kernel_size),
@@ -335,6 +341,18 @@ class SparseConv3d(nn.Module):
         if impl == "scatter":
             return x.replace(self._scatter(x, feats))
         raise ValueError(f"SparseConv3d.impl must be one of {CONV_IMPLS}, got {impl!r}")
+
+    def algorithm(self, device: torch.device, impl: str | None = None) -> str:
+        """The algorithm a call on ``device`` runs: ``impl`` (default: ``self.impl``), with "auto" (or the
+        :func:`use_conv_impl` choice) and "gather-or-transform" resolved."""
+        impl = self.impl if impl is None else impl
+        if impl == "auto":
+            impl = _conv_impl_override or ("implicit" if device.type == "cuda" and _triton_importable()
+                                           else "gather-or-transform")
+        if impl == "gather-or-transform":
+            impl = ("transform" if device.type == "cuda"
+                    and self.in_channels >= self.transform_min_ratio * self.out_channels else "gather")
+        return impl
 
     def _transform(self, x: SparseTensor, feats: Tensor) -> Tensor:
         table = neighbour_table(x, self.kernel_size)

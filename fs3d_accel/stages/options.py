@@ -88,9 +88,11 @@ class RunOptions:
     #: compiled SS sampler slower (``benchmarks/results/attention_kernels_h100/``).
     attention_kernel_sites: tuple[str, ...] = ("ss", "slat", "decode")
     #: algorithm of the sparse convolutions (SLaT IO blocks, mesh decoder) whose ``SparseConv3d.impl`` is "auto":
-    #: "auto" keeps the class rule; "implicit" is the Triton implicit-GEMM kernel (CUDA only, needs triton), which
-    #: never writes the gathered neighbour block; "gather" / "transform" / "scatter" as in ``SparseConv3d``.
-    #: Same values to rounding. Entered by :meth:`network_context`.
+    #: "auto" keeps the class rule (the Triton implicit GEMM on CUDA when triton is importable, else
+    #: "gather-or-transform"); "implicit" forces the Triton kernel (CUDA only), which never writes the gathered
+    #: neighbour block; "gather-or-transform" is the rule before session 8 (cuBLAS on materialised blocks);
+    #: "gather" / "transform" / "scatter" as in ``SparseConv3d``. Same values to rounding. Entered by
+    #: :meth:`network_context`.
     sparse_conv: str = "auto"
 
     def __post_init__(self) -> None:
