@@ -19,6 +19,13 @@ def test_references_come_before_the_settings_that_need_them():
     assert fpq.with_references(["fp32", "fp32"]) == ["fp32"]
 
 
+def test_direct_references_leave_out_the_chain():
+    gt, fa4 = S["compile-all-zkv-fa4-slat-ro-gt"], S["compile-all-zkv-fa4-slat-ro"]
+    assert fpq.with_references(["fp32", gt], chain=False) == ["fp32", fa4, gt]
+    assert fpq.with_references(["fp32", gt]) == ["fp32", S["bf16-cfg-kv"], S["compile-all"], S["compile-all-zkv"],
+                                                 fa4, gt]
+
+
 def test_one_switch_table(tmp_path):
     rows = []
     for setting, f1, iou, voxels in (("fp32", 50.0, 0.5, 100), (S["bf16-cfg-kv"], 49.0, 0.48, 101),

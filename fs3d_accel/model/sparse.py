@@ -1,7 +1,9 @@
 """Sparse voxel tensors and the sparse ops of the SLaT generator and decoders, in pure PyTorch.
 
 No spconv: submanifold convolution uses a neighbour table built by coordinate hashing (linear keys,
-sort, ``searchsorted``) and one gather + matmul + ``index_add`` per kernel offset; attention packs
+sort, ``searchsorted``) and then one of several equivalent algorithms (``SparseConv3d``): cuBLAS matmuls on a
+gathered or transformed block, per-offset gathers + ``index_add``, or, on CUDA, a Triton implicit GEMM that
+gathers inside the matmul (``sparse_conv_triton.py``; triton is optional, CPU installs never import it); attention packs
 variable-length sequences (per batch element, or per swin window) into a padded batch for
 ``F.scaled_dot_product_attention`` with a key-padding mask (never a dense block-diagonal mask).
 
