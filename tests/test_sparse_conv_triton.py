@@ -100,7 +100,7 @@ def test_implicit_needs_cuda_without_interpreter(monkeypatch):
     x = SparseTensor.create(torch.randn(len(coords), 4), coords)
     conv = SparseConv3d(4, 4, 3)
     conv.impl = "implicit"
-    with pytest.raises(RuntimeError, match="CUDA devices"):
+    with torch.no_grad(), pytest.raises(RuntimeError, match="CUDA devices"):
         conv(x)
     with pytest.raises(ValueError, match="sparse_conv 'implicit'.*CUDA"):
         RunOptions(sparse_conv="implicit").check_device("cpu")
@@ -127,6 +127,24 @@ def test_use_conv_impl_overrides_auto_only_and_restores_after_errors():
             pass
     with pytest.raises(ValueError, match="unknown sparse_conv"):
         RunOptions(sparse_conv="im2col")
+
+
+def test_auto_never_picks_the_kernel_without_backward_when_gradients_are_needed():
+    """On CUDA "auto" is the implicit GEMM for inference, but a training step (gradients) gets gather-or-transform;
+    naming "implicit" there is refused instead of silently cutting the weights out of the graph."""
+    conv, cuda = SparseConv3d(64, 8, 3), torch.device("cuda")
+    assert conv.algorithm(cuda) == "implicit"  # triton is importable (this module skips otherwise)
+    assert conv.algorithm(cuda, needs_grad=True) == "transform"  # 64 >= 8 x 8: the gather-or-transform rule
+    assert conv.algorithm(torch.device("cpu")) == "gather"
+    with pytest.raises(ValueError, match="no backward"):
+        conv.algorithm(cuda, impl="implicit", needs_grad=True)
+    with use_conv_impl("implicit"), pytest.raises(ValueError, match="no backward"):
+        conv.algorithm(cuda, needs_grad=True)
+    coords = random_coords(5, batch=1, frac=0.4)
+    x = SparseTensor.create(torch.randn(len(coords), 64), coords)
+    conv.impl = "implicit"
+    with pytest.raises(ValueError, match="no backward"):
+        conv(x)  # the weights require grad and grad mode is on
 
 
 def test_slat_flow_with_implicit_conv_option_matches_gather(interpreter):

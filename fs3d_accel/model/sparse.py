@@ -249,6 +249,8 @@ CONV_IMPLS = ("auto", "implicit", "gather-or-transform", "gather", "transform", 
 @functools.cache
 def _triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
+
+
 #: the algorithm :func:`use_conv_impl` gives convs whose ``impl`` is "auto" (None: the "auto" rule)
 _conv_impl_override: str | None = None
 
@@ -306,7 +308,7 @@ class SparseConv3d(nn.Module):
 
     #: one of :data:`CONV_IMPLS` (``use_conv_impl`` overrides "auto" in a block)
     impl: str = "auto"
-    #: "auto" picks "transform" on CUDA when C_in >= this x C_out. Measured on the H100 (session 5): the
+    #: "gather-or-transform" picks "transform" on CUDA when C_in >= this x C_out. Measured on the H100 (session 5): the
     #: SLaT upsampling conv (2048 -> 128, 16x) gains (SLaT stage at N = 14k 0.743 -> 0.714 s), the mesh
     #: decoder's 768 -> 192 and 192 -> 96 convs lose (0.075 -> 0.079 s)
     transform_min_ratio: int = 8
@@ -330,7 +332,8 @@ class SparseConv3d(nn.Module):
         feats = x.feats if torch.is_autocast_enabled(x.feats.device.type) else x.feats.to(w.dtype)
         if self.kernel_size == 1:
             return x.replace(F.linear(feats, w.reshape(self.out_channels, self.in_channels), b))
-        impl = self.algorithm(feats.device)
+        impl = self.algorithm(feats.device, needs_grad=torch.is_grad_enabled() and (
+            feats.requires_grad or w.requires_grad or b.requires_grad))
         if impl == "implicit":
             from .sparse_conv_triton import implicit_gemm_subm_conv
             return x.replace(implicit_gemm_subm_conv(feats, neighbour_table(x, self.kernel_size),
@@ -344,13 +347,17 @@ class SparseConv3d(nn.Module):
             return x.replace(self._scatter(x, feats))
         raise ValueError(f"SparseConv3d.impl must be one of {CONV_IMPLS}, got {impl!r}")
 
-    def algorithm(self, device: torch.device, impl: str | None = None) -> str:
+    def algorithm(self, device: torch.device, impl: str | None = None, needs_grad: bool = False) -> str:
         """The algorithm a call on ``device`` runs: ``impl`` (default: ``self.impl``), with "auto" (or the
-        :func:`use_conv_impl` choice) and "gather-or-transform" resolved."""
+        :func:`use_conv_impl` choice) and "gather-or-transform" resolved. The Triton kernel has no backward: with
+        ``needs_grad`` (training) "auto" never picks it, and asking for it by name is an error."""
         impl = self.impl if impl is None else impl
         if impl == "auto":
             impl = _conv_impl_override or ("implicit" if device.type == "cuda" and _triton_importable()
-                                           else "gather-or-transform")
+                                           and not needs_grad else "gather-or-transform")
+        if impl == "implicit" and needs_grad:
+            raise ValueError("the 'implicit' sparse conv (Triton) has no backward pass; for training use 'auto' "
+                             "(which then runs gather-or-transform) or 'gather' / 'transform' / 'scatter'")
         if impl == "gather-or-transform":
             impl = ("transform" if device.type == "cuda"
                     and self.in_channels >= self.transform_min_ratio * self.out_channels else "gather")
