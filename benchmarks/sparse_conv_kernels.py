@@ -96,6 +96,33 @@ def summary(df, impls: tuple[str, ...]):
     return pd.DataFrame(out)
 
 
+def plot(df, impls: tuple[str, ...], path: Path, title: str) -> None:
+    """Milliseconds per conv call and algorithm (log scale), one panel per network."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+    long = df.melt(id_vars=["network", "module", "rows", "c_in", "c_out"], value_vars=[f"{i}_ms" for i in impls],
+                   var_name="algorithm", value_name="ms")
+    long["algorithm"] = long["algorithm"].str.removesuffix("_ms")
+    long["conv"] = (long["module"] + "\n" + long["rows"].astype(str) + " rows, " + long["c_in"].astype(str) + "->"
+                    + long["c_out"].astype(str))
+    nets = list(dict.fromkeys(long["network"]))
+    widths = [long[long.network == n]["conv"].nunique() for n in nets]  # panel width ~ its number of convs
+    fig, axes = plt.subplots(1, len(nets), figsize=(3 + 1.3 * sum(widths), 4.8), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    for ax, net in zip(axes[0], nets):
+        sns.barplot(data=long[long.network == net], x="conv", y="ms", hue="algorithm", hue_order=list(impls), ax=ax)
+        ax.set_yscale("log")
+        ax.set_title(net)
+        ax.set_xlabel("")
+        ax.tick_params(axis="x", labelrotation=90, labelsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="full")
@@ -106,8 +133,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path("runs/sparse_conv"))
+    ap.add_argument("--replot", type=Path, default=None, help="redraw the figure of a finished run's folder (no GPU)")
     args = ap.parse_args(argv)
     import pandas as pd
+    if args.replot is not None:
+        df = pd.read_csv(args.replot / "sparse_conv_kernels.csv")
+        meta = json.loads((args.replot / "meta.json").read_text())
+        plot(df, tuple(i for i in IMPLS if f"{i}_ms" in df), args.replot / "sparse_conv_kernels.png",
+             _title(meta))
+        return
 
     dev = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
@@ -153,7 +187,13 @@ def main(argv: list[str] | None = None) -> None:
         "## Per network: conv time of one pass", "", _markdown(summary(df, impls)), "",
         "## Per conv call", "", _markdown(df[cols]), ""])
     (args.out / "sparse_conv_kernels.md").write_text(text)
+    plot(df, impls, args.out / "sparse_conv_kernels.png", _title(meta))
     print(text)
+
+
+def _title(meta: dict) -> str:
+    return (f"sparse conv per call, one pass each: {meta['device']}, {meta['config']} config, {meta['dtype']}, "
+            f"{meta['object']} (N = {meta['voxels']})")
 
 
 if __name__ == "__main__":
