@@ -185,3 +185,18 @@ ax.set_title(f"kernel time by class ({source})", fontsize=9)
 ax.figure.tight_layout()
 ax.figure.savefig(FIG / "01_kernel_classes.png", dpi=120)
 classes.round(4)
+
+# %% [markdown]
+# The copy / gather class above is the sparse convolutions' neighbour gathers: 59% of the mesh decoder's GPU time in
+# run D. That led to the implicit-GEMM conv (`fs3d_accel/model/sparse_conv_triton.py`), a Triton kernel that loads
+# the neighbour rows straight into its matmul tiles instead of writing the 27 x C_in gathered block. Since session 8
+# it is `SparseConv3d.impl="auto"` on CUDA. `benchmarks/sparse_conv_kernels.py` times every algorithm at each conv
+# of one SLaT pass and one mesh-decoder pass. On a GPU, run it again with
+# `python benchmarks/sparse_conv_kernels.py --out runs/sparse_conv`. The committed H100 run, per network:
+
+# %%
+SC = ROOT / "benchmarks" / "results" / "sparse_conv_kernels_h100"
+per_conv = pd.read_csv(SC / "sparse_conv_kernels.csv")
+conv_ms = per_conv.groupby("network", sort=False)[["gather_ms", "transform_ms", "implicit_ms"]].sum()
+conv_ms["implicit vs gather"] = conv_ms["gather_ms"] / conv_ms["implicit_ms"]
+conv_ms.round(2)
