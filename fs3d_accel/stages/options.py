@@ -217,7 +217,8 @@ class RunOptions:
 
 
 #: named settings of the exact fast path (CLI ``--fast-path``), each one step further than the last;
-#: timings and quality of each: ``benchmarks/results/base_vs_official_h100/NOTES.md``
+#: timings and quality of each: ``benchmarks/results/base_vs_official_h100/NOTES.md``. On CUDA every setting's sparse
+#: convolutions run the Triton implicit GEMM (``sparse_conv="auto"``, since session 8; see ``SparseConv3d``).
 FAST_PATHS: dict[str, RunOptions] = {
     "off": RunOptions(),
     "fp32-cfg-kv": RunOptions(batch_cfg=True, cache_cond_kv=True),
