@@ -99,6 +99,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import parity_official as po  # noqa: E402
+from fs3d_accel.model.random_weights import perturb_zero_inits  # noqa: E402
 from fs3d_analysis.profile.busy import KERNEL_CLASSES, KernelTime, kernel_class, kernel_time  # noqa: E402
 from fs3d_analysis.profile.shape_only import skip_heavy_ops  # noqa: E402
 from benchmarks.stage_latency import (COORDS_FILE, SHORT, VARIANTS, Timer, add_conv_args,  # noqa: E402
@@ -957,6 +958,9 @@ def run(args) -> list[dict]:
     meta["official_precision"] = args.official_precision
     t0 = time.perf_counter()
     base = Pipeline.from_config(cfg, seed=args.seed, device="cpu").eval()
+    # the zero-initialised layers would hide what feeds them from the output comparison (session 8: before this,
+    # no sparse conv's values reached the compared mesh-decoder output)
+    meta["zero_inits_filled"] = len(perturb_zero_inits(base))
     print(f"built our {args.config} pipeline in {time.perf_counter() - t0:.1f} s", flush=True)
     coords = object_coords(args, cfg.slat_flow.resolution)
     meta["objects"] = {k: len(v) for k, v in coords.items()}

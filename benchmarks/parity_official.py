@@ -68,6 +68,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.official_stubs import STUB_ROOTS, StubFinder  # noqa: E402,F401 (STUB_ROOTS re-exported)
 from fs3d_accel.model.configs import ModelConfig, SamplerConfig, mini_config  # noqa: E402
+from fs3d_accel.model.random_weights import perturb_zero_inits  # noqa: E402
 
 DEFAULT_OFFICIAL = Path(os.environ.get("FS3D_OFFICIAL", "/tmp/official/facebookresearch+sam-3d-objects"))
 DEFAULT_DINOV2 = Path(os.environ.get("FS3D_DINOV2", "/tmp/official/facebookresearch+dinov2"))
@@ -473,16 +474,6 @@ def _ours_pipelines(cfg: ModelConfig, seed: int):
     return {"fp32": pipe, "bf16": pipe16}
 
 
-def _perturb_zero_inits(pipe) -> None:
-    """Our constructors zero some layers (res-block conv2, subdivide out conv) as the official ones
-    do; zero weights would hide half of those layers from the comparison, so randomise them."""
-    g = torch.Generator().manual_seed(123)
-    with torch.no_grad():
-        for name, p in pipe.named_parameters():
-            if p.ndim >= 1 and float(p.abs().max()) == 0.0 and not name.endswith("mask_token"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
-
-
 def run_parity(cfg: ModelConfig | None = None, seed: int = 0, num_voxels: int = 300,
                hf: Path = DEFAULT_HF, log: Callable[[str], None] = print) -> tuple[list[Row], dict[str, Any]]:
     """All stage comparisons; returns (rows, info)."""
@@ -491,7 +482,7 @@ def run_parity(cfg: ModelConfig | None = None, seed: int = 0, num_voxels: int = 
     cfg = cfg or parity_config()
     torch.manual_seed(seed)
     pipes = _ours_pipelines(cfg, seed)
-    _perturb_zero_inits(pipes["fp32"])
+    perturb_zero_inits(pipes["fp32"])  # zero-initialised layers would hide what feeds them
     pipes["bf16"].load_state_dicts({k: v.to(torch.bfloat16) for k, v in pipes["fp32"].state_dicts("ours").items()},
                                    layout="ours")
     t0 = time.perf_counter()

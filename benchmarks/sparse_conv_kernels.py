@@ -2,8 +2,9 @@
 
 The gathers of the "gather" algorithm were 59% of the mesh decoder's and 13% of the SLaT sampler's GPU time on the
 H100 (``results/base_vs_official_h100/session7``). This runs one real pass of each network (``--config``, random
-weights, the surface voxels of one YCB scan; the SLaT pass as the sampler batches the CFG pair: 2 x N rows),
-records the input of every ``SparseConv3d`` call, and times each algorithm on exactly those inputs: "gather",
+weights with the zero-initialised layers filled in, the surface voxels of one YCB scan; the SLaT pass as the
+sampler batches the CFG pair: 2 x N rows), records the input of every ``SparseConv3d`` call, and times each
+algorithm on exactly those inputs: "gather",
 "transform" and "implicit" (the Triton implicit-GEMM kernel, ``fs3d_accel/model/sparse_conv_triton.py``), plus
 what "auto" picks. CUDA events after warm-up, medians; the implicit kernel autotunes its tiles on the first call
 (not timed). Each output is compared with the fp32 "gather" result on fp32 copies of the same input and weights.
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from benchmarks.stage_latency import Timer, _markdown, load_coords  # noqa: E402
+from fs3d_accel.model.random_weights import perturb_zero_inits  # noqa: E402
 from fs3d_accel.model.sparse import SparseConv3d, SparseTensor  # noqa: E402
 from fs3d_accel.model.sparse_conv_triton import triton_unavailable  # noqa: E402
 from fs3d_accel.pipeline import Pipeline  # noqa: E402
@@ -46,12 +48,16 @@ def capture_conv_inputs(run, model: torch.nn.Module) -> list[tuple[str, SparseCo
 
 
 def run_conv(conv: SparseConv3d, x: SparseTensor, impl: str) -> torch.Tensor:
-    saved = conv.impl
+    """``conv(x)`` with algorithm ``impl``; the conv's own ``impl`` (instance or class attribute) comes back after."""
+    own = conv.__dict__.get("impl")
     conv.impl = impl
     try:
         return conv(x).feats
     finally:
-        conv.impl = saved
+        if own is None:
+            del conv.impl  # back to the class attribute (e.g. a --conv-impl choice)
+        else:
+            conv.impl = own
 
 
 def measure(network: str, calls, timer: Timer, impls: tuple[str, ...]) -> list[dict]:
@@ -64,8 +70,8 @@ def measure(network: str, calls, timer: Timer, impls: tuple[str, ...]) -> list[d
         with torch.no_grad():
             ref = run_conv(ref_conv, x.replace(x.feats.float()), "gather")
             row = dict(network=network, module=name, rows=n, c_in=conv.in_channels, c_out=conv.out_channels,
-                       gflop=flops / 1e9, auto=conv.algorithm(x.feats.device),
-                       before=conv.algorithm(x.feats.device, "gather-or-transform"))
+                       gflop=flops / 1e9, auto=conv.algorithm(x.feats.device, dtype=x.feats.dtype),
+                       before=conv.algorithm(x.feats.device, dtype=x.feats.dtype, impl="gather-or-transform"))
             for impl in impls:
                 out = run_conv(conv, x, impl)  # first call: autotuning / table building, not timed
                 row[f"{impl}_err"] = float((out.float() - ref).abs().max())
@@ -149,7 +155,9 @@ def main(argv: list[str] | None = None) -> None:
     impls = IMPLS if why is None else tuple(i for i in IMPLS if i != "implicit")
     if why is not None:
         print(f"implicit-GEMM conv not timed: {why}", flush=True)
-    pipe = Pipeline.from_config(args.config, seed=0, device="cpu").to(dtype).to(dev)
+    pipe = Pipeline.from_config(args.config, seed=0, device="cpu")
+    perturb_zero_inits(pipe)  # else every res-block's second conv is zero and its error column says nothing
+    pipe = pipe.to(dtype).to(dev)
     coords = load_coords(pipe.config.slat_flow.resolution, dev)
     if args.object not in coords:
         raise SystemExit(f"--object: {args.object!r} not in the coordinate file (has {sorted(coords)})")

@@ -141,7 +141,7 @@ class Timer:
 def add_conv_args(ap: argparse.ArgumentParser) -> None:
     """--conv-impl / --gather-chunk: which sparse-conv algorithm the run uses (shared with kernel_profile)."""
     ap.add_argument("--conv-impl", default="auto", choices=list(CONV_IMPLS),
-                    help="SparseConv3d.impl (auto = the Triton implicit GEMM on CUDA when triton is importable, else "
+                    help="SparseConv3d.impl (auto = the Triton implicit GEMM for fp16/bf16 inference on NVIDIA sm80+, else "
                          "gather-or-transform: transform on CUDA when C_in >= 8 C_out, else gather; scatter was the "
                          "GPU default before run 3). Any value but auto fixes every conv's algorithm, over the "
                          "variants' RunOptions.sparse_conv")

@@ -190,7 +190,7 @@ classes.round(4)
 # The copy / gather class above is the sparse convolutions' neighbour gathers: 59% of the mesh decoder's GPU time in
 # run D. That led to the implicit-GEMM conv (`fs3d_accel/model/sparse_conv_triton.py`), a Triton kernel that loads
 # the neighbour rows straight into its matmul tiles instead of writing the 27 x C_in gathered block. Since session 8
-# it is `SparseConv3d.impl="auto"` on CUDA. `benchmarks/sparse_conv_kernels.py` times every algorithm at each conv
+# it is what `SparseConv3d.impl="auto"` runs for fp16 / bf16 inference on NVIDIA GPUs. `benchmarks/sparse_conv_kernels.py` times every algorithm at each conv
 # of one SLaT pass and one mesh-decoder pass. On a GPU, run it again with
 # `python benchmarks/sparse_conv_kernels.py --out runs/sparse_conv`. The committed H100 run, per network:
 

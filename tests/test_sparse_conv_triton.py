@@ -1,7 +1,8 @@
 """The implicit-GEMM sparse conv (Triton) computes what the gather conv computes; the algorithm switch is scoped.
 
-The kernel runs here through Triton's CPU interpreter (``TRITON_INTERPRET=1``), which executes the same kernel
-code (loads, masks, ``tl.dot``) with NumPy; on a GPU it compiles to the CUDA kernel that the benchmarks time.
+On a machine without CUDA the kernel runs through Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by conftest),
+which executes the same kernel code (loads, masks, ``tl.dot``) with NumPy; with CUDA the same tests run the compiled
+kernel on the GPU. (The interpreter gets bf16 ``tl.dot`` wrong, so bf16 is checked on the GPU only.)
 """
 from __future__ import annotations
 
@@ -18,11 +19,13 @@ pytest.importorskip("triton")
 
 
 @pytest.fixture
-def interpreter():
-    """On a CPU, conftest runs Triton kernels through the interpreter (set before triton is imported)."""
+def device() -> torch.device:
+    """Where the kernel runs: the GPU when there is one, else the CPU through the interpreter (conftest)."""
+    if torch.cuda.is_available() and not sct.interpreting():
+        return torch.device("cuda")
     if not sct.interpreting():
-        pytest.skip("CPU tensors need TRITON_INTERPRET=1 before triton is imported (conftest sets it on machines "
-                    "without CUDA); test_implicit_on_cuda covers the GPU")
+        pytest.skip("no CUDA, and TRITON_INTERPRET was not set before triton was imported (conftest sets it)")
+    return torch.device("cpu")
 
 
 def _conv(c_in: int, c_out: int, k: int = 3, seed: int = 0) -> SparseConv3d:
@@ -44,21 +47,21 @@ def _outputs(conv: SparseConv3d, x: SparseTensor) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("k,c_in,c_out", [(3, 20, 24), (3, 5, 40), (5, 7, 3)])
-def test_implicit_equals_gather_fp32(interpreter, k, c_in, c_out):
+def test_implicit_equals_gather_fp32(device, k, c_in, c_out):
     """Same products summed in another order (C_in, C_out not multiples of the tile: masked edges), two batch
     elements, IEEE fp32 dot products: agreement to fp32 rounding."""
-    coords = random_coords(7, batch=2, frac=0.3, seed=k)
-    x = SparseTensor.create(torch.randn(len(coords), c_in), coords)
-    out = _outputs(_conv(c_in, c_out, k), x)
+    coords = random_coords(7, batch=2, frac=0.3, seed=k).to(device)
+    x = SparseTensor.create(torch.randn(len(coords), c_in, device=device), coords)
+    out = _outputs(_conv(c_in, c_out, k).to(device), x)
     assert out["implicit"].shape == (len(coords), c_out) and out["implicit"].dtype == torch.float32
     torch.testing.assert_close(out["implicit"], out["gather"], atol=2e-6, rtol=1e-5)
 
 
-def test_implicit_orientation_and_absent_neighbours(interpreter):
+def test_implicit_orientation_and_absent_neighbours(device):
     """weight[:, 2, 1, 1, :] multiplies the neighbour at x+1; the last voxel has none there (a zero row)."""
-    coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [0, 2, 0, 0]], dtype=torch.int32)
-    x = SparseTensor.create(torch.tensor([[1.0], [10.0], [100.0]]), coords)
-    conv = SparseConv3d(1, 1, 3)
+    coords = torch.tensor([[0, 0, 0, 0], [0, 1, 0, 0], [0, 2, 0, 0]], dtype=torch.int32, device=device)
+    x = SparseTensor.create(torch.tensor([[1.0], [10.0], [100.0]], device=device), coords)
+    conv = SparseConv3d(1, 1, 3).to(device)
     conv.impl = "implicit"
     with torch.no_grad():
         conv.conv.weight.zero_()
@@ -67,11 +70,37 @@ def test_implicit_orientation_and_absent_neighbours(interpreter):
         assert conv(x).feats[:, 0].tolist() == [10.5, 100.5, 0.5]
 
 
-def test_implicit_half_precision_within_bound_of_fp32(interpreter):
+def test_implicit_without_bias_and_with_no_rows(device):
+    """The kernel's no-bias path is the biased result minus the bias; zero rows give an empty (0, C_out) output."""
+    coords = random_coords(6, batch=1, frac=0.4).to(device)
+    x = SparseTensor.create(torch.randn(len(coords), 9, device=device), coords)
+    conv = _conv(9, 11).to(device)
+    table, w = neighbour_table(x, 3), conv.conv.weight.detach().reshape(11, -1)
+    b = conv.conv.bias.detach()
+    with_bias = sct.implicit_gemm_subm_conv(x.feats, table, w, b)
+    torch.testing.assert_close(sct.implicit_gemm_subm_conv(x.feats, table, w, None), with_bias - b,
+                               atol=2e-6, rtol=1e-5)
+    empty = sct.implicit_gemm_subm_conv(x.feats[:0], table[:0], w, b)
+    assert empty.shape == (0, 11) and empty.dtype == torch.float32
+
+
+def test_implicit_follows_autocast_like_the_cublas_algorithms(device):
+    """Under autocast the gather conv's matmul runs in the autocast dtype and returns it; so does the implicit one
+    (fp32 features and weights cast to fp16 first), with the same values to fp16 rounding."""
+    coords = random_coords(6, batch=1, frac=0.4).to(device)
+    x = SparseTensor.create(torch.randn(len(coords), 16, device=device), coords)
+    conv = _conv(16, 8).to(device)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.float16):
+        out = _outputs(conv, x)
+    assert out["gather"].dtype == out["implicit"].dtype == torch.float16
+    torch.testing.assert_close(out["implicit"].float(), out["gather"].float(), atol=2e-3, rtol=2e-3)
+
+
+def test_implicit_half_precision_within_bound_of_fp32(device):
     """fp16 features and weights, fp32 accumulation, output rounded to fp16: within fp16 rounding of fp32."""
-    coords = random_coords(7, batch=1, frac=0.4)
-    x = SparseTensor.create(torch.randn(len(coords), 32), coords)
-    conv = _conv(32, 16)
+    coords = random_coords(7, batch=1, frac=0.4).to(device)
+    x = SparseTensor.create(torch.randn(len(coords), 32, device=device), coords)
+    conv = _conv(32, 16).to(device)
     ref = _outputs(conv, x)["gather"]
     half = conv.half()
     half.impl = "implicit"
@@ -81,19 +110,23 @@ def test_implicit_half_precision_within_bound_of_fp32(interpreter):
     torch.testing.assert_close(got.float(), ref, atol=1e-2, rtol=2e-3)
 
 
-def test_implicit_rejects_bad_inputs(interpreter):
-    coords = random_coords(5, batch=1, frac=0.4)
-    x = SparseTensor.create(torch.randn(len(coords), 4), coords)
+def test_implicit_rejects_bad_inputs(device):
+    coords = random_coords(5, batch=1, frac=0.4).to(device)
+    x = SparseTensor.create(torch.randn(len(coords), 4, device=device), coords)
     table = neighbour_table(x, 3)
-    w = torch.randn(6, 27 * 4)
+    w = torch.randn(6, 27 * 4, device=device)
     with pytest.raises(ValueError, match="share one dtype"):
         sct.implicit_gemm_subm_conv(x.feats, table, w.half(), None)
     with pytest.raises(ValueError, match="weight must be"):
-        sct.implicit_gemm_subm_conv(x.feats, table, torch.randn(6, 26 * 4), None)
+        sct.implicit_gemm_subm_conv(x.feats, table, torch.randn(6, 26 * 4, device=device), None)
     with pytest.raises(ValueError, match="table must be"):
         sct.implicit_gemm_subm_conv(x.feats, table[:-1], w, None)
+    if device.type == "cuda":
+        with pytest.raises(ValueError, match="one device"):
+            sct.implicit_gemm_subm_conv(x.feats, table.cpu(), w, None)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_implicit_needs_cuda_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     coords = random_coords(5, batch=1, frac=0.4)
@@ -132,14 +165,16 @@ def test_use_conv_impl_overrides_auto_only_and_restores_after_errors():
 def test_auto_never_picks_the_kernel_without_backward_when_gradients_are_needed():
     """On CUDA "auto" is the implicit GEMM for inference, but a training step (gradients) gets gather-or-transform;
     naming "implicit" there is refused instead of silently cutting the weights out of the graph."""
-    conv, cuda = SparseConv3d(64, 8, 3), torch.device("cuda")
-    assert conv.algorithm(cuda) == "implicit"  # triton is importable (this module skips otherwise)
-    assert conv.algorithm(cuda, needs_grad=True) == "transform"  # 64 >= 8 x 8: the gather-or-transform rule
-    assert conv.algorithm(torch.device("cpu")) == "gather"
+    conv, cuda, bf16 = SparseConv3d(64, 8, 3), torch.device("cuda"), torch.bfloat16
+    if sct.triton_unavailable(cuda) is None:  # on a CPU machine: triton importable, no device to ask
+        assert conv.algorithm(cuda, dtype=bf16) == conv.algorithm(cuda, dtype=torch.float16) == "implicit"
+    assert conv.algorithm(cuda, dtype=bf16, needs_grad=True) == "transform"  # 64 >= 8 x 8: gather-or-transform
+    assert conv.algorithm(cuda, dtype=torch.float32) == "transform"  # fp32 never measured: cuBLAS
+    assert conv.algorithm(torch.device("cpu"), dtype=bf16) == "gather"
     with pytest.raises(ValueError, match="no backward"):
-        conv.algorithm(cuda, impl="implicit", needs_grad=True)
+        conv.algorithm(cuda, dtype=bf16, impl="implicit", needs_grad=True)
     with use_conv_impl("implicit"), pytest.raises(ValueError, match="no backward"):
-        conv.algorithm(cuda, needs_grad=True)
+        conv.algorithm(cuda, dtype=bf16, needs_grad=True)
     coords = random_coords(5, batch=1, frac=0.4)
     x = SparseTensor.create(torch.randn(len(coords), 64), coords)
     conv.impl = "implicit"
@@ -147,15 +182,19 @@ def test_auto_never_picks_the_kernel_without_backward_when_gradients_are_needed(
         conv(x)  # the weights require grad and grad mode is on
 
 
-def test_slat_flow_with_implicit_conv_option_matches_gather(interpreter):
+def test_slat_flow_with_implicit_conv_option_matches_gather(device):
     """``RunOptions.sparse_conv`` reaches every conv of a SLaT flow pass through ``network_context``: the pass with
-    the implicit kernel equals the default pass to fp32 rounding."""
-    pipe = Pipeline.from_config("mini", seed=0, device="cpu")
-    coords = random_coords(pipe.config.slat_flow.resolution, batch=1, frac=0.0006, seed=3)
+    the implicit kernel equals the gather pass to fp32 rounding. Every parameter gets random values first: a fresh
+    model zero-initialises each res-block's second conv and the output layer, which would hide any conv error."""
+    pipe = Pipeline.from_config("mini", seed=0, device="cpu").to(device)
     g = torch.Generator().manual_seed(0)
-    feats = torch.randn(len(coords), 8, generator=g)
-    cond = torch.randn(1, 8, pipe.config.slat_flow.cond_channels, generator=g)
-    tt = torch.full((1,), 400.0)
+    with torch.no_grad():
+        for p in pipe.slat.flow.parameters():
+            p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    coords = random_coords(6, batch=1, frac=0.5, seed=3).to(device)  # a dense blob: most voxels have neighbours
+    feats = torch.randn(len(coords), 8, generator=g).to(device)
+    cond = torch.randn(1, 8, pipe.config.slat_flow.cond_channels, generator=g).to(device)
+    tt = torch.full((1,), 400.0, device=device)
     calls = []
     real = sct.implicit_gemm_subm_conv
 
@@ -164,16 +203,17 @@ def test_slat_flow_with_implicit_conv_option_matches_gather(interpreter):
         return real(*args)
 
     with torch.no_grad():
-        with RunOptions().network_context("cpu", "slat"):
+        with RunOptions(sparse_conv="gather").network_context(device, "slat"):
             ref = pipe.slat.flow(feats, coords, tt, cond)
         sct.implicit_gemm_subm_conv, saved = counted, sct.implicit_gemm_subm_conv
         try:
-            with RunOptions(sparse_conv="implicit").network_context("cpu", "slat"):
+            with RunOptions(sparse_conv="implicit").network_context(device, "slat"):
                 got = pipe.slat.flow(feats, coords, tt, cond)
         finally:
             sct.implicit_gemm_subm_conv = saved
     n_convs = sum(isinstance(m, SparseConv3d) and m.kernel_size > 1 for m in pipe.slat.flow.modules())
     assert len(calls) == n_convs > 0
+    assert ref.abs().mean() > 1e-3  # the output depends on the convs (not the zero of an untrained output layer)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import itertools
 import math
 from dataclasses import dataclass, field
@@ -247,8 +246,10 @@ CONV_IMPLS = ("auto", "implicit", "gather-or-transform", "gather", "transform", 
 
 
 @functools.cache
-def _triton_importable() -> bool:
-    return importlib.util.find_spec("triton") is not None
+def _implicit_runs_on(device_type: str, index: int | None) -> bool:
+    """Whether the Triton implicit GEMM can run on this CUDA device (triton importable, NVIDIA, sm80+)."""
+    from .sparse_conv_triton import triton_unavailable
+    return triton_unavailable(torch.device(device_type, index)) is None
 
 
 #: the algorithm :func:`use_conv_impl` gives convs whose ``impl`` is "auto" (None: the "auto" rule)
@@ -298,9 +299,9 @@ class SparseConv3d(nn.Module):
     (``sparse_conv_triton.py``; CUDA only). "gather-or-transform" = "transform" on CUDA when
     C_in >= ``transform_min_ratio`` x C_out, else "gather" ("gather" beat "scatter" on the CPU and the
     H100: mesh decoder network at N = 14k 0.115 -> 0.076 s, ``benchmarks/results/stage_latency_h100_run3``).
-    "auto" = "implicit" on CUDA when triton is importable (fastest or tied at every conv of the SLaT flow and the
-    mesh decoder on the H100: their convs per pass 5.7 -> 2.8 ms and 44.5 -> 7.2 ms at N = 14k,
-    ``benchmarks/results/sparse_conv_kernels_h100``), else "gather-or-transform".
+    "auto" = "implicit" for fp16 / bf16 inference on NVIDIA GPUs of compute capability 8.0+ with triton (fastest or
+    tied at every conv of the SLaT flow and the mesh decoder on the H100 in bf16: their convs per pass 5.7 -> 2.8 ms
+    and 44.5 -> 7.2 ms at N = 14k, ``benchmarks/results/sparse_conv_kernels_h100``), else "gather-or-transform".
     In fp32 the algorithms differ only in the order of the floating-point sums; in half precision
     "transform" also rounds each offset's partial product to the half dtype before summing them in fp32
     (``tests/test_model_sparse.py`` bounds that against fp32).
@@ -329,16 +330,18 @@ class SparseConv3d(nn.Module):
             raise ValueError(f"SparseConv3d expects {self.in_channels} channels, got {x.num_channels}")
         w, b = self.conv.weight, self.conv.bias
         # like nn.Linear: compute in the parameter dtype (autocast, if on, decides by itself)
-        feats = x.feats if torch.is_autocast_enabled(x.feats.device.type) else x.feats.to(w.dtype)
+        autocast = torch.is_autocast_enabled(x.feats.device.type)
+        feats = x.feats if autocast else x.feats.to(w.dtype)
         if self.kernel_size == 1:
             return x.replace(F.linear(feats, w.reshape(self.out_channels, self.in_channels), b))
-        impl = self.algorithm(feats.device, needs_grad=torch.is_grad_enabled() and (
+        # the matmul dtype of the cuBLAS algorithms (autocast casts their F.linear / matmul inputs to its dtype)
+        dtype = torch.get_autocast_dtype(feats.device.type) if autocast else feats.dtype
+        impl = self.algorithm(feats.device, dtype=dtype, needs_grad=torch.is_grad_enabled() and (
             feats.requires_grad or w.requires_grad or b.requires_grad))
         if impl == "implicit":
             from .sparse_conv_triton import implicit_gemm_subm_conv
-            return x.replace(implicit_gemm_subm_conv(feats, neighbour_table(x, self.kernel_size),
-                                                     w.reshape(self.out_channels, -1).to(feats.dtype),
-                                                     b.to(feats.dtype)))
+            return x.replace(implicit_gemm_subm_conv(feats.to(dtype), neighbour_table(x, self.kernel_size),
+                                                     w.reshape(self.out_channels, -1).to(dtype), b.to(dtype)))
         if impl == "gather":
             return x.replace(self._gather(x, feats))
         if impl == "transform":
@@ -347,14 +350,18 @@ class SparseConv3d(nn.Module):
             return x.replace(self._scatter(x, feats))
         raise ValueError(f"SparseConv3d.impl must be one of {CONV_IMPLS}, got {impl!r}")
 
-    def algorithm(self, device: torch.device, impl: str | None = None, needs_grad: bool = False) -> str:
-        """The algorithm a call on ``device`` runs: ``impl`` (default: ``self.impl``), with "auto" (or the
-        :func:`use_conv_impl` choice) and "gather-or-transform" resolved. The Triton kernel has no backward: with
-        ``needs_grad`` (training) "auto" never picks it, and asking for it by name is an error."""
+    def algorithm(self, device: torch.device, *, dtype: torch.dtype, impl: str | None = None,
+                  needs_grad: bool = False) -> str:
+        """The algorithm a call on ``device`` with matmuls in ``dtype`` runs: ``impl`` (default: ``self.impl``), with
+        "auto" (or the :func:`use_conv_impl` choice) and "gather-or-transform" resolved. "auto" picks the Triton
+        kernel only where it was measured to win (CUDA, half precision: ``sparse_conv_triton.AUTO_DTYPES``). It has
+        no backward: with ``needs_grad`` (training) "auto" never picks it, and asking for it by name is an error."""
+        from .sparse_conv_triton import AUTO_DTYPES
         impl = self.impl if impl is None else impl
         if impl == "auto":
-            impl = _conv_impl_override or ("implicit" if device.type == "cuda" and _triton_importable()
-                                           and not needs_grad else "gather-or-transform")
+            implicit_wins = (device.type == "cuda" and dtype in AUTO_DTYPES and not needs_grad
+                             and _implicit_runs_on(device.type, device.index))
+            impl = _conv_impl_override or ("implicit" if implicit_wins else "gather-or-transform")
         if impl == "implicit" and needs_grad:
             raise ValueError("the 'implicit' sparse conv (Triton) has no backward pass; for training use 'auto' "
                              "(which then runs gather-or-transform) or 'gather' / 'transform' / 'scatter'")

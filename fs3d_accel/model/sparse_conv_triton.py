@@ -11,8 +11,10 @@ Written here rather than taken from spconv / spconv-triton: those need their own
 books, autotune for minutes on first use, and the official mesh decoder built on spconv-triton disagrees with ours
 (``benchmarks/results/base_vs_official_h100/NOTES.md``); this kernel reads our neighbour table as it is.
 
-CUDA only. The tests run the kernel on the CPU through Triton's interpreter (``TRITON_INTERPRET=1`` set before
-this module is imported).
+CUDA only (NVIDIA, compute capability 8.0 or newer). No backward pass: ``SparseConv3d`` uses it for inference only.
+Tile sizes are autotuned per channel pair on first use (1-10 s on the H100) and the choice is cached on disk with
+Triton's kernels. The tests run the kernel on the CPU through Triton's interpreter (``TRITON_INTERPRET=1`` set
+before triton is imported).
 """
 from __future__ import annotations
 
@@ -35,14 +37,26 @@ _CUDA_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 _INTERPRETER_TILE = (32, 32, 16)
 
 
+#: input dtypes "auto" hands to the kernel: the measured ones (bf16 on the H100; fp16 takes the same tensor-core
+#: path). fp32 runs IEEE dot products on CUDA cores and was never timed, so "auto" keeps cuBLAS there.
+AUTO_DTYPES = (torch.bfloat16, torch.float16)
+
+
 def triton_unavailable(device: torch.device | str) -> str | None:
     """Why the implicit-GEMM conv cannot run on ``device`` here, or None when it can."""
     device = torch.device(device)
     if importlib.util.find_spec("triton") is None:
         return "the implicit-GEMM sparse conv needs triton (pip install triton; CUDA builds of torch ship it)"
-    if device.type != "cuda" and not interpreting():
+    if device.type != "cuda":
+        if interpreting():
+            return None
         return (f"the implicit-GEMM sparse conv is a Triton kernel for CUDA devices, got {device} "
                 f"(TRITON_INTERPRET=1 runs it on the CPU for tests, very slowly)")
+    if torch.version.hip is not None:
+        return "the implicit-GEMM sparse conv is written and measured for NVIDIA GPUs, not ROCm"
+    if torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] < 8:
+        return (f"the implicit-GEMM sparse conv needs compute capability 8.0 or newer (bf16 tensor cores), "
+                f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}")
     return None
 
 
@@ -88,7 +102,10 @@ def _build():
     tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
                  for m, n, k, w, s in _CUDA_CONFIGS],
-        key=["C_IN", "C_OUT", "DOT_PRECISION"],
+        # the argument dtypes are part of the key anyway; the row count is not (tiles tuned at the first call's N)
+        key=["C_IN", "C_OUT", "K3", "DOT_PRECISION"],
+        # keep the choice on disk (Triton's cache dir): a new process skips the ~1-10 s of tuning per channel pair
+        cache_results=True,
     )(subm_conv_kernel)
     return triton, subm_conv_kernel, tuned
 
@@ -107,6 +124,9 @@ def implicit_gemm_subm_conv(feats: Tensor, table: Tensor, weight: Tensor, bias: 
     if why is not None:
         raise RuntimeError(why)
     n, c_in = feats.shape
+    if table.device != feats.device or weight.device != feats.device or (bias is not None and bias.device != feats.device):
+        raise ValueError(f"features, table, weight and bias must be on one device, got {feats.device}, {table.device}, "
+                         f"{weight.device}, {None if bias is None else bias.device}")
     if table.dim() != 2 or table.shape[0] != n:
         raise ValueError(f"table must be (N={n}, K3), got {tuple(table.shape)}")
     k3 = table.shape[1]
@@ -133,5 +153,6 @@ def implicit_gemm_subm_conv(feats: Tensor, table: Tensor, weight: Tensor, bias: 
     else:
         def grid(meta):
             return triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])
-        tuned[grid](feats, table, weight, bias_arg, out, n, **args)
+        with torch.cuda.device(feats.device):  # Triton launches on the current device
+            tuned[grid](feats, table, weight, bias_arg, out, n, **args)
     return out

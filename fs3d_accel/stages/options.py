@@ -88,8 +88,8 @@ class RunOptions:
     #: compiled SS sampler slower (``benchmarks/results/attention_kernels_h100/``).
     attention_kernel_sites: tuple[str, ...] = ("ss", "slat", "decode")
     #: algorithm of the sparse convolutions (SLaT IO blocks, mesh decoder) whose ``SparseConv3d.impl`` is "auto":
-    #: "auto" keeps the class rule (the Triton implicit GEMM on CUDA when triton is importable, else
-    #: "gather-or-transform"); "implicit" forces the Triton kernel (CUDA only), which never writes the gathered
+    #: "auto" keeps the class rule (the Triton implicit GEMM for fp16 / bf16 inference on NVIDIA GPUs of compute
+    #: capability 8.0+, else "gather-or-transform"); "implicit" forces the Triton kernel (CUDA only), which never writes the gathered
     #: neighbour block; "gather-or-transform" is the rule before session 8 (cuBLAS on materialised blocks);
     #: "gather" / "transform" / "scatter" as in ``SparseConv3d``. Same values to rounding. Entered by
     #: :meth:`network_context`.
@@ -217,8 +217,9 @@ class RunOptions:
 
 
 #: named settings of the exact fast path (CLI ``--fast-path``), each one step further than the last;
-#: timings and quality of each: ``benchmarks/results/base_vs_official_h100/NOTES.md``. On CUDA every setting's sparse
-#: convolutions run the Triton implicit GEMM (``sparse_conv="auto"``, since session 8; see ``SparseConv3d``).
+#: timings and quality of each: ``benchmarks/results/base_vs_official_h100/NOTES.md``. On CUDA the bf16 settings'
+#: sparse convolutions run the Triton implicit GEMM (``sparse_conv="auto"``, since session 8; see ``SparseConv3d``);
+#: the fp32 ones keep cuBLAS.
 FAST_PATHS: dict[str, RunOptions] = {
     "off": RunOptions(),
     "fp32-cfg-kv": RunOptions(batch_cfg=True, cache_cond_kv=True),
