@@ -258,8 +258,15 @@ def subm_conv_reference(feats: Tensor, indices: Tensor, weight: Tensor, bias: Te
     ``weight`` is spconv's (C_out, k, k, k, C_in); output row i = bias + sum over offsets (a, b, c)
     of W[:, a, b, c, :] @ feats[voxel at coords_i + (a, b, c) - k // 2] (cross-correlation, as dense
     ``conv3d(weight.permute(0, 4, 1, 2, 3), padding=k // 2)`` restricted to the input sites).
+
+    Except at k = 1, where it computes what spconv 2.x computes: ``feats @ weight.view(C_in, C_out)``, a raw
+    reinterpretation of the weight, not its transpose (spconv issue #450; spconv-triton does the same). The official
+    checkpoints were trained with that; ``fs3d_accel.checkpoint`` converts those weights.
     """
     k = weight.shape[1]
+    if k == 1:
+        out = feats.double() @ weight.reshape(weight.shape[-1], weight.shape[0]).double()
+        return (out if bias is None else out + bias.double()).to(feats.dtype)
     r = k // 2
     c = indices.long()
     ext = int(c[:, 1:].max()) + 2 * r + 1

@@ -14,6 +14,13 @@ slat_decoder_mesh.ckpt     none (flat)         ``<mesh decoder>``
 
 Our layout is one flat state dict (``model.safetensors``) keyed by the pipeline's module names
 (``ss.flow.blocks.0...``).
+
+One value changes between the layouts, not only its key: a 1x1x1 spconv ``SubMConv3d`` (the mesh decoder's
+subdivision skip connections). spconv 2.x computes it as ``features @ weight.view(C_in, C_out)``, a raw
+reinterpretation of the (C_out, 1, 1, 1, C_in) tensor rather than its transpose (its ``FILTER_HWIO = False`` path;
+upstream spconv issue #450, never changed, and spconv-triton reproduces it on purpose). The official checkpoints
+were trained and run with that, so :func:`from_official` turns such a weight into the matrix our ``SparseConv3d``
+applies as a standard convolution, and :func:`to_official` turns it back.
 """
 from __future__ import annotations
 
@@ -35,6 +42,27 @@ OFFICIAL_FILES: dict[str, tuple[str | None, list[tuple[str, str]]]] = {
     "slat_decoder_mesh": (None, [("decode.decoder.", "")]),
 }
 OFFICIAL_SUFFIXES = (".ckpt", ".safetensors", ".pt", ".pth")
+#: official files whose sparse convolutions are spconv modules (the SS decoder's are dense ``nn.Conv3d``)
+SPCONV_FILES = ("slat_generator", "slat_decoder_mesh")
+
+
+def is_spconv_1x1_weight(file: str, key: str, value: Tensor) -> bool:
+    """Whether ``key`` of official ``file`` is the weight of a 1x1x1 spconv conv: (C_out, 1, 1, 1, C_in)."""
+    return (file in SPCONV_FILES and key.endswith("conv.weight") and value.ndim == 5
+            and tuple(value.shape[1:4]) == (1, 1, 1))
+
+
+def spconv_1x1_to_ours(weight: Tensor) -> Tensor:
+    """Official 1x1x1 spconv weight -> ours: spconv applies ``weight.view(C_in, C_out)``; our conv applies
+    ``weight.reshape(C_out, C_in).T``, so ours holds the transpose of that view, in the same 5-D shape."""
+    c_out, c_in = weight.shape[0], weight.shape[-1]
+    return weight.reshape(c_in, c_out).t().contiguous().reshape(weight.shape)
+
+
+def spconv_1x1_to_official(weight: Tensor) -> Tensor:
+    """Inverse of :func:`spconv_1x1_to_ours`."""
+    c_out, c_in = weight.shape[0], weight.shape[-1]
+    return weight.reshape(c_out, c_in).t().contiguous().reshape(weight.shape)
 
 
 class CheckpointError(ValueError):
@@ -48,13 +76,17 @@ def _fmt(keys, limit: int = 20) -> str:
 
 
 def to_official(ours: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-    """Split our flat state dict into the official files' flat key spaces (with on-disk prefixes)."""
+    """Split our flat state dict into the official files' flat key spaces (with on-disk prefixes); 1x1x1 spconv
+    weights are written as spconv applies them (module docstring)."""
     out: dict[str, dict[str, Tensor]] = {name: {} for name in OFFICIAL_FILES}
     for key, value in ours.items():
         for name, (_, pairs) in OFFICIAL_FILES.items():
             for ours_prefix, disk_prefix in pairs:
                 if key.startswith(ours_prefix):
-                    out[name][disk_prefix + key[len(ours_prefix):]] = value
+                    disk_key = disk_prefix + key[len(ours_prefix):]
+                    if is_spconv_1x1_weight(name, disk_key, value):
+                        value = spconv_1x1_to_official(value)
+                    out[name][disk_key] = value
                     break
             else:
                 continue
@@ -78,6 +110,8 @@ def from_official(files: Mapping[str, Mapping[str, Tensor]]) -> dict[str, Tensor
         for key, value in sd.items():
             for ours_prefix, disk_prefix in sorted(pairs, key=lambda p: -len(p[1])):
                 if key.startswith(disk_prefix):
+                    if is_spconv_1x1_weight(name, key, value):
+                        value = spconv_1x1_to_ours(value)
                     ours[ours_prefix + key[len(disk_prefix):]] = value
                     break
     return ours

@@ -55,6 +55,43 @@ def test_reference_subm_conv_equals_dense_conv3d():
     torch.testing.assert_close(got, ref, atol=1e-12, rtol=0)
 
 
+def test_reference_1x1_conv_is_spconvs_raw_weight_view():
+    """spconv 2.x (and spconv-triton) compute a 1x1x1 SubMConv3d as features @ weight.view(C_in, C_out): the raw
+    memory of the (C_out, 1, 1, 1, C_in) tensor, not its transpose. The reference reproduces that exactly."""
+    w = torch.arange(6, dtype=torch.float64).reshape(3, 1, 1, 1, 2)  # C_out 3, C_in 2
+    feats = torch.tensor([[1.0, 10.0]], dtype=torch.float64)
+    # view(2, 3) = [[0, 1, 2], [3, 4, 5]]: row 0 + 10 x row 1; the transpose would give [10, 32, 54]
+    got = po.subm_conv_reference(feats, torch.tensor([[0, 0, 0, 0]]), w, torch.zeros(3, dtype=torch.float64))
+    assert got.tolist() == [[30.0, 41.0, 52.0]]
+
+
+def test_our_conv_on_converted_official_1x1_weights_computes_what_spconv_computes():
+    """A mesh-decoder skip conv loaded from official files (``from_official``) gives spconv's output, and
+    ``to_official`` writes back the same bytes."""
+    from fs3d_accel.checkpoint import from_official, to_official
+    from fs3d_accel.model.sparse import SparseConv3d, SparseTensor
+    g = torch.Generator().manual_seed(1)
+    coords = po.random_coords(8, 60, seed=2)
+    feats = torch.randn(len(coords), 6, generator=g)
+    official = {"upsample.0.skip_connection.conv.weight": torch.randn(4, 1, 1, 1, 6, generator=g),
+                "upsample.0.skip_connection.conv.bias": torch.randn(4, generator=g)}
+    ours = from_official({"slat_decoder_mesh": official})
+    conv = SparseConv3d(6, 4, 1)
+    conv.load_state_dict({k.removeprefix("decode.decoder.upsample.0.skip_connection."): v for k, v in ours.items()})
+    with torch.no_grad():
+        got = conv(SparseTensor.create(feats, coords)).feats
+    ref = po.subm_conv_reference(feats, coords, official["upsample.0.skip_connection.conv.weight"],
+                                 official["upsample.0.skip_connection.conv.bias"])
+    torch.testing.assert_close(got, ref, atol=1e-6, rtol=1e-6)
+    back = to_official(ours)["slat_decoder_mesh"]
+    assert all(torch.equal(back[k], v) for k, v in official.items())
+    # a 3x3x3 weight and the dense SS decoder's 1x1x1 conv weights keep their values
+    w3 = torch.randn(4, 3, 3, 3, 6, generator=g)
+    assert torch.equal(from_official({"slat_decoder_mesh": {"blocks.0.conv.weight": w3}})["decode.decoder.blocks.0.conv.weight"], w3)
+    dense = torch.randn(4, 6, 1, 1, 1, generator=g)
+    assert torch.equal(from_official({"ss_decoder": {"x.conv.weight": dense}})["ss.decoder.x.conv.weight"], dense)
+
+
 def test_parity_config_changes_only_what_official_hard_codes():
     mini, par = mini_config(), po.parity_config()
     assert par.ss_flow == mini.ss_flow and par.slat_flow == mini.slat_flow and par.ss_decoder == mini.ss_decoder
