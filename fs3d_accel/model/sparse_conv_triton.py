@@ -8,8 +8,8 @@ per voxel (absent neighbours are zero rows, as in "gather"). On the H100 the gat
 decoder's and 13% of the SLaT sampler's GPU time (``benchmarks/results/base_vs_official_h100/session7``).
 
 Written here rather than taken from spconv / spconv-triton: those need their own sparse-tensor types and rule
-books, autotune for minutes on first use, and the official mesh decoder built on spconv-triton disagrees with ours
-(``benchmarks/results/base_vs_official_h100/NOTES.md``); this kernel reads our neighbour table as it is.
+books and autotune for minutes on first use (their 1x1x1 path also applies a raw view of the weight, see
+``fs3d_accel.checkpoint``); this kernel reads our neighbour table as it is.
 
 CUDA only (NVIDIA, compute capability 8.0 or newer). No backward pass: ``SparseConv3d`` uses it for inference only.
 Tile sizes are autotuned per channel pair on first use (1-10 s on the H100) and the choice is cached on disk with
