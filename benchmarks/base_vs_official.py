@@ -959,7 +959,7 @@ def run(args) -> list[dict]:
     t0 = time.perf_counter()
     base = Pipeline.from_config(cfg, seed=args.seed, device="cpu").eval()
     # the zero-initialised layers would hide what feeds them from the output comparison (session 8: before this,
-    # no sparse conv's values reached the compared mesh-decoder output)
+    # no 3^3 sparse conv's values reached the compared SLaT and mesh-decoder outputs)
     meta["zero_inits_filled"] = len(perturb_zero_inits(base))
     print(f"built our {args.config} pipeline in {time.perf_counter() - t0:.1f} s", flush=True)
     coords = object_coords(args, cfg.slat_flow.resolution)

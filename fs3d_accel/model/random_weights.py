@@ -1,6 +1,7 @@
 """Random weights for comparisons: the layers SAM 3D initialises to zero, filled in.
 
-The res-blocks' second convs and the mesh decoder's subdivision convs start at zero, as in the official code. With
+The res-blocks' second 3^3 convs (SLaT flow, mesh-decoder subdivision blocks) start at zero, as in the official
+code. With
 those zeros, whatever the layer before them computes never reaches the network's output. A comparison on freshly
 built random weights would then pass whatever those layers compute: two sparse-conv algorithms, or our model
 against the official one. The parity harness, the official-vs-ours benchmark and the sparse-conv benchmark fill
