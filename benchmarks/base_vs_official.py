@@ -1,6 +1,7 @@
 """The OFFICIAL SAM 3D Objects modules next to our pipeline, per stage, in one process on one device.
 
-Same random weights (ours -> ``pipe.state_dicts('official')`` -> strict official load, as in
+Same random weights (ours, with the zero-initialised layers filled in by ``perturb_zero_inits`` so that every layer
+reaches the compared outputs, -> ``pipe.state_dicts('official')`` -> strict official load, as in
 ``parity_official.py``), same condition tokens, same noise and the same voxels (surface voxels of
 real YCB scans, ``benchmarks/data/ycb_surface_coords_r64.npz``), at the official dimensions
 (``--config full``). Timed units:

@@ -97,6 +97,8 @@ def main() -> None:
                     help="with --settings: add only each setting's own one-switch reference, not the references' "
                          "references (a GPU call that ran the whole chain for one new setting ran out of time)")
     args = ap.parse_args()
+    if args.direct_references and args.settings is None:
+        raise SystemExit("--direct-references chooses the references of --settings; name the settings too")
     if args.settings is None:
         # the default leaves out what needs a CUDA device elsewhere, and FA4 (an optional install): name it to run it
         wanted = [k for k, v in SETTINGS.items()

@@ -31,7 +31,8 @@ Work-arounds (none changes what is compared):
 - spconv's CPU build (2.3.8) cannot add a bias inside a sparse convolution, and its SubMConv3d
   output on CPU depends on uninitialised memory (see :func:`_reference_convs`). Every official
   spconv SubMConv3d therefore computes through :func:`subm_conv_reference`, an independent exact
-  submanifold conv (coordinate lookup, float64 accumulation); module tree, weights, biases (non-zero)
+  submanifold conv (coordinate lookup, float64 accumulation; at kernel size 1 it reproduces spconv's raw
+  ``weight.view(C_in, C_out)``, see ``fs3d_accel.checkpoint``); module tree, weights, biases (non-zero)
   and data flow stay official.
 - ``kaolin`` (FlexiCubes input checks) is replaced by an empty module; explicit ``device="cuda"``
   tensor creations while building the mesh decoder (FlexiCubes tables, unused here) become meta.

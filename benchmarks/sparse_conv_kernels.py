@@ -141,6 +141,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/sparse_conv"))
     ap.add_argument("--replot", type=Path, default=None, help="redraw the figure of a finished run's folder (no GPU)")
     args = ap.parse_args(argv)
+    if args.max_voxels is not None and args.max_voxels < 1:
+        raise SystemExit(f"--max-voxels must be >= 1, got {args.max_voxels}")
+    if args.warmup < 0 or args.repeats < 1:
+        raise SystemExit(f"--warmup must be >= 0 and --repeats >= 1, got {args.warmup}, {args.repeats}")
     import pandas as pd
     if args.replot is not None:
         df = pd.read_csv(args.replot / "sparse_conv_kernels.csv")

@@ -10,15 +10,16 @@ older version's package in another folder and run this script once per version, 
 Full config, bf16, random weights, the synthetic scene of ``stage_latency.py``; ``RunOptions`` of
 ``compile-all-zkv-ro`` (compiled SS flow under CUDA graphs, batched CFG, condition K/V cache, one-key K/V).
 One SS stage call = condition embedding + 25-step sampler + SS decoder + voxel extraction. CUDA events after
-``--warmup`` calls (the first compiles), median and minimum of ``--repeats``.
+``--warmup`` calls (the first compiles), median and minimum of ``--repeats``. The scene comes from
+``benchmarks/synthetic_scene.py`` (numpy only, so an old package version can run it too).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 
-import numpy as np
 import torch
+from synthetic_scene import synthetic_inputs  # benchmarks/, this script's folder (first on sys.path)
 
 import fs3d_accel
 from fs3d_accel.pipeline import Pipeline
@@ -28,23 +29,14 @@ OPTIONS = RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compi
                      collapse_zero_cond=True, compile_mode="reduce-overhead")
 
 
-def synthetic_inputs(size: int = 518, seed: int = 0):
-    """The synthetic scene of ``stage_latency.synthetic_inputs``, repeated here: an old package's benchmarks folder
-    may not match this one."""
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-    mask = np.zeros((size, size), bool)
-    mask[size // 4: 3 * size // 4, size // 3: 2 * size // 3] = True
-    ys, xs = np.mgrid[0:size, 0:size]
-    pm = np.stack([(xs - size / 2) / size, (ys - size / 2) / size, np.full((size, size), 2.0)], -1).astype(np.float32)
-    return img, mask, pm
-
-
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=7)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.warmup < 1 or args.repeats < 1:
+        raise SystemExit(f"--warmup and --repeats must be >= 1 (the first call compiles), got {args.warmup}, "
+                         f"{args.repeats}")
     if not torch.cuda.is_available():
         raise SystemExit("ss_stage_time.py times the compiled SS stage on a CUDA device; none is available")
     pipe = Pipeline.from_config("full", seed=0, device="cpu").to(torch.bfloat16).to("cuda")

@@ -18,15 +18,20 @@ import argparse
 import dataclasses
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from fs3d_accel.model.sparse import CONV_IMPLS
-from fs3d_accel.pipeline import Pipeline
-from fs3d_accel.stages.options import RunOptions
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from benchmarks/
+    sys.path.insert(0, str(ROOT))
+from benchmarks.synthetic_scene import synthetic_inputs  # noqa: E402,F401 (re-exported to the other benchmarks)
+from fs3d_accel.model.sparse import CONV_IMPLS  # noqa: E402
+from fs3d_accel.pipeline import Pipeline  # noqa: E402
+from fs3d_accel.stages.options import RunOptions  # noqa: E402
 
 #: where FlashAttention-4 beat cuDNN SDPA per kernel on the H100 (``results/attention_kernels_h100/run_fa4``):
 #: SS cross-attention (435 vs 392 TFLOP/s), SLaT self (352 vs 311) and cross (407 vs 337); not SS self (308 vs 403)
@@ -177,16 +182,6 @@ def count_flops(fn) -> float:
     with FlopCounterMode(display=False, custom_mapping=sdpa_flop_mapping()) as counter:
         fn()
     return float(counter.get_total_flops())
-
-
-def synthetic_inputs(size: int = 518, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    img = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
-    mask = np.zeros((size, size), bool)
-    mask[size // 4: 3 * size // 4, size // 3: 2 * size // 3] = True
-    ys, xs = np.mgrid[0:size, 0:size]
-    pm = np.stack([(xs - size / 2) / size, (ys - size / 2) / size, np.full((size, size), 2.0)], -1).astype(np.float32)
-    return img, mask, pm
 
 
 def load_coords(resolution: int, device) -> dict[str, torch.Tensor]:

@@ -121,6 +121,8 @@ def test_implicit_rejects_bad_inputs(device):
         sct.implicit_gemm_subm_conv(x.feats, table, torch.randn(6, 26 * 4, device=device), None)
     with pytest.raises(ValueError, match="table must be"):
         sct.implicit_gemm_subm_conv(x.feats, table[:-1], w, None)
+    with pytest.raises(ValueError, match="fp16 / bf16 / fp32"):
+        sct.implicit_gemm_subm_conv(x.feats.double(), table, w.double(), None)
     if device.type == "cuda":
         with pytest.raises(ValueError, match="one device"):
             sct.implicit_gemm_subm_conv(x.feats, table.cpu(), w, None)

@@ -123,10 +123,12 @@ def implicit_gemm_subm_conv(feats: Tensor, table: Tensor, weight: Tensor, bias: 
     why = triton_unavailable(feats.device)
     if why is not None:
         raise RuntimeError(why)
+    if feats.dim() != 2 or feats.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"features must be (N, C_in) fp16 / bf16 / fp32, got {tuple(feats.shape)} {feats.dtype}")
     n, c_in = feats.shape
-    if table.device != feats.device or weight.device != feats.device or (bias is not None and bias.device != feats.device):
-        raise ValueError(f"features, table, weight and bias must be on one device, got {feats.device}, {table.device}, "
-                         f"{weight.device}, {None if bias is None else bias.device}")
+    devices = {t.device for t in (feats, table, weight, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"features, table, weight and bias must be on one device, got {sorted(map(str, devices))}")
     if table.dim() != 2 or table.shape[0] != n:
         raise ValueError(f"table must be (N={n}, K3), got {tuple(table.shape)}")
     k3 = table.shape[1]
