@@ -7,7 +7,8 @@ sampler batches the CFG pair: 2 x N rows), records the input of every ``SparseCo
 algorithm on exactly those inputs: "gather",
 "transform" and "implicit" (the Triton implicit-GEMM kernel, ``fs3d_accel/model/sparse_conv_triton.py``), plus
 what "auto" picks. CUDA events after warm-up, medians; the implicit kernel autotunes its tiles on the first call
-(not timed). Each output is compared with the fp32 "gather" result on fp32 copies of the same input and weights.
+(timed apart, as ``<algorithm>_first_s``: with the on-disk autotune cache a second process skips the tuning).
+Each output is compared with the fp32 "gather" result on fp32 copies of the same input and weights.
 
     python benchmarks/sparse_conv_kernels.py --out runs/sparse_conv               # GPU, full config
     TRITON_INTERPRET=1 python benchmarks/sparse_conv_kernels.py --config mini --device cpu --max-voxels 300 \\
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -60,6 +62,11 @@ def run_conv(conv: SparseConv3d, x: SparseTensor, impl: str) -> torch.Tensor:
             conv.impl = own
 
 
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def measure(network: str, calls, timer: Timer, impls: tuple[str, ...]) -> list[dict]:
     rows = []
     for name, conv, x in calls:
@@ -73,7 +80,11 @@ def measure(network: str, calls, timer: Timer, impls: tuple[str, ...]) -> list[d
                        gflop=flops / 1e9, auto=conv.algorithm(x.feats.device, dtype=x.feats.dtype),
                        before=conv.algorithm(x.feats.device, dtype=x.feats.dtype, impl="gather-or-transform"))
             for impl in impls:
-                out = run_conv(conv, x, impl)  # first call: autotuning / table building, not timed
+                sync(x.feats.device)
+                start = time.perf_counter()
+                out = run_conv(conv, x, impl)  # first call: autotuning / table building, timed apart
+                sync(x.feats.device)
+                row[f"{impl}_first_s"] = time.perf_counter() - start
                 row[f"{impl}_err"] = float((out.float() - ref).abs().max())
                 t = timer(lambda: run_conv(conv, x, impl))["median_s"]
                 row[f"{impl}_ms"] = 1e3 * t
@@ -83,7 +94,8 @@ def measure(network: str, calls, timer: Timer, impls: tuple[str, ...]) -> list[d
         row["auto_ms"] = ms.get(row["auto"], float("nan"))
         row["before_ms"] = ms[row["before"]]
         rows.append(row)
-        print(f"{network} {name}: " + ", ".join(f"{i} {ms[i]:.3f} ms" for i in impls), flush=True)
+        print(f"{network} {name}: " + ", ".join(f"{i} {ms[i]:.3f} ms (first call {row[f'{i}_first_s']:.2f} s)"
+                                                for i in impls), flush=True)
     return rows
 
 

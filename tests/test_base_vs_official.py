@@ -143,6 +143,24 @@ def test_rounds_compare_within_a_round(tmp_path):
         assert [r["round"] for r in csv.DictReader(fh)] == ["1"] * 6 + ["2"] * 6
 
 
+def test_official_compile_total_borrows_the_uncompiled_slat_and_mesh_of_its_round(tmp_path):
+    """The shipped pipeline compiles only the SS generator: its per-object total is its own SS plus official's
+    SLaT and mesh of the same round, and ours gets a second speedup against that total."""
+    rows = _two_round_rows() + [dict(round=rnd, variant="official-compile", stage="ss", object=None, N=None,
+                                     median_s=ss) for rnd, ss in ((1, 1.5), (2, 1.25))]
+    rows = bvo.complete_rows(rows, peak_tflops=None)
+    got = {(t["round"], t["variant"]): t for t in bvo.per_object_totals(rows)}
+    assert got[(1, "official-compile")]["seconds"] == pytest.approx(1.5 + 2.5 + 0.5)
+    assert got[(1, "official-compile")]["borrowed"] and not got[(1, "official")]["borrowed"]
+    assert got[(2, "official-compile")]["speedup"] == pytest.approx(5.0 / 4.25)
+    assert got[(1, "compile-all-zkv")]["speedup_vs_compiled"] == pytest.approx(4.5 / 1.5)
+    assert got[(2, "compile-all-zkv")]["speedup_vs_compiled"] == pytest.approx(4.25 / 1.5)
+    bvo.write_outputs(rows, tmp_path, {"device": "H100"})
+    text = (tmp_path / bvo.README_NAME).read_text()
+    assert "speedup vs official-compile (same round)" in text
+    assert "| 007_tuna_fish_can | compile-all-zkv | 1.500 (1.500-1.500) | 3.67 (3.33-4.00) | 2.92 (2.83-3.00) |" in text
+
+
 def test_replot_rejects_a_folder_without_outputs(tmp_path):
     with pytest.raises(SystemExit, match="not a base_vs_official.py output folder"):
         bvo.main(["--replot", str(tmp_path)])
