@@ -7,7 +7,8 @@ sampler batches the CFG pair: 2 x N rows), records the input of every ``SparseCo
 algorithm on exactly those inputs: "gather",
 "transform" and "implicit" (the Triton implicit-GEMM kernel, ``fs3d_accel/model/sparse_conv_triton.py``), plus
 what "auto" picks. CUDA events after warm-up, medians; the implicit kernel autotunes its tiles on the first call
-(timed apart, as ``<algorithm>_first_s``: with the on-disk autotune cache a second process skips the tuning).
+(timed apart, as ``<algorithm>_first_s``; the inputs are recorded with "gather", so the implicit kernel's first
+call shows its tuning, or, in a later process on the same machine, whether the on-disk autotune cache spared it).
 Each output is compared with the fp32 "gather" result on fp32 copies of the same input and weights.
 
     python benchmarks/sparse_conv_kernels.py --out runs/sparse_conv               # GPU, full config
@@ -29,7 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from benchmarks.stage_latency import Timer, _markdown, load_coords  # noqa: E402
 from fs3d_accel.model.random_weights import perturb_zero_inits  # noqa: E402
-from fs3d_accel.model.sparse import SparseConv3d, SparseTensor  # noqa: E402
+from fs3d_accel.model.sparse import SparseConv3d, SparseTensor, use_conv_impl  # noqa: E402
 from fs3d_accel.model.sparse_conv_triton import triton_unavailable  # noqa: E402
 from fs3d_accel.pipeline import Pipeline  # noqa: E402
 
@@ -185,12 +186,16 @@ def main(argv: list[str] | None = None) -> None:
     tt = torch.full((2,), 500.0, device=dev)
     timer = Timer(dev, args.warmup, args.repeats)
     rows = []
-    with torch.no_grad():
+    with torch.no_grad(), use_conv_impl("gather"):
+        # the inputs are recorded with the gather conv, so that each algorithm's first call in this process happens
+        # in measure(): the implicit kernel's ``implicit_first_s`` then shows its tile tuning (first process on a
+        # machine, first conv of each channel pair) or the on-disk autotune cache at work (later processes)
         slat_calls = capture_conv_inputs(
             lambda: pipe.slat.flow(torch.randn(2 * n, 8, generator=g).to(dev, dtype), c_pair, tt, cond), pipe.slat.flow)
-        rows += measure("SLaT flow, CFG pair", slat_calls, timer, impls)
         dec_calls = capture_conv_inputs(
             lambda: pipe.decode.decoder(torch.randn(n, 8, generator=g).to(dev, dtype), c), pipe.decode.decoder)
+    with torch.no_grad():
+        rows += measure("SLaT flow, CFG pair", slat_calls, timer, impls)
         rows += measure("mesh decoder", dec_calls, timer, impls)
     df = pd.DataFrame(rows)
     args.out.mkdir(parents=True, exist_ok=True)

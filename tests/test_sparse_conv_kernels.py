@@ -58,7 +58,7 @@ def test_measure_times_each_algorithm_and_reports_its_error(tmp_path):
     for r in rows:
         assert r["auto"] == r["before"] == "gather"  # on a CPU both rules give the gather
         assert r["fastest"] in impls and r["gflop"] == pytest.approx(2 * r["rows"] * 27 * r["c_in"] * r["c_out"] / 1e9)
-        assert all(r[f"{i}_err"] < 1e-5 and r[f"{i}_ms"] > 0 for i in impls)
+        assert all(r[f"{i}_err"] < 1e-5 and r[f"{i}_ms"] > 0 and r[f"{i}_first_s"] > 0 for i in impls)
     df = pd.DataFrame(rows)
     table = sck.summary(df, impls)
     assert table.loc[0, "gather (ms)"] == pytest.approx(df["gather_ms"].sum())
@@ -68,3 +68,30 @@ def test_measure_times_each_algorithm_and_reports_its_error(tmp_path):
                                                     "object": "random", "voxels": len(x)}))
     sck.main(["--replot", str(tmp_path)])
     assert (tmp_path / "sparse_conv_kernels.png").stat().st_size > 0
+
+
+def test_main_records_the_inputs_with_the_gather_conv(monkeypatch, tmp_path):
+    """The recording pass must not run the implicit kernel: its first call (tile tuning, or the on-disk cache)
+    belongs to measure()'s ``implicit_first_s``."""
+    seen: list[str] = []
+    real = sck.capture_conv_inputs
+
+    def spy(run, model):
+        def run_and_look():
+            import fs3d_accel.model.sparse as sparse  # the use_conv_impl choice in force (on a CPU "auto" is
+            seen.append(sparse._conv_impl_override)   # the gather anyway, so the resolved algorithm cannot tell)
+            return run()
+        return real(run_and_look, model)
+
+    class Recorded(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Recorded  # both passes are recorded before anything is measured: stop there
+
+    monkeypatch.setattr(sck, "capture_conv_inputs", spy)
+    monkeypatch.setattr(sck, "measure", stop)
+    with pytest.raises(Recorded):
+        sck.main(["--config", "mini", "--device", "cpu", "--max-voxels", "50", "--warmup", "0", "--repeats", "1",
+                  "--out", str(tmp_path)])
+    assert seen == ["gather", "gather"]  # the SLaT pass and the mesh-decoder pass
