@@ -667,8 +667,8 @@ def per_object_totals(rows: list[dict]) -> list[dict]:
     ``speedup`` against the official total of the same round, ``speedup_vs_compiled`` against ``official-compile``'s.
 
     ``official-compile`` is the official pipeline as shipped (``compile_model: true``), which compiles only the SS
-    generator among the timed stages: its SLaT and mesh-decoder times are the uncompiled official ones of the same
-    round (``borrowed``), so its total is what the pipeline's default spends per object."""
+    generator among the timed stages: a SLaT or mesh-decoder time it lacks is the uncompiled official one of the
+    same round (listed in ``borrowed``), so its total is what the pipeline's default spends per object."""
     ok = [r for r in rows if not r.get("error")]
     out = []
     for rnd in sorted({r.get("round", 1) for r in ok}):
@@ -681,16 +681,18 @@ def per_object_totals(rows: list[dict]) -> list[dict]:
         totals = []
         for o in objs:
             for v in ss:
-                def stage_rows(stage: str, variant: str = v) -> list[dict]:
-                    return [r for r in here if r["variant"] == variant and r["stage"] == stage
-                            and r.get("object") == o]
-                sl, me = stage_rows("slat"), stage_rows("mesh")
-                borrowed = v == "official-compile" and not sl and not me
-                if borrowed:
-                    sl, me = stage_rows("slat", "official"), stage_rows("mesh", "official")
-                if sl and me:
-                    totals.append(dict(round=rnd, object=o, N=sl[0]["N"], variant=v, borrowed=borrowed,
-                                       seconds=ss[v] + sl[0]["median_s"] + me[0]["median_s"]))
+                parts, borrowed = {}, []
+                for stage in ("slat", "mesh"):
+                    own = [r for r in here if r["variant"] == v and r["stage"] == stage and r.get("object") == o]
+                    if not own and v == "official-compile":
+                        own = [r for r in here if r["variant"] == "official" and r["stage"] == stage
+                               and r.get("object") == o]
+                        borrowed += [stage] if own else []
+                    if own:
+                        parts[stage] = own[0]
+                if len(parts) == 2:
+                    totals.append(dict(round=rnd, object=o, N=parts["slat"]["N"], variant=v, borrowed=borrowed,
+                                       seconds=ss[v] + parts["slat"]["median_s"] + parts["mesh"]["median_s"]))
         for key, ref_variant in (("speedup", "official"), ("speedup_vs_compiled", "official-compile")):
             ref = {t["object"]: t["seconds"] for t in totals if t["variant"] == ref_variant}
             for t in totals:
@@ -701,7 +703,7 @@ def per_object_totals(rows: list[dict]) -> list[dict]:
 
 def per_object_lines(rows: list[dict]) -> list[str]:
     """The per-object table (one row per round, variant and object); with several rounds, also the median and
-    range of each variant's seconds and same-round speedups over the rounds."""
+    range of each variant's seconds and same-round speedups over the rounds (each over the rounds that have it)."""
     totals = per_object_totals(rows)
     if not totals:
         return []
@@ -711,15 +713,17 @@ def per_object_lines(rows: list[dict]) -> list[str]:
     if compiled:
         cols.append(("speedup_vs_compiled", "speedup vs official-compile (same round)"))
     lines = ["## Per object (SS sampler + SLaT sampler + mesh decoder network)", ""]
-    if compiled:
+    borrowed = sorted({s for t in totals for s in t["borrowed"]})
+    if borrowed:
         lines += ["`official-compile` is the official pipeline's default (`compile_model: true`): it compiles the SS "
-                  "generator only, so its SLaT and mesh-decoder seconds are `official`'s of the same round.", ""]
+                  f"generator only, so its {' and '.join(borrowed)} seconds are `official`'s of the same round.", ""]
     lines += ["| round | object | N | variant | seconds | " + " | ".join(c for _, c in cols) + " |",
               "|---|---|---|---|---|" + "---|" * len(cols)]
     lines += [f"| {t['round']} | {t['object']} | {t['N']} | {t['variant']} | {t['seconds']:.3f} | "
               + " | ".join(_fmt(t[k], '.2f') for k, _ in cols) + " |" for t in totals]
     if len(rounds) > 1:
-        lines += ["", f"Over {len(rounds)} rounds (median, and min-max):", "",
+        lines += ["", f"Over {len(rounds)} rounds (median, and min-max; a speedup over the rounds that have its "
+                  "reference):", "",
                   "| object | variant | seconds | " + " | ".join(c for _, c in cols) + " |",
                   "|---|---|---|" + "---|" * len(cols)]
         keys = []
@@ -732,7 +736,9 @@ def per_object_lines(rows: list[dict]) -> list[str]:
             texts = []
             for k, _ in cols:
                 sp = [t[k] for t in mine if t[k] == t[k]]
-                texts.append(f"{statistics.median(sp):.2f} ({min(sp):.2f}-{max(sp):.2f})" if sp else "")
+                texts.append(f"{statistics.median(sp):.2f} ({min(sp):.2f}-{max(sp):.2f})"
+                             + (f" [{len(sp)} of {len(mine)} rounds]" if 0 < len(sp) < len(mine) else "")
+                             if sp else "")
             lines.append(f"| {o} | {v} | {statistics.median(sec):.3f} ({min(sec):.3f}-{max(sec):.3f}) | "
                          + " | ".join(texts) + " |")
     return lines

@@ -168,7 +168,7 @@ def write_report(df: pd.DataFrame, out: Path, args) -> None:
     paired = [label for label in df.setting.unique() if ONE_SWITCH_REF.get(label) in set(df.setting)]
     if paired:
         lines += ["", "Each setting against the setting it differs from by one switch (same weights; the same precision "
-                  "unless the switch is the precision):", "",
+                  "unless the switch is the precision); Δ = setting − against:", "",
                   "| setting | against | mean ΔF1 | max abs ΔF1 | mean ΔvIoU | max abs ΔvIoU | voxel-count changes |",
                   "|---|---|---|---|---|---|---|"]
     for label in paired:

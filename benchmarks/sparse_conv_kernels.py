@@ -7,8 +7,10 @@ sampler batches the CFG pair: 2 x N rows), records the input of every ``SparseCo
 algorithm on exactly those inputs: "gather",
 "transform" and "implicit" (the Triton implicit-GEMM kernel, ``fs3d_accel/model/sparse_conv_triton.py``), plus
 what "auto" picks. CUDA events after warm-up, medians; the implicit kernel autotunes its tiles on the first call
-(timed apart, as ``<algorithm>_first_s``; the inputs are recorded with "gather", so the implicit kernel's first
-call shows its tuning, or, in a later process on the same machine, whether the on-disk autotune cache spared it).
+(timed apart, as ``<algorithm>_first_s``). The inputs are recorded with "gather", so that column is a process's
+first call only for "transform" and "implicit": the implicit kernel's shows its tile tuning or, in a later process
+on the same machine, whether the on-disk autotune cache spared it (one tuning per channel pair: the first conv of
+each pair carries it).
 Each output is compared with the fp32 "gather" result on fp32 copies of the same input and weights.
 
     python benchmarks/sparse_conv_kernels.py --out runs/sparse_conv               # GPU, full config

@@ -151,7 +151,7 @@ def test_official_compile_total_borrows_the_uncompiled_slat_and_mesh_of_its_roun
     rows = bvo.complete_rows(rows, peak_tflops=None)
     got = {(t["round"], t["variant"]): t for t in bvo.per_object_totals(rows)}
     assert got[(1, "official-compile")]["seconds"] == pytest.approx(1.5 + 2.5 + 0.5)
-    assert got[(1, "official-compile")]["borrowed"] and not got[(1, "official")]["borrowed"]
+    assert got[(1, "official-compile")]["borrowed"] == ["slat", "mesh"] and got[(1, "official")]["borrowed"] == []
     assert got[(2, "official-compile")]["speedup"] == pytest.approx(5.0 / 4.25)
     assert got[(1, "compile-all-zkv")]["speedup_vs_compiled"] == pytest.approx(4.5 / 1.5)
     assert got[(2, "compile-all-zkv")]["speedup_vs_compiled"] == pytest.approx(4.25 / 1.5)
@@ -159,6 +159,27 @@ def test_official_compile_total_borrows_the_uncompiled_slat_and_mesh_of_its_roun
     text = (tmp_path / bvo.README_NAME).read_text()
     assert "speedup vs official-compile (same round)" in text
     assert "| 007_tuna_fish_can | compile-all-zkv | 1.500 (1.500-1.500) | 3.67 (3.33-4.00) | 2.92 (2.83-3.00) |" in text
+
+
+def test_official_compile_borrows_only_the_stages_it_lacks_and_rounds_without_a_reference_say_so(tmp_path):
+    rows = _two_round_rows() + [
+        dict(round=1, variant="official-compile", stage="ss", object=None, N=None, median_s=1.5),
+        dict(round=1, variant="official-compile", stage="slat", object="007_tuna_fish_can", N=14171, median_s=2.0),
+        dict(round=2, variant="official-compile", stage="ss", object=None, N=None, median_s=1.25)]
+    rows = [r for r in rows if not (r["round"] == 2 and r["variant"] == "official" and r["stage"] == "ss")]
+    got = {(t["round"], t["variant"]): t for t in bvo.per_object_totals(bvo.complete_rows(rows, peak_tflops=None))}
+    # round 1: its own SLaT time, the official mesh time
+    assert got[(1, "official-compile")]["borrowed"] == ["mesh"]
+    assert got[(1, "official-compile")]["seconds"] == pytest.approx(1.5 + 2.0 + 0.5)
+    # round 2 has no official SS time: no official total, so no plain speedup, but the compiled one stays
+    assert (2, "official") not in got
+    assert got[(2, "official-compile")]["borrowed"] == ["slat", "mesh"]
+    assert math.isnan(got[(2, "compile-all-zkv")]["speedup"])
+    assert got[(2, "compile-all-zkv")]["speedup_vs_compiled"] == pytest.approx(4.25 / 1.5)
+    bvo.write_outputs(bvo.complete_rows(rows, peak_tflops=None), tmp_path, {"device": "H100"})
+    text = (tmp_path / bvo.README_NAME).read_text()
+    assert "so its mesh and slat seconds are `official`'s of the same round" in text
+    assert "| 007_tuna_fish_can | compile-all-zkv | 1.500 (1.500-1.500) | 4.00 (4.00-4.00) [1 of 2 rounds] |" in text
 
 
 def test_replot_rejects_a_folder_without_outputs(tmp_path):
