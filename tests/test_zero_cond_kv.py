@@ -49,6 +49,31 @@ def test_attention_over_one_key_of_a_zero_condition():
         map_kv_pairs(lambda p: p, [full[0]])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_over_one_key_is_its_value_without_a_kernel(dtype, monkeypatch):
+    """Softmax over one score is exactly 1: the output is the value for every query, bit for bit what SDPA
+    returns; the shortcut launches no attention kernel."""
+    import torch.nn.functional as F
+
+    from fs3d_accel.model import layers
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 4, 8, generator=g).to(dtype) for n in (9, 1, 1))
+    kernel = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+    def no_kernel(*args, **kwargs):
+        raise AssertionError("an attention kernel ran for a single key")
+
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention", no_kernel)
+    out = layers.attention(q, k, v, role="cross")
+    assert out.shape == (2, 9, 4, 8) and out.dtype == dtype
+    assert torch.equal(out, kernel) and torch.equal(out, v.expand(2, 9, 4, 8))
+    assert torch.equal(layers.attention(q, k[:1], v[:1]), v[:1].expand(2, 9, 4, 8))  # one K/V row for the batch
+    with pytest.raises(ValueError, match="attention shapes do not match"):
+        layers.attention(q, k[:, :, :2], v)  # 2 heads of keys for 4 heads of queries
+    with pytest.raises(AssertionError, match="an attention kernel ran"):
+        layers.attention(q, k, v, mask=torch.ones(2, 1, 9, 1, dtype=torch.bool))  # masked: the kernel decides
+
+
 def test_collapse_needs_the_kv_cache():
     with pytest.raises(ValueError, match="collapse_zero_cond works on the cached condition K/V"):
         RunOptions(collapse_zero_cond=True)

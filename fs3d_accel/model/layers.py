@@ -106,8 +106,19 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, role:
     says what the call does, so the kernel can be chosen per role: unmasked fp16 / bf16 calls of a role
     selected by ``use_attention_kernel("flash-attn-cute", roles)`` go to FlashAttention-4
     (:mod:`fs3d_accel.model.attention_kernels`; CUDA tensors only, others raise there); everything else to SDPA.
+
+    Unmasked attention over ONE key needs no kernel: the softmax of a single score is exactly 1, so every query's
+    output is that key's value, which is what the kernels return too, bit for bit (one weight of exactly 1, a sum
+    of one term). It is returned as a broadcast view. This is the unconditional CFG branch's cross-attention
+    under ``collapse_zero_cond`` (one key per head: :func:`collapse_zero_condition_kv`), which otherwise launched
+    one attention kernel per block, stream and CFG step (912 FlashAttention-2 launches per SS sampler call).
     """
     kernel = attention_kernels.current_attention_kernel(role)  # also rejects an unknown role, masked or not
+    if mask is None and k.shape[1] == 1:
+        if k.shape[0] not in (1, q.shape[0]) or v.shape[:3] != k.shape[:3] or q.shape[2] != k.shape[2]:
+            raise ValueError(f"attention shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                             f"v {tuple(v.shape)} (B, L, H, D)")
+        return v.expand(q.shape[0], q.shape[1], v.shape[2], v.shape[3])
     if mask is None and kernel == attention_kernels.FLASH_ATTN_CUTE and q.dtype in (torch.float16, torch.bfloat16):
         return attention_kernels.flash_attn_cute(q, k, v)
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))

@@ -76,7 +76,8 @@ class RunOptions:
     #: in the unconditional CFG branch the condition tokens are all zero, so each cross-attention's L keys
     #: are one repeated vector (the ``to_kv`` bias), and so are its values: keep one key and value instead
     #: of L (the softmax over equal scores is uniform and returns that value either way). Saves that
-    #: branch's cross-attention (~a third of an SS pass). Needs ``cache_cond_kv``.
+    #: branch's cross-attention (~a third of an SS pass): attention over one key is its value broadcast to
+    #: every query, with no kernel launched (``layers.attention``). Needs ``cache_cond_kv``.
     collapse_zero_cond: bool = False
     #: kernel of the networks' unmasked attention ("sdpa", or "flash-attn-cute" = FlashAttention-4, CUDA
     #: only, needs ``flash_attn.cute`` importable; see ``model/attention_kernels.py``). Entered by
