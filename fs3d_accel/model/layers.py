@@ -108,8 +108,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, role:
     (:mod:`fs3d_accel.model.attention_kernels`; CUDA tensors only, others raise there); everything else to SDPA.
 
     Unmasked attention over ONE key needs no kernel: the softmax of a single score is exactly 1, so every query's
-    output is that key's value, which is what the kernels return too, bit for bit (one weight of exactly 1, a sum
-    of one term). It is returned as a broadcast view. This is the unconditional CFG branch's cross-attention
+    output is that key's value. The kernels compute the same: a weight of exp(0) = 1 and a sum of one term (bit-equal
+    to SDPA in the CPU tests; on the GPU by that arithmetic, not yet compared). It is returned as a broadcast view. This is the unconditional CFG branch's cross-attention
     under ``collapse_zero_cond`` (one key per head: :func:`collapse_zero_condition_kv`), which otherwise launched
     one attention kernel per block, stream and CFG step (912 FlashAttention-2 launches per SS sampler call).
     """
