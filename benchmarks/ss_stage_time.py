@@ -11,12 +11,18 @@ Full config, bf16, random weights, the synthetic scene of ``stage_latency.py``; 
 ``compile-all-zkv-ro`` (compiled SS flow under CUDA graphs, batched CFG, condition K/V cache, one-key K/V).
 One SS stage call = condition embedding + 25-step sampler + SS decoder + voxel extraction. CUDA events after
 ``--warmup`` calls (the first compiles), median and minimum of ``--repeats``. The scene comes from
-``benchmarks/synthetic_scene.py`` (numpy only, so an old package version can run it too).
+``benchmarks/synthetic_scene.py`` (numpy only, so an old package version can run it too). ``--save`` keeps the last
+call's SS latents and occupancy logits, ``--compare-with`` says whether another version's saved outputs are
+bit-identical to this version's (for changes meant to leave every value unchanged)::
+
+    PYTHONPATH=$PWD/old:$PWD python benchmarks/ss_stage_time.py --save /tmp/old.pt
+    PYTHONPATH=$PWD python benchmarks/ss_stage_time.py --compare-with /tmp/old.pt
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+from pathlib import Path
 
 import torch
 from synthetic_scene import synthetic_inputs  # benchmarks/, this script's folder (first on sys.path)
@@ -33,6 +39,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--save", type=Path, default=None,
+                    help="write the last call's SS latents and occupancy logits here (torch.save)")
+    ap.add_argument("--compare-with", type=Path, default=None,
+                    help="a --save file of another version: print whether this version's outputs are bit-identical")
     args = ap.parse_args(argv)
     if args.warmup < 1 or args.repeats < 1:
         raise SystemExit(f"--warmup and --repeats must be >= 1 (the first call compiles), got {args.warmup}, "
@@ -50,12 +60,39 @@ def main(argv: list[str] | None = None) -> None:
             torch.cuda.synchronize()
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             a.record()
-            pipe.run_ss(inp, seed=0)
+            out = pipe.run_ss(inp, seed=0)
             b.record()
             torch.cuda.synchronize()
             times.append(a.elapsed_time(b) / 1000)
     print(f"{fs3d_accel.__file__} on {torch.cuda.get_device_name()}: SS stage median {statistics.median(times):.4f} s, "
           f"min {min(times):.4f} s over {args.repeats}", flush=True)
+    outputs = ss_outputs(out)
+    if args.save is not None:
+        torch.save(outputs, args.save)
+    if args.compare_with is not None:
+        print(compare(outputs, torch.load(args.compare_with)), flush=True)
+
+
+def ss_outputs(out) -> dict[str, torch.Tensor]:
+    """The SS stage's numeric outputs on the CPU: every latent and the occupancy logits."""
+    tensors = {f"latents.{k}": v for k, v in out.latents.items()}
+    tensors["occupancy_logits"] = out.occupancy_logits
+    return {k: v.detach().float().cpu() for k, v in tensors.items()}
+
+
+def compare(mine: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> str:
+    """One line per output: bit-identical, or the largest absolute difference (and any key or shape mismatch)."""
+    lines = []
+    for k in sorted(set(mine) | set(other)):
+        if k not in mine or k not in other:
+            lines.append(f"{k}: only in {'this version' if k in mine else 'the other version'}")
+        elif mine[k].shape != other[k].shape:
+            lines.append(f"{k}: shape {tuple(mine[k].shape)} here, {tuple(other[k].shape)} there")
+        elif torch.equal(mine[k], other[k]):
+            lines.append(f"{k}: bit-identical")
+        else:
+            lines.append(f"{k}: max abs diff {float((mine[k] - other[k]).abs().max()):.3g}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH.parent))
@@ -44,3 +45,21 @@ def test_one_synthetic_scene_for_every_benchmark():
     assert synthetic_inputs is scene
     img, mask, pm = scene(32)
     assert img.shape == (32, 32, 3) and mask.sum() == 16 * 11 and pm.shape == (32, 32, 3)
+
+
+def test_ss_stage_time_compares_outputs_bit_for_bit():
+    from types import SimpleNamespace
+    out = SimpleNamespace(latents={"shape": torch.ones(1, 4, 8, dtype=torch.bfloat16), "scale": torch.zeros(1, 1, 3)},
+                          occupancy_logits=torch.arange(8.0).reshape(2, 2, 2))
+    mine = ss_stage_time.ss_outputs(out)
+    assert sorted(mine) == ["latents.scale", "latents.shape", "occupancy_logits"]
+    assert mine["latents.shape"].dtype == torch.float32
+    other = {k: v.clone() for k, v in mine.items()}
+    other["occupancy_logits"][0, 0, 1] += 0.25
+    other["extra"] = torch.zeros(1)
+    del other["latents.scale"]
+    assert ss_stage_time.compare(mine, other).splitlines() == [
+        "extra: only in the other version", "latents.scale: only in this version", "latents.shape: bit-identical",
+        "occupancy_logits: max abs diff 0.25"]
+    other["latents.shape"] = torch.ones(1, 5, 8)
+    assert "latents.shape: shape (1, 4, 8) here, (1, 5, 8) there" in ss_stage_time.compare(mine, other)
