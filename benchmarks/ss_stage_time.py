@@ -13,7 +13,9 @@ One SS stage call = condition embedding + 25-step sampler + SS decoder + voxel e
 ``--warmup`` calls (the first compiles), median and minimum of ``--repeats``. The scene comes from
 ``benchmarks/synthetic_scene.py`` (numpy only, so an old package version can run it too). ``--save`` keeps the last
 call's SS latents and occupancy logits, ``--compare-with`` says whether another version's saved outputs are
-bit-identical to this version's (for changes meant to leave every value unchanged)::
+bit-identical to this version's (for changes meant to leave every value unchanged). That comparison means something
+only where both versions build the same random weights from the seed and one version gives the same bits from one
+process to the next: run the old version twice first (``--save`` then ``--compare-with``) as the control::
 
     PYTHONPATH=$PWD/old:$PWD python benchmarks/ss_stage_time.py --save /tmp/old.pt
     PYTHONPATH=$PWD python benchmarks/ss_stage_time.py --compare-with /tmp/old.pt
@@ -67,10 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{fs3d_accel.__file__} on {torch.cuda.get_device_name()}: SS stage median {statistics.median(times):.4f} s, "
           f"min {min(times):.4f} s over {args.repeats}", flush=True)
     outputs = ss_outputs(out)
+    if args.compare_with is not None:  # before --save: the same path for both compares the file with itself
+        print(compare(outputs, torch.load(args.compare_with)), flush=True)
     if args.save is not None:
         torch.save(outputs, args.save)
-    if args.compare_with is not None:
-        print(compare(outputs, torch.load(args.compare_with)), flush=True)
 
 
 def ss_outputs(out) -> dict[str, torch.Tensor]:
@@ -88,7 +90,7 @@ def compare(mine: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> st
             lines.append(f"{k}: only in {'this version' if k in mine else 'the other version'}")
         elif mine[k].shape != other[k].shape:
             lines.append(f"{k}: shape {tuple(mine[k].shape)} here, {tuple(other[k].shape)} there")
-        elif torch.equal(mine[k], other[k]):
+        elif torch.equal(mine[k].view(torch.int32), other[k].view(torch.int32)):  # bits: -0.0 vs 0.0, NaNs
             lines.append(f"{k}: bit-identical")
         else:
             lines.append(f"{k}: max abs diff {float((mine[k] - other[k]).abs().max()):.3g}")

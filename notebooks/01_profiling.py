@@ -204,13 +204,13 @@ conv_ms.round(2)
 # %% [markdown]
 # ## 6. Faster than which official code?
 # The official pipeline ships with `compile_model: true`: `torch.compile(mode="max-autotune")` of the SS generator's
-# CFG step. So the shipped default is faster than the uncompiled official code that the performance anchors (and
-# sessions 4-8) compared against. `benchmarks/base_vs_official.py --variants official,official-compile,...` times
+# CFG step. Sessions 4-8 (and the performance anchors) compared against the uncompiled official code instead. `benchmarks/base_vs_official.py --variants official,official-compile,...` times
 # both in one process. `official-compile` compiles nothing in SLaT or the mesh decoder, so `per_object_totals` gives
 # it the uncompiled SLaT and mesh times of the same round. The committed H100 run (session 9, run H, N = 14,171, two
 # rounds): `max-autotune` did not finish compiling in 9 minutes there, so `reduce-overhead` (the same CUDA graphs,
-# cuBLAS GEMMs) stands in for it, and ours is `compile-all-zkv-ro` (no FlashAttention-4). Ratios within each round,
-# then the median over the rounds:
+# cuBLAS GEMMs) stands in for it. Autotuned Triton GEMMs may be faster or slower than cuBLAS, so the
+# `official-compile` row estimates the shipped default rather than measuring it. Ours is `compile-all-zkv-ro` (no
+# FlashAttention-4). Ratios within each round, then the median over the rounds:
 
 # %%
 import sys

@@ -61,5 +61,9 @@ def test_ss_stage_time_compares_outputs_bit_for_bit():
     assert ss_stage_time.compare(mine, other).splitlines() == [
         "extra: only in the other version", "latents.scale: only in this version", "latents.shape: bit-identical",
         "occupancy_logits: max abs diff 0.25"]
+    signed = {"occupancy_logits": mine["occupancy_logits"].clone()}
+    signed["occupancy_logits"][0, 0, 0] = -0.0  # equal as numbers, not as bits
+    assert "occupancy_logits: max abs diff 0" in ss_stage_time.compare({"occupancy_logits": mine["occupancy_logits"]},
+                                                                        signed)
     other["latents.shape"] = torch.ones(1, 5, 8)
     assert "latents.shape: shape (1, 4, 8) here, (1, 5, 8) there" in ss_stage_time.compare(mine, other)

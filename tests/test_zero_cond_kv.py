@@ -68,10 +68,40 @@ def test_attention_over_one_key_is_its_value_without_a_kernel(dtype, monkeypatch
     assert out.shape == (2, 9, 4, 8) and out.dtype == dtype
     assert torch.equal(out, kernel) and torch.equal(out, v.expand(2, 9, 4, 8))
     assert torch.equal(layers.attention(q, k[:1], v[:1]), v[:1].expand(2, 9, 4, 8))  # one K/V row for the batch
-    with pytest.raises(ValueError, match="attention shapes do not match"):
+    with pytest.raises(ValueError, match="attention inputs do not match"):
         layers.attention(q, k[:, :, :2], v)  # 2 heads of keys for 4 heads of queries
+    with pytest.raises(ValueError, match="attention inputs do not match"):
+        layers.attention(q, k[..., :4], v)  # head dim 4 of keys for 8 of queries
+    with pytest.raises(ValueError, match="attention inputs do not match"):
+        layers.attention(q, k, v.double())
     with pytest.raises(AssertionError, match="an attention kernel ran"):
         layers.attention(q, k, v, mask=torch.ones(2, 1, 9, 1, dtype=torch.bool))  # masked: the kernel decides
+
+
+def test_one_key_shortcut_under_autocast_gradients_and_the_fa4_switch(monkeypatch):
+    import torch.nn.functional as F
+
+    from fs3d_accel.model import attention_kernels as ak
+    from fs3d_accel.model import layers
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, n, 4, 8, generator=g) for n in (9, 1, 1))
+    with torch.autocast("cpu", torch.bfloat16):  # the dtype SDPA would return, and its values
+        out = layers.attention(q, k, v)
+        ref = F.scaled_dot_product_attention(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
+    assert out.dtype == ref.dtype == torch.bfloat16 and torch.equal(out, ref)
+    # gradients: exactly SDPA's for v; q and k get none (their exact gradient is zero)
+    qq, kk, vv = (x.clone().requires_grad_() for x in (q, k, v))
+    layers.attention(qq, kk, vv).square().sum().backward()
+    vr = v.clone().requires_grad_()
+    F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), vr.transpose(1, 2)).square().sum().backward()
+    assert torch.equal(vv.grad, vr.grad) and qq.grad is None and kk.grad is None
+    # with FlashAttention-4 selected, a one-key call still launches nothing
+    calls = []
+    monkeypatch.setattr(ak, "_flash_attn_cute_forward", lambda *a: calls.append(a))
+    with ak.use_attention_kernel(ak.FLASH_ATTN_CUTE):
+        assert torch.equal(layers.attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), role="cross"),
+                           v.bfloat16().expand(2, 9, 4, 8))
+    assert calls == []
 
 
 def test_collapse_needs_the_kv_cache():

@@ -108,16 +108,22 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, role:
     (:mod:`fs3d_accel.model.attention_kernels`; CUDA tensors only, others raise there); everything else to SDPA.
 
     Unmasked attention over ONE key needs no kernel: the softmax of a single score is exactly 1, so every query's
-    output is that key's value. The kernels compute the same: a weight of exp(0) = 1 and a sum of one term (bit-equal
-    to SDPA in the CPU tests; on the GPU by that arithmetic, not yet compared). It is returned as a broadcast view. This is the unconditional CFG branch's cross-attention
-    under ``collapse_zero_cond`` (one key per head: :func:`collapse_zero_condition_kv`), which otherwise launched
-    one attention kernel per block, stream and CFG step (912 FlashAttention-2 launches per SS sampler call).
+    output is that key's value, returned as a broadcast view (gradients reach ``v`` only, as they do in exact
+    arithmetic). PyTorch's FlashAttention-2 computes exactly that (a weight of exp(0) = 1, a sum of one term);
+    cuDNN and FlashAttention-4 fuse the max subtraction into an FMA and may land within output rounding of it.
+    Bit-equal to SDPA in the CPU tests; not yet compared on the GPU. This is the unconditional CFG branch's
+    cross-attention under ``collapse_zero_cond`` (one key per head: :func:`collapse_zero_condition_kv`), which
+    otherwise launched one kernel per block, stream and CFG step (912 FlashAttention-2 launches per SS sampler
+    call in session 7's kernel table).
     """
     kernel = attention_kernels.current_attention_kernel(role)  # also rejects an unknown role, masked or not
     if mask is None and k.shape[1] == 1:
-        if k.shape[0] not in (1, q.shape[0]) or v.shape[:3] != k.shape[:3] or q.shape[2] != k.shape[2]:
-            raise ValueError(f"attention shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, "
-                             f"v {tuple(v.shape)} (B, L, H, D)")
+        if (k.shape[0] not in (1, q.shape[0]) or v.shape[:3] != k.shape[:3] or q.shape[2:] != k.shape[2:]
+                or q.dtype != v.dtype or q.device != v.device):
+            raise ValueError(f"attention inputs do not match: q {tuple(q.shape)} {q.dtype} {q.device}, k "
+                             f"{tuple(k.shape)}, v {tuple(v.shape)} {v.dtype} {v.device} (B, L, H, D)")
+        if torch.is_autocast_enabled(v.device.type):  # SDPA runs in the autocast dtype: so does its output
+            v = v.to(torch.get_autocast_dtype(v.device.type))
         return v.expand(q.shape[0], q.shape[1], v.shape[2], v.shape[3])
     if mask is None and kernel == attention_kernels.FLASH_ATTN_CUTE and q.dtype in (torch.float16, torch.bfloat16):
         return attention_kernels.flash_attn_cute(q, k, v)

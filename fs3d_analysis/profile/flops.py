@@ -147,6 +147,8 @@ def _install_default_rules() -> None:
             kv_lens = [k.shape[1] for k in kv[0::2]]
         else:
             kv_lens = [kv[0].shape[1]] * len(segs)
+        # attention over one key is its value, no products (``layers.attention``): as FlopCounterMode sees it
+        kv_lens = [0 if n == 1 else n for n in kv_lens]
         return f + varlen_attention_flops(h, segs, kv_lens, c // h)
 
 
