@@ -105,6 +105,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import parity_official as po  # noqa: E402
 from fs3d_accel.model.random_weights import perturb_zero_inits  # noqa: E402
+from fs3d_analysis.profile.latency import sync_device  # noqa: E402
 from fs3d_analysis.profile.busy import KERNEL_CLASSES, KernelTime, kernel_class, kernel_time  # noqa: E402
 from fs3d_analysis.profile.shape_only import skip_heavy_ops  # noqa: E402
 from benchmarks.stage_latency import (COORDS_FILE, SHORT, VARIANTS, Timer, add_conv_args,  # noqa: E402
@@ -391,11 +392,6 @@ def host_cpu() -> str:
     return f"{model}, {os.cpu_count()} logical cores"
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
 def _free(dev: torch.device) -> None:
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -404,11 +400,11 @@ def _free(dev: torch.device) -> None:
 def measure(fn: Callable[[], Any], dev: torch.device, warmup: int, repeats: int) -> tuple[Any, dict]:
     """First call (timed alone: includes compilation / autotuning), then stage_latency.Timer
     (``warmup`` untimed calls, median of ``repeats``); peak memory over the timed calls."""
-    _sync(dev)
+    sync_device(dev)
     resident = torch.cuda.memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else float("nan")
     t0 = time.perf_counter()
     out = fn()
-    _sync(dev)
+    sync_device(dev)
     first = time.perf_counter() - t0
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)

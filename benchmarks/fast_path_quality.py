@@ -8,9 +8,14 @@ Runs the embedded sam3d-mini (base method, no accelerator) over held-out YCB obj
 * ``bf16 + batched CFG + K/V cache``: bf16 weights, what the GPU timings use;
 * ``... + torch.compile (SS, SLaT blocks)``: CUDA only;
 * ``... + one-key K/V of the zero condition``: compiled, CUDA only; and the same switch without compilation in
-  fp32 (``fp32-cfg-zkv``) and bf16 (``bf16-cfg-zkv``), which run on a CPU too.
+  fp32 (``fp32-cfg-zkv``) and bf16 (``bf16-cfg-zkv``), which run on a CPU too;
+* ``... + FlashAttention-4 in SLaT, CUDA graphs`` (``compile-all-zkv-fa4-slat-ro``): CUDA with ``flash_attn.cute``;
+* the same two compiled settings with the sparse-conv algorithm before session 8 (``compile-all-zkv-gt``,
+  ``compile-all-zkv-fa4-slat-ro-gt``), against the Triton implicit GEMM that CUDA runs by default since then.
 
-The SLaT coordinate-structure cache and the gather sparse conv are always on (they are the defaults).
+The SLaT coordinate-structure cache is always on, and the sparse conv is ``"auto"`` unless a setting names one (the
+Triton implicit GEMM for half precision on CUDA since session 8; elsewhere "gather-or-transform": the gather, or on
+CUDA the transform where C_in >= 8 C_out).
 Besides the comparison with fp32, every setting that adds one switch to another setting is compared with that
 setting (``ONE_SWITCH_REF``; asking for the first brings the second along), so a switch's own effect is not
 mixed with the precision's.

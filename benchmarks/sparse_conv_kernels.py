@@ -35,6 +35,7 @@ from fs3d_accel.model.random_weights import perturb_zero_inits  # noqa: E402
 from fs3d_accel.model.sparse import SparseConv3d, SparseTensor, use_conv_impl  # noqa: E402
 from fs3d_accel.model.sparse_conv_triton import triton_unavailable  # noqa: E402
 from fs3d_accel.pipeline import Pipeline  # noqa: E402
+from fs3d_analysis.profile.latency import sync_device  # noqa: E402
 
 IMPLS = ("gather", "transform", "implicit")
 
@@ -65,11 +66,6 @@ def run_conv(conv: SparseConv3d, x: SparseTensor, impl: str) -> torch.Tensor:
             conv.impl = own
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def measure(network: str, calls, timer: Timer, impls: tuple[str, ...]) -> list[dict]:
     rows = []
     for name, conv, x in calls:
@@ -83,10 +79,10 @@ def measure(network: str, calls, timer: Timer, impls: tuple[str, ...]) -> list[d
                        gflop=flops / 1e9, auto=conv.algorithm(x.feats.device, dtype=x.feats.dtype),
                        before=conv.algorithm(x.feats.device, dtype=x.feats.dtype, impl="gather-or-transform"))
             for impl in impls:
-                sync(x.feats.device)
+                sync_device(x.feats.device)
                 start = time.perf_counter()
                 out = run_conv(conv, x, impl)  # first call: autotuning / table building, timed apart
-                sync(x.feats.device)
+                sync_device(x.feats.device)
                 row[f"{impl}_first_s"] = time.perf_counter() - start
                 row[f"{impl}_err"] = float((out.float() - ref).abs().max())
                 t = timer(lambda: run_conv(conv, x, impl))["median_s"]

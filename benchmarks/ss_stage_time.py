@@ -46,6 +46,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--compare-with", type=Path, default=None,
                     help="a --save file of another version: print whether this version's outputs are bit-identical")
     args = ap.parse_args(argv)
+    # checked before minutes of GPU time, not after
+    if args.compare_with is not None and not args.compare_with.is_file():
+        raise SystemExit(f"--compare-with: no file {args.compare_with} (write one with --save)")
+    if args.save is not None and not args.save.parent.is_dir():
+        raise SystemExit(f"--save: folder {args.save.parent} does not exist")
     if args.warmup < 1 or args.repeats < 1:
         raise SystemExit(f"--warmup and --repeats must be >= 1 (the first call compiles), got {args.warmup}, "
                          f"{args.repeats}")
@@ -88,9 +93,10 @@ def compare(mine: dict[str, torch.Tensor], other: dict[str, torch.Tensor]) -> st
     for k in sorted(set(mine) | set(other)):
         if k not in mine or k not in other:
             lines.append(f"{k}: only in {'this version' if k in mine else 'the other version'}")
-        elif mine[k].shape != other[k].shape:
-            lines.append(f"{k}: shape {tuple(mine[k].shape)} here, {tuple(other[k].shape)} there")
-        elif torch.equal(mine[k].view(torch.int32), other[k].view(torch.int32)):  # bits: -0.0 vs 0.0, NaNs
+        elif mine[k].shape != other[k].shape or mine[k].dtype != other[k].dtype:
+            lines.append(f"{k}: {tuple(mine[k].shape)} {mine[k].dtype} here, {tuple(other[k].shape)} "
+                         f"{other[k].dtype} there")
+        elif torch.equal(mine[k].view(torch.int32), other[k].view(torch.int32)):  # bits (fp32): -0.0 vs 0.0, NaNs
             lines.append(f"{k}: bit-identical")
         else:
             lines.append(f"{k}: max abs diff {float((mine[k] - other[k]).abs().max()):.3g}")

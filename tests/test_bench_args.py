@@ -66,4 +66,14 @@ def test_ss_stage_time_compares_outputs_bit_for_bit():
     assert "occupancy_logits: max abs diff 0" in ss_stage_time.compare({"occupancy_logits": mine["occupancy_logits"]},
                                                                         signed)
     other["latents.shape"] = torch.ones(1, 5, 8)
-    assert "latents.shape: shape (1, 4, 8) here, (1, 5, 8) there" in ss_stage_time.compare(mine, other)
+    assert ("latents.shape: (1, 4, 8) torch.float32 here, (1, 5, 8) torch.float32 there"
+            in ss_stage_time.compare(mine, other))
+    other["latents.shape"] = torch.ones(1, 4, 8, dtype=torch.float64)
+    assert "torch.float32 here, (1, 4, 8) torch.float64 there" in ss_stage_time.compare(mine, other)
+
+
+def test_ss_stage_time_rejects_missing_files_before_running(tmp_path):
+    with pytest.raises(SystemExit, match="--compare-with: no file"):
+        ss_stage_time.main(["--compare-with", str(tmp_path / "old.pt")])
+    with pytest.raises(SystemExit, match="--save: folder .* does not exist"):
+        ss_stage_time.main(["--save", str(tmp_path / "nowhere" / "old.pt")])

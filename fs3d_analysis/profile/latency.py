@@ -35,7 +35,8 @@ def _device_of(root: nn.Module) -> torch.device:
         return torch.device("cpu")
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (CUDA); a no-op on a CPU, whose ops run synchronously."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -146,7 +147,7 @@ class ModuleTimer:
 
     def resolve(self) -> dict[str, list[tuple[float, int, int]]]:
         """path -> [(seconds, peak_alloc_bytes, entry_alloc_bytes)] per call (one sync)."""
-        _sync(self.device)
+        sync_device(self.device)
         out: dict[str, list[tuple[float, int, int]]] = {}
         for path, calls in self.calls.items():
             if self.cuda:
@@ -163,10 +164,10 @@ def _pct(x: list[float], q: float) -> float:
 def _timed_runs(run: Callable[[], Any], device: torch.device, repeats: int) -> list[float]:
     out = []
     for _ in range(repeats):
-        _sync(device)
+        sync_device(device)
         t0 = time.perf_counter()
         run()
-        _sync(device)
+        sync_device(device)
         out.append(time.perf_counter() - t0)
     return out
 
@@ -217,7 +218,7 @@ def profile_latency(pipe: nn.Module, inputs: Any, modules: ModuleSpec = "auto", 
                 unprofiled.extend(_timed_runs(run, device, 1))
             with timer:
                 timer.reset()
-                _sync(device)
+                sync_device(device)
                 t0 = time.perf_counter()
                 run()
                 per_repeat.append(timer.resolve())  # the one synchronisation of this run

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.autograd.profiler import record_function
 
-from .latency import _device_of, _sync
+from .latency import _device_of, sync_device
 from .modules import is_pipeline, network_paths, stage_roots
 from .workload import make_runner
 
@@ -168,7 +168,7 @@ def trace(pipe: nn.Module, inputs: Any, out_dir: str | Path, run_name: str = "fs
                     with_stack=with_stack,
                     on_trace_ready=torch.profiler.tensorboard_trace_handler(str(run_dir), worker_name=worker)):
                 run()
-                _sync(device)
+                sync_device(device)
         finally:
             ranges.detach()
     written = sorted(set(run_dir.glob(f"{worker}*.pt.trace.json")) - before)
