@@ -80,6 +80,16 @@ VARIANTS = {
     "... + torch.compile reduce-overhead (SS, SLaT blocks)": RunOptions(
         precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
         compile_mode="reduce-overhead"),
+    # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse
+    # into the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning,
+    # cached in TORCHINDUCTOR_CACHE_DIR for later processes on the machine
+    "... + one-key K/V of the zero condition, max-autotune": RunOptions(
+        precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
+        collapse_zero_cond=True, compile_mode="max-autotune"),
+    "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT, max-autotune": RunOptions(
+        precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
+        collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_sites=("slat",),
+        compile_mode="max-autotune"),
     # the sparse-conv algorithm of "auto" before session 8 (cuBLAS on gathered / transformed blocks), for comparisons
     "... + one-key K/V of the zero condition, reduce-overhead, gather-or-transform sparse conv": RunOptions(
         precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
@@ -102,6 +112,9 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
          "compile-all-zkv-fa4": "... + one-key K/V of the zero condition + FlashAttention-4",
          "compile-all-zkv-fa4-slat": "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT",
          "compile-all-zkv-ro": "... + one-key K/V of the zero condition, reduce-overhead",
+         "compile-all-zkv-ma": "... + one-key K/V of the zero condition, max-autotune",
+         "compile-all-zkv-fa4-slat-ma": "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT, "
+                                        "max-autotune",
          "compile-all-zkv-ro-gt": "... + one-key K/V of the zero condition, reduce-overhead, gather-or-transform "
                                   "sparse conv",
          "compile-all-zkv-fa4-slat-ro-gt": "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT, "

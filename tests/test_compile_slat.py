@@ -154,3 +154,19 @@ def test_compiled_region_inputs_are_independent_copies():
         assert torch.equal(k, k0) and torch.equal(v, v0)
         ptrs |= {k.untyped_storage().data_ptr(), v.untyped_storage().data_ptr()}
     assert len(ptrs) == 5  # the source and four separate copies
+
+
+@pytest.mark.parametrize("mode, static", [("default", False), ("reduce-overhead", True), ("max-autotune", True),
+                                          ("max-autotune-no-cudagraphs", False)])
+def test_compiled_region_inputs_are_static_under_cuda_graph_modes(mode, static):
+    """The copies are marked static addresses exactly when the compile mode captures CUDA graphs, so replays read
+    the cached K/V in place instead of copying them into graph buffers."""
+    options = RunOptions(compile_mode=mode)
+    assert options.compile_uses_cuda_graphs is static
+    out = options.compiled_region_inputs([(torch.zeros(2, 3), torch.ones(2, 3))])
+    marks = {getattr(t, "_dynamo_static_input_type", None) for pair in out for t in pair}
+    assert marks == ({"unguarded"} if static else {None})
+
+
+def test_debug_backends_capture_no_cuda_graphs():
+    assert RunOptions(compile_backend="eager").compile_uses_cuda_graphs is False

@@ -56,7 +56,9 @@ class RunOptions:
     cache_cond_kv: bool = False
     #: torch.compile the SS flow network forward (one static-shape graph, the MoT block body compiled
     #: once and reused by every block; see ``SSStage.compiled_flow``); CUDA only. ``compile_mode`` is
-    #: passed to torch.compile ("default", "reduce-overhead" = CUDA graphs, "max-autotune-no-cudagraphs").
+    #: passed to torch.compile ("default", "reduce-overhead" = CUDA graphs, "max-autotune" = autotuned Triton GEMM
+    #: templates, whose epilogues can take the following element-wise ops, plus CUDA graphs,
+    #: "max-autotune-no-cudagraphs").
     compile_ss: bool = False
     #: torch.compile the SLaT flow's 24 transformer blocks (``SLaTFlowModel.dense_torso``) with the
     #: token count dynamic, so one graph per batch size serves every object; the sparse IO res-blocks,
@@ -169,18 +171,24 @@ class RunOptions:
     def compiled_region_inputs(self, tree):
         """Independent contiguous copies of the tensors in ``tree`` (cached condition K/V) for a compiled
         flow: a nested compile region refuses inputs that alias one another, and ``precompute_cond_kv``
-        returns k and v as views of one tensor. Same values, so same results. Under
-        ``compile_mode="reduce-overhead"`` the copies are also marked static addresses, so inductor's CUDA
-        graphs read them in place instead of copying them into graph buffers on every replay."""
+        returns k and v as views of one tensor. Same values, so same results. Under the compile modes that
+        capture CUDA graphs (:attr:`compile_uses_cuda_graphs`) the copies are also marked static addresses, so
+        inductor's CUDA graphs read them in place instead of copying them into graph buffers on every replay."""
         from torch.utils import _pytree as pytree
         out = pytree.tree_map(lambda t: t.clone(memory_format=torch.contiguous_format)
                               if isinstance(t, torch.Tensor) else t, tree)
-        if self.compile_mode == "reduce-overhead" and self.compile_backend == "inductor":
+        if self.compile_uses_cuda_graphs:
             from torch._dynamo import mark_static_address
             for t in pytree.tree_leaves(out):
                 if isinstance(t, torch.Tensor):
                     mark_static_address(t)
         return out
+
+    @property
+    def compile_uses_cuda_graphs(self) -> bool:
+        """Whether inductor captures the compiled regions in CUDA graphs: "reduce-overhead", and "max-autotune"
+        (autotuned GEMM templates plus the same CUDA graphs); not "default" or "max-autotune-no-cudagraphs"."""
+        return self.compile_backend == "inductor" and self.compile_mode in ("reduce-overhead", "max-autotune")
 
     @property
     def weight_dtype(self) -> torch.dtype:
