@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         for _ in range(args.warmup):
             pipe.run_ss(inp, seed=0)
+        recorded_before = cuda_graph_recordings()
         for _ in range(args.repeats):
             torch.cuda.synchronize()
             a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -71,13 +72,31 @@ def main(argv: list[str] | None = None) -> None:
             b.record()
             torch.cuda.synchronize()
             times.append(a.elapsed_time(b) / 1000)
+    recorded = cuda_graph_recordings() - recorded_before
     print(f"{fs3d_accel.__file__} on {torch.cuda.get_device_name()}: SS stage median {statistics.median(times):.4f} s, "
-          f"min {min(times):.4f} s over {args.repeats}", flush=True)
+          f"min {min(times):.4f} s over {args.repeats}; {recorded} CUDA graphs recorded during the timed calls",
+          flush=True)
     outputs = ss_outputs(out)
     if args.compare_with is not None:  # before --save: the same path for both compares the file with itself
         print(compare(outputs, torch.load(args.compare_with)), flush=True)
     if args.save is not None:
         torch.save(outputs, args.save)
+
+
+def cuda_graph_recordings(device_index: int = 0) -> int:
+    """How many graphs inductor's CUDA-graph trees have recorded on the device so far (0 before any): a recording
+    after the warm-up calls means a compiled flow re-recorded (a synchronisation and a capture) instead of replaying.
+    Counted by walking the tree, since torch keeps no public counter."""
+    from torch._inductor import cudagraph_trees
+    manager = cudagraph_trees.get_container(device_index).tree_manager
+    if manager is None:
+        return 0
+    nodes, stack = 0, [node for group in manager.roots.values() for node in group]
+    while stack:
+        node = stack.pop()
+        nodes += 1
+        stack.extend(child for group in node.children.values() for child in group)
+    return nodes
 
 
 def ss_outputs(out) -> dict[str, torch.Tensor]:

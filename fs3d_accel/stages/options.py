@@ -47,6 +47,15 @@ def _entered_together(*contexts):
         yield
 
 
+def _same_buffer_kind(kept, new) -> bool:
+    """Whether ``new`` can be copied into the held ``kept`` (tensors of equal shape, dtype and device), or equals it
+    (anything else)."""
+    if isinstance(kept, torch.Tensor) or isinstance(new, torch.Tensor):
+        return (isinstance(kept, torch.Tensor) and isinstance(new, torch.Tensor) and kept.shape == new.shape
+                and kept.dtype == new.dtype and kept.device == new.device)
+    return kept == new
+
+
 @dataclass(frozen=True)
 class RunOptions:
     precision: str = "fp32"
@@ -160,13 +169,46 @@ class RunOptions:
                 raise ValueError(f"attention_kernel {self.attention_kernel!r} takes fp16 / bf16 tensors; "
                                  f"precision {self.precision!r} would run every attention through SDPA")
 
-    def prepare_cond_kv(self, kv, zero_rows: list[bool], compiled: bool):
+    def prepare_cond_kv(self, kv, zero_rows: list[bool], compiled: bool, held: dict | None = None,
+                        name: str = "cond"):
         """Cached condition K/V as the flows take them: collapsed for the all-zero rows (the
-        unconditional branch) when ``collapse_zero_cond``, and as independent copies for a compiled flow."""
+        unconditional branch) when ``collapse_zero_cond``, and as independent copies for a compiled flow.
+
+        ``held`` (a dict the stage keeps between calls) and ``name`` (which condition: "cond", "uncond",
+        "both"): under a compile mode that captures CUDA graphs the copies go into buffers held there, at the
+        same addresses call after call (:meth:`held_region_inputs`)."""
         if self.collapse_zero_cond:
             from ..model.layers import collapse_zero_condition_kv, map_kv_pairs
             kv = map_kv_pairs(lambda pair: collapse_zero_condition_kv(pair, zero_rows), kv)
-        return self.compiled_region_inputs(kv) if compiled else kv
+        if not compiled:
+            return kv
+        if held is not None and self.compile_uses_cuda_graphs:
+            return self.held_region_inputs(kv, held, name)
+        return self.compiled_region_inputs(kv)
+
+    def held_region_inputs(self, tree, held: dict, key):
+        """:meth:`compiled_region_inputs` at stable addresses: the first call keeps its copies in ``held[key]``;
+        a later call whose tree has the same structure, shapes, dtypes and devices copies its values into those
+        same buffers and returns them.
+
+        Why: inductor's CUDA graphs (cudagraph trees) check that every static input (the weights and these
+        cached K/V, marked static) sits at the address it was recorded with. A fresh K/V per object moved them,
+        and each move made the compiled flow re-record its graph on the object's first step: a device
+        synchronisation, a capture and another synchronisation, and one more recorded graph kept in the tree. The
+        held buffers stay alive between calls (the full SS set: 24 blocks of k and v, ~0.7 GB in bf16)."""
+        from torch.utils import _pytree as pytree
+        leaves, spec = pytree.tree_flatten(tree)
+        kept = held.get(key)
+        if kept is not None:
+            kept_spec, kept_leaves = kept
+            if kept_spec == spec and all(_same_buffer_kind(a, b) for a, b in zip(kept_leaves, leaves)):
+                for dst, src in zip(kept_leaves, leaves):
+                    if isinstance(dst, torch.Tensor):
+                        dst.copy_(src)
+                return pytree.tree_unflatten(kept_leaves, spec)
+        out = self.compiled_region_inputs(tree)
+        held[key] = (spec, pytree.tree_leaves(out))
+        return out
 
     def compiled_region_inputs(self, tree):
         """Independent contiguous copies of the tensors in ``tree`` (cached condition K/V) for a compiled

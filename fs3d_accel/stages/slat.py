@@ -76,6 +76,7 @@ class SLaTStage(nn.Module):
         torso = self.compiled_torso(options)
 
         kv_cache: dict[str, object] = {}
+        held_kv = self.__dict__.setdefault("_held_kv", {})  # K/V buffers kept between calls for CUDA graphs
 
         def kv_of(name: str, c: Tensor, zero_rows: list[bool]):
             """Cached K/V of condition ``name``, computed on its first pass, once per object (``zero_rows``: which
@@ -85,7 +86,7 @@ class SLaTStage(nn.Module):
                 return None
             if name not in kv_cache:
                 kv_cache[name] = options.prepare_cond_kv(flow.precompute_cond_kv(c.to(dtype)), zero_rows,
-                                                         torso is not None)
+                                                         torso is not None, held_kv, name)
             return kv_cache[name]
 
         def run(feats: Tensor, c_coords: Tensor, t: float, c: Tensor, ckv, structure=None) -> Tensor:

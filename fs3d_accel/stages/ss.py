@@ -92,6 +92,7 @@ class SSStage(nn.Module):
         plain = self.flow
 
         kv_cache: dict[str, CondKV] = {}
+        held_kv = self.__dict__.setdefault("_held_kv", {})  # K/V buffers kept between calls for CUDA graphs
 
         def kv_of(name: str, c: Tensor, zero_rows: list[bool]) -> CondKV | None:
             """K/V of condition ``name``, computed on its first pass, once per object, outside any compiled region
@@ -102,7 +103,7 @@ class SSStage(nn.Module):
                 return None
             if name not in kv_cache:
                 kv_cache[name] = options.prepare_cond_kv(plain.precompute_cond_kv(c.to(dtype)), zero_rows,
-                                                         compiled is not None)
+                                                         compiled is not None, held_kv, name)
             return kv_cache[name]
 
         uncond = cond * 0
