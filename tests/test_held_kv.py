@@ -3,8 +3,9 @@
 inductor's CUDA graphs re-record a compiled flow whenever a static input (the cached K/V are marked static) has moved;
 a fresh K/V per object moved them every time. Under the compile modes that capture graphs, the stages therefore copy
 each object's K/V into buffers they keep. These tests check the buffers are reused exactly when they can be, that
-nothing changes for the other modes, and that two objects sampled through the held buffers give the uncompiled
-results bit for bit (debug dynamo backend on the CPU, with the graph-capturing mode's flag forced on).
+nothing changes for the other modes, that two SS objects sampled through the held buffers give the uncompiled
+results bit for bit (debug dynamo backend on the CPU, with the graph-capturing mode's flag forced on), and that SLaT,
+which records a graph per object size anyway, keeps its K/V per call.
 """
 from __future__ import annotations
 
@@ -119,32 +120,27 @@ def test_ss_objects_through_held_kv_equal_uncompiled(graphs_flag, collapse):
 
 
 @torch.no_grad()
-def test_slat_objects_of_two_sizes_through_held_kv_equal_uncompiled(graphs_flag):
+def test_slat_holds_no_kv(graphs_flag):
+    """SLaT records one CUDA graph per token count, so a new object records anyway; held K/V would only let repeats
+    of one object (what the benchmarks time) replay where a real object records. Its K/V stay per call."""
     cfg = mini_config()
     torch.manual_seed(0)
     stage = SLaTStage(cfg).eval()
     gen = torch.Generator().manual_seed(0)
-    plain = RunOptions(batch_cfg=True, cache_cond_kv=True, collapse_zero_cond=True)
-    held = dataclasses.replace(plain, compile_slat=True, compile_backend="eager")
-    seen = []
-    for n in (300, 180):
-        r = cfg.slat_flow.resolution
-        idx = torch.randperm(r ** 3, generator=gen)[:n].sort().values
-        coords = torch.cat([torch.zeros(n, 1, dtype=torch.long),
-                            torch.stack([idx // (r * r), (idx // r) % r, idx % r], 1)], 1).int()
-        cond = torch.randn(1, 24, cfg.slat_flow.cond_channels, generator=gen)
-        noise = slat_noise(n, cfg.slat_flow.in_channels, gen)
-        outs = []
-        for options in (plain, held):
-            structures: list[dict] = []
-            try:
-                net = stage.velocity_net(cond, coords, cfg.slat_sampler, options, structures)
-                outs.append(EulerFlowSampler(cfg.slat_sampler, "slat").sample(noise.clone(), net,
-                                                                               extras={"coords": coords}))
-            finally:
-                for s in structures:
-                    release_structure(s)
-        assert torch.equal(outs[1], outs[0])
-        seen.append([t.data_ptr() for t in stage._held_kv["both"][1]])
-    assert seen[0] == seen[1]  # the condition's K/V do not depend on the object's size
+    n, r = 120, cfg.slat_flow.resolution
+    idx = torch.randperm(r ** 3, generator=gen)[:n].sort().values
+    coords = torch.cat([torch.zeros(n, 1, dtype=torch.long),
+                        torch.stack([idx // (r * r), (idx // r) % r, idx % r], 1)], 1).int()
+    cond = torch.randn(1, 24, cfg.slat_flow.cond_channels, generator=gen)
+    options = RunOptions(batch_cfg=True, cache_cond_kv=True, compile_slat=True, compile_backend="eager")
+    sampler = dataclasses.replace(cfg.slat_sampler, steps=2)
+    structures: list[dict] = []
+    try:
+        net = stage.velocity_net(cond, coords, sampler, options, structures)
+        EulerFlowSampler(sampler, "slat").sample(slat_noise(n, cfg.slat_flow.in_channels, gen), net,
+                                                 extras={"coords": coords})
+    finally:
+        for s in structures:
+            release_structure(s)
+    assert "_held_kv" not in stage.__dict__
     stage.__dict__.pop("_compiled_torso", None)

@@ -174,7 +174,7 @@ class RunOptions:
         """Cached condition K/V as the flows take them: collapsed for the all-zero rows (the
         unconditional branch) when ``collapse_zero_cond``, and as independent copies for a compiled flow.
 
-        ``held`` (a dict the stage keeps between calls) and ``name`` (which condition: "cond", "uncond",
+        ``held`` (a dict the stage keeps between calls; the SS stage passes one) and ``name`` (which condition: "cond", "uncond",
         "both"): under a compile mode that captures CUDA graphs the copies go into buffers held there, at the
         same addresses call after call (:meth:`held_region_inputs`)."""
         if self.collapse_zero_cond:
@@ -194,8 +194,11 @@ class RunOptions:
         Why: inductor's CUDA graphs (cudagraph trees) check that every static input (the weights and these
         cached K/V, marked static) sits at the address it was recorded with. A fresh K/V per object moved them,
         and each move made the compiled flow re-record its graph on the object's first step: a device
-        synchronisation, a capture and another synchronisation, and one more recorded graph kept in the tree. The
-        held buffers stay alive between calls (the full SS set: 24 blocks of k and v, ~0.7 GB in bf16)."""
+        synchronisation, a capture and another synchronisation, and one more recorded graph kept in the tree. On the
+        H100 that cost the full-size SS stage 0.32-0.38 s per call (1.41 -> 1.04-1.09 s, bit-identical outputs,
+        ``benchmarks/results/base_vs_official_h100/session10/``). The SS stage uses it; SLaT does not, since it
+        records a graph per token count anyway. The held buffers stay alive between calls (the full SS set: 24
+        blocks of k and v, ~0.7 GB in bf16)."""
         from torch.utils import _pytree as pytree
         leaves, spec = pytree.tree_flatten(tree)
         kept = held.get(key)

@@ -76,7 +76,9 @@ class SLaTStage(nn.Module):
         torso = self.compiled_torso(options)
 
         kv_cache: dict[str, object] = {}
-        held_kv = self.__dict__.setdefault("_held_kv", {})  # K/V buffers kept between calls for CUDA graphs
+        # No held K/V buffers here (unlike SS): inductor's CUDA graphs record one graph per token count, so each
+        # object of a new size records anyway, and held buffers would only make repeats of one object (benchmarks)
+        # replay where a real new object records: per-object timings would flatter the stage.
 
         def kv_of(name: str, c: Tensor, zero_rows: list[bool]):
             """Cached K/V of condition ``name``, computed on its first pass, once per object (``zero_rows``: which
@@ -86,7 +88,7 @@ class SLaTStage(nn.Module):
                 return None
             if name not in kv_cache:
                 kv_cache[name] = options.prepare_cond_kv(flow.precompute_cond_kv(c.to(dtype)), zero_rows,
-                                                         torso is not None, held_kv, name)
+                                                         torso is not None)
             return kv_cache[name]
 
         def run(feats: Tensor, c_coords: Tensor, t: float, c: Tensor, ckv, structure=None) -> Tensor:
