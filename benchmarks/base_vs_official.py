@@ -105,7 +105,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import parity_official as po  # noqa: E402
 from fs3d_accel.model.random_weights import perturb_zero_inits  # noqa: E402
-from fs3d_analysis.profile.latency import sync_device  # noqa: E402
+from fs3d_analysis.profile.latency import cuda_graph_recordings, sync_device  # noqa: E402
 from fs3d_analysis.profile.busy import KERNEL_CLASSES, KernelTime, kernel_class, kernel_time  # noqa: E402
 from fs3d_analysis.profile.shape_only import skip_heavy_ops  # noqa: E402
 from benchmarks.stage_latency import (COORDS_FILE, SHORT, VARIANTS, Timer, add_conv_args,  # noqa: E402
@@ -123,7 +123,7 @@ HF_FILES = ("ss_generator.yaml", "slat_generator.yaml", "ss_decoder.yaml", "slat
 CSV_NAME, README_NAME, FIG_NAME = "base_vs_official.csv", "README.md", "base_vs_official.png"
 KERNELS_CSV_NAME, KERNEL_FIG_NAME = "kernels.csv", "kernel_classes.png"
 COLUMNS = ["round", "variant", "stage", "object", "N", "median_s", "min_s", "first_call_s", "n", "speedup_vs_official",
-           "model_tflop", "achieved_tflops", "mfu", "executed_tflop", "mfu_executed", "kernel_s", "launches", "gpu_busy", "peak_mem_gb", "resident_gb",
+           "model_tflop", "achieved_tflops", "mfu", "executed_tflop", "mfu_executed", "kernel_s", "launches", "gpu_busy", "graphs_recorded_per_call", "peak_mem_gb", "resident_gb",
            "max_abs_vs_official", "rel_vs_official", "precision", "error"]
 
 
@@ -399,7 +399,8 @@ def _free(dev: torch.device) -> None:
 
 def measure(fn: Callable[[], Any], dev: torch.device, warmup: int, repeats: int) -> tuple[Any, dict]:
     """First call (timed alone: includes compilation / autotuning), then stage_latency.Timer
-    (``warmup`` untimed calls, median of ``repeats``); peak memory over the timed calls."""
+    (``warmup`` untimed calls, median of ``repeats``); peak memory over the timed calls, and the CUDA graphs that
+    inductor recorded per call after the first (0 where the compiled regions only replay)."""
     sync_device(dev)
     resident = torch.cuda.memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else float("nan")
     t0 = time.perf_counter()
@@ -408,9 +409,12 @@ def measure(fn: Callable[[], Any], dev: torch.device, warmup: int, repeats: int)
     first = time.perf_counter() - t0
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
+    recorded = cuda_graph_recordings(dev)
     r = Timer(dev, warmup, repeats)(fn)
+    recorded = cuda_graph_recordings(dev) - recorded
     peak = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else float("nan")
     return out, {"median_s": r["median_s"], "min_s": r["min_s"], "n": r["n"], "first_call_s": first,
+                 "graphs_recorded_per_call": recorded / (warmup + repeats) if warmup + repeats else float("nan"),
                  "peak_mem_gb": peak, "resident_gb": resident}
 
 
@@ -625,18 +629,22 @@ def readme_text(rows: list[dict], meta: dict) -> str:
         lines += ["GPU busy = summed CUDA kernel time of one extra, profiled call / median wall time; far below 100% "
                   "means the call waits on the host (Python, launches), so its time depends on the CPU next to the GPU.",
                   f"Host CPU: {meta.get('host_cpu', 'unknown')}.", ""]
+    lines += ["Graphs recorded / call = CUDA graphs inductor's cudagraph trees recorded per call after the first "
+              "(warm-up and timed calls): 0 where a compiled setting only replays; 1 or more where every call pays a "
+              "synchronisation and a capture (a moved static input, or a new dynamic size). Empty for runs before "
+              "session 10."]
     multi = len({r.get("round", 1) for r in rows}) > 1
     lines += ["", ("| round " if multi else "")
               + "| stage | object | N | variant | median s | first call s | speedup vs official | TFLOP | "
               "TFLOP/s | MFU | MFU (executed) | " + ("GPU busy | launches | " if busy else "")
-              + "peak GB | resident GB | max abs diff vs official | rel |",
-              ("|---" if multi else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+              + "graphs recorded / call | peak GB | resident GB | max abs diff vs official | rel |",
+              ("|---" if multi else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
               + ("---|---|" if busy else "")]
     for r in rows:
         lead = f"| {r.get('round', 1)} " if multi else ""
         if r.get("error"):
             lines.append(lead + f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | "
-                         f"{_fmt(r.get('N'), 'd')} | {r['variant']} | ERROR: {r['error'][:120]} ||||||||||||")
+                         f"{_fmt(r.get('N'), 'd')} | {r['variant']} | ERROR: {r['error'][:120]} |||||||||||||")
             continue
         mfu = r.get("mfu", float("nan"))
         lines.append(
@@ -646,7 +654,8 @@ def readme_text(rows: list[dict], meta: dict) -> str:
             f"{_fmt(r.get('speedup_vs_official'), '.2f')} | {_fmt(r.get('model_tflop'), '.4g')} | "
             f"{_fmt(r.get('achieved_tflops'), '.1f')} | {_percent(mfu)} | {_percent(r.get('mfu_executed'))} | "
             + (f"{_fmt(100 * r['gpu_busy'], '.0f')}% | {r['launches']} | " if "gpu_busy" in r else "| | " if busy else "")
-            + f"{_fmt(r.get('peak_mem_gb'), '.2f')} | {_fmt(r.get('resident_gb'), '.2f')} | "
+            + f"{_fmt(r.get('graphs_recorded_per_call'), '.2g')} | "
+            f"{_fmt(r.get('peak_mem_gb'), '.2f')} | {_fmt(r.get('resident_gb'), '.2f')} | "
             f"{_fmt(r.get('max_abs_vs_official'), '.3g')} | {_fmt(r.get('rel_vs_official'), '.3g')} |")
     per_object = per_object_lines(rows)
     if per_object:

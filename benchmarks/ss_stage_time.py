@@ -31,6 +31,7 @@ from synthetic_scene import synthetic_inputs  # benchmarks/, this script's folde
 
 import fs3d_accel
 from fs3d_accel.pipeline import Pipeline
+from fs3d_analysis.profile.latency import cuda_graph_recordings
 from fs3d_accel.stages.options import RunOptions
 
 OPTIONS = RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
@@ -81,22 +82,6 @@ def main(argv: list[str] | None = None) -> None:
         print(compare(outputs, torch.load(args.compare_with)), flush=True)
     if args.save is not None:
         torch.save(outputs, args.save)
-
-
-def cuda_graph_recordings(device_index: int = 0) -> int:
-    """How many graphs inductor's CUDA-graph trees have recorded on the device so far (0 before any): a recording
-    after the warm-up calls means a compiled flow re-recorded (a synchronisation and a capture) instead of replaying.
-    Counted by walking the tree, since torch keeps no public counter."""
-    from torch._inductor import cudagraph_trees
-    manager = cudagraph_trees.get_container(device_index).tree_manager
-    if manager is None:
-        return 0
-    nodes, stack = 0, [node for group in manager.roots.values() for node in group]
-    while stack:
-        node = stack.pop()
-        nodes += 1
-        stack.extend(child for group in node.children.values() for child in group)
-    return nodes
 
 
 def ss_outputs(out) -> dict[str, torch.Tensor]:

@@ -360,3 +360,26 @@ def test_replace_coords_rebuilds_occupancy():
     assert int((out.occupancy_logits > 0).sum()) == 20
     with pytest.raises(ValueError, match=r"\[0, 8\)"):
         replace_coords(ss, shell_coords(16, 20))
+
+
+def test_cuda_graph_recordings_counts_every_node_of_every_tree(monkeypatch):
+    """The count walks the whole tree: roots of every compiled function and all their descendants; a CPU device, or
+    a device where no tree manager exists, has recorded nothing."""
+    from types import SimpleNamespace
+
+    from torch._inductor import cudagraph_trees
+
+    from fs3d_analysis.profile.latency import cuda_graph_recordings
+
+    def node(*children):
+        return SimpleNamespace(children={"f": list(children)} if children else {})
+
+    manager = SimpleNamespace(roots={"f": [node(node(), node(node()))], "g": [node()]})
+    asked = []
+    monkeypatch.setattr(cudagraph_trees, "get_container",
+                        lambda index: asked.append(index) or SimpleNamespace(tree_manager=manager))
+    assert cuda_graph_recordings(torch.device("cuda", 1)) == 5  # 4 under f, 1 under g
+    assert cuda_graph_recordings(0) == 5 and asked == [1, 0]
+    assert cuda_graph_recordings(torch.device("cpu")) == 0 and asked == [1, 0]  # no tree looked up for a CPU
+    monkeypatch.setattr(cudagraph_trees, "get_container", lambda index: SimpleNamespace(tree_manager=None))
+    assert cuda_graph_recordings(torch.device("cuda")) == 0
