@@ -135,3 +135,20 @@ def random_coords(res: int, batch: int, frac: float, seed: int = 0) -> torch.Ten
         xyz = torch.stack([idx // res ** 2, (idx // res) % res, idx % res], dim=1)
         out.append(torch.cat([torch.full((len(xyz), 1), b), xyz], dim=1))
     return torch.cat(out).int()
+
+
+def mini_ss_setup():
+    """A mini SS stage (4^3 shape grid: graph structure does not depend on the grid size), two objects (condition
+    tokens, noise) and the 25-step sampler with CFG."""
+    import dataclasses
+
+    from fs3d_accel.model.configs import mini_config
+    from fs3d_accel.stages.ss import SSStage, ss_noise
+    cfg = mini_config()
+    cfg = dataclasses.replace(cfg, ss_flow=dataclasses.replace(cfg.ss_flow, resolution=4))
+    torch.manual_seed(0)
+    stage = SSStage(cfg).eval()
+    gen = torch.Generator().manual_seed(0)
+    objects = [(torch.randn(1, 40, cfg.ss_flow.cond_channels, generator=gen), ss_noise(cfg, gen)) for _ in range(2)]
+    assert cfg.ss_sampler.steps == 25 and cfg.ss_sampler.cfg_strength > 0
+    return stage, objects, cfg.ss_sampler

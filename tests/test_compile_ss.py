@@ -8,31 +8,23 @@ structure does not depend on the grid size.
 """
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from conftest import COMPILE_CASES
-from fs3d_accel.model.configs import mini_config
+from conftest import COMPILE_CASES, mini_ss_setup
 from fs3d_accel.samplers import EulerFlowSampler
 from fs3d_accel.stages.options import RunOptions
-from fs3d_accel.stages.ss import SSStage, ss_noise
+from fs3d_accel.stages.ss import SSStage
 
 
 @pytest.fixture(scope="module")
 def ss_setup():
     """A mini SS stage (4^3 shape grid), two objects (condition tokens, noise) and the 25-step sampler."""
-    cfg = mini_config()
-    cfg = dataclasses.replace(cfg, ss_flow=dataclasses.replace(cfg.ss_flow, resolution=4))
-    torch.manual_seed(0)
-    stage = SSStage(cfg).eval()
-    gen = torch.Generator().manual_seed(0)
-    objects = [(torch.randn(1, 40, cfg.ss_flow.cond_channels, generator=gen), ss_noise(cfg, gen)) for _ in range(2)]
-    assert cfg.ss_sampler.steps == 25 and cfg.ss_sampler.cfg_strength > 0
-    yield stage, objects, cfg.ss_sampler
+    stage, objects, sampler = mini_ss_setup()
+    yield stage, objects, sampler
     stage.__dict__.pop("_compiled", None)
 
 

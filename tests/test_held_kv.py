@@ -14,12 +14,12 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import mini_ss_setup
 from fs3d_accel.model.configs import mini_config
 from fs3d_accel.model.sparse import release_structure
 from fs3d_accel.samplers import EulerFlowSampler
 from fs3d_accel.stages.options import RunOptions
 from fs3d_accel.stages.slat import SLaTStage, slat_noise
-from fs3d_accel.stages.ss import SSStage, ss_noise
 
 GRAPHS = RunOptions(compile_mode="reduce-overhead")
 
@@ -92,20 +92,10 @@ def graphs_flag(monkeypatch, cpu_compile):
     monkeypatch.setattr(RunOptions, "compile_uses_cuda_graphs", property(lambda self: True))
 
 
-def _ss_setup():
-    cfg = mini_config()
-    cfg = dataclasses.replace(cfg, ss_flow=dataclasses.replace(cfg.ss_flow, resolution=4))
-    torch.manual_seed(0)
-    stage = SSStage(cfg).eval()
-    gen = torch.Generator().manual_seed(0)
-    objects = [(torch.randn(1, 40, cfg.ss_flow.cond_channels, generator=gen), ss_noise(cfg, gen)) for _ in range(2)]
-    return stage, objects, cfg.ss_sampler
-
-
 @torch.no_grad()
 @pytest.mark.parametrize("collapse", [False, True])
 def test_ss_objects_through_held_kv_equal_uncompiled(graphs_flag, collapse):
-    stage, objects, sampler = _ss_setup()
+    stage, objects, sampler = mini_ss_setup()
     plain = RunOptions(batch_cfg=True, cache_cond_kv=True, collapse_zero_cond=collapse)
     held = dataclasses.replace(plain, compile_ss=True, compile_backend="eager")
     seen = []
