@@ -123,7 +123,8 @@ HF_FILES = ("ss_generator.yaml", "slat_generator.yaml", "ss_decoder.yaml", "slat
 CSV_NAME, README_NAME, FIG_NAME = "base_vs_official.csv", "README.md", "base_vs_official.png"
 KERNELS_CSV_NAME, KERNEL_FIG_NAME = "kernels.csv", "kernel_classes.png"
 COLUMNS = ["round", "variant", "stage", "object", "N", "median_s", "min_s", "first_call_s", "n", "speedup_vs_official",
-           "model_tflop", "achieved_tflops", "mfu", "executed_tflop", "mfu_executed", "kernel_s", "launches", "gpu_busy", "graphs_recorded_per_call", "peak_mem_gb", "resident_gb",
+           "model_tflop", "achieved_tflops", "mfu", "executed_tflop", "mfu_executed", "kernel_s", "launches", "gpu_busy",
+           "graphs_recorded_per_call", "peak_mem_gb", "resident_gb",
            "max_abs_vs_official", "rel_vs_official", "precision", "error"]
 
 
@@ -376,6 +377,7 @@ def stage_copy(stage: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
             stage._modules["condition"] = saved
     dup.__dict__.pop("_compiled", None)
     dup.__dict__.pop("_compiled_torso", None)
+    dup.__dict__.pop("_held_inputs", None)
     return dup.to(dtype).eval()
 
 
@@ -629,10 +631,10 @@ def readme_text(rows: list[dict], meta: dict) -> str:
         lines += ["GPU busy = summed CUDA kernel time of one extra, profiled call / median wall time; far below 100% "
                   "means the call waits on the host (Python, launches), so its time depends on the CPU next to the GPU.",
                   f"Host CPU: {meta.get('host_cpu', 'unknown')}.", ""]
-    lines += ["Graphs recorded / call = CUDA graphs inductor's cudagraph trees recorded per call after the first "
+    lines += ["", "Graphs recorded / call = CUDA graphs inductor's cudagraph trees recorded per call after the first "
               "(warm-up and timed calls): 0 where a compiled setting only replays; 1 or more where every call pays a "
-              "synchronisation and a capture (a moved static input, or a new dynamic size). Empty for runs before "
-              "session 10."]
+              "synchronisation and a capture (a moved static input, or a new dynamic size). Empty in runs made "
+              "before the column existed (session 10's included)."]
     multi = len({r.get("round", 1) for r in rows}) > 1
     lines += ["", ("| round " if multi else "")
               + "| stage | object | N | variant | median s | first call s | speedup vs official | TFLOP | "
@@ -644,7 +646,8 @@ def readme_text(rows: list[dict], meta: dict) -> str:
         lead = f"| {r.get('round', 1)} " if multi else ""
         if r.get("error"):
             lines.append(lead + f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | "
-                         f"{_fmt(r.get('N'), 'd')} | {r['variant']} | ERROR: {r['error'][:120]} |||||||||||||")
+                         f"{_fmt(r.get('N'), 'd')} | {r['variant']} | ERROR: {r['error'][:120]} |"
+                         + "|" * (13 if busy else 11))  # the row's other cells, empty
             continue
         mfu = r.get("mfu", float("nan"))
         lines.append(
@@ -1113,7 +1116,7 @@ def run(args) -> list[dict]:
             row["error"] = f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("|", "/")
             row.setdefault("median_s", float("nan"))
         finally:
-            module.to("cpu")
+            module.to("cpu")  # also drops our SS stage's held K/V (SSStage._apply), which would inflate later units
             _free(dev)
         rows.append(row)
         print(f"{'round ' + str(rnd) + ' ' if args.rounds > 1 else ''}{variant:>16} {stage:>4} {obj or '':>20} "

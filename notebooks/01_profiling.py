@@ -228,8 +228,9 @@ print(f"{head_meta['device']}, official-compile mode {head_meta['official_compil
 # %% [markdown]
 # Session 10 let the shipped mode finish: three calls on one machine, sharing the inductor cache, compiled
 # `official-compile` in `max-autotune` (434 s for the last call, with the earlier calls' autotune results cached).
-# Only the SS sampler was timed, next to the uncompiled official code in the same process. It is not faster than the
-# reduce-overhead stand-in above (1.29 s on another lease), so the stand-in did not flatter our ratio:
+# Only the SS sampler was timed, next to the uncompiled official code in the same process: 1.96x. The reduce-overhead
+# stand-in above gave 1.74-2.20x its own process's uncompiled time in session 9's runs, so the two modes cannot be
+# told apart here:
 
 # %%
 MAX_AUTOTUNE10 = ROOT / "benchmarks" / "results" / "base_vs_official_h100" / "session10" / "max_autotune" / "3_ss"
@@ -241,6 +242,6 @@ print(f"{ma_meta['device']}, official-compile mode {ma_meta['official_compile_mo
 # %% [markdown]
 # The same session found that our SS stage re-recorded its CUDA graph on every call: the cached condition K/V are
 # static inputs of the graph, and each call computed them at new addresses. The stage now copies them into buffers it
-# keeps (`RunOptions.held_region_inputs`). Side by side on one machine, `benchmarks/ss_stage_time.py` went from 1.41 s
+# keeps (`fs3d_accel/stages/held.py`). Side by side on one machine, `benchmarks/ss_stage_time.py` went from 1.41 s
 # to 1.04-1.09 s per SS stage call, with 0 graphs recorded instead of 9 and bit-identical outputs
 # (`session10/held_kv/`). The per-object headline above predates that fix.

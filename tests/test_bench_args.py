@@ -77,4 +77,3 @@ def test_ss_stage_time_rejects_missing_files_before_running(tmp_path):
         ss_stage_time.main(["--compare-with", str(tmp_path / "old.pt")])
     with pytest.raises(SystemExit, match="--save: folder .* does not exist"):
         ss_stage_time.main(["--save", str(tmp_path / "nowhere" / "old.pt")])
-

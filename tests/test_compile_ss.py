@@ -8,7 +8,6 @@ structure does not depend on the grid size.
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch._dynamo

@@ -1,11 +1,11 @@
-"""Cached condition K/V at stable addresses for compiled flows under CUDA graphs (``RunOptions.held_region_inputs``).
+"""Cached condition K/V at stable addresses for compiled flows under CUDA graphs (``fs3d_accel.stages.held``).
 
 inductor's CUDA graphs re-record a compiled flow whenever a static input (the cached K/V are marked static) has moved;
-a fresh K/V per object moved them every time. Under the compile modes that capture graphs, the stages therefore copy
-each object's K/V into buffers they keep. These tests check the buffers are reused exactly when they can be, that
-nothing changes for the other modes, that two SS objects sampled through the held buffers give the uncompiled
-results bit for bit (debug dynamo backend on the CPU, with the graph-capturing mode's flag forced on), and that SLaT,
-which records a graph per object size anyway, keeps its K/V per call.
+a fresh K/V per object moved them every time. Under the compile modes that capture graphs, the SS stage therefore
+copies each object's K/V into buffers it keeps. These tests check that the buffers are reused exactly when they can
+be (same kind of tree, no other live call reading them), that nothing is held for the other modes, and that objects
+sampled through the held buffers give the uncompiled results bit for bit (debug dynamo backend on the CPU, with the
+graph-capturing mode's flag forced on), also with two velocity functions alive at once.
 """
 from __future__ import annotations
 
@@ -15,58 +15,88 @@ import pytest
 import torch
 
 from conftest import mini_ss_setup
-from fs3d_accel.model.configs import mini_config
-from fs3d_accel.model.sparse import release_structure
 from fs3d_accel.samplers import EulerFlowSampler
+from fs3d_accel.stages.held import HeldInputs
 from fs3d_accel.stages.options import RunOptions
-from fs3d_accel.stages.slat import SLaTStage, slat_noise
-
-GRAPHS = RunOptions(compile_mode="reduce-overhead")
 
 
 def _kv(seed: int, rows: int = 5, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return ((torch.randn(1, rows, 2, 4, generator=g, dtype=dtype), torch.randn(1, rows, 2, 4, generator=g, dtype=dtype)),)
+    return ((torch.randn(1, rows, 2, 4, generator=g, dtype=dtype),
+             torch.randn(1, rows, 2, 4, generator=g, dtype=dtype)),)
 
 
 def _ptrs(tree) -> list[int]:
     return [t.data_ptr() for pair in tree for t in pair]
 
 
+COPIES = RunOptions(compile_mode="reduce-overhead").compiled_region_inputs
+
+
+def _held(lease, tree, key="both"):
+    return lease.inputs(tree, key, COPIES)
+
+
 def test_same_kind_of_tree_is_copied_into_the_held_buffers():
-    held: dict = {}
-    first = GRAPHS.held_region_inputs(_kv(0), held, "both")
+    store = HeldInputs()
+    first_lease = store.lease()
+    first = _held(first_lease, _kv(0))
+    del first_lease  # that call is over
     second_src = _kv(1)
-    second = GRAPHS.held_region_inputs(second_src, held, "both")
+    second = _held(store.lease(), second_src)
     assert _ptrs(second) == _ptrs(first)  # same buffers ...
     for (k, v), (k0, v0) in zip(second, second_src):  # ... now holding the new values
         assert torch.equal(k, k0) and torch.equal(v, v0)
     assert {t._dynamo_static_input_type for pair in second for t in pair} == {"unguarded"}
-    assert set(held) == {"both"}
+    assert store.keys() == ["both"]
+
+
+def test_a_live_lease_keeps_its_buffers():
+    """While one call can still read its buffers, another call gets copies of its own and writes nothing there."""
+    store = HeldInputs()
+    a = store.lease()
+    first = _held(a, _kv(0))
+    other = _held(store.lease(), _kv(1))
+    assert not set(_ptrs(other)) & set(_ptrs(first))
+    assert torch.equal(first[0][0], _kv(0)[0][0])  # a's K/V untouched
+    assert store.buffers("both")[0] is first[0][0]  # and still the held set
 
 
 @pytest.mark.parametrize("other", [
     lambda: _kv(1, rows=6),                     # another key count
     lambda: _kv(1, dtype=torch.float64),        # another dtype
     lambda: _kv(1) + _kv(2),                    # another structure
+    lambda: tuple((k.to("meta"), v.to("meta")) for k, v in _kv(1)),  # another device
 ])
 def test_another_kind_of_tree_gets_new_buffers(other):
-    held: dict = {}
-    first = GRAPHS.held_region_inputs(_kv(0), held, "both")
+    store = HeldInputs()
+    first = _held(store.lease(), _kv(0))
     src = other()
-    out = GRAPHS.held_region_inputs(src, held, "both")
-    assert not set(_ptrs(out)) & set(_ptrs(first))
-    for (k, v), (k0, v0) in zip(out, src):
-        assert torch.equal(k, k0) and torch.equal(v, v0)
-    assert held["both"][1][0] is out[0][0]  # the new buffers are the ones held from now on
+    out = _held(store.lease(), src)
+    if src[0][0].device.type != "meta":  # meta tensors have no data to compare or point to
+        assert not set(_ptrs(out)) & set(_ptrs(first))
+        for (k, v), (k0, v0) in zip(out, src):
+            assert torch.equal(k, k0) and torch.equal(v, v0)
+    assert store.buffers("both")[0] is out[0][0]  # the new buffers are the ones held from now on
 
 
-def test_names_hold_separate_buffers():
-    held: dict = {}
-    a = GRAPHS.held_region_inputs(_kv(0), held, "cond")
-    b = GRAPHS.held_region_inputs(_kv(1), held, "uncond")
-    assert not set(_ptrs(a)) & set(_ptrs(b))
+def test_buffers_made_in_inference_mode_are_not_written_outside_it():
+    store = HeldInputs()
+    with torch.inference_mode():
+        first = _held(store.lease(), _kv(0))
+    out = _held(store.lease(), _kv(1))  # copy_ into an inference tensor would raise here
+    assert out[0][0] is not first[0][0] and torch.equal(out[0][0], _kv(1)[0][0])
+
+
+def test_names_hold_separate_buffers_and_release_drops_them():
+    store = HeldInputs()
+    lease = store.lease()
+    a = _held(lease, _kv(0), "cond")
+    _held(lease, _kv(1), "uncond")
     assert torch.equal(a[0][0], _kv(0)[0][0])  # "uncond" did not overwrite "cond"
+    assert store.keys() == ["cond", "uncond"]
+    store.release()
+    assert store.keys() == []
 
 
 @pytest.mark.parametrize("options, compiled", [
@@ -75,10 +105,10 @@ def test_names_hold_separate_buffers():
     (RunOptions(compile_mode="reduce-overhead"), False),      # not compiled: the K/V go in as they are
 ])
 def test_prepare_cond_kv_holds_nothing_without_cuda_graphs(options, compiled):
-    held: dict = {}
+    store = HeldInputs()
     kv = _kv(0)
-    out = options.prepare_cond_kv(kv, [False], compiled, held, "cond")
-    assert held == {}
+    out = options.prepare_cond_kv(kv, [False], compiled, store.lease(), "cond")
+    assert store.keys() == []
     if compiled:  # independent copies, as before
         assert not set(_ptrs(out)) & set(_ptrs(kv))
     else:
@@ -92,6 +122,11 @@ def graphs_flag(monkeypatch, cpu_compile):
     monkeypatch.setattr(RunOptions, "compile_uses_cuda_graphs", property(lambda self: True))
 
 
+def _sample(stage, cond, noise, sampler, options, net=None):
+    net = net or stage.velocity_net(cond, sampler, options)
+    return EulerFlowSampler(sampler, "ss").sample(dict(noise), net)
+
+
 @torch.no_grad()
 @pytest.mark.parametrize("collapse", [False, True])
 def test_ss_objects_through_held_kv_equal_uncompiled(graphs_flag, collapse):
@@ -100,40 +135,43 @@ def test_ss_objects_through_held_kv_equal_uncompiled(graphs_flag, collapse):
     held = dataclasses.replace(plain, compile_ss=True, compile_backend="eager")
     seen = []
     for cond, noise in objects:
-        ref = EulerFlowSampler(sampler, "ss").sample(dict(noise), stage.velocity_net(cond, sampler, plain))
-        out = EulerFlowSampler(sampler, "ss").sample(dict(noise), stage.velocity_net(cond, sampler, held))
+        ref = _sample(stage, cond, noise, sampler, plain)
+        out = _sample(stage, cond, noise, sampler, held)
         for k in ref:
             assert torch.equal(out[k], ref[k]), k
-        seen.append([t.data_ptr() for t in stage._held_kv["both"][1]])
+        seen.append([t.data_ptr() for t in stage.held_inputs().buffers("both") if isinstance(t, torch.Tensor)])
     assert seen[0] == seen[1]  # the second object's K/V went into the first one's buffers
+    stage.release_held_inputs()
+    assert stage.held_inputs().keys() == []
     stage.__dict__.pop("_compiled", None)
 
 
 @torch.no_grad()
-def test_slat_holds_no_kv(graphs_flag):
-    """SLaT records one CUDA graph per token count, so a new object records anyway; held K/V would only let repeats
-    of one object (what the benchmarks time) replay where a real object records. Its K/V stay per call."""
-    cfg = mini_config()
-    torch.manual_seed(0)
-    stage = SLaTStage(cfg).eval()
-    gen = torch.Generator().manual_seed(0)
-    n, r = 120, cfg.slat_flow.resolution
-    idx = torch.randperm(r ** 3, generator=gen)[:n].sort().values
-    coords = torch.cat([torch.zeros(n, 1, dtype=torch.long),
-                        torch.stack([idx // (r * r), (idx // r) % r, idx % r], 1)], 1).int()
-    cond = torch.randn(1, 24, cfg.slat_flow.cond_channels, generator=gen)
-    options = RunOptions(batch_cfg=True, cache_cond_kv=True, compile_slat=True, compile_backend="eager")
-    sampler = dataclasses.replace(cfg.slat_sampler, steps=2)
-    structures: list[dict] = []
-    try:
-        net = stage.velocity_net(cond, coords, sampler, options, structures)
-        EulerFlowSampler(sampler, "slat").sample(slat_noise(n, cfg.slat_flow.in_channels, gen), net,
-                                                 extras={"coords": coords})
-    finally:
-        for s in structures:
-            release_structure(s)
-    assert "_held_kv" not in stage.__dict__
-    stage.__dict__.pop("_compiled_torso", None)
+def test_moving_or_casting_the_stage_releases_the_held_buffers(graphs_flag):
+    stage, objects, sampler = mini_ss_setup()
+    held = RunOptions(batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_backend="eager")
+    cond, noise = objects[0]
+    _sample(stage, cond, noise, sampler, held)
+    assert stage.held_inputs().keys() != []
+    stage.to(torch.float64).to(torch.float32)
+    assert stage.held_inputs().keys() == []
+    stage.__dict__.pop("_compiled", None)
+
+
+@torch.no_grad()
+def test_two_live_velocity_functions_do_not_share_buffers(graphs_flag):
+    """Object A's velocity function stays alive while object B is sampled (as a guided batch keeps its conditional
+    and unconditional functions); sampling A again must still see A's condition."""
+    stage, objects, sampler = mini_ss_setup()
+    held = RunOptions(batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_backend="eager")
+    (cond_a, noise_a), (cond_b, noise_b) = objects
+    net_a = stage.velocity_net(cond_a, sampler, held)
+    first = _sample(stage, cond_a, noise_a, sampler, held, net_a)
+    _sample(stage, cond_b, noise_b, sampler, held)
+    again = _sample(stage, cond_a, noise_a, sampler, held, net_a)
+    for k in first:
+        assert torch.equal(again[k], first[k]), k
+    stage.__dict__.pop("_compiled", None)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (inductor's CUDA graphs)")

@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from .held import HeldLease
 
 PRECISIONS = ("fp32", "autocast-fp16", "autocast-bf16", "fp16", "bf16")
 CUDA_ONLY_PRECISIONS = ("autocast-fp16", "fp16")
@@ -47,15 +51,6 @@ def _entered_together(*contexts):
         yield
 
 
-def _same_buffer_kind(kept, new) -> bool:
-    """Whether ``new`` can be copied into the held ``kept`` (tensors of equal shape, dtype and device), or equals it
-    (anything else)."""
-    if isinstance(kept, torch.Tensor) or isinstance(new, torch.Tensor):
-        return (isinstance(kept, torch.Tensor) and isinstance(new, torch.Tensor) and kept.shape == new.shape
-                and kept.dtype == new.dtype and kept.device == new.device)
-    return kept == new
-
-
 @dataclass(frozen=True)
 class RunOptions:
     precision: str = "fp32"
@@ -66,8 +61,8 @@ class RunOptions:
     #: torch.compile the SS flow network forward (one static-shape graph, the MoT block body compiled
     #: once and reused by every block; see ``SSStage.compiled_flow``); CUDA only. ``compile_mode`` is
     #: passed to torch.compile ("default", "reduce-overhead" = CUDA graphs, "max-autotune" = autotuned Triton GEMM
-    #: templates, whose epilogues can take the following element-wise ops, plus CUDA graphs,
-    #: "max-autotune-no-cudagraphs").
+    #: templates, whose epilogues can take the following element-wise ops, and coordinate-descent tuning of the
+    #: other kernels, plus CUDA graphs; "max-autotune-no-cudagraphs").
     compile_ss: bool = False
     #: torch.compile the SLaT flow's 24 transformer blocks (``SLaTFlowModel.dense_torso``) with the
     #: token count dynamic, so one graph per batch size serves every object; the sparse IO res-blocks,
@@ -169,49 +164,22 @@ class RunOptions:
                 raise ValueError(f"attention_kernel {self.attention_kernel!r} takes fp16 / bf16 tensors; "
                                  f"precision {self.precision!r} would run every attention through SDPA")
 
-    def prepare_cond_kv(self, kv, zero_rows: list[bool], compiled: bool, held: dict | None = None,
+    def prepare_cond_kv(self, kv, zero_rows: list[bool], compiled: bool, held: "HeldLease | None" = None,
                         name: str = "cond"):
         """Cached condition K/V as the flows take them: collapsed for the all-zero rows (the
         unconditional branch) when ``collapse_zero_cond``, and as independent copies for a compiled flow.
 
-        ``held`` (a dict the stage keeps between calls; the SS stage passes one) and ``name`` (which condition: "cond", "uncond",
-        "both"): under a compile mode that captures CUDA graphs the copies go into buffers held there, at the
-        same addresses call after call (:meth:`held_region_inputs`)."""
+        ``held`` (the call's lease on a store the stage keeps; the SS stage passes one) and ``name`` ("cond",
+        "uncond" or "both"): under a compile mode that captures CUDA graphs the copies go into buffers held between
+        calls, at the same addresses call after call (:mod:`fs3d_accel.stages.held`)."""
         if self.collapse_zero_cond:
             from ..model.layers import collapse_zero_condition_kv, map_kv_pairs
             kv = map_kv_pairs(lambda pair: collapse_zero_condition_kv(pair, zero_rows), kv)
         if not compiled:
             return kv
         if held is not None and self.compile_uses_cuda_graphs:
-            return self.held_region_inputs(kv, held, name)
+            return held.inputs(kv, name, self.compiled_region_inputs)
         return self.compiled_region_inputs(kv)
-
-    def held_region_inputs(self, tree, held: dict, key):
-        """:meth:`compiled_region_inputs` at stable addresses: the first call keeps its copies in ``held[key]``;
-        a later call whose tree has the same structure, shapes, dtypes and devices copies its values into those
-        same buffers and returns them.
-
-        Why: inductor's CUDA graphs (cudagraph trees) check that every static input (the weights and these
-        cached K/V, marked static) sits at the address it was recorded with. A fresh K/V per object moved them,
-        and each move made the compiled flow re-record its graph on the object's first step: a device
-        synchronisation, a capture and another synchronisation, and one more recorded graph kept in the tree. On the
-        H100 that cost the full-size SS stage 0.32-0.38 s per call (1.41 -> 1.04-1.09 s, bit-identical outputs,
-        ``benchmarks/results/base_vs_official_h100/session10/``). The SS stage uses it; SLaT does not, since it
-        records a graph per token count anyway. The held buffers stay alive between calls (the full SS set: 24
-        blocks of k and v, ~0.7 GB in bf16)."""
-        from torch.utils import _pytree as pytree
-        leaves, spec = pytree.tree_flatten(tree)
-        kept = held.get(key)
-        if kept is not None:
-            kept_spec, kept_leaves = kept
-            if kept_spec == spec and all(_same_buffer_kind(a, b) for a, b in zip(kept_leaves, leaves)):
-                for dst, src in zip(kept_leaves, leaves):
-                    if isinstance(dst, torch.Tensor):
-                        dst.copy_(src)
-                return pytree.tree_unflatten(kept_leaves, spec)
-        out = self.compiled_region_inputs(tree)
-        held[key] = (spec, pytree.tree_leaves(out))
-        return out
 
     def compiled_region_inputs(self, tree):
         """Independent contiguous copies of the tensors in ``tree`` (cached condition K/V) for a compiled
@@ -231,8 +199,10 @@ class RunOptions:
 
     @property
     def compile_uses_cuda_graphs(self) -> bool:
-        """Whether inductor captures the compiled regions in CUDA graphs: "reduce-overhead", and "max-autotune"
-        (autotuned GEMM templates plus the same CUDA graphs); not "default" or "max-autotune-no-cudagraphs"."""
+        """Whether inductor captures the compiled regions in CUDA graphs (cudagraph trees): "reduce-overhead", and
+        "max-autotune" (autotuned GEMM templates and coordinate-descent tuning, plus the same CUDA graphs); not
+        "default" or "max-autotune-no-cudagraphs". Other dynamo backends are not inductor: the "cudagraphs" backend
+        captures graphs of its own, which this does not cover."""
         return self.compile_backend == "inductor" and self.compile_mode in ("reduce-overhead", "max-autotune")
 
     @property

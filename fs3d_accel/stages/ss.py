@@ -16,6 +16,7 @@ from ..preprocess import PreparedInputs
 from ..samplers import EulerFlowSampler, cfg_active, guided, time_grid
 from ..seams import EventBus, StepPolicy
 from .graphs import GraphedCall
+from .held import HeldInputs
 from .options import RunOptions
 from .types import SSOutput
 
@@ -85,6 +86,23 @@ class SSStage(nn.Module):
             cache[key] = torch.compile(self.flow, backend=options.compile_backend, dynamic=False, **kw)
         return cache[key]
 
+    def held_inputs(self) -> HeldInputs:
+        """The store of condition K/V kept between calls for the compiled flow's CUDA graphs (kept out of the module
+        tree, so state dicts and hooks do not see it; moving or casting the stage releases it, as does
+        :meth:`release_held_inputs`). At full size and bf16 a collapsed CFG-pair set is ~1.5 GB, and the default
+        schedule's unguided steps hold a conditional set too: ~3 GB between calls."""
+        return self.__dict__.setdefault("_held_inputs", HeldInputs())
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() move or cast the weights; the held K/V (not module buffers) would stay behind on
+        # the old device, so they are dropped instead
+        self.release_held_inputs()
+        return super()._apply(fn, recurse)
+
+    def release_held_inputs(self) -> None:
+        """Free the held K/V buffers (the next compiled call under CUDA graphs records its graphs once more)."""
+        self.__dict__.pop("_held_inputs", None)
+
     def velocity_net(self, cond: Tensor, sampler_cfg: SamplerConfig, options: RunOptions):
         compiled = self.compiled_flow(options) if options.compile_ss else None
         d = torch.zeros(1, device=cond.device) if self.cfg.ss_flow.is_shortcut_model else None
@@ -92,13 +110,13 @@ class SSStage(nn.Module):
         plain = self.flow
 
         kv_cache: dict[str, CondKV] = {}
-        held_kv = self.__dict__.setdefault("_held_kv", {})  # K/V buffers kept between calls for CUDA graphs
+        held_kv = self.held_inputs().lease()  # K/V at stable addresses for CUDA graphs (stages/held.py)
 
         def kv_of(name: str, c: Tensor, zero_rows: list[bool]) -> CondKV | None:
             """K/V of condition ``name``, computed on its first pass, once per object, outside any compiled region
             (``zero_rows``: which batch rows are the all-zero unconditional condition; see
             ``RunOptions.prepare_cond_kv``). Lazily: with batched CFG the separate unconditional K/V is never
-            used, and a full-size K/V set is ~1.5 GB in fp32."""
+            used, and a full-size K/V set is ~3 GB in fp32."""
             if not options.cache_cond_kv:
                 return None
             if name not in kv_cache:

@@ -46,11 +46,13 @@ def cuda_graph_recordings(device: torch.device | int = 0) -> int:
     on ``device`` so far; 0 where none ran (a CPU device included). A recording after the warm-up calls means a
     compiled region re-recorded (a synchronisation and a capture) instead of replaying: a static input moved, or a
     dynamic size is new. Counted by walking the trees, since torch keeps no public counter."""
-    index = device if isinstance(device, int) else device.index
     if isinstance(device, torch.device) and device.type != "cuda":
         return 0
+    index = device if isinstance(device, int) else device.index
+    if index is None:  # "cuda" without an index: the current device, as torch resolves it
+        index = torch.cuda.current_device()
     from torch._inductor import cudagraph_trees
-    manager = cudagraph_trees.get_container(index or 0).tree_manager
+    manager = cudagraph_trees.get_container(index).tree_manager
     if manager is None:
         return 0
     nodes, stack = 0, [node for group in manager.roots.values() for node in group]
