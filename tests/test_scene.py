@@ -166,3 +166,27 @@ def test_batched_slat_builds_coordinate_tables_once_and_releases_them(monkeypatc
         per_steps[steps] = counts["n"]
         assert len(released) >= 1 and all(s == {} for s in released)
     assert per_steps[1] > 0 and per_steps[4] == per_steps[1]
+
+
+@pytest.mark.parametrize("batch_cfg", [False, True])
+def test_batched_ss_through_held_kv_equals_uncompiled(mini_pipe, shipped_scene_ss, batch_cfg, monkeypatch,
+                                                      cpu_compile):
+    """The guided batch keeps a conditional and an unconditional velocity function alive at once; with the SS
+    stage's held K/V (the CUDA-graph path, forced on the CPU with the eager backend) each must keep its own condition
+    (a store keyed only by name let the second overwrite the first's K/V)."""
+    monkeypatch.setattr(RunOptions, "compile_uses_cuda_graphs", property(lambda self: True))
+    pipe = mini_pipe
+    inputs, _ = shipped_scene_ss
+    old = pipe.options
+    try:
+        pipe.options = RunOptions(batch_cfg=batch_cfg, cache_cond_kv=True)
+        ref = batched_ss(pipe, inputs, seed=5)
+        pipe.options = RunOptions(batch_cfg=batch_cfg, cache_cond_kv=True, compile_ss=True, compile_backend="eager")
+        got = batched_ss(pipe, inputs, seed=5)
+    finally:
+        pipe.options = old
+        pipe.ss.release_held_inputs()
+        pipe.ss.__dict__.pop("_compiled", None)
+    for r, g in zip(ref, got):
+        for k in r.latents:
+            assert torch.equal(g.latents[k], r.latents[k]), k
