@@ -636,18 +636,17 @@ def readme_text(rows: list[dict], meta: dict) -> str:
               "synchronisation and a capture (a moved static input, or a new dynamic size). Empty in runs made "
               "before the column existed (session 10's included)."]
     multi = len({r.get("round", 1) for r in rows}) > 1
-    lines += ["", ("| round " if multi else "")
-              + "| stage | object | N | variant | median s | first call s | speedup vs official | TFLOP | "
-              "TFLOP/s | MFU | MFU (executed) | " + ("GPU busy | launches | " if busy else "")
-              + "graphs recorded / call | peak GB | resident GB | max abs diff vs official | rel |",
-              ("|---" if multi else "") + "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
-              + ("---|---|" if busy else "")]
+    header = (["round"] if multi else []) + [
+        "stage", "object", "N", "variant", "median s", "first call s", "speedup vs official", "TFLOP", "TFLOP/s", "MFU",
+        "MFU (executed)"] + (["GPU busy", "launches"] if busy else []) + [
+        "graphs recorded / call", "peak GB", "resident GB", "max abs diff vs official", "rel"]
+    lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         lead = f"| {r.get('round', 1)} " if multi else ""
         if r.get("error"):
             lines.append(lead + f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | "
                          f"{_fmt(r.get('N'), 'd')} | {r['variant']} | ERROR: {r['error'][:120]} |"
-                         + "|" * (13 if busy else 11))  # the row's other cells, empty
+                         + "|" * (len(header) - len(lead and "x") - 5))  # the row's other cells, empty
             continue
         mfu = r.get("mfu", float("nan"))
         lines.append(

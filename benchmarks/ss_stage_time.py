@@ -11,11 +11,11 @@ Full config, bf16, random weights, the synthetic scene of ``stage_latency.py``; 
 ``compile-all-zkv-ro`` (compiled SS flow under CUDA graphs, batched CFG, condition K/V cache, one-key K/V).
 One SS stage call = condition embedding + 25-step sampler + SS decoder + voxel extraction. CUDA events after
 ``--warmup`` calls (the first compiles), median and minimum of ``--repeats``. The scene comes from
-``benchmarks/synthetic_scene.py`` (numpy only, so an old package version can run it too). ``--save`` keeps the last
-call's SS latents and occupancy logits, ``--compare-with`` says whether another version's saved outputs are
-bit-identical to this version's (for changes meant to leave every value unchanged). It also prints how many CUDA
-graphs inductor recorded during the timed calls: 0 when the compiled flow only replays (session 10 found 9 in 5 calls
-before the SS stage held its K/V at stable addresses). That comparison means something
+``benchmarks/synthetic_scene.py`` (numpy only, so an old package version can run it too). It also prints how many
+CUDA graphs inductor recorded during the timed calls: 0 when the compiled flow only replays (session 10 found 9 in 5
+calls before the SS stage held its K/V at stable addresses). ``--save`` keeps the last call's SS latents and occupancy
+logits, ``--compare-with`` says whether another version's saved outputs are bit-identical to this version's (for
+changes meant to leave every value unchanged). That comparison means something
 only where both versions build the same random weights from the seed and one version gives the same bits from one
 process to the next: run the old version twice first (``--save`` then ``--compare-with``) as the control::
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -317,3 +318,27 @@ def test_difference_of_mesh_outputs_requires_the_same_voxels():
     with pytest.raises(ValueError, match="voxel sets differ: 3 voxels vs 3 official, 1 not among"):
         bvo.difference((keys, feats), (torch.tensor([1, 5, 8]), feats))
     assert math.isnan(bvo.difference(torch.zeros(3), torch.zeros(4))[0])
+
+
+@pytest.mark.parametrize("busy", [False, True])
+@pytest.mark.parametrize("multi", [False, True])
+def test_readme_table_rows_have_the_header_cell_count(busy, multi):
+    """Error rows included: each row of the per-stage table has as many cells as its header."""
+    rows = [{"round": 1, "variant": "official", "stage": "ss", "object": None, "N": None, "median_s": 1.0},
+            {"round": 2 if multi else 1, "variant": "x", "stage": "ss", "object": None, "N": None, "error": "boom"}]
+    if busy:
+        rows[0].update(gpu_busy=0.9, launches=3, kernel_s=0.9)
+    lines = bvo.readme_text(rows, {"device": "d", "variants": {}}).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| ") and "| stage |" in line)
+    table = lines[start:start + 4]
+    assert "ERROR: boom" in table[3]
+    assert len({line.count("|") for line in table}) == 1, table
+
+
+def test_measure_reports_cuda_graphs_recorded_per_call_after_the_first(monkeypatch):
+    """The count is taken around the warm-up and timed calls only (not the first call) and divided by their number."""
+    counter = iter(range(0, 100, 3))  # before the first call is not read; then 0 before the Timer, 3 after
+    calls = []
+    monkeypatch.setattr(bvo, "cuda_graph_recordings", lambda dev: next(counter))
+    _, r = bvo.measure(lambda: calls.append(1), torch.device("cpu"), warmup=1, repeats=2)
+    assert len(calls) == 4 and r["graphs_recorded_per_call"] == 1.0

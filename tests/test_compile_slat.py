@@ -166,7 +166,3 @@ def test_compiled_region_inputs_are_static_under_cuda_graph_modes(mode, static):
     out = options.compiled_region_inputs([(torch.zeros(2, 3), torch.ones(2, 3))])
     marks = {getattr(t, "_dynamo_static_input_type", None) for pair in out for t in pair}
     assert marks == ({"unguarded"} if static else {None})
-
-
-def test_debug_backends_capture_no_cuda_graphs():
-    assert RunOptions(compile_backend="eager").compile_uses_cuda_graphs is False

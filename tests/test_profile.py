@@ -380,8 +380,14 @@ def test_cuda_graph_recordings_counts_every_node_of_every_tree(monkeypatch):
                         lambda index: asked.append(index) or SimpleNamespace(tree_manager=manager))
     assert cuda_graph_recordings(torch.device("cuda", 1)) == 5  # 4 under f, 1 under g
     assert cuda_graph_recordings(0) == 5 and asked == [1, 0]
-    assert cuda_graph_recordings(torch.device("cpu")) == 0 and asked == [1, 0]  # no tree looked up for a CPU
+    assert cuda_graph_recordings(torch.device("cpu")) == 0 and cuda_graph_recordings("cpu") == 0
+    assert asked == [1, 0]  # no tree looked up for a CPU
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert cuda_graph_recordings(torch.device("cuda")) == 5 and asked == [1, 0, 3]  # "cuda": the current device
+    assert cuda_graph_recordings() == 5 and cuda_graph_recordings("cuda:2") == 5 and asked == [1, 0, 3, 3, 2]
+    with pytest.raises(RuntimeError, match="negative"):
+        cuda_graph_recordings(-1)
+    with pytest.raises(RuntimeError, match="device"):
+        cuda_graph_recordings("gpu")
     monkeypatch.setattr(cudagraph_trees, "get_container", lambda index: SimpleNamespace(tree_manager=None))
     assert cuda_graph_recordings(torch.device("cuda")) == 0

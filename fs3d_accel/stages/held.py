@@ -33,7 +33,8 @@ class _Entry:
 
 class HeldInputs:
     """Buffers kept between calls, one set per key ("cond", "uncond", "both"). They stay allocated until
-    :meth:`release` (they are not module buffers: ``.to()`` neither moves nor frees them)."""
+    :meth:`release`: they are not module buffers, so ``.to()`` does not move them (``SSStage`` releases its store
+    whenever it is moved or cast)."""
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}

@@ -201,9 +201,9 @@ class RunOptions:
     def compile_uses_cuda_graphs(self) -> bool:
         """Whether inductor captures the compiled regions in CUDA graphs (cudagraph trees): "reduce-overhead", and
         "max-autotune" (autotuned GEMM templates and coordinate-descent tuning, plus the same CUDA graphs); not
-        "default" or "max-autotune-no-cudagraphs". Other dynamo backends are not inductor: the "cudagraphs" backend
-        captures graphs of its own, which this does not cover."""
-        return self.compile_backend == "inductor" and self.compile_mode in ("reduce-overhead", "max-autotune")
+        "default" or "max-autotune-no-cudagraphs". Those modes need the inductor backend (``__post_init__``); other
+        dynamo backends run in "default" mode, and the "cudagraphs" backend's own graphs are not covered here."""
+        return self.compile_mode in ("reduce-overhead", "max-autotune")
 
     @property
     def weight_dtype(self) -> torch.dtype:

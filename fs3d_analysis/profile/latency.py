@@ -41,16 +41,17 @@ def sync_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def cuda_graph_recordings(device: torch.device | int = 0) -> int:
+def cuda_graph_recordings(device: torch.device | str | int | None = None) -> int:
     """How many graphs inductor's CUDA-graph trees (torch.compile's "reduce-overhead" / "max-autotune") have recorded
-    on ``device`` so far; 0 where none ran (a CPU device included). A recording after the warm-up calls means a
-    compiled region re-recorded (a synchronisation and a capture) instead of replaying: a static input moved, or a
-    dynamic size is new. Counted by walking the trees, since torch keeps no public counter."""
-    if isinstance(device, torch.device) and device.type != "cuda":
+    on ``device`` (default: the current CUDA device) so far; 0 where none ran (a CPU device included). A recording
+    after the warm-up calls means a compiled region re-recorded (a synchronisation and a capture) instead of
+    replaying: a static input moved, or a dynamic size is new. Counted by walking the trees, since torch keeps no
+    public counter."""
+    dev = torch.device("cuda") if device is None else torch.device("cuda", device) if isinstance(device, int) \
+        else torch.device(device)  # torch rejects a negative index or an unknown device string here
+    if dev.type != "cuda":
         return 0
-    index = device if isinstance(device, int) else device.index
-    if index is None:  # "cuda" without an index: the current device, as torch resolves it
-        index = torch.cuda.current_device()
+    index = torch.cuda.current_device() if dev.index is None else dev.index  # "cuda": the current device
     from torch._inductor import cudagraph_trees
     manager = cudagraph_trees.get_container(index).tree_manager
     if manager is None:
