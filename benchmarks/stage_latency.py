@@ -89,6 +89,15 @@ VARIANTS = {
         precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
         collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_sites=("slat",),
         compile_mode="reduce-overhead", sparse_conv="gather-or-transform"),
+    # per-stage compile modes (session 11): CUDA graphs in SS, where one static graph replays with the held K/V, and
+    # the default mode in SLaT, whose graphs are recorded anew for every token count
+    "... + one-key K/V of the zero condition, reduce-overhead in SS only": RunOptions(
+        precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
+        collapse_zero_cond=True, compile_mode="reduce-overhead", slat_compile_mode="default"),
+    "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT, reduce-overhead in SS only": RunOptions(
+        precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
+        collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_sites=("slat",),
+        compile_mode="reduce-overhead", slat_compile_mode="default"),
 }
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
@@ -114,6 +123,9 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
                                            "reduce-overhead, gather-or-transform sparse conv",
          "compile-all-zkv-fa4-slat-ro": "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT, "
                                         "reduce-overhead",
+         "compile-all-zkv-ssro": "... + one-key K/V of the zero condition, reduce-overhead in SS only",
+         "compile-all-zkv-fa4-slat-ssro": "... + one-key K/V of the zero condition + FlashAttention-4 in SLaT, "
+                                          "reduce-overhead in SS only",
          "compile-all-zkv-fa4-best": "... + one-key K/V of the zero condition + FlashAttention-4 where it is faster "
                                      "per kernel",
          "compile-all-zkv-fa4-best-ro": "... + one-key K/V of the zero condition + FlashAttention-4 where it is "

@@ -166,3 +166,64 @@ def test_compiled_region_inputs_are_static_under_cuda_graph_modes(mode, static):
     out = options.compiled_region_inputs([(torch.zeros(2, 3), torch.ones(2, 3))])
     marks = {getattr(t, "_dynamo_static_input_type", None) for pair in out for t in pair}
     assert marks == ({"unguarded"} if static else {None})
+
+
+def test_slat_compile_mode_is_checked():
+    with pytest.raises(ValueError, match="unknown slat_compile_mode 'fastest'"):
+        RunOptions(compile_slat=True, slat_compile_mode="fastest")
+    with pytest.raises(ValueError, match="slat_compile_mode 'default' is the mode of compile_slat, which is off"):
+        RunOptions(compile_ss=True, compile_mode="reduce-overhead", slat_compile_mode="default")
+    with pytest.raises(ValueError, match="slat_compile_mode 'reduce-overhead' needs compile_backend='inductor'"):
+        RunOptions(compile_slat=True, compile_backend="eager", slat_compile_mode="reduce-overhead")
+    RunOptions(compile_slat=True, compile_backend="eager", slat_compile_mode="default")  # accepted
+
+
+def test_for_stage_gives_slat_its_own_compile_mode():
+    both = RunOptions(compile_ss=True, compile_slat=True, compile_mode="reduce-overhead",
+                      slat_compile_mode="max-autotune-no-cudagraphs")
+    assert both.for_stage("ss") is both and both.for_stage("decode") is both
+    slat = both.for_stage("slat")
+    assert slat.compile_mode == "max-autotune-no-cudagraphs" and slat.slat_compile_mode is None
+    assert slat.for_stage("slat") is slat  # idempotent: the SLaT stage may apply it at every entry point
+    assert both.compile_uses_cuda_graphs and not slat.compile_uses_cuda_graphs
+    same = RunOptions(compile_slat=True, compile_mode="reduce-overhead")
+    assert same.for_stage("slat") is same  # no slat_compile_mode: compile_mode serves both stages
+    with pytest.raises(ValueError, match="stage must be one of"):
+        both.for_stage("mesh")
+
+
+def test_slat_stage_compiles_in_its_own_mode_and_marks_no_static_inputs(slat_setup, monkeypatch):
+    """With SS under CUDA graphs and SLaT in the default mode, the SLaT torso is compiled in "default" and its
+    cached K/V are plain copies (not static addresses, which only CUDA-graph modes need)."""
+    stage, objects, sampler = slat_setup
+    modes = []
+
+    def fake_compile(fn, backend=None, mode=None, **kw):
+        modes.append(mode)
+        return fn  # the eager torso: this test checks the wiring, not inductor
+
+    marked = []
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(torch._dynamo, "mark_static_address", lambda t, *a, **k: marked.append(t))
+    cond, coords, noise = objects[1]
+    saved = stage.__dict__.pop("_compiled_torso", None)
+
+    def run(**modes_kw):
+        options = RunOptions(batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True, **modes_kw)
+        stage.__dict__.pop("_compiled_torso", None)
+        modes.clear(), marked.clear()
+        with torch.no_grad():
+            net = stage.velocity_net(cond, coords, sampler, options, [])
+            net(noise, 0.5, None)
+        return list(stage.__dict__["_compiled_torso"])
+
+    try:
+        assert run(compile_mode="reduce-overhead", slat_compile_mode="default") == [("inductor", "default")]
+        assert modes == ["default"] and marked == []
+        # the same options without slat_compile_mode: SLaT under CUDA graphs, its K/V marked static
+        assert run(compile_mode="reduce-overhead") == [("inductor", "reduce-overhead")]
+        assert modes == ["reduce-overhead"] and len(marked) > 0
+    finally:
+        stage.__dict__.pop("_compiled_torso", None)
+        if saved is not None:
+            stage.__dict__["_compiled_torso"] = saved

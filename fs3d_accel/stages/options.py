@@ -7,6 +7,7 @@ is the reference. ``autocast-fp16`` is how the official pipeline runs (fp32 weig
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -71,6 +72,11 @@ class RunOptions:
     #: (the flow refuses to run it while any are registered).
     compile_slat: bool = False
     compile_mode: str = "default"
+    #: SLaT's own compile mode where it should differ from ``compile_mode`` (None: the same). On the H100 the best
+    #: pair is "reduce-overhead" for SS (one static graph, replayed with the held K/V) and "default" for SLaT, whose
+    #: CUDA graphs are recorded anew for every token count (``results/base_vs_official_h100/session11/``).
+    #: :meth:`for_stage` gives the options a stage runs under.
+    slat_compile_mode: str | None = None
     #: torch.compile backend of ``compile_ss`` / ``compile_slat``: "inductor" (the default) or any registered dynamo
     #: backend ("eager" / "aot_eager" let tests check graph breaks and recompiles on the CPU).
     compile_backend: str = "inductor"
@@ -114,6 +120,16 @@ class RunOptions:
         if self.compile_backend != "inductor" and self.compile_mode != "default":
             raise ValueError(f"compile_mode {self.compile_mode!r} needs compile_backend='inductor', "
                              f"got {self.compile_backend!r}")
+        if self.slat_compile_mode is not None:
+            if self.slat_compile_mode not in COMPILE_MODES:
+                raise ValueError(f"unknown slat_compile_mode {self.slat_compile_mode!r}; choose one of "
+                                 f"{COMPILE_MODES} (or None: compile_mode)")
+            if not self.compile_slat:
+                raise ValueError(f"slat_compile_mode {self.slat_compile_mode!r} is the mode of compile_slat, "
+                                 f"which is off: it would change nothing (set compile_slat=True)")
+            if self.compile_backend != "inductor" and self.slat_compile_mode != "default":
+                raise ValueError(f"slat_compile_mode {self.slat_compile_mode!r} needs compile_backend='inductor', "
+                                 f"got {self.compile_backend!r}")
         from ..model.attention_kernels import ATTENTION_KERNELS
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise ValueError(f"unknown attention_kernel {self.attention_kernel!r}; choose one of {ATTENTION_KERNELS}")
@@ -138,6 +154,16 @@ class RunOptions:
             raise ValueError(f"cuda_graphs needs weights in the compute precision (fp32, fp16 or bf16); "
                              f"precision {self.precision!r} casts inside autocast, whose weight cache "
                              f"cannot live in a CUDA graph")
+
+    def for_stage(self, stage: str) -> "RunOptions":
+        """The options ``stage`` ("ss", "slat" or "decode") runs under: for "slat" with a ``slat_compile_mode``, that mode
+        as ``compile_mode`` (so the compiled torso, its cache key and :attr:`compile_uses_cuda_graphs` follow it);
+        otherwise these options. Idempotent: a stage's options map to themselves."""
+        if stage not in KERNEL_STAGES:
+            raise ValueError(f"stage must be one of {KERNEL_STAGES}, got {stage!r}")
+        if stage == "slat" and self.slat_compile_mode is not None:
+            return dataclasses.replace(self, compile_mode=self.slat_compile_mode, slat_compile_mode=None)
+        return self
 
     def check_device(self, device: torch.device | str) -> None:
         dev = torch.device(device)
@@ -251,11 +277,18 @@ FAST_PATHS: dict[str, RunOptions] = {
     "compiled": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True),
     "compiled-zkv": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True,
                                compile_slat=True, collapse_zero_cond=True),
-    # + FlashAttention-4 in SLaT (self and cross) and CUDA graphs (reduce-overhead), which hide FA4's per-call host
-    # cost; needs flash_attn.cute (optional install). SS keeps cuDNN SDPA: FA4 did not pay there on the H100.
+    # + CUDA graphs in SS only (reduce-overhead: one static graph, replayed with the held condition K/V); SLaT stays
+    # in the default mode, which was faster than its per-token-count graphs (session 11, one run on one H100)
+    "compiled-zkv-ssro": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True,
+                                    compile_slat=True, collapse_zero_cond=True, compile_mode="reduce-overhead",
+                                    slat_compile_mode="default"),
+    # + FlashAttention-4 in SLaT (self and cross); needs flash_attn.cute (optional install). SS keeps cuDNN SDPA: FA4
+    # did not pay there on the H100. Until session 11 this setting also ran SLaT under reduce-overhead: FA4 in the
+    # default mode took 0.552 s against 0.591-0.596 s (same run), now that the rest of the pass is faster.
     "compiled-zkv-fa4": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True,
                                    compile_slat=True, collapse_zero_cond=True, compile_mode="reduce-overhead",
-                                   attention_kernel="flash-attn-cute", attention_kernel_sites=("slat",)),
+                                   slat_compile_mode="default", attention_kernel="flash-attn-cute",
+                                   attention_kernel_sites=("slat",)),
 }
 
 

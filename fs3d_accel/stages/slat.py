@@ -36,13 +36,15 @@ class SLaTStage(nn.Module):
 
     def compiled_torso(self, options: RunOptions):
         """The SLaT flow's transformer blocks (:meth:`SLaTFlowModel.dense_torso`), torch.compile'd when
-        ``options.compile_slat`` (cached per backend and mode, kept out of the module tree), else None.
+        ``options.compile_slat`` (cached per backend and mode, kept out of the module tree), else None. The mode is
+        SLaT's own (``options.for_stage("slat")``: ``slat_compile_mode`` where set).
 
         The token count is marked dynamic at each call, so one graph per batch size (1, and 2 for the
         CFG pair) serves objects of every size; each block is a nested compile region.
         """
         if not options.compile_slat:
             return None
+        options = options.for_stage("slat")
         cache = self.__dict__.setdefault("_compiled_torso", {})
         key = (options.compile_backend, options.compile_mode)
         if key not in cache:
@@ -64,6 +66,7 @@ class SLaTStage(nn.Module):
         """The guided velocity function of the sampler. With ``structures`` (a list the caller owns and
         releases with :func:`release_structure`), passes over all tokens reuse one coordinate structure
         per coordinate set (plain and CFG-batched) instead of rebuilding it every step."""
+        options = options.for_stage("slat")
         flow = self.flow
         cache = structures is not None or options.cuda_graphs
         if cache and structures is None:
