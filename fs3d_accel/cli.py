@@ -31,8 +31,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast-path", default="off", choices=list(_fast_path_names()),
                    help="exact fast-path setting: off (fp32 reference), fp32-cfg-kv, bf16 (bf16 weights, batched CFG, "
                         "cached condition K/V), compiled (+ torch.compile, CUDA), compiled-zkv (+ one-key K/V of the "
-                        "zero condition, CUDA), compiled-zkv-ssro (+ CUDA graphs in SS), compiled-zkv-fa4 (+ "
-                        "FlashAttention-4 in SLaT; needs flash_attn.cute)")
+                        "zero condition, CUDA), compiled-zkv-fa4 (+ FlashAttention-4 in SLaT and CUDA graphs; needs "
+                        "flash_attn.cute)")
 
 
 def _fast_path_names():

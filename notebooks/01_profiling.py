@@ -206,11 +206,11 @@ conv_ms.round(2)
 # The official pipeline ships with `compile_model: true`: `torch.compile(mode="max-autotune")` of the SS generator's
 # CFG step. Sessions 4-8 (and the performance anchors) compared against the uncompiled official code instead. `benchmarks/base_vs_official.py --variants official,official-compile,...` times
 # both in one process. `official-compile` compiles nothing in SLaT or the mesh decoder, so `per_object_totals` gives
-# it the uncompiled SLaT and mesh times of the same round. The committed H100 run (session 9, run H, N = 14,171, two
-# rounds): `max-autotune` did not finish compiling in 9 minutes there, so `reduce-overhead` (the same CUDA graphs,
-# cuBLAS GEMMs) stands in for it. Autotuned Triton GEMMs may be faster or slower than cuBLAS, so the
-# `official-compile` row estimates the shipped default rather than measuring it. Ours is `compile-all-zkv-ro` (no
-# FlashAttention-4). Ratios within each round, then the median over the rounds:
+# it the uncompiled SLaT and mesh times of the same round. The committed H100 headline (session 11, N = 14,171, two
+# rounds) runs `official-compile` in `reduce-overhead` (the same CUDA graphs, cuBLAS GEMMs): `max-autotune` needs about
+# 20 minutes of compiling on a fresh machine, and in session 10 it gave about the same SS time (next cell). Ours:
+# `compile-all-zkv-ro`, and `compile-all-zkv-fa4-slat-ro` (`--fast-path compiled-zkv-fa4`, FlashAttention-4 in SLaT).
+# Ratios within each round, then the median over the rounds:
 
 # %%
 import sys
@@ -218,8 +218,8 @@ import sys
 sys.path.insert(0, str(ROOT))
 from benchmarks.base_vs_official import load_outputs, per_object_totals  # noqa: E402
 
-HEAD9 = ROOT / "benchmarks" / "results" / "base_vs_official_h100" / "session9" / "run_h_headline"
-head_rows, head_meta = load_outputs(HEAD9)
+HEAD11 = ROOT / "benchmarks" / "results" / "base_vs_official_h100" / "session11" / "head" / "head"
+head_rows, head_meta = load_outputs(HEAD11)
 per_object = pd.DataFrame(per_object_totals(head_rows))
 print(f"{head_meta['device']}, official-compile mode {head_meta['official_compile_mode']}")
 (per_object.groupby("variant", sort=False)[["seconds", "speedup", "speedup_vs_compiled"]].median()
@@ -244,4 +244,30 @@ print(f"{ma_meta['device']}, official-compile mode {ma_meta['official_compile_mo
 # static inputs of the graph, and each call computed them at new addresses. The stage now copies them into buffers it
 # keeps (`fs3d_accel/stages/held.py`). Side by side on one machine, `benchmarks/ss_stage_time.py` went from 1.41 s
 # to 1.04-1.09 s per SS stage call, with 0 graphs recorded instead of 9 and bit-identical outputs
-# (`session10/held_kv/`). The per-object headline above predates that fix.
+# (`session10/held_kv/`). The session 11 headline above has the fix: our SS sampler takes 0.74-0.75 s per object,
+# against 0.82-0.86 s before it.
+#
+# Should SLaT run under CUDA graphs too? Under `reduce-overhead` it records a graph pair for every call (one per token
+# count; its per-call K/V move too), while the default compile mode launches each kernel from Python.
+# `RunOptions.slat_compile_mode` lets SLaT take its own mode. Session 11 timed the four SLaT settings on two machines;
+# the kernels took the same time on both, the hosts did not:
+
+# %%
+S11 = ROOT / "benchmarks" / "results" / "base_vs_official_h100" / "session11"
+slat_runs = {"lease 1": [S11 / "tests_slat" / "slat_graphs", S11 / "slat_fa4" / "slat_fa4"],
+             "lease 2": [S11 / "lease2_slat_modes" / "slat_modes"]}
+SLAT_SETTING = {"compile-all-zkv": "SDPA, default", "compile-all-zkv-ssro": "SDPA, default",
+                "compile-all-zkv-ro": "SDPA, reduce-overhead", "compile-all-zkv-fa4-slat": "FA4, default",
+                "compile-all-zkv-fa4-slat-ssro": "FA4, default", "compile-all-zkv-fa4-slat-ro": "FA4, reduce-overhead"}
+slat_rows = []
+for lease, folders in slat_runs.items():
+    for folder in folders:
+        rows, _ = load_outputs(folder)
+        slat_rows += [{"lease": lease, "SLaT setting": SLAT_SETTING[r["variant"]], "median_s": r["median_s"]}
+                      for r in rows if r["stage"] == "slat"]
+(pd.DataFrame(slat_rows).groupby(["SLaT setting", "lease"])["median_s"].agg(["min", "max"]).unstack("lease")
+ .round(3))
+
+# %% [markdown]
+# On the fast host the default mode saved ~8% of SLaT; on the slower one CUDA graphs saved up to 40%, and FA4, whose
+# per-call host cost the graphs hide, was the more sensitive kernel. The named fast path keeps graphs in SLaT.

@@ -72,10 +72,11 @@ class RunOptions:
     #: (the flow refuses to run it while any are registered).
     compile_slat: bool = False
     compile_mode: str = "default"
-    #: SLaT's own compile mode where it should differ from ``compile_mode`` (None: the same). On the H100 the best
-    #: pair is "reduce-overhead" for SS (one static graph, replayed with the held K/V) and "default" for SLaT, whose
-    #: CUDA graphs are recorded anew for every token count (``results/base_vs_official_h100/session11/``).
-    #: :meth:`for_stage` gives the options a stage runs under.
+    #: SLaT's own compile mode where it should differ from ``compile_mode`` (None: the same). Under "reduce-overhead"
+    #: SLaT records its CUDA graphs anew for every token count (a capture per new object), while SS replays one static
+    #: graph with the held K/V; "default" in SLaT trades those captures for per-kernel launches. Which wins depends on
+    #: the host CPU: on one H100 lease SLaT was 7-8% faster in "default", on a slower-host lease 1-67% slower
+    #: (``results/base_vs_official_h100/session11/``). :meth:`for_stage` gives the options a stage runs under.
     slat_compile_mode: str | None = None
     #: torch.compile backend of ``compile_ss`` / ``compile_slat``: "inductor" (the default) or any registered dynamo
     #: backend ("eager" / "aot_eager" let tests check graph breaks and recompiles on the CPU).
@@ -277,18 +278,13 @@ FAST_PATHS: dict[str, RunOptions] = {
     "compiled": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True),
     "compiled-zkv": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True,
                                compile_slat=True, collapse_zero_cond=True),
-    # + CUDA graphs in SS only (reduce-overhead: one static graph, replayed with the held condition K/V); SLaT stays
-    # in the default mode, which was faster than its per-token-count graphs (session 11, one run on one H100)
-    "compiled-zkv-ssro": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True,
-                                    compile_slat=True, collapse_zero_cond=True, compile_mode="reduce-overhead",
-                                    slat_compile_mode="default"),
-    # + FlashAttention-4 in SLaT (self and cross); needs flash_attn.cute (optional install). SS keeps cuDNN SDPA: FA4
-    # did not pay there on the H100. Until session 11 this setting also ran SLaT under reduce-overhead: FA4 in the
-    # default mode took 0.552 s against 0.591-0.596 s (same run), now that the rest of the pass is faster.
+    # + FlashAttention-4 in SLaT (self and cross) and CUDA graphs (reduce-overhead), which hide FA4's per-call host
+    # cost; needs flash_attn.cute (optional install). SS keeps cuDNN SDPA: FA4 did not pay there on the H100.
+    # SLaT in the default mode (``slat_compile_mode="default"``) was 7% faster on one lease and 4-67% slower on a
+    # lease with a slower host (session 11, ``results/base_vs_official_h100/session11/``): graphs are the robust choice.
     "compiled-zkv-fa4": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True,
                                    compile_slat=True, collapse_zero_cond=True, compile_mode="reduce-overhead",
-                                   slat_compile_mode="default", attention_kernel="flash-attn-cute",
-                                   attention_kernel_sites=("slat",)),
+                                   attention_kernel="flash-attn-cute", attention_kernel_sites=("slat",)),
 }
 
 
