@@ -1,0 +1,73 @@
+"""``benchmarks/slat_many_sizes.py``: sizes, coordinates, the per-pass summary, and a CPU run of the script."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from benchmarks import slat_many_sizes as sms
+
+
+def test_object_sizes_are_distinct_and_span_the_range():
+    assert sms.object_sizes(4, 100, 400) == [100, 200, 300, 400]
+    assert sms.object_sizes(1, 50, 90) == [50]
+    with pytest.raises(ValueError, match="5 distinct sizes do not fit in \\[10, 12\\]"):
+        sms.object_sizes(5, 10, 12)
+    with pytest.raises(ValueError, match="--objects must be >= 1"):
+        sms.object_sizes(0, 10, 12)
+    with pytest.raises(ValueError, match="need 1 <= --min-voxels <= --max-voxels"):
+        sms.object_sizes(2, 30, 20)
+
+
+def test_warmup_size_is_none_of_the_timed_sizes():
+    assert sms.warmup_size([100, 200, 300]) == 201
+    assert sms.warmup_size([100, 101, 102]) == 103  # 101 and 102 are taken
+
+
+def test_object_coords_are_seeded_distinct_voxel_subsets():
+    a = sms.object_coords([50, 80], 32, seed=3)
+    b = sms.object_coords([50, 80], 32, seed=3)
+    assert [len(c) for c in a] == [50, 80]
+    for c, c2 in zip(a, b):
+        assert c.dtype == torch.int32 and torch.equal(c, c2)
+        assert torch.all(c[:, 0] == 0) and int(c[:, 1:].max()) < 32
+        assert len(torch.unique(c, dim=0)) == len(c)
+    with pytest.raises(ValueError, match="exceeds the .* distinct voxels available at resolution 8"):
+        sms.object_coords([10_000], 8, seed=0)
+
+
+def test_summarise_per_variant_and_pass():
+    rows = [{"variant": "a", "pass": p, "seconds": s, "graphs_recorded": g, "reserved_gb": m}
+            for p, s, g, m in [(1, 1.0, 2, 5.0), (1, 3.0, 2, 6.0), (1, 2.0, 2, 7.0), (2, 0.5, 0, 7.0)]]
+    rows.append({"variant": "b", "pass": 1, "seconds": 4.0, "graphs_recorded": 0, "reserved_gb": 1.0})
+    assert sms.summarise(rows) == [
+        {"variant": "a", "pass": 1, "calls": 3, "median_s": 2.0, "max_s": 3.0, "graphs_recorded": 6,
+         "reserved_gb_end": 7.0},
+        {"variant": "a", "pass": 2, "calls": 1, "median_s": 0.5, "max_s": 0.5, "graphs_recorded": 0,
+         "reserved_gb_end": 7.0},
+        {"variant": "b", "pass": 1, "calls": 1, "median_s": 4.0, "max_s": 4.0, "graphs_recorded": 0,
+         "reserved_gb_end": 1.0}]
+
+
+def test_cpu_run_writes_one_row_per_call(tmp_path):
+    sms.main(["--device", "cpu", "--config", "mini", "--variants", "bf16-cfg-kv", "--objects", "2",
+              "--min-voxels", "60", "--max-voxels", "90", "--passes", "2", "--out", str(tmp_path)])
+    with open(tmp_path / sms.CSV_NAME) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [(r["pass"], r["N"]) for r in rows] == [("1", "60"), ("1", "90"), ("2", "60"), ("2", "90")]
+    assert all(float(r["seconds"]) > 0 and r["graphs_recorded"] == "0" for r in rows)
+    readme = (tmp_path / "README.md").read_text()
+    assert "CPU: a check of the script, not a timing." in readme and "| bf16-cfg-kv | 2 | 2 |" in readme
+    assert (tmp_path / "slat_many_sizes.png").is_file()
+
+
+def test_bad_arguments_are_rejected(tmp_path):
+    with pytest.raises(SystemExit, match="--variants: unknown \\['fastest'\\]"):
+        sms.main(["--device", "cpu", "--variants", "fastest", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--variants compile-all-zkv-ro: compile_ss is CUDA-only"):
+        sms.main(["--device", "cpu", "--variants", "compile-all-zkv-ro", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="all variants must hold the weights in one precision"):
+        sms.main(["--device", "cpu", "--variants", "bf16,fp32", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--passes must be >= 1"):
+        sms.main(["--device", "cpu", "--variants", "bf16", "--passes", "0", "--out", str(tmp_path)])
