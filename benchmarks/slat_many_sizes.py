@@ -6,9 +6,12 @@ from Python. ``base_vs_official.py`` repeats one object, so it cannot show what 
 size, and graph memory that grows with the number of sizes. This script runs the SLaT sampler (full 25-step schedule,
 batched CFG) once per object over ``--objects`` distinct sizes, twice (``--passes``: the second pass meets every size
 again), for each variant, in one process, and records per call: seconds (CUDA events), graphs recorded, reserved and
-allocated GPU memory. Sizes are random subsets (seeded) of YCB surface voxels at the flow's resolution, spread evenly
-over ``--min-voxels`` .. ``--max-voxels``. Values do not matter for timing; the condition tokens come from the real
-condition fuser on the synthetic scene.
+allocated GPU memory. Sizes are spread evenly over ``--min-voxels`` .. ``--max-voxels``; each object is a seeded
+planar crop of the largest YCB surface at the flow's resolution (``--shapes crops``) or voxels scattered over all YCB
+surfaces (``--shapes scattered``, many more downsampled tokens per voxel). Values do not matter for timing; the
+condition tokens come from the real condition fuser on the synthetic scene. Reserved memory is the caching allocator's
+(CUDA-graph pools included), cumulative over the variants in run order: a later variant starts from what an earlier one
+left reserved.
 
     python benchmarks/slat_many_sizes.py --device cuda --config full \\
         --variants compile-all-zkv-ro,compile-all-zkv-ssro --objects 24 --out runs/slat_many_sizes
@@ -74,16 +77,39 @@ def voxel_pool(resolution: int) -> torch.Tensor:
     return torch.unique(xyz, dim=0)
 
 
-def object_coords(sizes: list[int], resolution: int, seed: int) -> list[torch.Tensor]:
-    """One (N, 4) int32 [0, x, y, z] coordinate set per size: a seeded random subset of the pooled voxels, sorted."""
-    pool = voxel_pool(resolution)
+def largest_surface(resolution: int) -> torch.Tensor:
+    """(M, 3) distinct int64 surface voxels of the largest YCB object in ``COORDS_FILE``, at ``resolution``."""
+    data = np.load(COORDS_FILE)
+    name = max(data.files, key=lambda f: len(data[f]))
+    xyz = torch.from_numpy(data[name].astype(np.int64))
+    if resolution != 64:
+        xyz = xyz * resolution // 64
+    return torch.unique(xyz, dim=0)
+
+
+#: how ``object_coords`` makes an object of N voxels: "crops" = the N voxels of the largest YCB surface on one side of
+#: a plane of seeded random direction (a contiguous surface patch: the flow's downsampled token count grows with N as
+#: for a real object); "scattered" = N voxels drawn at random from all YCB surfaces pooled (spread over the grid, so
+#: many more downsampled tokens than a real object of N voxels; session 11's H200 run used it)
+SHAPES = ("crops", "scattered")
+
+
+def object_coords(sizes: list[int], resolution: int, seed: int, shapes: str = "crops") -> list[torch.Tensor]:
+    """One (N, 4) int32 [0, x, y, z] coordinate set per size, sorted, made as ``shapes`` says (:data:`SHAPES`)."""
+    if shapes not in SHAPES:
+        raise ValueError(f"unknown shapes {shapes!r}; choose one of {SHAPES}")
+    pool = largest_surface(resolution) if shapes == "crops" else voxel_pool(resolution)
     if max(sizes) > len(pool):
         raise ValueError(f"--max-voxels {max(sizes)} exceeds the {len(pool)} distinct voxels available at "
-                         f"resolution {resolution}")
+                         f"resolution {resolution} ({shapes})")
     out = []
     for i, n in enumerate(sizes):
         g = torch.Generator().manual_seed(seed + i)
-        keep = torch.randperm(len(pool), generator=g)[:n].sort().values
+        if shapes == "crops":
+            direction = torch.randn(3, generator=g, dtype=torch.float64)
+            keep = torch.argsort(pool.double() @ direction, stable=True)[:n].sort().values
+        else:
+            keep = torch.randperm(len(pool), generator=g)[:n].sort().values
         xyz = pool[keep]
         out.append(torch.cat([torch.zeros_like(xyz[:, :1]), xyz], 1).to(torch.int32).contiguous())
     return out
@@ -137,7 +163,8 @@ def summarise(rows: list[dict]) -> list[dict]:
 def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
     lines = ["# SLaT sampler over objects of distinct sizes (`benchmarks/slat_many_sizes.py`)", "",
              f"Device **{meta['device']}**, torch {meta['torch']}, config `{meta['config']}`, "
-             f"{meta['objects']} sizes from {meta['sizes'][0]} to {meta['sizes'][-1]} voxels, {meta['passes']} "
+             f"{meta['objects']} sizes from {meta['sizes'][0]} to {meta['sizes'][-1]} voxels "
+             f"(`--shapes {meta.get('shapes', 'scattered')}`), {meta['passes']} "
              f"passes (pass 2 meets every size again). One call per object; the first call of each variant, on an "
              f"object of another size ({meta['warmup_N']} voxels), compiles where the variant compiles and is not "
              f"counted." + (" CPU: a check of the script, not a timing." if meta["device"] == "cpu" else ""), ""]
@@ -179,6 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--min-voxels", type=int, default=2000)
     ap.add_argument("--max-voxels", type=int, default=20000)
     ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--shapes", default="crops", choices=SHAPES,
+                    help="crops of the largest YCB surface (like real objects), or voxels scattered over all of them")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -205,8 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     pipe = Pipeline.from_config(args.config, seed=args.seed, device="cpu")
     resolution = pipe.config.slat_flow.resolution
     try:
-        coords = [c.to(dev) for c in object_coords(sizes, resolution, args.seed)]
-        warm_coords = object_coords([warmup_size(sizes)], resolution, args.seed + 10_000)[0]
+        coords = [c.to(dev) for c in object_coords(sizes, resolution, args.seed, args.shapes)]
+        warm_coords = object_coords([warmup_size(sizes)], resolution, args.seed + 10_000, args.shapes)[0]
     except ValueError as e:
         raise SystemExit(str(e)) from e
     warm_coords = warm_coords.to(dev)
@@ -215,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     stage, sampler_cfg = pipe.slat, pipe.config.slat_sampler
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-            "config": args.config, "objects": len(sizes), "sizes": sizes, "passes": args.passes,
+            "config": args.config, "shapes": args.shapes, "objects": len(sizes), "sizes": sizes, "passes": args.passes,
             "warmup_N": len(warm_coords), "seed": args.seed,
             "variants": {v: f"{SHORT[v]} = {VARIANTS[SHORT[v]]}" for v in variants}}
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
