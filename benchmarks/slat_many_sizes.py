@@ -37,9 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from benchmarks.stage_latency import COORDS_FILE, SHORT, VARIANTS, synthetic_inputs  # noqa: E402
-from fs3d_accel.model.sparse import release_structure  # noqa: E402
+from benchmarks.base_vs_official import ours_slat_fn  # noqa: E402  (one sampler call, structures released)
 from fs3d_accel.pipeline import Pipeline  # noqa: E402
-from fs3d_accel.samplers import EulerFlowSampler  # noqa: E402
 from fs3d_accel.stages.slat import slat_noise  # noqa: E402
 from fs3d_analysis.profile.latency import cuda_graph_recordings  # noqa: E402
 
@@ -113,17 +112,6 @@ def object_coords(sizes: list[int], resolution: int, seed: int, shapes: str = "c
         xyz = pool[keep]
         out.append(torch.cat([torch.zeros_like(xyz[:, :1]), xyz], 1).to(torch.int32).contiguous())
     return out
-
-
-def sample_once(stage, cond, coords, noise, sampler_cfg, opts) -> torch.Tensor:
-    """One SLaT sampler call, its coordinate structures released afterwards (as the pipeline does)."""
-    structures: list[dict] = []
-    try:
-        net = stage.velocity_net(cond, coords, sampler_cfg, opts, structures)
-        return EulerFlowSampler(sampler_cfg, "slat").sample(noise.clone(), net)
-    finally:
-        for s in structures:
-            release_structure(s)
 
 
 class CallTimer:
@@ -260,12 +248,12 @@ def main(argv: list[str] | None = None) -> None:
             with opts.network_context(dev, "slat"):
                 cond = stage.condition(**{k: x.to(opts.compute_dtype(dev)) for k, x in inp.slat_kwargs().items()})
             t0 = time.perf_counter()
-            sample_once(stage, cond, warm_coords, warm_noise, sampler_cfg, opts)  # compiles
+            ours_slat_fn(stage, warm_noise, cond, warm_coords, sampler_cfg, opts)()  # compiles
             print(f"{v}: first call (N={len(warm_coords)}) {time.perf_counter() - t0:.1f} s", flush=True)
             for p in range(1, args.passes + 1):
                 for i, (c, noise) in enumerate(zip(coords, noises)):
                     before = cuda_graph_recordings(dev)
-                    sec = timer(lambda: sample_once(stage, cond, c, noise, sampler_cfg, opts))
+                    sec = timer(ours_slat_fn(stage, noise, cond, c, sampler_cfg, opts))
                     row = {"variant": v, "pass": p, "index": i, "N": len(c), "seconds": sec,
                            "graphs_recorded": cuda_graph_recordings(dev) - before,
                            "reserved_gb": torch.cuda.memory_reserved(dev) / 1e9 if dev.type == "cuda" else 0.0,
