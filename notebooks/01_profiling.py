@@ -229,8 +229,8 @@ print(f"{head_meta['device']}, official-compile mode {head_meta['official_compil
 # Session 10 let the shipped mode finish: three calls on one machine, sharing the inductor cache, compiled
 # `official-compile` in `max-autotune` (434 s for the last call, with the earlier calls' autotune results cached).
 # Only the SS sampler was timed, next to the uncompiled official code in the same process: 1.96x. The reduce-overhead
-# stand-in above gave 1.74-2.20x its own process's uncompiled time in session 9's runs, so the two modes cannot be
-# told apart here:
+# stand-in gave 1.74-2.20x its own process's uncompiled time in session 9's runs, and 1.83x / 2.35x in the two rounds
+# above, so the two modes cannot be told apart here:
 
 # %%
 MAX_AUTOTUNE10 = ROOT / "benchmarks" / "results" / "base_vs_official_h100" / "session10" / "max_autotune" / "3_ss"
@@ -269,5 +269,7 @@ for lease, folders in slat_runs.items():
  .round(3))
 
 # %% [markdown]
-# On the fast host the default mode saved ~8% of SLaT; on the slower one CUDA graphs saved up to 40%, and FA4, whose
-# per-call host cost the graphs hide, was the more sensitive kernel. The named fast path keeps graphs in SLaT.
+# On lease 1 the default mode saved 7-8% of SLaT; on lease 2 CUDA graphs saved up to 40%, and FA4, whose per-call host
+# cost the graphs hide, was the more sensitive kernel. Each lease-2 number is one process, and another process there
+# had SDPA in the default mode at 0.614 s: the spread between processes is as large as the effect. The named fast path
+# keeps graphs in SLaT.

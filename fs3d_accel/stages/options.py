@@ -75,7 +75,7 @@ class RunOptions:
     #: SLaT's own compile mode where it should differ from ``compile_mode`` (None: the same). Under "reduce-overhead"
     #: SLaT records its CUDA graphs anew for every token count (a capture per new object), while SS replays one static
     #: graph with the held K/V; "default" in SLaT trades those captures for per-kernel launches. Which wins depends on
-    #: the host CPU: on one H100 lease SLaT was 7-8% faster in "default", on a slower-host lease 1-67% slower
+    #: the machine: on one H100 lease SLaT was 7-8% faster in "default", on another (slower host) 1-67% slower
     #: (``results/base_vs_official_h100/session11/``). :meth:`for_stage` gives the options a stage runs under.
     slat_compile_mode: str | None = None
     #: torch.compile backend of ``compile_ss`` / ``compile_slat``: "inductor" (the default) or any registered dynamo
@@ -280,8 +280,8 @@ FAST_PATHS: dict[str, RunOptions] = {
                                compile_slat=True, collapse_zero_cond=True),
     # + FlashAttention-4 in SLaT (self and cross) and CUDA graphs (reduce-overhead), which hide FA4's per-call host
     # cost; needs flash_attn.cute (optional install). SS keeps cuDNN SDPA: FA4 did not pay there on the H100.
-    # SLaT in the default mode (``slat_compile_mode="default"``) was 7% faster on one lease and 4-67% slower on a
-    # lease with a slower host (session 11, ``results/base_vs_official_h100/session11/``): graphs are the robust choice.
+    # SLaT in the default mode (``slat_compile_mode="default"``) was 7% faster on one lease and 4-67% slower on another
+    # (session 11, ``results/base_vs_official_h100/session11/``): graphs are the choice that did not lose badly.
     "compiled-zkv-fa4": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True,
                                    compile_slat=True, collapse_zero_cond=True, compile_mode="reduce-overhead",
                                    attention_kernel="flash-attn-cute", attention_kernel_sites=("slat",)),
