@@ -14,6 +14,13 @@ def _load_pipeline(args) -> "object":
         options.check_device(args.device)
     except ValueError as e:
         raise SystemExit(f"--fast-path: {e}") from e
+    slat_mode = getattr(args, "slat_compile_mode", None)
+    if slat_mode is not None:
+        import dataclasses
+        try:
+            options = dataclasses.replace(options, slat_compile_mode=slat_mode)
+        except ValueError as e:
+            raise SystemExit(f"--slat-compile-mode: {e}") from e
     if args.checkpoint:
         pipe = Pipeline.from_checkpoint(args.checkpoint, config=args.config, device=args.device)
     elif args.weights == "random":
@@ -31,8 +38,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fast-path", default="off", choices=list(_fast_path_names()),
                    help="exact fast-path setting: off (fp32 reference), fp32-cfg-kv, bf16 (bf16 weights, batched CFG, "
                         "cached condition K/V), compiled (+ torch.compile, CUDA), compiled-zkv (+ one-key K/V of the "
-                        "zero condition, CUDA), compiled-zkv-fa4 (+ FlashAttention-4 in SLaT and CUDA graphs; needs "
-                        "flash_attn.cute)")
+                        "zero condition, CUDA), compiled-zkv-ro (+ CUDA graphs), compiled-zkv-fa4 (+ FlashAttention-4 "
+                        "in SLaT and CUDA graphs; needs flash_attn.cute)")
+    p.add_argument("--slat-compile-mode", default=None, choices=_compile_modes(),
+                   help="SLaT's own torch.compile mode, overriding the fast path's for SLaT only (e.g. 'default' to "
+                        "skip SLaT's per-object CUDA-graph captures; faster on some hosts, slower on others)")
+
+
+def _compile_modes():
+    from .stages.options import COMPILE_MODES
+    return COMPILE_MODES
 
 
 def _fast_path_names():

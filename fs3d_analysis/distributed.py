@@ -522,17 +522,20 @@ class CliPipeFactory:
     checkpoint: str | None = None
     config: str | None = None
     fast_path: str = "off"
+    slat_compile_mode: str | None = None
 
     @classmethod
     def from_args(cls, args) -> "CliPipeFactory":
         return cls(weights=args.weights, checkpoint=args.checkpoint, config=args.config,
-                   fast_path=getattr(args, "fast_path", "off"))
+                   fast_path=getattr(args, "fast_path", "off"),
+                   slat_compile_mode=getattr(args, "slat_compile_mode", None))
 
     def __call__(self, device: str = "cpu"):
         from fs3d_accel.cli import _load_pipeline
 
         return _load_pipeline(argparse.Namespace(weights=self.weights, checkpoint=self.checkpoint,
-                                                 config=self.config, device=device, fast_path=self.fast_path))
+                                                 config=self.config, device=device, fast_path=self.fast_path,
+                                                 slat_compile_mode=self.slat_compile_mode))
 
 
 def eval_main(args, samples: Sequence, methods: Mapping[str, Callable]) -> pd.DataFrame:

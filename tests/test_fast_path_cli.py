@@ -1,6 +1,8 @@
 """Named fast-path settings (``stages.options.FAST_PATHS``), ``Pipeline.with_options`` and ``--fast-path``."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,10 @@ from fs3d_analysis.distributed import CliPipeFactory
 
 
 def test_named_fast_paths():
-    assert list(FAST_PATHS) == ["off", "fp32-cfg-kv", "bf16", "compiled", "compiled-zkv", "compiled-zkv-fa4"]
+    assert list(FAST_PATHS) == ["off", "fp32-cfg-kv", "bf16", "compiled", "compiled-zkv", "compiled-zkv-ro",
+                                "compiled-zkv-fa4"]
+    ro = fast_path("compiled-zkv-ro")
+    assert ro.compile_mode == "reduce-overhead" and ro.for_stage("slat") is ro and ro.attention_kernel == "sdpa"
     fa4 = fast_path("compiled-zkv-fa4")
     assert fa4.kernel_roles("slat") == ("self", "cross") and fa4.kernel_roles("ss") == ()
     assert fa4.compile_mode == "reduce-overhead" and fa4.collapse_zero_cond
@@ -44,6 +49,9 @@ def test_cli_fast_path(tmp_path):
         cli.build_parser().parse_args(["run", "--fast-path", "fastest"])
     args = cli.build_parser().parse_args(["eval", "--fast-path", "bf16"])
     assert CliPipeFactory.from_args(args).fast_path == "bf16"
+    args = cli.build_parser().parse_args(["eval", "--fast-path", "compiled-zkv-ro", "--slat-compile-mode", "default"])
+    factory = CliPipeFactory.from_args(args)  # the Ray workers build the same options as the local CLI
+    assert (factory.fast_path, factory.slat_compile_mode) == ("compiled-zkv-ro", "default")
 
 
 def test_cli_run_with_the_bf16_fast_path(tmp_path, capsys):
@@ -82,3 +90,25 @@ def test_accelerator_on_the_compiled_path_is_exact(cpu_compile):
     for k in a.ss.latents:
         assert torch.equal(a.ss.latents[k], b.ss.latents[k]), k
     assert torch.equal(a.slat.coords, b.slat.coords) and torch.equal(a.slat.feats, b.slat.feats)
+
+
+def test_cli_slat_compile_mode(monkeypatch):
+    """--slat-compile-mode overrides SLaT's mode in the chosen fast path; a fast path without compile_slat refuses it."""
+    import fs3d_accel.stages.options as options_mod
+    seen = []
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_COMPILE", True)  # the CPU accepts compile settings (not run here)
+    monkeypatch.setattr(Pipeline, "with_options", lambda self, opts: seen.append(opts) or self)
+    args = cli.build_parser().parse_args(["run", "--weights", "random", "--sample", "0", "--fast-path",
+                                          "compiled-zkv-ro", "--slat-compile-mode", "default"])
+    cli._load_pipeline(args)
+    assert seen[-1] == dataclasses.replace(fast_path("compiled-zkv-ro"), slat_compile_mode="default")
+    assert seen[-1].for_stage("slat").compile_mode == "default" and seen[-1].compile_mode == "reduce-overhead"
+    args = cli.build_parser().parse_args(["run", "--weights", "random", "--sample", "0", "--fast-path", "bf16",
+                                          "--slat-compile-mode", "default"])
+    with pytest.raises(SystemExit, match="--slat-compile-mode: slat_compile_mode 'default' is the mode of compile_slat"):
+        cli._load_pipeline(args)
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["run", "--slat-compile-mode", "fastest"])
+    # the Ray workers' factory forwards it to the same loader
+    CliPipeFactory(weights="random", fast_path="compiled-zkv-ro", slat_compile_mode="max-autotune-no-cudagraphs")()
+    assert seen[-1].for_stage("slat").compile_mode == "max-autotune-no-cudagraphs"
