@@ -112,3 +112,11 @@ def test_cli_slat_compile_mode(monkeypatch):
     # the Ray workers' factory forwards it to the same loader
     CliPipeFactory(weights="random", fast_path="compiled-zkv-ro", slat_compile_mode="max-autotune-no-cudagraphs")()
     assert seen[-1].for_stage("slat").compile_mode == "max-autotune-no-cudagraphs"
+
+
+def test_named_fast_paths_are_the_benchmarked_variants():
+    """The README quotes benchmark variants' timings for these names: they must stay the same settings."""
+    from benchmarks.stage_latency import SHORT, VARIANTS
+    assert fast_path("compiled-zkv-ro") == VARIANTS[SHORT["compile-all-zkv-ro"]]
+    assert fast_path("compiled-zkv-fa4") == VARIANTS[SHORT["compile-all-zkv-fa4-slat-ro"]]
+    assert fast_path("compiled-zkv") == VARIANTS[SHORT["compile-all-zkv"]]
