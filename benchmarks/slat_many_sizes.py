@@ -1,9 +1,10 @@
 """The SLaT sampler over a stream of objects of distinct sizes: what CUDA-graph recording costs per new object.
 
 Under ``compile_mode="reduce-overhead"`` inductor records a CUDA graph pair (batch 2 and 1) for every token count it
-has not seen, and keeps it in the cudagraph tree; in the default mode nothing is recorded and every kernel is launched
-from Python. ``base_vs_official.py`` repeats one object, so it cannot show what a dataset run pays: a capture per new
-size, and graph memory that grows with the number of sizes. This script runs the SLaT sampler (full 25-step schedule,
+has not seen, keeps it in the cudagraph tree, and records again for a seen count whenever SLaT's per-call K/V have
+moved; in the default mode nothing is recorded and every kernel is launched from Python. ``base_vs_official.py``
+repeats one object, so it cannot show what a dataset run pays: a capture per new size, and whether graph memory grows
+with the number of sizes. This script runs the SLaT sampler (full 25-step schedule,
 batched CFG) once per object over ``--objects`` distinct sizes, twice (``--passes``: the second pass meets every size
 again), for each variant, in one process, and records per call: seconds (CUDA events), graphs recorded, reserved and
 allocated GPU memory. Sizes are spread evenly over ``--min-voxels`` .. ``--max-voxels``; each object is a seeded
@@ -36,7 +37,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from benchmarks.stage_latency import COORDS_FILE, SHORT, VARIANTS, synthetic_inputs  # noqa: E402
+from benchmarks.stage_latency import COORDS_FILE, SHORT, VARIANTS, Timer, synthetic_inputs  # noqa: E402
 from benchmarks.base_vs_official import ours_slat_fn  # noqa: E402  (one sampler call, structures released)
 from fs3d_accel.pipeline import Pipeline  # noqa: E402
 from fs3d_accel.stages.slat import slat_noise  # noqa: E402
@@ -67,20 +68,12 @@ def warmup_size(sizes: list[int]) -> int:
     return n
 
 
-def voxel_pool(resolution: int) -> torch.Tensor:
-    """(M, 3) distinct int64 surface voxels of every YCB object in ``COORDS_FILE``, at ``resolution``, pooled."""
+def surface_voxels(resolution: int, largest_only: bool) -> torch.Tensor:
+    """(M, 3) distinct int64 surface voxels at ``resolution`` of the YCB objects in ``COORDS_FILE``: all of them pooled,
+    or only the largest."""
     data = np.load(COORDS_FILE)
-    xyz = torch.cat([torch.from_numpy(data[name].astype(np.int64)) for name in data.files])
-    if resolution != 64:
-        xyz = xyz * resolution // 64
-    return torch.unique(xyz, dim=0)
-
-
-def largest_surface(resolution: int) -> torch.Tensor:
-    """(M, 3) distinct int64 surface voxels of the largest YCB object in ``COORDS_FILE``, at ``resolution``."""
-    data = np.load(COORDS_FILE)
-    name = max(data.files, key=lambda f: len(data[f]))
-    xyz = torch.from_numpy(data[name].astype(np.int64))
+    names = [max(data.files, key=lambda f: len(data[f]))] if largest_only else data.files
+    xyz = torch.cat([torch.from_numpy(data[name].astype(np.int64)) for name in names])
     if resolution != 64:
         xyz = xyz * resolution // 64
     return torch.unique(xyz, dim=0)
@@ -97,7 +90,7 @@ def object_coords(sizes: list[int], resolution: int, seed: int, shapes: str = "c
     """One (N, 4) int32 [0, x, y, z] coordinate set per size, sorted, made as ``shapes`` says (:data:`SHAPES`)."""
     if shapes not in SHAPES:
         raise ValueError(f"unknown shapes {shapes!r}; choose one of {SHAPES}")
-    pool = largest_surface(resolution) if shapes == "crops" else voxel_pool(resolution)
+    pool = surface_voxels(resolution, largest_only=shapes == "crops")
     if max(sizes) > len(pool):
         raise ValueError(f"--max-voxels {max(sizes)} exceeds the {len(pool)} distinct voxels available at "
                          f"resolution {resolution} ({shapes})")
@@ -112,26 +105,6 @@ def object_coords(sizes: list[int], resolution: int, seed: int, shapes: str = "c
         xyz = pool[keep]
         out.append(torch.cat([torch.zeros_like(xyz[:, :1]), xyz], 1).to(torch.int32).contiguous())
     return out
-
-
-class CallTimer:
-    """Seconds of one call: CUDA events on a GPU, the wall clock on the CPU."""
-
-    def __init__(self, dev: torch.device) -> None:
-        self.dev = dev
-
-    def __call__(self, fn) -> float:
-        if self.dev.type != "cuda":
-            t0 = time.perf_counter()
-            fn()
-            return time.perf_counter() - t0
-        torch.cuda.synchronize(self.dev)
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize(self.dev)
-        return a.elapsed_time(b) / 1000
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -152,7 +125,7 @@ def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
     lines = ["# SLaT sampler over objects of distinct sizes (`benchmarks/slat_many_sizes.py`)", "",
              f"Device **{meta['device']}**, torch {meta['torch']}, config `{meta['config']}`, "
              f"{meta['objects']} sizes from {meta['sizes'][0]} to {meta['sizes'][-1]} voxels "
-             f"(`--shapes {meta.get('shapes', 'scattered')}`), {meta['passes']} "
+             f"(`--shapes {meta['shapes']}`), {meta['passes']} "
              f"passes (pass 2 meets every size again). One call per object; the first call of each variant, on an "
              f"object of another size ({meta['warmup_N']} voxels), compiles where the variant compiles and is not "
              f"counted." + (" CPU: a check of the script, not a timing." if meta["device"] == "cpu" else ""), ""]
@@ -203,9 +176,14 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [v for v in variants if v not in SHORT]
     if unknown or not variants:
         raise SystemExit(f"--variants: unknown {unknown or '(none given)'}; choose from {sorted(SHORT)}")
+    repeated = sorted({v for v in variants if variants.count(v) > 1})
+    if repeated:
+        raise SystemExit(f"--variants: {repeated} named twice (their rows would merge in the summary)")
     if args.passes < 1:
         raise SystemExit(f"--passes must be >= 1, got {args.passes}")
     dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device is available")
     for v in variants:
         try:
             VARIANTS[SHORT[v]].check_device(dev)
@@ -236,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
             "warmup_N": len(warm_coords), "seed": args.seed,
             "variants": {v: f"{SHORT[v]} = {VARIANTS[SHORT[v]]}" for v in variants}}
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
-    timer, rows = CallTimer(dev), []
+    timer, rows = Timer(dev, warmup=0, repeats=1), []  # one timed call per object: each size is met once per pass
     gen = torch.Generator().manual_seed(args.seed)
     noises = [slat_noise(len(c), pipe.config.slat_flow.in_channels, gen).to(dev) for c in coords]
     warm_noise = slat_noise(len(warm_coords), pipe.config.slat_flow.in_channels, gen).to(dev)
@@ -253,7 +231,7 @@ def main(argv: list[str] | None = None) -> None:
             for p in range(1, args.passes + 1):
                 for i, (c, noise) in enumerate(zip(coords, noises)):
                     before = cuda_graph_recordings(dev)
-                    sec = timer(ours_slat_fn(stage, noise, cond, c, sampler_cfg, opts))
+                    sec = timer(ours_slat_fn(stage, noise, cond, c, sampler_cfg, opts))["median_s"]
                     row = {"variant": v, "pass": p, "index": i, "N": len(c), "seconds": sec,
                            "graphs_recorded": cuda_graph_recordings(dev) - before,
                            "reserved_gb": torch.cuda.memory_reserved(dev) / 1e9 if dev.type == "cuda" else 0.0,

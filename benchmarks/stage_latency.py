@@ -90,8 +90,8 @@ VARIANTS = {
         collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_sites=("slat",),
         compile_mode="reduce-overhead", sparse_conv="gather-or-transform"),
     # per-stage compile modes (session 11): CUDA graphs in SS, where one static graph replays with the held K/V, and
-    # the default mode in SLaT, whose graphs are recorded anew for every token count. Host-dependent: SLaT 7-8% faster
-    # than under reduce-overhead on one H100 lease, 1-67% slower on a slower-host lease
+    # the default mode in SLaT, whose graphs are recorded anew for every token count. Machine-dependent: SLaT 7-8% faster
+    # than under reduce-overhead on one H100 lease, 1-67% slower on another (results/base_vs_official_h100/session11/)
     "... + one-key K/V of the zero condition, reduce-overhead in SS only": RunOptions(
         precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
         collapse_zero_cond=True, compile_mode="reduce-overhead", slat_compile_mode="default"),

@@ -50,7 +50,7 @@ def test_crops_are_surface_patches_with_a_real_objects_token_density():
     # the crop is the voxels on one side of a plane: every kept voxel projects below every dropped one
     g = torch.Generator().manual_seed(0)
     direction = torch.randn(3, generator=g, dtype=torch.float64)
-    surface = sms.largest_surface(64)
+    surface = sms.surface_voxels(64, largest_only=True)
     kept = set(map(tuple, crop[:, 1:].tolist()))
     in_crop = torch.tensor([tuple(v) in kept for v in surface.tolist()])
     proj = surface.double() @ direction
@@ -91,5 +91,7 @@ def test_bad_arguments_are_rejected(tmp_path):
         sms.main(["--device", "cpu", "--variants", "compile-all-zkv-ro", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="all variants must hold the weights in one precision"):
         sms.main(["--device", "cpu", "--variants", "bf16,fp32", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--variants: \\['bf16'\\] named twice"):
+        sms.main(["--device", "cpu", "--variants", "bf16,bf16", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--passes must be >= 1"):
         sms.main(["--device", "cpu", "--variants", "bf16", "--passes", "0", "--out", str(tmp_path)])

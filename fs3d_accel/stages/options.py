@@ -75,7 +75,7 @@ class RunOptions:
     #: SLaT's own compile mode where it should differ from ``compile_mode`` (None: the same). Under "reduce-overhead"
     #: SLaT records its CUDA graphs anew for every token count (a capture per new object), while SS replays one static
     #: graph with the held K/V; "default" in SLaT trades those captures for per-kernel launches. Which wins depends on
-    #: the machine: on one H100 lease SLaT was 7-8% faster in "default", on another (slower host) 1-67% slower
+    #: the machine: on one H100 lease SLaT was 7-8% faster in "default", on another 1-67% slower
     #: (``results/base_vs_official_h100/session11/``). :meth:`for_stage` gives the options a stage runs under.
     slat_compile_mode: str | None = None
     #: torch.compile backend of ``compile_ss`` / ``compile_slat``: "inductor" (the default) or any registered dynamo
