@@ -13,6 +13,12 @@ Shapes (full config, N = 14,171 surface voxels of 007_tuna_fish_can -> 3,619 SLa
 tokens of a real image: SS 7,528, SLaT 5,496):
 
     python benchmarks/attention_kernels.py --out runs/attention_kernels
+
+``--fa4-tiles`` (needs ``flash_attn.cute``) sweeps FlashAttention-4's Hopper tile shapes (``FlashAttnTiles``) at the
+shapes the compiled samplers run (``AttnShape.site``), next to cuDNN and FA4's own tile table, and writes
+``fa4_tiles.json``: per site the fastest tiles and a ready ``NAME@SITE=TILES`` suffix for the benchmark variants:
+
+    python benchmarks/attention_kernels.py --fa4-tiles default --out runs/fa4_tiles
 """
 from __future__ import annotations
 
@@ -44,6 +50,9 @@ class AttnShape:
     kv_len: int
     heads: int = HEADS
     head_dim: int = HEAD_DIM
+    #: the ``RunOptions.attention_kernel_sites`` entry whose calls have this shape in the compiled samplers with the
+    #: one-key zero condition (``compile-all-zkv*``), or None for a shape they do not run
+    site: str | None = None
 
     @property
     def flops(self) -> float:
@@ -52,12 +61,20 @@ class AttnShape:
 
 
 SHAPES = (
-    AttnShape("SS self (shape stream), CFG pair", 2, 4096, 4096),
+    AttnShape("SS self (shape stream), CFG pair", 2, 4096, 4096, site="ss.self"),
     AttnShape("SS cross, CFG pair", 2, 4096, 7528),
-    AttnShape("SLaT self, N=14,171, CFG pair", 2, 3619, 3619),
+    # with the one-key zero condition the unconditional branch needs no kernel: only the conditional one runs
+    AttnShape("SS cross, conditional branch", 1, 4096, 7528, site="ss.cross"),
+    AttnShape("SLaT self, N=14,171, CFG pair", 2, 3619, 3619, site="slat.self"),
     AttnShape("SLaT cross, N=14,171, CFG pair", 2, 3619, 5496),
+    AttnShape("SLaT cross, N=14,171, conditional branch", 1, 3619, 5496, site="slat.cross"),
     AttnShape("SLaT self, N=14,171, one branch", 1, 3619, 3619),
 )
+
+#: FA4 tile shapes ``--fa4-tiles default`` tries: FA4's own choice at head dim 64 (192x128) and its neighbours, with
+#: 128-row tiles (32 query blocks per head at 4,096 tokens instead of 22) and P@V / overlap switched off
+FA4_TILE_SWEEP = ("192x128", "192x128:no-rs", "192x96", "192x160", "192x192", "128x128", "128x128:no-rs",
+                  "128x128:no-overlap", "128x96", "128x160", "128x176", "128x192", "64x128", "64x192")
 
 #: largest |out - fp32 math| accepted from a half-precision kernel (the measured ones are 3e-4 to 1e-3)
 MAX_ABS_ERR = 1e-2
@@ -107,6 +124,41 @@ def kernels(device: torch.device | None = None) -> dict[str, Callable[[torch.Ten
     if device is not None and flash_attn_cute_unavailable(device) is None:
         out["FlashAttention-4 (flash_attn.cute, fs3d custom op)"] = flash_attn_cute
     return out
+
+
+def fa4_tile_kernels(specs: list[str]) -> dict[str, Callable]:
+    """cuDNN SDPA, FA4 with its own tile table, and FA4 with each tile shape of ``specs`` (``FlashAttnTiles``)."""
+    from fs3d_accel.model.attention_kernels import FlashAttnTiles, flash_attn_cute, flash_attn_cute_tiled
+    out = {"SDPA cuDNN": kernels()["SDPA cuDNN"], f"{FA4_PREFIX} own table": flash_attn_cute}
+    for spec in specs:
+        tiles = FlashAttnTiles.parse(spec)
+        out[f"{FA4_PREFIX} {tiles.label}"] = lambda q, k, v, _t=tiles: flash_attn_cute_tiled(q, k, v, _t)
+    return out
+
+
+FA4_PREFIX = "FA4"
+
+
+def best_fa4_tiles(rows: list[dict]) -> dict:
+    """Per sampler site: cuDNN's and FA4's own TFLOP/s, and the fastest correct FA4 tiles, from sweep ``rows``; plus the
+    ``NAME@SITE=TILES`` suffixes that give every site (``all``) or SLaT's sites (``slat``) their fastest tiles."""
+    site_of = {s.name: s.site for s in SHAPES}
+    sites: dict[str, dict] = {}
+    for r in rows:
+        site = site_of.get(r["shape"])
+        if site is None or "ms" not in r or r["max_abs_err"] > MAX_ABS_ERR:
+            continue
+        entry = sites.setdefault(site, {"shape": r["shape"]})
+        if r["kernel"] == "SDPA cuDNN":
+            entry["cudnn_tflops"] = r["tflops"]
+        elif r["kernel"] == f"{FA4_PREFIX} own table":
+            entry["fa4_own_tflops"] = r["tflops"]
+        elif r["kernel"].startswith(FA4_PREFIX + " ") and r["tflops"] > entry.get("best_tflops", 0.0):
+            entry.update(best_tiles=r["kernel"][len(FA4_PREFIX) + 1:], best_tflops=r["tflops"])
+    tuned = {s: e["best_tiles"] for s, e in sites.items() if "best_tiles" in e}
+    return {"sites": sites,
+            "suffix": {"all": "+".join(f"{s}={t}" for s, t in tuned.items()),
+                       "slat": "+".join(f"{s}={t}" for s, t in tuned.items() if s.startswith("slat."))}}
 
 
 def activated_flash_kernel(impl: str) -> dict[str, Callable]:
@@ -188,8 +240,20 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--flash-impl", default=None,
                     help="also activate this registered FlashAttention implementation (e.g. FA4, needs its package "
                          "importable) and time the SDPA flash backend through it, after every other kernel")
+    ap.add_argument("--fa4-tiles", default=None,
+                    help="instead of the kernel table: sweep FA4 tile shapes at the samplers' shapes, 'default' "
+                         f"({', '.join(FA4_TILE_SWEEP)}) or a comma list like '128x128,192x128:no-rs'")
     ap.add_argument("--out", type=Path, default=Path("runs/attention_kernels"))
     args = ap.parse_args(argv)
+    if args.fa4_tiles is not None:
+        from fs3d_accel.model.attention_kernels import FlashAttnTiles
+        specs = list(FA4_TILE_SWEEP) if args.fa4_tiles == "default" else [t for t in args.fa4_tiles.split(",") if t]
+        try:
+            [FlashAttnTiles.parse(t) for t in specs]
+        except ValueError as exc:
+            raise SystemExit(f"--fa4-tiles: {exc}") from None
+        if not specs:
+            raise SystemExit("--fa4-tiles: no tile shape given")
     device = torch.device(args.device)
     if device.type != "cuda" or not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: the attention kernels compared here are CUDA kernels; "
@@ -206,6 +270,18 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("cache_size_limit", "recompile_limit"):
         if hasattr(dynamo_config, name):
             setattr(dynamo_config, name, 64)
+    if args.fa4_tiles is not None:
+        if meta["flash_attn_cute"] != "timed":
+            raise SystemExit(f"--fa4-tiles: {meta['flash_attn_cute']}")
+        meta["fa4_tiles"] = specs
+        rows = measure([s for s in SHAPES if s.site], dtype, args.warmup, args.repeats, device,
+                       candidates=fa4_tile_kernels(specs))
+        best = best_fa4_tiles(rows)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "fa4_tiles.json").write_text(json.dumps(best, indent=2))
+        print(write_report(rows, meta, args.out))
+        print(json.dumps(best, indent=2))
+        return
     rows = measure(SHAPES, dtype, args.warmup, args.repeats, device)
     if args.flash_impl:
         try:

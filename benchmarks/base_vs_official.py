@@ -108,9 +108,9 @@ from fs3d_accel.model.random_weights import perturb_zero_inits  # noqa: E402
 from fs3d_analysis.profile.latency import cuda_graph_recordings, sync_device  # noqa: E402
 from fs3d_analysis.profile.busy import KERNEL_CLASSES, KernelTime, kernel_class, kernel_time  # noqa: E402
 from fs3d_analysis.profile.shape_only import skip_heavy_ops  # noqa: E402
-from benchmarks.stage_latency import (COORDS_FILE, SHORT, VARIANTS, Timer, add_conv_args,  # noqa: E402
+from benchmarks.stage_latency import (COORDS_FILE, SHORT, Timer, add_conv_args,  # noqa: E402
                                       apply_conv_args, count_flops, load_coords, matmul_peak_tflops,
-                                      synthetic_inputs)
+                                      synthetic_inputs, variant_label, variant_options)
 
 OFFICIAL_VARIANTS = ("official", "official-compile")
 STAGES = ("ss", "slat", "mesh")
@@ -149,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "one round compares calls minutes apart, and the spread over rounds shows the drift. "
                          "--gpu-busy profiles in round 1 only")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
-                    help=f"comma list of {list(OFFICIAL_VARIANTS)} and our stage_latency variants {sorted(SHORT)}")
+                    help=f"comma list of {list(OFFICIAL_VARIANTS)} and our stage_latency variants {sorted(SHORT)}; "
+                         "ours may name FA4 tiles per site: NAME@SITE=TILES[+SITE=TILES], e.g. "
+                         "compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128")
     ap.add_argument("--stages", default=",".join(STAGES), help=f"comma list of {list(STAGES)}")
     ap.add_argument("--steps", type=int, default=None, help="sampler steps of both samplers (default: 25, official)")
     ap.add_argument("--max-voxels", type=int, default=None,
@@ -241,9 +243,12 @@ def parse_args(argv: list[str] | None = None, check_cuda: bool = True) -> argpar
     if bad:
         raise SystemExit(f"--objects: {bad} not in {COORDS_FILE.name} (has {known})")
     variants = _split(args.variants, "variants")
-    bad = sorted(set(variants) - set(OFFICIAL_VARIANTS) - set(SHORT))
-    if bad:
-        raise SystemExit(f"--variants: unknown {bad}; choose from {list(OFFICIAL_VARIANTS) + sorted(SHORT)}")
+    ours = [v for v in variants if v not in OFFICIAL_VARIANTS]
+    for v in ours:
+        try:
+            variant_options(v)
+        except ValueError as exc:
+            raise SystemExit(f"--variants {v}: {exc} (or one of {list(OFFICIAL_VARIANTS)})") from None
     for v in variants:
         if args.flops_only:
             break  # nothing runs as the variant: its FLOPs are counted uncompiled in fp32
@@ -251,13 +256,13 @@ def parse_args(argv: list[str] | None = None, check_cuda: bool = True) -> argpar
             if dev.type != "cuda":
                 raise SystemExit("--variants official-compile: torch.compile of the official code is CUDA-only here")
             continue
-        if v in SHORT:
+        if v not in OFFICIAL_VARIANTS:
             try:
-                VARIANTS[SHORT[v]].check_device(dev)
+                variant_options(v).check_device(dev)
             except ValueError as exc:
                 raise SystemExit(f"--variants {v}: {exc}") from None
     # official variants first: ours are compared with the official outputs of the same run
-    args.variants = [v for v in OFFICIAL_VARIANTS if v in variants] + [v for v in variants if v in SHORT]
+    args.variants = [v for v in OFFICIAL_VARIANTS if v in variants] + ours
     if any(v in OFFICIAL_VARIANTS for v in args.variants) and not args.flops_only:
         if not (args.official / "sam3d_objects").is_dir():
             raise SystemExit(f"--official / FS3D_OFFICIAL: no sam3d_objects package under {args.official}")
@@ -984,7 +989,7 @@ def run(args) -> list[dict]:
         "our_conv_impl": args.conv_impl, "our_gather_chunk": args.gather_chunk,
         "variants": {v: ("official modules, as the official pipeline runs them" if v == "official" else
                          "official + torch.compile of the SS CFG step" if v == "official-compile" else
-                         f"ours: {SHORT[v]} = {VARIANTS[SHORT[v]]}") for v in args.variants},
+                         f"ours: {variant_label(v)} = {variant_options(v)}") for v in args.variants},
     }
     if want_official:
         info = setup_official(args)
@@ -1068,7 +1073,7 @@ def run(args) -> list[dict]:
         model = flops.get((stage, obj), float("nan"))
         if variant in OFFICIAL_VARIANTS or stage == "mesh" or model != model:
             return model / 1e12
-        opts = counting_options(VARIANTS[SHORT[variant]])
+        opts = counting_options(variant_options(variant))
         key = (stage, obj) + tuple(getattr(opts, k) for k in FLOP_OPTIONS)
         if key not in executed:
             if not any(getattr(opts, k) for k in FLOP_OPTIONS):
@@ -1173,7 +1178,7 @@ def run(args) -> list[dict]:
                             unit(variant, "mesh", o, dec, lambda: official_mesh_fn(dec, latent[o], coords[o]),
                                  mesh_post, off_prec)
                 continue
-            opts = VARIANTS[SHORT[variant]]
+            opts = variant_options(variant)
             for stage in args.stages:
                 st = copies.get((variant, stage))
                 if st is None:

@@ -37,7 +37,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from benchmarks.stage_latency import COORDS_FILE, SHORT, VARIANTS, Timer, synthetic_inputs  # noqa: E402
+from benchmarks.stage_latency import (COORDS_FILE, SHORT, Timer, synthetic_inputs, variant_label,  # noqa: E402
+                                      variant_options)
 from benchmarks.base_vs_official import ours_slat_fn  # noqa: E402  (one sampler call, structures released)
 from fs3d_accel.pipeline import Pipeline  # noqa: E402
 from fs3d_accel.stages.slat import slat_noise  # noqa: E402
@@ -173,9 +174,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     variants = [v for v in args.variants.split(",") if v]
-    unknown = [v for v in variants if v not in SHORT]
-    if unknown or not variants:
-        raise SystemExit(f"--variants: unknown {unknown or '(none given)'}; choose from {sorted(SHORT)}")
+    if not variants:
+        raise SystemExit(f"--variants: none given; choose from {sorted(SHORT)}")
+    for v in variants:
+        try:
+            variant_options(v)
+        except ValueError as e:
+            raise SystemExit(f"--variants {v}: {e}") from None
     repeated = sorted({v for v in variants if variants.count(v) > 1})
     if repeated:
         raise SystemExit(f"--variants: {repeated} named twice (their rows would merge in the summary)")
@@ -186,11 +191,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--device {args.device}: no CUDA device is available")
     for v in variants:
         try:
-            VARIANTS[SHORT[v]].check_device(dev)
+            variant_options(v).check_device(dev)
         except ValueError as e:
             raise SystemExit(f"--variants {v}: {e}") from e
-    dtype = VARIANTS[SHORT[variants[0]]].weight_dtype
-    if any(VARIANTS[SHORT[v]].weight_dtype != dtype for v in variants):
+    dtype = variant_options(variants[0]).weight_dtype
+    if any(variant_options(v).weight_dtype != dtype for v in variants):
         raise SystemExit("--variants: all variants must hold the weights in one precision (one model in memory)")
     try:
         sizes = object_sizes(args.objects, args.min_voxels, args.max_voxels)
@@ -212,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "config": args.config, "shapes": args.shapes, "objects": len(sizes), "sizes": sizes, "passes": args.passes,
             "warmup_N": len(warm_coords), "seed": args.seed,
-            "variants": {v: f"{SHORT[v]} = {VARIANTS[SHORT[v]]}" for v in variants}}
+            "variants": {v: f"{variant_label(v)} = {variant_options(v)}" for v in variants}}
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
     timer, rows = Timer(dev, warmup=0, repeats=1), []  # one timed call per object: each size is met once per pass
     gen = torch.Generator().manual_seed(args.seed)
@@ -222,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
         for v in variants:
-            opts = VARIANTS[SHORT[v]]
+            opts = variant_options(v)
             with opts.network_context(dev, "slat"):
                 cond = stage.condition(**{k: x.to(opts.compute_dtype(dev)) for k, x in inp.slat_kwargs().items()})
             t0 = time.perf_counter()

@@ -99,6 +99,11 @@ VARIANTS = {
         precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
         collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_sites=("slat",),
         compile_mode="reduce-overhead", slat_compile_mode="default"),
+    # FA4 at every SS and SLaT attention under CUDA graphs: the setting to try with tuned FA4 tiles (``NAME@SITE=TILES``)
+    "... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead": RunOptions(
+        precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
+        collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_sites=("ss", "slat"),
+        compile_mode="reduce-overhead"),
 }
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
@@ -130,7 +135,43 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
          "compile-all-zkv-fa4-best": "... + one-key K/V of the zero condition + FlashAttention-4 where it is faster "
                                      "per kernel",
          "compile-all-zkv-fa4-best-ro": "... + one-key K/V of the zero condition + FlashAttention-4 where it is "
-                                        "faster per kernel, reduce-overhead"}
+                                        "faster per kernel, reduce-overhead",
+         "compile-all-zkv-fa4-ro": "... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, "
+                                   "reduce-overhead"}
+
+
+#: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``
+TILES_MARK, TILES_SEP = "@", "+"
+
+
+def _split_variant(name: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    base, mark, rest = name.partition(TILES_MARK)
+    if base not in SHORT:
+        raise ValueError(f"unknown variant {base!r}; choose from {sorted(SHORT)}")
+    if not mark:
+        return base, ()
+    pairs = []
+    for entry in rest.split(TILES_SEP):
+        site, eq, spec = entry.partition("=")
+        if not eq or not site or not spec:
+            raise ValueError(f"variant {name!r}: FA4 tiles are written NAME@SITE=TILES[+SITE=TILES...] "
+                             f"(e.g. compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128), got {entry!r}")
+        pairs.append((site, spec))
+    return base, tuple(pairs)
+
+
+def variant_options(name: str) -> RunOptions:
+    """Run options of a benchmark variant: a short name of :data:`SHORT`, optionally with FA4 tiles per site after
+    ``@`` (``RunOptions.attention_kernel_tiles``). Raises ValueError naming the problem."""
+    base, tiles = _split_variant(name)
+    opts = VARIANTS[SHORT[base]]
+    return dataclasses.replace(opts, attention_kernel_tiles=tiles) if tiles else opts
+
+
+def variant_label(name: str) -> str:
+    """The long description of a benchmark variant (with its FA4 tiles, where named)."""
+    base, tiles = _split_variant(name)
+    return SHORT[base] + ("" if not tiles else ", FA4 tiles " + ", ".join(f"{s} {t}" for s, t in tiles))
 #: outputs of every variant are compared with this one's (same weights, inputs, seeds)
 REFERENCE_VARIANT = "bf16-cfg-kv"
 COORDS_FILE = Path(__file__).parent / "data" / "ycb_surface_coords_r64.npz"
@@ -264,12 +305,11 @@ def main() -> None:
     rows = []
     extra = {"peak_tflops": matmul_peak_tflops(dev), "flops": {}, "parity": {}}
     outputs: dict[str, dict[str, torch.Tensor]] = {}
-    unknown_variants = sorted(set(args.variants.split(",")) - set(SHORT))
-    if unknown_variants:
-        raise SystemExit(f"--variants: unknown {unknown_variants}; choose from {sorted(SHORT)}")
-    for short in args.variants.split(","):
-        label = SHORT[short]
-        opts = VARIANTS[label]
+    try:
+        chosen = {short: (variant_label(short), variant_options(short)) for short in args.variants.split(",")}
+    except ValueError as exc:
+        raise SystemExit(f"--variants: {exc}") from None
+    for short, (label, opts) in chosen.items():
         pipe = Pipeline.from_config(args.config, seed=0, device="cpu")
         pipe.load_state_dict(ref_state)
         if opts.weight_dtype != torch.float32:

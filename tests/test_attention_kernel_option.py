@@ -20,13 +20,26 @@ def _sdpa_reference(q, k, v):
     return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
+class _Calls(list):
+    """(Lq, Lk) of every stand-in call; ``tiles`` holds each call's FA4 tiles (None: FA4's own table)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tiles: list[ak.FlashAttnTiles | None] = []
+
+    def clear(self) -> None:
+        super().clear()
+        self.tiles.clear()
+
+
 @pytest.fixture
 def stand_in(monkeypatch):
-    """FA4 replaced by SDPA on the CPU; records the (Lq, Lk) of every call."""
-    calls: list[tuple[int, int]] = []
+    """FA4 replaced by SDPA on the CPU; records the (Lq, Lk) and the tiles of every call."""
+    calls = _Calls()
 
-    def fake(q, k, v):
+    def fake(q, k, v, tiles=None):
         calls.append((q.shape[1], k.shape[1]))
+        calls.tiles.append(tiles)
         return _sdpa_reference(q, k, v)
     monkeypatch.setattr(ak, "_flash_attn_cute_forward", fake)
     return calls
@@ -215,3 +228,93 @@ def test_flop_counter_counts_the_op_like_sdpa(stand_in):
     assert stand_in == [(5, 7)]
     expected = sdpa_flop_count((2, 4, 5, 16), (2, 4, 7, 16), (2, 4, 7, 16))
     assert counter.get_total_flops() == expected == 4 * 2 * 4 * 5 * 7 * 16
+
+
+def test_tiles_parse_and_validate():
+    assert ak.FlashAttnTiles.parse("192x128") == ak.FlashAttnTiles(192, 128, True, True)
+    t = ak.FlashAttnTiles.parse(" 128x96:no-rs:no-overlap ")
+    assert t == ak.FlashAttnTiles(128, 96, False, False) and t.label == "128x96:no-rs:no-overlap"
+    assert ak.FlashAttnTiles.parse(t.label) == t
+    assert ak.FlashAttnTiles.parse("64x128:no-overlap").label == "64x128:no-overlap"
+    for bad, msg in (("128", "written MxN"), ("128x128:rs", "written MxN"), ("96x128", "tile_m must be 64, 128 or 192"),
+                     ("128x100", "multiple of 16"), ("128x272", "multiple of 16 in \\[16, 256\\]")):
+        with pytest.raises(ValueError, match=msg):
+            ak.FlashAttnTiles.parse(bad)
+
+
+def test_tiles_reach_the_kernel_per_role(stand_in):
+    """The tiles of the context reach the FA4 call of their role; a role without tiles gets None (FA4's table); the
+    values equal SDPA's (the stand-in) and the context is restored after an exception."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, n, 2, 8, generator=g, dtype=torch.bfloat16) for n in (3, 5, 5))
+    t = ak.FlashAttnTiles(128, 96, False, True)
+    with pytest.raises(RuntimeError, match="boom"):
+        with ak.use_attention_kernel(ak.FLASH_ATTN_CUTE, tiles={"cross": t}):
+            assert ak.current_flash_attn_tiles("cross") == t and ak.current_flash_attn_tiles("self") is None
+            out = cross_attention(q, (k, v))
+            attention(q, q, q)
+            raise RuntimeError("boom")
+    assert stand_in == [(3, 5), (3, 3)] and stand_in.tiles == [t, None]
+    assert torch.equal(out, _sdpa_reference(q, k, v))
+    assert ak.current_flash_attn_tiles("cross") is None and ak.current_attention_kernel("cross") == ak.SDPA
+
+
+def test_tiles_for_a_role_without_fa4_are_refused():
+    t = ak.FlashAttnTiles(128, 128)
+    with pytest.raises(ValueError, match="tiles for role 'self' would never be used: that role runs 'sdpa'"):
+        with ak.use_attention_kernel(ak.FLASH_ATTN_CUTE, roles=("cross",), tiles={"self": t}):
+            pass
+    with pytest.raises(ValueError, match="would never be used"):
+        with ak.use_attention_kernel(ak.SDPA, tiles={"self": t}):
+            pass
+    with pytest.raises(ValueError, match="attention role must be one of"):
+        with ak.use_attention_kernel(ak.FLASH_ATTN_CUTE, tiles={"mlp": t}):
+            pass
+    with pytest.raises(ValueError, match="must be a FlashAttnTiles, got str"):
+        with ak.use_attention_kernel(ak.FLASH_ATTN_CUTE, tiles={"self": "128x128"}):
+            pass
+
+
+def test_run_options_tiles_per_site():
+    fa4 = dict(precision="bf16", attention_kernel=ak.FLASH_ATTN_CUTE)
+    opts = RunOptions(**fa4, attention_kernel_sites=("ss", "slat.cross"),
+                      attention_kernel_tiles=(("ss", "192x96"), ("ss.self", "128x128:no-rs"), ("slat", "128x160")))
+    assert opts.kernel_tiles("ss") == {"self": ak.FlashAttnTiles(128, 128, False, True),
+                                       "cross": ak.FlashAttnTiles(192, 96)}
+    assert opts.kernel_tiles("slat") == {"cross": ak.FlashAttnTiles(128, 160)}  # the stage entry reaches its FA4 role
+    assert opts.kernel_tiles("decode") == {}
+    assert RunOptions(**fa4).kernel_tiles("ss") == {}
+    with pytest.raises(ValueError, match="no attention at site 'ss' runs FlashAttention-4"):
+        RunOptions(attention_kernel_tiles=(("ss", "128x128"),))
+    with pytest.raises(ValueError, match="no attention at site 'slat.self' runs FlashAttention-4"):
+        RunOptions(**fa4, attention_kernel_sites=("slat.cross",), attention_kernel_tiles=(("slat.self", "128x128"),))
+    with pytest.raises(ValueError, match="unknown site 'vae'"):
+        RunOptions(**fa4, attention_kernel_tiles=(("vae", "128x128"),))
+    with pytest.raises(ValueError, match="names a site twice"):
+        RunOptions(**fa4, attention_kernel_tiles=(("ss", "128x128"), ("ss", "192x128")))
+    with pytest.raises(ValueError, match="tuple of \\(site, tiles\\) pairs"):
+        RunOptions(**fa4, attention_kernel_tiles=("ss", "128x128"))
+    with pytest.raises(ValueError, match="tile_m must be"):
+        RunOptions(**fa4, attention_kernel_tiles=(("ss", "32x128"),))
+
+
+def test_tiles_reach_the_kernel_inside_the_compiled_flows(stand_in, cpu_compile):
+    """Through the mini samplers compiled with aot_eager (the op traced through its fake, run through the stand-in):
+    SS calls carry SS's tiles and SLaT calls SLaT's, and a second tile choice compiles its own graphs instead of
+    replaying the first choice's tile values."""
+    sample = load_shipped_samples()[0]
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=2), seed=0).to(torch.bfloat16)
+    inputs = pipe.prepare(sample.image, sample.mask, sample.pointmap)
+    common = dict(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
+                  compile_backend="aot_eager", attention_kernel=ak.FLASH_ATTN_CUTE)
+    ss_t, slat_t, other = ak.FlashAttnTiles(128, 96), ak.FlashAttnTiles(64, 128, False, False), ak.FlashAttnTiles(192, 64)
+    for ss_spec, expect_ss in (("128x96", ss_t), ("192x64", other)):
+        stand_in.clear()
+        pipe.options = RunOptions(**common, attention_kernel_tiles=(("ss", ss_spec),
+                                                                    ("slat", "64x128:no-rs:no-overlap")))
+        ss = pipe.run_ss(inputs, seed=0)
+        n_ss = len(stand_in)
+        pipe.run_slat(inputs, ss, seed=0)
+        assert n_ss and len(stand_in) > n_ss
+        assert set(stand_in.tiles[:n_ss]) == {expect_ss}
+        assert set(stand_in.tiles[n_ss:]) == {slat_t}

@@ -40,3 +40,40 @@ def test_report_marks_the_fastest_and_keeps_refusals(tmp_path):
     assert "| d | 0.500 | 400 | 0.5 (WRONG: above 0.01) |" in text  # fastest, but wrong: not marked
     assert "FlashAttention-4 through the fs3d custom op: not checked" in text
     assert (tmp_path / "attention_kernels.csv").is_file()
+
+
+def test_sweep_covers_each_sampler_site_once():
+    from fs3d_accel.model.attention_kernels import FlashAttnTiles
+    from fs3d_accel.stages.options import KERNEL_SITES
+    sites = [s.site for s in ak.SHAPES if s.site]
+    assert sorted(sites) == ["slat.cross", "slat.self", "ss.cross", "ss.self"] and set(sites) <= set(KERNEL_SITES)
+    by_site = {s.site: s for s in ak.SHAPES if s.site}
+    assert by_site["ss.cross"].batch == 1 and by_site["slat.cross"].batch == 1  # the one-key zero condition
+    assert by_site["ss.self"].batch == 2 and by_site["slat.self"].batch == 2
+    labels = [FlashAttnTiles.parse(t).label for t in ak.FA4_TILE_SWEEP]
+    assert len(set(labels)) == len(labels) and "192x128" in labels  # FA4's own choice at head dim 64 is in the sweep
+
+
+def test_best_fa4_tiles_takes_the_fastest_correct_tiles():
+    ss_self, slat_cross = (next(s.name for s in ak.SHAPES if s.site == site) for site in ("ss.self", "slat.cross"))
+
+    def row(shape, kernel, tflops, err=1e-3):
+        return {"shape": shape, "kernel": kernel, "ms": 1.0, "tflops": tflops, "max_abs_err": err}
+    rows = [row(ss_self, "SDPA cuDNN", 400.0), row(ss_self, "FA4 own table", 300.0), row(ss_self, "FA4 192x128", 301.0),
+            row(ss_self, "FA4 128x128", 450.0), row(ss_self, "FA4 64x128", 900.0, err=0.5),  # wrong: never chosen
+            {"shape": ss_self, "kernel": "FA4 192x192", "error": "RuntimeError: smem"},
+            row(slat_cross, "SDPA cuDNN", 330.0), row(slat_cross, "FA4 own table", 400.0),
+            row(slat_cross, "FA4 128x96:no-rs", 420.0), row("SS cross, CFG pair", "FA4 128x128", 999.0)]
+    best = ak.best_fa4_tiles(rows)
+    assert best["sites"]["ss.self"] == {"shape": ss_self, "cudnn_tflops": 400.0, "fa4_own_tflops": 300.0,
+                                        "best_tiles": "128x128", "best_tflops": 450.0}
+    assert best["sites"]["slat.cross"]["best_tiles"] == "128x96:no-rs"
+    assert set(best["sites"]) == {"ss.self", "slat.cross"}  # the CFG-pair cross shape runs at no site
+    assert best["suffix"] == {"all": "ss.self=128x128+slat.cross=128x96:no-rs", "slat": "slat.cross=128x96:no-rs"}
+
+
+@pytest.mark.parametrize("spec, message", [("128x100", "multiple of 16"), ("", "no tile shape given"),
+                                           ("big", "written MxN")])
+def test_bad_fa4_tiles_are_refused_before_the_device(spec, message):
+    with pytest.raises(SystemExit, match=f"--fa4-tiles: .*{message}"):
+        ak.main(["--device", "cpu", "--fa4-tiles", spec])

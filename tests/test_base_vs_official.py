@@ -36,7 +36,7 @@ def _exit_message(argv) -> str:
     (["--device", "cpu", "--stages", "ss,decoder"], "--stages"),
     (["--device", "cpu", "--stages", ","], "--stages: empty"),
     (["--device", "cpu", "--objects", "banana"], "--objects"),
-    (["--device", "cpu", "--variants", "fp32,warp-drive"], "--variants: unknown"),
+    (["--device", "cpu", "--variants", "fp32,warp-drive"], "--variants warp-drive: unknown variant 'warp-drive'"),
     (["--device", "cpu", "--variants", "fp32,fp32"], "listed twice"),
     (["--device", "cpu", "--variants", "compile"], "--variants compile"),
     (["--device", "cpu", "--variants", "official-like"], "--variants official-like"),

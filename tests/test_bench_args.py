@@ -77,3 +77,25 @@ def test_ss_stage_time_rejects_missing_files_before_running(tmp_path):
         ss_stage_time.main(["--compare-with", str(tmp_path / "old.pt")])
     with pytest.raises(SystemExit, match="--save: folder .* does not exist"):
         ss_stage_time.main(["--save", str(tmp_path / "nowhere" / "old.pt")])
+
+
+def test_variant_names_carry_fa4_tiles():
+    """``NAME@SITE=TILES[+SITE=TILES]``: the named variant with ``attention_kernel_tiles`` set, labelled with them; a
+    plain name is the variant itself; malformed or unusable tiles are refused by name."""
+    import dataclasses
+
+    from benchmarks.stage_latency import SHORT, VARIANTS, variant_label, variant_options
+    base = VARIANTS[SHORT["compile-all-zkv-fa4-ro"]]
+    assert base.attention_kernel_sites == ("ss", "slat") and base.compile_mode == "reduce-overhead"
+    assert variant_options("compile-all-zkv-fa4-ro") is base
+    opts = variant_options("compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x96:no-rs")
+    assert opts == dataclasses.replace(base, attention_kernel_tiles=(("ss.self", "128x128"), ("slat", "192x96:no-rs")))
+    assert variant_label("compile-all-zkv-fa4-ro@ss.self=128x128") == (
+        SHORT["compile-all-zkv-fa4-ro"] + ", FA4 tiles ss.self 128x128")
+    for bad, message in (("warp@ss=128x128", "unknown variant 'warp'"),
+                         ("compile-all-zkv-fa4-ro@ss.self", "written NAME@SITE=TILES"),
+                         ("compile-all-zkv-fa4-ro@", "written NAME@SITE=TILES"),
+                         ("compile-all-zkv-fa4-slat-ro@ss.self=128x128", "no attention at site 'ss.self' runs"),
+                         ("compile-all-zkv-fa4-ro@ss=128x100", "multiple of 16")):
+        with pytest.raises(ValueError, match=message):
+            variant_options(bad)

@@ -13,12 +13,22 @@ and at SLaT's self-attention, but slower at SS's self-attention, so the best cho
 wrapped in a ``torch.library`` custom op with a fake (meta) implementation: ``torch.compile`` treats it as one opaque call instead of tracing the CuTe DSL.
 PyTorch's own ``activate_flash_attention_impl("FA4")`` route is not used: in torch 2.11 it does not match the
 current ``flash_attn.cute`` return signature (``ValueError: too many values to unpack``, measured on the H100).
+
+FA4's Hopper kernel takes its tile shape from a per-head-dim table (192 x 128 query x key tiles at head dim 64,
+P@V from registers, intra-warpgroup overlap), tuned on long square problems. SAM 3D's calls are short (4,096 SS
+tokens, ~3-4k SLaT tokens, a CFG batch of 1-2 with 16 heads): a 192-row tile gives 22 query blocks per head where
+128 gives 32, which changes how evenly the CTAs fill the 132 SMs. :class:`FlashAttnTiles` lets a caller pick the tile
+per role (``use_attention_kernel(..., tiles=...)``, ``RunOptions.attention_kernel_tiles``);
+``benchmarks/attention_kernels.py --fa4-tiles`` times the candidates at the samplers' shapes. Any tile computes the
+same attention; only the accumulation order (rounding) changes.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-from typing import Iterator
+import re
+from dataclasses import dataclass
+from typing import Iterator, Mapping
 
 import torch
 from torch import Tensor
@@ -30,8 +40,43 @@ ATTENTION_KERNELS = (SDPA, FLASH_ATTN_CUTE)
 #: what an attention call does: tokens attending to their own set ("self") or to condition tokens ("cross")
 ATTENTION_ROLES = ("self", "cross")
 
-#: (kernel, roles it applies to); every other role runs SDPA
-_current: tuple[str, tuple[str, ...]] = (SDPA, ATTENTION_ROLES)
+
+
+@dataclass(frozen=True)
+class FlashAttnTiles:
+    """Tile configuration of FA4's Hopper forward kernel: ``tile_m`` query rows per CTA (64 per MMA warpgroup:
+    64, 128 or 192), ``tile_n`` keys per step (a multiple of 16, at most 256), P@V with P from registers
+    (``mma_pv_is_rs``) and the softmax of one block overlapped with the next block's QK^T (``intra_wg_overlap``).
+    Written ``"192x128"`` (both flags on) or ``"128x128:no-rs:no-overlap"``."""
+
+    tile_m: int
+    tile_n: int
+    mma_pv_is_rs: bool = True
+    intra_wg_overlap: bool = True
+
+    def __post_init__(self) -> None:
+        if self.tile_m not in (64, 128, 192):
+            raise ValueError(f"FA4 tile_m must be 64, 128 or 192 (64 rows per MMA warpgroup), got {self.tile_m}")
+        if not (16 <= self.tile_n <= 256 and self.tile_n % 16 == 0):
+            raise ValueError(f"FA4 tile_n must be a multiple of 16 in [16, 256], got {self.tile_n}")
+
+    @classmethod
+    def parse(cls, spec: str) -> "FlashAttnTiles":
+        m = re.fullmatch(r"(\d+)x(\d+)((?::no-rs|:no-overlap)*)", spec.strip())
+        if m is None:
+            raise ValueError(f"FA4 tiles are written MxN with optional ':no-rs' / ':no-overlap' (e.g. '128x128', "
+                             f"'192x128:no-rs'), got {spec!r}")
+        flags = m.group(3)
+        return cls(int(m.group(1)), int(m.group(2)), ":no-rs" not in flags, ":no-overlap" not in flags)
+
+    @property
+    def label(self) -> str:
+        return (f"{self.tile_m}x{self.tile_n}" + ("" if self.mma_pv_is_rs else ":no-rs")
+                + ("" if self.intra_wg_overlap else ":no-overlap"))
+
+
+#: (kernel, roles it applies to, FA4 tiles per role: absent = FA4's own table); every other role runs SDPA
+_current: tuple[str, tuple[str, ...], dict[str, FlashAttnTiles]] = (SDPA, ATTENTION_ROLES, {})
 
 
 def check_role(role: str) -> None:
@@ -42,20 +87,35 @@ def check_role(role: str) -> None:
 def current_attention_kernel(role: str = "self") -> str:
     """The kernel that runs unmasked attention of ``role`` here."""
     check_role(role)
-    name, roles = _current
+    name, roles, _ = _current
     return name if role in roles else SDPA
 
 
+def current_flash_attn_tiles(role: str = "self") -> FlashAttnTiles | None:
+    """The FA4 tiles chosen for ``role`` here, or None for FA4's own table."""
+    check_role(role)
+    return _current[2].get(role)
+
+
 @contextlib.contextmanager
-def use_attention_kernel(name: str, roles: tuple[str, ...] = ATTENTION_ROLES) -> Iterator[None]:
-    """Run unmasked attention of ``roles`` with kernel ``name`` inside the block (other roles: SDPA); the
-    previous choice comes back after, also when the block raises."""
+def use_attention_kernel(name: str, roles: tuple[str, ...] = ATTENTION_ROLES,
+                         tiles: Mapping[str, FlashAttnTiles] | None = None) -> Iterator[None]:
+    """Run unmasked attention of ``roles`` with kernel ``name`` inside the block (other roles: SDPA), FA4 with
+    ``tiles[role]`` where given; the previous choice comes back after, also when the block raises."""
     global _current
     if name not in ATTENTION_KERNELS:
         raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {name!r}")
     for role in roles:
         check_role(role)
-    previous, _current = _current, (name, tuple(roles))
+    tiles = dict(tiles or {})
+    for role, t in tiles.items():
+        check_role(role)
+        if name != FLASH_ATTN_CUTE or role not in roles:
+            raise ValueError(f"FA4 tiles for role {role!r} would never be used: that role runs "
+                             f"{name if role in roles else SDPA!r} here")
+        if not isinstance(t, FlashAttnTiles):
+            raise ValueError(f"tiles[{role!r}] must be a FlashAttnTiles, got {type(t).__name__}")
+    previous, _current = _current, (name, tuple(roles), tiles)
     try:
         yield
     finally:
@@ -82,25 +142,44 @@ def flash_attn_cute_unavailable(device: torch.device | str) -> str | None:
     return None
 
 
-def _flash_attn_cute_forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """The FA4 call itself (looked up at call time, so tests can stand in for it)."""
+def _flash_attn_cute_forward(q: Tensor, k: Tensor, v: Tensor, tiles: FlashAttnTiles | None = None) -> Tensor:
+    """The FA4 call itself (looked up at call time, so tests can stand in for it). With ``tiles`` it calls
+    ``flash_attn.cute.interface._flash_attn_fwd``, the forward function behind ``flash_attn_func`` and the only
+    entry that takes a tile shape (a private name: pinned to the flash-attention commit the runbook carries)."""
     if not q.is_cuda:
         raise ValueError(f"the {FLASH_ATTN_CUTE!r} attention kernel runs on CUDA tensors, got {q.device}; "
                          f"use {SDPA!r} here")
-    from flash_attn.cute import flash_attn_func
-    out = flash_attn_func(q, k, v)
+    if tiles is None:
+        from flash_attn.cute import flash_attn_func
+        out = flash_attn_func(q, k, v)
+    else:
+        from flash_attn.cute.interface import _flash_attn_fwd
+        out = _flash_attn_fwd(q, k, v, tile_mn=(tiles.tile_m, tiles.tile_n), mma_pv_is_rs=tiles.mma_pv_is_rs,
+                              intra_wg_overlap=tiles.intra_wg_overlap)
     return out[0] if isinstance(out, tuple) else out
 
 
 @torch.library.custom_op("fs3d::flash_attn_cute", mutates_args=())
-def flash_attn_cute(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Softmax attention of (B, Lq, H, D) queries over (B, Lk, H, D) keys / values, scale 1/sqrt(D)."""
-    return _flash_attn_cute_forward(q, k, v).contiguous()
+def flash_attn_cute(q: Tensor, k: Tensor, v: Tensor, tile_m: int = 0, tile_n: int = 0, mma_pv_is_rs: bool = True,
+                    intra_wg_overlap: bool = True) -> Tensor:
+    """Softmax attention of (B, Lq, H, D) queries over (B, Lk, H, D) keys / values, scale 1/sqrt(D). ``tile_m`` /
+    ``tile_n`` 0: FA4's own tile table; otherwise :class:`FlashAttnTiles` fields (plain values, so the op's schema
+    and ``torch.compile``'s graphs carry them)."""
+    tiles = None if tile_m == 0 and tile_n == 0 else FlashAttnTiles(tile_m, tile_n, mma_pv_is_rs, intra_wg_overlap)
+    return _flash_attn_cute_forward(q, k, v, tiles).contiguous()
 
 
 @flash_attn_cute.register_fake
-def _(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def _(q: Tensor, k: Tensor, v: Tensor, tile_m: int = 0, tile_n: int = 0, mma_pv_is_rs: bool = True,
+      intra_wg_overlap: bool = True) -> Tensor:
     return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+def flash_attn_cute_tiled(q: Tensor, k: Tensor, v: Tensor, tiles: FlashAttnTiles | None) -> Tensor:
+    """:func:`flash_attn_cute` with ``tiles`` (None: FA4's table)."""
+    if tiles is None:
+        return flash_attn_cute(q, k, v)
+    return flash_attn_cute(q, k, v, tiles.tile_m, tiles.tile_n, tiles.mma_pv_is_rs, tiles.intra_wg_overlap)
 
 
 @register_flop_formula(torch.ops.fs3d.flash_attn_cute)
@@ -112,5 +191,6 @@ def _flash_attn_cute_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **k
     return 2 * b * h * lq * lk * (d + dv)
 
 
-__all__ = ["ATTENTION_KERNELS", "ATTENTION_ROLES", "FLASH_ATTN_CUTE", "SDPA", "check_role", "current_attention_kernel",
-           "flash_attn_cute", "flash_attn_cute_unavailable", "use_attention_kernel"]
+__all__ = ["ATTENTION_KERNELS", "ATTENTION_ROLES", "FLASH_ATTN_CUTE", "FlashAttnTiles", "SDPA", "check_role",
+           "current_attention_kernel", "current_flash_attn_tiles", "flash_attn_cute", "flash_attn_cute_tiled",
+           "flash_attn_cute_unavailable", "use_attention_kernel"]

@@ -126,7 +126,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, role:
             v = v.to(torch.get_autocast_dtype(v.device.type))
         return v.expand(q.shape[0], q.shape[1], v.shape[2], v.shape[3])
     if mask is None and kernel == attention_kernels.FLASH_ATTN_CUTE and q.dtype in (torch.float16, torch.bfloat16):
-        return attention_kernels.flash_attn_cute(q, k, v)
+        return attention_kernels.flash_attn_cute_tiled(q, k, v, attention_kernels.current_flash_attn_tiles(role))
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     return out.transpose(1, 2)

@@ -101,6 +101,10 @@ class RunOptions:
     #: SS cross-attention and both SLaT roles but not at SS self-attention; its per-call host cost made the
     #: compiled SS sampler slower (``benchmarks/results/attention_kernels_h100/``).
     attention_kernel_sites: tuple[str, ...] = ("ss", "slat", "decode")
+    #: FA4 tile shapes per site: ``(site, tiles)`` pairs, ``site`` a stage or ``stage.role`` that runs FA4 (a role
+    #: entry overrides its stage's), ``tiles`` as :meth:`FlashAttnTiles.parse` reads them ("128x128",
+    #: "192x128:no-rs"). Sites not named keep FA4's own tile table. Same math, different rounding.
+    attention_kernel_tiles: tuple[tuple[str, str], ...] = ()
     #: algorithm of the sparse convolutions (SLaT IO blocks, mesh decoder) whose ``SparseConv3d.impl`` is "auto":
     #: "auto" keeps the class rule (the Triton implicit GEMM for fp16 / bf16 inference on NVIDIA GPUs of compute
     #: capability 8.0+, else "gather-or-transform"); "implicit" forces the Triton kernel (CUDA only), which never writes the gathered
@@ -146,6 +150,7 @@ class RunOptions:
         if self.attention_kernel != "sdpa" and not self.attention_kernel_sites:
             raise ValueError(f"attention_kernel {self.attention_kernel!r} with no attention_kernel_sites would "
                              f"never run; name at least one of {KERNEL_SITES}")
+        self._check_kernel_tiles()
         from ..model.sparse import CONV_IMPLS
         if self.sparse_conv not in CONV_IMPLS:
             raise ValueError(f"unknown sparse_conv {self.sparse_conv!r}; choose one of {CONV_IMPLS}")
@@ -155,6 +160,38 @@ class RunOptions:
             raise ValueError(f"cuda_graphs needs weights in the compute precision (fp32, fp16 or bf16); "
                              f"precision {self.precision!r} casts inside autocast, whose weight cache "
                              f"cannot live in a CUDA graph")
+
+    def _check_kernel_tiles(self) -> None:
+        from ..model.attention_kernels import FlashAttnTiles
+        if isinstance(self.attention_kernel_tiles, str) or any(
+                not isinstance(e, tuple) or len(e) != 2 for e in self.attention_kernel_tiles):
+            raise ValueError(f"attention_kernel_tiles is a tuple of (site, tiles) pairs, e.g. (('ss.self', "
+                             f"'128x128'),), got {self.attention_kernel_tiles!r}")
+        sites = [site for site, _ in self.attention_kernel_tiles]
+        if len(set(sites)) != len(sites):
+            raise ValueError(f"attention_kernel_tiles names a site twice: {sites}")
+        for site, spec in self.attention_kernel_tiles:
+            if site not in KERNEL_SITES:
+                raise ValueError(f"attention_kernel_tiles: unknown site {site!r}; choose from {KERNEL_SITES}")
+            stage, _, role = site.partition(".")
+            runs_fa4 = self.attention_kernel != "sdpa" and any(
+                r in self.kernel_roles(stage) for r in ((role,) if role else KERNEL_ROLES))
+            if not runs_fa4:
+                raise ValueError(f"attention_kernel_tiles: no attention at site {site!r} runs FlashAttention-4 "
+                                 f"(attention_kernel={self.attention_kernel!r}, attention_kernel_sites="
+                                 f"{self.attention_kernel_sites}); its tiles would never be used")
+            FlashAttnTiles.parse(spec)
+
+    def kernel_tiles(self, stage: str) -> dict:
+        """FA4 tiles per attention role of ``stage`` (``attention_kernel_tiles``; a role entry overrides its stage's)."""
+        from ..model.attention_kernels import FlashAttnTiles
+        tiles = dict(self.attention_kernel_tiles)
+        out = {}
+        for role in self.kernel_roles(stage):
+            spec = tiles.get(f"{stage}.{role}", tiles.get(stage))
+            if spec is not None:
+                out[role] = FlashAttnTiles.parse(spec)
+        return out
 
     def for_stage(self, stage: str) -> "RunOptions":
         """The options ``stage`` ("ss", "slat" or "decode") runs under: for "slat" with a ``slat_compile_mode``, that mode
@@ -242,12 +279,14 @@ class RunOptions:
 
     def network_context(self, device: torch.device | str, stage: str):
         """What every network call of ``stage`` ("ss", "slat" or "decode") runs under: :meth:`autocast`,
-        ``attention_kernel`` for the attention roles :meth:`kernel_roles` selects (SDPA for the others), and the
+        ``attention_kernel`` for the attention roles :meth:`kernel_roles` selects (SDPA for the others) with the FA4
+        tiles of :meth:`kernel_tiles`, and the
         ``sparse_conv`` algorithm."""
         from ..model.attention_kernels import use_attention_kernel
         from ..model.sparse import use_conv_impl
         return _entered_together(self.autocast(device),
-                                 use_attention_kernel(self.attention_kernel, self.kernel_roles(stage)),
+                                 use_attention_kernel(self.attention_kernel, self.kernel_roles(stage),
+                                                      self.kernel_tiles(stage)),
                                  use_conv_impl(self.sparse_conv))
 
     def kernel_roles(self, stage: str) -> tuple[str, ...]:
