@@ -318,3 +318,19 @@ def test_tiles_reach_the_kernel_inside_the_compiled_flows(stand_in, cpu_compile)
         assert n_ss and len(stand_in) > n_ss
         assert set(stand_in.tiles[:n_ss]) == {expect_ss}
         assert set(stand_in.tiles[n_ss:]) == {slat_t}
+
+
+def _fa4_missing() -> str | None:
+    return ak.flash_attn_cute_unavailable("cuda") if torch.cuda.is_available() else "needs a CUDA device"
+
+
+@pytest.mark.skipif(_fa4_missing() is not None, reason=f"real FlashAttention-4: {_fa4_missing()}")
+@pytest.mark.parametrize("spec", ["128x128", "192x128:no-rs", "128x96:no-overlap"])
+def test_real_fa4_tiles_match_sdpa(spec):
+    """On the GPU: FA4 with the given tiles equals FA4's own table and SDPA to bf16 rounding, at an SS-like shape whose
+    query count is not a multiple of either tile height."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, n, 16, 64, device="cuda", generator=g, dtype=torch.bfloat16) for n in (1000, 1500, 1500))
+    tiled = ak.flash_attn_cute_tiled(q, k, v, ak.FlashAttnTiles.parse(spec))
+    torch.testing.assert_close(tiled.float(), _sdpa_reference(q, k, v).float(), rtol=0, atol=2e-2)
+    torch.testing.assert_close(tiled.float(), ak.flash_attn_cute(q, k, v).float(), rtol=0, atol=2e-2)
