@@ -174,8 +174,33 @@ def activated_flash_kernel(impl: str) -> dict[str, Callable]:
     return {f"SDPA flash backend, {impl} activated": run}
 
 
+#: calls captured in one CUDA graph under ``--timing graph`` (the replay's time is divided by this)
+GRAPH_CALLS = 20
+
+
+def graph_replay(fn: Callable[[], torch.Tensor], calls: int = GRAPH_CALLS) -> Callable[[], None]:
+    """A callable that replays ``calls`` back-to-back calls of ``fn`` from one CUDA graph: the kernels' own time,
+    without the per-call host cost (Python, argument checks, launch) that a 0.3 ms attention call may not hide. This
+    is how the samplers run attention under ``reduce-overhead``. ``fn`` is warmed up on a side stream first, as
+    capture requires (JIT compilation and lazy init happen there)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph.replay
+
+
 def measure(shapes, dtype: torch.dtype, warmup: int, repeats: int, device: torch.device,
-            candidates: dict[str, Callable] | None = None) -> list[dict]:
+            candidates: dict[str, Callable] | None = None, timing: str = "launch") -> list[dict]:
+    """Time every candidate at every shape: ``timing`` "launch" times calls issued one by one from Python (host cost
+    included where the kernel is too short to hide it), "graph" the same calls replayed from a CUDA graph
+    (:func:`graph_replay`)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     rows = []
     candidates = kernels(device) if candidates is None else candidates
@@ -190,7 +215,11 @@ def measure(shapes, dtype: torch.dtype, warmup: int, repeats: int, device: torch
             try:
                 out = fn(q, k, v)
                 row["max_abs_err"] = (out.float() - ref).abs().max().item()
-                t = Timer(device, warmup, repeats)(lambda: fn(q, k, v))["median_s"]
+                if timing == "graph":
+                    t = Timer(device, warmup, repeats)(graph_replay(lambda: fn(q, k, v)))["median_s"] / GRAPH_CALLS
+                else:
+                    t = Timer(device, warmup, repeats)(lambda: fn(q, k, v))["median_s"]
+                row["timing"] = timing
                 row.update(ms=t * 1e3, tflops=shape.flops / t / 1e12)
             except Exception as exc:  # a backend that refuses a shape is a result, not a crash
                 row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
@@ -205,8 +234,10 @@ def write_report(rows: list[dict], meta: dict, out: Path) -> str:
     df = pd.DataFrame(rows)
     lines = ["# Attention kernels at SAM 3D's shapes (`benchmarks/attention_kernels.py`)", "",
              f"Device **{meta['device']}**, torch {meta['torch']}, {meta['dtype']}, heads {HEADS}, head dim "
-             f"{HEAD_DIM}; CUDA events, {meta['warmup']} warm-up, median of {meta['repeats']}. "
-             f"Registered FlashAttention implementations: {meta['flash_impls'] or 'none'}"
+             f"{HEAD_DIM}; CUDA events, {meta['warmup']} warm-up, median of {meta['repeats']}"
+             + (f" replays of {GRAPH_CALLS} calls captured in one CUDA graph (kernel time). "
+                if meta.get("timing") == "graph" else " calls launched one by one from Python. ")
+             + f"Registered FlashAttention implementations: {meta['flash_impls'] or 'none'}"
              + (f"; activated {meta['flash_impl_activated']}" if meta.get("flash_impl_activated") else "")
              + (f"; activation failed: {meta['flash_impl_error']}" if meta.get("flash_impl_error") else "") + ". "
              + f"FlashAttention-4 through the fs3d custom op: {meta.get('flash_attn_cute', 'not checked')}.", ""]
@@ -243,6 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fa4-tiles", default=None,
                     help="instead of the kernel table: sweep FA4 tile shapes at the samplers' shapes, 'default' "
                          f"({', '.join(FA4_TILE_SWEEP)}) or a comma list like '128x128,192x128:no-rs'")
+    ap.add_argument("--timing", default="launch", choices=["launch", "graph"],
+                    help="launch: calls issued one by one from Python (host cost included where a call is too short "
+                         f"to hide it); graph: {GRAPH_CALLS} calls replayed from one CUDA graph (kernel time, as the "
+                         "samplers run under reduce-overhead)")
     ap.add_argument("--out", type=Path, default=Path("runs/attention_kernels"))
     args = ap.parse_args(argv)
     if args.fa4_tiles is not None:
@@ -262,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"--warmup must be >= 0 and --repeats >= 1, got {args.warmup} and {args.repeats}")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     meta = {"device": torch.cuda.get_device_name(device), "torch": torch.__version__, "dtype": args.dtype,
-            "warmup": args.warmup, "repeats": args.repeats, "flash_impls": registered_flash_impls()}
+            "warmup": args.warmup, "repeats": args.repeats, "timing": args.timing, "flash_impls": registered_flash_impls()}
     from fs3d_accel.model.attention_kernels import flash_attn_cute_unavailable
     meta["flash_attn_cute"] = flash_attn_cute_unavailable(device) or "timed"
     # one compiled flex_attention graph per (shape, tile setting): keep them all compiled
@@ -275,14 +310,14 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit(f"--fa4-tiles: {meta['flash_attn_cute']}")
         meta["fa4_tiles"] = specs
         rows = measure([s for s in SHAPES if s.site], dtype, args.warmup, args.repeats, device,
-                       candidates=fa4_tile_kernels(specs))
+                       candidates=fa4_tile_kernels(specs), timing=args.timing)
         best = best_fa4_tiles(rows)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "fa4_tiles.json").write_text(json.dumps(best, indent=2))
         print(write_report(rows, meta, args.out))
         print(json.dumps(best, indent=2))
         return
-    rows = measure(SHAPES, dtype, args.warmup, args.repeats, device)
+    rows = measure(SHAPES, dtype, args.warmup, args.repeats, device, timing=args.timing)
     if args.flash_impl:
         try:
             extra = activated_flash_kernel(args.flash_impl)
@@ -291,7 +326,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"--flash-impl {args.flash_impl}: {meta['flash_impl_error']}", flush=True)
         else:
             meta["flash_impl_activated"] = args.flash_impl
-            rows += measure(SHAPES, dtype, args.warmup, args.repeats, device, candidates=extra)
+            rows += measure(SHAPES, dtype, args.warmup, args.repeats, device, candidates=extra, timing=args.timing)
             rows.sort(key=lambda r: [s.name for s in SHAPES].index(r["shape"]))
     print(write_report(rows, meta, args.out))
 
