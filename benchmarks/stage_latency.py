@@ -33,8 +33,10 @@ from fs3d_accel.model.sparse import CONV_IMPLS  # noqa: E402
 from fs3d_accel.pipeline import Pipeline  # noqa: E402
 from fs3d_accel.stages.options import RunOptions  # noqa: E402
 
-#: where FlashAttention-4 beat cuDNN SDPA per kernel on the H100 (``results/attention_kernels_h100/run_fa4``):
-#: SS cross-attention (435 vs 392 TFLOP/s), SLaT self (352 vs 311) and cross (407 vs 337); not SS self (308 vs 403)
+#: where FlashAttention-4 beat cuDNN SDPA per call launched from Python on the H100 (session 6,
+#: ``results/attention_kernels_h100/run_fa4``): SS cross-attention (435 vs 392 TFLOP/s), SLaT self (352 vs 311) and
+#: cross (407 vs 337); not SS self (308 vs 403). Timed from CUDA graphs (session 12, ``.../session12/``) FA4 wins at SS
+#: self too (494 vs 475): launched one by one, its host cost was in those numbers. Kept for the session 7 variants.
 FA4_FASTER_SITES = ("ss.cross", "slat.self", "slat.cross")
 
 VARIANTS = {

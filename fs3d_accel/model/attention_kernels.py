@@ -8,8 +8,11 @@ accumulation order, so outputs differ from SDPA's by rounding only.
 
 The choice is a context (:func:`use_attention_kernel`), entered by ``RunOptions.network_context`` around every
 network call, so model code stays kernel-agnostic. Each attention call names its role ("self" or "cross"), and
-the context picks the kernel per role: per kernel, FA4 is faster than cuDNN at SAM 3D's cross-attention shapes
-and at SLaT's self-attention, but slower at SS's self-attention, so the best choice differs by call site. FA4 is
+the context picks the kernel per role and stage. Timed from CUDA graphs (kernel time, as the samplers run under
+``reduce-overhead``), FA4 is faster than cuDNN at every SS and SLaT shape on the H100 (494-516 against 362-475
+TFLOP/s; ``benchmarks/results/attention_kernels_h100/session12/``). Launched one call at a time it is not: each call
+costs more host time than cuDNN's, which a 0.2-0.3 ms kernel cannot hide, and that made SS self-attention look
+slower before session 12. FA4 is
 wrapped in a ``torch.library`` custom op with a fake (meta) implementation: ``torch.compile`` treats it as one opaque call instead of tracing the CuTe DSL.
 PyTorch's own ``activate_flash_attention_impl("FA4")`` route is not used: in torch 2.11 it does not match the
 current ``flash_attn.cute`` return signature (``ValueError: too many values to unpack``, measured on the H100).

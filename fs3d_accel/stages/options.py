@@ -97,9 +97,9 @@ class RunOptions:
     #: :meth:`network_context` around every network call. Same math, different rounding.
     attention_kernel: str = "sdpa"
     #: where ``attention_kernel`` runs: a stage ("ss", "slat", "decode": all its attention) or one role of it
-    #: ("ss.cross", "slat.self", ...); everything else keeps SDPA. Per kernel on the H100, FA4 beats cuDNN at
-    #: SS cross-attention and both SLaT roles but not at SS self-attention; its per-call host cost made the
-    #: compiled SS sampler slower (``benchmarks/results/attention_kernels_h100/``).
+    #: ("ss.cross", "slat.self", ...); everything else keeps SDPA. In kernel time (CUDA-graph replay) FA4 beats
+    #: cuDNN at every SS and SLaT site on the H100; its per-call host cost shows only without CUDA graphs
+    #: (``benchmarks/results/attention_kernels_h100/session12/``).
     attention_kernel_sites: tuple[str, ...] = ("ss", "slat", "decode")
     #: FA4 tile shapes per site: ``(site, tiles)`` pairs, ``site`` a stage or ``stage.role`` that runs FA4 (a role
     #: entry overrides its stage's), ``tiles`` as :meth:`FlashAttnTiles.parse` reads them ("128x128",
@@ -322,12 +322,20 @@ FAST_PATHS: dict[str, RunOptions] = {
     "compiled-zkv-ro": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True,
                                   compile_slat=True, collapse_zero_cond=True, compile_mode="reduce-overhead"),
     # + FlashAttention-4 in SLaT (self and cross) and CUDA graphs (reduce-overhead), which hide FA4's per-call host
-    # cost; needs flash_attn.cute (optional install). SS keeps cuDNN SDPA: FA4 did not pay there on the H100.
+    # cost; needs flash_attn.cute (optional install). SS keeps cuDNN SDPA (its headline: session 11, 1.39 s per object
+    # at 14k); ``compiled-zkv-fa4-all`` below also moves SS to FA4.
     # SLaT in the default mode (``slat_compile_mode="default"``) was 7% faster on one lease and 4-67% slower on another
     # (session 11, ``results/base_vs_official_h100/session11/``): graphs are the choice that did not lose badly.
     "compiled-zkv-fa4": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True,
                                    compile_slat=True, collapse_zero_cond=True, compile_mode="reduce-overhead",
                                    attention_kernel="flash-attn-cute", attention_kernel_sites=("slat",)),
+    # + FlashAttention-4 at SS's attention too: faster than cuDNN per kernel at every SS shape once timed from CUDA
+    # graphs, and the SS sampler took 0.704-0.706 s against 0.740-0.747 s for ``compiled-zkv-fa4`` in three processes on
+    # one H100 lease (session 12, ``results/base_vs_official_h100/session12/``); quality within the noise of the other
+    # switches (``results/fast_path_quality_h100/fa4_ss/``).
+    "compiled-zkv-fa4-all": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True,
+                                       compile_slat=True, collapse_zero_cond=True, compile_mode="reduce-overhead",
+                                       attention_kernel="flash-attn-cute", attention_kernel_sites=("ss", "slat")),
 }
 
 
