@@ -273,3 +273,51 @@ for lease, folders in slat_runs.items():
 # cost the graphs hide, was the more sensitive kernel. Each lease-2 number is one process, and another process there
 # had SDPA in the default mode at 0.614 s: the spread between processes is as large as the effect. The named fast path
 # keeps graphs in SLaT.
+
+# %% [markdown]
+# Session 12 ran SLaT's two modes over 16 new object sizes (surface crops with a real object's token density), then
+# met each size again (`benchmarks/slat_many_sizes.py`, `results/slat_many_sizes_h100_crops/`). For a stream of new
+# objects, the case that matters in use, the graphs cost more than they save on that H100. Paired per size:
+
+# %%
+CROPS12 = ROOT / "benchmarks" / "results" / "slat_many_sizes_h100_crops" / "slat_many_sizes.csv"
+crops = pd.read_csv(CROPS12).pivot_table(index=["pass", "N"], columns="variant", values="seconds")
+crops["reduce-overhead minus default"] = crops["compile-all-zkv-ro"] - crops["compile-all-zkv-ssro"]
+crops.groupby(level="pass")["reduce-overhead minus default"].describe()[["count", "50%", "min", "max"]].round(3)
+
+# %% [markdown]
+# ## 7. Which attention kernel? Timed launched or from a CUDA graph
+# A kernel table decides which attention kernel the samplers run. Sessions 6-11 timed each call launched from Python.
+# At SAM 3D's shapes a call takes 0.2-0.4 ms, and FlashAttention-4's per-call host cost is about that long. So that
+# timing put FA4 behind cuDNN at SS self-attention. Under `reduce-overhead` the samplers replay their kernels from CUDA
+# graphs, with no host cost at all. `benchmarks/attention_kernels.py --timing graph` times the calls that way. Session 12
+# ran both timings (on two machines of one session) for cuDNN and FA4 at the four shapes the compiled samplers run:
+
+# %%
+import seaborn as sns
+
+K12 = ROOT / "benchmarks" / "results" / "attention_kernels_h100" / "session12"
+timed = pd.concat([pd.read_csv(K12 / "fa4_tiles_launch" / "attention_kernels.csv").assign(timing="launched"),
+                   pd.read_csv(K12 / "fa4_tiles_graph" / "attention_kernels.csv").assign(timing="CUDA graph")])
+timed = timed[timed["kernel"].isin(["SDPA cuDNN", "FA4 own table"])]
+timed["kernel"] = timed["kernel"].replace({"SDPA cuDNN": "cuDNN (SDPA)", "FA4 own table": "FlashAttention-4"})
+grid = sns.catplot(data=timed, x="shape", y="tflops", hue="kernel", col="timing", kind="bar", height=3.6, aspect=1.4)
+grid.set_axis_labels("", "TFLOP/s")
+for ax in grid.axes.flat:
+    ax.tick_params(axis="x", rotation=20)
+grid.figure.savefig(FIG / "01_attention_timing.png", dpi=120, bbox_inches="tight")
+timed.pivot_table(index="shape", columns=["timing", "kernel"], values="tflops", sort=False).round(0)
+
+# %% [markdown]
+# From graphs FA4 wins at every shape, SS self-attention included. So `--fast-path compiled-zkv-fa4-all` runs FA4 in SS
+# too. SS sampler per call, cuDNN in SS (`compile-all-zkv-fa4-slat-ro`) against FA4 in SS (`compile-all-zkv-fa4-ro`),
+# three processes on one H100:
+
+# %%
+S12 = ROOT / "benchmarks" / "results" / "base_vs_official_h100" / "session12"
+ss_rows = []
+for folder in ("fa4_ss_process1", "fa4_ss_process2", "head_14k_fa4_ss"):
+    rows, _ = load_outputs(S12 / folder)
+    ss_rows += [{"process": folder, "variant": r["variant"], "SS sampler s": r["median_s"]}
+                for r in rows if r["stage"] == "ss" and r["round"] == 1 and r["variant"].startswith("compile")]
+pd.DataFrame(ss_rows).pivot(index="process", columns="variant", values="SS sampler s").round(4)
