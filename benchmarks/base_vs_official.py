@@ -108,8 +108,9 @@ from fs3d_accel.model.random_weights import perturb_zero_inits  # noqa: E402
 from fs3d_analysis.profile.latency import cuda_graph_recordings, sync_device  # noqa: E402
 from fs3d_analysis.profile.busy import KERNEL_CLASSES, KernelTime, kernel_class, kernel_time  # noqa: E402
 from fs3d_analysis.profile.shape_only import skip_heavy_ops  # noqa: E402
-from benchmarks.stage_latency import (COORDS_FILE, SHORT, Timer, add_conv_args,  # noqa: E402
-                                      apply_conv_args, count_flops, load_coords, matmul_peak_tflops,
+from benchmarks.stage_latency import (COORDS_FILE, FLOP_CLASSES, SHORT, Timer, add_conv_args,  # noqa: E402
+                                      apply_conv_args, count_flops, count_flops_by_class, load_coords,
+                                      matmul_peak_tflops,
                                       synthetic_inputs, variant_label, variant_options)
 
 OFFICIAL_VARIANTS = ("official", "official-compile")
@@ -570,17 +571,18 @@ def counting_options(opts):
     return RunOptions(**{"batch_cfg": opts.batch_cfg, **{k: getattr(opts, k) for k in FLOP_OPTIONS}})
 
 
-def executed_flops(stage_module: torch.nn.Module, make_fn, dev: torch.device) -> float:
-    """FLOPs one call of the unit actually executes: ``make_fn()``'s sampler run once under FlopCounterMode on the
-    fp32 ``stage_module`` (the K/V cache computes the condition K/V once per object, the one-key K/V skips the
-    unconditional branch's attention over L keys), where ``model_tflop`` counts every network pass in full."""
+def executed_flops(stage_module: torch.nn.Module, make_fn, dev: torch.device) -> dict[str, float]:
+    """FLOPs one call of the unit actually executes, per operator class and in total (``count_flops_by_class``):
+    ``make_fn()``'s sampler run once under FlopCounterMode on the fp32 ``stage_module`` (the K/V cache computes the
+    condition K/V once per object, the one-key K/V skips the unconditional branch's attention over L keys), where
+    ``model_tflop`` counts every network pass in full."""
     from fs3d_accel.model.sparse import SparseConv3d
     impl = SparseConv3d.impl
     SparseConv3d.impl = "scatter"  # present neighbours only, as unit_flops
     try:
         stage_module.to(dev)
         with torch.no_grad(), skip_heavy_ops():  # shapes are all a count needs (exact: tests/test_shape_only.py)
-            return count_flops(make_fn())
+            return count_flops_by_class(make_fn())
     finally:
         SparseConv3d.impl = impl
         stage_module.to("cpu")
@@ -1066,25 +1068,27 @@ def run(args) -> list[dict]:
 
     rnd = 1  # the round being measured (set by the loop below)
 
-    executed: dict[tuple, float] = {}  # executed FLOPs per (stage, object, FLOP-changing switches)
+    executed: dict[tuple, dict[str, float]] = {}  # executed FLOPs (per class) per (stage, object, FLOP switches)
 
-    def executed_tflop(variant: str, stage: str, obj: str | None) -> float:
-        """Model FLOPs for the official code and the mesh decoder (they skip nothing); counted for our samplers."""
+    def executed_tflop(variant: str, stage: str, obj: str | None, flop_class: str = "total") -> float:
+        """Model FLOPs for the official code and the mesh decoder (they skip nothing); counted for our samplers.
+        ``flop_class`` ("attention", "matmul", "conv") gives one class of a counted sampler (NaN where only the
+        model total is known)."""
         model = flops.get((stage, obj), float("nan"))
         if variant in OFFICIAL_VARIANTS or stage == "mesh" or model != model:
-            return model / 1e12
+            return model / 1e12 if flop_class == "total" else float("nan")
         opts = counting_options(variant_options(variant))
         key = (stage, obj) + tuple(getattr(opts, k) for k in FLOP_OPTIONS)
         if key not in executed:
             if not any(getattr(opts, k) for k in FLOP_OPTIONS):
-                executed[key] = model  # nothing skipped: the model count
+                executed[key] = {"total": model}  # nothing skipped: the model count
             elif stage == "ss":
                 executed[key] = executed_flops(base.ss, lambda: ours_ss_fn(base.ss, noise_ss, cond["ss"],
                                                                            cfg.ss_sampler, opts), dev)
             else:
                 executed[key] = executed_flops(base.slat, lambda: ours_slat_fn(
                     base.slat, noise_slat[obj], cond["slat"], coords[obj], cfg.slat_sampler, opts), dev)
-        return executed[key] / 1e12
+        return executed[key].get(flop_class, float("nan")) / 1e12
 
     if args.flops_only:
         return flops_only_rows(args, flops, executed_tflop, coords, meta)
@@ -1210,25 +1214,32 @@ def flops_only_rows(args, flops: dict, executed_tflop, coords: dict, meta: dict)
     for variant in args.variants:
         for (stage, obj), model in flops.items():
             rows.append(dict(variant=variant, stage=stage, object=obj, N=None if obj is None else len(coords[obj]),
-                             model_tflop=model / 1e12, executed_tflop=executed_tflop(variant, stage, obj)))
+                             model_tflop=model / 1e12, executed_tflop=executed_tflop(variant, stage, obj),
+                             **{f"executed_{c}_tflop": executed_tflop(variant, stage, obj, c) for c in FLOP_CLASSES}))
             print(f"{variant:>16} {stage:>4} {obj or '':>20} model {rows[-1]['model_tflop']:.4f} "
                   f"executed {rows[-1]['executed_tflop']:.4f} TFLOP", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    cols = ["variant", "stage", "object", "N", "model_tflop", "executed_tflop"]
+    cols = ["variant", "stage", "object", "N", "model_tflop", "executed_tflop"] + [
+        f"executed_{c}_tflop" for c in FLOP_CLASSES]
     with open(args.out / FLOPS_CSV_NAME, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
         w.writeheader()
-        w.writerows({k: ("" if r[k] is None else r[k]) for k in cols} for r in rows)
+        w.writerows({k: ("" if r[k] is None or r[k] != r[k] else r[k]) for k in cols} for r in rows)
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     lines = ["# Model and executed FLOPs per unit (`base_vs_official.py --flops-only`)", "",
              f"Config `{meta.get('config')}`, condition tokens {meta.get('cond_tokens')}, sampler steps SS "
              f"{meta.get('ss_steps')}, SLaT {meta.get('slat_steps')}. Model: one network pass in full x the "
              "sampler's passes (what the official code runs). Executed: one sampler run with the variant's "
              "FLOP-changing switches (condition K/V cache, one-key K/V of the zero condition).", "",
-             "| variant | stage | object | N | model TFLOP | executed TFLOP | executed / model |", "|---|---|---|---|---|---|---|"]
+             "Per class: the executed FLOPs of attention (SDPA / FA4), matmuls and dense convolutions (sparse "
+             "convolutions count as matmuls: FlopCounterMode sees the scatter algorithm's products); empty where "
+             "nothing is skipped and only the model total was counted.", "",
+             "| variant | stage | object | N | model TFLOP | executed TFLOP | executed / model | attention | matmul "
+             "| conv |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['variant']} | {STAGE_LABELS.get(r['stage'], r['stage'])} | {r['object'] or ''} | "
               f"{_fmt(r['N'], 'd')} | {r['model_tflop']:.4f} | {r['executed_tflop']:.4f} | "
-              f"{r['executed_tflop'] / r['model_tflop']:.3f} |" for r in rows]
+              f"{r['executed_tflop'] / r['model_tflop']:.3f} | "
+              + " | ".join(_fmt(r[f"executed_{c}_tflop"], ".4f") for c in FLOP_CLASSES) + " |" for r in rows]
     (args.out / README_NAME).write_text("\n".join(lines) + "\n")
     return rows
 

@@ -238,12 +238,42 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -
 def count_flops(fn) -> float:
     """FLOPs of one call (torch.utils.flop_counter: matmuls, convolutions, attention; the CPU SDPA kernels, which
     torch's counter does not know, through ``sdpa_flop_mapping``)."""
+    return count_flops_by_class(fn)["total"]
+
+
+#: operator classes of :func:`count_flops_by_class`, named as the kernel classes of ``fs3d_analysis.profile.busy``
+#: that run them on the GPU (so FLOPs per class over kernel seconds per class is a class's achieved TFLOP/s)
+FLOP_CLASSES = ("attention", "matmul", "conv")
+
+
+def flop_class(op_name: str) -> str:
+    """The class of an operator FlopCounterMode counts: attention (SDPA in any backend, the FA4 custom op), matmul
+    (mm / addmm / bmm / baddbmm) or conv (dense convolutions); raises on anything else, so a new counted op is
+    classified on purpose instead of silently."""
+    name = op_name.split(".")[-1] if op_name.startswith("aten.") else op_name
+    if "attention" in name or "flash_attn" in name:
+        return "attention"
+    if name in ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm"):
+        return "matmul"
+    if "convolution" in name or name.startswith("conv"):
+        return "conv"
+    raise ValueError(f"FLOP class of operator {op_name!r} unknown; add it to flop_class")
+
+
+def count_flops_by_class(fn) -> dict[str, float]:
+    """FLOPs of one call per :data:`FLOP_CLASSES` class, and their ``"total"``."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from fs3d_analysis.profile.flops import sdpa_flop_mapping
     with FlopCounterMode(display=False, custom_mapping=sdpa_flop_mapping()) as counter:
         fn()
-    return float(counter.get_total_flops())
+    out = dict.fromkeys(FLOP_CLASSES, 0.0)
+    for op, n in counter.get_flop_counts().get("Global", {}).items():
+        out[flop_class(str(op))] += float(n)
+    out["total"] = float(counter.get_total_flops())
+    if abs(sum(out[c] for c in FLOP_CLASSES) - out["total"]) > 1e-6 * max(out["total"], 1.0):
+        raise RuntimeError(f"FLOP classes {out} do not add up to the total")
+    return out
 
 
 def load_coords(resolution: int, device) -> dict[str, torch.Tensor]:

@@ -277,8 +277,17 @@ def test_flops_only_counts_without_timing(tmp_path):
         assert off["executed_tflop"] == off["model_tflop"]
         assert zkv["executed_tflop"] < kv["executed_tflop"] < kv["model_tflop"] == off["model_tflop"]
     assert rows[("compile-all-zkv", "mesh")]["executed_tflop"] == rows[("compile-all-zkv", "mesh")]["model_tflop"]
+    for stage in ("ss", "slat"):  # the counted samplers split their FLOPs into classes that add up to the total
+        r = rows[("compile-all-zkv", stage)]
+        parts = [r[f"executed_{c}_tflop"] for c in ("attention", "matmul", "conv")]
+        assert all(p >= 0 for p in parts) and parts[0] > 0 and parts[1] > 0
+        assert sum(parts) == pytest.approx(r["executed_tflop"], rel=1e-9)
+    assert math.isnan(rows[("official", "ss")]["executed_attention_tflop"])  # only the model total is counted there
     with open(tmp_path / bvo.FLOPS_CSV_NAME) as fh:
-        assert len(list(csv.DictReader(fh))) == 9
+        table = list(csv.DictReader(fh))
+    assert len(table) == 9
+    official_ss = next(r for r in table if r["variant"] == "official" and r["stage"] == "ss")
+    assert official_ss["executed_attention_tflop"] == "" and official_ss["executed_tflop"] != ""
     assert "executed / model" in (tmp_path / bvo.README_NAME).read_text()
     assert not (tmp_path / bvo.CSV_NAME).exists()  # no timing table
 

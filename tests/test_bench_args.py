@@ -99,3 +99,26 @@ def test_variant_names_carry_fa4_tiles():
                          ("compile-all-zkv-fa4-ro@ss=128x100", "multiple of 16")):
         with pytest.raises(ValueError, match=message):
             variant_options(bad)
+
+
+def test_flops_split_by_class_adds_up():
+    """count_flops_by_class: exact counts per class on a tiny workload (linear, batched matmul, SDPA on the CPU through
+    the custom mapping, a dense conv), summing to count_flops; an operator of no known class is refused by name."""
+    import torch.nn.functional as F
+
+    from benchmarks.stage_latency import count_flops, count_flops_by_class, flop_class
+    lin, conv = torch.nn.Linear(8, 16), torch.nn.Conv3d(2, 3, 3)
+    q = torch.randn(1, 2, 5, 4)
+
+    def work():
+        lin(torch.randn(3, 8))
+        F.scaled_dot_product_attention(q, q, q)
+        conv(torch.randn(1, 2, 4, 4, 4))
+        torch.randn(2, 3, 4) @ torch.randn(2, 4, 5)
+    split = count_flops_by_class(work)
+    assert split == {"attention": 4 * 2 * 5 * 5 * 4, "matmul": 2 * 3 * 8 * 16 + 2 * 2 * 3 * 4 * 5,
+                     "conv": 2 * (3 * 2 * 2 * 2) * (2 * 27), "total": 4400.0}
+    assert count_flops(work) == 4400.0
+    assert flop_class("fs3d.flash_attn_cute") == "attention" and flop_class("aten.baddbmm") == "matmul"
+    with pytest.raises(ValueError, match="FLOP class of operator 'aten.cumsum' unknown"):
+        flop_class("aten.cumsum")
