@@ -26,7 +26,7 @@ from fs3d_accel.pipeline import Pipeline
 from fs3d_accel.seams import SparseTokens, TransformContext
 from fs3d_accel.stages.options import RunOptions
 
-from stage_latency import VARIANTS, SHORT, _markdown, synthetic_inputs
+from stage_latency import SHORT, _markdown, synthetic_inputs, variant_label, variant_options
 
 COORDS = Path(__file__).parent / "data" / "ycb_shipped_surface_coords_r64.npz"
 
@@ -71,7 +71,7 @@ def main() -> None:
     ap.add_argument("--traces", default="benchmarks/results/decisions_mini.json")
     ap.add_argument("--config", default="full")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--variant", default="bf16-cfg-kv", help=f"run options, one of {sorted(SHORT)}")
+    ap.add_argument("--variant", default="bf16-cfg-kv", help=f"run options, one of {sorted(SHORT)}, optionally with FA4 tiles: NAME@SITE=TILES[+SITE=TILES]")
     ap.add_argument("--objects", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--object-warmup", type=int, default=1,
@@ -84,7 +84,10 @@ def main() -> None:
     dev = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    opts: RunOptions = VARIANTS[SHORT[args.variant]]
+    try:
+        opts: RunOptions = variant_options(args.variant)
+    except ValueError as exc:
+        raise SystemExit(f"--variant: {exc}") from None
     pipe = Pipeline.from_config(args.config, seed=0, device="cpu")
     if opts.weight_dtype != torch.float32:
         pipe = pipe.to(opts.weight_dtype)
@@ -134,7 +137,7 @@ def main() -> None:
             "objects": objects, "repeats": args.repeats, "torch": torch.__version__}
     (out / "meta.json").write_text(json.dumps(meta, indent=2))
     text = "\n".join([f"# Per-object speedup at `{args.config}` scale on **{device_name}**",
-                      f"Run options: {SHORT[args.variant]}; decisions replayed from sam3d-mini; objects: {objects};"
+                      f"Run options: {variant_label(args.variant)}; decisions replayed from sam3d-mini; objects: {objects};"
                       f" medians of {args.repeats} after a global warm-up and {args.object_warmup} untimed run(s) per (object, method); seconds.", "", _markdown(summary), ""])
     (out / "accel_full.md").write_text(text)
     print(text)

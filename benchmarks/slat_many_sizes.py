@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--config", default="full", choices=("mini", "full"))
     ap.add_argument("--variants", default="compile-all-zkv-ro,compile-all-zkv-ssro",
-                    help=f"comma-separated, from {sorted(SHORT)}")
+                    help=f"comma-separated, from {sorted(SHORT)}; each may name FA4 tiles: NAME@SITE=TILES[+SITE=TILES]")
     ap.add_argument("--objects", type=int, default=24, help="how many distinct sizes")
     ap.add_argument("--min-voxels", type=int, default=2000)
     ap.add_argument("--max-voxels", type=int, default=20000)

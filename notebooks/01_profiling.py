@@ -288,8 +288,9 @@ crops.groupby(level="pass")["reduce-overhead minus default"].describe()[["count"
 # %% [markdown]
 # ## 7. Which attention kernel? Timed launched or from a CUDA graph
 # A kernel table decides which attention kernel the samplers run. Sessions 6-11 timed each call launched from Python.
-# At SAM 3D's shapes a call takes 0.2-0.4 ms, and FlashAttention-4's per-call host cost is about that long. So that
-# timing put FA4 behind cuDNN at SS self-attention. Under `reduce-overhead` the samplers replay their kernels from CUDA
+# At SAM 3D's shapes a call takes 0.2-0.4 ms, and FlashAttention-4's per-call host cost is most likely about that
+# long. That timing put FA4 behind cuDNN at three of the four shapes, SS self-attention among them (the two timings
+# below ran on different machines, so the host cost is inferred). Under `reduce-overhead` the samplers replay their kernels from CUDA
 # graphs, with no host cost at all. `benchmarks/attention_kernels.py --timing graph` times the calls that way. Session 12
 # ran both timings (on two machines of one session) for cuDNN and FA4 at the four shapes the compiled samplers run:
 

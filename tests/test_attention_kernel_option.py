@@ -292,8 +292,9 @@ def test_run_options_tiles_per_site():
         RunOptions(**fa4, attention_kernel_tiles=(("vae", "128x128"),))
     with pytest.raises(ValueError, match="names a site twice"):
         RunOptions(**fa4, attention_kernel_tiles=(("ss", "128x128"), ("ss", "192x128")))
-    with pytest.raises(ValueError, match="tuple of \\(site, tiles\\) pairs"):
-        RunOptions(**fa4, attention_kernel_tiles=("ss", "128x128"))
+    for bad in (("ss", "128x128"), [("ss", "128x128")], (("ss", ak.FlashAttnTiles(128, 128)),), (("ss", 128),)):
+        with pytest.raises(ValueError, match="tuple of \\(site, tiles\\) string pairs"):
+            RunOptions(**fa4, attention_kernel_tiles=bad)
     with pytest.raises(ValueError, match="tile_m must be"):
         RunOptions(**fa4, attention_kernel_tiles=(("ss", "32x128"),))
 

@@ -55,7 +55,8 @@ def test_sweep_covers_each_sampler_site_once():
 
 
 def test_best_fa4_tiles_takes_the_fastest_correct_tiles():
-    ss_self, slat_cross = (next(s.name for s in ak.SHAPES if s.site == site) for site in ("ss.self", "slat.cross"))
+    ss_self, ss_cross, slat_cross = (next(s.name for s in ak.SHAPES if s.site == site)
+                                     for site in ("ss.self", "ss.cross", "slat.cross"))
 
     def row(shape, kernel, tflops, err=1e-3):
         return {"shape": shape, "kernel": kernel, "ms": 1.0, "tflops": tflops, "max_abs_err": err}
@@ -63,12 +64,15 @@ def test_best_fa4_tiles_takes_the_fastest_correct_tiles():
             row(ss_self, "FA4 128x128", 450.0), row(ss_self, "FA4 64x128", 900.0, err=0.5),  # wrong: never chosen
             {"shape": ss_self, "kernel": "FA4 192x192", "error": "RuntimeError: smem"},
             row(slat_cross, "SDPA cuDNN", 330.0), row(slat_cross, "FA4 own table", 400.0),
-            row(slat_cross, "FA4 128x96:no-rs", 420.0), row("SS cross, CFG pair", "FA4 128x128", 999.0)]
+            row(slat_cross, "FA4 128x96:no-rs", 420.0), row("SS cross, CFG pair", "FA4 128x128", 999.0),
+            row(ss_cross, "FA4 own table", 500.0), row(ss_cross, "FA4 192x128", 480.0)]  # own table wins here
     best = ak.best_fa4_tiles(rows)
     assert best["sites"]["ss.self"] == {"shape": ss_self, "cudnn_tflops": 400.0, "fa4_own_tflops": 300.0,
-                                        "best_tiles": "128x128", "best_tflops": 450.0}
+                                        "best_tiles": "128x128", "best_tflops": 450.0, "tiles_beat_own_table": True}
     assert best["sites"]["slat.cross"]["best_tiles"] == "128x96:no-rs"
-    assert set(best["sites"]) == {"ss.self", "slat.cross"}  # the CFG-pair cross shape runs at no site
+    assert best["sites"]["ss.cross"]["tiles_beat_own_table"] is False
+    assert set(best["sites"]) == {"ss.self", "ss.cross", "slat.cross"}  # the CFG-pair cross shape runs at no site
+    # ss.cross keeps FA4's own table: tiles slower than no tiles are not suggested
     assert best["suffix"] == {"all": "ss.self=128x128+slat.cross=128x96:no-rs", "slat": "slat.cross=128x96:no-rs"}
 
 
@@ -77,3 +81,8 @@ def test_best_fa4_tiles_takes_the_fastest_correct_tiles():
 def test_bad_fa4_tiles_are_refused_before_the_device(spec, message):
     with pytest.raises(SystemExit, match=f"--fa4-tiles: .*{message}"):
         ak.main(["--device", "cpu", "--fa4-tiles", spec])
+
+
+def test_fa4_tiles_and_flash_impl_are_not_combined():
+    with pytest.raises(SystemExit, match="--flash-impl would time nothing"):
+        ak.main(["--device", "cpu", "--fa4-tiles", "128x128", "--flash-impl", "FA4"])

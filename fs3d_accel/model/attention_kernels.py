@@ -9,10 +9,10 @@ accumulation order, so outputs differ from SDPA's by rounding only.
 The choice is a context (:func:`use_attention_kernel`), entered by ``RunOptions.network_context`` around every
 network call, so model code stays kernel-agnostic. Each attention call names its role ("self" or "cross"), and
 the context picks the kernel per role and stage. Timed from CUDA graphs (kernel time, as the samplers run under
-``reduce-overhead``), FA4 is faster than cuDNN at every SS and SLaT shape on the H100 (494-516 against 362-475
-TFLOP/s; ``benchmarks/results/attention_kernels_h100/session12/``). Launched one call at a time it is not: each call
-costs more host time than cuDNN's, which a 0.2-0.3 ms kernel cannot hide, and that made SS self-attention look
-slower before session 12. FA4 is
+``reduce-overhead``), FA4 is faster than cuDNN at every SS and SLaT shape on the H100 (441-511 against 362-475
+TFLOP/s at the four sampler sites; ``benchmarks/results/attention_kernels_h100/session12/``). Timed one launch at a
+time (on another machine) it lost at SS self-attention, which sessions 6-11 took for the kernel: most likely each
+call's host time, which a 0.2-0.3 ms kernel cannot hide. FA4 is
 wrapped in a ``torch.library`` custom op with a fake (meta) implementation: ``torch.compile`` treats it as one opaque call instead of tracing the CuTe DSL.
 PyTorch's own ``activate_flash_attention_impl("FA4")`` route is not used: in torch 2.11 it does not match the
 current ``flash_attn.cute`` return signature (``ValueError: too many values to unpack``, measured on the H100).
@@ -148,7 +148,8 @@ def flash_attn_cute_unavailable(device: torch.device | str) -> str | None:
 def _flash_attn_cute_forward(q: Tensor, k: Tensor, v: Tensor, tiles: FlashAttnTiles | None = None) -> Tensor:
     """The FA4 call itself (looked up at call time, so tests can stand in for it). With ``tiles`` it calls
     ``flash_attn.cute.interface._flash_attn_fwd``, the forward function behind ``flash_attn_func`` and the only
-    entry that takes a tile shape (a private name: pinned to the flash-attention commit the runbook carries)."""
+    entry that takes a tile shape (a private name: measured at flash-attention commit 0251105, the one
+    ``benchmarks/results/attention_kernels_h100/NOTES.md`` records; another commit may rename it)."""
     if not q.is_cuda:
         raise ValueError(f"the {FLASH_ATTN_CUTE!r} attention kernel runs on CUDA tensors, got {q.device}; "
                          f"use {SDPA!r} here")

@@ -163,9 +163,10 @@ class RunOptions:
 
     def _check_kernel_tiles(self) -> None:
         from ..model.attention_kernels import FlashAttnTiles
-        if isinstance(self.attention_kernel_tiles, str) or any(
-                not isinstance(e, tuple) or len(e) != 2 for e in self.attention_kernel_tiles):
-            raise ValueError(f"attention_kernel_tiles is a tuple of (site, tiles) pairs, e.g. (('ss.self', "
+        if not isinstance(self.attention_kernel_tiles, tuple) or any(
+                not isinstance(e, tuple) or len(e) != 2 or not all(isinstance(x, str) for x in e)
+                for e in self.attention_kernel_tiles):
+            raise ValueError(f"attention_kernel_tiles is a tuple of (site, tiles) string pairs, e.g. (('ss.self', "
                              f"'128x128'),), got {self.attention_kernel_tiles!r}")
         sites = [site for site, _ in self.attention_kernel_tiles]
         if len(set(sites)) != len(sites):
@@ -331,8 +332,8 @@ FAST_PATHS: dict[str, RunOptions] = {
                                    attention_kernel="flash-attn-cute", attention_kernel_sites=("slat",)),
     # + FlashAttention-4 at SS's attention too: faster than cuDNN per kernel at every SS shape once timed from CUDA
     # graphs, and the SS sampler took 0.704-0.706 s against 0.740-0.747 s for ``compiled-zkv-fa4`` in three processes on
-    # one H100 lease (session 12, ``results/base_vs_official_h100/session12/``); quality within the noise of the other
-    # switches (``results/fast_path_quality_h100/fa4_ss/``).
+    # one H100 lease (session 12, ``results/base_vs_official_h100/session12/``); quality changes comparable in size to those of
+    # the other switches that change SS's rounding (``results/fast_path_quality_h100/fa4_ss/``).
     "compiled-zkv-fa4-all": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True,
                                        compile_slat=True, collapse_zero_cond=True, compile_mode="reduce-overhead",
                                        attention_kernel="flash-attn-cute", attention_kernel_sites=("ss", "slat")),
