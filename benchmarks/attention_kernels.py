@@ -42,6 +42,8 @@ if str(ROOT) not in sys.path:
 from benchmarks.stage_latency import Timer  # noqa: E402
 
 HEADS, HEAD_DIM = 16, 64
+#: pose tokens of the SS layout stream (one per layout modality)
+LAYOUT_TOKENS = 4
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,11 @@ SHAPES = (
     AttnShape("SLaT cross, N=14,171, CFG pair", 2, 3619, 5496),
     AttnShape("SLaT cross, N=14,171, conditional branch", 1, 3619, 5496, site="slat.cross"),
     AttnShape("SLaT self, N=14,171, one branch", 1, 3619, 3619),
+    # the SS layout stream: 4 pose tokens attending to layout + shape keys, and to the condition tokens. Few FLOPs,
+    # but 2 of every 4 SS attention launches (1,200 per SS sampler call): one CTA per head and batch element walks
+    # all the keys, so the call's time is latency, not throughput (timed here in ms; TFLOP/s is meaningless there)
+    AttnShape("SS self (layout stream: 4 queries), CFG pair", 2, LAYOUT_TOKENS, LAYOUT_TOKENS + 4096),
+    AttnShape("SS cross (layout stream: 4 queries), conditional branch", 1, LAYOUT_TOKENS, 7528),
 )
 
 #: FA4 tile shapes ``--fa4-tiles default`` tries: FA4's own choice at head dim 64 (192x128) and its neighbours, with

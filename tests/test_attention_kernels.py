@@ -21,6 +21,13 @@ def test_shapes_are_the_full_config():
     assert ak.HEADS == cfg.slat_flow.num_heads == cfg.ss_flow.num_heads
     assert ak.HEAD_DIM == cfg.slat_flow.model_channels // cfg.slat_flow.num_heads
     assert ak.SHAPES[0].q_len == cfg.ss_flow.num_shape_tokens
+    from fs3d_accel.model.configs import LAYOUT_STREAM_ORDER, mini_config
+    from fs3d_accel.model.ss_flow import SSFlowModel
+    mini = SSFlowModel(mini_config().ss_flow)  # token counts per modality do not depend on the width
+    assert ak.LAYOUT_TOKENS == sum(mini.latent_mapping[m].num_tokens for m in LAYOUT_STREAM_ORDER)
+    layout = [s for s in ak.SHAPES if s.q_len == ak.LAYOUT_TOKENS]
+    assert [s.kv_len for s in layout] == [ak.LAYOUT_TOKENS + cfg.ss_flow.num_shape_tokens, 7528]
+    assert all(s.site is None for s in layout)  # informational: the tile sweep keys its sites on the big shapes
 
 
 def test_cpu_is_refused():
