@@ -87,6 +87,9 @@ SHAPES = (
 FA4_TILE_SWEEP = ("192x128", "192x128:no-rs", "192x96", "192x160", "192x192", "128x128", "128x128:no-rs",
                   "128x128:no-overlap", "128x96", "128x160", "128x176", "128x192", "64x128", "64x192")
 
+#: largest query count the small-query path (``small_query_attention``) is timed at
+SMALL_QUERY_MAX = 64
+
 #: largest |out - fp32 math| accepted from a half-precision kernel (the measured ones are 3e-4 to 1e-3)
 MAX_ABS_ERR = 1e-2
 
@@ -131,7 +134,15 @@ def kernels(device: torch.device | None = None) -> dict[str, Callable[[torch.Ten
         opts = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
         out[f"flex_attention {bm}x{bn} w{warps} s{stages}"] = heads_first(
             lambda q, k, v, _o=opts: flex(q, k, v, kernel_options=_o))
-    from fs3d_accel.model.attention_kernels import flash_attn_cute, flash_attn_cute_unavailable
+    from fs3d_accel.model.attention_kernels import (flash_attn_cute, flash_attn_cute_unavailable,
+                                                    small_query_attention)
+    small = torch.compile(small_query_attention, dynamic=False)
+
+    def small_query_path(q, k, v):
+        if q.shape[1] > SMALL_QUERY_MAX:
+            raise ValueError(f"the small-query path is for at most {SMALL_QUERY_MAX} queries (it holds fp32 scores)")
+        return small(q, k, v)
+    out[f"fp32 matmuls + softmax, compiled (small-query path, <= {SMALL_QUERY_MAX} queries)"] = small_query_path
     if device is not None and flash_attn_cute_unavailable(device) is None:
         out["FlashAttention-4 (flash_attn.cute, fs3d custom op)"] = flash_attn_cute
     return out

@@ -65,10 +65,14 @@ SETTINGS = {
     "... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs (reduce-overhead)": RunOptions(
         collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_sites=("ss", "slat"),
         compile_mode="reduce-overhead", **_COMPILED),
+    # the SS layout stream's 4-query attention as fp32 matmuls (session 12's candidate; not yet measured)
+    "... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, small-query attention as matmuls": RunOptions(
+        collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_sites=("ss", "slat"),
+        compile_mode="reduce-overhead", small_query_attention=16, **_COMPILED),
 }
 SHORT = dict(zip(("fp32", "fp32-cfg-kv", "bf16-cfg-kv", "compile-all", "compile-all-zkv", "fp32-cfg-zkv",
                   "bf16-cfg-zkv", "compile-all-zkv-fa4-slat-ro", "compile-all-zkv-fa4-slat-ro-gt",
-                  "compile-all-zkv-gt", "compile-all-zkv-fa4-ro"), SETTINGS))
+                  "compile-all-zkv-gt", "compile-all-zkv-fa4-ro", "compile-all-zkv-fa4-ro-sq"), SETTINGS))
 #: setting -> the setting it differs from by one switch (same weights and precision unless the switch is it)
 ONE_SWITCH_REF = {SHORT["compile-all"]: SHORT["bf16-cfg-kv"], SHORT["compile-all-zkv"]: SHORT["compile-all"],
                   SHORT["fp32-cfg-zkv"]: SHORT["fp32-cfg-kv"], SHORT["bf16-cfg-zkv"]: SHORT["bf16-cfg-kv"],
@@ -78,7 +82,9 @@ ONE_SWITCH_REF = {SHORT["compile-all"]: SHORT["bf16-cfg-kv"], SHORT["compile-all
                   SHORT["compile-all-zkv-fa4-slat-ro-gt"]: SHORT["compile-all-zkv-fa4-slat-ro"],
                   SHORT["compile-all-zkv-gt"]: SHORT["compile-all-zkv"],
                   # one switch: FA4's kernel at SS's attention too
-                  SHORT["compile-all-zkv-fa4-ro"]: SHORT["compile-all-zkv-fa4-slat-ro"]}
+                  SHORT["compile-all-zkv-fa4-ro"]: SHORT["compile-all-zkv-fa4-slat-ro"],
+                  # one switch: the small-query path
+                  SHORT["compile-all-zkv-fa4-ro-sq"]: SHORT["compile-all-zkv-fa4-ro"]}
 DATASETS = {"shipped": None, "ycb_scale": Path(__file__).parent / "data" / "ycb_scale" / "objects"}
 METRICS = ["f_score", "volume_iou", "chamfer", "box_iou_3d"]
 

@@ -106,6 +106,12 @@ VARIANTS = {
         precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
         collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_sites=("ss", "slat"),
         compile_mode="reduce-overhead"),
+    # + the SS layout stream's attention (4 queries) as fp32 matmuls instead of a fused kernel (not yet measured)
+    "... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead, small-query "
+    "attention as matmuls": RunOptions(
+        precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
+        collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_sites=("ss", "slat"),
+        compile_mode="reduce-overhead", small_query_attention=16),
 }
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
@@ -139,7 +145,9 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
          "compile-all-zkv-fa4-best-ro": "... + one-key K/V of the zero condition + FlashAttention-4 where it is "
                                         "faster per kernel, reduce-overhead",
          "compile-all-zkv-fa4-ro": "... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, "
-                                   "reduce-overhead"}
+                                   "reduce-overhead",
+         "compile-all-zkv-fa4-ro-sq": "... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, "
+                                      "reduce-overhead, small-query attention as matmuls"}
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

@@ -125,6 +125,45 @@ def use_attention_kernel(name: str, roles: tuple[str, ...] = ATTENTION_ROLES,
         _current = previous
 
 
+#: attention calls with at most this many queries take :func:`small_query_attention` (0: none do)
+_small_query_limit = 0
+
+
+def current_small_query_limit() -> int:
+    """The largest query count that takes :func:`small_query_attention` here (0: the path is off)."""
+    return _small_query_limit
+
+
+@contextlib.contextmanager
+def use_small_query_path(max_queries: int) -> Iterator[None]:
+    """Inside the block, unmasked attention with at most ``max_queries`` queries runs :func:`small_query_attention`
+    (0 turns it off); the previous limit comes back after, also when the block raises."""
+    global _small_query_limit
+    if not isinstance(max_queries, int) or isinstance(max_queries, bool) or max_queries < 0:
+        raise ValueError(f"max_queries must be an int >= 0 (0: off), got {max_queries!r}")
+    previous, _small_query_limit = _small_query_limit, max_queries
+    try:
+        yield
+    finally:
+        _small_query_limit = previous
+
+
+def small_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Softmax attention of a few (B, Lq, H, D) queries over (B, Lk, H, D) keys / values, as two batched matmuls and a
+    softmax in fp32, output in q's dtype.
+
+    For the SS layout stream: 4 pose queries over ~4.1k or 7.5k keys, 1,200 calls per SS sampler call. A fused kernel
+    (cuDNN, FA4) gives each (batch, head) one CTA that walks every key, so such a call is latency-bound (estimated at
+    ~65 µs; ``benchmarks/results/base_vs_official_h100/session12/``). Here the work is matmuls with the keys as the long
+    dimension, which read K and V once at memory speed. Same math, fp32 scores (the fused kernels keep them in fp32 too):
+    only the rounding differs. Not measured on a GPU yet: ``RunOptions.small_query_attention`` keeps it off by default.
+    """
+    scale = q.shape[-1] ** -0.5
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
+    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.float())
+    return out.to(q.dtype)
+
+
 def flash_attn_cute_unavailable(device: torch.device | str) -> str | None:
     """Why FlashAttention-4 cannot run on ``device`` here, or None when it can."""
     device = torch.device(device)
@@ -196,5 +235,6 @@ def _flash_attn_cute_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **k
 
 
 __all__ = ["ATTENTION_KERNELS", "ATTENTION_ROLES", "FLASH_ATTN_CUTE", "FlashAttnTiles", "SDPA", "check_role",
-           "current_attention_kernel", "current_flash_attn_tiles", "flash_attn_cute", "flash_attn_cute_tiled",
-           "flash_attn_cute_unavailable", "use_attention_kernel"]
+           "current_attention_kernel", "current_flash_attn_tiles", "current_small_query_limit", "flash_attn_cute",
+           "flash_attn_cute_tiled", "flash_attn_cute_unavailable", "small_query_attention", "use_attention_kernel",
+           "use_small_query_path"]

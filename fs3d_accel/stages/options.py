@@ -105,6 +105,10 @@ class RunOptions:
     #: entry overrides its stage's), ``tiles`` as :meth:`FlashAttnTiles.parse` reads them ("128x128",
     #: "192x128:no-rs"). Sites not named keep FA4's own tile table. Same math, different rounding.
     attention_kernel_tiles: tuple[tuple[str, str], ...] = ()
+    #: unmasked attention calls with at most this many queries run as fp32 matmuls + softmax
+    #: (``attention_kernels.small_query_attention``) instead of a fused kernel; 0 = off. Aimed at the SS layout stream
+    #: (4 pose queries, 1,200 latency-bound calls per SS sampler call, estimated at ~0.08 s); not yet measured on a GPU.
+    small_query_attention: int = 0
     #: algorithm of the sparse convolutions (SLaT IO blocks, mesh decoder) whose ``SparseConv3d.impl`` is "auto":
     #: "auto" keeps the class rule (the Triton implicit GEMM for fp16 / bf16 inference on NVIDIA GPUs of compute
     #: capability 8.0+, else "gather-or-transform"); "implicit" forces the Triton kernel (CUDA only), which never writes the gathered
@@ -151,6 +155,10 @@ class RunOptions:
             raise ValueError(f"attention_kernel {self.attention_kernel!r} with no attention_kernel_sites would "
                              f"never run; name at least one of {KERNEL_SITES}")
         self._check_kernel_tiles()
+        if (not isinstance(self.small_query_attention, int) or isinstance(self.small_query_attention, bool)
+                or not 0 <= self.small_query_attention <= 64):
+            raise ValueError(f"small_query_attention is a query count in [0, 64] (0: off): its path holds B x H x Lq x "
+                             f"Lk fp32 scores, got {self.small_query_attention!r}")
         from ..model.sparse import CONV_IMPLS
         if self.sparse_conv not in CONV_IMPLS:
             raise ValueError(f"unknown sparse_conv {self.sparse_conv!r}; choose one of {CONV_IMPLS}")
@@ -281,13 +289,14 @@ class RunOptions:
     def network_context(self, device: torch.device | str, stage: str):
         """What every network call of ``stage`` ("ss", "slat" or "decode") runs under: :meth:`autocast`,
         ``attention_kernel`` for the attention roles :meth:`kernel_roles` selects (SDPA for the others) with the FA4
-        tiles of :meth:`kernel_tiles`, and the
+        tiles of :meth:`kernel_tiles`, the small-query path (``small_query_attention``), and the
         ``sparse_conv`` algorithm."""
-        from ..model.attention_kernels import use_attention_kernel
+        from ..model.attention_kernels import use_attention_kernel, use_small_query_path
         from ..model.sparse import use_conv_impl
         return _entered_together(self.autocast(device),
                                  use_attention_kernel(self.attention_kernel, self.kernel_roles(stage),
                                                       self.kernel_tiles(stage)),
+                                 use_small_query_path(self.small_query_attention),
                                  use_conv_impl(self.sparse_conv))
 
     def kernel_roles(self, stage: str) -> tuple[str, ...]:

@@ -1,0 +1,107 @@
+"""The small-query attention path (``attention_kernels.small_query_attention``, ``RunOptions.small_query_attention``):
+the same softmax attention as SDPA to rounding, taken only by unmasked calls with few queries, restored after errors,
+validated, and through the mini SS sampler (whose layout stream has 4 queries) close to the fused-kernel run."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fs3d_accel.model import attention_kernels as ak
+from fs3d_accel.model.layers import attention, cross_attention
+from fs3d_accel.pipeline import Pipeline
+from fs3d_accel.stages.options import RunOptions
+from fs3d_analysis.data import load_shipped_samples
+
+from conftest import fast_mini_config
+
+
+def _sdpa(q, k, v):
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+
+
+def test_equals_sdpa_to_rounding():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, 3, 16, generator=g) * 3 for n in (4, 300, 300))  # large logits: a peaked softmax
+    torch.testing.assert_close(ak.small_query_attention(q, k, v), _sdpa(q, k, v), rtol=1e-5, atol=1e-5)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16()
+    out = ak.small_query_attention(qb, kb, vb)
+    assert out.dtype == torch.bfloat16 and out.shape == (2, 4, 3, 16)
+    exact = _sdpa(qb.float(), kb.float(), vb.float())  # the same bf16 inputs in fp32 math
+    assert (out.float() - exact).abs().max() <= exact.abs().max() * 2 ** -8  # within bf16 output rounding
+
+
+def test_only_calls_with_few_queries_take_it(monkeypatch):
+    taken = []
+    real = ak.small_query_attention
+    monkeypatch.setattr(ak, "small_query_attention", lambda q, k, v: taken.append(q.shape[1]) or real(q, k, v))
+    g = torch.Generator().manual_seed(1)
+    k, v = (torch.randn(1, 50, 2, 8, generator=g) for _ in range(2))
+    few, many = torch.randn(1, 4, 2, 8, generator=g), torch.randn(1, 40, 2, 8, generator=g)
+    attention(few, k, v)  # off by default
+    with pytest.raises(RuntimeError, match="boom"):
+        with ak.use_small_query_path(16):
+            assert ak.current_small_query_limit() == 16
+            out = cross_attention(few, (k, v))
+            attention(many, k, v)  # 40 > 16: the fused kernel
+            attention(few, k, v, mask=torch.ones(1, 1, 1, 50, dtype=torch.bool))  # masked: SDPA
+            attention(few, k[:, :1], v[:, :1])  # one key: no kernel at all
+            raise RuntimeError("boom")
+    assert taken == [4] and ak.current_small_query_limit() == 0
+    torch.testing.assert_close(out, _sdpa(few, k, v), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bad", [-1, True, 1.5, 65])
+def test_bad_limits_are_refused(bad):
+    with pytest.raises(ValueError, match="small_query_attention is a query count in \\[0, 64\\]"):
+        RunOptions(small_query_attention=bad)
+    if bad != 65:
+        with pytest.raises(ValueError, match="max_queries must be an int >= 0"):
+            with ak.use_small_query_path(bad):
+                pass
+
+
+def test_run_options_enter_the_path_per_stage():
+    opts = RunOptions(small_query_attention=8)
+    for stage in ("ss", "slat", "decode"):
+        with opts.network_context("cpu", stage):
+            assert ak.current_small_query_limit() == 8
+    assert ak.current_small_query_limit() == 0
+    with RunOptions().network_context("cpu", "ss"):
+        assert ak.current_small_query_limit() == 0
+
+
+def test_mini_ss_sampler_matches_the_fused_run():
+    """fp32 mini pipeline: the layout stream's 4-query attention through the small-query path gives the same SS latents
+    as SDPA up to fp32 rounding carried through the sampler; the shape stream (its queries are many) is unchanged."""
+    sample = load_shipped_samples()[0]
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=3, slat_steps=2), seed=0)
+    inputs = pipe.prepare(sample.image, sample.mask, sample.pointmap)
+    outs = []
+    for opts in (RunOptions(batch_cfg=True, cache_cond_kv=True),
+                 RunOptions(batch_cfg=True, cache_cond_kv=True, small_query_attention=16)):
+        pipe.options = opts
+        outs.append(pipe.run_ss(inputs, seed=0).latents)
+    assert outs[0].keys() == outs[1].keys()
+    for key in outs[0]:
+        torch.testing.assert_close(outs[1][key], outs[0][key], rtol=1e-4, atol=1e-4)
+    assert any(not torch.equal(outs[0][key], outs[1][key]) for key in outs[0])  # the path did run
+
+
+def test_inside_the_compiled_ss_flow(cpu_compile):
+    """The compiled SS flow (aot_eager on the CPU) takes the path without a graph break, and turning it on compiles a
+    new graph instead of replaying the fused-kernel one (the limit is guarded)."""
+    from torch._dynamo.utils import counters
+    sample = load_shipped_samples()[0]
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=2), seed=0)
+    inputs = pipe.prepare(sample.image, sample.mask, sample.pointmap)
+    common = dict(batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_backend="aot_eager")
+    outs, graphs = [], []
+    for limit in (0, 16):
+        pipe.options = RunOptions(small_query_attention=limit, **common)
+        outs.append(pipe.run_ss(inputs, seed=0).latents)
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert not [str(k) for k in counters["graph_break"] if "einsum" in str(k) or "small_query" in str(k)]
+    assert graphs[1] > graphs[0] >= 1
+    for key in outs[0]:
+        torch.testing.assert_close(outs[1][key], outs[0][key], rtol=1e-4, atol=1e-4)
