@@ -245,8 +245,14 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, repeats: int = 10) -
 
 def count_flops(fn) -> float:
     """FLOPs of one call (torch.utils.flop_counter: matmuls, convolutions, attention; the CPU SDPA kernels, which
-    torch's counter does not know, through ``sdpa_flop_mapping``)."""
-    return count_flops_by_class(fn)["total"]
+    torch's counter does not know, through ``sdpa_flop_mapping``). The total only: nothing here is classified, so an
+    operator :func:`flop_class` does not know cannot stop a timing run."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fs3d_analysis.profile.flops import sdpa_flop_mapping
+    with FlopCounterMode(display=False, custom_mapping=sdpa_flop_mapping()) as counter:
+        fn()
+    return float(counter.get_total_flops())
 
 
 #: operator classes of :func:`count_flops_by_class`, named as the kernel classes of ``fs3d_analysis.profile.busy``
