@@ -269,21 +269,45 @@ def flop_class(op_name: str) -> str:
         return "attention"
     if name in ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm"):
         return "matmul"
-    if "convolution" in name or name.startswith("conv"):
+    if "convolution" in name or name.startswith(("conv", "_slow_conv")):
         return "conv"
     raise ValueError(f"FLOP class of operator {op_name!r} unknown; add it to flop_class")
 
 
 def count_flops_by_class(fn) -> dict[str, float]:
-    """FLOPs of one call per :data:`FLOP_CLASSES` class, and their ``"total"``."""
+    """FLOPs of one call per :data:`FLOP_CLASSES` class, and their ``"total"``. Sparse convolutions
+    (``SparseConv3d``) count as "conv" whatever operators they run (their matmuls under the scatter algorithm): on the
+    GPU their own kernel runs them, so their FLOPs must not inflate the matmul class."""
+    from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
     from torch.utils.flop_counter import FlopCounterMode
 
+    from fs3d_accel.model.sparse import SparseConv3d
     from fs3d_analysis.profile.flops import sdpa_flop_mapping
+    sparse_conv, started = [0.0], {}
+
+    def before(module, args):
+        if isinstance(module, SparseConv3d):
+            started[id(module)] = counter.get_total_flops()
+
+    def after(module, args, output):
+        if isinstance(module, SparseConv3d):
+            sparse_conv[0] += counter.get_total_flops() - started.pop(id(module))
+
     with FlopCounterMode(display=False, custom_mapping=sdpa_flop_mapping()) as counter:
-        fn()
+        handles = [register_module_forward_pre_hook(before), register_module_forward_hook(after)]
+        try:
+            fn()
+        finally:
+            for h in handles:
+                h.remove()
     out = dict.fromkeys(FLOP_CLASSES, 0.0)
     for op, n in counter.get_flop_counts().get("Global", {}).items():
         out[flop_class(str(op))] += float(n)
+    if sparse_conv[0] > out["matmul"] + 1e-6 * max(sparse_conv[0], 1.0):
+        raise RuntimeError(f"sparse-conv FLOPs {sparse_conv[0]} exceed the matmul class {out['matmul']}: they ran as "
+                           "other operators; classify them there")
+    out["matmul"] -= sparse_conv[0]
+    out["conv"] += sparse_conv[0]
     out["total"] = float(counter.get_total_flops())
     if abs(sum(out[c] for c in FLOP_CLASSES) - out["total"]) > 1e-6 * max(out["total"], 1.0):
         raise RuntimeError(f"FLOP classes {out} do not add up to the total")

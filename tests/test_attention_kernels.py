@@ -71,13 +71,16 @@ def test_best_fa4_tiles_takes_the_fastest_correct_tiles():
             row(ss_self, "FA4 128x128", 450.0), row(ss_self, "FA4 64x128", 900.0, err=0.5),  # wrong: never chosen
             {"shape": ss_self, "kernel": "FA4 192x192", "error": "RuntimeError: smem"},
             row(slat_cross, "SDPA cuDNN", 330.0), row(slat_cross, "FA4 own table", 400.0),
-            row(slat_cross, "FA4 128x96:no-rs", 420.0), row("SS cross, CFG pair", "FA4 128x128", 999.0),
+            row(slat_cross, "FA4 128x96:no-rs", 430.0), row("SS cross, CFG pair", "FA4 128x128", 999.0),
             row(ss_cross, "FA4 own table", 500.0), row(ss_cross, "FA4 192x128", 480.0)]  # own table wins here
     best = ak.best_fa4_tiles(rows)
     assert best["sites"]["ss.self"] == {"shape": ss_self, "cudnn_tflops": 400.0, "fa4_own_tflops": 300.0,
                                         "best_tiles": "128x128", "best_tflops": 450.0, "tiles_beat_own_table": True}
     assert best["sites"]["slat.cross"]["best_tiles"] == "128x96:no-rs"
     assert best["sites"]["ss.cross"]["tiles_beat_own_table"] is False
+    rows.append(row(ss_self, "FA4 128x176", 310.0))  # best stays 128x128; a 3% win alone would be noise
+    assert ak.best_fa4_tiles([row(ss_self, "FA4 own table", 300.0), row(ss_self, "FA4 128x176", 310.0)])["suffix"] == {
+        "all": "", "slat": ""}
     assert set(best["sites"]) == {"ss.self", "ss.cross", "slat.cross"}  # the CFG-pair cross shape runs at no site
     # ss.cross keeps FA4's own table: tiles slower than no tiles are not suggested
     assert best["suffix"] == {"all": "ss.self=128x128+slat.cross=128x96:no-rs", "slat": "slat.cross=128x96:no-rs"}

@@ -122,3 +122,24 @@ def test_flops_split_by_class_adds_up():
     assert flop_class("fs3d.flash_attn_cute") == "attention" and flop_class("aten.baddbmm") == "matmul"
     with pytest.raises(ValueError, match="FLOP class of operator 'aten.cumsum' unknown"):
         flop_class("aten.cumsum")
+
+
+def test_sparse_conv_flops_count_as_conv():
+    """A SparseConv3d's products (matmuls under the scatter algorithm) land in the conv class, and the hooks that
+    attribute them are removed after the count, also when the counted call raises."""
+    from benchmarks.stage_latency import count_flops_by_class
+    from fs3d_accel.model.sparse import SparseConv3d, SparseTensor
+    from torch.nn.modules import module as module_mod
+    conv = SparseConv3d(4, 6, 3)
+    conv.impl = "scatter"
+    coords = torch.tensor([[0, 1, 1, 1], [0, 1, 1, 2], [0, 2, 2, 2]], dtype=torch.int32)
+    x = SparseTensor(torch.randn(3, 4), coords)
+    lin = torch.nn.Linear(6, 2)
+    hooks_before = (len(module_mod._global_forward_pre_hooks), len(module_mod._global_forward_hooks))
+    alone = count_flops_by_class(lambda: conv(x))
+    both = count_flops_by_class(lambda: lin(conv(x).feats))
+    assert alone["conv"] > 0 and alone["matmul"] == 0 and alone["total"] == alone["conv"]
+    assert both["conv"] == alone["conv"] and both["matmul"] == 2 * 3 * 6 * 2
+    with pytest.raises(RuntimeError, match="boom"):
+        count_flops_by_class(lambda: (conv(x), (_ for _ in ()).throw(RuntimeError("boom"))))
+    assert (len(module_mod._global_forward_pre_hooks), len(module_mod._global_forward_hooks)) == hooks_before

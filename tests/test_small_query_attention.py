@@ -31,6 +31,26 @@ def test_equals_sdpa_to_rounding():
     assert (out.float() - exact).abs().max() <= exact.abs().max() * 2 ** -8  # within bf16 output rounding
 
 
+def test_autocast_keeps_fp32_scores_and_returns_sdpa_dtype():
+    """Under autocast the products stay fp32 (autocast is off inside; it would recast them to bf16), the output has
+    the dtype SDPA returns there, and large logits stay finite."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, n, 2, 16, generator=g) for n in (4, 200, 200))
+    q = q * 40  # logits far beyond bf16's fine range
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ak.small_query_attention(q, k, v)
+        ref = _sdpa(q, k, v)
+    assert out.dtype == ref.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    exact = _sdpa(q.double(), k.double(), v.double())
+    assert (out.double() - exact).abs().max() <= (ref.double() - exact).abs().max() + exact.abs().max() * 2 ** -8
+
+
+def test_zero_queries_never_take_it_while_off(monkeypatch):
+    monkeypatch.setattr(ak, "small_query_attention", lambda *a: pytest.fail("the path is off"))
+    q, k = torch.randn(1, 0, 2, 8), torch.randn(1, 5, 2, 8)
+    assert attention(q, k, k).shape == (1, 0, 2, 8)
+
+
 def test_only_calls_with_few_queries_take_it(monkeypatch):
     taken = []
     real = ak.small_query_attention
@@ -61,11 +81,12 @@ def test_bad_limits_are_refused(bad):
                 pass
 
 
-def test_run_options_enter_the_path_per_stage():
+def test_run_options_enter_the_path_in_ss_only():
+    """The SS stage's layout stream is what the path is for: SLaT and the decoder keep their fused kernels."""
     opts = RunOptions(small_query_attention=8)
-    for stage in ("ss", "slat", "decode"):
+    for stage, limit in (("ss", 8), ("slat", 0), ("decode", 0)):
         with opts.network_context("cpu", stage):
-            assert ak.current_small_query_limit() == 8
+            assert ak.current_small_query_limit() == limit, stage
     assert ak.current_small_query_limit() == 0
     with RunOptions().network_context("cpu", "ss"):
         assert ak.current_small_query_limit() == 0

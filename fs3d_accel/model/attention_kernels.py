@@ -153,15 +153,20 @@ def small_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     softmax in fp32, output in q's dtype.
 
     For the SS layout stream: 4 pose queries over ~4.1k or 7.5k keys, 1,200 calls per SS sampler call. A fused kernel
-    (cuDNN, FA4) gives each (batch, head) one CTA that walks every key, so such a call is latency-bound (estimated at
-    ~65 µs; ``benchmarks/results/base_vs_official_h100/session12/``). Here the work is matmuls with the keys as the long
-    dimension, which read K and V once at memory speed. Same math, fp32 scores (the fused kernels keep them in fp32 too):
-    only the rounding differs. Not measured on a GPU yet: ``RunOptions.small_query_attention`` keeps it off by default.
+    with 64-128-row query tiles (cuDNN, FA4) presumably gives each (batch, head) one CTA that walks every key, so such
+    a call would be latency-bound (inferred from the sampler's attention time, ~65 µs per call; not measured per call:
+    ``benchmarks/results/base_vs_official_h100/session12/``). Here the keys are the long dimension of two batched
+    matmuls. Same math with fp32 scores (TF32 products where ``torch.backends.cuda.matmul.allow_tf32`` is on; bf16 and
+    fp16 inputs are exact in TF32): only the rounding differs. Autocast is switched off inside (it would recast the
+    products to half precision); the output has the dtype SDPA would return (the autocast dtype under autocast). Not
+    measured on a GPU yet: ``RunOptions.small_query_attention`` keeps it off by default.
     """
-    scale = q.shape[-1] ** -0.5
-    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k.float()) * scale
-    out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.float())
-    return out.to(q.dtype)
+    device_type = q.device.type
+    out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else q.dtype
+    with torch.autocast(device_type, enabled=False):
+        scores = torch.einsum("bqhd,bkhd->bhqk", q.float() * q.shape[-1] ** -0.5, k.float())
+        out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(dim=-1), v.float())
+    return out.to(out_dtype)
 
 
 def flash_attn_cute_unavailable(device: torch.device | str) -> str | None:

@@ -105,9 +105,10 @@ class RunOptions:
     #: entry overrides its stage's), ``tiles`` as :meth:`FlashAttnTiles.parse` reads them ("128x128",
     #: "192x128:no-rs"). Sites not named keep FA4's own tile table. Same math, different rounding.
     attention_kernel_tiles: tuple[tuple[str, str], ...] = ()
-    #: unmasked attention calls with at most this many queries run as fp32 matmuls + softmax
+    #: unmasked attention calls of the SS stage with at most this many queries run as fp32 matmuls + softmax
     #: (``attention_kernels.small_query_attention``) instead of a fused kernel; 0 = off. Aimed at the SS layout stream
-    #: (4 pose queries, 1,200 latency-bound calls per SS sampler call, estimated at ~0.08 s); not yet measured on a GPU.
+    #: (4 pose queries, 1,200 calls per SS sampler call, estimated at ~0.08 s and presumably latency-bound); not yet
+    #: measured on a GPU.
     small_query_attention: int = 0
     #: algorithm of the sparse convolutions (SLaT IO blocks, mesh decoder) whose ``SparseConv3d.impl`` is "auto":
     #: "auto" keeps the class rule (the Triton implicit GEMM for fp16 / bf16 inference on NVIDIA GPUs of compute
@@ -296,7 +297,7 @@ class RunOptions:
         return _entered_together(self.autocast(device),
                                  use_attention_kernel(self.attention_kernel, self.kernel_roles(stage),
                                                       self.kernel_tiles(stage)),
-                                 use_small_query_path(self.small_query_attention),
+                                 use_small_query_path(self.small_query_attention if stage == "ss" else 0),
                                  use_conv_impl(self.sparse_conv))
 
     def kernel_roles(self, stage: str) -> tuple[str, ...]:
