@@ -325,10 +325,11 @@ pd.DataFrame(ss_rows).pivot(index="process", columns="variant", values="SS sampl
 
 # %% [markdown]
 # Where does the rest of SS's time go, and how far is 55% of the executed FLOPs? `base_vs_official.py --flops-only`
-# now splits each sampler's executed FLOPs by operator class: attention, matmul, and dense conv. Sparse convolutions
-# count as matmuls. Dividing each class by the kernel seconds of the same class (`--gpu-busy`'s `kernels.csv`) gives
-# its achieved TFLOP/s inside the sampler. The other kernels (inductor's fused element-wise kernels, copies) execute no
-# counted FLOPs. "s at 55%" is the time the stage would need at 55% of session 11's 787 TFLOP/s peak:
+# now splits each sampler's executed FLOPs by operator class: attention, matmul, and conv (SLaT's sparse convolutions,
+# which run as their own kernel on the GPU). Dividing each class by the kernel seconds of the same class
+# (`--gpu-busy`'s `kernels.csv`; for conv, the kernels named "conv") gives its achieved TFLOP/s inside the sampler. The
+# other kernels (inductor's fused element-wise kernels, copies) execute no counted FLOPs. "s at 55%" is the time the
+# stage would need at 55% of session 11's 787 TFLOP/s peak:
 
 # %%
 PEAK11 = 787.0
@@ -340,11 +341,15 @@ budget_cases = [("SS, cuDNN", S12 / "fa4_ss_process1", "compile-all-zkv-fa4-slat
 budget = []
 for name, folder, variant, stage, obj in budget_cases:
     k = pd.read_csv(folder / "kernels.csv")
-    sec = k[(k["variant"] == variant) & (k["stage"] == stage)].groupby("class")["seconds"].sum()
+    unit = k[(k["variant"] == variant) & (k["stage"] == stage)]
+    sec = unit.groupby("class")["seconds"].sum()
+    conv_s = unit.loc[unit["kernel"].str.contains("conv"), "seconds"].sum()
     f = split[(split["stage"] == stage) & ((split["object"] == obj) if obj else split["object"].isna())].iloc[0]
     budget.append({"case": name, "attention TFLOP/s": f["executed_attention_tflop"] / sec["attention"],
-                   "matmul TFLOP/s": f["executed_matmul_tflop"] / sec["matmul"], "attention s": sec["attention"],
-                   "matmul s": sec["matmul"], "other kernels s": sec.sum() - sec["attention"] - sec["matmul"],
+                   "matmul TFLOP/s": f["executed_matmul_tflop"] / sec["matmul"],
+                   "conv TFLOP/s": f["executed_conv_tflop"] / conv_s if conv_s else float("nan"),
+                   "attention s": sec["attention"], "matmul s": sec["matmul"], "conv s": conv_s,
+                   "other kernels s": sec.sum() - sec["attention"] - sec["matmul"] - conv_s,
                    "kernels s": sec.sum(), "s at 55%": f["executed_tflop"] / (0.55 * PEAK11)})
 pd.DataFrame(budget).set_index("case").round(3)
 
@@ -352,6 +357,6 @@ pd.DataFrame(budget).set_index("case").round(3)
 # FA4 runs SS's two large attention shapes at about 500 TFLOP/s when timed alone from a CUDA graph (section 7). Inside
 # the sampler, all of SS's attention runs at about 394 TFLOP/s. At 500 TFLOP/s its 148.5 TFLOP would take about 0.30 s,
 # against the 0.377 s measured. Half of SS's attention launches are the layout stream's: 4 pose queries over ~4k or
-# 7.5k keys, 1,200 calls per SS sampler call, with almost no FLOPs. One CTA per head walks all the keys, so each call
-# costs latency. If those calls account for the other ~0.08 s (an estimate, not yet measured:
+# 7.5k keys, 1,200 calls per SS sampler call, with almost no FLOPs. Presumably one CTA per head walks all the keys, so
+# each call costs latency (inferred). If those calls account for the other ~0.08 s (an estimate, not yet measured:
 # `attention_kernels.py` now times the two layout shapes too), removing them would put SS near 0.62 s, about 57%.
