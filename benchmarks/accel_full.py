@@ -71,7 +71,8 @@ def main() -> None:
     ap.add_argument("--traces", default="benchmarks/results/decisions_mini.json")
     ap.add_argument("--config", default="full")
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--variant", default="bf16-cfg-kv", help=f"run options, one of {sorted(SHORT)}, optionally with FA4 tiles: NAME@SITE=TILES[+SITE=TILES]")
+    ap.add_argument("--variant", default="bf16-cfg-kv", help=f"run options, one of {sorted(SHORT)}, optionally with FA4 tiles: "
+                                                         "NAME@SITE=TILES[+SITE=TILES]")
     ap.add_argument("--objects", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--object-warmup", type=int, default=1,
@@ -81,13 +82,13 @@ def main() -> None:
     args = ap.parse_args()
     if args.object_warmup < 0 or args.repeats < 1:
         raise SystemExit(f"--object-warmup must be >= 0 and --repeats >= 1, got {args.object_warmup} and {args.repeats}")
-    dev = torch.device(args.device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     try:
         opts: RunOptions = variant_options(args.variant)
     except ValueError as exc:
         raise SystemExit(f"--variant: {exc}") from None
+    dev = torch.device(args.device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     pipe = Pipeline.from_config(args.config, seed=0, device="cpu")
     if opts.weight_dtype != torch.float32:
         pipe = pipe.to(opts.weight_dtype)

@@ -15,14 +15,15 @@ tokens of a real image: SS 7,528, SLaT 5,496):
     python benchmarks/attention_kernels.py --out runs/attention_kernels
 
 ``--timing graph`` times each kernel replayed from a CUDA graph (20 calls per graph), as the samplers run under
-``reduce-overhead``; the default ``launch`` times calls issued one by one from Python, which adds each call's host
-time where the kernel is too short to hide it (FlashAttention-4's 0.2-0.4 ms calls here).
+``reduce-overhead``; ``launch`` times calls issued one by one from Python, which adds each call's host time where the
+kernel is too short to hide it (FlashAttention-4's 0.2-0.4 ms calls here). The kernel table defaults to ``launch`` (as
+sessions 6-11 ran it), the ``--fa4-tiles`` sweep to ``graph``.
 
 ``--fa4-tiles`` (needs ``flash_attn.cute``) sweeps FlashAttention-4's Hopper tile shapes (``FlashAttnTiles``) at the
 shapes the compiled samplers run (``AttnShape.site``), next to cuDNN and FA4's own tile table, and writes
 ``fa4_tiles.json``: per site the fastest tiles and a ready ``NAME@SITE=TILES`` suffix for the benchmark variants:
 
-    python benchmarks/attention_kernels.py --fa4-tiles default --out runs/fa4_tiles
+    python benchmarks/attention_kernels.py --fa4-tiles default --out runs/fa4_tiles    # --timing graph implied
 """
 from __future__ import annotations
 
@@ -304,10 +305,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--fa4-tiles", default=None,
                     help="instead of the kernel table: sweep FA4 tile shapes at the samplers' shapes, 'default' "
                          f"({', '.join(FA4_TILE_SWEEP)}) or a comma list like '128x128,192x128:no-rs'")
-    ap.add_argument("--timing", default="launch", choices=["launch", "graph"],
+    ap.add_argument("--timing", default=None, choices=["launch", "graph"],
                     help="launch: calls issued one by one from Python (host cost included where a call is too short "
                          f"to hide it); graph: {GRAPH_CALLS} calls replayed from one CUDA graph (kernel time, as the "
-                         "samplers run under reduce-overhead)")
+                         "samplers run under reduce-overhead). Default: graph for --fa4-tiles (its suggestions are for "
+                         "the samplers), launch for the kernel table (as sessions 6-11 ran it)")
     ap.add_argument("--out", type=Path, default=Path("runs/attention_kernels"))
     args = ap.parse_args(argv)
     if args.fa4_tiles is not None:
@@ -321,6 +323,12 @@ def main(argv: list[str] | None = None) -> None:
             raise SystemExit("--fa4-tiles: no tile shape given")
         if args.flash_impl:
             raise SystemExit("--fa4-tiles replaces the kernel table, so --flash-impl would time nothing; run them apart")
+        labels = [FlashAttnTiles.parse(t).label for t in specs]
+        repeated = sorted({t for t in labels if labels.count(t) > 1})
+        if repeated:
+            raise SystemExit(f"--fa4-tiles: {repeated} named twice (their rows would merge)")
+    if args.timing is None:
+        args.timing = "graph" if args.fa4_tiles is not None else "launch"
     device = torch.device(args.device)
     if device.type != "cuda" or not torch.cuda.is_available():
         raise SystemExit(f"--device {args.device}: the attention kernels compared here are CUDA kernels; "

@@ -1231,8 +1231,8 @@ def flops_only_rows(args, flops: dict, executed_tflop, coords: dict, meta: dict)
              f"{meta.get('ss_steps')}, SLaT {meta.get('slat_steps')}. Model: one network pass in full x the "
              "sampler's passes (what the official code runs). Executed: one sampler run with the variant's "
              "FLOP-changing switches (condition K/V cache, one-key K/V of the zero condition).", "",
-             "Per class: the executed FLOPs of attention (SDPA / FA4), matmuls and dense convolutions (sparse "
-             "convolutions count as matmuls: FlopCounterMode sees the scatter algorithm's products); empty where "
+             "Per class: the executed FLOPs of attention (SDPA / FA4), matmuls, and convolutions (dense ones and "
+             "SLaT's sparse ones, attributed per `SparseConv3d` module whatever operators they count as); empty where "
              "nothing is skipped and only the model total was counted.", "",
              "| variant | stage | object | N | model TFLOP | executed TFLOP | executed / model | attention | matmul "
              "| conv |", "|---|---|---|---|---|---|---|---|---|---|"]

@@ -27,6 +27,7 @@ mixed with the precision's.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
@@ -65,11 +66,11 @@ SETTINGS = {
     "... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs (reduce-overhead)": RunOptions(
         collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_sites=("ss", "slat"),
         compile_mode="reduce-overhead", **_COMPILED),
-    # the SS layout stream's 4-query attention as fp32 matmuls (session 12's candidate; not yet measured)
-    "... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, small-query attention as matmuls": RunOptions(
-        collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_sites=("ss", "slat"),
-        compile_mode="reduce-overhead", small_query_attention=16, **_COMPILED),
 }
+# the SS layout stream's 4-query attention as fp32 matmuls (session 12's candidate; not yet measured)
+SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, small-query attention as matmuls"] = (
+    dataclasses.replace(SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs (reduce-overhead)"],
+                        small_query_attention=16))
 SHORT = dict(zip(("fp32", "fp32-cfg-kv", "bf16-cfg-kv", "compile-all", "compile-all-zkv", "fp32-cfg-zkv",
                   "bf16-cfg-zkv", "compile-all-zkv-fa4-slat-ro", "compile-all-zkv-fa4-slat-ro-gt",
                   "compile-all-zkv-gt", "compile-all-zkv-fa4-ro", "compile-all-zkv-fa4-ro-sq"), SETTINGS))

@@ -36,7 +36,8 @@ from fs3d_accel.stages.options import RunOptions  # noqa: E402
 #: where FlashAttention-4 beat cuDNN SDPA per call launched from Python on the H100 (session 6,
 #: ``results/attention_kernels_h100/run_fa4``): SS cross-attention (435 vs 392 TFLOP/s), SLaT self (352 vs 311) and
 #: cross (407 vs 337); not SS self (308 vs 403). Timed from CUDA graphs (session 12, ``.../session12/``) FA4 wins at SS
-#: self too (494 vs 475): launched one by one, its host cost was in those numbers. Kept for the session 7 variants.
+#: self too (494 vs 475); launched one by one, most likely its host cost was in those numbers (inferred: the two
+#: timings ran on different machines). Kept for the session 7 variants.
 FA4_FASTER_SITES = ("ss.cross", "slat.self", "slat.cross")
 
 VARIANTS = {
@@ -106,13 +107,12 @@ VARIANTS = {
         precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
         collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_sites=("ss", "slat"),
         compile_mode="reduce-overhead"),
-    # + the SS layout stream's attention (4 queries) as fp32 matmuls instead of a fused kernel (not yet measured)
-    "... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead, small-query "
-    "attention as matmuls": RunOptions(
-        precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
-        collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_sites=("ss", "slat"),
-        compile_mode="reduce-overhead", small_query_attention=16),
 }
+# + the SS layout stream's attention (4 queries) as fp32 matmuls instead of a fused kernel (not yet measured)
+VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead, small-query "
+         "attention as matmuls"] = dataclasses.replace(
+    VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead"],
+    small_query_attention=16)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)

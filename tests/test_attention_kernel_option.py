@@ -236,7 +236,7 @@ def test_tiles_parse_and_validate():
     assert t == ak.FlashAttnTiles(128, 96, False, False) and t.label == "128x96:no-rs:no-overlap"
     assert ak.FlashAttnTiles.parse(t.label) == t
     assert ak.FlashAttnTiles.parse("64x128:no-overlap").label == "64x128:no-overlap"
-    for bad, msg in (("128", "written MxN"), ("128x128:rs", "written MxN"), ("96x128", "tile_m must be 64, 128 or 192"),
+    for bad, msg in (("128", "written MxN"), ("128x128:rs", "written MxN"), ("128x128:no-overlap:no-rs", "written MxN"), ("96x128", "tile_m must be 64, 128 or 192"),
                      ("128x100", "multiple of 16"), ("128x272", "multiple of 16 in \\[16, 256\\]")):
         with pytest.raises(ValueError, match=msg):
             ak.FlashAttnTiles.parse(bad)

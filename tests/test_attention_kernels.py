@@ -87,7 +87,8 @@ def test_best_fa4_tiles_takes_the_fastest_correct_tiles():
 
 
 @pytest.mark.parametrize("spec, message", [("128x100", "multiple of 16"), ("", "no tile shape given"),
-                                           ("big", "written MxN")])
+                                           ("big", "written MxN"), ("128x128:no-rs:no-rs", "written MxN"),
+                                           ("128x128, 128x128", "named twice")])
 def test_bad_fa4_tiles_are_refused_before_the_device(spec, message):
     with pytest.raises(SystemExit, match=f"--fa4-tiles: .*{message}"):
         ak.main(["--device", "cpu", "--fa4-tiles", spec])

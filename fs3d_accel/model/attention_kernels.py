@@ -44,7 +44,6 @@ ATTENTION_KERNELS = (SDPA, FLASH_ATTN_CUTE)
 ATTENTION_ROLES = ("self", "cross")
 
 
-
 @dataclass(frozen=True)
 class FlashAttnTiles:
     """Tile configuration of FA4's Hopper forward kernel: ``tile_m`` query rows per CTA (64 per MMA warpgroup:
@@ -65,12 +64,11 @@ class FlashAttnTiles:
 
     @classmethod
     def parse(cls, spec: str) -> "FlashAttnTiles":
-        m = re.fullmatch(r"(\d+)x(\d+)((?::no-rs|:no-overlap)*)", spec.strip())
+        m = re.fullmatch(r"(\d+)x(\d+)(:no-rs)?(:no-overlap)?", spec.strip())
         if m is None:
-            raise ValueError(f"FA4 tiles are written MxN with optional ':no-rs' / ':no-overlap' (e.g. '128x128', "
-                             f"'192x128:no-rs'), got {spec!r}")
-        flags = m.group(3)
-        return cls(int(m.group(1)), int(m.group(2)), ":no-rs" not in flags, ":no-overlap" not in flags)
+            raise ValueError(f"FA4 tiles are written MxN with optional ':no-rs' then ':no-overlap' (e.g. '128x128', "
+                             f"'192x128:no-rs', '128x128:no-rs:no-overlap'), got {spec!r}")
+        return cls(int(m.group(1)), int(m.group(2)), m.group(3) is None, m.group(4) is None)
 
     @property
     def label(self) -> str:
@@ -150,7 +148,7 @@ def use_small_query_path(max_queries: int) -> Iterator[None]:
 
 def small_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Softmax attention of a few (B, Lq, H, D) queries over (B, Lk, H, D) keys / values, as two batched matmuls and a
-    softmax in fp32, output in q's dtype.
+    softmax in fp32; output in the dtype SDPA would return.
 
     For the SS layout stream: 4 pose queries over ~4.1k or 7.5k keys, 1,200 calls per SS sampler call. A fused kernel
     with 64-128-row query tiles (cuDNN, FA4) presumably gives each (batch, head) one CTA that walks every key, so such
