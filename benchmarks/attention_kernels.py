@@ -310,8 +310,14 @@ def main(argv: list[str] | None = None) -> None:
                          f"to hide it); graph: {GRAPH_CALLS} calls replayed from one CUDA graph (kernel time, as the "
                          "samplers run under reduce-overhead). Default: graph for --fa4-tiles (its suggestions are for "
                          "the samplers), launch for the kernel table (as sessions 6-11 ran it)")
+    ap.add_argument("--shapes", default=None,
+                    help="time only the shapes whose name contains this text (case-insensitive), e.g. 'layout' for "
+                         "the SS layout stream's two shapes")
     ap.add_argument("--out", type=Path, default=Path("runs/attention_kernels"))
     args = ap.parse_args(argv)
+    shapes = [s for s in SHAPES if args.shapes is None or args.shapes.lower() in s.name.lower()]
+    if not shapes:
+        raise SystemExit(f"--shapes {args.shapes!r} matches none of {[s.name for s in SHAPES]}")
     if args.fa4_tiles is not None:
         from fs3d_accel.model.attention_kernels import FlashAttnTiles
         specs = list(FA4_TILE_SWEEP) if args.fa4_tiles == "default" else [t for t in args.fa4_tiles.split(",") if t]
@@ -349,7 +355,10 @@ def main(argv: list[str] | None = None) -> None:
         if meta["flash_attn_cute"] != "timed":
             raise SystemExit(f"--fa4-tiles: {meta['flash_attn_cute']}")
         meta["fa4_tiles"] = specs
-        rows = measure([s for s in SHAPES if s.site], dtype, args.warmup, args.repeats, device,
+        sited = [s for s in shapes if s.site]
+        if not sited:
+            raise SystemExit(f"--fa4-tiles sweeps the samplers' sites; --shapes {args.shapes!r} leaves none")
+        rows = measure(sited, dtype, args.warmup, args.repeats, device,
                        candidates=fa4_tile_kernels(specs), timing=args.timing)
         best = best_fa4_tiles(rows)
         args.out.mkdir(parents=True, exist_ok=True)
@@ -357,7 +366,7 @@ def main(argv: list[str] | None = None) -> None:
         print(write_report(rows, meta, args.out))
         print(json.dumps(best, indent=2))
         return
-    rows = measure(SHAPES, dtype, args.warmup, args.repeats, device, timing=args.timing)
+    rows = measure(shapes, dtype, args.warmup, args.repeats, device, timing=args.timing)
     if args.flash_impl:
         try:
             extra = activated_flash_kernel(args.flash_impl)
@@ -366,7 +375,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"--flash-impl {args.flash_impl}: {meta['flash_impl_error']}", flush=True)
         else:
             meta["flash_impl_activated"] = args.flash_impl
-            rows += measure(SHAPES, dtype, args.warmup, args.repeats, device, candidates=extra, timing=args.timing)
+            rows += measure(shapes, dtype, args.warmup, args.repeats, device, candidates=extra, timing=args.timing)
             rows.sort(key=lambda r: [s.name for s in SHAPES].index(r["shape"]))
     print(write_report(rows, meta, args.out))
 

@@ -71,9 +71,14 @@ SETTINGS = {
 SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, small-query attention as matmuls"] = (
     dataclasses.replace(SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs (reduce-overhead)"],
                         small_query_attention=16))
+# the same calls through SDPA's FlashAttention-2, which can split the keys (not yet measured)
+SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, small-query attention by FlashAttention-2"] = (
+    dataclasses.replace(SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs (reduce-overhead)"],
+                        small_query_attention=16, small_query_kernel="sdpa-flash2"))
 SHORT = dict(zip(("fp32", "fp32-cfg-kv", "bf16-cfg-kv", "compile-all", "compile-all-zkv", "fp32-cfg-zkv",
                   "bf16-cfg-zkv", "compile-all-zkv-fa4-slat-ro", "compile-all-zkv-fa4-slat-ro-gt",
-                  "compile-all-zkv-gt", "compile-all-zkv-fa4-ro", "compile-all-zkv-fa4-ro-sq"), SETTINGS))
+                  "compile-all-zkv-gt", "compile-all-zkv-fa4-ro", "compile-all-zkv-fa4-ro-sq",
+                  "compile-all-zkv-fa4-ro-sqfa2"), SETTINGS))
 #: setting -> the setting it differs from by one switch (same weights and precision unless the switch is it)
 ONE_SWITCH_REF = {SHORT["compile-all"]: SHORT["bf16-cfg-kv"], SHORT["compile-all-zkv"]: SHORT["compile-all"],
                   SHORT["fp32-cfg-zkv"]: SHORT["fp32-cfg-kv"], SHORT["bf16-cfg-zkv"]: SHORT["bf16-cfg-kv"],
@@ -85,7 +90,8 @@ ONE_SWITCH_REF = {SHORT["compile-all"]: SHORT["bf16-cfg-kv"], SHORT["compile-all
                   # one switch: FA4's kernel at SS's attention too
                   SHORT["compile-all-zkv-fa4-ro"]: SHORT["compile-all-zkv-fa4-slat-ro"],
                   # one switch: the small-query path
-                  SHORT["compile-all-zkv-fa4-ro-sq"]: SHORT["compile-all-zkv-fa4-ro"]}
+                  SHORT["compile-all-zkv-fa4-ro-sq"]: SHORT["compile-all-zkv-fa4-ro"],
+                  SHORT["compile-all-zkv-fa4-ro-sqfa2"]: SHORT["compile-all-zkv-fa4-ro"]}
 DATASETS = {"shipped": None, "ycb_scale": Path(__file__).parent / "data" / "ycb_scale" / "objects"}
 METRICS = ["f_score", "volume_iou", "chamfer", "box_iou_3d"]
 

@@ -113,6 +113,11 @@ VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and S
          "attention as matmuls"] = dataclasses.replace(
     VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead"],
     small_query_attention=16)
+# + the same calls through SDPA's FlashAttention-2, which can split the keys over CTAs (not yet measured)
+VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead, small-query "
+         "attention by FlashAttention-2"] = dataclasses.replace(
+    VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead"],
+    small_query_attention=16, small_query_kernel="sdpa-flash2")
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -147,7 +152,9 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
          "compile-all-zkv-fa4-ro": "... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, "
                                    "reduce-overhead",
          "compile-all-zkv-fa4-ro-sq": "... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, "
-                                      "reduce-overhead, small-query attention as matmuls"}
+                                      "reduce-overhead, small-query attention as matmuls",
+         "compile-all-zkv-fa4-ro-sqfa2": "... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, "
+                                         "reduce-overhead, small-query attention by FlashAttention-2"}
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

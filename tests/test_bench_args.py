@@ -143,3 +143,19 @@ def test_sparse_conv_flops_count_as_conv():
     with pytest.raises(RuntimeError, match="boom"):
         count_flops_by_class(lambda: (conv(x), (_ for _ in ()).throw(RuntimeError("boom"))))
     assert (len(module_mod._global_forward_pre_hooks), len(module_mod._global_forward_hooks)) == hooks_before
+
+
+def test_small_query_variants_differ_from_their_parent_by_the_path_alone():
+    """The ``-sq`` / ``-sqfa2`` benchmark variants and quality settings are FA4-in-SS plus the small-query path (fp32
+    matmuls / SDPA's FlashAttention-2) and nothing else, so a timing or quality difference is that path's."""
+    import dataclasses
+
+    from benchmarks.stage_latency import variant_options
+    parent = variant_options("compile-all-zkv-fa4-ro")
+    for name, kernel in (("compile-all-zkv-fa4-ro-sq", "fp32-matmul"), ("compile-all-zkv-fa4-ro-sqfa2", "sdpa-flash2")):
+        assert variant_options(name) == dataclasses.replace(parent, small_query_attention=16, small_query_kernel=kernel)
+        setting = fast_path_quality.SHORT[name]
+        assert fast_path_quality.ONE_SWITCH_REF[setting] == fast_path_quality.SHORT["compile-all-zkv-fa4-ro"]
+        assert fast_path_quality.SETTINGS[setting] == dataclasses.replace(
+            fast_path_quality.SETTINGS[fast_path_quality.SHORT["compile-all-zkv-fa4-ro"]], small_query_attention=16,
+            small_query_kernel=kernel)

@@ -126,3 +126,54 @@ def test_inside_the_compiled_ss_flow(cpu_compile):
     assert graphs[1] > graphs[0] >= 1
     for key in outs[0]:
         torch.testing.assert_close(outs[1][key], outs[0][key], rtol=1e-4, atol=1e-4)
+
+
+def test_flash2_kernel_equals_sdpa_and_is_taken_when_chosen(monkeypatch):
+    """``small_query_kernel="sdpa-flash2"``: the same few-query calls go to SDPA's FlashAttention-2 backend instead of
+    the fp32 matmuls (on the CPU SDPA's flash backend is the CPU kernel; same math), and the choice is restored."""
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(2, n, 3, 16, generator=g) for n in (4, 300, 300))
+    torch.testing.assert_close(ak.flash2_small_query_attention(q, k, v), _sdpa(q, k, v), rtol=1e-5, atol=1e-5)
+    taken = []
+    real = ak.flash2_small_query_attention
+    monkeypatch.setattr(ak, "flash2_small_query_attention", lambda q, k, v: taken.append(q.shape[1]) or real(q, k, v))
+    monkeypatch.setattr(ak, "small_query_attention", lambda *a: pytest.fail("the fp32-matmul kernel was not chosen"))
+    with ak.use_small_query_path(16, ak.SMALL_QUERY_FA2):
+        assert ak.current_small_query_kernel() == "sdpa-flash2"
+        out = attention(q, k, v)
+        attention(torch.randn(2, 40, 3, 16), k, v)  # 40 > 16 queries: the fused kernel
+    assert taken == [4] and ak.current_small_query_kernel() == ak.SMALL_QUERY_MATMUL
+    torch.testing.assert_close(out, _sdpa(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def test_small_query_kernel_choice_is_validated_and_reaches_ss():
+    with pytest.raises(ValueError, match="unknown small_query_kernel 'cudnn'"):
+        RunOptions(small_query_attention=16, small_query_kernel="cudnn")
+    with pytest.raises(ValueError, match="small_query_kernel 'sdpa-flash2' with small_query_attention=0 would never run"):
+        RunOptions(small_query_kernel="sdpa-flash2")
+    with pytest.raises(ValueError, match="small-query kernel must be one of"):
+        with ak.use_small_query_path(4, "fa4"):
+            pass
+    opts = RunOptions(small_query_attention=8, small_query_kernel="sdpa-flash2")
+    with opts.network_context("cpu", "ss"):
+        assert (ak.current_small_query_limit(), ak.current_small_query_kernel()) == (8, "sdpa-flash2")
+    with opts.network_context("cpu", "slat"):
+        assert ak.current_small_query_limit() == 0
+
+
+def test_flash2_kernel_inside_the_compiled_ss_flow(cpu_compile):
+    """The FA2 choice traces without a graph break in the compiled SS flow (aot_eager on the CPU) and gives the fused
+    run's latents to fp32 rounding."""
+    from torch._dynamo.utils import counters
+    sample = load_shipped_samples()[0]
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=2), seed=0)
+    inputs = pipe.prepare(sample.image, sample.mask, sample.pointmap)
+    common = dict(batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_backend="aot_eager")
+    counters.clear()
+    outs = []
+    for extra in ({}, dict(small_query_attention=16, small_query_kernel="sdpa-flash2")):
+        pipe.options = RunOptions(**common, **extra)
+        outs.append(pipe.run_ss(inputs, seed=0).latents)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    for key in outs[0]:
+        torch.testing.assert_close(outs[1][key], outs[0][key], rtol=1e-4, atol=1e-4)

@@ -123,27 +123,60 @@ def use_attention_kernel(name: str, roles: tuple[str, ...] = ATTENTION_ROLES,
         _current = previous
 
 
-#: attention calls with at most this many queries take :func:`small_query_attention` (0: none do)
-_small_query_limit = 0
+#: how the small-query path computes its calls: two fp32 matmuls and a softmax (:func:`small_query_attention`), or
+#: PyTorch SDPA's FlashAttention-2 (:func:`flash2_small_query_attention`), which may split the keys across CTAs
+SMALL_QUERY_MATMUL = "fp32-matmul"
+SMALL_QUERY_FA2 = "sdpa-flash2"
+SMALL_QUERY_KERNELS = (SMALL_QUERY_MATMUL, SMALL_QUERY_FA2)
+
+#: (largest query count that takes the small-query path, 0: none do; how it computes them)
+_small_query: tuple[int, str] = (0, SMALL_QUERY_MATMUL)
 
 
 def current_small_query_limit() -> int:
-    """The largest query count that takes :func:`small_query_attention` here (0: the path is off)."""
-    return _small_query_limit
+    """The largest query count that takes the small-query path here (0: the path is off)."""
+    return _small_query[0]
+
+
+def current_small_query_kernel() -> str:
+    """How the small-query path computes its calls here (one of :data:`SMALL_QUERY_KERNELS`)."""
+    return _small_query[1]
 
 
 @contextlib.contextmanager
-def use_small_query_path(max_queries: int) -> Iterator[None]:
-    """Inside the block, unmasked attention with at most ``max_queries`` queries runs :func:`small_query_attention`
-    (0 turns it off); the previous limit comes back after, also when the block raises."""
-    global _small_query_limit
+def use_small_query_path(max_queries: int, kernel: str = SMALL_QUERY_MATMUL) -> Iterator[None]:
+    """Inside the block, unmasked attention with at most ``max_queries`` queries runs the small-query path (0 turns
+    it off), computed by ``kernel``; the previous choice comes back after, also when the block raises."""
+    global _small_query
     if not isinstance(max_queries, int) or isinstance(max_queries, bool) or max_queries < 0:
         raise ValueError(f"max_queries must be an int >= 0 (0: off), got {max_queries!r}")
-    previous, _small_query_limit = _small_query_limit, max_queries
+    if kernel not in SMALL_QUERY_KERNELS:
+        raise ValueError(f"small-query kernel must be one of {SMALL_QUERY_KERNELS}, got {kernel!r}")
+    previous, _small_query = _small_query, (max_queries, kernel)
     try:
         yield
     finally:
-        _small_query_limit = previous
+        _small_query = previous
+
+
+def small_query_path(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Attention of a few queries by the kernel :func:`use_small_query_path` chose."""
+    if _small_query[1] == SMALL_QUERY_FA2:
+        return flash2_small_query_attention(q, k, v)
+    return small_query_attention(q, k, v)
+
+
+def flash2_small_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """SDPA restricted to its FlashAttention-2 backend, on (B, L, H, D) tensors. With few queries FA2's forward
+    splits the keys over several CTAs per (batch, head) when one CTA each would leave most SMs idle (PyTorch's copy of
+    flash-attention's split-KV heuristic; which kernel ran shows in a ``--gpu-busy`` kernel table), where cuDNN and
+    FA4 (no split-KV on Hopper at the measured commit) walk all the keys in one CTA. Same math, different rounding.
+    FA2 needs fp16 / bf16 CUDA tensors (autocast supplies them); elsewhere SDPA's flash backend is the CPU's own."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                                               v.transpose(1, 2))
+    return out.transpose(1, 2)
 
 
 def small_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -238,6 +271,7 @@ def _flash_attn_cute_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **k
 
 
 __all__ = ["ATTENTION_KERNELS", "ATTENTION_ROLES", "FLASH_ATTN_CUTE", "FlashAttnTiles", "SDPA", "check_role",
-           "current_attention_kernel", "current_flash_attn_tiles", "current_small_query_limit", "flash_attn_cute",
-           "flash_attn_cute_tiled", "flash_attn_cute_unavailable", "small_query_attention", "use_attention_kernel",
-           "use_small_query_path"]
+           "SMALL_QUERY_FA2", "SMALL_QUERY_KERNELS", "SMALL_QUERY_MATMUL", "current_attention_kernel",
+           "current_flash_attn_tiles", "current_small_query_kernel", "current_small_query_limit", "flash2_small_query_attention",
+           "flash_attn_cute", "flash_attn_cute_tiled", "flash_attn_cute_unavailable", "small_query_attention",
+           "small_query_path", "use_attention_kernel", "use_small_query_path"]

@@ -127,7 +127,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, role:
         return v.expand(q.shape[0], q.shape[1], v.shape[2], v.shape[3])
     small_query_limit = attention_kernels.current_small_query_limit()
     if mask is None and small_query_limit and q.shape[1] <= small_query_limit:
-        return attention_kernels.small_query_attention(q, k, v)
+        return attention_kernels.small_query_path(q, k, v)
     if mask is None and kernel == attention_kernels.FLASH_ATTN_CUTE and q.dtype in (torch.float16, torch.bfloat16):
         return attention_kernels.flash_attn_cute_tiled(q, k, v, attention_kernels.current_flash_attn_tiles(role))
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))

@@ -105,11 +105,14 @@ class RunOptions:
     #: entry overrides its stage's), ``tiles`` as :meth:`FlashAttnTiles.parse` reads them ("128x128",
     #: "192x128:no-rs"). Sites not named keep FA4's own tile table. Same math, different rounding.
     attention_kernel_tiles: tuple[tuple[str, str], ...] = ()
-    #: unmasked attention calls of the SS stage with at most this many queries run as fp32 matmuls + softmax
-    #: (``attention_kernels.small_query_attention``) instead of a fused kernel; 0 = off. Aimed at the SS layout stream
-    #: (4 pose queries, 1,200 calls per SS sampler call, estimated at ~0.08 s and presumably latency-bound); not yet
-    #: measured on a GPU.
+    #: unmasked attention calls of the SS stage with at most this many queries take the small-query path
+    #: (``small_query_kernel``) instead of the fused kernel of ``attention_kernel``; 0 = off. Aimed at the SS layout
+    #: stream (4 pose queries, 1,200 calls per SS sampler call, estimated at ~0.08 s and presumably latency-bound).
     small_query_attention: int = 0
+    #: how the small-query path computes: "fp32-matmul" (two fp32 matmuls + softmax,
+    #: ``attention_kernels.small_query_attention``) or "sdpa-flash2" (SDPA's FlashAttention-2, which can split the keys
+    #: over CTAs: ``attention_kernels.flash2_small_query_attention``)
+    small_query_kernel: str = "fp32-matmul"
     #: algorithm of the sparse convolutions (SLaT IO blocks, mesh decoder) whose ``SparseConv3d.impl`` is "auto":
     #: "auto" keeps the class rule (the Triton implicit GEMM for fp16 / bf16 inference on NVIDIA GPUs of compute
     #: capability 8.0+, else "gather-or-transform"); "implicit" forces the Triton kernel (CUDA only), which never writes the gathered
@@ -160,6 +163,13 @@ class RunOptions:
                 or not 0 <= self.small_query_attention <= 64):
             raise ValueError(f"small_query_attention is a query count in [0, 64] (0: off): its path holds B x H x Lq x "
                              f"Lk fp32 scores, got {self.small_query_attention!r}")
+        from ..model.attention_kernels import SMALL_QUERY_KERNELS, SMALL_QUERY_MATMUL
+        if self.small_query_kernel not in SMALL_QUERY_KERNELS:
+            raise ValueError(f"unknown small_query_kernel {self.small_query_kernel!r}; choose one of "
+                             f"{SMALL_QUERY_KERNELS}")
+        if self.small_query_kernel != SMALL_QUERY_MATMUL and not self.small_query_attention:
+            raise ValueError(f"small_query_kernel {self.small_query_kernel!r} with small_query_attention=0 would never "
+                             f"run; give small_query_attention a query count")
         from ..model.sparse import CONV_IMPLS
         if self.sparse_conv not in CONV_IMPLS:
             raise ValueError(f"unknown sparse_conv {self.sparse_conv!r}; choose one of {CONV_IMPLS}")
@@ -297,7 +307,8 @@ class RunOptions:
         return _entered_together(self.autocast(device),
                                  use_attention_kernel(self.attention_kernel, self.kernel_roles(stage),
                                                       self.kernel_tiles(stage)),
-                                 use_small_query_path(self.small_query_attention if stage == "ss" else 0),
+                                 use_small_query_path(self.small_query_attention if stage == "ss" else 0,
+                                                      self.small_query_kernel),
                                  use_conv_impl(self.sparse_conv))
 
     def kernel_roles(self, stage: str) -> tuple[str, ...]:
