@@ -177,3 +177,16 @@ def test_flash2_kernel_inside_the_compiled_ss_flow(cpu_compile):
     assert not counters["graph_break"], dict(counters["graph_break"])
     for key in outs[0]:
         torch.testing.assert_close(outs[1][key], outs[0][key], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (FlashAttention-2 is SDPA's CUDA flash backend)")
+def test_flash2_kernel_on_cuda_matches_fp32_math_eager_and_compiled():
+    """On the GPU, at the SS layout stream's shape (4 queries over 4,100 keys, bf16): SDPA's FlashAttention-2 backend
+    gives fp32 math's attention within bf16 output rounding, eager and under inductor with CUDA graphs."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, n, 16, 64, device="cuda", generator=g, dtype=torch.bfloat16) for n in (4, 4100, 4100))
+    exact = _sdpa(q.float(), k.float(), v.float())
+    compiled = torch.compile(ak.flash2_small_query_attention, mode="reduce-overhead", dynamic=False)
+    for out in (ak.flash2_small_query_attention(q, k, v), compiled(q, k, v), compiled(q, k, v)):
+        assert out.dtype == torch.bfloat16 and out.shape == q.shape
+        assert (out.float() - exact).abs().max() <= exact.abs().max() * 2 ** -7
