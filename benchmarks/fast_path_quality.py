@@ -67,11 +67,11 @@ SETTINGS = {
         collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_sites=("ss", "slat"),
         compile_mode="reduce-overhead", **_COMPILED),
 }
-# the SS layout stream's 4-query attention as fp32 matmuls (session 12's candidate; not yet measured)
+# the SS layout stream's 4-query attention as fp32 matmuls (session 12's candidate; slower per call, session 13)
 SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, small-query attention as matmuls"] = (
     dataclasses.replace(SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs (reduce-overhead)"],
                         small_query_attention=16))
-# the same calls through SDPA's FlashAttention-2, which can split the keys (not yet measured)
+# the same calls through SDPA's FlashAttention-2, which splits the keys (``compiled-zkv-fa4-all-sqfa2``)
 SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, small-query attention by FlashAttention-2"] = (
     dataclasses.replace(SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs (reduce-overhead)"],
                         small_query_attention=16, small_query_kernel="sdpa-flash2"))

@@ -108,12 +108,13 @@ VARIANTS = {
         collapse_zero_cond=True, attention_kernel="flash-attn-cute", attention_kernel_sites=("ss", "slat"),
         compile_mode="reduce-overhead"),
 }
-# + the SS layout stream's attention (4 queries) as fp32 matmuls instead of a fused kernel (not yet measured)
+# + the SS layout stream's attention (4 queries) as fp32 matmuls instead of a fused kernel (session 13: slower)
 VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead, small-query "
          "attention as matmuls"] = dataclasses.replace(
     VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead"],
     small_query_attention=16)
-# + the same calls through SDPA's FlashAttention-2, which can split the keys over CTAs (not yet measured)
+# + the same calls through SDPA's FlashAttention-2, which splits the keys over CTAs (session 13: SS 5% faster;
+# the named fast path ``compiled-zkv-fa4-all-sqfa2``)
 VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead, small-query "
          "attention by FlashAttention-2"] = dataclasses.replace(
     VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead"],

@@ -123,8 +123,9 @@ def use_attention_kernel(name: str, roles: tuple[str, ...] = ATTENTION_ROLES,
         _current = previous
 
 
-#: how the small-query path computes its calls: two fp32 matmuls and a softmax (:func:`small_query_attention`), or
-#: PyTorch SDPA's FlashAttention-2 (:func:`flash2_small_query_attention`), which may split the keys across CTAs
+#: how the small-query path computes its calls: two fp32 matmuls and a softmax (:func:`small_query_attention`; measured
+#: slower than the fused kernels), or PyTorch SDPA's FlashAttention-2 (:func:`flash2_small_query_attention`), which
+#: splits the keys across CTAs (2.4-4.5x faster than FA4 per layout-stream call on the H100, session 13)
 SMALL_QUERY_MATMUL = "fp32-matmul"
 SMALL_QUERY_FA2 = "sdpa-flash2"
 SMALL_QUERY_KERNELS = (SMALL_QUERY_MATMUL, SMALL_QUERY_FA2)
@@ -169,9 +170,12 @@ def small_query_path(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def flash2_small_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """SDPA restricted to its FlashAttention-2 backend, on (B, L, H, D) tensors. With few queries FA2's forward
     splits the keys over several CTAs per (batch, head) when one CTA each would leave most SMs idle (PyTorch's copy of
-    flash-attention's split-KV heuristic; which kernel ran shows in a ``--gpu-busy`` kernel table), where cuDNN and
-    FA4 (no split-KV on Hopper at the measured commit) walk all the keys in one CTA. Same math, different rounding.
-    FA2 needs fp16 / bf16 CUDA tensors (autocast supplies them); elsewhere SDPA's flash backend is the CPU's own."""
+    flash-attention's split-KV heuristic: ``flash_fwd_splitkv_kernel`` + ``flash_fwd_splitkv_combine_kernel`` in the SS
+    sampler's kernel table), where cuDNN and FA4 (no split-KV on Hopper at the measured commit) walk all the keys in one
+    CTA. At the SS layout stream's shapes on the H100, from CUDA graphs: 0.020 / 0.018 ms per call against FA4's 0.047 /
+    0.081 and cuDNN's 0.046 / 0.077 (session 13, ``benchmarks/results/attention_kernels_h100/session13/``). Same math,
+    different rounding. FA2 needs fp16 / bf16 CUDA tensors (autocast supplies them); on a CPU SDPA's flash backend is
+    the CPU's own kernel."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         out = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
@@ -183,14 +187,13 @@ def small_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Softmax attention of a few (B, Lq, H, D) queries over (B, Lk, H, D) keys / values, as two batched matmuls and a
     softmax in fp32; output in the dtype SDPA would return.
 
-    For the SS layout stream: 4 pose queries over ~4.1k or 7.5k keys, 1,200 calls per SS sampler call. A fused kernel
-    with 64-128-row query tiles (cuDNN, FA4) presumably gives each (batch, head) one CTA that walks every key, so such
-    a call would be latency-bound (inferred from the sampler's attention time, ~65 µs per call; not measured per call:
-    ``benchmarks/results/base_vs_official_h100/session12/``). Here the keys are the long dimension of two batched
-    matmuls. Same math with fp32 scores (TF32 products where ``torch.backends.cuda.matmul.allow_tf32`` is on; bf16 and
-    fp16 inputs are exact in TF32): only the rounding differs. Autocast is switched off inside (it would recast the
-    products to half precision); the output has the dtype SDPA would return (the autocast dtype under autocast). Not
-    measured on a GPU yet: ``RunOptions.small_query_attention`` keeps it off by default.
+    Session 12's candidate for the SS layout stream (4 pose queries over ~4.1k or 7.5k keys, 1,200 calls per SS sampler
+    call), where the fused kernels give each (batch, head) one CTA that walks every key. Same math with fp32 scores
+    (TF32 products where ``torch.backends.cuda.matmul.allow_tf32`` is on; bf16 and fp16 inputs are exact in TF32): only
+    the rounding differs. Autocast is switched off inside (it would recast the products to half precision); the output
+    has the dtype SDPA would return (the autocast dtype under autocast). Measured slower than the fused kernels on the
+    H100 (0.20 / 0.34 ms per call compiled, against FA4's 0.047 / 0.081 ms, from CUDA graphs; session 13,
+    ``benchmarks/results/attention_kernels_h100/session13/``): :func:`flash2_small_query_attention` is the faster path.
     """
     device_type = q.device.type
     out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else q.dtype

@@ -107,11 +107,13 @@ class RunOptions:
     attention_kernel_tiles: tuple[tuple[str, str], ...] = ()
     #: unmasked attention calls of the SS stage with at most this many queries take the small-query path
     #: (``small_query_kernel``) instead of the fused kernel of ``attention_kernel``; 0 = off. Aimed at the SS layout
-    #: stream (4 pose queries, 1,200 calls per SS sampler call, estimated at ~0.08 s and presumably latency-bound).
+    #: stream: 4 pose queries over ~4.1k / 7.5k keys, 1,200 calls per SS sampler call, where cuDNN and FA4 give each
+    #: (batch, head) one CTA (0.046-0.081 ms per call from CUDA graphs on the H100, session 13).
     small_query_attention: int = 0
-    #: how the small-query path computes: "fp32-matmul" (two fp32 matmuls + softmax,
-    #: ``attention_kernels.small_query_attention``) or "sdpa-flash2" (SDPA's FlashAttention-2, which can split the keys
-    #: over CTAs: ``attention_kernels.flash2_small_query_attention``)
+    #: how the small-query path computes: "sdpa-flash2" (SDPA's FlashAttention-2, which splits the keys over CTAs:
+    #: 0.018-0.020 ms per layout call, SS sampler 5% faster; ``attention_kernels.flash2_small_query_attention``) or
+    #: "fp32-matmul" (two fp32 matmuls + softmax, ``attention_kernels.small_query_attention``: 0.20-0.34 ms per call,
+    #: slower than the fused kernels; kept as the measured alternative)
     small_query_kernel: str = "fp32-matmul"
     #: algorithm of the sparse convolutions (SLaT IO blocks, mesh decoder) whose ``SparseConv3d.impl`` is "auto":
     #: "auto" keeps the class rule (the Triton implicit GEMM for fp16 / bf16 inference on NVIDIA GPUs of compute
@@ -358,6 +360,16 @@ FAST_PATHS: dict[str, RunOptions] = {
     "compiled-zkv-fa4-all": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True,
                                        compile_slat=True, collapse_zero_cond=True, compile_mode="reduce-overhead",
                                        attention_kernel="flash-attn-cute", attention_kernel_sites=("ss", "slat")),
+    # + the SS layout stream's attention (4 pose queries over ~4.1k / 7.5k keys, 1,200 calls per SS sampler call) on
+    # SDPA's FlashAttention-2, which splits the keys over CTAs: 0.020 / 0.018 ms per call against FA4's 0.047 / 0.081
+    # from CUDA graphs; SS sampler 0.668-0.670 s against 0.706-0.709 s, per object at 14k 1.29-1.34 s against
+    # 1.36-1.42 s for ``compiled-zkv-fa4`` in 3 rounds (session 13, H100, ``results/base_vs_official_h100/session13/``);
+    # quality: mean ΔF1 −0.06 against ``compiled-zkv-fa4-all`` (``results/fast_path_quality_h100/small_query_fa2/``).
+    "compiled-zkv-fa4-all-sqfa2": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True,
+                                             compile_slat=True, collapse_zero_cond=True,
+                                             compile_mode="reduce-overhead", attention_kernel="flash-attn-cute",
+                                             attention_kernel_sites=("ss", "slat"), small_query_attention=16,
+                                             small_query_kernel="sdpa-flash2"),
 }
 
 
