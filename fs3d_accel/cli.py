@@ -45,7 +45,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--slat-compile-mode", default=None, choices=_compile_modes(),
                    help="SLaT's own torch.compile mode, overriding the fast path's for SLaT only (e.g. 'default' to "
                         "skip SLaT's per-object CUDA-graph captures: 0.17 s per new object size faster on an H100 in session 12, "
-                        "slower on one host in session 11)")
+                        "slower on one host in session 11, and 0.27-0.44 s slower with FlashAttention-4 in SLaT in "
+                        "session 13)")
 
 
 def _compile_modes():

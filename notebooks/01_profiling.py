@@ -333,9 +333,12 @@ pd.DataFrame(ss_rows).pivot(index="process", columns="variant", values="SS sampl
 
 # %%
 PEAK11 = 787.0
+S13 = ROOT / "benchmarks" / "results" / "base_vs_official_h100" / "session13"
 split = pd.read_csv(S12 / "executed_flops_by_class" / "flops.csv")
 budget_cases = [("SS, cuDNN", S12 / "fa4_ss_process1", "compile-all-zkv-fa4-slat-ro", "ss", None),
                 ("SS, FA4", S12 / "fa4_ss_process1", "compile-all-zkv-fa4-ro", "ss", None),
+                ("SS, FA4 + FA2 for the layout stream (session 13)", S13 / "ss_small_query_fa2",
+                 "compile-all-zkv-fa4-ro-sqfa2", "ss", None),
                 ("SLaT 14k, SDPA (session 11)", HEAD11, "compile-all-zkv-ro", "slat", "007_tuna_fish_can"),
                 ("SLaT 14k, FA4", S12 / "fa4_ss_process1", "compile-all-zkv-fa4-slat-ro", "slat", "007_tuna_fish_can")]
 budget = []
@@ -355,8 +358,26 @@ pd.DataFrame(budget).set_index("case").round(3)
 
 # %% [markdown]
 # FA4 runs SS's two large attention shapes at about 500 TFLOP/s when timed alone from a CUDA graph (section 7). Inside
-# the sampler, all of SS's attention runs at about 394 TFLOP/s. At 500 TFLOP/s its 148.5 TFLOP would take about 0.30 s,
-# against the 0.377 s measured. Half of SS's attention launches are the layout stream's: 4 pose queries over ~4k or
-# 7.5k keys, 1,200 calls per SS sampler call, with almost no FLOPs. Presumably one CTA per head walks all the keys, so
-# each call costs latency (inferred). If those calls account for the other ~0.08 s (an estimate, not yet measured:
-# `attention_kernels.py` now times the two layout shapes too), removing them would put SS near 0.62 s, about 57%.
+# the sampler, all of SS's attention ran at about 394 TFLOP/s. Half of SS's attention launches are the layout stream's:
+# 4 pose queries over ~4.1k or 7.5k keys, 1,200 calls per SS sampler call, with almost no FLOPs. Session 13 timed those
+# two shapes for every kernel, from CUDA graphs (ms per call):
+
+# %%
+K13 = ROOT / "benchmarks" / "results" / "attention_kernels_h100" / "session13" / "layout_graph"
+layout = pd.read_csv(K13 / "attention_kernels.csv")
+layout.pivot_table(index="kernel", columns="shape", values="ms", sort=False).round(3)
+
+# %% [markdown]
+# cuDNN and FA4 give each (batch, head) one CTA that walks every key. PyTorch's FlashAttention-2 splits the keys over
+# CTAs (`flash_fwd_splitkv_kernel` in the sampler's kernel table) and is 2.3-4.5x faster. FA4 has no split-KV on Hopper.
+# `RunOptions.small_query_kernel="sdpa-flash2"` routes SS's calls with at most 16 queries there
+# (`--fast-path compiled-zkv-fa4-all-sqfa2`). The third row of the budget table above is that setting: SS's attention
+# kernels drop from 0.376 to 0.331 s. On FA4 the layout stream took about 0.075 s (0.376 s less the 0.301 s of the
+# large shapes in the FA2 run), close to session 12's estimate of ~0.08 s; on FA2 it takes 0.030 s. Per object at 14k,
+# three rounds in one process against the official code:
+
+# %%
+head13_rows, head13_meta = load_outputs(S13 / "head_14k")
+per_object13 = pd.DataFrame(per_object_totals(head13_rows))
+print(head13_meta["device"])
+per_object13.pivot_table(index="round", columns="variant", values=["seconds", "speedup"], sort=False).round(3)
