@@ -119,6 +119,14 @@ VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and S
          "attention by FlashAttention-2"] = dataclasses.replace(
     VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead"],
     small_query_attention=16, small_query_kernel="sdpa-flash2")
+# + the MLPs' first GEMM with cuBLASLt's bias + GELU epilogue (``RunOptions.gelu_epilogue``): without FA4, so one GPU
+# call can time it, and on the fastest FA4 path
+VARIANTS["... + one-key K/V of the zero condition, reduce-overhead, GELU in the GEMM epilogue"] = dataclasses.replace(
+    VARIANTS["... + one-key K/V of the zero condition, reduce-overhead"], gelu_epilogue=True)
+VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead, small-query "
+         "attention by FlashAttention-2, GELU in the GEMM epilogue"] = dataclasses.replace(
+    VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead, small-query "
+             "attention by FlashAttention-2"], gelu_epilogue=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -155,7 +163,11 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
          "compile-all-zkv-fa4-ro-sq": "... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, "
                                       "reduce-overhead, small-query attention as matmuls",
          "compile-all-zkv-fa4-ro-sqfa2": "... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, "
-                                         "reduce-overhead, small-query attention by FlashAttention-2"}
+                                         "reduce-overhead, small-query attention by FlashAttention-2",
+         "compile-all-zkv-ro-ge": "... + one-key K/V of the zero condition, reduce-overhead, GELU in the GEMM epilogue",
+         "compile-all-zkv-fa4-ro-sqfa2-ge": "... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, "
+                                            "reduce-overhead, small-query attention by FlashAttention-2, GELU in the "
+                                            "GEMM epilogue"}
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

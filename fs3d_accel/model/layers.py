@@ -1,7 +1,9 @@
 """Building blocks shared by the SAM 3D modules (names and math follow the official modules)."""
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -87,8 +89,39 @@ class MultiHeadRMSNorm(nn.Module):
         return (F.normalize(x.float(), dim=-1) * self.gamma.float() * self.scale).to(x.dtype)
 
 
+#: whether :class:`FeedForwardNet` runs its first Linear and GELU as one GEMM with a GELU epilogue (where it can)
+_gelu_epilogue = False
+
+
+def current_gelu_epilogue() -> bool:
+    """Whether :class:`FeedForwardNet` fuses its GELU into the first GEMM here (:func:`use_gelu_epilogue`)."""
+    return _gelu_epilogue
+
+
+@contextlib.contextmanager
+def use_gelu_epilogue(on: bool) -> Iterator[None]:
+    """Inside the block, :class:`FeedForwardNet` on fp16 / bf16 CUDA tensors computes Linear + tanh-GELU as one
+    ``torch._addmm_activation`` call: cuBLASLt's bias + GELU epilogue instead of a GEMM followed by an element-wise
+    kernel that reads and writes the (tokens x 4C) hidden activation again. The previous choice comes back after, also
+    when the block raises."""
+    global _gelu_epilogue
+    if not isinstance(on, bool):
+        raise ValueError(f"use_gelu_epilogue takes a bool, got {on!r}")
+    previous, _gelu_epilogue = _gelu_epilogue, on
+    try:
+        yield
+    finally:
+        _gelu_epilogue = previous
+
+
 class FeedForwardNet(nn.Module):
-    """``mlp`` = Linear(c -> c*ratio), GELU(tanh), Linear(c*ratio -> c) (official key layout)."""
+    """``mlp`` = Linear(c -> c*ratio), GELU(tanh), Linear(c*ratio -> c) (official key layout).
+
+    Under :func:`use_gelu_epilogue` with fp16 / bf16 CUDA inputs of the weights' dtype, the first Linear and the GELU
+    run as one cuBLASLt GEMM with a bias + GELU epilogue (``torch._addmm_activation``; inductor keeps it as one extern
+    call). On CUDA that epilogue is the tanh approximation, the model's GELU (checked on the GPU by
+    ``tests/test_gelu_epilogue.py``); on a CPU ``_addmm_activation`` computes the exact (erf) GELU instead, so the fused
+    call is never taken there. Same math on CUDA, different rounding."""
 
     def __init__(self, channels: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
@@ -96,6 +129,11 @@ class FeedForwardNet(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, channels))
 
     def forward(self, x: Tensor) -> Tensor:
+        fc1, fc2 = self.mlp[0], self.mlp[2]
+        if (_gelu_epilogue and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
+                and x.dtype == fc1.weight.dtype and x.numel()):
+            hidden = torch._addmm_activation(fc1.bias, x.reshape(-1, x.shape[-1]), fc1.weight.t(), use_gelu=True)
+            return fc2(hidden.view(*x.shape[:-1], hidden.shape[-1]))
         return self.mlp(x)
 
 

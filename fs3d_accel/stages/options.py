@@ -115,6 +115,10 @@ class RunOptions:
     #: "fp32-matmul" (two fp32 matmuls + softmax, ``attention_kernels.small_query_attention``: 0.20-0.34 ms per call,
     #: slower than the fused kernels; kept as the measured alternative)
     small_query_kernel: str = "fp32-matmul"
+    #: the transformer MLPs' first Linear + tanh-GELU as one cuBLASLt GEMM with a bias + GELU epilogue
+    #: (``layers.use_gelu_epilogue``; fp16 / bf16 CUDA only, elsewhere the two steps run as before): saves the
+    #: element-wise GELU kernel's read and write of the (tokens x 4C) hidden activation. Same math, different rounding.
+    gelu_epilogue: bool = False
     #: algorithm of the sparse convolutions (SLaT IO blocks, mesh decoder) whose ``SparseConv3d.impl`` is "auto":
     #: "auto" keeps the class rule (the Triton implicit GEMM for fp16 / bf16 inference on NVIDIA GPUs of compute
     #: capability 8.0+, else "gather-or-transform"); "implicit" forces the Triton kernel (CUDA only), which never writes the gathered
@@ -165,6 +169,8 @@ class RunOptions:
                 or not 0 <= self.small_query_attention <= 64):
             raise ValueError(f"small_query_attention is a query count in [0, 64] (0: off): its path holds B x H x Lq x "
                              f"Lk fp32 scores, got {self.small_query_attention!r}")
+        if not isinstance(self.gelu_epilogue, bool):
+            raise ValueError(f"gelu_epilogue is a bool, got {self.gelu_epilogue!r}")
         from ..model.attention_kernels import SMALL_QUERY_KERNELS, SMALL_QUERY_MATMUL
         if self.small_query_kernel not in SMALL_QUERY_KERNELS:
             raise ValueError(f"unknown small_query_kernel {self.small_query_kernel!r}; choose one of "
@@ -302,15 +308,17 @@ class RunOptions:
     def network_context(self, device: torch.device | str, stage: str):
         """What every network call of ``stage`` ("ss", "slat" or "decode") runs under: :meth:`autocast`,
         ``attention_kernel`` for the attention roles :meth:`kernel_roles` selects (SDPA for the others) with the FA4
-        tiles of :meth:`kernel_tiles`, the small-query path (``small_query_attention``), and the
-        ``sparse_conv`` algorithm."""
+        tiles of :meth:`kernel_tiles`, the small-query path (``small_query_attention``), the MLPs' GELU epilogue
+        (``gelu_epilogue``), and the ``sparse_conv`` algorithm."""
         from ..model.attention_kernels import use_attention_kernel, use_small_query_path
+        from ..model.layers import use_gelu_epilogue
         from ..model.sparse import use_conv_impl
         return _entered_together(self.autocast(device),
                                  use_attention_kernel(self.attention_kernel, self.kernel_roles(stage),
                                                       self.kernel_tiles(stage)),
                                  use_small_query_path(self.small_query_attention if stage == "ss" else 0,
                                                       self.small_query_kernel),
+                                 use_gelu_epilogue(self.gelu_epilogue),
                                  use_conv_impl(self.sparse_conv))
 
     def kernel_roles(self, stage: str) -> tuple[str, ...]:
