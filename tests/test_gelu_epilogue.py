@@ -67,6 +67,7 @@ def test_cuda_epilogue_is_the_tanh_gelu():
 
 @cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@torch.no_grad()
 def test_cuda_mlp_with_the_epilogue_matches_the_two_steps(dtype):
     """A transformer MLP of the full model's width at the SS layout stream's 8 rows and a shape-stream-like 1,024 rows:
     the fused path is taken, and equals the two-step MLP within half-precision rounding, eager and compiled."""
@@ -93,3 +94,15 @@ def test_cuda_mlp_with_the_epilogue_matches_the_two_steps(dtype):
             err = (out.float() - exact).abs().max()
             assert err <= 2 * (two_step.float() - exact).abs().max() + scale * 2 ** -8, (rows, err)
     assert taken == [8, 1024]
+
+
+@cuda
+def test_cuda_keeps_the_two_steps_where_autograd_records(monkeypatch):
+    """``_addmm_activation`` has no derivative: with grad enabled and trainable weights the MLP keeps its two steps, so
+    a backward pass still works with the switch on."""
+    monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: pytest.fail("fused call taken under autograd"))
+    net = FeedForwardNet(64).cuda().bfloat16()
+    x = torch.randn(2, 8, 64, device="cuda", dtype=torch.bfloat16)
+    with use_gelu_epilogue(True):
+        net(x).float().sum().backward()
+    assert net.mlp[0].weight.grad is not None

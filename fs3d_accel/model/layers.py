@@ -121,7 +121,8 @@ class FeedForwardNet(nn.Module):
     run as one cuBLASLt GEMM with a bias + GELU epilogue (``torch._addmm_activation``; inductor keeps it as one extern
     call). On CUDA that epilogue is the tanh approximation, the model's GELU (checked on the GPU by
     ``tests/test_gelu_epilogue.py``); on a CPU ``_addmm_activation`` computes the exact (erf) GELU instead, so the fused
-    call is never taken there. Same math on CUDA, different rounding."""
+    call is never taken there. It has no derivative either, so it is skipped where autograd would record it (inference
+    runs under ``no_grad``). Same math on CUDA, different rounding."""
 
     def __init__(self, channels: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
@@ -131,7 +132,9 @@ class FeedForwardNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         fc1, fc2 = self.mlp[0], self.mlp[2]
         if (_gelu_epilogue and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-                and x.dtype == fc1.weight.dtype and x.numel()):
+                and x.dtype == fc1.weight.dtype and x.numel()
+                # the fused op has no derivative: where autograd would record it, keep the two steps
+                and not (torch.is_grad_enabled() and (x.requires_grad or fc1.weight.requires_grad))):
             hidden = torch._addmm_activation(fc1.bias, x.reshape(-1, x.shape[-1]), fc1.weight.t(), use_gelu=True)
             return fc2(hidden.view(*x.shape[:-1], hidden.shape[-1]))
         return self.mlp(x)

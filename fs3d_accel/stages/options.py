@@ -118,6 +118,8 @@ class RunOptions:
     #: the transformer MLPs' first Linear + tanh-GELU as one cuBLASLt GEMM with a bias + GELU epilogue
     #: (``layers.use_gelu_epilogue``; fp16 / bf16 CUDA only, elsewhere the two steps run as before): saves the
     #: element-wise GELU kernel's read and write of the (tokens x 4C) hidden activation. Same math, different rounding.
+    #: Session 13 (H100, without FA4, one round): SS sampler 0.744 -> 0.722 s, SLaT 0.715 -> 0.672 s at 14k
+    #: (``results/base_vs_official_h100/session13/gelu_epilogue/``); quality not yet measured, so no named path has it.
     gelu_epilogue: bool = False
     #: algorithm of the sparse convolutions (SLaT IO blocks, mesh decoder) whose ``SparseConv3d.impl`` is "auto":
     #: "auto" keeps the class rule (the Triton implicit GEMM for fp16 / bf16 inference on NVIDIA GPUs of compute
