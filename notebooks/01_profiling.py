@@ -368,9 +368,9 @@ layout = pd.read_csv(K13 / "attention_kernels.csv")
 layout.pivot_table(index="kernel", columns="shape", values="ms", sort=False).round(3)
 
 # %% [markdown]
-# cuDNN and FA4 give each (batch, head) one CTA that walks every key. PyTorch's FlashAttention-2 splits the keys over
-# CTAs (`flash_fwd_splitkv_kernel` in the sampler's kernel table) and is 2.3-4.5x faster. FA4 has no split-KV on Hopper.
-# `RunOptions.small_query_kernel="sdpa-flash2"` routes SS's calls with at most 16 queries there
+# cuDNN and FA4 presumably give each (batch, head) one CTA that walks every key (inferred from the times). PyTorch's
+# FlashAttention-2 splits the keys over CTAs (`flash_fwd_splitkv_kernel` in the sampler's kernel table) and is 2.4x /
+# 4.4x faster than FA4, which has no split-KV on Hopper. `RunOptions.small_query_kernel="sdpa-flash2"` routes SS's calls with at most 16 queries there
 # (`--fast-path compiled-zkv-fa4-all-sqfa2`). The third row of the budget table above is that setting: SS's attention
 # kernels drop from 0.376 to 0.331 s. On FA4 the layout stream took about 0.075 s (0.376 s less the 0.301 s of the
 # large shapes in the FA2 run), close to session 12's estimate of ~0.08 s; on FA2 it takes 0.030 s. Per object at 14k,

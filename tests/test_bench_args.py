@@ -159,3 +159,16 @@ def test_small_query_variants_differ_from_their_parent_by_the_path_alone():
         assert fast_path_quality.SETTINGS[setting] == dataclasses.replace(
             fast_path_quality.SETTINGS[fast_path_quality.SHORT["compile-all-zkv-fa4-ro"]], small_query_attention=16,
             small_query_kernel=kernel)
+
+
+def test_gelu_epilogue_variants_differ_from_their_parent_by_the_switch_alone():
+    import dataclasses
+
+    from benchmarks.stage_latency import variant_options
+    for name, parent in (("compile-all-zkv-ro-ge", "compile-all-zkv-ro"),
+                         ("compile-all-zkv-fa4-ro-sqfa2-ge", "compile-all-zkv-fa4-ro-sqfa2")):
+        assert variant_options(name) == dataclasses.replace(variant_options(parent), gelu_epilogue=True)
+    q = fast_path_quality
+    assert q.SETTINGS[q.SHORT["compile-all-zkv-ge"]] == dataclasses.replace(
+        q.SETTINGS[q.SHORT["compile-all-zkv"]], gelu_epilogue=True)
+    assert q.ONE_SWITCH_REF[q.SHORT["compile-all-zkv-ge"]] == q.SHORT["compile-all-zkv"]

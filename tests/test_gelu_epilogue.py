@@ -53,11 +53,11 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuB
 
 
 @cuda
-def test_cuda_epilogue_is_the_tanh_gelu():
+def test_cuda_epilogue_is_the_tanh_gelu(monkeypatch):
     """fp32 on the GPU: the fused call matches tanh-GELU to fp32 rounding and differs from the erf GELU by more."""
     g = torch.Generator(device="cuda").manual_seed(0)
     x, w, b = (torch.randn(*s, device="cuda", generator=g) for s in ((64, 256), (512, 256), (512,)))
-    torch.backends.cuda.matmul.allow_tf32 = False
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     fused = torch._addmm_activation(b, x, w.t(), use_gelu=True)
     pre = torch.addmm(b, x, w.t())
     to_tanh = (fused - F.gelu(pre, approximate="tanh")).abs().max().item()
@@ -87,7 +87,9 @@ def test_cuda_mlp_with_the_epilogue_matches_the_two_steps(dtype):
                 fused = net(x)
             finally:
                 torch._addmm_activation = real
-            fused_compiled = compiled(x)
+            from torch._inductor.utils import run_and_get_code
+            fused_compiled, code = run_and_get_code(compiled, x)
+            assert "_addmm_activation" in "\n".join(code)  # inductor keeps the fused call (one extern kernel)
         scale = exact.abs().max()
         for out in (fused, fused_compiled):
             assert out.dtype == dtype and out.shape == x.shape
@@ -105,4 +107,6 @@ def test_cuda_keeps_the_two_steps_where_autograd_records(monkeypatch):
     x = torch.randn(2, 8, 64, device="cuda", dtype=torch.bfloat16)
     with use_gelu_epilogue(True):
         net(x).float().sum().backward()
-    assert net.mlp[0].weight.grad is not None
+        net.mlp[0].weight.requires_grad_(False)  # a trainable bias alone also needs the two steps
+        net(x).float().sum().backward()
+    assert net.mlp[0].weight.grad is not None and net.mlp[0].bias.grad is not None

@@ -147,6 +147,10 @@ def test_flash2_kernel_equals_sdpa_and_is_taken_when_chosen(monkeypatch):
 
 
 def test_small_query_kernel_choice_is_validated_and_reaches_ss():
+    with pytest.raises(ValueError, match="FlashAttention-2, which takes fp16 / bf16 CUDA tensors; precision 'fp32'"):
+        RunOptions(small_query_attention=16, small_query_kernel="sdpa-flash2").check_device("cuda")
+    RunOptions(small_query_attention=16, small_query_kernel="sdpa-flash2").check_device("cpu")  # the CPU flash kernel
+    RunOptions(precision="bf16", small_query_attention=16, small_query_kernel="sdpa-flash2").check_device("cuda")
     with pytest.raises(ValueError, match="unknown small_query_kernel 'cudnn'"):
         RunOptions(small_query_attention=16, small_query_kernel="cudnn")
     with pytest.raises(ValueError, match="small_query_kernel 'sdpa-flash2' with small_query_attention=0 would never run"):
@@ -161,7 +165,7 @@ def test_small_query_kernel_choice_is_validated_and_reaches_ss():
         assert ak.current_small_query_limit() == 0
 
 
-def test_flash2_kernel_inside_the_compiled_ss_flow(cpu_compile):
+def test_flash2_kernel_inside_the_compiled_ss_flow(cpu_compile, monkeypatch):
     """The FA2 choice traces without a graph break in the compiled SS flow (aot_eager on the CPU) and gives the fused
     run's latents to fp32 rounding."""
     from torch._dynamo.utils import counters
@@ -170,11 +174,15 @@ def test_flash2_kernel_inside_the_compiled_ss_flow(cpu_compile):
     inputs = pipe.prepare(sample.image, sample.mask, sample.pointmap)
     common = dict(batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_backend="aot_eager")
     counters.clear()
-    outs = []
+    outs, graphs, taken = [], [], []
+    real = ak.flash2_small_query_attention
+    monkeypatch.setattr(ak, "flash2_small_query_attention", lambda q, k, v: taken.append(q.shape[1]) or real(q, k, v))
     for extra in ({}, dict(small_query_attention=16, small_query_kernel="sdpa-flash2")):
         pipe.options = RunOptions(**common, **extra)
         outs.append(pipe.run_ss(inputs, seed=0).latents)
+        graphs.append(counters["stats"]["unique_graphs"])
     assert not counters["graph_break"], dict(counters["graph_break"])
+    assert graphs[1] > graphs[0] >= 1 and taken and set(taken) == {4}  # a new graph, traced through the FA2 kernel
     for key in outs[0]:
         torch.testing.assert_close(outs[1][key], outs[0][key], rtol=1e-4, atol=1e-4)
 

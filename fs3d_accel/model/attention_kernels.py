@@ -125,7 +125,7 @@ def use_attention_kernel(name: str, roles: tuple[str, ...] = ATTENTION_ROLES,
 
 #: how the small-query path computes its calls: two fp32 matmuls and a softmax (:func:`small_query_attention`; measured
 #: slower than the fused kernels), or PyTorch SDPA's FlashAttention-2 (:func:`flash2_small_query_attention`), which
-#: splits the keys across CTAs (2.4-4.5x faster than FA4 per layout-stream call on the H100, session 13)
+#: splits the keys across CTAs (2.4x / 4.4x faster than FA4 per layout-stream call on the H100, session 13)
 SMALL_QUERY_MATMUL = "fp32-matmul"
 SMALL_QUERY_FA2 = "sdpa-flash2"
 SMALL_QUERY_KERNELS = (SMALL_QUERY_MATMUL, SMALL_QUERY_FA2)
@@ -171,8 +171,8 @@ def flash2_small_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """SDPA restricted to its FlashAttention-2 backend, on (B, L, H, D) tensors. With few queries FA2's forward
     splits the keys over several CTAs per (batch, head) when one CTA each would leave most SMs idle (PyTorch's copy of
     flash-attention's split-KV heuristic: ``flash_fwd_splitkv_kernel`` + ``flash_fwd_splitkv_combine_kernel`` in the SS
-    sampler's kernel table), where cuDNN and FA4 (no split-KV on Hopper at the measured commit) walk all the keys in one
-    CTA. At the SS layout stream's shapes on the H100, from CUDA graphs: 0.020 / 0.018 ms per call against FA4's 0.047 /
+    sampler's kernel table), where FA4 (no split-KV on Hopper at the measured commit), and presumably cuDNN, walk all
+    the keys in one CTA. At the SS layout stream's shapes on the H100, from CUDA graphs: 0.020 / 0.018 ms per call against FA4's 0.047 /
     0.081 and cuDNN's 0.046 / 0.077 (session 13, ``benchmarks/results/attention_kernels_h100/session13/``). Same math,
     different rounding. FA2 needs fp16 / bf16 CUDA tensors (autocast supplies them); on a CPU SDPA's flash backend is
     the CPU's own kernel."""
@@ -188,7 +188,7 @@ def small_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     softmax in fp32; output in the dtype SDPA would return.
 
     Session 12's candidate for the SS layout stream (4 pose queries over ~4.1k or 7.5k keys, 1,200 calls per SS sampler
-    call), where the fused kernels give each (batch, head) one CTA that walks every key. Same math with fp32 scores
+    call), where the fused kernels presumably give each (batch, head) one CTA that walks every key. Same math with fp32 scores
     (TF32 products where ``torch.backends.cuda.matmul.allow_tf32`` is on; bf16 and fp16 inputs are exact in TF32): only
     the rounding differs. Autocast is switched off inside (it would recast the products to half precision); the output
     has the dtype SDPA would return (the autocast dtype under autocast). Measured slower than the fused kernels on the

@@ -122,7 +122,7 @@ class FeedForwardNet(nn.Module):
     call). On CUDA that epilogue is the tanh approximation, the model's GELU (checked on the GPU by
     ``tests/test_gelu_epilogue.py``); on a CPU ``_addmm_activation`` computes the exact (erf) GELU instead, so the fused
     call is never taken there. It has no derivative either, so it is skipped where autograd would record it (inference
-    runs under ``no_grad``). Same math on CUDA, different rounding."""
+    runs under ``no_grad``), and under autocast. Same math on CUDA, different rounding."""
 
     def __init__(self, channels: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
@@ -133,8 +133,11 @@ class FeedForwardNet(nn.Module):
         fc1, fc2 = self.mlp[0], self.mlp[2]
         if (_gelu_epilogue and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
                 and x.dtype == fc1.weight.dtype and x.numel()
+                # autocast would not recast the fused op as it recasts the two steps: keep those under autocast
+                and not torch.is_autocast_enabled("cuda")
                 # the fused op has no derivative: where autograd would record it, keep the two steps
-                and not (torch.is_grad_enabled() and (x.requires_grad or fc1.weight.requires_grad))):
+                and not (torch.is_grad_enabled()
+                         and any(t is not None and t.requires_grad for t in (x, fc1.weight, fc1.bias)))):
             hidden = torch._addmm_activation(fc1.bias, x.reshape(-1, x.shape[-1]), fc1.weight.t(), use_gelu=True)
             return fc2(hidden.view(*x.shape[:-1], hidden.shape[-1]))
         return self.mlp(x)

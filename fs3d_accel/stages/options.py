@@ -107,8 +107,8 @@ class RunOptions:
     attention_kernel_tiles: tuple[tuple[str, str], ...] = ()
     #: unmasked attention calls of the SS stage with at most this many queries take the small-query path
     #: (``small_query_kernel``) instead of the fused kernel of ``attention_kernel``; 0 = off. Aimed at the SS layout
-    #: stream: 4 pose queries over ~4.1k / 7.5k keys, 1,200 calls per SS sampler call, where cuDNN and FA4 give each
-    #: (batch, head) one CTA (0.046-0.081 ms per call from CUDA graphs on the H100, session 13).
+    #: stream: 4 pose queries over ~4.1k / 7.5k keys, 1,200 calls per SS sampler call, which cuDNN and FA4 take
+    #: 0.046-0.081 ms each for (from CUDA graphs on the H100, session 13; presumably one CTA per (batch, head)).
     small_query_attention: int = 0
     #: how the small-query path computes: "sdpa-flash2" (SDPA's FlashAttention-2, which splits the keys over CTAs:
     #: 0.018-0.020 ms per layout call, SS sampler 5% faster; ``attention_kernels.flash2_small_query_attention``) or
@@ -118,7 +118,8 @@ class RunOptions:
     #: the transformer MLPs' first Linear + tanh-GELU as one cuBLASLt GEMM with a bias + GELU epilogue
     #: (``layers.use_gelu_epilogue``; fp16 / bf16 CUDA only, elsewhere the two steps run as before): saves the
     #: element-wise GELU kernel's read and write of the (tokens x 4C) hidden activation. Same math, different rounding.
-    #: Session 13 (H100, without FA4, one round): SS sampler 0.744 -> 0.722 s, SLaT 0.715 -> 0.672 s at 14k
+    #: Acts on the fp16 / bf16 precisions only (the fp32 and autocast ones keep fp32 weights and the two steps).
+    #: Session 13 (H100, without FA4, one round): the GELU kernels gone, each sampler's kernels 0.023-0.026 s shorter
     #: (``results/base_vs_official_h100/session13/gelu_epilogue/``); quality not yet measured, so no named path has it.
     gelu_epilogue: bool = False
     #: algorithm of the sparse convolutions (SLaT IO blocks, mesh decoder) whose ``SparseConv3d.impl`` is "auto":
@@ -249,6 +250,11 @@ class RunOptions:
             why = triton_unavailable(dev)
             if why is not None:
                 raise ValueError(f"sparse_conv 'implicit': {why}")
+        if (self.small_query_kernel == "sdpa-flash2" and self.small_query_attention and dev.type == "cuda"
+                and self.precision not in ("fp16", "bf16", "autocast-fp16", "autocast-bf16")):
+            raise ValueError(f"small_query_kernel 'sdpa-flash2' runs SDPA's FlashAttention-2, which takes fp16 / bf16 "
+                             f"CUDA tensors; precision {self.precision!r} gives it fp32 ones. Use a half precision, or "
+                             f"small_query_kernel 'fp32-matmul'")
         if self.attention_kernel != "sdpa":
             from ..model.attention_kernels import flash_attn_cute_unavailable
             why = flash_attn_cute_unavailable(dev)
@@ -359,7 +365,9 @@ FAST_PATHS: dict[str, RunOptions] = {
     # cost; needs flash_attn.cute (optional install). SS keeps cuDNN SDPA (its headline: session 11, 1.39 s per object
     # at 14k); ``compiled-zkv-fa4-all`` below also moves SS to FA4.
     # SLaT in the default mode (``slat_compile_mode="default"``) was 7% faster on one lease and 4-67% slower on another
-    # (session 11, ``results/base_vs_official_h100/session11/``): graphs are the choice that did not lose badly.
+    # (session 11, ``results/base_vs_official_h100/session11/``): graphs are the choice that did not lose badly. Over 16
+    # new sizes with FA4 in SLaT the default mode was 0.27-0.44 s slower per call (session 13,
+    # ``results/slat_many_sizes_h100_fa4_host/``).
     "compiled-zkv-fa4": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True,
                                    compile_slat=True, collapse_zero_cond=True, compile_mode="reduce-overhead",
                                    attention_kernel="flash-attn-cute", attention_kernel_sites=("slat",)),
