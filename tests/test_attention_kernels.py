@@ -97,3 +97,13 @@ def test_bad_fa4_tiles_are_refused_before_the_device(spec, message):
 def test_fa4_tiles_and_flash_impl_are_not_combined():
     with pytest.raises(SystemExit, match="--flash-impl would time nothing"):
         ak.main(["--device", "cpu", "--fa4-tiles", "128x128", "--flash-impl", "FA4"])
+
+
+def test_shape_filter_is_checked_before_the_device():
+    """``--shapes`` keeps the shapes whose name holds the text (case-insensitive); one that matches nothing is refused by
+    name, before any device check (so on a CPU too)."""
+    with pytest.raises(SystemExit, match="--shapes 'warp' matches none of"):
+        ak.main(["--shapes", "warp"])
+    with pytest.raises(SystemExit, match="CUDA"):  # 'LAYOUT' matches the two layout-stream shapes: on to the device
+        ak.main(["--shapes", "LAYOUT", "--device", "cpu"])
+    assert len([s for s in ak.SHAPES if "layout" in s.name.lower()]) == 2
