@@ -17,7 +17,8 @@ left reserved.
     python benchmarks/slat_many_sizes.py --device cuda --config full \\
         --variants compile-all-zkv-ro,compile-all-zkv-ssro --objects 24 --out runs/slat_many_sizes
 
-Writes ``slat_many_sizes.csv`` (one row per call, after every call), ``README.md`` (medians per variant and pass,
+Writes ``slat_many_sizes.csv`` (one row per call, after every call), ``README.md`` (medians per variant and pass, each
+later variant against the first paired by size,
 graphs and memory at the end) and ``slat_many_sizes.png``. On the CPU it runs uncompiled variants only
 (``--config mini``: a check of the script, not a timing).
 """
@@ -122,6 +123,23 @@ def summarise(rows: list[dict]) -> list[dict]:
     return out
 
 
+def paired(rows: list[dict]) -> list[dict]:
+    """Per variant after the first, and pass: the median over sizes of (this variant's seconds - the first variant's at
+    the same size and pass), and at how many of those sizes it was faster. Pairing by size removes the spread between
+    sizes, which is larger than most differences between variants."""
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    seconds = {(r["variant"], r["pass"], r["N"]): r["seconds"] for r in rows}
+    out = []
+    for variant in variants[1:]:
+        for p in sorted({r["pass"] for r in rows if r["variant"] == variant}):
+            diffs = [seconds[(variant, p, n)] - seconds[(variants[0], p, n)]
+                     for (v, q, n) in seconds if v == variant and q == p and (variants[0], p, n) in seconds]
+            if diffs:
+                out.append({"variant": variant, "against": variants[0], "pass": p, "sizes": len(diffs),
+                            "median_diff_s": statistics.median(diffs), "faster_at": sum(d < 0 for d in diffs)})
+    return out
+
+
 def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
     lines = ["# SLaT sampler over objects of distinct sizes (`benchmarks/slat_many_sizes.py`)", "",
              f"Device **{meta['device']}**, torch {meta['torch']}, config `{meta['config']}`, "
@@ -136,6 +154,12 @@ def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
     for s in summarise(rows):
         lines.append(f"| {s['variant']} | {s['pass']} | {s['calls']} | {s['median_s']:.4f} | {s['max_s']:.4f} | "
                      f"{s['graphs_recorded']} | {s['reserved_gb_end']:.2f} |")
+    pairs = paired(rows)
+    if pairs:
+        lines += ["", f"Paired by size against `{pairs[0]['against']}` (median over sizes of the difference; negative = "
+                      "faster):", "", "| variant | pass | sizes | median difference s | faster at |", "|---|---|---|---|---|"]
+        lines += [f"| {d['variant']} | {d['pass']} | {d['sizes']} | {d['median_diff_s']:+.4f} | {d['faster_at']} of "
+                  f"{d['sizes']} |" for d in pairs]
     lines += ["", f"Every call: `{CSV_NAME}`.", ""]
     (out / "README.md").write_text("\n".join(lines))
 

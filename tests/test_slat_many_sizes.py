@@ -72,6 +72,21 @@ def test_summarise_per_variant_and_pass():
          "reserved_gb_end": 1.0}]
 
 
+def test_paired_differences_by_size():
+    """Each later variant against the first at the same size and pass: median difference and how often faster; sizes
+    only one variant met are left out."""
+    def row(v, p, n, sec):
+        return {"variant": v, "pass": p, "N": n, "seconds": sec}
+    rows = [row("a", 1, 100, 1.0), row("a", 1, 200, 2.0), row("a", 1, 300, 3.0), row("a", 2, 100, 1.0),
+            row("b", 1, 100, 0.5), row("b", 1, 200, 2.5), row("b", 1, 300, 2.0), row("b", 2, 100, 1.5),
+            row("b", 2, 999, 9.0), row("c", 1, 200, 2.0)]
+    assert sms.paired(rows) == [
+        {"variant": "b", "against": "a", "pass": 1, "sizes": 3, "median_diff_s": -0.5, "faster_at": 2},
+        {"variant": "b", "against": "a", "pass": 2, "sizes": 1, "median_diff_s": 0.5, "faster_at": 0},
+        {"variant": "c", "against": "a", "pass": 1, "sizes": 1, "median_diff_s": 0.0, "faster_at": 0}]
+    assert sms.paired([r for r in rows if r["variant"] == "a"]) == []
+
+
 def test_cpu_run_writes_one_row_per_call(tmp_path):
     sms.main(["--device", "cpu", "--config", "mini", "--variants", "bf16-cfg-kv", "--objects", "2",
               "--min-voxels", "60", "--max-voxels", "90", "--passes", "2", "--out", str(tmp_path)])
