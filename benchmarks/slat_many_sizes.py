@@ -17,9 +17,8 @@ left reserved.
     python benchmarks/slat_many_sizes.py --device cuda --config full \\
         --variants compile-all-zkv-ro,compile-all-zkv-ssro --objects 24 --out runs/slat_many_sizes
 
-Writes ``slat_many_sizes.csv`` (one row per call, after every call), ``README.md`` (medians per variant and pass, each
-later variant against the first paired by size,
-graphs and memory at the end) and ``slat_many_sizes.png``. On the CPU it runs uncompiled variants only
+Writes ``slat_many_sizes.csv`` (one row per call, after every call), ``README.md`` (medians per variant and pass,
+graphs and memory at the end, each later variant against the first paired by size) and ``slat_many_sizes.png``. On the CPU it runs uncompiled variants only
 (``--config mini``: a check of the script, not a timing).
 """
 from __future__ import annotations
