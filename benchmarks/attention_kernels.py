@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
                          "the SS layout stream's two shapes")
     ap.add_argument("--out", type=Path, default=Path("runs/attention_kernels"))
     args = ap.parse_args(argv)
+    if args.shapes is not None and not args.shapes.strip():
+        raise SystemExit("--shapes: give some text of a shape name (e.g. 'layout'), or leave --shapes out for all")
     shapes = [s for s in SHAPES if args.shapes is None or args.shapes.lower() in s.name.lower()]
     if not shapes:
         raise SystemExit(f"--shapes {args.shapes!r} matches none of {[s.name for s in SHAPES]}")

@@ -18,8 +18,8 @@ left reserved.
         --variants compile-all-zkv-ro,compile-all-zkv-ssro --objects 24 --out runs/slat_many_sizes
 
 Writes ``slat_many_sizes.csv`` (one row per call, after every call), ``README.md`` (medians per variant and pass,
-graphs and memory at the end, each later variant against the first paired by size) and ``slat_many_sizes.png``. On the CPU it runs uncompiled variants only
-(``--config mini``: a check of the script, not a timing).
+graphs and memory at the end, each later variant against the first paired by size) and ``slat_many_sizes.png``. On
+the CPU it runs uncompiled variants only (``--config mini``: a check of the script, not a timing).
 """
 from __future__ import annotations
 
@@ -155,8 +155,9 @@ def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
                      f"{s['graphs_recorded']} | {s['reserved_gb_end']:.2f} |")
     pairs = paired(rows)
     if pairs:
-        lines += ["", f"Paired by size against `{pairs[0]['against']}` (median over sizes of the difference; negative = "
-                      "faster):", "", "| variant | pass | sizes | median difference s | faster at |", "|---|---|---|---|---|"]
+        lines += ["", f"Paired by size against `{pairs[0]['against']}` (median over sizes of the difference; "
+                      "negative = faster):", "", "| variant | pass | sizes | median difference s | faster at |",
+                  "|---|---|---|---|---|"]
         lines += [f"| {d['variant']} | {d['pass']} | {d['sizes']} | {d['median_diff_s']:+.4f} | {d['faster_at']} of "
                   f"{d['sizes']} |" for d in pairs]
     lines += ["", f"Every call: `{CSV_NAME}`.", ""]

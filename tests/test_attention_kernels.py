@@ -104,6 +104,8 @@ def test_shape_filter_is_checked_before_the_device():
     name, before any device check (so on a CPU too)."""
     with pytest.raises(SystemExit, match="--shapes 'warp' matches none of"):
         ak.main(["--shapes", "warp"])
+    with pytest.raises(SystemExit, match="--shapes: give some text of a shape name"):
+        ak.main(["--shapes", " "])  # would match every shape
     with pytest.raises(SystemExit, match="CUDA"):  # 'LAYOUT' matches the two layout-stream shapes: on to the device
         ak.main(["--shapes", "LAYOUT", "--device", "cpu"])
     assert len([s for s in ak.SHAPES if "layout" in s.name.lower()]) == 2

@@ -49,6 +49,18 @@ def test_cpu_never_takes_the_fused_call(monkeypatch):
         assert torch.equal(net(x), off)
 
 
+def test_flop_counter_counts_the_fused_gemm():
+    """FlopCounterMode counts ``_addmm_activation`` as it counts ``addmm`` (2 M K N), so MFU built on FLOP counts does
+    not lose the MLPs that run fused."""
+    from torch.utils.flop_counter import FlopCounterMode
+    x, w, b = torch.randn(8, 64), torch.randn(128, 64), torch.randn(128)
+    with FlopCounterMode(display=False) as fused:
+        torch._addmm_activation(b, x, w.t(), use_gelu=True)
+    with FlopCounterMode(display=False) as plain:
+        torch.addmm(b, x, w.t())
+    assert fused.get_total_flops() == plain.get_total_flops() == 2 * 8 * 64 * 128
+
+
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuBLASLt's GELU epilogue)")
 
 
@@ -110,3 +122,21 @@ def test_cuda_keeps_the_two_steps_where_autograd_records(monkeypatch):
         net.mlp[0].weight.requires_grad_(False)  # a trainable bias alone also needs the two steps
         net(x).float().sum().backward()
     assert net.mlp[0].weight.grad is not None and net.mlp[0].bias.grad is not None
+
+
+@cuda
+@torch.no_grad()
+def test_cuda_keeps_the_two_steps_where_module_hooks_sit():
+    """A hook on the MLP's Linear or GELU (the per-module profilers put one on every module) would never fire for the
+    fused call: the MLP keeps its two steps there and the hooks see them."""
+    net = FeedForwardNet(64).cuda().bfloat16()
+    x = torch.randn(2, 8, 64, device="cuda", dtype=torch.bfloat16)
+    seen = []
+    for i in (0, 1):
+        handle = net.mlp[i].register_forward_hook(lambda m, a, o, _i=i: seen.append(_i))
+        try:
+            with use_gelu_epilogue(True):
+                net(x)
+        finally:
+            handle.remove()
+    assert seen == [0, 1]

@@ -172,8 +172,9 @@ def flash2_small_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     splits the keys over several CTAs per (batch, head) when one CTA each would leave most SMs idle (PyTorch's copy of
     flash-attention's split-KV heuristic: ``flash_fwd_splitkv_kernel`` + ``flash_fwd_splitkv_combine_kernel`` in the SS
     sampler's kernel table), where FA4 (no split-KV on Hopper at the measured commit), and presumably cuDNN, walk all
-    the keys in one CTA. At the SS layout stream's shapes on the H100, from CUDA graphs: 0.020 / 0.018 ms per call against FA4's 0.047 /
-    0.081 and cuDNN's 0.046 / 0.077 (session 13, ``benchmarks/results/attention_kernels_h100/session13/``). Same math,
+    the keys in one CTA. At the SS layout stream's shapes on the H100, from CUDA graphs: 0.020 / 0.018 ms per call
+    against FA4's 0.047 / 0.081 and cuDNN's 0.046 / 0.077 (session 13,
+    ``benchmarks/results/attention_kernels_h100/session13/``). Same math,
     different rounding. FA2 needs fp16 / bf16 CUDA tensors (autocast supplies them); on a CPU SDPA's flash backend is
     the CPU's own kernel."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -188,8 +189,8 @@ def small_query_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     softmax in fp32; output in the dtype SDPA would return.
 
     Session 12's candidate for the SS layout stream (4 pose queries over ~4.1k or 7.5k keys, 1,200 calls per SS sampler
-    call), where the fused kernels presumably give each (batch, head) one CTA that walks every key. Same math with fp32 scores
-    (TF32 products where ``torch.backends.cuda.matmul.allow_tf32`` is on; bf16 and fp16 inputs are exact in TF32): only
+    call), where the fused kernels presumably give each (batch, head) one CTA that walks every key. Same math with fp32
+    scores (TF32 products where ``torch.backends.cuda.matmul.allow_tf32`` is on; bf16 and fp16 inputs are exact in TF32): only
     the rounding differs. Autocast is switched off inside (it would recast the products to half precision); the output
     has the dtype SDPA would return (the autocast dtype under autocast). Measured slower than the fused kernels on the
     H100 (0.20 / 0.34 ms per call compiled, against FA4's 0.047 / 0.081 ms, from CUDA graphs; session 13,
@@ -275,6 +276,6 @@ def _flash_attn_cute_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **k
 
 __all__ = ["ATTENTION_KERNELS", "ATTENTION_ROLES", "FLASH_ATTN_CUTE", "FlashAttnTiles", "SDPA", "check_role",
            "SMALL_QUERY_FA2", "SMALL_QUERY_KERNELS", "SMALL_QUERY_MATMUL", "current_attention_kernel",
-           "current_flash_attn_tiles", "current_small_query_kernel", "current_small_query_limit", "flash2_small_query_attention",
-           "flash_attn_cute", "flash_attn_cute_tiled", "flash_attn_cute_unavailable", "small_query_attention",
+           "current_flash_attn_tiles", "current_small_query_kernel", "current_small_query_limit",
+           "flash2_small_query_attention", "flash_attn_cute", "flash_attn_cute_tiled", "flash_attn_cute_unavailable", "small_query_attention",
            "small_query_path", "use_attention_kernel", "use_small_query_path"]

@@ -8,6 +8,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.flop_counter import register_flop_formula
 
 from . import attention_kernels
 
@@ -93,6 +94,15 @@ class MultiHeadRMSNorm(nn.Module):
 _gelu_epilogue = False
 
 
+@register_flop_formula(torch.ops.aten._addmm_activation)
+def _addmm_activation_flops(self_shape, mat1_shape, mat2_shape, *args, out_shape=None, **kwargs) -> int:
+    """The fused Linear + GELU's GEMM, as FlopCounterMode counts ``addmm`` (2 * M * K * N; the epilogue and the bias
+    add are not counted, as for ``addmm``). Without this rule, FLOP counts (and MFU) would miss every MLP that runs
+    under :func:`use_gelu_epilogue`."""
+    m, k = mat1_shape
+    return 2 * m * k * mat2_shape[1]
+
+
 def current_gelu_epilogue() -> bool:
     """Whether :class:`FeedForwardNet` fuses its GELU into the first GEMM here (:func:`use_gelu_epilogue`)."""
     return _gelu_epilogue
@@ -122,7 +132,9 @@ class FeedForwardNet(nn.Module):
     call). On CUDA that epilogue is the tanh approximation, the model's GELU (checked on the GPU by
     ``tests/test_gelu_epilogue.py``); on a CPU ``_addmm_activation`` computes the exact (erf) GELU instead, so the fused
     call is never taken there. It has no derivative either, so it is skipped where autograd would record it (inference
-    runs under ``no_grad``), and under autocast. Same math on CUDA, different rounding."""
+    runs under ``no_grad``), under autocast, and where module hooks sit on the Linear or the GELU (the per-module
+    profilers of ``fs3d_analysis.profile`` would otherwise see neither). FlopCounterMode counts the fused GEMM as it
+    counts ``addmm``. Same math on CUDA, different rounding."""
 
     def __init__(self, channels: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
@@ -130,9 +142,11 @@ class FeedForwardNet(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        fc1, fc2 = self.mlp[0], self.mlp[2]
+        fc1, act, fc2 = self.mlp
         if (_gelu_epilogue and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16)
-                and x.dtype == fc1.weight.dtype and x.numel()
+                and x.dtype == fc1.weight.dtype and fc1.bias is not None and x.numel()
+                # module hooks on the Linear or the GELU (the per-module profilers) would never fire for a fused call
+                and not (fc1._forward_hooks or fc1._forward_pre_hooks or act._forward_hooks or act._forward_pre_hooks)
                 # autocast would not recast the fused op as it recasts the two steps: keep those under autocast
                 and not torch.is_autocast_enabled("cuda")
                 # the fused op has no derivative: where autograd would record it, keep the two steps

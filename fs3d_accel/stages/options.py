@@ -255,6 +255,10 @@ class RunOptions:
             raise ValueError(f"small_query_kernel 'sdpa-flash2' runs SDPA's FlashAttention-2, which takes fp16 / bf16 "
                              f"CUDA tensors; precision {self.precision!r} gives it fp32 ones. Use a half precision, or "
                              f"small_query_kernel 'fp32-matmul'")
+        if (self.small_query_kernel == "sdpa-flash2" and self.small_query_attention and dev.type == "cuda"
+                and torch.cuda.is_available() and torch.cuda.get_device_capability(dev)[0] < 8):
+            raise ValueError(f"small_query_kernel 'sdpa-flash2': SDPA's FlashAttention-2 needs compute capability "
+                             f"8.0+, {torch.cuda.get_device_name(dev)} has {torch.cuda.get_device_capability(dev)}")
         if self.attention_kernel != "sdpa":
             from ..model.attention_kernels import flash_attn_cute_unavailable
             why = flash_attn_cute_unavailable(dev)
@@ -378,17 +382,14 @@ FAST_PATHS: dict[str, RunOptions] = {
     "compiled-zkv-fa4-all": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True,
                                        compile_slat=True, collapse_zero_cond=True, compile_mode="reduce-overhead",
                                        attention_kernel="flash-attn-cute", attention_kernel_sites=("ss", "slat")),
-    # + the SS layout stream's attention (4 pose queries over ~4.1k / 7.5k keys, 1,200 calls per SS sampler call) on
-    # SDPA's FlashAttention-2, which splits the keys over CTAs: 0.020 / 0.018 ms per call against FA4's 0.047 / 0.081
-    # from CUDA graphs; SS sampler 0.668-0.670 s against 0.706-0.709 s, per object at 14k 1.29-1.34 s against
-    # 1.36-1.42 s for ``compiled-zkv-fa4`` in 3 rounds (session 13, H100, ``results/base_vs_official_h100/session13/``);
-    # quality: mean ΔF1 −0.06 against ``compiled-zkv-fa4-all`` (``results/fast_path_quality_h100/small_query_fa2/``).
-    "compiled-zkv-fa4-all-sqfa2": RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True,
-                                             compile_slat=True, collapse_zero_cond=True,
-                                             compile_mode="reduce-overhead", attention_kernel="flash-attn-cute",
-                                             attention_kernel_sites=("ss", "slat"), small_query_attention=16,
-                                             small_query_kernel="sdpa-flash2"),
 }
+# + the SS layout stream's attention (4 pose queries over ~4.1k / 7.5k keys, 1,200 calls per SS sampler call) on
+# SDPA's FlashAttention-2, which splits the keys over CTAs: 0.020 / 0.018 ms per call against FA4's 0.047 / 0.081
+# from CUDA graphs; SS sampler 0.668-0.670 s against 0.706-0.709 s, per object at 14k 1.29-1.34 s against
+# 1.36-1.42 s for ``compiled-zkv-fa4`` in 3 rounds (session 13, H100, ``results/base_vs_official_h100/session13/``);
+# quality: mean ΔF1 −0.06 against ``compiled-zkv-fa4-all`` (``results/fast_path_quality_h100/small_query_fa2/``).
+FAST_PATHS["compiled-zkv-fa4-all-sqfa2"] = dataclasses.replace(FAST_PATHS["compiled-zkv-fa4-all"],
+                                                           small_query_attention=16, small_query_kernel="sdpa-flash2")
 
 
 def fast_path(name: str) -> RunOptions:
