@@ -106,7 +106,8 @@ if str(ROOT) not in sys.path:
 from benchmarks import parity_official as po  # noqa: E402
 from fs3d_accel.model.random_weights import perturb_zero_inits  # noqa: E402
 from fs3d_analysis.profile.latency import cuda_graph_recordings, sync_device  # noqa: E402
-from fs3d_analysis.profile.busy import KERNEL_CLASSES, KernelTime, kernel_class, kernel_time  # noqa: E402
+from fs3d_analysis.profile.busy import (KERNEL_CLASSES, IdleGap, KernelTime, Timeline, kernel_class,  # noqa: E402
+                                        kernel_time)
 from fs3d_analysis.profile.shape_only import skip_heavy_ops  # noqa: E402
 from benchmarks.stage_latency import (COORDS_FILE, FLOP_CLASSES, SHORT, Timer, add_conv_args,  # noqa: E402
                                       apply_conv_args, count_flops, count_flops_by_class, load_coords,
@@ -122,7 +123,7 @@ DEFAULT_VARIANTS = "official,compile-all-zkv,compile-all,bf16-cfg-kv,official-li
 #: official HF yamls that parity_official.official_yamls() reads
 HF_FILES = ("ss_generator.yaml", "slat_generator.yaml", "ss_decoder.yaml", "slat_decoder_mesh.yaml")
 CSV_NAME, README_NAME, FIG_NAME = "base_vs_official.csv", "README.md", "base_vs_official.png"
-KERNELS_CSV_NAME, KERNEL_FIG_NAME = "kernels.csv", "kernel_classes.png"
+KERNELS_CSV_NAME, KERNEL_FIG_NAME, IDLE_CSV_NAME = "kernels.csv", "kernel_classes.png", "idle.csv"
 COLUMNS = ["round", "variant", "stage", "object", "N", "median_s", "min_s", "first_call_s", "n", "speedup_vs_official",
            "model_tflop", "achieved_tflops", "mfu", "executed_tflop", "mfu_executed", "kernel_s", "launches", "gpu_busy",
            "graphs_recorded_per_call", "peak_mem_gb", "resident_gb",
@@ -672,6 +673,9 @@ def readme_text(rows: list[dict], meta: dict) -> str:
     classes = kernel_class_lines(rows)
     if classes:
         lines += [""] + classes
+    idle = idle_lines(rows)
+    if idle:
+        lines += [""] + idle
     lines += ["", "## How the official modules run here", ""] + [f"- {n}" for n in meta.get("notes", [])]
     return "\n".join(lines) + "\n"
 
@@ -878,6 +882,47 @@ def kernel_class_lines(rows: list[dict]) -> list[str]:
     return lines
 
 
+def write_idle_csv(rows: list[dict], path: Path) -> None:
+    """Where each ``--gpu-busy`` unit's profiled call waited: the idle fraction of every tenth of the call, and its
+    longest idle stretches with the host events open when each began (``busy.gpu_timeline``)."""
+    import csv
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["variant", "stage", "object", "N", "what", "index", "start_ms", "ms", "idle_fraction", "host"])
+        for r in rows:
+            tl = r.get("timeline")
+            if tl is None:
+                continue
+            key = [r["variant"], r["stage"], r.get("object") or "", r.get("N") or ""]
+            w.writerow(key + ["call", 0, "0", f"{tl.window_ms:.3f}", f"{tl.idle_ms / tl.window_ms:.4f}", ""])
+            for i, frac in enumerate(tl.idle_by_tenth):
+                w.writerow(key + ["tenth", i, f"{i * tl.window_ms / len(tl.idle_by_tenth):.3f}",
+                                  f"{tl.window_ms / len(tl.idle_by_tenth):.3f}", f"{frac:.4f}", ""])
+            for i, g in enumerate(tl.gaps):
+                w.writerow(key + ["gap", i, f"{g.start_ms:.3f}", f"{g.ms:.3f}", "", g.host])
+
+
+def idle_lines(rows: list[dict]) -> list[str]:
+    """Per profiled unit: the idle share of each tenth of its profiled call and its three longest idle stretches."""
+    timed = [r for r in rows if r.get("timeline") is not None]
+    if not timed:
+        return []
+    lines = ["## Where in the call the GPU waits (the profiled call of each unit)", "",
+             f"Idle % of each tenth of the profiled call (its first to its last event), and its longest idle "
+             f"stretches with the host events open when each began (`{IDLE_CSV_NAME}` has eight per unit). The "
+             "profiler slows the host, so the idle here is larger than in unprofiled calls; where it sits is the "
+             "point.", "",
+             "| stage | object | variant | call ms | idle ms | idle % by tenth | longest idle stretches (start ms: ms, host) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in timed:
+        tl = r["timeline"]
+        tenths = " ".join(f"{100 * f:.0f}" for f in tl.idle_by_tenth)
+        gaps = "; ".join(f"{g.start_ms:.1f}: {g.ms:.1f} ({g.host or '-'})" for g in tl.gaps[:3])
+        lines.append(f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | {r['variant']} | "
+                     f"{tl.window_ms:.1f} | {tl.idle_ms:.1f} | {tenths} | {gaps.replace('|', '/')} |")
+    return lines
+
+
 def write_outputs(rows: list[dict], out: Path, meta: dict) -> None:
     """CSV, README table, JSON meta and the figure (called after every unit)."""
     import csv
@@ -890,6 +935,8 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> None:
             w.writerow({k: r.get(k, "") for k in COLUMNS})
     if any("kernels" in r for r in rows):
         write_kernel_csv(rows, out / KERNELS_CSV_NAME)
+    if any(r.get("timeline") is not None for r in rows):
+        write_idle_csv(rows, out / IDLE_CSV_NAME)
     (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     (out / README_NAME).write_text(readme_text(rows, meta))
     whys = [write_figure(rows, out / FIG_NAME)]
@@ -933,6 +980,23 @@ def load_outputs(folder: Path) -> tuple[list[dict], dict]:
                     raise SystemExit(f"--replot: {KERNELS_CSV_NAME} names a unit missing from {CSV_NAME}: "
                                      f"{k['variant']} {k['stage']} {k['object']}")
                 unit[0].setdefault("kernels", {})[k["kernel"]] = (float(k["seconds"]), int(k["launches"]))
+    if (folder / IDLE_CSV_NAME).is_file():
+        with open(folder / IDLE_CSV_NAME) as fh:
+            parts: dict[tuple, dict] = {}
+            for k in csv.DictReader(fh):
+                part = parts.setdefault((k["variant"], k["stage"], k["object"]), {"tenth": [], "gap": []})
+                if k["what"] == "call":
+                    part["call"] = (float(k["ms"]), float(k["idle_fraction"]) * float(k["ms"]))
+                elif k["what"] == "tenth":
+                    part["tenth"].append(float(k["idle_fraction"]))
+                else:
+                    part["gap"].append(IdleGap(float(k["start_ms"]), float(k["ms"]), k["host"]))
+        for key, part in parts.items():
+            unit = [r for r in rows if (r["variant"], r["stage"], r.get("object") or "") == key and "kernel_s" in r]
+            if not unit or "call" not in part:
+                raise SystemExit(f"--replot: {IDLE_CSV_NAME} names a unit missing from {CSV_NAME} or has no 'call' "
+                                 f"row: {' '.join(key)}")
+            unit[0]["timeline"] = Timeline(part["call"][0], part["call"][1], tuple(part["tenth"]), tuple(part["gap"]))
     return rows, json.loads((folder / "meta.json").read_text())
 
 
@@ -1110,7 +1174,7 @@ def run(args) -> list[dict]:
                 if args.gpu_busy and rnd == 1:
                     k = kernel_time(fn, dev)
                     r.update(kernel_s=k.seconds, launches=k.launches, gpu_busy=k.seconds / r["median_s"],
-                             kernels=k.by_kernel)
+                             kernels=k.by_kernel, timeline=k.timeline)
             row.update(r)
             got = post(out)
             if variant == "official" and (stage, obj) not in ref_out:

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks import base_vs_official as bvo  # noqa: E402
 from benchmarks import parity_official as po  # noqa: E402
+from fs3d_analysis.profile.busy import IdleGap, Timeline  # noqa: E402
 
 TINY = ["--device", "cpu", "--config", "mini", "--steps", "1", "--max-voxels", "40", "--objects", "032_knife",
         "--warmup", "0", "--repeats", "1"]
@@ -196,6 +197,8 @@ def test_gpu_busy_columns_only_where_measured(tmp_path):
     rows[1].update(kernel_s=0.95, launches=900, gpu_busy=0.95)
     rows[0]["kernels"] = {"cudnn_generated_fort_native_sdpa_sm90_flash_fprop": (1.0, 100),
                           "nvjet_sm90_tst_256x128": (0.25, 200), "Memset (Device)": (0.25, 119700)}
+    rows[0]["timeline"] = Timeline(4000.0, 2500.0, (1.0, 0.5) + (0.125,) * 8,
+                                   (IdleGap(0.0, 400.0, "sampler > cudaStreamEndCapture"), IdleGap(2100.0, 2.5, "")))
     meta = {"device": "H100", "peak_tflops": 800.0, "host_cpu": "Some CPU, 16 logical cores"}
     bvo.write_outputs(rows, tmp_path, meta)
     text = (tmp_path / bvo.README_NAME).read_text()
@@ -218,10 +221,12 @@ def test_gpu_busy_columns_only_where_measured(tmp_path):
     # --replot: the files alone give back the same README
     again = tmp_path / "again"
     again.mkdir()
-    for name in (bvo.CSV_NAME, bvo.KERNELS_CSV_NAME, "meta.json"):
+    for name in (bvo.CSV_NAME, bvo.KERNELS_CSV_NAME, bvo.IDLE_CSV_NAME, "meta.json"):
         (again / name).write_bytes((tmp_path / name).read_bytes())
     bvo.main(["--replot", str(again)])
     assert (again / bvo.README_NAME).read_text() == text
+    assert "| SS generator sampler |  | official | 4000.0 | 2500.0 | 100 50 12 12 12 12 12 12 12 12 | " \
+        "0.0: 400.0 (sampler > cudaStreamEndCapture); 2100.0: 2.5 (-) |" in text
     loaded, _ = bvo.load_outputs(again)
     assert loaded[0]["kernels"]["Memset (Device)"] == (0.25, 119700) and loaded[0]["launches"] == 120000
     assert "kernels" not in loaded[1] and loaded[2]["object"] == "007_tuna_fish_can"

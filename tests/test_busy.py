@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.autograd import DeviceType
 
-from fs3d_analysis.profile.busy import KernelTime, kernel_class, kernel_time, sum_device_events
+from fs3d_analysis.profile.busy import KernelTime, gpu_timeline, kernel_class, kernel_time, sum_device_events
 
 
 def _row(device: DeviceType, us: float, count: int, key: str = "k") -> SimpleNamespace:
@@ -51,3 +51,29 @@ def test_no_device_rows_is_zero():
 def test_cpu_device_is_refused():
     with pytest.raises(ValueError, match="needs a CUDA device"):
         kernel_time(lambda: torch.ones(2) + 1, "cpu")
+
+
+def test_timeline_idle_tenths_and_gaps():
+    # window 0..1000 us (the host events span it); kernels busy 100-300, 250-400 (overlap: counted once), 900-1000
+    device = [(100.0, 300.0), (250.0, 400.0), (900.0, 1000.0)]
+    host = [(0.0, 1000.0, "sampler"), (400.0, 900.0, "record"), (450.0, 800.0, "cudaStreamEndCapture"),
+            (0.0, 50.0, "setup")]
+    tl = gpu_timeline(device, host, bins=10, top=2)
+    assert tl.window_ms == pytest.approx(1.0)
+    assert tl.idle_ms == pytest.approx(0.6)  # 0-100 and 400-900
+    assert tl.idle_by_tenth == pytest.approx((1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0))
+    assert [(g.start_ms, g.ms) for g in tl.gaps] == [(pytest.approx(0.4), pytest.approx(0.5)),
+                                                    (pytest.approx(0.0), pytest.approx(0.1))]
+    assert tl.gaps[0].host == "sampler > record"  # the capture opened after the gap began
+    assert tl.gaps[1].host == "sampler > setup"
+
+
+def test_timeline_device_only_and_bad_input():
+    tl = gpu_timeline([(10.0, 20.0), (30.0, 40.0)], [], bins=2)
+    assert tl.window_ms == pytest.approx(0.03) and tl.idle_ms == pytest.approx(0.01)
+    assert tl.idle_by_tenth == pytest.approx((1 / 3, 1 / 3))  # the gap 20-30 straddles the middle (25)
+    assert tl.gaps[0].host == ""
+    with pytest.raises(ValueError, match="no device events"):
+        gpu_timeline([], [(0.0, 1.0, "x")])
+    with pytest.raises(ValueError, match="bins must be"):
+        gpu_timeline([(0.0, 1.0)], [], bins=0)

@@ -6,9 +6,12 @@ official SAM 3D code's timings move between machine leases while a compiled, GPU
 
     kernels = kernel_time(lambda: sampler(...), torch.device("cuda"))
     busy = kernels.seconds / median_wall_seconds
+    kernels.timeline.idle_by_tenth      # where in the call the GPU waits: spread out, or at one place
+    kernels.timeline.gaps[0].host       # what the host was doing during the longest wait
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -40,13 +43,78 @@ def kernel_class(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class IdleGap:
+    """One stretch of a profiled call in which no kernel, copy or memset ran on the GPU: its start (ms after the
+    call's first event), its length (ms), and the host events open when it began (outermost first, the last
+    three; e.g. ``cudaStreamSynchronize`` or a CUDA-graph capture's ``cudaStreamEndCapture``)."""
+
+    start_ms: float
+    ms: float
+    host: str
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Where in one profiled call the GPU waited. ``window_ms`` spans the call's first event to its last (host or
+    device); ``idle_by_tenth`` is the idle fraction of each tenth of that window (a recording or a warm-up at the
+    start shows as idle first tenths, host-bound steps as idle spread over all of them); ``gaps`` are the longest
+    idle stretches, longest first."""
+
+    window_ms: float
+    idle_ms: float
+    idle_by_tenth: tuple[float, ...]
+    gaps: tuple[IdleGap, ...]
+
+
+def _merge(intervals: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    merged: list[list[float]] = []
+    for a, b in sorted(intervals):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [(a, b) for a, b in merged]
+
+
+def gpu_timeline(device: list[tuple[float, float]], host: list[tuple[float, float, str]], *,
+                 bins: int = 10, top: int = 8) -> Timeline:
+    """The idle structure of one call from its events' (start, end) times in microseconds: ``device`` the
+    kernels, copies and memsets, ``host`` the CPU events as (start, end, name). Overlapping device events count
+    once (concurrent streams are busy together). Raises ValueError without device events."""
+    if not device:
+        raise ValueError("no device events: nothing ran on the GPU in the profiled call")
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    busy = _merge(device)
+    t0 = min([busy[0][0]] + [a for a, _, _ in host])
+    t1 = max([busy[-1][1]] + [b for _, b, _ in host])
+    idle = [(a, b) for a, b in zip([t0] + [e for _, e in busy], [s for s, _ in busy] + [t1]) if b > a]
+    width = (t1 - t0) / bins
+    tenths = []
+    for i in range(bins):
+        lo, hi = t0 + i * width, t0 + (i + 1) * width
+        tenths.append(sum(max(0.0, min(b, hi) - max(a, lo)) for a, b in idle) / width if width > 0 else 0.0)
+
+    def host_at(t: float) -> str:
+        open_ = sorted((a, -b, name) for a, b, name in host if a <= t < b)
+        return " > ".join(name for _, _, name in open_[-3:])
+
+    longest = sorted(idle, key=lambda g: g[0] - g[1])[:top]
+    gaps = tuple(IdleGap((a - t0) / 1e3, (b - a) / 1e3, host_at(a)) for a, b in longest)
+    return Timeline(window_ms=(t1 - t0) / 1e3, idle_ms=sum(b - a for a, b in idle) / 1e3,
+                    idle_by_tenth=tuple(tenths), gaps=gaps)
+
+
+@dataclass(frozen=True)
 class KernelTime:
     """Summed device time of one call's kernels, memory copies and memsets, and how many were launched;
-    ``by_kernel`` maps each kernel name to its (seconds, launches)."""
+    ``by_kernel`` maps each kernel name to its (seconds, launches); ``timeline`` (from :func:`kernel_time`
+    only) where in the call the GPU waited."""
 
     seconds: float
     launches: int
     by_kernel: dict[str, tuple[float, int]] = field(default_factory=dict, compare=False)
+    timeline: Timeline | None = field(default=None, compare=False)
 
     def by_class(self) -> dict[str, float]:
         """Seconds per :func:`kernel_class`, largest first."""
@@ -90,7 +158,18 @@ def kernel_time(fn: Callable[[], Any], device: torch.device | str) -> KernelTime
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize(device)
-    return sum_device_events(prof.key_averages())
+    total = sum_device_events(prof.key_averages())
+    dev, host = [], []
+    for e in prof.events():
+        span = (e.time_range.start, e.time_range.end)
+        if span[1] <= span[0]:  # allocation records ("[memory]") and other instants: no work
+            continue
+        if getattr(e.device_type, "name", str(e.device_type)) == "CUDA":
+            dev.append(span)
+        else:
+            host.append((*span, e.name))
+    timeline = gpu_timeline(dev, host) if dev else None
+    return dataclasses.replace(total, timeline=timeline)
 
 
-__all__ = ["KERNEL_CLASSES", "KernelTime", "kernel_class", "kernel_time", "sum_device_events"]
+__all__ = ["KERNEL_CLASSES", "IdleGap", "KernelTime", "Timeline", "gpu_timeline", "kernel_class", "kernel_time", "sum_device_events"]
