@@ -15,7 +15,8 @@ from fs3d_analysis.distributed import CliPipeFactory
 
 def test_named_fast_paths():
     assert list(FAST_PATHS) == ["off", "fp32-cfg-kv", "bf16", "compiled", "compiled-zkv", "compiled-zkv-ro",
-                                "compiled-zkv-fa4", "compiled-zkv-fa4-all", "compiled-zkv-fa4-all-sqfa2"]
+                                "compiled-zkv-fa4", "compiled-zkv-fa4-all", "compiled-zkv-fa4-all-sqfa2",
+                                "compiled-zkv-fa4-all-sqfa2-ge"]
     ro = fast_path("compiled-zkv-ro")
     assert ro.compile_mode == "reduce-overhead" and ro.for_stage("slat") is ro and ro.attention_kernel == "sdpa"
     fa4 = fast_path("compiled-zkv-fa4")
@@ -29,6 +30,8 @@ def test_named_fast_paths():
     assert fa4_all == dataclasses.replace(fa4, attention_kernel_sites=("ss", "slat"))
     assert fast_path("compiled-zkv-fa4-all-sqfa2") == dataclasses.replace(fa4_all, small_query_attention=16,
                                                                         small_query_kernel="sdpa-flash2")
+    assert fast_path("compiled-zkv-fa4-all-sqfa2-ge") == dataclasses.replace(fast_path("compiled-zkv-fa4-all-sqfa2"),
+                                                                           gelu_epilogue=True)
     assert fast_path("off") == RunOptions()
     assert fast_path("bf16").weight_dtype == torch.bfloat16 and fast_path("bf16").cache_cond_kv
     assert fast_path("compiled-zkv").collapse_zero_cond and fast_path("compiled-zkv").compile_slat
@@ -128,3 +131,4 @@ def test_named_fast_paths_are_the_benchmarked_variants():
     assert fast_path("compiled-zkv") == VARIANTS[SHORT["compile-all-zkv"]]
     assert fast_path("compiled-zkv-fa4-all") == VARIANTS[SHORT["compile-all-zkv-fa4-ro"]]
     assert fast_path("compiled-zkv-fa4-all-sqfa2") == VARIANTS[SHORT["compile-all-zkv-fa4-ro-sqfa2"]]
+    assert fast_path("compiled-zkv-fa4-all-sqfa2-ge") == VARIANTS[SHORT["compile-all-zkv-fa4-ro-sqfa2-ge"]]

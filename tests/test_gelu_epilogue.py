@@ -65,13 +65,19 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (cuB
 
 
 @cuda
-def test_cuda_epilogue_is_the_tanh_gelu(monkeypatch):
+def test_cuda_epilogue_is_the_tanh_gelu():
     """fp32 on the GPU: the fused call matches tanh-GELU to fp32 rounding and differs from the erf GELU by more."""
     g = torch.Generator(device="cuda").manual_seed(0)
     x, w, b = (torch.randn(*s, device="cuda", generator=g) for s in ((64, 256), (512, 256), (512,)))
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    fused = torch._addmm_activation(b, x, w.t(), use_gelu=True)
-    pre = torch.addmm(b, x, w.t())
+    # no TF32 in these fp32 GEMMs (the public switch: monkeypatching ``matmul.allow_tf32`` fails to undo on
+    # torch 2.11, whose cuBLAS module serves that name through __getattr__)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        fused = torch._addmm_activation(b, x, w.t(), use_gelu=True)
+        pre = torch.addmm(b, x, w.t())
+    finally:
+        torch.set_float32_matmul_precision(before)
     to_tanh = (fused - F.gelu(pre, approximate="tanh")).abs().max().item()
     to_erf = (fused - F.gelu(pre)).abs().max().item()
     assert to_tanh < 1e-4 < to_erf, (to_tanh, to_erf)
