@@ -334,13 +334,17 @@ pd.DataFrame(ss_rows).pivot(index="process", columns="variant", values="SS sampl
 # %%
 PEAK11 = 787.0
 S13 = ROOT / "benchmarks" / "results" / "base_vs_official_h100" / "session13"
+S14 = ROOT / "benchmarks" / "results" / "base_vs_official_h100" / "session14"
 split = pd.read_csv(S12 / "executed_flops_by_class" / "flops.csv")
 budget_cases = [("SS, cuDNN", S12 / "fa4_ss_process1", "compile-all-zkv-fa4-slat-ro", "ss", None),
                 ("SS, FA4", S12 / "fa4_ss_process1", "compile-all-zkv-fa4-ro", "ss", None),
                 ("SS, FA4 + FA2 for the layout stream (session 13)", S13 / "ss_small_query_fa2",
                  "compile-all-zkv-fa4-ro-sqfa2", "ss", None),
                 ("SLaT 14k, SDPA (session 11)", HEAD11, "compile-all-zkv-ro", "slat", "007_tuna_fish_can"),
-                ("SLaT 14k, FA4", S12 / "fa4_ss_process1", "compile-all-zkv-fa4-slat-ro", "slat", "007_tuna_fish_can")]
+                ("SLaT 14k, FA4", S12 / "fa4_ss_process1", "compile-all-zkv-fa4-slat-ro", "slat", "007_tuna_fish_can"),
+                ("SS, + GELU epilogue (session 14)", S14 / "ge_fast", "compile-all-zkv-fa4-ro-sqfa2-ge", "ss", None),
+                ("SLaT 14k, FA4 + GELU epilogue (session 14)", S14 / "ge_fast", "compile-all-zkv-fa4-ro-sqfa2-ge", "slat",
+                 "007_tuna_fish_can")]
 budget = []
 for name, folder, variant, stage, obj in budget_cases:
     k = pd.read_csv(folder / "kernels.csv")
@@ -381,3 +385,58 @@ head13_rows, head13_meta = load_outputs(S13 / "head_14k")
 per_object13 = pd.DataFrame(per_object_totals(head13_rows))
 print(head13_meta["device"])
 per_object13.pivot_table(index="round", columns="variant", values=["seconds", "speedup"], sort=False).round(3)
+
+# %% [markdown]
+# ## 8. The GELU epilogue, and where in a call the GPU waits
+#
+# The last two rows of the budget table are session 14's fastest path, `--fast-path compiled-zkv-fa4-all-sqfa2-ge`. It
+# adds `RunOptions.gelu_epilogue`: the MLP's first Linear and its tanh-GELU run as one cuBLASLt GEMM with a bias + GELU
+# epilogue. SS's fused element-wise kernels drop from 0.109 to 0.076 s, and the SS sampler takes 0.657 s: 55.3% of the
+# executed FLOPs against that run's measured 771 TFLOP/s (54.2% against 787). Per object at 14k, three rounds against
+# the official code:
+
+# %%
+head14_rows, head14_meta = load_outputs(S14 / "head_14k")
+print(head14_meta["device"], f"{head14_meta['peak_tflops']:.0f} TFLOP/s measured")
+pd.DataFrame(per_object_totals(head14_rows)).pivot_table(index="round", columns="variant",
+                                                         values=["seconds", "speedup"], sort=False).round(3)
+
+# %% [markdown]
+# SLaT stays far below 55% of the executed FLOPs although its kernels alone would be at ~54%. `--gpu-busy` now also writes
+# `idle.csv`: the idle share of each tenth of the profiled call, and the longest idle stretches with the host events
+# open when each began (`fs3d_analysis.profile.busy.gpu_timeline`). Each row below is one profiled call:
+
+# %%
+import matplotlib.pyplot as plt
+
+idle = pd.concat([pd.read_csv(S14 / "ge_fast" / "idle.csv").assign(run="lease 1"),
+                  pd.read_csv(S14 / "sizes_ours" / "idle.csv").assign(run="lease 3")])
+idle = idle[idle["variant"] == "compile-all-zkv-fa4-ro-sqfa2"]
+tenths = idle[idle["what"] == "tenth"].copy()
+tenths["unit"] = (tenths["stage"].map({"ss": "SS", "slat": "SLaT", "mesh": "mesh decoder"}) + " "
+                  + tenths["N"].fillna(0).astype(int).astype(str).replace("0", "") + " (" + tenths["run"] + ")")
+grid = tenths.pivot_table(index="unit", columns="index", values="idle_fraction", sort=False) * 100
+fig, ax = plt.subplots(figsize=(8, 0.45 * len(grid) + 1.2))
+sns.heatmap(grid, annot=True, fmt=".0f", cmap="Reds", vmin=0, vmax=100, cbar_kws={"label": "idle %"}, ax=ax)
+ax.set_xlabel("tenth of the profiled call")
+ax.set_ylabel("")
+ax.set_title("GPU idle within one sampler call (H100, compiled-zkv-fa4-all-sqfa2)", fontsize=10)
+fig.tight_layout()
+fig.savefig(FIG / "01_idle_timeline.png", dpi=120)
+
+# %%
+gaps = idle[(idle["what"] == "gap") & (idle["stage"] == "slat")]
+gaps.groupby(["run", "N"]).head(3)[["run", "N", "start_ms", "ms", "host"]].round(1)
+
+# %% [markdown]
+# At 14k and 20k, SLaT waits at its first step and at the step where CFG ends. Each is a CUDA-graph recording of the
+# compiled torso for a new shape: first the CFG pair (batch 2), then the conditional pass alone (batch 1). A recording
+# costs ~30-50 ms of idle GPU (`CUDAGraphNode.record`, with the shape's first run and two synchronisations around it).
+# Between the two recordings the GPU is 96-98% busy. At 5k every tenth is idle: the steps are too short to cover the
+# host work of the eager IO blocks around each graph replay. The mesh decoder's network (35-60 ms) is host-bound at every
+# size.
+#
+# Every new object has a new token count, so the recordings are per object. Holding the K/V, as SS does, would only
+# help repeats of one object. The runbook lists what is not built yet:
+# - token-count buckets, so that one bucket's graphs serve every object that falls in it;
+# - the IO blocks compiled into the torso's region.
