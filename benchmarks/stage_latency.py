@@ -127,6 +127,13 @@ VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and S
          "attention by FlashAttention-2, GELU in the GEMM epilogue"] = dataclasses.replace(
     VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead, small-query "
              "attention by FlashAttention-2"], gelu_epilogue=True)
+# the same with SLaT's whole pass (IO blocks + compiled torso, default mode) captured in one CUDA graph per object and
+# batch size (``cuda_graphs``, ``stages.graphs.GraphedCall``) instead of inductor's graphs of the torso alone: one launch
+# per step where session 14's idle timeline found SLaT host-bound at 5k (the eager IO blocks around each replay)
+VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead in SS, small-query "
+         "attention by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs"] = dataclasses.replace(
+    VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead, small-query "
+             "attention by FlashAttention-2, GELU in the GEMM epilogue"], slat_compile_mode="default", cuda_graphs=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -167,7 +174,10 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
          "compile-all-zkv-ro-ge": "... + one-key K/V of the zero condition, reduce-overhead, GELU in the GEMM epilogue",
          "compile-all-zkv-fa4-ro-sqfa2-ge": "... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, "
                                             "reduce-overhead, small-query attention by FlashAttention-2, GELU in the "
-                                            "GEMM epilogue"}
+                                            "GEMM epilogue",
+         "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg": "... + one-key K/V of the zero condition + FlashAttention-4 in SS and "
+                                                   "SLaT, reduce-overhead in SS, small-query attention by FlashAttention-2, "
+                                                   "GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs"}
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

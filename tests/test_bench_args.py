@@ -172,3 +172,20 @@ def test_gelu_epilogue_variants_differ_from_their_parent_by_the_switch_alone():
     assert q.SETTINGS[q.SHORT["compile-all-zkv-ge"]] == dataclasses.replace(
         q.SETTINGS[q.SHORT["compile-all-zkv"]], gelu_epilogue=True)
     assert q.ONE_SWITCH_REF[q.SHORT["compile-all-zkv-ge"]] == q.SHORT["compile-all-zkv"]
+    assert q.SETTINGS[q.SHORT["compile-all-zkv-fa4-ro-sqfa2-ge"]] == dataclasses.replace(
+        q.SETTINGS[q.SHORT["compile-all-zkv-fa4-ro-sqfa2"]], gelu_epilogue=True)
+    assert q.ONE_SWITCH_REF[q.SHORT["compile-all-zkv-fa4-ro-sqfa2-ge"]] == q.SHORT["compile-all-zkv-fa4-ro-sqfa2"]
+
+
+def test_every_benchmark_variant_builds_and_the_whole_pass_graph_variant_changes_slat_only():
+    """Every short name resolves to valid options, and ``-slatcg`` is the GELU path with SLaT's passes captured whole
+    (SLaT in the default compile mode inside them), SS untouched."""
+    import dataclasses
+
+    from benchmarks.stage_latency import SHORT, variant_options
+    for name in SHORT:
+        variant_options(name)
+    ge = variant_options("compile-all-zkv-fa4-ro-sqfa2-ge")
+    cg = variant_options("compile-all-zkv-fa4-ro-sqfa2-ge-slatcg")
+    assert cg == dataclasses.replace(ge, slat_compile_mode="default", cuda_graphs=True)
+    assert cg.for_stage("ss").compile_uses_cuda_graphs and not cg.for_stage("slat").compile_uses_cuda_graphs

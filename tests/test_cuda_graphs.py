@@ -38,6 +38,20 @@ def test_options_reject_graphs_with_autocast_and_off_cuda():
         RunOptions(precision="autocast-bf16", cuda_graphs=True)
     with pytest.raises(ValueError, match="cuda_graphs is CUDA-only"):
         RunOptions(precision="bf16", cuda_graphs=True).check_device("cpu")
+
+
+def test_options_reject_whole_pass_graphs_around_inductor_graphs():
+    """cuda_graphs captures a SLaT pass; a SLaT compile mode with its own CUDA graphs would record inside that capture."""
+    for mode in ("reduce-overhead", "max-autotune"):
+        with pytest.raises(ValueError, match=f"SLaT's compile mode '{mode}' records its own"):
+            RunOptions(precision="bf16", compile_slat=True, compile_mode=mode, cuda_graphs=True)
+        with pytest.raises(ValueError, match=f"SLaT's compile mode '{mode}' records its own"):
+            RunOptions(precision="bf16", compile_slat=True, slat_compile_mode=mode, cuda_graphs=True)
+    # SLaT in the default mode may sit inside the pass's graph while SS keeps inductor's graphs (SS compiled ignores
+    # cuda_graphs), and an uncompiled SLaT with SS in reduce-overhead is fine too
+    RunOptions(precision="bf16", compile_ss=True, compile_slat=True, compile_mode="reduce-overhead",
+               slat_compile_mode="default", cuda_graphs=True)
+    RunOptions(precision="bf16", compile_ss=True, compile_mode="reduce-overhead", cuda_graphs=True)
     RunOptions(precision="bf16", cuda_graphs=True).check_device("cuda")  # accepted
 
 

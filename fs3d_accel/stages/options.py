@@ -84,7 +84,8 @@ class RunOptions:
     #: replay each fixed-shape flow pass from a CUDA graph (``stages/graphs.py``): every SS pass that
     #: is not torch.compile'd, and the full-token SLaT passes of an object (its coordinate structure is
     #: built on the first pass, captured on the second, replayed after). CUDA only; needs weights in
-    #: the compute precision (fp32 / fp16 / bf16), not an autocast precision.
+    #: the compute precision (fp32 / fp16 / bf16), not an autocast precision, and (with ``compile_slat``) a SLaT mode without
+    #: its own graphs ("default" via ``slat_compile_mode``): inductor's graphs cannot be recorded inside this capture.
     cuda_graphs: bool = False
     #: in the unconditional CFG branch the condition tokens are all zero, so each cross-attention's L keys
     #: are one repeated vector (the ``to_kv`` bias), and so are its values: keep one key and value instead
@@ -192,6 +193,11 @@ class RunOptions:
             raise ValueError(f"cuda_graphs needs weights in the compute precision (fp32, fp16 or bf16); "
                              f"precision {self.precision!r} casts inside autocast, whose weight cache "
                              f"cannot live in a CUDA graph")
+        slat_mode = self.slat_compile_mode or self.compile_mode
+        if self.cuda_graphs and self.compile_slat and slat_mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"cuda_graphs captures each SLaT pass in one CUDA graph, and SLaT's compile mode "
+                             f"{slat_mode!r} records its own (cudagraph trees) inside it; a graph cannot be captured "
+                             f"inside another's capture: set slat_compile_mode='default' or cuda_graphs=False")
 
     def _check_kernel_tiles(self) -> None:
         from ..model.attention_kernels import FlashAttnTiles
