@@ -84,8 +84,9 @@ class RunOptions:
     #: replay each fixed-shape flow pass from a CUDA graph (``stages/graphs.py``): every SS pass that
     #: is not torch.compile'd, and the full-token SLaT passes of an object (its coordinate structure is
     #: built on the first pass, captured on the second, replayed after). CUDA only; needs weights in
-    #: the compute precision (fp32 / fp16 / bf16), not an autocast precision, and (with ``compile_slat``) a SLaT mode without
-    #: its own graphs ("default" via ``slat_compile_mode``): inductor's graphs cannot be recorded inside this capture.
+    #: the compute precision (fp32 / fp16 / bf16), not an autocast precision, and (with ``compile_slat``) a
+    #: SLaT compile mode without graphs of its own ("default" via ``slat_compile_mode``): inductor's graphs
+    #: cannot be recorded inside this capture.
     cuda_graphs: bool = False
     #: in the unconditional CFG branch the condition tokens are all zero, so each cross-attention's L keys
     #: are one repeated vector (the ``to_kv`` bias), and so are its values: keep one key and value instead
@@ -398,10 +399,10 @@ FAST_PATHS: dict[str, RunOptions] = {
 # quality: mean ΔF1 −0.06 against ``compiled-zkv-fa4-all`` (``results/fast_path_quality_h100/small_query_fa2/``).
 FAST_PATHS["compiled-zkv-fa4-all-sqfa2"] = dataclasses.replace(FAST_PATHS["compiled-zkv-fa4-all"],
                                                            small_query_attention=16, small_query_kernel="sdpa-flash2")
-# + the transformer MLPs' first GEMM with cuBLASLt's bias + GELU epilogue (``gelu_epilogue``): SS sampler 0.657 s against
-# 0.678-0.682 s in two rounds on one H100 (55.3% of the run's measured matmul peak, of executed FLOPs), SLaT 0.606-0.618 s
-# against 0.614-0.686 s (session 14, ``results/base_vs_official_h100/session14/``); quality: mean ΔF1 +0.37 against
-# ``compiled-zkv-fa4-all-sqfa2``, inside the 0.46 that setting itself moved between two runs
+# + the transformer MLPs' first GEMM with cuBLASLt's bias + GELU epilogue (``gelu_epilogue``): SS sampler 0.657 s
+# against 0.678-0.682 s in two rounds on one H100 (55.3% of the run's measured matmul peak, of executed FLOPs),
+# SLaT 0.606-0.618 s against 0.614-0.686 s (session 14, ``results/base_vs_official_h100/session14/``); quality:
+# mean ΔF1 +0.37 against ``compiled-zkv-fa4-all-sqfa2``, inside the 0.46 that setting itself moved between two runs
 # (``results/fast_path_quality_h100/gelu_epilogue/``).
 FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge"] = dataclasses.replace(FAST_PATHS["compiled-zkv-fa4-all-sqfa2"],
                                                               gelu_epilogue=True)

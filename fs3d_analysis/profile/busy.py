@@ -172,4 +172,5 @@ def kernel_time(fn: Callable[[], Any], device: torch.device | str) -> KernelTime
     return dataclasses.replace(total, timeline=timeline)
 
 
-__all__ = ["KERNEL_CLASSES", "IdleGap", "KernelTime", "Timeline", "gpu_timeline", "kernel_class", "kernel_time", "sum_device_events"]
+__all__ = ["KERNEL_CLASSES", "IdleGap", "KernelTime", "Timeline", "gpu_timeline", "kernel_class", "kernel_time",
+           "sum_device_events"]
