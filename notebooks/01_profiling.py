@@ -162,6 +162,11 @@ if DEVICE == "cuda":
     torch.cuda.synchronize()
     wall_s = time.perf_counter() - t0
     kt = kernel_time(run_once, DEVICE)
+    tl = kt.timeline  # where in the call the GPU waited (section 8 shows the committed H100 timelines)
+    print(f"GPU idle {tl.idle_ms:.1f} of {tl.window_ms:.1f} ms; idle % by tenth of the call:",
+          [round(100 * f) for f in tl.idle_by_tenth])
+    for gap in tl.gaps[:3]:
+        print(f"  at {gap.start_ms:.1f} ms: {gap.ms:.1f} ms idle, host in {gap.host or '-'}")
     kernels = pd.DataFrame([dict(unit=f"ours, {CONFIG}", kernel=name, seconds=sec)
                             for name, (sec, _) in kt.by_kernel.items()])
     kernels["class"] = kernels["kernel"].map(kernel_class)
