@@ -75,7 +75,8 @@ counts those skipped FLOPs as done, so it overstates the hardware's utilisation 
 
 ``--rounds R`` times every unit R times, round after round, and takes each speedup within its round (the host-bound
 official time drifts within a lease). ``--gpu-busy`` adds GPU busy, every kernel (``kernels.csv``), a kernel-class
-table and ``kernel_classes.png``. ``python base_vs_official.py --replot FOLDER`` re-renders a finished run's
+table and ``kernel_classes.png``, and where in the profiled call the GPU waited (``idle.csv``: idle share per tenth of
+the call, longest idle stretches and the host events open in them). ``python base_vs_official.py --replot FOLDER`` re-renders a finished run's
 README and figures from its CSVs, without a GPU.
 """
 from __future__ import annotations
@@ -183,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_conv_args(ap)  # our SparseConv3d algorithm (auto: see SparseConv3d)
     ap.add_argument("--gpu-busy", action="store_true",
                     help="profile one more call per unit and report its summed kernel time over the median wall "
-                         "time (GPU busy; far below 100%% means the call waits on the host). CUDA only")
+                         "time (GPU busy; far below 100%% means the call waits on the host), every kernel "
+                         "(kernels.csv) and where in the call the GPU waited (idle.csv). CUDA only")
     ap.add_argument("--flops-only", action="store_true",
                     help="no timing: model and executed FLOPs of every variant and unit (products skipped, "
                          "shapes kept: fs3d_analysis.profile.shape_only), to flops.csv; runs on a CPU at full size "
@@ -888,18 +890,21 @@ def write_idle_csv(rows: list[dict], path: Path) -> None:
     import csv
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["variant", "stage", "object", "N", "what", "index", "start_ms", "ms", "idle_fraction", "host"])
+        w.writerow(["variant", "stage", "object", "N", "what", "index", "start_ms", "ms", "idle_fraction", "host",
+                    "idle_ms"])
         for r in rows:
             tl = r.get("timeline")
             if tl is None:
                 continue
             key = [r["variant"], r["stage"], r.get("object") or "", r.get("N") or ""]
-            w.writerow(key + ["call", 0, "0", f"{tl.window_ms:.3f}", f"{tl.idle_ms / tl.window_ms:.4f}", ""])
+            # full precision (repr), so that --replot renders the same README from the file
+            w.writerow(key + ["call", 0, 0.0, repr(tl.window_ms), repr(tl.idle_ms / tl.window_ms), "",
+                              repr(tl.idle_ms)])
             for i, frac in enumerate(tl.idle_by_tenth):
-                w.writerow(key + ["tenth", i, f"{i * tl.window_ms / len(tl.idle_by_tenth):.3f}",
-                                  f"{tl.window_ms / len(tl.idle_by_tenth):.3f}", f"{frac:.4f}", ""])
+                part = tl.window_ms / len(tl.idle_by_tenth)
+                w.writerow(key + ["tenth", i, repr(i * part), repr(part), repr(frac), "", ""])
             for i, g in enumerate(tl.gaps):
-                w.writerow(key + ["gap", i, f"{g.start_ms:.3f}", f"{g.ms:.3f}", "", g.host])
+                w.writerow(key + ["gap", i, repr(g.start_ms), repr(g.ms), "", g.host, ""])
 
 
 def idle_lines(rows: list[dict]) -> list[str]:
@@ -933,10 +938,14 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> None:
         w.writeheader()
         for r in rows:
             w.writerow({k: r.get(k, "") for k in COLUMNS})
-    if any("kernels" in r for r in rows):
-        write_kernel_csv(rows, out / KERNELS_CSV_NAME)
-    if any(r.get("timeline") is not None for r in rows):
-        write_idle_csv(rows, out / IDLE_CSV_NAME)
+    # each optional file is written where its data exists and removed where it does not (a reused folder keeps no stale
+    # file for --replot to read back)
+    for name, write, present in ((KERNELS_CSV_NAME, write_kernel_csv, any("kernels" in r for r in rows)),
+                                 (IDLE_CSV_NAME, write_idle_csv, any(r.get("timeline") is not None for r in rows))):
+        if present:
+            write(rows, out / name)
+        else:
+            (out / name).unlink(missing_ok=True)
     (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     (out / README_NAME).write_text(readme_text(rows, meta))
     whys = [write_figure(rows, out / FIG_NAME)]
@@ -954,7 +963,7 @@ _TEXT_COLUMNS = {"variant", "stage", "object", "precision", "error"}
 
 def load_outputs(folder: Path) -> tuple[list[dict], dict]:
     """Rows and meta of a finished run, read back from its CSVs and meta.json (``--replot``): numbers as numbers,
-    empty cells left out, each profiled unit's kernels from ``kernels.csv``."""
+    empty cells left out, each profiled unit's kernels from ``kernels.csv`` and its idle timeline from ``idle.csv``."""
     import csv
     folder = Path(folder)
     missing = [n for n in (CSV_NAME, "meta.json") if not (folder / n).is_file()]
@@ -986,7 +995,10 @@ def load_outputs(folder: Path) -> tuple[list[dict], dict]:
             for k in csv.DictReader(fh):
                 part = parts.setdefault((k["variant"], k["stage"], k["object"]), {"tenth": [], "gap": []})
                 if k["what"] == "call":
-                    part["call"] = (float(k["ms"]), float(k["idle_fraction"]) * float(k["ms"]))
+                    # files of session 14 have no idle_ms column: the fraction (4 decimals) times the window
+                    idle_ms = (float(k["idle_ms"]) if k.get("idle_ms") else
+                               float(k["idle_fraction"]) * float(k["ms"]))
+                    part["call"] = (float(k["ms"]), idle_ms)
                 elif k["what"] == "tenth":
                     part["tenth"].append(float(k["idle_fraction"]))
                 else:

@@ -78,7 +78,7 @@ SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, smal
 # the MLPs' first GEMM with cuBLASLt's bias + GELU epilogue, on compile-all-zkv (no FA4: one call can run it)
 SETTINGS["... + one-key K/V of the zero condition, GELU in the GEMM epilogue"] = dataclasses.replace(
     SETTINGS["... + one-key K/V of the zero condition"], gelu_epilogue=True)
-# the same epilogue on the fastest path (``compiled-zkv-fa4-all-sqfa2``)
+# the same epilogue on ``compiled-zkv-fa4-all-sqfa2`` (the named path ``compiled-zkv-fa4-all-sqfa2-ge``)
 SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, small-query attention by FlashAttention-2, "
          "GELU in the GEMM epilogue"] = dataclasses.replace(
     SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, small-query attention by FlashAttention-2"],

@@ -163,10 +163,11 @@ if DEVICE == "cuda":
     wall_s = time.perf_counter() - t0
     kt = kernel_time(run_once, DEVICE)
     tl = kt.timeline  # where in the call the GPU waited (section 8 shows the committed H100 timelines)
-    print(f"GPU idle {tl.idle_ms:.1f} of {tl.window_ms:.1f} ms; idle % by tenth of the call:",
-          [round(100 * f) for f in tl.idle_by_tenth])
-    for gap in tl.gaps[:3]:
-        print(f"  at {gap.start_ms:.1f} ms: {gap.ms:.1f} ms idle, host in {gap.host or '-'}")
+    if tl is not None:  # None when no kernel ran
+        print(f"GPU idle {tl.idle_ms:.1f} of {tl.window_ms:.1f} ms; idle % by tenth of the call:",
+              [round(100 * f) for f in tl.idle_by_tenth])
+        for gap in tl.gaps[:3]:
+            print(f"  at {gap.start_ms:.1f} ms: {gap.ms:.1f} ms idle, host in {gap.host or '-'}")
     kernels = pd.DataFrame([dict(unit=f"ours, {CONFIG}", kernel=name, seconds=sec)
                             for name, (sec, _) in kt.by_kernel.items()])
     kernels["class"] = kernels["kernel"].map(kernel_class)
@@ -434,12 +435,13 @@ gaps = idle[(idle["what"] == "gap") & (idle["stage"] == "slat")]
 gaps.groupby(["run", "N"]).head(3)[["run", "N", "start_ms", "ms", "host"]].round(1)
 
 # %% [markdown]
-# At 14k and 20k, SLaT waits at its first step and at the step where CFG ends. Each is a CUDA-graph recording of the
-# compiled torso for a new shape: first the CFG pair (batch 2), then the conditional pass alone (batch 1). A recording
-# costs ~30-50 ms of idle GPU (`CUDAGraphNode.record`, with the shape's first run and two synchronisations around it).
-# Between the two recordings the GPU is 96-98% busy. At 5k every tenth is idle: the steps are too short to cover the
-# host work of the eager IO blocks around each graph replay. The mesh decoder's network (35-60 ms) is host-bound at every
-# size.
+# At 14k and 20k, SLaT waits where CFG ends, and in two of these four calls also at its first step. Each is a CUDA-graph
+# recording of the compiled torso: the conditional pass alone (batch 1) once CFG ends, and the CFG pair (batch 2) at the
+# first step whenever the call's fresh condition K/V landed at new addresses. A recording costs ~30-50 ms of idle GPU
+# (`CUDAGraphNode.record`, with the shape's first run and two synchronisations around it). Between the recordings the GPU
+# is 96-98% busy. At 5k every tenth is idle, 36-62% where no recording falls: presumably the steps are too short to
+# cover the host work around each graph replay (the eager IO blocks, the sampler); most of those stretches have no
+# profiled host op open. The mesh decoder's network (35-60 ms) is host-bound at 5k and 14k.
 #
 # Every new object has a new token count, so the recordings are per object. Holding the K/V, as SS does, would only
 # help repeats of one object. The runbook lists what is not built yet:

@@ -199,6 +199,9 @@ def test_gpu_busy_columns_only_where_measured(tmp_path):
                           "nvjet_sm90_tst_256x128": (0.25, 200), "Memset (Device)": (0.25, 119700)}
     rows[0]["timeline"] = Timeline(4000.0, 2500.0, (1.0, 0.5) + (0.125,) * 8,
                                    (IdleGap(0.0, 400.0, "sampler > cudaStreamEndCapture"), IdleGap(2100.0, 2.5, "")))
+    # values that round differently at a few decimals (--replot must give the same README and timeline)
+    rows[1]["timeline"] = Timeline(2000.0004, 246.94999, (0.12504,) + (0.0,) * 9,
+                                   tuple(IdleGap(9.6496 + i, 3.04999, f"op {i}") for i in range(8)))
     meta = {"device": "H100", "peak_tflops": 800.0, "host_cpu": "Some CPU, 16 logical cores"}
     bvo.write_outputs(rows, tmp_path, meta)
     text = (tmp_path / bvo.README_NAME).read_text()
@@ -228,14 +231,27 @@ def test_gpu_busy_columns_only_where_measured(tmp_path):
     assert "| SS generator sampler |  | official | 4000.0 | 2500.0 | 100 50 12 12 12 12 12 12 12 12 | " \
         "0.0: 400.0 (sampler > cudaStreamEndCapture); 2100.0: 2.5 (-) |" in text
     loaded, _ = bvo.load_outputs(again)
+    assert loaded[0]["timeline"] == rows[0]["timeline"] and loaded[1]["timeline"] == rows[1]["timeline"]
+    assert len(loaded[1]["timeline"].gaps) == 8 and "| 247.0 |" not in text and "| 246.9 |" in text
     assert loaded[0]["kernels"]["Memset (Device)"] == (0.25, 119700) and loaded[0]["launches"] == 120000
     assert "kernels" not in loaded[1] and loaded[2]["object"] == "007_tuna_fish_can"
     with open(tmp_path / bvo.CSV_NAME) as fh:
         got = list(csv.DictReader(fh))
     assert float(got[0]["gpu_busy"]) == 0.5 and got[2]["gpu_busy"] == ""
-    # without the measurement the table has no such columns
+    # without the measurement the table has no such columns, and the folder keeps no stale file of the last run
     bvo.write_outputs(_rows(), tmp_path, meta)
     assert "GPU busy" not in (tmp_path / bvo.README_NAME).read_text()
+    assert not (tmp_path / bvo.IDLE_CSV_NAME).exists() and not (tmp_path / bvo.KERNELS_CSV_NAME).exists()
+    # an idle.csv naming a unit the run does not have, or without its 'call' row, is refused
+    with open(again / bvo.IDLE_CSV_NAME) as fh:
+        lines = fh.read().splitlines()
+    (again / bvo.IDLE_CSV_NAME).write_text("\n".join([lines[0]] + [ln.replace("official,", "nosuch,", 1)
+                                                                    for ln in lines[1:]]) + "\n")
+    with pytest.raises(SystemExit, match="idle.csv names a unit missing"):
+        bvo.load_outputs(again)
+    (again / bvo.IDLE_CSV_NAME).write_text("\n".join([ln for ln in lines if ",call," not in ln]) + "\n")
+    with pytest.raises(SystemExit, match="has no 'call' row"):
+        bvo.load_outputs(again)
 
 
 def test_ours_only_tiny_cpu_run(tmp_path):

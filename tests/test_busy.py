@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch.autograd import DeviceType
 
-from fs3d_analysis.profile.busy import KernelTime, gpu_timeline, kernel_class, kernel_time, sum_device_events
+from fs3d_analysis.profile.busy import (KernelTime, gpu_timeline, kernel_class, kernel_time, split_events,
+                                       sum_device_events)
 
 
 def _row(device: DeviceType, us: float, count: int, key: str = "k") -> SimpleNamespace:
@@ -77,3 +78,42 @@ def test_timeline_device_only_and_bad_input():
         gpu_timeline([], [(0.0, 1.0, "x")])
     with pytest.raises(ValueError, match="bins must be"):
         gpu_timeline([(0.0, 1.0)], [], bins=0)
+    with pytest.raises(ValueError, match="top must be"):
+        gpu_timeline([(0.0, 1.0)], [], top=-1)
+    with pytest.raises(ValueError, match="span no time"):
+        gpu_timeline([(5.0, 5.0)], [])
+
+
+def test_timeline_trailing_idle_and_top():
+    # busy 0-100 and 150-200 us; the host runs on to 600 us (e.g. a synchronisation after the last kernel)
+    tl = gpu_timeline([(0.0, 100.0), (150.0, 200.0)], [(0.0, 600.0, "call"), (250.0, 600.0, "cudaDeviceSynchronize")],
+                      bins=3, top=1)
+    assert tl.window_ms == pytest.approx(0.6) and tl.idle_ms == pytest.approx(0.45)
+    assert tl.idle_by_tenth == pytest.approx((0.25, 1.0, 1.0))  # 100-150 in the first 200 us, then idle
+    assert len(tl.gaps) == 1 and (tl.gaps[0].start_ms, tl.gaps[0].ms) == (pytest.approx(0.2), pytest.approx(0.4))
+    assert tl.gaps[0].host == "call"  # the synchronisation opened after the gap began
+    assert gpu_timeline([(0.0, 100.0)], [(0.0, 600.0, "call")], top=0).gaps == ()
+
+
+def _event(start, end, device, name="k", **kw) -> SimpleNamespace:
+    return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), device_type=device, name=name, **kw)
+
+
+def test_split_events_keeps_work_and_host_spans():
+    events = [_event(0.0, 10.0, DeviceType.CUDA, "nvjet", device_index=0),
+              _event(5.0, 50.0, DeviceType.CUDA, "gpu_user_annotation", device_index=0, is_user_annotation=True),
+              _event(12.0, 20.0, DeviceType.CUDA, "kernel on another GPU", device_index=1),
+              _event(30.0, 30.0, DeviceType.CUDA, "[memory]", device_index=0),  # an instant: no work
+              _event(0.0, 40.0, DeviceType.CPU, "aten::linear"),
+              _event(15.0, 15.0, DeviceType.CPU, "[memory]")]
+    device, host = split_events(events, device_index=0)
+    assert device == [(0.0, 10.0)]
+    assert host == [(0.0, 40.0, "aten::linear")]
+    assert split_events(events)[0] == [(0.0, 10.0), (12.0, 20.0)]  # every GPU without an index
+
+
+def test_device_sum_leaves_out_gpu_annotations():
+    rows = [_row(DeviceType.CUDA, 100.0, 1, "nvjet"),
+            SimpleNamespace(key="gpu_user_annotation", device_type=DeviceType.CUDA, device_time_total=900.0, count=1,
+                            is_user_annotation=True)]
+    assert sum_device_events(rows) == KernelTime(seconds=pytest.approx(1e-4), launches=1)

@@ -123,7 +123,7 @@ class RunOptions:
     #: Acts on the fp16 / bf16 precisions only (the fp32 and autocast ones keep fp32 weights and the two steps).
     #: Session 13 (H100, without FA4, one round): the GELU kernels gone, each sampler's kernels 0.023-0.026 s shorter
     #: (``results/base_vs_official_h100/session13/gelu_epilogue/``). Session 14, on the fastest path: SS sampler
-    #: 0.681 -> 0.657 s (55.3% MFU of executed FLOPs), quality unchanged to run-to-run noise; the named path
+    #: 0.678-0.682 -> 0.657 s (55.3% MFU of executed FLOPs), quality unchanged to run-to-run noise; the named path
     #: ``compiled-zkv-fa4-all-sqfa2-ge`` has it (``results/base_vs_official_h100/session14/``).
     gelu_epilogue: bool = False
     #: algorithm of the sparse convolutions (SLaT IO blocks, mesh decoder) whose ``SparseConv3d.impl`` is "auto":

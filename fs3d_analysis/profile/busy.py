@@ -80,20 +80,26 @@ def gpu_timeline(device: list[tuple[float, float]], host: list[tuple[float, floa
                  bins: int = 10, top: int = 8) -> Timeline:
     """The idle structure of one call from its events' (start, end) times in microseconds: ``device`` the
     kernels, copies and memsets, ``host`` the CPU events as (start, end, name). Overlapping device events count
-    once (concurrent streams are busy together). Raises ValueError without device events."""
+    once (concurrent streams are busy together). ``bins`` equal parts of the call (``Timeline.idle_by_tenth`` has
+    one value per part: tenths with the default), the ``top`` longest idle stretches. Raises ValueError without
+    device events, for an empty window, or for bad ``bins`` / ``top``."""
     if not device:
         raise ValueError("no device events: nothing ran on the GPU in the profiled call")
     if bins < 1:
         raise ValueError(f"bins must be >= 1, got {bins}")
+    if top < 0:
+        raise ValueError(f"top must be >= 0, got {top}")
     busy = _merge(device)
     t0 = min([busy[0][0]] + [a for a, _, _ in host])
     t1 = max([busy[-1][1]] + [b for _, b, _ in host])
+    if t1 <= t0:
+        raise ValueError(f"the events span no time ({t0} to {t1} us): no window to divide")
     idle = [(a, b) for a, b in zip([t0] + [e for _, e in busy], [s for s, _ in busy] + [t1]) if b > a]
     width = (t1 - t0) / bins
     tenths = []
     for i in range(bins):
         lo, hi = t0 + i * width, t0 + (i + 1) * width
-        tenths.append(sum(max(0.0, min(b, hi) - max(a, lo)) for a, b in idle) / width if width > 0 else 0.0)
+        tenths.append(sum(max(0.0, min(b, hi) - max(a, lo)) for a, b in idle) / width)
 
     def host_at(t: float) -> str:
         open_ = sorted((a, -b, name) for a, b, name in host if a <= t < b)
@@ -103,6 +109,28 @@ def gpu_timeline(device: list[tuple[float, float]], host: list[tuple[float, floa
     gaps = tuple(IdleGap((a - t0) / 1e3, (b - a) / 1e3, host_at(a)) for a, b in longest)
     return Timeline(window_ms=(t1 - t0) / 1e3, idle_ms=sum(b - a for a, b in idle) / 1e3,
                     idle_by_tenth=tuple(tenths), gaps=gaps)
+
+
+def split_events(events: Iterable[Any], device_index: int | None = None
+                 ) -> tuple[list[tuple[float, float]], list[tuple[float, float, str]]]:
+    """``torch.profiler`` events (``prof.events()``: ``time_range`` in microseconds, ``device_type``, ``name``) as the
+    (device, host) spans :func:`gpu_timeline` takes. Device spans are the GPU's kernels, copies and memsets on
+    ``device_index`` (every GPU when None); GPU-side user annotations (``record_function`` ranges mirrored on the GPU
+    timeline) are left out, since they would cover the idle inside them. Instants (allocation records) are dropped."""
+    device, host = [], []
+    for e in events:
+        span = (e.time_range.start, e.time_range.end)
+        if span[1] <= span[0]:
+            continue
+        if getattr(e.device_type, "name", str(e.device_type)) == "CUDA":
+            if getattr(e, "is_user_annotation", False):
+                continue
+            if device_index is not None and getattr(e, "device_index", device_index) != device_index:
+                continue
+            device.append(span)
+        else:
+            host.append((*span, e.name))
+    return device, host
 
 
 @dataclass(frozen=True)
@@ -129,12 +157,12 @@ def sum_device_events(events: Iterable[Any]) -> KernelTime:
 
     Rows carry ``key`` (the kernel name), ``device_type`` (a ``DeviceType``), ``device_time_total``
     (microseconds) and ``count``. CPU rows (operators, whose ``device_time_total`` repeats their kernels'
-    time) are left out, so no kernel is counted twice.
+    time) and GPU-side user annotations (ranges over kernels) are left out, so no kernel is counted twice.
     """
     seconds, launches = 0.0, 0
     by_kernel: dict[str, tuple[float, int]] = {}
     for e in events:
-        if getattr(e.device_type, "name", str(e.device_type)) != "CUDA":
+        if getattr(e.device_type, "name", str(e.device_type)) != "CUDA" or getattr(e, "is_user_annotation", False):
             continue
         sec = e.device_time_total / 1e6
         seconds += sec
@@ -159,18 +187,10 @@ def kernel_time(fn: Callable[[], Any], device: torch.device | str) -> KernelTime
         fn()
         torch.cuda.synchronize(device)
     total = sum_device_events(prof.key_averages())
-    dev, host = [], []
-    for e in prof.events():
-        span = (e.time_range.start, e.time_range.end)
-        if span[1] <= span[0]:  # allocation records ("[memory]") and other instants: no work
-            continue
-        if getattr(e.device_type, "name", str(e.device_type)) == "CUDA":
-            dev.append(span)
-        else:
-            host.append((*span, e.name))
+    dev, host = split_events(prof.events(), torch.cuda.current_device() if device.index is None else device.index)
     timeline = gpu_timeline(dev, host) if dev else None
     return dataclasses.replace(total, timeline=timeline)
 
 
 __all__ = ["KERNEL_CLASSES", "IdleGap", "KernelTime", "Timeline", "gpu_timeline", "kernel_class", "kernel_time",
-           "sum_device_events"]
+           "split_events", "sum_device_events"]
