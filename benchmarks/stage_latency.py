@@ -134,6 +134,13 @@ VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and S
          "attention by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs"] = dataclasses.replace(
     VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead, small-query "
              "attention by FlashAttention-2, GELU in the GEMM epilogue"], slat_compile_mode="default", cuda_graphs=True)
+# the GELU path with token buckets for the SLaT torso (``slat_token_bucket``: pad to buckets 1/16 of the size apart, the
+# padding masked as keys, the K/V held), so objects of one bucket share the torso's CUDA graphs instead of recording two
+# each (session 14's idle timeline); measured over many sizes by ``slat_many_sizes.py``
+VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead, small-query "
+         "attention by FlashAttention-2, GELU in the GEMM epilogue, SLaT token buckets"] = dataclasses.replace(
+    VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead, small-query "
+             "attention by FlashAttention-2, GELU in the GEMM epilogue"], slat_token_bucket=1 / 16)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -175,6 +182,9 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
          "compile-all-zkv-fa4-ro-sqfa2-ge": "... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, "
                                             "reduce-overhead, small-query attention by FlashAttention-2, GELU in the "
                                             "GEMM epilogue",
+         "compile-all-zkv-fa4-ro-sqfa2-ge-tb": "... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, "
+                                               "reduce-overhead, small-query attention by FlashAttention-2, GELU in the "
+                                               "GEMM epilogue, SLaT token buckets",
          "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg": "... + one-key K/V of the zero condition + FlashAttention-4 in SS and "
                                                    "SLaT, reduce-overhead in SS, small-query attention by FlashAttention-2, "
                                                    "GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs"}

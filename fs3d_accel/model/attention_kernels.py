@@ -31,7 +31,7 @@ import contextlib
 import importlib.util
 import re
 from dataclasses import dataclass
-from typing import Iterator, Mapping
+from typing import Iterator, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -224,45 +224,56 @@ def flash_attn_cute_unavailable(device: torch.device | str) -> str | None:
     return None
 
 
-def _flash_attn_cute_forward(q: Tensor, k: Tensor, v: Tensor, tiles: FlashAttnTiles | None = None) -> Tensor:
-    """The FA4 call itself (looked up at call time, so tests can stand in for it). With ``tiles`` it calls
+def _flash_attn_cute_forward(q: Tensor, k: Tensor, v: Tensor, tiles: FlashAttnTiles | None = None,
+                             seqused_k: Tensor | None = None) -> Tensor:
+    """The FA4 call itself (looked up at call time, so tests can stand in for it). With ``tiles`` or ``seqused_k``
+    ((B,) int32: batch element b attends to its first ``seqused_k[b]`` keys only) it calls
     ``flash_attn.cute.interface._flash_attn_fwd``, the forward function behind ``flash_attn_func`` and the only
-    entry that takes a tile shape (a private name: measured at flash-attention commit 0251105, the one
-    ``benchmarks/results/attention_kernels_h100/NOTES.md`` records; another commit may rename it)."""
+    entry that takes a tile shape or used key counts for a dense batch (a private name: measured at flash-attention
+    commit 0251105, the one ``benchmarks/results/attention_kernels_h100/NOTES.md`` records; another commit may rename
+    it; ``seqused_k`` there has not run on a GPU yet)."""
     if not q.is_cuda:
         raise ValueError(f"the {FLASH_ATTN_CUTE!r} attention kernel runs on CUDA tensors, got {q.device}; "
                          f"use {SDPA!r} here")
-    if tiles is None:
+    if tiles is None and seqused_k is None:
         from flash_attn.cute import flash_attn_func
         out = flash_attn_func(q, k, v)
     else:
         from flash_attn.cute.interface import _flash_attn_fwd
-        out = _flash_attn_fwd(q, k, v, tile_mn=(tiles.tile_m, tiles.tile_n), mma_pv_is_rs=tiles.mma_pv_is_rs,
-                              intra_wg_overlap=tiles.intra_wg_overlap)
+        kw = {} if tiles is None else dict(tile_mn=(tiles.tile_m, tiles.tile_n), mma_pv_is_rs=tiles.mma_pv_is_rs,
+                                           intra_wg_overlap=tiles.intra_wg_overlap)
+        if seqused_k is not None:
+            kw["seqused_k"] = seqused_k
+        out = _flash_attn_fwd(q, k, v, **kw)
     return out[0] if isinstance(out, tuple) else out
 
 
 @torch.library.custom_op("fs3d::flash_attn_cute", mutates_args=())
 def flash_attn_cute(q: Tensor, k: Tensor, v: Tensor, tile_m: int = 0, tile_n: int = 0, mma_pv_is_rs: bool = True,
-                    intra_wg_overlap: bool = True) -> Tensor:
+                    intra_wg_overlap: bool = True, seqused_k: Optional[Tensor] = None) -> Tensor:
     """Softmax attention of (B, Lq, H, D) queries over (B, Lk, H, D) keys / values, scale 1/sqrt(D). ``tile_m`` /
     ``tile_n`` 0: FA4's own tile table; otherwise :class:`FlashAttnTiles` fields (plain values, so the op's schema
-    and ``torch.compile``'s graphs carry them)."""
+    and ``torch.compile``'s graphs carry them). ``seqused_k`` ((B,) int32, optional): the keys each batch element
+    uses, from the first; the rest are padding."""
     tiles = None if tile_m == 0 and tile_n == 0 else FlashAttnTiles(tile_m, tile_n, mma_pv_is_rs, intra_wg_overlap)
-    return _flash_attn_cute_forward(q, k, v, tiles).contiguous()
+    if seqused_k is None:
+        return _flash_attn_cute_forward(q, k, v, tiles).contiguous()
+    return _flash_attn_cute_forward(q, k, v, tiles, seqused_k=seqused_k).contiguous()
 
 
 @flash_attn_cute.register_fake
 def _(q: Tensor, k: Tensor, v: Tensor, tile_m: int = 0, tile_n: int = 0, mma_pv_is_rs: bool = True,
-      intra_wg_overlap: bool = True) -> Tensor:
+      intra_wg_overlap: bool = True, seqused_k: Optional[Tensor] = None) -> Tensor:
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
-def flash_attn_cute_tiled(q: Tensor, k: Tensor, v: Tensor, tiles: FlashAttnTiles | None) -> Tensor:
-    """:func:`flash_attn_cute` with ``tiles`` (None: FA4's table)."""
+def flash_attn_cute_tiled(q: Tensor, k: Tensor, v: Tensor, tiles: FlashAttnTiles | None,
+                          seqused_k: Tensor | None = None) -> Tensor:
+    """:func:`flash_attn_cute` with ``tiles`` (None: FA4's table) and optional used key counts."""
     if tiles is None:
-        return flash_attn_cute(q, k, v)
-    return flash_attn_cute(q, k, v, tiles.tile_m, tiles.tile_n, tiles.mma_pv_is_rs, tiles.intra_wg_overlap)
+        return flash_attn_cute(q, k, v, seqused_k=seqused_k)
+    return flash_attn_cute(q, k, v, tiles.tile_m, tiles.tile_n, tiles.mma_pv_is_rs, tiles.intra_wg_overlap,
+                           seqused_k=seqused_k)
 
 
 @register_flop_formula(torch.ops.fs3d.flash_attn_cute)

@@ -157,10 +157,13 @@ class FeedForwardNet(nn.Module):
         return self.mlp(x)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, role: str = "self") -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, role: str = "self",
+              key_len: Tensor | None = None) -> Tensor:
     """Scaled dot-product attention on (B, L, H, D) tensors; returns (B, L, H, D).
 
-    ``mask`` (optional): boolean (B, 1, Lq, Lk) or (B, 1, 1, Lk), True = attend. ``role`` ("self" or "cross")
+    ``mask`` (optional): boolean (B, 1, Lq, Lk) or (B, 1, 1, Lk), True = attend. ``key_len`` (optional, not with
+    ``mask``): (B,) integer counts; batch element b attends to its first ``key_len[b]`` keys only, the rest being
+    padding (the SLaT torso's token buckets). FlashAttention-4 takes it as its used-key counts; SDPA as a key mask. ``role`` ("self" or "cross")
     says what the call does, so the kernel can be chosen per role: unmasked fp16 / bf16 calls of a role
     selected by ``use_attention_kernel("flash-attn-cute", roles)`` go to FlashAttention-4
     (:mod:`fs3d_accel.model.attention_kernels`; CUDA tensors only, others raise there); everything else to SDPA.
@@ -175,6 +178,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, role:
     call in session 7's kernel table).
     """
     kernel = attention_kernels.current_attention_kernel(role)  # also rejects an unknown role, masked or not
+    if key_len is not None:
+        if mask is not None:
+            raise ValueError("attention takes a mask or key_len (padded keys), not both")
+        if key_len.shape != (k.shape[0],):
+            raise ValueError(f"key_len must be (B,) = ({k.shape[0]},), got {tuple(key_len.shape)}")
+        if kernel == attention_kernels.FLASH_ATTN_CUTE and q.dtype in (torch.float16, torch.bfloat16):
+            return attention_kernels.flash_attn_cute_tiled(q, k, v, attention_kernels.current_flash_attn_tiles(role),
+                                                           seqused_k=key_len.to(torch.int32))
+        mask = (torch.arange(k.shape[1], device=k.device) < key_len[:, None])[:, None, None, :]
     if mask is None and k.shape[1] == 1:
         if (k.shape[0] not in (1, q.shape[0]) or v.shape[:3] != k.shape[:3] or q.shape[2:] != k.shape[2:]
                 or q.dtype != v.dtype or q.device != v.device):

@@ -12,7 +12,10 @@ released Fast-SAM3D carving code, which slices the coordinates before the networ
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+import math
+from contextvars import ContextVar
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,49 @@ from .sparse import (SparseConv3d, SparseCrossAttention, SparseDownsample, Spars
 NUM_IO_RES_BLOCKS = 2
 #: LayerNorm32 eps of the res-blocks and transformer blocks
 NORM_EPS = 1e-6
+
+#: the compiled torso's token-bucket step (:func:`use_token_buckets`; 0: off)
+_TOKEN_BUCKET: ContextVar[float] = ContextVar("fs3d_slat_token_bucket", default=0.0)
+
+
+def bucket_tokens(n: int, step: float) -> int:
+    """``n`` rounded up to its token bucket: a multiple of the largest power of two m <= max(1, step * n), so the padding
+    (< m) is below ``step`` of ``n`` and there are about 1 / step buckets per doubling of ``n`` (16 for 1/16).
+    ``step`` 0 returns ``n``."""
+    if n < 1:
+        raise ValueError(f"token count must be >= 1, got {n}")
+    if not 0.0 <= step <= 1.0:
+        raise ValueError(f"token bucket step must be in [0, 1], got {step}")
+    if step == 0.0:
+        return n
+    m = 1 << max(0, math.floor(math.log2(max(1.0, step * n))))
+    return -(-n // m) * m
+
+
+def check_token_bucket(step: float) -> None:
+    """Reject a token-bucket step that is not a number in [0, 1] (0: off)."""
+    if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0.0 <= step <= 1.0:
+        raise ValueError(f"slat_token_bucket is a step in [0, 1] (0: off; 1/16: buckets 1/16 of the size apart), "
+                         f"got {step!r}")
+
+
+def current_token_bucket() -> float:
+    """The token-bucket step the compiled SLaT torso runs under (0: off)."""
+    return _TOKEN_BUCKET.get()
+
+
+@contextlib.contextmanager
+def use_token_buckets(step: float) -> Iterator[None]:
+    """Within the block, the compiled SLaT torso (``forward(..., torso=...)``) pads each object's tokens up to
+    :func:`bucket_tokens` and leaves the padding out as self-attention keys. Objects whose token counts share a
+    bucket then share one shape, so CUDA graphs recorded for one replay for the others. Restored on exit, errors
+    included."""
+    check_token_bucket(step)
+    token = _TOKEN_BUCKET.set(float(step))
+    try:
+        yield
+    finally:
+        _TOKEN_BUCKET.reset(token)
 
 
 class SparseResBlock3d(nn.Module):
@@ -110,23 +156,25 @@ class ModulatedSparseTransformerCrossBlock(nn.Module):
         return x.replace(f)
 
     def dense_forward(self, f: Tensor, emb: Tensor, context: Tensor | None = None,
-                      context_kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                      context_kv: tuple[Tensor, Tensor] | None = None, key_len: Tensor | None = None) -> Tensor:
         """The block on B equal-length batch elements laid out densely, (B, L, C) -> (B, L, C).
 
         The same values as :meth:`forward` on those tokens, on plain tensors (what torch.compile of
         the SLaT torso traces; see :meth:`SLaTFlowModel.dense_torso`). Submodule hooks do not fire.
+        ``key_len`` ((B,)): tokens from ``key_len[b]`` on are padding, left out as self-attention keys.
         """
         mods = [m[:, None] for m in self._modulation(emb)]
-        return self._residuals(f, mods, self.self_attn.dense,
+        return self._residuals(f, mods, lambda h: self.self_attn.dense(h, key_len),
                                lambda h: self.cross_attn.dense(h, context, context_kv))
 
 
 @torch.compiler.nested_compile_region
 def _dense_block_region(block: ModulatedSparseTransformerCrossBlock, f: Tensor, emb: Tensor,
-                        context: Tensor | None, context_kv: tuple[Tensor, ...] | None) -> Tensor:
+                        context: Tensor | None, context_kv: tuple[Tensor, ...] | None,
+                        key_len: Tensor | None = None) -> Tensor:
     """One transformer block as a nested compile region: traced and compiled once, reused by all 24
     blocks (weights are graph inputs), as the SS flow's ``_block_region``. Only used while compiling."""
-    return block.dense_forward(f, emb, context, context_kv)
+    return block.dense_forward(f, emb, context, context_kv, key_len)
 
 
 class SLaTFlowModel(nn.Module):
@@ -194,7 +242,7 @@ class SLaTFlowModel(nn.Module):
         return [blk.cross_attn.context_kv(cond) for blk in self.blocks]
 
     def dense_torso(self, f: Tensor, emb: Tensor, context: Tensor | None,
-                    cond_kv: list[tuple[Tensor, Tensor]] | None = None) -> Tensor:
+                    cond_kv: list[tuple[Tensor, Tensor]] | None = None, key_len: Tensor | None = None) -> Tensor:
         """The transformer blocks on B equal-length batch elements, (B, L, C) -> (B, L, C).
 
         This is what ``RunOptions.compile_slat`` compiles (with L dynamic, so one graph serves every
@@ -204,8 +252,8 @@ class SLaTFlowModel(nn.Module):
         regions = self.compile_block_regions and torch.compiler.is_compiling()
         for i, block in enumerate(self.blocks):
             kv = None if cond_kv is None else cond_kv[i]
-            f = (_dense_block_region(block, f, emb, context, kv) if regions
-                 else block.dense_forward(f, emb, context, kv))
+            f = (_dense_block_region(block, f, emb, context, kv, key_len) if regions
+                 else block.dense_forward(f, emb, context, kv, key_len))
         return f
 
     def _check_no_block_hooks(self) -> None:
@@ -265,8 +313,17 @@ class SLaTFlowModel(nn.Module):
         if torso is not None and len(set(h.seqlens)) == 1:
             self._check_no_block_hooks()
             f = h.feats.view(h.batch_size, -1, h.num_channels)
-            torch._dynamo.maybe_mark_dynamic(f, 1)  # token count: one graph for every object
-            h = h.replace(torso(f, emb, ctx, cond_kv).reshape(len(h), -1))
+            step = current_token_bucket()
+            if step:  # pad to the token bucket; the padding is masked as keys and its outputs dropped
+                n = f.shape[1]
+                f = F.pad(f, (0, 0, 0, bucket_tokens(n, step) - n))
+                key_len = torch.full((h.batch_size,), n, dtype=torch.int32, device=f.device)
+                torch._dynamo.maybe_mark_dynamic(f, 1)  # token count: one graph for every object
+                out = torso(f, emb, ctx, cond_kv, key_len)[:, :n]
+            else:
+                torch._dynamo.maybe_mark_dynamic(f, 1)  # token count: one graph for every object
+                out = torso(f, emb, ctx, cond_kv)
+            h = h.replace(out.reshape(len(h), -1))
         else:
             for i, block in enumerate(self.blocks):
                 h = block(h, emb, ctx, None if cond_kv is None else cond_kv[i])

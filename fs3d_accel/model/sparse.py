@@ -584,12 +584,16 @@ def subdivide_like(x: SparseTensor, feats: Tensor) -> SparseTensor:
 # ----------------------------------------------------------------------------------------------
 # Attention
 # ----------------------------------------------------------------------------------------------
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, role: str = "self") -> Tensor:
-    """(B, L, H, D) in and out; ``mask`` (B, Lk) bool key-padding (True = attend) or None. Unmasked calls
-    go through :func:`~fs3d_accel.model.layers.attention`, which honours the attention kernel selected for
-    ``role`` ("self" / "cross")."""
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, role: str = "self",
+          key_len: Tensor | None = None) -> Tensor:
+    """(B, L, H, D) in and out; ``mask`` (B, Lk) bool key-padding (True = attend) or None. Unmasked calls, and
+    calls whose padding is given as ``key_len`` ((B,) used key counts), go through
+    :func:`~fs3d_accel.model.layers.attention`, which honours the attention kernel selected for ``role``
+    ("self" / "cross")."""
     if mask is None:
-        return attention(q, k, v, role=role)
+        return attention(q, k, v, role=role, key_len=key_len)
+    if key_len is not None:
+        raise ValueError("_sdpa takes a mask or key_len (padded keys), not both")
     attn_mask = mask[:, None, None, :]
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          attn_mask=attn_mask)
@@ -761,17 +765,20 @@ class SparseSelfAttention(nn.Module):
             q, k = self.q_rms_norm(q), self.k_rms_norm(k)
         return q, k, v
 
-    def dense(self, feats: Tensor) -> Tensor:
+    def dense(self, feats: Tensor, key_len: Tensor | None = None) -> Tensor:
         """Full attention on equal-length batch elements laid out densely: (B, L, C) -> (B, L, C).
 
         The same values as :meth:`forward` on those tokens (the same SDPA call on the same views);
         used by the compiled SLaT torso, which runs on plain tensors. Module hooks do not see it.
+        ``key_len`` ((B,) counts): only each element's first ``key_len[b]`` tokens are keys (the rest pad it
+        to a token bucket; their own outputs are discarded by the caller).
         """
         if self.mode != "full":
             raise ValueError(f"dense attention is the 'full' mode; this module is {self.mode!r}")
         b, l, c = feats.shape
         q, k, v = self._qkv(feats)
-        return self.to_out(_sdpa(q, k, v).reshape(b, l, c))
+        h = _sdpa(q, k, v) if key_len is None else _sdpa(q, k, v, key_len=key_len)
+        return self.to_out(h.reshape(b, l, c))
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         n = len(x)

@@ -97,4 +97,24 @@ def _fits(kept, new) -> bool:
     return kept == new
 
 
-__all__ = ["HeldInputs", "HeldLease"]
+class HoldsInputs:
+    """For a stage (an ``nn.Module``) that keeps a :class:`HeldInputs` store: the store lives outside the module tree
+    (state dicts and hooks do not see it), and moving or casting the stage releases it, since its buffers would stay
+    behind on the old device. Put it before ``nn.Module`` in the bases."""
+
+    def held_inputs(self) -> HeldInputs:
+        """The store of condition K/V kept between calls for the compiled flow's CUDA graphs."""
+        return self.__dict__.setdefault("_held_inputs", HeldInputs())
+
+    def _apply(self, fn, recurse=True):
+        # .to() / .cuda() / .half() move or cast the weights; the held K/V (not module buffers) would stay behind on
+        # the old device, so they are dropped instead
+        self.release_held_inputs()
+        return super()._apply(fn, recurse)
+
+    def release_held_inputs(self) -> None:
+        """Free the held K/V buffers (the next compiled call under CUDA graphs records its graphs once more)."""
+        self.__dict__.pop("_held_inputs", None)
+
+
+__all__ = ["HeldInputs", "HeldLease", "HoldsInputs"]

@@ -126,6 +126,14 @@ class RunOptions:
     #: 0.678-0.682 -> 0.657 s (55.3% MFU of executed FLOPs), quality unchanged to run-to-run noise; the named path
     #: ``compiled-zkv-fa4-all-sqfa2-ge`` has it (``results/base_vs_official_h100/session14/``).
     gelu_epilogue: bool = False
+    #: token buckets for the compiled SLaT torso (``slat_flow.use_token_buckets``; 0: off): each object's torso tokens
+    #: are padded up to a bucket (``bucket_tokens``: buckets ``step`` of the size apart, e.g. 1/16), the padding left
+    #: out as self-attention keys (FA4's used-key counts, or an SDPA key mask) and its outputs dropped; with a SLaT
+    #: compile mode that captures CUDA graphs the condition K/V are held between calls too. Objects in one bucket
+    #: then share the torso's CUDA graphs, where today every object records two (session 14: ~30-50 ms of idle GPU
+    #: each, ``results/base_vs_official_h100/session14/``). Costs up to ``step`` more torso work per object. Not yet
+    #: measured on a GPU (``benchmarks/GPU_RUNBOOK.md``); needs ``compile_slat``.
+    slat_token_bucket: float = 0.0
     #: algorithm of the sparse convolutions (SLaT IO blocks, mesh decoder) whose ``SparseConv3d.impl`` is "auto":
     #: "auto" keeps the class rule (the Triton implicit GEMM for fp16 / bf16 inference on NVIDIA GPUs of compute
     #: capability 8.0+, else "gather-or-transform"); "implicit" forces the Triton kernel (CUDA only), which never writes the gathered
@@ -178,6 +186,11 @@ class RunOptions:
                              f"Lk fp32 scores, got {self.small_query_attention!r}")
         if not isinstance(self.gelu_epilogue, bool):
             raise ValueError(f"gelu_epilogue is a bool, got {self.gelu_epilogue!r}")
+        from ..model.slat_flow import check_token_bucket
+        check_token_bucket(self.slat_token_bucket)
+        if self.slat_token_bucket and not self.compile_slat:
+            raise ValueError(f"slat_token_bucket {self.slat_token_bucket!r} pads the compiled SLaT torso's tokens, "
+                             f"and compile_slat is off: it would change nothing (set compile_slat=True)")
         from ..model.attention_kernels import SMALL_QUERY_KERNELS, SMALL_QUERY_MATMUL
         if self.small_query_kernel not in SMALL_QUERY_KERNELS:
             raise ValueError(f"unknown small_query_kernel {self.small_query_kernel!r}; choose one of "
@@ -282,9 +295,9 @@ class RunOptions:
         """Cached condition K/V as the flows take them: collapsed for the all-zero rows (the
         unconditional branch) when ``collapse_zero_cond``, and as independent copies for a compiled flow.
 
-        ``held`` (the call's lease on a store the stage keeps; the SS stage passes one) and ``name`` ("cond",
-        "uncond" or "both"): under a compile mode that captures CUDA graphs the copies go into buffers held between
-        calls, at the same addresses call after call (:mod:`fs3d_accel.stages.held`)."""
+        ``held`` (the call's lease on a store the stage keeps: the SS stage passes one, the SLaT stage with token
+        buckets) and ``name`` ("cond", "uncond" or "both"): under a compile mode that captures CUDA graphs the copies
+        go into buffers held between calls, at the same addresses call after call (:mod:`fs3d_accel.stages.held`)."""
         if self.collapse_zero_cond:
             from ..model.layers import collapse_zero_condition_kv, map_kv_pairs
             kv = map_kv_pairs(lambda pair: collapse_zero_condition_kv(pair, zero_rows), kv)
@@ -330,9 +343,11 @@ class RunOptions:
         """What every network call of ``stage`` ("ss", "slat" or "decode") runs under: :meth:`autocast`,
         ``attention_kernel`` for the attention roles :meth:`kernel_roles` selects (SDPA for the others) with the FA4
         tiles of :meth:`kernel_tiles`, the small-query path (``small_query_attention``), the MLPs' GELU epilogue
-        (``gelu_epilogue``), and the ``sparse_conv`` algorithm."""
+        (``gelu_epilogue``), SLaT's token buckets (``slat_token_bucket``, stage "slat" only), and the ``sparse_conv``
+        algorithm."""
         from ..model.attention_kernels import use_attention_kernel, use_small_query_path
         from ..model.layers import use_gelu_epilogue
+        from ..model.slat_flow import use_token_buckets
         from ..model.sparse import use_conv_impl
         return _entered_together(self.autocast(device),
                                  use_attention_kernel(self.attention_kernel, self.kernel_roles(stage),
@@ -340,6 +355,7 @@ class RunOptions:
                                  use_small_query_path(self.small_query_attention if stage == "ss" else 0,
                                                       self.small_query_kernel),
                                  use_gelu_epilogue(self.gelu_epilogue),
+                                 use_token_buckets(self.slat_token_bucket if stage == "slat" else 0.0),
                                  use_conv_impl(self.sparse_conv))
 
     def kernel_roles(self, stage: str) -> tuple[str, ...]:

@@ -12,6 +12,7 @@ from ..preprocess import PreparedInputs
 from ..samplers import EulerFlowSampler, guided
 from ..seams import (EventBus, SparseTokens, StepPolicy, TokenTransform, TransformContext, TransformState)
 from .graphs import GraphedCall
+from .held import HoldsInputs
 from .options import RunOptions
 from .types import SLaTOutput, SSOutput
 
@@ -21,8 +22,10 @@ def slat_noise(num_voxels: int, channels: int, generator: torch.Generator) -> Te
     return torch.randn((num_voxels, channels), generator=generator)
 
 
-class SLaTStage(nn.Module):
-    """Condition embedding (no point map) and the SLaT flow sampler on sparse voxels."""
+class SLaTStage(HoldsInputs, nn.Module):
+    """Condition embedding (no point map) and the SLaT flow sampler on sparse voxels. With token buckets
+    (``RunOptions.slat_token_bucket``) under a compile mode with CUDA graphs, the condition K/V stay in held buffers
+    between calls (:class:`HoldsInputs`), so that objects of one bucket replay one another's graphs."""
 
     name = "slat"
 
@@ -79,9 +82,12 @@ class SLaTStage(nn.Module):
         torso = self.compiled_torso(options)
 
         kv_cache: dict[str, object] = {}
-        # No held K/V buffers here (unlike SS): inductor's CUDA graphs record one graph per token count, so each
-        # object of a new size records anyway, and held buffers would only make repeats of one object (benchmarks)
-        # replay where a real new object records: per-object timings would flatter the stage.
+        # Held K/V buffers only with token buckets: inductor's CUDA graphs record one graph per token count, so without
+        # buckets each object of a new size records anyway, and held buffers would only make repeats of one object
+        # (benchmarks) replay where a real new object records: per-object timings would flatter the stage. With
+        # buckets, objects of one bucket share a shape, and the held K/V let them share its graphs.
+        held_kv = (self.held_inputs().lease() if options.slat_token_bucket and torso is not None
+                   and options.compile_uses_cuda_graphs else None)
 
         def kv_of(name: str, c: Tensor, zero_rows: list[bool]):
             """Cached K/V of condition ``name``, computed on its first pass, once per object (``zero_rows``: which
@@ -91,7 +97,7 @@ class SLaTStage(nn.Module):
                 return None
             if name not in kv_cache:
                 kv_cache[name] = options.prepare_cond_kv(flow.precompute_cond_kv(c.to(dtype)), zero_rows,
-                                                         torso is not None)
+                                                         torso is not None, held_kv, name)
             return kv_cache[name]
 
         def run(feats: Tensor, c_coords: Tensor, t: float, c: Tensor, ckv, structure=None) -> Tensor:

@@ -16,7 +16,7 @@ from ..preprocess import PreparedInputs
 from ..samplers import EulerFlowSampler, cfg_active, guided, time_grid
 from ..seams import EventBus, StepPolicy
 from .graphs import GraphedCall
-from .held import HeldInputs
+from .held import HoldsInputs
 from .options import RunOptions
 from .types import SSOutput
 
@@ -55,8 +55,11 @@ def downsample_coords(coords: Tensor, resolution: int, max_voxels: int,
     return c.to(torch.int32), 2
 
 
-class SSStage(nn.Module):
-    """Condition embedding, SS flow sampling, SS decoding, voxel extraction and layout decoding."""
+class SSStage(HoldsInputs, nn.Module):
+    """Condition embedding, SS flow sampling, SS decoding, voxel extraction and layout decoding.
+
+    Under a compile mode with CUDA graphs the condition K/V stay in held buffers between calls (:class:`HoldsInputs`):
+    at full size and bf16 a collapsed CFG-pair set is ~1.5 GB, and the unguided steps hold a conditional set too."""
 
     name = "ss"
 
@@ -85,23 +88,6 @@ class SSStage(nn.Module):
             kw = {"mode": options.compile_mode} if options.compile_backend == "inductor" else {}
             cache[key] = torch.compile(self.flow, backend=options.compile_backend, dynamic=False, **kw)
         return cache[key]
-
-    def held_inputs(self) -> HeldInputs:
-        """The store of condition K/V kept between calls for the compiled flow's CUDA graphs (kept out of the module
-        tree, so state dicts and hooks do not see it; moving or casting the stage releases it, as does
-        :meth:`release_held_inputs`). At full size and bf16 a collapsed CFG-pair set is ~1.5 GB, and the default
-        schedule's unguided steps hold a conditional set too: ~3 GB between calls."""
-        return self.__dict__.setdefault("_held_inputs", HeldInputs())
-
-    def _apply(self, fn, recurse=True):
-        # .to() / .cuda() / .half() move or cast the weights; the held K/V (not module buffers) would stay behind on
-        # the old device, so they are dropped instead
-        self.release_held_inputs()
-        return super()._apply(fn, recurse)
-
-    def release_held_inputs(self) -> None:
-        """Free the held K/V buffers (the next compiled call under CUDA graphs records its graphs once more)."""
-        self.__dict__.pop("_held_inputs", None)
 
     def velocity_net(self, cond: Tensor, sampler_cfg: SamplerConfig, options: RunOptions):
         compiled = self.compiled_flow(options) if options.compile_ss else None
