@@ -563,7 +563,8 @@ def unit_flops(base, cfg, stage: str, dev: torch.device, cond: torch.Tensor | No
 
 
 #: the options that change what a sampler computes (not only how): the rest (precision, batching, compilation,
-#: graphs, attention kernel) run the same FLOPs
+#: graphs, attention kernel) run the same FLOPs. ``slat_token_bucket`` adds padded work, left out of the count on
+#: purpose: MFU stays measured against the useful FLOPs
 FLOP_OPTIONS = ("cache_cond_kv", "collapse_zero_cond")
 
 

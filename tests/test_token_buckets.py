@@ -108,7 +108,7 @@ def slat_setup():
     stage = SLaTStage(cfg).eval()
     gen = torch.Generator().manual_seed(0)
     objects = []
-    for n in (300, 290):  # close sizes: one token bucket at 1/4 for their coarse token counts
+    for n in (300, 290):  # close sizes: their coarse token counts (290, 282) share the bucket 320 at 1/4
         coords = _coords(cfg.slat_flow.resolution, n, gen)
         objects.append((torch.randn(1, 24, cfg.slat_flow.cond_channels, generator=gen), coords,
                         slat_noise(n, cfg.slat_flow.in_channels, gen)))
@@ -133,10 +133,27 @@ def test_padded_torso_gives_the_unpadded_velocity(slat_setup):
         out = flow(noise, coords, t, cond, torso=torso)
         kv = flow.precompute_cond_kv(cond)
         out_kv = flow(noise, coords, t, None, cond_kv=kv, torso=torso)
+    with use_token_buckets(1e-6):  # a bucket of one token: no padding, but the counts still go in (same graph)
+        torch.testing.assert_close(flow(noise, coords, t, cond, torso=torso), ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out_kv, ref, rtol=1e-5, atol=1e-5)
-    (n, none), (padded, key_len), _ = shapes
+    (n, none), (padded, key_len), _, (unpadded, counts) = shapes
     assert none is None and key_len == [n] and padded == bucket_tokens(n, 1 / 4) > n
+    assert unpadded == n and counts == [n]
+
+
+@torch.no_grad()
+def test_non_finite_padding_does_not_reach_real_tokens(slat_setup):
+    """Padded keys get zero weight, but 0 x NaN is NaN: the padded keys and values are zeroed before the kernel."""
+    attn = slat_setup[0].flow.blocks[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    real = torch.randn(2, 10, attn.channels, generator=g)
+    ref = attn.dense(real)
+    padded = torch.cat([real, torch.full((2, 6, attn.channels), float("nan"))], 1)
+    padded[1, 12] = float("inf")
+    out = attn.dense(padded, torch.tensor([10, 10], dtype=torch.int32))
+    assert torch.isfinite(out[:, :10]).all()
+    torch.testing.assert_close(out[:, :10], ref, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()
@@ -169,6 +186,9 @@ def test_slat_stage_holds_its_kv_only_with_buckets_and_graphs(slat_setup, cpu_co
         torch.testing.assert_close(_sample(stage, cond, coords, noise, sampler, bucketed), ref, rtol=1e-4, atol=1e-4)
         seen.append([t.data_ptr() for t in stage.held_inputs().buffers("both") if isinstance(t, torch.Tensor)])
     assert seen[0] and seen[0] == seen[1]
-    stage.release_held_inputs()
+    import copy
+    assert copy.deepcopy(stage.held_inputs()).keys() == []  # a copied stage allocates its own buffers
+    stage.to(torch.float64).to(torch.float32)  # moving or casting the stage drops them
+    assert stage.held_inputs().keys() == []
     _sample(stage, *objects[0], sampler, dataclasses.replace(bucketed, slat_token_bucket=0.0))
     assert stage.held_inputs().keys() == []  # graphs without buckets: nothing held

@@ -163,7 +163,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, role:
 
     ``mask`` (optional): boolean (B, 1, Lq, Lk) or (B, 1, 1, Lk), True = attend. ``key_len`` (optional, not with
     ``mask``): (B,) integer counts; batch element b attends to its first ``key_len[b]`` keys only, the rest being
-    padding (the SLaT torso's token buckets). FlashAttention-4 takes it as its used-key counts; SDPA as a key mask. ``role`` ("self" or "cross")
+    padding (the SLaT torso's token buckets). FlashAttention-4 takes it as its used-key counts and skips the key
+    tiles that are all padding; SDPA takes it as a key mask, which rules out its FlashAttention-2 backend. ``role`` ("self" or "cross")
     says what the call does, so the kernel can be chosen per role: unmasked fp16 / bf16 calls of a role
     selected by ``use_attention_kernel("flash-attn-cute", roles)`` go to FlashAttention-4
     (:mod:`fs3d_accel.model.attention_kernels`; CUDA tensors only, others raise there); everything else to SDPA.

@@ -247,7 +247,8 @@ class SLaTFlowModel(nn.Module):
 
         This is what ``RunOptions.compile_slat`` compiles (with L dynamic, so one graph serves every
         object): under torch.compile each block runs as a nested compile region, so the block body is
-        compiled once. The same values as the sparse block loop of :meth:`forward`.
+        compiled once. The same values as the sparse block loop of :meth:`forward`. ``key_len`` ((B,), with
+        token buckets): the real token counts; the tokens after them are padding, left out as keys.
         """
         regions = self.compile_block_regions and torch.compiler.is_compiling()
         for i, block in enumerate(self.blocks):

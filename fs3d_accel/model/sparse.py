@@ -777,8 +777,13 @@ class SparseSelfAttention(nn.Module):
             raise ValueError(f"dense attention is the 'full' mode; this module is {self.mode!r}")
         b, l, c = feats.shape
         q, k, v = self._qkv(feats)
-        h = _sdpa(q, k, v) if key_len is None else _sdpa(q, k, v, key_len=key_len)
-        return self.to_out(h.reshape(b, l, c))
+        if key_len is None:
+            return self.to_out(_sdpa(q, k, v).reshape(b, l, c))
+        # zero the padded keys and values: they get zero weight, but 0 x inf or NaN (an overflow in a padded row)
+        # would still reach the real rows, on SDPA's masked path and in FA4's last, partly padded key tile
+        real = (torch.arange(l, device=feats.device) < key_len[:, None])[:, :, None, None]
+        k, v = torch.where(real, k, 0), torch.where(real, v, 0)
+        return self.to_out(_sdpa(q, k, v, key_len=key_len).reshape(b, l, c))
 
     def forward(self, x: SparseTensor) -> SparseTensor:
         n = len(x)

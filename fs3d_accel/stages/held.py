@@ -33,11 +33,15 @@ class _Entry:
 
 class HeldInputs:
     """Buffers kept between calls, one set per key ("cond", "uncond", "both"). They stay allocated until
-    :meth:`release`: they are not module buffers, so ``.to()`` does not move them (``SSStage`` releases its store
-    whenever it is moved or cast)."""
+    :meth:`release`: they are not module buffers, so ``.to()`` does not move them (a stage with
+    :class:`HoldsInputs` releases its store whenever it is moved or cast). A deep copy is an empty store: a copied
+    stage allocates its own buffers."""
 
     def __init__(self) -> None:
         self._entries: dict[str, _Entry] = {}
+
+    def __deepcopy__(self, memo) -> "HeldInputs":
+        return HeldInputs()
 
     def lease(self) -> "HeldLease":
         """The handle one sampler call uses; the buffers it filled are its own while it is alive."""

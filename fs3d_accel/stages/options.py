@@ -131,8 +131,11 @@ class RunOptions:
     #: out as self-attention keys (FA4's used-key counts, or an SDPA key mask) and its outputs dropped; with a SLaT
     #: compile mode that captures CUDA graphs the condition K/V are held between calls too. Objects in one bucket
     #: then share the torso's CUDA graphs, where today every object records two (session 14: ~30-50 ms of idle GPU
-    #: each, ``results/base_vs_official_h100/session14/``). Costs up to ``step`` more torso work per object. Not yet
-    #: measured on a GPU (``benchmarks/GPU_RUNBOOK.md``); needs ``compile_slat``.
+    #: each, ``results/base_vs_official_h100/session14/``). It pays only under a SLaT compile mode with CUDA graphs
+    #: (elsewhere there is nothing to share) and with FA4 at SLaT's self-attention: FA4 skips the all-padding key
+    #: tiles, so the padding costs up to ``step`` more torso work, while SDPA's key mask rules out its FlashAttention-2
+    #: backend. The held K/V stay allocated between calls. Not yet measured on a GPU (``benchmarks/GPU_RUNBOOK.md``);
+    #: needs ``compile_slat``.
     slat_token_bucket: float = 0.0
     #: algorithm of the sparse convolutions (SLaT IO blocks, mesh decoder) whose ``SparseConv3d.impl`` is "auto":
     #: "auto" keeps the class rule (the Triton implicit GEMM for fp16 / bf16 inference on NVIDIA GPUs of compute

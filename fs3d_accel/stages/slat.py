@@ -43,7 +43,8 @@ class SLaTStage(HoldsInputs, nn.Module):
         SLaT's own (``options.for_stage("slat")``: ``slat_compile_mode`` where set).
 
         The token count is marked dynamic at each call, so one graph per batch size (1, and 2 for the
-        CFG pair) serves objects of every size; each block is a nested compile region.
+        CFG pair) serves objects of every size (and one more per batch size with token buckets, whose torso
+        takes the real token counts too); each block is a nested compile region.
         """
         if not options.compile_slat:
             return None
