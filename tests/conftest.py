@@ -137,6 +137,41 @@ def random_coords(res: int, batch: int, frac: float, seed: int = 0) -> torch.Ten
     return torch.cat(out).int()
 
 
+def mini_slat_setup(sizes: tuple[int, ...]):
+    """A mini SLaT stage (eval, seed 0) and one object per size: condition tokens (1, 24, C), sorted distinct voxel
+    coordinates (n, 4) int32 of batch 0, and SLaT noise; plus the stage's sampler config."""
+    from fs3d_accel.stages.slat import SLaTStage, slat_noise
+    cfg = mini_config()
+    torch.manual_seed(0)
+    stage = SLaTStage(cfg).eval()
+    gen = torch.Generator().manual_seed(0)
+    r = cfg.slat_flow.resolution
+    objects = []
+    for n in sizes:
+        idx = torch.randperm(r ** 3, generator=gen)[:n].sort().values
+        xyz = torch.stack([idx // (r * r), (idx // r) % r, idx % r], 1)
+        coords = torch.cat([torch.zeros(n, 1, dtype=torch.long), xyz], 1).int()
+        objects.append((torch.randn(1, 24, cfg.slat_flow.cond_channels, generator=gen), coords,
+                        slat_noise(n, cfg.slat_flow.in_channels, gen)))
+    return stage, objects, cfg.slat_sampler
+
+
+@torch.no_grad()
+def sample_slat(stage, cond, coords, noise, sampler, options) -> torch.Tensor:
+    """One SLaT sampler run of ``stage`` on the CPU (options checked for the CPU first), its coordinate structures
+    released afterwards."""
+    from fs3d_accel.model.sparse import release_structure
+    from fs3d_accel.samplers import EulerFlowSampler
+    options.check_device("cpu")
+    structures: list[dict] = []
+    try:
+        net = stage.velocity_net(cond, coords, sampler, options, structures)
+        return EulerFlowSampler(sampler, "slat").sample(noise.clone(), net, extras={"coords": coords})
+    finally:
+        for s in structures:
+            release_structure(s)
+
+
 def mini_ss_setup():
     """A mini SS stage (4^3 shape grid: graph structure does not depend on the grid size), two objects (condition
     tokens, noise) and the 25-step sampler with CFG."""

@@ -13,47 +13,17 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from conftest import COMPILE_CASES
-from fs3d_accel.model.configs import mini_config
-from fs3d_accel.model.sparse import persistent_structure, release_structure
-from fs3d_accel.samplers import EulerFlowSampler
+from conftest import COMPILE_CASES, mini_slat_setup, sample_slat
 from fs3d_accel.stages.options import RunOptions
-from fs3d_accel.stages.slat import SLaTStage, slat_noise
-
-
-def _coords(r: int, n: int, gen: torch.Generator) -> torch.Tensor:
-    idx = torch.randperm(r ** 3, generator=gen)[:n].sort().values
-    xyz = torch.stack([idx // (r * r), (idx // r) % r, idx % r], 1)
-    return torch.cat([torch.zeros(n, 1, dtype=torch.long), xyz], 1).int()
 
 
 @pytest.fixture(scope="module")
 def slat_setup():
     """A mini SLaT stage and two objects (condition tokens, coordinates, noise) of different sizes."""
-    cfg = mini_config()
-    torch.manual_seed(0)
-    stage = SLaTStage(cfg).eval()
-    gen = torch.Generator().manual_seed(0)
-    objects = []
-    for n in (300, 180):
-        coords = _coords(cfg.slat_flow.resolution, n, gen)
-        objects.append((torch.randn(1, 24, cfg.slat_flow.cond_channels, generator=gen), coords,
-                        slat_noise(n, cfg.slat_flow.in_channels, gen)))
-    assert cfg.slat_sampler.steps == 25 and cfg.slat_sampler.cfg_strength > 0
-    yield stage, objects, cfg.slat_sampler
+    stage, objects, sampler = mini_slat_setup((300, 180))
+    assert sampler.steps == 25 and sampler.cfg_strength > 0
+    yield stage, objects, sampler
     stage.__dict__.pop("_compiled_torso", None)
-
-
-@torch.no_grad()
-def _sample(stage: SLaTStage, cond, coords, noise, sampler, options: RunOptions) -> torch.Tensor:
-    options.check_device("cpu")
-    structures: list[dict] = []
-    try:
-        net = stage.velocity_net(cond, coords, sampler, options, structures)
-        return EulerFlowSampler(sampler, "slat").sample(noise.clone(), net, extras={"coords": coords})
-    finally:
-        for s in structures:
-            release_structure(s)
 
 
 @COMPILE_CASES
@@ -62,8 +32,8 @@ def test_compiled_slat_torso_one_graph_per_batch_size(slat_setup, cpu_compile, b
     plain = RunOptions(batch_cfg=batch_cfg, cache_cond_kv=cache_kv)
     opts = RunOptions(batch_cfg=batch_cfg, cache_cond_kv=cache_kv, compile_slat=True, compile_backend=backend)
     for cond, coords, noise in objects:
-        ref = _sample(stage, cond, coords, noise, sampler, plain)
-        out = _sample(stage, cond, coords, noise, sampler, opts)
+        ref = sample_slat(stage, cond, coords, noise, sampler, plain)
+        out = sample_slat(stage, cond, coords, noise, sampler, opts)
         torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     assert dict(counters["graph_break"]) == {}, dict(counters["graph_break"])
     # 2 objects (different token counts) x 25 steps: one graph per batch size, none per object

@@ -14,14 +14,11 @@ import dataclasses
 import pytest
 import torch
 
+from conftest import mini_slat_setup, sample_slat
 from fs3d_accel.model import attention_kernels as ak
-from fs3d_accel.model.configs import mini_config
 from fs3d_accel.model.layers import attention
 from fs3d_accel.model.slat_flow import bucket_tokens, current_token_bucket, use_token_buckets
-from fs3d_accel.model.sparse import release_structure
-from fs3d_accel.samplers import EulerFlowSampler
 from fs3d_accel.stages.options import RunOptions
-from fs3d_accel.stages.slat import SLaTStage, slat_noise
 
 
 def test_bucket_sizes():
@@ -95,24 +92,11 @@ def test_flash_attention_gets_the_used_key_counts(monkeypatch):
     torch.testing.assert_close(out, attention(q.float(), k[:, :9].float(), v[:, :9].float()).bfloat16())
 
 
-def _coords(r: int, n: int, gen: torch.Generator) -> torch.Tensor:
-    idx = torch.randperm(r ** 3, generator=gen)[:n].sort().values
-    xyz = torch.stack([idx // (r * r), (idx // r) % r, idx % r], 1)
-    return torch.cat([torch.zeros(n, 1, dtype=torch.long), xyz], 1).int()
-
-
 @pytest.fixture(scope="module")
 def slat_setup():
-    cfg = mini_config()
-    torch.manual_seed(0)
-    stage = SLaTStage(cfg).eval()
-    gen = torch.Generator().manual_seed(0)
-    objects = []
-    for n in (300, 290):  # close sizes: their coarse token counts (290, 282) share the bucket 320 at 1/4
-        coords = _coords(cfg.slat_flow.resolution, n, gen)
-        objects.append((torch.randn(1, 24, cfg.slat_flow.cond_channels, generator=gen), coords,
-                        slat_noise(n, cfg.slat_flow.in_channels, gen)))
-    yield stage, objects, cfg.slat_sampler
+    # close sizes: their coarse token counts (290, 282) share the bucket 320 at 1/4
+    stage, objects, sampler = mini_slat_setup((300, 290))
+    yield stage, objects, sampler
     stage.__dict__.pop("_compiled_torso", None)
 
 
@@ -157,17 +141,6 @@ def test_non_finite_padding_does_not_reach_real_tokens(slat_setup):
 
 
 @torch.no_grad()
-def _sample(stage, cond, coords, noise, sampler, options):
-    structures: list[dict] = []
-    try:
-        net = stage.velocity_net(cond, coords, sampler, options, structures)
-        return EulerFlowSampler(sampler, "slat").sample(noise.clone(), net, extras={"coords": coords})
-    finally:
-        for s in structures:
-            release_structure(s)
-
-
-@torch.no_grad()
 def test_slat_stage_holds_its_kv_only_with_buckets_and_graphs(slat_setup, cpu_compile, monkeypatch):
     """Compiled (debug backend) SLaT with buckets: the same samples as without, and, where the compile mode captures
     CUDA graphs (flag forced on: the held path's only way to run without a GPU), the second object's K/V go into the
@@ -176,19 +149,19 @@ def test_slat_stage_holds_its_kv_only_with_buckets_and_graphs(slat_setup, cpu_co
     plain = RunOptions(batch_cfg=True, cache_cond_kv=True, collapse_zero_cond=True)
     bucketed = dataclasses.replace(plain, compile_slat=True, compile_backend="eager", slat_token_bucket=1 / 4)
     for cond, coords, noise in objects:
-        ref = _sample(stage, cond, coords, noise, sampler, plain)
-        torch.testing.assert_close(_sample(stage, cond, coords, noise, sampler, bucketed), ref, rtol=1e-4, atol=1e-4)
+        ref = sample_slat(stage, cond, coords, noise, sampler, plain)
+        torch.testing.assert_close(sample_slat(stage, cond, coords, noise, sampler, bucketed), ref, rtol=1e-4, atol=1e-4)
     assert stage.held_inputs().keys() == []  # no CUDA graphs: nothing held
     monkeypatch.setattr(RunOptions, "compile_uses_cuda_graphs", property(lambda self: True))
     seen = []
     for cond, coords, noise in objects:
-        ref = _sample(stage, cond, coords, noise, sampler, plain)
-        torch.testing.assert_close(_sample(stage, cond, coords, noise, sampler, bucketed), ref, rtol=1e-4, atol=1e-4)
+        ref = sample_slat(stage, cond, coords, noise, sampler, plain)
+        torch.testing.assert_close(sample_slat(stage, cond, coords, noise, sampler, bucketed), ref, rtol=1e-4, atol=1e-4)
         seen.append([t.data_ptr() for t in stage.held_inputs().buffers("both") if isinstance(t, torch.Tensor)])
     assert seen[0] and seen[0] == seen[1]
     import copy
     assert copy.deepcopy(stage.held_inputs()).keys() == []  # a copied stage allocates its own buffers
     stage.to(torch.float64).to(torch.float32)  # moving or casting the stage drops them
     assert stage.held_inputs().keys() == []
-    _sample(stage, *objects[0], sampler, dataclasses.replace(bucketed, slat_token_bucket=0.0))
+    sample_slat(stage, *objects[0], sampler, dataclasses.replace(bucketed, slat_token_bucket=0.0))
     assert stage.held_inputs().keys() == []  # graphs without buckets: nothing held
