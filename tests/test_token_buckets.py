@@ -165,3 +165,21 @@ def test_slat_stage_holds_its_kv_only_with_buckets_and_graphs(slat_setup, cpu_co
     assert stage.held_inputs().keys() == []
     sample_slat(stage, *objects[0], sampler, dataclasses.replace(bucketed, slat_token_bucket=0.0))
     assert stage.held_inputs().keys() == []  # graphs without buckets: nothing held
+
+
+@torch.no_grad()
+def test_bucketed_torso_compiles_once_per_batch_size(slat_setup, cpu_compile):
+    """aot_eager (the compile path without inductor): with buckets, one graph per batch size serves both objects (the
+    token count stays dynamic, the counts are a tensor input) with no graph break; turning buckets off in the same
+    process adds one graph per batch size (the torso then takes no counts), and the samples match the uncompiled ones."""
+    from torch._dynamo.utils import counters
+    stage, objects, sampler = slat_setup
+    plain = RunOptions(batch_cfg=True, cache_cond_kv=True)
+    bucketed = dataclasses.replace(plain, compile_slat=True, compile_backend="aot_eager", slat_token_bucket=1 / 4)
+    for cond, coords, noise in objects:
+        torch.testing.assert_close(sample_slat(stage, cond, coords, noise, sampler, bucketed),
+                                   sample_slat(stage, cond, coords, noise, sampler, plain), rtol=1e-4, atol=1e-4)
+    assert dict(counters["graph_break"]) == {} and counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+    sample_slat(stage, *objects[0], sampler, dataclasses.replace(bucketed, slat_token_bucket=0.0))
+    assert counters["stats"]["unique_graphs"] == 4, dict(counters["stats"])
+    stage.__dict__.pop("_compiled_torso", None)
