@@ -183,3 +183,15 @@ def test_bucketed_torso_compiles_once_per_batch_size(slat_setup, cpu_compile):
     sample_slat(stage, *objects[0], sampler, dataclasses.replace(bucketed, slat_token_bucket=0.0))
     assert counters["stats"]["unique_graphs"] == 4, dict(counters["stats"])
     stage.__dict__.pop("_compiled_torso", None)
+
+
+def test_fa4_keyword_arguments_for_tiles_and_counts():
+    """What ``_flash_attn_fwd`` receives (the FA4 call itself needs CUDA tensors, so the arguments are checked here)."""
+    counts = torch.tensor([9, 9], dtype=torch.int32)
+    assert ak.flash_attn_fwd_kwargs(None, None) == {}  # flash_attn_func's path
+    assert ak.flash_attn_fwd_kwargs(None, counts)["seqused_k"] is counts
+    tiled = ak.flash_attn_fwd_kwargs(ak.FlashAttnTiles(128, 128, False, True), counts)
+    assert tiled["tile_mn"] == (128, 128) and tiled["mma_pv_is_rs"] is False and tiled["intra_wg_overlap"] is True
+    assert torch.equal(tiled["seqused_k"], counts)
+    with pytest.raises(ValueError, match="seqused_k must be a 1-D int32 tensor"):
+        ak.flash_attn_fwd_kwargs(None, counts.long())

@@ -235,17 +235,29 @@ def _flash_attn_cute_forward(q: Tensor, k: Tensor, v: Tensor, tiles: FlashAttnTi
     if not q.is_cuda:
         raise ValueError(f"the {FLASH_ATTN_CUTE!r} attention kernel runs on CUDA tensors, got {q.device}; "
                          f"use {SDPA!r} here")
-    if tiles is None and seqused_k is None:
+    kw = flash_attn_fwd_kwargs(tiles, seqused_k)
+    if not kw:
         from flash_attn.cute import flash_attn_func
         out = flash_attn_func(q, k, v)
     else:
         from flash_attn.cute.interface import _flash_attn_fwd
-        kw = {} if tiles is None else dict(tile_mn=(tiles.tile_m, tiles.tile_n), mma_pv_is_rs=tiles.mma_pv_is_rs,
-                                           intra_wg_overlap=tiles.intra_wg_overlap)
-        if seqused_k is not None:
-            kw["seqused_k"] = seqused_k
         out = _flash_attn_fwd(q, k, v, **kw)
     return out[0] if isinstance(out, tuple) else out
+
+
+def flash_attn_fwd_kwargs(tiles: FlashAttnTiles | None, seqused_k: Tensor | None) -> dict:
+    """The keyword arguments of ``_flash_attn_fwd`` for ``tiles`` and ``seqused_k`` (empty: neither, and
+    ``flash_attn_func`` serves the call)."""
+    kw: dict = {}
+    if tiles is not None:
+        kw.update(tile_mn=(tiles.tile_m, tiles.tile_n), mma_pv_is_rs=tiles.mma_pv_is_rs,
+                  intra_wg_overlap=tiles.intra_wg_overlap)
+    if seqused_k is not None:
+        if seqused_k.dtype != torch.int32 or seqused_k.ndim != 1:
+            raise ValueError(f"seqused_k must be a 1-D int32 tensor (one count per batch element), got "
+                             f"{seqused_k.dtype} {tuple(seqused_k.shape)}")
+        kw["seqused_k"] = seqused_k.contiguous()
+    return kw
 
 
 @torch.library.custom_op("fs3d::flash_attn_cute", mutates_args=())
@@ -288,5 +300,6 @@ def _flash_attn_cute_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **k
 __all__ = ["ATTENTION_KERNELS", "ATTENTION_ROLES", "FLASH_ATTN_CUTE", "FlashAttnTiles", "SDPA", "check_role",
            "SMALL_QUERY_FA2", "SMALL_QUERY_KERNELS", "SMALL_QUERY_MATMUL", "current_attention_kernel",
            "current_flash_attn_tiles", "current_small_query_kernel", "current_small_query_limit",
-           "flash2_small_query_attention", "flash_attn_cute", "flash_attn_cute_tiled", "flash_attn_cute_unavailable", "small_query_attention",
-           "small_query_path", "use_attention_kernel", "use_small_query_path"]
+           "flash2_small_query_attention", "flash_attn_cute", "flash_attn_cute_tiled", "flash_attn_cute_unavailable",
+           "flash_attn_fwd_kwargs", "small_query_attention", "small_query_path", "use_attention_kernel",
+           "use_small_query_path"]
