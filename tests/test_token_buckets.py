@@ -195,3 +195,22 @@ def test_fa4_keyword_arguments_for_tiles_and_counts():
     assert torch.equal(tiled["seqused_k"], counts)
     with pytest.raises(ValueError, match="seqused_k must be a 1-D int32 tensor"):
         ak.flash_attn_fwd_kwargs(None, counts.long())
+
+
+def _fa4_missing() -> str | None:
+    return ak.flash_attn_cute_unavailable("cuda") if torch.cuda.is_available() else "needs a CUDA device"
+
+
+@pytest.mark.skipif(_fa4_missing() is not None, reason=f"real FlashAttention-4: {_fa4_missing()}")
+@torch.no_grad()
+def test_real_fa4_used_key_counts_equal_the_unpadded_call():
+    """On the GPU: FA4 over keys padded from 1,500 to 1,536 (a SLaT-torso-like shape, the last key tile partly padded,
+    the padding filled with large values) with ``seqused_k`` equals FA4 over the 1,500 real keys, to bf16 rounding."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (torch.randn(2, 1500, 16, 64, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(3))
+    pad = 100 * torch.ones(2, 36, 16, 64, device="cuda", dtype=torch.bfloat16)
+    qp, kp, vp = (torch.cat([x, pad], 1) for x in (q, k, v))
+    with ak.use_attention_kernel(ak.FLASH_ATTN_CUTE):
+        out = attention(qp, kp, vp, key_len=torch.tensor([1500, 1500], device="cuda"))
+        ref = attention(q, k, v)
+    torch.testing.assert_close(out[:, :1500].float(), ref.float(), rtol=0, atol=2e-2)
