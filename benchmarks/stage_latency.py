@@ -141,6 +141,12 @@ VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and S
          "attention by FlashAttention-2, GELU in the GEMM epilogue, SLaT token buckets"] = dataclasses.replace(
     VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead, small-query "
              "attention by FlashAttention-2, GELU in the GEMM epilogue"], slat_token_bucket=1 / 16)
+# the GELU path with the SLaT IO res-blocks' element-wise steps compiled (``fuse_slat_io``): ~0.03 s of LayerNorm,
+# cast and SiLU kernels per SLaT call at 14k in session 14's kernel table, and the host time of their launches at 5k
+VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead, small-query "
+         "attention by FlashAttention-2, GELU in the GEMM epilogue, fused SLaT IO steps"] = dataclasses.replace(
+    VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead, small-query "
+             "attention by FlashAttention-2, GELU in the GEMM epilogue"], fuse_slat_io=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -185,6 +191,9 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
          "compile-all-zkv-fa4-ro-sqfa2-ge-tb": "... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, "
                                                "reduce-overhead, small-query attention by FlashAttention-2, GELU in the "
                                                "GEMM epilogue, SLaT token buckets",
+         "compile-all-zkv-fa4-ro-sqfa2-ge-io": "... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, "
+                                               "reduce-overhead, small-query attention by FlashAttention-2, GELU in the "
+                                               "GEMM epilogue, fused SLaT IO steps",
          "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg": "... + one-key K/V of the zero condition + FlashAttention-4 in SS and "
                                                    "SLaT, reduce-overhead in SS, small-query attention by FlashAttention-2, "
                                                    "GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs"}

@@ -447,6 +447,6 @@ gaps.groupby(["run", "N"]).head(3)[["run", "N", "start_ms", "ms", "host"]].round
 # help repeats of one object. Built in session 14 and not yet measured on a GPU (first in the runbook):
 # - token buckets (`RunOptions.slat_token_bucket`): the torso's tokens padded up to buckets 1/16 of the size apart,
 #   the padding left out as keys, the K/V held, so that one bucket's graphs can serve every object that falls in it;
-# - the variant `-slatcg`, SLaT's whole pass (IO blocks included) in one CUDA graph, for the host-bound small sizes.
-#
-# Not built: the IO blocks compiled into the torso's region.
+# - the variant `-slatcg`, SLaT's whole pass (IO blocks included) in one CUDA graph, for the host-bound small sizes;
+# - `RunOptions.fuse_slat_io`: the IO res-blocks' element-wise steps (fp32 LayerNorm, casts, modulation, SiLU) as two
+#   compiled functions per block.

@@ -34,6 +34,55 @@ NORM_EPS = 1e-6
 
 #: the compiled torso's token-bucket step (:func:`use_token_buckets`; 0: off)
 _TOKEN_BUCKET: ContextVar[float] = ContextVar("fs3d_slat_token_bucket", default=0.0)
+#: the torch.compile backend of the IO res-blocks' fused element-wise steps (:func:`use_fused_io_blocks`; None: off)
+_FUSED_IO: ContextVar[str | None] = ContextVar("fs3d_slat_fused_io", default=None)
+
+
+def _norm_silu(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """SiLU(LayerNorm32(x)) with an affine norm: the res-block's first step, as its eager ops."""
+    y = F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
+    return F.silu(y)
+
+
+def _norm_modulate_silu(h: Tensor, scale: Tensor, shift: Tensor, batch_idx: Tensor | None, eps: float) -> Tensor:
+    """SiLU(LayerNorm32(h) * (1 + scale) + shift) with the per-batch (B, C) modulation broadcast to the rows
+    (``batch_idx``; None for one batch element): the res-block's second step, as its eager ops."""
+    y = F.layer_norm(h.float(), h.shape[-1:], None, None, eps).to(h.dtype)
+    if batch_idx is None:
+        scale, shift = scale[0], shift[0]
+    else:
+        scale, shift = scale[batch_idx], shift[batch_idx]
+    return F.silu(y * (1 + scale) + shift)
+
+
+_FUSED_FNS: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = {}
+
+
+def _fused_io_fns(backend: str) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
+    """The two steps torch.compile'd with ``backend`` (dynamic row count: one graph for every object), cached."""
+    if backend not in _FUSED_FNS:
+        _FUSED_FNS[backend] = (torch.compile(_norm_silu, backend=backend, dynamic=True),
+                               torch.compile(_norm_modulate_silu, backend=backend, dynamic=True))
+    return _FUSED_FNS[backend]
+
+
+def current_fused_io() -> str | None:
+    """The backend the SLaT IO res-blocks compile their element-wise steps with here (None: eager ops)."""
+    return _FUSED_IO.get()
+
+
+@contextlib.contextmanager
+def use_fused_io_blocks(backend: str | None) -> Iterator[None]:
+    """Within the block, each SLaT IO res-block runs its two element-wise steps (fp32 LayerNorm, cast, modulation,
+    SiLU) as torch.compile'd functions of ``backend``: one fused kernel each under inductor, where the eager ops launch
+    about a dozen (the sparse convs stay as they are). None: the eager ops. Restored on exit, errors included."""
+    if backend is not None and not isinstance(backend, str):
+        raise ValueError(f"use_fused_io_blocks takes a torch.compile backend name or None, got {backend!r}")
+    token = _FUSED_IO.set(backend)
+    try:
+        yield
+    finally:
+        _FUSED_IO.reset(token)
 
 
 def bucket_tokens(n: int, step: float) -> int:
@@ -108,11 +157,26 @@ class SparseResBlock3d(nn.Module):
         scale, shift = self.emb_layers(emb.to(lin.weight.dtype)).chunk(2, dim=1)
         if self.updown is not None:
             x = self.updown(x)
+        backend = current_fused_io()
+        if backend is not None and not self._fused_bypassed(x.feats):
+            norm_silu, norm_modulate_silu = _fused_io_fns(backend)
+            if scale.shape[0] != x.batch_size:
+                raise ValueError(f"per-batch values have {scale.shape[0]} rows, batch_size is {x.batch_size}")
+            h = self.conv1(x.replace(norm_silu(x.feats, self.norm1.weight, self.norm1.bias, self.norm1.eps)))
+            f = norm_modulate_silu(h.feats, scale, shift, None if x.batch_size == 1 else x.batch_idx, self.norm2.eps)
+            h = self.conv2(h.replace(f))
+            return h.replace(h.feats + self.skip_connection(x).feats)
         h = x.replace(F.silu(self.norm1(x.feats)))
         h = self.conv1(h)
         f = self.norm2(h.feats) * (1 + x.per_row(scale)) + x.per_row(shift)
         h = self.conv2(h.replace(F.silu(f)))
         return h.replace(h.feats + self.skip_connection(x).feats)
+
+    def _fused_bypassed(self, feats: Tensor) -> bool:
+        """Where the fused steps would change what observers see: module hooks on the norms (which the fused steps do
+        not call), or autocast (whose casts the eager norms go through)."""
+        return bool(self.norm1._forward_hooks or self.norm1._forward_pre_hooks or self.norm2._forward_hooks
+                    or self.norm2._forward_pre_hooks or torch.is_autocast_enabled(feats.device.type))
 
 
 class ModulatedSparseTransformerCrossBlock(nn.Module):

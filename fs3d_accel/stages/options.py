@@ -137,6 +137,13 @@ class RunOptions:
     #: backend. The held K/V stay allocated between calls. Not yet measured on a GPU (``benchmarks/GPU_RUNBOOK.md``);
     #: needs ``compile_slat``.
     slat_token_bucket: float = 0.0
+    #: the SLaT IO res-blocks' element-wise steps (fp32 LayerNorm, casts, adaLN modulation, SiLU) as two functions
+    #: torch.compile'd with ``compile_backend`` (``slat_flow.use_fused_io_blocks``): one fused kernel each instead of
+    #: about a dozen launches per block; the sparse convs stay as they are. Session 14's kernel table had ~0.03 s of
+    #: such kernels per SLaT call at 14k, and found SLaT host-bound at 5k. Not yet measured on a GPU
+    #: (``benchmarks/GPU_RUNBOOK.md``); needs ``compile_slat``. Skipped where module hooks sit on the norms, and under
+    #: autocast.
+    fuse_slat_io: bool = False
     #: algorithm of the sparse convolutions (SLaT IO blocks, mesh decoder) whose ``SparseConv3d.impl`` is "auto":
     #: "auto" keeps the class rule (the Triton implicit GEMM for fp16 / bf16 inference on NVIDIA GPUs of compute
     #: capability 8.0+, else "gather-or-transform"); "implicit" forces the Triton kernel (CUDA only), which never writes the gathered
@@ -191,6 +198,11 @@ class RunOptions:
             raise ValueError(f"gelu_epilogue is a bool, got {self.gelu_epilogue!r}")
         from ..model.slat_flow import check_token_bucket
         check_token_bucket(self.slat_token_bucket)
+        if not isinstance(self.fuse_slat_io, bool):
+            raise ValueError(f"fuse_slat_io is a bool, got {self.fuse_slat_io!r}")
+        if self.fuse_slat_io and not self.compile_slat:
+            raise ValueError("fuse_slat_io compiles the SLaT IO blocks' element-wise steps with compile_slat's backend, "
+                             "and compile_slat is off (set compile_slat=True)")
         if self.slat_token_bucket and not self.compile_slat:
             raise ValueError(f"slat_token_bucket {self.slat_token_bucket!r} pads the compiled SLaT torso's tokens, "
                              f"and compile_slat is off: it would change nothing (set compile_slat=True)")
@@ -346,11 +358,11 @@ class RunOptions:
         """What every network call of ``stage`` ("ss", "slat" or "decode") runs under: :meth:`autocast`,
         ``attention_kernel`` for the attention roles :meth:`kernel_roles` selects (SDPA for the others) with the FA4
         tiles of :meth:`kernel_tiles`, the small-query path (``small_query_attention``), the MLPs' GELU epilogue
-        (``gelu_epilogue``), SLaT's token buckets (``slat_token_bucket``, stage "slat" only), and the ``sparse_conv``
-        algorithm."""
+        (``gelu_epilogue``), SLaT's token buckets (``slat_token_bucket``) and fused IO steps (``fuse_slat_io``), both
+        for stage "slat" only, and the ``sparse_conv`` algorithm."""
         from ..model.attention_kernels import use_attention_kernel, use_small_query_path
         from ..model.layers import use_gelu_epilogue
-        from ..model.slat_flow import use_token_buckets
+        from ..model.slat_flow import use_fused_io_blocks, use_token_buckets
         from ..model.sparse import use_conv_impl
         return _entered_together(self.autocast(device),
                                  use_attention_kernel(self.attention_kernel, self.kernel_roles(stage),
@@ -359,6 +371,8 @@ class RunOptions:
                                                       self.small_query_kernel),
                                  use_gelu_epilogue(self.gelu_epilogue),
                                  use_token_buckets(self.slat_token_bucket if stage == "slat" else 0.0),
+                                 use_fused_io_blocks(self.compile_backend if self.fuse_slat_io and stage == "slat"
+                                                     else None),
                                  use_conv_impl(self.sparse_conv))
 
     def kernel_roles(self, stage: str) -> tuple[str, ...]:
