@@ -57,8 +57,8 @@ def test_aot_eager_matches_without_graph_breaks_or_per_size_graphs(slat_setup, c
                 torch.testing.assert_close(_one_pass(stage, obj, batch), ref, rtol=1e-5, atol=1e-5)
         graphs.append(counters["stats"]["unique_graphs"])
     assert dict(counters["graph_break"]) == {}, dict(counters["graph_break"])
-    # graphs per channel width and per batch form (index or none), none for the second size
-    assert 0 < graphs[0] == graphs[1] <= 6, graphs
+    # graphs per channel width and batch form (row index or none), static in both; none more for the second size
+    assert 0 < graphs[0] == graphs[1], graphs
 
 
 @torch.no_grad()

@@ -58,11 +58,23 @@ def _norm_modulate_silu(h: Tensor, scale: Tensor, shift: Tensor, batch_idx: Tens
 _FUSED_FNS: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = {}
 
 
+def _rows_dynamic(compiled: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """``compiled`` with the row count (dim 0 of its first and of any 1-D tensor argument) dynamic, so one graph serves
+    every object, and everything else static: each channel width keeps a kernel specialised to it."""
+    def call(*args):
+        for a in args:
+            if isinstance(a, Tensor) and (a is args[0] or a.ndim == 1):
+                torch._dynamo.maybe_mark_dynamic(a, 0)
+        with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+            return compiled(*args)
+    return call
+
+
 def _fused_io_fns(backend: str) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
-    """The two steps torch.compile'd with ``backend`` (dynamic row count: one graph for every object), cached."""
+    """The two steps torch.compile'd with ``backend`` (rows dynamic, channels static: :func:`_rows_dynamic`), cached."""
     if backend not in _FUSED_FNS:
-        _FUSED_FNS[backend] = (torch.compile(_norm_silu, backend=backend, dynamic=True),
-                               torch.compile(_norm_modulate_silu, backend=backend, dynamic=True))
+        _FUSED_FNS[backend] = tuple(_rows_dynamic(torch.compile(fn, backend=backend))
+                                    for fn in (_norm_silu, _norm_modulate_silu))
     return _FUSED_FNS[backend]
 
 
