@@ -88,11 +88,16 @@ SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, smal
          "GELU in the GEMM epilogue, SLaT token buckets"] = dataclasses.replace(
     SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, small-query attention by FlashAttention-2, "
              "GELU in the GEMM epilogue"], slat_token_bucket=1 / 16)
+# + the SLaT IO res-blocks' element-wise steps compiled (``fuse_slat_io``): inductor drops the bf16 rounding between them
+SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, small-query attention by FlashAttention-2, "
+         "GELU in the GEMM epilogue, fused SLaT IO steps"] = dataclasses.replace(
+    SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, small-query attention by FlashAttention-2, "
+             "GELU in the GEMM epilogue"], fuse_slat_io=True)
 SHORT = dict(zip(("fp32", "fp32-cfg-kv", "bf16-cfg-kv", "compile-all", "compile-all-zkv", "fp32-cfg-zkv",
                   "bf16-cfg-zkv", "compile-all-zkv-fa4-slat-ro", "compile-all-zkv-fa4-slat-ro-gt",
                   "compile-all-zkv-gt", "compile-all-zkv-fa4-ro", "compile-all-zkv-fa4-ro-sq",
-                  "compile-all-zkv-fa4-ro-sqfa2", "compile-all-zkv-ge", "compile-all-zkv-fa4-ro-sqfa2-ge", "compile-all-zkv-fa4-ro-sqfa2-ge-tb"),
-                 SETTINGS))
+                  "compile-all-zkv-fa4-ro-sqfa2", "compile-all-zkv-ge", "compile-all-zkv-fa4-ro-sqfa2-ge", "compile-all-zkv-fa4-ro-sqfa2-ge-tb",
+                  "compile-all-zkv-fa4-ro-sqfa2-ge-io"), SETTINGS))
 #: setting -> the setting it differs from by one switch (same weights and precision unless the switch is it)
 ONE_SWITCH_REF = {SHORT["compile-all"]: SHORT["bf16-cfg-kv"], SHORT["compile-all-zkv"]: SHORT["compile-all"],
                   SHORT["fp32-cfg-zkv"]: SHORT["fp32-cfg-kv"], SHORT["bf16-cfg-zkv"]: SHORT["bf16-cfg-kv"],
@@ -109,7 +114,8 @@ ONE_SWITCH_REF = {SHORT["compile-all"]: SHORT["bf16-cfg-kv"], SHORT["compile-all
                   # one switch: the GELU epilogue
                   SHORT["compile-all-zkv-ge"]: SHORT["compile-all-zkv"],
                   SHORT["compile-all-zkv-fa4-ro-sqfa2-ge"]: SHORT["compile-all-zkv-fa4-ro-sqfa2"],
-                  SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-tb"]: SHORT["compile-all-zkv-fa4-ro-sqfa2-ge"]}
+                  SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-tb"]: SHORT["compile-all-zkv-fa4-ro-sqfa2-ge"],
+                  SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-io"]: SHORT["compile-all-zkv-fa4-ro-sqfa2-ge"]}
 DATASETS = {"shipped": None, "ycb_scale": Path(__file__).parent / "data" / "ycb_scale" / "objects"}
 METRICS = ["f_score", "volume_iou", "chamfer", "box_iou_3d"]
 

@@ -25,24 +25,43 @@ def slat_setup():
     stage.__dict__.pop("_compiled_torso", None)
 
 
-def _one_pass(stage, obj, batch: int):
+def _one_pass(stage_or_flow, obj, batch: int):
     """One flow call on the object (batch 1) or on its CFG pair (batch 2)."""
+    flow = getattr(stage_or_flow, "flow", stage_or_flow)
     cond, coords, noise = obj
     if batch == 2:
         pair = torch.cat([coords, coords.clone()], 0)
         pair[len(coords):, 0] = 1
-        return stage.flow(torch.cat([noise, noise]), pair, torch.tensor([400.0, 400.0]), torch.cat([cond, cond * 0]))
-    return stage.flow(noise, coords, torch.tensor([400.0]), cond)
+        return flow(torch.cat([noise, noise]), pair, torch.tensor([400.0, 400.0]), torch.cat([cond, cond * 0]))
+    return flow(noise, coords, torch.tensor([400.0]), cond)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the res-blocks that took the fused steps."""
+    from fs3d_accel.model import slat_flow
+    calls = []
+    real = slat_flow._fused_io_fns
+    monkeypatch.setattr(slat_flow, "_fused_io_fns", lambda backend: calls.append(backend) or real(backend))
+    return calls
 
 
 @torch.no_grad()
 @pytest.mark.parametrize("batch", [1, 2])
-def test_eager_backend_is_bit_identical(slat_setup, cpu_compile, batch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_eager_backend_is_bit_identical(slat_setup, cpu_compile, fused_calls, batch, dtype):
+    """The casts around the fp32 LayerNorm matter in bf16: there too the compiled steps (debug backend) give the eager
+    block's bits."""
+    import copy
     stage, objects, _ = slat_setup
-    for obj in objects:
-        ref = _one_pass(stage, obj, batch)
+    flow = copy.deepcopy(stage.flow).to(dtype)
+    for cond, coords, noise in objects:
+        obj = (cond.to(dtype), coords, noise.to(dtype))
+        ref = _one_pass(flow, obj, batch)
+        fused_calls.clear()
         with use_fused_io_blocks("eager"):
-            assert torch.equal(_one_pass(stage, obj, batch), ref)
+            assert torch.equal(_one_pass(flow, obj, batch), ref)
+        assert len(fused_calls) == len(flow.input_blocks) + len(flow.out_blocks)  # every block fused
 
 
 @torch.no_grad()
@@ -62,24 +81,31 @@ def test_aot_eager_matches_without_graph_breaks_or_per_size_graphs(slat_setup, c
 
 
 @torch.no_grad()
-def test_hooks_on_the_norms_and_autocast_keep_the_eager_ops(slat_setup, cpu_compile, monkeypatch):
+def test_hooks_on_the_norms_global_hooks_and_autocast_keep_the_eager_ops(slat_setup, cpu_compile, fused_calls):
+    from torch.nn.modules.module import register_module_forward_hook
     stage, objects, _ = slat_setup
-    from fs3d_accel.model import slat_flow
-    calls = []
-    real = slat_flow._fused_io_fns
-    monkeypatch.setattr(slat_flow, "_fused_io_fns", lambda backend: calls.append(backend) or real(backend))
+    blocks = len(stage.flow.input_blocks) + len(stage.flow.out_blocks)
     seen = []
-    handle = stage.flow.input_blocks[0].norm1.register_forward_hook(lambda m, a, o: seen.append(o.shape))
+    handles = [stage.flow.input_blocks[0].norm1.register_forward_hook(lambda m, a, o: seen.append("norm1")),
+               stage.flow.out_blocks[0].norm2.register_forward_pre_hook(lambda m, a: seen.append("norm2"))]
+    try:
+        with use_fused_io_blocks("eager"):
+            _one_pass(stage, objects[0], 1)
+    finally:
+        for h in handles:
+            h.remove()
+    assert seen == ["norm1", "norm2"] and len(fused_calls) == blocks - 2  # all but the two hooked blocks
+    fused_calls.clear()
+    handle = register_module_forward_hook(lambda m, a, o: None)  # global hooks would miss the norms: eager ops
     try:
         with use_fused_io_blocks("eager"):
             _one_pass(stage, objects[0], 1)
     finally:
         handle.remove()
-    assert seen and len(calls) == len(stage.flow.input_blocks) + len(stage.flow.out_blocks) - 1  # all but the hooked
-    calls.clear()
+    assert fused_calls == []
     with use_fused_io_blocks("eager"), torch.autocast("cpu", dtype=torch.bfloat16):
         _one_pass(stage, objects[0], 1)
-    assert calls == []
+    assert fused_calls == []
 
 
 @torch.no_grad()
@@ -102,6 +128,8 @@ def test_option_validated_and_entered_for_slat_only():
             assert current_fused_io() is None
     with pytest.raises(ValueError, match="compile_slat is off"):
         RunOptions(fuse_slat_io=True)
+    with pytest.raises(ValueError, match="would change nothing; use a weight precision"):
+        RunOptions(precision="autocast-bf16", compile_slat=True, fuse_slat_io=True)
     with pytest.raises(ValueError, match="fuse_slat_io is a bool"):
         RunOptions(compile_slat=True, fuse_slat_io=1)
     with pytest.raises(ValueError, match="backend name or None"):

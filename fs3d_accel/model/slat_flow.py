@@ -59,21 +59,21 @@ _FUSED_FNS: dict[str, tuple[Callable[..., Tensor], Callable[..., Tensor]]] = {}
 
 
 def _rows_dynamic(compiled: Callable[..., Tensor]) -> Callable[..., Tensor]:
-    """``compiled`` with the row count (dim 0 of its first and of any 1-D tensor argument) dynamic, so one graph serves
-    every object, and everything else static: each channel width keeps a kernel specialised to it."""
+    """``compiled`` (built with ``dynamic=False``) with the row count dynamic, so one graph serves every object: dim 0
+    of the features (the first argument) and of the row index (a 1-D integer tensor). Everything else stays static,
+    so each channel width keeps a kernel specialised to it."""
     def call(*args):
         for a in args:
-            if isinstance(a, Tensor) and (a is args[0] or a.ndim == 1):
+            if isinstance(a, Tensor) and (a is args[0] or (a.ndim == 1 and not a.is_floating_point())):
                 torch._dynamo.maybe_mark_dynamic(a, 0)
-        with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-            return compiled(*args)
+        return compiled(*args)
     return call
 
 
 def _fused_io_fns(backend: str) -> tuple[Callable[..., Tensor], Callable[..., Tensor]]:
     """The two steps torch.compile'd with ``backend`` (rows dynamic, channels static: :func:`_rows_dynamic`), cached."""
     if backend not in _FUSED_FNS:
-        _FUSED_FNS[backend] = tuple(_rows_dynamic(torch.compile(fn, backend=backend))
+        _FUSED_FNS[backend] = tuple(_rows_dynamic(torch.compile(fn, backend=backend, dynamic=False))
                                     for fn in (_norm_silu, _norm_modulate_silu))
     return _FUSED_FNS[backend]
 
@@ -185,10 +185,12 @@ class SparseResBlock3d(nn.Module):
         return h.replace(h.feats + self.skip_connection(x).feats)
 
     def _fused_bypassed(self, feats: Tensor) -> bool:
-        """Where the fused steps would change what observers see: module hooks on the norms (which the fused steps do
-        not call), or autocast (whose casts the eager norms go through)."""
+        """Where the fused steps would change what observers see: module hooks on the norms, or global module hooks
+        (the fused steps call no norm module), and autocast (kept on the eager ops to stay with the measured path)."""
+        from torch.nn.modules import module as module_mod
         return bool(self.norm1._forward_hooks or self.norm1._forward_pre_hooks or self.norm2._forward_hooks
-                    or self.norm2._forward_pre_hooks or torch.is_autocast_enabled(feats.device.type))
+                    or self.norm2._forward_pre_hooks or module_mod._global_forward_hooks
+                    or module_mod._global_forward_pre_hooks or torch.is_autocast_enabled(feats.device.type))
 
 
 class ModulatedSparseTransformerCrossBlock(nn.Module):

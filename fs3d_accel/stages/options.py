@@ -141,8 +141,8 @@ class RunOptions:
     #: torch.compile'd with ``compile_backend`` (``slat_flow.use_fused_io_blocks``): one fused kernel each instead of
     #: about a dozen launches per block; the sparse convs stay as they are. Session 14's kernel table had ~0.03 s of
     #: such kernels per SLaT call at 14k, and found SLaT host-bound at 5k. Not yet measured on a GPU
-    #: (``benchmarks/GPU_RUNBOOK.md``); needs ``compile_slat``. Skipped where module hooks sit on the norms, and under
-    #: autocast.
+    #: (``benchmarks/GPU_RUNBOOK.md``); needs ``compile_slat`` and a weight precision (not autocast). Skipped where
+    #: module hooks sit on the norms or global module hooks are registered.
     fuse_slat_io: bool = False
     #: algorithm of the sparse convolutions (SLaT IO blocks, mesh decoder) whose ``SparseConv3d.impl`` is "auto":
     #: "auto" keeps the class rule (the Triton implicit GEMM for fp16 / bf16 inference on NVIDIA GPUs of compute
@@ -203,6 +203,9 @@ class RunOptions:
         if self.fuse_slat_io and not self.compile_slat:
             raise ValueError("fuse_slat_io compiles the SLaT IO blocks' element-wise steps with compile_slat's backend, "
                              "and compile_slat is off (set compile_slat=True)")
+        if self.fuse_slat_io and self.precision.startswith("autocast"):
+            raise ValueError(f"fuse_slat_io keeps the eager ops under autocast, so with precision {self.precision!r} it "
+                             f"would change nothing; use a weight precision (fp32, fp16 or bf16)")
         if self.slat_token_bucket and not self.compile_slat:
             raise ValueError(f"slat_token_bucket {self.slat_token_bucket!r} pads the compiled SLaT torso's tokens, "
                              f"and compile_slat is off: it would change nothing (set compile_slat=True)")
