@@ -83,21 +83,19 @@ SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, smal
          "GELU in the GEMM epilogue"] = dataclasses.replace(
     SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, small-query attention by FlashAttention-2"],
     gelu_epilogue=True)
-# + token buckets for the SLaT torso (padding masked as keys): the same values up to rounding, which this measures
-SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, small-query attention by FlashAttention-2, "
-         "GELU in the GEMM epilogue, SLaT token buckets"] = dataclasses.replace(
-    SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, small-query attention by FlashAttention-2, "
-             "GELU in the GEMM epilogue"], slat_token_bucket=1 / 16)
-# + the SLaT IO res-blocks' element-wise steps compiled (``fuse_slat_io``): inductor drops the bf16 rounding between them
-SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, small-query attention by FlashAttention-2, "
-         "GELU in the GEMM epilogue, fused SLaT IO steps"] = dataclasses.replace(
-    SETTINGS["... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, small-query attention by FlashAttention-2, "
-             "GELU in the GEMM epilogue"], fuse_slat_io=True)
+# the SLaT candidates of session 14 on that path, one switch each: token buckets for the torso (padding masked as keys;
+# the same values up to rounding, which this measures), and the IO res-blocks' element-wise steps compiled (inductor
+# drops the bf16 rounding between them)
+_GE = ("... + one-key K/V + FlashAttention-4 in SS and SLaT, CUDA graphs, small-query attention by FlashAttention-2, "
+       "GELU in the GEMM epilogue")
+for _label, _switch in ((", SLaT token buckets", {"slat_token_bucket": 1 / 16}),
+                        (", fused SLaT IO steps", {"fuse_slat_io": True})):
+    SETTINGS[_GE + _label] = dataclasses.replace(SETTINGS[_GE], **_switch)
 SHORT = dict(zip(("fp32", "fp32-cfg-kv", "bf16-cfg-kv", "compile-all", "compile-all-zkv", "fp32-cfg-zkv",
                   "bf16-cfg-zkv", "compile-all-zkv-fa4-slat-ro", "compile-all-zkv-fa4-slat-ro-gt",
                   "compile-all-zkv-gt", "compile-all-zkv-fa4-ro", "compile-all-zkv-fa4-ro-sq",
-                  "compile-all-zkv-fa4-ro-sqfa2", "compile-all-zkv-ge", "compile-all-zkv-fa4-ro-sqfa2-ge", "compile-all-zkv-fa4-ro-sqfa2-ge-tb",
-                  "compile-all-zkv-fa4-ro-sqfa2-ge-io"), SETTINGS))
+                  "compile-all-zkv-fa4-ro-sqfa2", "compile-all-zkv-ge", "compile-all-zkv-fa4-ro-sqfa2-ge",
+                  "compile-all-zkv-fa4-ro-sqfa2-ge-tb", "compile-all-zkv-fa4-ro-sqfa2-ge-io"), SETTINGS))
 #: setting -> the setting it differs from by one switch (same weights and precision unless the switch is it)
 ONE_SWITCH_REF = {SHORT["compile-all"]: SHORT["bf16-cfg-kv"], SHORT["compile-all-zkv"]: SHORT["compile-all"],
                   SHORT["fp32-cfg-zkv"]: SHORT["fp32-cfg-kv"], SHORT["bf16-cfg-zkv"]: SHORT["bf16-cfg-kv"],
