@@ -198,3 +198,10 @@ def test_every_benchmark_variant_builds_and_the_whole_pass_graph_variant_changes
     assert q.SETTINGS[q.SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-tb"]] == dataclasses.replace(
         q.SETTINGS[q.SHORT["compile-all-zkv-fa4-ro-sqfa2-ge"]], slat_token_bucket=1 / 16)
     assert q.ONE_SWITCH_REF[q.SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-tb"]] == q.SHORT["compile-all-zkv-fa4-ro-sqfa2-ge"]
+
+
+def test_bucketed_variants_get_the_repeat_caveat():
+    from benchmarks import base_vs_official as bvo
+    assert bvo.repeat_notes(["official", "compile-all-zkv-fa4-ro-sqfa2-ge"]) == []
+    (note,) = bvo.repeat_notes(["official", "compile-all-zkv-fa4-ro-sqfa2-ge-tb"])
+    assert note.startswith("`compile-all-zkv-fa4-ro-sqfa2-ge-tb`: SLaT token buckets") and "lower bound" in note

@@ -72,6 +72,9 @@ def test_attention_leaves_padded_keys_out():
         attention(qp, kp, vp, mask=torch.ones(2, 1, 1, 16, dtype=torch.bool), key_len=torch.tensor([10, 10]))
     with pytest.raises(ValueError, match=r"key_len must be \(B,\) = \(2,\)"):
         attention(qp, kp, vp, key_len=torch.tensor([10]))
+    for bad in ([0, 10], [10, 17]):  # no key at all (a softmax over nothing), or more keys than there are
+        with pytest.raises(ValueError, match=r"key_len counts must be in \[1, 16\]"):
+            attention(qp, kp, vp, key_len=torch.tensor(bad))
 
 
 def test_flash_attention_gets_the_used_key_counts(monkeypatch):

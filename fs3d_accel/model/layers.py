@@ -162,9 +162,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, role:
     """Scaled dot-product attention on (B, L, H, D) tensors; returns (B, L, H, D).
 
     ``mask`` (optional): boolean (B, 1, Lq, Lk) or (B, 1, 1, Lk), True = attend. ``key_len`` (optional, not with
-    ``mask``): (B,) integer counts; batch element b attends to its first ``key_len[b]`` keys only, the rest being
-    padding (the SLaT torso's token buckets). FlashAttention-4 takes it as its used-key counts and skips the key
-    tiles that are all padding; SDPA takes it as a key mask, which rules out its FlashAttention-2 backend. ``role`` ("self" or "cross")
+    ``mask``): (B,) integer counts in [1, Lk]; batch element b attends to its first ``key_len[b]`` keys only, the rest
+    being padding (the SLaT torso's token buckets). FlashAttention-4 takes it as its used-key counts and skips the
+    key tiles that are all padding; SDPA takes it as a key mask, which rules out its FlashAttention-2 backend. The
+    counts are checked on CPU tensors outside torch.compile; on CUDA a check would synchronise with the device, so
+    there they are trusted (the SLaT flow builds them from the token count itself). ``role`` ("self" or "cross")
     says what the call does, so the kernel can be chosen per role: unmasked fp16 / bf16 calls of a role
     selected by ``use_attention_kernel("flash-attn-cute", roles)`` go to FlashAttention-4
     (:mod:`fs3d_accel.model.attention_kernels`; CUDA tensors only, others raise there); everything else to SDPA.
@@ -184,6 +186,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, role:
             raise ValueError("attention takes a mask or key_len (padded keys), not both")
         if key_len.shape != (k.shape[0],):
             raise ValueError(f"key_len must be (B,) = ({k.shape[0]},), got {tuple(key_len.shape)}")
+        if (not key_len.is_cuda and not torch.compiler.is_compiling()
+                and bool(((key_len < 1) | (key_len > k.shape[1])).any())):
+            raise ValueError(f"key_len counts must be in [1, {k.shape[1]}] (the keys present), got {key_len.tolist()}")
         if kernel == attention_kernels.FLASH_ATTN_CUTE and q.dtype in (torch.float16, torch.bfloat16):
             return attention_kernels.flash_attn_cute_tiled(q, k, v, attention_kernels.current_flash_attn_tiles(role),
                                                            seqused_k=key_len.to(torch.int32))
