@@ -147,6 +147,14 @@ VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and S
          "attention by FlashAttention-2, GELU in the GEMM epilogue, fused SLaT IO steps"] = dataclasses.replace(
     VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead, small-query "
              "attention by FlashAttention-2, GELU in the GEMM epilogue"], fuse_slat_io=True)
+# both SLaT host-time cuts together: the whole-pass graph with the IO blocks' element-wise steps compiled inside it
+# (the graph removes their launches' host time, the fusion their ~0.03 s of kernels at 14k)
+VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead in SS, small-query "
+         "attention by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs, fused SLaT IO "
+         "steps"] = dataclasses.replace(
+    VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead in SS, "
+             "small-query attention by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs"],
+    fuse_slat_io=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -196,7 +204,11 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
                                                "GEMM epilogue, fused SLaT IO steps",
          "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg": "... + one-key K/V of the zero condition + FlashAttention-4 in SS and "
                                                    "SLaT, reduce-overhead in SS, small-query attention by FlashAttention-2, "
-                                                   "GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs"}
+                                                   "GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs",
+         "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io": "... + one-key K/V of the zero condition + FlashAttention-4 in SS "
+                                                      "and SLaT, reduce-overhead in SS, small-query attention by "
+                                                      "FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as whole "
+                                                      "CUDA graphs, fused SLaT IO steps"}
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``
