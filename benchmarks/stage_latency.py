@@ -155,6 +155,14 @@ VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and S
     VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead in SS, "
              "small-query attention by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs"],
     fuse_slat_io=True)
+# ... with those graphs recorded without a device synchronisation (``async_graph_capture``): the batch-1 graph, recorded
+# once CFG ends, then waits behind the replays already queued instead of idling the GPU
+VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead in SS, small-query "
+         "attention by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs recorded without "
+         "a sync, fused SLaT IO steps"] = dataclasses.replace(
+    VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead in SS, "
+             "small-query attention by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs, "
+             "fused SLaT IO steps"], async_graph_capture=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -208,7 +216,11 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
          "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io": "... + one-key K/V of the zero condition + FlashAttention-4 in SS "
                                                       "and SLaT, reduce-overhead in SS, small-query attention by "
                                                       "FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as whole "
-                                                      "CUDA graphs, fused SLaT IO steps"}
+                                                      "CUDA graphs, fused SLaT IO steps",
+         "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac": "... + one-key K/V of the zero condition + FlashAttention-4 in "
+                                                         "SS and SLaT, reduce-overhead in SS, small-query attention by "
+                                                         "FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as "
+                                                         "whole CUDA graphs recorded without a sync, fused SLaT IO steps"}
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

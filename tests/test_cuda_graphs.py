@@ -91,6 +91,40 @@ def test_graphed_call_is_eager_on_cpu_and_checks_its_arguments():
         g(a, 1.0)
     with pytest.raises(ValueError, match="warmup must be >= 1"):
         GraphedCall(fn, warmup=0)
+    with pytest.raises(ValueError, match="async_capture records without waiting"):
+        GraphedCall(fn, async_capture=True, side_stream_warmup=True)
+    ga = GraphedCall(fn, async_capture=True)  # eager on the CPU too
+    assert torch.equal(ga(a, b)["s"], a + b) and ga.captures == 0
+
+
+def test_options_reject_async_capture_without_graphs():
+    with pytest.raises(ValueError, match="async_graph_capture changes how cuda_graphs records"):
+        RunOptions(precision="bf16", async_graph_capture=True)
+    with pytest.raises(ValueError, match="async_graph_capture is a bool"):
+        RunOptions(precision="bf16", cuda_graphs=True, async_graph_capture=1)
+    RunOptions(precision="bf16", cuda_graphs=True, async_graph_capture=True)  # accepted
+
+
+@pytest.mark.parametrize("async_capture", [False, True])
+def test_stages_pass_the_capture_mode_to_their_graphs(monkeypatch, async_capture):
+    """SS's and SLaT's graphs record as ``RunOptions.async_graph_capture`` says (and run eagerly on the CPU)."""
+    from fs3d_accel.stages import graphs as graphs_mod, slat as slat_mod, ss as ss_mod
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    made = []
+
+    class Spy(graphs_mod.GraphedCall):
+        def __init__(self, fn, **kw):
+            made.append(kw.get("async_capture"))
+            super().__init__(fn, **kw)
+
+    monkeypatch.setattr(ss_mod, "GraphedCall", Spy)
+    monkeypatch.setattr(slat_mod, "GraphedCall", Spy)
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=2), seed=0)
+    sparsify_occupancy(pipe, occupied_fraction=0.02)
+    img, mask, pm = make_scene(pipe.config.image_size)
+    run_ss_slat_each(pipe, pipe.prepare(img, mask, pm),
+                     [RunOptions(cache_cond_kv=True, cuda_graphs=True, async_graph_capture=async_capture)])
+    assert made and set(made) == {async_capture}
 
 
 @pytest.mark.parametrize("batch_cfg", [False, True])
@@ -131,3 +165,72 @@ def test_graph_replay_equals_eager_on_cuda():
         assert torch.equal(a, b)
     release_structure(structure)
 
+
+
+@pytest.mark.parametrize("batch_cfg", [False, True])
+def test_async_capture_warms_the_unguided_pass_once_early_and_changes_no_value(monkeypatch, batch_cfg):
+    """With asynchronous recording, the batched-CFG SLaT run passes once through the unguided network at its first
+    guided step (so the unguided graph's later recording needs no structure build, hence no sync); the output of that
+    pass is discarded, so every value stays bit-identical. Without batched CFG nothing changes."""
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=3), seed=0)  # SLaT: 2 guided + 1 unguided
+    sparsify_occupancy(pipe, occupied_fraction=0.02)
+    img, mask, pm = make_scene(pipe.config.image_size)
+    inputs = pipe.prepare(img, mask, pm)
+    passes = []
+    handle = pipe.slat.flow.register_forward_hook(lambda m, a, out: passes.append(out.shape[0]))
+    try:
+        plain, early = run_ss_slat_each(pipe, inputs, [
+            RunOptions(batch_cfg=batch_cfg, cache_cond_kv=True, cuda_graphs=True, async_graph_capture=a)
+            for a in (False, True)])
+    finally:
+        handle.remove()
+    assert_same_ss_slat(plain, early)
+    n = plain[1].feats.shape[0]
+    per_run = len(passes) // 2 if not batch_cfg else None
+    if batch_cfg:  # 2 batched + 1 unguided, then the same with the early unguided pass first
+        assert passes == [2 * n, 2 * n, n] + [n, 2 * n, 2 * n, n]
+    else:  # 2 x (cond, uncond) + 1: no early pass
+        assert passes[:per_run] == passes[per_run:] == [n] * 5
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_async_capture_records_behind_queued_work_and_replays_like_eager():
+    """The recording starts while the GPU still runs queued work (no device sync), replays equal eager, and a failing
+    recording leaves the stream usable for the next one."""
+    cfg, coords, feats, cond = random_slat_inputs(n=500)
+    flow = SLaTFlowModel(cfg).eval().cuda()
+    coords, feats, cond = coords.cuda(), feats.cuda(), cond.cuda()
+    kv = flow.precompute_cond_kv(cond)
+    structure = persistent_structure()
+    t = torch.full((1,), 500.0, device="cuda")
+    g = GraphedCall(lambda f, tt: flow(f, coords, tt, None, cond_kv=kv, structure=structure), async_capture=True)
+    big = torch.randn(4096, 4096, device="cuda")
+    with torch.no_grad():
+        eager = [flow(feats * (i + 1), coords, t * (i + 1), None, cond_kv=kv) for i in range(4)]
+        graphed = []
+        for i in range(4):
+            for _ in range(20):  # queue ~100 ms of matmuls, so a sync inside the recording would show as waiting
+                big = big @ big / 64
+            graphed.append(g(feats * (i + 1), t * (i + 1)))
+    torch.cuda.synchronize()
+    assert g.captures == 1 and g.replays == 3
+    for a, b in zip(eager, graphed):
+        assert torch.equal(a, b)
+
+    def fails(x):
+        y = x * 2
+        raise RuntimeError("boom inside the recording")
+
+    bad = GraphedCall(fails, async_capture=True)
+    x = torch.ones(8, device="cuda")
+    with pytest.raises(RuntimeError, match="boom"):
+        bad(x)  # eager warm-up raises too
+    bad._seen[bad.signature((x,))] = 1  # skip to the recording
+    with pytest.raises(RuntimeError, match="boom inside the recording"):
+        bad(x)
+    again = GraphedCall(lambda v: v + 1, async_capture=True)
+    for _ in range(3):
+        out = again(x)
+    assert torch.equal(out, x + 1) and again.captures == 1
+    release_structure(structure)

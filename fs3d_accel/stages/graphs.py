@@ -48,11 +48,21 @@ class GraphedCall:
     non-CUDA device always run eagerly, so the same code path works on the CPU.
     """
 
-    def __init__(self, fn: Callable[..., Any], warmup: int = 1, side_stream_warmup: bool = False) -> None:
+    def __init__(self, fn: Callable[..., Any], warmup: int = 1, side_stream_warmup: bool = False,
+                 async_capture: bool = False) -> None:
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 (the first call builds caches eagerly), got {warmup}")
+        if async_capture and side_stream_warmup:
+            raise ValueError("async_capture records without waiting for the GPU; side_stream_warmup runs an eager pass "
+                             "that the capture must wait for: choose one")
         self.fn = fn
         self.warmup = warmup
+        #: record on a side stream without ``torch.cuda.graph``'s device synchronisation and cache flush, so that the
+        #: GPU keeps running the work already queued while the host records. A sampler whose graph replays have run
+        #: ahead of the GPU (the SLaT loop reaching its first unguided step) then records its second graph behind
+        #: that queue instead of draining it first (session 14's idle timeline: ~50 ms of idle GPU per recording at
+        #: 14k voxels). Errors inside the recording are raised only for this thread (``thread_local`` mode).
+        self.async_capture = async_capture
         #: run one more eager pass on a side stream right before capturing (what ``torch.cuda.graphs``
         #: recommends for lazy initialisation). Off by default: the ``warmup`` eager calls have already
         #: done that work, and the extra pass cost more than the replays saved (H100, session 5).
@@ -96,10 +106,40 @@ class GraphedCall:
                 self.fn(*inputs)
             torch.cuda.current_stream(inputs[0].device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            output = self.fn(*inputs)
+        if self.async_capture:
+            output = _record_without_sync(graph, self.fn, inputs)
+        else:
+            with torch.cuda.graph(graph):
+                output = self.fn(*inputs)
         self.captures += 1
         return _Captured(graph, inputs, output)
+
+
+_CAPTURE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+
+
+def _record_without_sync(graph: "torch.cuda.CUDAGraph", fn: Callable[..., Any], inputs: list[Tensor]) -> Any:
+    """Record ``fn(*inputs)`` into ``graph`` on a per-device side stream, leaving the work queued on the current
+    stream running. Unlike ``torch.cuda.graph`` this neither synchronises the device nor empties the allocator's cache
+    (neither is needed for a correct recording: the recorded kernels do not run until a replay, which the caller
+    enqueues on the current stream after the work that filled ``inputs``). The graph's memory comes from its own
+    private pool, as with ``torch.cuda.graph``."""
+    device = inputs[0].device
+    stream = _CAPTURE_STREAMS.get(device)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device=device)
+    with torch.cuda.stream(stream):
+        graph.capture_begin(capture_error_mode="thread_local")
+        try:
+            output = fn(*inputs)
+        except BaseException:
+            try:
+                graph.capture_end()  # leave the stream out of capture mode; the recording itself is invalid
+            except RuntimeError:
+                pass
+            raise
+        graph.capture_end()
+    return output
 
 
 __all__ = ["GraphedCall"]

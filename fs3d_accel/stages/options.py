@@ -88,6 +88,11 @@ class RunOptions:
     #: SLaT compile mode without graphs of its own ("default" via ``slat_compile_mode``): inductor's graphs
     #: cannot be recorded inside this capture.
     cuda_graphs: bool = False
+    #: record those graphs without first synchronising the device (``GraphedCall.async_capture``): the host records
+    #: while the GPU still runs the steps already queued. Session 14/15's idle timelines found the GPU waiting ~50 ms
+    #: per recording at 14k SLaT voxels behind ``torch.cuda.graph``'s synchronisation; a SLaT object records a
+    #: second graph (batch 1) once CFG ends, by which time earlier replays are queued. Needs ``cuda_graphs``.
+    async_graph_capture: bool = False
     #: in the unconditional CFG branch the condition tokens are all zero, so each cross-attention's L keys
     #: are one repeated vector (the ``to_kv`` bias), and so are its values: keep one key and value instead
     #: of L (the softmax over equal scores is uniform and returns that value either way). Saves that
@@ -225,6 +230,11 @@ class RunOptions:
             raise ValueError(f"cuda_graphs needs weights in the compute precision (fp32, fp16 or bf16); "
                              f"precision {self.precision!r} casts inside autocast, whose weight cache "
                              f"cannot live in a CUDA graph")
+        if not isinstance(self.async_graph_capture, bool):
+            raise ValueError(f"async_graph_capture is a bool, got {self.async_graph_capture!r}")
+        if self.async_graph_capture and not self.cuda_graphs:
+            raise ValueError("async_graph_capture changes how cuda_graphs records its graphs, and cuda_graphs is off: "
+                             "it would change nothing (set cuda_graphs=True)")
         slat_mode = self.slat_compile_mode or self.compile_mode
         if self.cuda_graphs and self.compile_slat and slat_mode in ("reduce-overhead", "max-autotune"):
             raise ValueError(f"cuda_graphs captures each SLaT pass in one CUDA graph, and SLaT's compile mode "

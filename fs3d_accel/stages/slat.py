@@ -9,7 +9,7 @@ from ..model.configs import ModelConfig, SamplerConfig
 from ..model.slat_flow import SLaTFlowModel
 from ..model.sparse import persistent_structure, release_structure
 from ..preprocess import PreparedInputs
-from ..samplers import EulerFlowSampler, guided
+from ..samplers import EulerFlowSampler, count_network_passes, guided
 from ..seams import (EventBus, SparseTokens, StepPolicy, TokenTransform, TransformContext, TransformState)
 from .graphs import GraphedCall
 from .held import HoldsInputs
@@ -119,7 +119,7 @@ class SLaTStage(HoldsInputs, nn.Module):
                 # full-token passes over one coordinate set: same shapes every step. One graph per
                 # condition (the plain structure serves the cond and the uncond pass); the graphs live
                 # in the structure and go with release_structure at the end of the object
-                call = structure.setdefault(("cuda_graph", id(c)), GraphedCall(call))
+                call = structure.setdefault(("cuda_graph", id(c)), GraphedCall(call, async_capture=options.async_graph_capture))
             return call(feats, tt)
 
         def select(x: Tensor, active: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -147,8 +147,18 @@ class SLaTStage(HoldsInputs, nn.Module):
             if cache:
                 structures.append(both_structure)
 
+            # With graphs recorded asynchronously, the unguided pass's graph (recorded once CFG ends) must not
+            # synchronise: its first, eager pass would (it builds the plain structure's tables). So that pass runs
+            # once at the first guided full-token step, while the GPU is still idle from the object's start, and the
+            # later recording finds the tables built and queues behind the guided replays (output discarded).
+            warm_unguided = [options.cuda_graphs and options.async_graph_capture and cache
+                             and count_network_passes(sampler_cfg) < 2 * sampler_cfg.steps]
+
             def batched(x, t, active):
                 f, c = select(x, active)
+                if active is None and cache and warm_unguided[0]:
+                    warm_unguided[0] = False
+                    net_cond(x, t, None, False)
                 if active is None and cache:
                     out = run(torch.cat([f, f], 0), both_coords, t, both, kv_of("both", both, [False, True]),
                               both_structure)

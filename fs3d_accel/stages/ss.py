@@ -129,7 +129,7 @@ class SSStage(HoldsInputs, nn.Module):
                 return [out[k].float() for k in keys]
 
             if options.cuda_graphs and not use_compiled:
-                call = graphs.setdefault(id(c), GraphedCall(call))
+                call = graphs.setdefault(id(c), GraphedCall(call, async_capture=options.async_graph_capture))
             return dict(zip(keys, call(tt, *(x[k] for k in keys))))
 
         def net_cond(x, t, active, is_uncond):
