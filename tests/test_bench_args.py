@@ -169,6 +169,10 @@ def test_gelu_epilogue_variants_differ_from_their_parent_by_the_switch_alone():
                          ("compile-all-zkv-fa4-ro-sqfa2-ge", "compile-all-zkv-fa4-ro-sqfa2")):
         assert variant_options(name) == dataclasses.replace(variant_options(parent), gelu_epilogue=True)
     q = fast_path_quality
+    assert q.SETTINGS[q.SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac"]] == \
+        variant_options("compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac")
+    assert q.ONE_SWITCH_REF[q.SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac"]] == \
+        q.SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-io"]
     assert q.SETTINGS[q.SHORT["compile-all-zkv-ge"]] == dataclasses.replace(
         q.SETTINGS[q.SHORT["compile-all-zkv"]], gelu_epilogue=True)
     assert q.ONE_SWITCH_REF[q.SHORT["compile-all-zkv-ge"]] == q.SHORT["compile-all-zkv"]
