@@ -444,9 +444,11 @@ gaps.groupby(["run", "N"]).head(3)[["run", "N", "start_ms", "ms", "host"]].round
 # profiled host op open. The mesh decoder's network (35-60 ms) is host-bound at 5k and 14k.
 #
 # Every new object has a new token count, so the recordings are per object. Holding the K/V, as SS does, would only
-# help repeats of one object. Built in session 14 and not yet measured on a GPU (first in the runbook):
-# - token buckets (`RunOptions.slat_token_bucket`): the torso's tokens padded up to buckets 1/16 of the size apart,
-#   the padding left out as keys, the K/V held, so that one bucket's graphs can serve every object that falls in it;
-# - the variant `-slatcg`, SLaT's whole pass (IO blocks included) in one CUDA graph, for the host-bound small sizes;
-# - `RunOptions.fuse_slat_io`: the IO res-blocks' element-wise steps (fp32 LayerNorm, casts, modulation, SiLU) as two
-#   compiled functions per block.
+# help repeats of one object. Session 15 measured the next steps (`session15/README.md`):
+# - the variant `-slatcg`, SLaT's whole pass (IO blocks included) in one CUDA graph, gains nothing by itself at 14k:
+#   `torch.cuda.graph` synchronises the device before each recording, and the GPU idles ~50 ms through each;
+# - `RunOptions.async_graph_capture` records without that synchronisation, and warms the unguided pass early, so that
+#   the recording made once CFG ends queues behind the guided replays. With the fused IO steps
+#   (`RunOptions.fuse_slat_io`), SLaT at 14k took 0.54 s against 0.59-0.61 s (H200) and 0.58 s against 0.65 s (H100).
+#   In a per-object run it did not gain at 14k, so it is not a named path yet;
+# - token buckets (`RunOptions.slat_token_bucket`) passed their real-FA4 test; their timing is still in the runbook.

@@ -91,7 +91,10 @@ class RunOptions:
     #: record those graphs without first synchronising the device (``GraphedCall.async_capture``): the host records
     #: while the GPU still runs the steps already queued. Session 14/15's idle timelines found the GPU waiting ~50 ms
     #: per recording at 14k SLaT voxels behind ``torch.cuda.graph``'s synchronisation; a SLaT object records a
-    #: second graph (batch 1) once CFG ends, by which time earlier replays are queued. Needs ``cuda_graphs``.
+    #: second graph (batch 1) once CFG ends, by which time earlier replays are queued; the SLaT stage also runs the
+    #: unguided pass once at the first guided step (output discarded), so that this later recording builds no tables.
+    #: Session 15: SLaT at 14k 0.54 s against 0.59-0.61 s (H200) and 0.58 against 0.65 s (H100), with the fused IO
+    #: steps; not faster per object at 14k in one run, so off by default. Needs ``cuda_graphs``.
     async_graph_capture: bool = False
     #: in the unconditional CFG branch the condition tokens are all zero, so each cross-attention's L keys
     #: are one repeated vector (the ``to_kv`` bias), and so are its values: keep one key and value instead
@@ -139,14 +142,16 @@ class RunOptions:
     #: each, ``results/base_vs_official_h100/session14/``). It pays only under a SLaT compile mode with CUDA graphs
     #: (elsewhere there is nothing to share) and with FA4 at SLaT's self-attention: FA4 skips the all-padding key
     #: tiles, so the padding costs up to ``step`` more torso work, while SDPA's key mask rules out its FlashAttention-2
-    #: backend. The held K/V stay allocated between calls. Not yet measured on a GPU (``benchmarks/GPU_RUNBOOK.md``);
+    #: backend. The held K/V stay allocated between calls. Its timing is not yet measured on a GPU (its real-FA4
+    #: ``seqused_k`` test passed in session 15; ``benchmarks/GPU_RUNBOOK.md``);
     #: needs ``compile_slat``.
     slat_token_bucket: float = 0.0
     #: the SLaT IO res-blocks' element-wise steps (fp32 LayerNorm, casts, adaLN modulation, SiLU) as two functions
     #: torch.compile'd with ``compile_backend`` (``slat_flow.use_fused_io_blocks``): one fused kernel each instead of
     #: about a dozen launches per block; the sparse convs stay as they are. Session 14's kernel table had ~0.03 s of
-    #: such kernels per SLaT call at 14k, and found SLaT host-bound at 5k. Not yet measured on a GPU
-    #: (``benchmarks/GPU_RUNBOOK.md``); needs ``compile_slat`` and a weight precision (not autocast). Skipped where
+    #: such kernels per SLaT call at 14k, and found SLaT host-bound at 5k. Session 15 (H100): the LayerNorm kernels went
+    #: from 0.0095 to 0.0010 s and the copies from 0.018 to 0.008 s per call at 14k, mean ΔF1 −0.026 against fp32
+    #: (``results/base_vs_official_h100/session15/``). Needs ``compile_slat`` and a weight precision (not autocast). Skipped where
     #: module hooks sit on the norms or global module hooks are registered.
     fuse_slat_io: bool = False
     #: algorithm of the sparse convolutions (SLaT IO blocks, mesh decoder) whose ``SparseConv3d.impl`` is "auto":
