@@ -163,6 +163,14 @@ VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and S
     VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead in SS, "
              "small-query attention by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs, "
              "fused SLaT IO steps"], async_graph_capture=True)
+# ... and one memory pool for an object's two graphs (``shared_graph_pool``): the batch-1 recording reuses the batch-2
+# graph's temporaries instead of asking for fresh device memory while it records
+VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead in SS, small-query "
+         "attention by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs recorded without "
+         "a sync in one memory pool, fused SLaT IO steps"] = dataclasses.replace(
+    VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead in SS, small-query "
+             "attention by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs recorded without "
+             "a sync, fused SLaT IO steps"], shared_graph_pool=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -220,7 +228,12 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
          "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac": "... + one-key K/V of the zero condition + FlashAttention-4 in "
                                                          "SS and SLaT, reduce-overhead in SS, small-query attention by "
                                                          "FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as "
-                                                         "whole CUDA graphs recorded without a sync, fused SLaT IO steps"}
+                                                         "whole CUDA graphs recorded without a sync, fused SLaT IO steps",
+         "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-sp": "... + one-key K/V of the zero condition + FlashAttention-4 "
+                                                            "in SS and SLaT, reduce-overhead in SS, small-query attention "
+                                                            "by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes "
+                                                            "as whole CUDA graphs recorded without a sync in one memory "
+                                                            "pool, fused SLaT IO steps"}
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

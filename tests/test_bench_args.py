@@ -198,6 +198,8 @@ def test_every_benchmark_variant_builds_and_the_whole_pass_graph_variant_changes
     assert variant_options("compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io") == dataclasses.replace(cg, fuse_slat_io=True)
     assert variant_options("compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac") == dataclasses.replace(
         cg, fuse_slat_io=True, async_graph_capture=True)
+    assert variant_options("compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-sp") == dataclasses.replace(
+        cg, fuse_slat_io=True, async_graph_capture=True, shared_graph_pool=True)
     assert fast_path_quality.SETTINGS[fast_path_quality.SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-io"]] == \
         dataclasses.replace(fast_path_quality.SETTINGS[fast_path_quality.SHORT["compile-all-zkv-fa4-ro-sqfa2-ge"]],
                             fuse_slat_io=True)

@@ -103,18 +103,25 @@ def test_options_reject_async_capture_without_graphs():
     with pytest.raises(ValueError, match="async_graph_capture is a bool"):
         RunOptions(precision="bf16", cuda_graphs=True, async_graph_capture=1)
     RunOptions(precision="bf16", cuda_graphs=True, async_graph_capture=True)  # accepted
+    with pytest.raises(ValueError, match="shared_graph_pool gives cuda_graphs' SLaT graphs one memory pool"):
+        RunOptions(precision="bf16", shared_graph_pool=True)
+    with pytest.raises(ValueError, match="shared_graph_pool is a bool"):
+        RunOptions(precision="bf16", cuda_graphs=True, shared_graph_pool="yes")
 
 
-@pytest.mark.parametrize("async_capture", [False, True])
-def test_stages_pass_the_capture_mode_to_their_graphs(monkeypatch, async_capture):
-    """SS's and SLaT's graphs record as ``RunOptions.async_graph_capture`` says (and run eagerly on the CPU)."""
+@pytest.mark.parametrize("async_capture,shared_pool", [(False, False), (True, False), (True, True)])
+def test_stages_pass_the_capture_mode_to_their_graphs(monkeypatch, async_capture, shared_pool):
+    """SS's and SLaT's graphs record as ``RunOptions.async_graph_capture`` says (and run eagerly on the CPU); with
+    ``shared_graph_pool`` the graphs of one SLaT object share one pool, a new one per object, never created on the CPU."""
     from fs3d_accel.stages import graphs as graphs_mod, slat as slat_mod, ss as ss_mod
     monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
-    made = []
+    made, pools = [], []
 
     class Spy(graphs_mod.GraphedCall):
         def __init__(self, fn, **kw):
             made.append(kw.get("async_capture"))
+            if "pool" in kw:  # the SLaT stage's graphs
+                pools.append(kw["pool"])
             super().__init__(fn, **kw)
 
     monkeypatch.setattr(ss_mod, "GraphedCall", Spy)
@@ -122,9 +129,18 @@ def test_stages_pass_the_capture_mode_to_their_graphs(monkeypatch, async_capture
     pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=2), seed=0)
     sparsify_occupancy(pipe, occupied_fraction=0.02)
     img, mask, pm = make_scene(pipe.config.image_size)
-    run_ss_slat_each(pipe, pipe.prepare(img, mask, pm),
-                     [RunOptions(cache_cond_kv=True, cuda_graphs=True, async_graph_capture=async_capture)])
+    opts = RunOptions(batch_cfg=True, cache_cond_kv=True, cuda_graphs=True, async_graph_capture=async_capture,
+                      shared_graph_pool=shared_pool)
+    run_ss_slat_each(pipe, pipe.prepare(img, mask, pm), [opts, opts])  # two objects
     assert made and set(made) == {async_capture}
+    assert pools
+    if not shared_pool:
+        assert set(map(id, pools)) == {id(None)}
+    else:
+        assert all(isinstance(p, graphs_mod.GraphPool) and p._handle is None for p in pools)
+        per_object = len(pools) // 2
+        first, second = pools[:per_object], pools[per_object:]
+        assert len({id(p) for p in first}) == 1 and len({id(p) for p in second}) == 1 and first[0] is not second[0]
 
 
 @pytest.mark.parametrize("batch_cfg", [False, True])
@@ -233,4 +249,38 @@ def test_async_capture_records_behind_queued_work_and_replays_like_eager():
     for _ in range(3):
         out = again(x)
     assert torch.equal(out, x + 1) and again.captures == 1
+    release_structure(structure)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("async_capture", [False, True])
+def test_graphs_in_one_pool_replay_like_eager_in_any_order(async_capture):
+    """Two graphs share one memory pool (the second recorded after the first, while the first is already replaying):
+    their replays, interleaved in either order, equal eager (the pool hands the second recording only the first's
+    temporaries, never its static inputs or outputs). The doubling in the second graph is undone exactly."""
+    from fs3d_accel.stages.graphs import GraphPool
+    cfg, coords, feats, cond = random_slat_inputs(n=500)
+    flow = SLaTFlowModel(cfg).eval().cuda()
+    coords, feats, cond = coords.cuda(), feats.cuda(), cond.cuda()
+    kv = flow.precompute_cond_kv(cond)
+    structure = persistent_structure()
+    pool = GraphPool()
+    g1 = GraphedCall(lambda f, tt: flow(f, coords, tt, None, cond_kv=kv, structure=structure),
+                     async_capture=async_capture, pool=pool)
+    g2 = GraphedCall(lambda f, tt: flow(f, coords, tt, None, cond_kv=kv, structure=structure) * 2,
+                     async_capture=async_capture, pool=pool)
+    t = torch.full((1,), 500.0, device="cuda")
+    with torch.no_grad():
+        eager = [flow(feats * (i + 1), coords, t * (i + 1), None, cond_kv=kv) for i in range(6)]
+        got = []
+        for i in range(6):  # g1, g2, g1, g2, ...: each warmed, recorded, then replayed in alternation
+            g = g1 if i % 2 == 0 else g2
+            got.append(g(feats * (i + 1), t * (i + 1)) / (1 if g is g1 else 2))
+        for i in range(6):
+            g = g2 if i % 2 == 0 else g1
+            got.append(g(feats * (i + 1), t * (i + 1)) / (1 if g is g1 else 2))
+    torch.cuda.synchronize()
+    assert g1.captures == 1 and g2.captures == 1 and pool._handle is not None
+    for a, b in zip(eager + eager, got):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
     release_structure(structure)

@@ -96,6 +96,11 @@ class RunOptions:
     #: Session 15: SLaT at 14k 0.54 s against 0.59-0.61 s (H200) and 0.58 against 0.65 s (H100), with the fused IO
     #: steps; not faster per object at 14k in one run, so off by default. Needs ``cuda_graphs``.
     async_graph_capture: bool = False
+    #: one CUDA-graph memory pool for the graphs of one SLaT object (``stages.graphs.GraphPool``) instead of a private
+    #: pool per graph: the batch-1 graph recorded once CFG ends reuses the batch-2 graph's temporaries instead of
+    #: asking for fresh device memory inside the recording (session 15's lead for why the asynchronous recording did
+    #: not gain per object at 14k). Not yet measured on a GPU (``benchmarks/GPU_RUNBOOK.md``). Needs ``cuda_graphs``.
+    shared_graph_pool: bool = False
     #: in the unconditional CFG branch the condition tokens are all zero, so each cross-attention's L keys
     #: are one repeated vector (the ``to_kv`` bias), and so are its values: keep one key and value instead
     #: of L (the softmax over equal scores is uniform and returns that value either way). Saves that
@@ -239,6 +244,11 @@ class RunOptions:
             raise ValueError(f"async_graph_capture is a bool, got {self.async_graph_capture!r}")
         if self.async_graph_capture and not self.cuda_graphs:
             raise ValueError("async_graph_capture changes how cuda_graphs records its graphs, and cuda_graphs is off: "
+                             "it would change nothing (set cuda_graphs=True)")
+        if not isinstance(self.shared_graph_pool, bool):
+            raise ValueError(f"shared_graph_pool is a bool, got {self.shared_graph_pool!r}")
+        if self.shared_graph_pool and not self.cuda_graphs:
+            raise ValueError("shared_graph_pool gives cuda_graphs' SLaT graphs one memory pool, and cuda_graphs is off: "
                              "it would change nothing (set cuda_graphs=True)")
         slat_mode = self.slat_compile_mode or self.compile_mode
         if self.cuda_graphs and self.compile_slat and slat_mode in ("reduce-overhead", "max-autotune"):

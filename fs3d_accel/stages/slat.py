@@ -11,7 +11,7 @@ from ..model.sparse import persistent_structure, release_structure
 from ..preprocess import PreparedInputs
 from ..samplers import EulerFlowSampler, count_network_passes, guided
 from ..seams import (EventBus, SparseTokens, StepPolicy, TokenTransform, TransformContext, TransformState)
-from .graphs import GraphedCall
+from .graphs import GraphedCall, GraphPool
 from .held import HoldsInputs
 from .options import RunOptions
 from .types import SLaTOutput, SSOutput
@@ -83,6 +83,7 @@ class SLaTStage(HoldsInputs, nn.Module):
         torso = self.compiled_torso(options)
 
         kv_cache: dict[str, object] = {}
+        graph_pool = GraphPool() if options.shared_graph_pool else None  # one per object, as the graphs
         # Held K/V buffers only with token buckets: inductor's CUDA graphs record one graph per token count, so without
         # buckets each object of a new size records anyway, and held buffers would only make repeats of one object
         # (benchmarks) replay where a real new object records: per-object timings would flatter the stage. With
@@ -119,7 +120,8 @@ class SLaTStage(HoldsInputs, nn.Module):
                 # full-token passes over one coordinate set: same shapes every step. One graph per
                 # condition (the plain structure serves the cond and the uncond pass); the graphs live
                 # in the structure and go with release_structure at the end of the object
-                call = structure.setdefault(("cuda_graph", id(c)), GraphedCall(call, async_capture=options.async_graph_capture))
+                graphed = GraphedCall(call, async_capture=options.async_graph_capture, pool=graph_pool)
+                call = structure.setdefault(("cuda_graph", id(c)), graphed)
             return call(feats, tt)
 
         def select(x: Tensor, active: Tensor | None) -> tuple[Tensor, Tensor]:
