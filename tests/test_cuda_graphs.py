@@ -164,13 +164,17 @@ def test_slat_velocity_net_with_graphs_needs_a_structures_list(monkeypatch):
         pipe.slat.velocity_net(cond, coords, pipe.config.slat_sampler, RunOptions(cuda_graphs=True))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_graph_replay_equals_eager_on_cuda():
+def cuda_slat_flow_inputs():
+    """A random mini SLaT flow on the GPU with 500 tokens, its condition K/V and a persistent structure."""
     cfg, coords, feats, cond = random_slat_inputs(n=500)
     flow = SLaTFlowModel(cfg).eval().cuda()
     coords, feats, cond = coords.cuda(), feats.cuda(), cond.cuda()
-    kv = flow.precompute_cond_kv(cond)
-    structure = persistent_structure()
+    return flow, coords, feats, flow.precompute_cond_kv(cond), persistent_structure()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_graph_replay_equals_eager_on_cuda():
+    flow, coords, feats, kv, structure = cuda_slat_flow_inputs()
     t = torch.full((1,), 500.0, device="cuda")
     g = GraphedCall(lambda f, tt: flow(f, coords, tt, None, cond_kv=kv, structure=structure))
     with torch.no_grad():
@@ -214,11 +218,7 @@ def test_async_capture_warms_the_unguided_pass_once_early_and_changes_no_value(m
 def test_async_capture_records_behind_queued_work_and_replays_like_eager():
     """The recording starts while the GPU still runs queued work (no device sync), replays equal eager, and a failing
     recording leaves the stream usable for the next one."""
-    cfg, coords, feats, cond = random_slat_inputs(n=500)
-    flow = SLaTFlowModel(cfg).eval().cuda()
-    coords, feats, cond = coords.cuda(), feats.cuda(), cond.cuda()
-    kv = flow.precompute_cond_kv(cond)
-    structure = persistent_structure()
+    flow, coords, feats, kv, structure = cuda_slat_flow_inputs()
     t = torch.full((1,), 500.0, device="cuda")
     g = GraphedCall(lambda f, tt: flow(f, coords, tt, None, cond_kv=kv, structure=structure), async_capture=True)
     big = torch.randn(4096, 4096, device="cuda")
@@ -259,11 +259,7 @@ def test_graphs_in_one_pool_replay_like_eager_in_any_order(async_capture):
     their replays, interleaved in either order, equal eager (the pool hands the second recording only the first's
     temporaries, never its static inputs or outputs). The doubling in the second graph is undone exactly."""
     from fs3d_accel.stages.graphs import GraphPool
-    cfg, coords, feats, cond = random_slat_inputs(n=500)
-    flow = SLaTFlowModel(cfg).eval().cuda()
-    coords, feats, cond = coords.cuda(), feats.cuda(), cond.cuda()
-    kv = flow.precompute_cond_kv(cond)
-    structure = persistent_structure()
+    flow, coords, feats, kv, structure = cuda_slat_flow_inputs()
     pool = GraphPool()
     g1 = GraphedCall(lambda f, tt: flow(f, coords, tt, None, cond_kv=kv, structure=structure),
                      async_capture=async_capture, pool=pool)
