@@ -452,3 +452,48 @@ gaps.groupby(["run", "N"]).head(3)[["run", "N", "start_ms", "ms", "host"]].round
 #   (`RunOptions.fuse_slat_io`), SLaT at 14k took 0.54 s against 0.59-0.61 s (H200) and 0.58 s against 0.65 s (H100).
 #   In a per-object run it did not gain at 14k, so it is not a named path yet;
 # - token buckets (`RunOptions.slat_token_bucket`) passed their real-FA4 test; their timing is still in the runbook.
+
+# %% [markdown]
+# ## 9. Recording SLaT's graphs without a device sync (session 15)
+#
+# The same idle timeline for three ways of running SLaT's passes from CUDA graphs, in one H200 run
+# (`session15/async_capture_h200/`): inductor's graphs of the compiled torso (`-ge`), the whole pass in one graph per
+# batch size (`-slatcg-io`, with the IO blocks' element-wise steps fused), and the same graphs recorded on a side stream
+# without `torch.cuda.graph`'s synchronisation (`-ac`). The late recording (where CFG ends, ~60-70% into the call) stops
+# idling the GPU once it no longer drains the queue first; what is left is the start of each call. (The `-ge` row at
+# 20k is a profiled call that compiled again, 874 ms inside `Torch-Compiled Region: 0/0`; its timed calls, 0.834-0.855 s,
+# did not.)
+
+# %%
+S15 = ROOT / "benchmarks" / "results" / "base_vs_official_h100" / "session15"
+PREFIX = "compile-all-zkv-fa4-ro-sqfa2"
+idle15 = pd.read_csv(S15 / "async_capture_h200" / "idle.csv")
+t15 = idle15[(idle15["what"] == "tenth") & (idle15["stage"] == "slat")].copy()
+t15["unit"] = t15["variant"].str.replace(PREFIX, "", regex=False) + "  N=" + t15["N"].astype(int).astype(str)
+grid15 = t15.pivot_table(index="unit", columns="index", values="idle_fraction", sort=False) * 100
+grid15 = grid15.sort_index(key=lambda s: s.str.split("N=").str[1].astype(int), kind="stable")
+fig, ax = plt.subplots(figsize=(8, 0.45 * len(grid15) + 1.2))
+sns.heatmap(grid15, annot=True, fmt=".0f", cmap="Reds", vmin=0, vmax=100, cbar_kws={"label": "idle %"}, ax=ax)
+ax.set_xlabel("tenth of the profiled call")
+ax.set_ylabel("")
+ax.set_title("SLaT GPU idle: inductor graphs vs whole-pass graphs, synced and async recording (H200)", fontsize=10)
+fig.tight_layout()
+fig.savefig(FIG / "01_idle_async_capture.png", dpi=120)
+
+# %% [markdown]
+# The SLaT sampler per round in the two SLaT-only runs (`B`: H200; `D`: H100, three rounds at 14k), with MFU of the
+# executed FLOPs against each run's measured peak. Faster than `-ge` in every round here; in a per-object run on the
+# H100 (`per_object_h100/`) it was not faster at 14k, which is why it is not a named path yet.
+
+# %%
+runs15 = []
+for run, folder in (("B (H200)", "async_capture_h200"), ("D (H100)", "ac_14k_h100")):
+    rows15, meta15 = load_outputs(S15 / folder)
+    df15 = pd.DataFrame(rows15)
+    df15 = df15[df15["stage"] == "slat"].assign(run=run, peak=round(meta15["peak_tflops"]))
+    runs15.append(df15)
+slat15 = pd.concat(runs15)
+slat15["variant"] = slat15["variant"].str.replace(PREFIX, "", regex=False)
+slat15["mfu_executed_%"] = slat15["mfu_executed"].astype(float) * 100
+slat15.pivot_table(index=["run", "N", "variant"], columns="round", values=["median_s", "mfu_executed_%"],
+                   sort=False).round(3)
