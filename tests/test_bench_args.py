@@ -172,7 +172,10 @@ def test_gelu_epilogue_variants_differ_from_their_parent_by_the_switch_alone():
     assert q.SETTINGS[q.SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac"]] == \
         variant_options("compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac")
     assert q.ONE_SWITCH_REF[q.SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac"]] == \
-        q.SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-io"]
+        q.SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io"]
+    assert q.SETTINGS[q.SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io"]] == \
+        variant_options("compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io")
+    assert q.ONE_SWITCH_REF[q.SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io"]] == q.SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-io"]
     assert q.SETTINGS[q.SHORT["compile-all-zkv-ge"]] == dataclasses.replace(
         q.SETTINGS[q.SHORT["compile-all-zkv"]], gelu_epilogue=True)
     assert q.ONE_SWITCH_REF[q.SHORT["compile-all-zkv-ge"]] == q.SHORT["compile-all-zkv"]

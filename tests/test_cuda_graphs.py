@@ -1,6 +1,8 @@
 """CUDA-graph replay of flow passes (``RunOptions.cuda_graphs``): options checks, capturability of the
 SLaT flow with a persistent structure (no host-synchronising op after the first pass), eager
 fallback and unchanged outputs on the CPU; replay equals eager where a GPU is present."""
+import dataclasses
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -187,13 +189,18 @@ def test_graph_replay_equals_eager_on_cuda():
 
 
 
-@pytest.mark.parametrize("batch_cfg", [False, True])
-def test_async_capture_warms_the_unguided_pass_once_early_and_changes_no_value(monkeypatch, batch_cfg):
+@pytest.mark.parametrize("batch_cfg,unguided_first", [(False, False), (True, False), (True, True)])
+def test_async_capture_warms_the_unguided_pass_once_early_and_changes_no_value(monkeypatch, batch_cfg,
+                                                                                unguided_first):
     """With asynchronous recording, the batched-CFG SLaT run passes once through the unguided network at its first
     guided step (so the unguided graph's later recording needs no structure build, hence no sync); the output of that
-    pass is discarded, so every value stays bit-identical. Without batched CFG nothing changes."""
+    pass is discarded, so every value stays bit-identical. Without batched CFG nothing changes, and neither does it
+    when no unguided step comes after the guided ones (a schedule that starts unguided)."""
     monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
-    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=3), seed=0)  # SLaT: 2 guided + 1 unguided
+    cfg = fast_mini_config(ss_steps=2, slat_steps=3)  # SLaT at t = 0, 1/3, 2/3: 2 guided + 1 unguided
+    if unguided_first:  # CFG on (300, 1000]: t = 0 unguided, then 2 guided
+        cfg = cfg.with_samplers(cfg.ss_sampler, dataclasses.replace(cfg.slat_sampler, cfg_interval=(300.0, 1000.0)))
+    pipe = Pipeline.from_config(cfg, seed=0)
     sparsify_occupancy(pipe, occupied_fraction=0.02)
     img, mask, pm = make_scene(pipe.config.image_size)
     inputs = pipe.prepare(img, mask, pm)
@@ -208,7 +215,9 @@ def test_async_capture_warms_the_unguided_pass_once_early_and_changes_no_value(m
     assert_same_ss_slat(plain, early)
     n = plain[1].feats.shape[0]
     per_run = len(passes) // 2 if not batch_cfg else None
-    if batch_cfg:  # 2 batched + 1 unguided, then the same with the early unguided pass first
+    if unguided_first:  # 1 unguided + 2 batched, twice: no early pass
+        assert passes == [n, 2 * n, 2 * n] * 2
+    elif batch_cfg:  # 2 batched + 1 unguided, then the same with the early unguided pass first
         assert passes == [2 * n, 2 * n, n] + [n, 2 * n, 2 * n, n]
     else:  # 2 x (cond, uncond) + 1: no early pass
         assert passes[:per_run] == passes[per_run:] == [n] * 5
@@ -216,40 +225,60 @@ def test_async_capture_warms_the_unguided_pass_once_early_and_changes_no_value(m
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_async_capture_records_behind_queued_work_and_replays_like_eager():
-    """The recording starts while the GPU still runs queued work (no device sync), replays equal eager, and a failing
-    recording leaves the stream usable for the next one."""
+    """The recording starts and ends while the GPU still runs ~150 ms of queued matmuls (an event recorded before it is
+    still pending after it: no device sync), and replays equal eager."""
     flow, coords, feats, kv, structure = cuda_slat_flow_inputs()
     t = torch.full((1,), 500.0, device="cuda")
     g = GraphedCall(lambda f, tt: flow(f, coords, tt, None, cond_kv=kv, structure=structure), async_capture=True)
     big = torch.randn(4096, 4096, device="cuda")
     with torch.no_grad():
         eager = [flow(feats * (i + 1), coords, t * (i + 1), None, cond_kv=kv) for i in range(4)]
-        graphed = []
+        graphed, pending_after_recording = [], None
         for i in range(4):
-            for _ in range(20):  # queue ~100 ms of matmuls, so a sync inside the recording would show as waiting
+            for _ in range(64):  # fp32 4096^3 matmuls: ~2 ms each on an H100
                 big = big @ big / 64
+            queued = torch.cuda.Event()
+            queued.record()
             graphed.append(g(feats * (i + 1), t * (i + 1)))
+            if i == 1:  # the second call records (warmup=1), then replays
+                pending_after_recording = not queued.query()
     torch.cuda.synchronize()
     assert g.captures == 1 and g.replays == 3
+    assert pending_after_recording, "the recording waited for the queued work (a device sync)"
     for a, b in zip(eager, graphed):
         assert torch.equal(a, b)
+    release_structure(structure)
 
-    def fails(x):
-        y = x * 2
-        raise RuntimeError("boom inside the recording")
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("illegal", [False, True])
+def test_failed_async_recording_is_not_retried_and_leaves_cuda_usable(illegal):
+    """A recording that raises (a Python error, or an illegal sync that invalidates the capture) re-raises, is refused
+    on the next call instead of being retried, and leaves the stream and the allocator usable for the next graph."""
+    x = torch.ones(8, device="cuda")
+
+    def fails(v):
+        y = v * 2
+        if torch.cuda.is_current_stream_capturing():
+            if illegal:
+                y.sum().item()  # a device-to-host copy inside a capture: CUDA invalidates the capture
+            raise ValueError("boom inside the recording")
+        return y
 
     bad = GraphedCall(fails, async_capture=True)
-    x = torch.ones(8, device="cuda")
-    with pytest.raises(RuntimeError, match="boom"):
-        bad(x)  # eager warm-up raises too
-    bad._seen[bad.signature((x,))] = 1  # skip to the recording
-    with pytest.raises(RuntimeError, match="boom inside the recording"):
+    assert torch.equal(bad(x), x * 2)  # eager warm-up
+    with pytest.raises((ValueError, RuntimeError)) as first:
+        bad(x)  # the recording
+    assert illegal or "boom inside the recording" in str(first.value)
+    with pytest.raises(RuntimeError, match="failed before .* not retried"):
         bad(x)
+    assert not torch.cuda.is_current_stream_capturing()
     again = GraphedCall(lambda v: v + 1, async_capture=True)
     for _ in range(3):
         out = again(x)
-    assert torch.equal(out, x + 1) and again.captures == 1
-    release_structure(structure)
+    assert torch.equal(out, x + 1) and again.captures == 1 and again.replays == 2
+    torch.cuda.empty_cache()
+    assert torch.equal(torch.ones(1 << 20, device="cuda").sum().cpu(), torch.tensor(float(1 << 20)))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -277,6 +306,8 @@ def test_graphs_in_one_pool_replay_like_eager_in_any_order(async_capture):
             got.append(g(feats * (i + 1), t * (i + 1)) / (1 if g is g1 else 2))
     torch.cuda.synchronize()
     assert g1.captures == 1 and g2.captures == 1 and pool._handle is not None
+    (e1,), (e2,) = g1._captured.values(), g2._captured.values()
+    assert e1.graph.pool() == e2.graph.pool() == pool.handle()  # one pool, not a private one each
     for a, b in zip(eager + eager, got):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     release_structure(structure)

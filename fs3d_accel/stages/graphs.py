@@ -22,6 +22,8 @@ SLaT coordinate structure), and it runs no host synchronisation after its first 
 """
 from __future__ import annotations
 
+import contextlib
+
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -78,7 +80,8 @@ class GraphedCall:
         #: GPU keeps running the work already queued while the host records. A sampler whose graph replays have run
         #: ahead of the GPU (the SLaT loop reaching its first unguided step) then records its second graph behind
         #: that queue instead of draining it first (session 14's idle timeline: ~50 ms of idle GPU per recording at
-        #: 14k voxels). Errors inside the recording are raised only for this thread (``thread_local`` mode).
+        #: 14k voxels). The recording uses ``thread_local`` mode: unsafe CUDA calls made by other threads meanwhile do
+        #: not invalidate it (an illegal call in this thread still does, and raises).
         self.async_capture = async_capture
         #: memory pool shared with other graphs (None: each graph gets a private pool of its own)
         self.pool = pool
@@ -88,6 +91,7 @@ class GraphedCall:
         self.side_stream_warmup = side_stream_warmup
         self._seen: dict[Signature, int] = {}
         self._captured: dict[Signature, _Captured] = {}
+        self._failed: dict[Signature, str] = {}
         self.replays = 0
         self.captures = 0
 
@@ -108,7 +112,14 @@ class GraphedCall:
             if seen < self.warmup:
                 self._seen[sig] = seen + 1
                 return self.fn(*args)
-            entry = self._capture(args)
+            if sig in self._failed:
+                raise RuntimeError(f"recording the CUDA graph of this call failed before ({self._failed[sig]}); "
+                                   f"not retried, since a failed capture can leave CUDA state behind")
+            try:
+                entry = self._capture(args)
+            except Exception as exc:
+                self._failed[sig] = f"{type(exc).__name__}: {exc}"
+                raise
             self._captured[sig] = entry
         for buf, a in zip(entry.inputs, args):
             buf.copy_(a)
@@ -157,13 +168,26 @@ def _record_without_sync(graph: "torch.cuda.CUDAGraph", fn: Callable[..., Any], 
         try:
             output = fn(*inputs)
         except BaseException:
-            try:
-                graph.capture_end()  # leave the stream out of capture mode; the recording itself is invalid
-            except RuntimeError:
-                pass
+            _end_failed_recording(graph, device)
             raise
         graph.capture_end()
     return output
+
+
+def _end_failed_recording(graph: "torch.cuda.CUDAGraph", device: torch.device) -> None:
+    """Take the stream out of capture mode after ``fn`` raised inside a recording. A Python error leaves the capture
+    valid, and ``capture_end`` then also returns the pool to the allocator. An illegal CUDA call (a sync, ``.item()``)
+    invalidates the capture: ``capture_end`` raises before it releases the pool, so the allocator would keep routing
+    into it and never free it; end and release it here (what inductor's cudagraph trees do after a failed warm-up)."""
+    try:
+        graph.capture_end()
+    except RuntimeError:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        # the caller re-raises the recording's own error; a torch that already ended the pool refuses these calls
+        with contextlib.suppress(RuntimeError):
+            torch._C._cuda_endAllocateToPool(index, graph.pool())
+        with contextlib.suppress(RuntimeError):
+            torch._C._cuda_releasePool(index, graph.pool())
 
 
 __all__ = ["GraphPool", "GraphedCall"]

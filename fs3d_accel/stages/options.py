@@ -91,8 +91,9 @@ class RunOptions:
     #: record those graphs without first synchronising the device (``GraphedCall.async_capture``): the host records
     #: while the GPU still runs the steps already queued. Session 14/15's idle timelines found the GPU waiting ~50 ms
     #: per recording at 14k SLaT voxels behind ``torch.cuda.graph``'s synchronisation; a SLaT object records a
-    #: second graph (batch 1) once CFG ends, by which time earlier replays are queued; the SLaT stage also runs the
-    #: unguided pass once at the first guided step (output discarded), so that this later recording builds no tables.
+    #: second graph (batch 1) once CFG ends, by which time earlier replays are queued; with ``batch_cfg`` the SLaT
+    #: stage also runs the unguided pass once at the first guided step (output discarded; not counted in the
+    #: benchmarks' executed FLOPs, so their MFU is conservative), so that this later recording builds no tables.
     #: Session 15: SLaT at 14k 0.54 s against 0.59-0.61 s (H200) and 0.58 against 0.65 s (H100), with the fused IO
     #: steps; not faster per object at 14k in one run, so off by default. Needs ``cuda_graphs``.
     async_graph_capture: bool = False

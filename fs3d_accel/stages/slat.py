@@ -9,7 +9,7 @@ from ..model.configs import ModelConfig, SamplerConfig
 from ..model.slat_flow import SLaTFlowModel
 from ..model.sparse import persistent_structure, release_structure
 from ..preprocess import PreparedInputs
-from ..samplers import EulerFlowSampler, count_network_passes, guided
+from ..samplers import EulerFlowSampler, cfg_active, guided, time_grid
 from ..seams import (EventBus, SparseTokens, StepPolicy, TokenTransform, TransformContext, TransformState)
 from .graphs import GraphedCall, GraphPool
 from .held import HoldsInputs
@@ -153,14 +153,18 @@ class SLaTStage(HoldsInputs, nn.Module):
             # synchronise: its first, eager pass would (it builds the plain structure's tables). So that pass runs
             # once at the first guided full-token step, while the GPU is still idle from the object's start, and the
             # later recording finds the tables built and queues behind the guided replays (output discarded).
-            warm_unguided = [options.cuda_graphs and options.async_graph_capture and cache
-                             and count_network_passes(sampler_cfg) < 2 * sampler_cfg.steps]
+            warm_unguided = [options.cuda_graphs and options.async_graph_capture and cache]
+            grid = time_grid(sampler_cfg.steps, sampler_cfg.rescale_t)[:-1]
 
             def batched(x, t, active):
                 f, c = select(x, active)
                 if active is None and cache and warm_unguided[0]:
                     warm_unguided[0] = False
-                    net_cond(x, t, None, False)
+                    # only where an unguided step is still to come and the plain pass has not run yet (a schedule
+                    # may start unguided); a step policy that later skips every unguided step makes it wasted work
+                    later_unguided = any(not cfg_active(sampler_cfg, tk) for tk in grid if tk > t)
+                    if later_unguided and ("cuda_graph", id(cond)) not in plain_structure:
+                        net_cond(x, t, None, False)
                 if active is None and cache:
                     out = run(torch.cat([f, f], 0), both_coords, t, both, kv_of("both", both, [False, True]),
                               both_structure)
