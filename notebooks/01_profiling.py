@@ -447,7 +447,7 @@ gaps.groupby(["run", "N"]).head(3)[["run", "N", "start_ms", "ms", "host"]].round
 # help repeats of one object. Session 15 measured the next steps (`session15/README.md`):
 # - the variant `-slatcg`, SLaT's whole pass (IO blocks included) in one CUDA graph, gains nothing by itself at 14k:
 #   `torch.cuda.graph` synchronises the device before each recording, and the GPU idles ~50 ms through each;
-# - `RunOptions.async_graph_capture` records without that synchronisation, and warms the unguided pass early, so that
+# - `RunOptions.async_graph_capture` records without that synchronisation, and builds the unguided tables early, so that
 #   the recording made once CFG ends queues behind the guided replays. With the fused IO steps
 #   (`RunOptions.fuse_slat_io`), SLaT at 14k took 0.54 s against 0.59-0.61 s (H200) and 0.58 s against 0.65 s (H100).
 #   In a per-object run it did not gain at 14k, so it is not a named path yet;

@@ -190,12 +190,11 @@ def test_graph_replay_equals_eager_on_cuda():
 
 
 @pytest.mark.parametrize("batch_cfg,unguided_first", [(False, False), (True, False), (True, True)])
-def test_async_capture_warms_the_unguided_pass_once_early_and_changes_no_value(monkeypatch, batch_cfg,
-                                                                                unguided_first):
-    """With asynchronous recording, the batched-CFG SLaT run passes once through the unguided network at its first
-    guided step (so the unguided graph's later recording needs no structure build, hence no sync); the output of that
-    pass is discarded, so every value stays bit-identical. Without batched CFG nothing changes, and neither does it
-    when no unguided step comes after the guided ones (a schedule that starts unguided)."""
+def test_async_capture_builds_the_unguided_tables_early_and_changes_no_value(monkeypatch, batch_cfg, unguided_first):
+    """With asynchronous recording, the batched-CFG SLaT run builds the plain (unguided) structure's tables once, at
+    its first guided step, through the flow's IO path alone (so the unguided pass's first call and recording, once
+    CFG ends, need no sync). No extra network pass runs and every value stays bit-identical. Without batched CFG, or
+    when no unguided step comes after the guided ones (a schedule that starts unguided), nothing is built early."""
     monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
     cfg = fast_mini_config(ss_steps=2, slat_steps=3)  # SLaT at t = 0, 1/3, 2/3: 2 guided + 1 unguided
     if unguided_first:  # CFG on (300, 1000]: t = 0 unguided, then 2 guided
@@ -204,8 +203,12 @@ def test_async_capture_warms_the_unguided_pass_once_early_and_changes_no_value(m
     sparsify_occupancy(pipe, occupied_fraction=0.02)
     img, mask, pm = make_scene(pipe.config.image_size)
     inputs = pipe.prepare(img, mask, pm)
-    passes = []
-    handle = pipe.slat.flow.register_forward_hook(lambda m, a, out: passes.append(out.shape[0]))
+    passes, built = [], []
+    flow = pipe.slat.flow
+    handle = flow.register_forward_hook(lambda m, a, out: passes.append(out.shape[0]))
+    real_build = flow.build_structure
+    monkeypatch.setattr(flow, "build_structure", lambda f, c, t, b, s: (built.append((len(f), b)),
+                                                                         real_build(f, c, t, b, s)))
     try:
         plain, early = run_ss_slat_each(pipe, inputs, [
             RunOptions(batch_cfg=batch_cfg, cache_cond_kv=True, cuda_graphs=True, async_graph_capture=a)
@@ -214,13 +217,39 @@ def test_async_capture_warms_the_unguided_pass_once_early_and_changes_no_value(m
         handle.remove()
     assert_same_ss_slat(plain, early)
     n = plain[1].feats.shape[0]
-    per_run = len(passes) // 2 if not batch_cfg else None
-    if unguided_first:  # 1 unguided + 2 batched, twice: no early pass
-        assert passes == [n, 2 * n, 2 * n] * 2
-    elif batch_cfg:  # 2 batched + 1 unguided, then the same with the early unguided pass first
-        assert passes == [2 * n, 2 * n, n] + [n, 2 * n, 2 * n, n]
-    else:  # 2 x (cond, uncond) + 1: no early pass
-        assert passes[:per_run] == passes[per_run:] == [n] * 5
+    if unguided_first:
+        assert passes == [n, 2 * n, 2 * n] * 2 and built == []
+    elif batch_cfg:
+        assert passes == [2 * n, 2 * n, n] * 2 and built == [(n, 1)]
+    else:  # 2 x (cond, uncond) + 1
+        assert passes == [n] * 10 and built == []
+
+
+@pytest.mark.parametrize("batch,use_torso", [(1, False), (1, True), (2, True)])
+def test_a_structure_built_by_the_io_path_serves_a_pass_without_host_syncs(batch, use_torso):
+    """``build_structure`` leaves every table a pass needs (no op of the following pass reads device data on the
+    host), and that pass gives the same values as one that builds its own tables. ``use_torso``: the dense torso path
+    (what the compiled SLaT runs; here uncompiled), else the sparse block loop."""
+    cfg, coords, feats, cond = random_slat_inputs(batch=batch)
+    torch.manual_seed(0)
+    flow = SLaTFlowModel(cfg).eval()
+    kv = flow.precompute_cond_kv(cond)
+    t = torch.full((batch,), 500.0)
+    torso = flow.dense_torso if use_torso else None
+    prebuilt = persistent_structure()
+    with torch.no_grad():
+        with OpLog() as building:
+            flow.build_structure(feats, coords, t, batch, prebuilt)
+        with OpLog() as passing:
+            out = flow(feats * 2, coords, t, None, cond_kv=kv, structure=prebuilt, torso=torso)
+        ref = flow(feats * 2, coords, t, None, cond_kv=kv, structure=persistent_structure(), torso=torso)
+    assert HOST_SYNC_OPS & set(building.ops), "building the tables syncs: the probe must see it"
+    assert not HOST_SYNC_OPS & set(passing.ops), sorted(HOST_SYNC_OPS & set(passing.ops))
+    assert torch.equal(out, ref)
+    with pytest.raises(ValueError, match="t has 3 entries"):
+        flow.build_structure(feats, coords, torch.ones(3), batch, persistent_structure())
+    with pytest.raises(ValueError, match="feats must be"):
+        flow.build_structure(feats[:, :1], coords, t, batch, persistent_structure())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -92,9 +92,10 @@ class RunOptions:
     #: while the GPU still runs the steps already queued. Session 14/15's idle timelines found the GPU waiting ~50 ms
     #: per recording at 14k SLaT voxels behind ``torch.cuda.graph``'s synchronisation; a SLaT object records a
     #: second graph (batch 1) once CFG ends, by which time earlier replays are queued; with ``batch_cfg`` the SLaT
-    #: stage also runs the unguided pass once at the first guided step (output discarded; not counted in the
-    #: benchmarks' executed FLOPs, so their MFU is conservative), so that this later recording builds no tables.
-    #: Session 15: SLaT at 14k 0.54 s against 0.59-0.61 s (H200) and 0.58 against 0.65 s (H100), with the fused IO
+    #: stage also builds the unguided structure's tables at the first guided step (``SLaTFlowModel.build_structure``:
+    #: the IO path only, values discarded, not counted in the benchmarks' executed FLOPs), so that the unguided pass's
+    #: first call and recording need no sync. Session 15 measured an earlier form that ran the whole unguided pass
+    #: there instead: SLaT at 14k 0.54 s against 0.59-0.61 s (H200) and 0.58 against 0.65 s (H100), with the fused IO
     #: steps; not faster per object at 14k in one run, so off by default. Needs ``cuda_graphs``.
     async_graph_capture: bool = False
     #: one CUDA-graph memory pool for the graphs of one SLaT object (``stages.graphs.GraphPool``) instead of a private

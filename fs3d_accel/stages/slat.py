@@ -149,22 +149,28 @@ class SLaTStage(HoldsInputs, nn.Module):
             if cache:
                 structures.append(both_structure)
 
-            # With graphs recorded asynchronously, the unguided pass's graph (recorded once CFG ends) must not
-            # synchronise: its first, eager pass would (it builds the plain structure's tables). So that pass runs
-            # once at the first guided full-token step, while the GPU is still idle from the object's start, and the
-            # later recording finds the tables built and queues behind the guided replays (output discarded).
+            # With graphs recorded asynchronously, the unguided pass's first (eager) call and its recording, once
+            # CFG ends, must not synchronise, or they drain the guided replays queued ahead of them. Building the
+            # plain structure's tables would: so they are built at the first guided full-token step, while the GPU
+            # is still idle from the object's start, by the flow's IO path alone (``build_structure``: no
+            # transformer blocks, values discarded). Only where an unguided step is still to come and the tables are
+            # not built yet (a schedule may start unguided); a step policy that later skips every unguided step
+            # makes it wasted work.
             warm_unguided = [options.cuda_graphs and options.async_graph_capture and cache]
             grid = time_grid(sampler_cfg.steps, sampler_cfg.rescale_t)[:-1]
+
+            def build_plain_tables(x, t):
+                later_unguided = any(not cfg_active(sampler_cfg, tk) for tk in grid if tk > t)
+                if later_unguided and "checked_input" not in plain_structure:
+                    tt = torch.full((cond.shape[0],), t * sampler_cfg.time_scale, device=cond.device)
+                    with options.network_context(cond.device, "slat"):
+                        flow.build_structure(x.to(dtype), coords, tt, cond.shape[0], plain_structure)
 
             def batched(x, t, active):
                 f, c = select(x, active)
                 if active is None and cache and warm_unguided[0]:
                     warm_unguided[0] = False
-                    # only where an unguided step is still to come and the plain pass has not run yet (a schedule
-                    # may start unguided); a step policy that later skips every unguided step makes it wasted work
-                    later_unguided = any(not cfg_active(sampler_cfg, tk) for tk in grid if tk > t)
-                    if later_unguided and ("cuda_graph", id(cond)) not in plain_structure:
-                        net_cond(x, t, None, False)
+                    build_plain_tables(x, t)
                 if active is None and cache:
                     out = run(torch.cat([f, f], 0), both_coords, t, both, kv_of("both", both, [False, True]),
                               both_structure)
