@@ -497,3 +497,15 @@ slat15["variant"] = slat15["variant"].str.replace(PREFIX, "", regex=False)
 slat15["mfu_executed_%"] = slat15["mfu_executed"].astype(float) * 100
 slat15.pivot_table(index=["run", "N", "variant"], columns="round", values=["median_s", "mfu_executed_%"],
                    sort=False).round(3)
+
+# %% [markdown]
+# Where the idle sits, from the same profiled calls (run B): milliseconds of idle GPU in the first three tenths of the
+# call and in the last seven. `-ac` moves the late recording's idle away (the last seven tenths drop to ~10 ms at 14k)
+# but adds to the start: the whole unguided pass these runs made at the first guided step. That pass has since become
+# `SLaTFlowModel.build_structure` (the flow's IO path alone), which is not measured yet. (The profiler slows the host,
+# so these idle times are larger than in the unprofiled calls.)
+
+# %%
+t15["idle_ms"] = t15["ms"] * t15["idle_fraction"]
+t15["part"] = t15["index"].map(lambda i: "first 3 tenths" if i < 3 else "last 7 tenths")
+t15.pivot_table(index=["N", "unit"], columns="part", values="idle_ms", aggfunc="sum", sort=False).round(1)
