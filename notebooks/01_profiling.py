@@ -422,13 +422,20 @@ tenths = idle[idle["what"] == "tenth"].copy()
 tenths["unit"] = (tenths["stage"].map({"ss": "SS", "slat": "SLaT", "mesh": "mesh decoder"}) + " "
                   + tenths["N"].fillna(0).astype(int).astype(str).replace("0", "") + " (" + tenths["run"] + ")")
 grid = tenths.pivot_table(index="unit", columns="index", values="idle_fraction", sort=False) * 100
-fig, ax = plt.subplots(figsize=(8, 0.45 * len(grid) + 1.2))
-sns.heatmap(grid, annot=True, fmt=".0f", cmap="Reds", vmin=0, vmax=100, cbar_kws={"label": "idle %"}, ax=ax)
-ax.set_xlabel("tenth of the profiled call")
-ax.set_ylabel("")
-ax.set_title("GPU idle within one sampler call (H100, compiled-zkv-fa4-all-sqfa2)", fontsize=10)
-fig.tight_layout()
-fig.savefig(FIG / "01_idle_timeline.png", dpi=120)
+
+
+def idle_heatmap(grid: pd.DataFrame, title: str, name: str) -> None:
+    """Idle % per tenth of each profiled call (rows), saved as ``FIG / name``."""
+    fig, ax = plt.subplots(figsize=(8, 0.45 * len(grid) + 1.2))
+    sns.heatmap(grid, annot=True, fmt=".0f", cmap="Reds", vmin=0, vmax=100, cbar_kws={"label": "idle %"}, ax=ax)
+    ax.set_xlabel("tenth of the profiled call")
+    ax.set_ylabel("")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(FIG / name, dpi=120)
+
+
+idle_heatmap(grid, "GPU idle within one sampler call (H100, compiled-zkv-fa4-all-sqfa2)", "01_idle_timeline.png")
 
 # %%
 gaps = idle[(idle["what"] == "gap") & (idle["stage"] == "slat")]
@@ -472,13 +479,8 @@ t15 = idle15[(idle15["what"] == "tenth") & (idle15["stage"] == "slat")].copy()
 t15["unit"] = t15["variant"].str.replace(PREFIX, "", regex=False) + "  N=" + t15["N"].astype(int).astype(str)
 grid15 = t15.pivot_table(index="unit", columns="index", values="idle_fraction", sort=False) * 100
 grid15 = grid15.sort_index(key=lambda s: s.str.split("N=").str[1].astype(int), kind="stable")
-fig, ax = plt.subplots(figsize=(8, 0.45 * len(grid15) + 1.2))
-sns.heatmap(grid15, annot=True, fmt=".0f", cmap="Reds", vmin=0, vmax=100, cbar_kws={"label": "idle %"}, ax=ax)
-ax.set_xlabel("tenth of the profiled call")
-ax.set_ylabel("")
-ax.set_title("SLaT GPU idle: inductor graphs vs whole-pass graphs, synced and async recording (H200)", fontsize=10)
-fig.tight_layout()
-fig.savefig(FIG / "01_idle_async_capture.png", dpi=120)
+idle_heatmap(grid15, "SLaT GPU idle: inductor graphs vs whole-pass graphs, synced and async recording (H200)",
+             "01_idle_async_capture.png")
 
 # %% [markdown]
 # The SLaT sampler per round in the two SLaT-only runs (`B`: H200; `D`: H100, three rounds at 14k), with MFU of the
