@@ -254,22 +254,21 @@ def test_a_structure_built_by_the_io_path_serves_a_pass_without_host_syncs(batch
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_async_capture_records_behind_queued_work_and_replays_like_eager():
-    """The recording starts and ends while the GPU still runs ~150 ms of queued matmuls (an event recorded before it is
-    still pending after it: no device sync), and replays equal eager."""
+    """The recording starts and ends while the GPU still runs ~0.5 s of queued work (a spin kernel; an event recorded
+    after it is still pending once the recording returns: no device sync), and replays equal eager."""
     flow, coords, feats, kv, structure = cuda_slat_flow_inputs()
     t = torch.full((1,), 500.0, device="cuda")
     g = GraphedCall(lambda f, tt: flow(f, coords, tt, None, cond_kv=kv, structure=structure), async_capture=True)
-    big = torch.randn(4096, 4096, device="cuda")
     with torch.no_grad():
         eager = [flow(feats * (i + 1), coords, t * (i + 1), None, cond_kv=kv) for i in range(4)]
         graphed, pending_after_recording = [], None
         for i in range(4):
-            for _ in range(64):  # fp32 4096^3 matmuls: ~2 ms each on an H100
-                big = big @ big / 64
-            queued = torch.cuda.Event()
-            queued.record()
-            graphed.append(g(feats * (i + 1), t * (i + 1)))
             if i == 1:  # the second call records (warmup=1), then replays
+                torch.cuda._sleep(1_000_000_000)  # ~0.5 s of GPU spinning, whatever the matmul precision
+                queued = torch.cuda.Event()
+                queued.record()
+            graphed.append(g(feats * (i + 1), t * (i + 1)))
+            if i == 1:
                 pending_after_recording = not queued.query()
     torch.cuda.synchronize()
     assert g.captures == 1 and g.replays == 3
