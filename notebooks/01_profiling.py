@@ -504,7 +504,7 @@ slat15.pivot_table(index=["run", "N", "variant"], columns="round", values=["medi
 # Where the idle sits, from the same profiled calls (run B): milliseconds of idle GPU in the first three tenths of the
 # call and in the last seven. `-ac` moves the late recording's idle away (the last seven tenths drop to ~10 ms at 14k)
 # but adds to the start: the whole unguided pass these runs made at the first guided step. That pass has since become
-# `SLaTFlowModel.build_structure` (the flow's IO path alone), which is not measured yet. (The profiler slows the host,
+# `SLaTFlowModel.build_structure` (the flow's input path alone), which is not measured yet. (The profiler slows the host,
 # so these idle times are larger than in the unprofiled calls.)
 
 # %%

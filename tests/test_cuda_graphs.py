@@ -189,40 +189,66 @@ def test_graph_replay_equals_eager_on_cuda():
 
 
 
-@pytest.mark.parametrize("batch_cfg,unguided_first", [(False, False), (True, False), (True, True)])
-def test_async_capture_builds_the_unguided_tables_early_and_changes_no_value(monkeypatch, batch_cfg, unguided_first):
+@pytest.mark.parametrize("batch_cfg,schedule", [(False, "guided first"), (True, "guided first"),
+                                                (True, "unguided first"), (True, "unguided, guided, unguided")])
+def test_async_capture_builds_the_unguided_tables_early_and_changes_no_value(monkeypatch, batch_cfg, schedule):
     """With asynchronous recording, the batched-CFG SLaT run builds the plain (unguided) structure's tables once, at
-    its first guided step, through the flow's IO path alone (so the unguided pass's first call and recording, once
-    CFG ends, need no sync). No extra network pass runs and every value stays bit-identical. Without batched CFG, or
-    when no unguided step comes after the guided ones (a schedule that starts unguided), nothing is built early."""
+    its first guided step, through the flow's input path alone; the unguided passes then use that very structure and
+    read no device data on the host (what lets the unguided graph's first call and recording, once CFG ends, queue
+    behind the guided replays). No extra network pass runs and every value stays bit-identical. Nothing is built early
+    without batched CFG, when no unguided step comes after the guided ones, or when an unguided step before them has
+    built the tables already."""
     monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
-    cfg = fast_mini_config(ss_steps=2, slat_steps=3)  # SLaT at t = 0, 1/3, 2/3: 2 guided + 1 unguided
-    if unguided_first:  # CFG on (300, 1000]: t = 0 unguided, then 2 guided
-        cfg = cfg.with_samplers(cfg.ss_sampler, dataclasses.replace(cfg.slat_sampler, cfg_interval=(300.0, 1000.0)))
+    cfg = fast_mini_config(ss_steps=2, slat_steps=3)  # SLaT at t = 0, 1/3, 2/3; CFG on [0, 500]: 2 guided + 1 unguided
+    interval = {"guided first": (0.0, 500.0), "unguided first": (300.0, 1000.0),
+                "unguided, guided, unguided": (300.0, 500.0)}[schedule]
+    cfg = cfg.with_samplers(cfg.ss_sampler, dataclasses.replace(cfg.slat_sampler, cfg_interval=interval))
     pipe = Pipeline.from_config(cfg, seed=0)
     sparsify_occupancy(pipe, occupied_fraction=0.02)
     img, mask, pm = make_scene(pipe.config.image_size)
     inputs = pipe.prepare(img, mask, pm)
-    passes, built = [], []
     flow = pipe.slat.flow
-    handle = flow.register_forward_hook(lambda m, a, out: passes.append(out.shape[0]))
+    passes, built, syncs = [], [], []  # per pass: (rows, structure); per build: (rows, batch, structure)
+    log = OpLog()
+
+    def before(m, args, kwargs):
+        passes.append((args[0].shape[0], kwargs.get("structure")))
+        log.ops.clear()
+        log.__enter__()
+
+    def after(m, args, kwargs, out):
+        log.__exit__(None, None, None)
+        syncs.append(bool(HOST_SYNC_OPS & set(log.ops)))
+
+    hooks = [flow.register_forward_pre_hook(before, with_kwargs=True),
+             flow.register_forward_hook(after, with_kwargs=True)]
     real_build = flow.build_structure
-    monkeypatch.setattr(flow, "build_structure", lambda f, c, t, b, s: (built.append((len(f), b)),
+    monkeypatch.setattr(flow, "build_structure", lambda f, c, t, b, s: (built.append((len(f), b, s)),
                                                                          real_build(f, c, t, b, s)))
     try:
         plain, early = run_ss_slat_each(pipe, inputs, [
             RunOptions(batch_cfg=batch_cfg, cache_cond_kv=True, cuda_graphs=True, async_graph_capture=a)
             for a in (False, True)])
     finally:
-        handle.remove()
+        for h in hooks:
+            h.remove()
     assert_same_ss_slat(plain, early)
     n = plain[1].feats.shape[0]
-    if unguided_first:
-        assert passes == [n, 2 * n, 2 * n] * 2 and built == []
-    elif batch_cfg:
-        assert passes == [2 * n, 2 * n, n] * 2 and built == [(n, 1)]
-    else:  # 2 x (cond, uncond) + 1
-        assert passes == [n] * 10 and built == []
+    rows = [r for r, _ in passes]
+    half = len(passes) // 2
+    expected_rows = {"guided first": [2 * n, 2 * n, n], "unguided first": [n, 2 * n, 2 * n],
+                     "unguided, guided, unguided": [n, 2 * n, n]}[schedule]
+    if not batch_cfg:  # 2 x (cond, uncond) + 1
+        assert rows == [n] * 10 and built == []
+    elif schedule == "guided first":
+        assert rows == expected_rows * 2 and [(r, b) for r, b, _ in built] == [(n, 1)]
+        (_, _, tables), = built
+        unguided = [i for i in range(half, len(passes)) if rows[i] == n]
+        assert unguided and all(passes[i][1] is tables for i in unguided)  # the structure the build filled
+        assert not any(syncs[i] for i in unguided)  # ... serves the unguided pass without a host sync
+        assert syncs[half]  # while the first guided pass still builds its own tables (the probe sees syncs)
+    else:
+        assert rows == expected_rows * 2 and built == []
 
 
 @pytest.mark.parametrize("batch,use_torso", [(1, False), (1, True), (2, True)])

@@ -425,10 +425,12 @@ class SLaTFlowModel(nn.Module):
     @torch.no_grad()
     def build_structure(self, feats: Tensor, coords: Tensor, t: Tensor, batch: int, structure: dict) -> None:
         """Fill a :func:`~fs3d_accel.model.sparse.persistent_structure` for ``coords`` without a whole pass: the
-        input and output paths run (their down/up-sampling maps, neighbour tables and the torso's token layout are
-        what needs the host), the transformer blocks do not, and the values are discarded. A later :meth:`forward`
-        with this structure then reads no device data on the host, so it can be recorded into a CUDA graph behind
-        queued work; the blocks are ~90% of a pass's GPU time, so this costs a fraction of a pass."""
+        input path runs (its neighbour tables and down-sampling maps, which also serve the output path's
+        up-sampling, and the torso's token layout are what needs the host); the transformer blocks and the output
+        path do not, and the values are discarded. A later :meth:`forward` with this structure then reads no device
+        data on the host (checked by ``tests/test_cuda_graphs.py``), so it can be recorded into a CUDA graph behind
+        queued work; the input path is a small part of a pass's GPU time. Hooks on the flow itself do not fire;
+        hooks on its input submodules do (a module timer or FLOP counter sees one extra input-path call)."""
         if feats.ndim != 2 or feats.shape[1] != self.cfg.in_channels:
             raise ValueError(f"feats must be (N, {self.cfg.in_channels}), got {tuple(feats.shape)}")
         if structure is None:
@@ -438,6 +440,5 @@ class SLaTFlowModel(nn.Module):
             raise ValueError(f"t has {t.numel()} entries, batch is {batch}")
         x = self._sparse_input(feats, coords, batch, structure)
         emb = self.t_embedder(t.expand(batch) if t.numel() == 1 else t)
-        h, skips = self._io_in(x, emb)
+        h, _ = self._io_in(x, emb)
         _ = (h.seqlens, h.layout)  # the torso's (or the block loop's) per-element token counts and slices
-        self._io_out(h, skips, emb, feats.dtype)

@@ -83,7 +83,8 @@ class RunOptions:
     compile_backend: str = "inductor"
     #: replay each fixed-shape flow pass from a CUDA graph (``stages/graphs.py``): every SS pass that
     #: is not torch.compile'd, and the full-token SLaT passes of an object (its coordinate structure is
-    #: built on the first pass, captured on the second, replayed after). CUDA only; needs weights in
+    #: built on the first pass, or earlier by ``build_structure`` with ``async_graph_capture``; the first pass runs
+    #: eagerly, the second is captured, the rest replay). CUDA only; needs weights in
     #: the compute precision (fp32 / fp16 / bf16), not an autocast precision, and (with ``compile_slat``) a
     #: SLaT compile mode without graphs of its own ("default" via ``slat_compile_mode``): inductor's graphs
     #: cannot be recorded inside this capture.
@@ -93,8 +94,9 @@ class RunOptions:
     #: per recording at 14k SLaT voxels behind ``torch.cuda.graph``'s synchronisation; a SLaT object records a
     #: second graph (batch 1) once CFG ends, by which time earlier replays are queued; with ``batch_cfg`` the SLaT
     #: stage also builds the unguided structure's tables at the first guided step (``SLaTFlowModel.build_structure``:
-    #: the IO path only, values discarded, not counted in the benchmarks' executed FLOPs), so that the unguided pass's
-    #: first call and recording need no sync. Session 15 measured an earlier form that ran the whole unguided pass
+    #: the input path only, values discarded, not counted in the benchmarks' executed FLOPs), so that the unguided
+    #: pass's first (eager) call and its recording need no sync. Except on a process's first object: that eager call
+    #: then compiles the batch-1 torso, whose first launches are tuned with device syncs. Session 15 measured an earlier form that ran the whole unguided pass
     #: there instead: SLaT at 14k 0.54 s against 0.59-0.61 s (H200) and 0.58 against 0.65 s (H100), with the fused IO
     #: steps; not faster per object at 14k in one run, so off by default. Needs ``cuda_graphs``.
     async_graph_capture: bool = False
