@@ -163,8 +163,8 @@ VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and S
     VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead in SS, "
              "small-query attention by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs, "
              "fused SLaT IO steps"], async_graph_capture=True)
-# ... and one memory pool for an object's two graphs (``shared_graph_pool``): the batch-1 recording reuses the batch-2
-# graph's temporaries instead of asking for fresh device memory while it records
+# ... and one memory pool kept by the SLaT stage for every graph (``shared_graph_pool``): the batch-1 recording reuses
+# the batch-2 graph's temporaries, and the next object this one's memory, instead of asking for fresh device memory
 VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead in SS, small-query "
          "attention by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs recorded without "
          "a sync in one memory pool, fused SLaT IO steps"] = dataclasses.replace(

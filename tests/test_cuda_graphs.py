@@ -114,7 +114,8 @@ def test_options_reject_async_capture_without_graphs():
 @pytest.mark.parametrize("async_capture,shared_pool", [(False, False), (True, False), (True, True)])
 def test_stages_pass_the_capture_mode_to_their_graphs(monkeypatch, async_capture, shared_pool):
     """SS's and SLaT's graphs record as ``RunOptions.async_graph_capture`` says (and run eagerly on the CPU); with
-    ``shared_graph_pool`` the graphs of one SLaT object share one pool, a new one per object, never created on the CPU."""
+    ``shared_graph_pool`` every SLaT graph of successive objects gets the stage's one kept pool (never created on the
+    CPU), and a call made while another live call holds it gets a pool of its own."""
     from fs3d_accel.stages import graphs as graphs_mod, slat as slat_mod, ss as ss_mod
     monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
     made, pools = [], []
@@ -139,10 +140,14 @@ def test_stages_pass_the_capture_mode_to_their_graphs(monkeypatch, async_capture
     if not shared_pool:
         assert set(map(id, pools)) == {id(None)}
     else:
-        assert all(isinstance(p, graphs_mod.GraphPool) and p._handle is None for p in pools)
-        per_object = len(pools) // 2
-        first, second = pools[:per_object], pools[per_object:]
-        assert len({id(p) for p in first}) == 1 and len({id(p) for p in second}) == 1 and first[0] is not second[0]
+        kept = pipe.slat.graph_pool(slat_mod._PoolLease())  # no call holds it now: the kept one
+        assert all(p is kept for p in pools) and kept._handles == {}
+        holder = slat_mod._PoolLease()
+        assert pipe.slat.graph_pool(holder) is kept
+        other = pipe.slat.graph_pool(slat_mod._PoolLease())  # while ``holder`` lives: a pool of its own
+        assert isinstance(other, graphs_mod.GraphPool) and other is not kept
+        del holder
+        assert pipe.slat.graph_pool(slat_mod._PoolLease()) is kept
 
 
 @pytest.mark.parametrize("batch_cfg", [False, True])
@@ -340,7 +345,8 @@ def test_failed_async_recording_is_not_retried_and_leaves_cuda_usable(illegal):
 def test_graphs_in_one_pool_replay_like_eager_in_any_order(async_capture):
     """Two graphs share one memory pool (the second recorded after the first, while the first is already replaying):
     their replays, interleaved in either order, equal eager (the pool hands the second recording only the first's
-    temporaries, never its static inputs or outputs). The doubling in the second graph is undone exactly."""
+    temporaries, never its static inputs or outputs). The doubling in the second graph is undone exactly. Once both
+    are gone, a third graph records into the kept pool without reserving new device memory."""
     from fs3d_accel.stages.graphs import GraphPool
     flow, coords, feats, kv, structure = cuda_slat_flow_inputs()
     pool = GraphPool()
@@ -359,9 +365,21 @@ def test_graphs_in_one_pool_replay_like_eager_in_any_order(async_capture):
             g = g2 if i % 2 == 0 else g1
             got.append(g(feats * (i + 1), t * (i + 1)) / (1 if g is g1 else 2))
     torch.cuda.synchronize()
-    assert g1.captures == 1 and g2.captures == 1 and pool._handle is not None
+    assert g1.captures == 1 and g2.captures == 1
     (e1,), (e2,) = g1._captured.values(), g2._captured.values()
     assert e1.graph.pool() == e2.graph.pool() == pool.handle()  # one pool, not a private one each
     for a, b in zip(eager + eager, got):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+    # the next "object": the first one's graphs are gone, a new graph of the same size records into the kept pool,
+    # reusing its memory (no new device memory reserved), and replays like eager
+    del g1, g2, e1, e2
+    reserved = torch.cuda.memory_reserved()
+    g3 = GraphedCall(lambda f, tt: flow(f, coords, tt, None, cond_kv=kv, structure=structure),
+                     async_capture=async_capture, pool=pool)
+    with torch.no_grad():
+        again = [g3(feats * (i + 1), t * (i + 1)) for i in range(3)]
+    torch.cuda.synchronize()
+    assert g3.captures == 1 and torch.cuda.memory_reserved() <= reserved
+    for a, b in zip(eager, again):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     release_structure(structure)

@@ -35,20 +35,37 @@ Signature = tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
 
 
 class GraphPool:
-    """One CUDA-graph memory pool shared by the graphs of several :class:`GraphedCall` objects, created on first use
-    (so that CPU runs never touch CUDA). Safe for graphs that are replayed one at a time on one stream and whose static
-    inputs and outputs stay referenced (as :class:`GraphedCall` keeps them): a later recording may then reuse only the
-    earlier recordings' temporaries, which each replay rewrites before it reads. What it buys: the second graph of a
-    SLaT object (batch 1, recorded once CFG ends) takes its memory from the first one's freed temporaries instead of
-    fresh device memory (``cudaMalloc`` inside a recording was the longest idle stretch in one session-15 profile)."""
+    """One CUDA-graph memory pool per device, shared by the graphs of several :class:`GraphedCall` objects and kept
+    alive by this object (a ``torch.cuda.MemPool``), created on first use (so that CPU runs never touch CUDA).
+
+    Safe for graphs that are replayed one at a time, in stream order on one stream, and whose static inputs and
+    outputs stay referenced while they live (as :class:`GraphedCall` keeps them): a recording may then reuse only
+    memory no live graph's static tensors hold, that is other recordings' temporaries (which each replay rewrites
+    before it reads) and the memory of graphs already destroyed (whose replays, earlier on the stream, finish first).
+
+    What it buys: the SLaT stage records two graphs per object. With a private pool each, every recording asks the
+    allocator for fresh device memory (a ``cudaMalloc`` inside a recording was the longest idle stretch of one session-15
+    profile), and the pools of finished objects stay cached until something empties the cache, which an asynchronous
+    recording no longer does. With one kept pool, an object's second graph reuses the first one's temporaries, and the
+    next object reuses this one's memory. The pool keeps its peak size (the largest object's graphs) while it lives.
+    Without ``torch.cuda.MemPool`` (older torch) a plain pool handle is used: shared by the live graphs only."""
 
     def __init__(self) -> None:
-        self._handle = None
+        self._pools: dict[int, Any] = {}    # device index -> torch.cuda.MemPool, holding the pool alive
+        self._handles: dict[int, Any] = {}  # device index -> pool id for capture_begin / torch.cuda.graph
 
-    def handle(self):
-        if self._handle is None:
-            self._handle = torch.cuda.graph_pool_handle()
-        return self._handle
+    def handle(self, device: torch.device | None = None):
+        """The pool id for recordings on ``device`` (default: the current CUDA device)."""
+        index = torch.cuda.current_device() if device is None or device.index is None else device.index
+        if index not in self._handles:
+            with torch.cuda.device(index):
+                mem_pool = getattr(torch.cuda, "MemPool", None)
+                if mem_pool is not None:
+                    self._pools[index] = mem_pool()
+                    self._handles[index] = self._pools[index].id
+                else:
+                    self._handles[index] = torch.cuda.graph_pool_handle()
+        return self._handles[index]
 
 
 @dataclass
@@ -136,7 +153,7 @@ class GraphedCall:
                 self.fn(*inputs)
             torch.cuda.current_stream(inputs[0].device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        pool = None if self.pool is None else self.pool.handle()
+        pool = None if self.pool is None else self.pool.handle(inputs[0].device)
         if self.async_capture:
             output = _record_without_sync(graph, self.fn, inputs, pool)
         else:

@@ -100,10 +100,13 @@ class RunOptions:
     #: there instead: SLaT at 14k 0.54 s against 0.59-0.61 s (H200) and 0.58 against 0.65 s (H100), with the fused IO
     #: steps; not faster per object at 14k in one run, so off by default. Needs ``cuda_graphs``.
     async_graph_capture: bool = False
-    #: one CUDA-graph memory pool for the graphs of one SLaT object (``stages.graphs.GraphPool``) instead of a private
-    #: pool per graph: the batch-1 graph recorded once CFG ends reuses the batch-2 graph's temporaries instead of
-    #: asking for fresh device memory inside the recording (session 15's lead for why the asynchronous recording did
-    #: not gain per object at 14k). Not yet measured on a GPU (``benchmarks/GPU_RUNBOOK.md``). Needs ``cuda_graphs``.
+    #: one CUDA-graph memory pool, kept by the SLaT stage, for the graphs of every SLaT object
+    #: (``stages.graphs.GraphPool``, ``SLaTStage.graph_pool``) instead of a private pool per graph: the batch-1 graph
+    #: recorded once CFG ends reuses the batch-2 graph's temporaries, and the next object reuses this one's memory,
+    #: instead of asking for fresh device memory inside each recording (session 15's lead for why the asynchronous
+    #: recording did not gain per object at 14k; without ``torch.cuda.graph``'s cache flush, finished objects' private
+    #: pools stay cached). The pool keeps the largest object's size. Not yet measured on a GPU
+    #: (``benchmarks/GPU_RUNBOOK.md``). Needs ``cuda_graphs``.
     shared_graph_pool: bool = False
     #: in the unconditional CFG branch the condition tokens are all zero, so each cross-attention's L keys
     #: are one repeated vector (the ``to_kv`` bias), and so are its values: keep one key and value instead

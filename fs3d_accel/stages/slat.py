@@ -1,6 +1,8 @@
 """Stage 2: structured latent (SLaT flow sampler on the sparse voxels of stage 1)."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import Tensor, nn
 
@@ -20,6 +22,13 @@ from .types import SLaTOutput, SSOutput
 def slat_noise(num_voxels: int, channels: int, generator: torch.Generator) -> Tensor:
     """Initial SLaT noise (N, C), drawn on the CPU."""
     return torch.randn((num_voxels, channels), generator=generator)
+
+
+class _PoolLease:
+    """A call's hold on :meth:`SLaTStage.graph_pool` (weakly referenced: the hold ends when the call's structures
+    are released)."""
+
+    __slots__ = ("__weakref__",)
 
 
 class SLaTStage(HoldsInputs, nn.Module):
@@ -65,6 +74,17 @@ class SLaTStage(HoldsInputs, nn.Module):
             cache[key] = torso
         return cache[key]
 
+    def graph_pool(self, lease: "_PoolLease") -> GraphPool:
+        """The stage's kept CUDA-graph memory pool (``RunOptions.shared_graph_pool``) for the call holding ``lease``:
+        successive objects record into one pool and reuse its memory. While another live call holds it (concurrent
+        calls on one stage, whose replays could overlap), the call gets a pool of its own."""
+        slot = self.__dict__.setdefault("_graph_pool", {"pool": GraphPool(), "holder": None})
+        holder = slot["holder"]() if slot["holder"] is not None else None
+        if holder is not None and holder is not lease:
+            return GraphPool()
+        slot["holder"] = weakref.ref(lease)
+        return slot["pool"]
+
     def velocity_net(self, cond: Tensor, coords: Tensor, sampler_cfg: SamplerConfig, options: RunOptions,
                      structures: list[dict] | None = None):
         """The guided velocity function of the sampler. With ``structures`` (a list the caller owns and
@@ -83,7 +103,11 @@ class SLaTStage(HoldsInputs, nn.Module):
         torso = self.compiled_torso(options)
 
         kv_cache: dict[str, object] = {}
-        graph_pool = GraphPool() if options.shared_graph_pool else None  # one per object, as the graphs
+        graph_pool = None
+        if options.shared_graph_pool:
+            # the call holds the stage's kept pool for as long as its graphs live (they go with plain_structure)
+            lease = plain_structure[("graph_pool_lease",)] = _PoolLease()
+            graph_pool = self.graph_pool(lease)
         # Held K/V buffers only with token buckets: inductor's CUDA graphs record one graph per token count, so without
         # buckets each object of a new size records anyway, and held buffers would only make repeats of one object
         # (benchmarks) replay where a real new object records: per-object timings would flatter the stage. With
