@@ -98,7 +98,9 @@ class RunOptions:
     #: pass's first (eager) call and its recording need no sync. Except on a process's first object: that eager call
     #: then compiles the batch-1 torso, whose first launches are tuned with device syncs. Session 15 measured an earlier form that ran the whole unguided pass
     #: there instead: SLaT at 14k 0.54 s against 0.59-0.61 s (H200) and 0.58 against 0.65 s (H100), with the fused IO
-    #: steps; not faster per object at 14k in one run, so off by default. Needs ``cuda_graphs``.
+    #: steps; not faster per object at 14k in one run, so off by default. Without ``torch.cuda.graph``'s cache flush,
+    #: the private pools of finished objects' graphs stay reserved until an allocation fails (then freed behind a
+    #: device sync): over many objects, pair it with ``shared_graph_pool``. Needs ``cuda_graphs``.
     async_graph_capture: bool = False
     #: one CUDA-graph memory pool, kept by the SLaT stage, for the graphs of every SLaT object
     #: (``stages.graphs.GraphPool``, ``SLaTStage.graph_pool``) instead of a private pool per graph: the batch-1 graph
