@@ -177,21 +177,20 @@ def _record_without_sync(graph: "torch.cuda.CUDAGraph", fn: Callable[..., Any], 
     stream = _CAPTURE_STREAMS.get(device)
     if stream is None:
         stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device=device)
+    if pool is None:  # a pool of its own, as capture_begin would make, but with an id known if the recording fails
+        pool = torch.cuda.graph_pool_handle()
     with torch.cuda.stream(stream):
-        if pool is None:
-            graph.capture_begin(capture_error_mode="thread_local")
-        else:
-            graph.capture_begin(pool, capture_error_mode="thread_local")
+        graph.capture_begin(pool, capture_error_mode="thread_local")
         try:
             output = fn(*inputs)
         except BaseException:
-            _end_failed_recording(graph, device)
+            _end_failed_recording(graph, device, pool)
             raise
         graph.capture_end()
     return output
 
 
-def _end_failed_recording(graph: "torch.cuda.CUDAGraph", device: torch.device) -> None:
+def _end_failed_recording(graph: "torch.cuda.CUDAGraph", device: torch.device, pool) -> None:
     """Take the stream out of capture mode after ``fn`` raised inside a recording. A Python error leaves the capture
     valid, and ``capture_end`` then also returns the pool to the allocator. An illegal CUDA call (a sync, ``.item()``)
     invalidates the capture: ``capture_end`` raises before it releases the pool, so the allocator would keep routing
@@ -202,9 +201,9 @@ def _end_failed_recording(graph: "torch.cuda.CUDAGraph", device: torch.device) -
         index = device.index if device.index is not None else torch.cuda.current_device()
         # the caller re-raises the recording's own error; a torch that already ended the pool refuses these calls
         with contextlib.suppress(RuntimeError):
-            torch._C._cuda_endAllocateToPool(index, graph.pool())
+            torch._C._cuda_endAllocateToPool(index, pool)
         with contextlib.suppress(RuntimeError):
-            torch._C._cuda_releasePool(index, graph.pool())
+            torch._C._cuda_releasePool(index, pool)
 
 
 __all__ = ["GraphPool", "GraphedCall"]
