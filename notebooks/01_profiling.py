@@ -492,7 +492,7 @@ runs15 = []
 for run, folder in (("B (H200)", "async_capture_h200"), ("D (H100)", "ac_14k_h100")):
     rows15, meta15 = load_outputs(S15 / folder)
     df15 = pd.DataFrame(rows15)
-    df15 = df15[df15["stage"] == "slat"].assign(run=run, peak=round(meta15["peak_tflops"]))
+    df15 = df15[df15["stage"] == "slat"].assign(run=f"{run}, peak {meta15['peak_tflops']:.0f} TFLOP/s")
     runs15.append(df15)
 slat15 = pd.concat(runs15)
 slat15["variant"] = slat15["variant"].str.replace(PREFIX, "", regex=False)

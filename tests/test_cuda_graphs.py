@@ -281,6 +281,11 @@ def test_a_structure_built_by_the_io_path_serves_a_pass_without_host_syncs(batch
         flow.build_structure(feats, coords, torch.ones(3), batch, persistent_structure())
     with pytest.raises(ValueError, match="feats must be"):
         flow.build_structure(feats[:, :1], coords, t, batch, persistent_structure())
+    with pytest.raises(ValueError, match="batch must be a positive int"):
+        flow.build_structure(feats, coords, t[:1], 0, persistent_structure())
+    if batch == 2:  # coords of two elements declared as one
+        with pytest.raises(ValueError, match="coords name batch element 1, but batch is 1"):
+            flow.build_structure(feats, coords, t[:1], 1, persistent_structure())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -435,6 +435,10 @@ class SLaTFlowModel(nn.Module):
             raise ValueError(f"feats must be (N, {self.cfg.in_channels}), got {tuple(feats.shape)}")
         if structure is None:
             raise ValueError("build_structure fills a persistent structure; got None")
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive int, got {batch!r}")
+        if len(coords) and int(coords[:, 0].max()) >= batch:
+            raise ValueError(f"coords name batch element {int(coords[:, 0].max())}, but batch is {batch}")
         t = t.reshape(-1)
         if t.numel() not in (1, batch):
             raise ValueError(f"t has {t.numel()} entries, batch is {batch}")

@@ -92,15 +92,16 @@ class RunOptions:
     #: record those graphs without first synchronising the device (``GraphedCall.async_capture``): the host records
     #: while the GPU still runs the steps already queued. Session 14/15's idle timelines found the GPU waiting ~50 ms
     #: per recording at 14k SLaT voxels behind ``torch.cuda.graph``'s synchronisation; a SLaT object records a
-    #: second graph (batch 1) once CFG ends, by which time earlier replays are queued; with ``batch_cfg`` the SLaT
+    #: second graph (batch 1) once CFG ends, by which time earlier replays are queued. With ``batch_cfg`` the SLaT
     #: stage also builds the unguided structure's tables at the first guided step (``SLaTFlowModel.build_structure``:
     #: the input path only, values discarded, not counted in the benchmarks' executed FLOPs), so that the unguided
-    #: pass's first (eager) call and its recording need no sync. Except on a process's first object: that eager call
-    #: then compiles the batch-1 torso, whose first launches are tuned with device syncs. Session 15 measured an earlier form that ran the whole unguided pass
-    #: there instead: SLaT at 14k 0.54 s against 0.59-0.61 s (H200) and 0.58 against 0.65 s (H100), with the fused IO
-    #: steps; not faster per object at 14k in one run, so off by default. Without ``torch.cuda.graph``'s cache flush,
-    #: the private pools of finished objects' graphs stay reserved until an allocation fails (then freed behind a
-    #: device sync): over many objects, pair it with ``shared_graph_pool``. Needs ``cuda_graphs``.
+    #: pass's first (eager) call and its recording need no sync, except on a process's first object, where that call
+    #: compiles the batch-1 torso (whose first launches are tuned with device syncs).
+    #: Session 15 measured an earlier form that ran the whole unguided pass there instead: SLaT at 14k 0.54 s against
+    #: 0.59-0.61 s (H200) and 0.58 against 0.65 s (H100), with the fused IO steps; not faster per object at 14k in one
+    #: run, so off by default. Without ``torch.cuda.graph``'s cache flush, the private pools of finished objects'
+    #: graphs stay reserved until an allocation fails (then freed behind a device sync): over many objects, pair it
+    #: with ``shared_graph_pool``. Needs ``cuda_graphs``.
     async_graph_capture: bool = False
     #: one CUDA-graph memory pool, kept by the SLaT stage, for the graphs of every SLaT object
     #: (``stages.graphs.GraphPool``, ``SLaTStage.graph_pool``) instead of a private pool per graph: the batch-1 graph
@@ -163,10 +164,10 @@ class RunOptions:
     #: the SLaT IO res-blocks' element-wise steps (fp32 LayerNorm, casts, adaLN modulation, SiLU) as two functions
     #: torch.compile'd with ``compile_backend`` (``slat_flow.use_fused_io_blocks``): one fused kernel each instead of
     #: about a dozen launches per block; the sparse convs stay as they are. Session 14's kernel table had ~0.03 s of
-    #: such kernels per SLaT call at 14k, and found SLaT host-bound at 5k. Session 15 (H100): the LayerNorm kernels went
-    #: from 0.0095 to 0.0010 s and the copies from 0.018 to 0.008 s per call at 14k, mean ΔF1 −0.026 against fp32
-    #: (``results/base_vs_official_h100/session15/``). Needs ``compile_slat`` and a weight precision (not autocast). Skipped where
-    #: module hooks sit on the norms or global module hooks are registered.
+    #: such kernels per SLaT call at 14k, and found SLaT host-bound at 5k. Session 15 (H100): the LayerNorm kernels
+    #: went from 0.0095 to 0.0010 s and the copies from 0.018 to 0.008 s per call at 14k, mean ΔF1 −0.026 against
+    #: fp32 (``results/base_vs_official_h100/session15/``). Needs ``compile_slat`` and a weight precision (not
+    #: autocast). Skipped where module hooks sit on the norms or global module hooks are registered.
     fuse_slat_io: bool = False
     #: algorithm of the sparse convolutions (SLaT IO blocks, mesh decoder) whose ``SparseConv3d.impl`` is "auto":
     #: "auto" keeps the class rule (the Triton implicit GEMM for fp16 / bf16 inference on NVIDIA GPUs of compute

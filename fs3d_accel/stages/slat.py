@@ -178,8 +178,8 @@ class SLaTStage(HoldsInputs, nn.Module):
             # plain structure's tables would: so they are built at the first guided full-token step, while the GPU
             # is still idle from the object's start, by the flow's input path alone (``build_structure``: no
             # transformer blocks, values discarded). On a process's first object the unguided pass's first call
-            # still syncs: it compiles the batch-1 torso. Only where an unguided step is still to come and the tables are
-            # not built yet (a schedule may start unguided); a step policy that later skips every unguided step
+            # still syncs: it compiles the batch-1 torso. Only where an unguided step is still to come and the tables
+            # are not built yet (a schedule may start unguided); a step policy that later skips every unguided step
             # makes it wasted work.
             warm_unguided = [options.cuda_graphs and options.async_graph_capture and cache]
             grid = time_grid(sampler_cfg.steps, sampler_cfg.rescale_t)[:-1]
