@@ -36,7 +36,7 @@ Signature = tuple[tuple[tuple[int, ...], torch.dtype, torch.device], ...]
 
 class GraphPool:
     """One CUDA-graph memory pool per device, shared by the graphs of several :class:`GraphedCall` objects and kept
-    alive by this object (a ``torch.cuda.MemPool``), created on first use (so that CPU runs never touch CUDA).
+    alive by this object, created on first use (so that CPU runs never touch CUDA).
 
     Safe for graphs that are replayed one at a time, in stream order on one stream, and whose static inputs and
     outputs stay referenced while they live (as :class:`GraphedCall` keeps them): a recording may then reuse only
@@ -48,10 +48,15 @@ class GraphPool:
     profile), and the pools of finished objects stay cached until something empties the cache, which an asynchronous
     recording no longer does. With one kept pool, an object's second graph reuses the first one's temporaries, and the
     next object reuses this one's memory. The pool keeps its peak size (the largest object's graphs) while it lives.
-    Without ``torch.cuda.MemPool`` (older torch) a plain pool handle is used: shared by the live graphs only."""
+
+    What keeps the pool alive is a one-kernel graph recorded into it on first use and held here, not a
+    ``torch.cuda.MemPool``: on torch 2.11 + CUDA 13 (H100, session 16), a graph recorded into a kept ``MemPool`` and
+    destroyed left the host caching allocator's entry for that pool at a use count of zero, and the next recording
+    into the pool failed an internal assert (``it->second->use_count > 0``, CachingHostAllocator.h). A live graph
+    holds the pool in both allocators, the mechanism torch's own pool sharing has always used."""
 
     def __init__(self) -> None:
-        self._pools: dict[int, Any] = {}    # device index -> torch.cuda.MemPool, holding the pool alive
+        self._keepers: dict[int, Any] = {}  # device index -> the tiny graph whose life keeps the pool alive
         self._handles: dict[int, Any] = {}  # device index -> pool id for capture_begin / torch.cuda.graph
 
     def handle(self, device: torch.device | None = None):
@@ -59,12 +64,12 @@ class GraphPool:
         index = torch.cuda.current_device() if device is None or device.index is None else device.index
         if index not in self._handles:
             with torch.cuda.device(index):
-                mem_pool = getattr(torch.cuda, "MemPool", None)
-                if mem_pool is not None:
-                    self._pools[index] = mem_pool()
-                    self._handles[index] = self._pools[index].id
-                else:
-                    self._handles[index] = torch.cuda.graph_pool_handle()
+                handle = torch.cuda.graph_pool_handle()
+                seed = torch.zeros(1, device=f"cuda:{index}")
+                keeper = torch.cuda.CUDAGraph()
+                output = _record_without_sync(keeper, lambda t: t + 1, [seed], handle)
+                self._keepers[index] = (keeper, seed, output)
+                self._handles[index] = handle
         return self._handles[index]
 
 
