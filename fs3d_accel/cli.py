@@ -41,8 +41,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "zero condition, CUDA), compiled-zkv-ro (+ CUDA graphs), compiled-zkv-fa4 (+ FlashAttention-4 "
                         "in SLaT and CUDA graphs; needs flash_attn.cute), compiled-zkv-fa4-all (FlashAttention-4 in SS "
                         "too), compiled-zkv-fa4-all-sqfa2 (+ the SS layout stream's 4-query attention on SDPA's "
-                        "FlashAttention-2), compiled-zkv-fa4-all-sqfa2-ge (+ the MLPs' GELU in the GEMM epilogue: the "
-                        "fastest median per object, session 14)")
+                        "FlashAttention-2), compiled-zkv-fa4-all-sqfa2-ge (+ the MLPs' GELU in the GEMM epilogue), "
+                        "compiled-zkv-fa4-all-sqfa2-ge-ac (+ SLaT passes as whole CUDA graphs recorded without a "
+                        "device sync: the fastest SLaT call over new object sizes, session 16)")
     p.add_argument("--slat-compile-mode", default=None, choices=_compile_modes(),
                    help="SLaT's own torch.compile mode, overriding the fast path's for SLaT only (e.g. 'default' to "
                         "skip SLaT's per-object CUDA-graph captures: 0.17 s per new object size faster on an H100 in session 12, "

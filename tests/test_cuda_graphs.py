@@ -184,10 +184,12 @@ def test_graph_replay_equals_eager_on_cuda():
     flow, coords, feats, kv, structure = cuda_slat_flow_inputs()
     t = torch.full((1,), 500.0, device="cuda")
     g = GraphedCall(lambda f, tt: flow(f, coords, tt, None, cond_kv=kv, structure=structure))
+    from fs3d_analysis.profile.latency import cuda_graph_recordings
+    before = cuda_graph_recordings()
     with torch.no_grad():
         eager = [flow(feats * (i + 1), coords, t * (i + 1), None, cond_kv=kv) for i in range(4)]
         graphed = [g(feats * (i + 1), t * (i + 1)) for i in range(4)]
-    assert g.captures == 1 and g.replays == 3
+    assert g.captures == 1 and g.replays == 3 and cuda_graph_recordings() == before + 1
     for a, b in zip(eager, graphed):
         assert torch.equal(a, b)
     release_structure(structure)

@@ -391,3 +391,21 @@ def test_cuda_graph_recordings_counts_every_node_of_every_tree(monkeypatch):
         cuda_graph_recordings("gpu")
     monkeypatch.setattr(cudagraph_trees, "get_container", lambda index: SimpleNamespace(tree_manager=None))
     assert cuda_graph_recordings(torch.device("cuda")) == 0
+
+
+def test_cuda_graph_recordings_adds_the_stages_own_graphs(monkeypatch):
+    """Graphs recorded by ``GraphedCall`` (the stages' whole-pass graphs) count on their own device, with or without
+    inductor's trees beside them: a variant that records only its own graphs must not report 0."""
+    from types import SimpleNamespace
+
+    from torch._inductor import cudagraph_trees
+
+    from fs3d_accel.stages import graphs
+    from fs3d_analysis.profile.latency import cuda_graph_recordings
+
+    monkeypatch.setattr(graphs, "_RECORDINGS", {0: 2, 1: 7})
+    monkeypatch.setattr(cudagraph_trees, "get_container", lambda index: SimpleNamespace(tree_manager=None))
+    assert cuda_graph_recordings(0) == 2 and cuda_graph_recordings("cuda:1") == 7 and cuda_graph_recordings(2) == 0
+    manager = SimpleNamespace(roots={"f": [SimpleNamespace(children={})]})
+    monkeypatch.setattr(cudagraph_trees, "get_container", lambda index: SimpleNamespace(tree_manager=manager))
+    assert cuda_graph_recordings(1) == 8 and cuda_graph_recordings("cpu") == 0

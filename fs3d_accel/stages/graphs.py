@@ -165,10 +165,19 @@ class GraphedCall:
             with torch.cuda.graph(graph, pool=pool):
                 output = self.fn(*inputs)
         self.captures += 1
+        index = inputs[0].device.index if inputs[0].device.index is not None else torch.cuda.current_device()
+        _RECORDINGS[index] = _RECORDINGS.get(index, 0) + 1
         return _Captured(graph, inputs, output)
 
 
 _CAPTURE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+_RECORDINGS: dict[int, int] = {}  # CUDA device index -> graphs recorded by GraphedCall (the pools' keepers excluded)
+
+
+def recordings(index: int) -> int:
+    """How many graphs :class:`GraphedCall` objects have recorded on CUDA device ``index`` in this process (what
+    ``profile.latency.cuda_graph_recordings`` adds to inductor's count)."""
+    return _RECORDINGS.get(index, 0)
 
 
 def _record_without_sync(graph: "torch.cuda.CUDAGraph", fn: Callable[..., Any], inputs: list[Tensor],
@@ -211,4 +220,4 @@ def _end_failed_recording(graph: "torch.cuda.CUDAGraph", device: torch.device, p
             torch._C._cuda_releasePool(index, pool)
 
 
-__all__ = ["GraphPool", "GraphedCall"]
+__all__ = ["GraphPool", "GraphedCall", "recordings"]

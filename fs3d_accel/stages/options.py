@@ -477,6 +477,17 @@ FAST_PATHS["compiled-zkv-fa4-all-sqfa2"] = dataclasses.replace(FAST_PATHS["compi
 # (``results/fast_path_quality_h100/gelu_epilogue/``).
 FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge"] = dataclasses.replace(FAST_PATHS["compiled-zkv-fa4-all-sqfa2"],
                                                               gelu_epilogue=True)
+# + SLaT's passes as two whole CUDA graphs of our own (one per CFG batch) recorded without a device sync, the IO blocks'
+# element-wise steps compiled inside them, and SLaT's torso compiled without inductor's graphs (``slat_compile_mode=
+# "default"``, ``cuda_graphs``, ``async_graph_capture``, ``fuse_slat_io``). Over 16 new sizes of 4-6k voxels, each met
+# once, the SLaT call took a median 0.241 s against 0.355 s, faster at 16 of 16 (session 16, H100,
+# ``results/slat_many_sizes_h100_session16/``); per object at 14k 1.201 s against 1.268 s on one H100 and 1.241 s
+# against 1.248 s on another, at 20k 1.463 / 1.500 s against 1.550 / 1.520 s (``results/base_vs_official_h100/session16/``);
+# its values equal those of the same graphs recorded with a sync, and against fp32 it moves F1 as ``-ge`` does
+# (``results/fast_path_quality_h100/async_capture/``).
+FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"] = dataclasses.replace(
+    FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge"], slat_compile_mode="default", cuda_graphs=True,
+    async_graph_capture=True, fuse_slat_io=True)
 
 
 def fast_path(name: str) -> RunOptions:

@@ -42,21 +42,23 @@ def sync_device(device: torch.device) -> None:
 
 
 def cuda_graph_recordings(device: torch.device | str | int | None = None) -> int:
-    """How many graphs inductor's CUDA-graph trees (torch.compile's "reduce-overhead" / "max-autotune") have recorded
-    on ``device`` (default: the current CUDA device) so far; 0 where none ran (a CPU device included). A recording
-    after the warm-up calls means a compiled region re-recorded (a synchronisation and a capture) instead of
-    replaying: a static input moved, or a dynamic size is new. Counted by walking the trees, since torch keeps no
-    public counter."""
+    """How many CUDA graphs have been recorded on ``device`` (default: the current CUDA device) so far: those of
+    inductor's CUDA-graph trees (torch.compile's "reduce-overhead" / "max-autotune") plus those of the stages' own
+    ``GraphedCall`` objects (``RunOptions.cuda_graphs``); 0 where none ran (a CPU device included). A recording after
+    the warm-up calls means a region re-recorded instead of replaying: a static input moved, or a size is new.
+    Inductor's are counted by walking the trees, since torch keeps no public counter."""
     dev = torch.device("cuda") if device is None else torch.device("cuda", device) if isinstance(device, int) \
         else torch.device(device)  # torch rejects a negative index or an unknown device string here
     if dev.type != "cuda":
         return 0
     index = torch.cuda.current_device() if dev.index is None else dev.index  # "cuda": the current device
     from torch._inductor import cudagraph_trees
+
+    from fs3d_accel.stages.graphs import recordings
     manager = cudagraph_trees.get_container(index).tree_manager
     if manager is None:
-        return 0
-    nodes, stack = 0, [node for group in manager.roots.values() for node in group]
+        return recordings(index)
+    nodes, stack = recordings(index), [node for group in manager.roots.values() for node in group]
     while stack:
         node = stack.pop()
         nodes += 1
