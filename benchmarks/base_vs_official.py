@@ -964,7 +964,8 @@ _TEXT_COLUMNS = {"variant", "stage", "object", "precision", "error"}
 
 def load_outputs(folder: Path) -> tuple[list[dict], dict]:
     """Rows and meta of a finished run, read back from its CSVs and meta.json (``--replot``): numbers as numbers,
-    empty cells left out, each profiled unit's kernels from ``kernels.csv`` and its idle timeline from ``idle.csv``."""
+    empty cells left out, each profiled unit's kernels from ``kernels.csv`` (or ``kernels.csv.xz``) and its idle
+    timeline from ``idle.csv``."""
     import csv
     folder = Path(folder)
     missing = [n for n in (CSV_NAME, "meta.json") if not (folder / n).is_file()]
@@ -981,8 +982,12 @@ def load_outputs(folder: Path) -> tuple[list[dict], dict]:
             row.setdefault("object", None)
             row.setdefault("N", None)
             rows.append(row)
-    if (folder / KERNELS_CSV_NAME).is_file():
-        with open(folder / KERNELS_CSV_NAME) as fh:
+    kernels_csv = folder / KERNELS_CSV_NAME
+    if not kernels_csv.is_file() and kernels_csv.with_name(KERNELS_CSV_NAME + ".xz").is_file():
+        kernels_csv = kernels_csv.with_name(KERNELS_CSV_NAME + ".xz")  # committed results store it compressed
+    if kernels_csv.is_file():
+        import lzma
+        with (lzma.open(kernels_csv, "rt") if kernels_csv.suffix == ".xz" else open(kernels_csv)) as fh:
             for k in csv.DictReader(fh):
                 unit = [r for r in rows if (r["variant"], r["stage"], r.get("object") or "") ==
                         (k["variant"], k["stage"], k["object"]) and "kernel_s" in r]

@@ -235,6 +235,11 @@ def test_gpu_busy_columns_only_where_measured(tmp_path):
     assert len(loaded[1]["timeline"].gaps) == 8 and "| 247.0 |" not in text and "| 246.9 |" in text
     assert loaded[0]["kernels"]["Memset (Device)"] == (0.25, 119700) and loaded[0]["launches"] == 120000
     assert "kernels" not in loaded[1] and loaded[2]["object"] == "007_tuna_fish_can"
+    # committed results keep kernels.csv xz-compressed: read back the same
+    import lzma
+    (again / (bvo.KERNELS_CSV_NAME + ".xz")).write_bytes(lzma.compress((again / bvo.KERNELS_CSV_NAME).read_bytes()))
+    (again / bvo.KERNELS_CSV_NAME).unlink()
+    assert bvo.load_outputs(again)[0][0]["kernels"] == loaded[0]["kernels"]
     with open(tmp_path / bvo.CSV_NAME) as fh:
         got = list(csv.DictReader(fh))
     assert float(got[0]["gpu_busy"]) == 0.5 and got[2]["gpu_busy"] == ""
