@@ -171,6 +171,14 @@ VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and S
     VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead in SS, small-query "
              "attention by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs recorded without "
              "a sync, fused SLaT IO steps"], shared_graph_pool=True)
+# ... with the CFG-batched graph recorded at the first step, without an eager warm-up pass, once the process has run
+# that kind of pass (``graph_record_first``; its tables come from ``build_structure``)
+VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead in SS, small-query "
+         "attention by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs recorded without "
+         "a sync or a warm-up pass, fused SLaT IO steps"] = dataclasses.replace(
+    VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead in SS, small-query "
+             "attention by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs recorded without "
+             "a sync, fused SLaT IO steps"], graph_record_first=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -233,7 +241,12 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
                                                             "in SS and SLaT, reduce-overhead in SS, small-query attention "
                                                             "by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes "
                                                             "as whole CUDA graphs recorded without a sync in one memory "
-                                                            "pool, fused SLaT IO steps"}
+                                                            "pool, fused SLaT IO steps",
+         "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf": "... + one-key K/V of the zero condition + FlashAttention-4 "
+                                                            "in SS and SLaT, reduce-overhead in SS, small-query attention "
+                                                            "by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes "
+                                                            "as whole CUDA graphs recorded without a sync or a warm-up "
+                                                            "pass, fused SLaT IO steps"}
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

@@ -91,8 +91,10 @@ def test_graphed_call_is_eager_on_cpu_and_checks_its_arguments():
     assert len(calls) == 3 and g.captures == 0 and g.replays == 0
     with pytest.raises(TypeError, match="must be tensors"):
         g(a, 1.0)
-    with pytest.raises(ValueError, match="warmup must be >= 1"):
-        GraphedCall(fn, warmup=0)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="warmup must be an int >= 0"):
+            GraphedCall(fn, warmup=bad)
+    assert torch.equal(GraphedCall(fn, warmup=0)(a, b)["s"], a + b)  # records at the first call on CUDA; eager here
     with pytest.raises(ValueError, match="async_capture records without waiting"):
         GraphedCall(fn, async_capture=True, side_stream_warmup=True)
     ga = GraphedCall(fn, async_capture=True)  # eager on the CPU too
@@ -109,6 +111,15 @@ def test_options_reject_async_capture_without_graphs():
         RunOptions(precision="bf16", shared_graph_pool=True)
     with pytest.raises(ValueError, match="shared_graph_pool is a bool"):
         RunOptions(precision="bf16", cuda_graphs=True, shared_graph_pool="yes")
+    for missing in ("cuda_graphs", "async_graph_capture", "batch_cfg"):
+        kw = dict(cuda_graphs=True, async_graph_capture=True, batch_cfg=True)
+        kw[missing] = False
+        if missing == "cuda_graphs":
+            kw["async_graph_capture"] = False
+        with pytest.raises(ValueError, match="graph_record_first records SLaT's CFG-batched graph"):
+            RunOptions(precision="bf16", graph_record_first=True, **kw)
+    with pytest.raises(ValueError, match="graph_record_first is a bool"):
+        RunOptions(precision="bf16", cuda_graphs=True, async_graph_capture=True, batch_cfg=True, graph_record_first=1)
 
 
 @pytest.mark.parametrize("async_capture,shared_pool", [(False, False), (True, False), (True, True)])
@@ -390,3 +401,77 @@ def test_graphs_in_one_pool_replay_like_eager_in_any_order(async_capture):
     for a, b in zip(eager, again):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
     release_structure(structure)
+
+
+def test_record_first_skips_the_warm_up_pass_from_the_second_object_on(monkeypatch):
+    """With ``graph_record_first``, the first object's SLaT graphs are warmed by an eager pass as before (this kind of
+    pass has not run in the process); from the second object on, both graphs record at their first call
+    (``warmup=0``): the CFG-batched structure's tables are built at the first step by the input path alone, beside the
+    unguided ones, and that first pass reads no device data on the host. Every value is unchanged."""
+    from fs3d_accel.stages import graphs as graphs_mod, slat as slat_mod
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    warmups = []
+
+    class Spy(graphs_mod.GraphedCall):
+        def __init__(self, fn, **kw):
+            warmups.append(kw.get("warmup", 1))
+            super().__init__(fn, **kw)
+
+    monkeypatch.setattr(slat_mod, "GraphedCall", Spy)
+    cfg = fast_mini_config(ss_steps=2, slat_steps=3)  # SLaT: 2 guided steps, then 1 unguided
+    pipe = Pipeline.from_config(cfg, seed=0)
+    sparsify_occupancy(pipe, occupied_fraction=0.02)
+    img, mask, pm = make_scene(pipe.config.image_size)
+    inputs = pipe.prepare(img, mask, pm)
+    flow = pipe.slat.flow
+    built, syncs, rows = [], [], []
+    log = OpLog()
+
+    def before(m, args, kwargs):
+        rows.append(args[0].shape[0])
+        log.ops.clear()
+        log.__enter__()
+
+    def after(m, args, kwargs, out):
+        log.__exit__(None, None, None)
+        syncs.append(bool(HOST_SYNC_OPS & set(log.ops)))
+
+    base = dict(batch_cfg=True, cache_cond_kv=True, cuda_graphs=True, async_graph_capture=True)
+    (reference,) = run_ss_slat_each(pipe, inputs, [RunOptions(**base)])  # another kind: does not count as met
+    warmups.clear()
+    hooks = [flow.register_forward_pre_hook(before, with_kwargs=True),
+             flow.register_forward_hook(after, with_kwargs=True)]
+    real_build = flow.build_structure
+    monkeypatch.setattr(flow, "build_structure", lambda f, c, t, b, st: (built.append((len(f), b)),
+                                                                          real_build(f, c, t, b, st)))
+    try:
+        first, second = run_ss_slat_each(pipe, inputs, [RunOptions(**base, graph_record_first=True)] * 2)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert_same_ss_slat(reference, first)
+    assert_same_ss_slat(reference, second)
+    n = first[1].feats.shape[0]
+    assert warmups == [1, 1, 0, 0]  # object 1: batch 2 then batch 1, each warmed; object 2: recorded at once
+    assert built == [(n, 1), (2 * n, 2), (n, 1)]  # object 2 also builds the batched tables at its first step
+    assert rows == [2 * n, 2 * n, n] * 2
+    assert syncs[0] and not syncs[3]  # object 2's first guided pass reads nothing on the host: it can be recorded
+    assert not syncs[5]  # nor does its first unguided pass
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_record_first_on_cuda_equals_the_warmed_recording():
+    """On a GPU, graphs recorded at their first call (second object on) give the values of graphs recorded after an
+    eager pass, bit for bit, and each object still records exactly its two SLaT graphs."""
+    from fs3d_accel.stages import graphs as graphs_mod
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=3), seed=0, device="cuda")
+    sparsify_occupancy(pipe, occupied_fraction=0.02)
+    inputs = pipe.prepare(*make_scene(pipe.config.image_size))
+    base = dict(batch_cfg=True, cache_cond_kv=True, cuda_graphs=True, async_graph_capture=True)
+    warmed = run_ss_slat_each(pipe, inputs, [RunOptions(**base)] * 2)
+    before = graphs_mod.recordings(torch.cuda.current_device())
+    first = run_ss_slat_each(pipe, inputs, [RunOptions(**base, graph_record_first=True)] * 2)
+    torch.cuda.synchronize()
+    for a, b in zip(warmed, first):
+        assert_same_ss_slat(a, b)
+    assert graphs_mod.recordings(torch.cuda.current_device()) - before >= 4  # SS's graphs count here too

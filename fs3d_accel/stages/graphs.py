@@ -86,13 +86,15 @@ class GraphedCall:
     The first ``warmup`` calls with a new signature run eagerly (they may build caches and
     synchronise); the next one captures the graph, then every call copies its arguments into the
     graph's static input buffers, replays, and returns a copy of the static outputs. Calls on a
-    non-CUDA device always run eagerly, so the same code path works on the CPU.
+    non-CUDA device always run eagerly, so the same code path works on the CPU. ``warmup=0`` records
+    at the first call: only for a function whose caches are already built (nothing in it may read
+    device data on the host or allocate lazily at first use).
     """
 
     def __init__(self, fn: Callable[..., Any], warmup: int = 1, side_stream_warmup: bool = False,
                  async_capture: bool = False, pool: GraphPool | None = None) -> None:
-        if warmup < 1:
-            raise ValueError(f"warmup must be >= 1 (the first call builds caches eagerly), got {warmup}")
+        if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(f"warmup must be an int >= 0 (eager calls before the recording), got {warmup!r}")
         if async_capture and side_stream_warmup:
             raise ValueError("async_capture records without waiting for the GPU; side_stream_warmup runs an eager pass "
                              "that the capture must wait for: choose one")

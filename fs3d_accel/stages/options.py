@@ -97,19 +97,27 @@ class RunOptions:
     #: the input path only, values discarded, not counted in the benchmarks' executed FLOPs), so that the unguided
     #: pass's first (eager) call and its recording need no sync, except on a process's first object, where that call
     #: compiles the batch-1 torso (whose first launches are tuned with device syncs).
-    #: Session 15 measured an earlier form that ran the whole unguided pass there instead: SLaT at 14k 0.54 s against
-    #: 0.59-0.61 s (H200) and 0.58 against 0.65 s (H100), with the fused IO steps; not faster per object at 14k in one
-    #: run, so off by default. Without ``torch.cuda.graph``'s cache flush, the private pools of finished objects'
-    #: graphs stay reserved until an allocation fails (then freed behind a device sync): over many objects, pair it
-    #: with ``shared_graph_pool``. Needs ``cuda_graphs``.
+    #: Session 16 (H100): SLaT over 16 new sizes of 4-6k voxels a median 0.241 s against 0.355 s for inductor's graphs,
+    #: faster at 16 of 16; per object at 14k faster in 4 of 6 rounds (part of the named path
+    #: ``compiled-zkv-fa4-all-sqfa2-ge-ac``). Without ``torch.cuda.graph``'s cache flush, the private pools of finished
+    #: objects' graphs stay reserved until an allocation fails (then freed behind a device sync; session 16: 7.7 ->
+    #: 16.5 GB reserved over 32 objects): over many objects, pair it with ``shared_graph_pool``. Needs ``cuda_graphs``.
     async_graph_capture: bool = False
+    #: record SLaT's CFG-batched whole-pass graph at its first call, with no eager warm-up pass before it, once this
+    #: stage has run a pass of that batch size eagerly in the process (so the compiled torso and the attention
+    #: kernels have met that kind of pass): its tables come from ``SLaTFlowModel.build_structure``, built at the first
+    #: guided step with the unguided ones. Saves the first step's eager launches, which the GPU waits on at the start of
+    #: each object (session 16: ~50 ms of idle GPU in the first two tenths of a 14k call). A kernel compiled just in
+    #: time for a new size would now compile inside the recording; a recording that fails raises (it is not retried).
+    #: Needs ``cuda_graphs``, ``async_graph_capture`` and ``batch_cfg``. Not yet measured on a GPU.
+    graph_record_first: bool = False
     #: one CUDA-graph memory pool, kept by the SLaT stage, for the graphs of every SLaT object
     #: (``stages.graphs.GraphPool``, ``SLaTStage.graph_pool``) instead of a private pool per graph: the batch-1 graph
     #: recorded once CFG ends reuses the batch-2 graph's temporaries, and the next object reuses this one's memory,
     #: instead of asking for fresh device memory inside each recording (session 15's lead for why the asynchronous
     #: recording did not gain per object at 14k; without ``torch.cuda.graph``'s cache flush, finished objects' private
-    #: pools stay cached). The pool keeps the largest object's size. Not yet measured on a GPU
-    #: (``benchmarks/GPU_RUNBOOK.md``). Needs ``cuda_graphs``.
+    #: pools stay cached). The pool keeps the largest object's size. Session 16 (H100): per object as fast as without
+    #: it (1.197-1.222 s at 14k); its memory over many objects is not measured yet. Needs ``cuda_graphs``.
     shared_graph_pool: bool = False
     #: in the unconditional CFG branch the condition tokens are all zero, so each cross-attention's L keys
     #: are one repeated vector (the ``to_kv`` bias), and so are its values: keep one key and value instead
@@ -255,6 +263,12 @@ class RunOptions:
         if self.async_graph_capture and not self.cuda_graphs:
             raise ValueError("async_graph_capture changes how cuda_graphs records its graphs, and cuda_graphs is off: "
                              "it would change nothing (set cuda_graphs=True)")
+        if not isinstance(self.graph_record_first, bool):
+            raise ValueError(f"graph_record_first is a bool, got {self.graph_record_first!r}")
+        if self.graph_record_first and not (self.cuda_graphs and self.async_graph_capture and self.batch_cfg):
+            raise ValueError("graph_record_first records SLaT's CFG-batched graph without a warm-up pass, from tables "
+                             "built for the asynchronous recording: it needs cuda_graphs, async_graph_capture and "
+                             "batch_cfg")
         if not isinstance(self.shared_graph_pool, bool):
             raise ValueError(f"shared_graph_pool is a bool, got {self.shared_graph_pool!r}")
         if self.shared_graph_pool and not self.cuda_graphs:

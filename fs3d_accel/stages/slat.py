@@ -103,6 +103,10 @@ class SLaTStage(HoldsInputs, nn.Module):
         torso = self.compiled_torso(options)
 
         kv_cache: dict[str, object] = {}
+        # (options, device, batch) of the whole-pass graphs' passes this stage has run in the process: with
+        # graph_record_first, a graph of a kind already met records at its first call, from prebuilt tables
+        passes_run: set = self.__dict__.setdefault("_graph_passes_run", set())
+        record_first = options.graph_record_first and cache
         graph_pool = None
         if options.shared_graph_pool:
             # the call holds the stage's kept pool for as long as its graphs live (they go with plain_structure)
@@ -144,8 +148,16 @@ class SLaTStage(HoldsInputs, nn.Module):
                 # full-token passes over one coordinate set: same shapes every step. One graph per
                 # condition (the plain structure serves the cond and the uncond pass); the graphs live
                 # in the structure and go with release_structure at the end of the object
-                graphed = GraphedCall(call, async_capture=options.async_graph_capture, pool=graph_pool)
-                call = structure.setdefault(("cuda_graph", id(c)), graphed)
+                kind = (options, str(c.device), c.shape[0])
+                graphed = structure.get(("cuda_graph", id(c)))
+                if graphed is None:
+                    # no eager warm-up where the tables exist and this kind of pass has run in the process
+                    skip = record_first and kind in passes_run and "checked_input" in structure
+                    graphed = structure[("cuda_graph", id(c))] = GraphedCall(
+                        call, warmup=0 if skip else 1, async_capture=options.async_graph_capture, pool=graph_pool)
+                out = graphed(feats, tt)
+                passes_run.add(kind)
+                return out
             return call(feats, tt)
 
         def select(x: Tensor, active: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -191,10 +203,20 @@ class SLaTStage(HoldsInputs, nn.Module):
                     with options.network_context(cond.device, "slat"):
                         flow.build_structure(x.to(dtype), coords, tt, cond.shape[0], plain_structure)
 
+            def build_both_tables(x, t):
+                """The CFG-batched structure's tables, so that its graph records at the first step (graph_record_first)
+                instead of after an eager pass; only once this kind of pass has run in the process."""
+                kind = (options, str(cond.device), 2)
+                if record_first and kind in passes_run and "checked_input" not in both_structure:
+                    tt = torch.full((2,), t * sampler_cfg.time_scale, device=cond.device)
+                    with options.network_context(cond.device, "slat"):
+                        flow.build_structure(torch.cat([x, x], 0).to(dtype), both_coords, tt, 2, both_structure)
+
             def batched(x, t, active):
                 f, c = select(x, active)
                 if active is None and cache and warm_unguided[0]:
                     warm_unguided[0] = False
+                    build_both_tables(x, t)
                     build_plain_tables(x, t)
                 if active is None and cache:
                     out = run(torch.cat([f, f], 0), both_coords, t, both, kv_of("both", both, [False, True]),
