@@ -386,6 +386,9 @@ def stage_copy(stage: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
             stage._modules["condition"] = saved
     dup.__dict__.pop("_compiled", None)
     dup.__dict__.pop("_compiled_torso", None)
+    dup.__dict__.pop("_graph_passes_run", None)  # graph_record_first's record of passes run: tied to the torso
+    dup.__dict__.pop("_graph_first_call_failed", None)
+    dup.__dict__.pop("_graph_pool", None)
     dup.__dict__.pop("_held_inputs", None)
     return dup.to(dtype).eval()
 
@@ -410,8 +413,9 @@ def _free(dev: torch.device) -> None:
 
 def measure(fn: Callable[[], Any], dev: torch.device, warmup: int, repeats: int) -> tuple[Any, dict]:
     """First call (timed alone: includes compilation / autotuning), then stage_latency.Timer
-    (``warmup`` untimed calls, median of ``repeats``); peak memory over the timed calls, and the CUDA graphs that
-    inductor recorded per call after the first (0 where the compiled regions only replay)."""
+    (``warmup`` untimed calls, median of ``repeats``); peak memory over the timed calls, and the CUDA graphs recorded
+    per call after the first (inductor's, 0 where the compiled regions only replay, plus the stages' own whole-pass
+    graphs, two per SLaT object by design)."""
     sync_device(dev)
     resident = torch.cuda.memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else float("nan")
     t0 = time.perf_counter()
@@ -642,10 +646,12 @@ def readme_text(rows: list[dict], meta: dict) -> str:
         lines += ["GPU busy = summed CUDA kernel time of one extra, profiled call / median wall time; far below 100% "
                   "means the call waits on the host (Python, launches), so its time depends on the CPU next to the GPU.",
                   f"Host CPU: {meta.get('host_cpu', 'unknown')}.", ""]
-    lines += ["", "Graphs recorded / call = CUDA graphs inductor's cudagraph trees recorded per call after the first "
-              "(warm-up and timed calls): 0 where a compiled setting only replays; 1 or more where every call pays a "
-              "synchronisation and a capture (a moved static input, or a new dynamic size). Empty in runs made "
-              "before the column existed (session 10's included)."]
+    lines += ["", "Graphs recorded / call = CUDA graphs recorded per call after the first (warm-up and timed calls). "
+              "Inductor's cudagraph trees: 0 where a compiled setting only replays; 1 or more where every call pays a "
+              "synchronisation and a capture (a moved static input, or a new dynamic size). Since session 16 the "
+              "count also includes the stages' own whole-pass graphs (`cuda_graphs`): two per SLaT call by design, "
+              "recorded without a sync with `async_graph_capture`; earlier runs of those variants show 0 for them. "
+              "Empty in runs made before the column existed (session 10's included)."]
     multi = len({r.get("round", 1) for r in rows}) > 1
     header = (["round"] if multi else []) + [
         "stage", "object", "N", "variant", "median s", "first call s", "speedup vs official", "TFLOP", "TFLOP/s", "MFU",

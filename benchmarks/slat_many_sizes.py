@@ -6,7 +6,8 @@ moved; in the default mode nothing is recorded and every kernel is launched from
 repeats one object, so it cannot show what a dataset run pays: a capture per new size, and whether graph memory grows
 with the number of sizes. This script runs the SLaT sampler (full 25-step schedule,
 batched CFG) once per object over ``--objects`` distinct sizes, twice (``--passes``: the second pass meets every size
-again), for each variant, in one process, and records per call: seconds (CUDA events), graphs recorded, reserved and
+again), for each variant, in one process, and records per call: seconds (CUDA events), graphs recorded (inductor's,
+and since session 16 also the stages' own whole-pass graphs: two per object for ``cuda_graphs`` variants), reserved and
 allocated GPU memory. Sizes are spread evenly over ``--min-voxels`` .. ``--max-voxels``; each object is a seeded
 planar crop of the largest YCB surface at the flow's resolution (``--shapes crops``) or voxels scattered over all YCB
 surfaces (``--shapes scattered``, many more downsampled tokens per voxel). Values do not matter for timing; the

@@ -116,7 +116,7 @@ def test_options_reject_async_capture_without_graphs():
         kw[missing] = False
         if missing == "cuda_graphs":
             kw["async_graph_capture"] = False
-        with pytest.raises(ValueError, match="graph_record_first records SLaT's CFG-batched graph"):
+        with pytest.raises(ValueError, match="graph_record_first records SLaT's whole-pass graphs"):
             RunOptions(precision="bf16", graph_record_first=True, **kw)
     with pytest.raises(ValueError, match="graph_record_first is a bool"):
         RunOptions(precision="bf16", cuda_graphs=True, async_graph_capture=True, batch_cfg=True, graph_record_first=1)
@@ -459,19 +459,79 @@ def test_record_first_skips_the_warm_up_pass_from_the_second_object_on(monkeypat
     assert not syncs[5]  # nor does its first unguided pass
 
 
+def test_a_failed_first_call_recording_falls_back_to_the_warm_up(monkeypatch):
+    """A graph recorded at its first call that fails (here: made to raise, as a JIT compile or a host read inside the
+    recording would) warns, runs that step eagerly, records at the next step, and gives the same values; that kind of
+    pass is then warmed again on later objects instead of failing on each."""
+    from fs3d_accel.stages import graphs as graphs_mod, slat as slat_mod
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    warmups, failed = [], []
+
+    class FailsAtFirstCall(graphs_mod.GraphedCall):
+        def __init__(self, fn, **kw):
+            warmups.append(kw.get("warmup", 1))
+            super().__init__(fn, **kw)
+
+        def __call__(self, *args):
+            if self.warmup == 0 and not failed:
+                failed.append(args[0].shape[0])
+                raise RuntimeError("operation not permitted when stream is capturing")
+            return super().__call__(*args)
+
+    monkeypatch.setattr(slat_mod, "GraphedCall", FailsAtFirstCall)
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=3), seed=0)
+    sparsify_occupancy(pipe, occupied_fraction=0.02)
+    inputs = pipe.prepare(*make_scene(pipe.config.image_size))
+    base = dict(batch_cfg=True, cache_cond_kv=True, cuda_graphs=True, async_graph_capture=True)
+    (reference,) = run_ss_slat_each(pipe, inputs, [RunOptions(**base)])
+    warmups.clear()
+    rf = RunOptions(**base, graph_record_first=True)
+    first, = run_ss_slat_each(pipe, inputs, [rf])
+    with pytest.warns(RuntimeWarning, match="recorded at its first call failed .*operation not permitted"):
+        second, = run_ss_slat_each(pipe, inputs, [rf])
+    third, = run_ss_slat_each(pipe, inputs, [rf])
+    for out in (first, second, third):
+        assert_same_ss_slat(reference, out)
+    n = first[1].feats.shape[0]
+    assert failed == [2 * n]  # the batched graph's first-call recording of object 2
+    # object 1 warmed; object 2: batched graph at once (fails, replaced by a warmed one), batch-1 graph at once;
+    # object 3: the failed kind warmed again, the other still recorded at once
+    assert warmups == [1, 1, 0, 1, 0, 1, 0]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_record_first_on_cuda_equals_the_warmed_recording():
-    """On a GPU, graphs recorded at their first call (second object on) give the values of graphs recorded after an
-    eager pass, bit for bit, and each object still records exactly its two SLaT graphs."""
-    from fs3d_accel.stages import graphs as graphs_mod
+def test_record_first_on_cuda_equals_the_warmed_recording(monkeypatch):
+    """On a GPU, over objects of two sizes: with ``graph_record_first`` the second object's graphs record at their
+    first call (``warmup=0``, with no eager flow pass before them) and give the values of graphs recorded after an
+    eager pass, bit for bit; each object records exactly its two SLaT graphs."""
+    from fs3d_accel.stages import graphs as graphs_mod, slat as slat_mod
+    warmups = []
+
+    class Spy(graphs_mod.GraphedCall):
+        def __init__(self, fn, **kw):
+            warmups.append(kw.get("warmup", 1))
+            super().__init__(fn, **kw)
+
+    monkeypatch.setattr(slat_mod, "GraphedCall", Spy)
     pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=3), seed=0, device="cuda")
     sparsify_occupancy(pipe, occupied_fraction=0.02)
     inputs = pipe.prepare(*make_scene(pipe.config.image_size))
     base = dict(batch_cfg=True, cache_cond_kv=True, cuda_graphs=True, async_graph_capture=True)
-    warmed = run_ss_slat_each(pipe, inputs, [RunOptions(**base)] * 2)
-    before = graphs_mod.recordings(torch.cuda.current_device())
-    first = run_ss_slat_each(pipe, inputs, [RunOptions(**base, graph_record_first=True)] * 2)
+    warmed = [run_ss_slat_each(pipe, inputs, [RunOptions(**base)], seed=s)[0] for s in (0, 1)]
+    sizes = [w[1].feats.shape[0] for w in warmed]
+    assert sizes[0] != sizes[1]  # the second object brings a new size
+    eager_passes = []
+    hook = pipe.slat.flow.register_forward_pre_hook(
+        lambda m, a: eager_passes.append(torch.cuda.is_current_stream_capturing()))
+    warmups.clear()
+    try:
+        first = [run_ss_slat_each(pipe, inputs, [RunOptions(**base, graph_record_first=True)], seed=s)[0]
+                 for s in (0, 1)]
+    finally:
+        hook.remove()
     torch.cuda.synchronize()
     for a, b in zip(warmed, first):
         assert_same_ss_slat(a, b)
-    assert graphs_mod.recordings(torch.cuda.current_device()) - before >= 4  # SS's graphs count here too
+    assert warmups == [1, 1, 0, 0]
+    # object 1: warm-up (batch 2), recording (batch 2), warm-up (batch 1); object 2: the two recordings alone
+    assert eager_passes == [False, True, False, True, True]

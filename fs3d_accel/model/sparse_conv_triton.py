@@ -70,8 +70,8 @@ def _build():
     import triton
     import triton.language as tl
 
-    # n_rows not specialised (Triton would compile one variant for counts divisible by 16 and one for the rest): one
-    # binary serves every object size, so a new size never compiles inside a CUDA-graph recording
+    # n_rows not specialised (Triton would compile separate variants for a count of 1, for counts divisible by 16 and
+    # for the rest): one binary serves every object size, so a new size never compiles inside a CUDA-graph recording
     @triton.jit(do_not_specialize=["n_rows"])
     def subm_conv_kernel(feats, table, weight, bias, out, n_rows,
                          C_IN: tl.constexpr, C_OUT: tl.constexpr, K3: tl.constexpr, HAS_BIAS: tl.constexpr,

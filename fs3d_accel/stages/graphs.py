@@ -66,6 +66,7 @@ class GraphPool:
             with torch.cuda.device(index):
                 handle = torch.cuda.graph_pool_handle()
                 seed = torch.zeros(1, device=f"cuda:{index}")
+                seed + 1  # the kernel's first launch outside any capture (lazy module loading)
                 keeper = torch.cuda.CUDAGraph()
                 output = _record_without_sync(keeper, lambda t: t + 1, [seed], handle)
                 self._keepers[index] = (keeper, seed, output)

@@ -103,12 +103,14 @@ class RunOptions:
     #: objects' graphs stay reserved until an allocation fails (then freed behind a device sync; session 16: 7.7 ->
     #: 16.5 GB reserved over 32 objects): over many objects, pair it with ``shared_graph_pool``. Needs ``cuda_graphs``.
     async_graph_capture: bool = False
-    #: record SLaT's CFG-batched whole-pass graph at its first call, with no eager warm-up pass before it, once this
-    #: stage has run a pass of that batch size eagerly in the process (so the compiled torso and the attention
-    #: kernels have met that kind of pass): its tables come from ``SLaTFlowModel.build_structure``, built at the first
-    #: guided step with the unguided ones. Saves the first step's eager launches, which the GPU waits on at the start of
-    #: each object (session 16: ~50 ms of idle GPU in the first two tenths of a 14k call). A kernel compiled just in
-    #: time for a new size would now compile inside the recording; a recording that fails raises (it is not retried).
+    #: record SLaT's whole-pass graphs (the CFG-batched one and the batch-1 one) at their first call, with no eager
+    #: warm-up pass before them, once this stage has run a pass of that batch size eagerly in the process with the same
+    #: options and compiled torso (so the torso and the attention kernels have met that kind of pass): their tables
+    #: come from ``SLaTFlowModel.build_structure``, built at the first guided step. Saves the first step's eager
+    #: launches, which the GPU waits on at the start of each object (session 16: ~50 ms of idle GPU in the first two
+    #: tenths of a 14k call). Something still lazy for a new size (a kernel compiled just in time) would now run inside
+    #: the recording; a first-call recording that fails warns, runs that step eagerly and records at the next, and
+    #: that kind of pass is warmed again for the rest of the process.
     #: Needs ``cuda_graphs``, ``async_graph_capture`` and ``batch_cfg``. Not yet measured on a GPU.
     graph_record_first: bool = False
     #: one CUDA-graph memory pool, kept by the SLaT stage, for the graphs of every SLaT object
@@ -266,7 +268,7 @@ class RunOptions:
         if not isinstance(self.graph_record_first, bool):
             raise ValueError(f"graph_record_first is a bool, got {self.graph_record_first!r}")
         if self.graph_record_first and not (self.cuda_graphs and self.async_graph_capture and self.batch_cfg):
-            raise ValueError("graph_record_first records SLaT's CFG-batched graph without a warm-up pass, from tables "
+            raise ValueError("graph_record_first records SLaT's whole-pass graphs without a warm-up pass, from tables "
                              "built for the asynchronous recording: it needs cuda_graphs, async_graph_capture and "
                              "batch_cfg")
         if not isinstance(self.shared_graph_pool, bool):

@@ -1,6 +1,7 @@
 """Stage 2: structured latent (SLaT flow sampler on the sparse voxels of stage 1)."""
 from __future__ import annotations
 
+import warnings
 import weakref
 
 import torch
@@ -106,7 +107,13 @@ class SLaTStage(HoldsInputs, nn.Module):
         # (options, device, batch) of the whole-pass graphs' passes this stage has run in the process: with
         # graph_record_first, a graph of a kind already met records at its first call, from prebuilt tables
         passes_run: set = self.__dict__.setdefault("_graph_passes_run", set())
+        first_call_failed: set = self.__dict__.setdefault("_graph_first_call_failed", set())
         record_first = options.graph_record_first and cache
+
+        def pass_kind(batch: int) -> tuple:
+            # the options by repr (hashable even where a field holds a list), and the compiled torso itself: a new
+            # torso (another compile key, a reset cache) compiles again at its first pass, which must then be eager
+            return repr(options), str(cond.device), batch, id(torso)
         graph_pool = None
         if options.shared_graph_pool:
             # the call holds the stage's kept pool for as long as its graphs live (they go with plain_structure)
@@ -148,14 +155,34 @@ class SLaTStage(HoldsInputs, nn.Module):
                 # full-token passes over one coordinate set: same shapes every step. One graph per
                 # condition (the plain structure serves the cond and the uncond pass); the graphs live
                 # in the structure and go with release_structure at the end of the object
-                kind = (options, str(c.device), c.shape[0])
-                graphed = structure.get(("cuda_graph", id(c)))
+                slot = ("cuda_graph", id(c))
+                graphed = structure.get(slot)
+                if not record_first:
+                    if graphed is None:
+                        graphed = structure[slot] = GraphedCall(call, async_capture=options.async_graph_capture,
+                                                                pool=graph_pool)
+                    return graphed(feats, tt)
+                kind = pass_kind(c.shape[0])
                 if graphed is None:
                     # no eager warm-up where the tables exist and this kind of pass has run in the process
-                    skip = record_first and kind in passes_run and "checked_input" in structure
-                    graphed = structure[("cuda_graph", id(c))] = GraphedCall(
-                        call, warmup=0 if skip else 1, async_capture=options.async_graph_capture, pool=graph_pool)
-                out = graphed(feats, tt)
+                    skip = kind in passes_run and kind not in first_call_failed and "checked_input" in structure
+                    graphed = structure[slot] = GraphedCall(call, warmup=0 if skip else 1,
+                                                            async_capture=options.async_graph_capture, pool=graph_pool)
+                try:
+                    out = graphed(feats, tt)
+                except Exception as exc:
+                    if graphed.warmup != 0 or graphed.captures:
+                        raise
+                    # the first-call recording failed (something was still lazy for this size): run this step
+                    # eagerly instead and record at the next, as without graph_record_first, for this kind of pass
+                    # from now on in the process
+                    warnings.warn(f"SLaT graph recorded at its first call failed ({type(exc).__name__}: {exc}); "
+                                  f"running the step eagerly, recording at the next, and warming this kind of pass "
+                                  f"from now on", RuntimeWarning, stacklevel=2)
+                    first_call_failed.add(kind)
+                    graphed = structure[slot] = GraphedCall(call, async_capture=options.async_graph_capture,
+                                                            pool=graph_pool)
+                    out = graphed(feats, tt)
                 passes_run.add(kind)
                 return out
             return call(feats, tt)
@@ -206,11 +233,13 @@ class SLaTStage(HoldsInputs, nn.Module):
             def build_both_tables(x, t):
                 """The CFG-batched structure's tables, so that its graph records at the first step (graph_record_first)
                 instead of after an eager pass; only once this kind of pass has run in the process."""
-                kind = (options, str(cond.device), 2)
-                if record_first and kind in passes_run and "checked_input" not in both_structure:
-                    tt = torch.full((2,), t * sampler_cfg.time_scale, device=cond.device)
+                batch = both.shape[0]
+                kind = pass_kind(batch)
+                if (record_first and kind in passes_run and kind not in first_call_failed
+                        and "checked_input" not in both_structure):
+                    tt = torch.full((batch,), t * sampler_cfg.time_scale, device=cond.device)
                     with options.network_context(cond.device, "slat"):
-                        flow.build_structure(torch.cat([x, x], 0).to(dtype), both_coords, tt, 2, both_structure)
+                        flow.build_structure(torch.cat([x, x], 0).to(dtype), both_coords, tt, batch, both_structure)
 
             def batched(x, t, active):
                 f, c = select(x, active)
