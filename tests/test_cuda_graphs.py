@@ -403,21 +403,28 @@ def test_graphs_in_one_pool_replay_like_eager_in_any_order(async_capture):
     release_structure(structure)
 
 
-def test_record_first_skips_the_warm_up_pass_from_the_second_object_on(monkeypatch):
-    """With ``graph_record_first``, the first object's SLaT graphs are warmed by an eager pass as before (this kind of
-    pass has not run in the process); from the second object on, both graphs record at their first call
-    (``warmup=0``): the CFG-batched structure's tables are built at the first step by the input path alone, beside the
-    unguided ones, and that first pass reads no device data on the host. Every value is unchanged."""
-    from fs3d_accel.stages import graphs as graphs_mod, slat as slat_mod
-    monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
-    warmups = []
+def spy_slat_graph_warmups(monkeypatch, base: type = GraphedCall) -> list[int]:
+    """Patch the SLaT stage's ``GraphedCall`` with a subclass of ``base`` that records each graph's ``warmup``
+    (the eager calls before its recording) in the returned list."""
+    from fs3d_accel.stages import slat as slat_mod
+    warmups: list[int] = []
 
-    class Spy(graphs_mod.GraphedCall):
+    class Spy(base):
         def __init__(self, fn, **kw):
             warmups.append(kw.get("warmup", 1))
             super().__init__(fn, **kw)
 
     monkeypatch.setattr(slat_mod, "GraphedCall", Spy)
+    return warmups
+
+
+def test_record_first_skips_the_warm_up_pass_from_the_second_object_on(monkeypatch):
+    """With ``graph_record_first``, the first object's SLaT graphs are warmed by an eager pass as before (this kind of
+    pass has not run in the process); from the second object on, both graphs record at their first call
+    (``warmup=0``): the CFG-batched structure's tables are built at the first step by the input path alone, beside the
+    unguided ones, and that first pass reads no device data on the host. Every value is unchanged."""
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    warmups = spy_slat_graph_warmups(monkeypatch)
     cfg = fast_mini_config(ss_steps=2, slat_steps=3)  # SLaT: 2 guided steps, then 1 unguided
     pipe = Pipeline.from_config(cfg, seed=0)
     sparsify_occupancy(pipe, occupied_fraction=0.02)
@@ -463,22 +470,18 @@ def test_a_failed_first_call_recording_falls_back_to_the_warm_up(monkeypatch):
     """A graph recorded at its first call that fails (here: made to raise, as a JIT compile or a host read inside the
     recording would) warns, runs that step eagerly, records at the next step, and gives the same values; that kind of
     pass is then warmed again on later objects instead of failing on each."""
-    from fs3d_accel.stages import graphs as graphs_mod, slat as slat_mod
+    from fs3d_accel.stages import graphs as graphs_mod
     monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
-    warmups, failed = [], []
+    failed = []
 
     class FailsAtFirstCall(graphs_mod.GraphedCall):
-        def __init__(self, fn, **kw):
-            warmups.append(kw.get("warmup", 1))
-            super().__init__(fn, **kw)
-
         def __call__(self, *args):
             if self.warmup == 0 and not failed:
                 failed.append(args[0].shape[0])
                 raise RuntimeError("operation not permitted when stream is capturing")
             return super().__call__(*args)
 
-    monkeypatch.setattr(slat_mod, "GraphedCall", FailsAtFirstCall)
+    warmups = spy_slat_graph_warmups(monkeypatch, FailsAtFirstCall)
     pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=3), seed=0)
     sparsify_occupancy(pipe, occupied_fraction=0.02)
     inputs = pipe.prepare(*make_scene(pipe.config.image_size))
@@ -503,16 +506,8 @@ def test_a_failed_first_call_recording_falls_back_to_the_warm_up(monkeypatch):
 def test_record_first_on_cuda_equals_the_warmed_recording(monkeypatch):
     """On a GPU, over objects of two sizes: with ``graph_record_first`` the second object's graphs record at their
     first call (``warmup=0``, with no eager flow pass before them) and give the values of graphs recorded after an
-    eager pass, bit for bit; each object records exactly its two SLaT graphs."""
-    from fs3d_accel.stages import graphs as graphs_mod, slat as slat_mod
-    warmups = []
-
-    class Spy(graphs_mod.GraphedCall):
-        def __init__(self, fn, **kw):
-            warmups.append(kw.get("warmup", 1))
-            super().__init__(fn, **kw)
-
-    monkeypatch.setattr(slat_mod, "GraphedCall", Spy)
+    eager pass, bit for bit; each object makes exactly its two SLaT graphs."""
+    warmups = spy_slat_graph_warmups(monkeypatch)
     pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=3), seed=0, device="cuda")
     sparsify_occupancy(pipe, occupied_fraction=0.02)
     inputs = pipe.prepare(*make_scene(pipe.config.image_size))
