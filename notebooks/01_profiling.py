@@ -569,3 +569,21 @@ slat16 = per16[(per16["stage"] == "slat") & (per16["variant"] != "official") & p
 slat16["mfu_executed_%"] = slat16["mfu_executed"].astype(float) * 100
 slat16.pivot_table(index=["lease", "N", "variant"], columns="round", values=["median_s", "mfu_executed_%"],
                    sort=False).round(3)
+
+# %% [markdown]
+# ## 11. Each switch's share of the gain
+#
+# No single run holds every switch of the exact fast path: `benchmarks/gain_ladder.py` chains the committed runs that
+# timed one switch against the setting before it, in one process, at 14,171 voxels. A step's share is its part of the
+# log of the whole gain; the last row is what the switches do not explain (changes between the runs' sessions that
+# were not switches of their own, and drift between machines). Step 5 is the only per-object pair of the CUDA graphs
+# on record and predates a fix of their re-recording in SS, hence its loss.
+
+# %%
+from benchmarks.gain_ladder import direct_ratio, ladder  # noqa: E402
+
+steps = pd.DataFrame(ladder())
+direct = direct_ratio()
+print(f"whole: {steps['chained'].iloc[-1]:.2f}x over step 1's official time; {direct['ratio']:.2f}x against the "
+      f"official code measured in one run ({direct['run']})")
+steps[["switch", "runs", "rounds", "before_s", "after_s", "ratio", "chained", "share"]].round(3)
