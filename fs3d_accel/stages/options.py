@@ -110,7 +110,8 @@ class RunOptions:
     #: launches, which the GPU waits on at the start of each object (session 16: ~50 ms of idle GPU in the first two
     #: tenths of a 14k call). Something still lazy for a new size (a kernel compiled just in time) would now run inside
     #: the recording; a first-call recording that fails warns, runs that step eagerly and records at the next, and
-    #: that kind of pass is warmed again for the rest of the process.
+    #: that kind of pass is warmed again for the rest of the process. The record of passes run lives on the SLaT stage
+    #: (``_graph_passes_run``) and does not see ``torch._dynamo.reset()``: after one, clear it or build a new pipeline.
     #: Needs ``cuda_graphs``, ``async_graph_capture`` and ``batch_cfg``. Not yet measured on a GPU.
     graph_record_first: bool = False
     #: one CUDA-graph memory pool, kept by the SLaT stage, for the graphs of every SLaT object
