@@ -518,7 +518,7 @@ t15.pivot_table(index=["N", "unit"], columns="part", values="idle_ms", aggfunc="
 #
 # A real workload brings a new voxel count with every object. `slat_many_sizes.py` runs the SLaT sampler once on each
 # of 16 sizes between 4,000 and 6,000 voxels (pass 1: every size new to the process; pass 2: the same sizes again), on
-# one H100. Inductor's graphs (`-ge`) record two graphs per new size behind a device sync; the whole-pass graphs
+# one H100. Inductor's graphs (`-ge`) record two graphs per object behind a device sync (in pass 2 too); the whole-pass graphs
 # recorded without a sync (`-ac`, the named path `compiled-zkv-fa4-all-sqfa2-ge-ac`) record theirs behind queued work;
 # the token buckets (`-ge-tb`) pad sizes so that objects of a bucket share its graphs.
 
@@ -542,7 +542,8 @@ paired = sizes16.pivot_table(index=["pass", "N"], columns="variant", values="sec
 # %% [markdown]
 # Per object (SS sampler + SLaT sampler + mesh-decoder network) on three H100s: `-ge` against `-ac`, and `-sp` (`-ac`
 # with one graph memory pool kept by the stage) where it ran. Lease 1's `-sp` failed on a torch 2.11 allocator assert
-# that `GraphPool` now avoids (`session16/README.md`). SS is the same in every variant; the difference is SLaT.
+# that `GraphPool` now avoids (`session16/README.md`). SS is the same in every variant; the difference is mostly SLaT (the mesh stage also
+# moved, 39-62 ms, in two rounds).
 
 # %%
 per16, obj16 = [], []
