@@ -530,3 +530,23 @@ def test_record_first_on_cuda_equals_the_warmed_recording(monkeypatch):
     assert warmups == [1, 1, 0, 0]
     # object 1: warm-up (batch 2), recording (batch 2), warm-up (batch 1); object 2: the two recordings alone
     assert eager_passes == [False, True, False, True, True]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_kept_pool_records_again_after_its_graphs_are_destroyed():
+    """The sequence that broke a ``torch.cuda.MemPool``-kept pool on torch 2.11 (session 16): a graph recorded into
+    the kept pool, destroyed, then a new recording into the same pool, three times over, each replaying like eager."""
+    import gc
+
+    from fs3d_accel.stages.graphs import GraphPool
+    pool, x = GraphPool(), torch.ones(1 << 16, device="cuda")
+    for i in range(3):
+        for async_capture in (True, False):
+            g = GraphedCall(lambda v, k=i + 2: v * k, async_capture=async_capture, pool=pool)
+            outs = [g(x) for _ in range(3)]  # eager warm-up, recording, replay
+            torch.cuda.synchronize()
+            assert g.captures == 1 and all(torch.equal(o, x * (i + 2)) for o in outs)
+            (entry,) = g._captured.values()
+            assert entry.graph.pool() == pool.handle()
+            del g, entry, outs
+            gc.collect()

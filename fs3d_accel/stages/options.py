@@ -119,8 +119,9 @@ class RunOptions:
     #: recorded once CFG ends reuses the batch-2 graph's temporaries, and the next object reuses this one's memory,
     #: instead of asking for fresh device memory inside each recording (session 15's lead for why the asynchronous
     #: recording did not gain per object at 14k; without ``torch.cuda.graph``'s cache flush, finished objects' private
-    #: pools stay cached). The pool keeps the largest object's size. Session 16 (H100): per object as fast as without
-    #: it (1.197-1.222 s at 14k); its memory over many objects is not measured yet. Needs ``cuda_graphs``.
+    #: pools stay cached). The pool keeps the largest object's size. Session 16 (H100): per object within 2% of
+    #: ``async_graph_capture`` alone (1.197-1.222 s at 14k; slower in 3 of 4 pairs); its memory over many objects is not
+    #: measured yet. Needs ``cuda_graphs``.
     shared_graph_pool: bool = False
     #: in the unconditional CFG branch the condition tokens are all zero, so each cross-attention's L keys
     #: are one repeated vector (the ``to_kv`` bias), and so are its values: keep one key and value instead
@@ -498,10 +499,10 @@ FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge"] = dataclasses.replace(FAST_PATHS["co
 # element-wise steps compiled inside them, and SLaT's torso compiled without inductor's graphs (``slat_compile_mode=
 # "default"``, ``cuda_graphs``, ``async_graph_capture``, ``fuse_slat_io``). Over 16 new sizes of 4-6k voxels, each met
 # once, the SLaT call took a median 0.241 s against 0.355 s, faster at 16 of 16 (session 16, H100,
-# ``results/slat_many_sizes_h100_session16/``); per object at 14k 1.201 s against 1.268 s on one H100 and 1.241 s
-# against 1.248 s on another, at 20k 1.463 / 1.500 s against 1.550 / 1.520 s (``results/base_vs_official_h100/session16/``);
-# its values equal those of the same graphs recorded with a sync, and against fp32 it moves F1 as ``-ge`` does
-# (``results/fast_path_quality_h100/async_capture/``).
+# ``results/slat_many_sizes_h100_session16/``); per object at 14k (median of two rounds on each of three H100s)
+# 1.201 / 1.241 / 1.240 s against 1.268 / 1.248 / 1.264 s, at 20k 1.463 / 1.500 s against 1.550 / 1.520 s
+# (``results/base_vs_official_h100/session16/``). Its values equal those of the same graphs recorded with a sync on all
+# 28 objects; against fp32, mean F1 30.34 against 30.26 (``results/fast_path_quality_h100/async_capture/``).
 FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"] = dataclasses.replace(
     FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge"], slat_compile_mode="default", cuda_graphs=True,
     async_graph_capture=True, fuse_slat_io=True)

@@ -44,8 +44,9 @@ def sync_device(device: torch.device) -> None:
 def cuda_graph_recordings(device: torch.device | str | int | None = None) -> int:
     """How many CUDA graphs have been recorded on ``device`` (default: the current CUDA device) so far: those of
     inductor's CUDA-graph trees (torch.compile's "reduce-overhead" / "max-autotune") plus those of the stages' own
-    ``GraphedCall`` objects (``RunOptions.cuda_graphs``); 0 where none ran (a CPU device included). A recording after
-    the warm-up calls means a region re-recorded instead of replaying: a static input moved, or a size is new.
+    ``GraphedCall`` objects (``RunOptions.cuda_graphs``); 0 where none ran (a CPU device included). For inductor's, a
+    recording after the warm-up calls means a region re-recorded instead of replaying (a static input moved, or a size
+    is new); the stages' own graphs live with one object's structures, so every SLaT call records its two by design.
     Inductor's are counted by walking the trees, since torch keeps no public counter."""
     dev = torch.device("cuda") if device is None else torch.device("cuda", device) if isinstance(device, int) \
         else torch.device(device)  # torch rejects a negative index or an unknown device string here
