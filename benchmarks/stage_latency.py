@@ -179,6 +179,16 @@ VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and S
     VARIANTS["... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead in SS, small-query "
              "attention by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs recorded without "
              "a sync, fused SLaT IO steps"], graph_record_first=True)
+# ... with 2-4 eager passes before each SLaT graph records (``slat_graph_warmup``): the eager passes queue GPU work
+# ahead of the recording's host time, so the asynchronous recording overlaps them instead of idling the GPU
+AC_LONG = ("... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead in SS, small-query "
+           "attention by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs recorded without "
+           "a sync, fused SLaT IO steps")
+WARMUP_LONG = ("... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead in SS, "
+               "small-query attention by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes as whole CUDA graphs "
+               "recorded without a sync after {n} eager passes, fused SLaT IO steps")
+for _n in (2, 3, 4):
+    VARIANTS[WARMUP_LONG.format(n=_n)] = dataclasses.replace(VARIANTS[AC_LONG], slat_graph_warmup=_n)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -247,6 +257,7 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
                                                             "by FlashAttention-2, GELU in the GEMM epilogue, SLaT passes "
                                                             "as whole CUDA graphs recorded without a sync or a warm-up "
                                                             "pass, fused SLaT IO steps"}
+SHORT.update({f"compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-w{_n}": WARMUP_LONG.format(n=_n) for _n in (2, 3, 4)})
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

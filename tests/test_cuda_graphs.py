@@ -550,3 +550,48 @@ def test_kept_pool_records_again_after_its_graphs_are_destroyed():
             assert entry.graph.pool() == pool.handle()
             del g, entry, outs
             gc.collect()
+
+
+def test_options_reject_a_bad_slat_graph_warmup():
+    base = dict(precision="bf16", cuda_graphs=True)
+    for bad in (0, -1, 2.0, True, "3"):
+        with pytest.raises(ValueError, match="slat_graph_warmup is the number of eager SLaT passes"):
+            RunOptions(**base, slat_graph_warmup=bad)
+    with pytest.raises(ValueError, match="slat_graph_warmup sets when cuda_graphs' SLaT graphs record"):
+        RunOptions(precision="bf16", slat_graph_warmup=3)
+    assert RunOptions(**base, slat_graph_warmup=3).slat_graph_warmup == 3
+    RunOptions(precision="bf16", slat_graph_warmup=1)  # the default needs no graphs
+
+
+@pytest.mark.parametrize("warmup", [1, 3])
+def test_slat_graph_warmup_sets_the_eager_passes_before_each_recording(monkeypatch, warmup):
+    """``slat_graph_warmup`` eager passes run before each SLaT whole-pass graph records (on a GPU: the flow runs
+    eagerly that many times per batch size, then once more inside the recording, and never again: the rest are
+    replays), and the values equal the default's bit for bit. On the CPU the graphs run eagerly: only their
+    ``warmup`` and the values are checked there."""
+    on_gpu = torch.cuda.is_available()
+    if not on_gpu:
+        monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    warmups = spy_slat_graph_warmups(monkeypatch)
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=12), seed=0,
+                                device="cuda" if on_gpu else "cpu")
+    sparsify_occupancy(pipe, occupied_fraction=0.02)
+    inputs = pipe.prepare(*make_scene(pipe.config.image_size))
+    base = dict(precision="bf16" if on_gpu else "fp32", batch_cfg=True, cache_cond_kv=True, cuda_graphs=True,
+                async_graph_capture=True)
+    (reference,) = run_ss_slat_each(pipe, inputs, [RunOptions(**base)])
+    passes = []  # (batch rows, inside a recording) of each flow call
+    hook = pipe.slat.flow.register_forward_pre_hook(
+        lambda m, a: passes.append((a[0].shape[0], on_gpu and torch.cuda.is_current_stream_capturing())))
+    warmups.clear()
+    try:
+        (warmed,) = run_ss_slat_each(pipe, inputs, [RunOptions(**base, slat_graph_warmup=warmup)])
+    finally:
+        hook.remove()
+    assert_same_ss_slat(reference, warmed)
+    assert warmups == [warmup, warmup]  # the CFG-batched graph and the unguided one
+    if on_gpu:
+        n = warmed[1].feats.shape[0]
+        for rows in (2 * n, n):
+            calls = [capturing for r, capturing in passes if r == rows]
+            assert calls == [False] * warmup + [True], (rows, calls)  # enough steps of each kind to record

@@ -114,6 +114,14 @@ class RunOptions:
     #: (``_graph_passes_run``) and does not see ``torch._dynamo.reset()``: after one, clear it or build a new pipeline.
     #: Needs ``cuda_graphs``, ``async_graph_capture`` and ``batch_cfg``. Not yet measured on a GPU.
     graph_record_first: bool = False
+    #: eager passes each SLaT whole-pass graph runs before it records (``GraphedCall(warmup=...)``; 1 = the first pass
+    #: eager, the second records). The recording is host work only (~30 ms at 14k voxels, capture plus instantiation);
+    #: with ``async_graph_capture`` the GPU meanwhile runs what is queued ahead of it, which after one eager pass is that
+    #: pass's tail: session 16's profiled 14k call idles 30 ms right there. Each further eager pass queues its GPU time
+    #: minus its launch time ahead of the recording (the compiled torso launches faster than the GPU runs it), so 2-4
+    #: passes can hide the recording, at no cost in GPU time. ``graph_record_first`` (0 from the second object on)
+    #: takes precedence where it applies. Needs ``cuda_graphs`` for any value but 1.
+    slat_graph_warmup: int = 1
     #: one CUDA-graph memory pool, kept by the SLaT stage, for the graphs of every SLaT object
     #: (``stages.graphs.GraphPool``, ``SLaTStage.graph_pool``) instead of a private pool per graph: the batch-1 graph
     #: recorded once CFG ends reuses the batch-2 graph's temporaries, and the next object reuses this one's memory,
@@ -273,6 +281,14 @@ class RunOptions:
             raise ValueError("graph_record_first records SLaT's whole-pass graphs without a warm-up pass, from tables "
                              "built for the asynchronous recording: it needs cuda_graphs, async_graph_capture and "
                              "batch_cfg")
+        if isinstance(self.slat_graph_warmup, bool) or not isinstance(self.slat_graph_warmup, int) \
+                or self.slat_graph_warmup < 1:
+            raise ValueError(f"slat_graph_warmup is the number of eager SLaT passes before each whole-pass graph records, "
+                             f"an int >= 1 (graph_record_first is the way to record at the first call), got "
+                             f"{self.slat_graph_warmup!r}")
+        if self.slat_graph_warmup != 1 and not self.cuda_graphs:
+            raise ValueError("slat_graph_warmup sets when cuda_graphs' SLaT graphs record, and cuda_graphs is off: it would "
+                             "change nothing (set cuda_graphs=True)")
         if not isinstance(self.shared_graph_pool, bool):
             raise ValueError(f"shared_graph_pool is a bool, got {self.shared_graph_pool!r}")
         if self.shared_graph_pool and not self.cuda_graphs:

@@ -159,14 +159,15 @@ class SLaTStage(HoldsInputs, nn.Module):
                 graphed = structure.get(slot)
                 if not record_first:
                     if graphed is None:
-                        graphed = structure[slot] = GraphedCall(call, async_capture=options.async_graph_capture,
+                        graphed = structure[slot] = GraphedCall(call, warmup=options.slat_graph_warmup,
+                                                                async_capture=options.async_graph_capture,
                                                                 pool=graph_pool)
                     return graphed(feats, tt)
                 kind = pass_kind(c.shape[0])
                 if graphed is None:
                     # no eager warm-up where the tables exist and this kind of pass has run in the process
                     skip = kind in passes_run and kind not in first_call_failed and "checked_input" in structure
-                    graphed = structure[slot] = GraphedCall(call, warmup=0 if skip else 1,
+                    graphed = structure[slot] = GraphedCall(call, warmup=0 if skip else options.slat_graph_warmup,
                                                             async_capture=options.async_graph_capture, pool=graph_pool)
                 try:
                     out = graphed(feats, tt)
@@ -180,8 +181,8 @@ class SLaTStage(HoldsInputs, nn.Module):
                                   f"running the step eagerly, recording at the next, and warming this kind of pass "
                                   f"from now on", RuntimeWarning, stacklevel=2)
                     first_call_failed.add(kind)
-                    graphed = structure[slot] = GraphedCall(call, async_capture=options.async_graph_capture,
-                                                            pool=graph_pool)
+                    graphed = structure[slot] = GraphedCall(call, warmup=options.slat_graph_warmup,
+                                                            async_capture=options.async_graph_capture, pool=graph_pool)
                     out = graphed(feats, tt)
                 passes_run.add(kind)
                 return out
