@@ -577,8 +577,7 @@ def test_slat_graph_warmup_sets_the_eager_passes_before_each_recording(monkeypat
                                 device="cuda" if on_gpu else "cpu")
     sparsify_occupancy(pipe, occupied_fraction=0.02)
     inputs = pipe.prepare(*make_scene(pipe.config.image_size))
-    base = dict(precision="bf16" if on_gpu else "fp32", batch_cfg=True, cache_cond_kv=True, cuda_graphs=True,
-                async_graph_capture=True)
+    base = dict(batch_cfg=True, cache_cond_kv=True, cuda_graphs=True, async_graph_capture=True)
     (reference,) = run_ss_slat_each(pipe, inputs, [RunOptions(**base)])
     passes = []  # (batch rows, inside a recording) of each flow call
     hook = pipe.slat.flow.register_forward_pre_hook(

@@ -1,0 +1,239 @@
+"""Where a SLaT call's host time goes, per sampler step, for objects of sizes the process has not met.
+
+Session 17's run over 16 new sizes showed each extra eager SLaT pass before the whole-pass graphs record costing ~30 ms
+more than a replay (variants ``-ac-w2/3/4``): at 4-6k voxels an eager pass is host-bound. This script measures that
+directly. For each variant it compiles on a warm-up object, then runs the SLaT sampler once per object of a new size
+and records, per sampler step, the host time of the velocity call (``time.perf_counter`` around it, no device sync:
+what the Python side spends launching, recording or replaying) and the GPU time between CUDA events recorded before and
+after it (on the same stream, so the span includes any wait for earlier work). With ``--cprofile`` the last object runs
+under :mod:`cProfile` (its times are inflated by the profiler; read it for attribution, not for totals), whose top
+functions by own and cumulative time go to ``host_profile_<variant>.txt``.
+
+    python benchmarks/slat_host_profile.py --device cuda --config full \\
+        --variants compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac --sizes 5000,14171 --cprofile --out runs/slat_host
+
+Writes ``slat_host_steps.csv`` (one row per step and object), ``README.md`` (per variant and object: host and GPU
+seconds of the first steps, of the steady replays, and of the whole call) and the cProfile tables. On the CPU (``--config
+mini``) it checks the script only.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import csv
+import io
+import json
+import pstats
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from benchmarks.slat_many_sizes import SHAPES, object_coords  # noqa: E402
+from benchmarks.stage_latency import SHORT, synthetic_inputs, variant_label, variant_options  # noqa: E402
+from fs3d_accel.model.sparse import release_structure  # noqa: E402
+from fs3d_accel.pipeline import Pipeline  # noqa: E402
+from fs3d_accel.samplers import EulerFlowSampler  # noqa: E402
+from fs3d_accel.stages.slat import slat_noise  # noqa: E402
+
+CSV_NAME = "slat_host_steps.csv"
+COLUMNS = ("variant", "object", "N", "call", "step", "host_ms", "gpu_ms")
+
+
+class StepClock:
+    """Wraps a velocity function: host milliseconds of each call, and CUDA events around it (on CUDA)."""
+
+    def __init__(self, net, device: torch.device) -> None:
+        self.net, self.device = net, device
+        self.host_ms: list[float] = []
+        self.events: list[tuple] = []
+
+    def __call__(self, *args, **kwargs):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
+        t0 = time.perf_counter()
+        out = self.net(*args, **kwargs)
+        self.host_ms.append(1e3 * (time.perf_counter() - t0))
+        if cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self.events.append((start, end))
+        return out
+
+    def gpu_ms(self) -> list[float]:
+        """Event span of each call (after a device sync); NaN off CUDA."""
+        if self.device.type != "cuda":
+            return [float("nan")] * len(self.host_ms)
+        torch.cuda.synchronize(self.device)
+        return [s.elapsed_time(e) for s, e in self.events]
+
+
+def run_object(stage, noise, cond, coords, sampler_cfg, opts, device, profiler: cProfile.Profile | None = None):
+    """One SLaT sampler call; returns (per-step host ms, per-step GPU ms, call wall seconds, call GPU seconds)."""
+    structures: list[dict] = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+    t0 = time.perf_counter()
+    try:
+        if profiler is not None:
+            profiler.enable()
+        clock = StepClock(stage.velocity_net(cond, coords, sampler_cfg, opts, structures), device)
+        EulerFlowSampler(sampler_cfg, "slat").sample(noise.clone(), clock)
+        if profiler is not None:
+            profiler.disable()
+    finally:
+        for s in structures:
+            release_structure(s)
+    if device.type == "cuda":
+        end.record()
+        torch.cuda.synchronize(device)
+        gpu_s = start.elapsed_time(end) / 1e3
+    else:
+        gpu_s = float("nan")
+    return clock.host_ms, clock.gpu_ms(), time.perf_counter() - t0, gpu_s
+
+
+def profile_table(profiler: cProfile.Profile, top: int) -> str:
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats("cumulative").print_stats(top)
+    return out.getvalue()
+
+
+def summary_rows(rows: list[dict]) -> list[dict]:
+    """Per (variant, object): the first three steps' host and GPU ms, the median of the rest, the call's totals."""
+    out = []
+    keys = sorted({(r["variant"], r["object"]) for r in rows}, key=lambda k: (k[0], k[1]))
+    for v, o in keys:
+        steps = [r for r in rows if r["variant"] == v and r["object"] == o and r["step"] >= 0]
+        call = next(r for r in rows if r["variant"] == v and r["object"] == o and r["step"] < 0)
+        rest = steps[3:]
+        out.append({"variant": v, "object": o, "N": call["N"],
+                    "first host ms": ", ".join(f"{r['host_ms']:.1f}" for r in steps[:3]),
+                    "first GPU ms": ", ".join(f"{r['gpu_ms']:.1f}" for r in steps[:3]),
+                    "later host ms (median)": statistics.median(r["host_ms"] for r in rest) if rest else float("nan"),
+                    "later GPU ms (median)": statistics.median(r["gpu_ms"] for r in rest) if rest else float("nan"),
+                    "host ms, all steps": sum(r["host_ms"] for r in steps),
+                    "call wall ms": call["host_ms"], "call GPU ms": call["gpu_ms"]})
+    return out
+
+
+def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
+    import pandas as pd
+    table = pd.DataFrame(summary_rows(rows))
+    lines = ["# Host time per SLaT sampler step (`benchmarks/slat_host_profile.py`)", "",
+             f"Device **{meta['device']}**, torch {meta['torch']}, config `{meta['config']}`. Each object has a size "
+             f"the process has not met (the warm-up object, N = {meta['warmup_N']}, compiles and is not listed). Host "
+             "ms: `perf_counter` around each velocity call, no sync. GPU ms: CUDA events before and after it on the "
+             "stream (the span includes waiting for earlier work). Steps with CFG make one batched call.", ""]
+    for v, label in meta["variants"].items():
+        lines.append(f"- `{v}`: {label}")
+    lines += ["", table.to_markdown(index=False, floatfmt=".1f"), "",
+              f"Every step: `{CSV_NAME}`." + (" cProfile of the last object: `host_profile_<variant>.txt`."
+                                              if meta["cprofile"] else "")]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--config", default="full", choices=("mini", "full"))
+    ap.add_argument("--variants", default="compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac",
+                    help=f"comma-separated, from {sorted(SHORT)}")
+    ap.add_argument("--sizes", default="5000,14171", help="comma-separated voxel counts, each a new object")
+    ap.add_argument("--shapes", default="crops", choices=SHAPES)
+    ap.add_argument("--cprofile", action="store_true", help="run the last object under cProfile")
+    ap.add_argument("--top", type=int, default=40, help="functions listed per cProfile table")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    variants = [v for v in args.variants.split(",") if v]
+    if not variants:
+        raise SystemExit(f"--variants: none given; choose from {sorted(SHORT)}")
+    for v in variants:
+        try:
+            variant_options(v)
+        except ValueError as e:
+            raise SystemExit(f"--variants {v}: {e}") from None
+    try:
+        sizes = [int(s) for s in args.sizes.split(",") if s]
+    except ValueError:
+        raise SystemExit(f"--sizes: comma-separated integers, got {args.sizes!r}") from None
+    if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
+        raise SystemExit(f"--sizes: distinct voxel counts >= 1, got {args.sizes!r}")
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: no CUDA device is available")
+    dtype = variant_options(variants[0]).weight_dtype
+    if any(variant_options(v).weight_dtype != dtype for v in variants):
+        raise SystemExit("--variants: all variants must hold the weights in one precision (one model in memory)")
+    for v in variants:
+        try:
+            variant_options(v).check_device(dev)
+        except ValueError as e:
+            raise SystemExit(f"--variants {v}: {e}") from e
+
+    pipe = Pipeline.from_config(args.config, seed=args.seed, device="cpu")
+    resolution = pipe.config.slat_flow.resolution
+    warm_n = max(1, min(sizes) - 7)  # a size none of the objects has
+    try:
+        # one new object per (variant, size): each variant meets sizes the process has not seen
+        coords = {v: [c.to(dev) for c in object_coords([n + 3 * k for n in sizes], resolution, args.seed + k,
+                                                       args.shapes)] for k, v in enumerate(variants)}
+        warm = object_coords([warm_n], resolution, args.seed + 10_000, args.shapes)[0].to(dev)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    pipe = pipe.to(dtype).to(dev)
+    inp = pipe.prepare(*synthetic_inputs(pipe.config.image_size)).to(dev)
+    stage, sampler_cfg = pipe.slat, pipe.config.slat_sampler
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+            "config": args.config, "sizes": sizes, "warmup_N": len(warm), "seed": args.seed, "cprofile": args.cprofile,
+            "variants": {v: f"{variant_label(v)} = {variant_options(v)}" for v in variants}}
+    (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
+    gen = torch.Generator().manual_seed(args.seed)
+    chans = pipe.config.slat_flow.in_channels
+    rows: list[dict] = []
+    with torch.no_grad(), open(args.out / CSV_NAME, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+        writer.writeheader()
+        for v in variants:
+            opts = variant_options(v)
+            with opts.network_context(dev, "slat"):
+                cond = stage.condition(**{k: x.to(opts.compute_dtype(dev)) for k, x in inp.slat_kwargs().items()})
+            t0 = time.perf_counter()
+            run_object(stage, slat_noise(len(warm), chans, gen).to(dev), cond, warm, sampler_cfg, opts, dev)
+            print(f"{v}: warm-up call (N={len(warm)}) {time.perf_counter() - t0:.1f} s", flush=True)
+            for i, c in enumerate(coords[v]):
+                last = i == len(coords[v]) - 1
+                profiler = cProfile.Profile() if args.cprofile and last else None
+                host, gpu, wall_s, gpu_s = run_object(stage, slat_noise(len(c), chans, gen).to(dev), cond, c,
+                                                      sampler_cfg, opts, dev, profiler)
+                new = [{"variant": v, "object": i, "N": len(c), "call": int(profiler is not None), "step": k,
+                        "host_ms": h, "gpu_ms": g} for k, (h, g) in enumerate(zip(host, gpu))]
+                new.append({"variant": v, "object": i, "N": len(c), "call": int(profiler is not None), "step": -1,
+                            "host_ms": 1e3 * wall_s, "gpu_ms": 1e3 * gpu_s})
+                rows += new
+                writer.writerows(new)
+                fh.flush()
+                print(f"{v} N={len(c)}{' (cProfile)' if profiler else ''}: call {1e3 * wall_s:.1f} ms wall, "
+                      f"{1e3 * gpu_s:.1f} ms GPU; first steps host "
+                      f"{', '.join(f'{h:.1f}' for h in host[:3])} ms, GPU {', '.join(f'{g:.1f}' for g in gpu[:3])} ms",
+                      flush=True)
+                if profiler is not None:
+                    (args.out / f"host_profile_{v}.txt").write_text(profile_table(profiler, args.top))
+    write_readme(args.out, rows, meta)
+
+
+if __name__ == "__main__":
+    main()
