@@ -7,7 +7,8 @@ and records, per sampler step, the host time of the velocity call (``time.perf_c
 what the Python side spends launching, recording or replaying) and the GPU time between CUDA events recorded before and
 after it (on the same stream, so the span includes any wait for earlier work). With ``--cprofile`` the last object runs
 under :mod:`cProfile` (its times are inflated by the profiler; read it for attribution, not for totals), whose top
-functions by own and cumulative time go to ``host_profile_<variant>.txt``.
+functions by own and cumulative time, and the callers of the eight costliest, go to ``host_profile_<variant>.txt``
+(the raw stats to ``host_profile_<variant>.prof``, for ``pstats`` or snakeviz).
 
     python benchmarks/slat_host_profile.py --device cuda --config full \\
         --variants compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac --sizes 5000,14171 --cprofile --out runs/slat_host
@@ -107,6 +108,7 @@ def profile_table(profiler: cProfile.Profile, top: int) -> str:
     stats = pstats.Stats(profiler, stream=out)
     stats.sort_stats("tottime").print_stats(top)
     stats.sort_stats("cumulative").print_stats(top)
+    stats.sort_stats("tottime").print_callers(8)  # who calls the eight costliest functions
     return out.getvalue()
 
 
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None) -> None:
                       flush=True)
                 if profiler is not None:
                     (args.out / f"host_profile_{v}.txt").write_text(profile_table(profiler, args.top))
+                    profiler.dump_stats(args.out / f"host_profile_{v}.prof")
     write_readme(args.out, rows, meta)
 
 

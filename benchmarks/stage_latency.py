@@ -189,6 +189,15 @@ WARMUP_LONG = ("... + one-key K/V of the zero condition + FlashAttention-4 in SS
                "recorded without a sync after {n} eager passes, fused SLaT IO steps")
 for _n in (2, 3, 4):
     VARIANTS[WARMUP_LONG.format(n=_n)] = dataclasses.replace(VARIANTS[AC_LONG], slat_graph_warmup=_n)
+# ... with the GELU epilogue in SS only (``gelu_epilogue_sites``): cuBLASLt's epilogue GEMM pays ~3.5 ms of host time
+# per block at its first calls with a new token count (session 17), which every new SLaT object meets; alone and with
+# the graphs recorded at their first call
+SS_GELU_LONG = ("... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead in SS, "
+                "small-query attention by FlashAttention-2, GELU in SS's GEMM epilogue, SLaT passes as whole CUDA graphs "
+                "recorded without a sync{rf}, fused SLaT IO steps")
+VARIANTS[SS_GELU_LONG.format(rf="")] = dataclasses.replace(VARIANTS[AC_LONG], gelu_epilogue_sites=("ss",))
+VARIANTS[SS_GELU_LONG.format(rf=" or a warm-up pass")] = dataclasses.replace(
+    VARIANTS[AC_LONG], gelu_epilogue_sites=("ss",), graph_record_first=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -258,6 +267,8 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
                                                             "as whole CUDA graphs recorded without a sync or a warm-up "
                                                             "pass, fused SLaT IO steps"}
 SHORT.update({f"compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-w{_n}": WARMUP_LONG.format(n=_n) for _n in (2, 3, 4)})
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-sg"] = SS_GELU_LONG.format(rf="")
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-sg"] = SS_GELU_LONG.format(rf=" or a warm-up pass")
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

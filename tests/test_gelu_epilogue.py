@@ -35,6 +35,23 @@ def test_run_options_enter_it_for_every_stage():
     assert current_gelu_epilogue() is False
 
 
+def test_epilogue_sites_choose_the_stages_and_are_validated():
+    """``gelu_epilogue_sites`` keeps the epilogue to the stages named (session 17: SS only, since SLaT and the mesh
+    decoder meet a new token count, and cuBLASLt's first-call host cost, with every object)."""
+    opts = RunOptions(precision="bf16", gelu_epilogue=True, gelu_epilogue_sites=("ss",))
+    seen = {}
+    for stage in ("ss", "slat", "decode"):
+        with opts.network_context("cpu", stage):
+            seen[stage] = current_gelu_epilogue()
+    assert seen == {"ss": True, "slat": False, "decode": False}
+    assert not current_gelu_epilogue()
+    for bad in (("ss", "mesh"), (), "ss", ["ss"]):
+        with pytest.raises(ValueError, match="gelu_epilogue_sites is a non-empty tuple of stages"):
+            RunOptions(precision="bf16", gelu_epilogue=True, gelu_epilogue_sites=bad)
+    with pytest.raises(ValueError, match="gelu_epilogue is off: they change nothing"):
+        RunOptions(precision="bf16", gelu_epilogue_sites=("ss",))
+
+
 def test_cpu_never_takes_the_fused_call(monkeypatch):
     """On a CPU ``_addmm_activation(use_gelu=True)`` is the exact (erf) GELU, not the model's: the MLP must keep its two
     steps there, and give the same bits with the switch on."""

@@ -169,6 +169,12 @@ class RunOptions:
     #: 0.678-0.682 -> 0.657 s (55.3% MFU of executed FLOPs), quality unchanged to run-to-run noise; the named path
     #: ``compiled-zkv-fa4-all-sqfa2-ge`` has it (``results/base_vs_official_h100/session14/``).
     gelu_epilogue: bool = False
+    #: the stages whose MLPs take the GELU epilogue when ``gelu_epilogue`` is on. cuBLASLt pays a host cost at the
+    #: epilogue GEMM's first calls at a new token count (session 17, H100: ~3.5 ms per SLaT block at 14k voxels, ~170 ms
+    #: per object over the eager and recorded passes, ``results/slat_host_profile_h100/``), which a benchmark repeating
+    #: one object never sees. SS's shapes never change, so there it is paid once per process; SLaT and the mesh decoder
+    #: meet a new count with every object.
+    gelu_epilogue_sites: tuple[str, ...] = KERNEL_STAGES
     #: token buckets for the compiled SLaT torso (``slat_flow.use_token_buckets``; 0: off): each object's torso tokens
     #: are padded up to a bucket (``bucket_tokens``: buckets ``step`` of the size apart, e.g. 1/16), the padding left
     #: out as self-attention keys (FA4's used-key counts, or an SDPA key mask) and its outputs dropped; with a SLaT
@@ -241,6 +247,13 @@ class RunOptions:
                              f"Lk fp32 scores, got {self.small_query_attention!r}")
         if not isinstance(self.gelu_epilogue, bool):
             raise ValueError(f"gelu_epilogue is a bool, got {self.gelu_epilogue!r}")
+        if (not isinstance(self.gelu_epilogue_sites, tuple)
+                or not set(self.gelu_epilogue_sites) <= set(KERNEL_STAGES) or not self.gelu_epilogue_sites):
+            raise ValueError(f"gelu_epilogue_sites is a non-empty tuple of stages from {KERNEL_STAGES}, got "
+                             f"{self.gelu_epilogue_sites!r}")
+        if not self.gelu_epilogue and self.gelu_epilogue_sites != KERNEL_STAGES:
+            raise ValueError(f"gelu_epilogue_sites {self.gelu_epilogue_sites} choose where the GELU epilogue runs, and "
+                             f"gelu_epilogue is off: they change nothing (set gelu_epilogue=True)")
         from ..model.slat_flow import check_token_bucket
         check_token_bucket(self.slat_token_bucket)
         if not isinstance(self.fuse_slat_io, bool):
@@ -430,7 +443,8 @@ class RunOptions:
         """What every network call of ``stage`` ("ss", "slat" or "decode") runs under: :meth:`autocast`,
         ``attention_kernel`` for the attention roles :meth:`kernel_roles` selects (SDPA for the others) with the FA4
         tiles of :meth:`kernel_tiles`, the small-query path (``small_query_attention``), the MLPs' GELU epilogue
-        (``gelu_epilogue``), SLaT's token buckets (``slat_token_bucket``) and fused IO steps (``fuse_slat_io``), both
+        (``gelu_epilogue`` at ``gelu_epilogue_sites``), SLaT's token buckets (``slat_token_bucket``) and fused IO steps
+        (``fuse_slat_io``), both
         for stage "slat" only, and the ``sparse_conv`` algorithm."""
         from ..model.attention_kernels import use_attention_kernel, use_small_query_path
         from ..model.layers import use_gelu_epilogue
@@ -441,7 +455,7 @@ class RunOptions:
                                                       self.kernel_tiles(stage)),
                                  use_small_query_path(self.small_query_attention if stage == "ss" else 0,
                                                       self.small_query_kernel),
-                                 use_gelu_epilogue(self.gelu_epilogue),
+                                 use_gelu_epilogue(self.gelu_epilogue and stage in self.gelu_epilogue_sites),
                                  use_token_buckets(self.slat_token_bucket if stage == "slat" else 0.0),
                                  use_fused_io_blocks(self.compile_backend if self.fuse_slat_io and stage == "slat"
                                                      else None),
