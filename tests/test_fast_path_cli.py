@@ -16,7 +16,8 @@ from fs3d_analysis.distributed import CliPipeFactory
 def test_named_fast_paths():
     assert list(FAST_PATHS) == ["off", "fp32-cfg-kv", "bf16", "compiled", "compiled-zkv", "compiled-zkv-ro",
                                 "compiled-zkv-fa4", "compiled-zkv-fa4-all", "compiled-zkv-fa4-all-sqfa2",
-                                "compiled-zkv-fa4-all-sqfa2-ge", "compiled-zkv-fa4-all-sqfa2-ge-ac"]
+                                "compiled-zkv-fa4-all-sqfa2-ge", "compiled-zkv-fa4-all-sqfa2-ge-ac",
+                                "compiled-zkv-fa4-all-sqfa2-ge-ac-stream"]
     ro = fast_path("compiled-zkv-ro")
     assert ro.compile_mode == "reduce-overhead" and ro.for_stage("slat") is ro and ro.attention_kernel == "sdpa"
     fa4 = fast_path("compiled-zkv-fa4")
@@ -36,6 +37,8 @@ def test_named_fast_paths():
     assert ac.cuda_graphs and ac.async_graph_capture and ac.fuse_slat_io and not ac.shared_graph_pool
     # SS keeps inductor's graphs; SLaT's torso is compiled without them, since our whole-pass graphs record it
     assert ac.for_stage("ss").compile_uses_cuda_graphs and not ac.for_stage("slat").compile_uses_cuda_graphs
+    stream = fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac-stream")
+    assert stream == dataclasses.replace(ac, gelu_epilogue_sites=("ss",), graph_record_first=True)
     assert fast_path("off") == RunOptions()
     assert fast_path("bf16").weight_dtype == torch.bfloat16 and fast_path("bf16").cache_cond_kv
     assert fast_path("compiled-zkv").collapse_zero_cond and fast_path("compiled-zkv").compile_slat
@@ -137,3 +140,5 @@ def test_named_fast_paths_are_the_benchmarked_variants():
     assert fast_path("compiled-zkv-fa4-all-sqfa2") == VARIANTS[SHORT["compile-all-zkv-fa4-ro-sqfa2"]]
     assert fast_path("compiled-zkv-fa4-all-sqfa2-ge") == VARIANTS[SHORT["compile-all-zkv-fa4-ro-sqfa2-ge"]]
     assert fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac") == VARIANTS[SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac"]]
+    assert (fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac-stream")
+            == VARIANTS[SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-sg"]])
