@@ -76,6 +76,18 @@ class StepClock:
         return [s.elapsed_time(e) for s, e in self.events]
 
 
+def object_sizes_per_variant(sizes: list[int], variants: int) -> list[list[int]]:
+    """Each variant's object sizes: ``sizes`` shifted by 3 voxels per variant, so that every variant meets sizes no
+    earlier variant of the process has met (each GEMM shape's first call at a new token count costs host time)."""
+    shifted = [[n + 3 * k for n in sizes] for k in range(variants)]
+    flat = [n for row in shifted for n in row]
+    if len(set(flat)) != len(flat) or min(sizes) - 7 < 1:
+        raise SystemExit(f"--sizes {sizes}: with {variants} variants (each shifted by 3 voxels) two objects would share "
+                         f"a size, or the warm-up size (the smallest minus 7) would be below 1; space the sizes further "
+                         f"apart")
+    return shifted
+
+
 def run_object(stage, noise, cond, coords, sampler_cfg, opts, device, profiler: cProfile.Profile | None = None):
     """One SLaT sampler call; returns (per-step host ms, per-step GPU ms, call wall seconds, call GPU seconds)."""
     structures: list[dict] = []
@@ -185,13 +197,14 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             raise SystemExit(f"--variants {v}: {e}") from e
 
+    shifted = object_sizes_per_variant(sizes, len(variants))
     pipe = Pipeline.from_config(args.config, seed=args.seed, device="cpu")
     resolution = pipe.config.slat_flow.resolution
-    warm_n = max(1, min(sizes) - 7)  # a size none of the objects has
+    warm_n = min(sizes) - 7  # a size none of the objects has
     try:
         # one new object per (variant, size): each variant meets sizes the process has not seen
-        coords = {v: [c.to(dev) for c in object_coords([n + 3 * k for n in sizes], resolution, args.seed + k,
-                                                       args.shapes)] for k, v in enumerate(variants)}
+        coords = {v: [c.to(dev) for c in object_coords(shifted[k], resolution, args.seed + k, args.shapes)]
+                  for k, v in enumerate(variants)}
         warm = object_coords([warm_n], resolution, args.seed + 10_000, args.shapes)[0].to(dev)
     except ValueError as e:
         raise SystemExit(str(e)) from e

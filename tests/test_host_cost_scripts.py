@@ -1,0 +1,75 @@
+"""``benchmarks/gemm_first_call.py`` and ``benchmarks/slat_host_profile.py``: their arguments, their rows, and a CPU run
+of each (a check of the scripts; their timings mean something on a GPU only)."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from benchmarks import gemm_first_call as gfc
+from benchmarks import slat_host_profile as shp
+
+
+def test_gemm_first_call_writes_one_row_per_call(tmp_path):
+    gfc.main(["--device", "cpu", "--ops", "addmm,mm", "--sizes", "33,47", "--blocks", "2", "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / gfc.CSV_NAME)))
+    # 2 meetings x 2 sizes x 2 ops x 3 shapes x 2 blocks
+    assert len(rows) == 2 * 2 * 2 * len(gfc.SHAPES) * 2
+    assert {(r["op"], r["meeting"]) for r in rows} == {(o, m) for o in ("addmm", "mm") for m in ("1", "2")}
+    assert all(float(r["total_ms"]) >= float(r["host_ms"]) >= 0 for r in rows)
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.count("| addmm | mlp.fc1 |") == 2 and "| mm | attn.qkv | 2 |" in readme
+
+
+def test_gemm_ops_compute_their_math():
+    import torch
+    x, w, b = torch.randn(5, 4), torch.randn(3, 4), torch.randn(3)
+    torch.testing.assert_close(gfc.op_fns("addmm")(x, w, b), x @ w.t() + b)
+    torch.testing.assert_close(gfc.op_fns("mm")(x, w, b), x @ w.t())
+    torch.testing.assert_close(gfc.op_fns("addmm-gelu")(x, w, b), torch.nn.functional.gelu(x @ w.t() + b))
+    with pytest.raises(ValueError, match="unknown op 'gemm'"):
+        gfc.op_fns("gemm")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--blocks", "1"], "--blocks must be >= 2"),
+    (["--sizes", "5,5"], "--sizes: distinct token counts"),
+    (["--sizes", "a"], "--sizes: comma-separated integers"),
+    (["--ops", "addmm,fma"], "--ops: unknown op 'fma'"),
+])
+def test_gemm_first_call_rejects_bad_arguments(tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=message):
+        gfc.main(["--device", "cpu", "--out", str(tmp_path), *argv])
+
+
+def test_each_variant_meets_sizes_no_earlier_variant_met():
+    assert shp.object_sizes_per_variant([100, 200], 3) == [[100, 200], [103, 203], [106, 206]]
+    with pytest.raises(SystemExit, match="two objects would share a size"):
+        shp.object_sizes_per_variant([100, 103], 2)
+    with pytest.raises(SystemExit, match="warm-up size"):
+        shp.object_sizes_per_variant([5], 1)
+
+
+def test_slat_host_profile_on_cpu_records_every_step(tmp_path):
+    shp.main(["--device", "cpu", "--config", "mini", "--variants", "bf16", "--sizes", "120,160", "--cprofile",
+              "--top", "5", "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / shp.CSV_NAME)))
+    calls = [r for r in rows if r["step"] == "-1"]
+    assert [int(r["N"]) for r in calls] == [120, 160]
+    steps = [r for r in rows if r["object"] == "0" and r["step"] != "-1"]
+    assert [int(r["step"]) for r in steps] == list(range(len(steps))) and len(steps) >= 3
+    # the host time of the steps fits in the call's wall time
+    assert sum(float(r["host_ms"]) for r in steps) <= float(calls[0]["host_ms"])
+    assert [r["call"] for r in calls] == ["0", "1"]  # the last object ran under cProfile
+    profile = (tmp_path / "host_profile_bf16.txt").read_text()
+    assert "Ordered by: internal time" in profile and "was called by" in profile
+    assert (tmp_path / "host_profile_bf16.prof").stat().st_size > 0
+    assert "| bf16 " in (tmp_path / "README.md").read_text()
+
+
+def test_slat_host_profile_rejects_bad_arguments(tmp_path):
+    with pytest.raises(SystemExit, match="--sizes: distinct voxel counts"):
+        shp.main(["--device", "cpu", "--config", "mini", "--variants", "bf16", "--sizes", "50,50", "--out",
+                  str(tmp_path)])
+    with pytest.raises(SystemExit, match="--variants nope"):
+        shp.main(["--device", "cpu", "--config", "mini", "--variants", "nope", "--out", str(tmp_path)])
