@@ -142,3 +142,8 @@ def test_named_fast_paths_are_the_benchmarked_variants():
     assert fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac") == VARIANTS[SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac"]]
     assert (fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac-stream")
             == VARIANTS[SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-sg"]])
+    # and the quality run's settings (benchmarks/fast_path_quality.py) are the same two paths
+    from benchmarks import fast_path_quality as fpq
+    for name, short in (("compiled-zkv-fa4-all-sqfa2-ge-ac", "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac"),
+                        ("compiled-zkv-fa4-all-sqfa2-ge-ac-stream", "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-sg")):
+        assert fast_path(name) == fpq.SETTINGS[fpq.SHORT[short]], name
