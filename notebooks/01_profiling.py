@@ -588,3 +588,67 @@ direct = direct_ratio()
 print(f"whole: {steps['chained'].iloc[-1]:.2f}x over step 1's official time; {direct['ratio']:.2f}x against the "
       f"official code measured in one run ({direct['run']})")
 steps[["switch", "runs", "rounds", "before_s", "after_s", "ratio", "chained", "share"]].round(3)
+
+# %% [markdown]
+# ## 12. What a new object size costs on the host (session 17)
+#
+# Every cuBLAS GEMM shape pays host time at its first call with a token count the process has not met: cuBLAS picks an
+# algorithm for the new problem size, then caches it. `benchmarks/gemm_first_call.py` times each call alone (the
+# device synchronised around it) at the SLaT blocks' three GEMM shapes, six weights per shape, five new token counts
+# each met twice (one H200; the same with `CUDA_MODULE_LOADING=EAGER`, so not module loading).
+
+# %%
+R17 = ROOT / "benchmarks" / "results"
+P17 = "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io"  # the variants' common prefix
+gemm = pd.read_csv(R17 / "gemm_first_call_h200" / "lazy" / "gemm_first_call.csv")
+gemm["call"] = ["second meeting" if m == 2 else ("first call" if b == 0 else "other weights, same count")
+                for m, b in zip(gemm["meeting"], gemm["block"])]
+fig, ax = plt.subplots(figsize=(9.5, 3.4))
+sns.barplot(data=gemm, x="shape", y="host_ms", hue="call", errorbar=None, estimator="median",
+            ax=ax, hue_order=["first call", "other weights, same count", "second meeting"])
+ax.set_yscale("log")
+sns.move_legend(ax, "upper left", bbox_to_anchor=(1.01, 1), title=None, fontsize=8)
+ax.set_ylabel("host ms per call (median)")
+ax.set_title("cuBLAS GEMM at a new token count (H200; addmm, GELU epilogue and mm pooled)", fontsize=10)
+fig.tight_layout()
+fig.savefig(FIG / "01_gemm_first_call.png", dpi=120)
+gemm.pivot_table(index=["op", "shape"], columns="call", values="host_ms", aggfunc="median").round(3)
+
+# %% [markdown]
+# A SLaT object of a new size meets all its GEMM shapes at two new counts (the CFG-batched pass and the unguided one).
+# `benchmarks/slat_host_profile.py` times the host side of each sampler step for objects of new sizes (H100): with the
+# named path `-ge-ac` the first step (the eager pass and the tables) and the second (the recording) take tens of ms of
+# host each while a replay needs 7-19 ms of GPU; recording at the first call (`-rf`) drops the second.
+
+# %%
+steps17 = pd.read_csv(R17 / "slat_host_profile_h100" / "ac_rf" / "slat_host_steps.csv")
+steps17["variant"] = steps17["variant"].str.replace(P17, "", regex=False)
+first = steps17[(steps17["step"] >= 0) & (steps17["step"] < 3)]
+first.pivot_table(index=["variant", "N"], columns="step", values=["host_ms", "gpu_ms"]).round(1)
+
+# %% [markdown]
+# Over new sizes the GELU epilogue in SLaT costs more host time than it saves GPU time, so the stream path
+# (`compiled-zkv-fa4-all-sqfa2-ge-ac-stream` = `-ac-rf-sg`: epilogue in SS only, graphs recorded at their first call)
+# is faster. On an H200 at 12-20k voxels, each variant in its own process (so that each meets every size first):
+
+# %%
+big17 = pd.concat(pd.read_csv(f) for f in sorted((R17 / "slat_many_sizes_session17" / "h200_12k_20k").glob(
+    "*/slat_many_sizes.csv")))
+big17["variant"] = big17["variant"].str.replace(P17, "", regex=False)
+fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+for ax, (p, part) in zip(axes, big17.groupby("pass")):
+    sns.lineplot(data=part.sort_values("N"), x="N", y="seconds", hue="variant", marker="o", ax=ax)
+    ax.set_title(f"pass {p}: " + ("every size new" if p == 1 else "every size seen once"), fontsize=10)
+    ax.set_xlabel("voxels (N)")
+axes[0].set_ylabel("SLaT sampler, s")
+fig.suptitle("SLaT over 8 new sizes, one process per variant (H200, session 17)", fontsize=10)
+fig.tight_layout()
+fig.savefig(FIG / "01_slat_new_sizes_session17.png", dpi=120)
+pair17 = big17.pivot_table(index=["pass", "N"], columns="variant", values="seconds")
+pd.DataFrame({"median s": big17.groupby(["pass", "variant"])["seconds"].median(),
+              "faster than -ac at": (pair17.sub(pair17["-ac"], axis=0) < 0).groupby("pass").sum().stack()}).round(4)
+
+# %% [markdown]
+# Repeating one object (the per-object benchmark's protocol), the first calls are paid before the timed ones and the
+# epilogue's kernel saving is what is left: there `-ge-ac` stays the faster path (H100: 1.263 against 1.265 s at 14k,
+# 1.498 against 1.558 s at 20k; `benchmarks/results/base_vs_official_h100/session17/`).
