@@ -13,7 +13,10 @@ planar crop of the largest YCB surface at the flow's resolution (``--shapes crop
 surfaces (``--shapes scattered``, many more downsampled tokens per voxel). Values do not matter for timing; the
 condition tokens come from the real condition fuser on the synthetic scene. Reserved memory is the caching allocator's
 (CUDA-graph pools included), cumulative over the variants in run order: a later variant starts from what an earlier one
-left reserved.
+left reserved. Host-side caches are cumulative too: cuBLAS picks an algorithm at each GEMM shape's first call with a
+new token count (~5 ms of host time each, session 17, ``results/gemm_first_call_h200/``) and keeps it for the process,
+so a later variant's pass 1 finds the shapes it shares with an earlier variant already cached. To compare first
+meetings, run one variant per process.
 
     python benchmarks/slat_many_sizes.py --device cuda --config full \\
         --variants compile-all-zkv-ro,compile-all-zkv-ssro --objects 24 --out runs/slat_many_sizes
@@ -157,7 +160,8 @@ def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
     pairs = paired(rows)
     if pairs:
         lines += ["", f"Paired by size against `{pairs[0]['against']}` (median over sizes of the difference; "
-                      "negative = faster):", "", "| variant | pass | sizes | median difference s | faster at |",
+                      "negative = faster). In pass 1 a later variant finds the GEMM shapes it shares with an earlier "
+                      "one in cuBLAS's per-process cache: compare first meetings across processes.", "", "| variant | pass | sizes | median difference s | faster at |",
                   "|---|---|---|---|---|"]
         lines += [f"| {d['variant']} | {d['pass']} | {d['sizes']} | {d['median_diff_s']:+.4f} | {d['faster_at']} of "
                   f"{d['sizes']} |" for d in pairs]
