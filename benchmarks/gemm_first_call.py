@@ -20,10 +20,16 @@ import csv
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from benchmarks.stage_latency import checked_device, distinct_counts  # noqa: E402
 
 CSV_NAME = "gemm_first_call.csv"
 COLUMNS = ("op", "shape", "meeting", "M", "block", "host_ms", "total_ms")
@@ -65,21 +71,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--blocks", type=int, default=6, help="distinct weights per shape")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    dev = torch.device(args.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: no CUDA device is available")
+    dev = checked_device(args.device)
     ops = [o for o in args.ops.split(",") if o]
     for o in ops:
         try:
             op_fns(o)
         except ValueError as e:
             raise SystemExit(f"--ops: {e}") from None
-    try:
-        sizes = [int(s) for s in args.sizes.split(",") if s]
-    except ValueError:
-        raise SystemExit(f"--sizes: comma-separated integers, got {args.sizes!r}") from None
-    if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
-        raise SystemExit(f"--sizes: distinct token counts >= 1, got {args.sizes!r}")
+    sizes = distinct_counts(args.sizes, "--sizes")
     if args.blocks < 2:
         raise SystemExit(f"--blocks must be >= 2 (the first call against the later ones), got {args.blocks}")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32

@@ -35,8 +35,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from benchmarks.slat_many_sizes import SHAPES, object_coords  # noqa: E402
-from benchmarks.stage_latency import SHORT, synthetic_inputs, variant_label, variant_options  # noqa: E402
+from benchmarks.slat_many_sizes import SHAPES, object_coords, slat_condition  # noqa: E402
+from benchmarks.stage_latency import (SHORT, checked_device, checked_variants, distinct_counts,  # noqa: E402
+                                      synthetic_inputs, variant_label, variant_options)
 from fs3d_accel.model.sparse import release_structure  # noqa: E402
 from fs3d_accel.pipeline import Pipeline  # noqa: E402
 from fs3d_accel.samplers import EulerFlowSampler  # noqa: E402
@@ -171,31 +172,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    variants = [v for v in args.variants.split(",") if v]
-    if not variants:
-        raise SystemExit(f"--variants: none given; choose from {sorted(SHORT)}")
-    for v in variants:
-        try:
-            variant_options(v)
-        except ValueError as e:
-            raise SystemExit(f"--variants {v}: {e}") from None
-    try:
-        sizes = [int(s) for s in args.sizes.split(",") if s]
-    except ValueError:
-        raise SystemExit(f"--sizes: comma-separated integers, got {args.sizes!r}") from None
-    if not sizes or min(sizes) < 1 or len(set(sizes)) != len(sizes):
-        raise SystemExit(f"--sizes: distinct voxel counts >= 1, got {args.sizes!r}")
-    dev = torch.device(args.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: no CUDA device is available")
+    dev = checked_device(args.device)
+    variants = checked_variants(args.variants, dev)
+    sizes = distinct_counts(args.sizes, "--sizes")
     dtype = variant_options(variants[0]).weight_dtype
-    if any(variant_options(v).weight_dtype != dtype for v in variants):
-        raise SystemExit("--variants: all variants must hold the weights in one precision (one model in memory)")
-    for v in variants:
-        try:
-            variant_options(v).check_device(dev)
-        except ValueError as e:
-            raise SystemExit(f"--variants {v}: {e}") from e
 
     shifted = object_sizes_per_variant(sizes, len(variants))
     pipe = Pipeline.from_config(args.config, seed=args.seed, device="cpu")
@@ -224,8 +204,7 @@ def main(argv: list[str] | None = None) -> None:
         writer.writeheader()
         for v in variants:
             opts = variant_options(v)
-            with opts.network_context(dev, "slat"):
-                cond = stage.condition(**{k: x.to(opts.compute_dtype(dev)) for k, x in inp.slat_kwargs().items()})
+            cond = slat_condition(stage, inp, opts, dev)
             t0 = time.perf_counter()
             run_object(stage, slat_noise(len(warm), chans, gen).to(dev), cond, warm, sampler_cfg, opts, dev)
             print(f"{v}: warm-up call (N={len(warm)}) {time.perf_counter() - t0:.1f} s", flush=True)

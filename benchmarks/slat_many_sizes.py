@@ -41,8 +41,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from benchmarks.stage_latency import (COORDS_FILE, SHORT, Timer, synthetic_inputs, variant_label,  # noqa: E402
-                                      variant_options)
+from benchmarks.stage_latency import (COORDS_FILE, SHORT, Timer, checked_device, checked_variants,  # noqa: E402
+                                      synthetic_inputs, variant_label, variant_options)
 from benchmarks.base_vs_official import ours_slat_fn  # noqa: E402  (one sampler call, structures released)
 from fs3d_accel.pipeline import Pipeline  # noqa: E402
 from fs3d_accel.stages.slat import slat_noise  # noqa: E402
@@ -110,6 +110,12 @@ def object_coords(sizes: list[int], resolution: int, seed: int, shapes: str = "c
         xyz = pool[keep]
         out.append(torch.cat([torch.zeros_like(xyz[:, :1]), xyz], 1).to(torch.int32).contiguous())
     return out
+
+
+def slat_condition(stage, inputs, opts, device: torch.device) -> torch.Tensor:
+    """The SLaT condition tokens of ``inputs`` under ``opts`` (its precision and kernels)."""
+    with opts.network_context(device, "slat"):
+        return stage.condition(**{k: x.to(opts.compute_dtype(device)) for k, x in inputs.slat_kwargs().items()})
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -202,30 +208,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    variants = [v for v in args.variants.split(",") if v]
-    if not variants:
-        raise SystemExit(f"--variants: none given; choose from {sorted(SHORT)}")
-    for v in variants:
-        try:
-            variant_options(v)
-        except ValueError as e:
-            raise SystemExit(f"--variants {v}: {e}") from None
-    repeated = sorted({v for v in variants if variants.count(v) > 1})
-    if repeated:
-        raise SystemExit(f"--variants: {repeated} named twice (their rows would merge in the summary)")
     if args.passes < 1:
         raise SystemExit(f"--passes must be >= 1, got {args.passes}")
-    dev = torch.device(args.device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {args.device}: no CUDA device is available")
-    for v in variants:
-        try:
-            variant_options(v).check_device(dev)
-        except ValueError as e:
-            raise SystemExit(f"--variants {v}: {e}") from e
+    dev = checked_device(args.device)
+    variants = checked_variants(args.variants, dev)
     dtype = variant_options(variants[0]).weight_dtype
-    if any(variant_options(v).weight_dtype != dtype for v in variants):
-        raise SystemExit("--variants: all variants must hold the weights in one precision (one model in memory)")
     try:
         sizes = object_sizes(args.objects, args.min_voxels, args.max_voxels)
     except ValueError as e:
@@ -257,8 +244,7 @@ def main(argv: list[str] | None = None) -> None:
         writer.writeheader()
         for v in variants:
             opts = variant_options(v)
-            with opts.network_context(dev, "slat"):
-                cond = stage.condition(**{k: x.to(opts.compute_dtype(dev)) for k, x in inp.slat_kwargs().items()})
+            cond = slat_condition(stage, inp, opts, dev)
             t0 = time.perf_counter()
             ours_slat_fn(stage, warm_noise, cond, warm_coords, sampler_cfg, opts)()  # compiles
             print(f"{v}: first call (N={len(warm_coords)}) {time.perf_counter() - t0:.1f} s", flush=True)

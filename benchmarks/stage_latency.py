@@ -303,6 +303,50 @@ def variant_label(name: str) -> str:
     """The long description of a benchmark variant (with its FA4 tiles, where named)."""
     base, tiles = _split_variant(name)
     return SHORT[base] + ("" if not tiles else ", FA4 tiles " + ", ".join(f"{s} {t}" for s, t in tiles))
+def checked_device(name: str) -> torch.device:
+    """``--device``, refused (SystemExit) where it names CUDA and none is available."""
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: no CUDA device is available")
+    return dev
+
+
+def checked_variants(spec: str, device: torch.device) -> list[str]:
+    """The comma-separated ``--variants`` of a script that holds one model in memory: each known (FA4 tiles allowed),
+    named once, runnable on ``device``, all in one weight precision; otherwise SystemExit naming the problem."""
+    variants = [v for v in spec.split(",") if v]
+    if not variants:
+        raise SystemExit(f"--variants: none given; choose from {sorted(SHORT)}")
+    for v in variants:
+        try:
+            variant_options(v)
+        except ValueError as e:
+            raise SystemExit(f"--variants {v}: {e}") from None
+    repeated = sorted({v for v in variants if variants.count(v) > 1})
+    if repeated:
+        raise SystemExit(f"--variants: {repeated} named twice (their rows would merge in the summary)")
+    for v in variants:
+        try:
+            variant_options(v).check_device(device)
+        except ValueError as e:
+            raise SystemExit(f"--variants {v}: {e}") from e
+    dtype = variant_options(variants[0]).weight_dtype
+    if any(variant_options(v).weight_dtype != dtype for v in variants):
+        raise SystemExit("--variants: all variants must hold the weights in one precision (one model in memory)")
+    return variants
+
+
+def distinct_counts(spec: str, flag: str) -> list[int]:
+    """A comma-separated list of distinct positive integers (``--sizes``), or SystemExit naming ``flag``."""
+    try:
+        counts = [int(s) for s in spec.split(",") if s]
+    except ValueError:
+        raise SystemExit(f"{flag}: comma-separated integers, got {spec!r}") from None
+    if not counts or min(counts) < 1 or len(set(counts)) != len(counts):
+        raise SystemExit(f"{flag}: distinct counts >= 1, got {spec!r}")
+    return counts
+
+
 #: outputs of every variant are compared with this one's (same weights, inputs, seeds)
 REFERENCE_VARIANT = "bf16-cfg-kv"
 COORDS_FILE = Path(__file__).parent / "data" / "ycb_surface_coords_r64.npz"

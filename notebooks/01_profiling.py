@@ -526,15 +526,22 @@ t15.pivot_table(index=["N", "unit"], columns="part", values="idle_ms", aggfunc="
 S16 = ROOT / "benchmarks" / "results" / "base_vs_official_h100" / "session16"
 sizes16 = pd.read_csv(ROOT / "benchmarks" / "results" / "slat_many_sizes_h100_session16" / "slat_many_sizes.csv")
 sizes16["variant"] = sizes16["variant"].str.replace(PREFIX, "", regex=False)
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-for ax, (p, part) in zip(axes, sizes16.groupby("pass")):
-    sns.lineplot(data=part.sort_values("N"), x="N", y="seconds", hue="variant", marker="o", ax=ax)
-    ax.set_title(f"pass {p}: " + ("every size new" if p == 1 else "every size seen once"), fontsize=10)
-    ax.set_xlabel("voxels (N)")
-axes[0].set_ylabel("SLaT sampler, s")
-fig.suptitle("SLaT over 16 new sizes (H100, session 16)", fontsize=10)
-fig.tight_layout()
-fig.savefig(FIG / "01_slat_new_sizes.png", dpi=120)
+
+
+def plot_passes(calls: pd.DataFrame, title: str, name: str) -> None:
+    """SLaT seconds per size, one panel per pass of ``slat_many_sizes.py``, one line per variant."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, (p, part) in zip(axes, calls.groupby("pass")):
+        sns.lineplot(data=part.sort_values("N"), x="N", y="seconds", hue="variant", marker="o", ax=ax)
+        ax.set_title(f"pass {p}: " + ("every size new" if p == 1 else "every size seen once"), fontsize=10)
+        ax.set_xlabel("voxels (N)")
+    axes[0].set_ylabel("SLaT sampler, s")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(FIG / name, dpi=120)
+
+
+plot_passes(sizes16, "SLaT over 16 new sizes (H100, session 16)", "01_slat_new_sizes.png")
 paired = sizes16.pivot_table(index=["pass", "N"], columns="variant", values="seconds")
 (paired.sub(paired["-ge"], axis=0).drop(columns="-ge") < 0).groupby("pass").sum().rename(
     columns=lambda c: f"{c} faster than -ge at")
@@ -635,15 +642,7 @@ first.pivot_table(index=["variant", "N"], columns="step", values=["host_ms", "gp
 big17 = pd.concat(pd.read_csv(f) for f in sorted((R17 / "slat_many_sizes_session17" / "h200_12k_20k").glob(
     "*/slat_many_sizes.csv")))
 big17["variant"] = big17["variant"].str.replace(P17, "", regex=False)
-fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
-for ax, (p, part) in zip(axes, big17.groupby("pass")):
-    sns.lineplot(data=part.sort_values("N"), x="N", y="seconds", hue="variant", marker="o", ax=ax)
-    ax.set_title(f"pass {p}: " + ("every size new" if p == 1 else "every size seen once"), fontsize=10)
-    ax.set_xlabel("voxels (N)")
-axes[0].set_ylabel("SLaT sampler, s")
-fig.suptitle("SLaT over 8 new sizes, one process per variant (H200, session 17)", fontsize=10)
-fig.tight_layout()
-fig.savefig(FIG / "01_slat_new_sizes_session17.png", dpi=120)
+plot_passes(big17, "SLaT over 8 new sizes, one process per variant (H200, session 17)", "01_slat_new_sizes_session17.png")
 pair17 = big17.pivot_table(index=["pass", "N"], columns="variant", values="seconds")
 pd.DataFrame({"median s": big17.groupby(["pass", "variant"])["seconds"].median(),
               "faster than -ac at": (pair17.sub(pair17["-ac"], axis=0) < 0).groupby("pass").sum().stack()}).round(4)

@@ -33,7 +33,7 @@ def test_gemm_ops_compute_their_math():
 
 @pytest.mark.parametrize("argv,message", [
     (["--blocks", "1"], "--blocks must be >= 2"),
-    (["--sizes", "5,5"], "--sizes: distinct token counts"),
+    (["--sizes", "5,5"], "--sizes: distinct counts"),
     (["--sizes", "a"], "--sizes: comma-separated integers"),
     (["--ops", "addmm,fma"], "--ops: unknown op 'fma'"),
 ])
@@ -68,7 +68,7 @@ def test_slat_host_profile_on_cpu_records_every_step(tmp_path):
 
 
 def test_slat_host_profile_rejects_bad_arguments(tmp_path):
-    with pytest.raises(SystemExit, match="--sizes: distinct voxel counts"):
+    with pytest.raises(SystemExit, match="--sizes: distinct counts"):
         shp.main(["--device", "cpu", "--config", "mini", "--variants", "bf16", "--sizes", "50,50", "--out",
                   str(tmp_path)])
     with pytest.raises(SystemExit, match="--variants nope"):
