@@ -198,6 +198,11 @@ SS_GELU_LONG = ("... + one-key K/V of the zero condition + FlashAttention-4 in S
 VARIANTS[SS_GELU_LONG.format(rf="")] = dataclasses.replace(VARIANTS[AC_LONG], gelu_epilogue_sites=("ss",))
 VARIANTS[SS_GELU_LONG.format(rf=" or a warm-up pass")] = dataclasses.replace(
     VARIANTS[AC_LONG], gelu_epilogue_sites=("ss",), graph_record_first=True)
+# ... with the torso's tokens in buckets 1/16 apart (``slat_token_bucket``, session 14's buckets inside the whole-pass
+# graphs): every object of a bucket meets the torso's GEMM shapes at the counts cuBLAS has already chosen algorithms
+# for, so the first-call host cost is paid once per bucket instead of once per object, and the GELU epilogue can stay
+TB_AC_LONG = AC_LONG.replace("fused SLaT IO steps", "fused SLaT IO steps, SLaT token buckets")
+VARIANTS[TB_AC_LONG] = dataclasses.replace(VARIANTS[AC_LONG], slat_token_bucket=1 / 16)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -269,6 +274,7 @@ SHORT = {"official-like": "official-like (fp32 weights, fp16 autocast)", "fp32":
 SHORT.update({f"compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-w{_n}": WARMUP_LONG.format(n=_n) for _n in (2, 3, 4)})
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-sg"] = SS_GELU_LONG.format(rf="")
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-sg"] = SS_GELU_LONG.format(rf=" or a warm-up pass")
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-tb"] = TB_AC_LONG
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

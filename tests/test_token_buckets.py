@@ -217,3 +217,25 @@ def test_real_fa4_used_key_counts_equal_the_unpadded_call():
         out = attention(qp, kp, vp, key_len=torch.tensor([1500, 1500], device="cuda"))
         ref = attention(q, k, v)
     torch.testing.assert_close(out[:, :1500].float(), ref.float(), rtol=0, atol=2e-2)
+
+
+@torch.no_grad()
+def test_buckets_inside_whole_pass_graphs_give_the_unbucketed_samples(slat_setup, cpu_compile, monkeypatch):
+    """Token buckets with SLaT's whole-pass graphs recorded without a sync (session 17's candidate ``-ac-tb``: buckets
+    would let cuBLAS's per-shape algorithm cache serve every object of a bucket). On the CPU the graphs run eagerly;
+    the bucketed samples equal the unbucketed whole-pass ones to float32 rounding, and nothing is held (SLaT's torso
+    records no graphs of its own in this mode: each object's whole-pass graphs hold its K/V)."""
+    import fs3d_accel.stages.options as options_mod
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    stage, objects, sampler = slat_setup
+    plain = RunOptions(batch_cfg=True, cache_cond_kv=True, collapse_zero_cond=True)
+    whole = dataclasses.replace(plain, compile_slat=True, compile_backend="aot_eager", slat_compile_mode="default",
+                                cuda_graphs=True, async_graph_capture=True, fuse_slat_io=True)
+    bucketed = dataclasses.replace(whole, slat_token_bucket=1 / 4)
+    for cond, coords, noise in objects:
+        ref = sample_slat(stage, cond, coords, noise, sampler, plain)
+        torch.testing.assert_close(sample_slat(stage, cond, coords, noise, sampler, whole), ref, rtol=0, atol=0)
+        torch.testing.assert_close(sample_slat(stage, cond, coords, noise, sampler, bucketed), ref, rtol=1e-5,
+                                   atol=1e-5)
+    assert stage.held_inputs().keys() == []
+    stage.__dict__.pop("_compiled_torso", None)
