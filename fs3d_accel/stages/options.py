@@ -112,15 +112,18 @@ class RunOptions:
     #: the recording; a first-call recording that fails warns, runs that step eagerly and records at the next, and
     #: that kind of pass is warmed again for the rest of the process. The record of passes run lives on the SLaT stage
     #: (``_graph_passes_run``) and does not see ``torch._dynamo.reset()``: after one, clear it or build a new pipeline.
-    #: Needs ``cuda_graphs``, ``async_graph_capture`` and ``batch_cfg``. Not yet measured on a GPU.
+    #: Needs ``cuda_graphs``, ``async_graph_capture`` and ``batch_cfg``. Session 17 (H100): bit-identical to the warmed
+    #: recording (GPU test); alone, no gain on a second meeting of 16 new sizes (+9 ms, faster at 5 of 16); with the
+    #: GELU epilogue kept to SS (``gelu_epilogue_sites``) the fastest SLaT call over new sizes on an H100 and an H200:
+    #: the named path ``compiled-zkv-fa4-all-sqfa2-ge-ac-stream`` (``results/slat_many_sizes_session17/``).
     graph_record_first: bool = False
     #: eager passes each SLaT whole-pass graph runs before it records (``GraphedCall(warmup=...)``; 1 = the first pass
-    #: eager, the second records). The recording is host work only (~30 ms at 14k voxels, capture plus instantiation);
-    #: with ``async_graph_capture`` the GPU meanwhile runs what is queued ahead of it, which after one eager pass is that
-    #: pass's tail: session 16's profiled 14k call idles 30 ms right there. Each further eager pass queues its GPU time
-    #: minus its launch time ahead of the recording (the compiled torso launches faster than the GPU runs it), so 2-4
-    #: passes can hide the recording, at no cost in GPU time. ``graph_record_first`` (0 from the second object on)
-    #: takes precedence where it applies. Needs ``cuda_graphs`` for any value but 1.
+    #: eager, the second records). Built to hide the recording's host time behind GPU work queued by more eager passes;
+    #: measured the other way round (session 17, H100, 16 new sizes of 4-6k voxels, second meeting): 2, 3 and 4 passes
+    #: were slower at 16 of 16 sizes, by a median 33, 65 and 78 ms, since an eager SLaT pass is itself host-bound
+    #: (``results/slat_many_sizes_session17/warmup/``). Kept as the measured alternative; leave it at 1.
+    #: ``graph_record_first`` (0 from the second object on) takes precedence where it applies. Needs ``cuda_graphs``
+    #: for any value but 1.
     slat_graph_warmup: int = 1
     #: one CUDA-graph memory pool, kept by the SLaT stage, for the graphs of every SLaT object
     #: (``stages.graphs.GraphPool``, ``SLaTStage.graph_pool``) instead of a private pool per graph: the batch-1 graph
@@ -128,8 +131,10 @@ class RunOptions:
     #: instead of asking for fresh device memory inside each recording (session 15's lead for why the asynchronous
     #: recording did not gain per object at 14k; without ``torch.cuda.graph``'s cache flush, finished objects' private
     #: pools stay cached). The pool keeps the largest object's size. Session 16 (H100): per object within 2% of
-    #: ``async_graph_capture`` alone (1.197-1.222 s at 14k; slower in 3 of 4 pairs); its memory over many objects is not
-    #: measured yet. Needs ``cuda_graphs``.
+    #: ``async_graph_capture`` alone (1.197-1.222 s at 14k; slower in 3 of 4 pairs). Session 17 (H100, 16 new sizes
+    #: twice): reserved memory stayed at 24.37 GB over both passes, but it ran after two variants that had reserved
+    #: that much already, so this fits a flat pool without showing one; 13 ms slower than ``async_graph_capture``
+    #: alone on the second meeting. Needs ``cuda_graphs``.
     shared_graph_pool: bool = False
     #: in the unconditional CFG branch the condition tokens are all zero, so each cross-attention's L keys
     #: are one repeated vector (the ``to_kv`` bias), and so are its values: keep one key and value instead
