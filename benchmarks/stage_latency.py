@@ -189,9 +189,9 @@ WARMUP_LONG = ("... + one-key K/V of the zero condition + FlashAttention-4 in SS
                "recorded without a sync after {n} eager passes, fused SLaT IO steps")
 for _n in (2, 3, 4):
     VARIANTS[WARMUP_LONG.format(n=_n)] = dataclasses.replace(VARIANTS[AC_LONG], slat_graph_warmup=_n)
-# ... with the GELU epilogue in SS only (``gelu_epilogue_sites``): cuBLASLt's epilogue GEMM pays ~3.5 ms of host time
-# per block at its first calls with a new token count (session 17), which every new SLaT object meets; alone and with
-# the graphs recorded at their first call
+# ... with the GELU epilogue in SS only (``gelu_epilogue_sites``): a cuBLAS GEMM pays host time at its first call with a
+# new token count (~5 ms per shape, ~10 ms for the epilogue GEMM, session 17), which every new SLaT object meets; alone
+# and with the graphs recorded at their first call
 SS_GELU_LONG = ("... + one-key K/V of the zero condition + FlashAttention-4 in SS and SLaT, reduce-overhead in SS, "
                 "small-query attention by FlashAttention-2, GELU in SS's GEMM epilogue, SLaT passes as whole CUDA graphs "
                 "recorded without a sync{rf}, fused SLaT IO steps")

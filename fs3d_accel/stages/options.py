@@ -132,9 +132,9 @@ class RunOptions:
     #: recording did not gain per object at 14k; without ``torch.cuda.graph``'s cache flush, finished objects' private
     #: pools stay cached). The pool keeps the largest object's size. Session 16 (H100): per object within 2% of
     #: ``async_graph_capture`` alone (1.197-1.222 s at 14k; slower in 3 of 4 pairs). Session 17 (H100, 16 new sizes
-    #: twice): reserved memory stayed at 24.37 GB over both passes, but it ran after two variants that had reserved
-    #: that much already, so this fits a flat pool without showing one; 13 ms slower than ``async_graph_capture``
-    #: alone on the second meeting. Needs ``cuda_graphs``.
+    #: twice): reserved memory rose 0.37 GB over the first pass and not at all over the second (``async_graph_capture``
+    #: alone: ~3.6 GB per pass), but it ran after two other variants, so this fits a flat pool without showing one;
+    #: 13 ms slower than ``async_graph_capture`` alone on the second meeting. Needs ``cuda_graphs``.
     shared_graph_pool: bool = False
     #: in the unconditional CFG branch the condition tokens are all zero, so each cross-attention's L keys
     #: are one repeated vector (the ``to_kv`` bias), and so are its values: keep one key and value instead
@@ -174,11 +174,12 @@ class RunOptions:
     #: 0.678-0.682 -> 0.657 s (55.3% MFU of executed FLOPs), quality unchanged to run-to-run noise; the named path
     #: ``compiled-zkv-fa4-all-sqfa2-ge`` has it (``results/base_vs_official_h100/session14/``).
     gelu_epilogue: bool = False
-    #: the stages whose MLPs take the GELU epilogue when ``gelu_epilogue`` is on. cuBLASLt pays a host cost at the
-    #: epilogue GEMM's first calls at a new token count (session 17, H100: ~3.5 ms per SLaT block at 14k voxels, ~170 ms
-    #: per object over the eager and recorded passes, ``results/slat_host_profile_h100/``), which a benchmark repeating
-    #: one object never sees. SS's shapes never change, so there it is paid once per process; SLaT and the mesh decoder
-    #: meet a new count with every object.
+    #: the stages whose MLPs take the GELU epilogue when ``gelu_epilogue`` is on. A cuBLAS GEMM pays host time at its
+    #: first call with a token count the process has not met (session 17, H200: 4-5 ms per shape, 10 ms for the
+    #: epilogue GEMM; ``results/gemm_first_call_h200/``), which a benchmark repeating one object never sees. SS's shapes
+    #: never change, so there it is paid once per process; SLaT and the mesh decoder meet new counts with every object.
+    #: Over new sizes SLaT was faster with the epilogue in SS only (``results/slat_many_sizes_session17/``); repeating
+    #: one object, the epilogue saves SLaT ~17-25 ms of kernels per object at 14-20k voxels.
     gelu_epilogue_sites: tuple[str, ...] = KERNEL_STAGES
     #: token buckets for the compiled SLaT torso (``slat_flow.use_token_buckets``; 0: off): each object's torso tokens
     #: are padded up to a bucket (``bucket_tokens``: buckets ``step`` of the size apart, e.g. 1/16), the padding left
@@ -543,17 +544,18 @@ FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"] = dataclasses.replace(
     async_graph_capture=True, fuse_slat_io=True)
 
 # For a stream of objects of new sizes (a dataset run), where every SLaT object meets new token counts: the GELU
-# epilogue kept to SS (``gelu_epilogue_sites``), since cuBLASLt pays ~5 ms of host time per GEMM shape at a new token
-# count and ~10 ms for the epilogue GEMM (session 17, ``results/gemm_first_call_h200/``), and SLaT's graphs recorded at
-# their first call from the second object on (``graph_record_first``; bit-identical to the warmed recording in the GPU
-# test). SLaT call over new sizes, each variant in its own process where noted: H100 at 4-6k voxels 0.208 s against
-# 0.272 s for ``-ge-ac`` on first meeting (16 of 16 faster; same process, ``-ge-ac`` first) and 0.214 against 0.227 s
-# on the second (14 of 16); H200 at 12-20k, own processes, 0.511 against 0.606 s (8 of 8) and 0.495 against 0.529 s
-# (8 of 8) (``results/slat_many_sizes_session17/``). Repeating one object, as the per-object benchmark does, it
-# is not faster: H100 per object 1.265 against 1.263 s at 14k, 1.558 against 1.498 s at 20k, where the epilogue's
-# kernel time counts and no first call is left (``results/base_vs_official_h100/session17/``). Its quality is inferred,
-# not measured directly: SLaT's GELU as inductor computes it is ``compiled-zkv-fa4-all-sqfa2``'s, and the first-call
-# recording replays the warmed graphs' values bit for bit (runbook: direct quality run).
+# epilogue kept to SS (``gelu_epilogue_sites``), since a cuBLAS GEMM pays host time at its first call with a new token
+# count (H200: ~5 ms per shape, ~10 ms for the epilogue GEMM; ``results/gemm_first_call_h200/``), and SLaT's graphs
+# recorded at their first call from the second object on (``graph_record_first``; bit-identical to the warmed recording
+# in the GPU test). SLaT call over new sizes (``results/slat_many_sizes_session17/``): H200 at 12-20k voxels, each
+# variant in its own process, 0.511 against 0.606 s for ``-ge-ac`` on a first meeting and 0.495 against 0.529 s on the
+# second (8 of 8 faster each); H100 at 4-6k 0.214 against 0.227 s on the second meeting (14 of 16; its first-meeting
+# lead, 0.208 against 0.272 s, is flattered by running after ``-ge-ac`` in the same process). Repeating one object, as
+# the per-object benchmark does, it is not faster: H100 per object 1.265 against 1.263 s at 14k, 1.558 against 1.498 s
+# at 20k, where no first call is left and the epilogue's kernel saving counts (``results/base_vs_official_h100/
+# session17/``). Its quality is inferred, not measured directly: SLaT's GELU as inductor computes it is
+# ``compiled-zkv-fa4-all-sqfa2``'s, and the first-call recording replays the warmed graphs' values bit for bit (runbook:
+# direct quality run).
 FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-stream"] = dataclasses.replace(
     FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"], gelu_epilogue_sites=("ss",), graph_record_first=True)
 
