@@ -203,6 +203,11 @@ VARIANTS[SS_GELU_LONG.format(rf=" or a warm-up pass")] = dataclasses.replace(
 # for, so the first-call host cost is paid once per bucket instead of once per object, and the GELU epilogue can stay
 TB_AC_LONG = AC_LONG.replace("fused SLaT IO steps", "fused SLaT IO steps, SLaT token buckets")
 VARIANTS[TB_AC_LONG] = dataclasses.replace(VARIANTS[AC_LONG], slat_token_bucket=1 / 16)
+# ... the stream path with its batch-1 graph recorded after the 8th guided step (``unguided_graph_ahead``): the host is
+# then ~8 replays ahead, so that recording's host time (with its cuBLAS first calls) overlaps queued GPU work instead of
+# idling the GPU at CFG's end
+UA_LONG = SS_GELU_LONG.format(rf=" or a warm-up pass, the unguided one ahead of its first call")
+VARIANTS[UA_LONG] = dataclasses.replace(VARIANTS[SS_GELU_LONG.format(rf=" or a warm-up pass")], unguided_graph_ahead=8)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -275,6 +280,7 @@ SHORT.update({f"compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-w{_n}": WARMUP_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-sg"] = SS_GELU_LONG.format(rf="")
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-sg"] = SS_GELU_LONG.format(rf=" or a warm-up pass")
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-tb"] = TB_AC_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-sg-ua"] = UA_LONG
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

@@ -594,3 +594,83 @@ def test_slat_graph_warmup_sets_the_eager_passes_before_each_recording(monkeypat
         for rows in (2 * n, n):
             calls = [capturing for r, capturing in passes if r == rows]
             assert calls == [False] * warmup + [True], (rows, calls)  # enough steps of each kind to record
+
+
+def test_options_reject_a_bad_unguided_graph_ahead():
+    base = dict(precision="bf16", cuda_graphs=True, async_graph_capture=True, batch_cfg=True)
+    for bad in (-1, 2.0, True, "3"):
+        with pytest.raises(ValueError, match="unguided_graph_ahead is the guided step"):
+            RunOptions(**base, graph_record_first=True, unguided_graph_ahead=bad)
+    with pytest.raises(ValueError, match="unguided_graph_ahead records SLaT's batch-1 graph before its first call"):
+        RunOptions(**base, unguided_graph_ahead=3)
+    assert RunOptions(**base, graph_record_first=True, unguided_graph_ahead=3).unguided_graph_ahead == 3
+
+
+def _spy_prepares(monkeypatch, flow_calls: list) -> list[int]:
+    """Patch the SLaT stage's ``GraphedCall`` so that each ``prepare`` appends how many flow passes had run by then."""
+    from fs3d_accel.stages import slat as slat_mod
+    prepared: list[int] = []
+
+    class Spy(GraphedCall):
+        def prepare(self, *args):
+            prepared.append(len(flow_calls))
+            return super().prepare(*args)
+
+    monkeypatch.setattr(slat_mod, "GraphedCall", Spy)
+    return prepared
+
+
+def test_unguided_graph_recorded_ahead_changes_no_value(monkeypatch):
+    """``unguided_graph_ahead=3``: from the second object on, the batch-1 graph of the steps after CFG is recorded right
+    after the third guided step (by ``GraphedCall.prepare``), not at the first unguided step; the first object, whose
+    batch-1 pass has not run in the process yet, is warmed as before. Every value equals ``graph_record_first``
+    alone. On the CPU ``prepare`` records nothing (the graphs run eagerly)."""
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    flow_calls: list = []
+    prepared = _spy_prepares(monkeypatch, flow_calls)
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=12), seed=0)  # 7 guided, then 5 unguided
+    sparsify_occupancy(pipe, occupied_fraction=0.02)
+    inputs = pipe.prepare(*make_scene(pipe.config.image_size))
+    base = dict(batch_cfg=True, cache_cond_kv=True, cuda_graphs=True, async_graph_capture=True, graph_record_first=True)
+    reference = run_ss_slat_each(pipe, inputs, [RunOptions(**base)] * 2)
+    hook = pipe.slat.flow.register_forward_pre_hook(lambda m, a: flow_calls.append(a[0].shape[0]))
+    try:
+        ahead = run_ss_slat_each(pipe, inputs, [RunOptions(**base, unguided_graph_ahead=3)] * 2)
+    finally:
+        hook.remove()
+    for a, b in zip(reference, ahead):
+        assert_same_ss_slat(a, b)
+    n = ahead[0][1].feats.shape[0]
+    per_object = len(flow_calls) // 2
+    # object 1 met the batch-1 kind under other options (another repr): warmed, nothing prepared. Object 2: prepared
+    # once, after its third guided pass (plus the build_structure passes, which are not flow forward calls)
+    assert prepared == [per_object + 3], (prepared, flow_calls)
+    assert flow_calls[per_object:per_object + 3] == [2 * n] * 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_unguided_graph_recorded_ahead_on_cuda_replays_at_its_first_step(monkeypatch):
+    """On a GPU, over objects of two sizes: with ``unguided_graph_ahead`` the second object's batch-1 graph records
+    inside the guided steps, and the first unguided step only replays (no flow pass after that recording), bit for bit
+    the values of ``graph_record_first`` alone."""
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=12), seed=0, device="cuda")
+    sparsify_occupancy(pipe, occupied_fraction=0.02)
+    inputs = pipe.prepare(*make_scene(pipe.config.image_size))
+    base = dict(batch_cfg=True, cache_cond_kv=True, cuda_graphs=True, async_graph_capture=True, graph_record_first=True)
+    plain = [run_ss_slat_each(pipe, inputs, [RunOptions(**base)], seed=s)[0] for s in (0, 1)]
+    passes = []
+    hook = pipe.slat.flow.register_forward_pre_hook(
+        lambda m, a: passes.append((a[0].shape[0], torch.cuda.is_current_stream_capturing())))
+    try:
+        ahead = [run_ss_slat_each(pipe, inputs, [RunOptions(**base, unguided_graph_ahead=2)], seed=s)[0]
+                 for s in (0, 1)]
+    finally:
+        hook.remove()
+    torch.cuda.synchronize()
+    for a, b in zip(plain, ahead):
+        assert_same_ss_slat(a, b)
+    n2 = ahead[1][1].feats.shape[0]
+    # the options' repr is new, so object 1 warms both kinds; object 2 records both at once: the batched graph at the
+    # first step, the batch-1 graph ahead, and runs no flow pass after that
+    second = passes[-2:]
+    assert second == [(2 * n2, True), (n2, True)], passes

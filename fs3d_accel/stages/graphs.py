@@ -152,6 +152,27 @@ class GraphedCall:
         self.replays += 1
         return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, entry.output)
 
+    def prepare(self, *args: Tensor) -> bool:
+        """Record the graph of ``args``' signature now, without replaying it (no GPU work is queued), so that a later
+        call with that signature only replays. For a caller whose host is ahead of the GPU: the recording's host time
+        then overlaps queued work instead of the GPU waiting for it. Only without warm-up calls (``warmup=0``: the
+        function's caches must be built already). Returns whether it recorded (False off CUDA, where calls run
+        eagerly, or where the signature is recorded already)."""
+        if self.warmup != 0:
+            raise ValueError(f"prepare records without an eager warm-up call; this GraphedCall has warmup={self.warmup}")
+        sig = self.signature(args)
+        if not args or args[0].device.type != "cuda" or sig in self._captured:
+            return False
+        if sig in self._failed:
+            raise RuntimeError(f"recording the CUDA graph of this call failed before ({self._failed[sig]}); "
+                               f"not retried, since a failed capture can leave CUDA state behind")
+        try:
+            self._captured[sig] = self._capture(args)
+        except Exception as exc:
+            self._failed[sig] = f"{type(exc).__name__}: {exc}"
+            raise
+        return True
+
     def _capture(self, args: tuple[Tensor, ...]) -> _Captured:
         inputs = [a.clone() for a in args]
         if self.side_stream_warmup:

@@ -125,6 +125,14 @@ class RunOptions:
     #: ``graph_record_first`` (0 from the second object on) takes precedence where it applies. Needs ``cuda_graphs``
     #: for any value but 1.
     slat_graph_warmup: int = 1
+    #: record SLaT's batch-1 graph (the conditional pass of the steps after CFG ends) right after the k-th guided
+    #: full-token step instead of at the first unguided step (0: off). After CFG's last guided steps the host is only a
+    #: few replays ahead of the GPU (it blocks once ~8 are queued), so the batch-1 recording at CFG's end, with its
+    #: cuBLAS first calls at a new token count, idles the GPU (session 17, H100, 9-14k voxels: ~30 ms with
+    #: ``graph_record_first``, ~100 ms without). Recorded early, its host time overlaps the guided replays queued
+    #: ahead; the values are the same graph's. Only with ``graph_record_first`` (the recording needs no eager
+    #: warm-up), from the second object on, where an unguided step follows. Not yet measured on a GPU.
+    unguided_graph_ahead: int = 0
     #: one CUDA-graph memory pool, kept by the SLaT stage, for the graphs of every SLaT object
     #: (``stages.graphs.GraphPool``, ``SLaTStage.graph_pool``) instead of a private pool per graph: the batch-1 graph
     #: recorded once CFG ends reuses the batch-2 graph's temporaries, and the next object reuses this one's memory,
@@ -308,6 +316,13 @@ class RunOptions:
         if self.slat_graph_warmup != 1 and not self.cuda_graphs:
             raise ValueError("slat_graph_warmup sets when cuda_graphs' SLaT graphs record, and cuda_graphs is off: it would "
                              "change nothing (set cuda_graphs=True)")
+        if isinstance(self.unguided_graph_ahead, bool) or not isinstance(self.unguided_graph_ahead, int) \
+                or self.unguided_graph_ahead < 0:
+            raise ValueError(f"unguided_graph_ahead is the guided step after which SLaT's batch-1 graph records, an int "
+                             f">= 0 (0: off), got {self.unguided_graph_ahead!r}")
+        if self.unguided_graph_ahead and not self.graph_record_first:
+            raise ValueError("unguided_graph_ahead records SLaT's batch-1 graph before its first call, which needs "
+                             "graph_record_first (a recording without an eager warm-up pass)")
         if not isinstance(self.shared_graph_pool, bool):
             raise ValueError(f"shared_graph_pool is a bool, got {self.shared_graph_pool!r}")
         if self.shared_graph_pool and not self.cuda_graphs:

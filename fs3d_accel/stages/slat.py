@@ -137,7 +137,11 @@ class SLaTStage(HoldsInputs, nn.Module):
                                                          torso is not None, held_kv, name)
             return kv_cache[name]
 
-        def run(feats: Tensor, c_coords: Tensor, t: float, c: Tensor, ckv, structure=None) -> Tensor:
+        def run(feats: Tensor, c_coords: Tensor, t: float, c: Tensor, ckv, structure=None,
+                prepare_only: bool = False) -> Tensor | None:
+            """The flow's velocity at ``feats`` (replayed from the structure's graph where there is one); with
+            ``prepare_only``, record that graph now (``graph_record_first``'s recording without a warm-up) and return
+            None without running it."""
             tt = torch.full((c.shape[0],), t * sampler_cfg.time_scale, device=c.device)
             extra = {} if structure is None else {"structure": structure}
             if torso is not None:
@@ -164,6 +168,20 @@ class SLaTStage(HoldsInputs, nn.Module):
                                                                 pool=graph_pool)
                     return graphed(feats, tt)
                 kind = pass_kind(c.shape[0])
+                if prepare_only:
+                    graphed = structure[slot] = GraphedCall(call, warmup=0, async_capture=options.async_graph_capture,
+                                                            pool=graph_pool)
+                    try:
+                        graphed.prepare(feats, tt)
+                    except Exception as exc:
+                        # as a failed first-call recording: this kind of pass is warmed from now on, and the step
+                        # that needs the graph makes a warmed one
+                        warnings.warn(f"SLaT graph recorded ahead of its first call failed ({type(exc).__name__}: "
+                                      f"{exc}); the step that needs it warms it instead, and this kind of pass is "
+                                      f"warmed from now on", RuntimeWarning, stacklevel=2)
+                        first_call_failed.add(kind)
+                        del structure[slot]
+                    return None
                 if graphed is None:
                     # no eager warm-up where the tables exist and this kind of pass has run in the process
                     skip = kind in passes_run and kind not in first_call_failed and "checked_input" in structure
@@ -242,6 +260,21 @@ class SLaTStage(HoldsInputs, nn.Module):
                     with options.network_context(cond.device, "slat"):
                         flow.build_structure(torch.cat([x, x], 0).to(dtype), both_coords, tt, batch, both_structure)
 
+            guided_full_steps = [0]
+
+            def record_unguided_ahead(x, t):
+                """After the ``unguided_graph_ahead``-th guided full-token step, record the batch-1 graph of the first
+                unguided step (the conditional pass after CFG ends) now, while replays are queued ahead of the host:
+                only where such a step follows, its tables are built, and that kind of pass records without a warm-up."""
+                guided_full_steps[0] += 1
+                if not (record_first and options.unguided_graph_ahead == guided_full_steps[0]):
+                    return
+                later = [tk for tk in grid if tk > t and not cfg_active(sampler_cfg, tk)]
+                kind = pass_kind(cond.shape[0])
+                if (later and "checked_input" in plain_structure and kind in passes_run
+                        and kind not in first_call_failed and ("cuda_graph", id(cond)) not in plain_structure):
+                    run(x, coords, later[0], cond, kv_of("cond", cond, [False]), plain_structure, prepare_only=True)
+
             def batched(x, t, active):
                 f, c = select(x, active)
                 if active is None and cache and warm_unguided[0]:
@@ -251,6 +284,7 @@ class SLaTStage(HoldsInputs, nn.Module):
                 if active is None and cache:
                     out = run(torch.cat([f, f], 0), both_coords, t, both, kv_of("both", both, [False, True]),
                               both_structure)
+                    record_unguided_ahead(x, t)
                 else:
                     out = run(torch.cat([f, f], 0), cfg_coords(c), t, both, kv_of("both", both, [False, True]))
                 n = f.shape[0]
