@@ -674,3 +674,31 @@ def test_unguided_graph_recorded_ahead_on_cuda_replays_at_its_first_step(monkeyp
     # first step, the batch-1 graph ahead, and runs no flow pass after that
     second = passes[-2:]
     assert second == [(2 * n2, True), (n2, True)], passes
+
+
+def test_graphed_call_prepare_needs_no_warm_up_and_is_a_no_op_off_cuda():
+    a = torch.randn(3, 4)
+    g = GraphedCall(lambda x: x * 2, warmup=0)
+    assert g.prepare(a) is False and g.captures == 0  # on the CPU calls run eagerly: nothing to record
+    assert torch.equal(g(a), a * 2)
+    with pytest.raises(ValueError, match="prepare records without an eager warm-up call; this GraphedCall has warmup=1"):
+        GraphedCall(lambda x: x * 2).prepare(a)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("async_capture", [False, True])
+def test_graphed_call_prepare_records_and_the_next_call_replays(async_capture):
+    calls = []
+
+    def fn(x):
+        calls.append(torch.cuda.is_current_stream_capturing())
+        return x * 2 + 1
+
+    a = torch.randn(64, 32, device="cuda")
+    g = GraphedCall(fn, warmup=0, async_capture=async_capture)
+    assert g.prepare(a) is True and g.captures == 1 and g.replays == 0 and calls == [True]
+    assert g.prepare(a) is False  # recorded already
+    out = g(a + 1)
+    torch.cuda.synchronize()
+    assert g.replays == 1 and calls == [True]  # replayed: fn not called again
+    torch.testing.assert_close(out, (a + 1) * 2 + 1, rtol=0, atol=0)
