@@ -99,8 +99,8 @@ SETTINGS[_GE + ", SLaT passes as whole CUDA graphs, fused SLaT IO steps"] = data
 SETTINGS[_GE + ", SLaT passes as whole CUDA graphs recorded without a sync, fused SLaT IO steps"] = dataclasses.replace(
     SETTINGS[_GE + ", SLaT passes as whole CUDA graphs, fused SLaT IO steps"], async_graph_capture=True)
 # session 17's path for streams of new object sizes (``compiled-zkv-fa4-all-sqfa2-ge-ac-stream``): the GELU epilogue in
-# SS only (SLaT's GELU as inductor computes it), and SLaT's graphs recorded at their first call from the second object
-# on (the same values as the warmed recording: a GPU test checks it bit for bit)
+# SS only (SLaT's and the mesh decoder's GELU outside the GEMM), and SLaT's graphs recorded at their first call from the
+# second object on (the same values as the warmed recording: a GPU test checks it bit for bit)
 SETTINGS[_GE + ", SLaT passes as whole CUDA graphs recorded without a sync or a warm-up pass, GELU epilogue in SS only, "
          "fused SLaT IO steps"] = dataclasses.replace(
     SETTINGS[_GE + ", SLaT passes as whole CUDA graphs recorded without a sync, fused SLaT IO steps"],
@@ -132,7 +132,8 @@ ONE_SWITCH_REF = {SHORT["compile-all"]: SHORT["bf16-cfg-kv"], SHORT["compile-all
                   SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-io"]: SHORT["compile-all-zkv-fa4-ro-sqfa2-ge"],
                   SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io"]: SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-io"],
                   SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac"]: SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io"],
-                  # one rounding switch (SLaT's GELU outside the GEMM); the first-call recording changes no value
+                  # one rounding switch (SLaT's and the decoder's GELU outside the GEMM); the first-call recording
+                  # changes no value
                   SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-sg"]:
                       SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac"]}
 DATASETS = {"shipped": None, "ycb_scale": Path(__file__).parent / "data" / "ycb_scale" / "objects"}

@@ -5,7 +5,8 @@ transformer MLP's first GEMM (tokens x 1024 -> 4096, with or without the GELU ep
 same blocks at the same token count stayed cheap. This script times each call on the host, one at a time (the device synchronised before and
 after, so no queue of earlier work can block the launch), over ``--blocks`` distinct weights per shape (as the 24
 blocks of a pass) and ``--sizes`` new token counts, each met twice (``repeat``: the second meeting shows what is cached
-per process). The ops: ``torch.addmm`` (bias + GEMM, as inductor calls it), ``torch._addmm_activation`` with GELU (the
+per process; each op runs at the sizes shifted by 2 rows per op, so that its first meeting is its own). The ops:
+``torch.addmm`` (bias + GEMM, as inductor calls it), ``torch._addmm_activation`` with GELU (the
 epilogue), and ``torch.mm`` without bias, at the MLP's two shapes and the attention's input projection.
 
     python benchmarks/gemm_first_call.py --device cuda --out runs/gemm_first_call
@@ -79,6 +80,10 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as e:
             raise SystemExit(f"--ops: {e}") from None
     sizes = distinct_counts(args.sizes, "--sizes")
+    shifted = [n + 2 * k for n in sizes for k in range(len(ops))]
+    if len(set(shifted)) != len(shifted):
+        raise SystemExit(f"--sizes {sizes}: each op runs at the sizes shifted by 2 rows per op, and two would meet; space "
+                         f"the sizes further apart")
     if args.blocks < 2:
         raise SystemExit(f"--blocks must be >= 2 (the first call against the later ones), got {args.blocks}")
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -103,9 +108,12 @@ def main(argv: list[str] | None = None) -> None:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
         for meeting in (1, 2):
-            for m in sizes:
-                xs = {n_in: torch.randn(m, n_in, device=dev, dtype=dtype) for _, n_in, _ in SHAPES}
-                for o in ops:
+            for base_m in sizes:
+                for k, o in enumerate(ops):
+                    # each op at counts of its own (shifted by 2 rows per op), so that no op meets a count an earlier
+                    # op of the loop has met: the first meeting is the op's own
+                    m = base_m + 2 * k
+                    xs = {n_in: torch.randn(m, n_in, device=dev, dtype=dtype) for _, n_in, _ in SHAPES}
                     fn = op_fns(o)
                     for name, n_in, _ in SHAPES:
                         for b, (w, bias) in enumerate(weights[name]):

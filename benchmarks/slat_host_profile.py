@@ -102,9 +102,9 @@ def run_object(stage, noise, cond, coords, sampler_cfg, opts, device, profiler: 
             profiler.enable()
         clock = StepClock(stage.velocity_net(cond, coords, sampler_cfg, opts, structures), device)
         EulerFlowSampler(sampler_cfg, "slat").sample(noise.clone(), clock)
+    finally:
         if profiler is not None:
             profiler.disable()
-    finally:
         for s in structures:
             release_structure(s)
     if device.type == "cuda":

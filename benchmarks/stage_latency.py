@@ -315,6 +315,8 @@ def variant_label(name: str) -> str:
     """The long description of a benchmark variant (with its FA4 tiles, where named)."""
     base, tiles = _split_variant(name)
     return SHORT[base] + ("" if not tiles else ", FA4 tiles " + ", ".join(f"{s} {t}" for s, t in tiles))
+
+
 def checked_device(name: str) -> torch.device:
     """``--device``, refused (SystemExit) where it names CUDA and none is available."""
     dev = torch.device(name)

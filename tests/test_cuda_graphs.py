@@ -606,18 +606,25 @@ def test_options_reject_a_bad_unguided_graph_ahead():
     assert RunOptions(**base, graph_record_first=True, unguided_graph_ahead=3).unguided_graph_ahead == 3
 
 
-def _spy_prepares(monkeypatch, flow_calls: list) -> list[int]:
-    """Patch the SLaT stage's ``GraphedCall`` so that each ``prepare`` appends how many flow passes had run by then."""
+def _spy_prepares(monkeypatch, flow_calls: list) -> tuple[list[int], list]:
+    """Patch the SLaT stage's ``GraphedCall`` so that each ``prepare`` appends how many flow passes had run by then
+    (first list), and every call of any instance appends (instance, signature, prepared by this instance?) (second)."""
     from fs3d_accel.stages import slat as slat_mod
     prepared: list[int] = []
+    calls: list = []
 
     class Spy(GraphedCall):
         def prepare(self, *args):
             prepared.append(len(flow_calls))
+            self.prepared_signature = self.signature(args)
             return super().prepare(*args)
 
+        def __call__(self, *args):
+            calls.append((self, self.signature(args), getattr(self, "prepared_signature", None)))
+            return super().__call__(*args)
+
     monkeypatch.setattr(slat_mod, "GraphedCall", Spy)
-    return prepared
+    return prepared, calls
 
 
 def test_unguided_graph_recorded_ahead_changes_no_value(monkeypatch):
@@ -627,13 +634,14 @@ def test_unguided_graph_recorded_ahead_changes_no_value(monkeypatch):
     alone. On the CPU ``prepare`` records nothing (the graphs run eagerly)."""
     monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
     flow_calls: list = []
-    prepared = _spy_prepares(monkeypatch, flow_calls)
+    prepared, graphed_calls = _spy_prepares(monkeypatch, flow_calls)
     pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=12), seed=0)  # 7 guided, then 5 unguided
     sparsify_occupancy(pipe, occupied_fraction=0.02)
     inputs = pipe.prepare(*make_scene(pipe.config.image_size))
     base = dict(batch_cfg=True, cache_cond_kv=True, cuda_graphs=True, async_graph_capture=True, graph_record_first=True)
     reference = run_ss_slat_each(pipe, inputs, [RunOptions(**base)] * 2)
     hook = pipe.slat.flow.register_forward_pre_hook(lambda m, a: flow_calls.append(a[0].shape[0]))
+    graphed_calls.clear()
     try:
         ahead = run_ss_slat_each(pipe, inputs, [RunOptions(**base, unguided_graph_ahead=3)] * 2)
     finally:
@@ -646,6 +654,12 @@ def test_unguided_graph_recorded_ahead_changes_no_value(monkeypatch):
     # once, after its third guided pass (plus the build_structure passes, which are not flow forward calls)
     assert prepared == [per_object + 3], (prepared, flow_calls)
     assert flow_calls[per_object:per_object + 3] == [2 * n] * 3
+    # object 2's batch-1 steps (5 after CFG) are all served by the instance prepare made, at the signature it recorded
+    batch1 = [(g, sig, prep) for g, sig, prep in graphed_calls if sig[0][0][0] == n and sig[1][0] == (1,)]
+    assert len(batch1) == 10  # 5 per object
+    served = batch1[5:]
+    assert len({id(g) for g, _, _ in served}) == 1 and all(prep == sig for _, sig, prep in served)
+    assert all(prep is None for _, _, prep in batch1[:5])  # object 1: warmed as before, nothing prepared
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -658,7 +672,9 @@ def test_unguided_graph_recorded_ahead_on_cuda_replays_at_its_first_step(monkeyp
     inputs = pipe.prepare(*make_scene(pipe.config.image_size))
     base = dict(batch_cfg=True, cache_cond_kv=True, cuda_graphs=True, async_graph_capture=True, graph_record_first=True)
     plain = [run_ss_slat_each(pipe, inputs, [RunOptions(**base)], seed=s)[0] for s in (0, 1)]
+    assert plain[0][1].feats.shape[0] != plain[1][1].feats.shape[0]  # the second object brings a new size
     passes = []
+    prepared, _ = _spy_prepares(monkeypatch, passes)
     hook = pipe.slat.flow.register_forward_pre_hook(
         lambda m, a: passes.append((a[0].shape[0], torch.cuda.is_current_stream_capturing())))
     try:
@@ -674,6 +690,7 @@ def test_unguided_graph_recorded_ahead_on_cuda_replays_at_its_first_step(monkeyp
     # first step, the batch-1 graph ahead, and runs no flow pass after that
     second = passes[-2:]
     assert second == [(2 * n2, True), (n2, True)], passes
+    assert prepared == [len(passes) - 1]  # the batch-1 recording is the prepared one, after the batched recording
 
 
 def test_graphed_call_prepare_needs_no_warm_up_and_is_a_no_op_off_cuda():
@@ -702,3 +719,17 @@ def test_graphed_call_prepare_records_and_the_next_call_replays(async_capture):
     torch.cuda.synchronize()
     assert g.replays == 1 and calls == [True]  # replayed: fn not called again
     torch.testing.assert_close(out, (a + 1) * 2 + 1, rtol=0, atol=0)
+
+
+def test_unguided_graph_ahead_past_the_guided_steps_warns(monkeypatch):
+    """A step past the schedule's guided steps cannot record anything ahead: the option warns instead of doing nothing
+    silently, and the values stay those of ``graph_record_first`` alone."""
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=12), seed=0)  # 7 guided steps
+    sparsify_occupancy(pipe, occupied_fraction=0.02)
+    inputs = pipe.prepare(*make_scene(pipe.config.image_size))
+    base = dict(batch_cfg=True, cache_cond_kv=True, cuda_graphs=True, async_graph_capture=True, graph_record_first=True)
+    (reference,) = run_ss_slat_each(pipe, inputs, [RunOptions(**base)])
+    with pytest.warns(RuntimeWarning, match="unguided_graph_ahead=8 is past this schedule's 7 guided steps"):
+        (late,) = run_ss_slat_each(pipe, inputs, [RunOptions(**base, unguided_graph_ahead=8)])
+    assert_same_ss_slat(reference, late)

@@ -45,9 +45,13 @@ def test_epilogue_sites_choose_the_stages_and_are_validated():
             seen[stage] = current_gelu_epilogue()
     assert seen == {"ss": True, "slat": False, "decode": False}
     assert not current_gelu_epilogue()
-    for bad in (("ss", "mesh"), (), "ss", ["ss"]):
-        with pytest.raises(ValueError, match="gelu_epilogue_sites is a non-empty tuple of stages"):
+    for bad in (("ss", "mesh"), (), "ss", ["ss"], ("ss", "ss"), (["ss"],)):
+        with pytest.raises(ValueError, match="gelu_epilogue_sites is a non-empty tuple of distinct stages"):
             RunOptions(precision="bf16", gelu_epilogue=True, gelu_epilogue_sites=bad)
+    # one spelling per set: the order given does not make another setting
+    reordered = RunOptions(precision="bf16", gelu_epilogue=True, gelu_epilogue_sites=("slat", "ss"))
+    assert reordered.gelu_epilogue_sites == ("ss", "slat")
+    assert reordered == RunOptions(precision="bf16", gelu_epilogue=True, gelu_epilogue_sites=("ss", "slat"))
     with pytest.raises(ValueError, match="gelu_epilogue is off: they change nothing"):
         RunOptions(precision="bf16", gelu_epilogue_sites=("ss",))
 

@@ -153,13 +153,18 @@ class GraphedCall:
         return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, entry.output)
 
     def prepare(self, *args: Tensor) -> bool:
-        """Record the graph of ``args``' signature now, without replaying it (no GPU work is queued), so that a later
-        call with that signature only replays. For a caller whose host is ahead of the GPU: the recording's host time
-        then overlaps queued work instead of the GPU waiting for it. Only without warm-up calls (``warmup=0``: the
-        function's caches must be built already). Returns whether it recorded (False off CUDA, where calls run
-        eagerly, or where the signature is recorded already)."""
+        """Record the graph of ``args``' signature now, without replaying it (the recorded kernels do not run; only
+        the copies of ``args`` into the graph's input buffers are queued), so that a later call with that signature
+        only replays. For a caller whose host is ahead of the GPU: with ``async_capture`` the recording's host time
+        then overlaps the work queued ahead (``torch.cuda.graph`` would synchronise the device first). Only without
+        warm-up calls (``warmup=0``: the function's caches must be built already) and without
+        ``side_stream_warmup`` (an eager pass). Returns whether it recorded (False off CUDA, where calls run eagerly,
+        or where the signature is recorded already)."""
         if self.warmup != 0:
             raise ValueError(f"prepare records without an eager warm-up call; this GraphedCall has warmup={self.warmup}")
+        if self.side_stream_warmup:
+            raise ValueError("prepare records without running the function; side_stream_warmup would run it eagerly "
+                             "first")
         sig = self.signature(args)
         if not args or args[0].device.type != "cuda" or sig in self._captured:
             return False

@@ -142,6 +142,9 @@ class SLaTStage(HoldsInputs, nn.Module):
             """The flow's velocity at ``feats`` (replayed from the structure's graph where there is one); with
             ``prepare_only``, record that graph now (``graph_record_first``'s recording without a warm-up) and return
             None without running it."""
+            if prepare_only and not (record_first and options.cuda_graphs and structure is not None):
+                raise ValueError("prepare_only records a whole-pass graph without a warm-up; it needs "
+                                 "graph_record_first, cuda_graphs and a coordinate structure")
             tt = torch.full((c.shape[0],), t * sampler_cfg.time_scale, device=c.device)
             extra = {} if structure is None else {"structure": structure}
             if torso is not None:
@@ -169,6 +172,9 @@ class SLaTStage(HoldsInputs, nn.Module):
                     return graphed(feats, tt)
                 kind = pass_kind(c.shape[0])
                 if prepare_only:
+                    if graphed is not None:
+                        raise ValueError(f"a graph for this pass is in the structure already ({slot}); prepare_only "
+                                         f"would replace it")
                     graphed = structure[slot] = GraphedCall(call, warmup=0, async_capture=options.async_graph_capture,
                                                             pool=graph_pool)
                     try:
@@ -261,6 +267,11 @@ class SLaTStage(HoldsInputs, nn.Module):
                         flow.build_structure(torch.cat([x, x], 0).to(dtype), both_coords, tt, batch, both_structure)
 
             guided_full_steps = [0]
+            guided_in_grid = sum(cfg_active(sampler_cfg, tk) for tk in grid)
+            if record_first and options.unguided_graph_ahead > guided_in_grid:
+                warnings.warn(f"unguided_graph_ahead={options.unguided_graph_ahead} is past this schedule's "
+                              f"{guided_in_grid} guided steps: the batch-1 graph records at its first call instead",
+                              RuntimeWarning, stacklevel=2)
 
             def record_unguided_ahead(x, t):
                 """After the ``unguided_graph_ahead``-th guided full-token step, record the batch-1 graph of the first
