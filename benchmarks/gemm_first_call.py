@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     dev = checked_device(args.device)
     ops = [o for o in args.ops.split(",") if o]
+    if not ops or len(set(ops)) != len(ops):
+        raise SystemExit(f"--ops: distinct op names, at least one, got {args.ops!r} (a repeated op's rows would merge)")
     for o in ops:
         try:
             op_fns(o)

@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    if args.top < 1:
+        raise SystemExit(f"--top must be >= 1 (functions listed per cProfile table), got {args.top}")
     dev = checked_device(args.device)
     variants = checked_variants(args.variants, dev)
     sizes = distinct_counts(args.sizes, "--sizes")

@@ -652,5 +652,12 @@ pd.DataFrame({"median s": big17.groupby(["pass", "variant"])["seconds"].median()
 
 # %% [markdown]
 # Repeating one object (the per-object benchmark's protocol), the first calls are paid before the timed ones and the
-# epilogue's kernel saving is what is left: there `-ge-ac` stays the faster path (H100: 1.263 against 1.265 s at 14k,
-# 1.498 against 1.558 s at 20k; `benchmarks/results/base_vs_official_h100/session17/`).
+# epilogue's kernel saving is what is left: there `-ge-ac` stays the faster path at 20k (H100, two rounds, seconds per
+# object: SS sampler + SLaT sampler + mesh-decoder network).
+
+# %%
+rows17, meta17 = load_outputs(R17 / "base_vs_official_h100" / "session17" / "per_object_rf_sg")
+obj17 = pd.DataFrame(per_object_totals(rows17))
+obj17["variant"] = obj17["variant"].str.replace(P17, "", regex=False)
+print(meta17["device"])
+obj17.pivot_table(index=["N", "round"], columns="variant", values="seconds").round(3)

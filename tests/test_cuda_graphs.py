@@ -418,6 +418,18 @@ def spy_slat_graph_warmups(monkeypatch, base: type = GraphedCall) -> list[int]:
     return warmups
 
 
+def objects_with_flow_hook(pipe, inputs, options: RunOptions, on_pass, seeds=(0, 1)) -> list:
+    """(SS, SLaT) outputs of one object per seed under ``options``, with ``on_pass(module, args)`` called before every
+    SLaT flow pass (removed afterwards, errors included), the device synchronised at the end."""
+    hook = pipe.slat.flow.register_forward_pre_hook(on_pass)
+    try:
+        outs = [run_ss_slat_each(pipe, inputs, [options], seed=s)[0] for s in seeds]
+    finally:
+        hook.remove()
+    torch.cuda.synchronize()
+    return outs
+
+
 def test_record_first_skips_the_warm_up_pass_from_the_second_object_on(monkeypatch):
     """With ``graph_record_first``, the first object's SLaT graphs are warmed by an eager pass as before (this kind of
     pass has not run in the process); from the second object on, both graphs record at their first call
@@ -516,15 +528,9 @@ def test_record_first_on_cuda_equals_the_warmed_recording(monkeypatch):
     sizes = [w[1].feats.shape[0] for w in warmed]
     assert sizes[0] != sizes[1]  # the second object brings a new size
     eager_passes = []
-    hook = pipe.slat.flow.register_forward_pre_hook(
-        lambda m, a: eager_passes.append(torch.cuda.is_current_stream_capturing()))
     warmups.clear()
-    try:
-        first = [run_ss_slat_each(pipe, inputs, [RunOptions(**base, graph_record_first=True)], seed=s)[0]
-                 for s in (0, 1)]
-    finally:
-        hook.remove()
-    torch.cuda.synchronize()
+    first = objects_with_flow_hook(pipe, inputs, RunOptions(**base, graph_record_first=True),
+                                   lambda m, a: eager_passes.append(torch.cuda.is_current_stream_capturing()))
     for a, b in zip(warmed, first):
         assert_same_ss_slat(a, b)
     assert warmups == [1, 1, 0, 0]
@@ -675,14 +681,8 @@ def test_unguided_graph_recorded_ahead_on_cuda_replays_at_its_first_step(monkeyp
     assert plain[0][1].feats.shape[0] != plain[1][1].feats.shape[0]  # the second object brings a new size
     passes = []
     prepared, _ = _spy_prepares(monkeypatch, passes)
-    hook = pipe.slat.flow.register_forward_pre_hook(
-        lambda m, a: passes.append((a[0].shape[0], torch.cuda.is_current_stream_capturing())))
-    try:
-        ahead = [run_ss_slat_each(pipe, inputs, [RunOptions(**base, unguided_graph_ahead=2)], seed=s)[0]
-                 for s in (0, 1)]
-    finally:
-        hook.remove()
-    torch.cuda.synchronize()
+    ahead = objects_with_flow_hook(pipe, inputs, RunOptions(**base, unguided_graph_ahead=2),
+                                   lambda m, a: passes.append((a[0].shape[0], torch.cuda.is_current_stream_capturing())))
     for a, b in zip(plain, ahead):
         assert_same_ss_slat(a, b)
     n2 = ahead[1][1].feats.shape[0]
@@ -733,3 +733,8 @@ def test_unguided_graph_ahead_past_the_guided_steps_warns(monkeypatch):
     with pytest.warns(RuntimeWarning, match="unguided_graph_ahead=8 is past this schedule's 7 guided steps"):
         (late,) = run_ss_slat_each(pipe, inputs, [RunOptions(**base, unguided_graph_ahead=8)])
     assert_same_ss_slat(reference, late)
+    pipe3 = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=2), seed=0)  # 2 steps, both guided
+    sparsify_occupancy(pipe3, occupied_fraction=0.02)
+    inputs3 = pipe3.prepare(*make_scene(pipe3.config.image_size))
+    with pytest.warns(RuntimeWarning, match="this schedule guides every step"):
+        run_ss_slat_each(pipe3, inputs3, [RunOptions(**base, unguided_graph_ahead=1)])

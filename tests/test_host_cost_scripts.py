@@ -36,6 +36,9 @@ def test_gemm_ops_compute_their_math():
     (["--sizes", "5,5"], "--sizes: distinct counts"),
     (["--sizes", "a"], "--sizes: comma-separated integers"),
     (["--ops", "addmm,fma"], "--ops: unknown op 'fma'"),
+    (["--ops", "mm,mm"], "--ops: distinct op names"),
+    (["--ops", ","], "--ops: distinct op names, at least one"),
+    (["--sizes", "10,12", "--ops", "addmm,mm"], "two would meet"),
 ])
 def test_gemm_first_call_rejects_bad_arguments(tmp_path, argv, message):
     with pytest.raises(SystemExit, match=message):
@@ -71,5 +74,7 @@ def test_slat_host_profile_rejects_bad_arguments(tmp_path):
     with pytest.raises(SystemExit, match="--sizes: distinct counts"):
         shp.main(["--device", "cpu", "--config", "mini", "--variants", "bf16", "--sizes", "50,50", "--out",
                   str(tmp_path)])
+    with pytest.raises(SystemExit, match="--top must be >= 1"):
+        shp.main(["--device", "cpu", "--config", "mini", "--variants", "bf16", "--top", "0", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--variants nope"):
         shp.main(["--device", "cpu", "--config", "mini", "--variants", "nope", "--out", str(tmp_path)])

@@ -272,6 +272,9 @@ class SLaTStage(HoldsInputs, nn.Module):
                 warnings.warn(f"unguided_graph_ahead={options.unguided_graph_ahead} is past this schedule's "
                               f"{guided_in_grid} guided steps: the batch-1 graph records at its first call instead",
                               RuntimeWarning, stacklevel=2)
+            elif record_first and options.unguided_graph_ahead and guided_in_grid == len(grid):
+                warnings.warn(f"unguided_graph_ahead={options.unguided_graph_ahead}: this schedule guides every step, "
+                              f"so there is no batch-1 graph to record ahead", RuntimeWarning, stacklevel=2)
 
             def record_unguided_ahead(x, t):
                 """After the ``unguided_graph_ahead``-th guided full-token step, record the batch-1 graph of the first
