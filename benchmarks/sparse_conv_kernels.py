@@ -32,12 +32,14 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from benchmarks.stage_latency import Timer, _markdown, load_coords  # noqa: E402
 from fs3d_accel.model.random_weights import perturb_zero_inits  # noqa: E402
-from fs3d_accel.model.sparse import SparseConv3d, SparseTensor, use_conv_impl  # noqa: E402
-from fs3d_accel.model.sparse_conv_triton import triton_unavailable  # noqa: E402
+from fs3d_accel.model.sparse import (TRITON_CONV_IMPLS, SparseConv3d, SparseTensor, neighbour_table,  # noqa: E402
+                                     neighbour_tiles, use_conv_impl)
+from fs3d_accel.model.sparse_conv_triton import TILE_ROWS, triton_unavailable  # noqa: E402
+from fs3d_accel.model.sparse_conv_triton import neighbour_tiles as tiles_layout  # noqa: E402
 from fs3d_accel.pipeline import Pipeline  # noqa: E402
 from fs3d_analysis.profile.latency import sync_device  # noqa: E402
 
-IMPLS = ("gather", "transform", "implicit")
+IMPLS = ("gather", "transform", "implicit", "implicit-flat", "implicit-skip")
 
 
 def capture_conv_inputs(run, model: torch.nn.Module) -> list[tuple[str, SparseConv3d, SparseTensor]]:
@@ -78,20 +80,33 @@ def measure(network: str, calls, timer: Timer, impls: tuple[str, ...]) -> list[d
             row = dict(network=network, module=name, rows=n, c_in=conv.in_channels, c_out=conv.out_channels,
                        gflop=flops / 1e9, auto=conv.algorithm(x.feats.device, dtype=x.feats.dtype),
                        before=conv.algorithm(x.feats.device, dtype=x.feats.dtype, impl="gather-or-transform"))
+            outs = {}
             for impl in impls:
                 sync_device(x.feats.device)
                 start = time.perf_counter()
-                out = run_conv(conv, x, impl)  # first call: autotuning / table building, timed apart
+                out = outs[impl] = run_conv(conv, x, impl)  # first call: autotuning / table building, timed apart
                 sync_device(x.feats.device)
                 row[f"{impl}_first_s"] = time.perf_counter() - start
                 row[f"{impl}_err"] = float((out.float() - ref).abs().max())
+                if impl in ("implicit-flat", "implicit-skip") and "implicit" in outs:
+                    # the tiled kernel sums the same products in the same offset order: equal up to the tile shapes
+                    row[f"{impl}_vs_implicit"] = float((out.float() - outs["implicit"].float()).abs().max())
                 t = timer(lambda: run_conv(conv, x, impl))["median_s"]
                 row[f"{impl}_ms"] = 1e3 * t
                 row[f"{impl}_tflops"] = flops / t / 1e12
+            if "implicit-skip" in impls:
+                tiles = neighbour_tiles(x, conv.kernel_size, skip=True)
+                for h in TILE_ROWS:  # share of (tile, offset) pairs the skipping kernel runs
+                    row[f"skip_work_{h}"] = float(tiles.work_fraction(h))
+                # building the layout, once per coordinate set and kernel size (the timed calls reuse it, as the
+                # timed implicit calls reuse the neighbour table)
+                table = neighbour_table(x, conv.kernel_size)
+                row["skip_layout_ms"] = 1e3 * timer(lambda: tiles_layout(table, skip=True))["median_s"]
+                row["rows_with_neighbour"] = float((table < len(x)).float().mean())
         ms = {i: row[f"{i}_ms"] for i in impls}
         row["fastest"] = min(ms, key=ms.get)
         row["auto_ms"] = ms.get(row["auto"], float("nan"))
-        row["before_ms"] = ms[row["before"]]
+        row["before_ms"] = ms.get(row["before"], float("nan"))  # NaN where --impls left it out
         rows.append(row)
         print(f"{network} {name}: " + ", ".join(f"{i} {ms[i]:.3f} ms (first call {row[f'{i}_first_s']:.2f} s)"
                                                 for i in impls), flush=True)
@@ -151,7 +166,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path("runs/sparse_conv"))
     ap.add_argument("--replot", type=Path, default=None, help="redraw the figure of a finished run's folder (no GPU)")
+    ap.add_argument("--impls", default=",".join(IMPLS),
+                    help=f"comma-separated algorithms to time, of {', '.join(IMPLS)} (default: all)")
     args = ap.parse_args(argv)
+    chosen = tuple(i.strip() for i in args.impls.split(","))
+    if not chosen or any(i not in IMPLS for i in chosen) or len(set(chosen)) != len(chosen):
+        raise SystemExit(f"--impls must name distinct algorithms of {IMPLS}, got {args.impls!r}")
     if args.max_voxels is not None and args.max_voxels < 1:
         raise SystemExit(f"--max-voxels must be >= 1, got {args.max_voxels}")
     if args.warmup < 0 or args.repeats < 1:
@@ -167,7 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     dev = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     why = triton_unavailable(dev)
-    impls = IMPLS if why is None else tuple(i for i in IMPLS if i != "implicit")
+    impls = chosen if why is None else tuple(i for i in chosen if i not in TRITON_CONV_IMPLS)
+    if not impls:
+        raise SystemExit(f"--impls: none of {chosen} can run here ({why})")
     if why is not None:
         print(f"implicit-GEMM conv not timed: {why}", flush=True)
     pipe = Pipeline.from_config(args.config, seed=0, device="cpu")
@@ -204,12 +226,16 @@ def main(argv: list[str] | None = None) -> None:
             "implicit": why or "timed"}
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
     cols = ["network", "module", "rows", "c_in", "c_out", "auto", "before"] + [f"{i}_ms" for i in impls] + \
-           [f"{i}_tflops" for i in impls] + ["fastest"] + [f"{i}_err" for i in impls]
+           [f"{i}_tflops" for i in impls] + ["fastest"] + [f"{i}_err" for i in impls] + \
+           [c for c in df.columns if c.endswith("_vs_implicit") or c.startswith("skip_work_")
+                                   or c in ("rows_with_neighbour", "skip_layout_ms")]
     text = "\n".join([
         "# Sparse-conv algorithms at each conv of one pass (`benchmarks/sparse_conv_kernels.py`)", "",
         f"Device **{device_name}**, torch {torch.__version__}, `{args.config}` config, {args.dtype}, {args.object} "
         f"(N = {n} voxels; the SLaT pass holds the CFG pair, 2N rows at 64^3). CUDA events, {args.warmup} warm-up, "
-        f"median of {args.repeats}. `*_err`: largest |difference| from the fp32 gather result. Implicit GEMM: "
+        f"median of {args.repeats}. `*_err`: largest |difference| from the fp32 gather result; `*_vs_implicit`: from "
+        f"the implicit kernel's; `skip_work_<rows>`: the share of (tile, offset) pairs implicit-skip runs at that tile "
+        f"height; `rows_with_neighbour`: the share of (row, offset) pairs with a neighbour. Implicit GEMM: "
         f"{meta['implicit']}.", "",
         "## Per network: conv time of one pass", "", _markdown(summary(df, impls)), "",
         "## Per conv call", "", _markdown(df[cols]), ""])

@@ -192,6 +192,17 @@ def neighbour_table(x: SparseTensor, kernel_size: int) -> Tensor:
     return table
 
 
+def neighbour_tiles(x: SparseTensor, kernel_size: int, skip: bool = True):
+    """:func:`neighbour_table` laid out for the tiled Triton kernel (``sparse_conv_triton.neighbour_tiles``: rows
+    sorted by their neighbours, per tile the offsets it needs), built once per coordinate set, kernel size and
+    ``skip`` (cached on ``x``, device ops only)."""
+    key = ("subm_tiles", kernel_size, bool(skip))
+    if key not in x.cache:
+        from .sparse_conv_triton import neighbour_tiles as layout
+        x.cache[key] = layout(neighbour_table(x, kernel_size), skip=skip)
+    return x.cache[key]
+
+
 def _child_maps() -> tuple[Tensor, Tensor]:
     """For child slot o (index in {0,1}^3 order) and 3^3 kernel offset d: the parent's kernel
     offset floor((o+d)/2) and the neighbour's child slot (o+d) mod 2."""
@@ -242,7 +253,10 @@ def neighbour_pairs(x: SparseTensor, kernel_size: int) -> list[tuple[Tensor, Ten
 # Convolution and point-wise layers
 # ----------------------------------------------------------------------------------------------
 #: accepted values of ``SparseConv3d.impl`` and of :func:`use_conv_impl`
-CONV_IMPLS = ("auto", "implicit", "gather-or-transform", "gather", "transform", "scatter")
+CONV_IMPLS = ("auto", "implicit", "implicit-skip", "implicit-flat", "gather-or-transform", "gather", "transform",
+              "scatter")
+#: the Triton algorithms (CUDA, no backward)
+TRITON_CONV_IMPLS = ("implicit", "implicit-skip", "implicit-flat")
 
 
 @functools.cache
@@ -342,6 +356,11 @@ class SparseConv3d(nn.Module):
             from .sparse_conv_triton import implicit_gemm_subm_conv
             return x.replace(implicit_gemm_subm_conv(feats.to(dtype), neighbour_table(x, self.kernel_size),
                                                      w.reshape(self.out_channels, -1).to(dtype), b.to(dtype)))
+        if impl in ("implicit-skip", "implicit-flat"):
+            from .sparse_conv_triton import implicit_gemm_subm_conv_tiled
+            tiles = neighbour_tiles(x, self.kernel_size, skip=impl == "implicit-skip")
+            return x.replace(implicit_gemm_subm_conv_tiled(feats.to(dtype), tiles,
+                                                           w.reshape(self.out_channels, -1).to(dtype), b.to(dtype)))
         if impl == "gather":
             return x.replace(self._gather(x, feats))
         if impl == "transform":
@@ -362,8 +381,8 @@ class SparseConv3d(nn.Module):
             implicit_wins = (device.type == "cuda" and dtype in AUTO_DTYPES and not needs_grad
                              and _implicit_runs_on(device.type, device.index))
             impl = _conv_impl_override or ("implicit" if implicit_wins else "gather-or-transform")
-        if impl == "implicit" and needs_grad:
-            raise ValueError("the 'implicit' sparse conv (Triton) has no backward pass; for training use 'auto' "
+        if impl in TRITON_CONV_IMPLS and needs_grad:
+            raise ValueError(f"the {impl!r} sparse conv (Triton) has no backward pass; for training use 'auto' "
                              "(which then runs gather-or-transform) or 'gather' / 'transform' / 'scatter'")
         if impl == "gather-or-transform":
             impl = ("transform" if device.type == "cuda"

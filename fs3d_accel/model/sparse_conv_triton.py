@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -35,6 +36,20 @@ _CUDA_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 ]
 #: the one tile shape used by the interpreter (no autotuning there)
 _INTERPRETER_TILE = (32, 32, 16)
+#: row-tile heights the tiled kernel's lists are built for (:func:`neighbour_tiles`); its autotuned BLOCK_M is one
+TILE_ROWS = (64, 128)
+#: tile shapes tried by the tiled kernel (BLOCK_M one of ``TILE_ROWS``)
+_CUDA_TILED_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+    (128, 128, 64, 8, 3),
+    (128, 64, 64, 4, 4),
+    (64, 128, 64, 4, 4),
+    (64, 64, 64, 4, 4),
+    (64, 128, 32, 4, 5),
+    (128, 256, 64, 8, 3),
+    (64, 256, 64, 8, 3),
+]
+#: the tiled kernel's tile shape in the interpreter (BLOCK_M one of ``TILE_ROWS``)
+_INTERPRETER_TILED_TILE = (64, 32, 16)
 
 
 #: input dtypes "auto" hands to the kernel: the measured ones (bf16 on the H100; fp16 takes the same tensor-core
@@ -101,6 +116,57 @@ def _build():
         tl.store(out + rows[:, None].to(tl.int64) * C_OUT + cols[None, :], acc.to(out.dtype.element_ty),
                  mask=row_ok[:, None] & col_ok[None, :])
 
+    # The tiled variant: one program per tile of BLOCK_M rows in the order of ``perm`` (rows sorted by which neighbours
+    # they have) and BLOCK_N output channels; one flat loop over (listed offset, channel block), so that Triton's
+    # software pipelining overlaps the next gathers with the current MMA (the nested loop above pipelines only its
+    # inner loop of C_IN / BLOCK_K steps). Each tile runs only the offsets its list names (those at which some row of
+    # the tile has a neighbour), in ascending order: a skipped offset would only add exact zeros.
+    @triton.jit(do_not_specialize=["n_rows", "n_pad"])
+    def subm_conv_tiled_kernel(feats, table_t, perm, offs_a, counts_a, offs_b, counts_b, weight, bias, out,
+                               n_rows, n_pad,
+                               C_IN: tl.constexpr, C_OUT: tl.constexpr, K3: tl.constexpr, HAS_BIAS: tl.constexpr,
+                               DOT_PRECISION: tl.constexpr, TILE_A: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        # table_t: (K3, n_pad) int32, column j = the neighbour rows of the row at sorted position j (n_rows: none)
+        # perm: (n_pad,) int32, the row at sorted position j (n_rows: padding); offs_*: (tiles, K3) int32 offsets,
+        # the first counts_*[tile] of them the tile's; lists "a" are for BLOCK_M == TILE_A, "b" for the other height
+        tile = tl.program_id(0)
+        slots = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.load(perm + slots)
+        row_ok = rows < n_rows
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < C_OUT
+        if BLOCK_M == TILE_A:
+            offs = offs_a
+            n_off = tl.load(counts_a + tile)
+        else:
+            offs = offs_b
+            n_off = tl.load(counts_b + tile)
+        NUM_CB: tl.constexpr = (C_IN + BLOCK_K - 1) // BLOCK_K
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for i in range(n_off * NUM_CB):
+            k = tl.load(offs + tile * K3 + i // NUM_CB)
+            ch = (i % NUM_CB) * BLOCK_K + tl.arange(0, BLOCK_K)
+            ch_ok = ch < C_IN
+            nbr = tl.load(table_t + k.to(tl.int64) * n_pad + slots)
+            present = nbr < n_rows
+            a = tl.load(feats + nbr.to(tl.int64)[:, None] * C_IN + ch[None, :],
+                        mask=present[:, None] & ch_ok[None, :], other=0.0)
+            b = tl.load(weight + cols[None, :].to(tl.int64) * (K3 * C_IN) + k * C_IN + ch[:, None],
+                        mask=ch_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(out + rows[:, None].to(tl.int64) * C_OUT + cols[None, :], acc.to(out.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+    tuned_tiled = triton.autotune(
+        configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                 for m, n, k, w, s in _CUDA_TILED_CONFIGS],
+        key=["C_IN", "C_OUT", "K3", "DOT_PRECISION"],
+        cache_results=True,
+    )(subm_conv_tiled_kernel)
+
     tuned = triton.autotune(
         configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
                  for m, n, k, w, s in _CUDA_CONFIGS],
@@ -109,7 +175,7 @@ def _build():
         # keep the choice on disk (Triton's cache dir): a new process skips the ~1-10 s of tuning per channel pair
         cache_results=True,
     )(subm_conv_kernel)
-    return triton, subm_conv_kernel, tuned
+    return triton, subm_conv_kernel, tuned, subm_conv_tiled_kernel, tuned_tiled
 
 
 #: built kernels, per interpreter mode (the interpreter is chosen when the kernel is defined)
@@ -142,7 +208,7 @@ def implicit_gemm_subm_conv(feats: Tensor, table: Tensor, weight: Tensor, bias: 
                          f"{None if bias is None else bias.dtype}")
     if interpreting() not in _KERNELS:
         _KERNELS[interpreting()] = _build()
-    triton, plain, tuned = _KERNELS[interpreting()]
+    triton, plain, tuned = _KERNELS[interpreting()][:3]
     feats, table, weight = feats.contiguous(), table.contiguous(), weight.contiguous()
     out = feats.new_empty(n, c_out)
     if n == 0:
@@ -159,4 +225,118 @@ def implicit_gemm_subm_conv(feats: Tensor, table: Tensor, weight: Tensor, bias: 
             return triton.cdiv(n, meta["BLOCK_M"]), triton.cdiv(c_out, meta["BLOCK_N"])
         with torch.cuda.device(feats.device):  # Triton launches on the current device
             tuned[grid](feats, table, weight, bias_arg, out, n, **args)
+    return out
+
+
+@dataclass(frozen=True)
+class NeighbourTiles:
+    """A neighbour table laid out for :func:`implicit_gemm_subm_conv_tiled`: rows sorted by which neighbours they
+    have (so that the rows of one tile tend to share them), the table transposed in that order, and per tile of
+    ``height`` rows (each of :data:`TILE_ROWS`) the kernel offsets at which some row of the tile has a neighbour.
+    Built once per coordinate set (:func:`neighbour_tiles`), with device ops only (no host synchronisation)."""
+
+    #: (N,) rows of the table this was built from
+    n_rows: int
+    #: kernel offsets (table columns)
+    k3: int
+    #: (n_pad,) int32: the row at each sorted position; ``n_rows`` for the padding up to a multiple of every height
+    perm: Tensor
+    #: (k3, n_pad) int32: the neighbour rows of the row at each sorted position (``n_rows``: none)
+    table_t: Tensor
+    #: tile height -> (n_pad / height, k3) int32 offsets, each tile's own first, in ascending order
+    offsets: dict[int, Tensor]
+    #: tile height -> (n_pad / height,) int32: how many of the tile's offsets ``offsets`` lists first
+    counts: dict[int, Tensor]
+
+    def work_fraction(self, height: int) -> Tensor:
+        """The share of (tile, offset) pairs the tiled kernel runs at tile ``height`` (1 without skipping): a 0-dim
+        device tensor (reading it syncs)."""
+        return self.counts[height].sum() / (self.counts[height].numel() * self.k3)
+
+
+def neighbour_tiles(table: Tensor, skip: bool = True, heights: tuple[int, ...] = TILE_ROWS) -> NeighbourTiles:
+    """Lay out ``table`` ((N, K3) neighbour rows, N = absent, as ``sparse.neighbour_table``) for the tiled kernel.
+
+    ``skip``: sort the rows by their set of present neighbours (a K3-bit key; K3 <= 62) and list per tile only the
+    offsets some row of it has; off, the rows keep their order and every tile lists all offsets (the same kernel
+    without skipping, for measuring the flat loop on its own). Why sort: in the rows' own (coordinate) order almost
+    every tile of 64 has a neighbour at almost every offset (98% at 14k surface voxels), though each row has about
+    half of them; sorted by that key, 60-80% of (tile, offset) pairs remain (``benchmarks/sparse_conv_kernels.py``
+    reports the fraction per conv)."""
+    if table.dim() != 2:
+        raise ValueError(f"table must be (N, K3), got {tuple(table.shape)}")
+    if not heights or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 or h & (h - 1) for h in heights):
+        raise ValueError(f"tile heights must be powers of two, got {heights!r}")
+    n, k3 = table.shape
+    if skip and k3 > 62:
+        raise ValueError(f"sorting rows by their neighbours needs K3 <= 62 (a 64-bit key), got K3 = {k3}")
+    device = table.device
+    present = table < n
+    if skip:
+        bits = torch.ones(k3, dtype=torch.int64, device=device) << torch.arange(k3, device=device)
+        perm = torch.argsort((present.long() * bits).sum(1), stable=True)
+    else:
+        perm = torch.arange(n, device=device)
+    step = max(heights)
+    n_pad = max(step, -(-n // step) * step)
+    pad = n_pad - n
+    perm_p = torch.cat([perm, perm.new_full((pad,), n)]).to(torch.int32)
+    table_t = torch.cat([table[perm], table.new_full((pad, k3), n)]).t().contiguous().to(torch.int32)
+    offsets, counts = {}, {}
+    order = torch.arange(k3, device=device)
+    for h in heights:
+        has = (table_t < n).t().reshape(n_pad // h, h, k3).any(1) if skip else \
+            torch.ones(n_pad // h, k3, dtype=torch.bool, device=device)
+        # the tile's offsets first, each group in ascending order: key (absent, offset)
+        offsets[h] = torch.argsort((~has).long() * k3 + order, dim=1).to(torch.int32)
+        counts[h] = has.sum(1).to(torch.int32)
+    return NeighbourTiles(n_rows=n, k3=k3, perm=perm_p, table_t=table_t, offsets=offsets, counts=counts)
+
+
+def implicit_gemm_subm_conv_tiled(feats: Tensor, tiles: NeighbourTiles, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """:func:`implicit_gemm_subm_conv` through a :class:`NeighbourTiles` layout: the same products and the same
+    fp32 sums in the same offset order per output row (an offset a tile skips would only add zeros), in one flat,
+    software-pipelined loop per tile."""
+    why = triton_unavailable(feats.device)
+    if why is not None:
+        raise RuntimeError(why)
+    if feats.dim() != 2 or feats.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"features must be (N, C_in) fp16 / bf16 / fp32, got {tuple(feats.shape)} {feats.dtype}")
+    n, c_in = feats.shape
+    if tiles.n_rows != n:
+        raise ValueError(f"the neighbour tiles were built for {tiles.n_rows} rows, the features have {n}")
+    if set(tiles.offsets) != set(TILE_ROWS):
+        raise ValueError(f"the neighbour tiles must hold lists for tile heights {TILE_ROWS}, got {sorted(tiles.offsets)}")
+    devices = {t.device for t in (feats, tiles.table_t, weight, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"features, tiles, weight and bias must be on one device, got {sorted(map(str, devices))}")
+    k3 = tiles.k3
+    c_out = weight.shape[0]
+    if weight.shape != (c_out, k3 * c_in):
+        raise ValueError(f"weight must be (C_out, K3 * C_in) = (C_out, {k3 * c_in}), got {tuple(weight.shape)}")
+    if weight.dtype != feats.dtype or (bias is not None and bias.dtype != feats.dtype):
+        raise ValueError(f"features, weight and bias must share one dtype, got {feats.dtype}, {weight.dtype}, "
+                         f"{None if bias is None else bias.dtype}")
+    if interpreting() not in _KERNELS:
+        _KERNELS[interpreting()] = _build()
+    triton, _, _, plain, tuned = _KERNELS[interpreting()]
+    feats, weight = feats.contiguous(), weight.contiguous()
+    out = feats.new_empty(n, c_out)
+    if n == 0:
+        return out
+    a, b = TILE_ROWS
+    n_pad = tiles.table_t.shape[1]
+    args = dict(C_IN=c_in, C_OUT=c_out, K3=k3, HAS_BIAS=bias is not None, TILE_A=a,
+                DOT_PRECISION="ieee" if feats.dtype == torch.float32 else "tf32")
+    lists = (tiles.table_t, tiles.perm, tiles.offsets[a], tiles.counts[a], tiles.offsets[b], tiles.counts[b])
+    bias_arg = bias if bias is not None else weight  # never read without HAS_BIAS
+    if interpreting():
+        bm, bn, bk = _INTERPRETER_TILED_TILE
+        grid = (n_pad // bm, triton.cdiv(c_out, bn))
+        plain[grid](feats, *lists, weight, bias_arg, out, n, n_pad, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **args)
+    else:
+        def grid(meta):
+            return n_pad // meta["BLOCK_M"], triton.cdiv(c_out, meta["BLOCK_N"])
+        with torch.cuda.device(feats.device):
+            tuned[grid](feats, *lists, weight, bias_arg, out, n, n_pad, **args)
     return out

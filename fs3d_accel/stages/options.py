@@ -212,7 +212,10 @@ class RunOptions:
     #: algorithm of the sparse convolutions (SLaT IO blocks, mesh decoder) whose ``SparseConv3d.impl`` is "auto":
     #: "auto" keeps the class rule (the Triton implicit GEMM for fp16 / bf16 inference on NVIDIA GPUs of compute
     #: capability 8.0+, else "gather-or-transform"); "implicit" forces the Triton kernel (CUDA only), which never writes the gathered
-    #: neighbour block; "gather-or-transform" is the rule before session 8 (cuBLAS on materialised blocks);
+    #: neighbour block; "implicit-skip" is that kernel over rows sorted by their neighbours, each tile of rows running only
+    #: the kernel offsets some row of it has (``sparse_conv_triton.neighbour_tiles``), and "implicit-flat" the same
+    #: kernel without the skipping (for measuring its flat loop alone); "gather-or-transform" is the rule before
+    #: session 8 (cuBLAS on materialised blocks);
     #: "gather" / "transform" / "scatter" as in ``SparseConv3d``. Same values to rounding. Entered by
     #: :meth:`network_context`.
     sparse_conv: str = "auto"
@@ -391,11 +394,12 @@ class RunOptions:
         if dev.type != "cuda" and self.precision in CUDA_ONLY_PRECISIONS:
             raise ValueError(f"precision {self.precision!r} is CUDA-only (fp16 kernels); "
                              f"device is {dev}. Use 'fp32' or 'bf16' on CPU.")
-        if self.sparse_conv == "implicit":
+        from ..model.sparse import TRITON_CONV_IMPLS
+        if self.sparse_conv in TRITON_CONV_IMPLS:
             from ..model.sparse_conv_triton import triton_unavailable
             why = triton_unavailable(dev)
             if why is not None:
-                raise ValueError(f"sparse_conv 'implicit': {why}")
+                raise ValueError(f"sparse_conv {self.sparse_conv!r}: {why}")
         if (self.small_query_kernel == "sdpa-flash2" and self.small_query_attention and dev.type == "cuda"
                 and self.precision not in ("fp16", "bf16", "autocast-fp16", "autocast-bf16")):
             raise ValueError(f"small_query_kernel 'sdpa-flash2' runs SDPA's FlashAttention-2, which takes fp16 / bf16 "
