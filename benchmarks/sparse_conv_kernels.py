@@ -121,8 +121,8 @@ def summary(df, impls: tuple[str, ...]):
     for net, g in df.groupby("network", sort=False):
         row = {"network": net, "convs": len(g)}
         row.update({f"{i} (ms)": g[f"{i}_ms"].sum() for i in impls})
-        row["auto (ms)"] = g["auto_ms"].sum()
-        row["gather-or-transform (ms)"] = g["before_ms"].sum()
+        row["auto (ms)"] = g["auto_ms"].sum(skipna=False)
+        row["gather-or-transform (ms)"] = g["before_ms"].sum(skipna=False)
         row["fastest per call (ms)"] = g[[f"{i}_ms" for i in impls]].min(axis=1).sum()
         out.append(row)
     return pd.DataFrame(out)
