@@ -39,7 +39,7 @@ from fs3d_accel.model.sparse_conv_triton import neighbour_tiles as tiles_layout 
 from fs3d_accel.pipeline import Pipeline  # noqa: E402
 from fs3d_analysis.profile.latency import sync_device  # noqa: E402
 
-IMPLS = ("gather", "transform", "implicit", "implicit-flat", "implicit-skip")
+IMPLS = ("gather", "transform", "implicit", "implicit-flat", "implicit-skip", "implicit-skip-nested")
 
 
 def capture_conv_inputs(run, model: torch.nn.Module) -> list[tuple[str, SparseConv3d, SparseTensor]]:
@@ -88,7 +88,7 @@ def measure(network: str, calls, timer: Timer, impls: tuple[str, ...]) -> list[d
                 sync_device(x.feats.device)
                 row[f"{impl}_first_s"] = time.perf_counter() - start
                 row[f"{impl}_err"] = float((out.float() - ref).abs().max())
-                if impl in ("implicit-flat", "implicit-skip") and "implicit" in outs:
+                if impl in ("implicit-flat", "implicit-skip", "implicit-skip-nested") and "implicit" in outs:
                     # the tiled kernel sums the same products in the same offset order: equal up to the tile shapes
                     row[f"{impl}_vs_implicit"] = float((out.float() - outs["implicit"].float()).abs().max())
                 t = timer(lambda: run_conv(conv, x, impl))["median_s"]

@@ -234,3 +234,108 @@ def test_implicit_on_cuda(dtype, atol):
         got = conv(x.replace(x.feats.to(dtype))).feats
     assert got.dtype == dtype
     torch.testing.assert_close(got.float(), ref, atol=atol, rtol=0.02)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tiled kernel: rows sorted by their neighbours, each tile skipping the offsets none of its rows has
+# ----------------------------------------------------------------------------------------------
+def _surface_coords(device) -> torch.Tensor:
+    """The voxels of two hollow boxes (a surface: every row lacks some neighbours, and sorted tiles can skip some),
+    two batch elements, (N, 4) int32."""
+    r = torch.arange(12)
+    g = torch.stack(torch.meshgrid(r, r, r, indexing="ij"), -1).reshape(-1, 3)
+    shell = g[((g == 0) | (g == 11)).any(1)]
+    coords = torch.cat([torch.cat([torch.full((len(shell), 1), b), shell], 1) for b in (0, 1)])
+    return coords.int().to(device)
+
+
+def test_neighbour_tiles_layout_invariants():
+    """perm is a permutation of the rows (then padding), table_t is the table in that order, and each tile lists the
+    offsets at which some row of it has a neighbour first, ascending, then the others; without skipping, every
+    offset in table order."""
+    coords = _surface_coords("cpu")
+    x = SparseTensor.create(torch.zeros(len(coords), 1), coords)
+    table = neighbour_table(x, 3)
+    n = len(table)
+    for skip in (True, False):
+        t = sct.neighbour_tiles(table, skip=skip)
+        n_pad = t.table_t.shape[1]
+        assert n_pad % max(sct.TILE_ROWS) == 0 and n_pad >= n
+        assert t.perm.dtype == t.table_t.dtype == torch.int32
+        assert torch.equal(t.perm[:n].long().sort().values, torch.arange(n)) and bool((t.perm[n:] == n).all())
+        assert torch.equal(t.table_t[:, :n].t().long(), table[t.perm[:n].long()])
+        assert bool((t.table_t[:, n:] == n).all())
+        if not skip:
+            assert torch.equal(t.perm[:n].long(), torch.arange(n))
+        for h in sct.TILE_ROWS:
+            has = (t.table_t < n).t().reshape(-1, h, 27).any(1) if skip else torch.ones(n_pad // h, 27, dtype=torch.bool)
+            assert torch.equal(t.counts[h].long(), has.sum(1))
+            for tile in range(n_pad // h):
+                c = int(t.counts[h][tile])
+                listed = t.offsets[h][tile].long()
+                assert sorted(listed.tolist()) == list(range(27))
+                assert torch.equal(listed[:c], torch.nonzero(has[tile])[:, 0])
+        if skip:
+            # the point of sorting: on a surface, fewer (tile, offset) pairs remain than in coordinate order
+            unsorted = sct.neighbour_tiles(table, skip=False)
+            in_order = (unsorted.table_t < n).t().reshape(-1, 64, 27).any(1).float().mean()
+            assert float(t.work_fraction(64)) < 0.9 * float(in_order)
+
+
+def test_neighbour_tiles_rejects_bad_inputs():
+    table = torch.zeros(5, 27, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"table must be \(N, K3\)"):
+        sct.neighbour_tiles(table[0])
+    with pytest.raises(ValueError, match="powers of two"):
+        sct.neighbour_tiles(table, heights=(48,))
+    with pytest.raises(ValueError, match="powers of two"):
+        sct.neighbour_tiles(table, heights=())
+    with pytest.raises(ValueError, match="K3 <= 62"):
+        sct.neighbour_tiles(torch.zeros(5, 125, dtype=torch.long))
+    assert sct.neighbour_tiles(torch.zeros(5, 125, dtype=torch.long), skip=False).k3 == 125
+
+
+@pytest.mark.parametrize("c_in,c_out", [(20, 24), (5, 40)])
+def test_tiled_kernels_equal_each_other_and_the_implicit_conv(device, c_in, c_out):
+    """The three tiled variants add the same products in the same offset order per row (skipping leaves out only
+    exact zeros): on the GPU the skipping and the flat kernel agree exactly (the interpreter's NumPy matmuls may round
+    a row differently at another position in its tile), and all agree with the original kernel and with the gather
+    conv to fp32 rounding."""
+    coords = _surface_coords(device)
+    x = SparseTensor.create(torch.randn(len(coords), c_in, device=device), coords)
+    conv = _conv(c_in, c_out).to(device)
+    out = {}
+    with torch.no_grad():
+        for impl in ("gather", "implicit", "implicit-skip", "implicit-skip-nested", "implicit-flat"):
+            conv.impl = impl
+            out[impl] = conv(x).feats
+    assert float(x.cache[("subm_tiles", 3, True)].work_fraction(64)) < 1  # skipping did happen
+    if device.type == "cuda":  # same kernel, same tiles, only the row order and the skipped zeros differ
+        assert torch.equal(out["implicit-skip"], out["implicit-flat"])
+    for impl in ("implicit-skip", "implicit-skip-nested", "implicit-flat"):
+        torch.testing.assert_close(out[impl], out["implicit"], atol=2e-6, rtol=1e-5)
+        torch.testing.assert_close(out[impl], out["gather"], atol=2e-6, rtol=1e-5)
+
+
+def test_tiled_kernel_rejects_bad_inputs(device):
+    coords = _surface_coords(device)
+    x = SparseTensor.create(torch.randn(len(coords), 4, device=device), coords)
+    tiles = sct.neighbour_tiles(neighbour_table(x, 3))
+    w = torch.randn(6, 27 * 4, device=device)
+    with pytest.raises(ValueError, match="built for"):
+        sct.implicit_gemm_subm_conv_tiled(x.feats[:-1], tiles, w, None)
+    with pytest.raises(ValueError, match="tile heights"):
+        sct.implicit_gemm_subm_conv_tiled(x.feats, sct.neighbour_tiles(neighbour_table(x, 3), heights=(64,)), w, None)
+    with pytest.raises(ValueError, match="weight must be"):
+        sct.implicit_gemm_subm_conv_tiled(x.feats, tiles, torch.randn(6, 26 * 4, device=device), None)
+    with pytest.raises(ValueError, match="share one dtype"):
+        sct.implicit_gemm_subm_conv_tiled(x.feats, tiles, w.half(), None)
+    empty = sct.implicit_gemm_subm_conv_tiled(x.feats[:0], sct.neighbour_tiles(neighbour_table(x, 3)[:0]), w, None)
+    assert empty.shape == (0, 6)
+
+
+def test_tiled_impls_refused_for_training():
+    conv = _conv(4, 4)
+    for impl in ("implicit-skip", "implicit-skip-nested", "implicit-flat"):
+        with pytest.raises(ValueError, match=f"the '{impl}' sparse conv .Triton. has no backward"):
+            conv.algorithm(torch.device("cuda"), dtype=torch.bfloat16, impl=impl, needs_grad=True)

@@ -253,10 +253,12 @@ def neighbour_pairs(x: SparseTensor, kernel_size: int) -> list[tuple[Tensor, Ten
 # Convolution and point-wise layers
 # ----------------------------------------------------------------------------------------------
 #: accepted values of ``SparseConv3d.impl`` and of :func:`use_conv_impl`
-CONV_IMPLS = ("auto", "implicit", "implicit-skip", "implicit-flat", "gather-or-transform", "gather", "transform",
-              "scatter")
+CONV_IMPLS = ("auto", "implicit", "implicit-skip", "implicit-skip-nested", "implicit-flat", "gather-or-transform",
+              "gather", "transform", "scatter")
 #: the Triton algorithms (CUDA, no backward)
-TRITON_CONV_IMPLS = ("implicit", "implicit-skip", "implicit-flat")
+TRITON_CONV_IMPLS = ("implicit", "implicit-skip", "implicit-skip-nested", "implicit-flat")
+#: the tiled Triton algorithms: (skip offsets no row of a tile has, one flat loop)
+_TILED_IMPLS = {"implicit-skip": (True, True), "implicit-skip-nested": (True, False), "implicit-flat": (False, True)}
 
 
 @functools.cache
@@ -310,7 +312,11 @@ class SparseConv3d(nn.Module):
     gather + matmul + ``index_add_`` per kernel offset over present neighbours only (no FLOPs on
     absent neighbours, but 27 small scattered updates per conv); "implicit" is the gather algorithm as one Triton
     kernel that loads the neighbour rows straight into its matmul tiles, so the gathered block is never written
-    (``sparse_conv_triton.py``; CUDA only). "gather-or-transform" = "transform" on CUDA when
+    (``sparse_conv_triton.py``; CUDA only); "implicit-skip" runs that kernel over rows sorted by their set of present
+    neighbours, each tile of rows skipping the kernel offsets none of its rows has (about half of each row's 27
+    offsets are absent at a surface, but almost none is absent from a whole tile in coordinate order), in one flat
+    loop; "implicit-skip-nested" skips in the original loop nest; "implicit-flat" is the flat loop without skipping
+    (the tiled variants add only the same products in the same order, and skip exact zeros). "gather-or-transform" = "transform" on CUDA when
     C_in >= ``transform_min_ratio`` x C_out, else "gather" ("gather" beat "scatter" on the CPU and the
     H100: mesh decoder network at N = 14k 0.115 -> 0.076 s, ``benchmarks/results/stage_latency_h100_run3``).
     "auto" = "implicit" for fp16 / bf16 inference on NVIDIA GPUs of compute capability 8.0+ with triton (fastest or
@@ -356,11 +362,12 @@ class SparseConv3d(nn.Module):
             from .sparse_conv_triton import implicit_gemm_subm_conv
             return x.replace(implicit_gemm_subm_conv(feats.to(dtype), neighbour_table(x, self.kernel_size),
                                                      w.reshape(self.out_channels, -1).to(dtype), b.to(dtype)))
-        if impl in ("implicit-skip", "implicit-flat"):
+        if impl in _TILED_IMPLS:
             from .sparse_conv_triton import implicit_gemm_subm_conv_tiled
-            tiles = neighbour_tiles(x, self.kernel_size, skip=impl == "implicit-skip")
-            return x.replace(implicit_gemm_subm_conv_tiled(feats.to(dtype), tiles,
-                                                           w.reshape(self.out_channels, -1).to(dtype), b.to(dtype)))
+            skip, flat = _TILED_IMPLS[impl]
+            tiles = neighbour_tiles(x, self.kernel_size, skip=skip)
+            return x.replace(implicit_gemm_subm_conv_tiled(feats.to(dtype), tiles, w.reshape(self.out_channels, -1)
+                                                           .to(dtype), b.to(dtype), flat_loop=flat))
         if impl == "gather":
             return x.replace(self._gather(x, feats))
         if impl == "transform":

@@ -213,8 +213,12 @@ class RunOptions:
     #: "auto" keeps the class rule (the Triton implicit GEMM for fp16 / bf16 inference on NVIDIA GPUs of compute
     #: capability 8.0+, else "gather-or-transform"); "implicit" forces the Triton kernel (CUDA only), which never writes the gathered
     #: neighbour block; "implicit-skip" is that kernel over rows sorted by their neighbours, each tile of rows running only
-    #: the kernel offsets some row of it has (``sparse_conv_triton.neighbour_tiles``), and "implicit-flat" the same
-    #: kernel without the skipping (for measuring its flat loop alone); "gather-or-transform" is the rule before
+    #: the kernel offsets some row of it has (``sparse_conv_triton.neighbour_tiles``) in one flat loop,
+    #: "implicit-skip-nested" the same skipping in the original loop nest, and "implicit-flat" the flat loop without
+    #: skipping. On the H100 (session 18, ``results/sparse_conv_kernels_h100/session18``) "implicit-skip" and
+    #: "implicit-flat" gave outputs bit-identical to "implicit"'s, and "implicit-skip" took the SLaT pass's convs from
+    #: 3.73 to 3.48 ms and left the mesh decoder's at 7.4 ms; "implicit-skip-nested" is not timed yet (CPU-checked in
+    #: Triton's interpreter). "gather-or-transform" is the rule before
     #: session 8 (cuBLAS on materialised blocks);
     #: "gather" / "transform" / "scatter" as in ``SparseConv3d``. Same values to rounding. Entered by
     #: :meth:`network_context`.
