@@ -114,8 +114,9 @@ class RunOptions:
     #: (``_graph_passes_run``) and does not see ``torch._dynamo.reset()``: after one, clear it or build a new pipeline.
     #: Needs ``cuda_graphs``, ``async_graph_capture`` and ``batch_cfg``. Session 17 (H100): bit-identical to the warmed
     #: recording (GPU test); alone, no gain on a second meeting of 16 new sizes (+9 ms, faster at 5 of 16); with the
-    #: GELU epilogue kept to SS (``gelu_epilogue_sites``) the fastest SLaT call over new sizes on an H100 and an H200:
-    #: the named path ``compiled-zkv-fa4-all-sqfa2-ge-ac-stream`` (``results/slat_many_sizes_session17/``).
+    #: GELU epilogue kept to SS (``gelu_epilogue_sites``) the fastest SLaT call over new sizes on an H100 at 4-6k and an
+    #: H200 at 12-20k: the named path ``compiled-zkv-fa4-all-sqfa2-ge-ac-stream`` (``results/slat_many_sizes_session17/``;
+    #: not on an H100 at 12-20k, session 18: ``results/slat_many_sizes_session18/``).
     graph_record_first: bool = False
     #: eager passes each SLaT whole-pass graph runs before it records (``GraphedCall(warmup=...)``; 1 = the first pass
     #: eager, the second records). Built to hide the recording's host time behind GPU work queued by more eager passes;
@@ -131,7 +132,11 @@ class RunOptions:
     #: cuBLAS first calls at a new token count, idles the GPU (session 17, H100, 9-14k voxels: ~30 ms with
     #: ``graph_record_first``, ~100 ms without). Recorded early, its host time overlaps the guided replays queued
     #: ahead; the values are the same graph's. Only with ``graph_record_first`` (the recording needs no eager
-    #: warm-up), from the second object on, where an unguided step follows. Not yet measured on a GPU.
+    #: warm-up), from the second object on, where an unguided step follows. Session 18 (H100): its GPU tests passed
+    #: (bit-identical to the recording at the first call); per object with the epilogue kept (variant ``-ac-rf-ua``)
+    #: 0.526-0.544 s against 0.519-0.551 s for ``-ac`` at 14k over three rounds, 0.823 against 0.792 s at 20k; on the
+    #: stream path over new sizes of 12-20k it did not make that path faster than ``-ac``
+    #: (``results/base_vs_official_h100/session18/``, ``results/slat_many_sizes_session18/``). Kept as an option.
     unguided_graph_ahead: int = 0
     #: one CUDA-graph memory pool, kept by the SLaT stage, for the graphs of every SLaT object
     #: (``stages.graphs.GraphPool``, ``SLaTStage.graph_pool``) instead of a private pool per graph: the batch-1 graph
@@ -197,9 +202,10 @@ class RunOptions:
     #: each, ``results/base_vs_official_h100/session14/``). It pays only under a SLaT compile mode with CUDA graphs
     #: (elsewhere there is nothing to share) and with FA4 at SLaT's self-attention: FA4 skips the all-padding key
     #: tiles, so the padding costs up to ``step`` more torso work, while SDPA's key mask rules out its FlashAttention-2
-    #: backend. The held K/V stay allocated between calls. Its timing is not yet measured on a GPU (its real-FA4
-    #: ``seqused_k`` test passed in session 15; ``benchmarks/GPU_RUNBOOK.md``);
-    #: needs ``compile_slat``.
+    #: backend. The held K/V stay allocated between calls. Measured over new sizes on an H100: with inductor's graphs
+    #: (``-ge-tb``, session 16, 4-6k voxels) 0.327 against 0.355 s for ``-ge``; inside the whole-pass graphs (``-ac-tb``,
+    #: session 18, 12-20k, where it only saves cuBLAS first calls) slower than ``-ac``, 0.596 / 0.572 against 0.541 /
+    #: 0.498 s on the first / second meeting (``results/slat_many_sizes_session18/``). Needs ``compile_slat``.
     slat_token_bucket: float = 0.0
     #: the SLaT IO res-blocks' element-wise steps (fp32 LayerNorm, casts, adaLN modulation, SiLU) as two functions
     #: torch.compile'd with ``compile_backend`` (``slat_flow.use_fused_io_blocks``): one fused kernel each instead of
@@ -576,13 +582,17 @@ FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"] = dataclasses.replace(
 # in the GPU test). SLaT call over new sizes (``results/slat_many_sizes_session17/``): H200 at 12-20k voxels, each
 # variant in its own process, 0.511 against 0.606 s for ``-ge-ac`` on a first meeting and 0.495 against 0.529 s on the
 # second (8 of 8 faster each); H100 at 4-6k 0.214 against 0.227 s on the second meeting (14 of 16; its first-meeting
-# lead, 0.208 against 0.272 s, is flattered by running after ``-ge-ac`` in the same process). Repeating one object, as
+# lead, 0.208 against 0.272 s, is flattered by running after ``-ge-ac`` in the same process). But on an H100 at 12-20k
+# voxels, each variant in its own process (session 18, with ``unguided_graph_ahead=8`` added,
+# ``results/slat_many_sizes_session18/``), it tied ``-ge-ac`` on the first meeting (0.541 s each, 4 of 8 faster) and
+# lost on the second (0.540 against 0.498 s, 0 of 8): which path wins a dataset run depends on the machine. Repeating
+# one object, as
 # the per-object benchmark does, it is not faster: H100 per object 1.265 against 1.263 s at 14k, 1.558 against 1.498 s
 # at 20k, where no first call is left and the epilogue's kernel saving counts (``results/base_vs_official_h100/
-# session17/``). The mesh decoder, which also meets new token counts with every object, loses the epilogue too. Its
-# quality is inferred, not measured directly: SLaT's and the mesh decoder's GELU then run as in
-# ``compiled-zkv-fa4-all-sqfa2``, whose quality was measured, and the first-call recording replays the warmed graphs'
-# values bit for bit (runbook: direct quality run).
+# session17/``). The mesh decoder, which also meets new token counts with every object, loses the epilogue too.
+# Quality, measured directly (session 18, H100, ``results/fast_path_quality_h100/stream_session18/``): sam3d-mini mean F1
+# 30.42 against 30.51 for ``-ge-ac`` and 30.26 in fp32 (mean ΔF1 −0.09 against ``-ge-ac``, at most 0.66; no object's
+# voxel count changes).
 FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-stream"] = dataclasses.replace(
     FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"], gelu_epilogue_sites=("ss",), graph_record_first=True)
 
