@@ -661,3 +661,52 @@ obj17 = pd.DataFrame(per_object_totals(rows17))
 obj17["variant"] = obj17["variant"].str.replace(P17, "", regex=False)
 print(meta17["device"])
 obj17.pivot_table(index=["N", "round"], columns="variant", values="seconds").round(3)
+
+# %% [markdown]
+# ## 13. The sizes on an H100, and where SLaT's time goes at 14k (session 18)
+#
+# The same loop over 8 new sizes of 12-20k voxels on an H100, each variant in its own process. Here `-ac` met the new
+# sizes much faster than on the H200, and neither the stream path with its early batch-1 recording (`-ac-rf-sg-ua`) nor
+# token buckets inside the whole-pass graphs (`-ac-tb`) beat it.
+
+# %%
+big18 = pd.concat(pd.read_csv(f) for f in sorted((R17 / "slat_many_sizes_session18" / "h100_12k_20k").glob(
+    "*/slat_many_sizes.csv")))
+big18["variant"] = big18["variant"].str.replace(P17, "", regex=False)
+plot_passes(big18, "SLaT over 8 new sizes, one process per variant (H100, session 18)", "01_slat_new_sizes_session18.png")
+pair18 = big18.pivot_table(index=["pass", "N"], columns="variant", values="seconds")
+pd.DataFrame({"median s": big18.groupby(["pass", "variant"])["seconds"].median(),
+              "faster than -ac at": (pair18.sub(pair18["-ac"], axis=0) < 0).groupby("pass").sum().stack()}).round(4)
+
+# %% [markdown]
+# Per object, the SLaT call against the sum of its kernels (one profiled call, `--gpu-busy`): the kernels alone would
+# run at ~57.5% of the executed FLOPs at 14k, the call runs at ~50-52%. The difference is idle GPU at the start of the
+# call (`idle.csv`), most of it one stretch with no host event open: the CFG-batched graph's recording, with nothing
+# queued ahead of it.
+
+# %%
+rows18, meta18 = load_outputs(R17 / "base_vs_official_h100" / "session18" / "per_object_3variants")
+calls18 = pd.DataFrame(rows18)
+calls18 = calls18[calls18["stage"] == "slat"].copy()
+calls18["variant"] = calls18["variant"].str.replace(P17, "", regex=False)
+calls18["MFU if never idle"] = calls18["mfu_executed"] * calls18["median_s"] / calls18["kernel_s"]
+calls18["idle s"] = calls18["median_s"] - calls18["kernel_s"]
+print(meta18["device"], f"peak {meta18['peak_tflops']:.0f} TFLOP/s")
+calls18[["variant", "N", "median_s", "kernel_s", "idle s", "gpu_busy", "mfu_executed", "MFU if never idle"]].round(3)
+
+# %%
+idle18 = pd.read_csv(R17 / "base_vs_official_h100" / "session18" / "per_object_3variants" / "idle.csv")
+idle18 = idle18[(idle18["stage"] == "slat") & (idle18["what"] == "tenth")].copy()
+idle18["variant"] = idle18["variant"].str.replace(P17, "", regex=False)
+idle18.pivot_table(index="index", columns=["variant", "N"], values="idle_fraction").round(2)
+
+# %% [markdown]
+# The kernels themselves: the sparse convs run all 27 offsets per row (absent neighbours as zero rows), though about
+# half are absent at a surface. The tiled kernel `implicit-skip` sorts rows by their neighbours and lets each tile of
+# rows skip the offsets none of its rows has; its outputs are bit-identical, but the time saved is far less than the
+# work skipped (`sparse_conv_kernels_h100/NOTES.md`).
+
+# %%
+conv18 = pd.read_csv(R17 / "sparse_conv_kernels_h100" / "session18" / "sparse_conv_kernels.csv")
+conv18[["network", "module", "rows", "c_in", "c_out", "implicit_ms", "implicit-flat_ms", "implicit-skip_ms",
+        "skip_work_64", "skip_work_128", "implicit-skip_vs_implicit"]].round(3)
