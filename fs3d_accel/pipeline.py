@@ -235,6 +235,12 @@ class Pipeline(nn.Module):
         dec = timed("decode", lambda: self.run_decode(inputs, ss, slat))
         return Result(inputs=inputs, ss=ss, slat=slat, decode=dec, seed=seed, timings=timings)
 
+    def run_stream(self, inputs, seeds=None, **kw):
+        """Results of several prepared objects, each as :meth:`run_prepared` gives it, with the next object's SS
+        sampler queued behind the current object's SLaT start for throughput (:func:`fs3d_accel.stream.run_stream`)."""
+        from .stream import run_stream
+        return run_stream(self, inputs, seeds, **kw)
+
     def with_options(self, options: RunOptions) -> "Pipeline":
         """Run with ``options`` (e.g. ``stages.options.fast_path("compiled")``): casts the weights to the
         options' weight dtype (the half-precision settings need half-precision weights) and checks the

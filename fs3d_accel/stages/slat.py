@@ -304,13 +304,48 @@ class SLaTStage(HoldsInputs, nn.Module):
                 n = f.shape[0]
                 return out[:n], out[n:]
 
-        return guided(net_cond, sampler_cfg, batched)
+        def build_tables(x: Tensor) -> None:
+            """Build the coordinate structures' tables of the full-token passes this schedule runs, now, by the flow's
+            input path (``SLaTStage.prepare(build_tables=True)``); a structure whose tables exist is left as it is."""
+            if not cache:
+                return
+            grid = time_grid(sampler_cfg.steps, sampler_cfg.rescale_t)[:-1]
+            guided_ts = [tk for tk in grid if cfg_active(sampler_cfg, tk)]
+            unguided_ts = [tk for tk in grid if not cfg_active(sampler_cfg, tk)]
+            with options.network_context(cond.device, "slat"):
+                if options.batch_cfg and guided_ts and "checked_input" not in both_structure:
+                    batch = both.shape[0]
+                    tt = torch.full((batch,), guided_ts[0] * sampler_cfg.time_scale, device=cond.device)
+                    flow.build_structure(torch.cat([x, x], 0).to(dtype), both_coords, tt, batch, both_structure)
+                # the plain structure serves the unguided passes, and every pass without batched CFG
+                plain_ts = unguided_ts if options.batch_cfg else grid
+                if plain_ts and "checked_input" not in plain_structure:
+                    tt = torch.full((cond.shape[0],), plain_ts[0] * sampler_cfg.time_scale, device=cond.device)
+                    flow.build_structure(x.to(dtype), coords, tt, cond.shape[0], plain_structure)
+
+        velocity = guided(net_cond, sampler_cfg, batched)
+        velocity.build_tables = build_tables
+        return velocity
 
     @torch.no_grad()
     def forward(self, inputs: PreparedInputs, ss: SSOutput, *, generator: torch.Generator,
                 policy: StepPolicy | None = None, events: EventBus | None = None,
                 options: RunOptions | None = None, sampler: SamplerConfig | None = None,
                 coords_transform: TokenTransform | None = None, noise: Tensor | None = None) -> SLaTOutput:
+        return self.prepare(inputs, ss, generator=generator, policy=policy, events=events, options=options,
+                            sampler=sampler, coords_transform=coords_transform, noise=noise).sample()
+
+    @torch.no_grad()
+    def prepare(self, inputs: PreparedInputs, ss: SSOutput, *, generator: torch.Generator,
+                policy: StepPolicy | None = None, events: EventBus | None = None,
+                options: RunOptions | None = None, sampler: SamplerConfig | None = None,
+                coords_transform: TokenTransform | None = None, noise: Tensor | None = None,
+                build_tables: bool = False) -> "SLaTRun":
+        """Everything of a SLaT call before its sampler (token transform, condition, noise on the device, the velocity
+        function); :meth:`SLaTRun.sample` runs the sampler. ``build_tables``: also build the coordinate structures'
+        tables of the full-token passes now (``flow.build_structure``: the host reads of a first pass), so that on the
+        exact fast path the sampler then reads no device data on the host and its GPU work can queue behind other
+        work (``fs3d_accel.stream``). Only with ``cuda_graphs`` or a structure cache; the values are the same."""
         options = options or RunOptions()
         sampler_cfg = sampler or self.cfg.slat_sampler
         device = next(self.flow.parameters()).device
@@ -334,15 +369,52 @@ class SLaTStage(HoldsInputs, nn.Module):
         if x0.shape != (coords.shape[0], self.cfg.slat_flow.in_channels):
             raise ValueError(f"SLaT noise shape {tuple(x0.shape)} != ({coords.shape[0]}, {self.cfg.slat_flow.in_channels})")
         structures: list[dict] = []
-        net = self.velocity_net(cond, coords, sampler_cfg, options, structures)
-        occupancy = ss.occupancy_logits > 0
         try:
-            feats = EulerFlowSampler(sampler_cfg, "slat").sample(
-                x0.to(device), net, policy, events,
-                extras={"coords": coords, "occupancy": occupancy, "occupancy_logits": ss.occupancy_logits,
-                        "resolution": ss.resolution, "token_scores": token_scores})
-        finally:
+            net = self.velocity_net(cond, coords, sampler_cfg, options, structures)
+            x0 = x0.to(device)
+            if build_tables:
+                net.build_tables(x0)
+        except BaseException:
             for structure in structures:
                 release_structure(structure)
-        slat = feats * self.std + self.mean
-        return SLaTOutput(coords=coords, feats=feats, slat=slat, resolution=ss.resolution, coords_state=state)
+            raise
+        return SLaTRun(stage=self, sampler_cfg=sampler_cfg, x0=x0, net=net, structures=structures, policy=policy,
+                       events=events, coords=coords, ss=ss, state=state, token_scores=token_scores)
+
+
+class SLaTRun:
+    """A prepared SLaT call (:meth:`SLaTStage.prepare`): :meth:`sample` runs its sampler once and releases its
+    coordinate structures (and their CUDA graphs) after, errors included; :meth:`release` does that without
+    sampling."""
+
+    def __init__(self, *, stage: SLaTStage, sampler_cfg: SamplerConfig, x0: Tensor, net, structures: list[dict],
+                 policy: StepPolicy | None, events: EventBus | None, coords: Tensor, ss: SSOutput,
+                 state: TransformState, token_scores: Tensor | None) -> None:
+        self.stage, self.sampler_cfg, self.x0, self.net = stage, sampler_cfg, x0, net
+        self.structures, self.policy, self.events = structures, policy, events
+        self.coords, self.ss, self.state, self.token_scores = coords, ss, state, token_scores
+        self.done = False
+
+    def sample(self) -> SLaTOutput:
+        if self.done:
+            raise RuntimeError("this prepared SLaT call has run or been released already; prepare another")
+        self.done = True
+        ss = self.ss
+        occupancy = ss.occupancy_logits > 0
+        try:
+            feats = EulerFlowSampler(self.sampler_cfg, "slat").sample(
+                self.x0, self.net, self.policy, self.events,
+                extras={"coords": self.coords, "occupancy": occupancy, "occupancy_logits": ss.occupancy_logits,
+                        "resolution": ss.resolution, "token_scores": self.token_scores})
+        finally:
+            self.release()
+        slat = feats * self.stage.std + self.stage.mean
+        return SLaTOutput(coords=self.coords, feats=feats, slat=slat, resolution=ss.resolution,
+                          coords_state=self.state)
+
+    def release(self) -> None:
+        """Free the coordinate structures (idempotent); the call cannot be sampled after."""
+        self.done = True
+        for structure in self.structures:
+            release_structure(structure)
+        self.structures = []

@@ -152,6 +152,18 @@ class SSStage(HoldsInputs, nn.Module):
     def forward(self, inputs: PreparedInputs, *, generator: torch.Generator, policy: StepPolicy | None = None,
                 events: EventBus | None = None, options: RunOptions | None = None,
                 sampler: SamplerConfig | None = None, noise: dict[str, Tensor] | None = None) -> SSOutput:
+        latents = self.sample_latents(inputs, generator=generator, policy=policy, events=events, options=options,
+                                      sampler=sampler, noise=noise)
+        return self.decode_structure(latents, inputs, generator, options)
+
+    @torch.no_grad()
+    def sample_latents(self, inputs: PreparedInputs, *, generator: torch.Generator, policy: StepPolicy | None = None,
+                       events: EventBus | None = None, options: RunOptions | None = None,
+                       sampler: SamplerConfig | None = None, noise: dict[str, Tensor] | None = None
+                       ) -> dict[str, Tensor]:
+        """The SS sampler alone (condition, noise, flow): the latents :meth:`decode_structure` turns into voxels. On
+        the exact fast path it reads no device data on the host, so its GPU work can be queued behind other work
+        (``fs3d_accel.stream``); the decoding synchronises."""
         options = options or RunOptions()
         sampler_cfg = sampler or self.cfg.ss_sampler
         device = next(self.flow.parameters()).device
@@ -162,8 +174,7 @@ class SSStage(HoldsInputs, nn.Module):
         x0 = noise if noise is not None else ss_noise(self.cfg, generator)
         x0 = {k: v.to(device) for k, v in x0.items()}
         net = self.velocity_net(cond, sampler_cfg, options)
-        latents = EulerFlowSampler(sampler_cfg, "ss").sample(x0, net, policy, events)
-        return self.decode_structure(latents, inputs, generator, options)
+        return EulerFlowSampler(sampler_cfg, "ss").sample(x0, net, policy, events)
 
     @torch.no_grad()
     def decode_structure(self, latents: dict[str, Tensor], inputs: PreparedInputs, generator: torch.Generator | None,

@@ -1,0 +1,173 @@
+"""Objects per second over a stream of new object sizes: one object after another, or the object stream.
+
+``fs3d_accel.stream`` queues the next object's SS sampler behind the current object's SLaT start, so that the GPU has
+work while the host builds SLaT's tables and records its graphs (the start-of-call idle that keeps SLaT's call at ~50%
+of the executed FLOPs while its kernels run at ~57.5% at 14k on an H100, ``results/base_vs_official_h100/session18/``).
+This times both over the same objects in one process: ``sequential`` runs each object's stages in
+``Pipeline.run_prepared``'s order (SS sampler, its decoding, SLaT, mesh decoder); ``stream`` runs
+``fs3d_accel.stream.run_stream``. Every object is a new size for the process (a seeded crop of a YCB surface as in
+``slat_many_sizes.py``, substituted for the SS stage's decoded voxels, whose count random weights do not make
+meaningful), and each round and mode gets sizes of its own (shifted by a few voxels), so every timed object is a first
+meeting, as in a dataset run. Rounds alternate the modes' order. Per mode: wall seconds of the whole stream (CUDA
+synchronised at both ends), per object, and the stream's ratio against sequential within the round.
+
+    python benchmarks/stream_throughput.py --device cuda --config full \\
+        --variant compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac --objects 8 --rounds 2 --out runs/stream
+
+Writes ``stream_throughput.csv`` (one row per round and mode), ``README.md`` and ``meta.json``. On the CPU
+(``--config mini``) it checks the script, not a timing.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from benchmarks.slat_many_sizes import object_coords, object_sizes  # noqa: E402
+from benchmarks.stage_latency import (SHORT, checked_device, checked_variants, synthetic_inputs,  # noqa: E402
+                                      variant_label, variant_options)
+from fs3d_accel.pipeline import Pipeline  # noqa: E402
+from fs3d_accel.stream import run_stream  # noqa: E402
+from fs3d_analysis.profile.latency import sync_device  # noqa: E402
+
+CSV_NAME = "stream_throughput.csv"
+COLUMNS = ("round", "mode", "objects", "seconds", "per_object_s", "sizes")
+MODES = ("sequential", "stream")
+
+
+def fixed_structure(pipe: Pipeline, coords: list[torch.Tensor]):
+    """A ``decode_structure`` stand-in that decodes as the SS stage does, then substitutes the next object's voxels."""
+    remaining = iter(coords)
+
+    def structure(latents, inputs, generator):
+        ss = pipe.ss.decode_structure(latents, inputs, generator, pipe.options)
+        c = next(remaining)
+        return dataclasses.replace(ss, coords=c.to(ss.coords.device))
+    return structure
+
+
+def run_sequential(pipe: Pipeline, inputs, seeds, structure) -> None:
+    """Each object's stages in ``Pipeline.run_prepared``'s order, with ``structure`` decoding the SS latents."""
+    for inp, seed in zip(inputs, seeds):
+        gen_ss, gen_slat = pipe._generators(seed)
+        latents = pipe.ss.sample_latents(inp, generator=gen_ss, policy=pipe.accel.ss_policy, events=pipe.events,
+                                         options=pipe.options)
+        ss = structure(latents, inp, gen_ss)
+        slat = pipe.slat(inp, ss, generator=gen_slat, policy=pipe.accel.slat_policy, events=pipe.events,
+                         options=pipe.options, coords_transform=pipe.accel.coords_transform)
+        pipe.run_decode(inp, ss, slat)
+
+
+def run_streamed(pipe: Pipeline, inputs, seeds, structure) -> None:
+    for _ in run_stream(pipe, inputs, seeds, structure=structure):
+        pass
+
+
+def timed(fn, device: torch.device) -> float:
+    sync_device(device)
+    start = time.perf_counter()
+    fn()
+    sync_device(device)
+    return time.perf_counter() - start
+
+
+def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
+    lines = ["# Objects per stream: sequential against the object stream (`benchmarks/stream_throughput.py`)", "",
+             f"Device **{meta['device']}**, torch {meta['torch']}, `{meta['config']}` config, variant "
+             f"`{meta['variant']}`, {meta['objects']} objects of new sizes per round and mode "
+             f"({min(meta['sizes'])}-{max(meta['sizes'])} voxels), {meta['rounds']} rounds.", "",
+             "| round | mode | seconds | per object | stream / sequential |", "| --- | --- | --- | --- | --- |"]
+    for r in sorted({row["round"] for row in rows}):
+        pair = {row["mode"]: row for row in rows if row["round"] == r}
+        for m in MODES:
+            if m in pair:
+                ratio = (f"{pair['stream']['seconds'] / pair['sequential']['seconds']:.3f}"
+                         if m == "stream" and "sequential" in pair else "")
+                lines.append(f"| {r} | {m} | {pair[m]['seconds']:.3f} | {pair[m]['per_object_s']:.3f} | {ratio} |")
+    for m in MODES:
+        per = [row["per_object_s"] for row in rows if row["mode"] == m]
+        if per:
+            lines.append(f"\n{m}: median {statistics.median(per):.3f} s per object over {len(per)} rounds")
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--config", default="full", choices=("mini", "full"))
+    ap.add_argument("--variant", default="compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac",
+                    help=f"one benchmark variant, from {sorted(SHORT)}")
+    ap.add_argument("--objects", type=int, default=8, help="objects (distinct sizes) per round and mode")
+    ap.add_argument("--min-voxels", type=int, default=12000)
+    ap.add_argument("--max-voxels", type=int, default=20000)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+    dev = checked_device(args.device)
+    if "," in args.variant:
+        raise SystemExit(f"--variant: one variant, got {args.variant!r} (the modes are what this compares)")
+    variant = checked_variants(args.variant, dev)[0]
+    opts = variant_options(variant)
+    try:
+        sizes = object_sizes(args.objects, args.min_voxels, args.max_voxels)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    # each round and mode meets sizes of its own: +3 voxels per (round, mode) slot, and the warm-up others still
+    slots = {(r, m): [n + 3 * (2 * r + i) for n in sizes] for r in range(1, args.rounds + 1) for i, m in enumerate(MODES)}
+    warm_sizes = [n + 3 * (2 * args.rounds + 2) for n in sizes[:2]]
+
+    pipe = Pipeline.from_config(args.config, seed=args.seed, device="cpu").to(dev)
+    pipe.with_options(opts)
+    resolution = pipe.config.slat_flow.resolution
+    try:
+        coords = {k: object_coords(v, resolution, args.seed) for k, v in slots.items()}
+        warm_coords = object_coords(warm_sizes, resolution, args.seed + 10_000)
+    except ValueError as e:
+        raise SystemExit(str(e)) from e
+    inp = pipe.prepare(*synthetic_inputs(pipe.config.image_size))
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+            "config": args.config, "variant": variant, "variant_options": f"{variant_label(variant)} = {opts}",
+            "objects": len(sizes), "sizes": sizes, "rounds": args.rounds, "seed": args.seed,
+            "timing": "wall seconds of the whole stream, CUDA synchronised at both ends; every object a new size"}
+    (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
+    runners = {"sequential": run_sequential, "stream": run_streamed}
+    with torch.no_grad():
+        for m in MODES:  # compiles, and each mode's first call of each kind of pass
+            t = timed(lambda: runners[m](pipe, [inp] * len(warm_coords), range(len(warm_coords)),
+                                         fixed_structure(pipe, warm_coords)), dev)
+            print(f"warm-up {m}: {t:.1f} s", flush=True)
+        rows = []
+        with open(args.out / CSV_NAME, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+            writer.writeheader()
+            for r in range(1, args.rounds + 1):
+                for m in (MODES if r % 2 else MODES[::-1]):
+                    objs = coords[(r, m)]
+                    sec = timed(lambda: runners[m](pipe, [inp] * len(objs), range(len(objs)),
+                                                   fixed_structure(pipe, objs)), dev)
+                    row = {"round": r, "mode": m, "objects": len(objs), "seconds": sec,
+                           "per_object_s": sec / len(objs), "sizes": " ".join(str(len(c)) for c in objs)}
+                    rows.append(row)
+                    writer.writerow(row)
+                    fh.flush()
+                    print(f"round {r} {m}: {sec:.3f} s, {sec / len(objs):.3f} s per object", flush=True)
+    write_readme(args.out, rows, meta)
+    print((args.out / "README.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

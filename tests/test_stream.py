@@ -1,0 +1,175 @@
+"""The object stream (``fs3d_accel.stream``): the next object's SS sampler queued behind the current object's SLaT
+start changes the order of work across objects, never an object's result; after ``prepare(build_tables=True)`` the
+SLaT sampler reads no device data on the host (what lets its GPU work queue behind other work)."""
+import dataclasses
+
+import pytest
+import torch
+from test_cuda_graphs import HOST_SYNC_OPS, OpLog
+
+import fs3d_accel.stages.options as options_mod
+from conftest import fast_mini_config, sparsify_occupancy, two_object_scene
+from fs3d_accel.pipeline import Pipeline
+from fs3d_accel.stages.options import RunOptions
+
+
+@pytest.fixture(scope="module")
+def stream_pipe():
+    pipe = Pipeline.from_config(fast_mini_config(), seed=0)
+    sparsify_occupancy(pipe)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def objects(stream_pipe):
+    """Three prepared objects of different sizes (the two boxes of the synthetic scene, and the first again)."""
+    objs = two_object_scene()
+    return [stream_pipe.prepare(o.image, o.mask, o.pointmap) for o in objs + objs[:1]]
+
+
+def _assert_same_result(a, b) -> None:
+    for key in a.ss.latents:
+        assert torch.equal(a.ss.latents[key], b.ss.latents[key]), key
+    assert torch.equal(a.ss.coords, b.ss.coords)
+    assert torch.equal(a.slat.feats, b.slat.feats)
+    assert torch.equal(torch.as_tensor(a.mesh.vertices), torch.as_tensor(b.mesh.vertices))
+    assert a.seed == b.seed
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_stream_results_equal_plain_runs_bit_for_bit(stream_pipe, objects, monkeypatch, graphs):
+    """Each streamed object equals its own ``run_prepared`` with the same seed: with the default options, and with
+    the whole-pass graph path (``cuda_graphs`` with batched CFG, run eagerly on the CPU) whose tables ``prepare``
+    builds ahead."""
+    if graphs:
+        monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    stream_pipe.options = RunOptions(cuda_graphs=True, batch_cfg=True) if graphs else RunOptions()
+    try:
+        seeds = [3, 4, 3]
+        plain = [stream_pipe.run_prepared(inp, seed=s) for inp, s in zip(objects, seeds)]
+        streamed = list(stream_pipe.run_stream(objects, seeds))
+    finally:
+        stream_pipe.options = RunOptions()
+    assert len(streamed) == 3
+    assert len({len(r.ss.coords) for r in plain[:2]}) == 2  # two sizes: the stream is not one shape repeated
+    for a, b in zip(plain, streamed):
+        _assert_same_result(a, b)
+        assert b.timings.keys() == {"stream_s"} and b.timings["stream_s"] > 0
+
+
+def test_prepared_slat_sampler_reads_no_device_data(stream_pipe, objects, monkeypatch):
+    """After ``prepare(build_tables=True)`` on the whole-pass graph path, the SLaT sampler's passes, both the
+    CFG-batched and the unguided ones (CFG ends before the last step of this schedule), run no op that copies device data to
+    the host; without the prebuilt tables the first pass does (so the check can fail)."""
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    stream_pipe.options = RunOptions(cuda_graphs=True, batch_cfg=True)
+    sampler = dataclasses.replace(stream_pipe.config.slat_sampler, steps=4, cfg_interval=(0.0, 500.0))
+    try:
+        ss = stream_pipe.run_ss(objects[0], seed=0)
+        ops = {}
+        for build in (True, False):
+            run = stream_pipe.slat.prepare(objects[0], ss, generator=torch.Generator().manual_seed(1),
+                                           options=stream_pipe.options, sampler=sampler, build_tables=build)
+            net, seen = run.net, set()
+
+            def logged(*args, _net=net, _seen=seen, **kwargs):
+                # the passes only: the sampler's time grid is a CPU tensor read on the host by design
+                with OpLog() as log:
+                    out = _net(*args, **kwargs)
+                _seen.update(set(log.ops) & HOST_SYNC_OPS)
+                return out
+            run.net = logged
+            run.sample()
+            ops[build] = seen
+    finally:
+        stream_pipe.options = RunOptions()
+    assert ops[True] == set()
+    assert ops[False]  # the first pass builds the tables itself
+
+
+def test_slat_run_samples_once_and_releases_its_structures_after_errors(stream_pipe, objects, monkeypatch):
+    """A prepared call whose sampler fails frees its coordinate structures (and their graphs); it cannot be sampled
+    twice, nor after ``release``."""
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    opts = RunOptions(cuda_graphs=True, batch_cfg=True)
+    ss = stream_pipe.run_ss(objects[0], seed=0)
+
+    run = stream_pipe.slat.prepare(objects[0], ss, generator=torch.Generator().manual_seed(1), options=opts,
+                                   build_tables=True)
+    structures = list(run.structures)
+    assert structures and all(len(s) for s in structures)
+    def failing(*args, **kwargs):
+        raise RuntimeError("velocity failed")
+    run.net = failing
+    with pytest.raises(RuntimeError, match="velocity failed"):
+        run.sample()
+    assert run.structures == [] and all(len(s) == 0 for s in structures)
+    with pytest.raises(RuntimeError, match="has run or been released"):
+        run.sample()
+    run2 = stream_pipe.slat.prepare(objects[0], ss, generator=torch.Generator().manual_seed(1), options=opts)
+    run2.release()
+    with pytest.raises(RuntimeError, match="has run or been released"):
+        run2.sample()
+
+
+def test_stream_rejects_bad_input(stream_pipe, objects):
+    with pytest.raises(ValueError, match="one seed per object: 3 objects, 2 seeds"):
+        list(stream_pipe.run_stream(objects, [0, 1]))
+    with pytest.raises(TypeError, match="object 1: run_stream takes PreparedInputs"):
+        list(stream_pipe.run_stream([objects[0], "image.png"]))
+    assert list(stream_pipe.run_stream([])) == []
+
+
+def test_stream_error_propagates_and_the_next_object_is_not_run(stream_pipe, objects):
+    """A failing object stops the stream with its error; the results before it were yielded."""
+    got = []
+    calls = []
+
+    def structure(latents, inp, generator):
+        calls.append(inp)
+        if len(calls) == 2:
+            raise ValueError("no voxel")
+        return stream_pipe.ss.decode_structure(latents, inp, generator, stream_pipe.options)
+    with pytest.raises(ValueError, match="no voxel"):
+        for r in stream_pipe.run_stream(objects, structure=structure):
+            got.append(r)
+    assert len(got) == 1 and len(calls) == 2
+
+
+def test_stream_throughput_script_runs_both_modes_on_new_sizes(tmp_path):
+    """The benchmark's CPU smoke run: one row per round and mode, each mode on sizes of its own, and a README."""
+    import csv
+
+    from benchmarks.stream_throughput import main
+    main(["--device", "cpu", "--config", "mini", "--variant", "fp32", "--objects", "2", "--min-voxels", "60",
+          "--max-voxels", "90", "--rounds", "1", "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / "stream_throughput.csv")))
+    assert [r["mode"] for r in rows] == ["sequential", "stream"]
+    assert rows[0]["sizes"] != rows[1]["sizes"]  # each mode meets sizes the process has not met
+    assert all(float(r["seconds"]) > 0 and r["objects"] == "2" for r in rows)
+    assert "stream / sequential" in (tmp_path / "README.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--variant", "fp32,bf16"], "one variant"),
+])
+def test_stream_throughput_script_rejects_bad_arguments(tmp_path, args, message):
+    from benchmarks.stream_throughput import main
+    with pytest.raises(SystemExit, match=message):
+        main(["--device", "cpu", "--config", "mini", "--out", str(tmp_path)] + args)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: the stream with CUDA graphs recorded without a sync")
+def test_stream_on_cuda_equals_plain_runs_with_async_graphs():
+    """On a GPU, with SLaT's whole-pass graphs recorded without a sync (the recording then overlaps the next object's
+    queued SS work), every streamed object equals its plain run bit for bit."""
+    pipe = Pipeline.from_config(fast_mini_config(), seed=0)
+    sparsify_occupancy(pipe)
+    pipe = pipe.to("cuda").with_options(RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True,
+                                                   cuda_graphs=True, async_graph_capture=True))
+    objs = two_object_scene()
+    inputs = [pipe.prepare(o.image, o.mask, o.pointmap) for o in objs + objs[:1]]
+    plain = [pipe.run_prepared(inp, seed=s) for inp, s in zip(inputs, [0, 1, 2])]
+    for a, b in zip(plain, pipe.run_stream(inputs, [0, 1, 2])):
+        _assert_same_result(a, b)
