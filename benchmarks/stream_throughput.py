@@ -3,13 +3,14 @@
 ``fs3d_accel.stream`` queues the next object's SS sampler behind the current object's SLaT start, so that the GPU has
 work while the host builds SLaT's tables and records its graphs (the start-of-call idle that keeps SLaT's call at ~50%
 of the executed FLOPs while its kernels run at ~57.5% at 14k on an H100, ``results/base_vs_official_h100/session18/``).
-This times both over the same objects in one process: ``sequential`` runs each object's stages in
-``Pipeline.run_prepared``'s order (SS sampler, its decoding, SLaT, mesh decoder); ``stream`` runs
-``fs3d_accel.stream.run_stream``. Every object is a new size for the process (a seeded crop of a YCB surface as in
+This times three modes in one process: ``sequential`` runs each object's stages in ``Pipeline.run_prepared``'s order
+(SS sampler, its decoding, SLaT, mesh decoder and extraction); ``stream-gpu`` runs ``fs3d_accel.stream.run_stream``
+with each mesh extracted in turn; ``stream`` runs it with the extraction (marching cubes on the host) on a worker
+thread while the next object's GPU work runs. Every object is a new size for the process (a seeded crop of a YCB surface as in
 ``slat_many_sizes.py``, substituted for the SS stage's decoded voxels, whose count random weights do not make
 meaningful), and each round and mode gets sizes of its own (shifted by a few voxels), so every timed object is a first
 meeting, as in a dataset run. Rounds alternate the modes' order. Per mode: wall seconds of the whole stream (CUDA
-synchronised at both ends), per object, and the stream's ratio against sequential within the round.
+synchronised at both ends), per object, and its ratio against sequential within the round.
 
     python benchmarks/stream_throughput.py --device cuda --config full \\
         --variant compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac --objects 8 --rounds 2 --out runs/stream
@@ -42,7 +43,9 @@ from fs3d_analysis.profile.latency import sync_device  # noqa: E402
 
 CSV_NAME = "stream_throughput.csv"
 COLUMNS = ("round", "mode", "objects", "seconds", "per_object_s", "sizes")
-MODES = ("sequential", "stream")
+#: sequential: ``run_prepared``'s order; stream-gpu: the object stream with each mesh extracted in turn on the main
+#: thread (what queuing the next SS buys alone); stream: the object stream with the extraction on a worker thread
+MODES = ("sequential", "stream-gpu", "stream")
 
 
 def fixed_structure(pipe: Pipeline, coords: list[torch.Tensor]):
@@ -68,8 +71,8 @@ def run_sequential(pipe: Pipeline, inputs, seeds, structure) -> None:
         pipe.run_decode(inp, ss, slat)
 
 
-def run_streamed(pipe: Pipeline, inputs, seeds, structure) -> None:
-    for _ in run_stream(pipe, inputs, seeds, structure=structure):
+def run_streamed(pipe: Pipeline, inputs, seeds, structure, overlap_extraction: bool = True) -> None:
+    for _ in run_stream(pipe, inputs, seeds, structure=structure, overlap_extraction=overlap_extraction):
         pass
 
 
@@ -86,13 +89,13 @@ def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
              f"Device **{meta['device']}**, torch {meta['torch']}, `{meta['config']}` config, variant "
              f"`{meta['variant']}`, {meta['objects']} objects of new sizes per round and mode "
              f"({min(meta['sizes'])}-{max(meta['sizes'])} voxels), {meta['rounds']} rounds.", "",
-             "| round | mode | seconds | per object | stream / sequential |", "| --- | --- | --- | --- | --- |"]
+             "| round | mode | seconds | per object | against sequential |", "| --- | --- | --- | --- | --- |"]
     for r in sorted({row["round"] for row in rows}):
         pair = {row["mode"]: row for row in rows if row["round"] == r}
         for m in MODES:
             if m in pair:
-                ratio = (f"{pair['stream']['seconds'] / pair['sequential']['seconds']:.3f}"
-                         if m == "stream" and "sequential" in pair else "")
+                ratio = (f"{pair[m]['seconds'] / pair['sequential']['seconds']:.3f}"
+                         if m != "sequential" and "sequential" in pair else "")
                 lines.append(f"| {r} | {m} | {pair[m]['seconds']:.3f} | {pair[m]['per_object_s']:.3f} | {ratio} |")
     for m in MODES:
         per = [row["per_object_s"] for row in rows if row["mode"] == m]
@@ -126,8 +129,9 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         raise SystemExit(str(e)) from e
     # each round and mode meets sizes of its own: +3 voxels per (round, mode) slot, and the warm-up others still
-    slots = {(r, m): [n + 3 * (2 * r + i) for n in sizes] for r in range(1, args.rounds + 1) for i, m in enumerate(MODES)}
-    warm_sizes = [n + 3 * (2 * args.rounds + 2) for n in sizes[:2]]
+    k = len(MODES)
+    slots = {(r, m): [n + 3 * (k * r + i) for n in sizes] for r in range(1, args.rounds + 1) for i, m in enumerate(MODES)}
+    warm_sizes = [n + 3 * (k * args.rounds + k) for n in sizes[:2]]
 
     pipe = Pipeline.from_config(args.config, seed=args.seed, device="cpu").to(dev)
     pipe.with_options(opts)
@@ -144,7 +148,8 @@ def main(argv: list[str] | None = None) -> None:
             "objects": len(sizes), "sizes": sizes, "rounds": args.rounds, "seed": args.seed,
             "timing": "wall seconds of the whole stream, CUDA synchronised at both ends; every object a new size"}
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
-    runners = {"sequential": run_sequential, "stream": run_streamed}
+    runners = {"sequential": run_sequential, "stream": run_streamed,
+               "stream-gpu": lambda *a: run_streamed(*a, overlap_extraction=False)}
     with torch.no_grad():
         for m in MODES:  # compiles, and each mode's first call of each kind of pass
             t = timed(lambda: runners[m](pipe, [inp] * len(warm_coords), range(len(warm_coords)),

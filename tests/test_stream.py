@@ -36,18 +36,18 @@ def _assert_same_result(a, b) -> None:
     assert a.seed == b.seed
 
 
-@pytest.mark.parametrize("graphs", [False, True])
-def test_stream_results_equal_plain_runs_bit_for_bit(stream_pipe, objects, monkeypatch, graphs):
+@pytest.mark.parametrize("graphs, overlap", [(False, True), (True, True), (False, False)])
+def test_stream_results_equal_plain_runs_bit_for_bit(stream_pipe, objects, monkeypatch, graphs, overlap):
     """Each streamed object equals its own ``run_prepared`` with the same seed: with the default options, and with
     the whole-pass graph path (``cuda_graphs`` with batched CFG, run eagerly on the CPU) whose tables ``prepare``
-    builds ahead."""
+    builds ahead; with the mesh extraction on the worker thread and without."""
     if graphs:
         monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
     stream_pipe.options = RunOptions(cuda_graphs=True, batch_cfg=True) if graphs else RunOptions()
     try:
         seeds = [3, 4, 3]
         plain = [stream_pipe.run_prepared(inp, seed=s) for inp, s in zip(objects, seeds)]
-        streamed = list(stream_pipe.run_stream(objects, seeds))
+        streamed = list(stream_pipe.run_stream(objects, seeds, overlap_extraction=overlap))
     finally:
         stream_pipe.options = RunOptions()
     assert len(streamed) == 3
@@ -120,8 +120,10 @@ def test_stream_rejects_bad_input(stream_pipe, objects):
     assert list(stream_pipe.run_stream([])) == []
 
 
-def test_stream_error_propagates_and_the_next_object_is_not_run(stream_pipe, objects):
-    """A failing object stops the stream with its error; the results before it were yielded."""
+@pytest.mark.parametrize("overlap", [True, False])
+def test_stream_error_propagates_and_the_next_object_is_not_run(stream_pipe, objects, overlap):
+    """A failing object stops the stream with its error; the results before it are yielded first (also the one whose
+    mesh was still being extracted on the worker)."""
     got = []
     calls = []
 
@@ -131,9 +133,28 @@ def test_stream_error_propagates_and_the_next_object_is_not_run(stream_pipe, obj
             raise ValueError("no voxel")
         return stream_pipe.ss.decode_structure(latents, inp, generator, stream_pipe.options)
     with pytest.raises(ValueError, match="no voxel"):
-        for r in stream_pipe.run_stream(objects, structure=structure):
+        for r in stream_pipe.run_stream(objects, structure=structure, overlap_extraction=overlap):
             got.append(r)
     assert len(got) == 1 and len(calls) == 2
+    assert got[0].mesh.vertices.shape[0] > 0
+
+
+def test_stream_reports_a_failed_extraction_at_its_object(stream_pipe, objects, monkeypatch):
+    """An extraction that fails on the worker raises at its object's turn, after the results before it."""
+    real = stream_pipe.decode.extract
+    count = []
+
+    def extract(*args, **kwargs):
+        count.append(1)
+        if len(count) == 2:
+            raise RuntimeError("marching cubes failed")
+        return real(*args, **kwargs)
+    monkeypatch.setattr(stream_pipe.decode, "extract", extract)
+    got = []
+    with pytest.raises(RuntimeError, match="marching cubes failed"):
+        for r in stream_pipe.run_stream(objects):
+            got.append(r)
+    assert len(got) == 1
 
 
 def test_stream_throughput_script_runs_both_modes_on_new_sizes(tmp_path):
@@ -144,10 +165,10 @@ def test_stream_throughput_script_runs_both_modes_on_new_sizes(tmp_path):
     main(["--device", "cpu", "--config", "mini", "--variant", "fp32", "--objects", "2", "--min-voxels", "60",
           "--max-voxels", "90", "--rounds", "1", "--out", str(tmp_path)])
     rows = list(csv.DictReader(open(tmp_path / "stream_throughput.csv")))
-    assert [r["mode"] for r in rows] == ["sequential", "stream"]
-    assert rows[0]["sizes"] != rows[1]["sizes"]  # each mode meets sizes the process has not met
+    assert [r["mode"] for r in rows] == ["sequential", "stream-gpu", "stream"]
+    assert len({r["sizes"] for r in rows}) == 3  # each mode meets sizes the process has not met
     assert all(float(r["seconds"]) > 0 and r["objects"] == "2" for r in rows)
-    assert "stream / sequential" in (tmp_path / "README.md").read_text()
+    assert "against sequential" in (tmp_path / "README.md").read_text()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -173,3 +194,28 @@ def test_stream_on_cuda_equals_plain_runs_with_async_graphs():
     plain = [pipe.run_prepared(inp, seed=s) for inp, s in zip(inputs, [0, 1, 2])]
     for a, b in zip(plain, pipe.run_stream(inputs, [0, 1, 2])):
         _assert_same_result(a, b)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU only: CUDA's synchronisation debug mode")
+def test_prepared_slat_sampler_does_not_synchronise_on_cuda():
+    """What the stream relies on, checked where it matters: after ``prepare(build_tables=True)`` the SLaT sampler with
+    whole-pass graphs recorded without a sync makes no synchronising CUDA call (``torch.cuda.set_sync_debug_mode``
+    raises on one: ``.item()``, a device-to-host copy, a blocking host-to-device copy), so its work can queue behind
+    the next object's SS sampler."""
+    pipe = Pipeline.from_config(fast_mini_config(), seed=0)
+    sparsify_occupancy(pipe)
+    pipe = pipe.to("cuda").with_options(RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True,
+                                                   cuda_graphs=True, async_graph_capture=True))
+    o = two_object_scene()[0]
+    inp = pipe.prepare(o.image, o.mask, o.pointmap)
+    pipe.run_prepared(inp, seed=0)  # lazy initialisation (cuBLAS handles, kernels' first loads) out of the way
+    ss = pipe.run_ss(inp, seed=1)
+    run = pipe.slat.prepare(inp, ss, generator=torch.Generator().manual_seed(2), options=pipe.options,
+                            build_tables=True)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = run.sample()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(out.feats).all()
