@@ -9,7 +9,9 @@ with each mesh extracted in turn; ``stream`` runs it with the extraction (marchi
 thread while the next object's GPU work runs. Every object is a new size for the process (a seeded crop of a YCB surface as in
 ``slat_many_sizes.py``, substituted for the SS stage's decoded voxels, whose count random weights do not make
 meaningful), and each round and mode gets sizes of its own (shifted by a few voxels), so every timed object is a first
-meeting, as in a dataset run. Rounds alternate the modes' order. Per mode: wall seconds of the whole stream (CUDA
+meeting, as in a dataset run (the sequential mode also reports its mesh extraction's host seconds per object: on
+random weights the decoded surfaces are noisy, so the extraction is likely longer than on trained weights). Rounds
+alternate the modes' order. Per mode: wall seconds of the whole stream (CUDA
 synchronised at both ends), per object, and its ratio against sequential within the round.
 
     python benchmarks/stream_throughput.py --device cuda --config full \\
@@ -42,7 +44,7 @@ from fs3d_accel.stream import run_stream  # noqa: E402
 from fs3d_analysis.profile.latency import sync_device  # noqa: E402
 
 CSV_NAME = "stream_throughput.csv"
-COLUMNS = ("round", "mode", "objects", "seconds", "per_object_s", "sizes")
+COLUMNS = ("round", "mode", "objects", "seconds", "per_object_s", "extract_s_per_object", "sizes")
 #: sequential: ``run_prepared``'s order; stream-gpu: the object stream with each mesh extracted in turn on the main
 #: thread (what queuing the next SS buys alone); stream: the object stream with the extraction on a worker thread
 MODES = ("sequential", "stream-gpu", "stream")
@@ -59,8 +61,10 @@ def fixed_structure(pipe: Pipeline, coords: list[torch.Tensor]):
     return structure
 
 
-def run_sequential(pipe: Pipeline, inputs, seeds, structure) -> None:
-    """Each object's stages in ``Pipeline.run_prepared``'s order, with ``structure`` decoding the SS latents."""
+def run_sequential(pipe: Pipeline, inputs, seeds, structure) -> float:
+    """Each object's stages in ``Pipeline.run_prepared``'s order, with ``structure`` decoding the SS latents. Returns
+    the host seconds spent in mesh extraction (timed after the decoder network's GPU work is done)."""
+    extract_s = 0.0
     for inp, seed in zip(inputs, seeds):
         gen_ss, gen_slat = pipe._generators(seed)
         latents = pipe.ss.sample_latents(inp, generator=gen_ss, policy=pipe.accel.ss_policy, events=pipe.events,
@@ -68,7 +72,15 @@ def run_sequential(pipe: Pipeline, inputs, seeds, structure) -> None:
         ss = structure(latents, inp, gen_ss)
         slat = pipe.slat(inp, ss, generator=gen_slat, policy=pipe.accel.slat_policy, events=pipe.events,
                          options=pipe.options, coords_transform=pipe.accel.coords_transform)
-        pipe.run_decode(inp, ss, slat)
+        # run_decode's two halves, the extraction timed on its own (the sync only moves the wait)
+        network = pipe.decode.run_network(inp, ss, slat, options=pipe.options,
+                                          decoder_transform=pipe.accel.decoder_transform)
+        sync_device(pipe.device)
+        start = time.perf_counter()
+        pipe.decode.extract(network, ss, slat, decoder_transform=pipe.accel.decoder_transform,
+                            coords_transform=pipe.accel.coords_transform)
+        extract_s += time.perf_counter() - start
+    return extract_s
 
 
 def run_streamed(pipe: Pipeline, inputs, seeds, structure, overlap_extraction: bool = True) -> None:
@@ -76,12 +88,13 @@ def run_streamed(pipe: Pipeline, inputs, seeds, structure, overlap_extraction: b
         pass
 
 
-def timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device) -> tuple[float, object]:
+    """(wall seconds of ``fn()`` with the device synchronised at both ends, what it returned)."""
     sync_device(device)
     start = time.perf_counter()
-    fn()
+    out = fn()
     sync_device(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, out
 
 
 def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
@@ -101,6 +114,10 @@ def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
         per = [row["per_object_s"] for row in rows if row["mode"] == m]
         if per:
             lines.append(f"\n{m}: median {statistics.median(per):.3f} s per object over {len(per)} rounds")
+    ext = [row["extract_s_per_object"] for row in rows if row["mode"] == "sequential"]
+    if ext:
+        lines.append(f"\nsequential mode's mesh extraction (host, after the decoder network): median "
+                     f"{statistics.median(ext):.3f} s per object")
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
@@ -152,8 +169,8 @@ def main(argv: list[str] | None = None) -> None:
                "stream-gpu": lambda *a: run_streamed(*a, overlap_extraction=False)}
     with torch.no_grad():
         for m in MODES:  # compiles, and each mode's first call of each kind of pass
-            t = timed(lambda: runners[m](pipe, [inp] * len(warm_coords), range(len(warm_coords)),
-                                         fixed_structure(pipe, warm_coords)), dev)
+            t, _ = timed(lambda: runners[m](pipe, [inp] * len(warm_coords), range(len(warm_coords)),
+                                            fixed_structure(pipe, warm_coords)), dev)
             print(f"warm-up {m}: {t:.1f} s", flush=True)
         rows = []
         with open(args.out / CSV_NAME, "w", newline="") as fh:
@@ -162,10 +179,12 @@ def main(argv: list[str] | None = None) -> None:
             for r in range(1, args.rounds + 1):
                 for m in (MODES if r % 2 else MODES[::-1]):
                     objs = coords[(r, m)]
-                    sec = timed(lambda: runners[m](pipe, [inp] * len(objs), range(len(objs)),
-                                                   fixed_structure(pipe, objs)), dev)
+                    sec, extract_s = timed(lambda: runners[m](pipe, [inp] * len(objs), range(len(objs)),
+                                                              fixed_structure(pipe, objs)), dev)
                     row = {"round": r, "mode": m, "objects": len(objs), "seconds": sec,
-                           "per_object_s": sec / len(objs), "sizes": " ".join(str(len(c)) for c in objs)}
+                           "per_object_s": sec / len(objs),
+                           "extract_s_per_object": "" if extract_s is None else extract_s / len(objs),
+                           "sizes": " ".join(str(len(c)) for c in objs)}
                     rows.append(row)
                     writer.writerow(row)
                     fh.flush()
