@@ -5,8 +5,10 @@ H100 (``results/base_vs_official_h100/session7``). This runs one real pass of ea
 weights with the zero-initialised layers filled in, the surface voxels of one YCB scan; the SLaT pass as the
 sampler batches the CFG pair: 2 x N rows), records the input of every ``SparseConv3d`` call, and times each
 algorithm on exactly those inputs: "gather",
-"transform" and "implicit" (the Triton implicit-GEMM kernel, ``fs3d_accel/model/sparse_conv_triton.py``), plus
-what "auto" picks. CUDA events after warm-up, medians; the implicit kernel autotunes its tiles on the first call
+"transform" and "implicit" (the Triton implicit-GEMM kernel, ``fs3d_accel/model/sparse_conv_triton.py``), its tiled
+variants "implicit-flat", "implicit-skip" and "implicit-skip-nested" (rows sorted by their neighbours, each tile of
+rows skipping the offsets none of its rows has; with the share of work they skip and the cost of their layout), plus
+what "auto" picks (``--impls`` picks a subset). CUDA events after warm-up, medians; the implicit kernel autotunes its tiles on the first call
 (timed apart, as ``<algorithm>_first_s``). The inputs are recorded with "gather", so that column is a process's
 first call only for "transform" and "implicit": the implicit kernel's shows its tile tuning or, in a later process
 on the same machine, whether the on-disk autotune cache spared it (one tuning per channel pair: the first conv of
@@ -88,12 +90,13 @@ def measure(network: str, calls, timer: Timer, impls: tuple[str, ...]) -> list[d
                 sync_device(x.feats.device)
                 row[f"{impl}_first_s"] = time.perf_counter() - start
                 row[f"{impl}_err"] = float((out.float() - ref).abs().max())
-                if impl in ("implicit-flat", "implicit-skip", "implicit-skip-nested") and "implicit" in outs:
-                    # the tiled kernel sums the same products in the same offset order: equal up to the tile shapes
-                    row[f"{impl}_vs_implicit"] = float((out.float() - outs["implicit"].float()).abs().max())
                 t = timer(lambda: run_conv(conv, x, impl))["median_s"]
                 row[f"{impl}_ms"] = 1e3 * t
                 row[f"{impl}_tflops"] = flops / t / 1e12
+            for impl in ("implicit-flat", "implicit-skip", "implicit-skip-nested"):
+                if impl in outs and "implicit" in outs:
+                    # the tiled kernels sum the same products in the same offset order: equal up to the tile shapes
+                    row[f"{impl}_vs_implicit"] = float((outs[impl].float() - outs["implicit"].float()).abs().max())
             if "implicit-skip" in impls:
                 tiles = neighbour_tiles(x, conv.kernel_size, skip=True)
                 for h in TILE_ROWS:  # share of (tile, offset) pairs the skipping kernel runs

@@ -101,7 +101,8 @@ def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
     lines = ["# Objects per stream: sequential against the object stream (`benchmarks/stream_throughput.py`)", "",
              f"Device **{meta['device']}**, torch {meta['torch']}, `{meta['config']}` config, variant "
              f"`{meta['variant']}`, {meta['objects']} objects of new sizes per round and mode "
-             f"({min(meta['sizes'])}-{max(meta['sizes'])} voxels), {meta['rounds']} rounds.", "",
+             f"(about {min(meta['sizes'])}-{max(meta['sizes'])} voxels, shifted by a few per round and mode: the "
+             f"CSV's `sizes`), {meta['rounds']} rounds.", "",
              "| round | mode | seconds | per object | against sequential |", "| --- | --- | --- | --- | --- |"]
     for r in sorted({row["round"] for row in rows}):
         pair = {row["mode"]: row for row in rows if row["round"] == r}
@@ -149,6 +150,10 @@ def main(argv: list[str] | None = None) -> None:
     k = len(MODES)
     slots = {(r, m): [n + 3 * (k * r + i) for n in sizes] for r in range(1, args.rounds + 1) for i, m in enumerate(MODES)}
     warm_sizes = [n + 3 * (k * args.rounds + k) for n in sizes[:2]]
+    every = [n for v in slots.values() for n in v] + warm_sizes
+    if len(set(every)) != len(every):
+        raise SystemExit(f"sizes of two rounds or modes coincide (each meets its own, {3} voxels apart per slot): "
+                         f"spread --min-voxels .. --max-voxels wider or use fewer --objects / --rounds")
 
     pipe = Pipeline.from_config(args.config, seed=args.seed, device="cpu").to(dev)
     pipe.with_options(opts)

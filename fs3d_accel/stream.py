@@ -12,9 +12,13 @@ Each object then runs:
 3. the next object's SS sampler (``SSStage.sample_latents``), queued without waiting for it: ~0.65 s of GPU work;
 4. ``SLaTRun.sample()``: the eager pass or recording of SLaT's graphs now overlaps step 3's GPU work, and SLaT's kernels
    queue behind it;
-5. the mesh decoder network; the mesh extraction (marching cubes and colours on the host: ~1.4-2.2 s per 14k-voxel
-   object at the full config's 256^3 on this project's 2-core CPU machine, none of it GPU work) runs on a worker
-   thread while the next object's steps 1-5 run (``overlap_extraction``).
+5. the mesh decoder network, and copies of its output to pinned host memory (asynchronous). The mesh extraction
+   (marching cubes and colours: ~1.4-2.2 s per 14k-voxel object at the full config's 256^3 on this project's 2-core
+   CPU machine) then runs on a worker thread on those host copies, handed over after the next object's step 1 (which
+   synchronises anyway, so the copies are done), while the next object's steps 2-5 run (``overlap_extraction``). The
+   worker makes no CUDA call: a synchronising call from another thread would spoil a CUDA-graph recording made in
+   ``torch.cuda.graph``'s global capture mode. With token transforms (``decoder_transform``, ``coords_transform``),
+   whose vertex restores may read device state, the extraction stays on the main thread.
 
 Each object's result is what :meth:`Pipeline.run_prepared` gives it (the same seeds, generators and operations per
 object; only the order of work across objects changes): ``tests/test_stream.py`` checks it bit for bit. What it buys
@@ -31,7 +35,11 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import TYPE_CHECKING
 
+import torch
+
+from .model.sparse import SparseTensor
 from .preprocess import PreparedInputs
+from .stages.decode import DecodedNetwork
 from .stages.types import SSOutput
 
 if TYPE_CHECKING:
@@ -43,16 +51,16 @@ StructureFn = Callable[[dict, PreparedInputs, object], SSOutput]
 
 def run_stream(pipe: "Pipeline", inputs: Sequence[PreparedInputs], seeds: Iterable[int] | None = None, *,
                structure: StructureFn | None = None, overlap_extraction: bool = True) -> Iterator["Result"]:
-    """Yield each object's :class:`~fs3d_accel.pipeline.Result`, in order, with the next object's SS sampler queued
+    """Each object's :class:`~fs3d_accel.pipeline.Result`, in order, with the next object's SS sampler queued
     behind the current object's SLaT start (module docstring). ``seeds``: one per object (default 0, 1, 2, ...).
     ``structure``: replaces the SS stage's ``decode_structure`` (benchmarks feed fixed voxels this way). Each result's
     ``timings`` has ``stream_s``: the host seconds the stream spent on it since the previous result (the caller's time
-    between results not counted; the first object's includes its SS sampler). No stage events are emitted (the stages
-    interleave); step events are, as in a plain run. ``overlap_extraction``: extract each object's mesh (marching
-    cubes on the host, ~1.4-2.2 s per 14k-voxel object at full size on 2 CPU cores) on a worker thread while the next
-    object's stages run; each result then comes once the next object's GPU work is queued."""
-    from .pipeline import Result
-
+    between results not counted; the first object's includes its SS sampler). No stage events are emitted, and the
+    step events of different objects interleave (the next object's SS steps come before this object's SLaT steps),
+    with nothing naming the object: a recorder that assumes one object at a time must not subscribe.
+    ``overlap_extraction``: extract each object's mesh on a worker thread while the next object's stages run; each
+    result then comes once the next object's GPU work is queued. The arguments are checked here, before the first
+    result is asked for."""
     items = list(inputs)
     seed_list = list(range(len(items))) if seeds is None else [int(s) for s in seeds]
     if len(seed_list) != len(items):
@@ -60,9 +68,70 @@ def run_stream(pipe: "Pipeline", inputs: Sequence[PreparedInputs], seeds: Iterab
     for i, item in enumerate(items):
         if not isinstance(item, PreparedInputs):
             raise TypeError(f"object {i}: run_stream takes PreparedInputs (Pipeline.prepare), got {type(item).__name__}")
+    if items:
+        pipe.options.check_device(pipe.device)
+    transforms = pipe.accel.decoder_transform is not None or pipe.accel.coords_transform is not None
+    return _stream(pipe, items, seed_list, structure, overlap_extraction and not transforms)
+
+
+class _Finishing:
+    """One object between its decoder network and its result: the network's output copied to pinned host memory
+    (asynchronously, behind an event), then extracted on the worker or inline."""
+
+    def __init__(self, pipe: "Pipeline", network: DecodedNetwork, fields: dict) -> None:
+        self.pipe, self.fields, self.source = pipe, fields, network
+        out = network.out
+        self.event = None
+        self.host = None
+        if out.feats.device.type == "cuda":
+            feats = out.feats.detach().float()
+            self.host = (torch.empty(feats.shape, dtype=feats.dtype, pin_memory=True),
+                         torch.empty(out.coords.shape, dtype=out.coords.dtype, pin_memory=True))
+            self.host[0].copy_(feats, non_blocking=True)
+            self.host[1].copy_(out.coords, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        self.network = None
+        self.future = None
+
+    def host_ready(self) -> None:
+        """Wait for the copies (on the main thread, where the caller synchronises anyway), then wrap them; off CUDA
+        the network's own output is extracted."""
+        if self.network is not None:
+            return
+        if self.event is None:
+            self.network = self.source
+        else:
+            self.event.synchronize()
+            out = self.source.out
+            self.network = DecodedNetwork(out=SparseTensor.create(*self.host, batch_size=out.cache.get("batch_size")),
+                                          num_tokens=self.source.num_tokens, state=self.source.state)
+        self.source = self.event = self.host = None
+
+    def extract(self):
+        return self.pipe.decode.extract(self.network, self.fields["ss"], self.fields["slat"],
+                                        decoder_transform=self.pipe.accel.decoder_transform,
+                                        coords_transform=self.pipe.accel.coords_transform)
+
+    def start(self, extractor: ThreadPoolExecutor | None) -> None:
+        self.host_ready()
+        if extractor is not None:
+            self.future = extractor.submit(self.extract)
+
+    def result(self, resumed: float) -> "Result":
+        from .pipeline import Result
+        if self.future is None:
+            self.host_ready()
+            decode = self.extract()
+        else:
+            decode = self.future.result()  # re-raises the extraction's error
+        return Result(decode=decode, **self.fields, timings={"stream_s": time.perf_counter() - resumed})
+
+
+def _stream(pipe: "Pipeline", items: list[PreparedInputs], seed_list: list[int], structure: StructureFn | None,
+            overlap_extraction: bool) -> Iterator["Result"]:
     if not items:
         return
-    pipe.options.check_device(pipe.device)
     decode_structure = structure or (lambda lat, inp, gen: pipe.ss.decode_structure(lat, inp, gen, pipe.options))
 
     def queue_ss(k: int):
@@ -72,14 +141,30 @@ def run_stream(pipe: "Pipeline", inputs: Sequence[PreparedInputs], seeds: Iterab
         return latents, generator
 
     resumed = time.perf_counter()  # the generator's own time between results, not its caller's
-    extractor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fs3d-extract") if overlap_extraction else None
-    waiting = None  # (future of the previous object's DecodeOutput, its Result fields)
-    pending = queue_ss(0)
+    extractor = None
+    extraction_failed = False
+
+    def finish(done: _Finishing, since: float) -> "Result":
+        nonlocal extraction_failed
+        try:
+            return done.result(since)
+        except Exception:
+            extraction_failed = True
+            raise
+
+    started = None  # the previous object: host copies done, its extraction running on the worker
+    copying = None  # the current object's predecessor whose host copies are queued, not yet handed to the worker
     try:
+        if overlap_extraction:
+            extractor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fs3d-extract")
+        pending = queue_ss(0)
         for i, inp in enumerate(items):
             latents, generator = pending
             pending = None
-            ss = decode_structure(latents, inp, generator)
+            ss = decode_structure(latents, inp, generator)  # synchronises: the copies queued before are done
+            if copying is not None:
+                copying.start(extractor)
+                started, copying = copying, None
             run = pipe.slat.prepare(inp, ss, generator=pipe._generators(seed_list[i])[1],
                                     policy=pipe.accel.slat_policy, events=pipe.events, options=pipe.options,
                                     coords_transform=pipe.accel.coords_transform, build_tables=True)
@@ -91,40 +176,37 @@ def run_stream(pipe: "Pipeline", inputs: Sequence[PreparedInputs], seeds: Iterab
                 run.release()
             network = pipe.decode.run_network(inp, ss, slat, options=pipe.options,
                                               decoder_transform=pipe.accel.decoder_transform)
-            fields = dict(inputs=inp, ss=ss, slat=slat, seed=seed_list[i])
-            extract = partial(pipe.decode.extract, network, ss, slat, decoder_transform=pipe.accel.decoder_transform,
-                              coords_transform=pipe.accel.coords_transform)
-            if extractor is None:
-                result = Result(decode=extract(), **fields, timings={"stream_s": time.perf_counter() - resumed})
-                yield result
+            copying = _Finishing(pipe, network, dict(inputs=inp, ss=ss, slat=slat, seed=seed_list[i]))
+            if not overlap_extraction:
+                done, copying = copying, None
+                yield finish(done, resumed)
                 resumed = time.perf_counter()
-                continue
-            # this object's mesh is extracted on the worker while the next object's GPU work is queued; the previous
-            # object's result is complete once its extraction is
-            future = extractor.submit(extract)
-            if waiting is not None:
-                yield _finished(*waiting, resumed)
+            elif started is not None:
+                done, started = started, None
+                yield finish(done, resumed)
                 resumed = time.perf_counter()
-            waiting = (future, fields)
-        if waiting is not None:
-            last, waiting = waiting, None
-            yield _finished(*last, resumed)
+        for last in (started, copying):
+            started = copying = None
+            if last is not None:
+                if last.future is None:
+                    last.start(extractor)
+                yield finish(last, resumed)
+                resumed = time.perf_counter()
     except Exception:
-        # an object failed: the one before it is complete once its extraction is, and comes first (a failed
-        # extraction raises its own error there)
-        if waiting is not None:
-            last, waiting = waiting, None
-            yield _finished(*last, resumed)
+        # an object failed: the ones before it come first, in order, once extracted (a failed extraction raises its
+        # own error there); after a failed extraction, nothing after that object comes
+        if extraction_failed:
+            raise
+        for done in (started, copying):
+            started = copying = None
+            if done is not None:
+                if done.future is None:
+                    done.start(extractor)
+                yield finish(done, resumed)
         raise
     finally:
         if extractor is not None:
             extractor.shutdown(wait=True, cancel_futures=True)
-
-
-def _finished(future, fields: dict, resumed: float) -> "Result":
-    from .pipeline import Result
-    decode = future.result()  # re-raises the extraction's error
-    return Result(decode=decode, **fields, timings={"stream_s": time.perf_counter() - resumed})
 
 
 __all__ = ["run_stream"]

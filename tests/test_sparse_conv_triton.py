@@ -295,6 +295,27 @@ def test_neighbour_tiles_rejects_bad_inputs():
     assert sct.neighbour_tiles(torch.zeros(5, 125, dtype=torch.long), skip=False).k3 == 125
 
 
+@pytest.mark.parametrize("height", sct.TILE_ROWS)
+def test_tiled_kernel_reads_the_lists_of_its_tile_height(device, monkeypatch, height):
+    """Each tile height's lists (``TILE_A`` or the other, chosen by BLOCK_M) give the gather conv's values: in the
+    interpreter BLOCK_M is set to each height in turn (on the GPU the autotuner picks one)."""
+    if device.type == "cuda":
+        pytest.skip("the interpreter's tile is what is set here; on the GPU the autotuner picks the height")
+    monkeypatch.setattr(sct, "_INTERPRETER_TILED_TILE", (height, 32, 16))
+    coords = _surface_coords(device)
+    x = SparseTensor.create(torch.randn(len(coords), 12, device=device), coords)
+    conv = _conv(12, 20).to(device)
+    out = {}
+    with torch.no_grad():
+        for impl in ("gather", "implicit-skip", "implicit-skip-nested"):
+            conv.impl = impl
+            out[impl] = conv(x).feats
+    tiles = x.cache[("subm_tiles", 3, True)]
+    assert float(tiles.work_fraction(height)) < 1
+    for impl in ("implicit-skip", "implicit-skip-nested"):
+        torch.testing.assert_close(out[impl], out["gather"], atol=2e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("c_in,c_out", [(20, 24), (5, 40)])
 def test_tiled_kernels_equal_each_other_and_the_implicit_conv(device, c_in, c_out):
     """The three tiled variants add the same products in the same offset order per row (skipping leaves out only
@@ -310,7 +331,7 @@ def test_tiled_kernels_equal_each_other_and_the_implicit_conv(device, c_in, c_ou
             conv.impl = impl
             out[impl] = conv(x).feats
     assert float(x.cache[("subm_tiles", 3, True)].work_fraction(64)) < 1  # skipping did happen
-    if device.type == "cuda":  # same kernel, same tiles, only the row order and the skipped zeros differ
+    if device.type == "cuda":  # one kernel, one autotuned tile shape; only the row order and the skipped zeros differ
         assert torch.equal(out["implicit-skip"], out["implicit-flat"])
     for impl in ("implicit-skip", "implicit-skip-nested", "implicit-flat"):
         torch.testing.assert_close(out[impl], out["implicit"], atol=2e-6, rtol=1e-5)

@@ -32,6 +32,7 @@ def _assert_same_result(a, b) -> None:
         assert torch.equal(a.ss.latents[key], b.ss.latents[key]), key
     assert torch.equal(a.ss.coords, b.ss.coords)
     assert torch.equal(a.slat.feats, b.slat.feats)
+    assert not b.slat.feats.requires_grad and not b.ss.latents["shape"].requires_grad  # inference, as run_prepared
     assert torch.equal(torch.as_tensor(a.mesh.vertices), torch.as_tensor(b.mesh.vertices))
     assert a.seed == b.seed
 
@@ -112,12 +113,24 @@ def test_slat_run_samples_once_and_releases_its_structures_after_errors(stream_p
         run2.sample()
 
 
-def test_stream_rejects_bad_input(stream_pipe, objects):
+def test_stream_rejects_bad_input_when_called(stream_pipe, objects):
+    """Refused at the call, before any result is asked for."""
     with pytest.raises(ValueError, match="one seed per object: 3 objects, 2 seeds"):
-        list(stream_pipe.run_stream(objects, [0, 1]))
+        stream_pipe.run_stream(objects, [0, 1])
     with pytest.raises(TypeError, match="object 1: run_stream takes PreparedInputs"):
-        list(stream_pipe.run_stream([objects[0], "image.png"]))
+        stream_pipe.run_stream([objects[0], "image.png"])
     assert list(stream_pipe.run_stream([])) == []
+
+
+def test_stream_closed_early_leaves_no_worker_thread(stream_pipe, objects):
+    """A consumer that stops after the first result: closing the stream ends its extraction worker."""
+    import threading
+    stream = stream_pipe.run_stream(objects)
+    first = next(stream)
+    assert first.seed == 0
+    assert any(t.name.startswith("fs3d-extract") for t in threading.enumerate())
+    stream.close()
+    assert not any(t.name.startswith("fs3d-extract") for t in threading.enumerate())
 
 
 @pytest.mark.parametrize("overlap", [True, False])
@@ -157,7 +170,7 @@ def test_stream_reports_a_failed_extraction_at_its_object(stream_pipe, objects, 
     assert len(got) == 1
 
 
-def test_stream_throughput_script_runs_both_modes_on_new_sizes(tmp_path):
+def test_stream_throughput_script_runs_every_mode_on_new_sizes(tmp_path):
     """The benchmark's CPU smoke run: one row per round and mode, each mode on sizes of its own, and a README."""
     import csv
 
@@ -166,7 +179,8 @@ def test_stream_throughput_script_runs_both_modes_on_new_sizes(tmp_path):
           "--max-voxels", "90", "--rounds", "1", "--out", str(tmp_path)])
     rows = list(csv.DictReader(open(tmp_path / "stream_throughput.csv")))
     assert [r["mode"] for r in rows] == ["sequential", "stream-gpu", "stream"]
-    assert len({r["sizes"] for r in rows}) == 3  # each mode meets sizes the process has not met
+    sizes = [set(r["sizes"].split()) for r in rows]
+    assert all(not (a & b) for i, a in enumerate(sizes) for b in sizes[i + 1:])  # no mode meets another's sizes
     assert all(float(r["seconds"]) > 0 and r["objects"] == "2" for r in rows)
     assert "against sequential" in (tmp_path / "README.md").read_text()
 
@@ -174,6 +188,8 @@ def test_stream_throughput_script_runs_both_modes_on_new_sizes(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--rounds", "0"], "--rounds must be >= 1"),
     (["--variant", "fp32,bf16"], "one variant"),
+    (["--variant", "fp32", "--objects", "8", "--min-voxels", "60", "--max-voxels", "70"],
+     "sizes of two rounds or modes coincide"),
 ])
 def test_stream_throughput_script_rejects_bad_arguments(tmp_path, args, message):
     from benchmarks.stream_throughput import main
@@ -192,7 +208,9 @@ def test_stream_on_cuda_equals_plain_runs_with_async_graphs():
     objs = two_object_scene()
     inputs = [pipe.prepare(o.image, o.mask, o.pointmap) for o in objs + objs[:1]]
     plain = [pipe.run_prepared(inp, seed=s) for inp, s in zip(inputs, [0, 1, 2])]
-    for a, b in zip(plain, pipe.run_stream(inputs, [0, 1, 2])):
+    streamed = list(pipe.run_stream(inputs, [0, 1, 2]))
+    assert len(streamed) == 3
+    for a, b in zip(plain, streamed):
         _assert_same_result(a, b)
 
 

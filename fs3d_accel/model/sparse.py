@@ -195,7 +195,7 @@ def neighbour_table(x: SparseTensor, kernel_size: int) -> Tensor:
 def neighbour_tiles(x: SparseTensor, kernel_size: int, skip: bool = True):
     """:func:`neighbour_table` laid out for the tiled Triton kernel (``sparse_conv_triton.neighbour_tiles``: rows
     sorted by their neighbours, per tile the offsets it needs), built once per coordinate set, kernel size and
-    ``skip`` (cached on ``x``, device ops only)."""
+    ``skip`` (cached on ``x``; device ops only once the neighbour table, whose building reads the device, exists)."""
     key = ("subm_tiles", kernel_size, bool(skip))
     if key not in x.cache:
         from .sparse_conv_triton import neighbour_tiles as layout

@@ -13,8 +13,9 @@ books and autotune for minutes on first use (their 1x1x1 path also applies a raw
 
 A tiled variant (:func:`implicit_gemm_subm_conv_tiled`, ``SparseConv3d.impl`` "implicit-skip" and relatives) runs
 the same products over rows sorted by which neighbours they have, each tile of rows skipping the kernel offsets
-none of its rows has (:func:`neighbour_tiles`). On the H100 (session 18) its outputs were bit-identical to this
-kernel's, the SLaT pass's convs went from 3.73 to 3.48 ms and the mesh decoder's stayed at 7.4 ms: the skipped work
+none of its rows has (:func:`neighbour_tiles`). It adds the same products in the same offset order, so it agrees with
+this kernel up to the summation inside each autotuned tile shape; on the H100 (session 18) its outputs were
+bit-identical to this kernel's, the SLaT pass's convs went from 3.73 to 3.48 ms and the mesh decoder's stayed at 7.4 ms: the skipped work
 (24-40% of (tile, offset) pairs at 64^3) shows only partly in the time, so "auto" keeps this kernel.
 
 CUDA only (NVIDIA, compute capability 8.0 or newer). No backward pass: ``SparseConv3d`` uses it for inference only.
@@ -269,8 +270,8 @@ class NeighbourTiles:
     counts: dict[int, Tensor]
 
     def work_fraction(self, height: int) -> Tensor:
-        """The share of (tile, offset) pairs the tiled kernel runs at tile ``height`` (1 without skipping): a 0-dim
-        device tensor (reading it syncs)."""
+        """The share of (tile, offset) pairs the tiled kernel runs at tile ``height`` (1 without skipping; all-padding
+        tiles count, with no offset): a 0-dim device tensor (reading it syncs)."""
         return self.counts[height].sum() / (self.counts[height].numel() * self.k3)
 
 

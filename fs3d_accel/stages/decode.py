@@ -55,11 +55,12 @@ class DecodeStage(nn.Module):
             out = self.decoder(tokens.feats.to(dtype), tokens.coords.to(torch.int32))
         return DecodedNetwork(out=out, num_tokens=len(tokens), state=state)
 
+    @torch.no_grad()
     def extract(self, network: "DecodedNetwork", ss: SSOutput, slat: SLaTOutput, *,
                 decoder_transform: TokenTransform | None = None,
                 coords_transform: TokenTransform | None = None) -> DecodeOutput:
-        """Mesh extraction from the decoder output (on the host: marching cubes), the transforms' vertex restores and
-        the layout's pose."""
+        """Mesh extraction from the decoder output (marching cubes on the host; the output is copied there first if it
+        is on a GPU), the transforms' vertex restores and the layout's pose."""
         v, f, colors = extract_mesh(network.out, self.cfg.mesh_decoder.output_resolution)[0]
         verts = torch.as_tensor(np.asarray(v), dtype=torch.float32)
         if decoder_transform is not None:

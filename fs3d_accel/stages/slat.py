@@ -345,7 +345,8 @@ class SLaTStage(HoldsInputs, nn.Module):
         function); :meth:`SLaTRun.sample` runs the sampler. ``build_tables``: also build the coordinate structures'
         tables of the full-token passes now (``flow.build_structure``: the host reads of a first pass), so that on the
         exact fast path the sampler then reads no device data on the host and its GPU work can queue behind other
-        work (``fs3d_accel.stream``). Only with ``cuda_graphs`` or a structure cache; the values are the same."""
+        work (``fs3d_accel.stream``). It builds the structures the passes over all tokens reuse (every call has them);
+        the values are the same."""
         options = options or RunOptions()
         sampler_cfg = sampler or self.cfg.slat_sampler
         device = next(self.flow.parameters()).device
@@ -395,6 +396,7 @@ class SLaTRun:
         self.coords, self.ss, self.state, self.token_scores = coords, ss, state, token_scores
         self.done = False
 
+    @torch.no_grad()
     def sample(self) -> SLaTOutput:
         if self.done:
             raise RuntimeError("this prepared SLaT call has run or been released already; prepare another")
