@@ -152,6 +152,16 @@ def _stream(pipe: "Pipeline", items: list[PreparedInputs], seed_list: list[int],
             extraction_failed = True
             raise
 
+    def drain(objects) -> Iterator["Result"]:
+        """The results of the objects still between their network and their result, in order."""
+        nonlocal resumed
+        for done in objects:
+            if done is not None:
+                if done.future is None:
+                    done.start(extractor)
+                yield finish(done, resumed)
+                resumed = time.perf_counter()
+
     started = None  # the previous object: host copies done, its extraction running on the worker
     copying = None  # the current object's predecessor whose host copies are queued, not yet handed to the worker
     try:
@@ -185,24 +195,15 @@ def _stream(pipe: "Pipeline", items: list[PreparedInputs], seed_list: list[int],
                 done, started = started, None
                 yield finish(done, resumed)
                 resumed = time.perf_counter()
-        for last in (started, copying):
-            started = copying = None
-            if last is not None:
-                if last.future is None:
-                    last.start(extractor)
-                yield finish(last, resumed)
-                resumed = time.perf_counter()
+        last, started, copying = (started, copying), None, None
+        yield from drain(last)
     except Exception:
         # an object failed: the ones before it come first, in order, once extracted (a failed extraction raises its
         # own error there); after a failed extraction, nothing after that object comes
         if extraction_failed:
             raise
-        for done in (started, copying):
-            started = copying = None
-            if done is not None:
-                if done.future is None:
-                    done.start(extractor)
-                yield finish(done, resumed)
+        last, started, copying = (started, copying), None, None
+        yield from drain(last)
         raise
     finally:
         if extractor is not None:

@@ -642,13 +642,21 @@ first.pivot_table(index=["variant", "N"], columns="step", values=["host_ms", "gp
 # is faster. On an H200 at 12-20k voxels, each variant in its own process (so that each meets every size first):
 
 # %%
-big17 = pd.concat(pd.read_csv(f) for f in sorted((R17 / "slat_many_sizes_session17" / "h200_12k_20k").glob(
-    "*/slat_many_sizes.csv")))
-big17["variant"] = big17["variant"].str.replace(P17, "", regex=False)
-plot_passes(big17, "SLaT over 8 new sizes, one process per variant (H200, session 17)", "01_slat_new_sizes_session17.png")
-pair17 = big17.pivot_table(index=["pass", "N"], columns="variant", values="seconds")
-pd.DataFrame({"median s": big17.groupby(["pass", "variant"])["seconds"].median(),
-              "faster than -ac at": (pair17.sub(pair17["-ac"], axis=0) < 0).groupby("pass").sum().stack()}).round(4)
+def new_sizes_per_process(folder: Path, title: str, figure: str) -> pd.DataFrame:
+    """``slat_many_sizes.py`` run once per variant in ``folder``: the figure, and per pass and variant the median
+    call and at how many sizes it beat ``-ac``."""
+    calls = pd.concat(pd.read_csv(f) for f in sorted(folder.glob("*/slat_many_sizes.csv")))
+    calls["variant"] = calls["variant"].str.replace(P17, "", regex=False)
+    plot_passes(calls, title, figure)
+    pair = calls.pivot_table(index=["pass", "N"], columns="variant", values="seconds")
+    return pd.DataFrame({"median s": calls.groupby(["pass", "variant"])["seconds"].median(),
+                         "faster than -ac at": (pair.sub(pair["-ac"], axis=0) < 0).groupby("pass").sum().stack()
+                         }).round(4)
+
+
+new_sizes_per_process(R17 / "slat_many_sizes_session17" / "h200_12k_20k",
+                      "SLaT over 8 new sizes, one process per variant (H200, session 17)",
+                      "01_slat_new_sizes_session17.png")
 
 # %% [markdown]
 # Repeating one object (the per-object benchmark's protocol), the first calls are paid before the timed ones and the
@@ -670,13 +678,9 @@ obj17.pivot_table(index=["N", "round"], columns="variant", values="seconds").rou
 # token buckets inside the whole-pass graphs (`-ac-tb`) beat it.
 
 # %%
-big18 = pd.concat(pd.read_csv(f) for f in sorted((R17 / "slat_many_sizes_session18" / "h100_12k_20k").glob(
-    "*/slat_many_sizes.csv")))
-big18["variant"] = big18["variant"].str.replace(P17, "", regex=False)
-plot_passes(big18, "SLaT over 8 new sizes, one process per variant (H100, session 18)", "01_slat_new_sizes_session18.png")
-pair18 = big18.pivot_table(index=["pass", "N"], columns="variant", values="seconds")
-pd.DataFrame({"median s": big18.groupby(["pass", "variant"])["seconds"].median(),
-              "faster than -ac at": (pair18.sub(pair18["-ac"], axis=0) < 0).groupby("pass").sum().stack()}).round(4)
+new_sizes_per_process(R17 / "slat_many_sizes_session18" / "h100_12k_20k",
+                      "SLaT over 8 new sizes, one process per variant (H100, session 18)",
+                      "01_slat_new_sizes_session18.png")
 
 # %% [markdown]
 # Per object, the SLaT call against the sum of its kernels (one profiled call, `--gpu-busy`): the kernels alone would

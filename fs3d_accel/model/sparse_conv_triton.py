@@ -203,38 +203,54 @@ def _build():
 _KERNELS: dict[bool, tuple] = {}
 
 
+def _kernels() -> tuple:
+    """The built kernels for the current interpreter mode (built on first use)."""
+    if interpreting() not in _KERNELS:
+        _KERNELS[interpreting()] = _build()
+    return _KERNELS[interpreting()]
+
+
+def _check_features(feats: Tensor) -> int:
+    """Refuse a device the kernels cannot run on and features that are not (N, C_in) half or fp32; returns N."""
+    why = triton_unavailable(feats.device)
+    if why is not None:
+        raise RuntimeError(why)
+    if feats.dim() != 2 or feats.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"features must be (N, C_in) fp16 / bf16 / fp32, got {tuple(feats.shape)} {feats.dtype}")
+    return feats.shape[0]
+
+
+def _check_weight(feats: Tensor, neighbours: Tensor, what: str, k3: int, weight: Tensor, bias: Tensor | None) -> int:
+    """Refuse tensors on several devices, a weight that is not (C_out, K3 * C_in) and mixed dtypes; returns C_out."""
+    devices = {t.device for t in (feats, neighbours, weight, bias) if t is not None}
+    if len(devices) > 1:
+        raise ValueError(f"features, {what}, weight and bias must be on one device, got {sorted(map(str, devices))}")
+    c_in, c_out = feats.shape[1], weight.shape[0]
+    if weight.shape != (c_out, k3 * c_in):
+        raise ValueError(f"weight must be (C_out, K3 * C_in) = (C_out, {k3 * c_in}), got {tuple(weight.shape)}")
+    if weight.dtype != feats.dtype or (bias is not None and bias.dtype != feats.dtype):
+        raise ValueError(f"features, weight and bias must share one dtype, got {feats.dtype}, {weight.dtype}, "
+                         f"{None if bias is None else bias.dtype}")
+    return c_out
+
+
 def implicit_gemm_subm_conv(feats: Tensor, table: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     """Submanifold conv of ``feats`` (N, C_in) through ``table`` (N, K3) int64 neighbour rows (N = absent).
 
     ``weight``: (C_out, K3 * C_in), offset-major as ``SparseConv3d``'s ``conv.weight.reshape(C_out, -1)``.
     Returns (N, C_out) in ``feats``' dtype, products summed in fp32 (fp32 inputs: IEEE fp32, no TF32).
     """
-    why = triton_unavailable(feats.device)
-    if why is not None:
-        raise RuntimeError(why)
-    if feats.dim() != 2 or feats.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"features must be (N, C_in) fp16 / bf16 / fp32, got {tuple(feats.shape)} {feats.dtype}")
-    n, c_in = feats.shape
-    devices = {t.device for t in (feats, table, weight, bias) if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"features, table, weight and bias must be on one device, got {sorted(map(str, devices))}")
+    n = _check_features(feats)
     if table.dim() != 2 or table.shape[0] != n:
         raise ValueError(f"table must be (N={n}, K3), got {tuple(table.shape)}")
+    c_out = _check_weight(feats, table, "table", table.shape[1], weight, bias)
     k3 = table.shape[1]
-    c_out = weight.shape[0]
-    if weight.shape != (c_out, k3 * c_in):
-        raise ValueError(f"weight must be (C_out, K3 * C_in) = (C_out, {k3 * c_in}), got {tuple(weight.shape)}")
-    if weight.dtype != feats.dtype or (bias is not None and bias.dtype != feats.dtype):
-        raise ValueError(f"features, weight and bias must share one dtype, got {feats.dtype}, {weight.dtype}, "
-                         f"{None if bias is None else bias.dtype}")
-    if interpreting() not in _KERNELS:
-        _KERNELS[interpreting()] = _build()
-    triton, plain, tuned = _KERNELS[interpreting()][:3]
+    triton, plain, tuned = _kernels()[:3]
     feats, table, weight = feats.contiguous(), table.contiguous(), weight.contiguous()
     out = feats.new_empty(n, c_out)
     if n == 0:
         return out
-    args = dict(C_IN=c_in, C_OUT=c_out, K3=k3, HAS_BIAS=bias is not None,
+    args = dict(C_IN=feats.shape[1], C_OUT=c_out, K3=k3, HAS_BIAS=bias is not None,
                 DOT_PRECISION="ieee" if feats.dtype == torch.float32 else "tf32")
     bias_arg = bias if bias is not None else weight  # never read without HAS_BIAS
     if interpreting():
@@ -320,36 +336,21 @@ def implicit_gemm_subm_conv_tiled(feats: Tensor, tiles: NeighbourTiles, weight: 
     fp32 sums in the same offset order per output row (an offset a tile skips would only add zeros). ``flat_loop``:
     one loop over (listed offset, channel block) instead of the original loop nest (offsets outside, channel blocks
     inside), so that Triton's software pipelining spans the offsets too."""
-    why = triton_unavailable(feats.device)
-    if why is not None:
-        raise RuntimeError(why)
-    if feats.dim() != 2 or feats.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"features must be (N, C_in) fp16 / bf16 / fp32, got {tuple(feats.shape)} {feats.dtype}")
-    n, c_in = feats.shape
+    n = _check_features(feats)
     if tiles.n_rows != n:
         raise ValueError(f"the neighbour tiles were built for {tiles.n_rows} rows, the features have {n}")
     if set(tiles.offsets) != set(TILE_ROWS):
         raise ValueError(f"the neighbour tiles must hold lists for tile heights {TILE_ROWS}, got {sorted(tiles.offsets)}")
-    devices = {t.device for t in (feats, tiles.table_t, weight, bias) if t is not None}
-    if len(devices) > 1:
-        raise ValueError(f"features, tiles, weight and bias must be on one device, got {sorted(map(str, devices))}")
     k3 = tiles.k3
-    c_out = weight.shape[0]
-    if weight.shape != (c_out, k3 * c_in):
-        raise ValueError(f"weight must be (C_out, K3 * C_in) = (C_out, {k3 * c_in}), got {tuple(weight.shape)}")
-    if weight.dtype != feats.dtype or (bias is not None and bias.dtype != feats.dtype):
-        raise ValueError(f"features, weight and bias must share one dtype, got {feats.dtype}, {weight.dtype}, "
-                         f"{None if bias is None else bias.dtype}")
-    if interpreting() not in _KERNELS:
-        _KERNELS[interpreting()] = _build()
-    triton, _, _, plain, tuned = _KERNELS[interpreting()]
+    c_out = _check_weight(feats, tiles.table_t, "tiles", k3, weight, bias)
+    triton, _, _, plain, tuned = _kernels()
     feats, weight = feats.contiguous(), weight.contiguous()
     out = feats.new_empty(n, c_out)
     if n == 0:
         return out
     a, b = TILE_ROWS
     n_pad = tiles.table_t.shape[1]
-    args = dict(C_IN=c_in, C_OUT=c_out, K3=k3, HAS_BIAS=bias is not None, TILE_A=a, FLAT_LOOP=bool(flat_loop),
+    args = dict(C_IN=feats.shape[1], C_OUT=c_out, K3=k3, HAS_BIAS=bias is not None, TILE_A=a, FLAT_LOOP=bool(flat_loop),
                 DOT_PRECISION="ieee" if feats.dtype == torch.float32 else "tf32")
     lists = (tiles.table_t, tiles.perm, tiles.offsets[a], tiles.counts[a], tiles.offsets[b], tiles.counts[b])
     bias_arg = bias if bias is not None else weight  # never read without HAS_BIAS
