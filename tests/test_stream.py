@@ -61,7 +61,8 @@ def test_stream_results_equal_plain_runs_bit_for_bit(stream_pipe, objects, monke
 def test_prepared_slat_sampler_reads_no_device_data(stream_pipe, objects, monkeypatch):
     """After ``prepare(build_tables=True)`` on the whole-pass graph path, the SLaT sampler's passes, both the
     CFG-batched and the unguided ones (CFG ends before the last step of this schedule), run no op that copies device data to
-    the host; without the prebuilt tables the first pass does (so the check can fail)."""
+    the host and make no tensor from host data; without the prebuilt tables the first pass does (so the check can
+    fail)."""
     monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
     stream_pipe.options = RunOptions(cuda_graphs=True, batch_cfg=True)
     sampler = dataclasses.replace(stream_pipe.config.slat_sampler, steps=4, cfg_interval=(0.0, 500.0))
@@ -77,7 +78,8 @@ def test_prepared_slat_sampler_reads_no_device_data(stream_pipe, objects, monkey
                 # the passes only: the sampler's time grid is a CPU tensor read on the host by design
                 with OpLog() as log:
                     out = _net(*args, **kwargs)
-                _seen.update(set(log.ops) & HOST_SYNC_OPS)
+                # lift_fresh: a tensor made from host data, a blocking host-to-device copy on a GPU
+                _seen.update(set(log.ops) & (HOST_SYNC_OPS | {"lift_fresh"}))
                 return out
             run.net = logged
             run.sample()
