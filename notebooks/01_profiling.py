@@ -705,6 +705,10 @@ idle18["variant"] = idle18["variant"].str.replace(P17, "", regex=False)
 idle18.pivot_table(index="index", columns=["variant", "N"], values="idle_fraction").round(2)
 
 # %% [markdown]
+# Within one object nothing can fill that gap: SLaT's shapes come from the object's own SS result. Over a stream of
+# objects the next object's SS sampler can, which is what `Pipeline.run_stream` (`fs3d_accel/stream.py`) does; its
+# throughput is measured by `benchmarks/stream_throughput.py` (not yet run on a GPU: `benchmarks/GPU_RUNBOOK.md`).
+#
 # The kernels themselves: the sparse convs run all 27 offsets per row (absent neighbours as zero rows), though about
 # half are absent at a surface. The tiled kernel `implicit-skip` sorts rows by their neighbours and lets each tile of
 # rows skip the offsets none of its rows has; its outputs are bit-identical, but the time saved is far less than the
