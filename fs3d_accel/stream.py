@@ -13,7 +13,7 @@ Each object then runs:
 4. ``SLaTRun.sample()``: the eager pass or recording of SLaT's graphs now overlaps step 3's GPU work, and SLaT's kernels
    queue behind it;
 5. the mesh decoder network, and copies of its output to pinned host memory (asynchronous). The mesh extraction
-   (marching cubes and colours: ~1.4-2.2 s per 14k-voxel object at the full config's 256^3 on this project's 2-core
+   (marching cubes and colours: 0.81 s per 14k-voxel object at the full config's 256^3 on this project's 2-core
    CPU machine) then runs on a worker thread on those host copies, handed over after the next object's step 1 (which
    synchronises anyway, so the copies are done), while the next object's steps 2-5 run (``overlap_extraction``). The
    worker makes no CUDA call: a synchronising call from another thread would spoil a CUDA-graph recording made in

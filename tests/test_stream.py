@@ -239,3 +239,18 @@ def test_prepared_slat_sampler_does_not_synchronise_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(out.feats).all()
+
+
+def test_mesh_extract_time_script(tmp_path):
+    """The extraction timing runs on a full-size stand-in (the 256^3 grid) and refuses unknown objects."""
+    import json
+
+    from benchmarks.mesh_extract_time import main
+    main(["--objects", "007_tuna_fish_can", "--repeats", "1", "--out", str(tmp_path)])
+    meta = json.loads((tmp_path / "mesh_extract_time.json").read_text())
+    (row,) = meta["rows"]
+    assert row["voxels_64"] == 14171 and row["rows_256"] > 16 * 14171 and row["faces"] > 0 and row["median_s"] > 0
+    with pytest.raises(SystemExit, match="unknown"):
+        main(["--objects", "no_such_object", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--repeats must be >= 1"):
+        main(["--repeats", "0", "--out", str(tmp_path)])

@@ -116,7 +116,8 @@ class RunOptions:
     #: recording (GPU test); alone, no gain on a second meeting of 16 new sizes (+9 ms, faster at 5 of 16); with the
     #: GELU epilogue kept to SS (``gelu_epilogue_sites``) the fastest SLaT call over new sizes on an H100 at 4-6k and an
     #: H200 at 12-20k: the named path ``compiled-zkv-fa4-all-sqfa2-ge-ac-stream`` (``results/slat_many_sizes_session17/``;
-    #: not on an H100 at 12-20k, session 18: ``results/slat_many_sizes_session18/``).
+    #: on an H100 at 12-20k, timed with ``unguided_graph_ahead=8`` added, no faster than ``-ac``, session 18:
+    #: ``results/slat_many_sizes_session18/``).
     graph_record_first: bool = False
     #: eager passes each SLaT whole-pass graph runs before it records (``GraphedCall(warmup=...)``; 1 = the first pass
     #: eager, the second records). Built to hide the recording's host time behind GPU work queued by more eager passes;
