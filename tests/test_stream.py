@@ -58,6 +58,22 @@ def test_stream_results_equal_plain_runs_bit_for_bit(stream_pipe, objects, monke
         assert b.timings.keys() == {"stream_s"} and b.timings["stream_s"] > 0
 
 
+def test_stream_with_the_compiled_slat_torso_equals_plain_runs(stream_pipe, objects, monkeypatch, cpu_compile):
+    """The whole-pass graph path with the compiled SLaT torso (dynamo's eager backend on the CPU): the tables
+    ``prepare`` builds serve the compiled passes, and every streamed object equals its plain run."""
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    stream_pipe.options = RunOptions(batch_cfg=True, cache_cond_kv=True, cuda_graphs=True, compile_slat=True,
+                                     compile_backend="eager")
+    try:
+        plain = [stream_pipe.run_prepared(inp, seed=s) for inp, s in zip(objects[:2], [5, 6])]
+        streamed = list(stream_pipe.run_stream(objects[:2], [5, 6]))
+    finally:
+        stream_pipe.options = RunOptions()
+    assert len(streamed) == 2
+    for a, b in zip(plain, streamed):
+        _assert_same_result(a, b)
+
+
 def test_prepared_slat_sampler_reads_no_device_data(stream_pipe, objects, monkeypatch):
     """After ``prepare(build_tables=True)`` on the whole-pass graph path, the SLaT sampler's passes, both the
     CFG-batched and the unguided ones (CFG ends before the last step of this schedule), run no op that copies device data to
