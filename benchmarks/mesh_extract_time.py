@@ -54,8 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     coords = load_coords(64, "cpu")
     names = [n for n in args.objects.split(",") if n]
     unknown = [n for n in names if n not in coords]
-    if not names or unknown:
-        raise SystemExit(f"--objects: unknown {unknown or names}; the coordinate file has {sorted(coords)}")
+    if not names:
+        raise SystemExit("--objects: none given")
+    if unknown:
+        raise SystemExit(f"--objects: unknown {unknown}; the coordinate file has {sorted(coords)}")
+    if len(set(names)) != len(names):
+        raise SystemExit(f"--objects: named twice: {sorted({n for n in names if names.count(n) > 1})}")
     rows = []
     for name in names:
         x = stand_in(coords[name])

@@ -11,8 +11,8 @@ thread while the next object's GPU work runs. Every object is a new size for the
 meaningful), and each round and mode gets sizes of its own (shifted by a few voxels), so every timed object is a first
 meeting, as in a dataset run (the sequential mode also reports its mesh extraction's host seconds per object: on
 random weights the decoded surfaces are noisy, so the extraction is likely longer than on trained weights). Rounds
-alternate the modes' order. Per mode: wall seconds of the whole stream (CUDA
-synchronised at both ends), per object, and its ratio against sequential within the round.
+alternate the modes' order. Per mode: seconds of the whole stream (``stage_latency.Timer``, one call), per object,
+and its ratio against sequential within the round.
 
     python benchmarks/stream_throughput.py --device cuda --config full \\
         --variant compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac --objects 8 --rounds 2 --out runs/stream
@@ -37,8 +37,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 from benchmarks.slat_many_sizes import object_coords, object_sizes  # noqa: E402
-from benchmarks.stage_latency import (SHORT, checked_device, checked_variants, synthetic_inputs,  # noqa: E402
-                                      variant_label, variant_options)
+from benchmarks.stage_latency import (SHORT, Timer, checked_device, checked_variants,  # noqa: E402
+                                      synthetic_inputs, variant_label, variant_options)
 from fs3d_accel.pipeline import Pipeline  # noqa: E402
 from fs3d_accel.stream import run_stream  # noqa: E402
 from fs3d_analysis.profile.latency import sync_device  # noqa: E402
@@ -89,12 +89,10 @@ def run_streamed(pipe: Pipeline, inputs, seeds, structure, overlap_extraction: b
 
 
 def timed(fn, device: torch.device) -> tuple[float, object]:
-    """(wall seconds of ``fn()`` with the device synchronised at both ends, what it returned)."""
-    sync_device(device)
-    start = time.perf_counter()
-    out = fn()
-    sync_device(device)
-    return time.perf_counter() - start, out
+    """(seconds of one call of ``fn()`` by ``stage_latency.Timer``, what it returned)."""
+    returned = []
+    seconds = Timer(device, warmup=0, repeats=1)(lambda: returned.append(fn()))["median_s"]
+    return seconds, returned[0]
 
 
 def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
@@ -168,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "config": args.config, "variant": variant, "variant_options": f"{variant_label(variant)} = {opts}",
             "objects": len(sizes), "sizes": sizes, "rounds": args.rounds, "seed": args.seed,
-            "timing": "wall seconds of the whole stream, CUDA synchronised at both ends; every object a new size"}
+            "timing": "one call per round and mode (stage_latency.Timer: CUDA events after a synchronisation, "
+                      "synchronised at the end); every object a new size"}
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
     runners = {"sequential": run_sequential, "stream": run_streamed,
                "stream-gpu": lambda *a: run_streamed(*a, overlap_extraction=False)}

@@ -14,7 +14,7 @@ Each object then runs:
    queue behind it;
 5. the mesh decoder network, and copies of its output to pinned host memory (asynchronous). The mesh extraction
    (marching cubes and colours: 0.81 s per 14k-voxel object at the full config's 256^3 on this project's 2-core
-   CPU machine) then runs on a worker thread on those host copies, handed over after the next object's step 1 (which
+   CPU machine, ``benchmarks/results/mesh_extract_cpu/``) then runs on a worker thread on those host copies, handed over after the next object's step 1 (which
    synchronises anyway, so the copies are done), while the next object's steps 2-5 run (``overlap_extraction``). The
    worker makes no CUDA call: a synchronising call from another thread would spoil a CUDA-graph recording made in
    ``torch.cuda.graph``'s global capture mode. With token transforms (``decoder_transform``, ``coords_transform``),
@@ -29,6 +29,7 @@ the queue, with the same results).
 """
 from __future__ import annotations
 
+import numbers
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -62,12 +63,18 @@ def run_stream(pipe: "Pipeline", inputs: Sequence[PreparedInputs], seeds: Iterab
     result then comes once the next object's GPU work is queued. The arguments are checked here, before the first
     result is asked for."""
     items = list(inputs)
-    seed_list = list(range(len(items))) if seeds is None else [int(s) for s in seeds]
+    seed_list = list(range(len(items))) if seeds is None else list(seeds)
+    bad = [s for s in seed_list if isinstance(s, bool) or not isinstance(s, numbers.Integral)]
+    if bad:
+        raise TypeError(f"run_stream seeds must be integers, got {bad[:3]!r}")
+    seed_list = [int(s) for s in seed_list]
     if len(seed_list) != len(items):
         raise ValueError(f"run_stream needs one seed per object: {len(items)} objects, {len(seed_list)} seeds")
     for i, item in enumerate(items):
         if not isinstance(item, PreparedInputs):
             raise TypeError(f"object {i}: run_stream takes PreparedInputs (Pipeline.prepare), got {type(item).__name__}")
+    if not isinstance(overlap_extraction, bool):
+        raise TypeError(f"overlap_extraction must be True or False, got {overlap_extraction!r}")
     if items:
         pipe.options.check_device(pipe.device)
     transforms = pipe.accel.decoder_transform is not None or pipe.accel.coords_transform is not None

@@ -683,9 +683,9 @@ new_sizes_per_process(R17 / "slat_many_sizes_session18" / "h100_12k_20k",
                       "01_slat_new_sizes_session18.png")
 
 # %% [markdown]
-# Per object, the SLaT call against the sum of its kernels (one profiled call, `--gpu-busy`): the kernels alone would
-# run at ~57.5% of the executed FLOPs at 14k, the call runs at ~50-52%. The difference is idle GPU at the start of the
-# call (`idle.csv`), most of it one stretch with no host event open: the CFG-batched graph's recording, with nothing
+# Per object, the SLaT call against the sum of its kernels (one profiled call, `--gpu-busy`): `MFU if never idle` is
+# what the kernels alone would reach, `mfu_executed` what the call reached. The difference is idle GPU at the start of the
+# call (`idle.csv`), its largest part one stretch with no host event open: most likely the CFG-batched graph's recording, with nothing
 # queued ahead of it.
 
 # %%

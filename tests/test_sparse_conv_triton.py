@@ -290,6 +290,8 @@ def test_neighbour_tiles_rejects_bad_inputs():
         sct.neighbour_tiles(table, heights=(48,))
     with pytest.raises(ValueError, match="powers of two"):
         sct.neighbour_tiles(table, heights=())
+    with pytest.raises(TypeError, match="integer row indices, got torch.float32"):
+        sct.neighbour_tiles(table.float())
     with pytest.raises(ValueError, match="K3 <= 62"):
         sct.neighbour_tiles(torch.zeros(5, 125, dtype=torch.long))
     assert sct.neighbour_tiles(torch.zeros(5, 125, dtype=torch.long), skip=False).k3 == 125

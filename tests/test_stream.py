@@ -135,8 +135,17 @@ def test_stream_rejects_bad_input_when_called(stream_pipe, objects):
     """Refused at the call, before any result is asked for."""
     with pytest.raises(ValueError, match="one seed per object: 3 objects, 2 seeds"):
         stream_pipe.run_stream(objects, [0, 1])
+    with pytest.raises(TypeError, match=r"seeds must be integers, got \[1.5\]"):
+        stream_pipe.run_stream(objects, [0, 1.5, 2])
+    with pytest.raises(TypeError, match="seeds must be integers, got \\[True\\]"):
+        stream_pipe.run_stream(objects, [0, True, 2])
     with pytest.raises(TypeError, match="object 1: run_stream takes PreparedInputs"):
         stream_pipe.run_stream([objects[0], "image.png"])
+    with pytest.raises(TypeError, match="overlap_extraction must be True or False"):
+        stream_pipe.run_stream(objects, overlap_extraction="no")
+    ss = stream_pipe.run_ss(objects[0], seed=0)
+    with pytest.raises(TypeError, match="build_tables must be True or False"):
+        stream_pipe.slat.prepare(objects[0], ss, generator=torch.Generator(), build_tables=1)
     assert list(stream_pipe.run_stream([])) == []
 
 

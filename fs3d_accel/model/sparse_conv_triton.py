@@ -89,6 +89,7 @@ def interpreting() -> bool:
 
 def _build():
     """Define the kernel (imports triton on first use only: CPU installs of this package do not need it)."""
+    global offset_block  # Triton looks a jit function's callees up in the module's globals, not in this closure
     import triton
     import triton.language as tl
 
@@ -128,6 +129,19 @@ def _build():
     # of the tile has a neighbour), in ascending order: a skipped offset would only add exact zeros. FLAT_LOOP: one
     # loop over (listed offset, channel block), so that Triton's software pipelining overlaps the next offset's gathers
     # with the current MMA (the loop nest pipelines only its inner loop of C_IN / BLOCK_K steps).
+    @triton.jit
+    def offset_block(acc, feats, weight, nbr, present, k, c0, cols, col_ok, C_IN: tl.constexpr, K3: tl.constexpr,
+                     DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+        # acc += feats[nbr, c0:c0+BLOCK_K] @ weight[cols, k*C_IN + c0 : ...]^T, absent neighbours as zero rows (the
+        # tiled kernel's two loops share it; the original kernel keeps its own body, as measured)
+        ch = c0 + tl.arange(0, BLOCK_K)
+        ch_ok = ch < C_IN
+        a = tl.load(feats + nbr.to(tl.int64)[:, None] * C_IN + ch[None, :],
+                    mask=present[:, None] & ch_ok[None, :], other=0.0)
+        b = tl.load(weight + cols[None, :].to(tl.int64) * (K3 * C_IN) + k * C_IN + ch[:, None],
+                    mask=ch_ok[:, None] & col_ok[None, :], other=0.0)
+        return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
     @triton.jit(do_not_specialize=["n_rows", "n_pad"])
     def subm_conv_tiled_kernel(feats, table_t, perm, offs_a, counts_a, offs_b, counts_b, weight, bias, out,
                                n_rows, n_pad,
@@ -154,28 +168,16 @@ def _build():
         if FLAT_LOOP:
             for i in range(n_off * NUM_CB):
                 k = tl.load(offs + tile * K3 + i // NUM_CB)
-                ch = (i % NUM_CB) * BLOCK_K + tl.arange(0, BLOCK_K)
-                ch_ok = ch < C_IN
                 nbr = tl.load(table_t + k.to(tl.int64) * n_pad + slots)
-                present = nbr < n_rows
-                a = tl.load(feats + nbr.to(tl.int64)[:, None] * C_IN + ch[None, :],
-                            mask=present[:, None] & ch_ok[None, :], other=0.0)
-                b = tl.load(weight + cols[None, :].to(tl.int64) * (K3 * C_IN) + k * C_IN + ch[:, None],
-                            mask=ch_ok[:, None] & col_ok[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                acc = offset_block(acc, feats, weight, nbr, nbr < n_rows, k, (i % NUM_CB) * BLOCK_K, cols, col_ok,
+                                   C_IN, K3, DOT_PRECISION, BLOCK_K)
         else:  # the original kernel's loop nest, over the listed offsets only
             for j in range(n_off):
                 k = tl.load(offs + tile * K3 + j)
                 nbr = tl.load(table_t + k.to(tl.int64) * n_pad + slots)
-                present = nbr < n_rows
                 for c0 in range(0, C_IN, BLOCK_K):
-                    ch = c0 + tl.arange(0, BLOCK_K)
-                    ch_ok = ch < C_IN
-                    a = tl.load(feats + nbr.to(tl.int64)[:, None] * C_IN + ch[None, :],
-                                mask=present[:, None] & ch_ok[None, :], other=0.0)
-                    b = tl.load(weight + cols[None, :].to(tl.int64) * (K3 * C_IN) + k * C_IN + ch[:, None],
-                                mask=ch_ok[:, None] & col_ok[None, :], other=0.0)
-                    acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                    acc = offset_block(acc, feats, weight, nbr, nbr < n_rows, k, c0, cols, col_ok,
+                                       C_IN, K3, DOT_PRECISION, BLOCK_K)
         if HAS_BIAS:
             acc += tl.load(bias + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(out + rows[:, None].to(tl.int64) * C_OUT + cols[None, :], acc.to(out.dtype.element_ty),
@@ -302,6 +304,8 @@ def neighbour_tiles(table: Tensor, skip: bool = True, heights: tuple[int, ...] =
     reports the fraction per conv)."""
     if table.dim() != 2:
         raise ValueError(f"table must be (N, K3), got {tuple(table.shape)}")
+    if table.dtype.is_floating_point or table.dtype.is_complex or table.dtype == torch.bool:
+        raise TypeError(f"table must hold integer row indices, got {table.dtype}")
     if not heights or any(isinstance(h, bool) or not isinstance(h, int) or h < 1 or h & (h - 1) for h in heights):
         raise ValueError(f"tile heights must be powers of two, got {heights!r}")
     n, k3 = table.shape

@@ -347,6 +347,8 @@ class SLaTStage(HoldsInputs, nn.Module):
         exact fast path the sampler then reads no device data on the host and its GPU work can queue behind other
         work (``fs3d_accel.stream``). It builds the structures the passes over all tokens reuse (every call has them);
         the values are the same."""
+        if not isinstance(build_tables, bool):
+            raise TypeError(f"build_tables must be True or False, got {build_tables!r}")
         options = options or RunOptions()
         sampler_cfg = sampler or self.cfg.slat_sampler
         device = next(self.flow.parameters()).device
