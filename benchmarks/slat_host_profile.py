@@ -168,10 +168,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", default="5000,14171", help="comma-separated voxel counts, each a new object")
     ap.add_argument("--shapes", default="crops", choices=SHAPES)
     ap.add_argument("--cprofile", action="store_true", help="run the last object under cProfile")
+    ap.add_argument("--repeat", type=int, default=0,
+                    help="run each object this many more times after its first call (a size the process has met: "
+                         "cuBLAS and the compiled code warm, the graphs recorded again per call); with --cprofile the "
+                         "last object's last repeat is profiled")
     ap.add_argument("--top", type=int, default=40, help="functions listed per cProfile table")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
+    if isinstance(args.repeat, bool) or args.repeat < 0:
+        raise SystemExit(f"--repeat must be >= 0 (extra calls per object), got {args.repeat}")
     if args.top < 1:
         raise SystemExit(f"--top must be >= 1 (functions listed per cProfile table), got {args.top}")
     dev = checked_device(args.device)
@@ -210,19 +216,23 @@ def main(argv: list[str] | None = None) -> None:
             t0 = time.perf_counter()
             run_object(stage, slat_noise(len(warm), chans, gen).to(dev), cond, warm, sampler_cfg, opts, dev)
             print(f"{v}: warm-up call (N={len(warm)}) {time.perf_counter() - t0:.1f} s", flush=True)
-            for i, c in enumerate(coords[v]):
-                last = i == len(coords[v]) - 1
+            calls = [(i, r) for i in range(len(coords[v])) for r in range(args.repeat + 1)]
+            for i, r in calls:
+                c = coords[v][i]
+                last = (i, r) == calls[-1]
                 profiler = cProfile.Profile() if args.cprofile and last else None
                 host, gpu, wall_s, gpu_s = run_object(stage, slat_noise(len(c), chans, gen).to(dev), cond, c,
                                                       sampler_cfg, opts, dev, profiler)
-                new = [{"variant": v, "object": i, "N": len(c), "call": int(profiler is not None), "step": k,
+                obj = i if not args.repeat else f"{i}.{r}"  # object index, and which meeting of it
+                new = [{"variant": v, "object": obj, "N": len(c), "call": int(profiler is not None), "step": k,
                         "host_ms": h, "gpu_ms": g} for k, (h, g) in enumerate(zip(host, gpu))]
-                new.append({"variant": v, "object": i, "N": len(c), "call": int(profiler is not None), "step": -1,
+                new.append({"variant": v, "object": obj, "N": len(c), "call": int(profiler is not None), "step": -1,
                             "host_ms": 1e3 * wall_s, "gpu_ms": 1e3 * gpu_s})
                 rows += new
                 writer.writerows(new)
                 fh.flush()
-                print(f"{v} N={len(c)}{' (cProfile)' if profiler else ''}: call {1e3 * wall_s:.1f} ms wall, "
+                print(f"{v} N={len(c)}{f' meeting {r + 1}' if args.repeat else ''}"
+                      f"{' (cProfile)' if profiler else ''}: call {1e3 * wall_s:.1f} ms wall, "
                       f"{1e3 * gpu_s:.1f} ms GPU; first steps host "
                       f"{', '.join(f'{h:.1f}' for h in host[:3])} ms, GPU {', '.join(f'{g:.1f}' for g in gpu[:3])} ms",
                       flush=True)

@@ -78,3 +78,16 @@ def test_slat_host_profile_rejects_bad_arguments(tmp_path):
         shp.main(["--device", "cpu", "--config", "mini", "--variants", "bf16", "--top", "0", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--variants nope"):
         shp.main(["--device", "cpu", "--config", "mini", "--variants", "nope", "--out", str(tmp_path)])
+
+
+def test_slat_host_profile_repeat_meets_each_object_again(tmp_path):
+    shp.main(["--device", "cpu", "--config", "mini", "--variants", "bf16", "--sizes", "120,160", "--repeat", "2",
+              "--cprofile", "--top", "5", "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / shp.CSV_NAME)))
+    calls = [r for r in rows if r["step"] == "-1"]
+    assert [(r["object"], int(r["N"])) for r in calls] == [("0.0", 120), ("0.1", 120), ("0.2", 120),
+                                                           ("1.0", 160), ("1.1", 160), ("1.2", 160)]
+    assert [r["call"] for r in calls] == ["0"] * 5 + ["1"]  # only the last object's last meeting is profiled
+    with pytest.raises(SystemExit, match="--repeat must be >= 0"):
+        shp.main(["--device", "cpu", "--config", "mini", "--variants", "bf16", "--repeat", "-1", "--out",
+                  str(tmp_path)])
