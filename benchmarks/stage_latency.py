@@ -214,6 +214,14 @@ VARIANTS[UA_LONG] = dataclasses.replace(VARIANTS[SS_GELU_LONG.format(rf=" or a w
 RF_UA_LONG = AC_LONG.replace("recorded without a sync", "recorded without a sync or a warm-up pass, the unguided one "
                              "ahead of its first call")
 VARIANTS[RF_UA_LONG] = dataclasses.replace(VARIANTS[AC_LONG], graph_record_first=True, unguided_graph_ahead=8)
+# ... with the whole-pass graphs recorded in pieces of n transformer blocks (``slat_graph_piece_blocks``), each queued
+# as soon as it is recorded: the first pass's recording, made with nothing queued ahead, then overlaps its own pieces'
+# GPU work; alone (warmed recording) and with the recordings of ``-rf-ua``
+GP_LONG = "{base}, recorded in pieces of {n} blocks"
+for _n in (2, 4, 8):
+    VARIANTS[GP_LONG.format(base=RF_UA_LONG, n=_n)] = dataclasses.replace(VARIANTS[RF_UA_LONG],
+                                                                          slat_graph_piece_blocks=_n)
+VARIANTS[GP_LONG.format(base=AC_LONG, n=4)] = dataclasses.replace(VARIANTS[AC_LONG], slat_graph_piece_blocks=4)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -288,6 +296,9 @@ SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-sg"] = SS_GELU_LONG.forma
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-tb"] = TB_AC_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-sg-ua"] = UA_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua"] = RF_UA_LONG
+SHORT.update({f"compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp{_n}": GP_LONG.format(base=RF_UA_LONG, n=_n)
+              for _n in (2, 4, 8)})
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-gp4"] = GP_LONG.format(base=AC_LONG, n=4)
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

@@ -36,6 +36,8 @@ NORM_EPS = 1e-6
 _TOKEN_BUCKET: ContextVar[float] = ContextVar("fs3d_slat_token_bucket", default=0.0)
 #: the torch.compile backend of the IO res-blocks' fused element-wise steps (:func:`use_fused_io_blocks`; None: off)
 _FUSED_IO: ContextVar[str | None] = ContextVar("fs3d_slat_fused_io", default=None)
+#: transformer blocks per piece of a CUDA graph recorded in pieces (:func:`use_graph_pieces`; 0: no piece ends)
+_PIECE_BLOCKS: ContextVar[int] = ContextVar("fs3d_slat_piece_blocks", default=0)
 
 
 def _norm_silu(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -135,6 +137,37 @@ def use_token_buckets(step: float) -> Iterator[None]:
         yield
     finally:
         _TOKEN_BUCKET.reset(token)
+
+
+def check_piece_blocks(blocks: int) -> None:
+    """Reject a pieces setting that is not an int >= 0."""
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 0:
+        raise ValueError(f"slat_graph_piece_blocks is the transformer blocks per recorded piece, an int >= 0 (0: one "
+                         f"graph per pass), got {blocks!r}")
+
+
+def current_graph_pieces() -> int:
+    """Transformer blocks per piece the SLaT flow marks for a recording in pieces (0: none marked)."""
+    return _PIECE_BLOCKS.get()
+
+
+@contextlib.contextmanager
+def use_graph_pieces(blocks: int) -> Iterator[None]:
+    """Within the block, the SLaT flow calls ``graph_piece_end`` after its input path, after every ``blocks``
+    transformer blocks and after the last one (``stages.graphs``): the points where a ``GraphedCall(in_pieces=True)``
+    recording ends one graph and starts the next. Outside such a recording the calls do nothing. 0: no calls (the
+    default; the compiled torso is then the one without them). Restored on exit, errors included."""
+    check_piece_blocks(blocks)
+    token = _PIECE_BLOCKS.set(blocks)
+    try:
+        yield
+    finally:
+        _PIECE_BLOCKS.reset(token)
+
+
+def _piece_end(x: Tensor) -> None:
+    from ..stages.graphs import graph_piece_end  # the op lives with the recordings it cuts
+    graph_piece_end(x)
 
 
 class SparseResBlock3d(nn.Module):
@@ -320,19 +353,23 @@ class SLaTFlowModel(nn.Module):
         return [blk.cross_attn.context_kv(cond) for blk in self.blocks]
 
     def dense_torso(self, f: Tensor, emb: Tensor, context: Tensor | None,
-                    cond_kv: list[tuple[Tensor, Tensor]] | None = None, key_len: Tensor | None = None) -> Tensor:
+                    cond_kv: list[tuple[Tensor, Tensor]] | None = None, key_len: Tensor | None = None,
+                    piece_blocks: int = 0) -> Tensor:
         """The transformer blocks on B equal-length batch elements, (B, L, C) -> (B, L, C).
 
         This is what ``RunOptions.compile_slat`` compiles (with L dynamic, so one graph serves every
         object): under torch.compile each block runs as a nested compile region, so the block body is
         compiled once. The same values as the sparse block loop of :meth:`forward`. ``key_len`` ((B,), with
-        token buckets): the real token counts; the tokens after them are padding, left out as keys.
+        token buckets): the real token counts; the tokens after them are padding, left out as keys. ``piece_blocks``
+        (:func:`use_graph_pieces`): a piece end after every that many blocks but the last.
         """
         regions = self.compile_block_regions and torch.compiler.is_compiling()
         for i, block in enumerate(self.blocks):
             kv = None if cond_kv is None else cond_kv[i]
             f = (_dense_block_region(block, f, emb, context, kv, key_len) if regions
                  else block.dense_forward(f, emb, context, kv, key_len))
+            if piece_blocks and (i + 1) % piece_blocks == 0 and i + 1 < len(self.blocks):
+                _piece_end(f)
         return f
 
     def _check_no_block_hooks(self) -> None:
@@ -383,6 +420,9 @@ class SLaTFlowModel(nn.Module):
         emb = self.t_embedder(t)
         h, skips = self._io_in(x, emb)
         ctx = None if cond_kv is not None else cond.to(dtype)
+        pieces = current_graph_pieces()
+        if pieces:
+            _piece_end(h.feats)
         if torso is not None and len(set(h.seqlens)) == 1:
             self._check_no_block_hooks()
             f = h.feats.view(h.batch_size, -1, h.num_channels)
@@ -392,14 +432,18 @@ class SLaTFlowModel(nn.Module):
                 f = F.pad(f, (0, 0, 0, bucket_tokens(n, step) - n))
                 key_len = torch.full((h.batch_size,), n, dtype=torch.int32, device=f.device)
                 torch._dynamo.maybe_mark_dynamic(f, 1)  # token count: one graph for every object
-                out = torso(f, emb, ctx, cond_kv, key_len)[:, :n]
+                out = torso(f, emb, ctx, cond_kv, key_len, *([pieces] if pieces else []))[:, :n]
             else:
                 torch._dynamo.maybe_mark_dynamic(f, 1)  # token count: one graph for every object
-                out = torso(f, emb, ctx, cond_kv)
+                out = torso(f, emb, ctx, cond_kv, *([None, pieces] if pieces else []))
             h = h.replace(out.reshape(len(h), -1))
         else:
             for i, block in enumerate(self.blocks):
                 h = block(h, emb, ctx, None if cond_kv is None else cond_kv[i])
+                if pieces and (i + 1) % pieces == 0 and i + 1 < len(self.blocks):
+                    _piece_end(h.feats)
+        if pieces:
+            _piece_end(h.feats)
         return self._io_out(h, skips, emb, feats.dtype)
 
     def _io_in(self, x: SparseTensor, emb: Tensor) -> tuple[SparseTensor, list[Tensor]]:

@@ -23,8 +23,9 @@ SLaT coordinate structure), and it runs no host synchronisation after its first 
 from __future__ import annotations
 
 import contextlib
+import threading
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -79,6 +80,35 @@ class _Captured:
     graph: "torch.cuda.CUDAGraph"
     inputs: list[Tensor]
     output: Any
+    #: with ``in_pieces``: the pieces after ``graph`` (replayed in order after it)
+    more: list = field(default_factory=list)
+    #: whether the recording already ran the pieces on this call's inputs (``in_pieces`` with replay)
+    ran: bool = False
+
+    def replay(self) -> None:
+        self.graph.replay()
+        for piece in self.more:
+            piece.replay()
+
+
+_PIECES = threading.local()  # .active: the _PieceRecording of this thread's recording in progress, if any
+
+
+@torch.library.custom_op("fs3d::graph_piece_end", mutates_args=("x",))
+def graph_piece_end(x: Tensor) -> None:
+    """A point where a recording in pieces (``GraphedCall(in_pieces=True)``) ends one CUDA graph and starts the next;
+    nothing anywhere else. ``x`` is the tensor the work before the point leaves for the work after it: declared
+    mutated (it is not) so that torch.compile keeps the call in order among the kernels around it; the point itself
+    may land anywhere between them, since the pieces replay in order. Why a custom op: a call inside a torch.compile'd
+    function (the SLaT torso) that runs Python at run time, as the FA4 custom op does."""
+    recording = getattr(_PIECES, "active", None)
+    if recording is not None:
+        recording.cut()
+
+
+@graph_piece_end.register_fake
+def _graph_piece_end_fake(x: Tensor) -> None:
+    return None
 
 
 class GraphedCall:
@@ -93,13 +123,25 @@ class GraphedCall:
     """
 
     def __init__(self, fn: Callable[..., Any], warmup: int = 1, side_stream_warmup: bool = False,
-                 async_capture: bool = False, pool: GraphPool | None = None) -> None:
+                 async_capture: bool = False, pool: GraphPool | None = None, in_pieces: bool = False) -> None:
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be an int >= 0 (eager calls before the recording), got {warmup!r}")
         if async_capture and side_stream_warmup:
             raise ValueError("async_capture records without waiting for the GPU; side_stream_warmup runs an eager pass "
                              "that the capture must wait for: choose one")
+        if not isinstance(in_pieces, bool):
+            raise TypeError(f"in_pieces must be True or False, got {in_pieces!r}")
+        if in_pieces and not async_capture:
+            raise ValueError("in_pieces runs each recorded piece while the host records the next; that needs "
+                             "async_capture (torch.cuda.graph synchronises the device at each recording)")
         self.fn = fn
+        #: record one graph per stretch between ``graph_piece_end`` calls of ``fn``, and, at a call (not
+        #: :meth:`prepare`), queue each piece as soon as it is recorded: the GPU runs the first pieces while the host
+        #: records the later ones, so a recording made with nothing queued ahead (the first SLaT pass of an object)
+        #: idles the GPU for about its host time less the pass's GPU time, instead of its whole host time. Later calls
+        #: replay the pieces in order (one launch each). The same kernels on the same inputs: the values are the
+        #: single graph's.
+        self.in_pieces = in_pieces
         self.warmup = warmup
         #: record on a side stream without ``torch.cuda.graph``'s device synchronisation and cache flush, so that the
         #: GPU keeps running the work already queued while the host records. A sampler whose graph replays have run
@@ -146,9 +188,13 @@ class GraphedCall:
                 self._failed[sig] = f"{type(exc).__name__}: {exc}"
                 raise
             self._captured[sig] = entry
+            if entry.ran:  # the recording ran its pieces on these inputs already
+                entry.ran = False
+                self.replays += 1
+                return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, entry.output)
         for buf, a in zip(entry.inputs, args):
             buf.copy_(a)
-        entry.graph.replay()
+        entry.replay()
         self.replays += 1
         return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, entry.output)
 
@@ -172,13 +218,13 @@ class GraphedCall:
             raise RuntimeError(f"recording the CUDA graph of this call failed before ({self._failed[sig]}); "
                                f"not retried, since a failed capture can leave CUDA state behind")
         try:
-            self._captured[sig] = self._capture(args)
+            self._captured[sig] = self._capture(args, run_pieces=False)
         except Exception as exc:
             self._failed[sig] = f"{type(exc).__name__}: {exc}"
             raise
         return True
 
-    def _capture(self, args: tuple[Tensor, ...]) -> _Captured:
+    def _capture(self, args: tuple[Tensor, ...], run_pieces: bool = True) -> _Captured:
         inputs = [a.clone() for a in args]
         if self.side_stream_warmup:
             side = torch.cuda.Stream(device=inputs[0].device)
@@ -186,17 +232,24 @@ class GraphedCall:
             with torch.cuda.stream(side):
                 self.fn(*inputs)
             torch.cuda.current_stream(inputs[0].device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
         pool = None if self.pool is None else self.pool.handle(inputs[0].device)
+        if self.in_pieces:
+            pieces, output = _record_in_pieces(self.fn, inputs, pool, run_pieces)
+            self._count_recording(inputs[0].device)
+            return _Captured(pieces[0], inputs, output, more=pieces[1:], ran=run_pieces)
+        graph = torch.cuda.CUDAGraph()
         if self.async_capture:
             output = _record_without_sync(graph, self.fn, inputs, pool)
         else:
             with torch.cuda.graph(graph, pool=pool):
                 output = self.fn(*inputs)
-        self.captures += 1
-        index = inputs[0].device.index if inputs[0].device.index is not None else torch.cuda.current_device()
-        _RECORDINGS[index] = _RECORDINGS.get(index, 0) + 1
+        self._count_recording(inputs[0].device)
         return _Captured(graph, inputs, output)
+
+    def _count_recording(self, device: torch.device) -> None:
+        self.captures += 1
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        _RECORDINGS[index] = _RECORDINGS.get(index, 0) + 1
 
 
 _CAPTURE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
@@ -209,6 +262,14 @@ def recordings(index: int) -> int:
     return _RECORDINGS.get(index, 0)
 
 
+def _capture_stream(device: torch.device) -> "torch.cuda.Stream":
+    """The side stream this process records ``device``'s graphs on (made at first use)."""
+    stream = _CAPTURE_STREAMS.get(device)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device=device)
+    return stream
+
+
 def _record_without_sync(graph: "torch.cuda.CUDAGraph", fn: Callable[..., Any], inputs: list[Tensor],
                          pool=None) -> Any:
     """Record ``fn(*inputs)`` into ``graph`` on a per-device side stream, leaving the work queued on the current
@@ -217,9 +278,7 @@ def _record_without_sync(graph: "torch.cuda.CUDAGraph", fn: Callable[..., Any], 
     enqueues on the current stream after the work that filled ``inputs``). The graph's memory comes from its own
     private pool (or ``pool``), as with ``torch.cuda.graph``."""
     device = inputs[0].device
-    stream = _CAPTURE_STREAMS.get(device)
-    if stream is None:
-        stream = _CAPTURE_STREAMS[device] = torch.cuda.Stream(device=device)
+    stream = _capture_stream(device)
     if pool is None:  # a pool of its own, as capture_begin would make, but with an id known if the recording fails
         pool = torch.cuda.graph_pool_handle()
     with torch.cuda.stream(stream):
@@ -231,6 +290,64 @@ def _record_without_sync(graph: "torch.cuda.CUDAGraph", fn: Callable[..., Any], 
             raise
         graph.capture_end()
     return output
+
+
+class _PieceRecording:
+    """The recording in progress of :func:`_record_in_pieces`: ``cut`` ends the current graph, queues it on the
+    caller's stream (with ``run``) and begins the next on the capture stream."""
+
+    def __init__(self, stream, main, pool, run: bool) -> None:
+        self.stream, self.main, self.pool, self.run = stream, main, pool, run
+        self.graphs: list = []
+        self.current = None
+
+    def begin(self) -> None:
+        self.current = torch.cuda.CUDAGraph()
+        self.current.capture_begin(self.pool, capture_error_mode="thread_local")
+
+    def end(self) -> None:
+        graph = self.current
+        graph.capture_end()  # on failure ``current`` stays set, for _end_failed_recording
+        self.current = None
+        self.graphs.append(graph)
+        if self.run:  # queued behind the work that filled the inputs, and behind the pieces before it
+            with torch.cuda.stream(self.main):
+                graph.replay()
+
+    def cut(self) -> None:
+        if torch.cuda.current_stream(self.stream.device) != self.stream:
+            raise RuntimeError("graph_piece_end called on another stream than the recording's (a piece cut from a "
+                               "side stream would split the wrong capture)")
+        self.end()
+        self.begin()
+
+
+def _record_in_pieces(fn: Callable[..., Any], inputs: list[Tensor], pool, run: bool) -> tuple[list, Any]:
+    """Record ``fn(*inputs)`` as one graph per stretch between its ``graph_piece_end`` calls, on the per-device capture
+    stream and without a sync (as :func:`_record_without_sync`), all pieces in one memory pool (``pool``, or one of
+    their own): each piece's temporaries may be reused by the later pieces, which always replay after it. With ``run``,
+    each piece is replayed on the caller's stream as soon as it is recorded, so the GPU computes the call's output
+    while the host records. Returns (the pieces in order, the output)."""
+    device = inputs[0].device
+    stream = _capture_stream(device)
+    if pool is None:
+        pool = torch.cuda.graph_pool_handle()
+    if getattr(_PIECES, "active", None) is not None:
+        raise RuntimeError("a recording in pieces is already in progress on this thread")
+    recording = _PieceRecording(stream, torch.cuda.current_stream(device), pool, run)
+    with torch.cuda.stream(stream):
+        recording.begin()
+        _PIECES.active = recording
+        try:
+            output = fn(*inputs)
+        except BaseException:
+            _PIECES.active = None
+            if recording.current is not None:
+                _end_failed_recording(recording.current, device, pool)
+            raise
+        _PIECES.active = None
+        recording.end()
+    return recording.graphs, output
 
 
 def _end_failed_recording(graph: "torch.cuda.CUDAGraph", device: torch.device, pool) -> None:
@@ -249,4 +366,4 @@ def _end_failed_recording(graph: "torch.cuda.CUDAGraph", device: torch.device, p
             torch._C._cuda_releasePool(index, pool)
 
 
-__all__ = ["GraphPool", "GraphedCall", "recordings"]
+__all__ = ["GraphPool", "GraphedCall", "graph_piece_end", "recordings"]

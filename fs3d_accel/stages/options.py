@@ -139,6 +139,15 @@ class RunOptions:
     #: stream path over new sizes of 12-20k it did not make that path faster than ``-ac``
     #: (``results/base_vs_official_h100/session18/``, ``results/slat_many_sizes_session18/``). Kept as an option.
     unguided_graph_ahead: int = 0
+    #: record SLaT's whole-pass graphs in pieces (``GraphedCall(in_pieces=True)``): one for the input path, one per
+    #: this many transformer blocks, one for the output path (``slat_flow.use_graph_pieces``; 0: one graph per pass).
+    #: At a call, each piece is queued as soon as it is recorded, so the GPU computes the pass while the host records
+    #: the rest of it. Built for the first SLaT pass of an object, recorded with nothing queued ahead: its whole
+    #: recording (~35-50 ms of host time at 14k on an H100, session 19's ``results/slat_host_profile_h100``) idled the
+    #: GPU, where in pieces the GPU idles for about the recording's host time less the pass's GPU time (~18 ms at 14k).
+    #: Later steps replay the pieces in order (one launch each). The same kernels on the same inputs. Needs
+    #: ``cuda_graphs`` and ``async_graph_capture``.
+    slat_graph_piece_blocks: int = 0
     #: one CUDA-graph memory pool, kept by the SLaT stage, for the graphs of every SLaT object
     #: (``stages.graphs.GraphPool``, ``SLaTStage.graph_pool``) instead of a private pool per graph: the batch-1 graph
     #: recorded once CFG ends reuses the batch-2 graph's temporaries, and the next object reuses this one's memory,
@@ -285,7 +294,7 @@ class RunOptions:
         if not self.gelu_epilogue and self.gelu_epilogue_sites != KERNEL_STAGES:
             raise ValueError(f"gelu_epilogue_sites {self.gelu_epilogue_sites} choose where the GELU epilogue runs, and "
                              f"gelu_epilogue is off: they change nothing (set gelu_epilogue=True)")
-        from ..model.slat_flow import check_token_bucket
+        from ..model.slat_flow import check_piece_blocks, check_token_bucket
         check_token_bucket(self.slat_token_bucket)
         if not isinstance(self.fuse_slat_io, bool):
             raise ValueError(f"fuse_slat_io is a bool, got {self.fuse_slat_io!r}")
@@ -340,6 +349,10 @@ class RunOptions:
         if self.unguided_graph_ahead and not self.graph_record_first:
             raise ValueError("unguided_graph_ahead records SLaT's batch-1 graph before its first call, which needs "
                              "graph_record_first (a recording without an eager warm-up pass)")
+        check_piece_blocks(self.slat_graph_piece_blocks)
+        if self.slat_graph_piece_blocks and not (self.cuda_graphs and self.async_graph_capture):
+            raise ValueError("slat_graph_piece_blocks records SLaT's whole-pass graphs in pieces, each run while the "
+                             "host records the next: it needs cuda_graphs and async_graph_capture")
         if not isinstance(self.shared_graph_pool, bool):
             raise ValueError(f"shared_graph_pool is a bool, got {self.shared_graph_pool!r}")
         if self.shared_graph_pool and not self.cuda_graphs:
@@ -483,11 +496,12 @@ class RunOptions:
         ``attention_kernel`` for the attention roles :meth:`kernel_roles` selects (SDPA for the others) with the FA4
         tiles of :meth:`kernel_tiles`, the small-query path (``small_query_attention``), the MLPs' GELU epilogue
         (``gelu_epilogue`` at ``gelu_epilogue_sites``), SLaT's token buckets (``slat_token_bucket``) and fused IO steps
-        (``fuse_slat_io``), both
-        for stage "slat" only, and the ``sparse_conv`` algorithm."""
+        (``fuse_slat_io``) and the
+        graph pieces' ends (``slat_graph_piece_blocks``), these three for stage "slat" only, and the ``sparse_conv``
+        algorithm."""
         from ..model.attention_kernels import use_attention_kernel, use_small_query_path
         from ..model.layers import use_gelu_epilogue
-        from ..model.slat_flow import use_fused_io_blocks, use_token_buckets
+        from ..model.slat_flow import use_fused_io_blocks, use_graph_pieces, use_token_buckets
         from ..model.sparse import use_conv_impl
         return _entered_together(self.autocast(device),
                                  use_attention_kernel(self.attention_kernel, self.kernel_roles(stage),
@@ -496,6 +510,7 @@ class RunOptions:
                                                       self.small_query_kernel),
                                  use_gelu_epilogue(self.gelu_epilogue and stage in self.gelu_epilogue_sites),
                                  use_token_buckets(self.slat_token_bucket if stage == "slat" else 0.0),
+                                 use_graph_pieces(self.slat_graph_piece_blocks if stage == "slat" else 0),
                                  use_fused_io_blocks(self.compile_backend if self.fuse_slat_io and stage == "slat"
                                                      else None),
                                  use_conv_impl(self.sparse_conv))

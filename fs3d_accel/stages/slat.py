@@ -137,6 +137,11 @@ class SLaTStage(HoldsInputs, nn.Module):
                                                          torso is not None, held_kv, name)
             return kv_cache[name]
 
+        def new_graphed(call, warmup: int) -> GraphedCall:
+            """A whole-pass graph of this call's settings (recording mode, pieces, memory pool)."""
+            return GraphedCall(call, warmup=warmup, async_capture=options.async_graph_capture, pool=graph_pool,
+                               in_pieces=bool(options.slat_graph_piece_blocks))
+
         def run(feats: Tensor, c_coords: Tensor, t: float, c: Tensor, ckv, structure=None,
                 prepare_only: bool = False) -> Tensor | None:
             """The flow's velocity at ``feats`` (replayed from the structure's graph where there is one); with
@@ -166,17 +171,14 @@ class SLaTStage(HoldsInputs, nn.Module):
                 graphed = structure.get(slot)
                 if not record_first:
                     if graphed is None:
-                        graphed = structure[slot] = GraphedCall(call, warmup=options.slat_graph_warmup,
-                                                                async_capture=options.async_graph_capture,
-                                                                pool=graph_pool)
+                        graphed = structure[slot] = new_graphed(call, options.slat_graph_warmup)
                     return graphed(feats, tt)
                 kind = pass_kind(c.shape[0])
                 if prepare_only:
                     if graphed is not None:
                         raise ValueError(f"a graph for this pass is in the structure already ({slot}); prepare_only "
                                          f"would replace it")
-                    graphed = structure[slot] = GraphedCall(call, warmup=0, async_capture=options.async_graph_capture,
-                                                            pool=graph_pool)
+                    graphed = structure[slot] = new_graphed(call, 0)
                     try:
                         graphed.prepare(feats, tt)
                     except Exception as exc:
@@ -191,8 +193,7 @@ class SLaTStage(HoldsInputs, nn.Module):
                 if graphed is None:
                     # no eager warm-up where the tables exist and this kind of pass has run in the process
                     skip = kind in passes_run and kind not in first_call_failed and "checked_input" in structure
-                    graphed = structure[slot] = GraphedCall(call, warmup=0 if skip else options.slat_graph_warmup,
-                                                            async_capture=options.async_graph_capture, pool=graph_pool)
+                    graphed = structure[slot] = new_graphed(call, 0 if skip else options.slat_graph_warmup)
                 try:
                     out = graphed(feats, tt)
                 except Exception as exc:
@@ -205,8 +206,7 @@ class SLaTStage(HoldsInputs, nn.Module):
                                   f"running the step eagerly, recording at the next, and warming this kind of pass "
                                   f"from now on", RuntimeWarning, stacklevel=2)
                     first_call_failed.add(kind)
-                    graphed = structure[slot] = GraphedCall(call, warmup=options.slat_graph_warmup,
-                                                            async_capture=options.async_graph_capture, pool=graph_pool)
+                    graphed = structure[slot] = new_graphed(call, options.slat_graph_warmup)
                     out = graphed(feats, tt)
                 passes_run.add(kind)
                 return out
