@@ -47,7 +47,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "compiled-zkv-fa4-all-sqfa2-ge-ac-stream (the GELU epilogue in SS only and SLaT's graphs "
                         "recorded at their first call: the fastest SLaT call over a stream of new object sizes on "
                         "an H200 at 12-20k voxels and an H100 at 4-6k, session 17; on an H100 at 12-20k, timed "
-                        "with the early batch-1 recording added, no faster than -ge-ac, session 18)")
+                        "with the early batch-1 recording added, no faster than -ge-ac, session 18), "
+                        "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces (-ge-ac with SLaT's graphs recorded at their first "
+                        "call in pieces of 2 blocks, each run while the host records the next: SLaT per object at "
+                        "14k 0.518 s against 0.529-0.588 s for -ge-ac on an H100, session 19)")
     p.add_argument("--slat-compile-mode", default=None, choices=_compile_modes(),
                    help="SLaT's own torch.compile mode, overriding the fast path's for SLaT only (e.g. 'default' to "
                         "skip SLaT's per-object CUDA-graph captures: 0.17 s per new object size faster on an H100 in session 12, "

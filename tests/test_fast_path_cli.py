@@ -17,7 +17,10 @@ def test_named_fast_paths():
     assert list(FAST_PATHS) == ["off", "fp32-cfg-kv", "bf16", "compiled", "compiled-zkv", "compiled-zkv-ro",
                                 "compiled-zkv-fa4", "compiled-zkv-fa4-all", "compiled-zkv-fa4-all-sqfa2",
                                 "compiled-zkv-fa4-all-sqfa2-ge", "compiled-zkv-fa4-all-sqfa2-ge-ac",
-                                "compiled-zkv-fa4-all-sqfa2-ge-ac-stream"]
+                                "compiled-zkv-fa4-all-sqfa2-ge-ac-stream", "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces"]
+    pieces = fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac-pieces")
+    assert pieces == dataclasses.replace(fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac"), graph_record_first=True,
+                                         unguided_graph_ahead=8, slat_graph_piece_blocks=2)
     ro = fast_path("compiled-zkv-ro")
     assert ro.compile_mode == "reduce-overhead" and ro.for_stage("slat") is ro and ro.attention_kernel == "sdpa"
     fa4 = fast_path("compiled-zkv-fa4")

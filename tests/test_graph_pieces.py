@@ -161,9 +161,9 @@ def test_pieces_run_while_the_host_records_the_next():
     seen = []
 
     class Watch(graphs_mod._PieceRecording):
-        def cut(self):
-            super().cut()
-            if len(self.graphs) == 2:  # two pieces queued on the caller's stream
+        def end(self):
+            super().end()  # the piece recorded and queued; the next capture has not begun (a sync is legal here)
+            if len(self.graphs) == 2 and self.current is None:  # two pieces queued on the caller's stream
                 done = torch.cuda.Event()
                 done.record(main)
                 done.synchronize()  # waits for the GPU, not for the recording: pieces 1-2 ran already

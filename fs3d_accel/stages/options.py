@@ -612,6 +612,18 @@ FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"] = dataclasses.replace(
 FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-stream"] = dataclasses.replace(
     FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"], gelu_epilogue_sites=("ss",), graph_record_first=True)
 
+# The headline path with SLaT's whole-pass graphs recorded in pieces of 2 transformer blocks, each queued as soon as it
+# is recorded (``slat_graph_piece_blocks``), the CFG-batched graph at the first step without an eager pass and the
+# batch-1 graph after the 8th guided step (``graph_record_first``, ``unguided_graph_ahead``): the first pass's recording
+# then overlaps its own GPU work instead of idling the GPU. Per object, two rounds on one H100 (session 19,
+# ``results/base_vs_official_h100/session19/pieces/``): SLaT 0.518 / 0.518 s against 0.588 / 0.529 s for ``-ge-ac`` at
+# 14k, 0.780 / 0.796 s against 0.834 / 0.780 s at 20k; the longest idle stretch of the profiled 14k call went from 56
+# to 5 ms. The same kernels on the same inputs as the single graphs (GPU test, ``tests/test_graph_pieces.py``), so the
+# values of ``-ge-ac``.
+FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-pieces"] = dataclasses.replace(
+    FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"], graph_record_first=True, unguided_graph_ahead=8,
+    slat_graph_piece_blocks=2)
+
 
 def fast_path(name: str) -> RunOptions:
     """The named fast-path setting (:data:`FAST_PATHS`)."""
