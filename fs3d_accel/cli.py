@@ -50,7 +50,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "with the early batch-1 recording added, no faster than -ge-ac, session 18), "
                         "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces (-ge-ac with SLaT's graphs recorded at their first "
                         "call in pieces of 2 blocks, each run while the host records the next: SLaT per object at "
-                        "14k 0.518 s against 0.529-0.588 s for -ge-ac on an H100, session 19)")
+                        "14k 0.518 s against 0.529-0.588 s for -ge-ac on an H100; over new sizes of 12-20k no faster, "
+                        "session 19)")
     p.add_argument("--slat-compile-mode", default=None, choices=_compile_modes(),
                    help="SLaT's own torch.compile mode, overriding the fast path's for SLaT only (e.g. 'default' to "
                         "skip SLaT's per-object CUDA-graph captures: 0.17 s per new object size faster on an H100 in session 12, "

@@ -143,10 +143,15 @@ class RunOptions:
     #: this many transformer blocks, one for the output path (``slat_flow.use_graph_pieces``; 0: one graph per pass).
     #: At a call, each piece is queued as soon as it is recorded, so the GPU computes the pass while the host records
     #: the rest of it. Built for the first SLaT pass of an object, recorded with nothing queued ahead: its whole
-    #: recording (~35-50 ms of host time at 14k on an H100, session 19's ``results/slat_host_profile_h100``) idled the
-    #: GPU, where in pieces the GPU idles for about the recording's host time less the pass's GPU time (~18 ms at 14k).
-    #: Later steps replay the pieces in order (one launch each). The same kernels on the same inputs. Needs
-    #: ``cuda_graphs`` and ``async_graph_capture``.
+    #: recording (26-36 ms of host time at 14k on an H100, more with the tables' host reads) idled the GPU, where in
+    #: pieces the GPU idles for about the recording's host time less the pass's GPU time (~18 ms at 14k). Later steps
+    #: replay the pieces in order (one launch each). The same kernels on the same inputs (bit-identical to the single
+    #: graphs in the GPU tests, ``tests/test_graph_pieces.py``). Session 19, H100: with ``graph_record_first`` and
+    #: ``unguided_graph_ahead=8``, per object at 14k 0.518 / 0.518 s with 2-block pieces against 0.538 / 0.531 s without
+    #: (4-block pieces 0.550 / 0.555 s), the longest idle stretch 5 against 28 ms
+    #: (``results/base_vs_official_h100/session19/``); over 6 new sizes of 12-20k no gain against ``-ac`` (0.578 / 0.520
+    #: against 0.544 / 0.516 s, ``results/slat_many_sizes_session19/``). Needs ``cuda_graphs`` and
+    #: ``async_graph_capture``.
     slat_graph_piece_blocks: int = 0
     #: one CUDA-graph memory pool, kept by the SLaT stage, for the graphs of every SLaT object
     #: (``stages.graphs.GraphPool``, ``SLaTStage.graph_pool``) instead of a private pool per graph: the batch-1 graph
@@ -619,7 +624,9 @@ FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-stream"] = dataclasses.replace(
 # ``results/base_vs_official_h100/session19/pieces/``): SLaT 0.518 / 0.518 s against 0.588 / 0.529 s for ``-ge-ac`` at
 # 14k, 0.780 / 0.796 s against 0.834 / 0.780 s at 20k; the longest idle stretch of the profiled 14k call went from 56
 # to 5 ms. The same kernels on the same inputs as the single graphs (GPU test, ``tests/test_graph_pieces.py``), so the
-# values of ``-ge-ac``.
+# values of ``-ge-ac``. Over new sizes it did not gain (6 sizes of 12-20k, one process each: 0.578 / 0.520 s against
+# 0.544 / 0.516 s for ``-ge-ac`` on the first / second meeting, ``results/slat_many_sizes_session19/``): a path for
+# repeated sizes, like ``-ge-ac``; which wins in a dataset run is open.
 FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-pieces"] = dataclasses.replace(
     FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"], graph_record_first=True, unguided_graph_ahead=8,
     slat_graph_piece_blocks=2)
