@@ -705,9 +705,9 @@ idle18["variant"] = idle18["variant"].str.replace(P17, "", regex=False)
 idle18.pivot_table(index="index", columns=["variant", "N"], values="idle_fraction").round(2)
 
 # %% [markdown]
-# Within one object nothing can fill that gap: SLaT's shapes come from the object's own SS result. Over a stream of
-# objects the next object's SS sampler can, which is what `Pipeline.run_stream` (`fs3d_accel/stream.py`) does; its
-# throughput is measured by `benchmarks/stream_throughput.py` (not yet run on a GPU: `benchmarks/GPU_RUNBOOK.md`).
+# Within one object no other work can fill that gap: SLaT's shapes come from the object's own SS result. Over a stream
+# of objects the next object's SS sampler can, which is what `Pipeline.run_stream` (`fs3d_accel/stream.py`) does; its
+# throughput is in section 14. Within the object, the pass being recorded can fill part of it itself (section 14).
 #
 # The kernels themselves: the sparse convs run all 27 offsets per row (absent neighbours as zero rows), though about
 # half are absent at a surface. The tiled kernel `implicit-skip` sorts rows by their neighbours and lets each tile of
@@ -718,3 +718,63 @@ idle18.pivot_table(index="index", columns=["variant", "N"], values="idle_fractio
 conv18 = pd.read_csv(R17 / "sparse_conv_kernels_h100" / "session18" / "sparse_conv_kernels.csv")
 conv18[["network", "module", "rows", "c_in", "c_out", "implicit_ms", "implicit-flat_ms", "implicit-skip_ms",
         "skip_work_64", "skip_work_128", "implicit-skip_vs_implicit"]].round(3)
+
+
+# %% [markdown]
+# ## 14. Recording in pieces, and the object stream (session 19)
+#
+# The recording of SLaT's first pass is host work with nothing queued on the GPU. `RunOptions.slat_graph_piece_blocks`
+# records the pass as several graphs, ends marked by the flow (`fs3d::graph_piece_end` after the input path, every k
+# transformer blocks and the torso), and queues each piece as soon as it is recorded: the GPU computes the first
+# pass while the host records the rest of it. Later steps replay the pieces in order; the values are the single
+# graph's. Per object on an H100 (`base_vs_official.py --stages slat --gpu-busy`, two rounds, a lease that measured a
+# 776 TFLOP/s peak):
+
+# %%
+rows19, meta19 = load_outputs(R17 / "base_vs_official_h100" / "session19" / "pieces")
+calls19 = pd.DataFrame(rows19)
+calls19["variant"] = calls19["variant"].str.replace(P17, "", regex=False)
+calls19["MFU if never idle"] = calls19["mfu_executed"] * calls19["median_s"] / calls19["kernel_s"]
+print(meta19["device"], f"peak {meta19['peak_tflops']:.0f} TFLOP/s")
+calls19.pivot_table(index=["N", "round"], columns="variant", values=["median_s", "mfu_executed"]).round(3)
+
+# %% [markdown]
+# Where the GPU waits in the profiled 14k call, per tenth of the call: without pieces the first tenths are mostly idle;
+# with 2-block pieces only the first tenth is, and every later tenth keeps 2.5-4% of idle, the gaps between ~13,700
+# replayed kernels. The kernels alone (`MFU if never idle`, first round, where the call was profiled) are at 54.9% of
+# the executed FLOPs at 14k against this lease's peak: 55% there now needs faster kernels, not less idle.
+
+# %%
+idle19 = pd.read_csv(R17 / "base_vs_official_h100" / "session19" / "pieces" / "idle.csv")
+idle19 = idle19[(idle19["stage"] == "slat") & (idle19["what"] == "tenth")].copy()
+idle19["variant"] = idle19["variant"].str.replace(P17, "", regex=False).replace("", "-ac")
+tenths19 = idle19.pivot_table(index="index", columns=["N", "variant"], values="idle_fraction")
+fig, axes = plt.subplots(1, 2, figsize=(11, 3.4), sharey=True)
+for ax, (n, part) in zip(axes, tenths19.T.groupby(level="N")):
+    part.droplevel("N").T.plot.bar(ax=ax, width=0.8)
+    ax.set_title(f"SLaT call at N = {n}: idle share per tenth")
+    ax.set_xlabel("tenth of the call")
+    ax.legend(fontsize=7)
+axes[0].set_ylabel("idle fraction")
+fig.tight_layout()
+fig.savefig(FIG / "01_slat_idle_pieces_session19.png", dpi=120)
+print(calls19[calls19["round"] == 1][["variant", "N", "kernel_s", "MFU if never idle"]].round(3).to_string(index=False))
+tenths19.round(2)
+
+# %% [markdown]
+# Over new sizes (`slat_many_sizes.py`, one process per variant) the pieces do not gain: on a first meeting every GEMM
+# shape also pays cuBLAS's first call inside the recording.
+
+# %%
+new_sizes_per_process(R17 / "slat_many_sizes_session19" / "h100_12k_20k",
+                      "SLaT over 6 new sizes, one process per variant (H100, session 19)",
+                      "01_slat_new_sizes_session19.png")
+
+# %% [markdown]
+# The object stream over 8 new sizes (`benchmarks/stream_throughput.py`): the next object's SS sampler queued behind
+# SLaT's start (`stream-gpu`), and the mesh extraction on a worker thread as well (`stream`). On random weights the
+# extraction takes 2.3-2.7 s per object and dominates; the stream hides it and is then bound by it.
+
+# %%
+stream19 = pd.read_csv(R17 / "stream_throughput_h100" / "stream_throughput.csv")
+stream19.pivot_table(index="round", columns="mode", values="per_object_s").round(3)
