@@ -171,12 +171,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeat", type=int, default=0,
                     help="run each object this many more times after its first call (a size the process has met: "
                          "cuBLAS and the compiled code warm, the graphs recorded again per call); with --cprofile the "
-                         "last object's last repeat is profiled")
+                         "last object's last repeat is profiled; objects are then labelled <index>m<meeting>")
     ap.add_argument("--top", type=int, default=40, help="functions listed per cProfile table")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    if isinstance(args.repeat, bool) or args.repeat < 0:
+    if args.repeat < 0:
         raise SystemExit(f"--repeat must be >= 0 (extra calls per object), got {args.repeat}")
     if args.top < 1:
         raise SystemExit(f"--top must be >= 1 (functions listed per cProfile table), got {args.top}")
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> None:
                 profiler = cProfile.Profile() if args.cprofile and last else None
                 host, gpu, wall_s, gpu_s = run_object(stage, slat_noise(len(c), chans, gen).to(dev), cond, c,
                                                       sampler_cfg, opts, dev, profiler)
-                obj = i if not args.repeat else f"{i}.{r}"  # object index, and which meeting of it
+                obj = i if not args.repeat else f"{i}m{r + 1}"  # object index and meeting (never read as a number)
                 new = [{"variant": v, "object": obj, "N": len(c), "call": int(profiler is not None), "step": k,
                         "host_ms": h, "gpu_ms": g} for k, (h, g) in enumerate(zip(host, gpu))]
                 new.append({"variant": v, "object": obj, "N": len(c), "call": int(profiler is not None), "step": -1,

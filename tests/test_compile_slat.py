@@ -188,10 +188,10 @@ def test_slat_stage_compiles_in_its_own_mode_and_marks_no_static_inputs(slat_set
         return list(stage.__dict__["_compiled_torso"])
 
     try:
-        assert run(compile_mode="reduce-overhead", slat_compile_mode="default") == [("inductor", "default")]
+        assert run(compile_mode="reduce-overhead", slat_compile_mode="default") == [("inductor", "default", 0)]
         assert modes == ["default"] and marked == []
         # the same options without slat_compile_mode: SLaT under CUDA graphs, its K/V marked static
-        assert run(compile_mode="reduce-overhead") == [("inductor", "reduce-overhead")]
+        assert run(compile_mode="reduce-overhead") == [("inductor", "reduce-overhead", 0)]
         assert modes == ["reduce-overhead"] and len(marked) > 0
     finally:
         stage.__dict__.pop("_compiled_torso", None)

@@ -62,13 +62,15 @@ def test_the_flow_marks_its_input_path_every_k_blocks_and_its_torso_end(blocks, 
     assert torch.equal(plain, out[0])
 
 
-def test_the_compiled_torso_keeps_its_piece_ends_and_values():
-    """The torso compiled (dynamo, eager backend on the CPU) calls the op at run time, once per piece end, and
-    gives the uncompiled values; without pieces it has no piece end."""
+@pytest.mark.parametrize("backend", ["eager", "aot_eager"])
+def test_the_compiled_torso_keeps_its_piece_ends_and_values(backend):
+    """The torso compiled (dynamo with the eager backend, and aot_eager, which functionalises the op's declared
+    mutation, on the CPU) calls the op at run time, once per piece end, and gives the uncompiled values; without
+    pieces it has no piece end."""
     flow, coords, feats, cond = mini_flow(4)
     t = torch.full((1,), 300.0)
-    torso = torch.compile(flow.dense_torso, backend="eager")
     torch._dynamo.reset()
+    torso = torch.compile(flow.dense_torso, backend=backend)
     with torch.no_grad():
         plain = flow(feats, coords, t, cond)
         assert count_piece_ends(lambda: flow(feats, coords, t, cond, torso=torso)) == 0
@@ -109,8 +111,41 @@ def test_pieces_change_no_value_of_the_stages_on_cpu(monkeypatch):
     sparsify_occupancy(pipe, occupied_fraction=0.02)
     inputs = pipe.prepare(*make_scene(pipe.config.image_size))
     base = dict(batch_cfg=True, cache_cond_kv=True, cuda_graphs=True, async_graph_capture=True)
-    assert_same_ss_slat(*run_ss_slat_each(pipe, inputs, [RunOptions(**base),
-                                                         RunOptions(**base, slat_graph_piece_blocks=1)]))
+    plain = run_ss_slat_each(pipe, inputs, [RunOptions(**base)])[0]
+    spy = PieceEnds()
+    graphs_mod._PIECES.active = spy  # counts the flow's piece ends (nothing records on the CPU)
+    try:
+        pieces = run_ss_slat_each(pipe, inputs, [RunOptions(**base, slat_graph_piece_blocks=1)])[0]
+    finally:
+        graphs_mod._PIECES.active = None
+    blocks = pipe.config.slat_flow.num_blocks
+    passes = pipe.config.slat_sampler.steps  # one network call per step (batched CFG)
+    assert spy.cuts == passes * (blocks + 1)  # input path, every block but the last, the torso's end
+    assert_same_ss_slat(plain, pieces)
+
+
+def test_more_piece_blocks_than_blocks_is_refused(monkeypatch):
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=2), seed=0)
+    blocks = pipe.config.slat_flow.num_blocks
+    options = RunOptions(batch_cfg=True, cuda_graphs=True, async_graph_capture=True,
+                         slat_graph_piece_blocks=blocks + 1)
+    cond = torch.zeros(1, 3, pipe.config.slat_flow.cond_channels)
+    with pytest.raises(ValueError, match=f"more than the SLaT flow's {blocks} transformer blocks"):
+        pipe.slat.velocity_net(cond, torch.zeros(1, 4, dtype=torch.int32), pipe.config.slat_sampler, options, [])
+
+
+def test_options_check_the_merge_setting():
+    base = dict(cuda_graphs=True, async_graph_capture=True)
+    for bad in (-1, 2.0, True):
+        with pytest.raises(ValueError, match="slat_graph_merge_after is the calls that run a pass's pieces"):
+            RunOptions(**base, slat_graph_piece_blocks=2, slat_graph_merge_after=bad)
+    with pytest.raises(ValueError, match="slat_graph_piece_blocks is 0"):
+        RunOptions(**base, slat_graph_merge_after=4)
+    with pytest.raises(ValueError, match="merge_after must be an int >= 0"):
+        GraphedCall(lambda x: x, async_capture=True, in_pieces=True, merge_after=-1)
+    with pytest.raises(ValueError, match="it needs in_pieces=True"):
+        GraphedCall(lambda x: x, async_capture=True, merge_after=2)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -159,14 +194,22 @@ def test_pieces_run_while_the_host_records_the_next():
     t = torch.full((1,), 500.0, device="cuda")
     main = torch.cuda.current_stream()
     seen = []
+    replays = []
+    original_replay = torch.cuda.CUDAGraph.replay
+
+    def counted_replay(graph):
+        replays.append(torch.cuda.current_stream())
+        return original_replay(graph)
 
     class Watch(graphs_mod._PieceRecording):
         def end(self):
             super().end()  # the piece recorded and queued; the next capture has not begun (a sync is legal here)
-            if len(self.graphs) == 2 and self.current is None:  # two pieces queued on the caller's stream
+            if len(self.graphs) == 2:
+                # both pieces were launched on the caller's stream before the third is recorded, and have run
+                assert len(replays) == 2 and all(s == main for s in replays)
                 done = torch.cuda.Event()
                 done.record(main)
-                done.synchronize()  # waits for the GPU, not for the recording: pieces 1-2 ran already
+                done.synchronize()
                 seen.append(True)
     with torch.no_grad():
         flow(feats, coords, t, None, cond_kv=kv, structure=structure)
@@ -176,10 +219,12 @@ def test_pieces_run_while_the_host_records_the_next():
                 return flow(f, coords, tt, None, cond_kv=kv, structure=structure)
         original = graphs_mod._PieceRecording
         graphs_mod._PieceRecording = Watch
+        torch.cuda.CUDAGraph.replay = counted_replay
         try:
             out = GraphedCall(fn, warmup=0, async_capture=True, in_pieces=True)(feats, t)
         finally:
             graphs_mod._PieceRecording = original
+            torch.cuda.CUDAGraph.replay = original_replay
         eager = flow(feats, coords, t, None, cond_kv=kv, structure=structure)
     assert seen == [True]
     assert torch.equal(out, eager)
@@ -197,13 +242,32 @@ def test_prepare_records_the_pieces_without_running_them_and_the_call_replays():
             with use_graph_pieces(1):
                 return flow(f, coords, tt, None, cond_kv=kv, structure=structure)
         g = GraphedCall(fn, warmup=0, async_capture=True, in_pieces=True)
-        assert g.prepare(feats * 0, t)  # recorded on other inputs
+        replays = []
+        original_replay = torch.cuda.CUDAGraph.replay
+        torch.cuda.CUDAGraph.replay = lambda graph: (replays.append(graph), original_replay(graph))[1]
+        try:
+            assert g.prepare(feats * 0, t)  # recorded on other inputs
+        finally:
+            torch.cuda.CUDAGraph.replay = original_replay
         entry = next(iter(g._captured.values()))
-        assert not entry.ran and g.replays == 0
+        assert not entry.ran and g.replays == 0 and replays == [] and len(entry.more) == 3
         out = g(feats, t)
         eager = flow(feats, coords, t, None, cond_kv=kv, structure=structure)
     assert g.replays == 1 and torch.equal(out, eager)
     release_structure(structure)
+
+
+def fn_pieces(flow, coords, kv, structure):
+    def fn(f, tt):
+        with use_graph_pieces(1):
+            return flow(f, coords, tt, None, cond_kv=kv, structure=structure)
+    return fn
+
+
+def assert_no_recording_left() -> None:
+    assert getattr(graphs_mod._PIECES, "active", None) is None
+    with torch.cuda.stream(graphs_mod._capture_stream(torch.device("cuda", torch.cuda.current_device()))):
+        assert not torch.cuda.is_current_stream_capturing()
 
 
 @cuda
@@ -222,10 +286,23 @@ def test_a_failed_piece_recording_ends_cleanly_and_the_next_records():
         g = GraphedCall(failing, warmup=0, async_capture=True, in_pieces=True)
         with pytest.raises(RuntimeError, match="boom"):
             g(feats, t)
-        assert getattr(graphs_mod._PIECES, "active", None) is None
-        assert not torch.cuda.is_current_stream_capturing()
+        assert_no_recording_left()
         with pytest.raises(RuntimeError, match="failed before"):
             g(feats, t)
+        for fail in ("python", "sync"):  # inside a middle piece: a Python error, and a sync that invalidates the capture
+            def hook(module, args, output, fail=fail):
+                if fail == "sync":
+                    output.feats.sum().item()
+                else:
+                    raise RuntimeError("boom in block 1")
+            handle = flow.blocks[1].register_forward_hook(hook)
+            try:
+                with pytest.raises(RuntimeError):
+                    GraphedCall(fn_pieces(flow, coords, kv, structure), warmup=0, async_capture=True,
+                                in_pieces=True)(feats, t)
+            finally:
+                handle.remove()
+            assert_no_recording_left()
 
         def fn(f, tt):
             with use_graph_pieces(1):
@@ -238,14 +315,60 @@ def test_a_failed_piece_recording_ends_cleanly_and_the_next_records():
 
 @cuda
 def test_stages_with_pieces_on_cuda_give_the_single_graphs_values():
-    """The SLaT sampler with its whole-pass graphs in pieces (warmed, record-first, and record-first around the
-    torso compiled by inductor) equals the single graphs."""
+    """The SLaT sampler with its whole-pass graphs in pieces (warmed, record-first, record-first around the torso
+    compiled by inductor, and merged into one graph after the first call) equals the single graphs, and the pieces
+    were recorded."""
     pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=3), seed=0, device="cuda")
     sparsify_occupancy(pipe, occupied_fraction=0.02)
     inputs = pipe.prepare(*make_scene(pipe.config.image_size))
     base = dict(batch_cfg=True, cache_cond_kv=True, cuda_graphs=True, async_graph_capture=True)
-    for extra in ({}, {"graph_record_first": True}, {"graph_record_first": True, "compile_slat": True}):
-        runs = [run_ss_slat_each(pipe, inputs, [RunOptions(**base, **extra, slat_graph_piece_blocks=k)], seed=s)[0]
-                for k in (0, 2) for s in (0, 1)]
-        assert_same_ss_slat(runs[0], runs[2])
-        assert_same_ss_slat(runs[1], runs[3])
+    recorded = []
+    original = graphs_mod._record_in_pieces
+
+    def spy(fn, inputs, pool, run):
+        pieces, output = original(fn, inputs, pool, run)
+        recorded.append(len(pieces))
+        return pieces, output
+    graphs_mod._record_in_pieces = spy
+    try:
+        for extra in ({}, {"graph_record_first": True}, {"graph_record_first": True, "compile_slat": True},
+                      {"slat_graph_merge_after": 1}):
+            pieces = {"slat_graph_piece_blocks": 2} if "slat_graph_merge_after" not in extra else \
+                {"slat_graph_piece_blocks": 2, **extra}
+            extra = {k: v for k, v in extra.items() if k != "slat_graph_merge_after"}
+            recorded.clear()
+            runs = [run_ss_slat_each(pipe, inputs, [RunOptions(**base, **extra, **(pieces if k else {}))], seed=s)[0]
+                    for k in (0, 1) for s in (0, 1)]
+            assert_same_ss_slat(runs[0], runs[2])
+            assert_same_ss_slat(runs[1], runs[3])
+            blocks = pipe.config.slat_flow.num_blocks
+            assert recorded and all(n == 2 + -(-blocks // 2) for n in recorded)  # the pieces were recorded
+    finally:
+        graphs_mod._record_in_pieces = original
+
+
+@cuda
+@pytest.mark.parametrize("record_call", ["call", "prepare"])
+def test_merged_pieces_replay_like_eager_and_keep_the_inputs(record_call):
+    """``merge_after=2``: two calls run the pieces, the third records one graph on the same input buffers and replays
+    it; every call equals eager, and the pieces stay referenced (their replays may still be queued)."""
+    flow, coords, feats, kv, structure = cuda_flow(4)
+    t = torch.full((1,), 500.0, device="cuda")
+    with torch.no_grad():
+        flow(feats, coords, t, None, cond_kv=kv, structure=structure)
+        g = GraphedCall(fn_pieces(flow, coords, kv, structure), warmup=0, async_capture=True, in_pieces=True,
+                        merge_after=2)
+        if record_call == "prepare":
+            assert g.prepare(feats, t)
+        entry = None
+        outs, eager = [], []
+        for i in range(5):
+            outs.append(g(feats * (i + 1), t * (i + 1)))
+            eager.append(flow(feats * (i + 1), coords, t * (i + 1), None, cond_kv=kv, structure=structure))
+            entry = next(iter(g._captured.values()))
+            assert (len(entry.more) == 5) == (i < 2), i  # pieces for two calls, then one graph
+    torch.cuda.synchronize()
+    assert g.captures == 2 and len(entry.retired) == 6 + 1  # the six pieces and their output
+    for a, b in zip(outs, eager):
+        assert torch.equal(a, b)
+    release_structure(structure)

@@ -85,8 +85,8 @@ def test_slat_host_profile_repeat_meets_each_object_again(tmp_path):
               "--cprofile", "--top", "5", "--out", str(tmp_path)])
     rows = list(csv.DictReader(open(tmp_path / shp.CSV_NAME)))
     calls = [r for r in rows if r["step"] == "-1"]
-    assert [(r["object"], int(r["N"])) for r in calls] == [("0.0", 120), ("0.1", 120), ("0.2", 120),
-                                                           ("1.0", 160), ("1.1", 160), ("1.2", 160)]
+    assert [(r["object"], int(r["N"])) for r in calls] == [("0m1", 120), ("0m2", 120), ("0m3", 120),
+                                                           ("1m1", 160), ("1m2", 160), ("1m3", 160)]
     assert [r["call"] for r in calls] == ["0"] * 5 + ["1"]  # only the last object's last meeting is profiled
     with pytest.raises(SystemExit, match="--repeat must be >= 0"):
         shp.main(["--device", "cpu", "--config", "mini", "--variants", "bf16", "--repeat", "-1", "--out",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -84,6 +85,12 @@ class _Captured:
     more: list = field(default_factory=list)
     #: whether the recording already ran the pieces on this call's inputs (``in_pieces`` with replay)
     ran: bool = False
+    #: with ``in_pieces``: the pieces' memory pool (a merged recording reuses it), the calls that ran the pieces so
+    #: far, and the pieces once merged (kept: their last replays may still be queued on the GPU)
+    pool: Any = None
+    piece_calls: int = 0
+    retired: list = field(default_factory=list)
+    merge_failed: str = ""
 
     def replay(self) -> None:
         self.graph.replay()
@@ -123,7 +130,8 @@ class GraphedCall:
     """
 
     def __init__(self, fn: Callable[..., Any], warmup: int = 1, side_stream_warmup: bool = False,
-                 async_capture: bool = False, pool: GraphPool | None = None, in_pieces: bool = False) -> None:
+                 async_capture: bool = False, pool: GraphPool | None = None, in_pieces: bool = False,
+                 merge_after: int = 0) -> None:
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be an int >= 0 (eager calls before the recording), got {warmup!r}")
         if async_capture and side_stream_warmup:
@@ -134,6 +142,15 @@ class GraphedCall:
         if in_pieces and not async_capture:
             raise ValueError("in_pieces runs each recorded piece while the host records the next; that needs "
                              "async_capture (torch.cuda.graph synchronises the device at each recording)")
+        if isinstance(merge_after, bool) or not isinstance(merge_after, int) or merge_after < 0:
+            raise ValueError(f"merge_after must be an int >= 0 (calls that run the pieces before they are merged; 0: "
+                             f"never), got {merge_after!r}")
+        if merge_after and not in_pieces:
+            raise ValueError("merge_after merges a recording made in pieces; it needs in_pieces=True")
+        #: with ``in_pieces``: after this many calls that ran the pieces, record the call again as one graph (without a
+        #: sync and without running it, while the pieces' replays queued ahead keep the GPU busy) and replay that from
+        #: then on, saving the pieces' extra launches on every later call (0: keep the pieces)
+        self.merge_after = merge_after
         self.fn = fn
         #: record one graph per stretch between ``graph_piece_end`` calls of ``fn``, and, at a call (not
         #: :meth:`prepare`), queue each piece as soon as it is recorded: the GPU runs the first pieces while the host
@@ -190,11 +207,21 @@ class GraphedCall:
             self._captured[sig] = entry
             if entry.ran:  # the recording ran its pieces on these inputs already
                 entry.ran = False
+                entry.piece_calls += 1
                 self.replays += 1
                 return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, entry.output)
+        if entry.more and self.merge_after and not entry.merge_failed and entry.piece_calls >= self.merge_after:
+            try:
+                self._merge(entry)
+            except Exception as exc:  # the pieces still work: keep them, do not try again
+                entry.merge_failed = f"{type(exc).__name__}: {exc}"
+                warnings.warn(f"merging the recorded pieces into one graph failed ({entry.merge_failed}); the pieces "
+                              f"stay in use", RuntimeWarning, stacklevel=2)
         for buf, a in zip(entry.inputs, args):
             buf.copy_(a)
         entry.replay()
+        if entry.more:
+            entry.piece_calls += 1
         self.replays += 1
         return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, entry.output)
 
@@ -234,9 +261,11 @@ class GraphedCall:
             torch.cuda.current_stream(inputs[0].device).wait_stream(side)
         pool = None if self.pool is None else self.pool.handle(inputs[0].device)
         if self.in_pieces:
+            if pool is None:  # a pool of the pieces' own, known to a later merged recording
+                pool = torch.cuda.graph_pool_handle()
             pieces, output = _record_in_pieces(self.fn, inputs, pool, run_pieces)
             self._count_recording(inputs[0].device)
-            return _Captured(pieces[0], inputs, output, more=pieces[1:], ran=run_pieces)
+            return _Captured(pieces[0], inputs, output, more=pieces[1:], ran=run_pieces, pool=pool)
         graph = torch.cuda.CUDAGraph()
         if self.async_capture:
             output = _record_without_sync(graph, self.fn, inputs, pool)
@@ -245,6 +274,14 @@ class GraphedCall:
                 output = self.fn(*inputs)
         self._count_recording(inputs[0].device)
         return _Captured(graph, inputs, output)
+
+    def _merge(self, entry: _Captured) -> None:
+        """Record ``entry``'s call as one graph on its input buffers and in its pieces' pool, and use it from now on."""
+        graph = torch.cuda.CUDAGraph()
+        output = _record_without_sync(graph, self.fn, entry.inputs, entry.pool)
+        self._count_recording(entry.inputs[0].device)
+        entry.retired = [entry.graph, *entry.more, entry.output]
+        entry.graph, entry.more, entry.output = graph, [], output
 
     def _count_recording(self, device: torch.device) -> None:
         self.captures += 1
@@ -285,10 +322,10 @@ def _record_without_sync(graph: "torch.cuda.CUDAGraph", fn: Callable[..., Any], 
         graph.capture_begin(pool, capture_error_mode="thread_local")
         try:
             output = fn(*inputs)
+            graph.capture_end()  # inside: a capture invalidated without a Python error fails here
         except BaseException:
             _end_failed_recording(graph, device, pool)
             raise
-        graph.capture_end()
     return output
 
 
@@ -336,17 +373,21 @@ def _record_in_pieces(fn: Callable[..., Any], inputs: list[Tensor], pool, run: b
         raise RuntimeError("a recording in pieces is already in progress on this thread")
     recording = _PieceRecording(stream, torch.cuda.current_stream(device), pool, run)
     with torch.cuda.stream(stream):
+        # each capture_begin also runs the CUDA generator's capture prologue (two small fill kernels) on the capture
+        # stream, outside any capture and unordered with the pieces replayed on the caller's stream: harmless while
+        # no recorded function draws random numbers (the samplers' noise is drawn outside the network calls)
         recording.begin()
         _PIECES.active = recording
         try:
             output = fn(*inputs)
-        except BaseException:
             _PIECES.active = None
+            recording.end()  # inside: a failing last capture_end leaves ``current`` set for the cleanup below
+        except BaseException:
             if recording.current is not None:
                 _end_failed_recording(recording.current, device, pool)
             raise
-        _PIECES.active = None
-        recording.end()
+        finally:
+            _PIECES.active = None
     return recording.graphs, output
 
 

@@ -143,7 +143,7 @@ class RunOptions:
     #: this many transformer blocks, one for the output path (``slat_flow.use_graph_pieces``; 0: one graph per pass).
     #: At a call, each piece is queued as soon as it is recorded, so the GPU computes the pass while the host records
     #: the rest of it. Built for the first SLaT pass of an object, recorded with nothing queued ahead: its whole
-    #: recording (26-36 ms of host time at 14k on an H100, more with the tables' host reads) idled the GPU, where in
+    #: recording (26.5-36 ms of host time at 14k on an H100, more with the tables' host reads) idled the GPU, where in
     #: pieces the GPU idles for about the recording's host time less the pass's GPU time (~18 ms at 14k). Later steps
     #: replay the pieces in order (one launch each). The same kernels on the same inputs (bit-identical to the single
     #: graphs in the GPU tests, ``tests/test_graph_pieces.py``). Session 19, H100: with ``graph_record_first`` and
@@ -153,6 +153,13 @@ class RunOptions:
     #: against 0.544 / 0.516 s, ``results/slat_many_sizes_session19/``). Needs ``cuda_graphs`` and
     #: ``async_graph_capture``.
     slat_graph_piece_blocks: int = 0
+    #: with ``slat_graph_piece_blocks``: after this many calls of a whole-pass graph that ran its pieces, record the
+    #: pass again as one graph (without a sync and without running it, while the pieces' replays queued ahead keep the
+    #: GPU busy) and replay that from then on (``GraphedCall(merge_after=...)``; 0: keep the pieces). Why: 2-block pieces
+    #: are 14 graph launches per pass, and the later tenths of session 19's profiled 14k call idled 2.5-4.1% with them
+    #: against 1.9-3.4% without (~3 ms per call). The merged recording costs the pass's recording host time again (26.5-36
+    #: ms at 14k), hidden only where that many ms of replays are queued ahead. The same kernels; not yet run on a GPU.
+    slat_graph_merge_after: int = 0
     #: one CUDA-graph memory pool, kept by the SLaT stage, for the graphs of every SLaT object
     #: (``stages.graphs.GraphPool``, ``SLaTStage.graph_pool``) instead of a private pool per graph: the batch-1 graph
     #: recorded once CFG ends reuses the batch-2 graph's temporaries, and the next object reuses this one's memory,
@@ -355,6 +362,13 @@ class RunOptions:
             raise ValueError("unguided_graph_ahead records SLaT's batch-1 graph before its first call, which needs "
                              "graph_record_first (a recording without an eager warm-up pass)")
         check_piece_blocks(self.slat_graph_piece_blocks)
+        if isinstance(self.slat_graph_merge_after, bool) or not isinstance(self.slat_graph_merge_after, int) \
+                or self.slat_graph_merge_after < 0:
+            raise ValueError(f"slat_graph_merge_after is the calls that run a pass's pieces before they are merged "
+                             f"into one graph, an int >= 0 (0: never), got {self.slat_graph_merge_after!r}")
+        if self.slat_graph_merge_after and not self.slat_graph_piece_blocks:
+            raise ValueError("slat_graph_merge_after merges graphs recorded in pieces, and slat_graph_piece_blocks is 0: "
+                             "it would change nothing (set slat_graph_piece_blocks)")
         if self.slat_graph_piece_blocks and not (self.cuda_graphs and self.async_graph_capture):
             raise ValueError("slat_graph_piece_blocks records SLaT's whole-pass graphs in pieces, each run while the "
                              "host records the next: it needs cuda_graphs and async_graph_capture")

@@ -60,7 +60,9 @@ class SLaTStage(HoldsInputs, nn.Module):
             return None
         options = options.for_stage("slat")
         cache = self.__dict__.setdefault("_compiled_torso", {})
-        key = (options.compile_backend, options.compile_mode)
+        # the pieces' ends are compiled into the torso (a static argument): a compiled function per setting, so that
+        # its variants do not count against one function's recompile limit
+        key = (options.compile_backend, options.compile_mode, options.slat_graph_piece_blocks)
         if key not in cache:
             kw = {"mode": options.compile_mode} if options.compile_backend == "inductor" else {}
             compiled = torch.compile(self.flow.dense_torso, backend=options.compile_backend, **kw)
@@ -93,6 +95,10 @@ class SLaTStage(HoldsInputs, nn.Module):
         per coordinate set (plain and CFG-batched) instead of rebuilding it every step."""
         options = options.for_stage("slat")
         flow = self.flow
+        if options.slat_graph_piece_blocks > len(flow.blocks):
+            raise ValueError(f"slat_graph_piece_blocks={options.slat_graph_piece_blocks} is more than the SLaT flow's "
+                             f"{len(flow.blocks)} transformer blocks (use at most {len(flow.blocks)}: pieces for the "
+                             f"input path, the torso and the output path)")
         cache = structures is not None or options.cuda_graphs
         if cache and structures is None:
             raise ValueError("cuda_graphs needs a structures list (the graphs live in the coordinate structures)")
@@ -140,7 +146,8 @@ class SLaTStage(HoldsInputs, nn.Module):
         def new_graphed(call, warmup: int) -> GraphedCall:
             """A whole-pass graph of this call's settings (recording mode, pieces, memory pool)."""
             return GraphedCall(call, warmup=warmup, async_capture=options.async_graph_capture, pool=graph_pool,
-                               in_pieces=bool(options.slat_graph_piece_blocks))
+                               in_pieces=bool(options.slat_graph_piece_blocks),
+                               merge_after=options.slat_graph_merge_after)
 
         def run(feats: Tensor, c_coords: Tensor, t: float, c: Tensor, ckv, structure=None,
                 prepare_only: bool = False) -> Tensor | None:
