@@ -226,6 +226,10 @@ VARIANTS[GP_LONG.format(base=AC_LONG, n=4)] = dataclasses.replace(VARIANTS[AC_LO
 # (~3 ms per call at 14k, session 19) on the later steps only
 GP_MERGE_LONG = GP_LONG.format(base=RF_UA_LONG, n=2) + ", merged after 4 calls"
 VARIANTS[GP_MERGE_LONG] = dataclasses.replace(VARIANTS[GP_LONG.format(base=RF_UA_LONG, n=2)], slat_graph_merge_after=4)
+# ... and the batch-1 structure sliced from the CFG pair's (``derive_unguided_tables``): one table build fewer, with its
+# host reads, at the start of each object
+GP_MERGE_DT_LONG = GP_MERGE_LONG + ", batch-1 tables sliced from the pair's"
+VARIANTS[GP_MERGE_DT_LONG] = dataclasses.replace(VARIANTS[GP_MERGE_LONG], derive_unguided_tables=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -304,6 +308,7 @@ SHORT.update({f"compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp{_n}": GP_L
               for _n in (2, 4, 8)})
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-gp4"] = GP_LONG.format(base=AC_LONG, n=4)
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4"] = GP_MERGE_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt"] = GP_MERGE_DT_LONG
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

@@ -37,17 +37,20 @@ def _assert_same_result(a, b) -> None:
     assert a.seed == b.seed
 
 
-@pytest.mark.parametrize("graphs, overlap", [(False, True), (True, True), (False, False)])
+@pytest.mark.parametrize("graphs, overlap", [(False, True), (True, True), (False, False), ("sliced", True)])
 def test_stream_results_equal_plain_runs_bit_for_bit(stream_pipe, objects, monkeypatch, graphs, overlap):
     """Each streamed object equals its own ``run_prepared`` with the same seed: with the default options, and with
     the whole-pass graph path (``cuda_graphs`` with batched CFG, run eagerly on the CPU) whose tables ``prepare``
-    builds ahead; with the mesh extraction on the worker thread and without."""
+    builds ahead (also with the batch-1 tables sliced from the pair's, ``derive_unguided_tables``, against plain runs
+    without it); with the mesh extraction on the worker thread and without."""
     if graphs:
         monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
     stream_pipe.options = RunOptions(cuda_graphs=True, batch_cfg=True) if graphs else RunOptions()
     try:
         seeds = [3, 4, 3]
         plain = [stream_pipe.run_prepared(inp, seed=s) for inp, s in zip(objects, seeds)]
+        if graphs == "sliced":
+            stream_pipe.options = RunOptions(cuda_graphs=True, batch_cfg=True, derive_unguided_tables=True)
         streamed = list(stream_pipe.run_stream(objects, seeds, overlap_extraction=overlap))
     finally:
         stream_pipe.options = RunOptions()

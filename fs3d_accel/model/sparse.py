@@ -152,6 +152,78 @@ def release_structure(cache: dict[Any, Any]) -> None:
     cache.clear()
 
 
+def first_element_structure(structure: dict[Any, Any], coords: Tensor, target: dict[Any, Any]) -> bool:
+    """Fill the empty persistent structure ``target`` for ``coords`` alone (batch 1) from ``structure``, built for a
+    batch whose B elements all repeat ``coords`` (the CFG pair: ``cat([coords, coords with batch index 1])``): every
+    table is element 0's slice of the batch's, its absent-row markers moved to the smaller row count. No host read
+    and no new coordinate hashing: what ``build_structure`` of the plain coordinates would cost in host time (its
+    neighbour tables, down-sampling maps and token counts all read the device), at the cost of a few slicing kernels.
+    The tables equal a fresh build's (``tests/test_graph_pieces.py`` compares them key by key).
+
+    The caller guarantees that the batch repeats ``coords`` (the batch is not read to check it). Returns False, and
+    leaves ``target`` as it was, where ``structure`` holds something this does not know how to slice (then build
+    ``target`` the usual way)."""
+    checked = structure.get("checked_input")
+    if checked is None or "checked_input" in target:
+        return False
+    _, batch, batch_coords = checked
+    n = int(coords.shape[0])
+    if batch < 2 or batch_coords.shape[0] != batch * n:
+        return False
+    filled: dict[Any, Any] = {}
+    if not _first_element_level(structure, batch, n, batch_coords[:n], filled, target):
+        return False
+    filled["checked_input"] = (coords, 1, batch_coords[:n])
+    target.update(filled)
+    return True
+
+
+def _first_element_level(cache: dict[Any, Any], batch: int, n: int, level_coords: Tensor,
+                         filled: dict[Any, Any], target: dict[Any, Any]) -> bool:
+    """One resolution level of :func:`first_element_structure`: ``cache`` has ``batch * n`` rows; ``filled`` receives
+    element 0's entries (``target`` is the dict ``filled`` will be copied into, which the coarser level's up-sampling
+    entry must name)."""
+    rows = batch * n
+    for key, value in cache.items():
+        if key == "checked_input":
+            continue  # the top level's, set by the caller
+        if key == "persistent":
+            filled[key] = value
+        elif key == "batch_size":
+            if value != batch:
+                return False
+            filled[key] = 1
+        elif key == "batch_idx":
+            continue  # a batch of one never reads it (and builds it on the device if asked)
+        elif key in ("seqlens", "layout"):
+            if key == "seqlens" and list(value) != [n] * batch:
+                return False
+            filled[key] = [n] if key == "seqlens" else [slice(0, n)]
+        elif isinstance(key, tuple) and key[0] == "subm_table":
+            head = value[:n]
+            filled[key] = torch.where(head == rows, n, head)
+        elif isinstance(key, tuple) and key[0] == "downsample":
+            new_coords, table, counts, coarse_cache = value
+            coarse_rows = int(new_coords.shape[0])
+            if coarse_rows % batch:
+                return False
+            m = coarse_rows // batch
+            coarse: dict[Any, Any] = {}
+            if not _first_element_level(coarse_cache, batch, m, new_coords[:m], coarse, coarse):
+                return False
+            source = coarse_cache.get(("upsample_source", key[1]))
+            if source is None or source[2] is not cache:
+                return False
+            coarse[("upsample_source", key[1])] = (level_coords, source[1][:n], target)
+            head = table[:m]
+            filled[key] = (new_coords[:m], torch.where(head == rows, n, head), counts[:m], coarse)
+        elif isinstance(key, tuple) and key[0] == "upsample_source":
+            continue  # set by the finer level, which knows its own element-0 cache
+        else:
+            return False  # a cache entry this does not know how to slice
+    return True
+
+
 def _linear_keys(coords: Tensor, pad: int, extent: int) -> Tensor:
     """int64 key ((b*R + x+pad)*R + y+pad)*R + z+pad with R = ``extent``."""
     c = coords.long()

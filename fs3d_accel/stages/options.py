@@ -160,6 +160,15 @@ class RunOptions:
     #: against 1.9-3.4% without (~3 ms per call). The merged recording costs the pass's recording host time again (26.5-36
     #: ms at 14k), hidden only where that many ms of replays are queued ahead. The same kernels; not yet run on a GPU.
     slat_graph_merge_after: int = 0
+    #: make SLaT's batch-1 coordinate structure (the unguided passes' neighbour tables, down-sampling maps and token
+    #: counts) by slicing the CFG pair's, whose two elements repeat the object's coordinates
+    #: (``sparse.first_element_structure``), instead of building it from the coordinates: the same tables without that
+    #: build's host reads (one of the two table builds at the start of each object; session 19's cProfile put the two at
+    #: about a quarter of the first SLaT step's host time at 14k, ``results/slat_host_profile_h100/session19/``). The
+    #: pair's tables are then built first. Where the pair's structure holds an entry it cannot slice, the batch-1
+    #: structure is built as before. Needs ``batch_cfg``. CPU-tested (the same tables, key by key; the same outputs);
+    #: not yet timed on a GPU.
+    derive_unguided_tables: bool = False
     #: one CUDA-graph memory pool, kept by the SLaT stage, for the graphs of every SLaT object
     #: (``stages.graphs.GraphPool``, ``SLaTStage.graph_pool``) instead of a private pool per graph: the batch-1 graph
     #: recorded once CFG ends reuses the batch-2 graph's temporaries, and the next object reuses this one's memory,
@@ -366,6 +375,11 @@ class RunOptions:
                 or self.slat_graph_merge_after < 0:
             raise ValueError(f"slat_graph_merge_after is the calls that run a pass's pieces before they are merged "
                              f"into one graph, an int >= 0 (0: never), got {self.slat_graph_merge_after!r}")
+        if not isinstance(self.derive_unguided_tables, bool):
+            raise ValueError(f"derive_unguided_tables is a bool, got {self.derive_unguided_tables!r}")
+        if self.derive_unguided_tables and not self.batch_cfg:
+            raise ValueError("derive_unguided_tables slices SLaT's batch-1 structure from the CFG pair's, which only "
+                             "batch_cfg builds: set batch_cfg=True")
         if self.slat_graph_merge_after and not self.slat_graph_piece_blocks:
             raise ValueError("slat_graph_merge_after merges graphs recorded in pieces, and slat_graph_piece_blocks is 0: "
                              "it would change nothing (set slat_graph_piece_blocks)")

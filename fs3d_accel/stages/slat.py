@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from ..model.condition import ConditionFuser
 from ..model.configs import ModelConfig, SamplerConfig
 from ..model.slat_flow import SLaTFlowModel
-from ..model.sparse import persistent_structure, release_structure
+from ..model.sparse import first_element_structure, persistent_structure, release_structure
 from ..preprocess import PreparedInputs
 from ..samplers import EulerFlowSampler, cfg_active, guided, time_grid
 from ..seams import (EventBus, SparseTokens, StepPolicy, TokenTransform, TransformContext, TransformState)
@@ -224,9 +224,18 @@ class SLaTStage(HoldsInputs, nn.Module):
                 return x, coords
             return x[active], coords[active]
 
+        pair_structures: list[dict] = []  # the CFG pair's structure once made (``derive_unguided_tables``)
+
+        def derive_plain() -> bool:
+            """The plain structure sliced from the CFG pair's (built), where ``derive_unguided_tables`` asks for it."""
+            return bool(options.derive_unguided_tables and pair_structures
+                        and first_element_structure(pair_structures[0], coords, plain_structure))
+
         def net_cond(x, t, active, is_uncond):
             f, c = select(x, active)
             structure = plain_structure if active is None else None
+            if structure is not None and "checked_input" not in structure:
+                derive_plain()
             if is_uncond:
                 return run(f, c, t, uncond, kv_of("uncond", uncond, [True]), structure)
             return run(f, c, t, cond, kv_of("cond", cond, [False]), structure)
@@ -243,6 +252,7 @@ class SLaTStage(HoldsInputs, nn.Module):
             both_structure = persistent_structure() if cache else None
             if cache:
                 structures.append(both_structure)
+                pair_structures.append(both_structure)
 
             # With graphs recorded asynchronously, the unguided pass's first (eager) call and its recording, once
             # CFG ends, must not synchronise, or they drain the guided replays queued ahead of them. Building the
@@ -257,21 +267,28 @@ class SLaTStage(HoldsInputs, nn.Module):
 
             def build_plain_tables(x, t):
                 later_unguided = any(not cfg_active(sampler_cfg, tk) for tk in grid if tk > t)
-                if later_unguided and "checked_input" not in plain_structure:
+                if not later_unguided or "checked_input" in plain_structure:
+                    return
+                if options.derive_unguided_tables:
+                    build_pair_tables(x, t)  # its tables are needed first anyway; the plain ones are then sliced
+                if not derive_plain():
                     tt = torch.full((cond.shape[0],), t * sampler_cfg.time_scale, device=cond.device)
                     with options.network_context(cond.device, "slat"):
                         flow.build_structure(x.to(dtype), coords, tt, cond.shape[0], plain_structure)
 
-            def build_both_tables(x, t):
-                """The CFG-batched structure's tables, so that its graph records at the first step (graph_record_first)
-                instead of after an eager pass; only once this kind of pass has run in the process."""
-                batch = both.shape[0]
-                kind = pass_kind(batch)
-                if (record_first and kind in passes_run and kind not in first_call_failed
-                        and "checked_input" not in both_structure):
+            def build_pair_tables(x, t):
+                if "checked_input" not in both_structure:
+                    batch = both.shape[0]
                     tt = torch.full((batch,), t * sampler_cfg.time_scale, device=cond.device)
                     with options.network_context(cond.device, "slat"):
                         flow.build_structure(torch.cat([x, x], 0).to(dtype), both_coords, tt, batch, both_structure)
+
+            def build_both_tables(x, t):
+                """The CFG-batched structure's tables, so that its graph records at the first step (graph_record_first)
+                instead of after an eager pass; only once this kind of pass has run in the process."""
+                kind = pass_kind(both.shape[0])
+                if record_first and kind in passes_run and kind not in first_call_failed:
+                    build_pair_tables(x, t)
 
             guided_full_steps = [0]
             guided_in_grid = sum(cfg_active(sampler_cfg, tk) for tk in grid)
@@ -326,7 +343,7 @@ class SLaTStage(HoldsInputs, nn.Module):
                     flow.build_structure(torch.cat([x, x], 0).to(dtype), both_coords, tt, batch, both_structure)
                 # the plain structure serves the unguided passes, and every pass without batched CFG
                 plain_ts = unguided_ts if options.batch_cfg else grid
-                if plain_ts and "checked_input" not in plain_structure:
+                if plain_ts and "checked_input" not in plain_structure and not derive_plain():
                     tt = torch.full((cond.shape[0],), plain_ts[0] * sampler_cfg.time_scale, device=cond.device)
                     flow.build_structure(x.to(dtype), coords, tt, cond.shape[0], plain_structure)
 

@@ -1,0 +1,119 @@
+"""SLaT's batch-1 coordinate structure sliced from the CFG pair's (``sparse.first_element_structure``,
+``RunOptions.derive_unguided_tables``): the same tables as a fresh build, key by key and level by level, the same flow
+outputs, refusals where it cannot slice, and unchanged stage outputs with fewer structure builds."""
+import pytest
+import torch
+
+import fs3d_accel.stages.options as options_mod
+from conftest import assert_same_ss_slat, fast_mini_config, make_scene, random_slat_inputs, run_ss_slat_each, \
+    sparsify_occupancy
+from fs3d_accel.model.slat_flow import SLaTFlowModel
+from fs3d_accel.model.sparse import first_element_structure, persistent_structure, release_structure
+from fs3d_accel.pipeline import Pipeline
+from fs3d_accel.stages.options import RunOptions
+
+
+def pair_of(coords: torch.Tensor) -> torch.Tensor:
+    second = coords.clone()
+    second[:, 0] = 1
+    return torch.cat([coords, second], 0)
+
+
+def built(flow, feats, coords, batch: int) -> dict:
+    structure = persistent_structure()
+    with torch.no_grad():
+        flow.build_structure(feats, coords, torch.full((batch,), 300.0), batch, structure)
+    return structure
+
+
+def assert_same_structure(a: dict, b: dict, a_root: dict, b_root: dict, seen=None) -> None:
+    """Same keys and equal values at every level; an up-sampling entry names its own tree's finer level."""
+    seen = set() if seen is None else seen
+    if id(a) in seen:
+        return
+    seen.add(id(a))
+    assert set(a) == set(b), (set(a) ^ set(b))
+    for key in a:
+        va, vb = a[key], b[key]
+        if key == "checked_input":
+            assert va[1] == vb[1] and torch.equal(va[2], vb[2])
+        elif isinstance(key, tuple) and key[0] == "downsample":
+            for x, y in zip(va[:3], vb[:3]):
+                assert torch.equal(x, y), key
+            assert_same_structure(va[3], vb[3], a_root, b_root, seen)
+        elif isinstance(key, tuple) and key[0] == "upsample_source":
+            assert torch.equal(va[0], vb[0]) and torch.equal(va[1], vb[1])
+            assert_same_structure(va[2], vb[2], a_root, b_root, seen)
+        elif isinstance(va, torch.Tensor):
+            assert va.dtype == vb.dtype and torch.equal(va, vb), key
+        else:
+            assert va == vb, key
+
+
+def test_the_sliced_structure_equals_a_fresh_build_and_gives_the_same_pass():
+    cfg, coords, feats, cond = random_slat_inputs(n=300)
+    flow = SLaTFlowModel(cfg).eval()
+    pair = built(flow, torch.cat([feats, feats]), pair_of(coords), 2)
+    fresh = built(flow, feats, coords, 1)
+    target = persistent_structure()
+    assert first_element_structure(pair, coords, target)
+    assert target["checked_input"][0] is coords  # the plain passes' own coords tensor, as the flow checks
+    assert_same_structure(target, fresh, target, fresh)
+    down = next(v for k, v in target.items() if isinstance(k, tuple) and k[0] == "downsample")
+    assert down[3][("upsample_source", 2)][2] is target  # the coarse level points back at this structure
+    t = torch.full((1,), 300.0)
+    with torch.no_grad():
+        a = flow(feats, coords, t, cond, structure=target)
+        b = flow(feats, coords, t, cond, structure=fresh)
+        c = flow(feats, coords, t, cond)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    for s in (pair, fresh, target):
+        release_structure(s)
+
+
+def test_slicing_refuses_what_it_cannot_do_and_leaves_the_target_alone():
+    cfg, coords, feats, _ = random_slat_inputs(n=200)
+    flow = SLaTFlowModel(cfg).eval()
+    single = built(flow, feats, coords, 1)
+    target = persistent_structure()
+    assert not first_element_structure(persistent_structure(), coords, target)  # nothing built
+    assert not first_element_structure(single, coords, target)  # batch 1: nothing to slice
+    pair = built(flow, torch.cat([feats, feats]), pair_of(coords), 2)
+    assert not first_element_structure(pair, coords[:100], target)  # not the repeated coordinates' count
+    pair[("something", "new")] = torch.zeros(1)
+    assert not first_element_structure(pair, coords, target)  # an entry it does not know
+    assert target == persistent_structure()
+    del pair[("something", "new")]
+    assert first_element_structure(pair, coords, target)
+    assert not first_element_structure(pair, coords, target)  # built already: left as it is
+
+
+def test_options_check_derive_unguided_tables():
+    with pytest.raises(ValueError, match="derive_unguided_tables is a bool"):
+        RunOptions(batch_cfg=True, derive_unguided_tables=1)
+    with pytest.raises(ValueError, match="only batch_cfg builds"):
+        RunOptions(derive_unguided_tables=True)
+
+
+@pytest.mark.parametrize("extra", [{}, {"cuda_graphs": True, "async_graph_capture": True}])
+def test_stage_outputs_are_unchanged_with_one_structure_build_fewer(monkeypatch, extra):
+    """Lazily (the first unguided pass) and ahead (the asynchronous recording's early table build): the same SS and
+    SLaT outputs, and the flow builds the batch-1 structure from coordinates no more."""
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=4), seed=0)
+    sparsify_occupancy(pipe, occupied_fraction=0.02)
+    inputs = pipe.prepare(*make_scene(pipe.config.image_size))
+    batches = []
+    original = SLaTFlowModel._sparse_input
+
+    def spy(self, feats, coords, batch, structure):
+        if structure is not None and "checked_input" not in structure:
+            batches.append(batch)  # a structure built from coordinates
+        return original(self, feats, coords, batch, structure)
+    monkeypatch.setattr(SLaTFlowModel, "_sparse_input", spy)
+    base = dict(batch_cfg=True, cache_cond_kv=True, **extra)
+    plain = run_ss_slat_each(pipe, inputs, [RunOptions(**base)])[0]
+    built_plain, batches[:] = list(batches), []
+    sliced = run_ss_slat_each(pipe, inputs, [RunOptions(**base, derive_unguided_tables=True)])[0]
+    assert sorted(built_plain) == [1, 2] and batches == [2]
+    assert_same_ss_slat(plain, sliced)
