@@ -230,6 +230,9 @@ VARIANTS[GP_MERGE_LONG] = dataclasses.replace(VARIANTS[GP_LONG.format(base=RF_UA
 # host reads, at the start of each object
 GP_MERGE_DT_LONG = GP_MERGE_LONG + ", batch-1 tables sliced from the pair's"
 VARIANTS[GP_MERGE_DT_LONG] = dataclasses.replace(VARIANTS[GP_MERGE_LONG], derive_unguided_tables=True)
+# ... the headline path with inductor's coordinate-descent tuning of its generated Triton kernels (``coordinate_descent``)
+CD_LONG = AC_LONG + ", coordinate-descent tuned Triton kernels"
+VARIANTS[CD_LONG] = dataclasses.replace(VARIANTS[AC_LONG], coordinate_descent=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -309,6 +312,7 @@ SHORT.update({f"compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp{_n}": GP_L
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-gp4"] = GP_LONG.format(base=AC_LONG, n=4)
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4"] = GP_MERGE_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt"] = GP_MERGE_DT_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-cd"] = CD_LONG
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

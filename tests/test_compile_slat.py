@@ -13,7 +13,8 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from conftest import COMPILE_CASES, mini_slat_setup, sample_slat
+from conftest import COMPILE_CASES, fast_mini_config, mini_slat_setup, sample_slat
+from fs3d_accel.pipeline import Pipeline
 from fs3d_accel.stages.options import RunOptions
 
 
@@ -188,12 +189,43 @@ def test_slat_stage_compiles_in_its_own_mode_and_marks_no_static_inputs(slat_set
         return list(stage.__dict__["_compiled_torso"])
 
     try:
-        assert run(compile_mode="reduce-overhead", slat_compile_mode="default") == [("inductor", "default", 0)]
+        assert run(compile_mode="reduce-overhead", slat_compile_mode="default") == [("inductor", "default", 0, False)]
         assert modes == ["default"] and marked == []
         # the same options without slat_compile_mode: SLaT under CUDA graphs, its K/V marked static
-        assert run(compile_mode="reduce-overhead") == [("inductor", "reduce-overhead", 0)]
+        assert run(compile_mode="reduce-overhead") == [("inductor", "reduce-overhead", 0, False)]
         assert modes == ["reduce-overhead"] and len(marked) > 0
     finally:
         stage.__dict__.pop("_compiled_torso", None)
         if saved is not None:
             stage.__dict__["_compiled_torso"] = saved
+
+
+def test_coordinate_descent_passes_the_modes_options_plus_the_tuning(monkeypatch):
+    """``coordinate_descent``: torch.compile gets the compile mode's inductor options plus the tuning (it takes a mode or
+    options, not both), the SLaT torso is cached per setting, and bad settings are refused."""
+    from torch._inductor import list_mode_options
+    plain = RunOptions(compile_slat=True, compile_mode="reduce-overhead")
+    tuned = RunOptions(compile_slat=True, compile_mode="reduce-overhead", coordinate_descent=True)
+    assert plain.compile_kwargs("reduce-overhead") == {"mode": "reduce-overhead"}
+    assert tuned.compile_kwargs("reduce-overhead") == {
+        "options": {**list_mode_options("reduce-overhead"), "coordinate_descent_tuning": True}}
+    assert tuned.compile_kwargs("default") == {"options": {"coordinate_descent_tuning": True}}
+    assert RunOptions(compile_slat=True, compile_backend="eager").compile_kwargs("default") == {}
+    with pytest.raises(ValueError, match="coordinate_descent is a bool"):
+        RunOptions(compile_slat=True, coordinate_descent=1)
+    with pytest.raises(ValueError, match="needs the inductor backend and compile_ss or compile_slat"):
+        RunOptions(coordinate_descent=True)
+    with pytest.raises(ValueError, match="needs the inductor backend"):
+        RunOptions(compile_slat=True, compile_backend="eager", coordinate_descent=True)
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: calls.append(kw) or fn)
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=2), seed=0)
+    stage = pipe.slat
+    stage.__dict__.pop("_compiled_torso", None)
+    try:
+        stage.compiled_torso(plain), stage.compiled_torso(tuned), stage.compiled_torso(tuned)
+        assert calls == [{"backend": "inductor", "mode": "reduce-overhead"},
+                         {"backend": "inductor", **tuned.compile_kwargs("reduce-overhead")}]
+        assert sorted(k[-1] for k in stage.__dict__["_compiled_torso"]) == [False, True]
+    finally:
+        stage.__dict__.pop("_compiled_torso", None)

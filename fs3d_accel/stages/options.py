@@ -260,6 +260,14 @@ class RunOptions:
     #: "gather" / "transform" / "scatter" as in ``SparseConv3d``. Same values to rounding. Entered by
     #: :meth:`network_context`.
     sparse_conv: str = "auto"
+    #: inductor's coordinate-descent tuning of the launch settings (block sizes, warps, stages) of the Triton kernels it
+    #: generates, at the SS flow's and the SLaT torso's compilation (``torch.compile(options=...)``: the compile mode's
+    #: own options plus ``coordinate_descent_tuning``). Why: inductor's fused element-wise and norm kernels were 9.9% of
+    #: SLaT's kernel time at 14k in session 19 (``results/base_vs_official_h100/session19/``), launched with heuristic
+    #: settings; ``max-autotune`` turns this tuning on too, but also swaps cuBLAS GEMMs for Triton templates (session
+    #: 10: not faster). Longer first compilations; the kernels compute the same values up to the reduction order a
+    #: tuned setting may change. Needs the inductor backend. Not yet timed on a GPU.
+    coordinate_descent: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -375,6 +383,12 @@ class RunOptions:
                 or self.slat_graph_merge_after < 0:
             raise ValueError(f"slat_graph_merge_after is the calls that run a pass's pieces before they are merged "
                              f"into one graph, an int >= 0 (0: never), got {self.slat_graph_merge_after!r}")
+        if not isinstance(self.coordinate_descent, bool):
+            raise ValueError(f"coordinate_descent is a bool, got {self.coordinate_descent!r}")
+        if self.coordinate_descent and (self.compile_backend != "inductor"
+                                        or not (self.compile_ss or self.compile_slat)):
+            raise ValueError("coordinate_descent tunes the Triton kernels inductor generates: it needs the inductor "
+                             "backend and compile_ss or compile_slat")
         if not isinstance(self.derive_unguided_tables, bool):
             raise ValueError(f"derive_unguided_tables is a bool, got {self.derive_unguided_tables!r}")
         if self.derive_unguided_tables and not self.batch_cfg:
@@ -429,6 +443,17 @@ class RunOptions:
             if spec is not None:
                 out[role] = FlashAttnTiles.parse(spec)
         return out
+
+    def compile_kwargs(self, mode: str) -> dict:
+        """``torch.compile`` keyword arguments for compile mode ``mode`` under these options: ``{"mode": mode}``, or with
+        ``coordinate_descent`` the mode's inductor options plus the tuning (torch.compile takes a mode or options,
+        not both); nothing for a backend other than inductor."""
+        if self.compile_backend != "inductor":
+            return {}
+        if not self.coordinate_descent:
+            return {"mode": mode}
+        from torch._inductor import list_mode_options
+        return {"options": {**list_mode_options(mode), "coordinate_descent_tuning": True}}
 
     def for_stage(self, stage: str) -> "RunOptions":
         """The options ``stage`` ("ss", "slat" or "decode") runs under: for "slat" with a ``slat_compile_mode``, that mode

@@ -62,10 +62,10 @@ class SLaTStage(HoldsInputs, nn.Module):
         cache = self.__dict__.setdefault("_compiled_torso", {})
         # the pieces' ends are compiled into the torso (a static argument): a compiled function per setting, so that
         # its variants do not count against one function's recompile limit
-        key = (options.compile_backend, options.compile_mode, options.slat_graph_piece_blocks)
+        key = (options.compile_backend, options.compile_mode, options.slat_graph_piece_blocks, options.coordinate_descent)
         if key not in cache:
-            kw = {"mode": options.compile_mode} if options.compile_backend == "inductor" else {}
-            compiled = torch.compile(self.flow.dense_torso, backend=options.compile_backend, **kw)
+            compiled = torch.compile(self.flow.dense_torso, backend=options.compile_backend,
+                                     **options.compile_kwargs(options.compile_mode))
 
             def torso(*args):
                 # only the token count is dynamic (the flow marks it): without this, dynamo would make

@@ -83,10 +83,10 @@ class SSStage(HoldsInputs, nn.Module):
         if not options.compile_ss:
             return self.flow
         cache = self.__dict__.setdefault("_compiled", {})
-        key = (options.compile_backend, options.compile_mode)
+        key = (options.compile_backend, options.compile_mode, options.coordinate_descent)
         if key not in cache:
-            kw = {"mode": options.compile_mode} if options.compile_backend == "inductor" else {}
-            cache[key] = torch.compile(self.flow, backend=options.compile_backend, dynamic=False, **kw)
+            cache[key] = torch.compile(self.flow, backend=options.compile_backend, dynamic=False,
+                                       **options.compile_kwargs(options.compile_mode))
         return cache[key]
 
     def velocity_net(self, cond: Tensor, sampler_cfg: SamplerConfig, options: RunOptions):
