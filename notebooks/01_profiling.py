@@ -741,8 +741,8 @@ calls19.pivot_table(index=["N", "round"], columns="variant", values=["median_s",
 # %% [markdown]
 # Where the GPU waits in the profiled 14k call, per tenth of the call: without pieces the first tenths are mostly idle;
 # with 2-block pieces only the first tenth is, and every later tenth keeps 2.5-4.1% of idle (1.9-3.4% without pieces:
-# the difference, ~3 ms per call, is the pieces' extra graph launches; the rest the gaps between ~13,700 replayed
-# kernels). The kernels alone (`MFU if never idle`, first round, where the call was profiled) are at 54.9% of
+# the difference, ~3 ms per object, most likely the pieces' extra graph launches (one profiled call per variant); the
+# rest the gaps between ~13,700 replayed kernels). The kernels alone (`MFU if never idle`, first round, where the call was profiled) are at 54.9% of
 # the executed FLOPs at 14k against this lease's peak: 55% there now needs faster kernels, not less idle.
 
 # %%

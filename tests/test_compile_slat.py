@@ -227,5 +227,12 @@ def test_coordinate_descent_passes_the_modes_options_plus_the_tuning(monkeypatch
         assert calls == [{"backend": "inductor", "mode": "reduce-overhead"},
                          {"backend": "inductor", **tuned.compile_kwargs("reduce-overhead")}]
         assert sorted(k[-1] for k in stage.__dict__["_compiled_torso"]) == [False, True]
+        calls.clear()
+        ss_plain = RunOptions(compile_ss=True, compile_mode="reduce-overhead")
+        ss_tuned = RunOptions(compile_ss=True, compile_mode="reduce-overhead", coordinate_descent=True)
+        pipe.ss.compiled_flow(ss_plain), pipe.ss.compiled_flow(ss_tuned), pipe.ss.compiled_flow(ss_tuned)
+        assert [c.get("mode", c.get("options")) for c in calls] == [
+            "reduce-overhead", ss_tuned.compile_kwargs("reduce-overhead")["options"]]
     finally:
         stage.__dict__.pop("_compiled_torso", None)
+        pipe.ss.__dict__.pop("_compiled", None)

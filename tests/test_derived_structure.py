@@ -84,7 +84,15 @@ def test_slicing_refuses_what_it_cannot_do_and_leaves_the_target_alone():
     assert not first_element_structure(pair, coords, target)  # an entry it does not know
     assert target == persistent_structure()
     del pair[("something", "new")]
+    seqlens = next(v for k, v in pair.items() if isinstance(k, tuple) and k[0] == "downsample")[3]["seqlens"]
+    seqlens[1] += 1  # elements of different sizes: not a repeated batch
+    assert not first_element_structure(pair, coords, target) and target == persistent_structure()
+    seqlens[1] -= 1
+    # the batch's own entries (its graphs, a pool lease) and lazily rebuilt conv layouts are not inherited
+    pair[("cuda_graph", 1)] = object()
+    pair[("subm_tiles", 3, True)] = object()
     assert first_element_structure(pair, coords, target)
+    assert ("cuda_graph", 1) not in target and ("subm_tiles", 3, True) not in target
     assert not first_element_structure(pair, coords, target)  # built already: left as it is
 
 
@@ -95,10 +103,11 @@ def test_options_check_derive_unguided_tables():
         RunOptions(derive_unguided_tables=True)
 
 
-@pytest.mark.parametrize("extra", [{}, {"cuda_graphs": True, "async_graph_capture": True}])
+@pytest.mark.parametrize("extra", [{}, {"cuda_graphs": True}, {"cuda_graphs": True, "async_graph_capture": True}])
 def test_stage_outputs_are_unchanged_with_one_structure_build_fewer(monkeypatch, extra):
-    """Lazily (the first unguided pass) and ahead (the asynchronous recording's early table build): the same SS and
-    SLaT outputs, and the flow builds the batch-1 structure from coordinates no more."""
+    """Lazily (the first unguided pass; also where the pair's structure holds its graphs) and ahead (the asynchronous
+    recording's early table build): the same SS and SLaT outputs, and the flow builds the batch-1 structure from
+    coordinates no more."""
     monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
     pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=4), seed=0)
     sparsify_occupancy(pipe, occupied_fraction=0.02)

@@ -2,6 +2,7 @@
 where the flow marks piece ends, that the marks change no value (eager, compiled torso, sampler), the options' checks,
 and on a GPU that the pieces, run while the host records the next, replay like one graph and like eager."""
 import dataclasses
+import warnings
 
 import pytest
 import torch
@@ -289,7 +290,7 @@ def test_a_failed_piece_recording_ends_cleanly_and_the_next_records():
         assert_no_recording_left()
         with pytest.raises(RuntimeError, match="failed before"):
             g(feats, t)
-        for fail in ("python", "sync"):  # inside a middle piece: a Python error, and a sync that invalidates the capture
+        for fail in ("python", "sync"):  # in a middle piece: a Python error, and a sync that invalidates the capture
             def hook(module, args, output, fail=fail):
                 if fail == "sync":
                     output.feats.sum().item()
@@ -330,21 +331,28 @@ def test_stages_with_pieces_on_cuda_give_the_single_graphs_values():
         recorded.append(len(pieces))
         return pieces, output
     graphs_mod._record_in_pieces = spy
+    merges = []
+    original_merge = GraphedCall._merge
+    GraphedCall._merge = lambda self, entry: (merges.append(1), original_merge(self, entry))[1]
     try:
         for extra in ({}, {"graph_record_first": True}, {"graph_record_first": True, "compile_slat": True},
                       {"slat_graph_merge_after": 1}):
             pieces = {"slat_graph_piece_blocks": 2} if "slat_graph_merge_after" not in extra else \
                 {"slat_graph_piece_blocks": 2, **extra}
             extra = {k: v for k, v in extra.items() if k != "slat_graph_merge_after"}
-            recorded.clear()
-            runs = [run_ss_slat_each(pipe, inputs, [RunOptions(**base, **extra, **(pieces if k else {}))], seed=s)[0]
-                    for k in (0, 1) for s in (0, 1)]
+            recorded.clear(), merges.clear()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", RuntimeWarning)  # a failed merge warns: fail the test instead
+                runs = [run_ss_slat_each(pipe, inputs, [RunOptions(**base, **extra, **(pieces if k else {}))],
+                                         seed=s)[0] for k in (0, 1) for s in (0, 1)]
+            assert bool(merges) == ("slat_graph_merge_after" in pieces)  # the pair's graph reached its merge
             assert_same_ss_slat(runs[0], runs[2])
             assert_same_ss_slat(runs[1], runs[3])
             blocks = pipe.config.slat_flow.num_blocks
             assert recorded and all(n == 2 + -(-blocks // 2) for n in recorded)  # the pieces were recorded
     finally:
         graphs_mod._record_in_pieces = original
+        GraphedCall._merge = original_merge
 
 
 @cuda
@@ -362,11 +370,14 @@ def test_merged_pieces_replay_like_eager_and_keep_the_inputs(record_call):
             assert g.prepare(feats, t)
         entry = None
         outs, eager = [], []
+        inputs = None
         for i in range(5):
             outs.append(g(feats * (i + 1), t * (i + 1)))
             eager.append(flow(feats * (i + 1), coords, t * (i + 1), None, cond_kv=kv, structure=structure))
             entry = next(iter(g._captured.values()))
             assert (len(entry.more) == 5) == (i < 2), i  # pieces for two calls, then one graph
+            inputs = inputs or list(entry.inputs)
+            assert all(a is b for a, b in zip(inputs, entry.inputs))  # the merged graph reads the same buffers
     torch.cuda.synchronize()
     assert g.captures == 2 and len(entry.retired) == 6 + 1  # the six pieces and their output
     for a, b in zip(outs, eager):

@@ -9,6 +9,7 @@ from test_cuda_graphs import HOST_SYNC_OPS, OpLog
 
 import fs3d_accel.stages.options as options_mod
 from conftest import fast_mini_config, sparsify_occupancy, two_object_scene
+from fs3d_accel.model.slat_flow import SLaTFlowModel
 from fs3d_accel.pipeline import Pipeline
 from fs3d_accel.stages.options import RunOptions
 
@@ -49,9 +50,19 @@ def test_stream_results_equal_plain_runs_bit_for_bit(stream_pipe, objects, monke
     try:
         seeds = [3, 4, 3]
         plain = [stream_pipe.run_prepared(inp, seed=s) for inp, s in zip(objects, seeds)]
+        built = []
         if graphs == "sliced":
             stream_pipe.options = RunOptions(cuda_graphs=True, batch_cfg=True, derive_unguided_tables=True)
+            original = SLaTFlowModel._sparse_input
+
+            def spy(self, feats, coords, batch, structure):
+                if structure is not None and "checked_input" not in structure:
+                    built.append(batch)  # a structure built from coordinates
+                return original(self, feats, coords, batch, structure)
+            monkeypatch.setattr(SLaTFlowModel, "_sparse_input", spy)
         streamed = list(stream_pipe.run_stream(objects, seeds, overlap_extraction=overlap))
+        if graphs == "sliced":
+            assert built == [2, 2, 2]  # each object built its pair's structure; the batch-1 ones were sliced
     finally:
         stream_pipe.options = RunOptions()
     assert len(streamed) == 3

@@ -152,15 +152,22 @@ def release_structure(cache: dict[Any, Any]) -> None:
     cache.clear()
 
 
+#: structure entries that element 0's structure does not inherit: the batch's CUDA graphs and memory-pool lease (the
+#: SLaT stage's), and the conv layouts each structure builds lazily from its neighbour table (the tiled kernels'
+#: row order, on the device alone; the scatter conv's neighbour pairs)
+_PER_BATCH_ENTRIES = ("cuda_graph", "graph_pool_lease", "subm_tiles", "subm_pairs")
+
+
 def first_element_structure(structure: dict[Any, Any], coords: Tensor, target: dict[Any, Any]) -> bool:
     """Fill the empty persistent structure ``target`` for ``coords`` alone (batch 1) from ``structure``, built for a
     batch whose B elements all repeat ``coords`` (the CFG pair: ``cat([coords, coords with batch index 1])``): every
     table is element 0's slice of the batch's, its absent-row markers moved to the smaller row count. No host read
     and no new coordinate hashing: what ``build_structure`` of the plain coordinates would cost in host time (its
     neighbour tables, down-sampling maps and token counts all read the device), at the cost of a few slicing kernels.
-    The tables equal a fresh build's (``tests/test_graph_pieces.py`` compares them key by key).
+    The tables equal a fresh build's (``tests/test_derived_structure.py`` compares them key by key).
 
-    The caller guarantees that the batch repeats ``coords`` (the batch is not read to check it). Returns False, and
+    The caller guarantees that the batch repeats ``coords``, batch index 0 included (the batch is not read to check
+    it: that would be a host read). Returns False, and
     leaves ``target`` as it was, where ``structure`` holds something this does not know how to slice (then build
     ``target`` the usual way)."""
     checked = structure.get("checked_input")
@@ -219,6 +226,8 @@ def _first_element_level(cache: dict[Any, Any], batch: int, n: int, level_coords
             filled[key] = (new_coords[:m], torch.where(head == rows, n, head), counts[:m], coarse)
         elif isinstance(key, tuple) and key[0] == "upsample_source":
             continue  # set by the finer level, which knows its own element-0 cache
+        elif isinstance(key, tuple) and key[0] in _PER_BATCH_ENTRIES:
+            continue  # the batch's own (its CUDA graphs, its memory-pool lease) or rebuilt from the sliced table
         else:
             return False  # a cache entry this does not know how to slice
     return True

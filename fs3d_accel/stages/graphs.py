@@ -86,11 +86,16 @@ class _Captured:
     #: whether the recording already ran the pieces on this call's inputs (``in_pieces`` with replay)
     ran: bool = False
     #: with ``in_pieces``: the pieces' memory pool (a merged recording reuses it), the calls that ran the pieces so
-    #: far, and the pieces once merged (kept: their last replays may still be queued on the GPU)
+    #: far, and the pieces and their output once merged (kept referenced: one output-sized block, so that nothing
+    #: recorded into the pool later can be handed memory a queued replay of them still writes; under the one-stream
+    #: rule below that cannot happen anyway)
     pool: Any = None
     piece_calls: int = 0
     retired: list = field(default_factory=list)
     merge_failed: str = ""
+    #: the stream every replay of this entry runs on: the pieces and a merged graph share a memory pool, which is safe
+    #: only while their replays run in order on one stream (checked at each call)
+    stream: Any = None
 
     def replay(self) -> None:
         self.graph.replay()
@@ -210,6 +215,10 @@ class GraphedCall:
                 entry.piece_calls += 1
                 self.replays += 1
                 return pytree.tree_map(lambda t: t.clone() if isinstance(t, Tensor) else t, entry.output)
+        if entry.stream is not None and torch.cuda.current_stream(args[0].device) != entry.stream:
+            raise RuntimeError("this graph was recorded in pieces for replays on another stream; its pieces and merged "
+                               "graph share a memory pool, which is safe only while every replay runs on that one "
+                               "stream")
         if entry.more and self.merge_after and not entry.merge_failed and entry.piece_calls >= self.merge_after:
             try:
                 self._merge(entry)
@@ -265,7 +274,8 @@ class GraphedCall:
                 pool = torch.cuda.graph_pool_handle()
             pieces, output = _record_in_pieces(self.fn, inputs, pool, run_pieces)
             self._count_recording(inputs[0].device)
-            return _Captured(pieces[0], inputs, output, more=pieces[1:], ran=run_pieces, pool=pool)
+            return _Captured(pieces[0], inputs, output, more=pieces[1:], ran=run_pieces, pool=pool,
+                             stream=torch.cuda.current_stream(inputs[0].device))
         graph = torch.cuda.CUDAGraph()
         if self.async_capture:
             output = _record_without_sync(graph, self.fn, inputs, pool)

@@ -155,10 +155,11 @@ class RunOptions:
     slat_graph_piece_blocks: int = 0
     #: with ``slat_graph_piece_blocks``: after this many calls of a whole-pass graph that ran its pieces, record the
     #: pass again as one graph (without a sync and without running it, while the pieces' replays queued ahead keep the
-    #: GPU busy) and replay that from then on (``GraphedCall(merge_after=...)``; 0: keep the pieces). Why: 2-block pieces
-    #: are 14 graph launches per pass, and the later tenths of session 19's profiled 14k call idled 2.5-4.1% with them
-    #: against 1.9-3.4% without (~3 ms per call). The merged recording costs the pass's recording host time again (26.5-36
-    #: ms at 14k), hidden only where that many ms of replays are queued ahead. The same kernels; not yet run on a GPU.
+    #: GPU busy) and replay that from then on (``GraphedCall(merge_after=...)``; 0: keep the pieces). Why: 2-block
+    #: pieces are 14 graph launches per pass, and the later tenths of session 19's profiled 14k call idled 2.5-4.1% with
+    #: them against 1.9-3.4% without (~3 ms per object; one profiled call per variant). The merged recording costs the
+    #: pass's recording host time again (26.5-36 ms at 14k), hidden only where that many ms of replays are queued ahead.
+    #: The same kernels; not yet run on a GPU.
     slat_graph_merge_after: int = 0
     #: make SLaT's batch-1 coordinate structure (the unguided passes' neighbour tables, down-sampling maps and token
     #: counts) by slicing the CFG pair's, whose two elements repeat the object's coordinates

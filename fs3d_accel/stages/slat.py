@@ -62,7 +62,8 @@ class SLaTStage(HoldsInputs, nn.Module):
         cache = self.__dict__.setdefault("_compiled_torso", {})
         # the pieces' ends are compiled into the torso (a static argument): a compiled function per setting, so that
         # its variants do not count against one function's recompile limit
-        key = (options.compile_backend, options.compile_mode, options.slat_graph_piece_blocks, options.coordinate_descent)
+        key = (options.compile_backend, options.compile_mode, options.slat_graph_piece_blocks,
+               options.coordinate_descent)
         if key not in cache:
             compiled = torch.compile(self.flow.dense_torso, backend=options.compile_backend,
                                      **options.compile_kwargs(options.compile_mode))
@@ -228,8 +229,14 @@ class SLaTStage(HoldsInputs, nn.Module):
 
         def derive_plain() -> bool:
             """The plain structure sliced from the CFG pair's (built), where ``derive_unguided_tables`` asks for it."""
-            return bool(options.derive_unguided_tables and pair_structures
-                        and first_element_structure(pair_structures[0], coords, plain_structure))
+            if not (options.derive_unguided_tables and pair_structures and "checked_input" in pair_structures[0]):
+                return False  # not asked, or the pair's tables are not built yet (a schedule that starts unguided)
+            if first_element_structure(pair_structures[0], coords, plain_structure):
+                return True
+            warnings.warn("derive_unguided_tables: the CFG pair's coordinate structure holds an entry that cannot be "
+                          "sliced; building the batch-1 structure from the coordinates instead", RuntimeWarning,
+                          stacklevel=2)
+            return False
 
         def net_cond(x, t, active, is_uncond):
             f, c = select(x, active)
