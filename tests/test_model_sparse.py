@@ -427,3 +427,14 @@ def test_extract_mesh_without_surface_raises():
     assert issubclass(EmptyMeshError, ValueError)
     with pytest.raises(ValueError, match="101"):
         extract_mesh(SparseTensor.create(feats[:, :50], coords), 16)
+
+
+def test_corner_grid_index_is_each_corners_flat_vertex_index():
+    """Cube origin index plus a constant per corner: the flat (res+1)^3 index of every corner's own coordinates."""
+    from fs3d_accel.model.mesh_extract import _corner_grid_index
+    res = 7
+    coords = torch.tensor([[0, 0, 0], [6, 6, 6], [1, 5, 3], [6, 0, 2]])
+    corners = coords[:, None, :] + CUBE_CORNERS[None]
+    g = res + 1
+    expected = (corners[..., 0] * g + corners[..., 1]) * g + corners[..., 2]
+    assert torch.equal(_corner_grid_index(coords.int(), res), expected)

@@ -35,10 +35,14 @@ class EmptyMeshError(ValueError):
 
 
 def _corner_grid_index(coords: Tensor, res: int) -> Tensor:
-    """(N, 3) voxel coords -> (N, 8) flat indices into the (res+1)^3 vertex grid."""
-    v = coords[:, None, :].long() + CUBE_CORNERS[None]
+    """(N, 3) voxel coords -> (N, 8) flat indices into the (res+1)^3 vertex grid: each cube's origin index plus each
+    corner's constant offset (the same integers as indexing every corner's coordinates, without the (N, 8, 3)
+    intermediate, which took 0.12 of the extraction's 0.82 s at 14k on the 2-core CPU machine)."""
     g = res + 1
-    return (v[..., 0] * g + v[..., 1]) * g + v[..., 2]
+    c = coords.long()
+    base = (c[:, 0] * g + c[:, 1]) * g + c[:, 2]
+    offsets = (CUBE_CORNERS[:, 0] * g + CUBE_CORNERS[:, 1]) * g + CUBE_CORNERS[:, 2]
+    return base[:, None] + offsets[None]
 
 
 def _vertex_means(inv: Tensor, counts: Tensor, values: Tensor) -> Tensor:
@@ -109,7 +113,10 @@ def extract_mesh(out: SparseTensor, resolution: int, with_color: bool = True
         grid = torch.ones(g ** 3, dtype=torch.float32)  # untouched vertices: outside
         grid[uidx] = sdf_mean[:, 0]
         grid_np = grid.view(g, g, g).numpy()
-        lo, hi = float(grid_np.min()), float(grid_np.max())
+        # the grid's range from the touched values and the untouched vertices' +1 (no pass over the whole grid)
+        untouched = len(uidx) < g ** 3
+        lo = min(float(sdf_mean.min()), 1.0) if untouched else float(sdf_mean.min())
+        hi = max(float(sdf_mean.max()), 1.0) if untouched else float(sdf_mean.max())
         if not lo < 0 < hi:
             raise EmptyMeshError(f"batch element {b}: SDF has no zero crossing (range [{lo:.4g}, {hi:.4g}])")
         # skimage's default winding ('descent') gives outward normals for negative-inside fields
