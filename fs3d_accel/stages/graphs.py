@@ -300,6 +300,9 @@ class GraphedCall:
 
 
 _CAPTURE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}
+#: one recording at a time in the process: the capture stream is shared, and a recording in pieces leaves it between
+#: captures, where another thread's recording could otherwise begin on it
+_RECORDING_LOCK = threading.RLock()
 _RECORDINGS: dict[int, int] = {}  # CUDA device index -> graphs recorded by GraphedCall (the pools' keepers excluded)
 
 
@@ -328,7 +331,7 @@ def _record_without_sync(graph: "torch.cuda.CUDAGraph", fn: Callable[..., Any], 
     stream = _capture_stream(device)
     if pool is None:  # a pool of its own, as capture_begin would make, but with an id known if the recording fails
         pool = torch.cuda.graph_pool_handle()
-    with torch.cuda.stream(stream):
+    with _RECORDING_LOCK, torch.cuda.stream(stream):
         graph.capture_begin(pool, capture_error_mode="thread_local")
         try:
             output = fn(*inputs)
@@ -382,7 +385,7 @@ def _record_in_pieces(fn: Callable[..., Any], inputs: list[Tensor], pool, run: b
     if getattr(_PIECES, "active", None) is not None:
         raise RuntimeError("a recording in pieces is already in progress on this thread")
     recording = _PieceRecording(stream, torch.cuda.current_stream(device), pool, run)
-    with torch.cuda.stream(stream):
+    with _RECORDING_LOCK, torch.cuda.stream(stream):
         # each capture_begin also runs the CUDA generator's capture prologue (two small fill kernels) on the capture
         # stream, outside any capture and unordered with the pieces replayed on the caller's stream: harmless while
         # no recorded function draws random numbers (the samplers' noise is drawn outside the network calls)
