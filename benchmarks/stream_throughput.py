@@ -6,7 +6,8 @@ of the executed FLOPs while its kernels run at ~57.5% at 14k on an H100, ``resul
 This times three modes in one process: ``sequential`` runs each object's stages in ``Pipeline.run_prepared``'s order
 (SS sampler, its decoding, SLaT, mesh decoder and extraction); ``stream-gpu`` runs ``fs3d_accel.stream.run_stream``
 with each mesh extracted in turn; ``stream`` runs it with the extraction (marching cubes on the host) on a worker
-thread while the next object's GPU work runs. Every object is a new size for the process (a seeded crop of a YCB surface as in
+thread while the next object's GPU work runs. ``--modes`` adds ``sequential-noextract`` and ``stream-noextract``: the
+same two orders without the extraction, timing the stream's GPU part apart from the host's marching cubes. Every object is a new size for the process (a seeded crop of a YCB surface as in
 ``slat_many_sizes.py``, substituted for the SS stage's decoded voxels, whose count random weights do not make
 meaningful), and each round and mode gets sizes of its own (shifted by a few voxels), so every timed object is a first
 meeting, as in a dataset run (the sequential mode also reports its mesh extraction's host seconds per object: on
@@ -46,8 +47,14 @@ from fs3d_analysis.profile.latency import sync_device  # noqa: E402
 CSV_NAME = "stream_throughput.csv"
 COLUMNS = ("round", "mode", "objects", "seconds", "per_object_s", "extract_s_per_object", "sizes")
 #: sequential: ``run_prepared``'s order; stream-gpu: the object stream with each mesh extracted in turn on the main
-#: thread (what queuing the next SS buys alone); stream: the object stream with the extraction on a worker thread
-MODES = ("sequential", "stream-gpu", "stream")
+#: thread (what queuing the next SS buys alone); stream: the object stream with the extraction on a worker thread;
+#: sequential-noextract / stream-noextract: the same two orders without the mesh extraction (the decoder network still
+#: runs and its output still comes back to the host), so that the GPU part of a stream is timed apart from the host's
+#: marching cubes, which bounded session 19's stream on random weights
+MODES = ("sequential", "stream-gpu", "stream", "sequential-noextract", "stream-noextract")
+DEFAULT_MODES = "sequential,stream-gpu,stream"
+#: each mode's baseline in the README's ratio column
+BASELINE = {"stream-gpu": "sequential", "stream": "sequential", "stream-noextract": "sequential-noextract"}
 
 
 def fixed_structure(pipe: Pipeline, coords: list[torch.Tensor]):
@@ -61,9 +68,10 @@ def fixed_structure(pipe: Pipeline, coords: list[torch.Tensor]):
     return structure
 
 
-def run_sequential(pipe: Pipeline, inputs, seeds, structure) -> float:
+def run_sequential(pipe: Pipeline, inputs, seeds, structure, extract: bool = True) -> float | None:
     """Each object's stages in ``Pipeline.run_prepared``'s order, with ``structure`` decoding the SS latents. Returns
-    the host seconds spent in mesh extraction (timed after the decoder network's GPU work is done)."""
+    the host seconds spent in mesh extraction (timed after the decoder network's GPU work is done); without
+    ``extract``, the network's output is copied to the host instead and None is returned."""
     extract_s = 0.0
     for inp, seed in zip(inputs, seeds):
         gen_ss, gen_slat = pipe._generators(seed)
@@ -75,17 +83,31 @@ def run_sequential(pipe: Pipeline, inputs, seeds, structure) -> float:
         # run_decode's two halves, the extraction timed on its own (the sync only moves the wait)
         network = pipe.decode.run_network(inp, ss, slat, options=pipe.options,
                                           decoder_transform=pipe.accel.decoder_transform)
+        if not extract:
+            network.out.feats.float().cpu(), network.out.coords.cpu()  # as the stream's host copies
+            continue
         sync_device(pipe.device)
         start = time.perf_counter()
         pipe.decode.extract(network, ss, slat, decoder_transform=pipe.accel.decoder_transform,
                             coords_transform=pipe.accel.coords_transform)
         extract_s += time.perf_counter() - start
-    return extract_s
+    return extract_s if extract else None
 
 
 def run_streamed(pipe: Pipeline, inputs, seeds, structure, overlap_extraction: bool = True) -> None:
     for _ in run_stream(pipe, inputs, seeds, structure=structure, overlap_extraction=overlap_extraction):
         pass
+
+
+def run_streamed_without_extraction(pipe: Pipeline, inputs, seeds, structure) -> None:
+    """The object stream with the decode stage's extraction replaced by a no-op for the call (restored after, errors
+    included): its host copies of the network's output still run."""
+    real = pipe.decode.extract
+    pipe.decode.extract = lambda *args, **kwargs: None
+    try:
+        run_streamed(pipe, inputs, seeds, structure, overlap_extraction=False)
+    finally:
+        pipe.decode.extract = real
 
 
 def timed(fn, device: torch.device) -> tuple[float, object]:
@@ -101,13 +123,13 @@ def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
              f"`{meta['variant']}`, {meta['objects']} objects of new sizes per round and mode "
              f"(about {min(meta['sizes'])}-{max(meta['sizes'])} voxels, shifted by a few per round and mode: the "
              f"CSV's `sizes`), {meta['rounds']} rounds.", "",
-             "| round | mode | seconds | per object | against sequential |", "| --- | --- | --- | --- | --- |"]
+             "| round | mode | seconds | per object | against its sequential mode |", "| --- | --- | --- | --- | --- |"]
     for r in sorted({row["round"] for row in rows}):
         pair = {row["mode"]: row for row in rows if row["round"] == r}
         for m in MODES:
             if m in pair:
-                ratio = (f"{pair[m]['seconds'] / pair['sequential']['seconds']:.3f}"
-                         if m != "sequential" and "sequential" in pair else "")
+                base = BASELINE.get(m)
+                ratio = f"{pair[m]['seconds'] / pair[base]['seconds']:.3f}" if base in pair else ""
                 lines.append(f"| {r} | {m} | {pair[m]['seconds']:.3f} | {pair[m]['per_object_s']:.3f} | {ratio} |")
     for m in MODES:
         per = [row["per_object_s"] for row in rows if row["mode"] == m]
@@ -130,11 +152,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--min-voxels", type=int, default=12000)
     ap.add_argument("--max-voxels", type=int, default=20000)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, from {list(MODES)}")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in MODES]
+    if not modes or unknown or len(set(modes)) != len(modes):
+        raise SystemExit(f"--modes: each of {list(MODES)} at most once, at least one; got {args.modes!r}")
+    modes = [m for m in MODES if m in modes]  # a fixed order
     dev = checked_device(args.device)
     if "," in args.variant:
         raise SystemExit(f"--variant: one variant, got {args.variant!r} (the modes are what this compares)")
@@ -145,8 +173,8 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as e:
         raise SystemExit(str(e)) from e
     # each round and mode meets sizes of its own: +3 voxels per (round, mode) slot, and the warm-up others still
-    k = len(MODES)
-    slots = {(r, m): [n + 3 * (k * r + i) for n in sizes] for r in range(1, args.rounds + 1) for i, m in enumerate(MODES)}
+    k = len(modes)
+    slots = {(r, m): [n + 3 * (k * r + i) for n in sizes] for r in range(1, args.rounds + 1) for i, m in enumerate(modes)}
     warm_sizes = [n + 3 * (k * args.rounds + k) for n in sizes[:2]]
     every = [n for v in slots.values() for n in v] + warm_sizes
     if len(set(every)) != len(every):
@@ -165,14 +193,16 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "config": args.config, "variant": variant, "variant_options": f"{variant_label(variant)} = {opts}",
-            "objects": len(sizes), "sizes": sizes, "rounds": args.rounds, "seed": args.seed,
+            "objects": len(sizes), "sizes": sizes, "rounds": args.rounds, "seed": args.seed, "modes": modes,
             "timing": "one call per round and mode (stage_latency.Timer: CUDA events after a synchronisation, "
                       "synchronised at the end); every object a new size"}
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
     runners = {"sequential": run_sequential, "stream": run_streamed,
-               "stream-gpu": lambda *a: run_streamed(*a, overlap_extraction=False)}
+               "stream-gpu": lambda *a: run_streamed(*a, overlap_extraction=False),
+               "sequential-noextract": lambda *a: run_sequential(*a, extract=False),
+               "stream-noextract": run_streamed_without_extraction}
     with torch.no_grad():
-        for m in MODES:  # compiles, and each mode's first call of each kind of pass
+        for m in modes:  # compiles, and each mode's first call of each kind of pass
             t, _ = timed(lambda: runners[m](pipe, [inp] * len(warm_coords), range(len(warm_coords)),
                                             fixed_structure(pipe, warm_coords)), dev)
             print(f"warm-up {m}: {t:.1f} s", flush=True)
@@ -181,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
             writer = csv.DictWriter(fh, fieldnames=COLUMNS)
             writer.writeheader()
             for r in range(1, args.rounds + 1):
-                for m in (MODES if r % 2 else MODES[::-1]):
+                for m in (modes if r % 2 else modes[::-1]):
                     objs = coords[(r, m)]
                     sec, extract_s = timed(lambda: runners[m](pipe, [inp] * len(objs), range(len(objs)),
                                                               fixed_structure(pipe, objs)), dev)

@@ -223,10 +223,44 @@ def test_stream_throughput_script_runs_every_mode_on_new_sizes(tmp_path):
     sizes = [set(r["sizes"].split()) for r in rows]
     assert all(not (a & b) for i, a in enumerate(sizes) for b in sizes[i + 1:])  # no mode meets another's sizes
     assert all(float(r["seconds"]) > 0 and r["objects"] == "2" for r in rows)
-    assert "against sequential" in (tmp_path / "README.md").read_text()
+    assert "against its sequential mode" in (tmp_path / "README.md").read_text()
+
+
+def test_stream_throughput_script_times_the_stream_without_extraction(tmp_path, monkeypatch):
+    """``--modes`` with the extraction-free modes: rows for those modes only, no extraction called in them, and the
+    decode stage's extraction restored after."""
+    import csv
+
+    from benchmarks import stream_throughput as st
+    calls = []
+    made = []
+    original = st.Pipeline.from_config
+
+    def from_config(*args, **kwargs):
+        pipe = original(*args, **kwargs)
+        made.append(pipe)
+        real = pipe.decode.extract
+
+        def spy(*a, **k):
+            calls.append(1)
+            return real(*a, **k)
+        pipe.decode.extract = spy
+        made.append(spy)
+        return pipe
+    monkeypatch.setattr(st.Pipeline, "from_config", staticmethod(from_config))
+    st.main(["--device", "cpu", "--config", "mini", "--variant", "fp32", "--objects", "2", "--min-voxels", "60",
+             "--max-voxels", "90", "--rounds", "1", "--modes", "stream-noextract,sequential-noextract",
+             "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / "stream_throughput.csv")))
+    assert [r["mode"] for r in rows] == ["sequential-noextract", "stream-noextract"]
+    assert calls == []  # neither mode extracted a mesh (the spy wraps the extraction the stream would call)
+    assert made[0].decode.extract is made[1]  # the spy is back in place after the stream's no-op
+    assert "| 1 | stream-noextract |" in (tmp_path / "README.md").read_text()
 
 
 @pytest.mark.parametrize("args, message", [
+    (["--modes", "stream,nope"], "--modes: each of"),
+    (["--modes", "stream,stream"], "--modes: each of"),
     (["--rounds", "0"], "--rounds must be >= 1"),
     (["--variant", "fp32,bf16"], "one variant"),
     (["--variant", "fp32", "--objects", "8", "--min-voxels", "60", "--max-voxels", "70"],
