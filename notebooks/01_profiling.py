@@ -740,10 +740,11 @@ calls19.pivot_table(index=["N", "round"], columns="variant", values=["median_s",
 
 # %% [markdown]
 # Where the GPU waits in the profiled 14k call, per tenth of the call: without pieces the first tenths are mostly idle;
-# with 2-block pieces only the first tenth is, and every later tenth keeps 2.5-4.1% of idle (1.9-3.4% without pieces:
-# the difference, ~3 ms per object, most likely the pieces' extra graph launches (one profiled call per variant); the
-# rest the gaps between ~13,700 replayed kernels). The kernels alone (`MFU if never idle`, first round, where the call was profiled) are at 54.9% of
-# the executed FLOPs at 14k against this lease's peak: 55% there now needs faster kernels, not less idle.
+# with 2-block pieces only the first tenth is. The table after the figure gives each variant's idle share over the
+# later tenths (the gaps between the replayed kernels, the `launches` column, plus with pieces their extra graph
+# launches: the difference between `-ac-rf-ua-gp2` and `-ac-rf-ua`, an inference from one profiled call each), and what
+# the kernels alone would reach (`MFU if never idle`, first round, where the call was profiled): below 55% of the
+# executed FLOPs at 14k against this lease's peak, so 55% there now needs faster kernels, not less idle.
 
 # %%
 idle19 = pd.read_csv(R17 / "base_vs_official_h100" / "session19" / "pieces" / "idle.csv")
@@ -759,8 +760,9 @@ for ax, (n, part) in zip(axes, tenths19.T.groupby(level="N")):
 axes[0].set_ylabel("idle fraction")
 fig.tight_layout()
 fig.savefig(FIG / "01_slat_idle_pieces_session19.png", dpi=120)
-print(calls19[calls19["round"] == 1][["variant", "N", "kernel_s", "MFU if never idle"]].round(3).to_string(index=False))
-tenths19.round(2)
+later19 = tenths19.loc[tenths19.index >= 2].agg(["min", "max"]).T.rename(columns=lambda c: f"later tenths idle {c}")
+first19 = calls19[calls19["round"] == 1].set_index(["N", "variant"])[["kernel_s", "launches", "MFU if never idle"]]
+first19.join(later19).round(3)
 
 # %% [markdown]
 # Over new sizes (`slat_many_sizes.py`, one process per variant) the pieces do not gain: on a first meeting every GEMM
@@ -774,8 +776,9 @@ new_sizes_per_process(R17 / "slat_many_sizes_session19" / "h100_12k_20k",
 # %% [markdown]
 # The object stream over 8 new sizes (`benchmarks/stream_throughput.py`): the next object's SS sampler queued behind
 # SLaT's start (`stream-gpu`), and the mesh extraction on a worker thread as well (`stream`). On random weights the
-# extraction takes 2.3-2.7 s per object and dominates; the stream hides it and is then bound by it.
+# extraction (the sequential mode's `extract_s_per_object`) is most of each object's time; the stream hides it and is
+# then bound by it.
 
 # %%
 stream19 = pd.read_csv(R17 / "stream_throughput_h100" / "stream_throughput.csv")
-stream19.pivot_table(index="round", columns="mode", values="per_object_s").round(3)
+stream19.pivot_table(index="round", columns="mode", values=["per_object_s", "extract_s_per_object"]).round(3)

@@ -187,3 +187,18 @@ def mini_ss_setup():
     objects = [(torch.randn(1, 40, cfg.ss_flow.cond_channels, generator=gen), ss_noise(cfg, gen)) for _ in range(2)]
     assert cfg.ss_sampler.steps == 25 and cfg.ss_sampler.cfg_strength > 0
     return stage, objects, cfg.ss_sampler
+
+
+def spy_structure_builds(monkeypatch) -> list[int]:
+    """The batch sizes of the SLaT coordinate structures the flow builds from coordinates (a persistent structure met
+    without its tables), in order: a list the caller reads after running (``derive_unguided_tables`` slices instead)."""
+    from fs3d_accel.model.slat_flow import SLaTFlowModel
+    batches: list[int] = []
+    original = SLaTFlowModel._sparse_input
+
+    def spy(self, feats, coords, batch, structure):
+        if structure is not None and "checked_input" not in structure:
+            batches.append(batch)
+        return original(self, feats, coords, batch, structure)
+    monkeypatch.setattr(SLaTFlowModel, "_sparse_input", spy)
+    return batches

@@ -6,7 +6,7 @@ import torch
 
 import fs3d_accel.stages.options as options_mod
 from conftest import assert_same_ss_slat, fast_mini_config, make_scene, random_slat_inputs, run_ss_slat_each, \
-    sparsify_occupancy
+    sparsify_occupancy, spy_structure_builds
 from fs3d_accel.model.slat_flow import SLaTFlowModel
 from fs3d_accel.model.sparse import first_element_structure, persistent_structure, release_structure
 from fs3d_accel.pipeline import Pipeline
@@ -112,14 +112,7 @@ def test_stage_outputs_are_unchanged_with_one_structure_build_fewer(monkeypatch,
     pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=4), seed=0)
     sparsify_occupancy(pipe, occupied_fraction=0.02)
     inputs = pipe.prepare(*make_scene(pipe.config.image_size))
-    batches = []
-    original = SLaTFlowModel._sparse_input
-
-    def spy(self, feats, coords, batch, structure):
-        if structure is not None and "checked_input" not in structure:
-            batches.append(batch)  # a structure built from coordinates
-        return original(self, feats, coords, batch, structure)
-    monkeypatch.setattr(SLaTFlowModel, "_sparse_input", spy)
+    batches = spy_structure_builds(monkeypatch)
     base = dict(batch_cfg=True, cache_cond_kv=True, **extra)
     plain = run_ss_slat_each(pipe, inputs, [RunOptions(**base)])[0]
     built_plain, batches[:] = list(batches), []

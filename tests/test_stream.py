@@ -8,8 +8,7 @@ import torch
 from test_cuda_graphs import HOST_SYNC_OPS, OpLog
 
 import fs3d_accel.stages.options as options_mod
-from conftest import fast_mini_config, sparsify_occupancy, two_object_scene
-from fs3d_accel.model.slat_flow import SLaTFlowModel
+from conftest import fast_mini_config, sparsify_occupancy, spy_structure_builds, two_object_scene
 from fs3d_accel.pipeline import Pipeline
 from fs3d_accel.stages.options import RunOptions
 
@@ -53,13 +52,7 @@ def test_stream_results_equal_plain_runs_bit_for_bit(stream_pipe, objects, monke
         built = []
         if graphs == "sliced":
             stream_pipe.options = RunOptions(cuda_graphs=True, batch_cfg=True, derive_unguided_tables=True)
-            original = SLaTFlowModel._sparse_input
-
-            def spy(self, feats, coords, batch, structure):
-                if structure is not None and "checked_input" not in structure:
-                    built.append(batch)  # a structure built from coordinates
-                return original(self, feats, coords, batch, structure)
-            monkeypatch.setattr(SLaTFlowModel, "_sparse_input", spy)
+            built = spy_structure_builds(monkeypatch)
         streamed = list(stream_pipe.run_stream(objects, seeds, overlap_extraction=overlap))
         if graphs == "sliced":
             assert built == [2, 2, 2]  # each object built its pair's structure; the batch-1 ones were sliced

@@ -374,14 +374,12 @@ class _PieceRecording:
 
 def _record_in_pieces(fn: Callable[..., Any], inputs: list[Tensor], pool, run: bool) -> tuple[list, Any]:
     """Record ``fn(*inputs)`` as one graph per stretch between its ``graph_piece_end`` calls, on the per-device capture
-    stream and without a sync (as :func:`_record_without_sync`), all pieces in one memory pool (``pool``, or one of
-    their own): each piece's temporaries may be reused by the later pieces, which always replay after it. With ``run``,
+    stream and without a sync (as :func:`_record_without_sync`), all pieces in the memory pool ``pool``: each piece's
+    temporaries may be reused by the later pieces, which always replay after it. With ``run``,
     each piece is replayed on the caller's stream as soon as it is recorded, so the GPU computes the call's output
     while the host records. Returns (the pieces in order, the output)."""
     device = inputs[0].device
     stream = _capture_stream(device)
-    if pool is None:
-        pool = torch.cuda.graph_pool_handle()
     if getattr(_PIECES, "active", None) is not None:
         raise RuntimeError("a recording in pieces is already in progress on this thread")
     recording = _PieceRecording(stream, torch.cuda.current_stream(device), pool, run)
