@@ -233,6 +233,13 @@ VARIANTS[GP_MERGE_DT_LONG] = dataclasses.replace(VARIANTS[GP_MERGE_LONG], derive
 # ... the headline path with inductor's coordinate-descent tuning of its generated Triton kernels (``coordinate_descent``)
 CD_LONG = AC_LONG + ", coordinate-descent tuned Triton kernels"
 VARIANTS[CD_LONG] = dataclasses.replace(VARIANTS[AC_LONG], coordinate_descent=True)
+# ... the merged pieces with sliced tables, with the nested tiled sparse conv (``sparse_conv="implicit-skip-nested"``:
+# 3.32 against 3.46 ms per SLaT pass in session 19's cut-off sweep), and that with coordinate descent too: every
+# kernel-side change of sessions 18-19 at once, to see how far SLaT at 14k gets
+NC_LONG = GP_MERGE_DT_LONG + ", nested tiled sparse conv"
+VARIANTS[NC_LONG] = dataclasses.replace(VARIANTS[GP_MERGE_DT_LONG], sparse_conv="implicit-skip-nested")
+NC_CD_LONG = NC_LONG + ", coordinate-descent tuned Triton kernels"
+VARIANTS[NC_CD_LONG] = dataclasses.replace(VARIANTS[NC_LONG], coordinate_descent=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -313,6 +320,8 @@ SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-gp4"] = GP_LONG.format(base=
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4"] = GP_MERGE_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt"] = GP_MERGE_DT_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-cd"] = CD_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc"] = NC_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-cd"] = NC_CD_LONG
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``
