@@ -116,6 +116,25 @@ def test_writers_on_synthetic_rows(tmp_path):
         assert (tmp_path / bvo.FIG_NAME).stat().st_size > 0
 
 
+def test_the_peak_is_the_larger_of_the_runs_measurements_and_the_readme_says_so(tmp_path):
+    from benchmarks.stage_latency import record_matmul_peak
+    values = iter([788.0, 734.0])
+    meta = {"device": "H100"}
+    record_matmul_peak(meta, torch.device("cuda"), measure=lambda dev: next(values))
+    assert meta["peak_tflops"] == 788.0 and meta["peak_tflops_runs"] == [788.0]
+    record_matmul_peak(meta, torch.device("cuda"), measure=lambda dev: next(values))
+    assert meta["peak_tflops"] == 788.0 and meta["peak_tflops_runs"] == [788.0, 734.0]  # the conservative one
+    rows = bvo.complete_rows(_rows(), peak_tflops=meta["peak_tflops"])
+    bvo.write_outputs(rows, tmp_path, meta)
+    assert "788 TFLOP/s (the larger of 788 and 734, measured at the run's start and end)" in \
+        (tmp_path / bvo.README_NAME).read_text()
+    cpu = {}
+    record_matmul_peak(cpu, torch.device("cpu"))  # no GPU: no measurement, the peak stays None
+    assert cpu == {"peak_tflops": None}
+    with pytest.raises(ValueError, match="must be > 0"):
+        record_matmul_peak({}, torch.device("cuda"), measure=lambda dev: float("nan"))
+
+
 def _two_round_rows():
     """Official slower in round 1 (host drift), ours the same in both rounds."""
     rows = []
