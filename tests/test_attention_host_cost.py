@@ -1,0 +1,55 @@
+"""``benchmarks/attention_host_cost.py``: the host-time measurement's mechanics and arguments on the CPU (the FA4 paths
+and the recorded mode need the GPU machine)."""
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from benchmarks import attention_host_cost as ahc  # noqa: E402
+
+
+def test_each_repeat_makes_the_calls_and_the_time_is_per_call():
+    made = []
+    fn = lambda: made.append(1)  # noqa: E731
+    seconds = ahc.host_seconds_per_call(fn, calls=5, repeats=3, device=torch.device("cpu"), mode="issued")
+    assert len(made) == 15 and 0 < seconds < 0.01
+
+
+def test_bad_measurement_arguments_are_refused():
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="mode must be one of"):
+        ahc.host_seconds_per_call(lambda: None, 1, 1, cpu, "launched")
+    with pytest.raises(ValueError, match=">= 1"):
+        ahc.host_seconds_per_call(lambda: None, 0, 1, cpu, "issued")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        ahc.host_seconds_per_call(lambda: None, 1, 1, cpu, "recorded")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--modes", "launched"], "unknown ['launched']"),
+    (["--calls", "0"], "must be >= 1"),
+    (["--max-tokens", "0"], "--max-tokens must be >= 1"),
+    (["--device", "cpu", "--modes", "recorded"], "records CUDA graphs"),
+])
+def test_bad_arguments_name_the_problem(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        ahc.parse_args(argv + ["--out", "x"])
+    assert message in capsys.readouterr().err
+
+
+def test_a_cpu_run_times_every_sampler_site_and_writes_its_table(tmp_path):
+    ahc.main(["--device", "cpu", "--dtype", "fp32", "--modes", "issued", "--calls", "2", "--repeats", "2",
+              "--max-tokens", "8", "--out", str(tmp_path)])
+    with open(tmp_path / "attention_host_cost.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["site"] for r in rows} == {s.site for s in ahc.SITE_SHAPES}
+    assert all(r["path"] == "SDPA math" and r["mode"] == "issued" and float(r["host_us"]) > 0 for r in rows)
+    assert all(int(r["Lq"]) <= 8 and int(r["Lk"]) <= 8 for r in rows)
+    text = (tmp_path / "attention_host_cost.md").read_text()
+    assert "lengths cut to 8 tokens" in text and "SDPA math" in text
