@@ -159,7 +159,10 @@ class RunOptions:
     #: pieces are 14 graph launches per pass, and the later tenths of session 19's profiled 14k call idled 2.5-4.1% with
     #: them against 1.9-3.4% without (~3 ms per object; one profiled call per variant). The merged recording costs the
     #: pass's recording host time again (26.5-36 ms at 14k), hidden only where that many ms of replays are queued ahead.
-    #: The same kernels; not yet run on a GPU.
+    #: The same kernels (GPU tests, session 20). Timed in session 20 together with ``derive_unguided_tables``
+    #: (``results/base_vs_official_h100/session20/``): per object at 14k 0.516 / 0.526 s against 0.555 / 0.554 s for the
+    #: plain pieces in the same run, at 20k 0.765 / 0.776 against 0.772 / 0.794 s; against ``-ac`` within the rounds'
+    #: spread (0.522 / 0.568 s).
     slat_graph_merge_after: int = 0
     #: make SLaT's batch-1 coordinate structure (the unguided passes' neighbour tables, down-sampling maps and token
     #: counts) by slicing the CFG pair's, whose two elements repeat the object's coordinates
@@ -168,7 +171,7 @@ class RunOptions:
     #: about a quarter of the first SLaT step's host time at 14k, ``results/slat_host_profile_h100/session19/``). The
     #: pair's tables are then built first. Where the pair's structure holds an entry it cannot slice, the batch-1
     #: structure is built as before. Needs ``batch_cfg``. CPU-tested (the same tables, key by key; the same outputs);
-    #: not yet timed on a GPU.
+    #: on the GPU timed only together with ``slat_graph_merge_after`` (session 20, see there).
     derive_unguided_tables: bool = False
     #: one CUDA-graph memory pool, kept by the SLaT stage, for the graphs of every SLaT object
     #: (``stages.graphs.GraphPool``, ``SLaTStage.graph_pool``) instead of a private pool per graph: the batch-1 graph
@@ -255,8 +258,11 @@ class RunOptions:
     #: "implicit-skip-nested" the same skipping in the original loop nest, and "implicit-flat" the flat loop without
     #: skipping. On the H100 (session 18, ``results/sparse_conv_kernels_h100/session18``) "implicit-skip" and
     #: "implicit-flat" gave outputs bit-identical to "implicit"'s, and "implicit-skip" took the SLaT pass's convs from
-    #: 3.73 to 3.48 ms and left the mesh decoder's at 7.4 ms; "implicit-skip-nested" is not timed yet (CPU-checked in
-    #: Triton's interpreter). "gather-or-transform" is the rule before
+    #: 3.73 to 3.48 ms and left the mesh decoder's at 7.4 ms. "implicit-skip-nested" (session 20,
+    #: ``results/sparse_conv_kernels_h100/session20``) is bit-identical too; the mesh decoder's timed convs 7.52 -> 6.47
+    #: ms, and inside the SLaT sampler the convs' kernel time per call 44.6 -> 40.9 ms at 14k and 74.5 -> 61.7 ms at 20k
+    #: (``results/base_vs_official_h100/session20/``), though the calls were not faster beyond the rounds' spread.
+    #: "gather-or-transform" is the rule before
     #: session 8 (cuBLAS on materialised blocks);
     #: "gather" / "transform" / "scatter" as in ``SparseConv3d``. Same values to rounding. Entered by
     #: :meth:`network_context`.
@@ -267,7 +273,10 @@ class RunOptions:
     #: SLaT's kernel time at 14k in session 19 (``results/base_vs_official_h100/session19/``), launched with heuristic
     #: settings; ``max-autotune`` turns this tuning on too, but also swaps cuBLAS GEMMs for Triton templates (session
     #: 10: not faster). Longer first compilations; the kernels compute the same values up to the reduction order a
-    #: tuned setting may change. Needs the inductor backend. Not yet timed on a GPU.
+    #: tuned setting may change. Needs the inductor backend. **Measured slower** on an H100 (session 20,
+    #: ``results/base_vs_official_h100/session20/coordinate_descent/``): the fused kernels' time per SLaT call at 14k
+    #: went 47.7 -> 52.4 ms (and 47.6 -> 60.3 ms beside the nested tiled conv), every call was slower; off by default
+    #: and in every named path.
     coordinate_descent: bool = False
 
     def __post_init__(self) -> None:
