@@ -11,7 +11,11 @@ measures it without a profiler, layer by layer, so that the next change aims at 
 - ``FA4 flash_attn_func``: FA4's public entry;
 - ``FA4 _flash_attn_fwd``: the forward function behind it (no autograd Function);
 - ``fs3d custom op``: ``torch.ops.fs3d.flash_attn_cute``, as the model calls it (dispatcher, autograd wrapper,
-  aliasing check, then ``flash_attn_func``).
+  aliasing check, then ``flash_attn_func``);
+- ``lean op``: a candidate, not used by the model: ``_flash_attn_fwd`` registered as an operator through
+  ``torch.library.Library`` directly (:func:`lean_op`: one Python function per call behind the dispatcher, without
+  ``custom_op``'s autograd and aliasing-check layers and without FA4's autograd Function). If it is much cheaper than
+  ``fs3d custom op``, the model's op can be registered that way.
 
 Two modes per path, each ``--calls`` calls in a row, median over ``--repeats``:
 
@@ -50,6 +54,23 @@ MODES = ("issued", "recorded")
 SITE_SHAPES = tuple(s for s in SHAPES if s.site is not None)
 
 
+#: the ``torch.library.Library`` fragments :func:`lean_op` defined, kept alive (an operator lives as long as its
+#: library object); name -> (library, op)
+_LEAN_OPS: dict[str, tuple] = {}
+
+
+def lean_op(name: str, fn: Callable, dispatch_key: str) -> Callable:
+    """``fn(q, k, v) -> Tensor`` as the operator ``torch.ops.fs3d_bench.<name>`` registered for ``dispatch_key`` only
+    ("CUDA", "CPU"), through ``torch.library.Library``: the dispatcher calls ``fn`` directly (no autograd kernel, no
+    fake kernel: this measures a call, it is not for ``torch.compile``). Registered once per name."""
+    if name not in _LEAN_OPS:
+        lib = torch.library.Library("fs3d_bench", "FRAGMENT")
+        lib.define(f"{name}(Tensor q, Tensor k, Tensor v) -> Tensor")
+        lib.impl(name, fn, dispatch_key)
+        _LEAN_OPS[name] = (lib, getattr(torch.ops.fs3d_bench, name))
+    return _LEAN_OPS[name][1]
+
+
 def call_paths(device: torch.device) -> dict[str, Callable]:
     """Name -> attention(q, k, v) on (B, L, H, d) tensors, for every path reachable on ``device``."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -67,6 +88,7 @@ def call_paths(device: torch.device) -> dict[str, Callable]:
         paths["FA4 flash_attn_func"] = lambda q, k, v: flash_attn_func(q, k, v)
         paths["FA4 _flash_attn_fwd"] = lambda q, k, v: _flash_attn_fwd(q, k, v)[0]
         paths["fs3d custom op"] = lambda q, k, v: torch.ops.fs3d.flash_attn_cute(q, k, v)
+        paths["lean op"] = lean_op("fa4_fwd", lambda q, k, v: _flash_attn_fwd(q, k, v)[0], "CUDA")
     return paths
 
 

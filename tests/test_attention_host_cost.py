@@ -53,3 +53,16 @@ def test_a_cpu_run_times_every_sampler_site_and_writes_its_table(tmp_path):
     assert all(int(r["Lq"]) <= 8 and int(r["Lk"]) <= 8 for r in rows)
     text = (tmp_path / "attention_host_cost.md").read_text()
     assert "lengths cut to 8 tokens" in text and "SDPA math" in text
+
+
+def test_a_lean_op_calls_its_function_through_the_dispatcher():
+    import torch.nn.functional as F
+    seen = []
+
+    def math(q, k, v):
+        seen.append(q.shape)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+    op = ahc.lean_op("test_math_attention", math, "CPU")
+    assert ahc.lean_op("test_math_attention", math, "CPU") is op  # registered once
+    q, k, v = (torch.randn(1, 5, 2, 4) for _ in range(3))
+    assert torch.equal(op(q, k, v), math(q, k, v)) and len(seen) == 2
