@@ -1,28 +1,33 @@
 """Host time per attention call, issued eagerly and recorded into a CUDA graph, per call path.
 
-Why: SLaT's kernels alone reach 55% of the executed FLOPs at 14k voxels on the H100 (session 20), the call ~51%: the
-rest is the GPU waiting while the host records each object's graphs (``results/base_vs_official_h100/session20/``).
-cProfile of one recording (session 19, ``results/slat_host_profile_h100/session19/repeat/``) put the
-FlashAttention-4 call path, our ``fs3d::flash_attn_cute`` custom op around ``flash_attn.cute``, at ~0.33 ms per call
-of torch's custom-op wrapper alone (96 calls per object), inflated by the profiler by an unknown factor. This
-measures it without a profiler, layer by layer, so that the next change aims at the right layer:
+Why: SLaT's kernels alone reach 55% of the executed FLOPs at 14k voxels on the H100 (session 20, with the nested tiled
+conv), the calls 49-51%: the rest is the GPU waiting, mostly while the host records the object's graphs
+(``results/base_vs_official_h100/session20/``). cProfile of one recording (session 19,
+``results/slat_host_profile_h100/session19/repeat/``, times inflated by the profiler) put an FA4 call at ~0.39 ms of
+host time: ~0.28 ms in FA4's ``flash_attn_func`` and ~0.11 ms in the layers of our ``fs3d::flash_attn_cute`` custom op
+above it (96 calls for ``-ac-rf``'s two recorded passes). This measures it without a profiler, layer by layer, so that
+the next change aims at the right layer:
 
-- ``SDPA cuDNN``: PyTorch's SDPA with the cuDNN backend (a C++ path: the floor for one attention call);
+- ``SDPA cuDNN``: PyTorch's SDPA with the cuDNN backend (a C++ path: the floor for one attention call; its backend
+  context is entered once, outside the timing);
 - ``FA4 flash_attn_func``: FA4's public entry;
 - ``FA4 _flash_attn_fwd``: the forward function behind it (no autograd Function);
-- ``fs3d custom op``: ``torch.ops.fs3d.flash_attn_cute``, as the model calls it (dispatcher, autograd wrapper,
-  aliasing check, then ``flash_attn_func``);
+- ``fs3d custom op``: ``torch.ops.fs3d.flash_attn_cute.default``, as inductor's code calls it (dispatcher, autograd
+  wrapper, aliasing check, then ``flash_attn_func``);
 - ``lean op``: a candidate, not used by the model: ``_flash_attn_fwd`` registered as an operator through
   ``torch.library.Library`` directly (:func:`lean_op`: one Python function per call behind the dispatcher, without
   ``custom_op``'s autograd and aliasing-check layers and without FA4's autograd Function). If it is much cheaper than
-  ``fs3d custom op``, the model's op can be registered that way.
+  ``fs3d custom op``, the model's op can be registered that way (it would then need a fake kernel for
+  ``torch.compile`` and a refusal of gradients).
 
 Two modes per path, each ``--calls`` calls in a row, median over ``--repeats``:
 
 - ``issued``: host seconds from the first call to the return of the last, on a free GPU (the calls queue, nothing
   waits: ``--calls`` stays far below the launch queue's depth), then one synchronisation outside the timing;
-- ``recorded``: host seconds to record the same calls into one CUDA graph (``torch.cuda.graph``; never replayed). This
-  is the cost the per-object recording pays per attention call.
+- ``recorded``: host seconds of the same calls while they are recorded into a CUDA graph the way the samplers record
+  (``stages.graphs``: the capture stream, ``thread_local`` capture mode, no device sync, a fresh memory pool), timed
+  from after ``capture_begin`` to before ``capture_end``; ``capture_end`` (the graph's instantiation) is reported apart
+  (``end_ms``), once per graph. One untimed recording comes first. The graphs are never replayed.
 
 Run on the GPU machine (FA4 carried as in ``GPU_RUNBOOK.md``):
 
@@ -33,6 +38,7 @@ On the CPU (tests) only SDPA runs, ``issued`` only, and ``--max-tokens`` shorten
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -55,7 +61,7 @@ SITE_SHAPES = tuple(s for s in SHAPES if s.site is not None)
 
 
 #: the ``torch.library.Library`` fragments :func:`lean_op` defined, kept alive (an operator lives as long as its
-#: library object); name -> (library, op)
+#: library object); name -> (library, op, function, dispatch key)
 _LEAN_OPS: dict[str, tuple] = {}
 
 
@@ -63,68 +69,100 @@ def lean_op(name: str, fn: Callable, dispatch_key: str) -> Callable:
     """``fn(q, k, v) -> Tensor`` as the operator ``torch.ops.fs3d_bench.<name>`` registered for ``dispatch_key`` only
     ("CUDA", "CPU"), through ``torch.library.Library``: the dispatcher calls ``fn`` directly (no autograd kernel, no
     fake kernel: this measures a call, it is not for ``torch.compile``). Registered once per name."""
-    if name not in _LEAN_OPS:
-        lib = torch.library.Library("fs3d_bench", "FRAGMENT")
-        lib.define(f"{name}(Tensor q, Tensor k, Tensor v) -> Tensor")
-        lib.impl(name, fn, dispatch_key)
-        _LEAN_OPS[name] = (lib, getattr(torch.ops.fs3d_bench, name))
+    if name in _LEAN_OPS:
+        _, op, was_fn, was_key = _LEAN_OPS[name]
+        if was_fn is not fn or was_key != dispatch_key:
+            raise ValueError(f"the lean op {name!r} is registered already, for another function or dispatch key "
+                             f"({was_key!r}); give the new one another name")
+        return op
+    lib = torch.library.Library("fs3d_bench", "FRAGMENT")
+    lib.define(f"{name}(Tensor q, Tensor k, Tensor v) -> Tensor")
+    lib.impl(name, fn, dispatch_key)
+    _LEAN_OPS[name] = (lib, getattr(torch.ops.fs3d_bench, name).default, fn, dispatch_key)
     return _LEAN_OPS[name][1]
 
 
-def call_paths(device: torch.device) -> dict[str, Callable]:
-    """Name -> attention(q, k, v) on (B, L, H, d) tensors, for every path reachable on ``device``."""
+def call_paths(device: torch.device) -> tuple[dict[str, tuple[Callable, Callable]], str | None]:
+    """Name -> (attention(q, k, v) on (B, L, H, d) tensors, a context factory entered around its warm-up and timing)
+    for every path reachable on ``device``, and why the FA4 paths are missing (None where they are present)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     backend = SDPBackend.CUDNN_ATTENTION if device.type == "cuda" else SDPBackend.MATH
 
     def sdpa(q, k, v):
-        with sdpa_kernel([backend]):
-            return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-    paths: dict[str, Callable] = {"SDPA cuDNN" if device.type == "cuda" else "SDPA math": sdpa}
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    paths = {"SDPA cuDNN" if device.type == "cuda" else "SDPA math": (sdpa, lambda: sdpa_kernel([backend]))}
     from fs3d_accel.model.attention_kernels import flash_attn_cute_unavailable
-    if device.type == "cuda" and flash_attn_cute_unavailable(device) is None:
+    why = flash_attn_cute_unavailable(device) if device.type == "cuda" else "FA4 runs on CUDA only"
+    if why is None:
         from flash_attn.cute import flash_attn_func
         from flash_attn.cute.interface import _flash_attn_fwd
-        paths["FA4 flash_attn_func"] = lambda q, k, v: flash_attn_func(q, k, v)
-        paths["FA4 _flash_attn_fwd"] = lambda q, k, v: _flash_attn_fwd(q, k, v)[0]
-        paths["fs3d custom op"] = lambda q, k, v: torch.ops.fs3d.flash_attn_cute(q, k, v)
-        paths["lean op"] = lean_op("fa4_fwd", lambda q, k, v: _flash_attn_fwd(q, k, v)[0], "CUDA")
-    return paths
+        plain = contextlib.nullcontext
+        op = torch.ops.fs3d.flash_attn_cute.default
+        lean = lean_op("fa4_fwd", _fa4_forward_output, "CUDA")
+        paths["FA4 flash_attn_func"] = (lambda q, k, v: flash_attn_func(q, k, v), plain)
+        paths["FA4 _flash_attn_fwd"] = (lambda q, k, v: _flash_attn_fwd(q, k, v)[0], plain)
+        paths["fs3d custom op"] = (lambda q, k, v: op(q, k, v), plain)
+        paths["lean op"] = (lambda q, k, v: lean(q, k, v), plain)
+    return paths, why
 
 
-def host_seconds_per_call(fn: Callable[[], object], calls: int, repeats: int, device: torch.device,
-                          mode: str) -> float:
-    """Median over ``repeats`` of the host seconds per call of ``calls`` calls of ``fn`` in a row (``mode``: see the
-    module docstring). ``fn`` must have run on ``device`` before (JIT compilation and lazy initialisation are not
-    what this measures)."""
+def _fa4_forward_output(q, k, v):
+    """FA4's forward, its output only (the lean op's CUDA kernel)."""
+    from flash_attn.cute.interface import _flash_attn_fwd
+    return _flash_attn_fwd(q, k, v)[0]
+
+
+def host_times(fn: Callable[[], object], calls: int, repeats: int, device: torch.device, mode: str) -> dict:
+    """``per_call_s``: the median over ``repeats`` of the host seconds per call of ``calls`` calls of ``fn`` in a row
+    (``mode``: see the module docstring); ``end_s`` (recorded mode, else None): the median seconds of ``capture_end``.
+    ``fn`` must have run on ``device`` before (JIT compilation and lazy initialisation are not what this measures)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if calls < 1 or repeats < 1:
         raise ValueError(f"calls and repeats must be >= 1, got {calls} and {repeats}")
     if mode == "recorded" and device.type != "cuda":
         raise ValueError("the recorded mode records a CUDA graph; it needs a CUDA device")
-    cuda = device.type == "cuda"
-    pool = torch.cuda.graph_pool_handle() if mode == "recorded" else None
-    times = []
+    per_call, ends = [], []
+    if mode == "recorded":
+        record(fn, calls, device)  # untimed: the capture stream's own first-use work
     for _ in range(repeats):
-        if cuda:
+        if device.type == "cuda":
             torch.cuda.synchronize(device)
         if mode == "issued":
             t0 = time.perf_counter()
             for _ in range(calls):
                 fn()
-            times.append(time.perf_counter() - t0)
+            per_call.append((time.perf_counter() - t0) / calls)
         else:
-            graph = torch.cuda.CUDAGraph()
-            t0 = time.perf_counter()
-            with torch.cuda.graph(graph, pool=pool):
-                for _ in range(calls):
-                    fn()
-            times.append(time.perf_counter() - t0)
-            del graph
-        if cuda:
+            loop_s, end_s = record(fn, calls, device)
+            per_call.append(loop_s / calls)
+            ends.append(end_s)
+        if device.type == "cuda":
             torch.cuda.synchronize(device)
-    return statistics.median(times) / calls
+    return {"per_call_s": statistics.median(per_call), "end_s": statistics.median(ends) if ends else None}
+
+
+def record(fn: Callable[[], object], calls: int, device: torch.device) -> tuple[float, float]:
+    """Record ``calls`` calls of ``fn`` into a new CUDA graph as ``stages.graphs`` records (its capture stream and
+    lock, ``thread_local`` mode, no device sync, a fresh pool; a failed recording ended cleanly) and return the host
+    seconds of the calls and of ``capture_end``. The graph is dropped unreplayed."""
+    from fs3d_accel.stages import graphs
+    graph, pool = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle()
+    with graphs._RECORDING_LOCK, torch.cuda.stream(graphs._capture_stream(device)):
+        graph.capture_begin(pool, capture_error_mode="thread_local")
+        try:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            t1 = time.perf_counter()
+            graph.capture_end()
+            t2 = time.perf_counter()
+        except BaseException:
+            graphs._end_failed_recording(graph, device, pool)
+            raise
+    del graph
+    return t1 - t0, t2 - t1
 
 
 def warm(fn: Callable[[], object], device: torch.device) -> None:
@@ -148,28 +186,51 @@ def shortened(shape: AttnShape, max_tokens: int | None) -> AttnShape:
 
 
 def measure(device: torch.device, calls: int, repeats: int, modes: tuple[str, ...], max_tokens: int | None,
-            dtype: torch.dtype) -> list[dict]:
-    rows = []
-    paths = call_paths(device)
+            dtype: torch.dtype, paths: dict[str, tuple[Callable, Callable]], done=None) -> list[dict]:
+    """Rows of every (site, path, mode); ``done(rows)`` is called after each path (a killed run keeps its rows). A
+    path that fails is a row with its error, not a crash; after a failed recording no further recording is tried
+    (a capture that failed inside CUDA can leave state behind that would skew the next)."""
+    rows: list[dict] = []
+    recording_failed = ""
     for shape in (shortened(s, max_tokens) for s in SITE_SHAPES):
         g = torch.Generator(device=device).manual_seed(0)
         q, k, v = (torch.randn(shape.batch, n, shape.heads, shape.head_dim, device=device, generator=g, dtype=dtype)
                    for n in (shape.q_len, shape.kv_len, shape.kv_len))
-        for name, path in paths.items():
+        for name, (path, context) in paths.items():
             fn = lambda: path(q, k, v)  # noqa: E731
-            with torch.no_grad():
-                warm(fn, device)
-                for mode in modes:
-                    row = {"site": shape.site, "B": shape.batch, "Lq": shape.q_len, "Lk": shape.kv_len, "path": name,
-                           "mode": mode}
-                    try:
-                        row["host_us"] = 1e6 * host_seconds_per_call(fn, calls, repeats, device, mode)
-                    except Exception as exc:  # a path that cannot be recorded is a result, not a crash
-                        row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+            base = {"site": shape.site, "B": shape.batch, "Lq": shape.q_len, "Lk": shape.kv_len, "path": name}
+            with torch.no_grad(), context():
+                try:
+                    warm(fn, device)
+                except Exception as exc:  # noqa: BLE001 - a path that cannot run here is a result
+                    rows += [{**base, "mode": m, "error": f"warm-up: {_one_line(exc)}"} for m in modes]
+                    modes_left = ()
+                else:
+                    modes_left = modes
+                for mode in modes_left:
+                    row = {**base, "mode": mode}
+                    if mode == "recorded" and recording_failed:
+                        row["error"] = f"not tried after an earlier failed recording ({recording_failed})"
+                    else:
+                        try:
+                            t = host_times(fn, calls, repeats, device, mode)
+                            row["host_us"] = 1e6 * t["per_call_s"]
+                            if t["end_s"] is not None:
+                                row["end_ms"] = 1e3 * t["end_s"]
+                        except Exception as exc:  # noqa: BLE001
+                            row["error"] = _one_line(exc)
+                            if mode == "recorded":
+                                recording_failed = f"{name} at {shape.site}"
                     rows.append(row)
                     print(f"{shape.site:10s} {name:22s} {mode:8s} "
                           + (f"{row['host_us']:.1f} us per call" if "host_us" in row else row["error"]), flush=True)
+            if done is not None:
+                done(rows)
     return rows
+
+
+def _one_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
 
 
 def write_outputs(rows: list[dict], meta: dict, out: Path) -> None:
@@ -185,7 +246,12 @@ def write_outputs(rows: list[dict], meta: dict, out: Path) -> None:
              ""]
     if "host_us" in df:
         table = df.pivot_table(index=["site", "path"], columns="mode", values="host_us", sort=False)
+        if "end_ms" in df:
+            table = table.join(df.pivot_table(index=["site", "path"], values="end_ms", sort=False)
+                               .rename(columns={"end_ms": "capture_end ms"}))
         lines += [table.round(1).to_markdown(), ""]
+    if meta.get("fa4_missing"):
+        lines.append(f"- FA4 paths not timed: {meta['fa4_missing']}")
     for r in rows:
         if "error" in r and r["error"] == r["error"]:
             lines.append(f"- {r['site']} {r['path']} {r['mode']}: {r['error']}")
@@ -220,11 +286,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the capture stream and the recordings belong to this device
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    rows = measure(device, args.calls, args.repeats, args.modes, args.max_tokens, dtype)
+    paths, fa4_missing = call_paths(device)
     meta = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
             "torch": torch.__version__, "dtype": args.dtype, "calls": args.calls, "repeats": args.repeats,
-            "max_tokens": args.max_tokens, "modes": list(args.modes)}
+            "max_tokens": args.max_tokens, "modes": list(args.modes), "paths": list(paths), "fa4_missing": fa4_missing}
+    rows = measure(device, args.calls, args.repeats, args.modes, args.max_tokens, dtype, paths,
+                   done=lambda rows: write_outputs(rows, meta, args.out))
     write_outputs(rows, meta, args.out)
 
 

@@ -463,13 +463,15 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, repeats: int = 30) -
     return 2 * n ** 3 / r["median_s"] / 1e12
 
 
-def record_matmul_peak(meta: dict, device: torch.device, measure=matmul_peak_tflops) -> None:
+def record_matmul_peak(meta: dict, device: torch.device, measure=None) -> None:
     """Measure the matmul peak once more into ``meta["peak_tflops_runs"]`` and make ``meta["peak_tflops"]`` (the MFU
     denominator) the largest measurement so far. One short timing of a power-limited GPU is not steady: session 20
-    measured 788 and 734 TFLOP/s on one lease 10 minutes apart, while the same calls ran equally fast. A run that
+    measured 788 and 734 TFLOP/s in two consecutive runs on one lease, while the same calls ran equally fast. A run that
     measures at its start and at its end and divides by the larger quotes the lower, conservative MFU. Off CUDA
-    (``measure`` gives None) nothing is recorded and the peak stays None."""
-    value = measure(device)
+    (``measure`` gives None) nothing is recorded and the peak stays None. ``measure`` (default
+    :func:`matmul_peak_tflops`) takes the device and returns TFLOP/s. A run cut off before its end keeps only the
+    start's measurement."""
+    value = (measure or matmul_peak_tflops)(device)
     meta.setdefault("peak_tflops", None)
     if value is None:
         return

@@ -786,7 +786,7 @@ stream19.pivot_table(index="round", columns="mode", values=["per_object_s", "ext
 # %% [markdown]
 # ## 15. The kernels at 14k, and how far the measured peak moves (session 20)
 #
-# Two runs on one H100 lease, 10 minutes apart (`base_vs_official.py --stages slat --gpu-busy`, two rounds each). New
+# Two consecutive runs on one H100 lease (`base_vs_official.py --stages slat --gpu-busy`, two rounds each). New
 # here: the merged pieces with batch-1 tables sliced from the pair's (`-m4-dt`), the nested tiled sparse conv (`-nc`,
 # bit-identical), and inductor's coordinate-descent tuning (`-cd`). The two runs measured their matmul peak at 788 and
 # 734 TFLOP/s, though the same calls ran equally fast. So the table gives each call's executed-FLOP MFU against its own

@@ -260,7 +260,7 @@ class RunOptions:
     #: "implicit-flat" gave outputs bit-identical to "implicit"'s, and "implicit-skip" took the SLaT pass's convs from
     #: 3.73 to 3.48 ms and left the mesh decoder's at 7.4 ms. "implicit-skip-nested" (session 20,
     #: ``results/sparse_conv_kernels_h100/session20``) is bit-identical too; the mesh decoder's timed convs 7.52 -> 6.47
-    #: ms, and inside the SLaT sampler the convs' kernel time per call 44.6 -> 40.9 ms at 14k and 74.5 -> 61.7 ms at 20k
+    #: ms, and inside the SLaT sampler the convs' kernel time per call 44.6 -> 40.9 ms at 14k and 74.1 -> 61.6 ms at 20k
     #: (``results/base_vs_official_h100/session20/``), though the calls were not faster beyond the rounds' spread.
     #: "gather-or-transform" is the rule before
     #: session 8 (cuBLAS on materialised blocks);
@@ -275,7 +275,7 @@ class RunOptions:
     #: 10: not faster). Longer first compilations; the kernels compute the same values up to the reduction order a
     #: tuned setting may change. Needs the inductor backend. **Measured slower** on an H100 (session 20,
     #: ``results/base_vs_official_h100/session20/coordinate_descent/``): the fused kernels' time per SLaT call at 14k
-    #: went 47.7 -> 52.4 ms (and 47.6 -> 60.3 ms beside the nested tiled conv), every call was slower; off by default
+    #: went 47.7 -> 52.4 ms (and 47.6 -> 60.3 ms beside the nested tiled conv), and 7 of 8 calls were slower; off by default
     #: and in every named path.
     coordinate_descent: bool = False
 
