@@ -14,11 +14,9 @@ the next change aims at the right layer:
 - ``FA4 _flash_attn_fwd``: the forward function behind it (no autograd Function);
 - ``fs3d custom op``: ``torch.ops.fs3d.flash_attn_cute.default``, as inductor's code calls it (dispatcher, autograd
   wrapper, aliasing check, then ``flash_attn_func``);
-- ``lean op``: a candidate, not used by the model: ``_flash_attn_fwd`` registered as an operator through
-  ``torch.library.Library`` directly (:func:`lean_op`: one Python function per call behind the dispatcher, without
-  ``custom_op``'s autograd and aliasing-check layers and without FA4's autograd Function). If it is much cheaper than
-  ``fs3d custom op``, the model's op can be registered that way (it would then need a fake kernel for
-  ``torch.compile`` and a refusal of gradients).
+- ``fs3d direct op``: ``torch.ops.fs3d.flash_attn_cute_direct.default`` (``RunOptions.fa4_call="direct"``): an
+  operator registered through ``torch.library.Library`` whose kernel calls ``_flash_attn_fwd`` itself, without
+  ``custom_op``'s autograd and aliasing-check layers and without FA4's autograd Function.
 
 Two modes per path, each ``--calls`` calls in a row, median over ``--repeats``:
 
@@ -60,28 +58,6 @@ MODES = ("issued", "recorded")
 SITE_SHAPES = tuple(s for s in SHAPES if s.site is not None)
 
 
-#: the ``torch.library.Library`` fragments :func:`lean_op` defined, kept alive (an operator lives as long as its
-#: library object); name -> (library, op, function, dispatch key)
-_LEAN_OPS: dict[str, tuple] = {}
-
-
-def lean_op(name: str, fn: Callable, dispatch_key: str) -> Callable:
-    """``fn(q, k, v) -> Tensor`` as the operator ``torch.ops.fs3d_bench.<name>`` registered for ``dispatch_key`` only
-    ("CUDA", "CPU"), through ``torch.library.Library``: the dispatcher calls ``fn`` directly (no autograd kernel, no
-    fake kernel: this measures a call, it is not for ``torch.compile``). Registered once per name."""
-    if name in _LEAN_OPS:
-        _, op, was_fn, was_key = _LEAN_OPS[name]
-        if was_fn is not fn or was_key != dispatch_key:
-            raise ValueError(f"the lean op {name!r} is registered already, for another function or dispatch key "
-                             f"({was_key!r}); give the new one another name")
-        return op
-    lib = torch.library.Library("fs3d_bench", "FRAGMENT")
-    lib.define(f"{name}(Tensor q, Tensor k, Tensor v) -> Tensor")
-    lib.impl(name, fn, dispatch_key)
-    _LEAN_OPS[name] = (lib, getattr(torch.ops.fs3d_bench, name).default, fn, dispatch_key)
-    return _LEAN_OPS[name][1]
-
-
 def call_paths(device: torch.device) -> tuple[dict[str, tuple[Callable, Callable]], str | None]:
     """Name -> (attention(q, k, v) on (B, L, H, d) tensors, a context factory entered around its warm-up and timing)
     for every path reachable on ``device``, and why the FA4 paths are missing (None where they are present)."""
@@ -98,19 +74,12 @@ def call_paths(device: torch.device) -> tuple[dict[str, tuple[Callable, Callable
         from flash_attn.cute import flash_attn_func
         from flash_attn.cute.interface import _flash_attn_fwd
         plain = contextlib.nullcontext
-        op = torch.ops.fs3d.flash_attn_cute.default
-        lean = lean_op("fa4_fwd", _fa4_forward_output, "CUDA")
+        op, direct = torch.ops.fs3d.flash_attn_cute.default, torch.ops.fs3d.flash_attn_cute_direct.default
         paths["FA4 flash_attn_func"] = (lambda q, k, v: flash_attn_func(q, k, v), plain)
         paths["FA4 _flash_attn_fwd"] = (lambda q, k, v: _flash_attn_fwd(q, k, v)[0], plain)
         paths["fs3d custom op"] = (lambda q, k, v: op(q, k, v), plain)
-        paths["lean op"] = (lambda q, k, v: lean(q, k, v), plain)
+        paths["fs3d direct op"] = (lambda q, k, v: direct(q, k, v), plain)
     return paths, why
-
-
-def _fa4_forward_output(q, k, v):
-    """FA4's forward, its output only (the lean op's CUDA kernel)."""
-    from flash_attn.cute.interface import _flash_attn_fwd
-    return _flash_attn_fwd(q, k, v)[0]
 
 
 def host_times(fn: Callable[[], object], calls: int, repeats: int, device: torch.device, mode: str) -> dict:

@@ -240,6 +240,12 @@ NC_LONG = GP_MERGE_DT_LONG + ", nested tiled sparse conv"
 VARIANTS[NC_LONG] = dataclasses.replace(VARIANTS[GP_MERGE_DT_LONG], sparse_conv="implicit-skip-nested")
 NC_CD_LONG = NC_LONG + ", coordinate-descent tuned Triton kernels"
 VARIANTS[NC_CD_LONG] = dataclasses.replace(VARIANTS[NC_LONG], coordinate_descent=True)
+# ... FA4 called through the operator registered with torch.library.Library, whose kernel calls FA4's forward directly
+# (``fa4_call="direct"``): the same kernels, less host work per FA4 call in each object's graph recording
+FD_LONG = AC_LONG + ", FA4 called directly"
+VARIANTS[FD_LONG] = dataclasses.replace(VARIANTS[AC_LONG], fa4_call="direct")
+NC_FD_LONG = NC_LONG + ", FA4 called directly"
+VARIANTS[NC_FD_LONG] = dataclasses.replace(VARIANTS[NC_LONG], fa4_call="direct")
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -322,6 +328,8 @@ SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt"] = GP_MERGE
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-cd"] = CD_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc"] = NC_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-cd"] = NC_CD_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-fd"] = FD_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fd"] = NC_FD_LONG
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

@@ -55,21 +55,6 @@ def test_a_cpu_run_times_every_sampler_site_and_writes_its_table(tmp_path):
     assert "lengths cut to 8 tokens" in text and "SDPA math" in text
 
 
-def test_a_lean_op_calls_its_function_through_the_dispatcher():
-    import torch.nn.functional as F
-    seen = []
-
-    def math(q, k, v):
-        seen.append(q.shape)
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-    op = ahc.lean_op("test_math_attention", math, "CPU")
-    assert ahc.lean_op("test_math_attention", math, "CPU") is op  # registered once
-    with pytest.raises(ValueError, match="registered already"):
-        ahc.lean_op("test_math_attention", lambda q, k, v: q, "CPU")
-    q, k, v = (torch.randn(1, 5, 2, 4) for _ in range(3))
-    assert torch.equal(op(q, k, v), math(q, k, v)) and len(seen) == 2
-
-
 def test_a_failing_path_is_a_row_and_the_others_still_run():
     def broken(q, k, v):
         raise RuntimeError("this kernel refuses the shape\nsecond line")
@@ -102,7 +87,7 @@ def test_recording_times_the_calls_without_growing_memory():
 
 
 @cuda
-def test_the_lean_fa4_op_gives_flash_attn_funcs_output():
+def test_the_fa4_paths_give_flash_attn_funcs_output():
     from fs3d_accel.model.attention_kernels import flash_attn_cute_unavailable
     why = flash_attn_cute_unavailable(torch.device("cuda"))
     if why:
@@ -113,5 +98,5 @@ def test_the_lean_fa4_op_gives_flash_attn_funcs_output():
     q, k, v = (torch.randn(1, 256, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     out = flash_attn_func(q, k, v)
     out = out[0] if isinstance(out, tuple) else out
-    for name in ("lean op", "fs3d custom op", "FA4 _flash_attn_fwd"):
+    for name in ("fs3d direct op", "fs3d custom op", "FA4 _flash_attn_fwd"):
         assert torch.equal(paths[name][0](q, k, v), out), name

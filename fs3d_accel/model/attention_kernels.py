@@ -281,14 +281,97 @@ def _(q: Tensor, k: Tensor, v: Tensor, tile_m: int = 0, tile_n: int = 0, mma_pv_
 
 def flash_attn_cute_tiled(q: Tensor, k: Tensor, v: Tensor, tiles: FlashAttnTiles | None,
                           seqused_k: Tensor | None = None) -> Tensor:
-    """:func:`flash_attn_cute` with ``tiles`` (None: FA4's table) and optional used key counts."""
+    """FA4 attention with ``tiles`` (None: FA4's table) and optional used key counts, through the operator
+    :func:`use_fa4_call` selects (:func:`flash_attn_cute`, or ``torch.ops.fs3d.flash_attn_cute_direct``)."""
+    op = flash_attn_cute if _fa4_call == FA4_CALL_CUSTOM_OP else torch.ops.fs3d.flash_attn_cute_direct.default
     if tiles is None:
-        return flash_attn_cute(q, k, v, seqused_k=seqused_k)
-    return flash_attn_cute(q, k, v, tiles.tile_m, tiles.tile_n, tiles.mma_pv_is_rs, tiles.intra_wg_overlap,
-                           seqused_k=seqused_k)
+        return op(q, k, v, seqused_k=seqused_k)
+    return op(q, k, v, tiles.tile_m, tiles.tile_n, tiles.mma_pv_is_rs, tiles.intra_wg_overlap, seqused_k=seqused_k)
 
 
-@register_flop_formula(torch.ops.fs3d.flash_attn_cute)
+#: how the model's FA4 calls reach FlashAttention-4. "custom-op": :func:`flash_attn_cute`, a
+#: ``torch.library.custom_op`` whose CUDA kernel calls FA4's ``flash_attn_func`` (the path since session 6).
+#: "direct": ``torch.ops.fs3d.flash_attn_cute_direct``, an operator defined through ``torch.library.Library`` whose
+#: kernel calls FA4's forward function ``_flash_attn_fwd`` itself (:func:`_flash_attn_cute_forward_direct`). That is
+#: the same kernel with the same arguments (``flash_attn_func`` passes them on unchanged at the carried commit
+#: 0251105), so the outputs are the same. What it leaves out is host work: ``custom_op``'s Python autograd and
+#: aliasing-check layers (~0.08 ms) and FA4's autograd Function (~0.08 ms) of the ~0.39 ms an FA4 call cost the host
+#: under cProfile (session 19, ``results/slat_host_profile_h100/session19/repeat/``, inflated by the profiler;
+#: 96-192 FA4 calls per object, each of them in SLaT's per-object graph recording). No gradients: a call whose inputs
+#: require them, with grad mode on, is refused. Not yet run on a GPU: ``benchmarks/attention_host_cost.py`` times the
+#: layers, the variants ``-fd`` of ``benchmarks/stage_latency.py`` the per-object effect.
+FA4_CALL_CUSTOM_OP = "custom-op"
+FA4_CALL_DIRECT = "direct"
+FA4_CALLS = (FA4_CALL_CUSTOM_OP, FA4_CALL_DIRECT)
+_fa4_call = FA4_CALL_CUSTOM_OP
+
+
+def current_fa4_call() -> str:
+    """How FA4 is called here (:data:`FA4_CALLS`)."""
+    return _fa4_call
+
+
+@contextlib.contextmanager
+def use_fa4_call(name: str) -> Iterator[None]:
+    """Call FA4 through ``name`` (:data:`FA4_CALLS`) inside the block; the previous choice comes back after, also
+    when the block raises."""
+    global _fa4_call
+    if name not in FA4_CALLS:
+        raise ValueError(f"the FA4 call must be one of {FA4_CALLS}, got {name!r}")
+    previous, _fa4_call = _fa4_call, name
+    try:
+        yield
+    finally:
+        _fa4_call = previous
+
+
+def _flash_attn_cute_forward_direct(q: Tensor, k: Tensor, v: Tensor, tiles: FlashAttnTiles | None = None,
+                                    seqused_k: Tensor | None = None) -> Tensor:
+    """FA4's forward function called directly (looked up at call time, so tests can stand in for it): what
+    ``flash_attn_func`` runs inside its autograd Function, with ``tiles`` and ``seqused_k`` as in
+    :func:`_flash_attn_cute_forward`."""
+    if not q.is_cuda:
+        raise ValueError(f"the {FLASH_ATTN_CUTE!r} attention kernel runs on CUDA tensors, got {q.device}; "
+                         f"use {SDPA!r} here")
+    from flash_attn.cute.interface import _flash_attn_fwd
+    return _flash_attn_fwd(q, k, v, **flash_attn_fwd_kwargs(tiles, seqused_k))[0]
+
+
+#: the operator library of ``fs3d::flash_attn_cute_direct`` (an operator lives as long as its library object)
+_DIRECT_LIB = torch.library.Library("fs3d", "FRAGMENT")
+_DIRECT_LIB.define("flash_attn_cute_direct(Tensor q, Tensor k, Tensor v, int tile_m=0, int tile_n=0, "
+                   "bool mma_pv_is_rs=True, bool intra_wg_overlap=True, Tensor? seqused_k=None) -> Tensor")
+
+
+def _refuse_gradients(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """The direct operator has no derivative; torch's fallback for such an operator would let a backward pass through
+    it with only a warning, so a call that could need gradients is refused here instead."""
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        raise ValueError("fa4_call='direct' computes no gradients (FA4 is called for inference); run under "
+                         "torch.no_grad(), or use fa4_call='custom-op'")
+
+
+def _flash_attn_cute_direct(q: Tensor, k: Tensor, v: Tensor, tile_m: int = 0, tile_n: int = 0,
+                            mma_pv_is_rs: bool = True, intra_wg_overlap: bool = True,
+                            seqused_k: Optional[Tensor] = None) -> Tensor:
+    _refuse_gradients(q, k, v)
+    tiles = None if tile_m == 0 and tile_n == 0 else FlashAttnTiles(tile_m, tile_n, mma_pv_is_rs, intra_wg_overlap)
+    return _flash_attn_cute_forward_direct(q, k, v, tiles, seqused_k).contiguous()
+
+
+def _flash_attn_cute_direct_fake(q: Tensor, k: Tensor, v: Tensor, tile_m: int = 0, tile_n: int = 0,
+                                 mma_pv_is_rs: bool = True, intra_wg_overlap: bool = True,
+                                 seqused_k: Optional[Tensor] = None) -> Tensor:
+    _refuse_gradients(q, k, v)
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+# every backend (the kernel itself refuses non-CUDA tensors with a clear message); no autograd kernel
+_DIRECT_LIB.impl("flash_attn_cute_direct", _flash_attn_cute_direct, "CompositeExplicitAutograd")
+torch.library.register_fake("fs3d::flash_attn_cute_direct", _flash_attn_cute_direct_fake, lib=_DIRECT_LIB)
+
+
+@register_flop_formula([torch.ops.fs3d.flash_attn_cute, torch.ops.fs3d.flash_attn_cute_direct])
 def _flash_attn_cute_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
     """QK^T and PV products, as FlopCounterMode counts SDPA: 2 * B * H * Lq * Lk * (D + Dv). Without this rule,
     FLOP counts (and the MFU built on them) would miss every attention that runs through FA4."""
@@ -297,9 +380,10 @@ def _flash_attn_cute_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **k
     return 2 * b * h * lq * lk * (d + dv)
 
 
-__all__ = ["ATTENTION_KERNELS", "ATTENTION_ROLES", "FLASH_ATTN_CUTE", "FlashAttnTiles", "SDPA", "check_role",
+__all__ = ["ATTENTION_KERNELS", "ATTENTION_ROLES", "FA4_CALLS", "FA4_CALL_CUSTOM_OP", "FA4_CALL_DIRECT",
+           "FLASH_ATTN_CUTE", "FlashAttnTiles", "SDPA", "check_role",
            "SMALL_QUERY_FA2", "SMALL_QUERY_KERNELS", "SMALL_QUERY_MATMUL", "current_attention_kernel",
-           "current_flash_attn_tiles", "current_small_query_kernel", "current_small_query_limit",
+           "current_fa4_call", "current_flash_attn_tiles", "current_small_query_kernel", "current_small_query_limit",
            "flash2_small_query_attention", "flash_attn_cute", "flash_attn_cute_tiled", "flash_attn_cute_unavailable",
            "flash_attn_fwd_kwargs", "small_query_attention", "small_query_path", "use_attention_kernel",
-           "use_small_query_path"]
+           "use_fa4_call", "use_small_query_path"]

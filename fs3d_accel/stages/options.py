@@ -203,6 +203,12 @@ class RunOptions:
     #: entry overrides its stage's), ``tiles`` as :meth:`FlashAttnTiles.parse` reads them ("128x128",
     #: "192x128:no-rs"). Sites not named keep FA4's own tile table. Same math, different rounding.
     attention_kernel_tiles: tuple[tuple[str, str], ...] = ()
+    #: how FA4 is called (``attention_kernels.FA4_CALLS``): "custom-op" (``torch.library.custom_op``, the path since
+    #: session 6) or "direct" (an operator registered through ``torch.library.Library`` whose kernel calls FA4's forward
+    #: function itself: the same kernel and arguments, less host work per call, which SLaT's per-object graph
+    #: recording pays 96-192 times; see ``attention_kernels.FA4_CALLS``). Needs ``attention_kernel="flash-attn-cute"``.
+    #: Not yet run on a GPU.
+    fa4_call: str = "custom-op"
     #: unmasked attention calls of the SS stage with at most this many queries take the small-query path
     #: (``small_query_kernel``) instead of the fused kernel of ``attention_kernel``; 0 = off. Aimed at the SS layout
     #: stream: 4 pose queries over ~4.1k / 7.5k keys, 1,200 calls per SS sampler call, which cuDNN and FA4 take
@@ -442,6 +448,12 @@ class RunOptions:
                                  f"(attention_kernel={self.attention_kernel!r}, attention_kernel_sites="
                                  f"{self.attention_kernel_sites}); its tiles would never be used")
             FlashAttnTiles.parse(spec)
+        from ..model.attention_kernels import FA4_CALL_CUSTOM_OP, FA4_CALLS
+        if self.fa4_call not in FA4_CALLS:
+            raise ValueError(f"unknown fa4_call {self.fa4_call!r}; choose one of {FA4_CALLS}")
+        if self.fa4_call != FA4_CALL_CUSTOM_OP and self.attention_kernel == "sdpa":
+            raise ValueError(f"fa4_call={self.fa4_call!r} changes how FlashAttention-4 is called, but "
+                             f"attention_kernel='sdpa' never calls it")
 
     def kernel_tiles(self, stage: str) -> dict:
         """FA4 tiles per attention role of ``stage`` (``attention_kernel_tiles``; a role entry overrides its stage's)."""
@@ -565,9 +577,9 @@ class RunOptions:
         tiles of :meth:`kernel_tiles`, the small-query path (``small_query_attention``), the MLPs' GELU epilogue
         (``gelu_epilogue`` at ``gelu_epilogue_sites``), SLaT's token buckets (``slat_token_bucket``) and fused IO steps
         (``fuse_slat_io``) and the
-        graph pieces' ends (``slat_graph_piece_blocks``), these three for stage "slat" only, and the ``sparse_conv``
-        algorithm."""
-        from ..model.attention_kernels import use_attention_kernel, use_small_query_path
+        graph pieces' ends (``slat_graph_piece_blocks``), these three for stage "slat" only, the ``sparse_conv``
+        algorithm and how FA4 is called (``fa4_call``)."""
+        from ..model.attention_kernels import use_attention_kernel, use_fa4_call, use_small_query_path
         from ..model.layers import use_gelu_epilogue
         from ..model.slat_flow import use_fused_io_blocks, use_graph_pieces, use_token_buckets
         from ..model.sparse import use_conv_impl
@@ -581,7 +593,8 @@ class RunOptions:
                                  use_graph_pieces(self.slat_graph_piece_blocks if stage == "slat" else 0),
                                  use_fused_io_blocks(self.compile_backend if self.fuse_slat_io and stage == "slat"
                                                      else None),
-                                 use_conv_impl(self.sparse_conv))
+                                 use_conv_impl(self.sparse_conv),
+                                 use_fa4_call(self.fa4_call))
 
     def kernel_roles(self, stage: str) -> tuple[str, ...]:
         """The attention roles of ``stage`` that run ``attention_kernel`` (per ``attention_kernel_sites``)."""
