@@ -283,7 +283,7 @@ def flash_attn_cute_tiled(q: Tensor, k: Tensor, v: Tensor, tiles: FlashAttnTiles
                           seqused_k: Tensor | None = None) -> Tensor:
     """FA4 attention with ``tiles`` (None: FA4's table) and optional used key counts, through the operator
     :func:`use_fa4_call` selects (:func:`flash_attn_cute`, or ``torch.ops.fs3d.flash_attn_cute_direct``)."""
-    op = flash_attn_cute if _fa4_call == FA4_CALL_CUSTOM_OP else torch.ops.fs3d.flash_attn_cute_direct.default
+    op = flash_attn_cute if _fa4_call == FA4_CALL_CUSTOM_OP else _DIRECT_OP
     if tiles is None:
         return op(q, k, v, seqused_k=seqused_k)
     return op(q, k, v, tiles.tile_m, tiles.tile_n, tiles.mma_pv_is_rs, tiles.intra_wg_overlap, seqused_k=seqused_k)
@@ -294,7 +294,8 @@ def flash_attn_cute_tiled(q: Tensor, k: Tensor, v: Tensor, tiles: FlashAttnTiles
 #: "direct": ``torch.ops.fs3d.flash_attn_cute_direct``, an operator defined through ``torch.library.Library`` whose
 #: kernel calls FA4's forward function ``_flash_attn_fwd`` itself (:func:`_flash_attn_cute_forward_direct`). That is
 #: the same kernel with the same arguments (``flash_attn_func`` passes them on unchanged at the carried commit
-#: 0251105), so the outputs are the same. What it leaves out is host work: ``custom_op``'s Python autograd and
+#: 0251105; its one special case, keys that are the values at head dim 512, is refused here), so the outputs are the
+#: same. What it leaves out is host work: ``custom_op``'s Python autograd and
 #: aliasing-check layers (~0.08 ms) and FA4's autograd Function (~0.08 ms) of the ~0.39 ms an FA4 call cost the host
 #: under cProfile (session 19, ``results/slat_host_profile_h100/session19/repeat/``, inflated by the profiler;
 #: 96-192 FA4 calls per object, each of them in SLaT's per-object graph recording). No gradients: a call whose inputs
@@ -330,6 +331,9 @@ def _flash_attn_cute_forward_direct(q: Tensor, k: Tensor, v: Tensor, tiles: Flas
     """FA4's forward function called directly (looked up at call time, so tests can stand in for it): what
     ``flash_attn_func`` runs inside its autograd Function, with ``tiles`` and ``seqused_k`` as in
     :func:`_flash_attn_cute_forward`."""
+    if k is v and v.shape[-1] == 512:  # flash_attn_func would switch to its MLA kernel here; this call would not
+        raise ValueError("fa4_call='direct' does not take keys that are the values at head dim 512 (FA4's MLA "
+                         "special case); use fa4_call='custom-op'")
     if not q.is_cuda:
         raise ValueError(f"the {FLASH_ATTN_CUTE!r} attention kernel runs on CUDA tensors, got {q.device}; "
                          f"use {SDPA!r} here")
@@ -340,7 +344,8 @@ def _flash_attn_cute_forward_direct(q: Tensor, k: Tensor, v: Tensor, tiles: Flas
 #: the operator library of ``fs3d::flash_attn_cute_direct`` (an operator lives as long as its library object)
 _DIRECT_LIB = torch.library.Library("fs3d", "FRAGMENT")
 _DIRECT_LIB.define("flash_attn_cute_direct(Tensor q, Tensor k, Tensor v, int tile_m=0, int tile_n=0, "
-                   "bool mma_pv_is_rs=True, bool intra_wg_overlap=True, Tensor? seqused_k=None) -> Tensor")
+                   "bool mma_pv_is_rs=True, bool intra_wg_overlap=True, Tensor? seqused_k=None) -> Tensor",
+                   tags=(torch.Tag.pt2_compliant_tag,))
 
 
 def _refuse_gradients(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -369,6 +374,7 @@ def _flash_attn_cute_direct_fake(q: Tensor, k: Tensor, v: Tensor, tile_m: int = 
 # every backend (the kernel itself refuses non-CUDA tensors with a clear message); no autograd kernel
 _DIRECT_LIB.impl("flash_attn_cute_direct", _flash_attn_cute_direct, "CompositeExplicitAutograd")
 torch.library.register_fake("fs3d::flash_attn_cute_direct", _flash_attn_cute_direct_fake, lib=_DIRECT_LIB)
+_DIRECT_OP = torch.ops.fs3d.flash_attn_cute_direct.default
 
 
 @register_flop_formula([torch.ops.fs3d.flash_attn_cute, torch.ops.fs3d.flash_attn_cute_direct])
