@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
                          "official code is host-bound and its time drifts within a lease; a speedup taken within "
                          "one round compares calls minutes apart, and the spread over rounds shows the drift. "
                          "--gpu-busy profiles in round 1 only")
+    ap.add_argument("--order", choices=ROUND_ORDERS, default="alternate",
+                    help="the variants' order per round: 'fixed' (as listed, every round) or 'alternate' (as listed in "
+                         "odd rounds, reversed in even ones), so that a drift of the machine within a round does not "
+                         "always favour the same variants")
     ap.add_argument("--variants", default=DEFAULT_VARIANTS,
                     help=f"comma list of {list(OFFICIAL_VARIANTS)} and our stage_latency variants {sorted(SHORT)}; "
                          "ours may name FA4 tiles per site: NAME@SITE=TILES[+SITE=TILES], e.g. "
@@ -570,6 +574,20 @@ def unit_flops(base, cfg, stage: str, dev: torch.device, cond: torch.Tensor | No
 #: graphs, attention kernel) run the same FLOPs. ``slat_token_bucket`` adds padded work, left out of the count on
 #: purpose: MFU stays measured against the useful FLOPs
 FLOP_OPTIONS = ("cache_cond_kv", "collapse_zero_cond")
+
+
+#: how the variants are ordered in each round (``--order``)
+ROUND_ORDERS = ("fixed", "alternate")
+
+
+def round_order(variants: list[str], rnd: int, order: str) -> list[str]:
+    """The variants in the order round ``rnd`` (from 1) measures them: as listed, or with ``order`` "alternate"
+    reversed in even rounds (a machine that drifts within a round then favours no variant every time)."""
+    if order not in ROUND_ORDERS:
+        raise ValueError(f"order must be one of {ROUND_ORDERS}, got {order!r}")
+    if rnd < 1:
+        raise ValueError(f"rounds count from 1, got {rnd}")
+    return list(variants)[::-1] if order == "alternate" and rnd % 2 == 0 else list(variants)
 
 
 def counting_options(opts):
@@ -1090,6 +1108,7 @@ def run(args) -> list[dict]:
         "torch": torch.__version__, "config": args.config, "seed": args.seed,
         "timing": (f"one first call, {args.warmup} warm-up, median of {args.repeats} "
                    + ("(CUDA events)" if dev.type == "cuda" else "(perf_counter)")),
+        "variant_order": args.order,
         "official_commit": official_commit(args.official) if want_official else "not run",
         "official_compile_mode": args.official_compile_mode, "tf32": args.tf32 == "on", "host_cpu": host_cpu(),
         "our_conv_impl": args.conv_impl, "our_gather_chunk": args.gather_chunk,
@@ -1246,7 +1265,7 @@ def run(args) -> list[dict]:
                 if args.official_precision == "pipeline" else "fp32")
     copies: dict[tuple[str, str], torch.nn.Module] = {}
     for rnd in range(1, args.rounds + 1):
-        for variant in args.variants:
+        for variant in round_order(args.variants, rnd, args.order):
             if variant in OFFICIAL_VARIANTS:
                 compiled = variant == "official-compile"
                 for stage in args.stages:

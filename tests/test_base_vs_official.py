@@ -281,8 +281,9 @@ def test_gpu_busy_columns_only_where_measured(tmp_path):
 def test_ours_only_tiny_cpu_run(tmp_path):
     args = bvo.parse_args(TINY + ["--variants", "fp32,bf16-cfg-kv", "--rounds", "2", "--out", str(tmp_path)])
     rows = bvo.run(args)
-    assert [(r["round"], r["variant"], r["stage"]) for r in rows] == [
-        (rnd, v, s) for rnd in (1, 2) for v in ("fp32", "bf16-cfg-kv") for s in ("ss", "slat", "mesh")]
+    assert [(r["round"], r["variant"], r["stage"]) for r in rows] == [  # --order alternate: round 2 reversed
+        (rnd, v, s) for rnd, order in ((1, ("fp32", "bf16-cfg-kv")), (2, ("bf16-cfg-kv", "fp32")))
+        for v in order for s in ("ss", "slat", "mesh")]
     assert not any(r.get("error") for r in rows), [r.get("error") for r in rows]
     assert all(r["median_s"] > 0 and r["model_tflop"] > 0 for r in rows)
     assert all(r["N"] == 40 for r in rows if r["stage"] != "ss")
@@ -396,3 +397,17 @@ def test_measure_reports_cuda_graphs_recorded_per_call_after_the_first(monkeypat
     monkeypatch.setattr(bvo, "cuda_graph_recordings", lambda dev: next(counter))
     _, r = bvo.measure(lambda: calls.append(1), torch.device("cpu"), warmup=1, repeats=2)
     assert len(calls) == 4 and r["graphs_recorded_per_call"] == 1.0
+
+
+def test_alternate_order_reverses_the_variants_in_even_rounds():
+    variants = ["official", "a", "b"]
+    assert [bvo.round_order(variants, r, "alternate") for r in (1, 2, 3)] == [
+        ["official", "a", "b"], ["b", "a", "official"], ["official", "a", "b"]]
+    assert bvo.round_order(variants, 2, "fixed") == variants
+    assert variants == ["official", "a", "b"]  # not reversed in place
+    with pytest.raises(ValueError, match="order must be one of"):
+        bvo.round_order(variants, 1, "random")
+    with pytest.raises(ValueError, match="rounds count from 1"):
+        bvo.round_order(variants, 0, "fixed")
+    ours = TINY + ["--variants", "fp32"]
+    assert bvo.parse_args(ours + ["--order", "fixed"]).order == "fixed" and bvo.parse_args(ours).order == "alternate"
