@@ -113,25 +113,21 @@ def host_times(fn: Callable[[], object], calls: int, repeats: int, device: torch
 
 
 def record(fn: Callable[[], object], calls: int, device: torch.device) -> tuple[float, float]:
-    """Record ``calls`` calls of ``fn`` into a new CUDA graph as ``stages.graphs`` records (its capture stream and
-    lock, ``thread_local`` mode, no device sync, a fresh pool; a failed recording ended cleanly) and return the host
-    seconds of the calls and of ``capture_end``. The graph is dropped unreplayed."""
-    from fs3d_accel.stages import graphs
-    graph, pool = torch.cuda.CUDAGraph(), torch.cuda.graph_pool_handle()
-    with graphs._RECORDING_LOCK, torch.cuda.stream(graphs._capture_stream(device)):
-        graph.capture_begin(pool, capture_error_mode="thread_local")
-        try:
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                fn()
-            t1 = time.perf_counter()
-            graph.capture_end()
-            t2 = time.perf_counter()
-        except BaseException:
-            graphs._end_failed_recording(graph, device, pool)
-            raise
-    del graph
-    return t1 - t0, t2 - t1
+    """Record ``calls`` calls of ``fn`` into a new CUDA graph with the samplers' own recorder
+    (``stages.graphs._record_without_sync``: its capture stream and lock, ``thread_local`` mode, no device sync, a fresh
+    pool, a failed recording ended cleanly) and return the host seconds of the calls and of what follows them
+    (``capture_end``, the graph's instantiation). The graph is dropped unreplayed."""
+    from fs3d_accel.stages.graphs import _record_without_sync
+    marks: dict[str, float] = {}
+
+    def calls_in_a_row(_):
+        marks["start"] = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        marks["calls_done"] = time.perf_counter()
+    _record_without_sync(torch.cuda.CUDAGraph(), calls_in_a_row, [torch.empty(0, device=device)])
+    ended = time.perf_counter()
+    return marks["calls_done"] - marks["start"], ended - marks["calls_done"]
 
 
 def warm(fn: Callable[[], object], device: torch.device) -> None:

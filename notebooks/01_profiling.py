@@ -744,7 +744,8 @@ calls19.pivot_table(index=["N", "round"], columns="variant", values=["median_s",
 # later tenths (the gaps between the replayed kernels, the `launches` column, plus with pieces their extra graph
 # launches: the difference between `-ac-rf-ua-gp2` and `-ac-rf-ua`, an inference from one profiled call each), and what
 # the kernels alone would reach (`MFU if never idle`, first round, where the call was profiled): below 55% of the
-# executed FLOPs at 14k against this lease's peak, so 55% there now needs faster kernels, not less idle.
+# executed FLOPs at 14k against this lease's peak, so 55% there needed faster kernels, not less idle. (In session 20
+# the nested tiled sparse conv took the kernels past 55%; less idle is what is left then: section 15.)
 
 # %%
 idle19 = pd.read_csv(R17 / "base_vs_official_h100" / "session19" / "pieces" / "idle.csv")
