@@ -12,7 +12,6 @@ from fs3d_accel.model import attention_kernels as ak
 from fs3d_accel.model.layers import attention
 from fs3d_accel.pipeline import Pipeline
 from fs3d_accel.stages.options import RunOptions
-from fs3d_analysis.data import load_shipped_samples
 
 from conftest import assert_same_ss_slat, fast_mini_config
 
@@ -121,6 +120,8 @@ def test_the_direct_op_inside_the_compiled_flows(stand_ins, cpu_compile, backend
     """The direct op traced into the compiled SS flow and SLaT torso (through its fake kernel, without a graph break);
     the latents equal the custom op's, bit for bit with the eager backend, and only the direct path ran."""
     from torch._dynamo.utils import counters
+    pytest.importorskip("trimesh", reason="the shipped samples load through the corpus module, which needs trimesh")
+    from fs3d_analysis.data import load_shipped_samples
     sample = load_shipped_samples()[0]
     pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=2), seed=0).to(torch.bfloat16)
     inputs = pipe.prepare(sample.image, sample.mask, sample.pointmap)

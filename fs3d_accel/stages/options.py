@@ -207,7 +207,8 @@ class RunOptions:
     #: session 6) or "direct" (an operator registered through ``torch.library.Library`` whose kernel calls FA4's forward
     #: function itself: the same kernel and arguments, less host work per call, which SLaT's per-object graph
     #: recording pays 96-192 times; see ``attention_kernels.FA4_CALLS``). Needs ``attention_kernel="flash-attn-cute"``.
-    #: Not yet run on a GPU.
+    #: Bit-identical to "custom-op" on an H100 and faster per object (session 21; the named path
+    #: ``compiled-zkv-fa4-all-sqfa2-ge-ac-fd``). Inference only: gradients are refused.
     fa4_call: str = "custom-op"
     #: unmasked attention calls of the SS stage with at most this many queries take the small-query path
     #: (``small_query_kernel``) instead of the fused kernel of ``attention_kernel``; 0 = off. Aimed at the SS layout
@@ -671,6 +672,17 @@ FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge"] = dataclasses.replace(FAST_PATHS["co
 FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"] = dataclasses.replace(
     FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge"], slat_compile_mode="default", cuda_graphs=True,
     async_graph_capture=True, fuse_slat_io=True)
+
+# The headline path with FlashAttention-4 called through the operator registered with ``torch.library.Library`` whose
+# kernel calls FA4's forward function itself (``fa4_call="direct"``): the same kernel with the same arguments (bit-
+# identical in the GPU test, ``tests/test_fa4_direct_call.py``), 50-73 against 85-95 µs of host time per call
+# (``results/attention_host_cost_h100/session21/``), which SLaT's per-object graph recording pays 96-192 times. Per
+# object on one H100, three rounds each in two runs (session 21, ``results/base_vs_official_h100/session21/``): SLaT at
+# 14k 0.523 / 0.535 / 0.527 and 0.556 / 0.527 / 0.540 s against 0.547 / 0.579 / 0.544 and 0.560 / 0.534 / 0.571 s for
+# ``-ge-ac`` (6 of 6 faster), at 20k faster in 5 of 6; the SS sampler 0.648-0.656 against 0.656-0.658 s (3 of 3).
+# Inference only: the direct operator refuses gradients and FA4's MLA case with a clear error.
+FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-fd"] = dataclasses.replace(
+    FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"], fa4_call="direct")
 
 # For a stream of objects of new sizes (a dataset run), where every SLaT object meets new token counts: the GELU
 # epilogue kept to SS (``gelu_epilogue_sites``), since a cuBLAS GEMM pays host time at its first call with a new token
