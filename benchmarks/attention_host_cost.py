@@ -17,6 +17,9 @@ the next change aims at the right layer:
 - ``fs3d direct op``: ``torch.ops.fs3d.flash_attn_cute_direct.default`` (``RunOptions.fa4_call="direct"``): an
   operator registered through ``torch.library.Library`` whose kernel calls ``_flash_attn_fwd`` itself, without
   ``custom_op``'s autograd and aliasing-check layers and without FA4's autograd Function.
+- ``fs3d kernel op``: ``torch.ops.fs3d.flash_attn_cute_kernel.default`` (``RunOptions.fa4_call="kernel"``): the same
+  schema, launching the compiled kernel ``_flash_attn_fwd`` cached (``model.fa4_kernel_call``) after the warm-up's
+  call through ``_flash_attn_fwd``.
 
 Two modes per path, each ``--calls`` calls in a row, median over ``--repeats``:
 
@@ -75,10 +78,12 @@ def call_paths(device: torch.device) -> tuple[dict[str, tuple[Callable, Callable
         from flash_attn.cute.interface import _flash_attn_fwd
         plain = contextlib.nullcontext
         op, direct = torch.ops.fs3d.flash_attn_cute.default, torch.ops.fs3d.flash_attn_cute_direct.default
+        kernel = torch.ops.fs3d.flash_attn_cute_kernel.default
         paths["FA4 flash_attn_func"] = (lambda q, k, v: flash_attn_func(q, k, v), plain)
         paths["FA4 _flash_attn_fwd"] = (lambda q, k, v: _flash_attn_fwd(q, k, v)[0], plain)
         paths["fs3d custom op"] = (lambda q, k, v: op(q, k, v), plain)
         paths["fs3d direct op"] = (lambda q, k, v: direct(q, k, v), plain)
+        paths["fs3d kernel op"] = (lambda q, k, v: kernel(q, k, v), plain)
     return paths, why
 
 

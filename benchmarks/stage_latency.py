@@ -246,6 +246,12 @@ FD_LONG = AC_LONG + ", FA4 called directly"
 VARIANTS[FD_LONG] = dataclasses.replace(VARIANTS[AC_LONG], fa4_call="direct")
 NC_FD_LONG = NC_LONG + ", FA4 called directly"
 VARIANTS[NC_FD_LONG] = dataclasses.replace(VARIANTS[NC_LONG], fa4_call="direct")
+# ... FA4's cached compiled kernel launched without FA4's forward function after one call per signature
+# (``fa4_call="kernel"``): the same kernels, without the ~40-90 µs of Python the forward costs per call (session 21)
+FK_LONG = AC_LONG + ", FA4's compiled kernel launched directly"
+VARIANTS[FK_LONG] = dataclasses.replace(VARIANTS[AC_LONG], fa4_call="kernel")
+NC_FK_LONG = NC_LONG + ", FA4's compiled kernel launched directly"
+VARIANTS[NC_FK_LONG] = dataclasses.replace(VARIANTS[NC_LONG], fa4_call="kernel")
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -330,6 +336,8 @@ SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc"] = NC_LO
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-cd"] = NC_CD_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-fd"] = FD_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fd"] = NC_FD_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-fk"] = FK_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk"] = NC_FK_LONG
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

@@ -22,7 +22,7 @@ def _sdpa_reference(q, k, v):
 
 @pytest.fixture
 def stand_ins(monkeypatch):
-    """Both FA4 entries replaced by SDPA on the CPU; each records (path, Lq, Lk, tiles, seqused_k) per call."""
+    """The three FA4 entries replaced by SDPA on the CPU; each records (path, Lq, Lk, tiles, seqused_k) per call."""
     calls = []
 
     def make(path):
@@ -32,6 +32,7 @@ def stand_ins(monkeypatch):
         return fake
     monkeypatch.setattr(ak, "_flash_attn_cute_forward", make("custom-op"))
     monkeypatch.setattr(ak, "_flash_attn_cute_forward_direct", make("direct"))
+    monkeypatch.setattr(ak, "_flash_attn_cute_forward_kernel", make("kernel"))
     return calls
 
 
@@ -99,7 +100,7 @@ def test_the_flop_counter_counts_the_direct_op_like_the_custom_op(stand_ins):
                 ak.use_fa4_call(call):
             attention(q, k, k)
         counts.append(counter.get_total_flops())
-    assert counts == [4 * 2 * 4 * 5 * 7 * 16] * 2
+    assert counts == [4 * 2 * 4 * 5 * 7 * 16] * 3
     assert [c[0] for c in stand_ins] == list(ak.FA4_CALLS)
 
 
@@ -112,6 +113,8 @@ def test_no_gradient_through_the_direct_op(stand_ins):
     with torch.inference_mode():
         torch.ops.fs3d.flash_attn_cute_direct(q, q, q)
     assert [c[0] for c in stand_ins] == ["direct", "direct"]
+    with pytest.raises(ValueError, match="computes no gradients"):
+        torch.ops.fs3d.flash_attn_cute_kernel(q, q, q)
 
 
 
@@ -134,10 +137,11 @@ def test_the_direct_op_inside_the_compiled_flows(stand_ins, cpu_compile, backend
         ss = pipe.run_ss(inputs, seed=0)
         outs.append((ss, pipe.run_slat(inputs, ss, seed=0)))
         paths.append({c[0] for c in stand_ins})
-    assert paths == [{"custom-op"}, {"direct"}]
+    assert paths == [{"custom-op"}, {"direct"}, {"kernel"}]
     breaks = [str(k) for k in counters["graph_break"]]
     assert not [b for b in breaks if "flash_attn_cute" in b], breaks
-    assert_same_ss_slat(*outs)
+    assert_same_ss_slat(outs[0], outs[1])
+    assert_same_ss_slat(outs[0], outs[2])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -154,4 +158,8 @@ def test_the_direct_call_gives_the_custom_ops_output_on_the_gpu():
             a = ak.flash_attn_cute_tiled(q, k, v, t, seqused_k=used)
             with ak.use_fa4_call(ak.FA4_CALL_DIRECT):
                 b = ak.flash_attn_cute_tiled(q, k, v, t, seqused_k=used)
+            with ak.use_fa4_call(ak.FA4_CALL_KERNEL):
+                c = [ak.flash_attn_cute_tiled(q, k, v, t, seqused_k=used) for _ in range(2)]  # primes, then launches
         assert torch.equal(a, b) and a.stride() == b.stride() and a.dtype == b.dtype, (t, used)
+        for x in c:
+            assert torch.equal(a, x) and a.stride() == x.stride() and a.dtype == x.dtype, (t, used)

@@ -37,6 +37,8 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from .fa4_kernel_call import Fa4KernelCall
+
 SDPA = "sdpa"
 FLASH_ATTN_CUTE = "flash-attn-cute"
 ATTENTION_KERNELS = (SDPA, FLASH_ATTN_CUTE)
@@ -282,8 +284,10 @@ def _(q: Tensor, k: Tensor, v: Tensor, tile_m: int = 0, tile_n: int = 0, mma_pv_
 def flash_attn_cute_tiled(q: Tensor, k: Tensor, v: Tensor, tiles: FlashAttnTiles | None,
                           seqused_k: Tensor | None = None) -> Tensor:
     """FA4 attention with ``tiles`` (None: FA4's table) and optional used key counts, through the operator
-    :func:`use_fa4_call` selects (:func:`flash_attn_cute`, or ``torch.ops.fs3d.flash_attn_cute_direct``)."""
-    op = flash_attn_cute if _fa4_call == FA4_CALL_CUSTOM_OP else _DIRECT_OP
+    :func:`use_fa4_call` selects (:func:`flash_attn_cute`, ``torch.ops.fs3d.flash_attn_cute_direct`` or
+    ``torch.ops.fs3d.flash_attn_cute_kernel``)."""
+    op = flash_attn_cute if _fa4_call == FA4_CALL_CUSTOM_OP else _DIRECT_OP if _fa4_call == FA4_CALL_DIRECT \
+        else _KERNEL_OP
     if tiles is None:
         return op(q, k, v, seqused_k=seqused_k)
     return op(q, k, v, tiles.tile_m, tiles.tile_n, tiles.mma_pv_is_rs, tiles.intra_wg_overlap, seqused_k=seqused_k)
@@ -304,9 +308,15 @@ def flash_attn_cute_tiled(q: Tensor, k: Tensor, v: Tensor, tiles: FlashAttnTiles
 #: (``benchmarks/attention_host_cost.py``, ``results/attention_host_cost_h100/session21/``); per object SLaT faster
 #: in 6 of 6 rounds at 14k and 5 of 6 at 20k (variants ``-fd`` of ``benchmarks/stage_latency.py``,
 #: ``results/base_vs_official_h100/session21/``).
+#: "kernel": ``torch.ops.fs3d.flash_attn_cute_kernel``, the direct operator's schema, whose kernel launches the
+#: compiled SM90 kernel FA4's forward cached, after one call through that forward per signature
+#: (:class:`fa4_kernel_call.Fa4KernelCall`): the same kernel with the same arguments, without the forward's ~40-90 µs
+#: of Python per call; anything outside the plain case it was written for goes through the forward. Not yet run on a
+#: GPU.
 FA4_CALL_CUSTOM_OP = "custom-op"
 FA4_CALL_DIRECT = "direct"
-FA4_CALLS = (FA4_CALL_CUSTOM_OP, FA4_CALL_DIRECT)
+FA4_CALL_KERNEL = "kernel"
+FA4_CALLS = (FA4_CALL_CUSTOM_OP, FA4_CALL_DIRECT, FA4_CALL_KERNEL)
 _fa4_call = FA4_CALL_CUSTOM_OP
 
 
@@ -329,19 +339,40 @@ def use_fa4_call(name: str) -> Iterator[None]:
         _fa4_call = previous
 
 
+def _check_forward_inputs(q: Tensor, k: Tensor, v: Tensor, call: str) -> None:
+    """What the direct and kernel calls refuse: FA4's MLA special case, which ``flash_attn_func`` would route to
+    another kernel, and tensors off CUDA."""
+    if k is v and v.shape[-1] == 512:  # flash_attn_func would switch to its MLA kernel here; this call would not
+        raise ValueError(f"fa4_call={call!r} does not take keys that are the values at head dim 512 (FA4's MLA "
+                         "special case); use fa4_call='custom-op'")
+    if not q.is_cuda:
+        raise ValueError(f"the {FLASH_ATTN_CUTE!r} attention kernel runs on CUDA tensors, got {q.device}; "
+                         f"use {SDPA!r} here")
+
+
 def _flash_attn_cute_forward_direct(q: Tensor, k: Tensor, v: Tensor, tiles: FlashAttnTiles | None = None,
                                     seqused_k: Tensor | None = None) -> Tensor:
     """FA4's forward function called directly (looked up at call time, so tests can stand in for it): what
     ``flash_attn_func`` runs inside its autograd Function, with ``tiles`` and ``seqused_k`` as in
     :func:`_flash_attn_cute_forward`."""
-    if k is v and v.shape[-1] == 512:  # flash_attn_func would switch to its MLA kernel here; this call would not
-        raise ValueError("fa4_call='direct' does not take keys that are the values at head dim 512 (FA4's MLA "
-                         "special case); use fa4_call='custom-op'")
-    if not q.is_cuda:
-        raise ValueError(f"the {FLASH_ATTN_CUTE!r} attention kernel runs on CUDA tensors, got {q.device}; "
-                         f"use {SDPA!r} here")
+    _check_forward_inputs(q, k, v, FA4_CALL_DIRECT)
     from flash_attn.cute.interface import _flash_attn_fwd
     return _flash_attn_fwd(q, k, v, **flash_attn_fwd_kwargs(tiles, seqused_k))[0]
+
+
+#: the launcher of ``fa4_call="kernel"``: its compiled-kernel entries live as long as the process
+FA4_KERNEL_CALL = Fa4KernelCall()
+
+
+def _flash_attn_cute_forward_kernel(q: Tensor, k: Tensor, v: Tensor, tiles: FlashAttnTiles | None = None,
+                                    seqused_k: Tensor | None = None) -> Tensor:
+    """FA4's cached compiled kernel launched by :data:`FA4_KERNEL_CALL` (looked up at call time, so tests can stand
+    in for it), with ``tiles`` and ``seqused_k`` as in :func:`_flash_attn_cute_forward`."""
+    _check_forward_inputs(q, k, v, FA4_CALL_KERNEL)
+    if seqused_k is not None:
+        flash_attn_fwd_kwargs(None, seqused_k)  # the same check of the counts as the other calls
+        seqused_k = seqused_k.contiguous()
+    return FA4_KERNEL_CALL(q, k, v, tiles, seqused_k)
 
 
 #: the operator library of ``fs3d::flash_attn_cute_direct`` (an operator lives as long as its library object)
@@ -355,8 +386,8 @@ def _refuse_gradients(q: Tensor, k: Tensor, v: Tensor) -> None:
     """The direct operator has no derivative; torch's fallback for such an operator would let a backward pass through
     it with only a warning, so a call that could need gradients is refused here instead."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        raise ValueError("fa4_call='direct' computes no gradients (FA4 is called for inference); run under "
-                         "torch.no_grad(), or use fa4_call='custom-op'")
+        raise ValueError("fa4_call='direct' or 'kernel' computes no gradients (FA4 is called for inference); run "
+                         "under torch.no_grad(), or use fa4_call='custom-op'")
 
 
 def _flash_attn_cute_direct(q: Tensor, k: Tensor, v: Tensor, tile_m: int = 0, tile_n: int = 0,
@@ -380,7 +411,24 @@ torch.library.register_fake("fs3d::flash_attn_cute_direct", _flash_attn_cute_dir
 _DIRECT_OP = torch.ops.fs3d.flash_attn_cute_direct.default
 
 
-@register_flop_formula([torch.ops.fs3d.flash_attn_cute, torch.ops.fs3d.flash_attn_cute_direct])
+def _flash_attn_cute_kernel(q: Tensor, k: Tensor, v: Tensor, tile_m: int = 0, tile_n: int = 0,
+                            mma_pv_is_rs: bool = True, intra_wg_overlap: bool = True,
+                            seqused_k: Optional[Tensor] = None) -> Tensor:
+    _refuse_gradients(q, k, v)
+    tiles = None if tile_m == 0 and tile_n == 0 else FlashAttnTiles(tile_m, tile_n, mma_pv_is_rs, intra_wg_overlap)
+    return _flash_attn_cute_forward_kernel(q, k, v, tiles, seqused_k).contiguous()
+
+
+_DIRECT_LIB.define("flash_attn_cute_kernel(Tensor q, Tensor k, Tensor v, int tile_m=0, int tile_n=0, "
+                   "bool mma_pv_is_rs=True, bool intra_wg_overlap=True, Tensor? seqused_k=None) -> Tensor",
+                   tags=(torch.Tag.pt2_compliant_tag,))
+_DIRECT_LIB.impl("flash_attn_cute_kernel", _flash_attn_cute_kernel, "CompositeExplicitAutograd")
+torch.library.register_fake("fs3d::flash_attn_cute_kernel", _flash_attn_cute_direct_fake, lib=_DIRECT_LIB)
+_KERNEL_OP = torch.ops.fs3d.flash_attn_cute_kernel.default
+
+
+@register_flop_formula([torch.ops.fs3d.flash_attn_cute, torch.ops.fs3d.flash_attn_cute_direct,
+                        torch.ops.fs3d.flash_attn_cute_kernel])
 def _flash_attn_cute_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
     """QK^T and PV products, as FlopCounterMode counts SDPA: 2 * B * H * Lq * Lk * (D + Dv). Without this rule,
     FLOP counts (and the MFU built on them) would miss every attention that runs through FA4."""
@@ -390,6 +438,7 @@ def _flash_attn_cute_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **k
 
 
 __all__ = ["ATTENTION_KERNELS", "ATTENTION_ROLES", "FA4_CALLS", "FA4_CALL_CUSTOM_OP", "FA4_CALL_DIRECT",
+           "FA4_CALL_KERNEL", "FA4_KERNEL_CALL",
            "FLASH_ATTN_CUTE", "FlashAttnTiles", "SDPA", "check_role",
            "SMALL_QUERY_FA2", "SMALL_QUERY_KERNELS", "SMALL_QUERY_MATMUL", "current_attention_kernel",
            "current_fa4_call", "current_flash_attn_tiles", "current_small_query_kernel", "current_small_query_limit",

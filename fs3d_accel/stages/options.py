@@ -208,7 +208,9 @@ class RunOptions:
     #: function itself: the same kernel and arguments, less host work per call, which SLaT's per-object graph
     #: recording pays 96-192 times; see ``attention_kernels.FA4_CALLS``). Needs ``attention_kernel="flash-attn-cute"``.
     #: Bit-identical to "custom-op" on an H100 and faster per object (session 21; the named path
-    #: ``compiled-zkv-fa4-all-sqfa2-ge-ac-fd``). Inference only: gradients are refused.
+    #: ``compiled-zkv-fa4-all-sqfa2-ge-ac-fd``). "kernel": the direct operator's schema, launching the compiled kernel
+    #: FA4's forward cached after one call through that forward per signature (``model.fa4_kernel_call``), without the
+    #: forward's Python per call; not yet run on a GPU. Both inference only: gradients are refused.
     fa4_call: str = "custom-op"
     #: unmasked attention calls of the SS stage with at most this many queries take the small-query path
     #: (``small_query_kernel``) instead of the fused kernel of ``attention_kernel``; 0 = off. Aimed at the SS layout
