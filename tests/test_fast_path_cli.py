@@ -17,10 +17,11 @@ def test_named_fast_paths():
     assert list(FAST_PATHS) == ["off", "fp32-cfg-kv", "bf16", "compiled", "compiled-zkv", "compiled-zkv-ro",
                                 "compiled-zkv-fa4", "compiled-zkv-fa4-all", "compiled-zkv-fa4-all-sqfa2",
                                 "compiled-zkv-fa4-all-sqfa2-ge", "compiled-zkv-fa4-all-sqfa2-ge-ac",
-                                "compiled-zkv-fa4-all-sqfa2-ge-ac-fd", "compiled-zkv-fa4-all-sqfa2-ge-ac-stream",
-                                "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces"]
-    assert fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac-fd") == dataclasses.replace(
-        fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac"), fa4_call="direct")
+                                "compiled-zkv-fa4-all-sqfa2-ge-ac-fd", "compiled-zkv-fa4-all-sqfa2-ge-ac-fk",
+                                "compiled-zkv-fa4-all-sqfa2-ge-ac-stream", "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces"]
+    for suffix, call in (("fd", "direct"), ("fk", "kernel")):
+        assert fast_path(f"compiled-zkv-fa4-all-sqfa2-ge-ac-{suffix}") == dataclasses.replace(
+            fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac"), fa4_call=call)
     pieces = fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac-pieces")
     assert pieces == dataclasses.replace(fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac"), graph_record_first=True,
                                          unguided_graph_ahead=8, slat_graph_piece_blocks=2)
@@ -148,6 +149,8 @@ def test_named_fast_paths_are_the_benchmarked_variants():
     assert fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac") == VARIANTS[SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac"]]
     assert fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac-fd") == VARIANTS[
         SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-fd"]]
+    assert fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac-fk") == VARIANTS[
+        SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-fk"]]
     assert (fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac-stream")
             == VARIANTS[SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-sg"]])
     # and the quality run's settings (benchmarks/fast_path_quality.py) are the same two paths

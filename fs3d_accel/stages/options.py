@@ -210,7 +210,8 @@ class RunOptions:
     #: Bit-identical to "custom-op" on an H100 and faster per object (session 21; the named path
     #: ``compiled-zkv-fa4-all-sqfa2-ge-ac-fd``). "kernel": the direct operator's schema, launching the compiled kernel
     #: FA4's forward cached after one call through that forward per signature (``model.fa4_kernel_call``), without the
-    #: forward's Python per call; not yet run on a GPU. Both inference only: gradients are refused.
+    #: forward's Python per call: bit-identical on an H100, 23-37 µs of host per call (session 21; the named path
+    #: ``compiled-zkv-fa4-all-sqfa2-ge-ac-fk``). Both inference only: gradients are refused.
     fa4_call: str = "custom-op"
     #: unmasked attention calls of the SS stage with at most this many queries take the small-query path
     #: (``small_query_kernel``) instead of the fused kernel of ``attention_kernel``; 0 = off. Aimed at the SS layout
@@ -685,6 +686,15 @@ FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"] = dataclasses.replace(
 # Inference only: the direct operator refuses gradients and FA4's MLA case with a clear error.
 FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-fd"] = dataclasses.replace(
     FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"], fa4_call="direct")
+# The headline path with FA4's cached compiled kernel launched directly after one call through FA4's forward per
+# signature (``fa4_call="kernel"``, ``model.fa4_kernel_call``): bit-identical to FA4's forward at every length tried,
+# eagerly and replayed from a CUDA graph (GPU tests, ``tests/test_fa4_kernel_call.py``), 23-37 µs of host per call
+# against 48-73 µs for the direct operator and 24-44 µs for cuDNN SDPA (``results/attention_host_cost_h100/
+# session21_lease2/``). Per object against ``-ge-ac-fd`` on a second H100 lease (session 21,
+# ``results/base_vs_official_h100/session21/fa4_kernel*/``): SLaT at 14k 0.505-0.512 against 0.504-0.514 s, faster in
+# 5 of 6 rounds; at 20k 5 of 6; the SS sampler 2 of 3 (0.643-0.648 s for both). Small, but the same direction.
+FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-fk"] = dataclasses.replace(
+    FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"], fa4_call="kernel")
 
 # For a stream of objects of new sizes (a dataset run), where every SLaT object meets new token counts: the GELU
 # epilogue kept to SS (``gelu_epilogue_sites``), since a cuBLAS GEMM pays host time at its first call with a new token
