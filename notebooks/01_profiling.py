@@ -829,3 +829,61 @@ by_class20[["other", "fused (triton)", "attention", "matmul", "kernels s", "MFU 
 # %%
 stream20 = pd.read_csv(R17 / "stream_throughput_h100" / "session20_noextract" / "stream_throughput.csv")
 stream20.pivot_table(index="round", columns="mode", values="per_object_s").round(3)
+
+# %% [markdown]
+# ## 16. How FA4 is called, and SLaT's calls at 14k and 20k (session 21)
+#
+# Three ways to reach the same FA4 kernel (`RunOptions.fa4_call`): our `torch.library.custom_op` ("custom-op", the path
+# since session 6), an operator of our own that calls FA4's forward function directly ("direct", variants `-fd`), and
+# one that launches the compiled kernel FA4's forward cached after one call per signature ("kernel", `-fk`;
+# `fs3d_accel/model/fa4_kernel_call.py`). All three give the same output bit for bit (GPU tests). What differs is the
+# host time per call, which SLaT's per-object graph recording pays 96-192 times while the GPU waits:
+# `attention_host_cost.py` on two H100 leases, µs per call, issued and recorded into a CUDA graph.
+
+# %%
+AHC = R17 / "attention_host_cost_h100"
+host21 = pd.concat(pd.read_csv(AHC / lease / "attention_host_cost.csv").assign(lease=lease)
+                   for lease in ("session21", "session21_lease2"))
+host21.pivot_table(index="path", columns=["lease", "mode"], values="host_us", aggfunc="median", sort=False).round(1)
+
+# %% [markdown]
+# Per object, on the same lease each (three rounds, variants' order reversed in round 2): the headline `-ac` against
+# `-fd` (lease 1), then `-fd` against `-fk` (lease 2), on the headline path and on the pieces path with the nested
+# conv (`-ac-rf-ua-gp2-m4-dt-nc`). `faster in` counts the rounds in which the second variant of a pair took less time.
+
+# %%
+S21 = R17 / "base_vs_official_h100" / "session21"
+runs21 = {name: load_outputs(S21 / name) for name in ("fa4_direct", "fa4_direct_ss", "fa4_kernel", "fa4_kernel_ss")}
+calls21 = pd.concat(pd.DataFrame(rows).assign(run=name, peak=meta["peak_tflops"]) for name, (rows, meta) in runs21.items())
+calls21["variant"] = calls21["variant"].str.replace(P17, "", regex=False)
+calls21["N"] = calls21["N"].fillna(0).astype(int)
+
+
+def rounds_faster(calls: pd.DataFrame, first: str, second: str) -> pd.DataFrame:
+    """Per run, stage and N: the median over rounds of ``first``'s and ``second``'s call, and in how many rounds
+    ``second`` took less time."""
+    t = calls[calls["variant"].isin([first, second])].pivot_table(
+        index=["run", "stage", "N", "round"], columns="variant", values="median_s").dropna()
+    by = t.groupby(level=["run", "stage", "N"])
+    return pd.DataFrame({"first s": by[first].median(), "second s": by[second].median(),
+                         "faster in": (t[second] < t[first]).groupby(level=["run", "stage", "N"]).sum().astype(int)
+                         .astype(str) + " of " + by.size().astype(str)})
+
+
+pairs21 = {"-ac -> -ac-fd": ("-ac", "-ac-fd"), "-ac-fd -> -ac-fk": ("-ac-fd", "-ac-fk"),
+           "pieces: -nc-fd -> -nc-fk": ("-ac-rf-ua-gp2-m4-dt-nc-fd", "-ac-rf-ua-gp2-m4-dt-nc-fk")}
+pd.concat([rounds_faster(calls21, *pair) for pair in pairs21.values()], keys=list(pairs21),
+          names=["first -> second"]).round(4)
+
+# %% [markdown]
+# SLaT's calls against issue 9's 55% of the executed FLOPs, each against its own run's measured peak (the larger of
+# the run's start and end measurements), and the kernels of the profiled call alone. At 20k the pieces path's calls
+# reach it; at 14k the best call stays near 53%, ~22 ms of GPU wait per call at the object's start, while the host
+# records its graphs.
+
+# %%
+slat21 = calls21[calls21["stage"] == "slat"].copy()
+slat21["MFU if never idle"] = slat21["executed_tflop"] / slat21["kernel_s"] / slat21["peak"]
+slat21.groupby(["N", "variant"], sort=False).agg(
+    best_s=("median_s", "min"), best_mfu=("mfu_executed", "max"), calls=("median_s", "size"),
+    kernels_alone=("MFU if never idle", "max")).sort_values(["N", "best_mfu"], ascending=[True, False]).round(3)
