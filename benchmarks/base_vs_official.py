@@ -94,6 +94,7 @@ import sys
 import time
 import traceback
 import types
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
@@ -105,6 +106,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import parity_official as po  # noqa: E402
+from fs3d_accel.model.attention_kernels import FA4_KERNEL_CALL  # noqa: E402
 from fs3d_accel.model.random_weights import perturb_zero_inits  # noqa: E402
 from fs3d_analysis.profile.latency import cuda_graph_recordings, sync_device  # noqa: E402
 from fs3d_analysis.profile.busy import (KERNEL_CLASSES, IdleGap, KernelTime, Timeline, kernel_class,  # noqa: E402
@@ -1227,6 +1229,7 @@ def run(args) -> list[dict]:
         except Exception:
             traceback.print_exc()
             print(f"executed FLOPs of {variant} {stage} {obj or ''} not counted (see above)", flush=True)
+        kernel_calls_before = Counter(FA4_KERNEL_CALL.counts)
         try:
             module.to(dev)
             with torch.no_grad():
@@ -1251,6 +1254,11 @@ def run(args) -> list[dict]:
         finally:
             module.to("cpu")  # also drops our SS stage's held K/V (SSStage._apply), which would inflate later units
             _free(dev)
+        # fa4_call="kernel": how the unit's FA4 calls went (primed / launched / fell back), so that a timing on the
+        # kernel path shows it launched the compiled kernel rather than falling back to FA4's forward
+        kernel_calls = FA4_KERNEL_CALL.counts - kernel_calls_before
+        if kernel_calls:
+            meta.setdefault("fa4_kernel_call_counts", {})[f"{rnd} {variant} {stage} {obj or ''}"] = dict(kernel_calls)
         rows.append(row)
         print(f"{'round ' + str(rnd) + ' ' if args.rounds > 1 else ''}{variant:>16} {stage:>4} {obj or '':>20} "
               f"N={row['N'] or '':>6} "

@@ -878,7 +878,7 @@ pd.concat([rounds_faster(calls21, *pair) for pair in pairs21.values()], keys=lis
 # %% [markdown]
 # SLaT's calls against issue 9's 55% of the executed FLOPs, each against its own run's measured peak (the larger of
 # the run's start and end measurements), and the kernels of the profiled call alone. At 20k the pieces path's calls
-# reach it; at 14k the best call stays near 53%, ~22 ms of GPU wait per call at the object's start, while the host
+# come within rounding of it (best 54.995%); at 14k the best call stays near 53%, ~22 ms of GPU wait per call at the object's start, while the host
 # records its graphs.
 
 # %%

@@ -4,6 +4,7 @@ cache the way FA4 does (looked up with ``in`` and ``[]``) and its "compiled kern
 and writes SDPA into the output. The GPU tests compare with FA4's own forward where FA4 is importable."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -15,7 +16,10 @@ from fs3d_accel.model.fa4_kernel_call import SM90_CALL_PARAMETERS, Fa4KernelCall
 
 
 def _reference(q, k, v, scale=None, seqused_k=None):
-    """Attention of (B, L, H, D) tensors, batch element b over its first seqused_k[b] keys."""
+    """Attention of (B, L, H, D) tensors (H a multiple of the keys' heads), batch element b over its first
+    seqused_k[b] keys."""
+    ratio = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(ratio, dim=2), v.repeat_interleave(ratio, dim=2)
     outs = []
     for b in range(q.shape[0]):
         n = k.shape[1] if seqused_k is None else int(seqused_k[b])
@@ -26,28 +30,33 @@ def _reference(q, k, v, scale=None, seqused_k=None):
 
 class StandInForward:
     """FA4's ``_flash_attn_fwd`` as far as :class:`Fa4KernelCall` relies on it: a compile cache keyed by what the call
-    fixes, and compiled kernels called with the SM90 arguments. ``calls``: the forward's own calls; ``launches``: the
-    kernels' calls (from the forward or from the launcher)."""
+    fixes, one compiled kernel per key, called with the SM90 arguments. ``calls``: the forward's own calls;
+    ``launches``: the key of each kernel call (from the forward or from the launcher), so that a test sees which
+    compiled kernel a launch used."""
 
     def __init__(self):
         self.compile_cache: dict = {}
         self.calls = 0
-        self.launches = 0
+        self.launches: list = []
 
-    def kernel(self, q, k, v, out, lse, scale, cu_q, cu_k, seqused_q, seqused_k, page_table, window_left,
+    @staticmethod
+    def key(q, k, v, tile_mn=None, mma_pv_is_rs=None, intra_wg_overlap=None, seqused_k=None):
+        return (q.dtype, q.shape[-1], v.shape[-1], q.shape[2] // k.shape[2], tile_mn, mma_pv_is_rs, intra_wg_overlap,
+                seqused_k is None, q.requires_grad)
+
+    def kernel(self, key, q, k, v, out, lse, scale, cu_q, cu_k, seqused_q, seqused_k, page_table, window_left,
                window_right, sink, block_sparse, aux, cu_total_m, cu_total_splits):
         assert lse is None and cu_q is None and cu_k is None and seqused_q is None and page_table is None
         assert window_left is None and window_right is None and sink is None and block_sparse is None
         assert aux == ("no", "aux") and cu_total_m is None and cu_total_splits is None
-        self.launches += 1
+        self.launches.append(key)
         out.copy_(_reference(q, k, v, scale, seqused_k))
 
     def __call__(self, q, k, v, tile_mn=None, mma_pv_is_rs=None, intra_wg_overlap=None, seqused_k=None):
         self.calls += 1
-        key = (q.dtype, q.shape[-1], v.shape[-1], tile_mn, mma_pv_is_rs, intra_wg_overlap, seqused_k is None,
-               q.requires_grad)
+        key = self.key(q, k, v, tile_mn, mma_pv_is_rs, intra_wg_overlap, seqused_k)
         if key not in self.compile_cache:
-            self.compile_cache[key] = self.kernel
+            self.compile_cache[key] = functools.partial(self.kernel, key)
         out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
         self.compile_cache[key](q, k, v, out, None, 1.0 / math.sqrt(q.shape[-1]), None, None, None, seqused_k,
                                 None, None, None, None, None, ("no", "aux"), None, None)
@@ -64,50 +73,57 @@ def _launcher(fwd, settings=(0, False), launchable=True):
                          no_aux_data=lambda: ("no", "aux"))
 
 
-def _qkv(lq, lk, b=2, h=4, d=16, dv=16, dtype=torch.bfloat16, seed=0):
+def _qkv(lq, lk, b=2, h=4, d=16, dv=16, dtype=torch.bfloat16, seed=0, hk=None):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(b, lq, h, d, generator=g, dtype=dtype), torch.randn(b, lk, h, d, generator=g, dtype=dtype),
-            torch.randn(b, lk, h, dv, generator=g, dtype=dtype))
+    hk = h if hk is None else hk
+    return (torch.randn(b, lq, h, d, generator=g, dtype=dtype), torch.randn(b, lk, hk, d, generator=g, dtype=dtype),
+            torch.randn(b, lk, hk, dv, generator=g, dtype=dtype))
 
 
 def test_the_first_call_primes_and_later_calls_of_any_length_launch_the_kernel_alone(fwd):
     call = _launcher(fwd)
     q, k, v = _qkv(5, 7)
     first = call(q, k, v)
-    assert (fwd.calls, fwd.launches, dict(call.counts)) == (1, 1, {"primed": 1})
+    assert (fwd.calls, len(fwd.launches), dict(call.counts)) == (1, 1, {"primed": 1})
     assert torch.equal(first, fwd(q, k, v)[0])
-    fwd.calls = fwd.launches = 0
+    fwd.calls, fwd.launches = 0, []
     for lq, lk in ((5, 7), (11, 3), (64, 64)):  # lengths are runtime values of one compiled kernel
         q, k, v = _qkv(lq, lk, seed=lq)
         out = call(q, k, v)
         assert torch.equal(out, _reference(q, k, v, 1.0 / math.sqrt(16))), (lq, lk)
         assert out.shape == (2, lq, 4, 16) and out.dtype == torch.bfloat16 and out.is_contiguous()
-    assert (fwd.calls, fwd.launches) == (0, 3)
+    assert fwd.calls == 0 and fwd.launches == [fwd.key(q, k, v)] * 3
     assert dict(call.counts) == {"primed": 1, "launched": 3}
     assert len(call.entries) == 1 and fwd.compile_cache.__class__ is dict  # FA4's cache attribute is given back
 
 
-def test_each_signature_primes_once(fwd):
+def test_each_signature_primes_once_and_launches_its_own_kernel(fwd):
+    """Each signature (tiles, used key counts, value head dim, dtype, query heads per key head) gets the compiled
+    kernel FA4's forward looked up for it, and later calls of that signature launch that kernel, not another's."""
     call = _launcher(fwd)
     q, k, v = _qkv(5, 7)
     tiles = ak.FlashAttnTiles(128, 96, False, True)
     counts = torch.tensor([7, 4], dtype=torch.int32)
-    for _ in range(2):
-        call(q, k, v)
-        call(q, k, v, tiles)
-        out = call(q, k, v, None, counts)
-        call(*_qkv(5, 7, dv=32))
-        call(*_qkv(5, 7, h=4, dtype=torch.float16))
-    assert torch.equal(out, _reference(q, k, v, 1.0 / math.sqrt(16), counts))
-    assert dict(call.counts) == {"primed": 5, "launched": 5} and len(call.entries) == 5
-    assert fwd.calls == 5
+    cases = [((q, k, v), {}), ((q, k, v), {"tiles": tiles}), ((q, k, v), {"seqused_k": counts}),
+             (_qkv(5, 7, dv=32), {}), (_qkv(5, 7, dtype=torch.float16), {}), (_qkv(5, 7, h=4, hk=2), {})]
+    for rep in range(2):
+        for (a, b, c), kw in cases:
+            t = kw.get("tiles")
+            out = call(a, b, c, t, kw.get("seqused_k"))
+            fa4_kw = {} if t is None else dict(tile_mn=(t.tile_m, t.tile_n), mma_pv_is_rs=t.mma_pv_is_rs,
+                                               intra_wg_overlap=t.intra_wg_overlap)
+            assert fwd.launches[-1] == fwd.key(a, b, c, seqused_k=kw.get("seqused_k"), **fa4_kw), (rep, kw)
+            assert torch.equal(out, _reference(a, b, c, 1.0 / math.sqrt(a.shape[-1]), kw.get("seqused_k")))
+    assert dict(call.counts) == {"primed": 6, "launched": 6} and len(call.entries) == 6
+    assert fwd.calls == 6
     call.key_settings = lambda: (1, False)  # FA4's log level enters its compile key: another signature
     call(q, k, v)
-    assert call.counts["primed"] == 6
+    assert call.counts["primed"] == 7
 
 
 @pytest.mark.parametrize("case", ["requires grad", "fp32", "last dim strided", "broadcast", "no keys", "not launchable",
-                                  "int64 counts", "counts of another length"])
+                                  "int64 counts", "counts of another length", "strided counts", "unaligned",
+                                  "stride not a multiple of 16 bytes", "keys of another dtype", "no heads"])
 def test_calls_outside_the_plain_case_go_through_the_forward(fwd, case):
     call = _launcher(fwd, launchable=case != "not launchable")
     q, k, v = _qkv(5, 7)
@@ -127,22 +143,41 @@ def test_calls_outside_the_plain_case_go_through_the_forward(fwd, case):
         used = torch.tensor([7, 4])
     elif case == "counts of another length":
         used = torch.tensor([7, 4, 1], dtype=torch.int32)
+    elif case == "strided counts":
+        used = torch.tensor([7, 0, 4, 0], dtype=torch.int32)[::2]
+    elif case == "unaligned":  # the same values one element past an aligned start
+        q = torch.cat([q.new_zeros(1), q.flatten()])[1:].view(q.shape)
+    elif case == "stride not a multiple of 16 bytes":  # 20 bf16 elements per row, 16 used
+        q = torch.cat([q, q.new_zeros(2, 5, 4, 4)], dim=-1)[..., :16]
+    elif case == "keys of another dtype":
+        k = k.half()
+    elif case == "no heads":
+        q, k, v = q[:, :, :0], k[:, :, :0], v[:, :, :0]
     fwd.calls = 0
-    if case != "no keys":  # the stand-in itself cannot attend over no keys; FA4 returns zeros there
+    if case not in ("no keys", "no heads", "keys of another dtype"):  # inputs the stand-in itself cannot take
         call(q, k, v, None, used)
         assert fwd.calls == 1
     assert call.signature(q, k, v, None, used) is None
     assert call.counts["launched"] == 0
 
 
-def test_a_forward_that_looks_up_no_kernel_is_named(fwd):
+def test_a_forward_that_looks_up_no_kernel_or_two_is_named(fwd):
     def no_cache_lookup(q, k, v, **kw):
         return _reference(q, k, v), None
     no_cache_lookup.compile_cache = {}
     call = _launcher(no_cache_lookup)
-    with pytest.raises(RuntimeError, match="did not look up a compiled kernel.*fa4_call='direct'"):
+    with pytest.raises(RuntimeError, match="looked up 0 compiled kernels.*fa4_call='direct'"):
         call(*_qkv(5, 7))
     assert no_cache_lookup.compile_cache == {} and type(no_cache_lookup.compile_cache) is dict
+
+    def two_lookups(q, k, v, **kw):  # e.g. another FA4 call elsewhere during the first call
+        two_lookups.compile_cache["a"] = two_lookups.compile_cache["b"] = fwd.kernel
+        return _reference(q, k, v), None
+    two_lookups.compile_cache = {}
+    call = _launcher(two_lookups)
+    with pytest.raises(RuntimeError, match="looked up 2 compiled kernels"):
+        call(*_qkv(5, 7))
+    assert not call.entries
 
 
 def test_the_cache_attribute_is_given_back_when_the_forward_raises(fwd):

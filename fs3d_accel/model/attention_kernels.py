@@ -304,7 +304,7 @@ def flash_attn_cute_tiled(q: Tensor, k: Tensor, v: Tensor, tiles: FlashAttnTiles
 #: under cProfile (session 19, ``results/slat_host_profile_h100/session19/repeat/``, inflated by the profiler;
 #: 96-192 FA4 calls per object, each of them in SLaT's per-object graph recording). No gradients: a call whose inputs
 #: require them, with grad mode on, is refused. On an H100 (session 21): bit-identical to "custom-op" (GPU test);
-#: 50-73 against 85-95 µs of host per call, against 40-91 µs for ``_flash_attn_fwd`` alone
+#: 50-85 against 85-103 µs of host per call, against 40-91 µs for ``_flash_attn_fwd`` alone
 #: (``benchmarks/attention_host_cost.py``, ``results/attention_host_cost_h100/session21/``); per object SLaT faster
 #: in 6 of 6 rounds at 14k and 5 of 6 at 20k (variants ``-fd`` of ``benchmarks/stage_latency.py``,
 #: ``results/base_vs_official_h100/session21/``).

@@ -22,14 +22,20 @@ softcap, score or mask mod, paged or split KV, varlen ``cu_seqlens``, ``lse``). 
 another architecture than SM90, or an FA4 whose SM90 kernel takes other call arguments than the ones checked.
 
 Safe inside CUDA graph capture once a signature is primed (nothing synchronises; the kernel launches on the current
-stream, as FA4's own call does); the first call of a signature may compile and is not thread-safe (it swaps FA4's
-cache attribute for the call's duration).
+stream, as FA4's own call does); the first call of a signature may compile, so make it before a capture. It swaps FA4's
+cache attribute for the call's duration, under a lock; an FA4 call made elsewhere in the process at that moment,
+outside this path, would be recorded too, and if it looked up another key the first call refuses with a clear error
+instead of keeping a wrong kernel. What
+is checked of FA4 itself: the SM90 kernel's parameter names, FA4's own arch choice, and that the call looked up exactly
+one compiled kernel. Another FA4 version could change what its key means without changing those; the GPU tests
+(``tests/test_fa4_kernel_call.py``) are the check to run after an FA4 update.
 """
 from __future__ import annotations
 
 import dataclasses
 import inspect
 import math
+import threading
 from collections import Counter
 from typing import Callable, Optional
 
@@ -42,6 +48,8 @@ SM90_CALL_PARAMETERS = ("mQ", "mK", "mV", "mO", "mLSE", "softmax_scale", "mCuSeq
                         "mSeqUsedK", "mPageTable", "window_size_left", "window_size_right", "learnable_sink",
                         "blocksparse_tensors", "aux_data", "mCuTotalMBlocks", "mCuTotalSplitsMBlocks", "stream")
 _HALF = (torch.bfloat16, torch.float16)
+#: held while a first call swaps FA4's compile-cache attribute (one process-wide cache, so one lock)
+_PRIME_LOCK = threading.Lock()
 
 
 def fa4_forward() -> Callable:
@@ -51,10 +59,14 @@ def fa4_forward() -> Callable:
 
 
 def sm90_kernel_takes_known_arguments(q: Tensor) -> bool:
-    """True where ``q``'s device is SM90 and FA4's SM90 forward kernel takes :data:`SM90_CALL_PARAMETERS`."""
+    """True where ``q``'s device is SM90, FA4 picks its SM90 kernels (its own arch choice, which
+    ``FLASH_ATTENTION_ARCH`` can override, is read too) and that forward kernel takes :data:`SM90_CALL_PARAMETERS`."""
     if not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] != 9:
         return False
     from flash_attn.cute.flash_fwd_sm90 import FlashAttentionForwardSm90
+    from flash_attn.cute.interface import _get_device_arch
+    if _get_device_arch() // 10 != 9:
+        return False
     names = tuple(inspect.signature(FlashAttentionForwardSm90.__call__).parameters)[1:]
     return names == SM90_CALL_PARAMETERS
 
@@ -82,21 +94,22 @@ def _forward_kwargs(tiles, seqused_k: Tensor | None) -> dict:
 
 
 class _KeyRecorder:
-    """Stands in for ``_flash_attn_fwd.compile_cache`` during one call and remembers the key that call looked up."""
+    """Stands in for ``_flash_attn_fwd.compile_cache`` during one call and remembers the keys that call looked up
+    (one, for the calls this path takes)."""
 
     def __init__(self, inner):
-        self.inner, self.key = inner, None
+        self.inner, self.keys = inner, []
 
     def __contains__(self, key) -> bool:
-        self.key = key
+        self.keys.append(key)
         return key in self.inner
 
     def __getitem__(self, key):
-        self.key = key
+        self.keys.append(key)
         return self.inner[key]
 
     def __setitem__(self, key, value) -> None:
-        self.key = key
+        self.keys.append(key)
         self.inner[key] = value
 
 
@@ -149,7 +162,7 @@ class Fa4KernelCall:
         if k.device != q.device or v.device != q.device:
             return None
         if (k.shape[0] != b or v.shape[0] != b or k.shape[3] != d or v.shape[1] != k.shape[1] or v.shape[2] != hk
-                or b * lq == 0 or k.shape[1] == 0 or hk == 0 or h % hk != 0):
+                or b * lq * h * d == 0 or k.shape[1] == 0 or hk == 0 or h % hk != 0):
             return None
         if not (_plain_layout(q) and _plain_layout(k) and _plain_layout(v)):
             return None
@@ -172,21 +185,25 @@ class Fa4KernelCall:
         return self._launchable_devices[q.device]
 
     def _prime(self, q, k, v, tiles, seqused_k, sig) -> Tensor:
-        """One call through FA4's forward, keeping the compiled function under the key it looked up."""
+        """One call through FA4's forward, keeping the compiled function under the key it looked up. Under a lock
+        (the forward's cache attribute is swapped for the call's duration), and only a call that looked up exactly one
+        key is kept."""
         fwd = self._forward()
-        cache = fwd.compile_cache
-        recorder = _KeyRecorder(cache)
-        fwd.compile_cache = recorder
-        try:
-            out = fwd(q, k, v, **_forward_kwargs(tiles, seqused_k))[0]
-        finally:
-            fwd.compile_cache = cache
-        if recorder.key is None or recorder.key not in cache:
-            raise RuntimeError("FA4's forward did not look up a compiled kernel for a call fa4_call='kernel' takes; "
-                               "this FA4 differs from the one it was written for (commit 0251105): use "
-                               "fa4_call='direct'")
+        with _PRIME_LOCK:
+            cache = fwd.compile_cache
+            recorder = _KeyRecorder(cache)
+            fwd.compile_cache = recorder
+            try:
+                out = fwd(q, k, v, **_forward_kwargs(tiles, seqused_k))[0]
+            finally:
+                fwd.compile_cache = cache
+        keys = set(recorder.keys)
+        if len(keys) != 1 or next(iter(keys)) not in cache:
+            raise RuntimeError(f"FA4's forward looked up {len(keys)} compiled kernels (not one) for a call "
+                               "fa4_call='kernel' takes; this FA4 differs from the one it was written for (commit "
+                               "0251105): use fa4_call='direct'")
         no_aux = (self.no_aux_data or fa4_no_aux_data)()
-        self.entries[sig] = (cache[recorder.key], 1.0 / math.sqrt(q.shape[-1]), no_aux)
+        self.entries[sig] = (cache[next(iter(keys))], 1.0 / math.sqrt(q.shape[-1]), no_aux)
         self.counts["primed"] += 1
         return out
 

@@ -678,7 +678,7 @@ FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"] = dataclasses.replace(
 
 # The headline path with FlashAttention-4 called through the operator registered with ``torch.library.Library`` whose
 # kernel calls FA4's forward function itself (``fa4_call="direct"``): the same kernel with the same arguments (bit-
-# identical in the GPU test, ``tests/test_fa4_direct_call.py``), 50-73 against 85-95 µs of host time per call
+# identical in the GPU test, ``tests/test_fa4_direct_call.py``), 50-85 against 85-103 µs of host time per call
 # (``results/attention_host_cost_h100/session21/``), which SLaT's per-object graph recording pays 96-192 times. Per
 # object on one H100, three rounds each in two runs (session 21, ``results/base_vs_official_h100/session21/``): SLaT at
 # 14k 0.523 / 0.535 / 0.527 and 0.556 / 0.527 / 0.540 s against 0.547 / 0.579 / 0.544 and 0.560 / 0.534 / 0.571 s for
@@ -688,11 +688,12 @@ FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-fd"] = dataclasses.replace(
     FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"], fa4_call="direct")
 # The headline path with FA4's cached compiled kernel launched directly after one call through FA4's forward per
 # signature (``fa4_call="kernel"``, ``model.fa4_kernel_call``): bit-identical to FA4's forward at every length tried,
-# eagerly and replayed from a CUDA graph (GPU tests, ``tests/test_fa4_kernel_call.py``), 23-37 µs of host per call
+# and a CUDA graph's replay of it equals the eager launch (GPU tests, ``tests/test_fa4_kernel_call.py``), 23-37 µs of host per call
 # against 48-73 µs for the direct operator and 24-44 µs for cuDNN SDPA (``results/attention_host_cost_h100/
 # session21_lease2/``). Per object against ``-ge-ac-fd`` on a second H100 lease (session 21,
 # ``results/base_vs_official_h100/session21/fa4_kernel*/``): SLaT at 14k 0.505-0.512 against 0.504-0.514 s, faster in
-# 5 of 6 rounds; at 20k 5 of 6; the SS sampler 2 of 3 (0.643-0.648 s for both). Small, but the same direction.
+# 5 of 6 rounds; at 20k 5 of 6; the SS sampler 2 of 3 (0.643-0.648 s for both). Small (mostly under 1%), but mostly
+# the same direction.
 FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-fk"] = dataclasses.replace(
     FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"], fa4_call="kernel")
 
