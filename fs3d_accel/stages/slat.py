@@ -62,8 +62,7 @@ class SLaTStage(HoldsInputs, nn.Module):
         cache = self.__dict__.setdefault("_compiled_torso", {})
         # the pieces' ends are compiled into the torso (a static argument): a compiled function per setting, so that
         # its variants do not count against one function's recompile limit
-        key = (options.compile_backend, options.compile_mode, options.slat_graph_piece_blocks,
-               options.coordinate_descent, options.fa4_call)
+        key = (options.compile_mode, options.slat_graph_piece_blocks, *options.compile_key)
         if key not in cache:
             compiled = torch.compile(self.flow.dense_torso, backend=options.compile_backend,
                                      **options.compile_kwargs(options.compile_mode))

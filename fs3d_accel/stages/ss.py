@@ -83,7 +83,7 @@ class SSStage(HoldsInputs, nn.Module):
         if not options.compile_ss:
             return self.flow
         cache = self.__dict__.setdefault("_compiled", {})
-        key = (options.compile_backend, options.compile_mode, options.coordinate_descent, options.fa4_call)
+        key = (options.compile_mode, *options.compile_key)
         if key not in cache:
             cache[key] = torch.compile(self.flow, backend=options.compile_backend, dynamic=False,
                                        **options.compile_kwargs(options.compile_mode))
