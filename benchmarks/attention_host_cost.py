@@ -121,9 +121,9 @@ def record(fn: Callable[[], object], calls: int, device: torch.device) -> tuple[
     """Record ``calls`` calls of ``fn`` into a new CUDA graph with the samplers' own recorder
     (``stages.graphs._record_without_sync``: its capture stream and lock, ``thread_local`` mode, no device sync, a fresh
     pool, a failed recording ended cleanly) and return the host seconds of the calls and of what follows them
-    (``capture_end``, the graph's instantiation). The graph is dropped unreplayed, and its pool's memory handed back
-    (``empty_cache``, after the timing): a dropped graph's private pool stays reserved until then, so repeated recordings
-    would otherwise grow the reserved memory (session 21's GPU test: +8 MB over three)."""
+    (``capture_end``, the graph's instantiation). The graph is dropped unreplayed, and its pool's memory handed
+    back (``empty_cache``, after the timing): a dropped graph's private pool stays reserved until then, so repeated
+    recordings would otherwise grow the reserved memory (session 21's GPU test: +8 MB over three)."""
     from fs3d_accel.stages.graphs import _record_without_sync
     marks: dict[str, float] = {}
 

@@ -1254,11 +1254,7 @@ def run(args) -> list[dict]:
         finally:
             module.to("cpu")  # also drops our SS stage's held K/V (SSStage._apply), which would inflate later units
             _free(dev)
-        # fa4_call="kernel": how the unit's FA4 calls went (primed / launched / fell back), so that a timing on the
-        # kernel path shows it launched the compiled kernel rather than falling back to FA4's forward
-        kernel_calls = FA4_KERNEL_CALL.counts - kernel_calls_before
-        if kernel_calls:
-            meta.setdefault("fa4_kernel_call_counts", {})[f"{rnd} {variant} {stage} {obj or ''}"] = dict(kernel_calls)
+        record_fa4_kernel_calls(meta, f"{rnd} {variant} {stage} {obj or ''}", kernel_calls_before)
         rows.append(row)
         print(f"{'round ' + str(rnd) + ' ' if args.rounds > 1 else ''}{variant:>16} {stage:>4} {obj or '':>20} "
               f"N={row['N'] or '':>6} "
@@ -1345,6 +1341,16 @@ def run(args) -> list[dict]:
                   f"{meta['peak_tflops']:.0f}", flush=True)
             write_outputs(rows, args.out, meta)
     return rows
+
+
+def record_fa4_kernel_calls(meta: dict, unit: str, before: Counter) -> None:
+    """``fa4_call="kernel"``: how a unit's FA4 calls went since ``before`` (a copy of ``FA4_KERNEL_CALL.counts``):
+    "primed", "launched" and "fell back", under ``meta["fa4_kernel_call_counts"][unit]``, so that a timing on the kernel
+    path shows whether it launched the compiled kernel or fell back to FA4's forward. Nothing for a unit without such
+    calls."""
+    calls = FA4_KERNEL_CALL.counts - before
+    if calls:
+        meta.setdefault("fa4_kernel_call_counts", {})[unit] = dict(calls)
 
 
 FLOPS_CSV_NAME = "flops.csv"

@@ -854,7 +854,8 @@ host21.pivot_table(index="path", columns=["lease", "mode"], values="host_us", ag
 # %%
 S21 = R17 / "base_vs_official_h100" / "session21"
 runs21 = {name: load_outputs(S21 / name) for name in ("fa4_direct", "fa4_direct_ss", "fa4_kernel", "fa4_kernel_ss")}
-calls21 = pd.concat(pd.DataFrame(rows).assign(run=name, peak=meta["peak_tflops"]) for name, (rows, meta) in runs21.items())
+calls21 = pd.concat(pd.DataFrame(rows).assign(run=name, peak=meta["peak_tflops"])
+                    for name, (rows, meta) in runs21.items())
 calls21["variant"] = calls21["variant"].str.replace(P17, "", regex=False)
 calls21["N"] = calls21["N"].fillna(0).astype(int)
 
@@ -878,8 +879,8 @@ pd.concat([rounds_faster(calls21, *pair) for pair in pairs21.values()], keys=lis
 # %% [markdown]
 # SLaT's calls against issue 9's 55% of the executed FLOPs, each against its own run's measured peak (the larger of
 # the run's start and end measurements), and the kernels of the profiled call alone. At 20k the pieces path's calls
-# come within rounding of it (best 54.995%); at 14k the best call stays near 53%, ~22 ms of GPU wait per call at the object's start, while the host
-# records its graphs.
+# come within rounding of it (best 54.995%); at 14k the best call stays near 53%, ~22 ms of GPU wait per call at the
+# object's start, while the host records its graphs.
 
 # %%
 slat21 = calls21[calls21["stage"] == "slat"].copy()

@@ -411,3 +411,17 @@ def test_alternate_order_reverses_the_variants_in_even_rounds():
         bvo.round_order(variants, 0, "fixed")
     ours = TINY + ["--variants", "fp32"]
     assert bvo.parse_args(ours + ["--order", "fixed"]).order == "fixed" and bvo.parse_args(ours).order == "alternate"
+
+
+def test_a_units_fa4_kernel_calls_are_recorded_in_meta(monkeypatch):
+    """Only the calls made since the unit began, and nothing for a unit that made none."""
+    from collections import Counter
+    from fs3d_accel.model import attention_kernels as ak
+    monkeypatch.setattr(ak.FA4_KERNEL_CALL, "counts", Counter({"launched": 7, "primed": 1}))
+    meta: dict = {}
+    before = Counter(ak.FA4_KERNEL_CALL.counts)
+    bvo.record_fa4_kernel_calls(meta, "1 v slat obj", before)
+    assert meta == {}
+    ak.FA4_KERNEL_CALL.counts.update({"launched": 48, "fell back": 2})
+    bvo.record_fa4_kernel_calls(meta, "1 v slat obj", before)
+    assert meta == {"fa4_kernel_call_counts": {"1 v slat obj": {"launched": 48, "fell back": 2}}}

@@ -189,7 +189,8 @@ def test_slat_stage_compiles_in_its_own_mode_and_marks_no_static_inputs(slat_set
         return list(stage.__dict__["_compiled_torso"])
 
     try:
-        assert run(compile_mode="reduce-overhead", slat_compile_mode="default") == [("default", 0, "inductor", False, False, "custom-op")]
+        assert run(compile_mode="reduce-overhead", slat_compile_mode="default") == [
+            ("default", 0, "inductor", False, False, "custom-op")]
         assert modes == ["default"] and marked == []
         # the same options without slat_compile_mode: SLaT under CUDA graphs, its K/V marked static
         assert run(compile_mode="reduce-overhead") == [("reduce-overhead", 0, "inductor", False, False, "custom-op")]

@@ -278,3 +278,17 @@ def test_the_ops_run_inside_inductors_cpp_wrapper(monkeypatch):
     compiled = torch.compile(f, backend="inductor", options={"cpp_wrapper": True})
     with torch.no_grad():
         assert torch.allclose(compiled(x, w), f(x, w), rtol=1e-5, atol=1e-5)
+
+
+
+def test_the_kernel_path_checks_the_key_counts_like_the_other_calls(monkeypatch):
+    """Bad counts are refused by name; good ones reach the launcher contiguous."""
+    seen = []
+    monkeypatch.setattr(ak, "_check_forward_inputs", lambda *a: None)  # past the CUDA-only check, on the CPU
+    monkeypatch.setattr(ak, "FA4_KERNEL_CALL", lambda q, k, v, tiles, used: seen.append(used) or q)
+    q = torch.randn(2, 4, 2, 8, dtype=torch.bfloat16)
+    for bad in (torch.tensor([4, 2]), torch.tensor([[4, 2]], dtype=torch.int32)):
+        with pytest.raises(ValueError, match="seqused_k must be a 1-D int32 tensor"):
+            ak._flash_attn_cute_forward_kernel(q, q, q, None, bad)
+    ak._flash_attn_cute_forward_kernel(q, q, q, None, torch.tensor([4, 0, 2, 0], dtype=torch.int32)[::2])
+    assert len(seen) == 1 and seen[0].is_contiguous() and seen[0].tolist() == [4, 2]

@@ -255,11 +255,16 @@ def flash_attn_fwd_kwargs(tiles: FlashAttnTiles | None, seqused_k: Tensor | None
         kw.update(tile_mn=(tiles.tile_m, tiles.tile_n), mma_pv_is_rs=tiles.mma_pv_is_rs,
                   intra_wg_overlap=tiles.intra_wg_overlap)
     if seqused_k is not None:
-        if seqused_k.dtype != torch.int32 or seqused_k.ndim != 1:
-            raise ValueError(f"seqused_k must be a 1-D int32 tensor (one count per batch element), got "
-                             f"{seqused_k.dtype} {tuple(seqused_k.shape)}")
-        kw["seqused_k"] = seqused_k.contiguous()
+        kw["seqused_k"] = checked_seqused_k(seqused_k)
     return kw
+
+
+def checked_seqused_k(seqused_k: Tensor) -> Tensor:
+    """``seqused_k`` as FA4 takes it (contiguous), after checking it is a 1-D int32 tensor of key counts."""
+    if seqused_k.dtype != torch.int32 or seqused_k.ndim != 1:
+        raise ValueError(f"seqused_k must be a 1-D int32 tensor (one count per batch element), got "
+                         f"{seqused_k.dtype} {tuple(seqused_k.shape)}")
+    return seqused_k.contiguous()
 
 
 @torch.library.custom_op("fs3d::flash_attn_cute", mutates_args=())
@@ -312,8 +317,8 @@ def flash_attn_cute_tiled(q: Tensor, k: Tensor, v: Tensor, tiles: FlashAttnTiles
 #: compiled SM90 kernel FA4's forward cached, after one call through that forward per signature
 #: (:class:`fa4_kernel_call.Fa4KernelCall`): the same kernel with the same arguments, without the forward's ~40-90 µs
 #: of Python per call; anything outside the plain case it was written for goes through the forward. On an H100
-#: (session 21): bit-identical to the forward at every length tried, eagerly and from a CUDA graph; 23-37 µs of host
-#: per call (``results/attention_host_cost_h100/session21_lease2/``).
+#: (session 21): bit-identical to the forward at every length tried, and a CUDA graph's replay equals the eager
+#: launch; 23-37 µs of host per call (``results/attention_host_cost_h100/session21_lease2/``).
 FA4_CALL_CUSTOM_OP = "custom-op"
 FA4_CALL_DIRECT = "direct"
 FA4_CALL_KERNEL = "kernel"
@@ -370,61 +375,51 @@ def _flash_attn_cute_forward_kernel(q: Tensor, k: Tensor, v: Tensor, tiles: Flas
     """FA4's cached compiled kernel launched by :data:`FA4_KERNEL_CALL` (looked up at call time, so tests can stand
     in for it), with ``tiles`` and ``seqused_k`` as in :func:`_flash_attn_cute_forward`."""
     _check_forward_inputs(q, k, v, FA4_CALL_KERNEL)
-    if seqused_k is not None:
-        flash_attn_fwd_kwargs(None, seqused_k)  # the same check of the counts as the other calls
-        seqused_k = seqused_k.contiguous()
-    return FA4_KERNEL_CALL(q, k, v, tiles, seqused_k)
+    return FA4_KERNEL_CALL(q, k, v, tiles, None if seqused_k is None else checked_seqused_k(seqused_k))
 
 
-#: the operator library of ``fs3d::flash_attn_cute_direct`` (an operator lives as long as its library object)
+#: the operator library of ``fs3d::flash_attn_cute_direct`` and ``fs3d::flash_attn_cute_kernel`` (an operator lives
+#: as long as its library object)
 _DIRECT_LIB = torch.library.Library("fs3d", "FRAGMENT")
-_DIRECT_LIB.define("flash_attn_cute_direct(Tensor q, Tensor k, Tensor v, int tile_m=0, int tile_n=0, "
-                   "bool mma_pv_is_rs=True, bool intra_wg_overlap=True, Tensor? seqused_k=None) -> Tensor",
-                   tags=(torch.Tag.pt2_compliant_tag,))
+_INFERENCE_OP_ARGS = ("(Tensor q, Tensor k, Tensor v, int tile_m=0, int tile_n=0, bool mma_pv_is_rs=True, "
+                      "bool intra_wg_overlap=True, Tensor? seqused_k=None) -> Tensor")
 
 
 def _refuse_gradients(q: Tensor, k: Tensor, v: Tensor) -> None:
-    """The direct operator has no derivative; torch's fallback for such an operator would let a backward pass through
-    it with only a warning, so a call that could need gradients is refused here instead."""
+    """The direct and kernel operators have no derivative; torch's fallback for such an operator would let a backward
+    pass through it with only a warning, so a call that could need gradients is refused here instead."""
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         raise ValueError("fa4_call='direct' or 'kernel' computes no gradients (FA4 is called for inference); run "
                          "under torch.no_grad(), or use fa4_call='custom-op'")
 
 
-def _flash_attn_cute_direct(q: Tensor, k: Tensor, v: Tensor, tile_m: int = 0, tile_n: int = 0,
-                            mma_pv_is_rs: bool = True, intra_wg_overlap: bool = True,
-                            seqused_k: Optional[Tensor] = None) -> Tensor:
-    _refuse_gradients(q, k, v)
-    tiles = None if tile_m == 0 and tile_n == 0 else FlashAttnTiles(tile_m, tile_n, mma_pv_is_rs, intra_wg_overlap)
-    return _flash_attn_cute_forward_direct(q, k, v, tiles, seqused_k).contiguous()
+def _inference_op_kernel(forward_name: str):
+    """The kernel of an inference-only FA4 operator: refuses gradients, turns the schema's plain tile values back into
+    :class:`FlashAttnTiles`, and calls the module function ``forward_name`` (looked up at each call, so tests can
+    stand in for it)."""
+    def kernel(q: Tensor, k: Tensor, v: Tensor, tile_m: int = 0, tile_n: int = 0, mma_pv_is_rs: bool = True,
+               intra_wg_overlap: bool = True, seqused_k: Optional[Tensor] = None) -> Tensor:
+        _refuse_gradients(q, k, v)
+        tiles = None if tile_m == 0 and tile_n == 0 else FlashAttnTiles(tile_m, tile_n, mma_pv_is_rs,
+                                                                         intra_wg_overlap)
+        return globals()[forward_name](q, k, v, tiles, seqused_k).contiguous()
+    return kernel
 
 
-def _flash_attn_cute_direct_fake(q: Tensor, k: Tensor, v: Tensor, tile_m: int = 0, tile_n: int = 0,
-                                 mma_pv_is_rs: bool = True, intra_wg_overlap: bool = True,
-                                 seqused_k: Optional[Tensor] = None) -> Tensor:
+def _inference_op_fake(q: Tensor, k: Tensor, v: Tensor, tile_m: int = 0, tile_n: int = 0,
+                       mma_pv_is_rs: bool = True, intra_wg_overlap: bool = True,
+                       seqused_k: Optional[Tensor] = None) -> Tensor:
     _refuse_gradients(q, k, v)
     return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
-# every backend (the kernel itself refuses non-CUDA tensors with a clear message); no autograd kernel
-_DIRECT_LIB.impl("flash_attn_cute_direct", _flash_attn_cute_direct, "CompositeExplicitAutograd")
-torch.library.register_fake("fs3d::flash_attn_cute_direct", _flash_attn_cute_direct_fake, lib=_DIRECT_LIB)
+# every backend (the kernels themselves refuse non-CUDA tensors with a clear message); no autograd kernel
+for _name, _forward in (("flash_attn_cute_direct", "_flash_attn_cute_forward_direct"),
+                        ("flash_attn_cute_kernel", "_flash_attn_cute_forward_kernel")):
+    _DIRECT_LIB.define(_name + _INFERENCE_OP_ARGS, tags=(torch.Tag.pt2_compliant_tag,))
+    _DIRECT_LIB.impl(_name, _inference_op_kernel(_forward), "CompositeExplicitAutograd")
+    torch.library.register_fake(f"fs3d::{_name}", _inference_op_fake, lib=_DIRECT_LIB)
 _DIRECT_OP = torch.ops.fs3d.flash_attn_cute_direct.default
-
-
-def _flash_attn_cute_kernel(q: Tensor, k: Tensor, v: Tensor, tile_m: int = 0, tile_n: int = 0,
-                            mma_pv_is_rs: bool = True, intra_wg_overlap: bool = True,
-                            seqused_k: Optional[Tensor] = None) -> Tensor:
-    _refuse_gradients(q, k, v)
-    tiles = None if tile_m == 0 and tile_n == 0 else FlashAttnTiles(tile_m, tile_n, mma_pv_is_rs, intra_wg_overlap)
-    return _flash_attn_cute_forward_kernel(q, k, v, tiles, seqused_k).contiguous()
-
-
-_DIRECT_LIB.define("flash_attn_cute_kernel(Tensor q, Tensor k, Tensor v, int tile_m=0, int tile_n=0, "
-                   "bool mma_pv_is_rs=True, bool intra_wg_overlap=True, Tensor? seqused_k=None) -> Tensor",
-                   tags=(torch.Tag.pt2_compliant_tag,))
-_DIRECT_LIB.impl("flash_attn_cute_kernel", _flash_attn_cute_kernel, "CompositeExplicitAutograd")
-torch.library.register_fake("fs3d::flash_attn_cute_kernel", _flash_attn_cute_direct_fake, lib=_DIRECT_LIB)
 _KERNEL_OP = torch.ops.fs3d.flash_attn_cute_kernel.default
 
 
@@ -444,5 +439,6 @@ __all__ = ["ATTENTION_KERNELS", "ATTENTION_ROLES", "FA4_CALLS", "FA4_CALL_CUSTOM
            "SMALL_QUERY_FA2", "SMALL_QUERY_KERNELS", "SMALL_QUERY_MATMUL", "current_attention_kernel",
            "current_fa4_call", "current_flash_attn_tiles", "current_small_query_kernel", "current_small_query_limit",
            "flash2_small_query_attention", "flash_attn_cute", "flash_attn_cute_tiled", "flash_attn_cute_unavailable",
-           "flash_attn_fwd_kwargs", "small_query_attention", "small_query_path", "use_attention_kernel",
+           "checked_seqused_k", "flash_attn_fwd_kwargs", "small_query_attention", "small_query_path",
+           "use_attention_kernel",
            "use_fa4_call", "use_small_query_path"]

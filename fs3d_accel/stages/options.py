@@ -420,8 +420,8 @@ class RunOptions:
         if not isinstance(self.cpp_wrapper, bool):
             raise ValueError(f"cpp_wrapper is a bool, got {self.cpp_wrapper!r}")
         if self.cpp_wrapper and (self.compile_backend != "inductor" or not (self.compile_ss or self.compile_slat)):
-            raise ValueError("cpp_wrapper is inductor's C++ wrapper around the code it generates: it needs the inductor "
-                             "backend and compile_ss or compile_slat")
+            raise ValueError("cpp_wrapper is inductor's C++ wrapper around the code it generates: it needs the "
+                             "inductor backend and compile_ss or compile_slat")
         if not isinstance(self.derive_unguided_tables, bool):
             raise ValueError(f"derive_unguided_tables is a bool, got {self.derive_unguided_tables!r}")
         if self.derive_unguided_tables and not self.batch_cfg:
@@ -709,9 +709,9 @@ FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-fd"] = dataclasses.replace(
     FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"], fa4_call="direct")
 # The headline path with FA4's cached compiled kernel launched directly after one call through FA4's forward per
 # signature (``fa4_call="kernel"``, ``model.fa4_kernel_call``): bit-identical to FA4's forward at every length tried,
-# and a CUDA graph's replay of it equals the eager launch (GPU tests, ``tests/test_fa4_kernel_call.py``), 23-37 µs of host per call
-# against 48-73 µs for the direct operator and 24-44 µs for cuDNN SDPA (``results/attention_host_cost_h100/
-# session21_lease2/``). Per object against ``-ge-ac-fd`` on a second H100 lease (session 21,
+# and a CUDA graph's replay of it equals the eager launch (GPU tests, ``tests/test_fa4_kernel_call.py``), 23-37 µs of
+# host per call against 48-73 µs for the direct operator and 24-44 µs for cuDNN SDPA
+# (``results/attention_host_cost_h100/session21_lease2/``). Per object against ``-ge-ac-fd`` on a second H100 lease (session 21,
 # ``results/base_vs_official_h100/session21/fa4_kernel*/``): SLaT at 14k 0.505-0.512 against 0.504-0.514 s, faster in
 # 5 of 6 rounds; at 20k 5 of 6; the SS sampler 2 of 3 (0.643-0.648 s for both). Small (mostly under 1%), but mostly
 # the same direction.
