@@ -252,12 +252,6 @@ FK_LONG = AC_LONG + ", FA4's compiled kernel launched directly"
 VARIANTS[FK_LONG] = dataclasses.replace(VARIANTS[AC_LONG], fa4_call="kernel")
 NC_FK_LONG = NC_LONG + ", FA4's compiled kernel launched directly"
 VARIANTS[NC_FK_LONG] = dataclasses.replace(VARIANTS[NC_LONG], fa4_call="kernel")
-# ... with inductor's C++ wrapper (``cpp_wrapper``): the compiled SS flow and SLaT torso launch their kernels from
-# generated C++ instead of Python, for less host time in each object's graph recording
-FK_CW_LONG = FK_LONG + ", inductor's C++ wrapper"
-VARIANTS[FK_CW_LONG] = dataclasses.replace(VARIANTS[FK_LONG], cpp_wrapper=True)
-NC_FK_CW_LONG = NC_FK_LONG + ", inductor's C++ wrapper"
-VARIANTS[NC_FK_CW_LONG] = dataclasses.replace(VARIANTS[NC_FK_LONG], cpp_wrapper=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -344,8 +338,6 @@ SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-fd"] = FD_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fd"] = NC_FD_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-fk"] = FK_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk"] = NC_FK_LONG
-SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-fk-cw"] = FK_CW_LONG
-SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cw"] = NC_FK_CW_LONG
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

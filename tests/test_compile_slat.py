@@ -190,33 +190,15 @@ def test_slat_stage_compiles_in_its_own_mode_and_marks_no_static_inputs(slat_set
 
     try:
         assert run(compile_mode="reduce-overhead", slat_compile_mode="default") == [
-            ("default", 0, "inductor", False, False, "custom-op")]
+            ("default", 0, "inductor", False, "custom-op")]
         assert modes == ["default"] and marked == []
         # the same options without slat_compile_mode: SLaT under CUDA graphs, its K/V marked static
-        assert run(compile_mode="reduce-overhead") == [("reduce-overhead", 0, "inductor", False, False, "custom-op")]
+        assert run(compile_mode="reduce-overhead") == [("reduce-overhead", 0, "inductor", False, "custom-op")]
         assert modes == ["reduce-overhead"] and len(marked) > 0
     finally:
         stage.__dict__.pop("_compiled_torso", None)
         if saved is not None:
             stage.__dict__["_compiled_torso"] = saved
-
-
-def test_cpp_wrapper_passes_the_modes_options_plus_the_wrapper():
-    """``cpp_wrapper``: torch.compile gets the compile mode's inductor options plus ``cpp_wrapper`` (with the tuning
-    too where both are on), and bad settings are refused."""
-    from torch._inductor import list_mode_options
-    wrapped = RunOptions(compile_slat=True, compile_mode="reduce-overhead", cpp_wrapper=True)
-    assert wrapped.compile_kwargs("reduce-overhead") == {
-        "options": {**list_mode_options("reduce-overhead"), "cpp_wrapper": True}}
-    both = RunOptions(compile_ss=True, cpp_wrapper=True, coordinate_descent=True)
-    assert both.compile_kwargs("default") == {"options": {"coordinate_descent_tuning": True, "cpp_wrapper": True}}
-    assert wrapped.compile_key != RunOptions(compile_slat=True, compile_mode="reduce-overhead").compile_key
-    with pytest.raises(ValueError, match="cpp_wrapper is a bool"):
-        RunOptions(compile_slat=True, cpp_wrapper="yes")
-    with pytest.raises(ValueError, match="cpp_wrapper is inductor's C\\+\\+ wrapper.*needs the inductor backend"):
-        RunOptions(cpp_wrapper=True)
-    with pytest.raises(ValueError, match="needs the inductor backend"):
-        RunOptions(compile_slat=True, compile_backend="aot_eager", cpp_wrapper=True)
 
 
 def test_coordinate_descent_passes_the_modes_options_plus_the_tuning(monkeypatch):
@@ -249,12 +231,7 @@ def test_coordinate_descent_passes_the_modes_options_plus_the_tuning(monkeypatch
         # how FA4 is called gets a compiled torso of its own too (not a recompile of the same function)
         stage.compiled_torso(RunOptions(compile_slat=True, compile_mode="reduce-overhead",
                                         attention_kernel="flash-attn-cute", fa4_call="direct"))
-        assert sorted(k[5] for k in stage.__dict__["_compiled_torso"]) == ["custom-op", "custom-op", "direct"]
-        # so does inductor's C++ wrapper
-        wrapped = RunOptions(compile_slat=True, compile_mode="reduce-overhead", cpp_wrapper=True)
-        stage.compiled_torso(wrapped), stage.compiled_torso(wrapped)
-        assert calls[-1] == {"backend": "inductor", **wrapped.compile_kwargs("reduce-overhead")}
-        assert sorted(k[4] for k in stage.__dict__["_compiled_torso"]) == [False, False, False, True]
+        assert sorted(k[4] for k in stage.__dict__["_compiled_torso"]) == ["custom-op", "custom-op", "direct"]
         calls.clear()
         ss_plain = RunOptions(compile_ss=True, compile_mode="reduce-overhead")
         ss_tuned = RunOptions(compile_ss=True, compile_mode="reduce-overhead", coordinate_descent=True)

@@ -261,26 +261,6 @@ def test_the_launched_kernel_replays_in_a_cuda_graph():
     assert call.counts["launched"] == 2
 
 
-def test_the_ops_run_inside_inductors_cpp_wrapper(monkeypatch):
-    """``RunOptions.cpp_wrapper``: inductor's generated C++ calls the direct and kernel operators (Python kernels)
-    through the dispatcher; the compiled function gives the eager values (a stand-in plays FA4 on the CPU)."""
-    def stand_in(q, k, v, tiles=None, seqused_k=None):
-        return _reference(q, k, v)
-    monkeypatch.setattr(ak, "_flash_attn_cute_forward_kernel", stand_in)
-    monkeypatch.setattr(ak, "_flash_attn_cute_forward_direct", stand_in)
-
-    def f(x, w):
-        q = torch.relu(x @ w).view(1, -1, 2, 8)
-        a = torch.ops.fs3d.flash_attn_cute_kernel(q, q, q) + torch.ops.fs3d.flash_attn_cute_direct(q, q, q)
-        return a.reshape(x.shape[0], -1) * 2 + 1
-    x, w = torch.randn(12, 16), torch.randn(16, 16)
-    torch._dynamo.reset()
-    compiled = torch.compile(f, backend="inductor", options={"cpp_wrapper": True})
-    with torch.no_grad():
-        assert torch.allclose(compiled(x, w), f(x, w), rtol=1e-5, atol=1e-5)
-
-
-
 def test_the_kernel_path_checks_the_key_counts_like_the_other_calls(monkeypatch):
     """Bad counts are refused by name; good ones reach the launcher contiguous."""
     seen = []

@@ -288,14 +288,6 @@ class RunOptions:
     #: went 47.7 -> 52.4 ms (and 47.6 -> 60.3 ms beside the nested tiled conv), and 7 of 8 calls were slower; off by default
     #: and in every named path.
     coordinate_descent: bool = False
-    #: inductor's C++ wrapper (``torch.compile(options={"cpp_wrapper": True})``) at the SS flow's and the SLaT torso's
-    #: compilation: the compiled graphs launch their kernels and call their extern ops from generated C++ instead of a
-    #: Python wrapper. Why: after session 21 the GPU still waits ~22 ms at the start of each 14k SLaT call while the
-    #: host records the object's graphs (``results/base_vs_official_h100/session21/``), and each recorded pass goes
-    #: through the torso's wrapper code for a few hundred launches. Same kernels, same arguments, so the same values;
-    #: longer first compilations (a C++ compile per graph). Needs the inductor backend. Not yet run on a GPU (variants
-    #: ``-cw`` of ``benchmarks/stage_latency.py``).
-    cpp_wrapper: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -417,11 +409,6 @@ class RunOptions:
                                         or not (self.compile_ss or self.compile_slat)):
             raise ValueError("coordinate_descent tunes the Triton kernels inductor generates: it needs the inductor "
                              "backend and compile_ss or compile_slat")
-        if not isinstance(self.cpp_wrapper, bool):
-            raise ValueError(f"cpp_wrapper is a bool, got {self.cpp_wrapper!r}")
-        if self.cpp_wrapper and (self.compile_backend != "inductor" or not (self.compile_ss or self.compile_slat)):
-            raise ValueError("cpp_wrapper is inductor's C++ wrapper around the code it generates: it needs the "
-                             "inductor backend and compile_ss or compile_slat")
         if not isinstance(self.derive_unguided_tables, bool):
             raise ValueError(f"derive_unguided_tables is a bool, got {self.derive_unguided_tables!r}")
         if self.derive_unguided_tables and not self.batch_cfg:
@@ -485,22 +472,24 @@ class RunOptions:
 
     def compile_kwargs(self, mode: str) -> dict:
         """``torch.compile`` keyword arguments for compile mode ``mode`` under these options: ``{"mode": mode}``, or with
-        ``coordinate_descent`` or ``cpp_wrapper`` the mode's inductor options plus those settings (torch.compile
-        takes a mode or options, not both); nothing for a backend other than inductor."""
+        ``coordinate_descent`` the mode's inductor options plus the tuning (torch.compile takes a mode or options, not
+        both); nothing for a backend other than inductor.
+
+        Inductor's C++ wrapper (``cpp_wrapper``) is not offered: in torch 2.11 it cannot generate the nested compile
+        regions our SS flow and SLaT torso compile each block as (session 22, H100:
+        ``results/base_vs_official_h100/session22/``)."""
         if self.compile_backend != "inductor":
             return {}
-        extra = {**({"coordinate_descent_tuning": True} if self.coordinate_descent else {}),
-                 **({"cpp_wrapper": True} if self.cpp_wrapper else {})}
-        if not extra:
+        if not self.coordinate_descent:
             return {"mode": mode}
         from torch._inductor import list_mode_options
-        return {"options": {**list_mode_options(mode), **extra}}
+        return {"options": {**list_mode_options(mode), "coordinate_descent_tuning": True}}
 
     @property
     def compile_key(self) -> tuple:
         """What makes a compiled SS flow or SLaT torso differ besides the compile mode: backend, the inductor
         settings of :meth:`compile_kwargs`, and how FA4 is called (an op traced into the graph)."""
-        return self.compile_backend, self.coordinate_descent, self.cpp_wrapper, self.fa4_call
+        return self.compile_backend, self.coordinate_descent, self.fa4_call
 
     def for_stage(self, stage: str) -> "RunOptions":
         """The options ``stage`` ("ss", "slat" or "decode") runs under: for "slat" with a ``slat_compile_mode``, that mode
