@@ -128,7 +128,7 @@ HF_FILES = ("ss_generator.yaml", "slat_generator.yaml", "ss_decoder.yaml", "slat
 CSV_NAME, README_NAME, FIG_NAME = "base_vs_official.csv", "README.md", "base_vs_official.png"
 KERNELS_CSV_NAME, KERNEL_FIG_NAME, IDLE_CSV_NAME = "kernels.csv", "kernel_classes.png", "idle.csv"
 COLUMNS = ["round", "variant", "stage", "object", "N", "median_s", "min_s", "first_call_s", "n", "speedup_vs_official",
-           "model_tflop", "achieved_tflops", "mfu", "executed_tflop", "mfu_executed", "kernel_s", "launches", "gpu_busy",
+           "model_tflop", "achieved_tflops", "mfu", "executed_tflop", "mfu_executed", "kernel_s", "mfu_kernels", "launches", "gpu_busy",
            "graphs_recorded_per_call", "peak_mem_gb", "resident_gb",
            "max_abs_vs_official", "rel_vs_official", "precision", "error"]
 
@@ -633,7 +633,8 @@ def _percent(x) -> str:
 
 def complete_rows(rows: list[dict], peak_tflops: float | None) -> list[dict]:
     """Fill speedup vs official (the official unit of the same round), achieved TFLOP/s and MFU (in place;
-    returns rows)."""
+    returns rows). Profiled units (``kernel_s``) also get ``mfu_kernels``: executed FLOPs over their summed kernel
+    time, what the call would reach if the GPU never waited on the host."""
     official = {(r.get("round", 1), r["stage"], r.get("object")): r["median_s"] for r in rows
                 if r["variant"] == "official" and not r.get("error")}
     for r in rows:
@@ -646,6 +647,9 @@ def complete_rows(rows: list[dict], peak_tflops: float | None) -> list[dict]:
             else float("nan")
         e = r.get("executed_tflop", float("nan"))
         r["mfu_executed"] = e / t / peak_tflops if peak_tflops and e == e and t == t and t > 0 else float("nan")
+        if "kernel_s" in r:  # the profiled unit's summed kernels: the MFU of a call that never waited on the host
+            k = r["kernel_s"]
+            r["mfu_kernels"] = e / k / peak_tflops if peak_tflops and e == e and k == k and k > 0 else float("nan")
     return rows
 
 
@@ -666,7 +670,9 @@ def readme_text(rows: list[dict], meta: dict) -> str:
     busy = any("gpu_busy" in r for r in rows)
     if busy:
         lines += ["GPU busy = summed CUDA kernel time of one extra, profiled call / median wall time; far below 100% "
-                  "means the call waits on the host (Python, launches), so its time depends on the CPU next to the GPU.",
+                  "means the call waits on the host (Python, launches), so its time depends on the CPU next to the GPU. "
+                  "MFU (kernels) = executed FLOPs / that summed kernel time / the peak: the ceiling of a call whose "
+                  "GPU never waits.",
                   f"Host CPU: {meta.get('host_cpu', 'unknown')}.", ""]
     lines += ["", "Graphs recorded / call = CUDA graphs recorded per call after the first (warm-up and timed calls). "
               "Inductor's cudagraph trees: 0 where a compiled setting only replays; 1 or more where every call pays a "
@@ -677,7 +683,7 @@ def readme_text(rows: list[dict], meta: dict) -> str:
     multi = len({r.get("round", 1) for r in rows}) > 1
     header = (["round"] if multi else []) + [
         "stage", "object", "N", "variant", "median s", "first call s", "speedup vs official", "TFLOP", "TFLOP/s", "MFU",
-        "MFU (executed)"] + (["GPU busy", "launches"] if busy else []) + [
+        "MFU (executed)"] + (["GPU busy", "MFU (kernels)", "launches"] if busy else []) + [
         "graphs recorded / call", "peak GB", "resident GB", "max abs diff vs official", "rel"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -694,7 +700,8 @@ def readme_text(rows: list[dict], meta: dict) -> str:
             f"{r['variant']} | {_fmt(r['median_s'], '.4f')} | {_fmt(r.get('first_call_s'), '.3f')} | "
             f"{_fmt(r.get('speedup_vs_official'), '.2f')} | {_fmt(r.get('model_tflop'), '.4g')} | "
             f"{_fmt(r.get('achieved_tflops'), '.1f')} | {_percent(mfu)} | {_percent(r.get('mfu_executed'))} | "
-            + (f"{_fmt(100 * r['gpu_busy'], '.0f')}% | {r['launches']} | " if "gpu_busy" in r else "| | " if busy else "")
+            + (f"{_fmt(100 * r['gpu_busy'], '.0f')}% | {_percent(r.get('mfu_kernels'))} | {r['launches']} | "
+               if "gpu_busy" in r else "| | | " if busy else "")
             + f"{_fmt(r.get('graphs_recorded_per_call'), '.2g')} | "
             f"{_fmt(r.get('peak_mem_gb'), '.2f')} | {_fmt(r.get('resident_gb'), '.2f')} | "
             f"{_fmt(r.get('max_abs_vs_official'), '.3g')} | {_fmt(r.get('rel_vs_official'), '.3g')} |")

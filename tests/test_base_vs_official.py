@@ -212,8 +212,8 @@ def test_replot_rejects_a_folder_without_outputs(tmp_path):
 
 def test_gpu_busy_columns_only_where_measured(tmp_path):
     rows = _rows()
-    rows[0].update(kernel_s=1.5, launches=120000, gpu_busy=0.5)  # official SS: 1.5 s of kernels in 3 s
-    rows[1].update(kernel_s=0.95, launches=900, gpu_busy=0.95)
+    rows[0].update(kernel_s=1.5, launches=120000, gpu_busy=0.5, executed_tflop=300.0)  # official SS: 1.5 s of kernels
+    rows[1].update(kernel_s=0.95, launches=900, gpu_busy=0.95, executed_tflop=300.0)
     rows[0]["kernels"] = {"cudnn_generated_fort_native_sdpa_sm90_flash_fprop": (1.0, 100),
                           "nvjet_sm90_tst_256x128": (0.25, 200), "Memset (Device)": (0.25, 119700)}
     rows[0]["timeline"] = Timeline(4000.0, 2500.0, (1.0, 0.5) + (0.125,) * 8,
@@ -224,8 +224,9 @@ def test_gpu_busy_columns_only_where_measured(tmp_path):
     meta = {"device": "H100", "peak_tflops": 800.0, "host_cpu": "Some CPU, 16 logical cores"}
     bvo.write_outputs(rows, tmp_path, meta)
     text = (tmp_path / bvo.README_NAME).read_text()
-    assert "| GPU busy | launches |" in text and "Some CPU, 16 logical cores" in text
-    assert "| 50% | 120000 |" in text and "| 95% | 900 |" in text
+    assert "| GPU busy | MFU (kernels) | launches |" in text and "Some CPU, 16 logical cores" in text
+    # MFU (kernels) = executed TFLOP / summed kernel seconds / peak
+    assert "| 50% | 25.0% | 120000 |" in text and "| 95% | 39.5% | 900 |" in text  # 300 / 1.5 / 800, 300 / 0.95 / 800
     # the kernel classes of the profiled unit: attention 1.0, matmul 0.25, copies 0.25, idle 4.0 - 1.5
     header = next(line for line in text.splitlines() if line.startswith("| stage | object | variant | fused"))
     cols = [c.strip() for c in header.strip("|").split("|")]
