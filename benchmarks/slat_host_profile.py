@@ -6,7 +6,8 @@ directly. For each variant it compiles on a warm-up object, then runs the SLaT s
 and records, per sampler step, the host time of the velocity call (``time.perf_counter`` around it, no device sync:
 what the Python side spends launching, recording or replaying) and the GPU time between CUDA events recorded before and
 after it (on the same stream, so the span includes any wait for earlier work). With ``--cprofile`` the last object runs
-under :mod:`cProfile` (its times are inflated by the profiler; read it for attribution, not for totals), whose top
+under :mod:`cProfile` (its times are inflated by the profiler; read it for attribution, not for totals; with
+``--cprofile-steps K`` only from the call's start to the end of step K, e.g. 1 for the first step's recording), whose top
 functions by own and cumulative time, and the callers of the eight costliest, go to ``host_profile_<variant>.txt``
 (the raw stats to ``host_profile_<variant>.prof``, for ``pstats`` or snakeviz).
 
@@ -48,10 +49,14 @@ COLUMNS = ("variant", "object", "N", "call", "step", "host_ms", "gpu_ms")
 
 
 class StepClock:
-    """Wraps a velocity function: host milliseconds of each call, and CUDA events around it (on CUDA)."""
+    """Wraps a velocity function: host milliseconds of each call, and CUDA events around it (on CUDA). With
+    ``profiler`` and ``profile_steps`` > 0, the profiler is turned off after that many calls (the rest of the call
+    runs unprofiled)."""
 
-    def __init__(self, net, device: torch.device) -> None:
+    def __init__(self, net, device: torch.device, profiler: cProfile.Profile | None = None,
+                 profile_steps: int = 0) -> None:
         self.net, self.device = net, device
+        self.profiler, self.profile_steps = profiler, profile_steps
         self.host_ms: list[float] = []
         self.events: list[tuple] = []
 
@@ -63,6 +68,8 @@ class StepClock:
         t0 = time.perf_counter()
         out = self.net(*args, **kwargs)
         self.host_ms.append(1e3 * (time.perf_counter() - t0))
+        if self.profiler is not None and len(self.host_ms) == self.profile_steps:
+            self.profiler.disable()
         if cuda:
             end = torch.cuda.Event(enable_timing=True)
             end.record()
@@ -89,8 +96,10 @@ def object_sizes_per_variant(sizes: list[int], variants: int) -> list[list[int]]
     return shifted
 
 
-def run_object(stage, noise, cond, coords, sampler_cfg, opts, device, profiler: cProfile.Profile | None = None):
-    """One SLaT sampler call; returns (per-step host ms, per-step GPU ms, call wall seconds, call GPU seconds)."""
+def run_object(stage, noise, cond, coords, sampler_cfg, opts, device, profiler: cProfile.Profile | None = None,
+               profile_steps: int = 0):
+    """One SLaT sampler call; returns (per-step host ms, per-step GPU ms, call wall seconds, call GPU seconds).
+    ``profiler`` runs from the call's start to its end, or to the end of step ``profile_steps`` where that is > 0."""
     structures: list[dict] = []
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -100,7 +109,8 @@ def run_object(stage, noise, cond, coords, sampler_cfg, opts, device, profiler: 
     try:
         if profiler is not None:
             profiler.enable()
-        clock = StepClock(stage.velocity_net(cond, coords, sampler_cfg, opts, structures), device)
+        clock = StepClock(stage.velocity_net(cond, coords, sampler_cfg, opts, structures), device, profiler,
+                          profile_steps)
         EulerFlowSampler(sampler_cfg, "slat").sample(noise.clone(), clock)
     finally:
         if profiler is not None:
@@ -168,6 +178,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", default="5000,14171", help="comma-separated voxel counts, each a new object")
     ap.add_argument("--shapes", default="crops", choices=SHAPES)
     ap.add_argument("--cprofile", action="store_true", help="run the last object under cProfile")
+    ap.add_argument("--cprofile-steps", type=int, default=0,
+                    help="with --cprofile, profile from the call's start to the end of this many sampler steps (0: "
+                         "the whole call); 1 isolates the first step, where a new object's graphs are recorded")
     ap.add_argument("--repeat", type=int, default=0,
                     help="run each object this many more times after its first call (a size the process has met: "
                          "cuBLAS and the compiled code warm, the graphs recorded again per call); with --cprofile the "
@@ -178,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.repeat < 0:
         raise SystemExit(f"--repeat must be >= 0 (extra calls per object), got {args.repeat}")
+    if args.cprofile_steps < 0 or (args.cprofile_steps and not args.cprofile):
+        raise SystemExit(f"--cprofile-steps must be >= 0 and needs --cprofile, got {args.cprofile_steps}"
+                         f"{'' if args.cprofile else ' without --cprofile'}")
     if args.top < 1:
         raise SystemExit(f"--top must be >= 1 (functions listed per cProfile table), got {args.top}")
     dev = checked_device(args.device)
@@ -202,6 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "config": args.config, "sizes": sizes, "warmup_N": len(warm), "seed": args.seed, "cprofile": args.cprofile,
+            "cprofile_steps": args.cprofile_steps,
             "variants": {v: f"{variant_label(v)} = {variant_options(v)}" for v in variants}}
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
     gen = torch.Generator().manual_seed(args.seed)
@@ -222,7 +239,7 @@ def main(argv: list[str] | None = None) -> None:
                 last = (i, r) == calls[-1]
                 profiler = cProfile.Profile() if args.cprofile and last else None
                 host, gpu, wall_s, gpu_s = run_object(stage, slat_noise(len(c), chans, gen).to(dev), cond, c,
-                                                      sampler_cfg, opts, dev, profiler)
+                                                      sampler_cfg, opts, dev, profiler, args.cprofile_steps)
                 obj = i if not args.repeat else f"{i}m{r + 1}"  # object index and meeting (never read as a number)
                 new = [{"variant": v, "object": obj, "N": len(c), "call": int(profiler is not None), "step": k,
                         "host_ms": h, "gpu_ms": g} for k, (h, g) in enumerate(zip(host, gpu))]

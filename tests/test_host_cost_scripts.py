@@ -3,6 +3,7 @@ of each (a check of the scripts; their timings mean something on a GPU only)."""
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
@@ -91,3 +92,30 @@ def test_slat_host_profile_repeat_meets_each_object_again(tmp_path):
     with pytest.raises(SystemExit, match="--repeat must be >= 0"):
         shp.main(["--device", "cpu", "--config", "mini", "--variants", "bf16", "--repeat", "-1", "--out",
                   str(tmp_path)])
+
+
+def test_cprofile_steps_profiles_only_the_first_steps(tmp_path):
+    """--cprofile-steps 1: the profile ends with the first velocity call, so it holds that step's network passes where
+    the whole call's profile holds every step's; it needs --cprofile and a count >= 0."""
+    import pstats
+
+    from fs3d_accel.model.slat_flow import SLaTFlowModel
+    line = SLaTFlowModel.forward.__code__.co_firstlineno
+
+    def network_calls(folder):  # calls of the SLaT flow's forward, one per sampler step
+        stats = pstats.Stats(str(folder / "host_profile_bf16.prof")).stats
+        return sum(v[1] for k, v in stats.items() if k[0].endswith("slat_flow.py") and k[1:] == (line, "forward"))
+
+    base = ["--device", "cpu", "--config", "mini", "--variants", "bf16", "--sizes", "120", "--cprofile", "--top", "5"]
+    shp.main(base + ["--out", str(tmp_path / "all")])
+    shp.main(base + ["--cprofile-steps", "1", "--out", str(tmp_path / "first")])
+    steps = [r for r in csv.DictReader(open(tmp_path / "all" / shp.CSV_NAME)) if r["step"] != "-1"]
+    # the first step's passes (this variant runs CFG's two branches as two passes) against at least one per step
+    assert network_calls(tmp_path / "first") == 2
+    assert network_calls(tmp_path / "all") >= len(steps) >= 3 and network_calls(tmp_path / "all") > 2
+    assert json.loads((tmp_path / "first" / "meta.json").read_text())["cprofile_steps"] == 1
+    with pytest.raises(SystemExit, match="--cprofile-steps must be >= 0 and needs --cprofile"):
+        shp.main(["--device", "cpu", "--config", "mini", "--variants", "bf16", "--cprofile-steps", "1", "--out",
+                  str(tmp_path)])
+    with pytest.raises(SystemExit, match="--cprofile-steps must be >= 0"):
+        shp.main(base + ["--cprofile-steps", "-1", "--out", str(tmp_path)])
