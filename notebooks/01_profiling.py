@@ -888,3 +888,35 @@ slat21["MFU if never idle"] = slat21["executed_tflop"] / slat21["kernel_s"] / sl
 slat21.groupby(["N", "variant"], sort=False).agg(
     best_s=("median_s", "min"), best_mfu=("mfu_executed", "max"), calls=("median_s", "size"),
     kernels_alone=("MFU if never idle", "max")).sort_values(["N", "best_mfu"], ascending=[True, False]).round(3)
+
+# %% [markdown]
+# ## 17. What 55% leaves for waiting at 14k (session 22)
+#
+# All three stages per object in one run (two rounds, one H100), on the headline path (`-ac`), with FA4's compiled
+# kernel launched directly (`-ac-fk`), and on the pieces path with both (`-ac-rf-ua-gp2-m4-dt-nc-fk`). For each SLaT
+# call: the time a call at 55% of the executed FLOPs would have (`s at 55%`), the summed kernels of the profiled call,
+# and what is left between the two for everything that is not a kernel (`room ms`). At 14k the kernels alone nearly
+# fill the 55% budget, so 55% there needs faster kernels as well as less waiting.
+
+# %%
+S22 = R17 / "base_vs_official_h100" / "session22" / "three_stage"
+rows22, meta22 = load_outputs(S22)
+calls22 = pd.DataFrame(rows22)
+calls22["variant"] = calls22["variant"].str.replace(P17, "", regex=False)
+slat22 = calls22[(calls22["stage"] == "slat") & calls22["kernel_s"].notna()].copy()
+slat22["s at 55%"] = slat22["executed_tflop"] / (0.55 * meta22["peak_tflops"])
+slat22["room ms"] = 1e3 * (slat22["s at 55%"] - slat22["kernel_s"])
+slat22["idle ms"] = 1e3 * (slat22["median_s"] - slat22["kernel_s"])
+slat22[["N", "variant", "median_s", "mfu_executed", "kernel_s", "mfu_kernels", "s at 55%", "room ms",
+        "idle ms"]].round(4)
+
+# %% [markdown]
+# Where the 14k call waits: host and GPU milliseconds of each sampler step of the pieces path with the kernel call
+# (`slat_host_profile.py`, the same object met three times; meeting 1 is the process's first call at that size). The
+# first step records the CFG pair's pass while the GPU needs ~18 ms for it; at the first meeting, step 8 also records
+# the unguided pass ahead of its first use at a size cuBLAS has not met.
+
+# %%
+steps22 = pd.read_csv(R17 / "slat_host_profile_h100" / "session22" / "plain" / "slat_host_steps.csv")
+steps22 = steps22[steps22["step"] >= 0]
+steps22.pivot_table(index="step", columns="object", values=["host_ms", "gpu_ms"]).round(1).head(10)
