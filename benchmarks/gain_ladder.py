@@ -61,7 +61,7 @@ STEPS = (
     Step("SLaT passes as whole CUDA graphs recorded without a sync, fused IO steps",
          ("session16/per_object_lease1", "session16/per_object_lease2", "session16/head_14k"),
          "compile-all-zkv-fa4-ro-sqfa2-ge", "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac"),
-    # two rounds, one each way: round 2's -fk units after SS were all slower with unchanged kernels (session 22's README)
+    # two rounds, one each way: round 2's -fk units after SS were all slower, cause unknown (session 22's README)
     Step("FA4's compiled kernel launched directly", ("session22/three_stage",),
          "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac", "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-fk"),
 )

@@ -215,6 +215,9 @@ def main(argv: list[str] | None = None) -> None:
     pipe = pipe.to(dtype).to(dev)
     inp = pipe.prepare(*synthetic_inputs(pipe.config.image_size)).to(dev)
     stage, sampler_cfg = pipe.slat, pipe.config.slat_sampler
+    if args.cprofile_steps > sampler_cfg.steps:
+        raise SystemExit(f"--cprofile-steps {args.cprofile_steps}: the SLaT sampler of config {args.config!r} has "
+                         f"{sampler_cfg.steps} steps (0 profiles the whole call)")
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "config": args.config, "sizes": sizes, "warmup_N": len(warm), "seed": args.seed, "cprofile": args.cprofile,

@@ -913,7 +913,7 @@ slat22[["N", "variant", "median_s", "mfu_executed", "kernel_s", "mfu_kernels", "
 # %% [markdown]
 # Where the 14k call waits: host and GPU milliseconds of each sampler step of the pieces path with the kernel call
 # (`slat_host_profile.py`, the same object met three times; meeting 1 is the process's first call at that size). The
-# first step records the CFG pair's pass while the GPU needs ~18 ms for it; at the first meeting, step 8 also records
+# first step records the CFG pair's pass while the GPU needs ~18 ms for it; at the first meeting, step 7 also records
 # the unguided pass ahead of its first use at a size cuBLAS has not met.
 
 # %%
