@@ -128,7 +128,8 @@ HF_FILES = ("ss_generator.yaml", "slat_generator.yaml", "ss_decoder.yaml", "slat
 CSV_NAME, README_NAME, FIG_NAME = "base_vs_official.csv", "README.md", "base_vs_official.png"
 KERNELS_CSV_NAME, KERNEL_FIG_NAME, IDLE_CSV_NAME = "kernels.csv", "kernel_classes.png", "idle.csv"
 COLUMNS = ["round", "variant", "stage", "object", "N", "median_s", "min_s", "first_call_s", "n", "speedup_vs_official",
-           "model_tflop", "achieved_tflops", "mfu", "executed_tflop", "mfu_executed", "kernel_s", "mfu_kernels", "launches", "gpu_busy",
+           "model_tflop", "achieved_tflops", "mfu", "executed_tflop", "mfu_executed", "kernel_s", "mfu_kernels",
+           "launches", "gpu_busy",
            "graphs_recorded_per_call", "peak_mem_gb", "resident_gb",
            "max_abs_vs_official", "rel_vs_official", "precision", "error"]
 
@@ -670,8 +671,8 @@ def readme_text(rows: list[dict], meta: dict) -> str:
     busy = any("gpu_busy" in r for r in rows)
     if busy:
         lines += ["GPU busy = summed CUDA kernel time of one extra, profiled call / median wall time; far below 100% "
-                  "means the call waits on the host (Python, launches), so its time depends on the CPU next to the GPU. "
-                  "MFU (kernels) = executed FLOPs / that summed kernel time / the peak: the ceiling of a call whose "
+                  "means the call waits on the host (Python, launches), so its time depends on the CPU next to the "
+                  "GPU. MFU (kernels) = executed FLOPs / that summed kernel time / the peak: the ceiling of a call whose "
                   "GPU never waits.",
                   f"Host CPU: {meta.get('host_cpu', 'unknown')}.", ""]
     lines += ["", "Graphs recorded / call = CUDA graphs recorded per call after the first (warm-up and timed calls). "

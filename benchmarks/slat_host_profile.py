@@ -7,8 +7,8 @@ and records, per sampler step, the host time of the velocity call (``time.perf_c
 what the Python side spends launching, recording or replaying) and the GPU time between CUDA events recorded before and
 after it (on the same stream, so the span includes any wait for earlier work). With ``--cprofile`` the last object runs
 under :mod:`cProfile` (its times are inflated by the profiler; read it for attribution, not for totals; with
-``--cprofile-steps K`` only from the call's start to the end of step K, e.g. 1 for the first step's recording), whose top
-functions by own and cumulative time, and the callers of the eight costliest, go to ``host_profile_<variant>.txt``
+``--cprofile-steps K`` only from the call's start to the end of step K, e.g. 1 for the first step's recording), whose
+top functions by own and cumulative time, and the callers of the eight costliest, go to ``host_profile_<variant>.txt``
 (the raw stats to ``host_profile_<variant>.prof``, for ``pstats`` or snakeviz).
 
     python benchmarks/slat_host_profile.py --device cuda --config full \\

@@ -119,5 +119,6 @@ def test_cprofile_steps_profiles_only_the_first_steps(tmp_path):
                   str(tmp_path)])
     with pytest.raises(SystemExit, match="--cprofile-steps must be >= 0"):
         shp.main(base + ["--cprofile-steps", "-1", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit, match=f"--cprofile-steps 999: the SLaT sampler of config 'mini' has {len(steps)} steps"):
+    too_many = f"--cprofile-steps 999: the SLaT sampler of config 'mini' has {len(steps)} steps"
+    with pytest.raises(SystemExit, match=too_many):
         shp.main(base + ["--cprofile-steps", "999", "--out", str(tmp_path)])
