@@ -362,3 +362,38 @@ def test_tiled_impls_refused_for_training():
     for impl in ("implicit-skip", "implicit-skip-nested", "implicit-flat"):
         with pytest.raises(ValueError, match=f"the '{impl}' sparse conv .Triton. has no backward"):
             conv.algorithm(torch.device("cuda"), dtype=torch.bfloat16, impl=impl, needs_grad=True)
+
+
+def test_tuned_choices_name_the_chosen_tile_per_channel_pair(device):
+    """What the sweep records: after a CUDA call, the implicit kernel's choice for its (C_in, C_out, K3) key; the
+    interpreter tunes nothing, so there it is empty. Every tile-shape list holds only shapes the kernels can take."""
+    for configs in (sct._CUDA_CONFIGS, sct._CUDA_TILED_CONFIGS):
+        assert len(set(configs)) == len(configs)
+        for m, n, k, warps, stages in configs:
+            assert all(v > 0 and v & (v - 1) == 0 for v in (m, n, k, warps)) and stages >= 1
+    assert all(cfg[0] in sct.TILE_ROWS for cfg in sct._CUDA_TILED_CONFIGS)
+    coords = random_coords(6, batch=1, frac=0.4, seed=3).to(device)
+    x = SparseTensor.create(torch.randn(len(coords), 16, device=device), coords)
+    sct.implicit_gemm_subm_conv(x.feats, neighbour_table(x, 3), torch.randn(8, 27 * 16, device=device), None)
+    choices = sct.tuned_choices()
+    if device.type == "cpu":
+        assert choices == {}
+    else:
+        assert any("16" in key and "8" in key and "BLOCK_M" in cfg for key, cfg in choices["implicit"].items())
+
+
+def test_limit_block_k_keeps_the_smaller_tiles_and_refuses_an_empty_list(monkeypatch):
+    """``--conv-max-block-k 64`` times the lists as they were before BLOCK_K = 128 joined them; a limit below every
+    shape is refused by name, and the lists cannot change once the CUDA kernels are built."""
+    monkeypatch.setattr(sct, "_CUDA_CONFIGS", list(sct._CUDA_CONFIGS))
+    monkeypatch.setattr(sct, "_CUDA_TILED_CONFIGS", list(sct._CUDA_TILED_CONFIGS))
+    monkeypatch.setattr(sct, "_KERNELS", {})
+    assert any(c[2] == 128 for c in sct._CUDA_CONFIGS) and any(c[2] == 128 for c in sct._CUDA_TILED_CONFIGS)
+    sct.limit_block_k(64)
+    assert len(sct._CUDA_CONFIGS) == 6 and len(sct._CUDA_TILED_CONFIGS) == 7
+    assert max(c[2] for c in sct._CUDA_CONFIGS + sct._CUDA_TILED_CONFIGS) == 64
+    with pytest.raises(ValueError, match="no tile shape has BLOCK_K <= 8"):
+        sct.limit_block_k(8)
+    monkeypatch.setitem(sct._KERNELS, False, ())
+    with pytest.raises(RuntimeError, match="built already"):
+        sct.limit_block_k(64)

@@ -40,6 +40,11 @@ _CUDA_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
     (128, 128, 32, 4, 4),
     (64, 64, 64, 4, 3),
     (128, 256, 64, 8, 3),
+    # one channel block per offset at C_in = 128 (the SLaT IO blocks' 128 -> 128 convs ran at ~120 TFLOP/s with
+    # BLOCK_K = 64, whose inner loop of two steps leaves Triton's pipelining nothing to overlap; session 23)
+    (64, 128, 128, 4, 3),
+    (128, 128, 128, 8, 2),
+    (64, 64, 128, 4, 3),
 ]
 #: the one tile shape used by the interpreter (no autotuning there)
 _INTERPRETER_TILE = (32, 32, 16)
@@ -54,6 +59,10 @@ _CUDA_TILED_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
     (64, 128, 32, 4, 5),
     (128, 256, 64, 8, 3),
     (64, 256, 64, 8, 3),
+    # BLOCK_K = 128 (session 23): the flat loop then runs one step per listed offset at C_in = 128
+    (64, 128, 128, 4, 3),
+    (128, 128, 128, 8, 2),
+    (64, 64, 128, 4, 4),
 ]
 #: the tiled kernel's tile shape in the interpreter (BLOCK_M one of ``TILE_ROWS``)
 _INTERPRETER_TILED_TILE = (64, 32, 16)
@@ -199,6 +208,31 @@ def _build():
         cache_results=True,
     )(subm_conv_kernel)
     return triton, subm_conv_kernel, tuned, subm_conv_tiled_kernel, tuned_tiled
+
+
+def limit_block_k(max_block_k: int) -> None:
+    """Drop the tile shapes with BLOCK_K above ``max_block_k`` from both autotune lists: a benchmark's way to time
+    the lists as they were before session 23 added BLOCK_K = 128 (``--conv-max-block-k 64``) beside the full lists in
+    another process. Only before the CUDA kernels are built (their autotuners copy the lists)."""
+    global _CUDA_CONFIGS, _CUDA_TILED_CONFIGS
+    if False in _KERNELS:
+        raise RuntimeError("the sparse-conv kernels are built already: limit their tile shapes before the first call")
+    kept = [c for c in _CUDA_CONFIGS if c[2] <= max_block_k], [c for c in _CUDA_TILED_CONFIGS if c[2] <= max_block_k]
+    if not all(kept):
+        raise ValueError(f"no tile shape has BLOCK_K <= {max_block_k} (smallest: "
+                         f"{min(c[2] for c in _CUDA_CONFIGS + _CUDA_TILED_CONFIGS)})")
+    _CUDA_CONFIGS, _CUDA_TILED_CONFIGS = kept
+
+
+def tuned_choices() -> dict[str, dict[str, str]]:
+    """The tile shapes the autotuners chose in this process, per kernel ("implicit", "tiled") and tuning key
+    (C_IN, C_OUT, K3, ... as Triton keys them): what a sweep records beside its timings. Empty before the first
+    CUDA call."""
+    built = _KERNELS.get(False)
+    if built is None:
+        return {}
+    return {name: {str(key): str(config) for key, config in getattr(tuner, "cache", {}).items()}
+            for name, tuner in (("implicit", built[2]), ("tiled", built[4]))}
 
 
 #: built kernels, per interpreter mode (the interpreter is chosen when the kernel is defined)
