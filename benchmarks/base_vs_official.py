@@ -1122,7 +1122,6 @@ def run(args) -> list[dict]:
         "official_commit": official_commit(args.official) if want_official else "not run",
         "official_compile_mode": args.official_compile_mode, "tf32": args.tf32 == "on", "host_cpu": host_cpu(),
         "our_conv_impl": args.conv_impl, "our_gather_chunk": args.gather_chunk,
-        "conv_max_block_k": args.conv_max_block_k,
         "variants": {v: ("official modules, as the official pipeline runs them" if v == "official" else
                          "official + torch.compile of the SS CFG step" if v == "official-compile" else
                          f"ours: {variant_label(v)} = {variant_options(v)}") for v in args.variants},

@@ -135,6 +135,42 @@ def profile_table(profiler: cProfile.Profile, top: int) -> str:
     return out.getvalue()
 
 
+#: the parts of a SLaT call's host work that :func:`host_split` names: (part, what it covers, the profiled functions
+#: as (file suffix, function name); their inclusive times are summed)
+HOST_PARTS = (
+    ("tables", "the CFG pair's coordinate structure: neighbour tables, tiles, pooling maps",
+     (("stages/slat.py", "build_both_tables"),)),
+    ("condition K/V", "the condition's cross-attention K/V, once per object", (("stages/slat.py", "kv_of"),)),
+    ("IO blocks", "the input and output res-blocks: sparse convs, their fused element-wise steps",
+     (("model/slat_flow.py", "_io_in"), ("model/slat_flow.py", "_io_out"))),
+    ("torso launches", "the compiled transformer blocks' Python wrapper: GEMMs, Triton and FA4 launches, with the "
+     "piece cuts inside it", (("", "repeated_subgraph1"), ("", "repeated_subgraph0"))),
+    ("piece captures", "beginning and ending each piece's capture (capture_end instantiates the graph)",
+     (("torch/cuda/graphs.py", "capture_begin"), ("torch/cuda/graphs.py", "capture_end"))),
+    ("piece replays", "queueing each recorded piece on the caller's stream", (("torch/cuda/graphs.py", "replay"),)),
+    ("hook check", "the torso's check that no module hooks sit on its blocks",
+     (("model/slat_flow.py", "_check_no_block_hooks"),)),
+)
+
+
+def host_split(prof_path: Path | str) -> tuple[list[dict], float]:
+    """Group a saved cProfile (``host_profile_<variant>.prof``) into :data:`HOST_PARTS`: per part, the summed inclusive
+    ms of its functions and their calls; and the profile's total ms. Parts may overlap (the piece cuts run inside the
+    torso's wrapper), so the shares need not add up to 1. The times are cProfile's, which inflates Python-heavy code:
+    compare parts with each other, not with an unprofiled call."""
+    profile = pstats.Stats(str(prof_path))
+    stats, total = profile.stats, 1e3 * profile.total_tt
+    rows = []
+    for part, what, functions in HOST_PARTS:
+        ms, calls = 0.0, 0
+        for (file, _, name), (_, ncalls, _, ct, _) in stats.items():
+            if any(name == fn and file.endswith(suffix) for suffix, fn in functions):
+                ms += 1e3 * ct
+                calls += ncalls
+        rows.append({"part": part, "ms": ms, "calls": calls, "what": what})
+    return rows, total
+
+
 def summary_rows(rows: list[dict]) -> list[dict]:
     """Per (variant, object): the first three steps' host and GPU ms, the median of the rest, the call's totals."""
     out = []

@@ -32,11 +32,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from benchmarks.stage_latency import Timer, _markdown, add_conv_tile_arg, load_coords  # noqa: E402
+from benchmarks.stage_latency import Timer, _markdown, load_coords  # noqa: E402
 from fs3d_accel.model.random_weights import perturb_zero_inits  # noqa: E402
 from fs3d_accel.model.sparse import (TRITON_CONV_IMPLS, SparseConv3d, SparseTensor, neighbour_table,  # noqa: E402
                                      neighbour_tiles, use_conv_impl)
-from fs3d_accel.model.sparse_conv_triton import TILE_ROWS, limit_block_k, triton_unavailable, tuned_choices  # noqa: E402
+from fs3d_accel.model.sparse_conv_triton import TILE_ROWS, triton_unavailable, tuned_choices  # noqa: E402
 from fs3d_accel.model.sparse_conv_triton import neighbour_tiles as tiles_layout  # noqa: E402
 from fs3d_accel.pipeline import Pipeline  # noqa: E402
 from fs3d_analysis.profile.latency import sync_device  # noqa: E402
@@ -168,7 +168,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--out", type=Path, default=Path("runs/sparse_conv"))
-    add_conv_tile_arg(ap)
     ap.add_argument("--replot", type=Path, default=None, help="redraw the figure of a finished run's folder (no GPU)")
     ap.add_argument("--impls", default=",".join(IMPLS),
                     help=f"comma-separated algorithms to time, of {', '.join(IMPLS)} (default: all)")
@@ -188,8 +187,6 @@ def main(argv: list[str] | None = None) -> None:
              _title(meta))
         return
 
-    if args.conv_max_block_k is not None:
-        limit_block_k(args.conv_max_block_k)
     dev = torch.device(args.device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     why = triton_unavailable(dev)
@@ -231,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
             "object": args.object, "voxels": n, "warmup": args.warmup, "repeats": args.repeats,
             "implicit": why or "timed",
             # which tile shape each channel pair's autotuning chose (configs in sparse_conv_triton._CUDA_*CONFIGS)
-            "conv_max_block_k": args.conv_max_block_k, "autotune_choices": tuned_choices()}
+            "autotune_choices": tuned_choices()}
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
     cols = ["network", "module", "rows", "c_in", "c_out", "auto", "before"] + [f"{i}_ms" for i in impls] + \
            [f"{i}_tflops" for i in impls] + ["fastest"] + [f"{i}_err" for i in impls] + \

@@ -458,15 +458,6 @@ def add_conv_args(ap: argparse.ArgumentParser) -> None:
                          "variants' RunOptions.sparse_conv")
     ap.add_argument("--gather-chunk", type=int, default=None,
                     help="SparseConv3d.gather_chunk_elements (elements of one gathered block)")
-    add_conv_tile_arg(ap)
-
-
-def add_conv_tile_arg(ap: argparse.ArgumentParser) -> None:
-    """--conv-max-block-k: autotune the Triton sparse convs over a subset of their tile shapes."""
-    ap.add_argument("--conv-max-block-k", type=int, default=None,
-                    help="autotune the Triton sparse convs over tile shapes with BLOCK_K up to this only (64: the "
-                         "lists before session 23 added BLOCK_K = 128); for timing the lists side by side, each in "
-                         "its own process")
 
 
 def apply_conv_args(args: argparse.Namespace) -> None:
@@ -474,9 +465,6 @@ def apply_conv_args(args: argparse.Namespace) -> None:
     if args.gather_chunk is not None and args.gather_chunk < 1:
         raise SystemExit(f"--gather-chunk must be >= 1 element, got {args.gather_chunk}")
     SparseConv3d.impl = args.conv_impl
-    if args.conv_max_block_k is not None:
-        from fs3d_accel.model.sparse_conv_triton import limit_block_k
-        limit_block_k(args.conv_max_block_k)
     if args.gather_chunk is not None:
         SparseConv3d.gather_chunk_elements = SparseConv3d.gather_chunk_elements_cuda = args.gather_chunk
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
 from benchmarks import gemm_first_call as gfc
 from benchmarks import slat_host_profile as shp
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_gemm_first_call_writes_one_row_per_call(tmp_path):
@@ -122,3 +125,16 @@ def test_cprofile_steps_profiles_only_the_first_steps(tmp_path):
     too_many = f"--cprofile-steps 999: the SLaT sampler of config 'mini' has {len(steps)} steps"
     with pytest.raises(SystemExit, match=too_many):
         shp.main(base + ["--cprofile-steps", "999", "--out", str(tmp_path)])
+
+
+def test_host_split_groups_the_session23_step0_profile():
+    """The committed profile of a 14k call's first step (session 23): each part's inclusive ms and calls, exactly as
+    pstats holds them, and the profile's own total."""
+    prof = next((ROOT / "benchmarks/results/slat_host_profile_h100/session23/step0").glob("host_profile_*.prof"))
+    rows, total = shp.host_split(prof)
+    assert total == pytest.approx(71.022, abs=1e-3)
+    got = {r["part"]: (round(r["ms"], 2), r["calls"]) for r in rows}
+    assert got == {"tables": (13.38, 1), "condition K/V": (4.45, 1), "IO blocks": (22.14, 3),
+                   "torso launches": (20.04, 24), "piece captures": (3.83, 28), "piece replays": (5.63, 13),
+                   "hook check": (2.21, 1)}
+    assert [r["part"] for r in rows] == [p[0] for p in shp.HOST_PARTS]

@@ -381,19 +381,3 @@ def test_tuned_choices_name_the_chosen_tile_per_channel_pair(device):
     else:
         assert any("16" in key and "8" in key and "BLOCK_M" in cfg for key, cfg in choices["implicit"].items())
 
-
-def test_limit_block_k_keeps_the_smaller_tiles_and_refuses_an_empty_list(monkeypatch):
-    """``--conv-max-block-k 64`` times the lists as they were before BLOCK_K = 128 joined them; a limit below every
-    shape is refused by name, and the lists cannot change once the CUDA kernels are built."""
-    monkeypatch.setattr(sct, "_CUDA_CONFIGS", list(sct._CUDA_CONFIGS))
-    monkeypatch.setattr(sct, "_CUDA_TILED_CONFIGS", list(sct._CUDA_TILED_CONFIGS))
-    monkeypatch.setattr(sct, "_KERNELS", {})
-    assert any(c[2] == 128 for c in sct._CUDA_CONFIGS) and any(c[2] == 128 for c in sct._CUDA_TILED_CONFIGS)
-    sct.limit_block_k(64)
-    assert len(sct._CUDA_CONFIGS) == 6 and len(sct._CUDA_TILED_CONFIGS) == 7
-    assert max(c[2] for c in sct._CUDA_CONFIGS + sct._CUDA_TILED_CONFIGS) == 64
-    with pytest.raises(ValueError, match="no tile shape has BLOCK_K <= 8"):
-        sct.limit_block_k(8)
-    monkeypatch.setitem(sct._KERNELS, False, ())
-    with pytest.raises(RuntimeError, match="built already"):
-        sct.limit_block_k(64)

@@ -32,7 +32,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-#: tile shapes tried on the first call per (C_in, C_out, dtype) on CUDA (``triton.autotune``)
+#: tile shapes tried on the first call per (C_in, C_out, dtype) on CUDA (``triton.autotune``). Session 23 added three
+#: BLOCK_K = 128 shapes to both lists (one channel block per offset at C_in = 128) and timed them beside these in
+#: ``benchmarks/results/sparse_conv_kernels_h100/session23``: the 128 -> 128 convs stayed at 100-160 TFLOP/s and no
+#: pass got faster beyond the sweep's spread, so they are not listed (each shape adds tuning time at first use)
 _CUDA_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
     (128, 128, 64, 8, 3),
     (128, 64, 64, 4, 4),
@@ -40,11 +43,6 @@ _CUDA_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
     (128, 128, 32, 4, 4),
     (64, 64, 64, 4, 3),
     (128, 256, 64, 8, 3),
-    # one channel block per offset at C_in = 128 (the SLaT IO blocks' 128 -> 128 convs ran at ~120 TFLOP/s with
-    # BLOCK_K = 64, whose inner loop of two steps leaves Triton's pipelining nothing to overlap; session 23)
-    (64, 128, 128, 4, 3),
-    (128, 128, 128, 8, 2),
-    (64, 64, 128, 4, 3),
 ]
 #: the one tile shape used by the interpreter (no autotuning there)
 _INTERPRETER_TILE = (32, 32, 16)
@@ -59,10 +57,6 @@ _CUDA_TILED_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
     (64, 128, 32, 4, 5),
     (128, 256, 64, 8, 3),
     (64, 256, 64, 8, 3),
-    # BLOCK_K = 128 (session 23): the flat loop then runs one step per listed offset at C_in = 128
-    (64, 128, 128, 4, 3),
-    (128, 128, 128, 8, 2),
-    (64, 64, 128, 4, 4),
 ]
 #: the tiled kernel's tile shape in the interpreter (BLOCK_M one of ``TILE_ROWS``)
 _INTERPRETER_TILED_TILE = (64, 32, 16)
@@ -208,20 +202,6 @@ def _build():
         cache_results=True,
     )(subm_conv_kernel)
     return triton, subm_conv_kernel, tuned, subm_conv_tiled_kernel, tuned_tiled
-
-
-def limit_block_k(max_block_k: int) -> None:
-    """Drop the tile shapes with BLOCK_K above ``max_block_k`` from both autotune lists: a benchmark's way to time
-    the lists as they were before session 23 added BLOCK_K = 128 (``--conv-max-block-k 64``) beside the full lists in
-    another process. Only before the CUDA kernels are built (their autotuners copy the lists)."""
-    global _CUDA_CONFIGS, _CUDA_TILED_CONFIGS
-    if False in _KERNELS:
-        raise RuntimeError("the sparse-conv kernels are built already: limit their tile shapes before the first call")
-    kept = [c for c in _CUDA_CONFIGS if c[2] <= max_block_k], [c for c in _CUDA_TILED_CONFIGS if c[2] <= max_block_k]
-    if not all(kept):
-        raise ValueError(f"no tile shape has BLOCK_K <= {max_block_k} (smallest: "
-                         f"{min(c[2] for c in _CUDA_CONFIGS + _CUDA_TILED_CONFIGS)})")
-    _CUDA_CONFIGS, _CUDA_TILED_CONFIGS = kept
 
 
 def tuned_choices() -> dict[str, dict[str, str]]:
