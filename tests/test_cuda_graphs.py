@@ -301,6 +301,61 @@ def test_a_structure_built_by_the_io_path_serves_a_pass_without_host_syncs(batch
             flow.build_structure(feats, coords, t[:1], 1, persistent_structure())
 
 
+def _structure_entries(cache: dict, prefix: tuple = ()) -> dict:
+    """A persistent structure's entries flattened to (key path) -> tensors / values, following the down-sampling
+    memos into the coarser caches (their self-references left out)."""
+    out = {}
+    for key, value in cache.items():
+        if key == "checked_input":
+            out[prefix + (key,)] = value[1:]  # the coords tensor itself is the caller's
+        elif isinstance(key, tuple) and key[0] == "downsample":
+            out[prefix + (key,)] = value[:3]
+            out.update(_structure_entries(value[3], prefix + (key,)))
+        elif isinstance(key, tuple) and key[0] == "upsample_source":
+            out[prefix + (key,)] = value[:2]
+        else:
+            out[prefix + (key,)] = value
+    return out
+
+
+def _same_entry(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same_entry(x, y) for x, y in zip(a, b))
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return type(a) is type(b) and all(_same_entry(getattr(a, f.name), getattr(b, f.name))
+                                          for f in dataclasses.fields(a))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same_entry(a[k], b[k]) for k in a)
+    return a == b
+
+
+@pytest.mark.parametrize("impl", ["auto", "gather", "scatter", "implicit-skip"])
+def test_build_structure_builds_the_tables_a_pass_would_and_computes_nothing(impl):
+    """The tables-only ``build_structure`` (session 23; before, it ran the input path and dropped its values) leaves
+    exactly the entries that running the input path left, equal tensor for tensor, for each conv algorithm's table
+    kind (neighbour table, neighbour pairs, tiled layout), and runs no conv, matmul or norm."""
+    from fs3d_accel.model.sparse import use_conv_impl
+    cfg, coords, feats, _ = random_slat_inputs(batch=2)
+    torch.manual_seed(0)
+    flow = SLaTFlowModel(cfg).eval()
+    t = torch.full((2,), 500.0)
+    built, passed = persistent_structure(), persistent_structure()
+    with torch.no_grad(), use_conv_impl(impl):
+        with OpLog() as building:
+            flow.build_structure(feats, coords, t, 2, built)
+        # the reference: what build_structure did before, the input path run and its values dropped
+        h, _ = flow._io_in(flow._sparse_input(feats, coords, 2, passed), flow.t_embedder(t))
+        _ = (h.seqlens, h.layout)
+    assert not {"addmm", "mm", "bmm", "linear", "native_layer_norm", "convolution"} & set(building.ops)
+    got, want = _structure_entries(built), _structure_entries(passed)
+    assert got.keys() == want.keys(), sorted(map(str, got.keys() ^ want.keys()))
+    assert all(_same_entry(got[k], want[k]) for k in want), [k for k in want if not _same_entry(got[k], want[k])]
+    release_structure(built)
+    release_structure(passed)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_async_capture_records_behind_queued_work_and_replays_like_eager():
     """The recording starts and ends while the GPU still runs ~0.5 s of queued work (a spin kernel; an event recorded

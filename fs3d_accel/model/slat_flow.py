@@ -217,6 +217,19 @@ class SparseResBlock3d(nn.Module):
         h = self.conv2(h.replace(F.silu(f)))
         return h.replace(h.feats + self.skip_connection(x).feats)
 
+    def prepare(self, x: SparseTensor) -> SparseTensor:
+        """Build on the caches the tables a forward on ``x`` would read (down/upsampling maps, both convs' neighbour
+        tables) without computing the block: ``x``'s features only give dtype and device, so a zero-width tensor
+        keeps the down-sampling's pooling empty. Returns the tensor at the block's output coordinates, with
+        features as wide as ``x``'s (``SLaTFlow.build_structure``)."""
+        if self.updown is not None:
+            x = self.updown(x)
+        if x.batch_size > 1:
+            _ = x.batch_idx  # the adaLN's per-row scale and shift index with it
+        self.conv1.prepare(x)
+        self.conv2.prepare(x)  # its input has conv1's coordinates: the same table (one cache entry)
+        return x
+
     def _fused_bypassed(self, feats: Tensor) -> bool:
         """Where the fused steps would change what observers see: module hooks on the norms, or global module hooks
         (the fused steps call no norm module), and autocast (kept on the eager ops to stay with the measured path)."""
@@ -468,13 +481,15 @@ class SLaTFlowModel(nn.Module):
 
     @torch.no_grad()
     def build_structure(self, feats: Tensor, coords: Tensor, t: Tensor, batch: int, structure: dict) -> None:
-        """Fill a :func:`~fs3d_accel.model.sparse.persistent_structure` for ``coords`` without a whole pass: the
-        input path runs (its neighbour tables and down-sampling maps, which also serve the output path's
-        up-sampling, and the torso's token layout are what needs the host); the transformer blocks and the output
-        path do not, and the values are discarded. A later :meth:`forward` with this structure then reads no device
-        data on the host (checked by ``tests/test_cuda_graphs.py``), so it can be recorded into a CUDA graph behind
-        queued work; the input path is a small part of a pass's GPU time. Hooks on the flow itself do not fire;
-        hooks on its input submodules do (a module timer or FLOP counter sees one extra input-path call)."""
+        """Fill a :func:`~fs3d_accel.model.sparse.persistent_structure` for ``coords`` without a pass: the input
+        path's tables alone (its convs' neighbour tables, the down-sampling maps, which also serve the output path's
+        up-sampling, and the torso's token layout: what needs the host), built by ``SparseResBlock3d.prepare`` with
+        zero-width features, so that no conv, norm or linear runs. ``feats`` and ``t`` are checked, not used. A
+        later :meth:`forward` with this structure then reads no device data on the host (checked by
+        ``tests/test_cuda_graphs.py``), so it can be recorded into a CUDA graph behind queued work. Until session 23
+        this ran the whole input path and discarded its values: 11 of the 71 ms of host time cProfile saw in a 14k
+        call's first step (``benchmarks/results/slat_host_profile_h100/session23``). Hooks on the flow
+        and its convs, norms and linears do not fire; hooks on its down-sampling modules do (zero-width inputs)."""
         if feats.ndim != 2 or feats.shape[1] != self.cfg.in_channels:
             raise ValueError(f"feats must be (N, {self.cfg.in_channels}), got {tuple(feats.shape)}")
         if structure is None:
@@ -487,6 +502,8 @@ class SLaTFlowModel(nn.Module):
         if t.numel() not in (1, batch):
             raise ValueError(f"t has {t.numel()} entries, batch is {batch}")
         x = self._sparse_input(feats, coords, batch, structure)
-        emb = self.t_embedder(t.expand(batch) if t.numel() == 1 else t)
-        h, _ = self._io_in(x, emb)
+        # only the tables: no features flow (zero channels), so no conv, norm or linear runs
+        h = x.replace(x.feats.to(self.torso_dtype)[:, :0])
+        for block in self.input_blocks:
+            h = block.prepare(h)
         _ = (h.seqlens, h.layout)  # the torso's (or the block loop's) per-element token counts and slices

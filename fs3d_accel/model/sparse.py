@@ -426,6 +426,34 @@ class SparseConv3d(nn.Module):
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.conv = _ConvParams(in_channels, out_channels, kernel_size)
 
+    def _call_algorithm(self, feats: Tensor) -> tuple[str, torch.dtype]:
+        """The algorithm a forward on ``feats`` runs and its matmul dtype (``feats`` as forward casts them)."""
+        w, b = self.conv.weight, self.conv.bias
+        # the matmul dtype of the cuBLAS algorithms (autocast casts their F.linear / matmul inputs to its dtype)
+        autocast = torch.is_autocast_enabled(feats.device.type)
+        dtype = torch.get_autocast_dtype(feats.device.type) if autocast else feats.dtype
+        impl = self.algorithm(feats.device, dtype=dtype, needs_grad=torch.is_grad_enabled() and (
+            feats.requires_grad or w.requires_grad or b.requires_grad))
+        return impl, dtype
+
+    def prepare(self, x: SparseTensor) -> None:
+        """Build on ``x``'s cache the table a forward on ``x`` would read, for the algorithm it would pick, without
+        computing anything (``x.feats`` only give the dtype and device; any width, even 0): how a persistent
+        structure gets its tables without a pass (``SLaTFlow.build_structure``). Kernel size 1 reads no table."""
+        if self.kernel_size == 1:
+            return
+        autocast = torch.is_autocast_enabled(x.feats.device.type)
+        feats = x.feats if autocast else x.feats.to(self.conv.weight.dtype)
+        impl, _ = self._call_algorithm(feats)
+        if impl in _TILED_IMPLS:
+            neighbour_tiles(x, self.kernel_size, skip=_TILED_IMPLS[impl][0])
+        elif impl == "scatter":
+            neighbour_pairs(x, self.kernel_size)
+        elif impl in ("implicit", "gather", "transform"):
+            neighbour_table(x, self.kernel_size)
+        else:
+            raise ValueError(f"SparseConv3d.impl must be one of {CONV_IMPLS}, got {impl!r}")
+
     def forward(self, x: SparseTensor) -> SparseTensor:
         if x.num_channels != self.in_channels:
             raise ValueError(f"SparseConv3d expects {self.in_channels} channels, got {x.num_channels}")
@@ -435,10 +463,7 @@ class SparseConv3d(nn.Module):
         feats = x.feats if autocast else x.feats.to(w.dtype)
         if self.kernel_size == 1:
             return x.replace(F.linear(feats, w.reshape(self.out_channels, self.in_channels), b))
-        # the matmul dtype of the cuBLAS algorithms (autocast casts their F.linear / matmul inputs to its dtype)
-        dtype = torch.get_autocast_dtype(feats.device.type) if autocast else feats.dtype
-        impl = self.algorithm(feats.device, dtype=dtype, needs_grad=torch.is_grad_enabled() and (
-            feats.requires_grad or w.requires_grad or b.requires_grad))
+        impl, dtype = self._call_algorithm(feats)
         if impl == "implicit":
             from .sparse_conv_triton import implicit_gemm_subm_conv
             return x.replace(implicit_gemm_subm_conv(feats.to(dtype), neighbour_table(x, self.kernel_size),
