@@ -252,6 +252,10 @@ FK_LONG = AC_LONG + ", FA4's compiled kernel launched directly"
 VARIANTS[FK_LONG] = dataclasses.replace(VARIANTS[AC_LONG], fa4_call="kernel")
 NC_FK_LONG = NC_LONG + ", FA4's compiled kernel launched directly"
 VARIANTS[NC_FK_LONG] = dataclasses.replace(VARIANTS[NC_LONG], fa4_call="kernel")
+# ... and with its tables built by running the input path, as before session 23 (``slat_tables_by_pass``): the
+# reference to time the tables-only build against, side by side
+NC_FK_TP_LONG = NC_FK_LONG + ", tables built by running the input path"
+VARIANTS[NC_FK_TP_LONG] = dataclasses.replace(VARIANTS[NC_FK_LONG], slat_tables_by_pass=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -338,6 +342,7 @@ SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-fd"] = FD_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fd"] = NC_FD_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-fk"] = FK_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk"] = NC_FK_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-tp"] = NC_FK_TP_LONG
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

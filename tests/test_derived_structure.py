@@ -119,3 +119,25 @@ def test_stage_outputs_are_unchanged_with_one_structure_build_fewer(monkeypatch,
     sliced = run_ss_slat_each(pipe, inputs, [RunOptions(**base, derive_unguided_tables=True)])[0]
     assert sorted(built_plain) == [1, 2] and batches == [2]
     assert_same_ss_slat(plain, sliced)
+
+
+def test_tables_by_pass_is_the_reference_of_the_tables_only_build(monkeypatch):
+    """``slat_tables_by_pass`` (the build before session 23, kept to time against) gives the same SS and SLaT outputs
+    as the tables-only build, through the asynchronous recording's early table build; and it takes a bool only."""
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=4), seed=0)
+    sparsify_occupancy(pipe, occupied_fraction=0.02)
+    inputs = pipe.prepare(*make_scene(pipe.config.image_size))
+    passes = []
+    original = SLaTFlowModel._io_in
+    monkeypatch.setattr(SLaTFlowModel, "_io_in", lambda self, x, emb: (passes.append(len(x)), original(self, x, emb))[1])
+    base = dict(batch_cfg=True, cache_cond_kv=True, cuda_graphs=True, async_graph_capture=True)
+    tables_only = run_ss_slat_each(pipe, inputs, [RunOptions(**base)])[0]
+    passes_tables_only, passes[:] = list(passes), []
+    by_pass = run_ss_slat_each(pipe, inputs, [RunOptions(**base, slat_tables_by_pass=True)])[0]
+    assert_same_ss_slat(tables_only, by_pass)
+    # the batch-1 structure's early build ran the input path (the pair's builds its tables in its first, eager pass: a
+    # process's first object)
+    assert passes[1:] == passes_tables_only and passes[0] == min(passes_tables_only)
+    with pytest.raises(ValueError, match="slat_tables_by_pass is a bool"):
+        RunOptions(slat_tables_by_pass=1)

@@ -480,7 +480,8 @@ class SLaTFlowModel(nn.Module):
         return self.out_layer(h.replace(f.to(self.out_layer.weight.dtype))).feats.to(out_dtype)
 
     @torch.no_grad()
-    def build_structure(self, feats: Tensor, coords: Tensor, t: Tensor, batch: int, structure: dict) -> None:
+    def build_structure(self, feats: Tensor, coords: Tensor, t: Tensor, batch: int, structure: dict,
+                        by_pass: bool = False) -> None:
         """Fill a :func:`~fs3d_accel.model.sparse.persistent_structure` for ``coords`` without a pass: the input
         path's tables alone (its convs' neighbour tables, the down-sampling maps, which also serve the output path's
         up-sampling, and the torso's token layout: what needs the host), built by ``SparseResBlock3d.prepare`` with
@@ -489,7 +490,9 @@ class SLaTFlowModel(nn.Module):
         ``tests/test_cuda_graphs.py``), so it can be recorded into a CUDA graph behind queued work. Until session 23
         this ran the whole input path and discarded its values: 11 of the 71 ms of host time cProfile saw in a 14k
         call's first step (``benchmarks/results/slat_host_profile_h100/session23``). Hooks on the flow
-        and its convs, norms and linears do not fire; hooks on its down-sampling modules do (zero-width inputs)."""
+        and its convs, norms and linears do not fire; hooks on its down-sampling modules do (zero-width inputs).
+        ``by_pass``: the earlier way (``RunOptions.slat_tables_by_pass``, to time the two side by side): the input
+        path runs on ``feats`` and ``t`` and its values are dropped; its submodules' hooks fire."""
         if feats.ndim != 2 or feats.shape[1] != self.cfg.in_channels:
             raise ValueError(f"feats must be (N, {self.cfg.in_channels}), got {tuple(feats.shape)}")
         if structure is None:
@@ -502,8 +505,10 @@ class SLaTFlowModel(nn.Module):
         if t.numel() not in (1, batch):
             raise ValueError(f"t has {t.numel()} entries, batch is {batch}")
         x = self._sparse_input(feats, coords, batch, structure)
-        # only the tables: no features flow (zero channels), so no conv, norm or linear runs
-        h = x.replace(x.feats.to(self.torso_dtype)[:, :0])
-        for block in self.input_blocks:
-            h = block.prepare(h)
+        if by_pass:
+            h, _ = self._io_in(x, self.t_embedder(t.expand(batch) if t.numel() == 1 else t))
+        else:  # only the tables: no features flow (zero channels), so no conv, norm or linear runs
+            h = x.replace(x.feats[:, :0].to(self.torso_dtype))
+            for block in self.input_blocks:
+                h = block.prepare(h)
         _ = (h.seqlens, h.layout)  # the torso's (or the block loop's) per-element token counts and slices

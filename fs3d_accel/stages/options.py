@@ -94,7 +94,8 @@ class RunOptions:
     #: per recording at 14k SLaT voxels behind ``torch.cuda.graph``'s synchronisation; a SLaT object records a
     #: second graph (batch 1) once CFG ends, by which time earlier replays are queued. With ``batch_cfg`` the SLaT
     #: stage also builds the unguided structure's tables at the first guided step (``SLaTFlowModel.build_structure``:
-    #: the input path only, values discarded, not counted in the benchmarks' executed FLOPs), so that the unguided
+    #: the tables alone since session 23; before, the input path with its values discarded, not counted in the
+    #: benchmarks' executed FLOPs: ``slat_tables_by_pass``), so that the unguided
     #: pass's first (eager) call and its recording need no sync, except on a process's first object, where that call
     #: compiles the batch-1 torso (whose first launches are tuned with device syncs).
     #: Session 16 (H100): SLaT over 16 new sizes of 4-6k voxels a median 0.241 s against 0.355 s for inductor's graphs,
@@ -173,6 +174,12 @@ class RunOptions:
     #: structure is built as before. Needs ``batch_cfg``. CPU-tested (the same tables, key by key; the same outputs);
     #: on the GPU timed only together with ``slat_graph_merge_after`` (session 20, see there).
     derive_unguided_tables: bool = False
+    #: build SLaT's coordinate structures the way sessions 16-22 did: by running the flow's input path and dropping
+    #: its values (convs, norms and linears launched for nothing). Off (since session 23), ``build_structure`` builds
+    #: the same tables alone (``SparseResBlock3d.prepare``; the same entries, tensor for tensor). The tables-by-pass
+    #: build took 11 of the 71 ms cProfile saw in a 14k call's first step
+    #: (``results/slat_host_profile_h100/session23/``). Kept to time the two side by side on a GPU (variant suffix ``-tp``).
+    slat_tables_by_pass: bool = False
     #: one CUDA-graph memory pool, kept by the SLaT stage, for the graphs of every SLaT object
     #: (``stages.graphs.GraphPool``, ``SLaTStage.graph_pool``) instead of a private pool per graph: the batch-1 graph
     #: recorded once CFG ends reuses the batch-2 graph's temporaries, and the next object reuses this one's memory,
@@ -409,6 +416,8 @@ class RunOptions:
                                         or not (self.compile_ss or self.compile_slat)):
             raise ValueError("coordinate_descent tunes the Triton kernels inductor generates: it needs the inductor "
                              "backend and compile_ss or compile_slat")
+        if not isinstance(self.slat_tables_by_pass, bool):
+            raise ValueError(f"slat_tables_by_pass is a bool, got {self.slat_tables_by_pass!r}")
         if not isinstance(self.derive_unguided_tables, bool):
             raise ValueError(f"derive_unguided_tables is a bool, got {self.derive_unguided_tables!r}")
         if self.derive_unguided_tables and not self.batch_cfg:

@@ -263,8 +263,8 @@ class SLaTStage(HoldsInputs, nn.Module):
             # With graphs recorded asynchronously, the unguided pass's first (eager) call and its recording, once
             # CFG ends, must not synchronise, or they drain the guided replays queued ahead of them. Building the
             # plain structure's tables would: so they are built at the first guided full-token step, while the GPU
-            # is still idle from the object's start, by the flow's input path alone (``build_structure``: no
-            # transformer blocks, values discarded). On a process's first object the unguided pass's first call
+            # is still idle from the object's start, tables alone (``build_structure``: no network pass, unless
+            # ``slat_tables_by_pass``). On a process's first object the unguided pass's first call
             # still syncs: it compiles the batch-1 torso. Only where an unguided step is still to come and the tables
             # are not built yet (a schedule may start unguided); a step policy that later skips every unguided step
             # makes it wasted work.
@@ -280,14 +280,16 @@ class SLaTStage(HoldsInputs, nn.Module):
                 if not derive_plain():
                     tt = torch.full((cond.shape[0],), t * sampler_cfg.time_scale, device=cond.device)
                     with options.network_context(cond.device, "slat"):
-                        flow.build_structure(x.to(dtype), coords, tt, cond.shape[0], plain_structure)
+                        flow.build_structure(x.to(dtype), coords, tt, cond.shape[0], plain_structure,
+                                             by_pass=options.slat_tables_by_pass)
 
             def build_pair_tables(x, t):
                 if "checked_input" not in both_structure:
                     batch = both.shape[0]
                     tt = torch.full((batch,), t * sampler_cfg.time_scale, device=cond.device)
                     with options.network_context(cond.device, "slat"):
-                        flow.build_structure(torch.cat([x, x], 0).to(dtype), both_coords, tt, batch, both_structure)
+                        flow.build_structure(torch.cat([x, x], 0).to(dtype), both_coords, tt, batch, both_structure,
+                                             by_pass=options.slat_tables_by_pass)
 
             def build_both_tables(x, t):
                 """The CFG-batched structure's tables, so that its graph records at the first step (graph_record_first)
@@ -335,8 +337,9 @@ class SLaTStage(HoldsInputs, nn.Module):
                 return out[:n], out[n:]
 
         def build_tables(x: Tensor) -> None:
-            """Build the coordinate structures' tables of the full-token passes this schedule runs, now, by the flow's
-            input path (``SLaTStage.prepare(build_tables=True)``); a structure whose tables exist is left as it is."""
+            """Build the coordinate structures' tables of the full-token passes this schedule runs, now
+            (``SLaTFlowModel.build_structure``; ``SLaTStage.prepare(build_tables=True)``); a structure whose tables
+            exist is left as it is."""
             if not cache:
                 return
             grid = time_grid(sampler_cfg.steps, sampler_cfg.rescale_t)[:-1]
@@ -346,12 +349,14 @@ class SLaTStage(HoldsInputs, nn.Module):
                 if options.batch_cfg and guided_ts and "checked_input" not in both_structure:
                     batch = both.shape[0]
                     tt = torch.full((batch,), guided_ts[0] * sampler_cfg.time_scale, device=cond.device)
-                    flow.build_structure(torch.cat([x, x], 0).to(dtype), both_coords, tt, batch, both_structure)
+                    flow.build_structure(torch.cat([x, x], 0).to(dtype), both_coords, tt, batch, both_structure,
+                                         by_pass=options.slat_tables_by_pass)
                 # the plain structure serves the unguided passes, and every pass without batched CFG
                 plain_ts = unguided_ts if options.batch_cfg else grid
                 if plain_ts and "checked_input" not in plain_structure and not derive_plain():
                     tt = torch.full((cond.shape[0],), plain_ts[0] * sampler_cfg.time_scale, device=cond.device)
-                    flow.build_structure(x.to(dtype), coords, tt, cond.shape[0], plain_structure)
+                    flow.build_structure(x.to(dtype), coords, tt, cond.shape[0], plain_structure,
+                                         by_pass=options.slat_tables_by_pass)
 
         velocity = guided(net_cond, sampler_cfg, batched)
         velocity.build_tables = build_tables
