@@ -8,7 +8,12 @@ algorithm on exactly those inputs: "gather",
 "transform" and "implicit" (the Triton implicit-GEMM kernel, ``fs3d_accel/model/sparse_conv_triton.py``), its tiled
 variants "implicit-flat", "implicit-skip" and "implicit-skip-nested" (rows sorted by their neighbours, each tile of
 rows skipping the offsets none of its rows has; with the share of work they skip and the cost of their layout), plus
-what "auto" picks (``--impls`` picks a subset). CUDA events after warm-up, medians; the implicit kernel autotunes its tiles on the first call
+what "auto" picks (``--impls`` picks a subset). On CUDA, ``<algorithm>_ms`` is the kernel time without the host's
+launch work: the call replayed from a CUDA graph of many calls (``triton.testing.do_bench_cudagraph``, median), as the
+samplers replay their graphs; ``<algorithm>_call_ms`` is one call timed from the host between CUDA events after
+warm-up (median), which includes the Python and launch work of the call whenever that outlasts the kernel. Runs before
+session 23 have only the second, under the name ``<algorithm>_ms``: at the SLaT convs (0.2-1 ms) it read up to ~50%
+above the kernel time session 22's profiler saw in the sampler. The implicit kernel autotunes its tiles on the first call
 (timed apart, as ``<algorithm>_first_s``). The inputs are recorded with "gather", so that column is a process's
 first call only for "transform" and "implicit": the implicit kernel's shows its tile tuning or, in a later process
 on the same machine, whether the on-disk autotune cache spared it (one tuning per channel pair: the first conv of
@@ -70,6 +75,21 @@ def run_conv(conv: SparseConv3d, x: SparseTensor, impl: str) -> torch.Tensor:
             conv.impl = own
 
 
+#: how long (ms) the CUDA graph of repeated calls that times one algorithm runs (``do_bench_cudagraph``'s ``rep``)
+GRAPH_REP_MS = 40
+
+
+def kernel_seconds(fn, device: torch.device, call_s: float) -> float:
+    """GPU time of one ``fn()`` without the host's launch work: on CUDA, replayed from a CUDA graph of repeated calls
+    (median; ``fn`` must be capturable, so its tables and autotuning must exist already); elsewhere ``call_s``, the
+    host-timed call (a CPU has no launch to hide)."""
+    if device.type != "cuda":
+        return call_s
+    from triton.testing import do_bench_cudagraph
+    with torch.cuda.device(device):
+        return do_bench_cudagraph(fn, rep=GRAPH_REP_MS, return_mode="median") / 1e3
+
+
 def measure(network: str, calls, timer: Timer, impls: tuple[str, ...]) -> list[dict]:
     rows = []
     for name, conv, x in calls:
@@ -90,8 +110,10 @@ def measure(network: str, calls, timer: Timer, impls: tuple[str, ...]) -> list[d
                 sync_device(x.feats.device)
                 row[f"{impl}_first_s"] = time.perf_counter() - start
                 row[f"{impl}_err"] = float((out.float() - ref).abs().max())
-                t = timer(lambda: run_conv(conv, x, impl))["median_s"]
+                call_s = timer(lambda: run_conv(conv, x, impl))["median_s"]
+                t = kernel_seconds(lambda: run_conv(conv, x, impl), x.feats.device, call_s)
                 row[f"{impl}_ms"] = 1e3 * t
+                row[f"{impl}_call_ms"] = 1e3 * call_s
                 row[f"{impl}_tflops"] = flops / t / 1e12
             for impl in ("implicit-flat", "implicit-skip", "implicit-skip-nested"):
                 if impl in outs and "implicit" in outs:
@@ -227,18 +249,23 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"device": device_name, "torch": torch.__version__, "config": args.config, "dtype": args.dtype,
             "object": args.object, "voxels": n, "warmup": args.warmup, "repeats": args.repeats,
             "implicit": why or "timed",
+            "timing": ("`<algorithm>_ms`: " + (f"kernel time, triton.testing.do_bench_cudagraph (rep {GRAPH_REP_MS} ms, "
+                                                "median)" if dev.type == "cuda" else "the host-timed call")
+                       + f"; `<algorithm>_call_ms`: one call from the host, {args.warmup} warm-up, median of "
+                         f"{args.repeats}"),
             # which tile shape each channel pair's autotuning chose (configs in sparse_conv_triton._CUDA_*CONFIGS)
             "autotune_choices": tuned_choices()}
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
     cols = ["network", "module", "rows", "c_in", "c_out", "auto", "before"] + [f"{i}_ms" for i in impls] + \
-           [f"{i}_tflops" for i in impls] + ["fastest"] + [f"{i}_err" for i in impls] + \
+           [f"{i}_call_ms" for i in impls] + [f"{i}_tflops" for i in impls] + ["fastest"] + [f"{i}_err" for i in impls] + \
            [c for c in df.columns if c.endswith("_vs_implicit") or c.startswith("skip_work_")
                                    or c in ("rows_with_neighbour", "skip_layout_ms")]
     text = "\n".join([
         "# Sparse-conv algorithms at each conv of one pass (`benchmarks/sparse_conv_kernels.py`)", "",
         f"Device **{device_name}**, torch {torch.__version__}, `{args.config}` config, {args.dtype}, {args.object} "
-        f"(N = {n} voxels; the SLaT pass holds the CFG pair, 2N rows at 64^3). CUDA events, {args.warmup} warm-up, "
-        f"median of {args.repeats}. `*_err`: largest |difference| from the fp32 gather result; `*_vs_implicit`: from "
+        f"(N = {n} voxels; the SLaT pass holds the CFG pair, 2N rows at 64^3). `*_ms`: kernel time, the call replayed "
+        f"from a CUDA graph of repeated calls (median; on a CPU the host-timed call); `*_call_ms`: one call timed from "
+        f"the host, CUDA events, {args.warmup} warm-up, median of {args.repeats}. `*_err`: largest |difference| from the fp32 gather result; `*_vs_implicit`: from "
         f"the implicit kernel's; `skip_work_<rows>`: the share of (tile, offset) pairs implicit-skip runs at that tile "
         f"height; `rows_with_neighbour`: the share of (row, offset) pairs with a neighbour. Implicit GEMM: "
         f"{meta['implicit']}.", "",

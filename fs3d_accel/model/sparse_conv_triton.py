@@ -34,8 +34,9 @@ from torch import Tensor
 
 #: tile shapes tried on the first call per (C_in, C_out, dtype) on CUDA (``triton.autotune``). Session 23 added three
 #: BLOCK_K = 128 shapes to both lists (one channel block per offset at C_in = 128) and timed them beside these in
-#: ``benchmarks/results/sparse_conv_kernels_h100/session23``: the 128 -> 128 convs stayed at 100-160 TFLOP/s and no
-#: pass got faster beyond the sweep's spread, so they are not listed (each shape adds tuning time at first use)
+#: ``benchmarks/results/sparse_conv_kernels_h100/session23``: no pass got faster beyond the sweep's spread, so they are
+#: not listed (each shape adds tuning time at first use). That sweep timed single calls from the host, which
+#: overstates these short kernels; the sweep now times graph replays
 _CUDA_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
     (128, 128, 64, 8, 3),
     (128, 64, 64, 4, 4),
