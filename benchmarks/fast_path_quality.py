@@ -92,7 +92,7 @@ for _label, _switch in ((", SLaT token buckets", {"slat_token_bucket": 1 / 16}),
                         (", fused SLaT IO steps", {"fuse_slat_io": True})):
     SETTINGS[_GE + _label] = dataclasses.replace(SETTINGS[_GE], **_switch)
 # session 15's SLaT: whole-pass CUDA graphs (one step: SLaT's compile mode without graphs of its own, so that the pass
-# can be captured whole), then the same recorded without a sync (the unguided tables built early by the input path), each with the
+# can be captured whole), then the same recorded without a sync (the unguided tables built early, without a pass), each with the
 # fused IO steps. Both replay the same compiled kernels as the setting they build on
 SETTINGS[_GE + ", SLaT passes as whole CUDA graphs, fused SLaT IO steps"] = dataclasses.replace(
     SETTINGS[_GE + ", fused SLaT IO steps"], slat_compile_mode="default", cuda_graphs=True)

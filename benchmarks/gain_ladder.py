@@ -50,8 +50,9 @@ STEPS = (
     Step("bf16 weights, batched CFG, condition K/V computed once per object", (".",), "official-like", "bf16-cfg-kv"),
     Step("torch.compile of SS and of the SLaT blocks", (".",), "bf16-cfg-kv", "compile-all"),
     Step("one-key K/V of the zero condition", ("session6_run_h",), "compile-all", "compile-all-zkv"),
-    # session 23: six rounds in two processes, one order each (session 7's only pair predated session 10's fix of a
-    # re-recording in SS's graphs). SS gains a little; SLaT's per-object graphs cost more than they save at this step
+    # session 23: six rounds in two processes, the order alternating each round (session 7's only pair predated session
+    # 10's fix of a re-recording in SS's graphs). SS gains a little; SLaT's inductor graphs, recorded 1.75-2 times per
+    # call, cost more than they save at this step
     Step("CUDA graphs (compile mode reduce-overhead)", ("session23/graphs_step5_a", "session23/graphs_step5_b"),
          "compile-all-zkv", "compile-all-zkv-ro"),
     Step("FlashAttention-4 in SLaT", ("session11/head/head",), "compile-all-zkv-ro", "compile-all-zkv-fa4-slat-ro"),

@@ -29,6 +29,7 @@ import pstats
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -135,39 +136,73 @@ def profile_table(profiler: cProfile.Profile, top: int) -> str:
     return out.getvalue()
 
 
-#: the parts of a SLaT call's host work that :func:`host_split` names: (part, what it covers, the profiled functions
-#: as (file suffix, function name); their inclusive times are summed)
+@dataclass(frozen=True)
+class HostPart:
+    """A named part of a SLaT call's host work in a cProfile: the summed inclusive time of ``functions`` ((file
+    suffix, function name) pairs; an empty suffix matches any file), counting only their calls from ``only_from`` or
+    leaving out those from ``not_from`` (each a (file suffix, function name) caller), and the part it lies ``within``
+    ("" for a top-level part)."""
+
+    name: str
+    what: str
+    functions: tuple[tuple[str, str], ...]
+    only_from: tuple[str, str] | None = None
+    not_from: tuple[str, str] | None = None
+    within: str = ""
+
+
+_BUILD = ("model/slat_flow.py", "build_structure")
+#: the parts :func:`host_split` names. Limits: "torso launches" matches inductor's ``repeated_subgraph`` functions in
+#: any file, so a profile that also covers SS's compiled blocks counts those too; "tables" is the build the pieces path
+#: makes before its first step (``graph_record_first``), and reads 0 where a variant builds its tables inside its
+#: first, eager pass
 HOST_PARTS = (
-    ("tables", "the CFG pair's coordinate structure: neighbour tables, tiles, pooling maps",
-     (("stages/slat.py", "build_both_tables"),)),
-    ("condition K/V", "the condition's cross-attention K/V, once per object", (("stages/slat.py", "kv_of"),)),
-    ("IO blocks", "the input and output res-blocks: sparse convs, their fused element-wise steps",
-     (("model/slat_flow.py", "_io_in"), ("model/slat_flow.py", "_io_out"))),
-    ("torso launches", "the compiled transformer blocks' Python wrapper: GEMMs, Triton and FA4 launches, with the "
-     "piece cuts inside it", (("", "repeated_subgraph1"), ("", "repeated_subgraph0"))),
-    ("piece captures", "beginning and ending each piece's capture (capture_end instantiates the graph)",
-     (("torch/cuda/graphs.py", "capture_begin"), ("torch/cuda/graphs.py", "capture_end"))),
-    ("piece replays", "queueing each recorded piece on the caller's stream", (("torch/cuda/graphs.py", "replay"),)),
-    ("hook check", "the torso's check that no module hooks sit on its blocks",
-     (("model/slat_flow.py", "_check_no_block_hooks"),)),
+    HostPart("tables", "the CFG pair's coordinate structure: neighbour tables, tiles, pooling maps",
+             (("stages/slat.py", "build_both_tables"),)),
+    HostPart("tables: input path run", "the input path run to build them and its values dropped (the build before "
+             "session 23, or RunOptions.slat_tables_by_pass)", (("model/slat_flow.py", "_io_in"),), only_from=_BUILD,
+             within="tables"),
+    HostPart("condition K/V", "the condition's cross-attention K/V, once per object", (("stages/slat.py", "kv_of"),)),
+    HostPart("IO blocks", "the pass's input and output res-blocks: sparse convs, their fused element-wise steps",
+             (("model/slat_flow.py", "_io_in"), ("model/slat_flow.py", "_io_out")), not_from=_BUILD),
+    HostPart("torso launches", "the compiled transformer blocks' Python wrapper: GEMMs, Triton and FA4 launches",
+             (("", "repeated_subgraph1"), ("", "repeated_subgraph0"))),
+    HostPart("piece captures", "beginning and ending each piece's capture (capture_end instantiates the graph)",
+             (("torch/cuda/graphs.py", "capture_begin"), ("torch/cuda/graphs.py", "capture_end"))),
+    HostPart("piece replays", "queueing each recorded piece on the caller's stream",
+             (("torch/cuda/graphs.py", "replay"),)),
+    HostPart("hook check", "the torso's check that no module hooks sit on its blocks",
+             (("model/slat_flow.py", "_check_no_block_hooks"),)),
 )
+
+
+def _matches(func: tuple, pattern: tuple[str, str]) -> bool:
+    file, _, name = func
+    return name == pattern[1] and file.endswith(pattern[0])
 
 
 def host_split(prof_path: Path | str) -> tuple[list[dict], float]:
     """Group a saved cProfile (``host_profile_<variant>.prof``) into :data:`HOST_PARTS`: per part, the summed inclusive
-    ms of its functions and their calls; and the profile's total ms. Parts may overlap (the piece cuts run inside the
-    torso's wrapper), so the shares need not add up to 1. The times are cProfile's, which inflates Python-heavy code:
-    compare parts with each other, not with an unprofiled call."""
+    ms of its functions and their calls (restricted by caller where the part says so), the part it lies within; and
+    the profile's total ms. The top-level parts do not share calls, though a function may still run inside another
+    part's (cProfile cannot tell), so their shares need not add up to 1. The times are cProfile's, which inflates
+    Python-heavy code: compare parts with each other, not with an unprofiled call."""
     profile = pstats.Stats(str(prof_path))
     stats, total = profile.stats, 1e3 * profile.total_tt
     rows = []
-    for part, what, functions in HOST_PARTS:
+    for part in HOST_PARTS:
         ms, calls = 0.0, 0
-        for (file, _, name), (_, ncalls, _, ct, _) in stats.items():
-            if any(name == fn and file.endswith(suffix) for suffix, fn in functions):
-                ms += 1e3 * ct
-                calls += ncalls
-        rows.append({"part": part, "ms": ms, "calls": calls, "what": what})
+        for func, (_, ncalls, _, ct, callers) in stats.items():
+            if not any(_matches(func, f) for f in part.functions):
+                continue
+            picked = [v for c, v in callers.items() if _matches(c, part.only_from or part.not_from)] \
+                if (part.only_from or part.not_from) else []
+            sub_calls, sub_ct = sum(v[1] for v in picked), sum(v[3] for v in picked)
+            if part.only_from:
+                ms, calls = ms + 1e3 * sub_ct, calls + sub_calls
+            else:
+                ms, calls = ms + 1e3 * (ct - sub_ct), calls + ncalls - sub_calls
+        rows.append({"part": part.name, "ms": ms, "calls": calls, "within": part.within, "what": part.what})
     return rows, total
 
 

@@ -585,8 +585,9 @@ slat16.pivot_table(index=["lease", "N", "variant"], columns="round", values=["me
 # timed one switch against the setting before it, in one process, at 14,171 voxels. A step's share is its part of the
 # log of the whole gain; the last row is what the switches do not explain (changes between the runs' sessions that
 # were not switches of their own, and drift between machines). Step 5 (inductor's CUDA graphs on top of compile alone,
-# six rounds in session 23) is about even: SS gains ~2%, while SLaT's graphs, recorded again for each call's new
-# tables, cost more than they save until step 9 records SLaT's passes with the stage's own graphs.
+# six rounds in session 23) is about even. SS gains ~2%, while SLaT's inductor graphs are recorded 1.75-2 times per
+# call and cost more than they save. That lasts until step 9, where the stage records SLaT's passes with its own
+# graphs.
 
 # %%
 from benchmarks.gain_ladder import direct_ratio, ladder  # noqa: E402
@@ -927,12 +928,14 @@ steps22.pivot_table(index="step", columns="object", values=["host_ms", "gpu_ms"]
 #
 # Section 17 found a 14k call waiting mostly in its first step. Session 23 profiled that step alone
 # (`slat_host_profile.py --cprofile-steps 1`, pieces path with the kernel call, the object's third meeting).
-# `host_split` groups the profile into the parts below. Times are cProfile's: it inflates Python-heavy code (that
-# step's host took 64 ms under the profiler, 38-54 ms without it), and parts may overlap. So compare the parts with
-# each other. No part reaches a third of the whole: the IO blocks (31%), the torso's launches (28%) and the tables (19%)
-# lead.
-# Removing any one of them would leave the host behind the GPU's ~18 ms for that step. The waiting comes from
-# recording each object's graphs, spread over many small costs, and not from one hot spot.
+# `host_split` groups the profile into the parts below; a part with a `within` entry lies inside that one. Times are
+# cProfile's: it inflates Python-heavy code (that step's host took 64 ms under the profiler, 38-54 ms without it). So
+# compare the parts with each other. The torso's launches (28%) lead, then the tables (19%) and the pass's IO blocks
+# (15%). Removing any one part would still leave the host behind the GPU's ~18 ms for that step. The waiting comes from
+# recording each object's graphs, spread over many small costs, and not from one hot spot. The tables' build then ran
+# the input path (11.2 ms, within the tables). With the tables ready, the pass's own input path took about 5.5 ms, so
+# roughly that much was computing values only to drop them. Session 23 removed it (`slat_tables_by_pass` keeps the old
+# build); on the GPU this is not timed yet.
 
 # %%
 from benchmarks.slat_host_profile import host_split  # noqa: E402
@@ -942,7 +945,7 @@ split_rows, split_total = host_split(next(S23.glob("host_profile_*.prof")))
 split23 = pd.DataFrame(split_rows)
 split23["share of the profile"] = split23["ms"] / split_total
 print(f"profiled: {split_total:.1f} ms (from the call's start to the end of its first step)")
-split23[["part", "ms", "calls", "share of the profile", "what"]].round(3)
+split23[["part", "within", "ms", "calls", "share of the profile", "what"]].round(3)
 
 # %%
 steps23 = pd.read_csv(S23 / "slat_host_steps.csv")

@@ -211,8 +211,8 @@ def test_graph_replay_equals_eager_on_cuda():
                                                 (True, "unguided first"), (True, "unguided, guided, unguided")])
 def test_async_capture_builds_the_unguided_tables_early_and_changes_no_value(monkeypatch, batch_cfg, schedule):
     """With asynchronous recording, the batched-CFG SLaT run builds the plain (unguided) structure's tables once, at
-    its first guided step, through the flow's input path alone; the unguided passes then use that very structure and
-    read no device data on the host (what lets the unguided graph's first call and recording, once CFG ends, queue
+    its first guided step, by the flow's table build alone (``build_structure``); the unguided passes then use that
+    very structure and read no device data on the host (what lets the unguided graph's first call and recording, once CFG ends, queue
     behind the guided replays). No extra network pass runs and every value stays bit-identical. Nothing is built early
     without batched CFG, when no unguided step comes after the guided ones, or when an unguided step before them has
     built the tables already."""
@@ -331,29 +331,56 @@ def _same_entry(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("impl", ["auto", "gather", "scatter", "implicit-skip"])
-def test_build_structure_builds_the_tables_a_pass_would_and_computes_nothing(impl):
-    """The tables-only ``build_structure`` (session 23; before, it ran the input path and dropped its values) leaves
-    exactly the entries that running the input path left, equal tensor for tensor, for each conv algorithm's table
-    kind (neighbour table, neighbour pairs, tiled layout), and runs no conv, matmul or norm."""
+@pytest.mark.parametrize("impl", ["auto", "implicit", "implicit-flat", "implicit-skip", "implicit-skip-nested",
+                                  "gather", "transform", "scatter"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_build_structure_builds_the_tables_a_pass_would_and_computes_nothing(monkeypatch, impl, batch):
+    """The tables-only ``build_structure`` (session 23) leaves exactly the entries of the build before it (the input
+    path run and its values dropped, ``by_pass=True``), equal tensor for tensor, for every conv algorithm's table kind,
+    and runs no conv, matmul or norm; a whole pass after it (input path, torso, output path) adds no entry, so nothing
+    is left for a recording to build. The Triton kernels are stood in for by zeros (the tables they read are built by
+    the conv before it calls them; their values are not what this checks, and the interpreter would take minutes)."""
+    from fs3d_accel.model import sparse_conv_triton as sct
     from fs3d_accel.model.sparse import use_conv_impl
-    cfg, coords, feats, _ = random_slat_inputs(batch=2)
+    monkeypatch.setattr(sct, "implicit_gemm_subm_conv", lambda f, table, w, b: f.new_zeros(len(f), w.shape[0]))
+    monkeypatch.setattr(sct, "implicit_gemm_subm_conv_tiled",
+                        lambda f, tiles, w, b, flat_loop: f.new_zeros(len(f), w.shape[0]))
+    cfg, coords, feats, cond = random_slat_inputs(batch=batch)
     torch.manual_seed(0)
     flow = SLaTFlowModel(cfg).eval()
-    t = torch.full((2,), 500.0)
+    t = torch.full((batch,), 500.0)
     built, passed = persistent_structure(), persistent_structure()
     with torch.no_grad(), use_conv_impl(impl):
         with OpLog() as building:
-            flow.build_structure(feats, coords, t, 2, built)
+            flow.build_structure(feats, coords, t, batch, built)
         with OpLog() as by_pass:  # the reference: what build_structure did before, the input path run and dropped
-            flow.build_structure(feats, coords, t, 2, passed, by_pass=True)
+            flow.build_structure(feats, coords, t, batch, passed, by_pass=True)
+        got, want = _structure_entries(built), _structure_entries(passed)
+        flow(feats, coords, t, cond, structure=built, torso=flow.dense_torso)
     computing = {"addmm", "mm", "bmm", "linear", "native_layer_norm", "convolution"}
     assert not computing & set(building.ops) and computing & set(by_pass.ops)
-    got, want = _structure_entries(built), _structure_entries(passed)
     assert got.keys() == want.keys(), sorted(map(str, got.keys() ^ want.keys()))
     assert all(_same_entry(got[k], want[k]) for k in want), [k for k in want if not _same_entry(got[k], want[k])]
+    assert _structure_entries(built).keys() == got.keys()  # the pass found every table built
     release_structure(built)
     release_structure(passed)
+
+
+def test_build_structure_tables_serve_the_fused_io_path():
+    """The same with the IO res-blocks' fused element-wise steps (``use_fused_io_blocks``, eager backend): their
+    per-row scale and shift read ``batch_idx``, which the tables-only build leaves too."""
+    from fs3d_accel.model.slat_flow import use_fused_io_blocks
+    cfg, coords, feats, cond = random_slat_inputs(batch=2)
+    torch.manual_seed(0)
+    flow = SLaTFlowModel(cfg).eval()
+    t = torch.full((2,), 500.0)
+    built = persistent_structure()
+    with torch.no_grad(), use_fused_io_blocks("eager"):
+        flow.build_structure(feats, coords, t, 2, built)
+        keys = _structure_entries(built).keys()
+        flow(feats, coords, t, cond, structure=built, torso=flow.dense_torso)
+    assert ("batch_idx",) in keys and _structure_entries(built).keys() == keys
+    release_structure(built)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -488,7 +515,7 @@ def objects_with_flow_hook(pipe, inputs, options: RunOptions, on_pass, seeds=(0,
 def test_record_first_skips_the_warm_up_pass_from_the_second_object_on(monkeypatch):
     """With ``graph_record_first``, the first object's SLaT graphs are warmed by an eager pass as before (this kind of
     pass has not run in the process); from the second object on, both graphs record at their first call
-    (``warmup=0``): the CFG-batched structure's tables are built at the first step by the input path alone, beside the
+    (``warmup=0``): the CFG-batched structure's tables are built at the first step by the table build alone, beside the
     unguided ones, and that first pass reads no device data on the host. Every value is unchanged."""
     monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
     warmups = spy_slat_graph_warmups(monkeypatch)

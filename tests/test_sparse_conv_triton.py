@@ -379,5 +379,8 @@ def test_tuned_choices_name_the_chosen_tile_per_channel_pair(device):
     if device.type == "cpu":
         assert choices == {}
     else:
-        assert any("16" in key and "8" in key and "BLOCK_M" in cfg for key, cfg in choices["implicit"].items())
+        import ast
+        chosen = [cfg for key, cfg in choices["implicit"].items() if ast.literal_eval(key)[:3] == (16, 8, 27)]
+        shapes = {f"BLOCK_M: {m}, BLOCK_N: {n}, BLOCK_K: {k}, num_warps: {w}" for m, n, k, w, _ in sct._CUDA_CONFIGS}
+        assert len(chosen) == 1 and any(shape in chosen[0] for shape in shapes), chosen
 

@@ -219,9 +219,10 @@ class SparseResBlock3d(nn.Module):
 
     def prepare(self, x: SparseTensor) -> SparseTensor:
         """Build on the caches the tables a forward on ``x`` would read (down/upsampling maps, both convs' neighbour
-        tables) without computing the block: ``x``'s features only give dtype and device, so a zero-width tensor
-        keeps the down-sampling's pooling empty. Returns the tensor at the block's output coordinates, with
-        features as wide as ``x``'s (``SLaTFlow.build_structure``)."""
+        tables) without computing the block: ``x``'s features only give the device (the convs' algorithms follow
+        their weights' dtype or autocast), so a zero-width tensor keeps the down-sampling's pooling empty. Returns
+        the tensor at the block's output coordinates, with features as wide as ``x``'s
+        (``SLaTFlowModel.build_structure``)."""
         if self.updown is not None:
             x = self.updown(x)
         if x.batch_size > 1:
@@ -488,8 +489,9 @@ class SLaTFlowModel(nn.Module):
         zero-width features, so that no conv, norm or linear runs. ``feats`` and ``t`` are checked, not used. A
         later :meth:`forward` with this structure then reads no device data on the host (checked by
         ``tests/test_cuda_graphs.py``), so it can be recorded into a CUDA graph behind queued work. Until session 23
-        this ran the whole input path and discarded its values: 11 of the 71 ms of host time cProfile saw in a 14k
-        call's first step (``benchmarks/results/slat_host_profile_h100/session23``). Hooks on the flow
+        this ran the whole input path and discarded its values: 11.2 of the 71 ms of host time cProfile saw in a 14k
+        call's first step, about half of it the convs, norms and linears no longer run
+        (``benchmarks/results/slat_host_profile_h100/session23``). Hooks on the flow
         and its convs, norms and linears do not fire; hooks on its down-sampling modules do (zero-width inputs).
         ``by_pass``: the earlier way (``RunOptions.slat_tables_by_pass``, to time the two side by side): the input
         path runs on ``feats`` and ``t`` and its values are dropped; its submodules' hooks fire."""

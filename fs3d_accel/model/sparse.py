@@ -438,8 +438,9 @@ class SparseConv3d(nn.Module):
 
     def prepare(self, x: SparseTensor) -> None:
         """Build on ``x``'s cache the table a forward on ``x`` would read, for the algorithm it would pick, without
-        computing anything (``x.feats`` only give the dtype and device; any width, even 0): how a persistent
-        structure gets its tables without a pass (``SLaTFlow.build_structure``). Kernel size 1 reads no table."""
+        computing anything (``x.feats`` only give the device: the algorithm follows the weight's dtype, or autocast's;
+        any width, even 0): how a persistent structure gets its tables without a pass
+        (``SLaTFlowModel.build_structure``). Kernel size 1 reads no table."""
         if self.kernel_size == 1:
             return
         autocast = torch.is_autocast_enabled(x.feats.device.type)

@@ -177,7 +177,7 @@ class RunOptions:
     #: build SLaT's coordinate structures the way sessions 16-22 did: by running the flow's input path and dropping
     #: its values (convs, norms and linears launched for nothing). Off (since session 23), ``build_structure`` builds
     #: the same tables alone (``SparseResBlock3d.prepare``; the same entries, tensor for tensor). The tables-by-pass
-    #: build took 11 of the 71 ms cProfile saw in a 14k call's first step
+    #: build took 11.2 of the 71 ms cProfile saw in a 14k call's first step, about half of it computing values to drop
     #: (``results/slat_host_profile_h100/session23/``). Kept to time the two side by side on a GPU (variant suffix ``-tp``).
     slat_tables_by_pass: bool = False
     #: one CUDA-graph memory pool, kept by the SLaT stage, for the graphs of every SLaT object
