@@ -12,8 +12,8 @@ what "auto" picks (``--impls`` picks a subset). On CUDA, ``<algorithm>_ms`` is t
 launch work: the call replayed from a CUDA graph of many calls (``triton.testing.do_bench_cudagraph``, median), as the
 samplers replay their graphs; ``<algorithm>_call_ms`` is one call timed from the host between CUDA events after
 warm-up (median), which includes the Python and launch work of the call whenever that outlasts the kernel. Runs before
-session 23 have only the second, under the name ``<algorithm>_ms``: at the SLaT convs (0.2-1 ms) it read up to ~50%
-above the kernel time session 22's profiler saw in the sampler. The implicit kernel autotunes its tiles on the first call
+session 23 have only the second, under the name ``<algorithm>_ms``: the SLaT pass's convs (0.2-1 ms each) read
+3.14-3.35 ms where session 22's profiler bounds their kernels in the sampler at 2.98 ms (about 2.06 ms). The implicit kernel autotunes its tiles on the first call
 (timed apart, as ``<algorithm>_first_s``). The inputs are recorded with "gather", so that column is a process's
 first call only for "transform" and "implicit": the implicit kernel's shows its tile tuning or, in a later process
 on the same machine, whether the on-disk autotune cache spared it (one tuning per channel pair: the first conv of
@@ -257,7 +257,8 @@ def main(argv: list[str] | None = None) -> None:
             "autotune_choices": tuned_choices()}
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
     cols = ["network", "module", "rows", "c_in", "c_out", "auto", "before"] + [f"{i}_ms" for i in impls] + \
-           [f"{i}_call_ms" for i in impls] + [f"{i}_tflops" for i in impls] + ["fastest"] + [f"{i}_err" for i in impls] + \
+           [f"{i}_call_ms" for i in impls] + [f"{i}_tflops" for i in impls] + ["fastest"] + \
+           [f"{i}_err" for i in impls] + \
            [c for c in df.columns if c.endswith("_vs_implicit") or c.startswith("skip_work_")
                                    or c in ("rows_with_neighbour", "skip_layout_ms")]
     text = "\n".join([
@@ -265,8 +266,8 @@ def main(argv: list[str] | None = None) -> None:
         f"Device **{device_name}**, torch {torch.__version__}, `{args.config}` config, {args.dtype}, {args.object} "
         f"(N = {n} voxels; the SLaT pass holds the CFG pair, 2N rows at 64^3). `*_ms`: kernel time, the call replayed "
         f"from a CUDA graph of repeated calls (median; on a CPU the host-timed call); `*_call_ms`: one call timed from "
-        f"the host, CUDA events, {args.warmup} warm-up, median of {args.repeats}. `*_err`: largest |difference| from the fp32 gather result; `*_vs_implicit`: from "
-        f"the implicit kernel's; `skip_work_<rows>`: the share of (tile, offset) pairs implicit-skip runs at that tile "
+        f"the host, CUDA events, {args.warmup} warm-up, median of {args.repeats}. `*_err`: largest |difference| from "
+        f"the fp32 gather result; `*_vs_implicit`: from the implicit kernel's; `skip_work_<rows>`: the share of (tile, offset) pairs implicit-skip runs at that tile "
         f"height; `rows_with_neighbour`: the share of (row, offset) pairs with a neighbour. Implicit GEMM: "
         f"{meta['implicit']}.", "",
         "## Per network: conv time of one pass", "", _markdown(summary(df, impls)), "",

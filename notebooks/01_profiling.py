@@ -198,7 +198,10 @@ classes.round(4)
 # the neighbour rows straight into its matmul tiles instead of writing the 27 x C_in gathered block. Since session 8
 # it is what `SparseConv3d.impl="auto"` runs for fp16 / bf16 inference on NVIDIA GPUs. `benchmarks/sparse_conv_kernels.py` times every algorithm at each conv
 # of one SLaT pass and one mesh-decoder pass. On a GPU, run it again with
-# `python benchmarks/sparse_conv_kernels.py --out runs/sparse_conv`. The committed H100 run, per network:
+# `python benchmarks/sparse_conv_kernels.py --out runs/sparse_conv`. The committed H100 run (session 9) timed single
+# calls from the host, so each time includes the call's launch work; this overstates short convs (session 23: the
+# SLaT pass's convs read 3.14-3.35 ms against at most 2.98 ms of kernel time in the sampler). Since session 23 the script reports the kernel time from CUDA-graph replays as
+# `<algorithm>_ms` and the host-timed call as `<algorithm>_call_ms`. Per network:
 
 # %%
 SC = ROOT / "benchmarks" / "results" / "sparse_conv_kernels_h100"
@@ -714,7 +717,7 @@ idle18.pivot_table(index="index", columns=["variant", "N"], values="idle_fractio
 # The kernels themselves: the sparse convs run all 27 offsets per row (absent neighbours as zero rows), though about
 # half are absent at a surface. The tiled kernel `implicit-skip` sorts rows by their neighbours and lets each tile of
 # rows skip the offsets none of its rows has; its outputs are bit-identical, but the time saved is far less than the
-# work skipped (`sparse_conv_kernels_h100/NOTES.md`).
+# work skipped (`sparse_conv_kernels_h100/NOTES.md`). These times, too, are host-timed single calls (see section 5).
 
 # %%
 conv18 = pd.read_csv(R17 / "sparse_conv_kernels_h100" / "session18" / "sparse_conv_kernels.csv")

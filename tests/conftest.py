@@ -1,6 +1,7 @@
 """Shared fixtures: a small, fast mini pipeline (random weights) and a synthetic scene."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -202,3 +203,40 @@ def spy_structure_builds(monkeypatch) -> list[int]:
         return original(self, feats, coords, batch, structure)
     monkeypatch.setattr(SLaTFlowModel, "_sparse_input", spy)
     return batches
+
+
+def same_value(a, b) -> bool:
+    """Equal cache values: tensors by dtype and content, through lists, tuples, dicts and dataclasses (the tiled
+    conv's ``NeighbourTiles``)."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_value(x, y) for x, y in zip(a, b))
+    if dataclasses.is_dataclass(a) and not isinstance(a, type):
+        return type(a) is type(b) and all(same_value(getattr(a, f.name), getattr(b, f.name))
+                                          for f in dataclasses.fields(a))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_value(a[k], b[k]) for k in a)
+    return a == b
+
+
+def assert_same_structure(a: dict, b: dict, seen=None) -> None:
+    """Same keys and equal values at every level; an up-sampling entry names its own tree's finer level."""
+    seen = set() if seen is None else seen
+    if id(a) in seen:
+        return
+    seen.add(id(a))
+    assert set(a) == set(b), (set(a) ^ set(b))
+    for key in a:
+        va, vb = a[key], b[key]
+        if key == "checked_input":
+            assert va[1] == vb[1] and torch.equal(va[2], vb[2])
+        elif isinstance(key, tuple) and key[0] == "downsample":
+            for x, y in zip(va[:3], vb[:3]):
+                assert torch.equal(x, y), key
+            assert_same_structure(va[3], vb[3], seen)
+        elif isinstance(key, tuple) and key[0] == "upsample_source":
+            assert torch.equal(va[0], vb[0]) and torch.equal(va[1], vb[1])
+            assert_same_structure(va[2], vb[2], seen)
+        else:
+            assert same_value(va, vb), key

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fs3d_accel.stages.options as options_mod
-from conftest import assert_same_ss_slat, fast_mini_config, make_scene, random_slat_inputs, run_ss_slat_each, \
+from conftest import assert_same_ss_slat, assert_same_structure, fast_mini_config, make_scene, random_slat_inputs, run_ss_slat_each, \
     sparsify_occupancy, spy_structure_builds
 from fs3d_accel.model.slat_flow import SLaTFlowModel
 from fs3d_accel.model.sparse import first_element_structure, persistent_structure, release_structure
@@ -26,30 +26,6 @@ def built(flow, feats, coords, batch: int) -> dict:
     return structure
 
 
-def assert_same_structure(a: dict, b: dict, a_root: dict, b_root: dict, seen=None) -> None:
-    """Same keys and equal values at every level; an up-sampling entry names its own tree's finer level."""
-    seen = set() if seen is None else seen
-    if id(a) in seen:
-        return
-    seen.add(id(a))
-    assert set(a) == set(b), (set(a) ^ set(b))
-    for key in a:
-        va, vb = a[key], b[key]
-        if key == "checked_input":
-            assert va[1] == vb[1] and torch.equal(va[2], vb[2])
-        elif isinstance(key, tuple) and key[0] == "downsample":
-            for x, y in zip(va[:3], vb[:3]):
-                assert torch.equal(x, y), key
-            assert_same_structure(va[3], vb[3], a_root, b_root, seen)
-        elif isinstance(key, tuple) and key[0] == "upsample_source":
-            assert torch.equal(va[0], vb[0]) and torch.equal(va[1], vb[1])
-            assert_same_structure(va[2], vb[2], a_root, b_root, seen)
-        elif isinstance(va, torch.Tensor):
-            assert va.dtype == vb.dtype and torch.equal(va, vb), key
-        else:
-            assert va == vb, key
-
-
 def test_the_sliced_structure_equals_a_fresh_build_and_gives_the_same_pass():
     cfg, coords, feats, cond = random_slat_inputs(n=300)
     flow = SLaTFlowModel(cfg).eval()
@@ -58,7 +34,7 @@ def test_the_sliced_structure_equals_a_fresh_build_and_gives_the_same_pass():
     target = persistent_structure()
     assert first_element_structure(pair, coords, target)
     assert target["checked_input"][0] is coords  # the plain passes' own coords tensor, as the flow checks
-    assert_same_structure(target, fresh, target, fresh)
+    assert_same_structure(target, fresh)
     down = next(v for k, v in target.items() if isinstance(k, tuple) and k[0] == "downsample")
     assert down[3][("upsample_source", 2)][2] is target  # the coarse level points back at this structure
     t = torch.full((1,), 300.0)

@@ -506,6 +506,8 @@ class SLaTFlowModel(nn.Module):
         t = t.reshape(-1)
         if t.numel() not in (1, batch):
             raise ValueError(f"t has {t.numel()} entries, batch is {batch}")
+        if not isinstance(by_pass, bool):
+            raise ValueError(f"by_pass is a bool, got {by_pass!r}")
         x = self._sparse_input(feats, coords, batch, structure)
         if by_pass:
             h, _ = self._io_in(x, self.t_embedder(t.expand(batch) if t.numel() == 1 else t))

@@ -427,11 +427,12 @@ class SparseConv3d(nn.Module):
         self.conv = _ConvParams(in_channels, out_channels, kernel_size)
 
     def _call_algorithm(self, feats: Tensor) -> tuple[str, torch.dtype]:
-        """The algorithm a forward on ``feats`` runs and its matmul dtype (``feats`` as forward casts them)."""
+        """The algorithm a forward on ``feats`` runs and its matmul dtype: autocast's where it is on, else the
+        weight's (forward casts the features to it)."""
         w, b = self.conv.weight, self.conv.bias
         # the matmul dtype of the cuBLAS algorithms (autocast casts their F.linear / matmul inputs to its dtype)
         autocast = torch.is_autocast_enabled(feats.device.type)
-        dtype = torch.get_autocast_dtype(feats.device.type) if autocast else feats.dtype
+        dtype = torch.get_autocast_dtype(feats.device.type) if autocast else w.dtype
         impl = self.algorithm(feats.device, dtype=dtype, needs_grad=torch.is_grad_enabled() and (
             feats.requires_grad or w.requires_grad or b.requires_grad))
         return impl, dtype
@@ -443,9 +444,7 @@ class SparseConv3d(nn.Module):
         (``SLaTFlowModel.build_structure``). Kernel size 1 reads no table."""
         if self.kernel_size == 1:
             return
-        autocast = torch.is_autocast_enabled(x.feats.device.type)
-        feats = x.feats if autocast else x.feats.to(self.conv.weight.dtype)
-        impl, _ = self._call_algorithm(feats)
+        impl, _ = self._call_algorithm(x.feats)
         if impl in _TILED_IMPLS:
             neighbour_tiles(x, self.kernel_size, skip=_TILED_IMPLS[impl][0])
         elif impl == "scatter":
