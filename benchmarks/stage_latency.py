@@ -256,6 +256,14 @@ VARIANTS[NC_FK_LONG] = dataclasses.replace(VARIANTS[NC_LONG], fa4_call="kernel")
 # reference to time the tables-only build against, side by side
 NC_FK_TP_LONG = NC_FK_LONG + ", tables built by running the input path"
 VARIANTS[NC_FK_TP_LONG] = dataclasses.replace(VARIANTS[NC_FK_LONG], slat_tables_by_pass=True)
+# ... and with the torso's 24 blocks inlined into one compiled graph instead of nested regions
+# (``slat_block_regions=False``): inductor may then fuse each block's closing gated residual add into the next block's
+# first norm (session 15: 312 launches of that add, 7.8 ms per 14k call)
+NC_FK_NR_LONG = NC_FK_LONG + ", the torso's blocks inlined into one graph"
+VARIANTS[NC_FK_NR_LONG] = dataclasses.replace(VARIANTS[NC_FK_LONG], slat_block_regions=False)
+# (the pieces' ends stay fusion barriers there: an op between two blocks. Without pieces, every block boundary can fuse)
+FK_NR_LONG = FK_LONG + ", the torso's blocks inlined into one graph"
+VARIANTS[FK_NR_LONG] = dataclasses.replace(VARIANTS[FK_LONG], slat_block_regions=False)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -343,6 +351,8 @@ SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fd"] = NC
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-fk"] = FK_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk"] = NC_FK_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-tp"] = NC_FK_TP_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-nr"] = NC_FK_NR_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-fk-nr"] = FK_NR_LONG
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

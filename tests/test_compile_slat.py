@@ -190,10 +190,10 @@ def test_slat_stage_compiles_in_its_own_mode_and_marks_no_static_inputs(slat_set
 
     try:
         assert run(compile_mode="reduce-overhead", slat_compile_mode="default") == [
-            ("default", 0, "inductor", False, "custom-op")]
+            ("default", 0, True, "inductor", False, "custom-op")]
         assert modes == ["default"] and marked == []
         # the same options without slat_compile_mode: SLaT under CUDA graphs, its K/V marked static
-        assert run(compile_mode="reduce-overhead") == [("reduce-overhead", 0, "inductor", False, "custom-op")]
+        assert run(compile_mode="reduce-overhead") == [("reduce-overhead", 0, True, "inductor", False, "custom-op")]
         assert modes == ["reduce-overhead"] and len(marked) > 0
     finally:
         stage.__dict__.pop("_compiled_torso", None)
@@ -241,3 +241,46 @@ def test_coordinate_descent_passes_the_modes_options_plus_the_tuning(monkeypatch
     finally:
         stage.__dict__.pop("_compiled_torso", None)
         pipe.ss.__dict__.pop("_compiled", None)
+
+
+def test_block_regions_off_inlines_the_blocks_with_the_same_values(slat_setup, cpu_compile, monkeypatch):
+    """``slat_block_regions=False``: the compiled torso traces the 24 blocks inline (no nested region in its graph),
+    is cached under its own key, and gives exactly the values of the torso with nested regions (both graphs run
+    eagerly here, so the same kernels)."""
+    stage, objects, sampler = slat_setup
+    real_compile = torch.compile
+    graphs: list[str] = []
+
+    def recording_backend(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    monkeypatch.setattr(torch, "compile", lambda fn, backend=None, mode=None, **kw:
+                        real_compile(fn, backend=recording_backend, dynamic=kw.get("dynamic")))
+    cond, coords, noise = objects[0]
+    saved = stage.__dict__.pop("_compiled_torso", None)
+    outs, codes = {}, {}
+    try:
+        for regions in (True, False):
+            graphs.clear()
+            torch._dynamo.reset()
+            options = RunOptions(batch_cfg=True, cache_cond_kv=True, compile_slat=True, compile_backend="eager",
+                                 slat_block_regions=regions)
+            with torch.no_grad():
+                outs[regions] = stage.velocity_net(cond, coords, sampler, options, [])(noise, 0.5, None)
+            codes[regions] = "\n".join(graphs)
+        assert sorted(k[2] for k in stage.__dict__["_compiled_torso"]) == [False, True]
+    finally:
+        stage.__dict__.pop("_compiled_torso", None)
+        if saved is not None:
+            stage.__dict__["_compiled_torso"] = saved
+    assert codes[True].count("invoke_subgraph") >= len(stage.flow.blocks)  # one region call per block
+    assert "invoke_subgraph" not in codes[False] and codes[False]
+    assert torch.equal(outs[False], outs[True])
+
+
+def test_block_regions_setting_is_checked():
+    with pytest.raises(ValueError, match="slat_block_regions is a bool"):
+        RunOptions(compile_slat=True, slat_block_regions=0)
+    with pytest.raises(ValueError, match="slat_block_regions=False inlines the blocks of the compiled SLaT torso"):
+        RunOptions(slat_block_regions=False)

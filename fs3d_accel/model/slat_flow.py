@@ -368,16 +368,18 @@ class SLaTFlowModel(nn.Module):
 
     def dense_torso(self, f: Tensor, emb: Tensor, context: Tensor | None,
                     cond_kv: list[tuple[Tensor, Tensor]] | None = None, key_len: Tensor | None = None,
-                    piece_blocks: int = 0) -> Tensor:
+                    piece_blocks: int = 0, *, block_regions: bool = True) -> Tensor:
         """The transformer blocks on B equal-length batch elements, (B, L, C) -> (B, L, C).
 
         This is what ``RunOptions.compile_slat`` compiles (with L dynamic, so one graph serves every
         object): under torch.compile each block runs as a nested compile region, so the block body is
         compiled once. The same values as the sparse block loop of :meth:`forward`. ``key_len`` ((B,), with
         token buckets): the real token counts; the tokens after them are padding, left out as keys. ``piece_blocks``
-        (:func:`use_graph_pieces`): a piece end after every that many blocks but the last.
+        (:func:`use_graph_pieces`): a piece end after every that many blocks but the last. ``block_regions`` False
+        (``RunOptions.slat_block_regions``): under torch.compile the blocks are inlined into one graph instead of
+        nested regions, so that inductor can fuse across block boundaries.
         """
-        regions = self.compile_block_regions and torch.compiler.is_compiling()
+        regions = block_regions and self.compile_block_regions and torch.compiler.is_compiling()
         for i, block in enumerate(self.blocks):
             kv = None if cond_kv is None else cond_kv[i]
             f = (_dense_block_region(block, f, emb, context, kv, key_len) if regions

@@ -295,6 +295,14 @@ class RunOptions:
     #: went 47.7 -> 52.4 ms (and 47.6 -> 60.3 ms beside the nested tiled conv), and 7 of 8 calls were slower; off by default
     #: and in every named path.
     coordinate_descent: bool = False
+    #: compile the SLaT torso's 24 transformer blocks as nested compile regions (True: the block traced and compiled
+    #: once, its kernels shared by all 24) or inlined into one graph (False). Why False: a region's output is a graph
+    #: boundary, so inductor cannot fuse across blocks; each block ends in an element-wise kernel of its own, the MLP's
+    #: gated residual add (``triton_poi_fused_add_mul_split_unsqueeze_view_7``: 312 launches, 7.8 ms of a 14k call in
+    #: session 15's kernel table), that inlined blocks can fuse into the next block's first norm. Inlining compiles the
+    #: 24 blocks' graph (longer first compilation; identical kernels are generated once). The same math, rounded in a
+    #: different kernel. Needs ``compile_slat``; variant suffix ``-nr``.
+    slat_block_regions: bool = True
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -416,6 +424,11 @@ class RunOptions:
                                         or not (self.compile_ss or self.compile_slat)):
             raise ValueError("coordinate_descent tunes the Triton kernels inductor generates: it needs the inductor "
                              "backend and compile_ss or compile_slat")
+        if not isinstance(self.slat_block_regions, bool):
+            raise ValueError(f"slat_block_regions is a bool, got {self.slat_block_regions!r}")
+        if not self.slat_block_regions and not self.compile_slat:
+            raise ValueError("slat_block_regions=False inlines the blocks of the compiled SLaT torso: it needs "
+                             "compile_slat=True")
         if not isinstance(self.slat_tables_by_pass, bool):
             raise ValueError(f"slat_tables_by_pass is a bool, got {self.slat_tables_by_pass!r}")
         if not isinstance(self.derive_unguided_tables, bool):

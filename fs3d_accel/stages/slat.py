@@ -54,7 +54,8 @@ class SLaTStage(HoldsInputs, nn.Module):
 
         The token count is marked dynamic at each call, so one graph per batch size (1, and 2 for the
         CFG pair) serves objects of every size (and one more per batch size with token buckets, whose torso
-        takes the real token counts too); each block is a nested compile region.
+        takes the real token counts too); each block is a nested compile region, or with
+        ``options.slat_block_regions`` off, the blocks are inlined into one graph.
         """
         if not options.compile_slat:
             return None
@@ -62,10 +63,15 @@ class SLaTStage(HoldsInputs, nn.Module):
         cache = self.__dict__.setdefault("_compiled_torso", {})
         # the pieces' ends are compiled into the torso (a static argument): a compiled function per setting, so that
         # its variants do not count against one function's recompile limit
-        key = (options.compile_mode, options.slat_graph_piece_blocks, *options.compile_key)
+        key = (options.compile_mode, options.slat_graph_piece_blocks, options.slat_block_regions, *options.compile_key)
         if key not in cache:
-            compiled = torch.compile(self.flow.dense_torso, backend=options.compile_backend,
-                                     **options.compile_kwargs(options.compile_mode))
+            flow = self.flow
+
+            def inlined_blocks(*args):
+                return flow.dense_torso(*args, block_regions=False)
+
+            compiled = torch.compile(flow.dense_torso if options.slat_block_regions else inlined_blocks,
+                                     backend=options.compile_backend, **options.compile_kwargs(options.compile_mode))
 
             def torso(*args):
                 # only the token count is dynamic (the flow marks it): without this, dynamo would make
