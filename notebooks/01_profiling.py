@@ -201,7 +201,7 @@ classes.round(4)
 # `python benchmarks/sparse_conv_kernels.py --out runs/sparse_conv`. The committed H100 run (session 9) timed single
 # calls from the host, so each time includes the call's launch work; this overstates short convs (session 23: the
 # SLaT pass's convs read 3.14-3.35 ms against at most 2.98 ms of kernel time in the sampler). Since session 23 the script reports the kernel time from CUDA-graph replays as
-# `<algorithm>_ms` and the host-timed call as `<algorithm>_call_ms`. Per network:
+# `<algorithm>_ms` and the host-timed call as `<algorithm>_call_ms` (session 24's run: section 19). Per network:
 
 # %%
 SC = ROOT / "benchmarks" / "results" / "sparse_conv_kernels_h100"
@@ -938,7 +938,7 @@ steps22.pivot_table(index="step", columns="object", values=["host_ms", "gpu_ms"]
 # recording each object's graphs, spread over many small costs, and not from one hot spot. The tables' build then ran
 # the input path (11.2 ms, within the tables). With the tables ready, the pass's own input path took about 5.5 ms, so
 # roughly that much was computing values only to drop them. Session 23 removed it (`slat_tables_by_pass` keeps the old
-# build); on the GPU this is not timed yet.
+# build); session 24 timed the two side by side (section 19).
 
 # %%
 from benchmarks.slat_host_profile import host_split  # noqa: E402
@@ -953,3 +953,61 @@ split23[["part", "within", "ms", "calls", "share of the profile", "what"]].round
 # %%
 steps23 = pd.read_csv(S23 / "slat_host_steps.csv")
 steps23[steps23["step"] < 3].pivot_table(index="step", columns="object", values=["host_ms", "gpu_ms"]).round(1)
+
+# %% [markdown]
+# ## 19. The tables-only build and the inlined torso, timed side by side (session 24)
+#
+# Two processes per comparison, three rounds each, the order alternating each round
+# (`benchmarks/results/base_vs_official_h100/session24/`). `tables_only`: the pieces path with its tables built alone
+# (the default since session 23) against `-tp`, which builds them by running the input path. `inlined_blocks_*`: the
+# torso's 24 blocks compiled as nested regions (the default) against `-nr` (`RunOptions.slat_block_regions=False`),
+# inlined into one graph so that inductor can fuse each block's closing residual add into the next block's norm. Each
+# run has its own measured peak, so compare MFU within a run only.
+
+# %%
+S24 = R17 / "base_vs_official_h100" / "session24"
+runs24 = []
+for run in ("tables_only", "inlined_blocks_pieces", "inlined_blocks_plain"):
+    rows = pd.read_csv(S24 / run / "base_vs_official.csv")
+    rows["run"] = run
+    rows["variant"] = rows["variant"].str.replace(P17, "", regex=False)
+    runs24.append(rows)
+runs24 = pd.concat(runs24)
+runs24.pivot_table(index=["run", "variant"], columns="round", values="median_s").round(4)
+
+# %% [markdown]
+# The tables-only build is faster in 3 of 3 rounds, by 8-9 ms per call: about 3.6 ms of dropped GPU work (the kernel
+# sums below) and the rest host time before the first pass. Inlining the blocks cuts the fused Triton kernels by
+# 1.4-2.5 ms and 600-975 launches per call. It gains 3 of 3 rounds on the plain path; on the pieces path (faster
+# still) it changes nothing, since every other block boundary is a piece end that orders the kernels around it.
+# The kernel sums, the fused kernels and the per-call MFU of each unit's profiled call:
+
+# %%
+summary24 = runs24[runs24["kernel_s"].notna()].copy()
+fused24 = []
+for run, variant in zip(summary24["run"], summary24["variant"]):
+    kernels = pd.read_csv(S24 / run / "kernels.csv")
+    kernels["variant"] = kernels["variant"].str.replace(P17, "", regex=False)
+    fused24.append(kernels[(kernels["variant"] == variant) & (kernels["class"] == "fused (triton)")]["seconds"].sum())
+summary24["fused_s"] = fused24
+summary24[["run", "variant", "median_s", "kernel_s", "fused_s", "launches", "mfu_executed", "mfu_kernels"]].round(4)
+
+# %% [markdown]
+# The gap to 55% per call at 14k, from the pieces path's profiled call: its first tenth (the first step) idles about
+# 39%, every later tenth 2-4% in many short gaps between the ~14,000 kernels. The kernels alone are at 55.7%.
+
+# %%
+idle24 = pd.read_csv(S24 / "inlined_blocks_pieces" / "idle.csv")
+idle24 = idle24[(idle24["what"] == "tenth")].copy()
+idle24["variant"] = idle24["variant"].str.replace(P17, "", regex=False)
+idle24.pivot_table(index="index", columns="variant", values="idle_fraction").round(3)
+
+# %% [markdown]
+# The sparse-conv sweep re-run with kernel times from CUDA-graph replays (`sparse_conv_kernels_h100/session24/`): the
+# SLaT pass's eight convs take 1.9-2.1 ms of kernel time, against 3.5-3.9 ms host-timed. The 128 -> 128 convs run at
+# 363-502 TFLOP/s, not the ~120 TFLOP/s the host-timed calls suggested.
+
+# %%
+conv24 = pd.read_csv(R17 / "sparse_conv_kernels_h100" / "session24" / "sparse_conv_kernels.csv")
+impls24 = ["implicit", "implicit-skip", "implicit-skip-nested"]
+conv24.groupby("network", sort=False)[[f"{i}_ms" for i in impls24] + [f"{i}_call_ms" for i in impls24]].sum().round(3)

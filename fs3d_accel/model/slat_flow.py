@@ -493,7 +493,8 @@ class SLaTFlowModel(nn.Module):
         ``tests/test_cuda_graphs.py``), so it can be recorded into a CUDA graph behind queued work. Until session 23
         this ran the whole input path and discarded its values: 11.2 of the 71 ms of host time cProfile saw in a 14k
         call's first step, about half of it the convs, norms and linears no longer run
-        (``benchmarks/results/slat_host_profile_h100/session23``). Hooks on the flow
+        (``benchmarks/results/slat_host_profile_h100/session23``); on an H100 the SLaT call at 14k got 8-9 ms faster
+        (session 24, ``benchmarks/results/base_vs_official_h100/session24/tables_only``). Hooks on the flow
         and its convs, norms and linears do not fire; hooks on its down-sampling modules do (zero-width inputs).
         ``by_pass``: the earlier way (``RunOptions.slat_tables_by_pass``, to time the two side by side): the input
         path runs on ``feats`` and ``t`` and its values are dropped; its submodules' hooks fire."""

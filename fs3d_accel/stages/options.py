@@ -178,7 +178,10 @@ class RunOptions:
     #: its values (convs, norms and linears launched for nothing). Off (since session 23), ``build_structure`` builds
     #: the same tables alone (``SparseResBlock3d.prepare``; the same entries, tensor for tensor). The tables-by-pass
     #: build took 11.2 of the 71 ms cProfile saw in a 14k call's first step, about half of it computing values to drop
-    #: (``results/slat_host_profile_h100/session23/``). Kept to time the two side by side on a GPU (variant suffix ``-tp``).
+    #: (``results/slat_host_profile_h100/session23/``). Kept to time the two side by side (variant suffix ``-tp``).
+    #: Session 24 (H100, 14k, pieces path, three rounds): the tables-only build was faster in 3 of 3 rounds, 0.503-0.505 s
+    #: per SLaT call against 0.512-0.514 s with this on, about 3.6 ms of it the dropped GPU work
+    #: (``results/base_vs_official_h100/session24/tables_only/``).
     slat_tables_by_pass: bool = False
     #: one CUDA-graph memory pool, kept by the SLaT stage, for the graphs of every SLaT object
     #: (``stages.graphs.GraphPool``, ``SLaTStage.graph_pool``) instead of a private pool per graph: the batch-1 graph
@@ -301,7 +304,11 @@ class RunOptions:
     #: gated residual add (``triton_poi_fused_add_mul_split_unsqueeze_view_7``: 312 launches, 7.8 ms of a 14k call in
     #: session 15's kernel table), that inlined blocks can fuse into the next block's first norm. Inlining compiles the
     #: 24 blocks' graph (longer first compilation; identical kernels are generated once). The same math, rounded in a
-    #: different kernel. Needs ``compile_slat``; variant suffix ``-nr``.
+    #: different kernel. Needs ``compile_slat``; variant suffix ``-nr``. Session 24 (H100, 14k, three rounds each,
+    #: ``results/base_vs_official_h100/session24/inlined_blocks_*``): the fused Triton kernels 1.4-2.5 ms and 600-975
+    #: launches fewer per SLaT call; on ``-ac-fk`` faster in 3 of 3 rounds (0.502-0.509 s against 0.505-0.517 s), on the
+    #: faster pieces path (``slat_graph_piece_blocks=2``) equal (0.4945-0.4960 s both), since every other block boundary
+    #: there is a piece end, an op that orders the kernels around it. So no named path turns it off.
     slat_block_regions: bool = True
 
     def __post_init__(self) -> None:
