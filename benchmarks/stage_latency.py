@@ -264,6 +264,11 @@ VARIANTS[NC_FK_NR_LONG] = dataclasses.replace(VARIANTS[NC_FK_LONG], slat_block_r
 # (the pieces' ends stay fusion barriers there: an op between two blocks. Without pieces, every block boundary can fuse)
 FK_NR_LONG = FK_LONG + ", the torso's blocks inlined into one graph"
 VARIANTS[FK_NR_LONG] = dataclasses.replace(VARIANTS[FK_LONG], slat_block_regions=False)
+# ... the pieces path with each SLaT block's adaLN output computed once per step and kept across calls
+# (``cache_block_modulations``): 24 small GEMMs (and SiLU kernels) fewer per pass, 675 GEMM launches (5.5 ms) per 14k call
+# in session 24's kernel table
+NC_FK_CM_LONG = NC_FK_LONG + ", block modulations kept per step"
+VARIANTS[NC_FK_CM_LONG] = dataclasses.replace(VARIANTS[NC_FK_LONG], cache_block_modulations=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -353,6 +358,7 @@ SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk"] = NC
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-tp"] = NC_FK_TP_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-nr"] = NC_FK_NR_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-fk-nr"] = FK_NR_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm"] = NC_FK_CM_LONG
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

@@ -227,11 +227,11 @@ def test_coordinate_descent_passes_the_modes_options_plus_the_tuning(monkeypatch
         stage.compiled_torso(plain), stage.compiled_torso(tuned), stage.compiled_torso(tuned)
         assert calls == [{"backend": "inductor", "mode": "reduce-overhead"},
                          {"backend": "inductor", **tuned.compile_kwargs("reduce-overhead")}]
-        assert sorted(k[3] for k in stage.__dict__["_compiled_torso"]) == [False, True]
+        assert sorted(k[4] for k in stage.__dict__["_compiled_torso"]) == [False, True]
         # how FA4 is called gets a compiled torso of its own too (not a recompile of the same function)
         stage.compiled_torso(RunOptions(compile_slat=True, compile_mode="reduce-overhead",
                                         attention_kernel="flash-attn-cute", fa4_call="direct"))
-        assert sorted(k[4] for k in stage.__dict__["_compiled_torso"]) == ["custom-op", "custom-op", "direct"]
+        assert sorted(k[5] for k in stage.__dict__["_compiled_torso"]) == ["custom-op", "custom-op", "direct"]
         calls.clear()
         ss_plain = RunOptions(compile_ss=True, compile_mode="reduce-overhead")
         ss_tuned = RunOptions(compile_ss=True, compile_mode="reduce-overhead", coordinate_descent=True)

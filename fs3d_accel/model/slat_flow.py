@@ -258,9 +258,15 @@ class ModulatedSparseTransformerCrossBlock(nn.Module):
         self.mlp = FeedForwardNet(channels, mlp_ratio)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(channels, 6 * channels))
 
-    def _modulation(self, emb: Tensor) -> tuple[Tensor, ...]:
-        """(B, E) -> shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, C)."""
-        return self.adaLN_modulation(emb.to(self.adaLN_modulation[1].weight.dtype)).chunk(6, dim=1)
+    def modulation_vector(self, emb: Tensor) -> Tensor:
+        """(B, E) -> (B, 6C): the adaLN output, a function of the timestep embedding alone (so of the sampler step,
+        not of the object: ``SLaTFlowModel.block_modulations`` computes it for all blocks ahead)."""
+        return self.adaLN_modulation(emb.to(self.adaLN_modulation[1].weight.dtype))
+
+    def _modulation(self, emb: Tensor, mods: Tensor | None = None) -> tuple[Tensor, ...]:
+        """(B, E) -> shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp, each (B, C); from ``mods``
+        ((B, 6C), :meth:`modulation_vector` computed ahead) where given, without computing it again."""
+        return (self.modulation_vector(emb) if mods is None else mods).chunk(6, dim=1)
 
     def _residuals(self, f: Tensor, mods, self_attn: Callable[[Tensor], Tensor],
                    cross_attn: Callable[[Tensor], Tensor]) -> Tensor:
@@ -274,21 +280,24 @@ class ModulatedSparseTransformerCrossBlock(nn.Module):
         return f + self.mlp(h) * gate_mlp
 
     def forward(self, x: SparseTensor, emb: Tensor, context: Tensor | None = None,
-                context_kv: tuple[Tensor, Tensor] | None = None) -> SparseTensor:
-        mods = [x.per_row(m) for m in self._modulation(emb)]
+                context_kv: tuple[Tensor, Tensor] | None = None, mods: Tensor | None = None) -> SparseTensor:
+        """``mods`` (optional, (B, 6C)): this block's :meth:`modulation_vector` of ``emb``, computed ahead."""
+        mods = [x.per_row(m) for m in self._modulation(emb, mods)]
         f = self._residuals(x.feats, mods, lambda h: self.self_attn(x.replace(h)).feats,
                             lambda h: self.cross_attn(x.replace(h), context, context_kv).feats)
         return x.replace(f)
 
     def dense_forward(self, f: Tensor, emb: Tensor, context: Tensor | None = None,
-                      context_kv: tuple[Tensor, Tensor] | None = None, key_len: Tensor | None = None) -> Tensor:
+                      context_kv: tuple[Tensor, Tensor] | None = None, key_len: Tensor | None = None,
+                      mods: Tensor | None = None) -> Tensor:
         """The block on B equal-length batch elements laid out densely, (B, L, C) -> (B, L, C).
 
         The same values as :meth:`forward` on those tokens, on plain tensors (what torch.compile of
         the SLaT torso traces; see :meth:`SLaTFlowModel.dense_torso`). Submodule hooks do not fire.
-        ``key_len`` ((B,)): tokens from ``key_len[b]`` on are padding, left out as self-attention keys.
+        ``key_len`` ((B,)): tokens from ``key_len[b]`` on are padding, left out as self-attention keys. ``mods``
+        ((B, 6C), optional): this block's :meth:`modulation_vector`, computed ahead.
         """
-        mods = [m[:, None] for m in self._modulation(emb)]
+        mods = [m[:, None] for m in self._modulation(emb, mods)]
         return self._residuals(f, mods, lambda h: self.self_attn.dense(h, key_len),
                                lambda h: self.cross_attn.dense(h, context, context_kv))
 
@@ -296,10 +305,10 @@ class ModulatedSparseTransformerCrossBlock(nn.Module):
 @torch.compiler.nested_compile_region
 def _dense_block_region(block: ModulatedSparseTransformerCrossBlock, f: Tensor, emb: Tensor,
                         context: Tensor | None, context_kv: tuple[Tensor, ...] | None,
-                        key_len: Tensor | None = None) -> Tensor:
+                        key_len: Tensor | None = None, mods: Tensor | None = None) -> Tensor:
     """One transformer block as a nested compile region: traced and compiled once, reused by all 24
     blocks (weights are graph inputs), as the SS flow's ``_block_region``. Only used while compiling."""
-    return block.dense_forward(f, emb, context, context_kv, key_len)
+    return block.dense_forward(f, emb, context, context_kv, key_len, mods)
 
 
 class SLaTFlowModel(nn.Module):
@@ -358,6 +367,15 @@ class SLaTFlowModel(nn.Module):
         structure["checked_input"] = (coords, batch, x.coords)
         return SparseTensor(feats, x.coords, structure)
 
+    def block_modulations(self, t: Tensor) -> Tensor:
+        """(num_blocks, B, 6C): every transformer block's adaLN output at the scaled timesteps ``t`` ((B,)), as the
+        blocks compute it from the timestep embedding (the same ops on the same shapes). It depends on the sampler step
+        and the weights only, not on the object, so a caller may compute it once per step of its schedule and pass it
+        as ``forward``'s ``block_mods`` (``SLaTStage``'s cache under ``RunOptions.cache_block_modulations``)."""
+        t = t.reshape(-1)
+        emb = self.t_embedder(t)
+        return torch.stack([block.modulation_vector(emb) for block in self.blocks])
+
     def precompute_cond_kv(self, cond: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Per-block cross-attention (k, v), each (B, L, H, D); the same for every sampler step.
 
@@ -368,7 +386,8 @@ class SLaTFlowModel(nn.Module):
 
     def dense_torso(self, f: Tensor, emb: Tensor, context: Tensor | None,
                     cond_kv: list[tuple[Tensor, Tensor]] | None = None, key_len: Tensor | None = None,
-                    piece_blocks: int = 0, *, block_regions: bool = True) -> Tensor:
+                    piece_blocks: int = 0, *, block_regions: bool = True,
+                    block_mods: Tensor | None = None) -> Tensor:
         """The transformer blocks on B equal-length batch elements, (B, L, C) -> (B, L, C).
 
         This is what ``RunOptions.compile_slat`` compiles (with L dynamic, so one graph serves every
@@ -377,13 +396,15 @@ class SLaTFlowModel(nn.Module):
         token buckets): the real token counts; the tokens after them are padding, left out as keys. ``piece_blocks``
         (:func:`use_graph_pieces`): a piece end after every that many blocks but the last. ``block_regions`` False
         (``RunOptions.slat_block_regions``): under torch.compile the blocks are inlined into one graph instead of
-        nested regions, so that inductor can fuse across block boundaries.
+        nested regions, so that inductor can fuse across block boundaries. ``block_mods`` ((num_blocks, B, 6C),
+        :meth:`block_modulations`): each block's adaLN output computed ahead, used instead of computing it from ``emb``.
         """
         regions = block_regions and self.compile_block_regions and torch.compiler.is_compiling()
         for i, block in enumerate(self.blocks):
             kv = None if cond_kv is None else cond_kv[i]
-            f = (_dense_block_region(block, f, emb, context, kv, key_len) if regions
-                 else block.dense_forward(f, emb, context, kv, key_len))
+            mods = None if block_mods is None else block_mods[i]
+            f = (_dense_block_region(block, f, emb, context, kv, key_len, mods) if regions
+                 else block.dense_forward(f, emb, context, kv, key_len, mods))
             if piece_blocks and (i + 1) % piece_blocks == 0 and i + 1 < len(self.blocks):
                 _piece_end(f)
         return f
@@ -398,7 +419,8 @@ class SLaTFlowModel(nn.Module):
 
     def forward(self, feats: Tensor, coords: Tensor, t: Tensor, cond: Tensor | None,
                 cond_kv: list[tuple[Tensor, Tensor]] | None = None,
-                structure: dict | None = None, torso: Callable[..., Tensor] | None = None) -> Tensor:
+                structure: dict | None = None, torso: Callable[..., Tensor] | None = None,
+                block_mods: Tensor | None = None) -> Tensor:
         """feats (N, in_ch), coords (N, 4) int [batch, x, y, z] sorted by batch, t (B,) already
         scaled by the sampler's time scale, cond (B, L, cond_ch) -> velocity (N, in_ch).
 
@@ -410,6 +432,8 @@ class SLaTFlowModel(nn.Module):
 
         ``torso`` (the torch.compile'd :meth:`dense_torso`) replaces the block loop when every batch
         element has the same number of tokens (one object, or the CFG pair); otherwise the loop runs.
+        ``block_mods`` (:meth:`block_modulations` of these ``t``, computed ahead): the blocks' adaLN outputs, so that
+        the blocks do not compute them again.
         """
         cfg = self.cfg
         if feats.ndim != 2 or feats.shape[1] != cfg.in_channels:
@@ -431,6 +455,9 @@ class SLaTFlowModel(nn.Module):
             t = t.expand(batch)
         if t.numel() != batch:
             raise ValueError(f"t has {t.numel()} entries, cond batch is {batch}")
+        if block_mods is not None and tuple(block_mods.shape) != (len(self.blocks), batch, 6 * cfg.model_channels):
+            raise ValueError(f"block_mods must be (num_blocks, batch, 6 * model_channels) = ({len(self.blocks)}, "
+                             f"{batch}, {6 * cfg.model_channels}), got {tuple(block_mods.shape)}")
         x = self._sparse_input(feats, coords, batch, structure)
         dtype = self.torso_dtype
         emb = self.t_embedder(t)
@@ -441,6 +468,7 @@ class SLaTFlowModel(nn.Module):
             _piece_end(h.feats)
         if torso is not None and len(set(h.seqlens)) == 1:
             self._check_no_block_hooks()
+            mods_kw = {} if block_mods is None else {"block_mods": block_mods}
             f = h.feats.view(h.batch_size, -1, h.num_channels)
             step = current_token_bucket()
             if step:  # pad to the token bucket; the padding is masked as keys and its outputs dropped
@@ -448,14 +476,15 @@ class SLaTFlowModel(nn.Module):
                 f = F.pad(f, (0, 0, 0, bucket_tokens(n, step) - n))
                 key_len = torch.full((h.batch_size,), n, dtype=torch.int32, device=f.device)
                 torch._dynamo.maybe_mark_dynamic(f, 1)  # token count: one graph for every object
-                out = torso(f, emb, ctx, cond_kv, key_len, *([pieces] if pieces else []))[:, :n]
+                out = torso(f, emb, ctx, cond_kv, key_len, *([pieces] if pieces else []), **mods_kw)[:, :n]
             else:
                 torch._dynamo.maybe_mark_dynamic(f, 1)  # token count: one graph for every object
-                out = torso(f, emb, ctx, cond_kv, *([None, pieces] if pieces else []))
+                out = torso(f, emb, ctx, cond_kv, *([None, pieces] if pieces else []), **mods_kw)
             h = h.replace(out.reshape(len(h), -1))
         else:
             for i, block in enumerate(self.blocks):
-                h = block(h, emb, ctx, None if cond_kv is None else cond_kv[i])
+                h = block(h, emb, ctx, None if cond_kv is None else cond_kv[i],
+                          None if block_mods is None else block_mods[i])
                 if pieces and (i + 1) % pieces == 0 and i + 1 < len(self.blocks):
                     _piece_end(h.feats)
         if pieces:

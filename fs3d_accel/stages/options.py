@@ -310,6 +310,17 @@ class RunOptions:
     #: faster pieces path (``slat_graph_piece_blocks=2``) equal (0.4945-0.4960 s both), since every other block boundary
     #: there is a piece end, an op that orders the kernels around it. So no named path turns it off.
     slat_block_regions: bool = True
+    #: compute each SLaT transformer block's adaLN output (shift, scale and gate of both branches: a Linear of the
+    #: timestep embedding) once per sampler step and batch size, keep it on the stage across calls
+    #: (``SLaTStage.block_modulations``), and pass it into the flow, instead of every pass computing it again. It depends
+    #: on the step and the weights only, not on the object, so every object sampled with the same schedule reuses it.
+    #: Why: those are 24 small GEMMs per pass, each reading a 1024 x 6144 weight for two rows (session 24's 14k kernel
+    #: table, ``results/base_vs_official_h100/session24/``: ``nvjet_sm90_tst_64x8_64x16_4x1_v_bz_bias_TNT``, 675 launches,
+    #: 5.5 ms per call, plus a SiLU kernel per block and pass), and each launch adds a gap inside the recorded graphs.
+    #: The same ops on the same shapes compute the kept values, so eager passes give bit-identical outputs; a compiled
+    #: torso may round its own in-graph computation differently. Keyed by the step, batch, dtypes, device and every
+    #: involved parameter's version (weights changed in place are picked up). Variant suffix ``-cm``.
+    cache_block_modulations: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -431,6 +442,8 @@ class RunOptions:
                                         or not (self.compile_ss or self.compile_slat)):
             raise ValueError("coordinate_descent tunes the Triton kernels inductor generates: it needs the inductor "
                              "backend and compile_ss or compile_slat")
+        if not isinstance(self.cache_block_modulations, bool):
+            raise ValueError(f"cache_block_modulations is a bool, got {self.cache_block_modulations!r}")
         if not isinstance(self.slat_block_regions, bool):
             raise ValueError(f"slat_block_regions is a bool, got {self.slat_block_regions!r}")
         if not self.slat_block_regions and not self.compile_slat:

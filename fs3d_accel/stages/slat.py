@@ -19,6 +19,10 @@ from .held import HoldsInputs
 from .options import RunOptions
 from .types import SLaTOutput, SSOutput
 
+#: entries of the stage's kept block modulations (``SLaTStage.block_modulations``) before it is emptied: one schedule
+#: fills two per step (the CFG pair's and the unguided batch), so this holds a few schedules
+_MODULATION_CACHE_ENTRIES = 256
+
 
 def slat_noise(num_voxels: int, channels: int, generator: torch.Generator) -> Tensor:
     """Initial SLaT noise (N, C), drawn on the CPU."""
@@ -67,21 +71,41 @@ class SLaTStage(HoldsInputs, nn.Module):
         if key not in cache:
             flow = self.flow
 
-            def inlined_blocks(*args):
-                return flow.dense_torso(*args, block_regions=False)
+            def inlined_blocks(*args, **kwargs):
+                return flow.dense_torso(*args, block_regions=False, **kwargs)
 
             compiled = torch.compile(flow.dense_torso if options.slat_block_regions else inlined_blocks,
                                      backend=options.compile_backend, **options.compile_kwargs(options.compile_mode))
 
-            def torso(*args):
+            def torso(*args, **kwargs):
                 # only the token count is dynamic (the flow marks it): without this, dynamo would make
                 # the batch dimension dynamic too once it has seen 2 and 1, and specialise it back
                 # inside the per-element K/V path (a recompile torch 2.13 fails on in nested regions)
                 with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
-                    return compiled(*args)
+                    return compiled(*args, **kwargs)
 
             cache[key] = torso
         return cache[key]
+
+    def block_modulations(self, t: float, batch: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The SLaT flow's :meth:`~fs3d_accel.model.slat_flow.SLaTFlowModel.block_modulations` at the scaled timestep
+        ``t`` for ``batch`` rows (``RunOptions.cache_block_modulations``), kept across calls: they depend on the step
+        and the weights only, so every object sampled with the same schedule reuses them. Computed from
+        ``torch.full((batch,), t)`` as the sampler's pass builds its timesteps, so the values are the ones the blocks
+        would compute. Keyed by the step, the batch, the dtype the blocks compute in (autocast included), the device
+        and the version of every parameter involved, so that weights changed in place or loaded anew are picked up."""
+        flow = self.flow
+        params = [*flow.t_embedder.parameters(), *(p for b in flow.blocks for p in b.adaLN_modulation.parameters())]
+        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        key = (float(t), batch, dtype, autocast, str(device), tuple((id(p), p._version) for p in params))
+        cache: dict = self.__dict__.setdefault("_block_modulations", {})
+        mods = cache.get(key)
+        if mods is None:
+            if len(cache) >= _MODULATION_CACHE_ENTRIES:
+                cache.clear()  # a schedule has ~2 x steps entries; more means settings or weights changed
+            with torch.no_grad():
+                mods = cache[key] = flow.block_modulations(torch.full((batch,), float(t), device=device))
+        return mods
 
     def graph_pool(self, lease: "_PoolLease") -> GraphPool:
         """The stage's kept CUDA-graph memory pool (``RunOptions.shared_graph_pool``) for the call holding ``lease``:
@@ -167,13 +191,20 @@ class SLaTStage(HoldsInputs, nn.Module):
             extra = {} if structure is None else {"structure": structure}
             if torso is not None:
                 extra["torso"] = torso
+            args = (feats, tt)
+            if options.cache_block_modulations:
+                with options.network_context(c.device, "slat"):
+                    args += (self.block_modulations(t * sampler_cfg.time_scale, c.shape[0], flow.torso_dtype,
+                                                    c.device),)
 
-            def call(f: Tensor, tt: Tensor) -> Tensor:
+            def call(f: Tensor, tt: Tensor, block_mods: Tensor | None = None) -> Tensor:
+                # block_mods is an argument (not a closure) so that a replayed graph reads each step's own values
                 with options.network_context(c.device, "slat"):
                     if ckv is not None:
-                        out = flow(f.to(dtype), c_coords, tt, c.to(dtype), cond_kv=ckv, **extra)
+                        out = flow(f.to(dtype), c_coords, tt, c.to(dtype), cond_kv=ckv, block_mods=block_mods,
+                                   **extra)
                     else:
-                        out = flow(f.to(dtype), c_coords, tt, c.to(dtype), **extra)
+                        out = flow(f.to(dtype), c_coords, tt, c.to(dtype), block_mods=block_mods, **extra)
                 return out.float()
 
             if options.cuda_graphs and structure is not None:
@@ -185,7 +216,7 @@ class SLaTStage(HoldsInputs, nn.Module):
                 if not record_first:
                     if graphed is None:
                         graphed = structure[slot] = new_graphed(call, options.slat_graph_warmup)
-                    return graphed(feats, tt)
+                    return graphed(*args)
                 kind = pass_kind(c.shape[0])
                 if prepare_only:
                     if graphed is not None:
@@ -193,7 +224,7 @@ class SLaTStage(HoldsInputs, nn.Module):
                                          f"would replace it")
                     graphed = structure[slot] = new_graphed(call, 0)
                     try:
-                        graphed.prepare(feats, tt)
+                        graphed.prepare(*args)
                     except Exception as exc:
                         # as a failed first-call recording: this kind of pass is warmed from now on, and the step
                         # that needs the graph makes a warmed one
@@ -208,7 +239,7 @@ class SLaTStage(HoldsInputs, nn.Module):
                     skip = kind in passes_run and kind not in first_call_failed and "checked_input" in structure
                     graphed = structure[slot] = new_graphed(call, 0 if skip else options.slat_graph_warmup)
                 try:
-                    out = graphed(feats, tt)
+                    out = graphed(*args)
                 except Exception as exc:
                     if graphed.warmup != 0 or graphed.captures:
                         raise
@@ -220,10 +251,10 @@ class SLaTStage(HoldsInputs, nn.Module):
                                   f"from now on", RuntimeWarning, stacklevel=2)
                     first_call_failed.add(kind)
                     graphed = structure[slot] = new_graphed(call, options.slat_graph_warmup)
-                    out = graphed(feats, tt)
+                    out = graphed(*args)
                 passes_run.add(kind)
                 return out
-            return call(feats, tt)
+            return call(*args)
 
         def select(x: Tensor, active: Tensor | None) -> tuple[Tensor, Tensor]:
             if active is None:

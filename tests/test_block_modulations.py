@@ -1,0 +1,178 @@
+"""Each SLaT block's adaLN output computed once per sampler step and kept (``RunOptions.cache_block_modulations``).
+
+The modulations depend on the timestep and the weights only, so the stage computes them per (step, batch) once and
+reuses them for every later pass and object. On the CPU the kept values come from the very same ops, so every output
+must be bit-identical to computing them inside each pass; the cache must pick up weights changed in place.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import mini_slat_setup, random_slat_inputs, sample_slat
+from fs3d_accel.model.slat_flow import SLaTFlowModel
+from fs3d_accel.stages.options import RunOptions
+
+
+@pytest.fixture(scope="module")
+def slat_setup():
+    stage, objects, sampler = mini_slat_setup((260, 170))
+    yield stage, objects, sampler
+    stage.__dict__.pop("_compiled_torso", None)
+    stage.__dict__.pop("_block_modulations", None)
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@torch.no_grad()
+def test_flow_with_block_modulations_computed_ahead_is_bit_identical(batch):
+    """The sparse block loop and the dense torso, with condition tokens or cached K/V: the same bits."""
+    cfg, coords, feats, cond = random_slat_inputs(batch=batch)
+    torch.manual_seed(0)
+    flow = SLaTFlowModel(cfg).eval()
+    t = torch.full((batch,), 640.0)
+    mods = flow.block_modulations(t)
+    assert mods.shape == (cfg.num_blocks, batch, 6 * cfg.model_channels)
+    kv = flow.precompute_cond_kv(cond)
+    for torso in (None, flow.dense_torso):
+        ref = flow(feats, coords, t, cond, torso=torso)
+        assert torch.equal(flow(feats, coords, t, cond, torso=torso, block_mods=mods), ref)
+        assert torch.equal(flow(feats, coords, t, None, cond_kv=kv, torso=torso, block_mods=mods), ref)
+    # the values really are used: other steps' modulations give other velocities
+    assert not torch.equal(flow(feats, coords, t, cond, block_mods=flow.block_modulations(t * 0 + 100.0)), ref)
+
+
+@torch.no_grad()
+def test_flow_refuses_block_modulations_of_the_wrong_shape():
+    cfg, coords, feats, cond = random_slat_inputs(batch=1)
+    flow = SLaTFlowModel(cfg).eval()
+    t = torch.tensor([500.0])
+    mods = flow.block_modulations(torch.full((2,), 500.0))  # a batch of 2 for a batch-1 pass
+    with pytest.raises(ValueError, match=r"block_mods must be \(num_blocks, batch, 6 \* model_channels\)"):
+        flow(feats, coords, t, cond, block_mods=mods)
+    with pytest.raises(ValueError, match="block_mods must be"):
+        flow(feats, coords, t, cond, block_mods=mods[:-1, :1])
+
+
+def _counting(stage, monkeypatch) -> list:
+    """Record every (t, batch) the flow computes block modulations for."""
+    computed = []
+    real = stage.flow.block_modulations
+
+    def counted(t):
+        computed.append((float(t[0]), t.numel()))
+        return real(t)
+
+    monkeypatch.setattr(stage.flow, "block_modulations", counted)
+    return computed
+
+
+@pytest.mark.parametrize("batch_cfg", [True, False])
+def test_stage_keeps_modulations_per_step_and_gives_the_same_latents(slat_setup, monkeypatch, batch_cfg):
+    """Two objects through the whole SLaT sampler (CFG on): bit-identical latents with the kept modulations, which
+    are computed once per (step, batch) on the first object and never again on the second."""
+    stage, objects, sampler = slat_setup
+    stage.__dict__.pop("_block_modulations", None)
+    computed = _counting(stage, monkeypatch)
+    plain = RunOptions(batch_cfg=batch_cfg, cache_cond_kv=True)
+    kept = RunOptions(batch_cfg=batch_cfg, cache_cond_kv=True, cache_block_modulations=True)
+    for i, (cond, coords, noise) in enumerate(objects):
+        ref = sample_slat(stage, cond, coords, noise, sampler, plain)
+        out = sample_slat(stage, cond, coords, noise, sampler, kept)
+        assert torch.equal(out, ref)
+        if i == 0:
+            first = list(computed)
+    assert computed == first, "the second object recomputed modulations"
+    assert len(set(first)) == len(first), "a (step, batch) was computed twice"
+    batches = {b for _, b in first}
+    assert batches == ({1, 2} if batch_cfg else {1})
+    steps = {t for t, _ in first}
+    assert len(steps) == sampler.steps
+
+
+def test_stage_picks_up_weights_changed_in_place(slat_setup):
+    """After an in-place change of one block's adaLN weights (as load_state_dict makes), the kept modulations are
+    recomputed: the latents equal those of a pass that computes them itself."""
+    stage, objects, sampler = slat_setup
+    cond, coords, noise = objects[1]
+    kept = RunOptions(batch_cfg=True, cache_cond_kv=True, cache_block_modulations=True)
+    plain = RunOptions(batch_cfg=True, cache_cond_kv=True)
+    before = sample_slat(stage, cond, coords, noise, sampler, kept)
+    weight = stage.flow.blocks[-1].adaLN_modulation[1].weight
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(1.5)
+        after = sample_slat(stage, cond, coords, noise, sampler, kept)
+        assert not torch.equal(after, before)
+        assert torch.equal(after, sample_slat(stage, cond, coords, noise, sampler, plain))
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert torch.equal(sample_slat(stage, cond, coords, noise, sampler, kept), before)
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_stage_with_a_compiled_torso_and_graph_calls_gives_the_same_latents(slat_setup, cpu_compile, monkeypatch,
+                                                                           graphs):
+    """The compiled torso (debug backend) takes the kept modulations as an input, and the whole-pass graph calls
+    (eager on the CPU) pass them as an argument: the same latents as computing them in each pass."""
+    import fs3d_accel.stages.options as options_mod
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    stage, objects, sampler = slat_setup
+    cond, coords, noise = objects[0]
+    common = dict(batch_cfg=True, cache_cond_kv=True, compile_slat=True, compile_backend="aot_eager",
+                  cuda_graphs=graphs)
+    saved = stage.__dict__.pop("_compiled_torso", None)
+    try:
+        ref = sample_slat(stage, cond, coords, noise, sampler, RunOptions(**common))
+        out = sample_slat(stage, cond, coords, noise, sampler, RunOptions(**common, cache_block_modulations=True))
+    finally:
+        stage.__dict__.pop("_compiled_torso", None)
+        if saved is not None:
+            stage.__dict__["_compiled_torso"] = saved
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_block_modulations_setting_is_checked():
+    with pytest.raises(ValueError, match="cache_block_modulations is a bool"):
+        RunOptions(cache_block_modulations="yes")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("async_capture", [False, True])
+def test_replayed_graphs_read_each_steps_kept_modulations_on_cuda(async_capture):
+    """On the GPU, whole-pass graphs recorded at one step replay at the others: they must read each step's kept
+    modulations (a graph input), not the recorded step's. Eager networks, so the same kernels either way: the same
+    latents as the graphs without kept modulations, and as no graphs at all."""
+    from conftest import mini_config
+    from fs3d_accel.stages.slat import SLaTStage, slat_noise
+    cfg = mini_config()
+    torch.manual_seed(0)
+    stage = SLaTStage(cfg).eval().cuda()
+    gen = torch.Generator().manual_seed(1)
+    r = cfg.slat_flow.resolution
+    idx = torch.randperm(r ** 3, generator=gen)[:300].sort().values
+    coords = torch.cat([torch.zeros(300, 1, dtype=torch.long),
+                        torch.stack([idx // (r * r), (idx // r) % r, idx % r], 1)], 1).int().cuda()
+    cond = torch.randn(1, 24, cfg.slat_flow.cond_channels, generator=gen).cuda()
+    noise = slat_noise(300, cfg.slat_flow.in_channels, gen).cuda()
+    from fs3d_accel.model.sparse import release_structure
+    from fs3d_accel.samplers import EulerFlowSampler
+
+    def run(**kw):
+        options = RunOptions(batch_cfg=True, cache_cond_kv=True, **kw)
+        structures: list[dict] = []
+        with torch.no_grad():
+            try:
+                net = stage.velocity_net(cond, coords, cfg.slat_sampler, options, structures)
+                return EulerFlowSampler(cfg.slat_sampler, "slat").sample(noise.clone(), net,
+                                                                          extras={"coords": coords})
+            finally:
+                for s in structures:
+                    release_structure(s)
+
+    eager = run()
+    graphed = run(cuda_graphs=True, async_graph_capture=async_capture)
+    kept = run(cuda_graphs=True, async_graph_capture=async_capture, cache_block_modulations=True)
+    assert torch.equal(graphed, eager)
+    assert torch.equal(kept, eager)
