@@ -190,10 +190,10 @@ def test_slat_stage_compiles_in_its_own_mode_and_marks_no_static_inputs(slat_set
 
     try:
         assert run(compile_mode="reduce-overhead", slat_compile_mode="default") == [
-            ("default", 0, True, "inductor", False, "custom-op")]
+            ("default", 0, True, False, "inductor", False, "custom-op")]
         assert modes == ["default"] and marked == []
         # the same options without slat_compile_mode: SLaT under CUDA graphs, its K/V marked static
-        assert run(compile_mode="reduce-overhead") == [("reduce-overhead", 0, True, "inductor", False, "custom-op")]
+        assert run(compile_mode="reduce-overhead") == [("reduce-overhead", 0, True, False, "inductor", False, "custom-op")]
         assert modes == ["reduce-overhead"] and len(marked) > 0
     finally:
         stage.__dict__.pop("_compiled_torso", None)
@@ -227,11 +227,11 @@ def test_coordinate_descent_passes_the_modes_options_plus_the_tuning(monkeypatch
         stage.compiled_torso(plain), stage.compiled_torso(tuned), stage.compiled_torso(tuned)
         assert calls == [{"backend": "inductor", "mode": "reduce-overhead"},
                          {"backend": "inductor", **tuned.compile_kwargs("reduce-overhead")}]
-        assert sorted(k[4] for k in stage.__dict__["_compiled_torso"]) == [False, True]
+        assert sorted(k[5] for k in stage.__dict__["_compiled_torso"]) == [False, True]
         # how FA4 is called gets a compiled torso of its own too (not a recompile of the same function)
         stage.compiled_torso(RunOptions(compile_slat=True, compile_mode="reduce-overhead",
                                         attention_kernel="flash-attn-cute", fa4_call="direct"))
-        assert sorted(k[5] for k in stage.__dict__["_compiled_torso"]) == ["custom-op", "custom-op", "direct"]
+        assert sorted(k[6] for k in stage.__dict__["_compiled_torso"]) == ["custom-op", "custom-op", "direct"]
         calls.clear()
         ss_plain = RunOptions(compile_ss=True, compile_mode="reduce-overhead")
         ss_tuned = RunOptions(compile_ss=True, compile_mode="reduce-overhead", coordinate_descent=True)

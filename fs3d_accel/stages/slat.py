@@ -67,7 +67,8 @@ class SLaTStage(HoldsInputs, nn.Module):
         cache = self.__dict__.setdefault("_compiled_torso", {})
         # the pieces' ends are compiled into the torso (a static argument): a compiled function per setting, so that
         # its variants do not count against one function's recompile limit
-        key = (options.compile_mode, options.slat_graph_piece_blocks, options.slat_block_regions, *options.compile_key)
+        key = (options.compile_mode, options.slat_graph_piece_blocks, options.slat_block_regions,
+               options.cache_block_modulations, *options.compile_key)
         if key not in cache:
             flow = self.flow
 
