@@ -955,19 +955,21 @@ steps23 = pd.read_csv(S23 / "slat_host_steps.csv")
 steps23[steps23["step"] < 3].pivot_table(index="step", columns="object", values=["host_ms", "gpu_ms"]).round(1)
 
 # %% [markdown]
-# ## 19. The tables-only build and the inlined torso, timed side by side (session 24)
+# ## 19. The tables-only build, the inlined torso and the kept block modulations, side by side (session 24)
 #
 # Two processes per comparison, three rounds each, the order alternating each round
 # (`benchmarks/results/base_vs_official_h100/session24/`). `tables_only`: the pieces path with its tables built alone
 # (the default since session 23) against `-tp`, which builds them by running the input path. `inlined_blocks_*`: the
 # torso's 24 blocks compiled as nested regions (the default) against `-nr` (`RunOptions.slat_block_regions=False`),
-# inlined into one graph so that inductor can fuse each block's closing residual add into the next block's norm. Each
-# run has its own measured peak, so compare MFU within a run only.
+# inlined into one graph so that inductor can fuse each block's closing residual add into the next block's norm.
+# `kept_modulations`: `-cm` (`RunOptions.cache_block_modulations`) computes each block's adaLN output once per step and
+# batch size and keeps it across calls, instead of 24 small GEMMs per pass. Each run has its own measured peak, so
+# compare MFU within a run only.
 
 # %%
 S24 = R17 / "base_vs_official_h100" / "session24"
 runs24 = []
-for run in ("tables_only", "inlined_blocks_pieces", "inlined_blocks_plain"):
+for run in ("tables_only", "inlined_blocks_pieces", "inlined_blocks_plain", "kept_modulations"):
     rows = pd.read_csv(S24 / run / "base_vs_official.csv")
     rows["run"] = run
     rows["variant"] = rows["variant"].str.replace(P17, "", regex=False)
@@ -979,7 +981,10 @@ runs24.pivot_table(index=["run", "variant"], columns="round", values="median_s")
 # The tables-only build is faster in 3 of 3 rounds, by 8-9 ms per call: about 3.6 ms of dropped GPU work (the kernel
 # sums below) and the rest host time before the first pass. Inlining the blocks cuts the fused Triton kernels by
 # 1.4-2.5 ms and 600-975 launches per call. It gains 3 of 3 rounds on the plain path; on the pieces path (faster
-# still) it changes nothing, since every other block boundary is a piece end that orders the kernels around it.
+# still) it changes nothing, since every other block boundary is a piece end that orders the kernels around it. The
+# kept modulations take 5.6 ms of kernel time and 1,174 launches off a call, and the kernels alone reach 57.3%. Per
+# call they were faster in 2 of 3 rounds, but that run's reference drifted slower over the rounds (and its profiled
+# call stalled in an allocation), so the per-call gain is not settled yet.
 # The kernel sums, the fused kernels and the per-call MFU of each unit's profiled call:
 
 # %%
