@@ -265,8 +265,8 @@ VARIANTS[NC_FK_NR_LONG] = dataclasses.replace(VARIANTS[NC_FK_LONG], slat_block_r
 FK_NR_LONG = FK_LONG + ", the torso's blocks inlined into one graph"
 VARIANTS[FK_NR_LONG] = dataclasses.replace(VARIANTS[FK_LONG], slat_block_regions=False)
 # ... the pieces path with each SLaT block's adaLN output computed once per step and kept across calls
-# (``cache_block_modulations``): 24 small GEMMs (and SiLU kernels) fewer per pass, 675 GEMM launches (5.5 ms) per 14k call
-# in session 24's kernel table
+# (``cache_block_modulations``): 24 small GEMMs (and SiLU kernels) fewer per pass; in session 24's kernel table that GEMM
+# had 675 launches (5.4 ms) per 14k call, 600 of them the blocks'
 NC_FK_CM_LONG = NC_FK_LONG + ", block modulations kept per step"
 VARIANTS[NC_FK_CM_LONG] = dataclasses.replace(VARIANTS[NC_FK_LONG], cache_block_modulations=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into

@@ -957,7 +957,7 @@ steps23[steps23["step"] < 3].pivot_table(index="step", columns="object", values=
 # %% [markdown]
 # ## 19. The tables-only build, the inlined torso and the kept block modulations, side by side (session 24)
 #
-# Two processes per comparison, three rounds each, the order alternating each round
+# One process per comparison (both variants), three rounds each, the order alternating each round
 # (`benchmarks/results/base_vs_official_h100/session24/`). `tables_only`: the pieces path with its tables built alone
 # (the default since session 23) against `-tp`, which builds them by running the input path. `inlined_blocks_*`: the
 # torso's 24 blocks compiled as nested regions (the default) against `-nr` (`RunOptions.slat_block_regions=False`),
@@ -978,8 +978,8 @@ runs24 = pd.concat(runs24)
 runs24.pivot_table(index=["run", "variant"], columns="round", values="median_s").round(4)
 
 # %% [markdown]
-# The tables-only build is faster in 3 of 3 rounds, by 8-9 ms per call: about 3.6 ms of dropped GPU work (the kernel
-# sums below) and the rest host time before the first pass. Inlining the blocks cuts the fused Triton kernels by
+# The tables-only build is faster in 3 of 3 rounds, by 8-9 ms per call: about 2 ms of it is the dropped input path's
+# GPU work (45 launches); where the rest comes from the profiled calls do not show. Inlining the blocks cuts the fused Triton kernels by
 # 1.4-2.5 ms and 600-975 launches per call. It gains 3 of 3 rounds on the plain path; on the pieces path (faster
 # still) it changes nothing, since every other block boundary is a piece end that orders the kernels around it. The
 # kept modulations take 5.6 ms of kernel time and 1,174 launches off a call, and the kernels alone reach 57.3%. Per

@@ -37,8 +37,11 @@ def test_flow_with_block_modulations_computed_ahead_is_bit_identical(batch):
         ref = flow(feats, coords, t, cond, torso=torso)
         assert torch.equal(flow(feats, coords, t, cond, torso=torso, block_mods=mods), ref)
         assert torch.equal(flow(feats, coords, t, None, cond_kv=kv, torso=torso, block_mods=mods), ref)
-    # the values really are used: other steps' modulations give other velocities
-    assert not torch.equal(flow(feats, coords, t, cond, block_mods=flow.block_modulations(t * 0 + 100.0)), ref)
+    # the values really are used, by the block loop and by the dense torso: another step's give other velocities
+    other = flow.block_modulations(t * 0 + 100.0)
+    for torso in (None, flow.dense_torso):
+        assert not torch.equal(flow(feats, coords, t, cond, torso=torso, block_mods=other),
+                               flow(feats, coords, t, cond, torso=torso))
 
 
 @torch.no_grad()
@@ -51,6 +54,14 @@ def test_flow_refuses_block_modulations_of_the_wrong_shape():
         flow(feats, coords, t, cond, block_mods=mods)
     with pytest.raises(ValueError, match="block_mods must be"):
         flow(feats, coords, t, cond, block_mods=mods[:-1, :1])
+    with pytest.raises(ValueError, match="block_mods must be floating point on cpu"):
+        flow(feats, coords, t, cond, block_mods=mods[:, :1].to("meta"))
+    with pytest.raises(ValueError, match="block_mods must be floating point on cpu"):
+        flow(feats, coords, t, cond, block_mods=mods[:, :1].int())
+    # the dense torso checks them too (what the compiled torso runs)
+    f = torch.zeros(1, 5, cfg.model_channels)
+    with pytest.raises(ValueError, match=r"block_mods must be \(num_blocks, batch, 6 \* model_channels\)"):
+        flow.dense_torso(f, flow.t_embedder(t), cond, block_mods=mods)
 
 
 def _counting(stage, monkeypatch) -> list:
@@ -87,6 +98,53 @@ def test_stage_keeps_modulations_per_step_and_gives_the_same_latents(slat_setup,
     assert batches == ({1, 2} if batch_cfg else {1})
     steps = {t for t, _ in first}
     assert len(steps) == sampler.steps
+
+
+def _other_steps_modulations(stage, monkeypatch):
+    """Make the stage's kept modulations those of another step (t = 0): the latents must change if they are used."""
+    real = stage.block_modulations
+    monkeypatch.setattr(stage, "block_modulations", lambda t, batch, dtype, device: real(0.0, batch, dtype, device))
+
+
+def test_stage_passes_its_kept_modulations_into_the_pass(slat_setup, monkeypatch):
+    """The stage's passes use the kept values (not only compute them): wrong ones change the latents."""
+    stage, objects, sampler = slat_setup
+    cond, coords, noise = objects[1]
+    kept = RunOptions(batch_cfg=True, cache_cond_kv=True, cache_block_modulations=True)
+    right = sample_slat(stage, cond, coords, noise, sampler, kept)
+    _other_steps_modulations(stage, monkeypatch)
+    assert not torch.equal(sample_slat(stage, cond, coords, noise, sampler, kept), right)
+
+
+def test_kept_modulations_are_keyed_by_autocast_and_parameters(slat_setup):
+    """Autocast (another compute dtype) and replaced parameters (whose ids Python may reuse) get entries of their own."""
+    stage, _, _ = slat_setup
+    stage.clear_block_modulations()
+    with torch.no_grad():
+        plain = stage.block_modulations(500.0, 2, torch.float32, torch.device("cpu"))
+        assert stage.block_modulations(500.0, 2, torch.float32, torch.device("cpu")) is plain
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            cast = stage.block_modulations(500.0, 2, torch.float32, torch.device("cpu"))
+        assert cast.dtype == torch.bfloat16 and plain.dtype == torch.float32
+        lin = stage.flow.blocks[0].adaLN_modulation[1]
+        saved = lin.weight
+        try:
+            for _ in range(5):  # new Parameters, each at version 0, freed ones' ids free for reuse
+                lin.weight = torch.nn.Parameter(saved.detach() * 2, requires_grad=False)
+                fresh = stage.block_modulations(500.0, 2, torch.float32, torch.device("cpu"))
+                assert torch.equal(fresh, stage.flow.block_modulations(torch.full((2,), 500.0)))
+                assert not torch.equal(fresh[0], plain[0])
+        finally:
+            lin.weight = saved
+    assert len(stage.__dict__["_block_modulations"]) == 7
+    stage.clear_block_modulations()
+    assert "_block_modulations" not in stage.__dict__
+
+
+def test_kept_modulations_refuse_gradients(slat_setup):
+    stage, _, _ = slat_setup
+    with pytest.raises(ValueError, match="keeps values computed without gradients"):
+        stage.block_modulations(500.0, 1, torch.float32, torch.device("cpu"))
 
 
 def test_stage_picks_up_weights_changed_in_place(slat_setup):
@@ -126,11 +184,14 @@ def test_stage_with_a_compiled_torso_and_graph_calls_gives_the_same_latents(slat
     try:
         ref = sample_slat(stage, cond, coords, noise, sampler, RunOptions(**common))
         out = sample_slat(stage, cond, coords, noise, sampler, RunOptions(**common, cache_block_modulations=True))
+        _other_steps_modulations(stage, monkeypatch)  # and the compiled torso really reads them
+        wrong = sample_slat(stage, cond, coords, noise, sampler, RunOptions(**common, cache_block_modulations=True))
     finally:
         stage.__dict__.pop("_compiled_torso", None)
         if saved is not None:
             stage.__dict__["_compiled_torso"] = saved
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(wrong, out)
 
 
 def test_cache_block_modulations_setting_is_checked():
@@ -176,6 +237,14 @@ def test_replayed_graphs_read_each_steps_kept_modulations_on_cuda(async_capture)
     kept = run(cuda_graphs=True, async_graph_capture=async_capture, cache_block_modulations=True)
     assert torch.equal(graphed, eager)
     assert torch.equal(kept, eager)
+    # the replays read the kept values (graph inputs): another step's change the latents
+    real = stage.block_modulations
+    stage.block_modulations = lambda t, batch, dtype, device: real(0.0, batch, dtype, device)
+    try:
+        wrong = run(cuda_graphs=True, async_graph_capture=async_capture, cache_block_modulations=True)
+    finally:
+        del stage.block_modulations
+    assert not torch.equal(wrong, eager)
     if async_capture:  # the compiled torso (inductor) computes the modulations in its own kernels: close, not equal
         compiled = dict(compile_slat=True, cuda_graphs=True, async_graph_capture=True)
         without, with_kept = run(**compiled), run(**compiled, cache_block_modulations=True)

@@ -376,6 +376,17 @@ class SLaTFlowModel(nn.Module):
         emb = self.t_embedder(t)
         return torch.stack([block.modulation_vector(emb) for block in self.blocks])
 
+    def check_block_mods(self, block_mods: Tensor, batch: int, device: torch.device) -> None:
+        """Refuse ``block_mods`` that are not :meth:`block_modulations` of ``batch`` rows on ``device``: they would
+        broadcast over the wrong rows or fail inside a kernel."""
+        expected = (len(self.blocks), batch, 6 * self.cfg.model_channels)
+        if tuple(block_mods.shape) != expected:
+            raise ValueError(f"block_mods must be (num_blocks, batch, 6 * model_channels) = {expected}, got "
+                             f"{tuple(block_mods.shape)}")
+        if not block_mods.is_floating_point() or block_mods.device != device:
+            raise ValueError(f"block_mods must be floating point on {device} (the features' device), got "
+                             f"{block_mods.dtype} on {block_mods.device}")
+
     def precompute_cond_kv(self, cond: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Per-block cross-attention (k, v), each (B, L, H, D); the same for every sampler step.
 
@@ -400,6 +411,8 @@ class SLaTFlowModel(nn.Module):
         :meth:`block_modulations`): each block's adaLN output computed ahead, used instead of computing it from ``emb``.
         """
         regions = block_regions and self.compile_block_regions and torch.compiler.is_compiling()
+        if block_mods is not None:
+            self.check_block_mods(block_mods, f.shape[0], f.device)
         for i, block in enumerate(self.blocks):
             kv = None if cond_kv is None else cond_kv[i]
             mods = None if block_mods is None else block_mods[i]
@@ -455,9 +468,8 @@ class SLaTFlowModel(nn.Module):
             t = t.expand(batch)
         if t.numel() != batch:
             raise ValueError(f"t has {t.numel()} entries, cond batch is {batch}")
-        if block_mods is not None and tuple(block_mods.shape) != (len(self.blocks), batch, 6 * cfg.model_channels):
-            raise ValueError(f"block_mods must be (num_blocks, batch, 6 * model_channels) = ({len(self.blocks)}, "
-                             f"{batch}, {6 * cfg.model_channels}), got {tuple(block_mods.shape)}")
+        if block_mods is not None:
+            self.check_block_mods(block_mods, batch, feats.device)
         x = self._sparse_input(feats, coords, batch, structure)
         dtype = self.torso_dtype
         emb = self.t_embedder(t)

@@ -180,7 +180,7 @@ class RunOptions:
     #: build took 11.2 of the 71 ms cProfile saw in a 14k call's first step, about half of it computing values to drop
     #: (``results/slat_host_profile_h100/session23/``). Kept to time the two side by side (variant suffix ``-tp``).
     #: Session 24 (H100, 14k, pieces path, three rounds): the tables-only build was faster in 3 of 3 rounds, 0.503-0.505 s
-    #: per SLaT call against 0.512-0.514 s with this on, about 3.6 ms of it the dropped GPU work
+    #: per SLaT call against 0.512-0.514 s with this on, about 2 ms of it the dropped GPU work
     #: (``results/base_vs_official_h100/session24/tables_only/``).
     slat_tables_by_pass: bool = False
     #: one CUDA-graph memory pool, kept by the SLaT stage, for the graphs of every SLaT object
@@ -316,14 +316,16 @@ class RunOptions:
     #: on the step and the weights only, not on the object, so every object sampled with the same schedule reuses it.
     #: Why: those are 24 small GEMMs per pass, each reading a 1024 x 6144 weight for two rows (session 24's 14k kernel
     #: table, ``results/base_vs_official_h100/session24/``: ``nvjet_sm90_tst_64x8_64x16_4x1_v_bz_bias_TNT``, 675 launches,
-    #: 5.5 ms per call, plus a SiLU kernel per block and pass), and each launch adds a gap inside the recorded graphs.
-    #: The same ops on the same shapes compute the kept values, so eager passes give bit-identical outputs; a compiled
-    #: torso may round its own in-graph computation differently. Keyed by the step, batch, dtypes, device and every
-    #: involved parameter's version (weights changed in place are picked up; a change made through ``.data`` bypasses
-    #: the version counter and is not). Variant suffix ``-cm``. Session 24 (H100, 14k, pieces path, one process with
-    #: the reference, three rounds; ``results/base_vs_official_h100/session24/kept_modulations/``): kernel time 5.6 ms and
-    #: 1,174 launches less per call (kernels alone at 57.3% of the executed FLOPs against 56.6%); calls faster in 2 of 3
-    #: rounds, in a run whose reference drifted and stalled in an allocation, so the per-call gain is not settled.
+    #: 5.4 ms per call, 600 of them the blocks'; plus a SiLU kernel per block and pass), and each launch adds a gap inside
+    #: the recorded graphs. The same ops on the same shapes compute the kept values, so eager passes give bit-identical
+    #: outputs (tested in fp32 on the CPU and on the GPU); a compiled torso may round its own in-graph computation
+    #: differently. Keyed by the step, batch, dtypes, device and every involved parameter's identity, version, dtype and
+    #: device (weights changed in place, replaced or moved are picked up; a change written through ``.data`` bypasses
+    #: the version counter and is not). Inference only: refused where gradients would flow into those parameters.
+    #: Variant suffix ``-cm``. Session 24 (H100, 14k, pieces path, one process with the reference, three rounds;
+    #: ``results/base_vs_official_h100/session24/kept_modulations/``): kernel time 5.6 ms and 1,174 launches less per
+    #: call (kernels alone at 57.3% of the executed FLOPs against 56.6%); calls faster in 2 of 3 rounds, in a run whose
+    #: reference drifted and stalled in an allocation, so the per-call gain is not settled.
     cache_block_modulations: bool = False
 
     def __post_init__(self) -> None:

@@ -93,20 +93,35 @@ class SLaTStage(HoldsInputs, nn.Module):
         ``t`` for ``batch`` rows (``RunOptions.cache_block_modulations``), kept across calls: they depend on the step
         and the weights only, so every object sampled with the same schedule reuses them. Computed from
         ``torch.full((batch,), t)`` as the sampler's pass builds its timesteps, so the values are the ones the blocks
-        would compute. Keyed by the step, the batch, the dtype the blocks compute in (autocast included), the device
-        and the version of every parameter involved, so that weights changed in place or loaded anew are picked up."""
+        would compute. Keyed by the step, the batch, ``dtype`` (the blocks'), the autocast dtype, the device, and each
+        involved parameter's identity, version, dtype and device: weights changed in place (``copy_``,
+        ``load_state_dict``), replaced by new Parameters or moved are picked up; a change written through ``.data``
+        bypasses the version counter and is not. Each entry keeps its parameters alive, so that their ids cannot be
+        reused by others while it lives. Up to ``_MODULATION_CACHE_ENTRIES`` entries (a few MB each at full size) stay on
+        the device until :meth:`clear_block_modulations`. The values carry no autograd history, so gradients through the
+        blocks' adaLN are refused."""
         flow = self.flow
         params = [*flow.t_embedder.parameters(), *(p for b in flow.blocks for p in b.adaLN_modulation.parameters())]
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            raise ValueError("cache_block_modulations keeps values computed without gradients, so the timestep "
+                             "embedder and the blocks' adaLN would get none: run under torch.no_grad() or turn the "
+                             "option off to train through the SLaT flow")
         autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        key = (float(t), batch, dtype, autocast, str(device), tuple((id(p), p._version) for p in params))
+        key = (float(t), batch, dtype, autocast, str(device),
+               tuple((id(p), p._version, p.dtype, str(p.device)) for p in params))
         cache: dict = self.__dict__.setdefault("_block_modulations", {})
-        mods = cache.get(key)
-        if mods is None:
+        entry = cache.get(key)
+        if entry is None:
             if len(cache) >= _MODULATION_CACHE_ENTRIES:
                 cache.clear()  # a schedule has ~2 x steps entries; more means settings or weights changed
             with torch.no_grad():
-                mods = cache[key] = flow.block_modulations(torch.full((batch,), float(t), device=device))
-        return mods
+                # the parameters go with the values: while the entry lives, no other tensor can take their ids
+                entry = cache[key] = (flow.block_modulations(torch.full((batch,), float(t), device=device)), params)
+        return entry[0]
+
+    def clear_block_modulations(self) -> None:
+        """Drop the kept block modulations (:meth:`block_modulations`) and the device memory they hold."""
+        self.__dict__.pop("_block_modulations", None)
 
     def graph_pool(self, lease: "_PoolLease") -> GraphPool:
         """The stage's kept CUDA-graph memory pool (``RunOptions.shared_graph_pool``) for the call holding ``lease``:
