@@ -159,11 +159,11 @@ def mini_slat_setup(sizes: tuple[int, ...]):
 
 @torch.no_grad()
 def sample_slat(stage, cond, coords, noise, sampler, options) -> torch.Tensor:
-    """One SLaT sampler run of ``stage`` on the CPU (options checked for the CPU first), its coordinate structures
-    released afterwards."""
+    """One SLaT sampler run of ``stage`` on the noise's device (options checked for that device first), its coordinate
+    structures released afterwards."""
     from fs3d_accel.model.sparse import release_structure
     from fs3d_accel.samplers import EulerFlowSampler
-    options.check_device("cpu")
+    options.check_device(noise.device)
     structures: list[dict] = []
     try:
         net = stage.velocity_net(cond, coords, sampler, options, structures)

@@ -54,14 +54,22 @@ def test_flow_refuses_block_modulations_of_the_wrong_shape():
         flow(feats, coords, t, cond, block_mods=mods)
     with pytest.raises(ValueError, match="block_mods must be"):
         flow(feats, coords, t, cond, block_mods=mods[:-1, :1])
-    with pytest.raises(ValueError, match="block_mods must be floating point on cpu"):
+    with pytest.raises(ValueError, match="block_mods must be torch.float32 on cpu"):
         flow(feats, coords, t, cond, block_mods=mods[:, :1].to("meta"))
-    with pytest.raises(ValueError, match="block_mods must be floating point on cpu"):
+    with pytest.raises(ValueError, match="block_mods must be torch.float32 on cpu"):
         flow(feats, coords, t, cond, block_mods=mods[:, :1].int())
+    with pytest.raises(ValueError, match=r"block_mods must be torch.float32 on cpu .* got torch.float64"):
+        flow(feats, coords, t, cond, block_mods=mods[:, :1].double())  # would promote the features silently
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # under autocast the blocks compute them in its dtype
+        with pytest.raises(ValueError, match="block_mods must be torch.bfloat16 on cpu"):
+            flow(feats, coords, t, cond, block_mods=mods[:, :1])
+        flow(feats, coords, t, cond, block_mods=flow.block_modulations(t))  # accepted
     # the dense torso checks them too (what the compiled torso runs)
     f = torch.zeros(1, 5, cfg.model_channels)
     with pytest.raises(ValueError, match=r"block_mods must be \(num_blocks, batch, 6 \* model_channels\)"):
         flow.dense_torso(f, flow.t_embedder(t), cond, block_mods=mods)
+    with pytest.raises(ValueError, match="block_regions is a bool"):
+        flow.dense_torso(f, flow.t_embedder(t), cond, block_regions="no")
 
 
 def _counting(stage, monkeypatch) -> list:
@@ -201,53 +209,26 @@ def test_cache_block_modulations_setting_is_checked():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("async_capture", [False, True])
-def test_replayed_graphs_read_each_steps_kept_modulations_on_cuda(async_capture):
+def test_replayed_graphs_read_each_steps_kept_modulations_on_cuda(monkeypatch, async_capture):
     """On the GPU, whole-pass graphs recorded at one step replay at the others: they must read each step's kept
     modulations (a graph input), not the recorded step's. Eager networks, so the same kernels either way: the same
-    latents as the graphs without kept modulations, and as no graphs at all."""
-    from conftest import mini_config
-    from fs3d_accel.stages.slat import SLaTStage, slat_noise
-    cfg = mini_config()
-    torch.manual_seed(0)
-    stage = SLaTStage(cfg).eval().cuda()
-    gen = torch.Generator().manual_seed(1)
-    r = cfg.slat_flow.resolution
-    idx = torch.randperm(r ** 3, generator=gen)[:300].sort().values
-    coords = torch.cat([torch.zeros(300, 1, dtype=torch.long),
-                        torch.stack([idx // (r * r), (idx // r) % r, idx % r], 1)], 1).int().cuda()
-    cond = torch.randn(1, 24, cfg.slat_flow.cond_channels, generator=gen).cuda()
-    noise = slat_noise(300, cfg.slat_flow.in_channels, gen).cuda()
-    from fs3d_accel.model.sparse import release_structure
-    from fs3d_accel.samplers import EulerFlowSampler
+    latents as the graphs without kept modulations, and as no graphs at all; another step's values change them."""
+    stage, objects, sampler = mini_slat_setup((300,))
+    stage = stage.cuda()
+    cond, coords, noise = (x.cuda() for x in objects[0])
 
     def run(**kw):
-        options = RunOptions(batch_cfg=True, cache_cond_kv=True, **kw)
-        structures: list[dict] = []
-        with torch.no_grad():
-            try:
-                net = stage.velocity_net(cond, coords, cfg.slat_sampler, options, structures)
-                return EulerFlowSampler(cfg.slat_sampler, "slat").sample(noise.clone(), net,
-                                                                          extras={"coords": coords})
-            finally:
-                for s in structures:
-                    release_structure(s)
+        return sample_slat(stage, cond, coords, noise, sampler, RunOptions(batch_cfg=True, cache_cond_kv=True, **kw))
 
+    graphs = dict(cuda_graphs=True, async_graph_capture=async_capture)
     eager = run()
-    graphed = run(cuda_graphs=True, async_graph_capture=async_capture)
-    kept = run(cuda_graphs=True, async_graph_capture=async_capture, cache_block_modulations=True)
-    assert torch.equal(graphed, eager)
-    assert torch.equal(kept, eager)
-    # the replays read the kept values (graph inputs): another step's change the latents
-    real = stage.block_modulations
-    stage.block_modulations = lambda t, batch, dtype, device: real(0.0, batch, dtype, device)
-    try:
-        wrong = run(cuda_graphs=True, async_graph_capture=async_capture, cache_block_modulations=True)
-    finally:
-        del stage.block_modulations
-    assert not torch.equal(wrong, eager)
+    assert torch.equal(run(**graphs), eager)
+    assert torch.equal(run(**graphs, cache_block_modulations=True), eager)
     if async_capture:  # the compiled torso (inductor) computes the modulations in its own kernels: close, not equal
-        compiled = dict(compile_slat=True, cuda_graphs=True, async_graph_capture=True)
+        compiled = dict(compile_slat=True, **graphs)
         without, with_kept = run(**compiled), run(**compiled, cache_block_modulations=True)
         print("compiled torso, kept modulations against in-graph: max abs diff",
               float((with_kept - without).abs().max()))
         torch.testing.assert_close(with_kept, without, rtol=1e-4, atol=1e-4)
+    _other_steps_modulations(stage, monkeypatch)  # the replays read the kept values: another step's change the latents
+    assert not torch.equal(run(**graphs, cache_block_modulations=True), eager)

@@ -377,14 +377,17 @@ class SLaTFlowModel(nn.Module):
         return torch.stack([block.modulation_vector(emb) for block in self.blocks])
 
     def check_block_mods(self, block_mods: Tensor, batch: int, device: torch.device) -> None:
-        """Refuse ``block_mods`` that are not :meth:`block_modulations` of ``batch`` rows on ``device``: they would
-        broadcast over the wrong rows or fail inside a kernel."""
+        """Refuse ``block_mods`` that are not :meth:`block_modulations` of ``batch`` rows on ``device`` in the dtype the
+        blocks compute them in here (autocast's, else their weights'): other rows would broadcast over the wrong
+        elements, and another dtype would silently promote the features (fp32 values into a bf16 torso)."""
         expected = (len(self.blocks), batch, 6 * self.cfg.model_channels)
         if tuple(block_mods.shape) != expected:
             raise ValueError(f"block_mods must be (num_blocks, batch, 6 * model_channels) = {expected}, got "
                              f"{tuple(block_mods.shape)}")
-        if not block_mods.is_floating_point() or block_mods.device != device:
-            raise ValueError(f"block_mods must be floating point on {device} (the features' device), got "
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else self.blocks[0].adaLN_modulation[1].weight.dtype if len(self.blocks) else block_mods.dtype)
+        if block_mods.dtype != dtype or block_mods.device != device:
+            raise ValueError(f"block_mods must be {dtype} on {device} (what the blocks compute them as here), got "
                              f"{block_mods.dtype} on {block_mods.device}")
 
     def precompute_cond_kv(self, cond: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -410,6 +413,8 @@ class SLaTFlowModel(nn.Module):
         nested regions, so that inductor can fuse across block boundaries. ``block_mods`` ((num_blocks, B, 6C),
         :meth:`block_modulations`): each block's adaLN output computed ahead, used instead of computing it from ``emb``.
         """
+        if not isinstance(block_regions, bool):
+            raise ValueError(f"block_regions is a bool, got {block_regions!r}")
         regions = block_regions and self.compile_block_regions and torch.compiler.is_compiling()
         if block_mods is not None:
             self.check_block_mods(block_mods, f.shape[0], f.device)
