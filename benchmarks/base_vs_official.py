@@ -70,7 +70,8 @@ CPU smoke test (same import chain: unpack the bundle, PYTHONPATH=<bundle>/deps:<
 
 MFU (executed) divides the FLOPs a unit actually executes instead: our samplers counted once per unit, run uncompiled
 in fp32 with the same FLOP-changing switches (:func:`counting_options`): the condition K/V cache computes the K/V once
-per object, the one-key K/V of the zero condition skips the unconditional branch's attention over L keys. MFU
+per object, the one-key K/V of the zero condition skips the unconditional branch's attention over L keys, and the
+one-key projection also its ``to_q`` and all but one row of its ``to_out``. MFU
 counts those skipped FLOPs as done, so it overstates the hardware's utilisation of those variants.
 
 ``--rounds R`` times every unit R times, round after round, and takes each speedup within its round (the host-bound
@@ -576,7 +577,7 @@ def unit_flops(base, cfg, stage: str, dev: torch.device, cond: torch.Tensor | No
 #: the options that change what a sampler computes (not only how): the rest (precision, batching, compilation,
 #: graphs, attention kernel) run the same FLOPs. ``slat_token_bucket`` adds padded work, left out of the count on
 #: purpose: MFU stays measured against the useful FLOPs
-FLOP_OPTIONS = ("cache_cond_kv", "collapse_zero_cond")
+FLOP_OPTIONS = ("cache_cond_kv", "collapse_zero_cond", "one_key_projection")
 
 
 #: how the variants are ordered in each round (``--order``)

@@ -269,6 +269,14 @@ VARIANTS[FK_NR_LONG] = dataclasses.replace(VARIANTS[FK_LONG], slat_block_regions
 # had 675 launches (5.4 ms) per 14k call, 600 of them the blocks'
 NC_FK_CM_LONG = NC_FK_LONG + ", block modulations kept per step"
 VARIANTS[NC_FK_CM_LONG] = dataclasses.replace(VARIANTS[NC_FK_LONG], cache_block_modulations=True)
+# ... and the unconditional rows' cross-attention projected once per block (``one_key_projection``): under
+# ``collapse_zero_cond`` their attention returns the one value for every query, so their ``to_q`` GEMM is unused and
+# their ``to_out`` GEMM maps equal rows; one row through ``to_out`` replaces both (by arithmetic ~4.7 TFLOP fewer per 14k
+# SLaT call, and the cross-attention's ``cat`` then feeds an add that can fuse it). Alone and with the kept modulations
+NC_FK_OK_LONG = NC_FK_LONG + ", the unconditional rows' cross-attention projected once"
+VARIANTS[NC_FK_OK_LONG] = dataclasses.replace(VARIANTS[NC_FK_LONG], one_key_projection=True)
+NC_FK_CM_OK_LONG = NC_FK_CM_LONG + ", the unconditional rows' cross-attention projected once"
+VARIANTS[NC_FK_CM_OK_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_LONG], one_key_projection=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -359,6 +367,8 @@ SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-tp"] =
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-nr"] = NC_FK_NR_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-fk-nr"] = FK_NR_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm"] = NC_FK_CM_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-ok"] = NC_FK_OK_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok"] = NC_FK_CM_OK_LONG
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

@@ -224,6 +224,79 @@ def cross_attention(q: Tensor, kv: tuple[Tensor, ...]) -> Tensor:
                      dim=0)
 
 
+#: whether :func:`projected_cross_attention` projects a one-key batch element's value once (:func:`use_one_key_projection`)
+_one_key_projection = False
+
+
+def current_one_key_projection() -> bool:
+    """Whether :func:`projected_cross_attention` projects one-key elements once here (:func:`use_one_key_projection`)."""
+    return _one_key_projection
+
+
+@contextlib.contextmanager
+def use_one_key_projection(on: bool) -> Iterator[None]:
+    """Inside the block, :func:`projected_cross_attention` gives each batch element whose cached K/V hold ONE key (the
+    unconditional CFG rows under ``collapse_zero_cond``) ``to_out`` of that key's value for every query, projected once,
+    instead of projecting every query through ``to_q``, attending (which returns the value for every query) and
+    projecting every row through ``to_out``. The previous choice comes back after, also when the block raises."""
+    global _one_key_projection
+    if not isinstance(on, bool):
+        raise ValueError(f"use_one_key_projection takes a bool, got {on!r}")
+    previous, _one_key_projection = _one_key_projection, on
+    try:
+        yield
+    finally:
+        _one_key_projection = previous
+
+
+def one_key_output(v: Tensor, to_out: nn.Module) -> Tensor:
+    """``to_out`` of the value of a one-key cached K/V: v (B, 1, H, D) -> (B, 1, C), the cross-attention's output for
+    every query of those B elements (softmax over a single score is exactly 1). Under autocast the value is first cast to
+    the autocast dtype, as :func:`attention` returns it."""
+    if v.ndim != 4 or v.shape[1] != 1:
+        raise ValueError(f"one_key_output takes a one-key value (B, 1, H, D), got {tuple(v.shape)}")
+    if torch.is_autocast_enabled(v.device.type):
+        v = v.to(torch.get_autocast_dtype(v.device.type))
+    return to_out(v.reshape(v.shape[0], 1, v.shape[2] * v.shape[3]))
+
+
+def is_one_key(k: Tensor) -> bool:
+    """Whether cached keys k (B, L, H, D) hold a single key (a zero condition collapsed by
+    :func:`collapse_zero_condition_kv`)."""
+    return k.shape[1] == 1
+
+
+def projected_cross_attention(x: Tensor, kv: tuple[Tensor, ...], to_q: nn.Module, to_out: nn.Module,
+                              num_heads: int) -> Tensor:
+    """``to_out(cross_attention(to_q(x), kv))`` for dense queries x (B, L, C) and cached K/V in either form of
+    :func:`cross_attention`; heads are the channels split into ``num_heads`` groups.
+
+    Under :func:`use_one_key_projection`, batch elements whose K/V hold one key skip ``to_q`` and the attention: their
+    output is :func:`one_key_output` broadcast to all L queries. Same math (attention over one key returns its value
+    for every query, and ``to_out`` maps equal rows to equal rows), other rounding (a one-row GEMM instead of rows of a
+    larger one); it saves two L x C x C GEMMs per such element and call, which also lowers the FLOPs executed."""
+    b, l, c = x.shape
+    if c % num_heads:
+        raise ValueError(f"channels {c} not divisible by num_heads {num_heads}")
+
+    def attended(xs: Tensor, pair: tuple[Tensor, ...]) -> Tensor:
+        q = to_q(xs).reshape(xs.shape[0], l, num_heads, c // num_heads)
+        return to_out(cross_attention(q, pair).reshape(xs.shape[0], l, c))
+
+    if not _one_key_projection:
+        return attended(x, kv)
+    if len(kv) == 2:
+        if not is_one_key(kv[0]):
+            return attended(x, kv)
+        if kv[1].shape[0] not in (1, b):
+            raise ValueError(f"{b} query batch elements but {kv[1].shape[0]} condition rows")
+        return one_key_output(kv[1], to_out).expand(b, l, c)
+    if len(kv) != 2 * b:
+        raise ValueError(f"{len(kv) // 2} per-element K/V pairs for a batch of {b} queries")
+    return torch.cat([one_key_output(kv[2 * i + 1], to_out).expand(1, l, c) if is_one_key(kv[2 * i])
+                      else attended(x[i:i + 1], kv[2 * i:2 * i + 2]) for i in range(b)], dim=0)
+
+
 def collapse_zero_condition_kv(kv: tuple[Tensor, Tensor], zero_rows: list[bool]) -> tuple[Tensor, ...]:
     """Cached (k, v) of a batch whose rows ``zero_rows`` come from an all-zero condition (the
     unconditional CFG branch): those rows keep ONE key and value instead of L.

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import MultiHeadRMSNorm, attention, cross_attention
+from .layers import (MultiHeadRMSNorm, attention, current_one_key_projection, is_one_key, one_key_output,
+                     projected_cross_attention)
 
 #: SDPA working-set budget (elements of the attention matrix) for one chunk of windows.
 _ATTN_CHUNK_ELEMENTS = 1 << 26
@@ -952,6 +953,9 @@ class SparseCrossAttention(nn.Module):
                 raise ValueError("cross attention needs a context or precomputed kv")
             kv = self.context_kv(context)
         n = len(x)
+        if current_one_key_projection() and (is_one_key(kv[0]) if len(kv) == 2 else any(
+                is_one_key(k) for k in kv[0::2])):
+            return x.replace(self._one_key_projected(x, kv))
         q = self.to_q(x.feats).view(n, self.num_heads, -1)
         if len(kv) == 2:
             h = dense_cross_attention(q, kv[0], kv[1], x.seqlens)
@@ -962,6 +966,27 @@ class SparseCrossAttention(nn.Module):
                            for i, sl in enumerate(x.layout)], dim=0)
         return x.replace(self.to_out(h.reshape(n, self.channels)))
 
+    def _one_key_projected(self, x: SparseTensor, kv: tuple[Tensor, ...]) -> Tensor:
+        """:meth:`forward`'s features under ``use_one_key_projection`` when some batch element's K/V hold one key: those
+        elements' rows are ``to_out`` of the one value (projected once per element); the others attend as usual."""
+        if len(kv) == 2:
+            if kv[0].shape[0] not in (1, x.batch_size):
+                raise ValueError(f"{x.batch_size} batch elements but {kv[0].shape[0]} condition rows")
+            kv = tuple(t for i in range(x.batch_size) for t in (kv[0][i:i + 1] if kv[0].shape[0] > 1 else kv[0],
+                                                                kv[1][i:i + 1] if kv[1].shape[0] > 1 else kv[1]))
+        if len(kv) != 2 * x.batch_size:
+            raise ValueError(f"{len(kv) // 2} per-element K/V pairs for {x.batch_size} batch elements")
+        parts = []
+        for i, sl in enumerate(x.layout):
+            rows = sl.stop - sl.start
+            if is_one_key(kv[2 * i]):
+                parts.append(one_key_output(kv[2 * i + 1], self.to_out)[0].expand(rows, self.channels))
+            else:
+                q = self.to_q(x.feats[sl]).view(rows, self.num_heads, -1)
+                h = _sdpa(q[None], kv[2 * i], kv[2 * i + 1], role="cross")[0]
+                parts.append(self.to_out(h.reshape(rows, self.channels)))
+        return torch.cat(parts, dim=0)
+
     def dense(self, feats: Tensor, context: Tensor | None = None,
               kv: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """Queries of equal-length batch elements laid out densely, (B, L, C) -> (B, L, C); the same
@@ -970,8 +995,7 @@ class SparseCrossAttention(nn.Module):
             if context is None:
                 raise ValueError("cross attention needs a context or precomputed kv")
             kv = self.context_kv(context)
-        b, l, c = feats.shape
+        b = feats.shape[0]
         if len(kv) == 2 and kv[0].shape[0] != b:
             raise ValueError(f"{b} query batch elements but {kv[0].shape[0]} condition rows")
-        q = self.to_q(feats).view(b, l, self.num_heads, -1)
-        return self.to_out(cross_attention(q, kv).reshape(b, l, c))
+        return projected_cross_attention(feats, kv, self.to_q, self.to_out, self.num_heads)

@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from .configs import LAYOUT_MODALITIES, LAYOUT_STREAM_ORDER, SSFlowConfig
 from .layers import (AbsolutePositionEmbedder, FeedForwardNet, LayerNorm32, MultiHeadRMSNorm, TimestepEmbedder,
-                     attention, cross_attention, modulate)
+                     attention, modulate, projected_cross_attention)
 
 SHAPE = "shape"
 LAYOUT = "6drotation_normalized"
@@ -108,9 +108,8 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: Tensor, cond: Tensor | None = None, kv=None) -> Tensor:
         """``kv``: cached K/V (a (k, v) pair, or per-element pairs from ``collapse_zero_condition_kv``)."""
-        b, n, c = x.shape
-        q = self.to_q(x).reshape(b, n, self.num_heads, c // self.num_heads)
-        return self.to_out(cross_attention(q, kv if kv is not None else self.kv(cond)).reshape(b, n, c))
+        return projected_cross_attention(x, kv if kv is not None else self.kv(cond), self.to_q, self.to_out,
+                                         self.num_heads)
 
 
 class MoTBlock(nn.Module):

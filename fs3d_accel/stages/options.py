@@ -200,6 +200,11 @@ class RunOptions:
     #: branch's cross-attention (~a third of an SS pass): attention over one key is its value broadcast to
     #: every query, with no kernel launched (``layers.attention``). Needs ``cache_cond_kv``.
     collapse_zero_cond: bool = False
+    #: with ``collapse_zero_cond``: the unconditional rows' cross-attention output, ``to_out`` of their one value for
+    #: every query, is projected once per row and block instead of projecting every query through ``to_q`` and every
+    #: (equal) output row through ``to_out`` (``layers.projected_cross_attention``). Saves two tokens x C x C GEMMs per
+    #: block and guided pass, which also lowers the FLOPs executed. Same math, other rounding.
+    one_key_projection: bool = False
     #: kernel of the networks' unmasked attention ("sdpa", or "flash-attn-cute" = FlashAttention-4, CUDA
     #: only, needs ``flash_attn.cute`` importable; see ``model/attention_kernels.py``). Entered by
     #: :meth:`network_context` around every network call. Same math, different rounding.
@@ -407,6 +412,11 @@ class RunOptions:
             raise ValueError(f"unknown sparse_conv {self.sparse_conv!r}; choose one of {CONV_IMPLS}")
         if self.collapse_zero_cond and not self.cache_cond_kv:
             raise ValueError("collapse_zero_cond works on the cached condition K/V; set cache_cond_kv=True")
+        if not isinstance(self.one_key_projection, bool):
+            raise ValueError(f"one_key_projection is a bool, got {self.one_key_projection!r}")
+        if self.one_key_projection and not self.collapse_zero_cond:
+            raise ValueError("one_key_projection projects the one value of the zero condition's collapsed K/V; without "
+                             "collapse_zero_cond=True no row has one key and it would do nothing")
         if self.cuda_graphs and self.precision.startswith("autocast"):
             raise ValueError(f"cuda_graphs needs weights in the compute precision (fp32, fp16 or bf16); "
                              f"precision {self.precision!r} casts inside autocast, whose weight cache "
@@ -536,8 +546,9 @@ class RunOptions:
     @property
     def compile_key(self) -> tuple:
         """What makes a compiled SS flow or SLaT torso differ besides the compile mode: backend, the inductor
-        settings of :meth:`compile_kwargs`, and how FA4 is called (an op traced into the graph)."""
-        return self.compile_backend, self.coordinate_descent, self.fa4_call
+        settings of :meth:`compile_kwargs`, how FA4 is called (an op traced into the graph), and whether the one-key
+        cross-attention rows are projected once (``one_key_projection``, read when the graph is traced)."""
+        return self.compile_backend, self.coordinate_descent, self.fa4_call, self.one_key_projection
 
     def for_stage(self, stage: str) -> "RunOptions":
         """The options ``stage`` ("ss", "slat" or "decode") runs under: for "slat" with a ``slat_compile_mode``, that mode
@@ -640,9 +651,9 @@ class RunOptions:
         (``gelu_epilogue`` at ``gelu_epilogue_sites``), SLaT's token buckets (``slat_token_bucket``) and fused IO steps
         (``fuse_slat_io``) and the
         graph pieces' ends (``slat_graph_piece_blocks``), these three for stage "slat" only, the ``sparse_conv``
-        algorithm and how FA4 is called (``fa4_call``)."""
+        algorithm, how FA4 is called (``fa4_call``) and the one-key rows' projection (``one_key_projection``)."""
         from ..model.attention_kernels import use_attention_kernel, use_fa4_call, use_small_query_path
-        from ..model.layers import use_gelu_epilogue
+        from ..model.layers import use_gelu_epilogue, use_one_key_projection
         from ..model.slat_flow import use_fused_io_blocks, use_graph_pieces, use_token_buckets
         from ..model.sparse import use_conv_impl
         return _entered_together(self.autocast(device),
@@ -656,7 +667,8 @@ class RunOptions:
                                  use_fused_io_blocks(self.compile_backend if self.fuse_slat_io and stage == "slat"
                                                      else None),
                                  use_conv_impl(self.sparse_conv),
-                                 use_fa4_call(self.fa4_call))
+                                 use_fa4_call(self.fa4_call),
+                                 use_one_key_projection(self.one_key_projection))
 
     def kernel_roles(self, stage: str) -> tuple[str, ...]:
         """The attention roles of ``stage`` that run ``attention_kernel`` (per ``attention_kernel_sites``)."""
