@@ -234,3 +234,22 @@ def test_slat_sampler_same_with_projected_one_key_rows(mini, batch_cfg, compiled
     torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
     if not compiled:
         assert rows_by_setting[0] - rows_by_setting[1] == _uncond_rows(cfg.slat_sampler, rows_by_setting[1]) > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_slat_on_cuda_with_graphs_same_with_projected_one_key_rows(compiled):
+    """On the GPU with whole-pass CUDA graphs (and the inductor-compiled torso): the same latents to fp32 rounding."""
+    from conftest import mini_slat_setup, sample_slat
+    stage, objects, sampler = mini_slat_setup((300,))
+    stage = stage.cuda()
+    with torch.no_grad():
+        for m in stage.modules():
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.normal_(m.bias, std=0.1)
+    cond, coords, noise = (x.cuda() for x in objects[0])
+    common = dict(cuda_graphs=True, async_graph_capture=True, compile_slat=compiled)
+    without = sample_slat(stage, cond, coords, noise, sampler, _options(True, False, **common))
+    with_ = sample_slat(stage, cond, coords, noise, sampler, _options(True, True, **common))
+    print(f"compiled={compiled}: max abs diff {float((with_ - without).abs().max()):.3g}")
+    torch.testing.assert_close(with_, without, rtol=1e-4, atol=1e-4)
