@@ -136,6 +136,18 @@ ONE_SWITCH_REF = {SHORT["compile-all"]: SHORT["bf16-cfg-kv"], SHORT["compile-all
                   # changes no value
                   SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-sg"]:
                       SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac"]}
+# session 25, on the headline path: each SLaT block's adaLN output computed once per step and kept across calls (the
+# compiled torso no longer computes it in its own kernels: other rounding), then the unconditional rows' cross-attention
+# projected once (a one-row GEMM instead of rows of the batch's)
+_AC = SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac"]
+for _short, _base, _suffix, _switch in (
+        ("compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-cm", _AC, ", block modulations kept per step",
+         {"cache_block_modulations": True}),
+        ("compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-cm-ok", _AC + ", block modulations kept per step",
+         ", the unconditional rows' cross-attention projected once", {"one_key_projection": True})):
+    SETTINGS[_base + _suffix] = dataclasses.replace(SETTINGS[_base], **_switch)
+    SHORT[_short] = _base + _suffix
+    ONE_SWITCH_REF[_base + _suffix] = _base
 DATASETS = {"shipped": None, "ycb_scale": Path(__file__).parent / "data" / "ycb_scale" / "objects"}
 METRICS = ["f_score", "volume_iou", "chamfer", "box_iou_3d"]
 
