@@ -277,6 +277,11 @@ NC_FK_OK_LONG = NC_FK_LONG + ", the unconditional rows' cross-attention projecte
 VARIANTS[NC_FK_OK_LONG] = dataclasses.replace(VARIANTS[NC_FK_LONG], one_key_projection=True)
 NC_FK_CM_OK_LONG = NC_FK_CM_LONG + ", the unconditional rows' cross-attention projected once"
 VARIANTS[NC_FK_CM_OK_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_LONG], one_key_projection=True)
+# ... and the merged graphs recorded from the torso compiled without piece ends, its blocks inlined
+# (``slat_merge_inlined``): the steps after the merge get ``-nr``'s fusions across block boundaries, which session 24
+# found equal on the pieces path because the piece ends kept the blocks apart there
+NC_FK_CM_OK_MI_LONG = NC_FK_CM_OK_LONG + ", merged from the inlined torso"
+VARIANTS[NC_FK_CM_OK_MI_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_LONG], slat_merge_inlined=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -369,6 +374,7 @@ SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-fk-nr"] = FK_NR_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm"] = NC_FK_CM_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-ok"] = NC_FK_OK_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok"] = NC_FK_CM_OK_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi"] = NC_FK_CM_OK_MI_LONG
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

@@ -136,7 +136,8 @@ class GraphedCall:
 
     def __init__(self, fn: Callable[..., Any], warmup: int = 1, side_stream_warmup: bool = False,
                  async_capture: bool = False, pool: GraphPool | None = None, in_pieces: bool = False,
-                 merge_after: int = 0) -> None:
+                 merge_after: int = 0, merged_fn: Callable[..., Any] | None = None,
+                 merged_warmup: Callable[[], bool] | None = None) -> None:
         if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
             raise ValueError(f"warmup must be an int >= 0 (eager calls before the recording), got {warmup!r}")
         if async_capture and side_stream_warmup:
@@ -152,6 +153,19 @@ class GraphedCall:
                              f"never), got {merge_after!r}")
         if merge_after and not in_pieces:
             raise ValueError("merge_after merges a recording made in pieces; it needs in_pieces=True")
+        if merged_fn is not None and not merge_after:
+            raise ValueError("merged_fn is recorded when the pieces are merged; it needs merge_after > 0")
+        if merged_warmup is not None and merged_fn is None:
+            raise ValueError("merged_warmup says whether merged_fn needs an eager call before its recording; it needs "
+                             "merged_fn")
+        #: what the merged recording records instead of ``fn`` (None: ``fn``): a function of the same arguments with the
+        #: same outputs, computed by other kernels (the SLaT torso compiled without piece ends, its blocks inlined). Its
+        #: values may differ from the pieces' by rounding; replays after the merge give its values
+        self.merged_fn = merged_fn
+        #: called before the merged recording where ``merged_fn`` is given: True means ``merged_fn`` has not run in the
+        #: process yet (its first call may compile, which a recording cannot), so it runs once eagerly on the entry's
+        #: inputs first and its output is dropped
+        self.merged_warmup = merged_warmup
         #: with ``in_pieces``: after this many calls that ran the pieces, record the call again as one graph (without a
         #: sync and without running it, while the pieces' replays queued ahead keep the GPU busy) and replay that from
         #: then on, saving the pieces' extra launches on every later call (0: keep the pieces)
@@ -287,8 +301,11 @@ class GraphedCall:
 
     def _merge(self, entry: _Captured) -> None:
         """Record ``entry``'s call as one graph on its input buffers and in its pieces' pool, and use it from now on."""
+        fn = self.fn if self.merged_fn is None else self.merged_fn
+        if self.merged_fn is not None and self.merged_warmup is not None and self.merged_warmup():
+            fn(*entry.inputs)  # in stream order after the queued replays that filled the inputs; output dropped
         graph = torch.cuda.CUDAGraph()
-        output = _record_without_sync(graph, self.fn, entry.inputs, entry.pool)
+        output = _record_without_sync(graph, fn, entry.inputs, entry.pool)
         self._count_recording(entry.inputs[0].device)
         entry.retired = [entry.graph, *entry.more, entry.output]
         entry.graph, entry.more, entry.output = graph, [], output

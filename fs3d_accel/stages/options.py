@@ -165,6 +165,11 @@ class RunOptions:
     #: plain pieces in the same run, at 20k 0.765 / 0.776 against 0.772 / 0.794 s; against ``-ac`` within the rounds'
     #: spread (0.522 / 0.568 s).
     slat_graph_merge_after: int = 0
+    #: with ``slat_graph_merge_after``: the merged graph records the SLaT torso compiled without piece ends and with
+    #: its blocks inlined into one graph (``slat_block_regions=False``'s torso), so that inductor fuses across block
+    #: boundaries on every step after the merge (the pieces' ends and the nested regions keep each block apart). Its
+    #: first merge in a process runs that torso once eagerly first (it compiles then). Same math, other rounding.
+    slat_merge_inlined: bool = False
     #: make SLaT's batch-1 coordinate structure (the unguided passes' neighbour tables, down-sampling maps and token
     #: counts) by slicing the CFG pair's, whose two elements repeat the object's coordinates
     #: (``sparse.first_element_structure``), instead of building it from the coordinates: the same tables without that
@@ -472,6 +477,11 @@ class RunOptions:
         if self.derive_unguided_tables and not self.batch_cfg:
             raise ValueError("derive_unguided_tables slices SLaT's batch-1 structure from the CFG pair's, which only "
                              "batch_cfg builds: set batch_cfg=True")
+        if not isinstance(self.slat_merge_inlined, bool):
+            raise ValueError(f"slat_merge_inlined is a bool, got {self.slat_merge_inlined!r}")
+        if self.slat_merge_inlined and not (self.slat_graph_merge_after and self.compile_slat):
+            raise ValueError("slat_merge_inlined records the merged graph from the compiled torso with its blocks "
+                             "inlined; it needs slat_graph_merge_after > 0 and compile_slat=True")
         if self.slat_graph_merge_after and not self.slat_graph_piece_blocks:
             raise ValueError("slat_graph_merge_after merges graphs recorded in pieces, and slat_graph_piece_blocks is 0: "
                              "it would change nothing (set slat_graph_piece_blocks)")

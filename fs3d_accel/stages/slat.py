@@ -1,6 +1,7 @@
 """Stage 2: structured latent (SLaT flow sampler on the sparse voxels of stage 1)."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
 import weakref
 
@@ -190,11 +191,23 @@ class SLaTStage(HoldsInputs, nn.Module):
                                                          torso is not None, held_kv, name)
             return kv_cache[name]
 
-        def new_graphed(call, warmup: int) -> GraphedCall:
-            """A whole-pass graph of this call's settings (recording mode, pieces, memory pool)."""
+        # slat_merge_inlined: the merged graphs record the torso compiled without piece ends, its blocks inlined
+        merged_options = (dataclasses.replace(options, slat_graph_piece_blocks=0, slat_graph_merge_after=0,
+                                              slat_merge_inlined=False, slat_block_regions=False)
+                          if options.slat_merge_inlined else None)
+        merged_torso = self.compiled_torso(merged_options) if merged_options is not None else None
+        # (merged torso, batch, device) that have run eagerly in the process: their first call compiles, which a
+        # recording cannot do, so a merge records only after one eager call
+        merged_warm: set = self.__dict__.setdefault("_merged_torso_warm", set())
+
+        def new_graphed(call, warmup: int, merged_call=None, batch: int = 0) -> GraphedCall:
+            """A whole-pass graph of this call's settings (recording mode, pieces, memory pool; with
+            ``slat_merge_inlined``, ``merged_call`` recorded at the merge)."""
+            key = (id(merged_torso), batch, str(cond.device))
             return GraphedCall(call, warmup=warmup, async_capture=options.async_graph_capture, pool=graph_pool,
                                in_pieces=bool(options.slat_graph_piece_blocks),
-                               merge_after=options.slat_graph_merge_after)
+                               merge_after=options.slat_graph_merge_after, merged_fn=merged_call,
+                               merged_warmup=None if merged_call is None else (lambda: key not in merged_warm))
 
         def run(feats: Tensor, c_coords: Tensor, t: float, c: Tensor, ckv, structure=None,
                 prepare_only: bool = False) -> Tensor | None:
@@ -214,15 +227,29 @@ class SLaTStage(HoldsInputs, nn.Module):
                     args += (self.block_modulations(t * sampler_cfg.time_scale, c.shape[0], flow.torso_dtype,
                                                     c.device),)
 
-            def call(f: Tensor, tt: Tensor, block_mods: Tensor | None = None) -> Tensor:
-                # block_mods is an argument (not a closure) so that a replayed graph reads each step's own values
-                with options.network_context(c.device, "slat"):
-                    if ckv is not None:
-                        out = flow(f.to(dtype), c_coords, tt, c.to(dtype), cond_kv=ckv, block_mods=block_mods,
-                                   **extra)
-                    else:
-                        out = flow(f.to(dtype), c_coords, tt, c.to(dtype), block_mods=block_mods, **extra)
-                return out.float()
+            def make_call(call_options: RunOptions, call_extra: dict):
+                def call(f: Tensor, tt: Tensor, block_mods: Tensor | None = None) -> Tensor:
+                    # block_mods is an argument (not a closure) so that a replayed graph reads each step's own values
+                    with call_options.network_context(c.device, "slat"):
+                        if ckv is not None:
+                            out = flow(f.to(dtype), c_coords, tt, c.to(dtype), cond_kv=ckv, block_mods=block_mods,
+                                       **call_extra)
+                        else:
+                            out = flow(f.to(dtype), c_coords, tt, c.to(dtype), block_mods=block_mods, **call_extra)
+                    return out.float()
+                return call
+
+            call = make_call(options, extra)
+            merged_call = None
+            if merged_options is not None and structure is not None:
+                plain_merged = make_call(merged_options, {**extra, "torso": merged_torso})
+                warm_key = (id(merged_torso), c.shape[0], str(cond.device))
+
+                def merged_call(*a: Tensor) -> Tensor:
+                    out = plain_merged(*a)
+                    if not torch.cuda.is_current_stream_capturing():
+                        merged_warm.add(warm_key)  # ran eagerly: compiled for this batch size
+                    return out
 
             if options.cuda_graphs and structure is not None:
                 # full-token passes over one coordinate set: same shapes every step. One graph per
@@ -232,14 +259,15 @@ class SLaTStage(HoldsInputs, nn.Module):
                 graphed = structure.get(slot)
                 if not record_first:
                     if graphed is None:
-                        graphed = structure[slot] = new_graphed(call, options.slat_graph_warmup)
+                        graphed = structure[slot] = new_graphed(call, options.slat_graph_warmup, merged_call,
+                                                                 c.shape[0])
                     return graphed(*args)
                 kind = pass_kind(c.shape[0])
                 if prepare_only:
                     if graphed is not None:
                         raise ValueError(f"a graph for this pass is in the structure already ({slot}); prepare_only "
                                          f"would replace it")
-                    graphed = structure[slot] = new_graphed(call, 0)
+                    graphed = structure[slot] = new_graphed(call, 0, merged_call, c.shape[0])
                     try:
                         graphed.prepare(*args)
                     except Exception as exc:
@@ -254,7 +282,8 @@ class SLaTStage(HoldsInputs, nn.Module):
                 if graphed is None:
                     # no eager warm-up where the tables exist and this kind of pass has run in the process
                     skip = kind in passes_run and kind not in first_call_failed and "checked_input" in structure
-                    graphed = structure[slot] = new_graphed(call, 0 if skip else options.slat_graph_warmup)
+                    graphed = structure[slot] = new_graphed(call, 0 if skip else options.slat_graph_warmup, merged_call,
+                                                             c.shape[0])
                 try:
                     out = graphed(*args)
                 except Exception as exc:
@@ -267,7 +296,8 @@ class SLaTStage(HoldsInputs, nn.Module):
                                   f"running the step eagerly, recording at the next, and warming this kind of pass "
                                   f"from now on", RuntimeWarning, stacklevel=2)
                     first_call_failed.add(kind)
-                    graphed = structure[slot] = new_graphed(call, options.slat_graph_warmup)
+                    graphed = structure[slot] = new_graphed(call, options.slat_graph_warmup, merged_call,
+                                                             c.shape[0])
                     out = graphed(*args)
                 passes_run.add(kind)
                 return out

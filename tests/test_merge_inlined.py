@@ -1,0 +1,116 @@
+"""``RunOptions.slat_merge_inlined`` and ``GraphedCall(merged_fn=...)``: the merged recording of a pass recorded in
+pieces records another function (the SLaT torso compiled without piece ends, its blocks inlined), warmed by one eager
+call the first time. Settings and arguments are checked on the CPU; on the GPU the merged graph must replay the merged
+function's values, and the SLaT sampler must give the pieces' latents to rounding."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from fs3d_accel.stages.graphs import GraphedCall
+from fs3d_accel.stages.options import RunOptions
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+_MERGING = dict(batch_cfg=True, cache_cond_kv=True, cuda_graphs=True, async_graph_capture=True,
+                slat_graph_piece_blocks=2, slat_graph_merge_after=1, graph_record_first=True)
+
+
+def test_the_option_needs_a_merge_and_the_compiled_torso():
+    with pytest.raises(ValueError, match="slat_merge_inlined is a bool"):
+        RunOptions(**_MERGING, compile_slat=True, slat_merge_inlined=1)
+    with pytest.raises(ValueError, match="needs slat_graph_merge_after > 0 and compile_slat=True"):
+        RunOptions(**_MERGING, slat_merge_inlined=True)  # no compiled torso
+    with pytest.raises(ValueError, match="needs slat_graph_merge_after > 0 and compile_slat=True"):
+        RunOptions(**{**_MERGING, "slat_graph_merge_after": 0}, compile_slat=True, slat_merge_inlined=True)
+    assert RunOptions(**_MERGING, compile_slat=True, slat_merge_inlined=True).slat_merge_inlined
+
+
+def test_graphed_call_checks_its_merged_function():
+    with pytest.raises(ValueError, match="merged_fn is recorded when the pieces are merged; it needs merge_after"):
+        GraphedCall(lambda x: x, async_capture=True, in_pieces=True, merged_fn=lambda x: x)
+    with pytest.raises(ValueError, match="merged_warmup says whether merged_fn needs an eager call"):
+        GraphedCall(lambda x: x, async_capture=True, in_pieces=True, merge_after=2, merged_warmup=lambda: True)
+
+
+def test_off_cuda_the_call_runs_fn_not_the_merged_function():
+    g = GraphedCall(lambda x: x + 1, async_capture=True, in_pieces=True, merge_after=1, merged_fn=lambda x: x + 2)
+    x = torch.zeros(3)
+    for _ in range(3):
+        assert torch.equal(g(x), x + 1)
+
+
+@cuda
+@pytest.mark.parametrize("warm", [True, False])
+def test_the_merged_graph_replays_the_merged_function(warm):
+    """Two calls replay the pieces of ``fn``; the third records ``merged_fn`` (after one eager call of it where
+    ``merged_warmup`` says so) on the same input buffers, and from then on the calls give ``merged_fn``'s values."""
+    from fs3d_accel.stages.graphs import graph_piece_end
+
+    def fn(x):
+        y = x * 2
+        graph_piece_end(y)
+        return y + 1
+
+    eager_calls = []
+
+    def merged(x):
+        if not torch.cuda.is_current_stream_capturing():
+            eager_calls.append(1)
+        return x * 3  # differs from fn on purpose: the test must see which function the merged graph holds
+
+    g = GraphedCall(fn, warmup=0, async_capture=True, in_pieces=True, merge_after=2, merged_fn=merged,
+                    merged_warmup=lambda: warm)
+    x = torch.arange(4.0, device="cuda")
+    outs = [g(x * (i + 1)) for i in range(4)]
+    torch.cuda.synchronize()
+    for i, out in enumerate(outs):
+        expected = x * (i + 1) * 2 + 1 if i < 2 else x * (i + 1) * 3
+        assert torch.equal(out, expected), i
+    assert len(eager_calls) == (1 if warm else 0)
+    assert g.captures == 2
+
+
+@cuda
+def test_slat_with_the_inlined_merge_gives_the_pieces_latents():
+    """The mini SLaT sampler on the GPU with the inductor torso, pieces merged after one call: with the inlined merge
+    the latents match the plain merge to fp32 rounding, a merge happened in both, and nothing warned (a failed merge
+    warns)."""
+    from conftest import mini_slat_setup, sample_slat
+    stage, objects, sampler = mini_slat_setup((300, 260))
+    stage = stage.cuda()
+    merges = []
+    original = GraphedCall._merge
+    GraphedCall._merge = lambda self, entry: (merges.append(self.merged_fn is not None), original(self, entry))[1]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            for cond, coords, noise in objects:  # the second object merges without an eager warm-up
+                cond, coords, noise = cond.cuda(), coords.cuda(), noise.cuda()
+                plain = sample_slat(stage, cond, coords, noise, sampler, RunOptions(**_MERGING, compile_slat=True))
+                inlined = sample_slat(stage, cond, coords, noise, sampler,
+                                      RunOptions(**_MERGING, compile_slat=True, slat_merge_inlined=True))
+                print(f"N={len(coords)}: max abs diff {float((inlined - plain).abs().max()):.3g}")
+                torch.testing.assert_close(inlined, plain, rtol=1e-4, atol=1e-4)
+    finally:
+        GraphedCall._merge = original
+    assert False in merges and True in merges
+    assert len(stage.__dict__.get("_merged_torso_warm", ())) >= 1
+
+
+def test_the_stage_asks_for_the_inlined_torso_and_keeps_its_values_on_cpu(monkeypatch, cpu_compile):
+    """On the CPU the graphs run eagerly (no merge): the stage builds the piece-free, inlined torso next to the pieces'
+    one (two compiled-torso keys) and the latents are those without the option, bit for bit."""
+    import fs3d_accel.stages.options as options_mod
+    from conftest import mini_slat_setup, sample_slat
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    stage, objects, sampler = mini_slat_setup((200,))
+    cond, coords, noise = objects[0]
+    common = dict(_MERGING, compile_slat=True, compile_backend="eager")
+    plain = sample_slat(stage, cond, coords, noise, sampler, RunOptions(**common))
+    keys_before = set(stage.__dict__["_compiled_torso"])
+    inlined = sample_slat(stage, cond, coords, noise, sampler, RunOptions(**common, slat_merge_inlined=True))
+    new_keys = set(stage.__dict__["_compiled_torso"]) - keys_before
+    assert [(k[1], k[2]) for k in new_keys] == [(0, False)]  # no piece ends, blocks inlined
+    assert torch.equal(inlined, plain)
