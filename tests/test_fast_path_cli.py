@@ -18,13 +18,19 @@ def test_named_fast_paths():
                                 "compiled-zkv-fa4", "compiled-zkv-fa4-all", "compiled-zkv-fa4-all-sqfa2",
                                 "compiled-zkv-fa4-all-sqfa2-ge", "compiled-zkv-fa4-all-sqfa2-ge-ac",
                                 "compiled-zkv-fa4-all-sqfa2-ge-ac-fd", "compiled-zkv-fa4-all-sqfa2-ge-ac-fk",
-                                "compiled-zkv-fa4-all-sqfa2-ge-ac-stream", "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces"]
+                                "compiled-zkv-fa4-all-sqfa2-ge-ac-stream", "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces",
+                                "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi"]
     for suffix, call in (("fd", "direct"), ("fk", "kernel")):
         assert fast_path(f"compiled-zkv-fa4-all-sqfa2-ge-ac-{suffix}") == dataclasses.replace(
             fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac"), fa4_call=call)
     pieces = fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac-pieces")
     assert pieces == dataclasses.replace(fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac"), graph_record_first=True,
                                          unguided_graph_ahead=8, slat_graph_piece_blocks=2)
+    fastest = fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi")
+    assert fastest == dataclasses.replace(pieces, slat_graph_merge_after=4, derive_unguided_tables=True,
+                                          sparse_conv="implicit-skip-nested", fa4_call="kernel",
+                                          cache_block_modulations=True, one_key_projection=True,
+                                          slat_merge_inlined=True)
     ro = fast_path("compiled-zkv-ro")
     assert ro.compile_mode == "reduce-overhead" and ro.for_stage("slat") is ro and ro.attention_kernel == "sdpa"
     fa4 = fast_path("compiled-zkv-fa4")
@@ -153,8 +159,11 @@ def test_named_fast_paths_are_the_benchmarked_variants():
         SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-fk"]]
     assert (fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac-stream")
             == VARIANTS[SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-sg"]])
-    # and the quality run's settings (benchmarks/fast_path_quality.py) are the same two paths
+    fastest = "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi"
+    assert fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi") == VARIANTS[SHORT[fastest]]
+    # and the quality run's settings (benchmarks/fast_path_quality.py) are the same paths
     from benchmarks import fast_path_quality as fpq
     for name, short in (("compiled-zkv-fa4-all-sqfa2-ge-ac", "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac"),
-                        ("compiled-zkv-fa4-all-sqfa2-ge-ac-stream", "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-sg")):
+                        ("compiled-zkv-fa4-all-sqfa2-ge-ac-stream", "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-sg"),
+                        ("compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi", fastest)):
         assert fast_path(name) == fpq.SETTINGS[fpq.SHORT[short]], name

@@ -811,6 +811,18 @@ FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-stream"] = dataclasses.replace(
 FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-pieces"] = dataclasses.replace(
     FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"], graph_record_first=True, unguided_graph_ahead=8,
     slat_graph_piece_blocks=2)
+# + every SLaT switch measured faster on the pieces path since (the suffixes of ``base_vs_official.py``'s variant of the
+# same options, ``...-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi``): the pieces merged into one graph after 4 calls (``-m4``,
+# from the torso with its blocks inlined, ``-mi``), the batch-1 tables sliced from the pair's (``-dt``), the nested tiled
+# sparse conv (``-nc``), FA4's compiled kernel launched directly (``-fk``, inference only), the blocks' adaLN outputs kept
+# per step (``-cm``) and the unconditional rows' cross-attention projected once (``-ok``). SLaT at 14k on an H100
+# (session 25, ``results/base_vs_official_h100/session25/``): 0.4784-0.4848 s against 0.4986-0.5013 s for the pieces path
+# with ``-m4-dt-nc-fk`` in 6 of 6 rounds; quality within the fast path's spread (mean F1 30.41 against fp32's 30.26,
+# ``results/fast_path_quality_h100/session25_fastest/``)
+FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi"] = dataclasses.replace(
+    FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-pieces"], slat_graph_merge_after=4, derive_unguided_tables=True,
+    sparse_conv="implicit-skip-nested", fa4_call="kernel", cache_block_modulations=True, one_key_projection=True,
+    slat_merge_inlined=True)
 
 
 def fast_path(name: str) -> RunOptions:
