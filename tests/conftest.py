@@ -38,6 +38,20 @@ def random_slat_inputs(n: int = 300, seed: int = 0, batch: int = 1):
     return cfg, coords, feats, cond
 
 
+def mini_slat_object(cfg, n: int = 200, seed: int = 1):
+    """One SLaT object at the mini resolution of ``cfg`` (a ModelConfig): sorted distinct voxel coordinates (n, 4)
+    int32 of batch 0, condition tokens (1, 24, C) and SLaT noise, from one generator seeded ``seed``."""
+    import torch
+    from fs3d_accel.stages.slat import slat_noise
+    g = torch.Generator().manual_seed(seed)
+    r = cfg.slat_flow.resolution
+    idx = torch.randperm(r ** 3, generator=g)[:n].sort().values
+    coords = torch.cat([torch.zeros(n, 1, dtype=torch.long),
+                        torch.stack([idx // (r * r), (idx // r) % r, idx % r], 1)], 1).int()
+    cond = torch.randn(1, 24, cfg.slat_flow.cond_channels, generator=g)
+    return coords, cond, slat_noise(n, cfg.slat_flow.in_channels, g)
+
+
 def fast_mini_config(ss_steps: int = 3, slat_steps: int = 3):
     """The mini architecture with short sampler schedules (CFG kept on, so both branches run)."""
     cfg = mini_config()

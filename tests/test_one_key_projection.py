@@ -16,13 +16,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from conftest import mini_slat_object
 from fs3d_accel.model.configs import mini_config
 from fs3d_accel.model.layers import (collapse_zero_condition_kv, cross_attention, one_key_output,
                                      projected_cross_attention, use_one_key_projection)
 from fs3d_accel.model.sparse import release_structure
 from fs3d_accel.samplers import EulerFlowSampler
 from fs3d_accel.stages.options import RunOptions
-from fs3d_accel.stages.slat import SLaTStage, slat_noise
+from fs3d_accel.stages.slat import SLaTStage
 from fs3d_accel.stages.ss import SSStage, ss_noise
 
 C, H, L, LC = 32, 4, 10, 7  # channels, heads, query tokens, condition tokens
@@ -209,13 +210,7 @@ def _uncond_rows(sampler_cfg, cond_rows: int) -> int:
 @torch.no_grad()
 def test_slat_sampler_same_with_projected_one_key_rows(mini, batch_cfg, compiled, cpu_compile):
     cfg, _, slat = mini
-    g = torch.Generator().manual_seed(1)
-    r = cfg.slat_flow.resolution
-    idx = torch.randperm(r ** 3, generator=g)[:200].sort().values
-    coords = torch.cat([torch.zeros(200, 1, dtype=torch.long),
-                        torch.stack([idx // (r * r), (idx // r) % r, idx % r], 1)], 1).int()
-    cond = torch.randn(1, 24, cfg.slat_flow.cond_channels, generator=g)
-    noise = slat_noise(200, cfg.slat_flow.in_channels, g)
+    coords, cond, noise = mini_slat_object(cfg)
     outs, rows_by_setting = [], []
     for on in (False, True):
         opts = _options(batch_cfg, on, compile_slat=compiled, compile_backend="eager")

@@ -11,13 +11,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from conftest import mini_slat_object
 from fs3d_accel.model.configs import mini_config
 from fs3d_accel.model.layers import collapse_zero_condition_kv, cross_attention, map_kv_pairs
 from fs3d_accel.model.sparse import release_structure
 from fs3d_accel.model.ss_flow import CrossAttention
 from fs3d_accel.samplers import EulerFlowSampler
 from fs3d_accel.stages.options import RunOptions
-from fs3d_accel.stages.slat import SLaTStage, slat_noise
+from fs3d_accel.stages.slat import SLaTStage
 from fs3d_accel.stages.ss import SSStage, ss_noise
 
 
@@ -173,13 +174,7 @@ def test_ss_sampler_same_with_collapsed_uncond_kv(mini, batch_cfg, key_counts):
 def test_slat_sampler_same_with_collapsed_uncond_kv(mini, batch_cfg, compiled, cpu_compile, key_counts):
     cfg, _, slat = mini
     _bias_nonzero(slat.flow)
-    g = torch.Generator().manual_seed(1)
-    r = cfg.slat_flow.resolution
-    idx = torch.randperm(r ** 3, generator=g)[:200].sort().values
-    coords = torch.cat([torch.zeros(200, 1, dtype=torch.long),
-                        torch.stack([idx // (r * r), (idx // r) % r, idx % r], 1)], 1).int()
-    cond = torch.randn(1, 24, cfg.slat_flow.cond_channels, generator=g)
-    noise = slat_noise(200, cfg.slat_flow.in_channels, g)
+    coords, cond, noise = mini_slat_object(cfg)
     outs = []
     for collapse in (False, True):
         opts = RunOptions(batch_cfg=batch_cfg, cache_cond_kv=True, collapse_zero_cond=collapse,

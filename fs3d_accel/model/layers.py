@@ -114,14 +114,22 @@ def use_gelu_epilogue(on: bool) -> Iterator[None]:
     ``torch._addmm_activation`` call: cuBLASLt's bias + GELU epilogue instead of a GEMM followed by an element-wise
     kernel that reads and writes the (tokens x 4C) hidden activation again. The previous choice comes back after, also
     when the block raises."""
-    global _gelu_epilogue
+    with _module_switch("_gelu_epilogue", on, "use_gelu_epilogue"):
+        yield
+
+
+@contextlib.contextmanager
+def _module_switch(name: str, on: bool, caller: str) -> Iterator[None]:
+    """Set this module's bool switch ``name`` to ``on`` inside the block, the previous value back after (also when the
+    block raises); ``caller`` names the public context manager in the error for a non-bool."""
     if not isinstance(on, bool):
-        raise ValueError(f"use_gelu_epilogue takes a bool, got {on!r}")
-    previous, _gelu_epilogue = _gelu_epilogue, on
+        raise ValueError(f"{caller} takes a bool, got {on!r}")
+    previous = globals()[name]
+    globals()[name] = on
     try:
         yield
     finally:
-        _gelu_epilogue = previous
+        globals()[name] = previous
 
 
 class FeedForwardNet(nn.Module):
@@ -239,14 +247,8 @@ def use_one_key_projection(on: bool) -> Iterator[None]:
     unconditional CFG rows under ``collapse_zero_cond``) ``to_out`` of that key's value for every query, projected once,
     instead of projecting every query through ``to_q``, attending (which returns the value for every query) and
     projecting every row through ``to_out``. The previous choice comes back after, also when the block raises."""
-    global _one_key_projection
-    if not isinstance(on, bool):
-        raise ValueError(f"use_one_key_projection takes a bool, got {on!r}")
-    previous, _one_key_projection = _one_key_projection, on
-    try:
+    with _module_switch("_one_key_projection", on, "use_one_key_projection"):
         yield
-    finally:
-        _one_key_projection = previous
 
 
 def one_key_output(v: Tensor, to_out: nn.Module) -> Tensor:
