@@ -396,6 +396,7 @@ def stage_copy(stage: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     dup.__dict__.pop("_compiled_torso", None)
     dup.__dict__.pop("_graph_passes_run", None)  # graph_record_first's record of passes run: tied to the torso
     dup.__dict__.pop("_graph_first_call_failed", None)
+    dup.__dict__.pop("_merged_torso_warm", None)  # slat_merge_inlined's warmed merged passes: tied to the torso too
     dup.__dict__.pop("_graph_pool", None)
     dup.__dict__.pop("_held_inputs", None)
     return dup.to(dtype).eval()

@@ -112,7 +112,8 @@ SHORT = dict(zip(("fp32", "fp32-cfg-kv", "bf16-cfg-kv", "compile-all", "compile-
                   "compile-all-zkv-fa4-ro-sqfa2-ge-tb", "compile-all-zkv-fa4-ro-sqfa2-ge-io",
                   "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io", "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac",
                   "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-sg"), SETTINGS))
-#: setting -> the setting it differs from by one switch (same weights and precision unless the switch is it)
+#: setting -> the setting it differs from by one switch (same weights and precision unless the switch is it); a named
+#: path's setting maps to the setting it extends, several switches apart (see where it is added below)
 ONE_SWITCH_REF = {SHORT["compile-all"]: SHORT["bf16-cfg-kv"], SHORT["compile-all-zkv"]: SHORT["compile-all"],
                   SHORT["fp32-cfg-zkv"]: SHORT["fp32-cfg-kv"], SHORT["bf16-cfg-zkv"]: SHORT["bf16-cfg-kv"],
                   # one step (FA4's kernel in SLaT; CUDA graphs replay the compiled kernels unchanged)
@@ -262,8 +263,9 @@ def write_report(df: pd.DataFrame, out: Path, args) -> None:
                      + f" | {d_f1:.3f} | {d_iou:.4f} | {changed} of {len(g)} |")
     paired = [label for label in df.setting.unique() if ONE_SWITCH_REF.get(label) in set(df.setting)]
     if paired:
-        lines += ["", "Each setting against the setting it differs from by one switch (same weights; the same precision "
-                  "unless the switch is the precision); Δ = setting − against:", "",
+        lines += ["", "Each setting against the setting it is compared with: one switch apart, except a named path's "
+                  "setting against the setting it extends (same weights; the same precision unless the switch is the "
+                  "precision); Δ = setting − against:", "",
                   "| setting | against | mean ΔF1 | max abs ΔF1 | mean ΔvIoU | max abs ΔvIoU | voxel-count changes |",
                   "|---|---|---|---|---|---|---|"]
     for label in paired:

@@ -114,3 +114,89 @@ def test_the_stage_asks_for_the_inlined_torso_and_keeps_its_values_on_cpu(monkey
     new_keys = set(stage.__dict__["_compiled_torso"]) - keys_before
     assert [(k[1], k[2]) for k in new_keys] == [(0, False)]  # no piece ends, blocks inlined
     assert torch.equal(inlined, plain)
+
+
+def _spied_stage_run(monkeypatch, **options):
+    """Run the mini SLaT sampler on the CPU with ``options`` on top of the merging ones, spying on what the stage hands
+    GraphedCall: returns (the GraphedCalls made, with ``last_args``; the torso calls as (piece blocks, block regions);
+    the piece ends met; the stage; the structures to release)."""
+    import fs3d_accel.model.slat_flow as slat_flow_mod
+    import fs3d_accel.stages.options as options_mod
+    import fs3d_accel.stages.slat as slat_mod
+    from conftest import mini_slat_setup
+    from fs3d_accel.samplers import EulerFlowSampler
+    monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
+    created: list = []
+
+    class Spy(GraphedCall):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            created.append(self)
+
+        def __call__(self, *args):
+            self.last_args = args
+            return super().__call__(*args)
+    monkeypatch.setattr(slat_mod, "GraphedCall", Spy)
+    torso_calls: list = []
+    original = slat_mod.SLaTStage.compiled_torso
+
+    def spy_torso(self, opts):
+        torso, opts = original(self, opts), opts.for_stage("slat")
+
+        def counted(*a, **k):
+            torso_calls.append((opts.slat_graph_piece_blocks, opts.slat_block_regions))
+            return torso(*a, **k)
+        return counted
+    monkeypatch.setattr(slat_mod.SLaTStage, "compiled_torso", spy_torso)
+    piece_ends: list = []
+    monkeypatch.setattr(slat_flow_mod, "_piece_end", lambda x: piece_ends.append(1))
+    stage, objects, sampler = mini_slat_setup((200,))
+    cond, coords, noise = objects[0]
+    structures: list[dict] = []
+    with torch.no_grad():
+        opts = RunOptions(**{**_MERGING, **options}, compile_slat=True, compile_backend="eager",
+                          slat_merge_inlined=True)
+        net = stage.velocity_net(cond, coords, sampler, opts, structures)
+        EulerFlowSampler(sampler, "slat").sample(noise.clone(), net)
+    return created, torso_calls, piece_ends, stage, structures
+
+
+def test_the_stages_merged_call_runs_the_inlined_torso_without_piece_ends(monkeypatch, cpu_compile):
+    """What the stage hands GraphedCall as ``merged_fn`` (called eagerly here, as the merge's warm-up calls it): the
+    torso compiled without piece ends and with its blocks inlined, no piece end anywhere in the pass, and the kind of
+    pass remembered as warmed; ``fn`` keeps the pieces' torso and ends."""
+    from fs3d_accel.model.sparse import release_structure
+    created, torso_calls, piece_ends, stage, structures = _spied_stage_run(monkeypatch)
+    try:
+        with torch.no_grad():
+            assert created and all(g.merged_fn is not None and g.merged_warmup() for g in created)
+            g = created[0]
+            torso_calls.clear(), piece_ends.clear()
+            g.fn(*g.last_args)
+            assert torso_calls == [(2, True)] and piece_ends  # the pieces' torso, with its ends
+            torso_calls.clear(), piece_ends.clear()
+            g.merged_fn(*g.last_args)
+            assert torso_calls == [(0, False)] and not piece_ends
+            assert not g.merged_warmup()  # warmed: the merge records without another eager call
+    finally:
+        for s in structures:
+            release_structure(s)
+
+
+def test_the_warm_set_tells_the_conditional_and_unconditional_passes_apart(monkeypatch, cpu_compile):
+    """Without batched CFG the conditional and the unconditional pass are both batch 1, but the unconditional one reads
+    one-key K/V (another graph of the merged torso): warming one must not mark the other as warmed."""
+    from fs3d_accel.model.sparse import release_structure
+    created, _, _, stage, structures = _spied_stage_run(monkeypatch, batch_cfg=False, graph_record_first=False,
+                                                        collapse_zero_cond=True)
+    try:
+        with torch.no_grad():
+            assert len(created) == 2
+            cond_pass, uncond_pass = created
+            cond_pass.merged_fn(*cond_pass.last_args)
+            assert not cond_pass.merged_warmup() and uncond_pass.merged_warmup()
+            uncond_pass.merged_fn(*uncond_pass.last_args)
+            assert not uncond_pass.merged_warmup()
+    finally:
+        for s in structures:
+            release_structure(s)

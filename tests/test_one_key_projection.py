@@ -248,3 +248,123 @@ def test_slat_on_cuda_with_graphs_same_with_projected_one_key_rows(compiled):
     with_ = sample_slat(stage, cond, coords, noise, sampler, _options(True, True, **common))
     print(f"compiled={compiled}: max abs diff {float((with_ - without).abs().max()):.3g}")
     torch.testing.assert_close(with_, without, rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the sparse and dense paths, on layouts the samplers do not make
+# ----------------------------------------------------------------------------------------------------------------
+def _sparse_input(lengths: list[int], seed: int = 0):
+    from fs3d_accel.model.sparse import SparseTensor
+    g = torch.Generator().manual_seed(seed)
+    coords = torch.cat([torch.cat([torch.full((n, 1), b), torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long),
+                                                                       torch.zeros(n, dtype=torch.long)], 1)], 1)
+                        for b, n in enumerate(lengths)]).int()
+    return SparseTensor(torch.randn(sum(lengths), C, generator=g), coords)
+
+
+def _per_element_kv(to_kv: nn.Linear, zero_rows: list[bool], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    cond = torch.stack([torch.zeros(LC, C) if z else torch.randn(LC, C, generator=g) for z in zero_rows])
+    k, v = to_kv(cond).view(len(zero_rows), LC, 2, H, C // H).unbind(2)
+    return collapse_zero_condition_kv((k, v), zero_rows)
+
+
+@pytest.mark.parametrize("lengths, zero_rows", [([5, 9, 3], [True, False, True]), ([4, 9], [True, False]),
+                                                ([9, 4], [False, True])])
+@torch.no_grad()
+def test_sparse_cross_attention_with_unequal_elements_matches_the_plain_path(lengths, zero_rows):
+    from fs3d_accel.model.sparse import SparseCrossAttention
+    attn = SparseCrossAttention(C, C, H)
+    for m in (attn.to_q, attn.to_kv, attn.to_out):
+        nn.init.normal_(m.bias, std=0.1)
+    x = _sparse_input(lengths)
+    kv = _per_element_kv(attn.to_kv, zero_rows)
+    plain = attn(x, kv=kv).feats
+    with use_one_key_projection(True):
+        got = attn(x, kv=kv).feats
+    torch.testing.assert_close(got, plain, rtol=1e-6, atol=1e-6)
+    start = 0
+    for n, zero in zip(lengths, zero_rows):  # each zero element's rows are one row, repeated
+        rows = got[start:start + n]
+        assert torch.equal(rows, rows[:1].expand_as(rows)) == zero or n == 1
+        start += n
+
+
+@torch.no_grad()
+def test_pair_forms_with_distinct_one_key_rows_match_the_plain_path():
+    """A (k, v) pair whose B rows each hold one (distinct) key: every element gets its own row's value, on the dense
+    and the sparse path."""
+    from fs3d_accel.model.sparse import SparseCrossAttention
+    attn = SparseCrossAttention(C, C, H)
+    g = torch.Generator().manual_seed(3)
+    k, v = torch.randn(3, 1, H, C // H, generator=g), torch.randn(3, 1, H, C // H, generator=g)
+    dense_x = torch.randn(3, L, C, generator=g)
+    sparse_x = _sparse_input([4, 6, 2])
+    plain_dense, plain_sparse = attn.dense(dense_x, kv=(k, v)), attn(sparse_x, kv=(k, v)).feats
+    with use_one_key_projection(True):
+        torch.testing.assert_close(attn.dense(dense_x, kv=(k, v)), plain_dense, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(attn(sparse_x, kv=(k, v)).feats, plain_sparse, rtol=1e-6, atol=1e-6)
+
+
+@torch.no_grad()
+def test_malformed_one_key_kv_is_refused_as_the_plain_path_refuses_it():
+    from fs3d_accel.model.sparse import SparseCrossAttention
+    attn = SparseCrossAttention(C, C, H)
+    one = torch.zeros(1, 1, H, C // H)
+    with use_one_key_projection(True):
+        with pytest.raises(ValueError, match="one-key K/V do not match"):  # k batch 3, v batch 1
+            attn.dense(torch.zeros(3, L, C), kv=(torch.zeros(3, 1, H, C // H), one))
+        with pytest.raises(ValueError, match="one-key K/V do not match"):  # heads split other than num_heads
+            attn.dense(torch.zeros(1, L, C), kv=(torch.zeros(1, 1, 2 * H, C // H // 2),) * 2)
+        with pytest.raises(ValueError, match="3 query segments but 1 / 1 condition rows"):
+            attn(_sparse_input([2, 3, 4]), kv=(one, one))
+        with pytest.raises(ValueError, match="1 per-element K/V pairs for 2 batch elements"):
+            attn(_sparse_input([2, 3]), kv=(one, one, one))  # an odd count: not pairs of the 2 elements
+        with pytest.raises(ValueError, match="one-key K/V do not match"):
+            attn(_sparse_input([2, 3]), kv=(one, torch.zeros(1, 1, H, C // H + 1), one, one))
+
+
+@pytest.mark.parametrize("stage_name", ["ss", "slat"])
+@torch.no_grad()
+def test_the_compiled_flows_take_the_one_key_path(mini, stage_name, cpu_compile, monkeypatch):
+    """The compiled SS flow and SLaT torso (eager backend) call ``one_key_output`` with the option on and never without
+    it: equal outputs alone could not tell, since the two paths compute the same math."""
+    import fs3d_accel.model.layers as layers
+    import fs3d_accel.model.sparse as sparse
+    calls: list[int] = []
+    original = layers.one_key_output
+
+    def counted(v, to_out):
+        calls.append(1)
+        return original(v, to_out)
+    monkeypatch.setattr(layers, "one_key_output", counted)
+    monkeypatch.setattr(sparse, "one_key_output", counted)
+    cfg, ss, slat = mini
+    for on in (False, True):
+        calls.clear()
+        if stage_name == "ss":
+            g = torch.Generator().manual_seed(0)
+            cond, noise = torch.randn(1, 40, cfg.ss_flow.cond_channels, generator=g), ss_noise(cfg, g)
+            opts = _options(True, on, compile_ss=True, compile_backend="eager")
+            EulerFlowSampler(cfg.ss_sampler, "ss").sample(dict(noise), ss.velocity_net(cond, cfg.ss_sampler, opts))
+        else:
+            coords, cond, noise = mini_slat_object(cfg)
+            structures: list[dict] = []
+            try:
+                opts = _options(True, on, compile_slat=True, compile_backend="eager")
+                net = slat.velocity_net(cond, coords, cfg.slat_sampler, opts, structures)
+                EulerFlowSampler(cfg.slat_sampler, "slat").sample(noise.clone(), net)
+            finally:
+                for s in structures:
+                    release_structure(s)
+        assert bool(calls) == on, (on, len(calls))
+
+
+@torch.no_grad()
+def test_dense_elements_in_any_order_match_the_plain_path():
+    to_q, to_kv, to_out = _projections(6)
+    x = torch.randn(3, L, C)
+    kv = _per_element_kv(to_kv, [True, False, False], seed=1)
+    with use_one_key_projection(True):
+        got = projected_cross_attention(x, kv, to_q, to_out, H)
+    torch.testing.assert_close(got, _plain(x, kv, to_q, to_out), rtol=1e-6, atol=1e-6)

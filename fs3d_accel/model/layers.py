@@ -268,6 +268,17 @@ def is_one_key(k: Tensor) -> bool:
     return k.shape[1] == 1
 
 
+def check_one_key_kv(k: Tensor, v: Tensor, rows: int, num_heads: int, channels: int, device: torch.device) -> None:
+    """Refuse a one-key K/V pair that :func:`attention` would refuse for these queries: ``rows`` query batch elements
+    (k's batch must be 1 or that), ``num_heads`` heads of ``channels // num_heads``, on ``device``."""
+    head_dim = channels // num_heads
+    if (k.ndim != 4 or v.ndim != 4 or k.shape[0] not in (1, rows) or v.shape[:3] != k.shape[:3]
+            or tuple(k.shape[2:]) != (num_heads, head_dim) or v.shape[3] != head_dim
+            or k.device != device or v.device != device):
+        raise ValueError(f"one-key K/V do not match {rows} query rows of {num_heads} heads x {head_dim} on {device}: "
+                         f"k {tuple(k.shape)} {k.device}, v {tuple(v.shape)} {v.device} (B, 1, H, D)")
+
+
 def projected_cross_attention(x: Tensor, kv: tuple[Tensor, ...], to_q: nn.Module, to_out: nn.Module,
                               num_heads: int) -> Tensor:
     """``to_out(cross_attention(to_q(x), kv))`` for dense queries x (B, L, C) and cached K/V in either form of
@@ -290,13 +301,19 @@ def projected_cross_attention(x: Tensor, kv: tuple[Tensor, ...], to_q: nn.Module
     if len(kv) == 2:
         if not is_one_key(kv[0]):
             return attended(x, kv)
-        if kv[1].shape[0] not in (1, b):
-            raise ValueError(f"{b} query batch elements but {kv[1].shape[0]} condition rows")
+        check_one_key_kv(kv[0], kv[1], b, num_heads, c, x.device)
         return one_key_output(kv[1], to_out).expand(b, l, c)
     if len(kv) != 2 * b:
         raise ValueError(f"{len(kv) // 2} per-element K/V pairs for a batch of {b} queries")
-    return torch.cat([one_key_output(kv[2 * i + 1], to_out).expand(1, l, c) if is_one_key(kv[2 * i])
-                      else attended(x[i:i + 1], kv[2 * i:2 * i + 2]) for i in range(b)], dim=0)
+    parts = []
+    for i in range(b):
+        k, v = kv[2 * i], kv[2 * i + 1]
+        if is_one_key(k):
+            check_one_key_kv(k, v, 1, num_heads, c, x.device)
+            parts.append(one_key_output(v, to_out).expand(1, l, c))
+        else:
+            parts.append(attended(x[i:i + 1], (k, v)))
+    return torch.cat(parts, dim=0)
 
 
 def collapse_zero_condition_kv(kv: tuple[Tensor, Tensor], zero_rows: list[bool]) -> tuple[Tensor, ...]:

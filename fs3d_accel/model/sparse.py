@@ -31,8 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .layers import (MultiHeadRMSNorm, attention, current_one_key_projection, is_one_key, one_key_output,
-                     projected_cross_attention)
+from .layers import (MultiHeadRMSNorm, attention, check_one_key_kv, current_one_key_projection, is_one_key,
+                     one_key_output, projected_cross_attention)
 
 #: SDPA working-set budget (elements of the attention matrix) for one chunk of windows.
 _ATTN_CHUNK_ELEMENTS = 1 << 26
@@ -969,17 +969,18 @@ class SparseCrossAttention(nn.Module):
     def _one_key_projected(self, x: SparseTensor, kv: tuple[Tensor, ...]) -> Tensor:
         """:meth:`forward`'s features under ``use_one_key_projection`` when some batch element's K/V hold one key: those
         elements' rows are ``to_out`` of the one value (projected once per element); the others attend as usual."""
-        if len(kv) == 2:
-            if kv[0].shape[0] not in (1, x.batch_size):
-                raise ValueError(f"{x.batch_size} batch elements but {kv[0].shape[0]} condition rows")
-            kv = tuple(t for i in range(x.batch_size) for t in (kv[0][i:i + 1] if kv[0].shape[0] > 1 else kv[0],
-                                                                kv[1][i:i + 1] if kv[1].shape[0] > 1 else kv[1]))
+        if len(kv) == 2:  # one (k, v) row per batch element, as the plain path's dense_cross_attention takes them
+            if kv[0].shape[0] != x.batch_size or kv[1].shape[0] != x.batch_size:
+                raise ValueError(f"{x.batch_size} query segments but {kv[0].shape[0]} / {kv[1].shape[0]} condition "
+                                 f"rows (k / v)")
+            kv = tuple(t for i in range(x.batch_size) for t in (kv[0][i:i + 1], kv[1][i:i + 1]))
         if len(kv) != 2 * x.batch_size:
             raise ValueError(f"{len(kv) // 2} per-element K/V pairs for {x.batch_size} batch elements")
         parts = []
         for i, sl in enumerate(x.layout):
             rows = sl.stop - sl.start
             if is_one_key(kv[2 * i]):
+                check_one_key_kv(kv[2 * i], kv[2 * i + 1], 1, self.num_heads, self.channels, x.feats.device)
                 parts.append(one_key_output(kv[2 * i + 1], self.to_out)[0].expand(rows, self.channels))
             else:
                 q = self.to_q(x.feats[sl]).view(rows, self.num_heads, -1)

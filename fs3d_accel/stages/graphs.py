@@ -158,6 +158,9 @@ class GraphedCall:
         if merged_warmup is not None and merged_fn is None:
             raise ValueError("merged_warmup says whether merged_fn needs an eager call before its recording; it needs "
                              "merged_fn")
+        for name, f in (("merged_fn", merged_fn), ("merged_warmup", merged_warmup)):
+            if f is not None and not callable(f):
+                raise TypeError(f"{name} must be callable, got {type(f).__name__}")
         #: what the merged recording records instead of ``fn`` (None: ``fn``): a function of the same arguments with the
         #: same outputs, computed by other kernels (the SLaT torso compiled without piece ends, its blocks inlined). Its
         #: values may differ from the pieces' by rounding; replays after the merge give its values
@@ -303,10 +306,14 @@ class GraphedCall:
         """Record ``entry``'s call as one graph on its input buffers and in its pieces' pool, and use it from now on."""
         fn = self.fn if self.merged_fn is None else self.merged_fn
         if self.merged_fn is not None and self.merged_warmup is not None and self.merged_warmup():
-            fn(*entry.inputs)  # in stream order after the queued replays that filled the inputs; output dropped
+            # on the current stream, after the replays queued so far; it reads the previous call's inputs (this call's
+            # are copied in after the merge) and its output is dropped: it only compiles
+            fn(*entry.inputs)
         graph = torch.cuda.CUDAGraph()
         output = _record_without_sync(graph, fn, entry.inputs, entry.pool)
         self._count_recording(entry.inputs[0].device)
+        if self.merged_fn is not None:
+            _check_same_outputs(output, entry.output)
         entry.retired = [entry.graph, *entry.more, entry.output]
         entry.graph, entry.more, entry.output = graph, [], output
 
@@ -314,6 +321,19 @@ class GraphedCall:
         self.captures += 1
         index = device.index if device.index is not None else torch.cuda.current_device()
         _RECORDINGS[index] = _RECORDINGS.get(index, 0) + 1
+
+
+def _check_same_outputs(merged: Any, pieces: Any) -> None:
+    """Refuse a merged recording whose outputs differ in structure, shape or dtype from the pieces' (callers would get
+    other tensors after the merge); the merge then fails and the pieces stay in use."""
+    m_leaves, m_spec = pytree.tree_flatten(merged)
+    p_leaves, p_spec = pytree.tree_flatten(pieces)
+    if m_spec != p_spec or any(
+            isinstance(a, Tensor) != isinstance(b, Tensor)
+            or (isinstance(a, Tensor) and (a.shape != b.shape or a.dtype != b.dtype))
+            for a, b in zip(m_leaves, p_leaves)):
+        raise ValueError(f"merged_fn's outputs differ from the pieces' ({m_spec} against {p_spec}, or a shape or "
+                         f"dtype): the merged graph would return other values than the pieces")
 
 
 _CAPTURE_STREAMS: dict[torch.device, "torch.cuda.Stream"] = {}

@@ -167,8 +167,10 @@ class RunOptions:
     slat_graph_merge_after: int = 0
     #: with ``slat_graph_merge_after``: the merged graph records the SLaT torso compiled without piece ends and with
     #: its blocks inlined into one graph (``slat_block_regions=False``'s torso), so that inductor fuses across block
-    #: boundaries on every step after the merge (the pieces' ends and the nested regions keep each block apart). Its
-    #: first merge in a process runs that torso once eagerly first (it compiles then). Same math, other rounding.
+    #: boundaries on every step after the merge (the pieces' ends and the nested regions keep each block apart). The
+    #: first merge of each kind of pass in a process runs that torso once eagerly first (it compiles then; the stage
+    #: remembers the kinds warmed, which ``torch._dynamo.reset()`` does not clear: a merge that would then compile inside
+    #: its recording fails, warns, and keeps the pieces). Same math, other rounding.
     slat_merge_inlined: bool = False
     #: make SLaT's batch-1 coordinate structure (the unguided passes' neighbour tables, down-sampling maps and token
     #: counts) by slicing the CFG pair's, whose two elements repeat the object's coordinates

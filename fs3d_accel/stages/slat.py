@@ -24,6 +24,10 @@ from .types import SLaTOutput, SSOutput
 #: fills two per step (the CFG pair's and the unguided batch), so this holds a few schedules
 _MODULATION_CACHE_ENTRIES = 256
 
+#: dynamo graphs the compiled SLaT torsos may hold together (all settings and batch sizes share dense_torso's code
+#: object, and with it one recompile limit): each setting compiles one graph per batch size (two more with token buckets)
+_TORSO_RECOMPILE_LIMIT = 64
+
 
 def slat_noise(num_voxels: int, channels: int, generator: torch.Generator) -> Tensor:
     """Initial SLaT noise (N, C), drawn on the CPU."""
@@ -66,8 +70,10 @@ class SLaTStage(HoldsInputs, nn.Module):
             return None
         options = options.for_stage("slat")
         cache = self.__dict__.setdefault("_compiled_torso", {})
-        # the pieces' ends are compiled into the torso (a static argument): a compiled function per setting, so that
-        # its variants do not count against one function's recompile limit
+        # the pieces' ends are compiled into the torso (a static argument): a compiled function per setting. Dynamo
+        # still keeps every setting's graphs on dense_torso's one code object and counts them against one recompile
+        # limit (8 by default: four settings x two batch sizes), so the wrapper raises that limit, and makes hitting it
+        # an error instead of a torso that silently runs uncompiled
         key = (options.compile_mode, options.slat_graph_piece_blocks, options.slat_block_regions,
                options.cache_block_modulations, *options.compile_key)
         if key not in cache:
@@ -83,7 +89,8 @@ class SLaTStage(HoldsInputs, nn.Module):
                 # only the token count is dynamic (the flow marks it): without this, dynamo would make
                 # the batch dimension dynamic too once it has seen 2 and 1, and specialise it back
                 # inside the per-element K/V path (a recompile torch 2.13 fails on in nested regions)
-                with torch._dynamo.config.patch(automatic_dynamic_shapes=False):
+                with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=_TORSO_RECOMPILE_LIMIT,
+                                                fail_on_recompile_limit_hit=True):
                     return compiled(*args, **kwargs)
 
             cache[key] = torso
@@ -196,18 +203,18 @@ class SLaTStage(HoldsInputs, nn.Module):
                                               slat_merge_inlined=False, slat_block_regions=False)
                           if options.slat_merge_inlined else None)
         merged_torso = self.compiled_torso(merged_options) if merged_options is not None else None
-        # (merged torso, batch, device) that have run eagerly in the process: their first call compiles, which a
-        # recording cannot do, so a merge records only after one eager call
+        # kinds of merged pass (the warm keys below) that have run eagerly in the process: their first call compiles,
+        # which a recording cannot do, so a merge records only after one eager call
         merged_warm: set = self.__dict__.setdefault("_merged_torso_warm", set())
 
-        def new_graphed(call, warmup: int, merged_call=None, batch: int = 0) -> GraphedCall:
+        def new_graphed(call, warmup: int, merged=None) -> GraphedCall:
             """A whole-pass graph of this call's settings (recording mode, pieces, memory pool; with
-            ``slat_merge_inlined``, ``merged_call`` recorded at the merge)."""
-            key = (id(merged_torso), batch, str(cond.device))
+            ``slat_merge_inlined``, ``merged`` = (the call recorded at the merge, its key in the warm set))."""
+            merged_call, warm_key = merged if merged is not None else (None, None)
             return GraphedCall(call, warmup=warmup, async_capture=options.async_graph_capture, pool=graph_pool,
                                in_pieces=bool(options.slat_graph_piece_blocks),
                                merge_after=options.slat_graph_merge_after, merged_fn=merged_call,
-                               merged_warmup=None if merged_call is None else (lambda: key not in merged_warm))
+                               merged_warmup=None if merged_call is None else (lambda: warm_key not in merged_warm))
 
         def run(feats: Tensor, c_coords: Tensor, t: float, c: Tensor, ckv, structure=None,
                 prepare_only: bool = False) -> Tensor | None:
@@ -240,16 +247,20 @@ class SLaTStage(HoldsInputs, nn.Module):
                 return call
 
             call = make_call(options, extra)
-            merged_call = None
+            merged = None
             if merged_options is not None and structure is not None:
                 plain_merged = make_call(merged_options, {**extra, "torso": merged_torso})
-                warm_key = (id(merged_torso), c.shape[0], str(cond.device))
+                # what makes the merged torso compile another graph: the options (pass_kind: also the batch and the
+                # device), the torso itself, and the form of the K/V it reads (one key for a zero condition's rows)
+                warm_key = (pass_kind(c.shape[0]), id(merged_torso),
+                            None if not ckv else tuple(tuple(t.shape) for t in ckv[0]))
 
                 def merged_call(*a: Tensor) -> Tensor:
                     out = plain_merged(*a)
-                    if not torch.cuda.is_current_stream_capturing():
-                        merged_warm.add(warm_key)  # ran eagerly: compiled for this batch size
+                    if not (a[0].is_cuda and torch.cuda.is_current_stream_capturing()):
+                        merged_warm.add(warm_key)  # ran eagerly: compiled for this kind of pass
                     return out
+                merged = (merged_call, warm_key)
 
             if options.cuda_graphs and structure is not None:
                 # full-token passes over one coordinate set: same shapes every step. One graph per
@@ -259,15 +270,14 @@ class SLaTStage(HoldsInputs, nn.Module):
                 graphed = structure.get(slot)
                 if not record_first:
                     if graphed is None:
-                        graphed = structure[slot] = new_graphed(call, options.slat_graph_warmup, merged_call,
-                                                                 c.shape[0])
+                        graphed = structure[slot] = new_graphed(call, options.slat_graph_warmup, merged)
                     return graphed(*args)
                 kind = pass_kind(c.shape[0])
                 if prepare_only:
                     if graphed is not None:
                         raise ValueError(f"a graph for this pass is in the structure already ({slot}); prepare_only "
                                          f"would replace it")
-                    graphed = structure[slot] = new_graphed(call, 0, merged_call, c.shape[0])
+                    graphed = structure[slot] = new_graphed(call, 0, merged)
                     try:
                         graphed.prepare(*args)
                     except Exception as exc:
@@ -282,8 +292,7 @@ class SLaTStage(HoldsInputs, nn.Module):
                 if graphed is None:
                     # no eager warm-up where the tables exist and this kind of pass has run in the process
                     skip = kind in passes_run and kind not in first_call_failed and "checked_input" in structure
-                    graphed = structure[slot] = new_graphed(call, 0 if skip else options.slat_graph_warmup, merged_call,
-                                                             c.shape[0])
+                    graphed = structure[slot] = new_graphed(call, 0 if skip else options.slat_graph_warmup, merged)
                 try:
                     out = graphed(*args)
                 except Exception as exc:
@@ -296,8 +305,7 @@ class SLaTStage(HoldsInputs, nn.Module):
                                   f"running the step eagerly, recording at the next, and warming this kind of pass "
                                   f"from now on", RuntimeWarning, stacklevel=2)
                     first_call_failed.add(kind)
-                    graphed = structure[slot] = new_graphed(call, options.slat_graph_warmup, merged_call,
-                                                             c.shape[0])
+                    graphed = structure[slot] = new_graphed(call, options.slat_graph_warmup, merged)
                     out = graphed(*args)
                 passes_run.add(kind)
                 return out
