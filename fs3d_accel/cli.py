@@ -59,7 +59,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "14k 0.518 s against 0.529-0.588 s for -ge-ac on an H100; over new sizes of 12-20k no faster, "
                         "session 19), "
                         "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi (the pieces path with every "
-                        "SLaT switch measured faster on it since, the suffixes of base_vs_official.py: SLaT at 14k "
+                        "SLaT switch timed on it since, the suffixes of base_vs_official.py: SLaT at 14k "
                         "0.478-0.485 s against 0.499-0.501 s on an H100, session 25; inference only)")
     p.add_argument("--slat-compile-mode", default=None, choices=_compile_modes(),
                    help="SLaT's own torch.compile mode, overriding the fast path's for SLaT only (e.g. 'default' to "

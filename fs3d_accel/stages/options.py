@@ -813,9 +813,9 @@ FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-stream"] = dataclasses.replace(
 FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-pieces"] = dataclasses.replace(
     FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac"], graph_record_first=True, unguided_graph_ahead=8,
     slat_graph_piece_blocks=2)
-# + every SLaT switch measured faster on the pieces path since (the suffixes of ``base_vs_official.py``'s variant of the
-# same options, ``...-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi``): the pieces merged into one graph after 4 calls (``-m4``,
-# from the torso with its blocks inlined, ``-mi``), the batch-1 tables sliced from the pair's (``-dt``), the nested tiled
+# + every SLaT switch timed on the pieces path since (the suffixes of ``base_vs_official.py``'s variant of the same
+# options, ``...-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi``): the pieces merged into one graph after 4 calls (``-m4``, from the
+# torso with its blocks inlined, ``-mi``: faster than without in 5 of 6 rounds, a small gain), the batch-1 tables sliced from the pair's (``-dt``), the nested tiled
 # sparse conv (``-nc``), FA4's compiled kernel launched directly (``-fk``, inference only), the blocks' adaLN outputs kept
 # per step (``-cm``) and the unconditional rows' cross-attention projected once (``-ok``). SLaT at 14k on an H100
 # (session 25, ``results/base_vs_official_h100/session25/``): 0.4784-0.4848 s against 0.4986-0.5013 s for the pieces path
