@@ -200,3 +200,37 @@ def test_the_warm_set_tells_the_conditional_and_unconditional_passes_apart(monke
     finally:
         for s in structures:
             release_structure(s)
+
+
+def test_merged_outputs_must_match_the_pieces_and_the_functions_must_be_callable():
+    from fs3d_accel.stages.graphs import _check_same_outputs
+    a, b = torch.zeros(2, 3), torch.zeros(2, 3)
+    _check_same_outputs(a, b)
+    _check_same_outputs({"x": [a]}, {"x": [b]})
+    for merged, pieces in ((torch.zeros(2, 4), b), (torch.zeros(2, 3, dtype=torch.float64), b), ([a], b),
+                           ({"y": [a]}, {"x": [b]})):
+        with pytest.raises(ValueError, match="merged_fn's outputs differ from the pieces'"):
+            _check_same_outputs(merged, pieces)
+    with pytest.raises(TypeError, match="merged_fn must be callable"):
+        GraphedCall(lambda x: x, async_capture=True, in_pieces=True, merge_after=1, merged_fn=3)
+    with pytest.raises(TypeError, match="merged_warmup must be callable"):
+        GraphedCall(lambda x: x, async_capture=True, in_pieces=True, merge_after=1, merged_fn=lambda x: x,
+                    merged_warmup=True)
+
+
+def test_the_torso_fails_loudly_at_its_recompile_limit(monkeypatch, cpu_compile):
+    """Dynamo counts every torso graph against one limit (one code object); past it the torso must raise, not run
+    uncompiled. With the limit patched to 1, the sampler's second torso graph (the unguided steps' batch 1 after the
+    CFG pair's batch 2, or the nested block region's) is one too many."""
+    import fs3d_accel.stages.slat as slat_mod
+    from conftest import mini_slat_setup, sample_slat
+    from fs3d_accel.samplers import count_network_passes
+    stage, objects, sampler = mini_slat_setup((120,))
+    assert count_network_passes(sampler) < 2 * sampler.steps  # some steps unguided: the sampler needs both batches
+    cond, coords, noise = objects[0]
+    monkeypatch.setattr(slat_mod, "_TORSO_RECOMPILE_LIMIT", 1)
+    # alone it raises FailOnRecompileLimitHit; after other compiled tests in the process dynamo may stop at the nested
+    # block region first, as Unsupported: either way an error, never an uncompiled torso
+    with pytest.raises((torch._dynamo.exc.FailOnRecompileLimitHit, torch._dynamo.exc.Unsupported)):
+        sample_slat(stage, cond, coords, noise, sampler,
+                    RunOptions(batch_cfg=True, cache_cond_kv=True, compile_slat=True, compile_backend="eager"))

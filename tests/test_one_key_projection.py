@@ -49,8 +49,6 @@ def _plain(x, kv, to_q, to_out):
     return to_out(cross_attention(q, kv).reshape(x.shape))
 
 
-
-
 def _hooked_rows(modules: list[nn.Module]):
     """Rows of every input the ``modules`` see, and the hook handles (removed by the caller)."""
     rows: list[int] = []
