@@ -29,15 +29,19 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
 import torch
 
-from fs3d_accel.pipeline import Pipeline
-from fs3d_accel.stages.options import RunOptions
-from fs3d_analysis.data import load_shipped_samples
-from fs3d_analysis.eval import run_one, score
+if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script from benchmarks/
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.stage_latency import SHORT as _LATENCY_SHORT, VARIANTS as _LATENCY_VARIANTS  # noqa: E402
+from fs3d_accel.pipeline import Pipeline  # noqa: E402
+from fs3d_accel.stages.options import RunOptions  # noqa: E402
+from fs3d_analysis.data import load_shipped_samples  # noqa: E402
+from fs3d_analysis.eval import run_one, score  # noqa: E402
 
 _CFG_KV = dict(batch_cfg=True, cache_cond_kv=True)
 _COMPILED = dict(precision="bf16", compile_ss=True, compile_slat=True, **_CFG_KV)
@@ -152,12 +156,6 @@ for _short, _base, _suffix, _switch in (
 # the fastest SLaT variant of session 25's timings (``base_vs_official.py``'s variant of that name), against ``-ac-cm-ok``:
 # it adds the pieces path's recording switches (which change no value), the nested tiled sparse conv and the merge from
 # the inlined torso (both other rounding)
-import sys  # noqa: E402
-
-if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script from benchmarks/
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.stage_latency import SHORT as _LATENCY_SHORT, VARIANTS as _LATENCY_VARIANTS  # noqa: E402
-
 _FASTEST = "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi"
 SETTINGS[_LATENCY_SHORT[_FASTEST]] = _LATENCY_VARIANTS[_LATENCY_SHORT[_FASTEST]]
 SHORT[_FASTEST] = _LATENCY_SHORT[_FASTEST]

@@ -1047,8 +1047,10 @@ side25 = runs25[runs25["run"].isin(["all3", "all4", "mi", "mi2"])].pivot_table(i
 # `-cm` is faster than the reference in 6 of 6 rounds, `-cm-ok` in 12 of 12 and faster than `-cm` in 6 of 6, `-ok` alone
 # in 3 of 3. `-mi` (`RunOptions.slat_merge_inlined`, lease 3: the merged graph recorded from the torso without piece
 # ends, its blocks inlined) is faster than `-cm-ok` in 5 of 6 rounds, by 0.7-8.8 ms, and 1.0 ms slower in one. The
-# named path `compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi` is the `-cm-ok-mi` variant. Per-call MFU (executed) depends on the matmul peak each run measured, which moved between 731 and 783
-# TFLOP/s on one machine: against each run's own peak `-cm` reaches 55% in `all3` (peak 740), against the session's
+# named path `compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi` is the `-cm-ok-mi` variant.
+#
+# Per-call MFU (executed) depends on the matmul peak each run measured, which moved between 731 and 783 TFLOP/s on one
+# machine: against each run's own peak `-cm` reaches 55% in `all3` (peak 740), against the session's
 # highest peak no call does (best 54.1%). The 55% target at 14k is therefore not counted as met.
 
 # %%
