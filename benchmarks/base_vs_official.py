@@ -130,7 +130,7 @@ CSV_NAME, README_NAME, FIG_NAME = "base_vs_official.csv", "README.md", "base_vs_
 KERNELS_CSV_NAME, KERNEL_FIG_NAME, IDLE_CSV_NAME = "kernels.csv", "kernel_classes.png", "idle.csv"
 COLUMNS = ["round", "variant", "stage", "object", "N", "median_s", "min_s", "first_call_s", "n", "speedup_vs_official",
            "model_tflop", "achieved_tflops", "mfu", "executed_tflop", "mfu_executed", "kernel_s", "mfu_kernels",
-           "launches", "gpu_busy",
+           "round_peak_tflops", "mfu_executed_round_peak", "launches", "gpu_busy",
            "graphs_recorded_per_call", "peak_mem_gb", "resident_gb",
            "max_abs_vs_official", "rel_vs_official", "precision", "error"]
 
@@ -190,6 +190,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="TF32 tensor cores for fp32 matmuls/convs on CUDA (on: as stage_latency.py; off: fp32 "
                          "parity at full fp32 precision)")
     add_conv_args(ap)  # our SparseConv3d algorithm (auto: see SparseConv3d)
+    ap.add_argument("--peak-every-round", action="store_true",
+                    help="measure the matmul peak again before every round after the first (a power-limited H100's "
+                         "short measurement moves by 5-7%% within a lease): each round's own peak is in the "
+                         "round_peak_tflops column, and MFU stays against the largest measurement of the run")
     ap.add_argument("--gpu-busy", action="store_true",
                     help="profile one more call per unit and report its summed kernel time over the median wall "
                          "time (GPU busy; far below 100%% means the call waits on the host), every kernel "
@@ -634,10 +638,13 @@ def _percent(x) -> str:
     return "" if x is None or x != x else f"{100 * x:.1f}%"
 
 
-def complete_rows(rows: list[dict], peak_tflops: float | None) -> list[dict]:
+def complete_rows(rows: list[dict], peak_tflops: float | None, round_peaks: dict | None = None) -> list[dict]:
     """Fill speedup vs official (the official unit of the same round), achieved TFLOP/s and MFU (in place;
     returns rows). Profiled units (``kernel_s``) also get ``mfu_kernels``: executed FLOPs over their summed kernel
-    time, what the call would reach if the GPU never waited on the host."""
+    time, what the call would reach if the GPU never waited on the host. ``round_peaks`` (round -> TFLOP/s, from
+    ``--peak-every-round``; JSON keys may be strings) adds each row's own round's peak and its executed MFU against
+    it; every other MFU stays against ``peak_tflops``, the largest measurement."""
+    by_round = {int(k): float(v) for k, v in (round_peaks or {}).items()}
     official = {(r.get("round", 1), r["stage"], r.get("object")): r["median_s"] for r in rows
                 if r["variant"] == "official" and not r.get("error")}
     for r in rows:
@@ -650,6 +657,10 @@ def complete_rows(rows: list[dict], peak_tflops: float | None) -> list[dict]:
             else float("nan")
         e = r.get("executed_tflop", float("nan"))
         r["mfu_executed"] = e / t / peak_tflops if peak_tflops and e == e and t == t and t > 0 else float("nan")
+        own = by_round.get(int(r.get("round", 1)))
+        if own is not None:
+            r["round_peak_tflops"] = own
+            r["mfu_executed_round_peak"] = e / t / own if e == e and t == t and t > 0 else float("nan")
         if "kernel_s" in r:  # the profiled unit's summed kernels: the MFU of a call that never waited on the host
             k = r["kernel_s"]
             r["mfu_kernels"] = e / k / peak_tflops if peak_tflops and e == e and k == k and k > 0 else float("nan")
@@ -665,8 +676,7 @@ def readme_text(rows: list[dict], meta: dict) -> str:
              f"Official attention: ATTN_BACKEND={meta.get('attn_backend')}, SPARSE_ATTN_BACKEND="
              f"{meta.get('sparse_attn_backend')}; sparse convs: {meta.get('spconv')}.",
              f"Measured bf16 matmul peak: {_fmt(meta.get('peak_tflops'), '.0f') or 'n/a (no GPU)'} TFLOP/s"
-             + (f" (the larger of {' and '.join(f'{p:.0f}' for p in meta['peak_tflops_runs'])}, measured at the "
-                f"run's start and end)" if len(meta.get("peak_tflops_runs") or ()) > 1 else "") + "; "
+             + peak_provenance(meta) + "; "
              "MFU = model FLOPs of the unit (FlopCounterMode on our fp32 network, present sparse-conv neighbours "
              "only, x network passes of the schedule) / median time / that peak.", ""]
     lines += [f"- `{k}`: {v}" for k, v in meta.get("variants", {}).items()]
@@ -684,9 +694,11 @@ def readme_text(rows: list[dict], meta: dict) -> str:
               "recorded without a sync with `async_graph_capture`; earlier runs of those variants show 0 for them. "
               "Empty in runs made before the column existed (session 10's included)."]
     multi = len({r.get("round", 1) for r in rows}) > 1
+    round_peak = any("round_peak_tflops" in r for r in rows)
     header = (["round"] if multi else []) + [
         "stage", "object", "N", "variant", "median s", "first call s", "speedup vs official", "TFLOP", "TFLOP/s", "MFU",
-        "MFU (executed)"] + (["GPU busy", "MFU (kernels)", "launches"] if busy else []) + [
+        "MFU (executed)"] + (["round's peak TFLOP/s", "MFU (executed, round's peak)"] if round_peak else []) + (
+        ["GPU busy", "MFU (kernels)", "launches"] if busy else []) + [
         "graphs recorded / call", "peak GB", "resident GB", "max abs diff vs official", "rel"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -703,6 +715,8 @@ def readme_text(rows: list[dict], meta: dict) -> str:
             f"{r['variant']} | {_fmt(r['median_s'], '.4f')} | {_fmt(r.get('first_call_s'), '.3f')} | "
             f"{_fmt(r.get('speedup_vs_official'), '.2f')} | {_fmt(r.get('model_tflop'), '.4g')} | "
             f"{_fmt(r.get('achieved_tflops'), '.1f')} | {_percent(mfu)} | {_percent(r.get('mfu_executed'))} | "
+            + (f"{_fmt(r.get('round_peak_tflops'), '.0f')} | {_percent(r.get('mfu_executed_round_peak'))} | "
+               if round_peak else "")
             + (f"{_fmt(100 * r['gpu_busy'], '.0f')}% | {_percent(r.get('mfu_kernels'))} | {r['launches']} | "
                if "gpu_busy" in r else "| | | " if busy else "")
             + f"{_fmt(r.get('graphs_recorded_per_call'), '.2g')} | "
@@ -719,6 +733,20 @@ def readme_text(rows: list[dict], meta: dict) -> str:
         lines += [""] + idle
     lines += ["", "## How the official modules run here", ""] + [f"- {n}" for n in meta.get("notes", [])]
     return "\n".join(lines) + "\n"
+
+
+def peak_provenance(meta: dict) -> str:
+    """Where the MFU denominator came from, for the README: the largest of the run's measurements (start, one before
+    each later round with ``--peak-every-round``, end)."""
+    runs = meta.get("peak_tflops_runs") or ()
+    if len(runs) < 2:
+        return ""
+    values = ", ".join(f"{p:.0f}" for p in runs[:-1]) + f" and {runs[-1]:.0f}"
+    if meta.get("peak_tflops_by_round"):
+        where = "measured at the run's start, before every later round and at the end"
+    else:
+        where = "measured at the run's start and end"
+    return f" (the largest of {values}, {where})" if len(runs) > 2 else f" (the larger of {values}, {where})"
 
 
 def per_object_totals(rows: list[dict]) -> list[dict]:
@@ -970,7 +998,7 @@ def idle_lines(rows: list[dict]) -> list[str]:
 def write_outputs(rows: list[dict], out: Path, meta: dict) -> None:
     """CSV, README table, JSON meta and the figure (called after every unit)."""
     import csv
-    rows = complete_rows(rows, meta.get("peak_tflops"))
+    rows = complete_rows(rows, meta.get("peak_tflops"), meta.get("peak_tflops_by_round"))
     out.mkdir(parents=True, exist_ok=True)
     with open(out / CSV_NAME, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
@@ -1279,6 +1307,11 @@ def run(args) -> list[dict]:
                 if args.official_precision == "pipeline" else "fp32")
     copies: dict[tuple[str, str], torch.nn.Module] = {}
     for rnd in range(1, args.rounds + 1):
+        if args.peak_every_round and meta["peak_tflops"] is not None:
+            if rnd > 1:  # round 1's is the start's measurement
+                record_matmul_peak(meta, dev)
+            meta.setdefault("peak_tflops_by_round", {})[str(rnd)] = meta["peak_tflops_runs"][-1]
+            print(f"round {rnd}: matmul peak {meta['peak_tflops_runs'][-1]:.0f} TFLOP/s", flush=True)
         for variant in round_order(args.variants, rnd, args.order):
             if variant in OFFICIAL_VARIANTS:
                 compiled = variant == "official-compile"

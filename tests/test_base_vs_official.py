@@ -135,6 +135,37 @@ def test_the_peak_is_the_larger_of_the_runs_measurements_and_the_readme_says_so(
         record_matmul_peak({}, torch.device("cuda"), measure=lambda dev: float("nan"))
 
 
+def test_peak_every_round_gives_each_row_its_rounds_peak_and_keeps_mfu_against_the_largest(tmp_path):
+    """``--peak-every-round``: round 2's row is judged against round 2's own peak in its own column, while MFU and
+    MFU (executed) of every row stay against the largest measurement of the run (start, rounds, end)."""
+    rows = [dict(round=rnd, variant="compile-all-zkv", stage="ss", object=None, N=None, median_s=1.0,
+                 model_tflop=500.0, executed_tflop=400.0) for rnd in (1, 2)]
+    meta = {"device": "H100", "peak_tflops": 800.0, "peak_tflops_runs": [800.0, 640.0, 760.0],
+            "peak_tflops_by_round": {"1": 800.0, "2": 640.0}}
+    bvo.write_outputs(rows, tmp_path, meta)
+    assert [r["mfu_executed"] for r in rows] == [pytest.approx(0.5), pytest.approx(0.5)]
+    assert [r["round_peak_tflops"] for r in rows] == [800.0, 640.0]
+    assert [r["mfu_executed_round_peak"] for r in rows] == [pytest.approx(0.5), pytest.approx(0.625)]
+    text = (tmp_path / bvo.README_NAME).read_text()
+    assert ("800 TFLOP/s (the largest of 800, 640 and 760, measured at the run's start, before every later round "
+            "and at the end)") in text
+    assert "| round's peak TFLOP/s | MFU (executed, round's peak) |" in text
+    assert "| 62.5% | 50.0% | 640 | 62.5% |" in text  # MFU, MFU (executed), the round's peak, against it
+    with open(tmp_path / bvo.CSV_NAME) as fh:
+        got = list(csv.DictReader(fh))
+    assert [g["round_peak_tflops"] for g in got] == ["800.0", "640.0"]
+    back, meta_back = bvo.load_outputs(tmp_path)  # --replot keeps the per-round peaks
+    bvo.write_outputs(back, tmp_path / "again", meta_back)
+    assert (tmp_path / "again" / bvo.README_NAME).read_text() == text
+
+
+def test_without_round_peaks_no_round_columns_appear(tmp_path):
+    rows = bvo.complete_rows([dict(round=1, variant="x", stage="ss", object=None, N=None, median_s=1.0,
+                                   executed_tflop=400.0)], peak_tflops=800.0)
+    assert "round_peak_tflops" not in rows[0]
+    assert "round's peak" not in bvo.readme_text(rows, {"device": "d", "variants": {}})
+
+
 def _two_round_rows():
     """Official slower in round 1 (host drift), ours the same in both rounds."""
     rows = []
@@ -378,12 +409,15 @@ def test_difference_of_mesh_outputs_requires_the_same_voxels():
 
 @pytest.mark.parametrize("busy", [False, True])
 @pytest.mark.parametrize("multi", [False, True])
-def test_readme_table_rows_have_the_header_cell_count(busy, multi):
+@pytest.mark.parametrize("round_peak", [False, True])
+def test_readme_table_rows_have_the_header_cell_count(busy, multi, round_peak):
     """Error rows included: each row of the per-stage table has as many cells as its header."""
     rows = [{"round": 1, "variant": "official", "stage": "ss", "object": None, "N": None, "median_s": 1.0},
             {"round": 2 if multi else 1, "variant": "x", "stage": "ss", "object": None, "N": None, "error": "boom"}]
     if busy:
         rows[0].update(gpu_busy=0.9, launches=3, kernel_s=0.9)
+    if round_peak:
+        rows[0].update(round_peak_tflops=780.0, mfu_executed_round_peak=0.5)
     lines = bvo.readme_text(rows, {"device": "d", "variants": {}}).splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| ") and "| stage |" in line)
     table = lines[start:start + 4]
