@@ -884,15 +884,19 @@ KERNEL_LABELS = [label for label, _ in KERNEL_CLASSES] + ["other"]
 
 
 def write_kernel_csv(rows: list[dict], path: Path) -> None:
-    """Every kernel of every ``--gpu-busy`` unit: seconds and launches in its one profiled call, and class."""
+    """Every kernel of every ``--gpu-busy`` unit: seconds and launches in its one profiled call, class, and the GPU
+    idle in front of its launches (``idle_before_s``, :func:`~fs3d_analysis.profile.busy.idle_before`; empty for runs
+    made before session 26)."""
     import csv
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["variant", "stage", "object", "N", "kernel", "class", "seconds", "launches"])
+        w.writerow(["variant", "stage", "object", "N", "kernel", "class", "seconds", "launches", "idle_before_s"])
         for r in rows:
+            waits = r.get("idle_before") or {}
             for name, (sec, count) in sorted(r.get("kernels", {}).items(), key=lambda kv: -kv[1][0]):
+                wait = waits.get(name)
                 w.writerow([r["variant"], r["stage"], r.get("object") or "", r.get("N") or "", name,
-                            kernel_class(name), f"{sec:.6g}", count])
+                            kernel_class(name), f"{sec:.6g}", count, "" if wait is None else f"{wait[0]:.6g}"])
 
 
 def kernel_class_seconds(row: dict) -> dict[str, float]:
@@ -948,7 +952,31 @@ def kernel_class_lines(rows: list[dict]) -> list[str]:
         by = kernel_class_seconds(r)
         lines.append(f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | {r['variant']} | "
                      + " | ".join(f"{by[lbl]:.4f}" for lbl in KERNEL_LABELS) + f" | {by['idle']:.4f} |")
+    waited = [r for r in profiled if r.get("idle_before")]
+    if waited:
+        lines += ["", f"GPU idle in front of kernels (the profiled call, from its first kernel to its last; "
+                  f"`idle_before_s` in `{KERNELS_CSV_NAME}`): by class, and the {IDLE_BEFORE_TOP} kernels waited in "
+                  "front of longest. Inside CUDA graphs each kernel waits ~1-2 us for the one before it, so a call of "
+                  "thousands of short kernels loses time there even when the host is far ahead.", "",
+                  "| stage | object | variant | idle ms | " + " | ".join(KERNEL_LABELS) + " |",
+                  "|---|---|---|---|" + "---|" * len(KERNEL_LABELS)]
+        for r in waited:
+            by = dict.fromkeys(KERNEL_LABELS, 0.0)
+            for name, (sec, _) in r["idle_before"].items():
+                by[kernel_class(name)] += sec
+            lines.append(f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | {r['variant']} | "
+                         f"{1e3 * sum(by.values()):.2f} | " + " | ".join(f"{1e3 * by[lbl]:.2f}" for lbl in KERNEL_LABELS)
+                         + " |")
+        lines += ["", "| variant | kernel | launches | idle ms in front | us per launch |", "|---|---|---|---|---|"]
+        for r in waited:
+            top = sorted(r["idle_before"].items(), key=lambda kv: -kv[1][0])[:IDLE_BEFORE_TOP]
+            lines += [f"| {r['variant']} | `{name[:90]}` | {count} | {1e3 * sec:.2f} | {1e6 * sec / count:.2f} |"
+                      for name, (sec, count) in top]
     return lines
+
+
+#: kernels listed per profiled unit in the README's idle-in-front table
+IDLE_BEFORE_TOP = 8
 
 
 def write_idle_csv(rows: list[dict], path: Path) -> None:
@@ -1061,6 +1089,8 @@ def load_outputs(folder: Path) -> tuple[list[dict], dict]:
                     raise SystemExit(f"--replot: {KERNELS_CSV_NAME} names a unit missing from {CSV_NAME}: "
                                      f"{k['variant']} {k['stage']} {k['object']}")
                 unit[0].setdefault("kernels", {})[k["kernel"]] = (float(k["seconds"]), int(k["launches"]))
+                if k.get("idle_before_s"):  # absent in runs before session 26
+                    unit[0].setdefault("idle_before", {})[k["kernel"]] = (float(k["idle_before_s"]), int(k["launches"]))
     if (folder / IDLE_CSV_NAME).is_file():
         with open(folder / IDLE_CSV_NAME) as fh:
             parts: dict[tuple, dict] = {}
@@ -1276,7 +1306,7 @@ def run(args) -> list[dict]:
                 if args.gpu_busy and rnd == 1:
                     k = kernel_time(fn, dev)
                     r.update(kernel_s=k.seconds, launches=k.launches, gpu_busy=k.seconds / r["median_s"],
-                             kernels=k.by_kernel, timeline=k.timeline)
+                             kernels=k.by_kernel, timeline=k.timeline, idle_before=k.idle_before)
             row.update(r)
             got = post(out)
             if variant == "official" and (stage, obj) not in ref_out:

@@ -234,6 +234,36 @@ def test_official_compile_borrows_only_the_stages_it_lacks_and_rounds_without_a_
     assert "| 007_tuna_fish_can | compile-all-zkv | 1.500 (1.500-1.500) | 4.00 (4.00-4.00) [1 of 2 rounds] |" in text
 
 
+def test_idle_in_front_of_kernels_is_tabled_written_and_read_back(tmp_path):
+    rows = _rows()
+    rows[1].update(kernel_s=0.95, launches=300, gpu_busy=0.95, executed_tflop=300.0)
+    rows[1]["kernels"] = {"kernel_cutlass_FlashAttentionForwardSm90": (0.5, 100),
+                          "nvjet_sm90_tst_256x128": (0.4, 100), "Memset (Device)": (0.05, 100)}
+    rows[1]["idle_before"] = {"kernel_cutlass_FlashAttentionForwardSm90": (0.0002, 100),
+                              "nvjet_sm90_tst_256x128": (0.0001, 100), "Memset (Device)": (0.0003, 100)}
+    meta = {"device": "H100", "peak_tflops": 800.0}
+    bvo.write_outputs(rows, tmp_path, meta)
+    text = (tmp_path / bvo.README_NAME).read_text()
+    # by class: 0.60 ms in all, attention 0.20, matmul 0.10, copy / memset 0.30
+    assert "| SS generator sampler |  | compile | 0.60 | 0.00 | 0.20 | 0.10 | 0.30 | 0.00 | 0.00 | 0.00 |" in text
+    # longest first, with the wait per launch
+    top = [line for line in text.splitlines() if line.startswith("| compile | `")]
+    assert top == ["| compile | `Memset (Device)` | 100 | 0.30 | 3.00 |",
+                   "| compile | `kernel_cutlass_FlashAttentionForwardSm90` | 100 | 0.20 | 2.00 |",
+                   "| compile | `nvjet_sm90_tst_256x128` | 100 | 0.10 | 1.00 |"]
+    with open(tmp_path / bvo.KERNELS_CSV_NAME) as fh:
+        assert [k["idle_before_s"] for k in csv.DictReader(fh)] == ["0.0002", "0.0001", "0.0003"]
+    back, meta_back = bvo.load_outputs(tmp_path)
+    assert back[1]["idle_before"] == rows[1]["idle_before"]
+    assert bvo.readme_text(bvo.complete_rows(back, 800.0), meta_back) == text
+    rows[1].pop("idle_before")  # a run before the column: no table, an empty cell
+    bvo.write_outputs(rows, tmp_path, meta)
+    assert "GPU idle in front of kernels" not in (tmp_path / bvo.README_NAME).read_text()
+    with open(tmp_path / bvo.KERNELS_CSV_NAME) as fh:
+        assert {k["idle_before_s"] for k in csv.DictReader(fh)} == {""}
+    assert "idle_before" not in bvo.load_outputs(tmp_path)[0][1]
+
+
 def test_replot_rejects_a_folder_without_outputs(tmp_path):
     with pytest.raises(SystemExit, match="not a base_vs_official.py output folder"):
         bvo.main(["--replot", str(tmp_path)])

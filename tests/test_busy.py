@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch.autograd import DeviceType
 
-from fs3d_analysis.profile.busy import (KernelTime, gpu_timeline, kernel_class, kernel_time, split_events,
-                                       sum_device_events)
+from fs3d_analysis.profile.busy import (KernelTime, device_sequence, gpu_timeline, idle_before, kernel_class,
+                                       kernel_time, split_events, sum_device_events)
 
 
 def _row(device: DeviceType, us: float, count: int, key: str = "k") -> SimpleNamespace:
@@ -117,3 +117,25 @@ def test_device_sum_leaves_out_gpu_annotations():
             SimpleNamespace(key="gpu_user_annotation", device_type=DeviceType.CUDA, device_time_total=900.0, count=1,
                             is_user_annotation=True)]
     assert sum_device_events(rows) == KernelTime(seconds=pytest.approx(1e-4), launches=1)
+
+
+def test_device_sequence_selects_as_split_events_in_start_order():
+    events = [_event(12.0, 20.0, DeviceType.CUDA, "b", device_index=0),
+              _event(0.0, 10.0, DeviceType.CUDA, "a", device_index=0),
+              _event(5.0, 50.0, DeviceType.CUDA, "gpu_user_annotation", device_index=0, is_user_annotation=True),
+              _event(1.0, 2.0, DeviceType.CUDA, "other GPU", device_index=1),
+              _event(30.0, 30.0, DeviceType.CUDA, "[memory]", device_index=0),
+              _event(0.0, 40.0, DeviceType.CPU, "aten::linear")]
+    assert device_sequence(events, device_index=0) == [(0.0, 10.0, "a"), (12.0, 20.0, "b")]
+
+
+def test_idle_before_charges_each_gap_to_the_kernel_after_it():
+    # a 0-10, memset 11-12 (1 us wait), a 14-20 (2 us), b 15-30 overlaps a (no wait), Memset 33-34 (3 us after b's end)
+    seq = [(14.0, 20.0, "a"), (0.0, 10.0, "a"), (11.0, 12.0, "Memset"), (15.0, 30.0, "b"), (33.0, 34.0, "Memset")]
+    got = idle_before(seq)
+    assert got == {"a": (pytest.approx(2e-6), 2), "Memset": (pytest.approx(4e-6), 2), "b": (0.0, 1)}
+    # the values add up to the idle between the first event's start and the last one's end
+    assert sum(s for s, _ in got.values()) == pytest.approx((34.0 - 0.0 - (10 + 1 + 16 + 1)) / 1e6)
+    assert idle_before([]) == {}
+    with pytest.raises(ValueError, match="ends before it starts"):
+        idle_before([(5.0, 4.0, "x")])

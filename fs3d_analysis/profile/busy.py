@@ -8,6 +8,7 @@ official SAM 3D code's timings move between machine leases while a compiled, GPU
     busy = kernels.seconds / median_wall_seconds
     kernels.timeline.idle_by_tenth      # where in the call the GPU waits: spread out, or at one place
     kernels.timeline.gaps[0].host       # what the host was doing during the longest wait
+    kernels.idle_before                 # which kernels the GPU waited in front of (launch gaps inside CUDA graphs)
 """
 from __future__ import annotations
 
@@ -111,6 +112,38 @@ def gpu_timeline(device: list[tuple[float, float]], host: list[tuple[float, floa
                     idle_by_tenth=tuple(tenths), gaps=gaps)
 
 
+def idle_before(sequence: Iterable[tuple[float, float, str]]) -> dict[str, tuple[float, int]]:
+    """Per kernel name, the GPU idle in front of its launches: (seconds, launches), from device events as (start, end,
+    name) in microseconds. A launch's idle is the time from the latest end of all earlier events to its start (zero
+    where it overlaps them), so the values add up to the idle between the first and the last event. Inside a CUDA
+    graph each kernel waits ~1-2 us after the one it depends on; summed per name, this shows where a call of
+    thousands of short kernels loses its time, and which kernels a fusion would save the most waiting in front of."""
+    out: dict[str, tuple[float, int]] = {}
+    latest = None
+    for start, end, name in sorted(sequence):
+        if end < start:
+            raise ValueError(f"device event {name!r} ends before it starts ({start} > {end} us)")
+        gap = 0.0 if latest is None else max(0.0, start - latest)
+        sec, count = out.get(name, (0.0, 0))
+        out[name] = (sec + gap / 1e6, count + 1)
+        latest = end if latest is None else max(latest, end)
+    return out
+
+
+def device_sequence(events: Iterable[Any], device_index: int | None = None) -> list[tuple[float, float, str]]:
+    """The GPU's kernels, copies and memsets of ``torch.profiler`` events as (start, end, name) in microseconds, in
+    start order, with the same selection as :func:`split_events` (user annotations and instants left out)."""
+    out = []
+    for e in events:
+        if getattr(e.device_type, "name", str(e.device_type)) != "CUDA" or getattr(e, "is_user_annotation", False):
+            continue
+        if device_index is not None and getattr(e, "device_index", device_index) != device_index:
+            continue
+        if e.time_range.end > e.time_range.start:
+            out.append((e.time_range.start, e.time_range.end, e.name))
+    return sorted(out)
+
+
 def split_events(events: Iterable[Any], device_index: int | None = None
                  ) -> tuple[list[tuple[float, float]], list[tuple[float, float, str]]]:
     """``torch.profiler`` events (``prof.events()``: ``time_range`` in microseconds, ``device_type``, ``name``) as the
@@ -137,12 +170,14 @@ def split_events(events: Iterable[Any], device_index: int | None = None
 class KernelTime:
     """Summed device time of one call's kernels, memory copies and memsets, and how many were launched;
     ``by_kernel`` maps each kernel name to its (seconds, launches); ``timeline`` (from :func:`kernel_time`
-    only) where in the call the GPU waited."""
+    only) where in the call the GPU waited; ``idle_before`` (from :func:`kernel_time` only; :func:`idle_before`) the
+    GPU idle in front of each kernel name's launches, from the call's first device event to its last."""
 
     seconds: float
     launches: int
     by_kernel: dict[str, tuple[float, int]] = field(default_factory=dict, compare=False)
     timeline: Timeline | None = field(default=None, compare=False)
+    idle_before: dict[str, tuple[float, int]] = field(default_factory=dict, compare=False)
 
     def by_class(self) -> dict[str, float]:
         """Seconds per :func:`kernel_class`, largest first."""
@@ -187,10 +222,12 @@ def kernel_time(fn: Callable[[], Any], device: torch.device | str) -> KernelTime
         fn()
         torch.cuda.synchronize(device)
     total = sum_device_events(prof.key_averages())
-    dev, host = split_events(prof.events(), torch.cuda.current_device() if device.index is None else device.index)
+    index = torch.cuda.current_device() if device.index is None else device.index
+    events = prof.events()
+    dev, host = split_events(events, index)
     timeline = gpu_timeline(dev, host) if dev else None
-    return dataclasses.replace(total, timeline=timeline)
+    return dataclasses.replace(total, timeline=timeline, idle_before=idle_before(device_sequence(events, index)))
 
 
-__all__ = ["KERNEL_CLASSES", "IdleGap", "KernelTime", "Timeline", "gpu_timeline", "kernel_class", "kernel_time",
-           "split_events", "sum_device_events"]
+__all__ = ["KERNEL_CLASSES", "IdleGap", "KernelTime", "Timeline", "device_sequence", "gpu_timeline", "idle_before",
+           "kernel_class", "kernel_time", "split_events", "sum_device_events"]
