@@ -885,18 +885,21 @@ KERNEL_LABELS = [label for label, _ in KERNEL_CLASSES] + ["other"]
 
 def write_kernel_csv(rows: list[dict], path: Path) -> None:
     """Every kernel of every ``--gpu-busy`` unit: seconds and launches in its one profiled call, class, and the GPU
-    idle in front of its launches (``idle_before_s``, :func:`~fs3d_analysis.profile.busy.idle_before`; empty for runs
-    made before session 26)."""
+    idle in front of its launches (``idle_before_s``, :func:`~fs3d_analysis.profile.busy.idle_before`) and the kernel it
+    most often follows with how often (``most_often_after``, ``after_count``; :func:`~fs3d_analysis.profile.busy.
+    most_often_after`); the last three are empty for runs made before session 26."""
     import csv
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["variant", "stage", "object", "N", "kernel", "class", "seconds", "launches", "idle_before_s"])
+        w.writerow(["variant", "stage", "object", "N", "kernel", "class", "seconds", "launches", "idle_before_s",
+                    "most_often_after", "after_count"])
         for r in rows:
-            waits = r.get("idle_before") or {}
+            waits, after = r.get("idle_before") or {}, r.get("after") or {}
             for name, (sec, count) in sorted(r.get("kernels", {}).items(), key=lambda kv: -kv[1][0]):
-                wait = waits.get(name)
+                wait, prev = waits.get(name), after.get(name)
                 w.writerow([r["variant"], r["stage"], r.get("object") or "", r.get("N") or "", name,
-                            kernel_class(name), f"{sec:.6g}", count, "" if wait is None else f"{wait[0]:.6g}"])
+                            kernel_class(name), f"{sec:.6g}", count, "" if wait is None else f"{wait[0]:.6g}",
+                            "" if prev is None else prev[0], "" if prev is None else prev[1]])
 
 
 def kernel_class_seconds(row: dict) -> dict[str, float]:
@@ -967,10 +970,13 @@ def kernel_class_lines(rows: list[dict]) -> list[str]:
             lines.append(f"| {STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | {r['variant']} | "
                          f"{1e3 * sum(by.values()):.2f} | " + " | ".join(f"{1e3 * by[lbl]:.2f}" for lbl in KERNEL_LABELS)
                          + " |")
-        lines += ["", "| variant | kernel | launches | idle ms in front | us per launch |", "|---|---|---|---|---|"]
+        lines += ["", "| variant | kernel | launches | idle ms in front | us per launch | most often after |",
+                  "|---|---|---|---|---|---|"]
         for r in waited:
             top = sorted(r["idle_before"].items(), key=lambda kv: -kv[1][0])[:IDLE_BEFORE_TOP]
-            lines += [f"| {r['variant']} | `{name[:90]}` | {count} | {1e3 * sec:.2f} | {1e6 * sec / count:.2f} |"
+            after = r.get("after") or {}
+            lines += [f"| {r['variant']} | `{name[:90]}` | {count} | {1e3 * sec:.2f} | {1e6 * sec / count:.2f} | "
+                      + (f"`{after[name][0][:60]}` ({after[name][1]}x) |" if name in after else "|")
                       for name, (sec, count) in top]
     return lines
 
@@ -1091,6 +1097,8 @@ def load_outputs(folder: Path) -> tuple[list[dict], dict]:
                 unit[0].setdefault("kernels", {})[k["kernel"]] = (float(k["seconds"]), int(k["launches"]))
                 if k.get("idle_before_s"):  # absent in runs before session 26
                     unit[0].setdefault("idle_before", {})[k["kernel"]] = (float(k["idle_before_s"]), int(k["launches"]))
+                if k.get("after_count"):
+                    unit[0].setdefault("after", {})[k["kernel"]] = (k["most_often_after"], int(k["after_count"]))
     if (folder / IDLE_CSV_NAME).is_file():
         with open(folder / IDLE_CSV_NAME) as fh:
             parts: dict[tuple, dict] = {}
@@ -1306,7 +1314,8 @@ def run(args) -> list[dict]:
                 if args.gpu_busy and rnd == 1:
                     k = kernel_time(fn, dev)
                     r.update(kernel_s=k.seconds, launches=k.launches, gpu_busy=k.seconds / r["median_s"],
-                             kernels=k.by_kernel, timeline=k.timeline, idle_before=k.idle_before)
+                             kernels=k.by_kernel, timeline=k.timeline, idle_before=k.idle_before,
+                             after=k.after)
             row.update(r)
             got = post(out)
             if variant == "official" and (stage, obj) not in ref_out:

@@ -241,6 +241,9 @@ def test_idle_in_front_of_kernels_is_tabled_written_and_read_back(tmp_path):
                           "nvjet_sm90_tst_256x128": (0.4, 100), "Memset (Device)": (0.05, 100)}
     rows[1]["idle_before"] = {"kernel_cutlass_FlashAttentionForwardSm90": (0.0002, 100),
                               "nvjet_sm90_tst_256x128": (0.0001, 100), "Memset (Device)": (0.0003, 100)}
+    rows[1]["after"] = {"Memset (Device)": ("nvjet_sm90_tst_256x128", 99),
+                        "kernel_cutlass_FlashAttentionForwardSm90": ("Memset (Device)", 100),
+                        "nvjet_sm90_tst_256x128": ("", 1)}
     meta = {"device": "H100", "peak_tflops": 800.0}
     bvo.write_outputs(rows, tmp_path, meta)
     text = (tmp_path / bvo.README_NAME).read_text()
@@ -248,15 +251,18 @@ def test_idle_in_front_of_kernels_is_tabled_written_and_read_back(tmp_path):
     assert "| SS generator sampler |  | compile | 0.60 | 0.00 | 0.20 | 0.10 | 0.30 | 0.00 | 0.00 | 0.00 |" in text
     # longest first, with the wait per launch
     top = [line for line in text.splitlines() if line.startswith("| compile | `")]
-    assert top == ["| compile | `Memset (Device)` | 100 | 0.30 | 3.00 |",
-                   "| compile | `kernel_cutlass_FlashAttentionForwardSm90` | 100 | 0.20 | 2.00 |",
-                   "| compile | `nvjet_sm90_tst_256x128` | 100 | 0.10 | 1.00 |"]
+    assert top == ["| compile | `Memset (Device)` | 100 | 0.30 | 3.00 | `nvjet_sm90_tst_256x128` (99x) |",
+                   "| compile | `kernel_cutlass_FlashAttentionForwardSm90` | 100 | 0.20 | 2.00 | `Memset (Device)` (100x) |",
+                   "| compile | `nvjet_sm90_tst_256x128` | 100 | 0.10 | 1.00 | `` (1x) |"]
     with open(tmp_path / bvo.KERNELS_CSV_NAME) as fh:
-        assert [k["idle_before_s"] for k in csv.DictReader(fh)] == ["0.0002", "0.0001", "0.0003"]
+        kernels = list(csv.DictReader(fh))
+    assert [k["idle_before_s"] for k in kernels] == ["0.0002", "0.0001", "0.0003"]
+    assert [(k["most_often_after"], k["after_count"]) for k in kernels] == [
+        ("Memset (Device)", "100"), ("", "1"), ("nvjet_sm90_tst_256x128", "99")]
     back, meta_back = bvo.load_outputs(tmp_path)
-    assert back[1]["idle_before"] == rows[1]["idle_before"]
+    assert back[1]["idle_before"] == rows[1]["idle_before"] and back[1]["after"] == rows[1]["after"]
     assert bvo.readme_text(bvo.complete_rows(back, 800.0), meta_back) == text
-    rows[1].pop("idle_before")  # a run before the column: no table, an empty cell
+    rows[1].pop("idle_before"), rows[1].pop("after")  # a run before the columns: no table, empty cells
     bvo.write_outputs(rows, tmp_path, meta)
     assert "GPU idle in front of kernels" not in (tmp_path / bvo.README_NAME).read_text()
     with open(tmp_path / bvo.KERNELS_CSV_NAME) as fh:

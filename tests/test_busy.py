@@ -8,7 +8,7 @@ import torch
 from torch.autograd import DeviceType
 
 from fs3d_analysis.profile.busy import (KernelTime, device_sequence, gpu_timeline, idle_before, kernel_class,
-                                       kernel_time, split_events, sum_device_events)
+                                       kernel_time, most_often_after, split_events, sum_device_events)
 
 
 def _row(device: DeviceType, us: float, count: int, key: str = "k") -> SimpleNamespace:
@@ -139,3 +139,12 @@ def test_idle_before_charges_each_gap_to_the_kernel_after_it():
     assert idle_before([]) == {}
     with pytest.raises(ValueError, match="ends before it starts"):
         idle_before([(5.0, 4.0, "x")])
+
+
+def test_most_often_after_names_each_kernels_usual_predecessor():
+    # start order: gemm, Memset, fa, gemm, Memset, fa, norm, Memset, fa (events given out of order)
+    seq = [(0.0, 1.0, "gemm"), (2.0, 3.0, "Memset"), (4.0, 5.0, "fa"), (6.0, 7.0, "gemm"), (8.0, 9.0, "Memset"),
+           (10.0, 11.0, "fa"), (12.0, 13.0, "norm"), (14.0, 15.0, "Memset"), (16.0, 17.0, "fa")]
+    got = most_often_after(reversed(seq))
+    assert got == {"gemm": ("", 1), "Memset": ("gemm", 2), "fa": ("Memset", 3), "norm": ("fa", 1)}
+    assert most_often_after([]) == {}

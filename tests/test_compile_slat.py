@@ -8,6 +8,8 @@ checked directly against the sparse block loop (eager: the very same kernels, so
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch._dynamo
@@ -103,6 +105,28 @@ def test_compiled_torso_refuses_block_hooks(slat_setup):
     finally:
         handle.remove()
     flow(noise, coords, torch.tensor([100.0]), cond, torso=flow.dense_torso)
+
+
+def test_block_hook_check_finds_pre_hooks_deep_down_and_skips_empty_children(slat_setup):
+    """The torso's hook check walks every module under the blocks (pre-hooks too, a child set to None skipped) and
+    names the first hooked one in named_modules order."""
+    flow = slat_setup[0].flow
+    flow._check_no_block_hooks()  # nothing hooked
+    deepest = [name for name, m in flow.blocks.named_modules() if not m._modules][-1]
+    module = flow.blocks.get_submodule(deepest)
+    flow.blocks[0].register_module("unused", None)
+    handles = [module.register_forward_pre_hook(lambda *a: None)]
+    try:
+        with pytest.raises(ValueError, match=rf"blocks\.{re.escape(deepest)} \(and 0 more\)"):
+            flow._check_no_block_hooks()
+        handles.append(flow.blocks[1].register_forward_hook(lambda *a: None))
+        with pytest.raises(ValueError, match=r"blocks\.1 \(and 1 more\)"):
+            flow._check_no_block_hooks()
+    finally:
+        for h in handles:
+            h.remove()
+        del flow.blocks[0]._modules["unused"]
+    flow._check_no_block_hooks()
 
 
 def test_compile_slat_is_cuda_only():

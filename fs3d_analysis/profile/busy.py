@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -130,6 +131,18 @@ def idle_before(sequence: Iterable[tuple[float, float, str]]) -> dict[str, tuple
     return out
 
 
+def most_often_after(sequence: Iterable[tuple[float, float, str]]) -> dict[str, tuple[str, int]]:
+    """Per kernel name, the kernel that most often started right before it, and how often: from device events as
+    (start, end, name), in start order ("" before the first). Names the source of a kernel nobody launches by name,
+    such as a ``Memset (Device)`` queued by a library ahead of its own kernel; ties go to the name met first."""
+    counts: dict[str, Counter] = {}
+    previous = ""
+    for _, _, name in sorted(sequence):
+        counts.setdefault(name, Counter())[previous] += 1
+        previous = name
+    return {name: c.most_common(1)[0] for name, c in counts.items()}
+
+
 def device_sequence(events: Iterable[Any], device_index: int | None = None) -> list[tuple[float, float, str]]:
     """The GPU's kernels, copies and memsets of ``torch.profiler`` events as (start, end, name) in microseconds, in
     start order, with the same selection as :func:`split_events` (user annotations and instants left out)."""
@@ -171,13 +184,15 @@ class KernelTime:
     """Summed device time of one call's kernels, memory copies and memsets, and how many were launched;
     ``by_kernel`` maps each kernel name to its (seconds, launches); ``timeline`` (from :func:`kernel_time`
     only) where in the call the GPU waited; ``idle_before`` (from :func:`kernel_time` only; :func:`idle_before`) the
-    GPU idle in front of each kernel name's launches, from the call's first device event to its last."""
+    GPU idle in front of each kernel name's launches, from the call's first device event to its last; ``after``
+    (from :func:`kernel_time` only; :func:`most_often_after`) the kernel each name most often follows."""
 
     seconds: float
     launches: int
     by_kernel: dict[str, tuple[float, int]] = field(default_factory=dict, compare=False)
     timeline: Timeline | None = field(default=None, compare=False)
     idle_before: dict[str, tuple[float, int]] = field(default_factory=dict, compare=False)
+    after: dict[str, tuple[str, int]] = field(default_factory=dict, compare=False)
 
     def by_class(self) -> dict[str, float]:
         """Seconds per :func:`kernel_class`, largest first."""
@@ -226,8 +241,10 @@ def kernel_time(fn: Callable[[], Any], device: torch.device | str) -> KernelTime
     events = prof.events()
     dev, host = split_events(events, index)
     timeline = gpu_timeline(dev, host) if dev else None
-    return dataclasses.replace(total, timeline=timeline, idle_before=idle_before(device_sequence(events, index)))
+    sequence = device_sequence(events, index)
+    return dataclasses.replace(total, timeline=timeline, idle_before=idle_before(sequence),
+                               after=most_often_after(sequence))
 
 
 __all__ = ["KERNEL_CLASSES", "IdleGap", "KernelTime", "Timeline", "device_sequence", "gpu_timeline", "idle_before",
-           "kernel_class", "kernel_time", "split_events", "sum_device_events"]
+           "kernel_class", "kernel_time", "most_often_after", "split_events", "sum_device_events"]
