@@ -107,6 +107,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import parity_official as po  # noqa: E402
+from fs3d_accel.cuda_settings import cublaslt_workspace_kib, set_cublaslt_workspace  # noqa: E402
 from fs3d_accel.model.attention_kernels import FA4_KERNEL_CALL  # noqa: E402
 from fs3d_accel.model.random_weights import perturb_zero_inits  # noqa: E402
 from fs3d_analysis.profile.latency import cuda_graph_recordings, sync_device  # noqa: E402
@@ -194,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="measure the matmul peak again before every round after the first (a power-limited H100's "
                          "short measurement moves by 5-7%% within a lease): each round's own peak is in the "
                          "round_peak_tflops column, and MFU stays against the largest measurement of the run")
+    ap.add_argument("--cublaslt-workspace-kib", type=int, default=None,
+                    help="cuBLASLt workspace for the whole process (KiB; fs3d_accel.cuda_settings): 0 makes cuBLASLt "
+                         "pick its static-scheduler GEMMs, which need no memset before each call (default: "
+                         "PyTorch's, 32 MiB on Hopper, or CUBLASLT_WORKSPACE_SIZE where exported)")
     ap.add_argument("--gpu-busy", action="store_true",
                     help="profile one more call per unit and report its summed kernel time over the median wall "
                          "time (GPU busy; far below 100%% means the call waits on the host), every kernel "
@@ -240,6 +245,8 @@ def parse_args(argv: list[str] | None = None, check_cuda: bool = True) -> argpar
         raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+    if args.cublaslt_workspace_kib is not None and args.cublaslt_workspace_kib < 0:
+        raise SystemExit(f"--cublaslt-workspace-kib must be >= 0 KiB, got {args.cublaslt_workspace_kib}")
     if args.flops_only and (args.gpu_busy or args.rounds > 1):
         raise SystemExit("--flops-only times nothing: --gpu-busy and --rounds do not apply")
     if args.steps is not None and args.steps < 1:
@@ -675,6 +682,9 @@ def readme_text(rows: list[dict], meta: dict) -> str:
              f"SLaT {meta.get('slat_steps')}.",
              f"Official attention: ATTN_BACKEND={meta.get('attn_backend')}, SPARSE_ATTN_BACKEND="
              f"{meta.get('sparse_attn_backend')}; sparse convs: {meta.get('spconv')}.",
+             *([f"cuBLASLt workspace: {meta['cublaslt_workspace_kib']} KiB for the whole process "
+                "(`CUBLASLT_WORKSPACE_SIZE`, `--cublaslt-workspace-kib`; every variant of the run, the official one "
+                "too)."] if meta.get("cublaslt_workspace_kib") is not None else []),
              f"Measured bf16 matmul peak: {_fmt(meta.get('peak_tflops'), '.0f') or 'n/a (no GPU)'} TFLOP/s"
              + peak_provenance(meta) + "; "
              "MFU = model FLOPs of the unit (FlopCounterMode on our fp32 network, present sparse-conv neighbours "
@@ -1190,6 +1200,7 @@ def run(args) -> list[dict]:
         "official_commit": official_commit(args.official) if want_official else "not run",
         "official_compile_mode": args.official_compile_mode, "tf32": args.tf32 == "on", "host_cpu": host_cpu(),
         "our_conv_impl": args.conv_impl, "our_gather_chunk": args.gather_chunk,
+        "cublaslt_workspace_kib": cublaslt_workspace_kib(),
         "variants": {v: ("official modules, as the official pipeline runs them" if v == "official" else
                          "official + torch.compile of the SS CFG step" if v == "official-compile" else
                          f"ours: {variant_label(v)} = {variant_options(v)}") for v in args.variants},
@@ -1487,6 +1498,8 @@ def main(argv: list[str] | None = None) -> None:
             r.get("kernels") for r in rows) else ""), flush=True)
         return
     args = parse_args(argv)
+    if args.cublaslt_workspace_kib is not None:  # before any GPU work: PyTorch reads it once per process
+        set_cublaslt_workspace(args.cublaslt_workspace_kib)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = run(args)
     print((args.out / README_NAME).read_text())

@@ -46,6 +46,7 @@ def _exit_message(argv) -> str:
     (["--device", "cpu", "--gpu-busy"], "--gpu-busy"),
     (["--device", "cpu", "--rounds", "0"], "--rounds"),
     (["--device", "cpu", "--flops-only", "--rounds", "2"], "--flops-only times nothing"),
+    (["--device", "cpu", "--cublaslt-workspace-kib", "-1"], "--cublaslt-workspace-kib must be >= 0"),
 ])
 def test_argument_errors(argv, needle):
     assert needle in _exit_message(argv)
@@ -157,6 +158,14 @@ def test_peak_every_round_gives_each_row_its_rounds_peak_and_keeps_mfu_against_t
     back, meta_back = bvo.load_outputs(tmp_path)  # --replot keeps the per-round peaks
     bvo.write_outputs(back, tmp_path / "again", meta_back)
     assert (tmp_path / "again" / bvo.README_NAME).read_text() == text
+
+
+def test_the_cublaslt_workspace_is_stated_where_the_run_set_it():
+    rows = [{"round": 1, "variant": "x", "stage": "ss", "object": None, "N": None, "median_s": 1.0}]
+    text = bvo.readme_text(rows, {"device": "d", "variants": {}, "cublaslt_workspace_kib": 0})
+    assert "cuBLASLt workspace: 0 KiB for the whole process" in text
+    assert "cuBLASLt workspace" not in bvo.readme_text(rows, {"device": "d", "variants": {},
+                                                             "cublaslt_workspace_kib": None})
 
 
 def test_without_round_peaks_no_round_columns_appear(tmp_path):
