@@ -142,3 +142,18 @@ def test_host_split_groups_the_session23_step0_profile():
     assert [r["part"] for r in rows] == [p.name for p in shp.HOST_PARTS]
     assert {r["part"]: r["within"] for r in rows if r["within"]} == {"tables: input path run": "tables"}
     assert sum(r["ms"] for r in rows if not r["within"]) < total  # top-level parts share no calls
+
+
+def test_host_split_counts_every_numbered_torso_function_of_the_session26_profiles():
+    """With kept block modulations (-cm) inductor names each block's function apart (repeated_subgraph0..23): the
+    torso part counts all 24 of them, as it counts the two shared ones of the plain torso."""
+    folder = ROOT / "benchmarks/results/slat_host_profile_h100/session26"
+    got = {}
+    for prof in folder.glob("host_profile_*.prof"):
+        rows, _ = shp.host_split(prof)
+        got[prof.name.endswith("-mi.prof")] = next((round(r["ms"], 2), r["calls"]) for r in rows
+                                                   if r["part"] == "torso launches")
+    assert got == {False: (13.99, 24), True: (17.43, 24)}
+    assert shp._matches(("/tmp/x.py", 1, "repeated_subgraph17"), ("", "repeated_subgraph*"))
+    assert not shp._matches(("/tmp/x.py", 1, "repeated_subgraph_helper"), ("", "repeated_subgraph*"))
+    assert not shp._matches(("/tmp/x.py", 1, "repeated_subgraph"), ("", "repeated_subgraph*"))
