@@ -38,6 +38,7 @@ import torch
 if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script from benchmarks/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.stage_latency import SHORT as _LATENCY_SHORT, VARIANTS as _LATENCY_VARIANTS  # noqa: E402
+from fs3d_accel.cuda_settings import cublaslt_workspace_kib, set_cublaslt_workspace  # noqa: E402
 from fs3d_accel.pipeline import Pipeline  # noqa: E402
 from fs3d_accel.stages.options import RunOptions  # noqa: E402
 from fs3d_analysis.data import load_shipped_samples  # noqa: E402
@@ -194,7 +195,15 @@ def main() -> None:
     ap.add_argument("--direct-references", action="store_true",
                     help="with --settings: add only each setting's own one-switch reference, not the references' "
                          "references (a GPU call that ran the whole chain for one new setting ran out of time)")
+    ap.add_argument("--cublaslt-workspace-kib", type=int, default=None,
+                    help="cuBLASLt workspace for the whole process (KiB; fs3d_accel.cuda_settings): 0 as in "
+                         "base_vs_official.py's timing of it, to check that the GEMM kernels it picks keep the quality "
+                         "(default: PyTorch's, or CUBLASLT_WORKSPACE_SIZE where exported)")
     args = ap.parse_args()
+    if args.cublaslt_workspace_kib is not None:
+        if args.cublaslt_workspace_kib < 0:
+            raise SystemExit(f"--cublaslt-workspace-kib must be >= 0 KiB, got {args.cublaslt_workspace_kib}")
+        set_cublaslt_workspace(args.cublaslt_workspace_kib)  # before any GPU work: read once per process
     if args.direct_references and args.settings is None:
         raise SystemExit("--direct-references chooses the references of --settings; name the settings too")
     if args.settings is None:
@@ -245,7 +254,9 @@ def write_report(df: pd.DataFrame, out: Path, args) -> None:
     ref = df[df.setting == "fp32"].set_index(["dataset", "object"])
     lines = ["# sam3d-mini quality with the exact fast path on and off", "",
              f"Device `{args.device}`, torch {torch.__version__}, seed {args.seed}, datasets {args.datasets}; "
-             f"{df.object.nunique()} objects. Mean over objects, and the largest per-object change against fp32.", "",
+             f"{df.object.nunique()} objects. Mean over objects, and the largest per-object change against fp32."
+             + (f" cuBLASLt workspace: {cublaslt_workspace_kib()} KiB for every setting (`CUBLASLT_WORKSPACE_SIZE`)."
+                if cublaslt_workspace_kib() is not None else ""), "",
              "| setting | " + " | ".join(f"mean {m}" for m in METRICS) + " | max abs ΔF1 | max abs ΔvIoU | voxel-count changes |",
              "|---|" + "---|" * (len(METRICS) + 3)]
     summary = {}

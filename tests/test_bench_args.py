@@ -41,6 +41,15 @@ def test_fast_path_quality_direct_references_needs_settings(monkeypatch):
         fast_path_quality.main()
 
 
+def test_fast_path_quality_refuses_a_negative_cublaslt_workspace(monkeypatch):
+    monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE", raising=False)
+    monkeypatch.setattr(sys, "argv", ["fast_path_quality.py", "--cublaslt-workspace-kib", "-1"])
+    with pytest.raises(SystemExit, match="--cublaslt-workspace-kib must be >= 0 KiB"):
+        fast_path_quality.main()
+    import os
+    assert "CUBLASLT_WORKSPACE_SIZE" not in os.environ  # nothing set on the way to the refusal
+
+
 def test_one_synthetic_scene_for_every_benchmark():
     assert synthetic_inputs is scene
     img, mask, pm = scene(32)

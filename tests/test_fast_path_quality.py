@@ -26,14 +26,19 @@ def test_direct_references_leave_out_the_chain():
                                                  fa4, gt]
 
 
-def test_one_switch_table(tmp_path):
+def test_one_switch_table(tmp_path, monkeypatch):
     rows = []
     for setting, f1, iou, voxels in (("fp32", 50.0, 0.5, 100), (S["bf16-cfg-kv"], 49.0, 0.48, 101),
                                      (S["bf16-cfg-zkv"], 49.0, 0.48, 101)):
         for obj, shift in (("a", 0.0), ("b", 1.0)):
             rows.append({"setting": setting, "dataset": "d", "object": obj, "f_score": f1 + shift,
                          "volume_iou": iou, "chamfer": 0.1, "box_iou_3d": 0.5, "n_voxels": voxels})
+    monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE", raising=False)
     fpq.write_report(pd.DataFrame(rows), tmp_path, SimpleNamespace(device="cpu", seed=0, datasets="d"))
     text = (tmp_path / "fast_path_quality.md").read_text()
     assert (f"| {S['bf16-cfg-zkv']} | {S['bf16-cfg-kv']} | +0.000 | 0.000 | +0.0000 | 0.0000 | 0 of 2 |") in text
     assert f"| {S['bf16-cfg-kv']} | 49.5000 | 0.4800 | 0.1000 | 0.5000 | 1.000 | 0.0200 | 2 of 2 |" in text
+    assert "cuBLASLt workspace" not in text
+    monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "0")  # a run that set it says so
+    fpq.write_report(pd.DataFrame(rows), tmp_path, SimpleNamespace(device="cpu", seed=0, datasets="d"))
+    assert "cuBLASLt workspace: 0 KiB for every setting" in (tmp_path / "fast_path_quality.md").read_text()
