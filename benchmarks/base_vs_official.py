@@ -746,16 +746,24 @@ def readme_text(rows: list[dict], meta: dict) -> str:
 
 
 def peak_provenance(meta: dict) -> str:
-    """Where the MFU denominator came from, for the README: the largest of the run's measurements (start, one before
-    each later round with ``--peak-every-round``, end)."""
+    """Where the MFU denominator came from, for the README: the largest of the run's measurements, taken at its start,
+    before each later round that measured one (``--peak-every-round``: ``peak_tflops_by_round``) and at its end where
+    that measurement was made (``peak_at_end``; runs written before the key existed: inferred from the count)."""
     runs = meta.get("peak_tflops_runs") or ()
     if len(runs) < 2:
         return ""
+    later = sorted(int(k) for k in (meta.get("peak_tflops_by_round") or {}) if int(k) > 1)
+    at_end = meta.get("peak_at_end", len(runs) == 1 + len(later) + 1)
+    parts = ["at the run's start"]
+    if later:
+        parts.append(f"before round {later[0]}" if len(later) == 1 else
+                     f"before rounds {later[0]}-{later[-1]}" if later == list(range(later[0], later[-1] + 1)) else
+                     "before rounds " + ", ".join(map(str, later)))
+    if at_end:
+        parts.append("at the end")
+    where = ("measured at the run's start and end" if parts == ["at the run's start", "at the end"] else
+             "measured " + ", ".join(parts[:-1]) + " and " + parts[-1])
     values = ", ".join(f"{p:.0f}" for p in runs[:-1]) + f" and {runs[-1]:.0f}"
-    if meta.get("peak_tflops_by_round"):
-        where = "measured at the run's start, before every later round and at the end"
-    else:
-        where = "measured at the run's start and end"
     return f" (the largest of {values}, {where})" if len(runs) > 2 else f" (the larger of {values}, {where})"
 
 
@@ -902,14 +910,19 @@ def write_kernel_csv(rows: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["variant", "stage", "object", "N", "kernel", "class", "seconds", "launches", "idle_before_s",
-                    "most_often_after", "after_count"])
+                    "idle_before_launches", "most_often_after", "after_count"])
         for r in rows:
             waits, after = r.get("idle_before") or {}, r.get("after") or {}
-            for name, (sec, count) in sorted(r.get("kernels", {}).items(), key=lambda kv: -kv[1][0]):
+            kernels = r.get("kernels", {})
+            # names the per-kernel sums lack (the timeline's events of one GPU, the sums' of all) get a row of 0 s
+            names = sorted(kernels, key=lambda k: -kernels[k][0]) + sorted(set(waits) - set(kernels))
+            for name in names:
+                sec, count = kernels.get(name, (0.0, 0))
                 wait, prev = waits.get(name), after.get(name)
                 w.writerow([r["variant"], r["stage"], r.get("object") or "", r.get("N") or "", name,
                             kernel_class(name), f"{sec:.6g}", count, "" if wait is None else f"{wait[0]:.6g}",
-                            "" if prev is None else prev[0], "" if prev is None else prev[1]])
+                            "" if wait is None else wait[1], "" if prev is None else prev[0],
+                            "" if prev is None else prev[1]])
 
 
 def kernel_class_seconds(row: dict) -> dict[str, float]:
@@ -1053,10 +1066,16 @@ def write_outputs(rows: list[dict], out: Path, meta: dict) -> None:
     # file for --replot to read back)
     for name, write, present in ((KERNELS_CSV_NAME, write_kernel_csv, any("kernels" in r for r in rows)),
                                  (IDLE_CSV_NAME, write_idle_csv, any(r.get("timeline") is not None for r in rows))):
+        packed = out / (name + ".xz")  # committed results keep kernels.csv xz-compressed: --replot keeps that form
         if present:
             write(rows, out / name)
+            if packed.is_file():
+                import lzma
+                packed.write_bytes(lzma.compress((out / name).read_bytes(), preset=9))
+                (out / name).unlink()
         else:
             (out / name).unlink(missing_ok=True)
+            packed.unlink(missing_ok=True)
     (out / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
     (out / README_NAME).write_text(readme_text(rows, meta))
     whys = [write_figure(rows, out / FIG_NAME)]
@@ -1105,8 +1124,9 @@ def load_outputs(folder: Path) -> tuple[list[dict], dict]:
                     raise SystemExit(f"--replot: {KERNELS_CSV_NAME} names a unit missing from {CSV_NAME}: "
                                      f"{k['variant']} {k['stage']} {k['object']}")
                 unit[0].setdefault("kernels", {})[k["kernel"]] = (float(k["seconds"]), int(k["launches"]))
-                if k.get("idle_before_s"):  # absent in runs before session 26
-                    unit[0].setdefault("idle_before", {})[k["kernel"]] = (float(k["idle_before_s"]), int(k["launches"]))
+                if k.get("idle_before_s"):  # absent in runs before session 26; its own count since the column exists
+                    unit[0].setdefault("idle_before", {})[k["kernel"]] = (
+                        float(k["idle_before_s"]), int(k.get("idle_before_launches") or k["launches"]))
                 if k.get("after_count"):
                     unit[0].setdefault("after", {})[k["kernel"]] = (k["most_often_after"], int(k["after_count"]))
     if (folder / IDLE_CSV_NAME).is_file():
@@ -1358,10 +1378,7 @@ def run(args) -> list[dict]:
     copies: dict[tuple[str, str], torch.nn.Module] = {}
     for rnd in range(1, args.rounds + 1):
         if args.peak_every_round and meta["peak_tflops"] is not None:
-            if rnd > 1:  # round 1's is the start's measurement
-                record_matmul_peak(meta, dev)
-            meta.setdefault("peak_tflops_by_round", {})[str(rnd)] = meta["peak_tflops_runs"][-1]
-            print(f"round {rnd}: matmul peak {meta['peak_tflops_runs'][-1]:.0f} TFLOP/s", flush=True)
+            record_round_peak(meta, dev, rnd)
         for variant in round_order(args.variants, rnd, args.order):
             if variant in OFFICIAL_VARIANTS:
                 compiled = variant == "official-compile"
@@ -1430,10 +1447,27 @@ def run(args) -> list[dict]:
             traceback.print_exc()
             print("the matmul peak could not be measured again at the end; MFU stays against the start's", flush=True)
         else:
+            meta["peak_at_end"] = True
             print(f"matmul peak measured again: {meta['peak_tflops_runs'][-1]:.0f} TFLOP/s; MFU against "
                   f"{meta['peak_tflops']:.0f}", flush=True)
             write_outputs(rows, args.out, meta)
     return rows
+
+
+def record_round_peak(meta: dict, dev: torch.device, rnd: int, measure=None) -> None:
+    """``--peak-every-round``: round ``rnd``'s matmul peak into ``meta["peak_tflops_by_round"]`` (round 1's is the run's
+    start measurement; later rounds measure again through :func:`record_matmul_peak`, ``measure`` as there). A failed
+    measurement leaves that round without a peak of its own (its rows keep MFU against the largest) instead of ending
+    the run."""
+    if rnd > 1:
+        try:
+            record_matmul_peak(meta, dev, measure)
+        except Exception:
+            traceback.print_exc()
+            print(f"round {rnd}: the matmul peak could not be measured; the round has no peak of its own", flush=True)
+            return
+    meta.setdefault("peak_tflops_by_round", {})[str(rnd)] = meta["peak_tflops_runs"][-1]
+    print(f"round {rnd}: matmul peak {meta['peak_tflops_runs'][-1]:.0f} TFLOP/s", flush=True)
 
 
 def record_fa4_kernel_calls(meta: dict, unit: str, before: Counter) -> None:
@@ -1497,9 +1531,12 @@ def main(argv: list[str] | None = None) -> None:
         print(f"re-rendered {argv[1]} from its {CSV_NAME}" + (f" and {KERNELS_CSV_NAME}" if any(
             r.get("kernels") for r in rows) else ""), flush=True)
         return
+    # the workspace before parse_args: its device checks query the GPU, which initialises CUDA, after which the size
+    # may no longer apply (PyTorch reads it once per process); a negative size is left to parse_args' message
+    early = build_parser().parse_args(argv)
+    if early.cublaslt_workspace_kib is not None and early.cublaslt_workspace_kib >= 0:
+        set_cublaslt_workspace(early.cublaslt_workspace_kib)
     args = parse_args(argv)
-    if args.cublaslt_workspace_kib is not None:  # before any GPU work: PyTorch reads it once per process
-        set_cublaslt_workspace(args.cublaslt_workspace_kib)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = run(args)
     print((args.out / README_NAME).read_text())

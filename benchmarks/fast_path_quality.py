@@ -200,6 +200,10 @@ def main() -> None:
                          "base_vs_official.py's timing of it, to check that the GEMM kernels it picks keep the quality "
                          "(default: PyTorch's, or CUBLASLT_WORKSPACE_SIZE where exported)")
     args = ap.parse_args()
+    try:  # an exported size PyTorch would not read is refused now, not in the report after the run
+        cublaslt_workspace_kib()
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
     if args.cublaslt_workspace_kib is not None:
         if args.cublaslt_workspace_kib < 0:
             raise SystemExit(f"--cublaslt-workspace-kib must be >= 0 KiB, got {args.cublaslt_workspace_kib}")

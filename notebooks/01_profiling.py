@@ -1080,8 +1080,9 @@ per26.pivot_table(index=["round", "round_peak_tflops"], columns="variant",
 # `-cm-ok` beat the reference in 4 of 4 rounds again; `-mi` beat `-cm-ok` in 2 of 4 (unsettled).
 #
 # `kernels.csv` now also holds, per kernel name, the GPU idle in front of its launches and the kernel it most often
-# follows (`busy.idle_before`, `busy.most_often_after`). In the profiled call of the named path (`adj`), every memset
-# comes right before a cuBLASLt GEMM with an epilogue:
+# follows (`busy.idle_before`, `busy.most_often_after`). In the profiled call of the named path (`adj`), the kernels
+# that always follow a memset are four cuBLASLt GEMMs with an epilogue (960 of the call's 1,338 memsets) and two of
+# cub's radix-sort kernels of the tables (81):
 
 # %%
 k26 = pd.read_csv(S26 / "adj" / "kernels.csv.xz")
@@ -1106,7 +1107,7 @@ ws26["mfu_executed_at_top_peak"] = ws26["executed_tflop"] / ws26["median_s"] / t
 ws26[["median_s", "launches", "kernel_s", "peak_of_its_process", "mfu_executed", "mfu_executed_at_top_peak"]].round(4)
 
 # %% [markdown]
-# 7.0 ms and 1,248 launches less per call. The named path's SLaT call at 14k then reads 54.4% against its own process's
-# peak (777) and 54.1% against the session's highest (782), but 56.3% against the 752 measured at the start of the
+# 6.9 ms and 1,248 launches less per call. The named path's SLaT call at 14k then reads 54.4% against its own process's
+# peak (777) and 54.1% against the session's highest (782), but 56.2% against the 752 measured at the start of the
 # previous process on the same machine: at this distance from 55% the answer depends on which peak measurement
 # divides, so the target is still not counted as met. Not measured: the quality with no workspace, SS with it.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -148,8 +149,9 @@ def test_peak_every_round_gives_each_row_its_rounds_peak_and_keeps_mfu_against_t
     assert [r["round_peak_tflops"] for r in rows] == [800.0, 640.0]
     assert [r["mfu_executed_round_peak"] for r in rows] == [pytest.approx(0.5), pytest.approx(0.625)]
     text = (tmp_path / bvo.README_NAME).read_text()
-    assert ("800 TFLOP/s (the largest of 800, 640 and 760, measured at the run's start, before every later round "
-            "and at the end)") in text
+    # no peak_at_end key (runs before it existed): three measurements for two rounds mean one at the end
+    assert "800 TFLOP/s (the largest of 800, 640 and 760, measured at the run's start, before round 2 and at the end)" \
+        in text
     assert "| round's peak TFLOP/s | MFU (executed, round's peak) |" in text
     assert "| 62.5% | 50.0% | 640 | 62.5% |" in text  # MFU, MFU (executed), the round's peak, against it
     with open(tmp_path / bvo.CSV_NAME) as fh:
@@ -166,6 +168,55 @@ def test_the_cublaslt_workspace_is_stated_where_the_run_set_it():
     assert "cuBLASLt workspace: 0 KiB for the whole process" in text
     assert "cuBLASLt workspace" not in bvo.readme_text(rows, {"device": "d", "variants": {},
                                                              "cublaslt_workspace_kib": None})
+
+
+@pytest.mark.parametrize("runs, by_round, at_end, expected", [
+    ([800.0, 640.0], {"1": 800.0, "2": 640.0}, None, "the larger of 800 and 640, measured at the run's start and "
+                                                      "before round 2"),  # killed before the end
+    ([800.0, 640.0, 700.0, 760.0], {"1": 800.0, "2": 640.0, "3": 700.0}, True,
+     "the largest of 800, 640, 700 and 760, measured at the run's start, before rounds 2-3 and at the end"),
+    ([800.0, 640.0, 700.0], {"1": 800.0, "2": 640.0, "4": 700.0}, False,  # round 3's measurement failed
+     "the largest of 800, 640 and 700, measured at the run's start and before rounds 2, 4"),
+    ([800.0, 760.0], {"1": 800.0}, None, "the larger of 800 and 760, measured at the run's start and end"),
+    ([800.0, 760.0], None, True, "the larger of 800 and 760, measured at the run's start and end"),
+    ([800.0], {"1": 800.0}, None, None),
+])
+def test_peak_provenance_says_where_each_measurement_was_taken(runs, by_round, at_end, expected):
+    meta = {"peak_tflops_runs": runs, **({"peak_tflops_by_round": by_round} if by_round else {}),
+            **({} if at_end is None else {"peak_at_end": at_end})}
+    assert bvo.peak_provenance(meta) == ("" if expected is None else f" ({expected})")
+
+
+def test_a_failed_round_peak_leaves_the_round_without_one_and_the_run_going(capsys):
+    meta = {"peak_tflops": 800.0, "peak_tflops_runs": [800.0]}
+    bvo.record_round_peak(meta, torch.device("cuda"), 1, measure=lambda dev: pytest.fail("round 1 measures nothing"))
+    bvo.record_round_peak(meta, torch.device("cuda"), 2, measure=lambda dev: 700.0)
+    bvo.record_round_peak(meta, torch.device("cuda"), 3, measure=lambda dev: float("nan"))  # refused: not > 0
+
+    def broken(dev):
+        raise RuntimeError("cuBLAS failed")
+    bvo.record_round_peak(meta, torch.device("cuda"), 4, measure=broken)
+    assert meta["peak_tflops_by_round"] == {"1": 800.0, "2": 700.0}
+    assert meta["peak_tflops_runs"] == [800.0, 700.0] and meta["peak_tflops"] == 800.0
+    out = capsys.readouterr().out
+    assert "round 3: the matmul peak could not be measured" in out and "round 4: the matmul peak" in out
+
+
+def test_main_sets_the_cublaslt_workspace_before_the_device_checks(monkeypatch):
+    """parse_args' device checks initialise CUDA on a GPU machine, after which the size could no longer be set: main
+    sets it first."""
+    monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "")
+    monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE")  # restored (removed) after the test
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    seen = []
+
+    def parse_args(argv):
+        seen.append(os.environ.get("CUBLASLT_WORKSPACE_SIZE"))
+        raise SystemExit("stop")
+    monkeypatch.setattr(bvo, "parse_args", parse_args)
+    with pytest.raises(SystemExit, match="stop"):
+        bvo.main(["--device", "cpu", "--cublaslt-workspace-kib", "0"])
+    assert seen == ["0"]
 
 
 def test_without_round_peaks_no_round_columns_appear(tmp_path):
@@ -271,6 +322,12 @@ def test_idle_in_front_of_kernels_is_tabled_written_and_read_back(tmp_path):
     back, meta_back = bvo.load_outputs(tmp_path)
     assert back[1]["idle_before"] == rows[1]["idle_before"] and back[1]["after"] == rows[1]["after"]
     assert bvo.readme_text(bvo.complete_rows(back, 800.0), meta_back) == text
+    # the timeline's own launch counts and a name the kernel sums lack survive --replot
+    rows[1]["idle_before"] = {**rows[1]["idle_before"], "Memset (Device)": (0.0003, 99), "only_on_timeline": (1e-6, 1)}
+    bvo.write_outputs(rows, tmp_path / "own", meta)
+    back = bvo.load_outputs(tmp_path / "own")[0]
+    assert back[1]["idle_before"] == rows[1]["idle_before"]
+    assert back[1]["kernels"]["only_on_timeline"] == (0.0, 0) and back[1]["launches"] == 300
     rows[1].pop("idle_before"), rows[1].pop("after")  # a run before the columns: no table, empty cells
     bvo.write_outputs(rows, tmp_path, meta)
     assert "GPU idle in front of kernels" not in (tmp_path / bvo.README_NAME).read_text()
@@ -335,6 +392,9 @@ def test_gpu_busy_columns_only_where_measured(tmp_path):
     import lzma
     (again / (bvo.KERNELS_CSV_NAME + ".xz")).write_bytes(lzma.compress((again / bvo.KERNELS_CSV_NAME).read_bytes()))
     (again / bvo.KERNELS_CSV_NAME).unlink()
+    assert bvo.load_outputs(again)[0][0]["kernels"] == loaded[0]["kernels"]
+    bvo.main(["--replot", str(again)])  # re-rendering keeps the compressed form, and no plain copy beside it
+    assert not (again / bvo.KERNELS_CSV_NAME).exists() and (again / bvo.README_NAME).read_text() == text
     assert bvo.load_outputs(again)[0][0]["kernels"] == loaded[0]["kernels"]
     with open(tmp_path / bvo.CSV_NAME) as fh:
         got = list(csv.DictReader(fh))

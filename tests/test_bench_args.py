@@ -42,12 +42,17 @@ def test_fast_path_quality_direct_references_needs_settings(monkeypatch):
 
 
 def test_fast_path_quality_refuses_a_negative_cublaslt_workspace(monkeypatch):
-    monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE", raising=False)
+    monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "")  # restored (removed where absent) after the test
+    monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE")
     monkeypatch.setattr(sys, "argv", ["fast_path_quality.py", "--cublaslt-workspace-kib", "-1"])
     with pytest.raises(SystemExit, match="--cublaslt-workspace-kib must be >= 0 KiB"):
         fast_path_quality.main()
     import os
     assert "CUBLASLT_WORKSPACE_SIZE" not in os.environ  # nothing set on the way to the refusal
+    monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "lots")  # an exported size PyTorch would not read: refused up front
+    monkeypatch.setattr(sys, "argv", ["fast_path_quality.py"])
+    with pytest.raises(SystemExit, match="CUBLASLT_WORKSPACE_SIZE='lots' is not a whole number of KiB"):
+        fast_path_quality.main()
 
 
 def test_one_synthetic_scene_for_every_benchmark():

@@ -9,7 +9,10 @@ from fs3d_accel import cuda_settings as cs
 
 @pytest.fixture
 def env(monkeypatch):
-    monkeypatch.delenv(cs.CUBLASLT_WORKSPACE_ENV, raising=False)
+    # setenv first, so that monkeypatch restores the variable (removes it where it was absent) after the module under
+    # test wrote os.environ itself; delenv of an absent variable records nothing to undo
+    monkeypatch.setenv(cs.CUBLASLT_WORKSPACE_ENV, "")
+    monkeypatch.delenv(cs.CUBLASLT_WORKSPACE_ENV)
     return monkeypatch
 
 
