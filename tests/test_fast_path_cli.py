@@ -91,7 +91,7 @@ def test_cli_run_with_the_bf16_fast_path(tmp_path, capsys):
     ys, xs = np.mgrid[0:64, 0:64]
     pointmap = np.stack([(xs - 32) / 64, (ys - 32) / 64, np.full((64, 64), 2.0)], -1).astype(np.float32)
     np.savez(tmp_path / "in.npz", image=image, mask=mask, pointmap=pointmap)
-    args = cli.build_parser().parse_args(["run", "--weights", "random", "--inputs", str(tmp_path / "in.npz"),
+    args = cli.build_parser().parse_args(["run", "--inputs", str(tmp_path / "in.npz"),
                                           "--fast-path", "bf16", "--out", str(tmp_path / "m.ply")])
     assert args.fn(args) == 0
     assert (tmp_path / "m.ply").stat().st_size > 0
