@@ -11,8 +11,10 @@ times 20 replays (CUDA events: microseconds per GEMM, memsets included) and list
 how many memsets it held and which kernel cuBLASLt chose. Session 26's output is in
 ``results/base_vs_official_h100/session26/cublaslt_workspace.txt``.
 """
-import os, sys, torch
+import os, torch
 from torch.profiler import profile, ProfilerActivity
+if not torch.cuda.is_available():  # added after session 26's run (which had a GPU); the timing below is unchanged
+    raise SystemExit("cublaslt_workspace.py times cuBLASLt GEMMs in CUDA graphs: it needs a CUDA device")
 dev = torch.device("cuda"); torch.manual_seed(0)
 res = []
 for M in (3788, 4000):
