@@ -6,7 +6,47 @@ import sys
 from pathlib import Path
 
 
+#: fast paths whose process gets no cuBLASLt workspace under ``--cublaslt-workspace-kib auto`` (on CUDA): those with
+#: the GELU epilogue (``-ge``), whose bias/GELU-epilogue GEMMs otherwise run a dynamically scheduled kernel with a
+#: memset in front of every call (``fs3d_accel.cuda_settings``)
+ZERO_WORKSPACE_MARK = "-ge"
+
+
+def workspace_arg(raw: str) -> str | int:
+    """``--cublaslt-workspace-kib``: ``auto`` or a whole number of KiB >= 0 (argparse type; ValueError otherwise)."""
+    if raw == "auto":
+        return raw
+    try:
+        kib = int(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'auto' or a whole number of KiB >= 0, got {raw!r}") from None
+    if kib < 0:
+        raise argparse.ArgumentTypeError(f"a workspace size must be >= 0 KiB, got {kib}")
+    return kib
+
+
+def chosen_workspace_kib(setting: str | int, fast_path_name: str, device: str) -> int | None:
+    """The cuBLASLt workspace (KiB) ``--cublaslt-workspace-kib setting`` asks for, None for PyTorch's default.
+
+    ``auto``: 0 for a ``-ge`` fast path on CUDA, unless ``CUBLASLT_WORKSPACE_SIZE`` is exported, which then stands;
+    otherwise PyTorch's default. A number is taken as given. Why 0: with it the named fastest path's SLaT call was
+    faster in 4 of 4 consecutive process pairs on H100s and its SS call in 3 of 3 (sessions 26-27, 0.4-1.5% with one
+    pair at 4.4%), and its one-switch reference's quality stayed within run-to-run noise
+    (``benchmarks/results/base_vs_official_h100/session27/``)."""
+    from .cuda_settings import cublaslt_workspace_kib
+    if setting != "auto":
+        return int(setting)
+    exported = cublaslt_workspace_kib()
+    if exported is not None:
+        return exported
+    import torch
+    if torch.device(device).type == "cuda" and ZERO_WORKSPACE_MARK in fast_path_name:
+        return 0
+    return None
+
+
 def _load_pipeline(args) -> "object":
+    from .cuda_settings import set_cublaslt_workspace
     from .pipeline import Pipeline
     from .stages.options import fast_path
     try:
@@ -14,6 +54,13 @@ def _load_pipeline(args) -> "object":
         options.check_device(args.device)
     except ValueError as e:
         raise SystemExit(f"--fast-path: {e}") from e
+    try:
+        kib = chosen_workspace_kib(getattr(args, "cublaslt_workspace_kib", "auto"), getattr(args, "fast_path", "off"),
+                                   args.device)
+        if kib is not None:
+            set_cublaslt_workspace(kib)  # before the model reaches the GPU: PyTorch reads it once per process
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"--cublaslt-workspace-kib: {e}") from e
     slat_mode = getattr(args, "slat_compile_mode", None)
     if slat_mode is not None:
         import dataclasses
@@ -61,6 +108,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi (the pieces path with every "
                         "SLaT switch timed on it since, the suffixes of base_vs_official.py: SLaT at 14k "
                         "0.478-0.485 s against 0.499-0.501 s on an H100, session 25; inference only)")
+    p.add_argument("--cublaslt-workspace-kib", default="auto", type=workspace_arg,
+                   help="cuBLASLt workspace for the whole process, in KiB (fs3d_accel.cuda_settings). auto (default): "
+                        "0 for a fast path with the GELU epilogue (-ge) on CUDA, which removes a memset in front of "
+                        "each bias/GELU-epilogue GEMM (the named fastest path's SS and SLaT calls faster in every "
+                        "A/B pair of processes on H100s, sessions 26-27), unless CUBLASLT_WORKSPACE_SIZE is exported; otherwise PyTorch's "
+                        "default. A number sets it (must come before any GPU work of the process)")
     p.add_argument("--slat-compile-mode", default=None, choices=_compile_modes(),
                    help="SLaT's own torch.compile mode, overriding the fast path's for SLaT only (e.g. 'default' to "
                         "skip SLaT's per-object CUDA-graph captures: 0.17 s per new object size faster on an H100 in session 12, "

@@ -523,19 +523,23 @@ class CliPipeFactory:
     config: str | None = None
     fast_path: str = "off"
     slat_compile_mode: str | None = None
+    #: ``--cublaslt-workspace-kib`` (``auto`` or KiB), applied in each actor's process before its model is built
+    cublaslt_workspace_kib: str | int = "auto"
 
     @classmethod
     def from_args(cls, args) -> "CliPipeFactory":
         return cls(weights=args.weights, checkpoint=args.checkpoint, config=args.config,
                    fast_path=getattr(args, "fast_path", "off"),
-                   slat_compile_mode=getattr(args, "slat_compile_mode", None))
+                   slat_compile_mode=getattr(args, "slat_compile_mode", None),
+                   cublaslt_workspace_kib=getattr(args, "cublaslt_workspace_kib", "auto"))
 
     def __call__(self, device: str = "cpu"):
         from fs3d_accel.cli import _load_pipeline
 
         return _load_pipeline(argparse.Namespace(weights=self.weights, checkpoint=self.checkpoint,
                                                  config=self.config, device=device, fast_path=self.fast_path,
-                                                 slat_compile_mode=self.slat_compile_mode))
+                                                 slat_compile_mode=self.slat_compile_mode,
+                                                 cublaslt_workspace_kib=self.cublaslt_workspace_kib))
 
 
 def eval_main(args, samples: Sequence, methods: Mapping[str, Callable]) -> pd.DataFrame:

@@ -1,0 +1,126 @@
+"""``fs3d ... --cublaslt-workspace-kib``: which cuBLASLt workspace the CLI asks for, and that it is set before the model
+reaches a device (``fs3d_accel.cuda_settings`` holds the setting itself)."""
+from __future__ import annotations
+
+import pytest
+
+from fs3d_accel import cli
+from fs3d_accel import cuda_settings as cs
+
+FASTEST = "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi"
+
+
+@pytest.fixture
+def env(monkeypatch):
+    # as in test_cuda_settings: monkeypatch restores (removes) the variable after the code under test wrote it
+    monkeypatch.setenv(cs.CUBLASLT_WORKSPACE_ENV, "")
+    monkeypatch.delenv(cs.CUBLASLT_WORKSPACE_ENV)
+    return monkeypatch
+
+
+@pytest.mark.parametrize("name", [FASTEST, "compiled-zkv-fa4-all-sqfa2-ge", "compiled-zkv-fa4-all-sqfa2-ge-ac"])
+def test_auto_is_zero_for_gelu_epilogue_paths_on_cuda(env, name):
+    assert cli.chosen_workspace_kib("auto", name, "cuda") == 0
+    assert cli.chosen_workspace_kib("auto", name, "cuda:1") == 0
+
+
+@pytest.mark.parametrize("name,device", [(FASTEST, "cpu"), ("bf16", "cuda"), ("compiled-zkv-fa4-all-sqfa2", "cuda"),
+                                         ("off", "cuda"), ("off", "cpu")])
+def test_auto_leaves_pytorchs_default_elsewhere(env, name, device):
+    assert cli.chosen_workspace_kib("auto", name, device) is None
+
+
+def test_an_exported_size_stands_under_auto(env):
+    env.setenv(cs.CUBLASLT_WORKSPACE_ENV, "1024")
+    assert cli.chosen_workspace_kib("auto", FASTEST, "cuda") == 1024
+    env.setenv(cs.CUBLASLT_WORKSPACE_ENV, "-3")
+    with pytest.raises(ValueError, match="must be >= 0 KiB"):
+        cli.chosen_workspace_kib("auto", FASTEST, "cuda")
+
+
+def test_a_number_is_taken_as_given(env):
+    env.setenv(cs.CUBLASLT_WORKSPACE_ENV, "1024")
+    assert cli.chosen_workspace_kib(0, "bf16", "cpu") == 0
+    assert cli.chosen_workspace_kib(4096, FASTEST, "cuda") == 4096
+
+
+@pytest.mark.parametrize("raw,expected", [("auto", "auto"), ("0", 0), ("32768", 32768)])
+def test_argument_values(raw, expected):
+    assert cli.workspace_arg(raw) == expected
+
+
+@pytest.mark.parametrize("raw,problem", [("-1", "must be >= 0 KiB"), ("1.5", "whole number"), ("AUTO", "whole number"),
+                                         ("", "whole number")])
+def test_bad_argument_values_are_refused(capsys, raw, problem):
+    with pytest.raises(SystemExit) as e:
+        cli.build_parser().parse_args(["run", "--sample", "0", "--cublaslt-workspace-kib", raw])
+    assert e.value.code == 2
+    assert problem in capsys.readouterr().err
+
+
+def test_the_parser_defaults_to_auto():
+    assert cli.build_parser().parse_args(["run", "--sample", "0"]).cublaslt_workspace_kib == "auto"
+
+
+def test_load_pipeline_sets_the_workspace_before_building_the_model(env):
+    """A set size reaches the environment before the pipeline is built (here on the CPU, where CUDA never
+    initialises): the setting PyTorch reads at its first cuBLASLt matmul."""
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_pretrained(*a, **k):
+        seen["env"] = cs.cublaslt_workspace_kib()
+        raise Stop
+
+    env.setattr("fs3d_accel.pipeline.Pipeline.from_pretrained", staticmethod(fake_pretrained))
+    args = cli.build_parser().parse_args(["run", "--sample", "0", "--cublaslt-workspace-kib", "0"])
+    with pytest.raises(Stop):
+        cli._load_pipeline(args)
+    assert seen["env"] == 0
+
+
+def test_load_pipeline_leaves_the_default_for_auto_on_cpu(env):
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_pretrained(*a, **k):
+        seen["env"] = cs.cublaslt_workspace_kib()
+        raise Stop
+
+    env.setattr("fs3d_accel.pipeline.Pipeline.from_pretrained", staticmethod(fake_pretrained))
+    with pytest.raises(Stop):
+        cli._load_pipeline(cli.build_parser().parse_args(["run", "--sample", "0"]))
+    assert seen["env"] is None
+
+
+def test_a_size_that_can_no_longer_apply_is_refused(env):
+    env.setattr(cs.torch.cuda, "is_initialized", lambda: True)
+    args = cli.build_parser().parse_args(["run", "--sample", "0", "--cublaslt-workspace-kib", "0"])
+    with pytest.raises(SystemExit, match="--cublaslt-workspace-kib: set the cuBLASLt workspace"):
+        cli._load_pipeline(args)
+
+
+def test_the_ray_factory_carries_the_setting_to_its_actors(env):
+    """``CliPipeFactory`` (``--ray`` workers) applies the same setting in the actor's process before building."""
+    from fs3d_analysis.distributed import CliPipeFactory
+    args = cli.build_parser().parse_args(["eval", "--cublaslt-workspace-kib", "0"])
+    factory = CliPipeFactory.from_args(args)
+    assert factory.cublaslt_workspace_kib == 0
+    assert CliPipeFactory.from_args(cli.build_parser().parse_args(["eval"])).cublaslt_workspace_kib == "auto"
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_pretrained(*a, **k):
+        seen["env"] = cs.cublaslt_workspace_kib()
+        raise Stop
+
+    env.setattr("fs3d_accel.pipeline.Pipeline.from_pretrained", staticmethod(fake_pretrained))
+    with pytest.raises(Stop):
+        factory("cpu")
+    assert seen["env"] == 0
