@@ -111,6 +111,7 @@ from fs3d_accel.cuda_settings import cublaslt_workspace_kib, set_cublaslt_worksp
 from fs3d_accel.model.attention_kernels import FA4_KERNEL_CALL  # noqa: E402
 from fs3d_accel.model.random_weights import perturb_zero_inits  # noqa: E402
 from fs3d_analysis.profile.latency import cuda_graph_recordings, sync_device  # noqa: E402
+from fs3d_analysis.profile.gc_pauses import GCPauses, freeze_after_warmup  # noqa: E402
 from fs3d_analysis.profile.busy import (KERNEL_CLASSES, IdleGap, KernelTime, Timeline, kernel_class,  # noqa: E402
                                         kernel_time)
 from fs3d_analysis.profile.shape_only import skip_heavy_ops  # noqa: E402
@@ -133,6 +134,7 @@ COLUMNS = ["round", "variant", "stage", "object", "N", "median_s", "min_s", "fir
            "model_tflop", "achieved_tflops", "mfu", "executed_tflop", "mfu_executed", "kernel_s", "mfu_kernels",
            "round_peak_tflops", "mfu_executed_round_peak", "launches", "gpu_busy",
            "graphs_recorded_per_call", "peak_mem_gb", "resident_gb",
+           "gc_per_call", "gc_gen2_per_call", "gc_ms_per_call", "gc_longest_ms",
            "max_abs_vs_official", "rel_vs_official", "precision", "error"]
 
 
@@ -199,6 +201,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="cuBLASLt workspace for the whole process (KiB; fs3d_accel.cuda_settings): 0 makes cuBLASLt "
                          "pick its static-scheduler GEMMs, which need no memset before each call (default: "
                          "PyTorch's, 32 MiB on Hopper, or CUBLASLT_WORKSPACE_SIZE where exported)")
+    ap.add_argument("--python-gc", default="on", choices=["on", "frozen"],
+                    help="Python's garbage collector during the timed calls: on (as Python leaves it), or frozen: "
+                         "gc.freeze() after each unit's first call, so the collections of the timed calls skip every "
+                         "object alive after compiling (fs3d_analysis.profile.gc_pauses). Either way the collections "
+                         "inside the warm-up and timed calls are recorded (gc_* columns)")
     ap.add_argument("--gpu-busy", action="store_true",
                     help="profile one more call per unit and report its summed kernel time over the median wall "
                          "time (GPU busy; far below 100%% means the call waits on the host), every kernel "
@@ -431,11 +438,13 @@ def _free(dev: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def measure(fn: Callable[[], Any], dev: torch.device, warmup: int, repeats: int) -> tuple[Any, dict]:
+def measure(fn: Callable[[], Any], dev: torch.device, warmup: int, repeats: int,
+            freeze_gc: bool = False) -> tuple[Any, dict]:
     """First call (timed alone: includes compilation / autotuning), then stage_latency.Timer
-    (``warmup`` untimed calls, median of ``repeats``); peak memory over the timed calls, and the CUDA graphs recorded
+    (``warmup`` untimed calls, median of ``repeats``); peak memory over the timed calls, the CUDA graphs recorded
     per call after the first (inductor's, 0 where the compiled regions only replay, plus the stages' own whole-pass
-    graphs, two per SLaT object by design)."""
+    graphs, two per SLaT object by design), and Python's garbage collections inside the warm-up and timed calls
+    (``gc_*``, per call). ``freeze_gc``: ``gc.freeze()`` after the first call (``--python-gc frozen``)."""
     sync_device(dev)
     resident = torch.cuda.memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else float("nan")
     t0 = time.perf_counter()
@@ -445,12 +454,16 @@ def measure(fn: Callable[[], Any], dev: torch.device, warmup: int, repeats: int)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     recorded = cuda_graph_recordings(dev)
-    r = Timer(dev, warmup, repeats)(fn)
+    if freeze_gc:
+        freeze_after_warmup()
+    with GCPauses() as pauses:
+        r = Timer(dev, warmup, repeats)(fn)
     recorded = cuda_graph_recordings(dev) - recorded
     peak = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else float("nan")
     return out, {"median_s": r["median_s"], "min_s": r["min_s"], "n": r["n"], "first_call_s": first,
                  "graphs_recorded_per_call": recorded / (warmup + repeats) if warmup + repeats else float("nan"),
-                 "peak_mem_gb": peak, "resident_gb": resident}
+                 "peak_mem_gb": peak, "resident_gb": resident,
+                 **(pauses.per_call(warmup + repeats) if warmup + repeats else {})}
 
 
 def _flat(x) -> torch.Tensor:
@@ -741,8 +754,33 @@ def readme_text(rows: list[dict], meta: dict) -> str:
     idle = idle_lines(rows)
     if idle:
         lines += [""] + idle
+    collections = gc_lines(rows, meta)
+    if collections:
+        lines += [""] + collections
     lines += ["", "## How the official modules run here", ""] + [f"- {n}" for n in meta.get("notes", [])]
     return "\n".join(lines) + "\n"
+
+
+def gc_lines(rows: list[dict], meta: dict) -> list[str]:
+    """The Python garbage collections inside each unit's warm-up and timed calls (``gc_*`` columns), or nothing
+    where no row has them (runs made before the columns existed)."""
+    have = [r for r in rows if _fmt(r.get("gc_ms_per_call"), ".2f")]
+    if not have:
+        return []
+    frozen = meta.get("python_gc") == "frozen"
+    multi = len({r.get("round", 1) for r in rows}) > 1
+    lines = ["Python's garbage collections inside the warm-up and timed calls, per call"
+             + (" (`--python-gc frozen`: `gc.freeze()` after each unit's first call)" if frozen else
+                " (the collector as Python leaves it)") + "; a full collection walks every object alive, the "
+             "compiled code's included:", "",
+             "| " + ("round | " if multi else "") + "stage | object | variant | collections | full | ms | longest ms |",
+             "|" + "---|" * (8 if multi else 7)]
+    for r in have:
+        lines.append("| " + (f"{r.get('round', 1)} | " if multi else "")
+                     + f"{STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | {r['variant']} | "
+                     f"{_fmt(r.get('gc_per_call'), '.2f')} | {_fmt(r.get('gc_gen2_per_call'), '.2f')} | "
+                     f"{_fmt(r.get('gc_ms_per_call'), '.2f')} | {_fmt(r.get('gc_longest_ms'), '.2f')} |")
+    return lines
 
 
 def peak_provenance(meta: dict) -> str:
@@ -1220,7 +1258,7 @@ def run(args) -> list[dict]:
         "official_commit": official_commit(args.official) if want_official else "not run",
         "official_compile_mode": args.official_compile_mode, "tf32": args.tf32 == "on", "host_cpu": host_cpu(),
         "our_conv_impl": args.conv_impl, "our_gather_chunk": args.gather_chunk,
-        "cublaslt_workspace_kib": cublaslt_workspace_kib(),
+        "cublaslt_workspace_kib": cublaslt_workspace_kib(), "python_gc": args.python_gc,
         "variants": {v: ("official modules, as the official pipeline runs them" if v == "official" else
                          "official + torch.compile of the SS CFG step" if v == "official-compile" else
                          f"ours: {variant_label(v)} = {variant_options(v)}") for v in args.variants},
@@ -1341,7 +1379,7 @@ def run(args) -> list[dict]:
             module.to(dev)
             with torch.no_grad():
                 fn = make_fn()
-                out, r = measure(fn, dev, args.warmup, args.repeats)
+                out, r = measure(fn, dev, args.warmup, args.repeats, freeze_gc=args.python_gc == "frozen")
                 if args.gpu_busy and rnd == 1:
                     k = kernel_time(fn, dev)
                     r.update(kernel_s=k.seconds, launches=k.launches, gpu_busy=k.seconds / r["median_s"],
@@ -1367,6 +1405,8 @@ def run(args) -> list[dict]:
         print(f"{'round ' + str(rnd) + ' ' if args.rounds > 1 else ''}{variant:>16} {stage:>4} {obj or '':>20} "
               f"N={row['N'] or '':>6} "
               f"median {row.get('median_s', float('nan')):.4f} s  first {row.get('first_call_s', float('nan')):.3f} s"
+              + (f"  gc {row['gc_ms_per_call']:.1f} ms/call ({row['gc_gen2_per_call']:.2f} full)"
+                 if "gc_ms_per_call" in row else "")
               + (f"  ERROR {row['error']}" if row.get("error") else ""), flush=True)
         write_outputs(rows, args.out, meta)  # after every unit: a killed run keeps its rows
 

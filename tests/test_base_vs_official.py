@@ -565,3 +565,54 @@ def test_a_units_fa4_kernel_calls_are_recorded_in_meta(monkeypatch):
     ak.FA4_KERNEL_CALL.counts.update({"launched": 48, "fell back": 2})
     bvo.record_fa4_kernel_calls(meta, "1 v slat obj", before)
     assert meta == {"fa4_kernel_call_counts": {"1 v slat obj": {"launched": 48, "fell back": 2}}}
+
+
+def test_measure_records_the_collections_inside_the_warmup_and_timed_calls_only():
+    """A full collection in the first call (compiling) is not counted; one in each later call is, per call."""
+    import gc
+    calls = []
+
+    def fn():
+        calls.append(1)
+        gc.collect(2)
+
+    _, r = bvo.measure(fn, torch.device("cpu"), warmup=1, repeats=2)
+    assert len(calls) == 4
+    assert r["gc_gen2_per_call"] >= 1.0 and r["gc_per_call"] >= r["gc_gen2_per_call"]
+    assert r["gc_ms_per_call"] >= 0 and r["gc_longest_ms"] >= 0
+    _, quiet = bvo.measure(lambda: None, torch.device("cpu"), warmup=1, repeats=2)
+    assert quiet["gc_gen2_per_call"] < 1.0  # no collection of its own in every call
+
+
+def test_measure_freezes_after_the_first_call_only_where_asked(monkeypatch):
+    import gc
+    order = []
+    monkeypatch.setattr(bvo, "freeze_after_warmup", lambda: order.append("freeze"))
+    bvo.measure(lambda: order.append("call"), torch.device("cpu"), warmup=1, repeats=1, freeze_gc=True)
+    assert order == ["call", "freeze", "call", "call"]
+    order.clear()
+    bvo.measure(lambda: order.append("call"), torch.device("cpu"), warmup=1, repeats=1)
+    assert order == ["call", "call", "call"]
+    assert gc.get_freeze_count() == 0  # nothing real was frozen by these tests
+
+
+def test_python_gc_argument():
+    tiny = TINY + ["--variants", "fp32"]
+    assert bvo.parse_args(tiny).python_gc == "on"
+    assert bvo.parse_args(tiny + ["--python-gc", "frozen"]).python_gc == "frozen"
+    with pytest.raises(SystemExit):
+        bvo.parse_args(tiny + ["--python-gc", "off"])
+
+
+def test_collections_are_tabled_written_and_read_back(tmp_path):
+    rows = _rows()
+    rows[0].update(gc_per_call=2.5, gc_gen2_per_call=0.25, gc_ms_per_call=3.125, gc_longest_ms=11.5)
+    meta = {"device": "H100", "peak_tflops": 800.0, "python_gc": "frozen"}
+    bvo.write_outputs(rows, tmp_path, meta)
+    text = (tmp_path / bvo.README_NAME).read_text()
+    assert "`--python-gc frozen`" in text
+    assert f"| SS generator sampler |  | {rows[0]['variant']} | 2.50 | 0.25 | 3.12 | 11.50 |" in text
+    back, back_meta = bvo.load_outputs(tmp_path)
+    assert back[0]["gc_ms_per_call"] == 3.125 and back[0]["gc_gen2_per_call"] == 0.25
+    assert bvo.gc_lines(back, back_meta) == bvo.gc_lines(rows, meta)
+    assert bvo.gc_lines(_rows(), meta) == []  # older runs without the columns: no section
