@@ -45,22 +45,38 @@ def chosen_workspace_kib(setting: str | int, fast_path_name: str, device: str) -
     return None
 
 
-def _load_pipeline(args) -> "object":
+def apply_workspace_setting(setting: str | int, fast_path_name: str, device: str) -> int | None:
+    """Set the cuBLASLt workspace ``--cublaslt-workspace-kib`` asks for (:func:`chosen_workspace_kib`); returns it.
+
+    A number that can no longer apply (CUDA already initialised in this process with another value) is refused with
+    SystemExit. ``auto`` is a preference: where it can no longer apply, it warns and leaves the process as it is."""
+    import warnings
     from .cuda_settings import set_cublaslt_workspace
+    try:
+        kib = chosen_workspace_kib(setting, fast_path_name, device)
+        if kib is not None:
+            set_cublaslt_workspace(kib)
+        return kib
+    except RuntimeError as e:
+        if setting == "auto":
+            warnings.warn(f"--cublaslt-workspace-kib auto: not applied ({e})", RuntimeWarning, stacklevel=2)
+            return None
+        raise SystemExit(f"--cublaslt-workspace-kib: {e}") from e
+    except ValueError as e:
+        raise SystemExit(f"--cublaslt-workspace-kib: {e}") from e
+
+
+def _load_pipeline(args) -> "object":
     from .pipeline import Pipeline
     from .stages.options import fast_path
+    # first: PyTorch reads the workspace once per process, and the device checks below may initialise CUDA
+    apply_workspace_setting(getattr(args, "cublaslt_workspace_kib", "auto"), getattr(args, "fast_path", "off"),
+                            args.device)
     try:
         options = fast_path(getattr(args, "fast_path", "off"))
         options.check_device(args.device)
     except ValueError as e:
         raise SystemExit(f"--fast-path: {e}") from e
-    try:
-        kib = chosen_workspace_kib(getattr(args, "cublaslt_workspace_kib", "auto"), getattr(args, "fast_path", "off"),
-                                   args.device)
-        if kib is not None:
-            set_cublaslt_workspace(kib)  # before the model reaches the GPU: PyTorch reads it once per process
-    except (ValueError, RuntimeError) as e:
-        raise SystemExit(f"--cublaslt-workspace-kib: {e}") from e
     slat_mode = getattr(args, "slat_compile_mode", None)
     if slat_mode is not None:
         import dataclasses

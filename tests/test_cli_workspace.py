@@ -124,3 +124,39 @@ def test_the_ray_factory_carries_the_setting_to_its_actors(env):
     with pytest.raises(Stop):
         factory("cpu")
     assert seen["env"] == 0
+
+
+def test_the_workspace_is_set_before_the_device_checks(env):
+    """``RunOptions.check_device`` may initialise CUDA (it reads the device's capability), so the workspace must be in
+    the environment before it runs (found on an H100: set after it, auto was refused)."""
+    from fs3d_accel.stages.options import RunOptions
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def check_device(self, device):
+        seen["env"] = cs.cublaslt_workspace_kib()
+        raise Stop
+
+    env.setattr(RunOptions, "check_device", check_device)
+    with pytest.raises(Stop):
+        cli._load_pipeline(cli.build_parser().parse_args(["run", "--sample", "0", "--cublaslt-workspace-kib", "0"]))
+    assert seen["env"] == 0
+
+
+def test_auto_warns_and_goes_on_where_it_can_no_longer_apply(env):
+    env.setattr(cs.torch.cuda, "is_initialized", lambda: True)
+    with pytest.warns(RuntimeWarning, match="auto: not applied"):
+        assert cli.apply_workspace_setting("auto", FASTEST, "cuda") is None
+    assert cs.cublaslt_workspace_kib() is None
+    with pytest.raises(SystemExit, match="--cublaslt-workspace-kib: set the cuBLASLt workspace"):
+        cli.apply_workspace_setting(0, FASTEST, "cuda")
+    env.setenv(cs.CUBLASLT_WORKSPACE_ENV, "0")  # already what auto asks for: nothing to change, no warning
+    assert cli.apply_workspace_setting("auto", FASTEST, "cuda") == 0
+
+
+def test_an_unreadable_exported_size_is_refused_by_name(env):
+    env.setenv(cs.CUBLASLT_WORKSPACE_ENV, "lots")
+    with pytest.raises(SystemExit, match="--cublaslt-workspace-kib: CUBLASLT_WORKSPACE_SIZE='lots' is not a whole"):
+        cli.apply_workspace_setting("auto", FASTEST, "cuda")
