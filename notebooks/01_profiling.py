@@ -1146,3 +1146,25 @@ slat27[["median_s", "round_peak_tflops", "mfu_executed_round_peak", "mfu_execute
 # path's one-switch reference read mean ΔF1 +0.014 (max 2.73) against fp32 in the same process, inside the band the
 # same setting showed with the workspace in session 25. `fs3d --cublaslt-workspace-kib auto` (the default) now asks
 # for no workspace on the `-ge` fast paths on CUDA.
+
+# %% [markdown]
+# Quality with and without the workspace (`results/fast_path_quality_h100/session27_ws0/`, two consecutive processes on
+# a second lease): the fast path's F1 and voxel counts are the same on all 28 objects; only fp32's change.
+
+# %%
+Q27 = R17 / "fast_path_quality_h100" / "session27_ws0"
+q27 = pd.concat([pd.read_csv(Q27 / run / "fast_path_quality.csv").assign(run=run) for run in ("ws0", "default")])
+q27["setting"] = q27["setting"].map(lambda s: "fp32" if s == "fp32" else "named path" if s.endswith("inlined torso")
+                                    else "-ac-cm-ok")
+q27w = q27.pivot_table(index=["setting", "dataset", "object"], columns="run", values=["f_score", "n_voxels"])
+(q27w["f_score"]["ws0"] != q27w["f_score"]["default"]).groupby(level="setting").sum().rename("objects whose F1 changed")
+
+# %% [markdown]
+# The same lease also recorded Python's garbage collections inside the timed SLaT calls (`session27/gc/`, the new
+# `gc_*` columns) and tried `--python-gc frozen`: one young collection per call and no full one, so the collector is
+# not what stretches the first step.
+
+# %%
+gc27 = pd.concat([pd.read_csv(S27 / "gc" / run / "base_vs_official.csv").assign(run=run) for run in ("G1", "F1", "G2")])
+gc27[["run", "round", "median_s", "gc_per_call", "gc_gen2_per_call", "gc_ms_per_call", "round_peak_tflops",
+      "mfu_executed_round_peak"]].round(4)
