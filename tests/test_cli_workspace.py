@@ -18,6 +18,23 @@ def env(monkeypatch):
     return monkeypatch
 
 
+class Stop(Exception):
+    """Raised where the model would be built: the test has seen what it needs."""
+
+
+@pytest.fixture
+def at_build(env):
+    """The cuBLASLt workspace in the environment when the CLI builds its pipeline (recorded, then Stop)."""
+    seen = {}
+
+    def fake_pretrained(*a, **k):
+        seen["env"] = cs.cublaslt_workspace_kib()
+        raise Stop
+
+    env.setattr("fs3d_accel.pipeline.Pipeline.from_pretrained", staticmethod(fake_pretrained))
+    return seen
+
+
 @pytest.mark.parametrize("name", [FASTEST, "compiled-zkv-fa4-all-sqfa2-ge", "compiled-zkv-fa4-all-sqfa2-ge-ac"])
 def test_auto_is_zero_for_gelu_epilogue_paths_on_cuda(env, name):
     assert cli.chosen_workspace_kib("auto", name, "cuda") == 0
@@ -62,39 +79,19 @@ def test_the_parser_defaults_to_auto():
     assert cli.build_parser().parse_args(["run", "--sample", "0"]).cublaslt_workspace_kib == "auto"
 
 
-def test_load_pipeline_sets_the_workspace_before_building_the_model(env):
+def test_load_pipeline_sets_the_workspace_before_building_the_model(at_build):
     """A set size reaches the environment before the pipeline is built (here on the CPU, where CUDA never
     initialises): the setting PyTorch reads at its first cuBLASLt matmul."""
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake_pretrained(*a, **k):
-        seen["env"] = cs.cublaslt_workspace_kib()
-        raise Stop
-
-    env.setattr("fs3d_accel.pipeline.Pipeline.from_pretrained", staticmethod(fake_pretrained))
     args = cli.build_parser().parse_args(["run", "--sample", "0", "--cublaslt-workspace-kib", "0"])
     with pytest.raises(Stop):
         cli._load_pipeline(args)
-    assert seen["env"] == 0
+    assert at_build["env"] == 0
 
 
-def test_load_pipeline_leaves_the_default_for_auto_on_cpu(env):
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake_pretrained(*a, **k):
-        seen["env"] = cs.cublaslt_workspace_kib()
-        raise Stop
-
-    env.setattr("fs3d_accel.pipeline.Pipeline.from_pretrained", staticmethod(fake_pretrained))
+def test_load_pipeline_leaves_the_default_for_auto_on_cpu(at_build):
     with pytest.raises(Stop):
         cli._load_pipeline(cli.build_parser().parse_args(["run", "--sample", "0"]))
-    assert seen["env"] is None
+    assert at_build["env"] is None
 
 
 def test_a_size_that_can_no_longer_apply_is_refused(env):
@@ -104,26 +101,16 @@ def test_a_size_that_can_no_longer_apply_is_refused(env):
         cli._load_pipeline(args)
 
 
-def test_the_ray_factory_carries_the_setting_to_its_actors(env):
+def test_the_ray_factory_carries_the_setting_to_its_actors(at_build):
     """``CliPipeFactory`` (``--ray`` workers) applies the same setting in the actor's process before building."""
     from fs3d_analysis.distributed import CliPipeFactory
     args = cli.build_parser().parse_args(["eval", "--cublaslt-workspace-kib", "0"])
     factory = CliPipeFactory.from_args(args)
     assert factory.cublaslt_workspace_kib == 0
     assert CliPipeFactory.from_args(cli.build_parser().parse_args(["eval"])).cublaslt_workspace_kib == "auto"
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake_pretrained(*a, **k):
-        seen["env"] = cs.cublaslt_workspace_kib()
-        raise Stop
-
-    env.setattr("fs3d_accel.pipeline.Pipeline.from_pretrained", staticmethod(fake_pretrained))
     with pytest.raises(Stop):
         factory("cpu")
-    assert seen["env"] == 0
+    assert at_build["env"] == 0
 
 
 def test_the_workspace_is_set_before_the_device_checks(env):
@@ -131,9 +118,6 @@ def test_the_workspace_is_set_before_the_device_checks(env):
     the environment before it runs (found on an H100: set after it, auto was refused)."""
     from fs3d_accel.stages.options import RunOptions
     seen = {}
-
-    class Stop(Exception):
-        pass
 
     def check_device(self, device):
         seen["env"] = cs.cublaslt_workspace_kib()
