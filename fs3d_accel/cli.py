@@ -6,12 +6,6 @@ import sys
 from pathlib import Path
 
 
-#: fast paths whose process gets no cuBLASLt workspace under ``--cublaslt-workspace-kib auto`` (on CUDA): those with
-#: the GELU epilogue (``-ge``), whose bias/GELU-epilogue GEMMs otherwise run a dynamically scheduled kernel with a
-#: memset in front of every call (``fs3d_accel.cuda_settings``)
-ZERO_WORKSPACE_MARK = "-ge"
-
-
 def workspace_arg(raw: str) -> str | int:
     """``--cublaslt-workspace-kib``: ``auto`` or a whole number of KiB >= 0 (argparse type; ValueError otherwise)."""
     if raw == "auto":
@@ -28,19 +22,23 @@ def workspace_arg(raw: str) -> str | int:
 def chosen_workspace_kib(setting: str | int, fast_path_name: str, device: str) -> int | None:
     """The cuBLASLt workspace (KiB) ``--cublaslt-workspace-kib setting`` asks for, None for PyTorch's default.
 
-    ``auto``: 0 for a ``-ge`` fast path on CUDA, unless ``CUBLASLT_WORKSPACE_SIZE`` is exported, which then stands;
-    otherwise PyTorch's default. A number is taken as given. Why 0: with it the named fastest path's SLaT call was
-    faster in 4 of 4 consecutive process pairs on H100s and its SS call in 3 of 3 (sessions 26-27, 0.4-1.5% with one
-    pair at 4.4%), and its one-switch reference's quality stayed within run-to-run noise
-    (``benchmarks/results/base_vs_official_h100/session27/``)."""
+    ``auto``: 0 on CUDA for a fast path with the GELU epilogue (``RunOptions.gelu_epilogue``, the ``-ge`` paths), whose
+    bias/GELU-epilogue GEMMs otherwise run a dynamically scheduled kernel with a memset in front of every call
+    (``fs3d_accel.cuda_settings``), unless ``CUBLASLT_WORKSPACE_SIZE`` is exported, which then stands; otherwise
+    PyTorch's default (also for a name that is not a fast path, which the caller refuses). A number is taken as given.
+    Why 0: with it the named fastest path's SLaT call was faster in 4 of 4 consecutive process pairs on H100s and its
+    SS call in 3 of 3 (sessions 26-27, 0.4-1.5% with one pair at 4.4%), and its outputs on sam3d-mini's 28 objects
+    were the same (``benchmarks/results/base_vs_official_h100/session27/``)."""
     from .cuda_settings import cublaslt_workspace_kib
+    from .stages.options import FAST_PATHS
     if setting != "auto":
         return int(setting)
     exported = cublaslt_workspace_kib()
     if exported is not None:
         return exported
     import torch
-    if torch.device(device).type == "cuda" and ZERO_WORKSPACE_MARK in fast_path_name:
+    options = FAST_PATHS.get(fast_path_name)
+    if torch.device(device).type == "cuda" and options is not None and options.gelu_epilogue:
         return 0
     return None
 

@@ -144,3 +144,11 @@ def test_an_unreadable_exported_size_is_refused_by_name(env):
     env.setenv(cs.CUBLASLT_WORKSPACE_ENV, "lots")
     with pytest.raises(SystemExit, match="--cublaslt-workspace-kib: CUBLASLT_WORKSPACE_SIZE='lots' is not a whole"):
         cli.apply_workspace_setting("auto", FASTEST, "cuda")
+
+
+def test_auto_follows_the_gelu_epilogue_option_of_every_named_path(env):
+    from fs3d_accel.stages.options import FAST_PATHS
+    for name, options in FAST_PATHS.items():
+        assert cli.chosen_workspace_kib("auto", name, "cuda") == (0 if options.gelu_epilogue else None), name
+    assert sum(o.gelu_epilogue for o in FAST_PATHS.values()) >= 7  # the -ge paths
+    assert cli.chosen_workspace_kib("auto", "no-such-path-ge", "cuda") is None  # refused later by --fast-path
