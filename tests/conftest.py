@@ -59,6 +59,65 @@ def fast_mini_config(ss_steps: int = 3, slat_steps: int = 3):
                              SamplerConfig(steps=slat_steps, rescale_t=1.0, cfg_strength=1.0))
 
 
+def light_mini_config(ss_steps: int = 3, slat_steps: int = 3):
+    """:func:`fast_mini_config` with a thinner SS decoder (channels (8, 4, 4), one res block per level), for tests of
+    bf16 runs on the CPU that do not test the decoder: bf16 3D convolutions take the CPU's slow path, 17 s per SS run
+    with the mini decoder. The SS and SLaT flows are the mini ones."""
+    cfg = fast_mini_config(ss_steps, slat_steps)
+    return dataclasses.replace(cfg, ss_decoder=dataclasses.replace(cfg.ss_decoder, channels=(8, 4, 4), num_res_blocks=1,
+                                                                   num_res_blocks_middle=1))
+
+
+def light_bf16_pipe(ss_steps: int = 2, slat_steps: int = 2):
+    """The mini pipeline of :func:`light_mini_config` (random weights), its occupancy sparsified to ~3% (a few hundred
+    SLaT voxels on shipped sample 0 instead of ~8400), cast to bf16: cheap on the CPU, for tests of the flows'
+    attention."""
+    from fs3d_accel.pipeline import Pipeline
+    pipe = Pipeline.from_config(light_mini_config(ss_steps, slat_steps), seed=0)
+    sparsify_occupancy(pipe)
+    return pipe.to(torch.bfloat16)
+
+
+@pytest.fixture
+def env(monkeypatch):
+    """``monkeypatch`` with ``CUBLASLT_WORKSPACE_SIZE`` absent, and restored (removed) after the test even where the code
+    under test wrote ``os.environ`` itself: setenv first, so that monkeypatch records the variable to undo (delenv of
+    an absent variable records nothing)."""
+    from fs3d_accel.cuda_settings import CUBLASLT_WORKSPACE_ENV
+    monkeypatch.setenv(CUBLASLT_WORKSPACE_ENV, "")
+    monkeypatch.delenv(CUBLASLT_WORKSPACE_ENV)
+    return monkeypatch
+
+
+#: the list the ``run_time_sizes`` fixture fills (None outside that fixture)
+_run_time_sizes: list[int] | None = None
+
+
+@torch.library.custom_op("fs3d_tests::record_size", mutates_args=())
+def record_size(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Appends ``x.shape[dim]`` to the ``run_time_sizes`` fixture's list at every call and returns a copy of ``x``: for
+    spies on calls made inside torch.compile'd code. An operator runs there at every call of the graph, as its other
+    ops do, whereas a Python list appended to in the traced code makes dynamo guard on the list's length, so that
+    every call recompiles (and past the recompile limit the code runs uncompiled)."""
+    if _run_time_sizes is not None:
+        _run_time_sizes.append(x.shape[dim])
+    return x.clone()
+
+
+@record_size.register_fake
+def _record_size_fake(x: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@pytest.fixture
+def run_time_sizes(monkeypatch) -> list[int]:
+    """The sizes :func:`record_size` records while the test runs, in call order."""
+    import sys
+    sizes: list[int] = []
+    monkeypatch.setattr(sys.modules[__name__], "_run_time_sizes", sizes)
+    return sizes
+
+
 @dataclass
 class SceneObject:
     """The fields of a dataset sample that scene mode reads."""

@@ -9,11 +9,10 @@ import torch.nn.functional as F
 
 from fs3d_accel.model import attention_kernels as ak
 from fs3d_accel.model.layers import attention, cross_attention
-from fs3d_accel.pipeline import Pipeline
 from fs3d_accel.stages.options import KERNEL_ROLES, RunOptions
 from fs3d_analysis.data import load_shipped_samples
 
-from conftest import assert_same_ss_slat, fast_mini_config, run_ss_slat_each
+from conftest import assert_same_ss_slat, light_bf16_pipe, run_ss_slat_each
 
 
 def _sdpa_reference(q, k, v):
@@ -90,7 +89,7 @@ def test_samplers_route_every_unmasked_attention(stand_in):
     """bf16 mini pipeline, both samplers: with the kernel selected, the results equal the SDPA run bit for bit
     (the stand-in is SDPA) and the stand-in saw self- and cross-attention calls of both stages."""
     sample = load_shipped_samples()[0]
-    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=2), seed=0).to(torch.bfloat16)
+    pipe = light_bf16_pipe(ss_steps=2, slat_steps=2)
     inputs = pipe.prepare(sample.image, sample.mask, sample.pointmap)
     base = RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True)
     (reference,) = run_ss_slat_each(pipe, inputs, [base])
@@ -115,7 +114,7 @@ def test_samplers_route_only_the_chosen_sites(stand_in):
     """Sites ("ss.cross",): every routed call is an SS cross-attention (shape or layout queries over the
     condition tokens), none is self-attention or SLaT; latents equal the SDPA run bit for bit."""
     sample = load_shipped_samples()[0]
-    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=2), seed=0).to(torch.bfloat16)
+    pipe = light_bf16_pipe(ss_steps=2, slat_steps=2)
     inputs = pipe.prepare(sample.image, sample.mask, sample.pointmap)
     base = RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True)
     routed = RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, attention_kernel=ak.FLASH_ATTN_CUTE,
@@ -195,7 +194,7 @@ def test_custom_op_inside_the_compiled_flows(stand_in, cpu_compile, backend):
     through its fake implementation), the stand-in runs, and the latents equal the compiled SDPA run's."""
     from torch._dynamo.utils import counters
     sample = load_shipped_samples()[0]
-    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=2), seed=0).to(torch.bfloat16)
+    pipe = light_bf16_pipe(ss_steps=2, slat_steps=2)
     inputs = pipe.prepare(sample.image, sample.mask, sample.pointmap)
     common = dict(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
                   compile_backend=backend)
@@ -304,7 +303,7 @@ def test_tiles_reach_the_kernel_inside_the_compiled_flows(stand_in, cpu_compile)
     SS calls carry SS's tiles and SLaT calls SLaT's, and a second tile choice compiles its own graphs instead of
     replaying the first choice's tile values."""
     sample = load_shipped_samples()[0]
-    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=2), seed=0).to(torch.bfloat16)
+    pipe = light_bf16_pipe(ss_steps=2, slat_steps=2)
     inputs = pipe.prepare(sample.image, sample.mask, sample.pointmap)
     common = dict(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
                   compile_backend="aot_eager", attention_kernel=ak.FLASH_ATTN_CUTE)

@@ -10,14 +10,6 @@ from fs3d_accel import cuda_settings as cs
 FASTEST = "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi"
 
 
-@pytest.fixture
-def env(monkeypatch):
-    # as in test_cuda_settings: monkeypatch restores (removes) the variable after the code under test wrote it
-    monkeypatch.setenv(cs.CUBLASLT_WORKSPACE_ENV, "")
-    monkeypatch.delenv(cs.CUBLASLT_WORKSPACE_ENV)
-    return monkeypatch
-
-
 class Stop(Exception):
     """Raised where the model would be built: the test has seen what it needs."""
 

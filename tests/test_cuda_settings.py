@@ -7,15 +7,6 @@ import torch
 from fs3d_accel import cuda_settings as cs
 
 
-@pytest.fixture
-def env(monkeypatch):
-    # setenv first, so that monkeypatch restores the variable (removes it where it was absent) after the module under
-    # test wrote os.environ itself; delenv of an absent variable records nothing to undo
-    monkeypatch.setenv(cs.CUBLASLT_WORKSPACE_ENV, "")
-    monkeypatch.delenv(cs.CUBLASLT_WORKSPACE_ENV)
-    return monkeypatch
-
-
 def test_unset_means_pytorchs_default(env):
     assert cs.cublaslt_workspace_kib() is None
     env.setenv(cs.CUBLASLT_WORKSPACE_ENV, " ")

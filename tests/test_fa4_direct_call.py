@@ -10,10 +10,9 @@ import torch.nn.functional as F
 
 from fs3d_accel.model import attention_kernels as ak
 from fs3d_accel.model.layers import attention
-from fs3d_accel.pipeline import Pipeline
 from fs3d_accel.stages.options import RunOptions
 
-from conftest import assert_same_ss_slat, fast_mini_config
+from conftest import assert_same_ss_slat, light_bf16_pipe
 
 
 def _sdpa_reference(q, k, v):
@@ -126,7 +125,7 @@ def test_the_direct_op_inside_the_compiled_flows(stand_ins, cpu_compile, backend
     pytest.importorskip("trimesh", reason="the shipped samples load through the corpus module, which needs trimesh")
     from fs3d_analysis.data import load_shipped_samples
     sample = load_shipped_samples()[0]
-    pipe = Pipeline.from_config(fast_mini_config(ss_steps=2, slat_steps=2), seed=0).to(torch.bfloat16)
+    pipe = light_bf16_pipe(ss_steps=2, slat_steps=2)
     inputs = pipe.prepare(sample.image, sample.mask, sample.pointmap)
     common = dict(precision="bf16", batch_cfg=True, cache_cond_kv=True, compile_ss=True, compile_slat=True,
                   compile_backend=backend, attention_kernel=ak.FLASH_ATTN_CUTE)

@@ -83,17 +83,30 @@ def test_cli_fast_path(tmp_path):
     assert (factory.fast_path, factory.slat_compile_mode) == ("compiled-zkv-ro", "default")
 
 
-def test_cli_run_with_the_bf16_fast_path(tmp_path, capsys):
+def test_cli_run_with_the_bf16_fast_path(tmp_path, capsys, monkeypatch):
+    """``fs3d run --fast-path bf16`` end to end on the shipped sam3d-mini weights, writing a mesh. For time, the mini
+    config the CLI loads them into has 3-step SS and SLaT schedules (CFG on), and the mask is a thin bar (~3800 voxels
+    instead of ~5900): the bf16 SS decoder's 3D convolutions (CPU slow path, ~17 s) are most of what is left."""
+    from conftest import fast_mini_config
+    from fs3d_accel.model import configs
+    monkeypatch.setitem(configs.CONFIGS, "mini", lambda: fast_mini_config(ss_steps=3, slat_steps=3))
     rng = np.random.default_rng(0)
     image = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
     mask = np.zeros((64, 64), bool)
-    mask[16:48, 20:44] = True
+    mask[28:36, 8:56] = True
     ys, xs = np.mgrid[0:64, 0:64]
     pointmap = np.stack([(xs - 32) / 64, (ys - 32) / 64, np.full((64, 64), 2.0)], -1).astype(np.float32)
     np.savez(tmp_path / "in.npz", image=image, mask=mask, pointmap=pointmap)
     args = cli.build_parser().parse_args(["run", "--inputs", str(tmp_path / "in.npz"),
                                           "--fast-path", "bf16", "--out", str(tmp_path / "m.ply")])
+    loaded = []
+    monkeypatch.setattr(Pipeline, "with_options", lambda self, opts, _orig=Pipeline.with_options:
+                        loaded.append(self) or _orig(self, opts))
     assert args.fn(args) == 0
+    (pipe,) = loaded  # the shipped weights, in bf16, with the short schedules
+    assert pipe.source.startswith("pretrained:sam3d-mini") and pipe.options == fast_path("bf16")
+    assert pipe.config.ss_sampler.steps == pipe.config.slat_sampler.steps == 3
+    assert {p.dtype for p in pipe.parameters()} == {torch.bfloat16}
     assert (tmp_path / "m.ply").stat().st_size > 0
     assert "wrote" in capsys.readouterr().out
 

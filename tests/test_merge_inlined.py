@@ -120,7 +120,9 @@ def _spied_stage_run(monkeypatch, **options):
     """Run the mini SLaT sampler on the CPU with ``options`` on top of the merging ones, spying on what the stage hands
     GraphedCall: returns (the GraphedCalls made, with ``last_args``; the torso calls as (piece blocks, block regions);
     the piece ends met; the stage; the structures to release)."""
-    import fs3d_accel.model.slat_flow as slat_flow_mod
+    import types
+
+    import fs3d_accel.stages.graphs as graphs_mod
     import fs3d_accel.stages.options as options_mod
     import fs3d_accel.stages.slat as slat_mod
     from conftest import mini_slat_setup
@@ -149,7 +151,11 @@ def _spied_stage_run(monkeypatch, **options):
         return counted
     monkeypatch.setattr(slat_mod.SLaTStage, "compiled_torso", spy_torso)
     piece_ends: list = []
-    monkeypatch.setattr(slat_flow_mod, "_piece_end", lambda x: piece_ends.append(1))
+    # the piece ends met, counted where the real ``graph_piece_end`` op looks for a recording in progress (none on the
+    # CPU): the op runs this Python at every call, inside the compiled torso too, where a list appended to in the
+    # traced code itself would make dynamo guard on its length and recompile the torso at every call
+    monkeypatch.setattr(graphs_mod, "_PIECES", types.SimpleNamespace(
+        active=types.SimpleNamespace(cut=lambda: piece_ends.append(1))))
     stage, objects, sampler = mini_slat_setup((200,))
     cond, coords, noise = objects[0]
     structures: list[dict] = []

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import mini_slat_object
+from conftest import mini_slat_object, record_size
 from fs3d_accel.model.configs import mini_config
 from fs3d_accel.model.layers import collapse_zero_condition_kv, cross_attention, map_kv_pairs
 from fs3d_accel.model.sparse import release_structure
@@ -112,25 +112,23 @@ def test_collapse_needs_the_kv_cache():
 
 
 @pytest.fixture
-def key_counts(monkeypatch):
+def key_counts(monkeypatch, run_time_sizes):
     """Records the number of keys of every cross-attention SDPA call (dense and sparse paths), so the
     sampler tests can see the one-key path was taken and not just that the outputs agree."""
     import fs3d_accel.model.layers as layers
     import fs3d_accel.model.sparse as sparse
-    seen: list[int] = []
     attention, sdpa = layers.attention, sparse._sdpa
 
+    # recorded through an operator (``record_size``), which runs at every call of the compiled SLaT torso too
     def rec_attention(q, k, v, mask=None, role="self"):
-        seen.append(k.shape[1])
-        return attention(q, k, v, mask, role=role)
+        return attention(q, record_size(k, 1), v, mask, role=role)
 
     def rec_sdpa(q, k, v, mask=None, role="self"):
-        seen.append(k.shape[1])
-        return sdpa(q, k, v, mask, role=role)
+        return sdpa(q, record_size(k, 1), v, mask, role=role)
 
     monkeypatch.setattr(layers, "attention", rec_attention)
     monkeypatch.setattr(sparse, "_sdpa", rec_sdpa)
-    return seen
+    return run_time_sizes
 
 
 @pytest.fixture(scope="module")
