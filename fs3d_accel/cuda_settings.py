@@ -8,6 +8,9 @@ and no memset. On the H100 (session 26, ``benchmarks/results/base_vs_official_h1
 memsets per SLaT call at 14k voxels (each ~1 us of kernel plus ~2 us the graph waits in front of it), and the
 GELU-epilogue GEMM of the SLaT MLP ran 4% faster in graph replays. It cannot be a per-call :class:`RunOptions` switch:
 the size is fixed per process, so it is offered here and by ``benchmarks/base_vs_official.py --cublaslt-workspace-kib``.
+Session 27 timed it in alternating processes (faster in every pair, SS and SLaT) and found the fast path's outputs
+unchanged, so ``fs3d --cublaslt-workspace-kib auto`` (the CLI's default) asks for 0 on the GELU-epilogue fast paths on
+CUDA (``fs3d_accel.cli.chosen_workspace_kib``).
 """
 from __future__ import annotations
 
