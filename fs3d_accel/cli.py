@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def workspace_arg(raw: str) -> str | int:
-    """``--cublaslt-workspace-kib``: ``auto`` or a whole number of KiB >= 0 (argparse type; ValueError otherwise)."""
+    """``--cublaslt-workspace-kib``: ``auto`` or a whole number of KiB >= 0 (argparse type: anything else raises
+    ArgumentTypeError, which argparse reports as a usage error naming the option)."""
     if raw == "auto":
         return raw
     try:
@@ -126,8 +127,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="cuBLASLt workspace for the whole process, in KiB (fs3d_accel.cuda_settings). auto (default): "
                         "0 for a fast path with the GELU epilogue (-ge) on CUDA, which removes a memset in front of "
                         "each bias/GELU-epilogue GEMM (the named fastest path's SS and SLaT calls faster in every "
-                        "A/B pair of processes on H100s, sessions 26-27), unless CUBLASLT_WORKSPACE_SIZE is exported; otherwise PyTorch's "
-                        "default. A number sets it (must come before any GPU work of the process)")
+                        "A/B pair of processes on H100s, sessions 26-27), unless CUBLASLT_WORKSPACE_SIZE is exported; "
+                        "otherwise PyTorch's default. A number sets it (must come before any GPU work of the process)")
     p.add_argument("--slat-compile-mode", default=None, choices=_compile_modes(),
                    help="SLaT's own torch.compile mode, overriding the fast path's for SLaT only (e.g. 'default' to "
                         "skip SLaT's per-object CUDA-graph captures: 0.17 s per new object size faster on an H100 in session 12, "

@@ -1141,11 +1141,9 @@ slat27["mfu_executed_at_top_peak"] = slat27["executed_tflop"] / slat27["median_s
 slat27[["median_s", "round_peak_tflops", "mfu_executed_round_peak", "mfu_executed_at_top_peak"]].round(4)
 
 # %% [markdown]
-# 53.5-55.5% against each process's own peak, 53.2-53.5% against the session's largest (771): 55% per call at 14k is
-# still not met on this machine. Quality with no workspace (`results/fast_path_quality_h100/session27_ws0/`): the named
-# path's one-switch reference read mean ΔF1 +0.014 (max 2.73) against fp32 in the same process, inside the band the
-# same setting showed with the workspace in session 25. `fs3d --cublaslt-workspace-kib auto` (the default) now asks
-# for no workspace on the `-ge` fast paths on CUDA.
+# Outside the cold process A1 (51.9%), 53.5-55.5% against each process's own peak and 53.2-53.5% against the
+# session's largest (771): 55% per call at 14k is still not met on this machine. `fs3d --cublaslt-workspace-kib auto`
+# (the default) now asks for no workspace on the `-ge` fast paths on CUDA.
 
 # %% [markdown]
 # Quality with and without the workspace (`results/fast_path_quality_h100/session27_ws0/`, two consecutive processes on
