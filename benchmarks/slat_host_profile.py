@@ -9,7 +9,10 @@ after it (on the same stream, so the span includes any wait for earlier work). W
 under :mod:`cProfile` (its times are inflated by the profiler; read it for attribution, not for totals; with
 ``--cprofile-steps K`` only from the call's start to the end of step K, e.g. 1 for the first step's recording), whose
 top functions by own and cumulative time, and the callers of the eight costliest, go to ``host_profile_<variant>.txt``
-(the raw stats to ``host_profile_<variant>.prof``, for ``pstats`` or snakeviz).
+(the raw stats to ``host_profile_<variant>.prof``, for ``pstats`` or snakeviz). With ``--trace`` it runs under
+``torch.profiler`` with the Python stack instead (``--trace-steps K``: to the end of step K, default 1), and the GPU's
+idle time in that window is billed to the host code open at each moment (``fs3d_analysis.profile.idle_attribution``):
+which of our functions the GPU waits on while a new object's first step builds its tables and records its graphs.
 
     python benchmarks/slat_host_profile.py --device cuda --config full \\
         --variants compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac --sizes 5000,14171 --cprofile --out runs/slat_host
@@ -41,6 +44,7 @@ from benchmarks.slat_many_sizes import SHAPES, object_coords, slat_condition  # 
 from benchmarks.stage_latency import (SHORT, checked_device, checked_variants, distinct_counts,  # noqa: E402
                                       synthetic_inputs, variant_label, variant_options)
 from fs3d_accel.model.sparse import release_structure  # noqa: E402
+from fs3d_analysis.profile.idle_attribution import IdleAttribution, attribute_idle, load_trace  # noqa: E402
 from fs3d_accel.pipeline import Pipeline  # noqa: E402
 from fs3d_accel.samplers import EulerFlowSampler  # noqa: E402
 from fs3d_accel.stages.slat import slat_noise  # noqa: E402
@@ -51,10 +55,10 @@ COLUMNS = ("variant", "object", "N", "call", "step", "host_ms", "gpu_ms")
 
 class StepClock:
     """Wraps a velocity function: host milliseconds of each call, and CUDA events around it (on CUDA). With
-    ``profiler`` and ``profile_steps`` > 0, the profiler is turned off after that many calls (the rest of the call
-    runs unprofiled)."""
+    ``profiler`` (a cProfile, or a :class:`TorchTrace`) and ``profile_steps`` > 0, the profiler is turned off after
+    that many calls (the rest of the call runs unprofiled)."""
 
-    def __init__(self, net, device: torch.device, profiler: cProfile.Profile | None = None,
+    def __init__(self, net, device: torch.device, profiler: "cProfile.Profile | TorchTrace | None" = None,
                  profile_steps: int = 0) -> None:
         self.net, self.device = net, device
         self.profiler, self.profile_steps = profiler, profile_steps
@@ -97,8 +101,39 @@ def object_sizes_per_variant(sizes: list[int], variants: int) -> list[list[int]]
     return shifted
 
 
-def run_object(stage, noise, cond, coords, sampler_cfg, opts, device, profiler: cProfile.Profile | None = None,
-               profile_steps: int = 0):
+class TorchTrace:
+    """``torch.profiler`` over part of a call, with the Python stack (``with_stack=True``), for
+    ``fs3d_analysis.profile.idle_attribution``: the same ``enable`` / ``disable`` as a cProfile, so that
+    :class:`StepClock` stops it after the profiled steps. ``disable`` synchronises first, so that the kernels the
+    profiled steps queued are in the trace (the rest of the call then starts on an idle GPU: read the trace, not the
+    profiled call's total)."""
+
+    def __init__(self, device: torch.device) -> None:
+        from torch.profiler import ProfilerActivity, profile
+        self.device = device
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        self.prof = profile(activities=acts, with_stack=True)
+        self.running = False
+
+    def enable(self) -> None:
+        if not self.running:
+            self.prof.start()
+            self.running = True
+
+    def disable(self) -> None:
+        if self.running:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.prof.stop()
+            self.running = False
+
+    def export(self, path: Path) -> None:
+        """The Chrome trace (gzip where ``path`` ends in ``.gz``)."""
+        self.prof.export_chrome_trace(str(path))
+
+
+def run_object(stage, noise, cond, coords, sampler_cfg, opts, device,
+               profiler: "cProfile.Profile | TorchTrace | None" = None, profile_steps: int = 0):
     """One SLaT sampler call; returns (per-step host ms, per-step GPU ms, call wall seconds, call GPU seconds).
     ``profiler`` runs from the call's start to its end, or to the end of step ``profile_steps`` where that is > 0."""
     structures: list[dict] = []
@@ -232,7 +267,53 @@ def summary_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
+IDLE_COLUMNS = ("variant", "attribution", "key", "idle_ms", "share")
+#: what each attribution of :class:`IdleAttribution` bills the idle to, for the README
+IDLE_KINDS = (("project", "innermost project function"), ("project_path", "its chain of project functions"),
+              ("python", "innermost Python function of any file"), ("op", "innermost host op or CUDA call"))
+
+
+def write_idle_attribution(out: Path, variant: str, trace_path: Path) -> IdleAttribution:
+    """Bill the traced window's GPU idle to host code (``idle_attribution.attribute_idle``) and append its rows to
+    ``idle_attribution.csv``."""
+    result = attribute_idle(load_trace(trace_path))
+    path = out / "idle_attribution.csv"
+    new = not path.exists()
+    with open(path, "a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=IDLE_COLUMNS)
+        if new:
+            writer.writeheader()
+        writer.writerows({"variant": variant, **r} for r in result.rows())
+    return result
+
+
+def idle_lines(tables: dict[str, IdleAttribution], meta: dict, top: int) -> list[str]:
+    """The README's section on the traced calls: per variant, the window, its GPU idle, and the ``top`` keys of each
+    attribution."""
+    if not tables:
+        return []
+    steps = meta.get("trace_steps", 0)
+    lines = ["", "## Where the GPU waited in the traced call", "",
+             f"The last object ran under `torch.profiler` with the Python stack, "
+             f"{'the whole call' if not steps else f'from the call start to the end of step {steps}'} "
+             "(`trace_<variant>.json.gz`, Chrome format). Every microsecond in which no kernel, copy or memset ran "
+             "is billed to the host code open at that moment (`fs3d_analysis.profile.idle_attribution`). The Python "
+             "tracer slows the host, so the milliseconds are inflated: compare shares. All rows: "
+             "`idle_attribution.csv`.", ""]
+    for v, t in tables.items():
+        lines += [f"### `{v}`", "", f"Window {t.window_us / 1e3:.1f} ms, GPU busy {t.busy_us / 1e3:.1f} ms, idle "
+                  f"{t.idle_us / 1e3:.1f} ms.", ""]
+        rows = t.rows()
+        for kind, what in IDLE_KINDS:
+            picked = [r for r in rows if r["attribution"] == kind][:top]
+            lines += [f"By {what}:", "", "| key | idle ms | share |", "|---|---|---|"]
+            lines += [f"| `{r['key']}` | {r['idle_ms']:.2f} | {100 * r['share']:.1f}% |" for r in picked]
+            lines.append("")
+    return lines
+
+
+def write_readme(out: Path, rows: list[dict], meta: dict, idle_tables: dict[str, IdleAttribution] | None = None,
+                 top: int = 12) -> None:
     import pandas as pd
     table = pd.DataFrame(summary_rows(rows))
     lines = ["# Host time per SLaT sampler step (`benchmarks/slat_host_profile.py`)", "",
@@ -245,6 +326,7 @@ def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
     lines += ["", table.to_markdown(index=False, floatfmt=".1f"), "",
               f"Every step: `{CSV_NAME}`." + (" cProfile of the last object: `host_profile_<variant>.txt`."
                                               if meta["cprofile"] else "")]
+    lines += idle_lines(idle_tables or {}, meta, min(top, 15))
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
@@ -260,6 +342,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cprofile-steps", type=int, default=0,
                     help="with --cprofile, profile from the call's start to the end of this many sampler steps (0: "
                          "the whole call); 1 isolates the first step, where a new object's graphs are recorded")
+    ap.add_argument("--trace", action="store_true",
+                    help="run the last object under torch.profiler with the Python stack instead, and bill the GPU's "
+                         "idle time to the host code open at each moment (idle_<variant>.csv, the README's table; "
+                         "the trace itself: trace_<variant>.json.gz)")
+    ap.add_argument("--trace-steps", type=int, default=1,
+                    help="with --trace, trace from the call's start to the end of this many sampler steps (0: the "
+                         "whole call; default 1, the first step)")
     ap.add_argument("--repeat", type=int, default=0,
                     help="run each object this many more times after its first call (a size the process has met: "
                          "cuBLAS and the compiled code warm, the graphs recorded again per call); with --cprofile the "
@@ -273,6 +362,11 @@ def main(argv: list[str] | None = None) -> None:
     if args.cprofile_steps < 0 or (args.cprofile_steps and not args.cprofile):
         raise SystemExit(f"--cprofile-steps must be >= 0 and needs --cprofile, got {args.cprofile_steps}"
                          f"{'' if args.cprofile else ' without --cprofile'}")
+    if args.trace and args.cprofile:
+        raise SystemExit("--trace and --cprofile each profile the last object; choose one (either profiler would "
+                         "inflate what the other measures)")
+    if args.trace_steps < 0:
+        raise SystemExit(f"--trace-steps must be >= 0 (0: the whole call), got {args.trace_steps}")
     if args.top < 1:
         raise SystemExit(f"--top must be >= 1 (functions listed per cProfile table), got {args.top}")
     dev = checked_device(args.device)
@@ -294,18 +388,21 @@ def main(argv: list[str] | None = None) -> None:
     pipe = pipe.to(dtype).to(dev)
     inp = pipe.prepare(*synthetic_inputs(pipe.config.image_size)).to(dev)
     stage, sampler_cfg = pipe.slat, pipe.config.slat_sampler
-    if args.cprofile_steps > sampler_cfg.steps:
-        raise SystemExit(f"--cprofile-steps {args.cprofile_steps}: the SLaT sampler of config {args.config!r} has "
-                         f"{sampler_cfg.steps} steps (0 profiles the whole call)")
+    for flag, steps in (("--cprofile-steps", args.cprofile_steps), ("--trace-steps", args.trace_steps)):
+        if steps > sampler_cfg.steps:
+            raise SystemExit(f"{flag} {steps}: the SLaT sampler of config {args.config!r} has {sampler_cfg.steps} "
+                             f"steps (0 profiles the whole call)")
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
             "config": args.config, "sizes": sizes, "warmup_N": len(warm), "seed": args.seed, "cprofile": args.cprofile,
-            "cprofile_steps": args.cprofile_steps,
+            "cprofile_steps": args.cprofile_steps, "trace": args.trace, "trace_steps": args.trace_steps,
             "variants": {v: f"{variant_label(v)} = {variant_options(v)}" for v in variants}}
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
+    (args.out / "idle_attribution.csv").unlink(missing_ok=True)  # appended per traced variant: none from earlier runs
     gen = torch.Generator().manual_seed(args.seed)
     chans = pipe.config.slat_flow.in_channels
     rows: list[dict] = []
+    idle_tables: dict[str, "IdleAttribution"] = {}
     with torch.no_grad(), open(args.out / CSV_NAME, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
@@ -319,9 +416,11 @@ def main(argv: list[str] | None = None) -> None:
             for i, r in calls:
                 c = coords[v][i]
                 last = (i, r) == calls[-1]
-                profiler = cProfile.Profile() if args.cprofile and last else None
+                profiler = (cProfile.Profile() if args.cprofile and last else TorchTrace(dev) if args.trace and last
+                            else None)
                 host, gpu, wall_s, gpu_s = run_object(stage, slat_noise(len(c), chans, gen).to(dev), cond, c,
-                                                      sampler_cfg, opts, dev, profiler, args.cprofile_steps)
+                                                      sampler_cfg, opts, dev, profiler,
+                                                      args.trace_steps if args.trace else args.cprofile_steps)
                 obj = i if not args.repeat else f"{i}m{r + 1}"  # object index and meeting (never read as a number)
                 new = [{"variant": v, "object": obj, "N": len(c), "call": int(profiler is not None), "step": k,
                         "host_ms": h, "gpu_ms": g} for k, (h, g) in enumerate(zip(host, gpu))]
@@ -331,14 +430,18 @@ def main(argv: list[str] | None = None) -> None:
                 writer.writerows(new)
                 fh.flush()
                 print(f"{v} N={len(c)}{f' meeting {r + 1}' if args.repeat else ''}"
-                      f"{' (cProfile)' if profiler else ''}: call {1e3 * wall_s:.1f} ms wall, "
+                      f"{' (' + type(profiler).__name__ + ')' if profiler else ''}: call {1e3 * wall_s:.1f} ms wall, "
                       f"{1e3 * gpu_s:.1f} ms GPU; first steps host "
                       f"{', '.join(f'{h:.1f}' for h in host[:3])} ms, GPU {', '.join(f'{g:.1f}' for g in gpu[:3])} ms",
                       flush=True)
-                if profiler is not None:
+                if isinstance(profiler, TorchTrace):
+                    trace_path = args.out / f"trace_{v}.json.gz"
+                    profiler.export(trace_path)
+                    idle_tables[v] = write_idle_attribution(args.out, v, trace_path)
+                elif profiler is not None:
                     (args.out / f"host_profile_{v}.txt").write_text(profile_table(profiler, args.top))
                     profiler.dump_stats(args.out / f"host_profile_{v}.prof")
-    write_readme(args.out, rows, meta)
+    write_readme(args.out, rows, meta, idle_tables, args.top)
 
 
 if __name__ == "__main__":

@@ -157,3 +157,30 @@ def test_host_split_counts_every_numbered_torso_function_of_the_session26_profil
     assert shp._matches(("/tmp/x.py", 1, "repeated_subgraph17"), ("", "repeated_subgraph*"))
     assert not shp._matches(("/tmp/x.py", 1, "repeated_subgraph_helper"), ("", "repeated_subgraph*"))
     assert not shp._matches(("/tmp/x.py", 1, "repeated_subgraph"), ("", "repeated_subgraph*"))
+
+
+def test_slat_host_profile_trace_bills_the_idle_to_project_code(tmp_path):
+    shp.main(["--device", "cpu", "--config", "mini", "--variants", "bf16", "--sizes", "120", "--trace",
+              "--trace-steps", "1", "--top", "5", "--out", str(tmp_path)])
+    rows = list(csv.DictReader(open(tmp_path / "idle_attribution.csv")))
+    assert {r["attribution"] for r in rows} == {"project", "project_path", "python", "op"}
+    assert {r["variant"] for r in rows} == {"bf16"}
+    for kind in ("project", "python", "op"):  # each attribution bills all of the idle: on the CPU, the whole window
+        assert sum(float(r["share"]) for r in rows if r["attribution"] == kind) == pytest.approx(1.0)
+    # the traced window holds the first step: the flow's forward is among the project frames the GPU "waited" on
+    assert any("slat_flow.py" in r["key"] for r in rows if r["attribution"] == "project")
+    assert (tmp_path / "trace_bf16.json.gz").stat().st_size > 0
+    readme = (tmp_path / "README.md").read_text()
+    assert "## Where the GPU waited in the traced call" in readme and "end of step 1" in readme
+    calls = [r for r in csv.DictReader(open(tmp_path / shp.CSV_NAME)) if r["step"] == "-1"]
+    assert [r["call"] for r in calls] == ["1"]
+
+
+def test_slat_host_profile_trace_arguments_are_checked(tmp_path):
+    base = ["--device", "cpu", "--config", "mini", "--variants", "bf16", "--sizes", "120", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="--trace and --cprofile"):
+        shp.main(base + ["--trace", "--cprofile"])
+    with pytest.raises(SystemExit, match="--trace-steps must be >= 0"):
+        shp.main(base + ["--trace", "--trace-steps", "-1"])
+    with pytest.raises(SystemExit, match="--trace-steps 999: the SLaT sampler"):
+        shp.main(base + ["--trace", "--trace-steps", "999"])
