@@ -44,7 +44,8 @@ from benchmarks.slat_many_sizes import SHAPES, object_coords, slat_condition  # 
 from benchmarks.stage_latency import (SHORT, checked_device, checked_variants, distinct_counts,  # noqa: E402
                                       synthetic_inputs, variant_label, variant_options)
 from fs3d_accel.model.sparse import release_structure  # noqa: E402
-from fs3d_analysis.profile.idle_attribution import IdleAttribution, attribute_idle, load_trace  # noqa: E402
+from fs3d_analysis.profile.idle_attribution import (IdleAttribution, PartTime, attribute_idle, load_trace,  # noqa: E402
+                                                    part_times)
 from fs3d_accel.pipeline import Pipeline  # noqa: E402
 from fs3d_accel.samplers import EulerFlowSampler  # noqa: E402
 from fs3d_accel.stages.slat import slat_noise  # noqa: E402
@@ -273,21 +274,41 @@ IDLE_KINDS = (("project", "innermost project function"), ("project_path", "its c
               ("python", "innermost Python function of any file"), ("op", "innermost host op or CUDA call"))
 
 
-def write_idle_attribution(out: Path, variant: str, trace_path: Path) -> IdleAttribution:
-    """Bill the traced window's GPU idle to host code (``idle_attribution.attribute_idle``) and append its rows to
-    ``idle_attribution.csv``."""
-    result = attribute_idle(load_trace(trace_path))
-    path = out / "idle_attribution.csv"
+#: the parts of a SLaT call's first step the README times (label, ``file function``): ``graph_piece_end`` runs inside
+#: the input path's and the torso's calls, so its row overlaps theirs
+FIRST_STEP_PARTS = (("call setup (velocity_net)", "slat.py velocity_net"),
+                    ("CFG pair's tables", "slat.py build_both_tables"),
+                    ("batch-1 tables", "slat.py build_plain_tables"),
+                    ("condition K/V", "slat.py kv_of"),
+                    ("block modulations", "slat.py block_modulations"),
+                    ("input path", "slat_flow.py _io_in"),
+                    ("torso (compiled, recorded in pieces)", "slat.py torso"),
+                    ("piece ends (inside the rows above)", "graphs.py graph_piece_end"),
+                    ("output path", "slat_flow.py _io_out"))
+PART_COLUMNS = ("variant", "part", "calls", "host_ms", "busy_ms", "idle_ms")
+
+
+def _append_csv(path: Path, columns: tuple[str, ...], rows: list[dict]) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=IDLE_COLUMNS)
+        writer = csv.DictWriter(fh, fieldnames=columns)
         if new:
             writer.writeheader()
-        writer.writerows({"variant": variant, **r} for r in result.rows())
-    return result
+        writer.writerows(rows)
 
 
-def idle_lines(tables: dict[str, IdleAttribution], meta: dict, top: int) -> list[str]:
+def write_idle_attribution(out: Path, variant: str, trace_path: Path) -> tuple[IdleAttribution, list[PartTime]]:
+    """Bill the traced window's GPU idle to host code (``idle_attribution.attribute_idle``) and time its parts
+    (:data:`FIRST_STEP_PARTS`); append the rows to ``idle_attribution.csv`` and ``first_step_parts.csv``."""
+    events = load_trace(trace_path)
+    result = attribute_idle(events)
+    parts = part_times(events, FIRST_STEP_PARTS)
+    _append_csv(out / "idle_attribution.csv", IDLE_COLUMNS, [{"variant": variant, **r} for r in result.rows()])
+    _append_csv(out / "first_step_parts.csv", PART_COLUMNS, [{"variant": variant, **vars(p)} for p in parts])
+    return result, parts
+
+
+def idle_lines(tables: dict[str, tuple[IdleAttribution, list[PartTime]]], meta: dict, top: int) -> list[str]:
     """The README's section on the traced calls: per variant, the window, its GPU idle, and the ``top`` keys of each
     attribution."""
     if not tables:
@@ -300,9 +321,12 @@ def idle_lines(tables: dict[str, IdleAttribution], meta: dict, top: int) -> list
              "is billed to the host code open at that moment (`fs3d_analysis.profile.idle_attribution`). The Python "
              "tracer slows the host, so the milliseconds are inflated: compare shares. All rows: "
              "`idle_attribution.csv`.", ""]
-    for v, t in tables.items():
+    for v, (t, parts) in tables.items():
         lines += [f"### `{v}`", "", f"Window {t.window_us / 1e3:.1f} ms, GPU busy {t.busy_us / 1e3:.1f} ms, idle "
-                  f"{t.idle_us / 1e3:.1f} ms.", ""]
+                  f"{t.idle_us / 1e3:.1f} ms.", "", "By part, in the order they start (`first_step_parts.csv`):", "",
+                  "| part | calls | host ms | GPU busy ms | GPU idle ms |", "|---|---|---|---|---|"]
+        lines += [f"| {p.part} | {p.calls} | {p.host_ms:.2f} | {p.busy_ms:.2f} | {p.idle_ms:.2f} |" for p in parts]
+        lines.append("")
         rows = t.rows()
         for kind, what in IDLE_KINDS:
             picked = [r for r in rows if r["attribution"] == kind][:top]
@@ -312,7 +336,8 @@ def idle_lines(tables: dict[str, IdleAttribution], meta: dict, top: int) -> list
     return lines
 
 
-def write_readme(out: Path, rows: list[dict], meta: dict, idle_tables: dict[str, IdleAttribution] | None = None,
+def write_readme(out: Path, rows: list[dict], meta: dict,
+                 idle_tables: dict[str, tuple[IdleAttribution, list[PartTime]]] | None = None,
                  top: int = 12) -> None:
     import pandas as pd
     table = pd.DataFrame(summary_rows(rows))
@@ -398,11 +423,12 @@ def main(argv: list[str] | None = None) -> None:
             "cprofile_steps": args.cprofile_steps, "trace": args.trace, "trace_steps": args.trace_steps,
             "variants": {v: f"{variant_label(v)} = {variant_options(v)}" for v in variants}}
     (args.out / "meta.json").write_text(json.dumps(meta, indent=2))
-    (args.out / "idle_attribution.csv").unlink(missing_ok=True)  # appended per traced variant: none from earlier runs
+    for name in ("idle_attribution.csv", "first_step_parts.csv"):  # appended per traced variant: none from earlier runs
+        (args.out / name).unlink(missing_ok=True)
     gen = torch.Generator().manual_seed(args.seed)
     chans = pipe.config.slat_flow.in_channels
     rows: list[dict] = []
-    idle_tables: dict[str, "IdleAttribution"] = {}
+    idle_tables: dict[str, tuple[IdleAttribution, list[PartTime]]] = {}
     with torch.no_grad(), open(args.out / CSV_NAME, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()

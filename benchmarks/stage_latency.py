@@ -282,6 +282,10 @@ VARIANTS[NC_FK_CM_OK_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_LONG], one_ke
 # found equal on the pieces path because the piece ends kept the blocks apart there
 NC_FK_CM_OK_MI_LONG = NC_FK_CM_OK_LONG + ", merged from the inlined torso"
 VARIANTS[NC_FK_CM_OK_MI_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_LONG], slat_merge_inlined=True)
+# ... and the CFG pair's condition K/V made with fewer host operations (``lean_cond_kv``: the same tensors; the zero
+# rows' one key and value from the ``to_kv`` bias, kept across objects), for the first step's host time (session 28)
+NC_FK_CM_OK_MI_LK_LONG = NC_FK_CM_OK_MI_LONG + ", the condition K/V made lean"
+VARIANTS[NC_FK_CM_OK_MI_LK_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_MI_LONG], lean_cond_kv=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -375,6 +379,7 @@ SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm"] =
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-ok"] = NC_FK_OK_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok"] = NC_FK_CM_OK_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi"] = NC_FK_CM_OK_MI_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-lk"] = NC_FK_CM_OK_MI_LK_LONG
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

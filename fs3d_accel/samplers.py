@@ -18,6 +18,8 @@ Each step's velocity goes through a :class:`~fs3d_accel.seams.StepPolicy` and em
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,13 +35,20 @@ VelocityNet = Callable[[Latent, float, "Tensor | None"], Latent]
 
 
 def time_grid(steps: int, rescale_t: float = 1.0) -> list[float]:
-    """The S+1 flow times of an S-step sampler, warped by ``rescale_t`` (official ``_prepare_t``)."""
+    """The S+1 flow times of an S-step sampler, warped by ``rescale_t`` (official ``_prepare_t``). A new list each call,
+    from values computed once per (steps, rescale_t): the SLaT stage asks for the grid several times per call, in
+    the first step, which the GPU waits for."""
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
+    return list(_time_grid(int(steps), float(rescale_t)))
+
+
+@functools.lru_cache(maxsize=64)
+def _time_grid(steps: int, rescale_t: float) -> tuple[float, ...]:
     ts = torch.linspace(0.0, 1.0, steps + 1, dtype=torch.float64)
     if rescale_t != 1.0:
         ts = ts / (1 + (rescale_t - 1) * (1 - ts))
-    return [float(t) for t in ts]
+    return tuple(float(t) for t in ts)
 
 
 def cfg_active(cfg: SamplerConfig, t: float) -> bool:

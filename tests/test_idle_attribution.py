@@ -102,3 +102,15 @@ def test_a_real_cpu_trace_bills_every_idle_microsecond(tmp_path):
     assert sum(r.by_project.values()) == pytest.approx(r.idle_us)
     assert any(k.endswith(": project_work") for k in r.by_project)
     assert any(k.startswith("aten::") for k in r.by_op)
+
+
+def test_part_times_time_each_part_and_its_gpu_wait():
+    events = _trace() + [_x("python_function", OUTER, 120, 10)]  # a second, later call of `outer`
+    parts = ia.part_times(events, [("inner part", "sparse.py inner"), ("outer part", "slat.py outer"),
+                                   ("absent", "slat.py nothing")])
+    assert [p.part for p in parts] == ["outer part", "inner part", "absent"]  # by first call
+    outer, inner, absent = parts
+    # outer: [0, 100] (busy 35) and [120, 130] (busy 0); inner: [30, 55] (busy [50, 55] = 5)
+    assert (outer.calls, outer.host_ms, outer.busy_ms, outer.idle_ms) == (2, 0.11, 0.035, 0.075)
+    assert (inner.calls, inner.host_ms, inner.busy_ms, inner.idle_ms) == (1, 0.025, 0.005, 0.02)
+    assert (absent.calls, absent.host_ms) == (0, 0.0)

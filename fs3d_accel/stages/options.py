@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
@@ -339,6 +339,15 @@ class RunOptions:
     #: call (kernels alone at 57.3% of the executed FLOPs against 56.6%); calls faster in 2 of 3 rounds, in a run whose
     #: reference drifted and stalled in an allocation, so the per-call gain is not settled.
     cache_block_modulations: bool = False
+    #: with ``collapse_zero_cond`` and a compiled SLaT torso: make the cached condition K/V the torso takes with fewer
+    #: host operations (``stages.cond_kv.lean_slat_cond_kv``): per block one ``to_kv`` over the batch as before and
+    #: one contiguous copy each of the conditional rows' keys and values, while the all-zero rows' one key and value
+    #: come from ``to_kv``'s bias (what ``to_kv`` of a zero token is, exactly), made once and kept on the stage across
+    #: objects. The same values as the default path (tested bit for bit): the default collapses every row through
+    #: slicing, copies each of the four per-element tensors, and walks the tree with ``pytree``, which the session 28
+    #: trace of a 14k call's first step billed ~8% of the GPU's wait to (``results/slat_host_profile_h100/session28/``).
+    #: Host work only: the compiled torso is the same. Variant suffix ``-lk``.
+    lean_cond_kv: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -465,6 +474,11 @@ class RunOptions:
                                         or not (self.compile_ss or self.compile_slat)):
             raise ValueError("coordinate_descent tunes the Triton kernels inductor generates: it needs the inductor "
                              "backend and compile_ss or compile_slat")
+        if not isinstance(self.lean_cond_kv, bool):
+            raise ValueError(f"lean_cond_kv is a bool, got {self.lean_cond_kv!r}")
+        if self.lean_cond_kv and not (self.collapse_zero_cond and self.compile_slat):
+            raise ValueError("lean_cond_kv makes the collapsed condition K/V the compiled SLaT torso takes: it needs "
+                             "collapse_zero_cond=True and compile_slat=True")
         if not isinstance(self.cache_block_modulations, bool):
             raise ValueError(f"cache_block_modulations is a bool, got {self.cache_block_modulations!r}")
         if not isinstance(self.slat_block_regions, bool):
@@ -569,8 +583,22 @@ class RunOptions:
         if stage not in KERNEL_STAGES:
             raise ValueError(f"stage must be one of {KERNEL_STAGES}, got {stage!r}")
         if stage == "slat" and self.slat_compile_mode is not None:
-            return dataclasses.replace(self, compile_mode=self.slat_compile_mode, slat_compile_mode=None)
+            return self.derived("slat", lambda: dataclasses.replace(self, compile_mode=self.slat_compile_mode,
+                                                                    slat_compile_mode=None))
         return self
+
+    def derived(self, key: str, make: Callable[[], "RunOptions"]) -> "RunOptions":
+        """Options derived from these ones by ``make``, made once per instance and ``key`` and kept on it: every SLaT
+        call derives the same ones, and each ``dataclasses.replace`` runs the whole validation again, host time a new
+        object's first step waits for (session 28's trace). The options are frozen, so what ``make`` derives from them
+        cannot go stale; the kept ones are not fields (equality, hashing and ``repr`` ignore them)."""
+        kept = self.__dict__.get("_derived")
+        if kept is None:
+            kept = {}
+            object.__setattr__(self, "_derived", kept)
+        if key not in kept:
+            kept[key] = make()
+        return kept[key]
 
     def check_device(self, device: torch.device | str) -> None:
         dev = torch.device(device)

@@ -15,6 +15,7 @@ from ..model.sparse import first_element_structure, persistent_structure, releas
 from ..preprocess import PreparedInputs
 from ..samplers import EulerFlowSampler, cfg_active, guided, time_grid
 from ..seams import (EventBus, SparseTokens, StepPolicy, TokenTransform, TransformContext, TransformState)
+from .cond_kv import lean_slat_cond_kv
 from .graphs import GraphedCall, GraphPool
 from .held import HoldsInputs
 from .options import RunOptions
@@ -194,14 +195,19 @@ class SLaTStage(HoldsInputs, nn.Module):
             if not options.cache_cond_kv:
                 return None
             if name not in kv_cache:
-                kv_cache[name] = options.prepare_cond_kv(flow.precompute_cond_kv(c.to(dtype)), zero_rows,
-                                                         torso is not None, held_kv, name)
+                if options.lean_cond_kv and torso is not None and held_kv is None:
+                    kv_cache[name] = lean_slat_cond_kv(self.__dict__.setdefault("_zero_row_kv", {}), flow.blocks,
+                                                       c.to(dtype).to(flow.torso_dtype), zero_rows,
+                                                       options.compile_uses_cuda_graphs)
+                else:
+                    kv_cache[name] = options.prepare_cond_kv(flow.precompute_cond_kv(c.to(dtype)), zero_rows,
+                                                             torso is not None, held_kv, name)
             return kv_cache[name]
 
         # slat_merge_inlined: the merged graphs record the torso compiled without piece ends, its blocks inlined
-        merged_options = (dataclasses.replace(options, slat_graph_piece_blocks=0, slat_graph_merge_after=0,
-                                              slat_merge_inlined=False, slat_block_regions=False)
-                          if options.slat_merge_inlined else None)
+        merged_options = (options.derived("slat_merged", lambda: dataclasses.replace(
+            options, slat_graph_piece_blocks=0, slat_graph_merge_after=0, slat_merge_inlined=False,
+            slat_block_regions=False)) if options.slat_merge_inlined else None)
         merged_torso = self.compiled_torso(merged_options) if merged_options is not None else None
         # kinds of merged pass (the warm keys below) that have run eagerly in the process: their first call compiles,
         # which a recording cannot do, so a merge records only after one eager call

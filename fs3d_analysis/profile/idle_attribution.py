@@ -216,3 +216,50 @@ def attribute_idle(events: list[dict], window: tuple[float, float] | None = None
     return IdleAttribution(window_us=hi - lo, busy_us=busy_us, idle_us=sum(b - a for a, b in idle),
                            by_project=idle_by_innermost(idle, project), by_path=frame_paths(idle, project, depth),
                            by_python=idle_by_innermost(idle, py), by_op=idle_by_innermost(idle, ops))
+
+
+@dataclass(frozen=True)
+class PartTime:
+    """One named part of a traced window: its calls (outermost ones: a recursive or nested call is not counted twice),
+    host milliseconds inside them, and the GPU's busy and idle milliseconds during them."""
+
+    part: str
+    calls: int
+    host_ms: float
+    busy_ms: float
+    idle_ms: float
+
+
+def part_times(events: list[dict], parts: Iterable[tuple[str, str]], window: tuple[float, float] | None = None
+               ) -> list[PartTime]:
+    """For each (label, function) of ``parts`` (``function`` as :func:`short_frame` writes it without the line:
+    ``slat.py build_both_tables``), the main thread's calls of it in ``window`` (default: the whole trace) and how
+    busy the GPU was while they ran: which part of a call the GPU waits through, in time order of the parts'
+    first calls."""
+    py = frames(events)
+    busy = busy_intervals(events)
+    lo, hi = window if window is not None else (-float("inf"), float("inf"))
+    out = []
+    for label, function in parts:
+        file, _, func = function.partition(" ")
+        spans = sorted((s for s in py if lo <= s.start < hi and _is(s.name, file, func)), key=lambda s: s.start)
+        outer: list[Span] = []
+        for s in spans:
+            if not outer or s.start >= outer[-1].end:
+                outer.append(s)
+        host = sum(s.end - s.start for s in outer)
+        on = sum(max(0.0, min(b, s.end) - max(a, s.start)) for s in outer for a, b in busy)
+        out.append(PartTime(label, len(outer), host / 1e3, on / 1e3, (host - on) / 1e3))
+    first = {p.part: min((s.start for s in py if _is(s.name, *_split(f))), default=float("inf")) for p, (_, f) in
+             zip(out, parts)}
+    return sorted(out, key=lambda p: first[p.part])
+
+
+def _split(function: str) -> tuple[str, str]:
+    file, _, func = function.partition(" ")
+    return file, func
+
+
+def _is(name: str, file: str, func: str) -> bool:
+    m = _PY_NAME.match(name)
+    return m is not None and m.group("func") == func and Path(m.group("file")).name == file

@@ -1,0 +1,90 @@
+"""The SLaT flow's cached condition K/V, made with few host operations (``RunOptions.lean_cond_kv``).
+
+A new object's first SLaT step runs while the GPU waits for the host (session 28's trace of a 14k call:
+``benchmarks/results/slat_host_profile_h100/session28/``), so every host operation there lengthens the call. The default
+path (``SLaTFlowModel.precompute_cond_kv``, then ``RunOptions.prepare_cond_kv``) computes each block's K/V over the
+batch, slices every row (one key for the all-zero rows), walks the result with ``pytree`` and copies each of the
+per-element tensors. This module makes the same tensors directly: per block one ``to_kv`` as before, one copy each of
+the conditional rows' keys and values, and the all-zero rows' one key and value taken from ``to_kv``'s bias (``to_kv``
+of a zero token is its bias, exactly: the GEMM adds nothing to it), made once and kept across objects.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+#: kept zero-row K/V entries per stage: one per (dtype, device, weights); more means weights or settings changed
+_ZERO_KV_ENTRIES = 4
+
+
+def _zero_row_kv(store: dict, blocks: nn.ModuleList, dtype, device) -> list[tuple[Tensor, Tensor]]:
+    """Per block, the (1, 1, H, D) key and value of an all-zero condition row in ``dtype``: ``to_kv``'s bias halves
+    (zeros without a bias), independent contiguous tensors, kept in ``store`` keyed by ``dtype``, ``device`` and each
+    ``to_kv`` parameter's identity and version (a weight changed in place, replaced or moved is picked up; a change
+    through ``.data`` is not). Each entry keeps its parameters alive, so that their ids cannot be reused."""
+    params = [p for blk in blocks for p in blk.cross_attn.to_kv.parameters()]
+    key = (dtype, str(device), tuple((id(p), p._version, p.dtype, str(p.device)) for p in params))
+    entry = store.get(key)
+    if entry is None:
+        if len(store) >= _ZERO_KV_ENTRIES:
+            store.clear()
+        kv = []
+        for blk in blocks:
+            cross = blk.cross_attn
+            heads, width = cross.num_heads, cross.channels
+            bias = cross.to_kv.bias
+            row = (bias.detach().to(device=device, dtype=dtype) if bias is not None
+                   else cross.to_kv.weight.new_zeros(2 * width, dtype=dtype, device=device))
+            kv.append((row[:width].reshape(1, 1, heads, -1).clone(), row[width:].reshape(1, 1, heads, -1).clone()))
+        entry = store[key] = (kv, params)
+    return entry[0]
+
+
+def _copy(t: Tensor) -> Tensor:
+    """A contiguous copy, always (``contiguous()`` returns a view as is where its strides already count as contiguous,
+    e.g. a single condition token, and k and v would then share storage)."""
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def lean_slat_cond_kv(store: dict, blocks: nn.ModuleList, cond: Tensor, zero_rows: list[bool],
+                      mark_static: bool = False) -> list[tuple[Tensor, ...]]:
+    """The compiled SLaT torso's cached condition K/V for ``cond`` ((B, L, Cc), already in the torso's dtype), rows
+    ``zero_rows`` all-zero: the same tensors ``RunOptions.prepare_cond_kv(flow.precompute_cond_kv(cond), zero_rows,
+    compiled=True)`` returns under ``collapse_zero_cond`` (per block ``(k, v)`` for a batch without zero rows,
+    ``(k[:, :1], v[:, :1])`` when every row is zero, else the per-element form ``(k0, v0, k1, v1, ...)``), each an
+    independent contiguous tensor. The zero rows' one-key tensors come from ``store`` (:func:`_zero_row_kv`) and are
+    shared across calls, once per call (a batch with several zero rows gets its own copies for the later ones: a
+    nested compile region refuses inputs that alias). ``mark_static``: mark each tensor a static address (compile modes
+    that capture CUDA graphs, as ``RunOptions.compiled_region_inputs``)."""
+    b, length, _ = cond.shape
+    if len(zero_rows) != b:
+        raise ValueError(f"zero_rows has {len(zero_rows)} entries, the condition batch is {b}")
+    out: list[tuple[Tensor, ...]] = []
+    zero_kv = None
+    for i, blk in enumerate(blocks):
+        cross = blk.cross_attn
+        kv = cross.to_kv(cond).view(b, length, 2, cross.num_heads, -1)
+        if not any(zero_rows):
+            out.append((_copy(kv[:, :, 0]), _copy(kv[:, :, 1])))
+            continue
+        if zero_kv is None:
+            zero_kv = _zero_row_kv(store, blocks, kv.dtype, kv.device)
+        kz, vz = zero_kv[i]
+        if all(zero_rows):
+            out.append((kz.expand(b, 1, *kz.shape[2:]).clone(), vz.expand(b, 1, *vz.shape[2:]).clone()))
+            continue
+        parts: list[Tensor] = []
+        first_zero = True
+        for row, zero in enumerate(zero_rows):
+            if zero:
+                parts += [kz, vz] if first_zero else [kz.clone(), vz.clone()]
+                first_zero = False
+            else:
+                parts += [_copy(kv[row:row + 1, :, 0]), _copy(kv[row:row + 1, :, 1])]
+        out.append(tuple(parts))
+    if mark_static:
+        from torch._dynamo import mark_static_address
+        for entry in out:
+            for t in entry:
+                mark_static_address(t)
+    return out
