@@ -286,6 +286,12 @@ VARIANTS[NC_FK_CM_OK_MI_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_LONG], 
 # rows' one key and value from the ``to_kv`` bias, kept across objects), for the first step's host time (session 28)
 NC_FK_CM_OK_MI_LK_LONG = NC_FK_CM_OK_MI_LONG + ", the condition K/V made lean"
 VARIANTS[NC_FK_CM_OK_MI_LK_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_MI_LONG], lean_cond_kv=True)
+# ... and the timestep embedding and the IO blocks' scale and shift kept per step (``cache_io_modulations``), alone and
+# with the lean K/V
+NC_FK_CM_OK_MI_CI_LONG = NC_FK_CM_OK_MI_LONG + ", the IO modulations kept per step"
+VARIANTS[NC_FK_CM_OK_MI_CI_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_MI_LONG], cache_io_modulations=True)
+NC_FK_CM_OK_MI_LK_CI_LONG = NC_FK_CM_OK_MI_LK_LONG + ", the IO modulations kept per step"
+VARIANTS[NC_FK_CM_OK_MI_LK_CI_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_MI_LK_LONG], cache_io_modulations=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -380,6 +386,8 @@ SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-ok"] =
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok"] = NC_FK_CM_OK_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi"] = NC_FK_CM_OK_MI_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-lk"] = NC_FK_CM_OK_MI_LK_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-ci"] = NC_FK_CM_OK_MI_CI_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-lk-ci"] = NC_FK_CM_OK_MI_LK_CI_LONG
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

@@ -110,8 +110,9 @@ def test_stage_keeps_modulations_per_step_and_gives_the_same_latents(slat_setup,
 
 def _other_steps_modulations(stage, monkeypatch):
     """Make the stage's kept modulations those of another step (t = 0): the latents must change if they are used."""
-    real = stage.block_modulations
-    monkeypatch.setattr(stage, "block_modulations", lambda t, batch, dtype, device: real(0.0, batch, dtype, device))
+    real = stage._kept_per_step
+    monkeypatch.setattr(stage, "_kept_per_step",
+                        lambda kind, t, *rest: real(kind, 0.0 if kind == "block" else t, *rest))
 
 
 def test_stage_passes_its_kept_modulations_into_the_pass(slat_setup, monkeypatch):
@@ -232,3 +233,46 @@ def test_replayed_graphs_read_each_steps_kept_modulations_on_cuda(monkeypatch, a
         torch.testing.assert_close(with_kept, without, rtol=1e-4, atol=1e-4)
     _other_steps_modulations(stage, monkeypatch)  # the replays read the kept values: another step's change the latents
     assert not torch.equal(run(**graphs, cache_block_modulations=True), eager)
+
+
+def test_kept_modulations_keyed_by_the_options_autocast_without_entering_it(slat_setup):
+    """Given the call's options, the key takes the autocast dtype their context sets, and a miss computes the values
+    inside that context: the same entry as computing them under the context by hand."""
+    from fs3d_accel.stages.options import RunOptions
+    stage, _, _ = slat_setup
+    stage.clear_block_modulations()
+    cpu = torch.device("cpu")
+    opts = RunOptions(precision="autocast-bf16", batch_cfg=True, cache_cond_kv=True, cache_block_modulations=True)
+    assert opts.autocast_dtype is torch.bfloat16 and RunOptions(precision="bf16").autocast_dtype is None
+    with torch.no_grad():
+        via_options = stage.block_modulations(500.0, 2, torch.float32, cpu, opts)
+        assert via_options.dtype == torch.bfloat16  # computed inside the options' autocast
+        with opts.network_context(cpu, "slat"):
+            by_hand = stage.block_modulations(500.0, 2, torch.float32, cpu)
+        assert by_hand is via_options  # one entry: the same key inside the context and from the options
+        plain = stage.block_modulations(500.0, 2, torch.float32, cpu, RunOptions(batch_cfg=True, cache_cond_kv=True))
+        assert plain.dtype == torch.float32
+    assert len(stage.__dict__["_block_modulations"]) == 2
+    stage.clear_block_modulations()
+
+
+def test_kept_modulations_follow_a_replaced_adaln_module(slat_setup):
+    """The kept module list follows the flow: a block's adaLN module replaced by another gives new values."""
+    stage, _, _ = slat_setup
+    stage.clear_block_modulations()
+    cpu = torch.device("cpu")
+    block = stage.flow.blocks[0]
+    saved = block.adaLN_modulation
+    try:
+        with torch.no_grad():
+            before = stage.block_modulations(500.0, 1, torch.float32, cpu)
+            twin = torch.nn.Sequential(torch.nn.SiLU(), torch.nn.Linear(*saved[1].weight.shape[::-1]))
+            twin[1].weight.copy_(saved[1].weight * 3)
+            twin[1].bias.copy_(saved[1].bias)
+            block.adaLN_modulation = twin.requires_grad_(False)
+            after = stage.block_modulations(500.0, 1, torch.float32, cpu)
+        assert not torch.equal(after[0], before[0]) and torch.equal(after[1:], before[1:])
+        assert torch.equal(after, stage.flow.block_modulations(torch.full((1,), 500.0)))
+    finally:
+        block.adaLN_modulation = saved
+        stage.clear_block_modulations()

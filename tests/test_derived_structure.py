@@ -106,7 +106,8 @@ def test_tables_by_pass_is_the_reference_of_the_tables_only_build(monkeypatch):
     inputs = pipe.prepare(*make_scene(pipe.config.image_size))
     passes = []
     original = SLaTFlowModel._io_in
-    monkeypatch.setattr(SLaTFlowModel, "_io_in", lambda self, x, emb: (passes.append(len(x)), original(self, x, emb))[1])
+    monkeypatch.setattr(SLaTFlowModel, "_io_in",
+                        lambda self, x, emb, *rest: (passes.append(len(x)), original(self, x, emb, *rest))[1])
     base = dict(batch_cfg=True, cache_cond_kv=True, cuda_graphs=True, async_graph_capture=True)
     tables_only = run_ss_slat_each(pipe, inputs, [RunOptions(**base)])[0]
     passes_tables_only, passes[:] = list(passes), []

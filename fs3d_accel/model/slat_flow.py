@@ -197,9 +197,15 @@ class SparseResBlock3d(nn.Module):
         elif upsample:
             self.updown = SparseUpsample(2)
 
-    def forward(self, x: SparseTensor, emb: Tensor) -> SparseTensor:
+    def emb_modulation(self, emb: Tensor) -> Tensor:
+        """(B, E) -> (B, 2 * out_channels): the timestep embedding's scale (first half) and shift for the second norm;
+        a function of the sampler step alone (``SLaTFlowModel.io_modulations`` computes it for every IO block ahead)."""
         lin = self.emb_layers[1]
-        scale, shift = self.emb_layers(emb.to(lin.weight.dtype)).chunk(2, dim=1)
+        return self.emb_layers(emb.to(lin.weight.dtype))
+
+    def forward(self, x: SparseTensor, emb: Tensor, mod: Tensor | None = None) -> SparseTensor:
+        """``mod`` (optional, (B, 2 * out_channels)): this block's :meth:`emb_modulation` of ``emb``, computed ahead."""
+        scale, shift = (self.emb_modulation(emb) if mod is None else mod).chunk(2, dim=1)
         if self.updown is not None:
             x = self.updown(x)
         backend = current_fused_io()
@@ -390,6 +396,52 @@ class SLaTFlowModel(nn.Module):
             raise ValueError(f"block_mods must be {dtype} on {device} (what the blocks compute them as here), got "
                              f"{block_mods.dtype} on {block_mods.device}")
 
+    @property
+    def io_blocks(self) -> list[SparseResBlock3d]:
+        """The input then the output res-blocks, in the order :meth:`io_modulations` packs their modulations."""
+        return [*self.input_blocks, *self.out_blocks]
+
+    def io_modulation_widths(self) -> list[int]:
+        """Width of each packed part of :meth:`io_modulations`' rows: the embedding's, then each IO block's."""
+        return [self.cfg.model_channels] + [2 * blk.out_channels for blk in self.io_blocks]
+
+    def io_modulations(self, t: Tensor) -> Tensor:
+        """(B * (C + sum of 2 * out_channels),): the timestep embedding of the scaled timesteps ``t`` ((B,)) followed by
+        every IO res-block's :meth:`SparseResBlock3d.emb_modulation` of it, each part (B, width) row-major and packed
+        one after the other (so that each, viewed back, is contiguous like the tensor it replaces). Like
+        :meth:`block_modulations`, a function of the sampler step and the weights only: a caller may compute it once
+        per step and pass it as ``forward``'s ``io_mods`` (``SLaTStage``'s cache under
+        ``RunOptions.cache_io_modulations``), so that a pass runs neither the timestep embedder nor the IO blocks'
+        ``emb_layers``. The same ops on the same shapes as the pass, so the same values. Needs one dtype for the
+        embedding and every IO block's output (a flow converted as a whole, as every precision here makes it)."""
+        t = t.reshape(-1)
+        emb = self.t_embedder(t)
+        parts = [emb] + [blk.emb_modulation(emb) for blk in self.io_blocks]
+        dtypes = {p.dtype for p in parts}
+        if len(dtypes) != 1:
+            raise ValueError(f"io_modulations packs the timestep embedding and the IO blocks' modulations in one "
+                             f"tensor, and they come out in {sorted(str(d) for d in dtypes)}: convert the flow as a whole")
+        return torch.cat([p.reshape(-1) for p in parts])
+
+    def unpack_io_modulations(self, io_mods: Tensor, batch: int, device: torch.device) -> tuple[Tensor, list[Tensor]]:
+        """The embedding ((B, C)) and each IO block's modulation ((B, 2 * out_channels)) as contiguous views of
+        :meth:`io_modulations`' packed tensor; refused where its size, dtype or device is not that of ``batch`` rows
+        here (the blocks' weights' dtype, or autocast's)."""
+        widths = self.io_modulation_widths()
+        if io_mods.ndim != 1 or io_mods.numel() != batch * sum(widths):
+            raise ValueError(f"io_mods must be io_modulations of {batch} rows: a flat tensor of {batch * sum(widths)} "
+                             f"values, got shape {tuple(io_mods.shape)}")
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else self.t_embedder.mlp[0].weight.dtype)
+        if io_mods.dtype != dtype or io_mods.device != device:
+            raise ValueError(f"io_mods must be {dtype} on {device} (what the flow computes them as here), got "
+                             f"{io_mods.dtype} on {io_mods.device}")
+        parts, at = [], 0
+        for w in widths:
+            parts.append(io_mods[at:at + batch * w].view(batch, w))
+            at += batch * w
+        return parts[0], parts[1:]
+
     def precompute_cond_kv(self, cond: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Per-block cross-attention (k, v), each (B, L, H, D); the same for every sampler step.
 
@@ -448,7 +500,7 @@ class SLaTFlowModel(nn.Module):
     def forward(self, feats: Tensor, coords: Tensor, t: Tensor, cond: Tensor | None,
                 cond_kv: list[tuple[Tensor, Tensor]] | None = None,
                 structure: dict | None = None, torso: Callable[..., Tensor] | None = None,
-                block_mods: Tensor | None = None) -> Tensor:
+                block_mods: Tensor | None = None, io_mods: Tensor | None = None) -> Tensor:
         """feats (N, in_ch), coords (N, 4) int [batch, x, y, z] sorted by batch, t (B,) already
         scaled by the sampler's time scale, cond (B, L, cond_ch) -> velocity (N, in_ch).
 
@@ -461,7 +513,8 @@ class SLaTFlowModel(nn.Module):
         ``torso`` (the torch.compile'd :meth:`dense_torso`) replaces the block loop when every batch
         element has the same number of tokens (one object, or the CFG pair); otherwise the loop runs.
         ``block_mods`` (:meth:`block_modulations` of these ``t``, computed ahead): the blocks' adaLN outputs, so that
-        the blocks do not compute them again.
+        the blocks do not compute them again. ``io_mods`` (:meth:`io_modulations` of these ``t``, computed ahead): the
+        timestep embedding and the IO res-blocks' scale and shift, so that the pass computes neither.
         """
         cfg = self.cfg
         if feats.ndim != 2 or feats.shape[1] != cfg.in_channels:
@@ -487,8 +540,12 @@ class SLaTFlowModel(nn.Module):
             self.check_block_mods(block_mods, batch, feats.device)
         x = self._sparse_input(feats, coords, batch, structure)
         dtype = self.torso_dtype
-        emb = self.t_embedder(t)
-        h, skips = self._io_in(x, emb)
+        if io_mods is None:
+            emb, io_parts = self.t_embedder(t), None
+        else:
+            emb, io_parts = self.unpack_io_modulations(io_mods, batch, feats.device)
+        n_in = len(self.input_blocks)
+        h, skips = self._io_in(x, emb, None if io_parts is None else io_parts[:n_in])
         ctx = None if cond_kv is not None else cond.to(dtype)
         pieces = current_graph_pieces()
         if pieces:
@@ -516,24 +573,27 @@ class SLaTFlowModel(nn.Module):
                     _piece_end(h.feats)
         if pieces:
             _piece_end(h.feats)
-        return self._io_out(h, skips, emb, feats.dtype)
+        return self._io_out(h, skips, emb, feats.dtype, None if io_parts is None else io_parts[n_in:])
 
-    def _io_in(self, x: SparseTensor, emb: Tensor) -> tuple[SparseTensor, list[Tensor]]:
+    def _io_in(self, x: SparseTensor, emb: Tensor, mods: list[Tensor] | None = None
+               ) -> tuple[SparseTensor, list[Tensor]]:
         """Input layer, input res-blocks (down-sampling) and the position embedding: the torso's tokens and the
-        skips."""
+        skips. ``mods``: the input blocks' modulations, computed ahead (:meth:`io_modulations`)."""
         dtype = self.torso_dtype
         h = self.input_layer(x)
         h = h.replace(h.feats.to(dtype))
         skips = []
-        for block in self.input_blocks:
-            h = block(h, emb)
+        for i, block in enumerate(self.input_blocks):
+            h = block(h, emb, None if mods is None else mods[i])
             skips.append(h.feats)
         return h.replace(h.feats + self.pos_embedder(h.coords[:, 1:]).to(dtype)), skips
 
-    def _io_out(self, h: SparseTensor, skips: list[Tensor], emb: Tensor, out_dtype: torch.dtype) -> Tensor:
-        """Output res-blocks (up-sampling, with the skips), final norm and output layer: the velocity."""
-        for block, skip in zip(self.out_blocks, reversed(skips)):
-            h = block(h.replace(torch.cat([h.feats, skip], dim=1)), emb)
+    def _io_out(self, h: SparseTensor, skips: list[Tensor], emb: Tensor, out_dtype: torch.dtype,
+                mods: list[Tensor] | None = None) -> Tensor:
+        """Output res-blocks (up-sampling, with the skips), final norm and output layer: the velocity. ``mods``: the
+        output blocks' modulations, computed ahead (:meth:`io_modulations`)."""
+        for i, (block, skip) in enumerate(zip(self.out_blocks, reversed(skips))):
+            h = block(h.replace(torch.cat([h.feats, skip], dim=1)), emb, None if mods is None else mods[i])
         f = h.feats.to(out_dtype)
         f = F.layer_norm(f, f.shape[-1:])
         return self.out_layer(h.replace(f.to(self.out_layer.weight.dtype))).feats.to(out_dtype)

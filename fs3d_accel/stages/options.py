@@ -339,6 +339,15 @@ class RunOptions:
     #: call (kernels alone at 57.3% of the executed FLOPs against 56.6%); calls faster in 2 of 3 rounds, in a run whose
     #: reference drifted and stalled in an allocation, so the per-call gain is not settled.
     cache_block_modulations: bool = False
+    #: the same for the SLaT flow's timestep embedding and its IO res-blocks' scale and shift (``emb_layers``: a SiLU
+    #: and a Linear of the embedding per block): computed once per sampler step and batch size, kept on the stage
+    #: across calls (``SLaTStage.io_modulations``, packed in one tensor) and passed into the flow, so that no pass runs
+    #: the timestep embedder (its sinusoid and two-layer MLP) or the IO blocks' ``emb_layers``: about a dozen small
+    #: kernels per pass, each a launch gap inside the recorded graphs, and host work in a new object's first step. The
+    #: same ops on the same shapes compute the kept values, so outputs are bit-identical (tested on the CPU). Hooks on
+    #: the embedder or the IO blocks' ``emb_layers`` fire when the values are computed, not at every pass. Inference
+    #: only, as ``cache_block_modulations``. Variant suffix ``-ci``.
+    cache_io_modulations: bool = False
     #: with ``collapse_zero_cond`` and a compiled SLaT torso: make the cached condition K/V the torso takes with fewer
     #: host operations (``stages.cond_kv.lean_slat_cond_kv``): per block one ``to_kv`` over the batch as before and
     #: one contiguous copy each of the conditional rows' keys and values, while the all-zero rows' one key and value
@@ -474,6 +483,8 @@ class RunOptions:
                                         or not (self.compile_ss or self.compile_slat)):
             raise ValueError("coordinate_descent tunes the Triton kernels inductor generates: it needs the inductor "
                              "backend and compile_ss or compile_slat")
+        if not isinstance(self.cache_io_modulations, bool):
+            raise ValueError(f"cache_io_modulations is a bool, got {self.cache_io_modulations!r}")
         if not isinstance(self.lean_cond_kv, bool):
             raise ValueError(f"lean_cond_kv is a bool, got {self.lean_cond_kv!r}")
         if self.lean_cond_kv and not (self.collapse_zero_cond and self.compile_slat):
@@ -717,6 +728,11 @@ class RunOptions:
         if stage in self.attention_kernel_sites:
             return KERNEL_ROLES
         return tuple(r for r in KERNEL_ROLES if f"{stage}.{r}" in self.attention_kernel_sites)
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The dtype :meth:`autocast` runs the networks' ops in; None where it enters no autocast."""
+        return {"autocast-fp16": torch.float16, "autocast-bf16": torch.bfloat16}.get(self.precision)
 
     def autocast(self, device: torch.device | str):
         dev = torch.device(device)

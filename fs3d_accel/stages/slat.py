@@ -1,6 +1,7 @@
 """Stage 2: structured latent (SLaT flow sampler on the sparse voxels of stage 1)."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import warnings
 import weakref
@@ -97,7 +98,53 @@ class SLaTStage(HoldsInputs, nn.Module):
             cache[key] = torso
         return cache[key]
 
-    def block_modulations(self, t: float, batch: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    def _modulation_params(self, kind: str) -> list[Tensor]:
+        """The parameters the kept modulations of ``kind`` depend on ("block": the timestep embedder's and every
+        transformer block's adaLN; "io": the timestep embedder's and every IO res-block's ``emb_layers``), read from
+        each module's own parameter dict: current after a Parameter is replaced, at a fraction of ``parameters()``'s
+        host time (each step of each call looks them up, and the step after a new object's first waits for it). The
+        module list is kept while those modules are the same objects."""
+        flow = self.flow
+        owners = ([b.adaLN_modulation for b in flow.blocks] if kind == "block"
+                  else [b.emb_layers for b in flow.io_blocks])
+        shape = (id(flow.t_embedder), *(id(m) for m in owners))
+        kept_all = self.__dict__.setdefault("_modulation_modules", {})
+        kept = kept_all.get(kind)
+        if kept is None or kept[0] != shape:
+            modules = [*flow.t_embedder.modules(), *(m for owner in owners for m in owner.modules())]
+            kept = kept_all[kind] = (shape, modules)
+        return [p for m in kept[1] for p in m._parameters.values() if p is not None]
+
+    def _kept_per_step(self, kind: str, t: float, batch: int, dtype: torch.dtype, device: torch.device,
+                       options: RunOptions | None) -> Tensor:
+        """The kept modulations of ``kind`` (see :meth:`block_modulations`; "io": :meth:`io_modulations`)."""
+        flow = self.flow
+        params = self._modulation_params(kind)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            option = "cache_block_modulations" if kind == "block" else "cache_io_modulations"
+            raise ValueError(f"{option} keeps values computed without gradients, so the timestep embedder and the "
+                             f"modulating layers would get none: run under torch.no_grad() or turn the option off to "
+                             f"train through the SLaT flow")
+        device = torch.device(device)
+        autocast = options.autocast_dtype if options is not None else None
+        if autocast is None and torch.is_autocast_enabled(device.type):
+            autocast = torch.get_autocast_dtype(device.type)
+        key = (kind, float(t), batch, dtype, autocast, device,
+               tuple((id(p), p._version, p.dtype, p.device) for p in params))
+        cache: dict = self.__dict__.setdefault("_block_modulations", {})
+        entry = cache.get(key)
+        if entry is None:
+            if len(cache) >= _MODULATION_CACHE_ENTRIES:
+                cache.clear()  # a schedule has ~2 x steps entries per kind; more means settings or weights changed
+            context = options.network_context(device, "slat") if options is not None else contextlib.nullcontext()
+            compute = flow.block_modulations if kind == "block" else flow.io_modulations
+            with torch.no_grad(), context:
+                # the parameters go with the values: while the entry lives, no other tensor can take their ids
+                entry = cache[key] = (compute(torch.full((batch,), float(t), device=device)), params)
+        return entry[0]
+
+    def block_modulations(self, t: float, batch: int, dtype: torch.dtype, device: torch.device,
+                          options: RunOptions | None = None) -> Tensor:
         """The SLaT flow's :meth:`~fs3d_accel.model.slat_flow.SLaTFlowModel.block_modulations` at the scaled timestep
         ``t`` for ``batch`` rows (``RunOptions.cache_block_modulations``), kept across calls: they depend on the step
         and the weights only, so every object sampled with the same schedule reuses them. Computed from
@@ -109,28 +156,22 @@ class SLaTStage(HoldsInputs, nn.Module):
         reused by others while it lives. Up to ``_MODULATION_CACHE_ENTRIES`` entries (at full size 24 x B x 6144 values,
         0.6 MB for the bf16 CFG pair) stay on
         the device until :meth:`clear_block_modulations`. The values carry no autograd history, so gradients through the
-        blocks' adaLN are refused."""
-        flow = self.flow
-        params = [*flow.t_embedder.parameters(), *(p for b in flow.blocks for p in b.adaLN_modulation.parameters())]
-        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            raise ValueError("cache_block_modulations keeps values computed without gradients, so the timestep "
-                             "embedder and the blocks' adaLN would get none: run under torch.no_grad() or turn the "
-                             "option off to train through the SLaT flow")
-        autocast = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        key = (float(t), batch, dtype, autocast, str(device),
-               tuple((id(p), p._version, p.dtype, str(p.device)) for p in params))
-        cache: dict = self.__dict__.setdefault("_block_modulations", {})
-        entry = cache.get(key)
-        if entry is None:
-            if len(cache) >= _MODULATION_CACHE_ENTRIES:
-                cache.clear()  # a schedule has ~2 x steps entries; more means settings or weights changed
-            with torch.no_grad():
-                # the parameters go with the values: while the entry lives, no other tensor can take their ids
-                entry = cache[key] = (flow.block_modulations(torch.full((batch,), float(t), device=device)), params)
-        return entry[0]
+        blocks' adaLN are refused. ``options``: the call's settings; the values are then computed, where not kept yet,
+        under its ``network_context`` for stage "slat", and the autocast dtype of the key is the one that context sets
+        (so that a kept entry is found without entering it); without, under whatever context the caller entered."""
+        return self._kept_per_step("block", t, batch, dtype, device, options)
+
+    def io_modulations(self, t: float, batch: int, dtype: torch.dtype, device: torch.device,
+                       options: RunOptions | None = None) -> Tensor:
+        """The SLaT flow's :meth:`~fs3d_accel.model.slat_flow.SLaTFlowModel.io_modulations` (the timestep embedding and
+        the IO res-blocks' scale and shift, packed) at the scaled timestep ``t`` for ``batch`` rows
+        (``RunOptions.cache_io_modulations``), kept across calls as :meth:`block_modulations` keeps those (same keys,
+        same store, same limits; its parameters are the timestep embedder's and the IO blocks' ``emb_layers``)."""
+        return self._kept_per_step("io", t, batch, dtype, device, options)
 
     def clear_block_modulations(self) -> None:
-        """Drop the kept block modulations (:meth:`block_modulations`) and the device memory they hold."""
+        """Drop the kept modulations (:meth:`block_modulations`, :meth:`io_modulations`) and the device memory they
+        hold."""
         self.__dict__.pop("_block_modulations", None)
 
     def graph_pool(self, lease: "_PoolLease") -> GraphPool:
@@ -235,20 +276,23 @@ class SLaTStage(HoldsInputs, nn.Module):
             if torso is not None:
                 extra["torso"] = torso
             args = (feats, tt)
-            if options.cache_block_modulations:
-                with options.network_context(c.device, "slat"):
-                    args += (self.block_modulations(t * sampler_cfg.time_scale, c.shape[0], flow.torso_dtype,
-                                                    c.device),)
+            kept = []  # which kept per-step values follow feats and tt as arguments, in order
+            for kind, on in (("block", options.cache_block_modulations), ("io", options.cache_io_modulations)):
+                if on:
+                    args += (self._kept_per_step(kind, t * sampler_cfg.time_scale, c.shape[0], flow.torso_dtype,
+                                                 c.device, options),)
+                    kept.append(f"{kind}_mods")
 
             def make_call(call_options: RunOptions, call_extra: dict):
-                def call(f: Tensor, tt: Tensor, block_mods: Tensor | None = None) -> Tensor:
-                    # block_mods is an argument (not a closure) so that a replayed graph reads each step's own values
+                def call(f: Tensor, tt: Tensor, *mods: Tensor) -> Tensor:
+                    # the kept modulations are arguments (not closures) so that a replayed graph reads each step's own
+                    # values
+                    mods_kw = dict(zip(kept, mods))
                     with call_options.network_context(c.device, "slat"):
                         if ckv is not None:
-                            out = flow(f.to(dtype), c_coords, tt, c.to(dtype), cond_kv=ckv, block_mods=block_mods,
-                                       **call_extra)
+                            out = flow(f.to(dtype), c_coords, tt, c.to(dtype), cond_kv=ckv, **mods_kw, **call_extra)
                         else:
-                            out = flow(f.to(dtype), c_coords, tt, c.to(dtype), block_mods=block_mods, **call_extra)
+                            out = flow(f.to(dtype), c_coords, tt, c.to(dtype), **mods_kw, **call_extra)
                     return out.float()
                 return call
 
