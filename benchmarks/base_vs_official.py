@@ -112,6 +112,7 @@ from fs3d_accel.model.attention_kernels import FA4_KERNEL_CALL  # noqa: E402
 from fs3d_accel.model.random_weights import perturb_zero_inits  # noqa: E402
 from fs3d_analysis.profile.latency import cuda_graph_recordings, sync_device  # noqa: E402
 from fs3d_analysis.profile.gc_pauses import GCPauses, freeze_after_warmup  # noqa: E402
+from fs3d_analysis.profile.host_probe import host_probe  # noqa: E402
 from fs3d_analysis.profile.busy import (KERNEL_CLASSES, IdleGap, KernelTime, Timeline, kernel_class,  # noqa: E402
                                         kernel_time)
 from fs3d_analysis.profile.shape_only import skip_heavy_ops  # noqa: E402
@@ -134,7 +135,7 @@ COLUMNS = ["round", "variant", "stage", "object", "N", "median_s", "min_s", "fir
            "model_tflop", "achieved_tflops", "mfu", "executed_tflop", "mfu_executed", "kernel_s", "mfu_kernels",
            "round_peak_tflops", "mfu_executed_round_peak", "launches", "gpu_busy",
            "graphs_recorded_per_call", "peak_mem_gb", "resident_gb",
-           "gc_per_call", "gc_gen2_per_call", "gc_ms_per_call", "gc_longest_ms",
+           "gc_per_call", "gc_gen2_per_call", "gc_ms_per_call", "gc_longest_ms", "host_probe_us",
            "max_abs_vs_official", "rel_vs_official", "precision", "error"]
 
 
@@ -765,9 +766,9 @@ def readme_text(rows: list[dict], meta: dict) -> str:
 
 
 def gc_lines(rows: list[dict], meta: dict) -> list[str]:
-    """The Python garbage collections inside each unit's warm-up and timed calls (``gc_*`` columns), or nothing
-    where no row has them (runs made before the columns existed)."""
-    have = [r for r in rows if _fmt(r.get("gc_ms_per_call"), ".2f")]
+    """The Python garbage collections inside each unit's warm-up and timed calls (``gc_*`` columns) and the host
+    probe before it (``host_probe_us``), or nothing where no row has them (runs made before the columns existed)."""
+    have = [r for r in rows if _fmt(r.get("gc_ms_per_call"), ".2f") or _fmt(r.get("host_probe_us"), ".2f")]
     if not have:
         return []
     frozen = meta.get("python_gc") == "frozen"
@@ -775,14 +776,18 @@ def gc_lines(rows: list[dict], meta: dict) -> list[str]:
     lines = ["Python's garbage collections inside the warm-up and timed calls, per call"
              + (" (`--python-gc frozen`: `gc.freeze()` after each unit's first call)" if frozen else
                 " (the collector as Python leaves it)") + "; a full collection walks every object alive, the "
-             "compiled code's included:", "",
-             "| " + ("round | " if multi else "") + "stage | object | variant | collections | full | ms | longest ms |",
-             "|" + "---|" * (8 if multi else 7)]
+             "compiled code's included. Host probe: microseconds per operation of a fixed mix of host work (a device "
+             "allocation, a tiny kernel launch, a Python call: `fs3d_analysis.profile.host_probe`) timed right before "
+             "the unit; a unit whose probe reads high ran on a slower host, which moves host-bound calls:", "",
+             "| " + ("round | " if multi else "") + "stage | object | variant | collections | full | ms | longest ms | "
+             "host probe us/op |",
+             "|" + "---|" * (9 if multi else 8)]
     for r in have:
         lines.append("| " + (f"{r.get('round', 1)} | " if multi else "")
                      + f"{STAGE_LABELS.get(r['stage'], r['stage'])} | {r.get('object') or ''} | {r['variant']} | "
                      f"{_fmt(r.get('gc_per_call'), '.2f')} | {_fmt(r.get('gc_gen2_per_call'), '.2f')} | "
-                     f"{_fmt(r.get('gc_ms_per_call'), '.2f')} | {_fmt(r.get('gc_longest_ms'), '.2f')} |")
+                     f"{_fmt(r.get('gc_ms_per_call'), '.2f')} | {_fmt(r.get('gc_longest_ms'), '.2f')} | "
+                     f"{_fmt(r.get('host_probe_us'), '.2f')} |")
     return lines
 
 
@@ -1382,6 +1387,8 @@ def run(args) -> list[dict]:
             module.to(dev)
             with torch.no_grad():
                 fn = make_fn()
+                # the host's speed right before the unit: tells a slow-host unit apart from a slower variant
+                row["host_probe_us"] = host_probe(dev).us_per_op
                 out, r = measure(fn, dev, args.warmup, args.repeats, freeze_gc=args.python_gc == "frozen")
                 if args.gpu_busy and rnd == 1:
                     k = kernel_time(fn, dev)
@@ -1410,6 +1417,7 @@ def run(args) -> list[dict]:
               f"median {row.get('median_s', float('nan')):.4f} s  first {row.get('first_call_s', float('nan')):.3f} s"
               + (f"  gc {row['gc_ms_per_call']:.1f} ms/call ({row['gc_gen2_per_call']:.2f} full)"
                  if "gc_ms_per_call" in row else "")
+              + (f"  host probe {row['host_probe_us']:.2f} us/op" if "host_probe_us" in row else "")
               + (f"  ERROR {row['error']}" if row.get("error") else ""), flush=True)
         write_outputs(rows, args.out, meta)  # after every unit: a killed run keeps its rows
 

@@ -269,6 +269,9 @@ def summary_rows(rows: list[dict]) -> list[dict]:
 
 
 IDLE_COLUMNS = ("variant", "attribution", "key", "idle_ms", "share")
+#: keys per attribution kept in ``idle_attribution.csv`` (the rest summed in one row): a traced first step bills its
+#: idle to thousands of Python frames, most of them a few microseconds
+IDLE_CSV_TOP = 60
 #: what each attribution of :class:`IdleAttribution` bills the idle to, for the README
 IDLE_KINDS = (("project", "innermost project function"), ("project_path", "its chain of project functions"),
               ("python", "innermost Python function of any file"), ("op", "innermost host op or CUDA call"))
@@ -303,7 +306,8 @@ def write_idle_attribution(out: Path, variant: str, trace_path: Path) -> tuple[I
     events = load_trace(trace_path)
     result = attribute_idle(events)
     parts = part_times(events, FIRST_STEP_PARTS)
-    _append_csv(out / "idle_attribution.csv", IDLE_COLUMNS, [{"variant": variant, **r} for r in result.rows()])
+    _append_csv(out / "idle_attribution.csv", IDLE_COLUMNS,
+                [{"variant": variant, **r} for r in result.rows(top=IDLE_CSV_TOP)])
     _append_csv(out / "first_step_parts.csv", PART_COLUMNS, [{"variant": variant, **vars(p)} for p in parts])
     return result, parts
 
@@ -319,8 +323,8 @@ def idle_lines(tables: dict[str, tuple[IdleAttribution, list[PartTime]]], meta: 
              f"{'the whole call' if not steps else f'from the call start to the end of step {steps}'} "
              "(`trace_<variant>.json.gz`, Chrome format). Every microsecond in which no kernel, copy or memset ran "
              "is billed to the host code open at that moment (`fs3d_analysis.profile.idle_attribution`). The Python "
-             "tracer slows the host, so the milliseconds are inflated: compare shares. All rows: "
-             "`idle_attribution.csv`.", ""]
+             "tracer slows the host, so the milliseconds are inflated: compare shares. The largest "
+             f"{IDLE_CSV_TOP} keys of each attribution (the rest summed in one row): `idle_attribution.csv`.", ""]
     for v, (t, parts) in tables.items():
         lines += [f"### `{v}`", "", f"Window {t.window_us / 1e3:.1f} ms, GPU busy {t.busy_us / 1e3:.1f} ms, idle "
                   f"{t.idle_us / 1e3:.1f} ms.", "", "By part, in the order they start (`first_step_parts.csv`):", "",
@@ -355,6 +359,30 @@ def write_readme(out: Path, rows: list[dict], meta: dict,
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
+def reread(folder: Path, top: int) -> None:
+    """Rewrite a run folder's ``README.md``, ``idle_attribution.csv`` and ``first_step_parts.csv`` from its
+    ``meta.json``, ``slat_host_steps.csv`` and the traces in it (``trace_<variant>.json.gz``): for a run made before
+    the current tables existed, or after the attribution changed. Raises SystemExit naming what is missing."""
+    missing = [name for name in ("meta.json", CSV_NAME) if not (folder / name).exists()]
+    if missing:
+        raise SystemExit(f"--reread {folder}: no {' or '.join(missing)} there (not a slat_host_profile.py run folder)")
+    meta = json.loads((folder / "meta.json").read_text())
+    rows = []
+    for r in csv.DictReader(open(folder / CSV_NAME)):
+        rows.append({**r, "N": int(r["N"]), "call": int(r["call"]), "step": int(r["step"]),
+                     "host_ms": float(r["host_ms"]), "gpu_ms": float(r["gpu_ms"])})
+    for name in ("idle_attribution.csv", "first_step_parts.csv"):
+        (folder / name).unlink(missing_ok=True)
+    tables = {}
+    for v in meta["variants"]:
+        trace = folder / f"trace_{v}.json.gz"
+        if trace.exists():
+            tables[v] = write_idle_attribution(folder, v, trace)
+    if meta.get("trace") and not tables:
+        raise SystemExit(f"--reread {folder}: the run traced its last objects, and no trace_<variant>.json.gz is there")
+    write_readme(folder, rows, meta, tables, top)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -380,8 +408,15 @@ def main(argv: list[str] | None = None) -> None:
                          "last object's last repeat is profiled; objects are then labelled <index>m<meeting>")
     ap.add_argument("--top", type=int, default=40, help="functions listed per cProfile table")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=None, help="the run folder (required unless --reread)")
+    ap.add_argument("--reread", type=Path, default=None,
+                    help="rewrite the README and the trace tables of this run folder from its files, running nothing")
     args = ap.parse_args(argv)
+    if args.reread is not None:
+        reread(args.reread, args.top)
+        return
+    if args.out is None:
+        raise SystemExit("--out is required (the run folder), unless --reread names one to rewrite")
     if args.repeat < 0:
         raise SystemExit(f"--repeat must be >= 0 (extra calls per object), got {args.repeat}")
     if args.cprofile_steps < 0 or (args.cprofile_steps and not args.cprofile):

@@ -606,13 +606,15 @@ def test_python_gc_argument():
 
 def test_collections_are_tabled_written_and_read_back(tmp_path):
     rows = _rows()
-    rows[0].update(gc_per_call=2.5, gc_gen2_per_call=0.25, gc_ms_per_call=3.125, gc_longest_ms=11.5)
+    rows[0].update(gc_per_call=2.5, gc_gen2_per_call=0.25, gc_ms_per_call=3.125, gc_longest_ms=11.5,
+                   host_probe_us=1.375)
     meta = {"device": "H100", "peak_tflops": 800.0, "python_gc": "frozen"}
     bvo.write_outputs(rows, tmp_path, meta)
     text = (tmp_path / bvo.README_NAME).read_text()
     assert "`--python-gc frozen`" in text
-    assert f"| SS generator sampler |  | {rows[0]['variant']} | 2.50 | 0.25 | 3.12 | 11.50 |" in text
+    assert f"| SS generator sampler |  | {rows[0]['variant']} | 2.50 | 0.25 | 3.12 | 11.50 | 1.38 |" in text
     back, back_meta = bvo.load_outputs(tmp_path)
     assert back[0]["gc_ms_per_call"] == 3.125 and back[0]["gc_gen2_per_call"] == 0.25
+    assert back[0]["host_probe_us"] == 1.375
     assert bvo.gc_lines(back, back_meta) == bvo.gc_lines(rows, meta)
     assert bvo.gc_lines(_rows(), meta) == []  # older runs without the columns: no section

@@ -184,3 +184,21 @@ def test_slat_host_profile_trace_arguments_are_checked(tmp_path):
         shp.main(base + ["--trace", "--trace-steps", "-1"])
     with pytest.raises(SystemExit, match="--trace-steps 999: the SLaT sampler"):
         shp.main(base + ["--trace", "--trace-steps", "999"])
+
+
+def test_slat_host_profile_reread_rebuilds_the_tables(tmp_path):
+    shp.main(["--device", "cpu", "--config", "mini", "--variants", "bf16", "--sizes", "120", "--trace",
+              "--top", "5", "--out", str(tmp_path)])
+    before = (tmp_path / "first_step_parts.csv").read_text()
+    (tmp_path / "README.md").unlink()
+    (tmp_path / "first_step_parts.csv").write_text("stale")
+    shp.main(["--reread", str(tmp_path), "--top", "5"])
+    assert (tmp_path / "first_step_parts.csv").read_text() == before
+    assert "## Where the GPU waited in the traced call" in (tmp_path / "README.md").read_text()
+    with pytest.raises(SystemExit, match="not a slat_host_profile.py run folder"):
+        shp.main(["--reread", str(tmp_path / "nothing")])
+    (tmp_path / "trace_bf16.json.gz").unlink()
+    with pytest.raises(SystemExit, match="no trace_<variant>.json.gz is there"):
+        shp.main(["--reread", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--out is required"):
+        shp.main(["--device", "cpu", "--config", "mini"])

@@ -114,3 +114,12 @@ def test_part_times_time_each_part_and_its_gpu_wait():
     assert (outer.calls, outer.host_ms, outer.busy_ms, outer.idle_ms) == (2, 0.11, 0.035, 0.075)
     assert (inner.calls, inner.host_ms, inner.busy_ms, inner.idle_ms) == (1, 0.025, 0.005, 0.02)
     assert (absent.calls, absent.host_ms) == (0, 0.0)
+
+
+def test_rows_keep_the_largest_keys_and_sum_the_rest():
+    r = ia.attribute_idle(_trace())
+    rows = [x for x in r.rows(top=1) if x["attribution"] == "python"]
+    assert [x["key"] for x in rows] == ["slat.py:10 outer", "(2 other keys)"]
+    assert rows[1]["idle_ms"] == 0.02 and sum(x["share"] for x in rows) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="top must be >= 1"):
+        r.rows(top=0)

@@ -183,14 +183,22 @@ class IdleAttribution:
     by_python: dict[str, float]
     by_op: dict[str, float]
 
-    def rows(self) -> list[dict]:
-        """One row per (attribution, key): idle ms and its share of the window's idle, largest first per attribution."""
+    def rows(self, top: int | None = None) -> list[dict]:
+        """One row per (attribution, key): idle ms and its share of the window's idle, largest first per attribution.
+        ``top``: only the ``top`` largest keys of each attribution, and one more row, "(N other keys)", with the sum of
+        the rest, so that each attribution still adds up to the whole idle."""
+        if top is not None and top < 1:
+            raise ValueError(f"top must be >= 1, got {top}")
         out = []
         for kind, table in (("project", self.by_project), ("project_path", self.by_path),
                             ("python", self.by_python), ("op", self.by_op)):
-            for key, us in sorted(table.items(), key=lambda kv: -kv[1]):
-                out.append({"attribution": kind, "key": short_frame(key) if kind != "project_path" else key,
-                            "idle_ms": us / 1e3, "share": us / self.idle_us if self.idle_us else 0.0})
+            ranked = sorted(table.items(), key=lambda kv: -kv[1])
+            kept, rest = (ranked, []) if top is None else (ranked[:top], ranked[top:])
+            rows = [(short_frame(key) if kind != "project_path" else key, us) for key, us in kept]
+            if rest:
+                rows.append((f"({len(rest)} other keys)", sum(us for _, us in rest)))
+            out += [{"attribution": kind, "key": key, "idle_ms": us / 1e3,
+                     "share": us / self.idle_us if self.idle_us else 0.0} for key, us in rows]
         return out
 
 
