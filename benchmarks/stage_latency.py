@@ -292,6 +292,13 @@ NC_FK_CM_OK_MI_CI_LONG = NC_FK_CM_OK_MI_LONG + ", the IO modulations kept per st
 VARIANTS[NC_FK_CM_OK_MI_CI_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_MI_LONG], cache_io_modulations=True)
 NC_FK_CM_OK_MI_LK_CI_LONG = NC_FK_CM_OK_MI_LK_LONG + ", the IO modulations kept per step"
 VARIANTS[NC_FK_CM_OK_MI_LK_CI_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_MI_LK_LONG], cache_io_modulations=True)
+# ... the named path with the pieces' torso inlined (``slat_block_regions=False``), and with that torso compiled with
+# inductor's C++ wrapper (``slat_cpp_wrapper``; built in session 28, checked on the CPU only), for the torso's
+# recording in a new object's first step
+NC_FK_CM_OK_MI_NR_LONG = NC_FK_CM_OK_MI_LONG + ", the pieces' torso inlined"
+VARIANTS[NC_FK_CM_OK_MI_NR_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_MI_LONG], slat_block_regions=False)
+NC_FK_CM_OK_MI_NR_CW_LONG = NC_FK_CM_OK_MI_NR_LONG + ", compiled with inductor's C++ wrapper"
+VARIANTS[NC_FK_CM_OK_MI_NR_CW_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_MI_NR_LONG], slat_cpp_wrapper=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -388,6 +395,8 @@ SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-lk"] = NC_FK_CM_OK_MI_LK_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-ci"] = NC_FK_CM_OK_MI_CI_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-lk-ci"] = NC_FK_CM_OK_MI_LK_CI_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-nr"] = NC_FK_CM_OK_MI_NR_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-nr-cw"] = NC_FK_CM_OK_MI_NR_CW_LONG
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

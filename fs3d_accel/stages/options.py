@@ -322,6 +322,16 @@ class RunOptions:
     #: faster pieces path (``slat_graph_piece_blocks=2``) equal (0.4945-0.4960 s both), since every other block boundary
     #: there is a piece end, an op that orders the kernels around it. So no named path turns it off.
     slat_block_regions: bool = True
+    #: compile the SLaT torso with inductor's C++ wrapper (``cpp_wrapper``): the generated code that launches the
+    #: torso's Triton kernels and calls its GEMMs is C++ instead of Python. Why: a new object's first SLaT step is
+    #: recorded on the host while the GPU waits, and half of it is the torso's recording, spread over inductor's Python
+    #: wrapper, Triton's launcher and the GEMM calls (session 28's trace, ``results/slat_host_profile_h100/session28/``).
+    #: Custom ops (FA4's kernel call, the graph pieces' ends) are still called through the dispatcher into Python.
+    #: Needs the blocks inlined (``slat_block_regions=False``): in torch 2.11-2.13 the C++ wrapper cannot generate
+    #: nested compile regions ("codegen invoke_subgraph is not implemented for cpp wrapper", session 22). The same
+    #: kernels, so the same values as the Python wrapper (tested on the CPU). Longer first compilation (a C++ build).
+    #: Built in session 28 and checked on the CPU only: not timed on a GPU yet. Variant suffix ``-nr-cw``.
+    slat_cpp_wrapper: bool = False
     #: compute each SLaT transformer block's adaLN output (shift, scale and gate of both branches: a Linear of the
     #: timestep embedding) once per sampler step and batch size, keep it on the stage across calls
     #: (``SLaTStage.block_modulations``), and pass it into the flow, instead of every pass computing it again. It depends
@@ -497,6 +507,15 @@ class RunOptions:
         if not self.slat_block_regions and not self.compile_slat:
             raise ValueError("slat_block_regions=False inlines the blocks of the compiled SLaT torso: it needs "
                              "compile_slat=True")
+        if not isinstance(self.slat_cpp_wrapper, bool):
+            raise ValueError(f"slat_cpp_wrapper is a bool, got {self.slat_cpp_wrapper!r}")
+        if self.slat_cpp_wrapper and not (self.compile_slat and self.compile_backend == "inductor"):
+            raise ValueError("slat_cpp_wrapper compiles the SLaT torso with inductor's C++ wrapper: it needs "
+                             "compile_slat=True and compile_backend='inductor'")
+        if self.slat_cpp_wrapper and self.slat_block_regions:
+            raise ValueError("slat_cpp_wrapper needs slat_block_regions=False: inductor's C++ wrapper cannot generate "
+                             "the nested compile regions the torso's blocks are compiled as otherwise ('codegen "
+                             "invoke_subgraph is not implemented for cpp wrapper')")
         if not isinstance(self.slat_tables_by_pass, bool):
             raise ValueError(f"slat_tables_by_pass is a bool, got {self.slat_tables_by_pass!r}")
         if not isinstance(self.derive_unguided_tables, bool):
@@ -565,20 +584,23 @@ class RunOptions:
                 out[role] = FlashAttnTiles.parse(spec)
         return out
 
-    def compile_kwargs(self, mode: str) -> dict:
+    def compile_kwargs(self, mode: str, cpp_wrapper: bool = False) -> dict:
         """``torch.compile`` keyword arguments for compile mode ``mode`` under these options: ``{"mode": mode}``, or with
-        ``coordinate_descent`` the mode's inductor options plus the tuning (torch.compile takes a mode or options, not
-        both); nothing for a backend other than inductor.
+        ``coordinate_descent`` or ``cpp_wrapper`` the mode's inductor options plus the tuning and / or the C++ wrapper
+        (torch.compile takes a mode or options, not both); nothing for a backend other than inductor.
 
-        Inductor's C++ wrapper (``cpp_wrapper``) is not offered: in torch 2.11 it cannot generate the nested compile
-        regions our SS flow and SLaT torso compile each block as (session 22, H100:
-        ``results/base_vs_official_h100/session22/``)."""
+        ``cpp_wrapper`` (the SLaT torso's ``slat_cpp_wrapper``): only for a graph without nested compile regions, which
+        the C++ wrapper cannot generate in torch 2.11-2.13 (session 22, H100: ``results/base_vs_official_h100/session22/``);
+        the SS flow compiles its blocks as such regions, so it never asks for it."""
         if self.compile_backend != "inductor":
             return {}
-        if not self.coordinate_descent:
+        if not (self.coordinate_descent or cpp_wrapper):
             return {"mode": mode}
         from torch._inductor import list_mode_options
-        return {"options": {**list_mode_options(mode), "coordinate_descent_tuning": True}}
+        extra = {"coordinate_descent_tuning": True} if self.coordinate_descent else {}
+        if cpp_wrapper:
+            extra["cpp_wrapper"] = True
+        return {"options": {**list_mode_options(mode), **extra}}
 
     @property
     def compile_key(self) -> tuple:
