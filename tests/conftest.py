@@ -246,6 +246,25 @@ def sample_slat(stage, cond, coords, noise, sampler, options) -> torch.Tensor:
             release_structure(s)
 
 
+def assert_kept_values_follow_weight(stage, obj, sampler, kept, plain, weight: torch.Tensor) -> None:
+    """Options ``kept`` keep per-step values computed from ``weight``: after changing it in place (as load_state_dict
+    writes), the SLaT latents of ``obj`` (cond, coords, noise) change and equal those of ``plain``, which computes
+    them in every pass; restored, they are the first ones again."""
+    cond, coords, noise = obj
+    before = sample_slat(stage, cond, coords, noise, sampler, kept)
+    saved = weight.detach().clone()
+    try:
+        with torch.no_grad():
+            weight.mul_(1.5)
+        after = sample_slat(stage, cond, coords, noise, sampler, kept)
+        assert not torch.equal(after, before)
+        assert torch.equal(after, sample_slat(stage, cond, coords, noise, sampler, plain))
+    finally:
+        with torch.no_grad():
+            weight.copy_(saved)
+    assert torch.equal(sample_slat(stage, cond, coords, noise, sampler, kept), before)
+
+
 def mini_ss_setup():
     """A mini SS stage (4^3 shape grid: graph structure does not depend on the grid size), two objects (condition
     tokens, noise) and the 25-step sampler with CFG."""
