@@ -418,8 +418,8 @@ def stage_copy(stage: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     dup.__dict__.pop("_merged_torso_warm", None)  # slat_merge_inlined's warmed merged passes: tied to the torso too
     dup.__dict__.pop("_graph_pool", None)
     dup.__dict__.pop("_held_inputs", None)
-    # kept values and the module lists they are keyed by: the copy remakes its own (in its dtype, from its weights)
-    for kept in ("_block_modulations", "_modulation_modules", "_zero_row_kv"):
+    # kept values: the copy remakes its own (in its dtype, from its weights)
+    for kept in ("_block_modulations", "_zero_row_kv"):
         dup.__dict__.pop(kept, None)
     return dup.to(dtype).eval()
 

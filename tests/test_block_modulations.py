@@ -264,3 +264,25 @@ def test_kept_modulations_follow_a_replaced_adaln_module(slat_setup):
     finally:
         block.adaLN_modulation = saved
         stage.clear_block_modulations()
+
+
+def test_kept_modulations_follow_a_replaced_linear_inside_the_adaln(slat_setup):
+    """A Linear replaced inside a block's adaLN Sequential (the Sequential itself the same object) gives new values."""
+    stage, _, _ = slat_setup
+    stage.clear_block_modulations()
+    cpu = torch.device("cpu")
+    seq = stage.flow.blocks[1].adaLN_modulation
+    saved = seq[1]
+    try:
+        with torch.no_grad():
+            before = stage.block_modulations(500.0, 1, torch.float32, cpu)
+            twin = torch.nn.Linear(saved.in_features, saved.out_features)
+            twin.weight.copy_(saved.weight * 2)
+            twin.bias.copy_(saved.bias)
+            seq[1] = twin
+            after = stage.block_modulations(500.0, 1, torch.float32, cpu)
+        assert not torch.equal(after[1], before[1]) and torch.equal(after[0], before[0])
+        assert torch.equal(after, stage.flow.block_modulations(torch.full((1,), 500.0)))
+    finally:
+        seq[1] = saved
+        stage.clear_block_modulations()

@@ -101,20 +101,19 @@ class SLaTStage(HoldsInputs, nn.Module):
 
     def _modulation_params(self, kind: str) -> list[Tensor]:
         """The parameters the kept modulations of ``kind`` depend on ("block": the timestep embedder's and every
-        transformer block's adaLN; "io": the timestep embedder's and every IO res-block's ``emb_layers``), read from
-        each module's own parameter dict: current after a Parameter is replaced, at a fraction of ``parameters()``'s
-        host time (each step of each call looks them up, and the step after a new object's first waits for it). The
-        module list is kept while those modules are the same objects."""
+        transformer block's adaLN; "io": the timestep embedder's and every IO res-block's ``emb_layers``), read by a
+        plain walk over the modules' own dicts: current after a Parameter or a submodule is replaced, at a fraction of
+        ``parameters()``'s host time (each step of each call looks them up, and the step after a new object's first
+        waits for it)."""
         flow = self.flow
         owners = ([b.adaLN_modulation for b in flow.blocks] if kind == "block"
                   else [b.emb_layers for b in flow.io_blocks])
-        shape = (id(flow.t_embedder), *(id(m) for m in owners))
-        kept_all = self.__dict__.setdefault("_modulation_modules", {})
-        kept = kept_all.get(kind)
-        if kept is None or kept[0] != shape:
-            modules = [*flow.t_embedder.modules(), *(m for owner in owners for m in owner.modules())]
-            kept = kept_all[kind] = (shape, modules)
-        return [p for m in kept[1] for p in m._parameters.values() if p is not None]
+        stack, params = [flow.t_embedder, *owners], []
+        while stack:
+            m = stack.pop()
+            params += [p for p in m._parameters.values() if p is not None]
+            stack += [c for c in m._modules.values() if c is not None]
+        return params
 
     def _kept_per_step(self, kind: str, t: float, batch: int, dtype: torch.dtype, device: torch.device,
                        options: RunOptions | None) -> Tensor:
