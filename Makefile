@@ -19,7 +19,7 @@ reproduce: setup
 
 test: setup
 	# figures of the quick-mode notebook runs go to runs/, never over the committed full-size figures/
-	FS3D_FIGURES=$(CURDIR)/runs/test-figures FS3D_QUICK=1 MPLBACKEND=Agg OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --nbmake --nbmake-timeout=1800 notebooks tests
+	FS3D_FIGURES=$(CURDIR)/runs/test-figures FS3D_QUICK=1 MPLBACKEND=Agg OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --nbmake --nbmake-timeout=1800 --durations=30 notebooks tests
 
 notebooks: setup
 	$(PY) -m jupytext --sync notebooks/*.py

@@ -159,7 +159,7 @@ def test_host_split_counts_every_numbered_torso_function_of_the_session26_profil
     assert not shp._matches(("/tmp/x.py", 1, "repeated_subgraph"), ("", "repeated_subgraph*"))
 
 
-def test_slat_host_profile_trace_bills_the_idle_to_project_code(tmp_path):
+def test_slat_host_profile_trace_bills_the_idle_to_project_code_and_rereads(tmp_path):
     shp.main(["--device", "cpu", "--config", "mini", "--variants", "bf16", "--sizes", "120", "--trace",
               "--trace-steps", "1", "--top", "5", "--out", str(tmp_path)])
     rows = list(csv.DictReader(open(tmp_path / "idle_attribution.csv")))
@@ -174,21 +174,7 @@ def test_slat_host_profile_trace_bills_the_idle_to_project_code(tmp_path):
     assert "## Where the GPU waited in the traced call" in readme and "end of step 1" in readme
     calls = [r for r in csv.DictReader(open(tmp_path / shp.CSV_NAME)) if r["step"] == "-1"]
     assert [r["call"] for r in calls] == ["1"]
-
-
-def test_slat_host_profile_trace_arguments_are_checked(tmp_path):
-    base = ["--device", "cpu", "--config", "mini", "--variants", "bf16", "--sizes", "120", "--out", str(tmp_path)]
-    with pytest.raises(SystemExit, match="--trace and --cprofile"):
-        shp.main(base + ["--trace", "--cprofile"])
-    with pytest.raises(SystemExit, match="--trace-steps must be >= 0"):
-        shp.main(base + ["--trace", "--trace-steps", "-1"])
-    with pytest.raises(SystemExit, match="--trace-steps 999: the SLaT sampler"):
-        shp.main(base + ["--trace", "--trace-steps", "999"])
-
-
-def test_slat_host_profile_reread_rebuilds_the_tables(tmp_path):
-    shp.main(["--device", "cpu", "--config", "mini", "--variants", "bf16", "--sizes", "120", "--trace",
-              "--top", "5", "--out", str(tmp_path)])
+    # --reread rebuilds the README and the trace tables from the folder's files, running nothing
     before = (tmp_path / "first_step_parts.csv").read_text()
     (tmp_path / "README.md").unlink()
     (tmp_path / "first_step_parts.csv").write_text("stale")
@@ -202,3 +188,13 @@ def test_slat_host_profile_reread_rebuilds_the_tables(tmp_path):
         shp.main(["--reread", str(tmp_path)])
     with pytest.raises(SystemExit, match="--out is required"):
         shp.main(["--device", "cpu", "--config", "mini"])
+
+
+def test_slat_host_profile_trace_arguments_are_checked(tmp_path):
+    base = ["--device", "cpu", "--config", "mini", "--variants", "bf16", "--sizes", "120", "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="--trace and --cprofile"):
+        shp.main(base + ["--trace", "--cprofile"])
+    with pytest.raises(SystemExit, match="--trace-steps must be >= 0"):
+        shp.main(base + ["--trace", "--trace-steps", "-1"])
+    with pytest.raises(SystemExit, match="--trace-steps 999: the SLaT sampler"):
+        shp.main(base + ["--trace", "--trace-steps", "999"])

@@ -16,14 +16,14 @@ def test_probe_times_its_mix_per_operation(monkeypatch):
     calls = []
     real = torch.empty
     monkeypatch.setattr(hp.torch, "empty", lambda *a, **k: calls.append(a) or real(*a, **k))
-    probe = hp.host_probe("cpu", ops=100, repeats=3)
+    probe = hp.probe_host("cpu", ops=100, repeats=3)
     assert len(calls) == 300  # every iteration allocates
     assert probe.repeats_us == pytest.approx((2.0, 3.0, 1.0))  # us per op: 600 / 300, 900 / 300, 300 / 300
     assert probe.us_per_op == pytest.approx(statistics.median(probe.repeats_us)) == pytest.approx(2.0)
 
 
 def test_a_real_probe_is_positive():
-    probe = hp.host_probe(torch.device("cpu"), ops=20, repeats=3)
+    probe = hp.probe_host(torch.device("cpu"), ops=20, repeats=3)
     assert len(probe.repeats_us) == 3 and all(v > 0 for v in probe.repeats_us) and probe.us_per_op > 0
 
 
@@ -32,4 +32,4 @@ def test_a_real_probe_is_positive():
                                          ({"repeats": 2.5}, "repeats must be")])
 def test_bad_arguments_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):
-        hp.host_probe("cpu", **kw)
+        hp.probe_host("cpu", **kw)
