@@ -112,7 +112,7 @@ from fs3d_accel.model.attention_kernels import FA4_KERNEL_CALL  # noqa: E402
 from fs3d_accel.model.random_weights import perturb_zero_inits  # noqa: E402
 from fs3d_analysis.profile.latency import cuda_graph_recordings, sync_device  # noqa: E402
 from fs3d_analysis.profile.gc_pauses import GCPauses, freeze_after_warmup  # noqa: E402
-from fs3d_analysis.profile.host_probe import host_probe  # noqa: E402
+from fs3d_analysis.profile.host_probe import probe_host  # noqa: E402
 from fs3d_analysis.profile.busy import (KERNEL_CLASSES, IdleGap, KernelTime, Timeline, kernel_class,  # noqa: E402
                                         kernel_time)
 from fs3d_analysis.profile.shape_only import skip_heavy_ops  # noqa: E402
@@ -1388,7 +1388,7 @@ def run(args) -> list[dict]:
             with torch.no_grad():
                 fn = make_fn()
                 # the host's speed right before the unit: tells a slow-host unit apart from a slower variant
-                row["host_probe_us"] = host_probe(dev).us_per_op
+                row["host_probe_us"] = probe_host(dev).us_per_op
                 out, r = measure(fn, dev, args.warmup, args.repeats, freeze_gc=args.python_gc == "frozen")
                 if args.gpu_busy and rnd == 1:
                     k = kernel_time(fn, dev)

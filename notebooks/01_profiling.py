@@ -1205,9 +1205,9 @@ ab28w["lk-ci minus named, ms"] = 1e3 * (ab28w["-lk-ci"] - ab28w["named"])
 ab28w.round(4)
 
 # %% [markdown]
-# The second process has `-lk-ci` faster in every round, the first slower in three of four. The first lease's traces
-# show a host running every operation 1.5-1.8x slower in some calls than in others, including work that runs before
-# either switch acts (the tables). So the switches stay options, and `base_vs_official.py` now times a fixed mix of
+# The second process has `-lk-ci` faster in every round, the first slower in three of four. Traces made on the first
+# process's machine (`session28/lease2/`) show a host running every operation 1.5-1.8x slower in some calls than in
+# others, including work that runs before either switch acts (the tables). So the switches stay options, and `base_vs_official.py` now times a fixed mix of
 # host work before every unit (`host_probe_us`). The best call of the second process, against the largest peak measured
 # in it:
 

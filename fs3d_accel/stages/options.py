@@ -364,7 +364,7 @@ class RunOptions:
     #: come from ``to_kv``'s bias (what ``to_kv`` of a zero token is, exactly), made once and kept on the stage across
     #: objects. The same values as the default path (tested bit for bit): the default collapses every row through
     #: slicing, copies each of the four per-element tensors, and walks the tree with ``pytree``, which the session 28
-    #: trace of a 14k call's first step billed ~8% of the GPU's wait to (``results/slat_host_profile_h100/session28/``).
+    #: trace of a 14k call's first step billed ~7% of the GPU's wait to (``results/slat_host_profile_h100/session28/``).
     #: Host work only: the compiled torso is the same. Variant suffix ``-lk``.
     lean_cond_kv: bool = False
 

@@ -7,12 +7,12 @@
     roofline_table(lat, fl, measure_matmul_peak("cuda", torch.float16))
     kernel_time(lambda: run(), "cuda").seconds / wall_s                # GPU busy: host- or GPU-bound?
     attribute_idle(load_trace("trace.json.gz")).by_project             # which host code the GPU waits on
-    host_probe("cuda").us_per_op                                       # how fast the host runs right now
+    probe_host("cuda").us_per_op                                       # how fast the host runs right now
 """
 from .busy import KernelTime, kernel_time, sum_device_events
 from .closed_form import (linear_flops, padded_attention_flops, sdpa_flops, sparse_conv_flops, submanifold_pairs,
                           transformer_block_flops, varlen_attention_flops, window_lengths)
-from .host_probe import HostProbe, host_probe
+from .host_probe import HostProbe, probe_host
 from .idle_attribution import IdleAttribution, PartTime, attribute_idle, load_trace, part_times
 from .flops import FLOP_RULES, count_flops, neighbour_pair_count, register_flop_rule, stage_flops_table
 from .latency import ModuleTimer, device_name, profile_latency, stage_table
@@ -23,8 +23,8 @@ from .workload import Workload, make_runner, replace_coords, shell_coords, synth
 
 __all__ = [
     "CATEGORIES", "DevicePeak", "FLOP_RULES", "HostProbe", "IdleAttribution", "KernelTime", "ModuleTimer", "PartTime",
-    "Workload", "attribute_idle", "count_flops", "device_name", "host_probe", "kernel_time", "load_trace", "part_times",
-    "sum_device_events",
+    "Workload", "attribute_idle", "count_flops", "device_name", "kernel_time", "load_trace", "part_times",
+    "probe_host", "sum_device_events",
     "linear_flops", "make_runner", "measure_matmul_peak", "measure_memory_bandwidth", "neighbour_pair_count",
     "padded_attention_flops", "profile_latency", "register_flop_rule", "replace_coords", "roofline_table",
     "sdpa_flops", "select_modules", "shell_coords", "sparse_conv_flops", "stage_flops_table", "stage_table",

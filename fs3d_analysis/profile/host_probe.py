@@ -6,7 +6,7 @@ against 6.9-8.6 us; ``benchmarks/results/slat_host_profile_h100/session28/``), i
 to move a whole unit's median of host-bound calls by 10-25 ms. Timing the same small mix of host work before each unit
 tells such a unit apart from a real difference between variants:
 
-    probe = host_probe(torch.device("cuda"))
+    probe = probe_host(torch.device("cuda"))
     probe.us_per_op        # median microseconds per operation of the mix
 
 The mix is what a host-bound SLaT first step is made of: a device allocation through the caching allocator, a tiny
@@ -34,7 +34,7 @@ def _python_call(x: int) -> int:
     return x + 1
 
 
-def host_probe(device: torch.device | str, ops: int = 200, repeats: int = 5) -> HostProbe:
+def probe_host(device: torch.device | str, ops: int = 200, repeats: int = 5) -> HostProbe:
     """Time ``repeats`` rounds of ``ops`` x (a 64-element allocation on ``device``, an in-place add on it, a Python
     call) with ``time.perf_counter``; the median round, per operation (three per iteration). Raises ValueError for
     ``ops`` or ``repeats`` below 1."""
