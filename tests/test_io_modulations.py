@@ -118,9 +118,7 @@ def test_kept_io_modulations_refuse_gradients_and_bad_options(slat_setup):
         RunOptions(cache_io_modulations=1)
 
 
-@pytest.mark.parametrize("graphs", [True])  # the graph calls run the compiled torso too (and the suite is at its budget)
-def test_stage_with_a_compiled_torso_and_graph_calls_gives_the_same_latents(slat_setup, cpu_compile, monkeypatch,
-                                                                           graphs):
+def test_stage_with_a_compiled_torso_and_graph_calls_gives_the_same_latents(slat_setup, cpu_compile, monkeypatch):
     """The compiled torso (eager backend: the same kernels) with the kept embedding as its input, and the whole-pass
     graph calls (eager on the CPU) passing the kept values as arguments: the same latents, with the lean K/V too."""
     import fs3d_accel.stages.options as options_mod
@@ -128,7 +126,7 @@ def test_stage_with_a_compiled_torso_and_graph_calls_gives_the_same_latents(slat
     stage, objects, sampler = slat_setup
     cond, coords, noise = objects[0]
     common = dict(batch_cfg=True, cache_cond_kv=True, collapse_zero_cond=True, compile_slat=True,
-                  compile_backend="eager", cuda_graphs=graphs, cache_block_modulations=True)
+                  compile_backend="eager", cuda_graphs=True, cache_block_modulations=True)
     saved = stage.__dict__.pop("_compiled_torso", None)
     try:
         ref = sample_slat(stage, cond, coords, noise, sampler, RunOptions(**common))

@@ -91,15 +91,15 @@ def test_bad_inputs_are_refused(slat_setup):
         RunOptions(batch_cfg=True, cache_cond_kv=True, lean_cond_kv=True)
 
 
-@pytest.mark.parametrize("graphs", [True])  # the graph calls run the compiled torso too (and the suite is at its budget)
-def test_stage_with_a_compiled_torso_gives_the_same_latents(slat_setup, cpu_compile, monkeypatch, graphs):
-    """The whole SLaT sampler with the compiled torso (eager backend: the same kernels), CFG batched, with and without
-    the whole-pass graph calls: bit-identical latents with the lean K/V, on two objects (the kept zero rows reused)."""
+def test_stage_with_a_compiled_torso_gives_the_same_latents(slat_setup, cpu_compile, monkeypatch):
+    """The whole SLaT sampler with the compiled torso (eager backend: the same kernels), CFG batched, through the
+    whole-pass graph calls (eager on the CPU): bit-identical latents with the lean K/V, on two objects (the kept zero
+    rows reused)."""
     import fs3d_accel.stages.options as options_mod
     monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
     stage, objects, sampler = slat_setup
     common = dict(batch_cfg=True, cache_cond_kv=True, collapse_zero_cond=True, compile_slat=True,
-                  compile_backend="eager", cuda_graphs=graphs)
+                  compile_backend="eager", cuda_graphs=True)
     calls = []
     real = lean_slat_cond_kv
     monkeypatch.setattr("fs3d_accel.stages.slat.lean_slat_cond_kv",
