@@ -19,6 +19,7 @@ Each step's velocity goes through a :class:`~fs3d_accel.seams.StepPolicy` and em
 from __future__ import annotations
 
 import functools
+import operator
 
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -38,9 +39,13 @@ def time_grid(steps: int, rescale_t: float = 1.0) -> list[float]:
     """The S+1 flow times of an S-step sampler, warped by ``rescale_t`` (official ``_prepare_t``). A new list each call,
     from values computed once per (steps, rescale_t): the SLaT stage asks for the grid several times per call, in
     the first step, which the GPU waits for."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    return list(_time_grid(int(steps), float(rescale_t)))
+    try:  # any integer type (NumPy's too); a float is refused, not truncated
+        count = operator.index(steps)
+    except TypeError:
+        count = None
+    if isinstance(steps, bool) or count is None or count < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    return list(_time_grid(count, float(rescale_t)))
 
 
 @functools.lru_cache(maxsize=64)

@@ -89,6 +89,9 @@ def test_bad_inputs_are_refused(slat_setup):
         RunOptions(lean_cond_kv="yes")
     with pytest.raises(ValueError, match="needs collapse_zero_cond=True and compile_slat=True"):
         RunOptions(batch_cfg=True, cache_cond_kv=True, lean_cond_kv=True)
+    with pytest.raises(ValueError, match="lean_cond_kv does not apply with slat_token_bucket"):
+        RunOptions(precision="bf16", batch_cfg=True, cache_cond_kv=True, collapse_zero_cond=True, compile_slat=True,
+                   slat_token_bucket=0.0625, lean_cond_kv=True)
 
 
 def test_stage_with_a_compiled_torso_gives_the_same_latents(slat_setup, cpu_compile, monkeypatch):
@@ -138,5 +141,8 @@ def test_time_grid_hands_out_a_fresh_list_of_the_same_values():
     assert b[0] == 0.0 and b[-1] == 1.0 and len(b) == 26 and b is not time_grid(25, 3.0)
     ts = torch.linspace(0.0, 1.0, 26, dtype=torch.float64)
     assert b == [float(t) for t in ts / (1 + 2.0 * (1 - ts))]
-    with pytest.raises(ValueError, match="steps must be >= 1"):
-        time_grid(0)
+    for bad in (0, 2.5, True):  # a float is not truncated, a bool is not a count
+        with pytest.raises(ValueError, match="steps must be an int >= 1"):
+            time_grid(bad)
+    import numpy as np
+    assert time_grid(np.int64(25), 3.0) == b  # NumPy integers are counts too

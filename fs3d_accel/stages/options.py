@@ -365,7 +365,8 @@ class RunOptions:
     #: objects. The same values as the default path (tested bit for bit): the default collapses every row through
     #: slicing, copies each of the four per-element tensors, and walks the tree with ``pytree``, which the session 28
     #: trace of a 14k call's first step billed ~7% of the GPU's wait to (``results/slat_host_profile_h100/session28/``).
-    #: Host work only: the compiled torso is the same. Variant suffix ``-lk``.
+    #: Host work only: the compiled torso is the same. Not with ``slat_token_bucket`` (whose K/V live in held buffers).
+    #: Variant suffix ``-lk``.
     lean_cond_kv: bool = False
 
     def __post_init__(self) -> None:
@@ -500,6 +501,9 @@ class RunOptions:
         if self.lean_cond_kv and not (self.collapse_zero_cond and self.compile_slat):
             raise ValueError("lean_cond_kv makes the collapsed condition K/V the compiled SLaT torso takes: it needs "
                              "collapse_zero_cond=True and compile_slat=True")
+        if self.lean_cond_kv and self.slat_token_bucket:
+            raise ValueError("lean_cond_kv does not apply with slat_token_bucket: the bucketed torso's K/V go into "
+                             "buffers held between calls, which the default path fills; turn one of them off")
         if not isinstance(self.cache_block_modulations, bool):
             raise ValueError(f"cache_block_modulations is a bool, got {self.cache_block_modulations!r}")
         if not isinstance(self.slat_block_regions, bool):
@@ -757,12 +761,8 @@ class RunOptions:
         return {"autocast-fp16": torch.float16, "autocast-bf16": torch.bfloat16}.get(self.precision)
 
     def autocast(self, device: torch.device | str):
-        dev = torch.device(device)
-        if self.precision == "autocast-fp16":
-            return torch.autocast(dev.type, dtype=torch.float16)
-        if self.precision == "autocast-bf16":
-            return torch.autocast(dev.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        dtype = self.autocast_dtype
+        return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 #: named settings of the exact fast path (CLI ``--fast-path``), each one step further than the last;

@@ -236,7 +236,7 @@ class SLaTStage(HoldsInputs, nn.Module):
             if not options.cache_cond_kv:
                 return None
             if name not in kv_cache:
-                if options.lean_cond_kv and torso is not None and held_kv is None:
+                if options.lean_cond_kv:  # (the options refuse it without a compiled torso and with held K/V)
                     kv_cache[name] = lean_slat_cond_kv(self.__dict__.setdefault("_zero_row_kv", {}), flow.blocks,
                                                        c.to(dtype).to(flow.torso_dtype), zero_rows,
                                                        options.compile_uses_cuda_graphs)
@@ -287,7 +287,7 @@ class SLaTStage(HoldsInputs, nn.Module):
                 def call(f: Tensor, tt: Tensor, *mods: Tensor) -> Tensor:
                     # the kept modulations are arguments (not closures) so that a replayed graph reads each step's own
                     # values
-                    mods_kw = dict(zip(kept, mods))
+                    mods_kw = dict(zip(kept, mods, strict=True))
                     with call_options.network_context(c.device, "slat"):
                         if ckv is not None:
                             out = flow(f.to(dtype), c_coords, tt, c.to(dtype), cond_kv=ckv, **mods_kw, **call_extra)

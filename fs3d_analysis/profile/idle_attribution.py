@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .busy import _merge
+
 #: Chrome-trace categories of work on the GPU (kineto's names)
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 #: Chrome-trace categories of host events that name what the host runs: ops and CUDA runtime / driver calls
@@ -64,15 +66,8 @@ def _complete(events: Iterable[dict], categories: tuple[str, ...]) -> Iterable[d
 
 def busy_intervals(events: Iterable[dict]) -> list[tuple[float, float]]:
     """(start, end) of every kernel, copy and memset, merged where they overlap (several streams busy together)."""
-    spans = sorted((float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
-                   for e in _complete(events, DEVICE_CATEGORIES))
-    merged: list[list[float]] = []
-    for a, b in spans:
-        if merged and a <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], b)
-        else:
-            merged.append([a, b])
-    return [(a, b) for a, b in merged]
+    return _merge([(float(e["ts"]), float(e["ts"]) + float(e.get("dur", 0.0)))
+                   for e in _complete(events, DEVICE_CATEGORIES)])
 
 
 def idle_intervals(window: tuple[float, float], busy: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -243,29 +238,23 @@ def part_times(events: list[dict], parts: Iterable[tuple[str, str]], window: tup
     """For each (label, function) of ``parts`` (``function`` as :func:`short_frame` writes it without the line:
     ``slat.py build_both_tables``), the main thread's calls of it in ``window`` (default: the whole trace) and how
     busy the GPU was while they ran: which part of a call the GPU waits through, in time order of the parts'
-    first calls."""
+    first calls in the window (parts never called last)."""
     py = frames(events)
     busy = busy_intervals(events)
     lo, hi = window if window is not None else (-float("inf"), float("inf"))
-    out = []
+    timed = []
     for label, function in parts:
         file, _, func = function.partition(" ")
         spans = sorted((s for s in py if lo <= s.start < hi and _is(s.name, file, func)), key=lambda s: s.start)
-        outer: list[Span] = []
+        outer: list[Span] = []  # a call inside another call of the same function counts once
         for s in spans:
             if not outer or s.start >= outer[-1].end:
                 outer.append(s)
         host = sum(s.end - s.start for s in outer)
         on = sum(max(0.0, min(b, s.end) - max(a, s.start)) for s in outer for a, b in busy)
-        out.append(PartTime(label, len(outer), host / 1e3, on / 1e3, (host - on) / 1e3))
-    first = {p.part: min((s.start for s in py if _is(s.name, *_split(f))), default=float("inf")) for p, (_, f) in
-             zip(out, parts)}
-    return sorted(out, key=lambda p: first[p.part])
-
-
-def _split(function: str) -> tuple[str, str]:
-    file, _, func = function.partition(" ")
-    return file, func
+        first = outer[0].start if outer else float("inf")
+        timed.append((first, PartTime(label, len(outer), host / 1e3, on / 1e3, (host - on) / 1e3)))
+    return [p for _, p in sorted(timed, key=lambda fp: fp[0])]
 
 
 def _is(name: str, file: str, func: str) -> bool:
