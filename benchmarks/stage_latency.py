@@ -299,6 +299,18 @@ NC_FK_CM_OK_MI_NR_LONG = NC_FK_CM_OK_MI_LONG + ", the pieces' torso inlined"
 VARIANTS[NC_FK_CM_OK_MI_NR_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_MI_LONG], slat_block_regions=False)
 NC_FK_CM_OK_MI_NR_CW_LONG = NC_FK_CM_OK_MI_NR_LONG + ", compiled with inductor's C++ wrapper"
 VARIANTS[NC_FK_CM_OK_MI_NR_CW_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_MI_NR_LONG], slat_cpp_wrapper=True)
+# ... the lean K/V and kept IO modulations with the torso's generated wrapper left without its run-time checks
+# (``slat_wrapper_asserts=False``, session 29), and with the inlined torso through the C++ wrapper, with and without them
+NC_FK_CM_OK_MI_LK_CI_NA_LONG = NC_FK_CM_OK_MI_LK_CI_LONG + ", no checks in the torso's wrapper"
+VARIANTS[NC_FK_CM_OK_MI_LK_CI_NA_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_MI_LK_CI_LONG],
+                                                             slat_wrapper_asserts=False)
+NC_FK_CM_OK_MI_LK_CI_NR_CW_LONG = (NC_FK_CM_OK_MI_LK_CI_LONG
+                                   + ", the pieces' torso inlined, compiled with inductor's C++ wrapper")
+VARIANTS[NC_FK_CM_OK_MI_LK_CI_NR_CW_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_MI_LK_CI_LONG],
+                                                                slat_block_regions=False, slat_cpp_wrapper=True)
+NC_FK_CM_OK_MI_LK_CI_NR_CW_NA_LONG = NC_FK_CM_OK_MI_LK_CI_NR_CW_LONG + ", no checks in the torso's wrapper"
+VARIANTS[NC_FK_CM_OK_MI_LK_CI_NR_CW_NA_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_MI_LK_CI_NR_CW_LONG],
+                                                                   slat_wrapper_asserts=False)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -397,6 +409,10 @@ SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-lk-ci"] = NC_FK_CM_OK_MI_LK_CI_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-nr"] = NC_FK_CM_OK_MI_NR_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-nr-cw"] = NC_FK_CM_OK_MI_NR_CW_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-lk-ci-na"] = NC_FK_CM_OK_MI_LK_CI_NA_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-lk-ci-nr-cw"] = NC_FK_CM_OK_MI_LK_CI_NR_CW_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-lk-ci-nr-cw-na"] = (
+    NC_FK_CM_OK_MI_LK_CI_NR_CW_NA_LONG)
 
 
 #: separates a variant's short name from its FA4 tiles: ``compile-all-zkv-fa4-ro@ss.self=128x128+slat=192x128``

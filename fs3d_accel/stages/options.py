@@ -332,6 +332,14 @@ class RunOptions:
     #: kernels, so the same values as the Python wrapper (tested on the CPU). Longer first compilation (a C++ build).
     #: Built in session 28 and checked on the CPU only: not timed on a GPU yet. Variant suffix ``-nr-cw``.
     slat_cpp_wrapper: bool = False
+    #: keep inductor's run-time checks in the SLaT torso's generated wrapper (``size_asserts``, ``alignment_asserts``,
+    #: ``scalar_asserts``): every call of the compiled torso checks each input's sizes, strides and alignment, and each
+    #: extern kernel's output (cuBLAS GEMMs, FA4's kernel call, the pieces' ends), ~1,000 checks in a new object's first
+    #: SLaT step, which the host runs while the GPU waits (session 28's trace counted 1,034 ``assert_size_stride`` calls
+    #: in it). False drops them: the same kernels on the same buffers, so the same values, only a wrong-shaped input is
+    #: no longer caught inside the wrapper (the stage builds every input itself, and the graphs replay what was
+    #: recorded). Needs ``compile_slat`` and the inductor backend. Variant suffix ``-na``.
+    slat_wrapper_asserts: bool = True
     #: compute each SLaT transformer block's adaLN output (shift, scale and gate of both branches: a Linear of the
     #: timestep embedding) once per sampler step and batch size, keep it on the stage across calls
     #: (``SLaTStage.block_modulations``), and pass it into the flow, instead of every pass computing it again. It depends
@@ -516,6 +524,11 @@ class RunOptions:
         if self.slat_cpp_wrapper and not (self.compile_slat and self.compile_backend == "inductor"):
             raise ValueError("slat_cpp_wrapper compiles the SLaT torso with inductor's C++ wrapper: it needs "
                              "compile_slat=True and compile_backend='inductor'")
+        if not isinstance(self.slat_wrapper_asserts, bool):
+            raise ValueError(f"slat_wrapper_asserts is a bool, got {self.slat_wrapper_asserts!r}")
+        if not self.slat_wrapper_asserts and not (self.compile_slat and self.compile_backend == "inductor"):
+            raise ValueError("slat_wrapper_asserts=False drops the checks of inductor's generated SLaT torso: it needs "
+                             "compile_slat=True and compile_backend='inductor'")
         if self.slat_cpp_wrapper and self.slat_block_regions:
             raise ValueError("slat_cpp_wrapper needs slat_block_regions=False: inductor's C++ wrapper cannot generate "
                              "the nested compile regions the torso's blocks are compiled as otherwise ('codegen "
@@ -588,22 +601,26 @@ class RunOptions:
                 out[role] = FlashAttnTiles.parse(spec)
         return out
 
-    def compile_kwargs(self, mode: str, cpp_wrapper: bool = False) -> dict:
+    def compile_kwargs(self, mode: str, cpp_wrapper: bool = False, wrapper_asserts: bool = True) -> dict:
         """``torch.compile`` keyword arguments for compile mode ``mode`` under these options: ``{"mode": mode}``, or with
-        ``coordinate_descent`` or ``cpp_wrapper`` the mode's inductor options plus the tuning and / or the C++ wrapper
-        (torch.compile takes a mode or options, not both); nothing for a backend other than inductor.
+        ``coordinate_descent``, ``cpp_wrapper`` or without ``wrapper_asserts`` the mode's inductor options plus the
+        tuning, the C++ wrapper and / or the checks turned off (torch.compile takes a mode or options, not both);
+        nothing for a backend other than inductor.
 
         ``cpp_wrapper`` (the SLaT torso's ``slat_cpp_wrapper``): only for a graph without nested compile regions, which
         the C++ wrapper cannot generate in torch 2.11-2.13 (session 22, H100: ``results/base_vs_official_h100/session22/``);
-        the SS flow compiles its blocks as such regions, so it never asks for it."""
+        the SS flow compiles its blocks as such regions, so it never asks for it. ``wrapper_asserts`` False (the SLaT
+        torso's ``slat_wrapper_asserts``): no size, stride, alignment or scalar checks in the generated wrapper."""
         if self.compile_backend != "inductor":
             return {}
-        if not (self.coordinate_descent or cpp_wrapper):
+        if not (self.coordinate_descent or cpp_wrapper or not wrapper_asserts):
             return {"mode": mode}
         from torch._inductor import list_mode_options
         extra = {"coordinate_descent_tuning": True} if self.coordinate_descent else {}
         if cpp_wrapper:
             extra["cpp_wrapper"] = True
+        if not wrapper_asserts:
+            extra.update(size_asserts=False, alignment_asserts=False, scalar_asserts=False)
         return {"options": {**list_mode_options(mode), **extra}}
 
     @property

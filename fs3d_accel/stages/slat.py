@@ -77,7 +77,8 @@ class SLaTStage(HoldsInputs, nn.Module):
         # limit (8 by default: four settings x two batch sizes), so the wrapper raises that limit, and makes hitting it
         # an error instead of a torso that silently runs uncompiled
         key = (options.compile_mode, options.slat_graph_piece_blocks, options.slat_block_regions,
-               options.cache_block_modulations, *options.compile_key, options.slat_cpp_wrapper)
+               options.cache_block_modulations, *options.compile_key, options.slat_cpp_wrapper,
+               options.slat_wrapper_asserts)
         if key not in cache:
             flow = self.flow
 
@@ -86,7 +87,8 @@ class SLaTStage(HoldsInputs, nn.Module):
 
             compiled = torch.compile(flow.dense_torso if options.slat_block_regions else inlined_blocks,
                                      backend=options.compile_backend,
-                                     **options.compile_kwargs(options.compile_mode, options.slat_cpp_wrapper))
+                                     **options.compile_kwargs(options.compile_mode, options.slat_cpp_wrapper,
+                                                              options.slat_wrapper_asserts))
 
             def torso(*args, **kwargs):
                 # only the token count is dynamic (the flow marks it): without this, dynamo would make
