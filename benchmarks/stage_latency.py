@@ -300,7 +300,8 @@ VARIANTS[NC_FK_CM_OK_MI_NR_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_MI_L
 NC_FK_CM_OK_MI_NR_CW_LONG = NC_FK_CM_OK_MI_NR_LONG + ", compiled with inductor's C++ wrapper"
 VARIANTS[NC_FK_CM_OK_MI_NR_CW_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_MI_NR_LONG], slat_cpp_wrapper=True)
 # ... the lean K/V and kept IO modulations with the torso's generated wrapper left without its run-time checks
-# (``slat_wrapper_asserts=False``, session 29), and with the inlined torso through the C++ wrapper, with and without them
+# (``slat_wrapper_asserts=False``, session 29: no gain shown), and with the inlined torso through the C++ wrapper, with
+# and without them (session 29: the C++ wrapper's code did not compile at full size on the GPU)
 NC_FK_CM_OK_MI_LK_CI_NA_LONG = NC_FK_CM_OK_MI_LK_CI_LONG + ", no checks in the torso's wrapper"
 VARIANTS[NC_FK_CM_OK_MI_LK_CI_NA_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_MI_LK_CI_LONG],
                                                              slat_wrapper_asserts=False)

@@ -330,7 +330,10 @@ class RunOptions:
     #: Needs the blocks inlined (``slat_block_regions=False``): in torch 2.11-2.13 the C++ wrapper cannot generate
     #: nested compile regions ("codegen invoke_subgraph is not implemented for cpp wrapper", session 22). The same
     #: kernels, so the same values as the Python wrapper (tested on the CPU). Longer first compilation (a C++ build).
-    #: Built in session 28 and checked on the CPU only: not timed on a GPU yet. Variant suffix ``-nr-cw``.
+    #: Built in session 28 and checked on the CPU. **Fails at full size on the GPU** (session 29, H100, torch 2.11,
+    #: ``results/base_vs_official_h100/session29/ab2/``): the generated C++ uses a size array (``int_array_86``) outside
+    #: the scope it was declared in, and g++ refuses it; an inductor code generation bug the 4-block CPU torso does not
+    #: meet. So it has never been timed. Variant suffixes ``-nr-cw``, ``-lk-ci-nr-cw``.
     slat_cpp_wrapper: bool = False
     #: keep inductor's run-time checks in the SLaT torso's generated wrapper (``size_asserts``, ``alignment_asserts``,
     #: ``scalar_asserts``): every call of the compiled torso checks each input's sizes, strides and alignment, and each
@@ -338,7 +341,10 @@ class RunOptions:
     #: SLaT step, which the host runs while the GPU waits (session 28's trace counted 1,034 ``assert_size_stride`` calls
     #: in it). False drops them: the same kernels on the same buffers, so the same values, only a wrong-shaped input is
     #: no longer caught inside the wrapper (the stage builds every input itself, and the graphs replay what was
-    #: recorded). Needs ``compile_slat`` and the inductor backend. Variant suffix ``-na``.
+    #: recorded). Needs ``compile_slat`` and the inductor backend; a compilation of its own (inductor's settings are in
+    #: its cache key). Variant suffix ``-na``. Session 29 (H100, 14k, ``results/base_vs_official_h100/session29/ab1/``):
+    #: against ``-lk-ci`` -4.8 (a faster host in that unit), +3.5, -1.9 and +1.2 ms per call, no gain shown; the first
+    #: step's host time moves by ~25 ms between meetings, far more than the checks' ~1 ms. Off in every named path.
     slat_wrapper_asserts: bool = True
     #: compute each SLaT transformer block's adaLN output (shift, scale and gate of both branches: a Linear of the
     #: timestep embedding) once per sampler step and batch size, keep it on the stage across calls
@@ -374,7 +380,11 @@ class RunOptions:
     #: slicing, copies each of the four per-element tensors, and walks the tree with ``pytree``, which the session 28
     #: trace of a 14k call's first step billed ~7% of the GPU's wait to (``results/slat_host_profile_h100/session28/``).
     #: Host work only: the compiled torso is the same. Not with ``slat_token_bucket`` (whose K/V live in held buffers).
-    #: Variant suffix ``-lk``.
+    #: Variant suffix ``-lk``; timed with ``cache_io_modulations`` as ``-lk-ci`` against the named path: faster in 4 of
+    #: 4 rounds of session 28's second process and 3 of 4 of session 29's (by 0.1-6.4 ms; the other round, 0.5 ms
+    #: slower, ran both units with a slow host), slower in 3 of 4 of session 28's first, whose host was slow in some
+    #: calls; 0.3 GB less peak memory (``results/base_vs_official_h100/session29/``). Its GPU quality run is still to
+    #: make.
     lean_cond_kv: bool = False
 
     def __post_init__(self) -> None:
