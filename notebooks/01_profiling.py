@@ -1218,3 +1218,36 @@ top28 = max(json.loads((B28 / "ab2" / "meta.json").read_text())["peak_tflops_run
 print(f"{1e3 * best28['median_s']:.1f} ms: {100 * best28['executed_tflop'] / best28['median_s'] / top28:.1f}% of the "
       f"executed FLOPs against {top28:.0f} TFLOP/s; 55% would need "
       f"{1e3 * best28['executed_tflop'] / (0.55 * top28):.1f} ms")
+
+# %% [markdown]
+# ## 24. `-lk-ci` with a host probe in every unit, the wrapper without checks, and the C++ wrapper (session 29)
+#
+# `benchmarks/results/base_vs_official_h100/session29/ab1/`: the named path, `-lk-ci` and `-lk-ci-na` (the SLaT torso's
+# generated wrapper without inductor's size, stride and alignment checks, `RunOptions.slat_wrapper_asserts=False`)
+# in one process, four rounds, the order rotated. Before each unit `base_vs_official.py` now times a fixed mix of host
+# work (`host_probe_us`, microseconds per operation): a unit whose host ran slow shows as one.
+
+# %%
+B29 = R17 / "base_vs_official_h100" / "session29"
+ab29 = pd.read_csv(B29 / "ab1" / "base_vs_official.csv")
+ab29["variant"] = ab29["variant"].map(lambda v: v.rsplit("-mi", 1)[1] or "named")
+ab29w = ab29.pivot_table(index="round", columns="variant", values=["median_s", "host_probe_us"])
+for v in ("-lk-ci", "-lk-ci-na"):
+    ab29w[("minus named, ms", v)] = 1e3 * (ab29w[("median_s", v)] - ab29w[("median_s", "named")])
+ab29w.round(4)
+
+# %% [markdown]
+# In rounds 2-4 the probe reads 3.2-3.5 us for every unit, and `-lk-ci` is faster than the named path in all three.
+# In round 1 the probe reads 4.7-4.9 us for the named path and `-lk-ci` and 3.8 for `-na`: that round's lead of `-na` comes
+# with a faster host. Against `-lk-ci`, `-na` gains nothing once the host is the same. The first step's host time moved
+# by ~25 ms between meetings of one variant (`results/slat_host_profile_h100/session29/NOTES.md`), more than the
+# checks cost. The C++ wrapper variant did not compile at full size: inductor's generated C++ used a size array outside
+# its scope (`session29/ab2/README.md`). 55% per call, against the largest peak this process measured:
+
+# %%
+top29 = max(json.loads((B29 / "ab1" / "meta.json").read_text())["peak_tflops_runs"])
+for v, g in ab29.groupby("variant"):
+    b = g.loc[g["median_s"].idxmin()]
+    print(f"{v:>10}: best {1e3 * b['median_s']:.1f} ms (round {b['round']}, host probe {b['host_probe_us']:.2f} us) = "
+          f"{100 * b['executed_tflop'] / b['median_s'] / top29:.1f}% of {top29:.0f} TFLOP/s")
+print(f"55% would need {1e3 * ab29['executed_tflop'].iloc[0] / (0.55 * top29):.1f} ms")
