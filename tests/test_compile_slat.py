@@ -214,11 +214,11 @@ def test_slat_stage_compiles_in_its_own_mode_and_marks_no_static_inputs(slat_set
 
     try:
         assert run(compile_mode="reduce-overhead", slat_compile_mode="default") == [
-            ("default", 0, True, False, "inductor", False, "custom-op", False, False)]
+            ("default", 0, True, False, "inductor", False, "custom-op", False, False, True)]
         assert modes == ["default"] and marked == []
         # the same options without slat_compile_mode: SLaT under CUDA graphs, its K/V marked static
         assert run(compile_mode="reduce-overhead") == [("reduce-overhead", 0, True, False, "inductor", False, "custom-op",
-                                                        False, False)]
+                                                        False, False, True)]
         assert modes == ["reduce-overhead"] and len(marked) > 0
     finally:
         stage.__dict__.pop("_compiled_torso", None)

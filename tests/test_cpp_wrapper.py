@@ -3,6 +3,8 @@
 on the CPU the same values as the default wrapper (the same kernels), graph pieces' ends included."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -33,27 +35,6 @@ def test_compile_kwargs_ask_for_the_cpp_wrapper_as_an_inductor_option():
     assert kw["options"]["max_autotune"] is True and "mode" not in kw
 
 
-@torch.no_grad()
-def test_cpp_wrapper_torso_equals_the_python_wrapper_on_the_cpu(cpu_compile):
-    """Both wrappers compile the inlined mini torso with a piece end after every 2 blocks (a custom op the C++ code
-    calls through the dispatcher): the same outputs, bit for bit, and the stage keeps them as two compiled torsos."""
-    stage, _, _ = mini_slat_setup(())
-    flow = stage.flow
-    g = torch.Generator().manual_seed(3)
-    f = torch.randn(2, 40, flow.cfg.model_channels, generator=g)
-    emb = flow.t_embedder(torch.tensor([500.0, 500.0]))
-    cond = torch.randn(2, 24, flow.cfg.cond_channels, generator=g)
-    kv = flow.precompute_cond_kv(cond)
-    outs = []
-    for cpp in (False, True):
-        torso = stage.compiled_torso(RunOptions(**BASE, slat_block_regions=False, slat_cpp_wrapper=cpp))
-        torch._dynamo.maybe_mark_dynamic(f, 1)
-        outs.append(torso(f, emb, None, kv, None, 2))
-    assert torch.equal(outs[0], outs[1])
-    torch.testing.assert_close(outs[1], flow.dense_torso(f, emb, None, kv, None, 2), rtol=1e-5, atol=1e-5)
-    assert sorted(k[-2] for k in stage.__dict__["_compiled_torso"]) == [False, True]
-
-
 def test_the_options_refuse_dropping_checks_without_an_inductor_torso():
     with pytest.raises(ValueError, match="slat_wrapper_asserts is a bool"):
         RunOptions(slat_wrapper_asserts=0)
@@ -76,27 +57,31 @@ def test_compile_kwargs_turn_the_checks_off_as_inductor_options():
 
 
 @torch.no_grad()
-def test_torso_without_checks_equals_the_default_and_has_none_in_its_code(cpu_compile):
-    """The inlined mini torso compiled with and without the
-    wrapper's checks: the same outputs bit for bit, two compiled torsos on the stage, and the generated code of the
-    second never calls ``assert_size_stride`` (read from its generated module)."""
+def test_cpp_wrapper_and_unchecked_torsos_equal_the_python_wrapper_on_the_cpu(cpu_compile):
+    """The inlined mini torso, a piece end after every 2 blocks (a custom op the C++ code calls through the
+    dispatcher), compiled three ways: the default Python wrapper, the C++ wrapper, and the Python wrapper without its
+    checks. The same outputs, bit for bit; three compiled torsos on the stage; and the default's generated module calls
+    ``assert_size_stride`` where the unchecked one never does (those two compiled with a fresh inductor cache, so that
+    their modules are loaded here and not hit from an earlier test)."""
     from torch._inductor.codecache import PyCodeCache
     from torch._inductor.utils import fresh_cache
     stage, _, _ = mini_slat_setup(())
     flow = stage.flow
-    g = torch.Generator().manual_seed(5)
+    g = torch.Generator().manual_seed(3)
     f = torch.randn(2, 40, flow.cfg.model_channels, generator=g)
-    emb = flow.t_embedder(torch.tensor([300.0, 300.0]))
+    emb = flow.t_embedder(torch.tensor([500.0, 500.0]))
     cond = torch.randn(2, 24, flow.cfg.cond_channels, generator=g)
     kv = flow.precompute_cond_kv(cond)
-    outs, sources = [], []
-    for asserts in (True, False):
-        with fresh_cache():  # a compilation of its own, not a hit of an earlier test's: its code is loaded here
+    outs, sources = {}, {}
+    for name, extra in (("default", {}), ("cpp", {"slat_cpp_wrapper": True}),
+                        ("unchecked", {"slat_wrapper_asserts": False})):
+        with fresh_cache() if name != "cpp" else contextlib.nullcontext():
             before = set(PyCodeCache.modules)
-            torso = stage.compiled_torso(RunOptions(**BASE, slat_block_regions=False, slat_wrapper_asserts=asserts))
+            torso = stage.compiled_torso(RunOptions(**BASE, slat_block_regions=False, **extra))
             torch._dynamo.maybe_mark_dynamic(f, 1)
-            outs.append(torso(f, emb, None, kv, None, 2))
-            sources.append("".join(open(m.__file__).read() for m in set(PyCodeCache.modules) - before))
-    assert torch.equal(outs[0], outs[1])
-    assert "assert_size_stride(" in sources[0] and "assert_size_stride(" not in sources[1]
-    assert sorted(k[-1] for k in stage.__dict__["_compiled_torso"]) == [False, True]
+            outs[name] = torso(f, emb, None, kv, None, 2)
+            sources[name] = "".join(open(m.__file__).read() for m in set(PyCodeCache.modules) - before)
+    assert torch.equal(outs["default"], outs["cpp"]) and torch.equal(outs["default"], outs["unchecked"])
+    torch.testing.assert_close(outs["default"], flow.dense_torso(f, emb, None, kv, None, 2), rtol=1e-5, atol=1e-5)
+    assert "assert_size_stride(" in sources["default"] and "assert_size_stride(" not in sources["unchecked"]
+    assert sorted(k[-2:] for k in stage.__dict__["_compiled_torso"]) == [(False, False), (False, True), (True, True)]
