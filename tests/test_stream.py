@@ -241,7 +241,7 @@ def test_stream_throughput_script_times_the_stream_without_extraction(tmp_path, 
         made.append(spy)
         return pipe
     monkeypatch.setattr(st.Pipeline, "from_config", staticmethod(from_config))
-    st.main(["--device", "cpu", "--config", "mini", "--variant", "fp32", "--objects", "2", "--min-voxels", "60",
+    st.main(["--device", "cpu", "--config", "mini", "--variant", "fp32", "--objects", "1", "--min-voxels", "60",
              "--max-voxels", "90", "--rounds", "1", "--modes", "stream-noextract,sequential-noextract",
              "--out", str(tmp_path)])
     rows = list(csv.DictReader(open(tmp_path / "stream_throughput.csv")))
