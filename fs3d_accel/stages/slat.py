@@ -19,6 +19,7 @@ from ..seams import (EventBus, SparseTokens, StepPolicy, TokenTransform, Transfo
 from .cond_kv import lean_slat_cond_kv
 from .graphs import GraphedCall, GraphPool
 from .held import HoldsInputs
+from .inductor_compat import install_stable_writeline_key
 from .options import RunOptions
 from .types import SLaTOutput, SSOutput
 
@@ -81,6 +82,9 @@ class SLaTStage(HoldsInputs, nn.Module):
                options.slat_wrapper_asserts)
         if key not in cache:
             flow = self.flow
+            if options.slat_cpp_wrapper:
+                # torch 2.11's C++ wrapper can reuse a size array's name before its declaration (inductor_compat)
+                install_stable_writeline_key()
 
             def inlined_blocks(*args, **kwargs):
                 return flow.dense_torso(*args, block_regions=False, **kwargs)
