@@ -1241,8 +1241,9 @@ ab29w.round(4)
 # In round 1 the probe reads 4.7-4.9 us for the named path and `-lk-ci` and 3.8 for `-na`: that round's lead of `-na` comes
 # with a faster host. Against `-lk-ci`, `-na` gains nothing once the host is the same. The first step's host time moved
 # by ~25 ms between meetings of one variant (`results/slat_host_profile_h100/session29/NOTES.md`), more than the
-# checks cost. The C++ wrapper variant did not compile at full size: inductor's generated C++ used a size array outside
-# its scope (`session29/ab2/README.md`). 55% per call, against the largest peak this process measured:
+# checks cost. The C++ wrapper variant did not compile at full size: torch 2.11's generated C++ used a size array before
+# its declaration, a bug of its name cache that upstream fixed and `fs3d_accel.stages.inductor_compat` now works around
+# (`session29/ab2/README.md`). 55% per call, against the largest peak this process measured:
 
 # %%
 top29 = max(json.loads((B29 / "ab1" / "meta.json").read_text())["peak_tflops_runs"])

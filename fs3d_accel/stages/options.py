@@ -331,10 +331,10 @@ class RunOptions:
     #: nested compile regions ("codegen invoke_subgraph is not implemented for cpp wrapper", session 22). The same
     #: kernels, so the same values as the Python wrapper (tested on the CPU). Longer first compilation (a C++ build).
     #: Built in session 28 and checked on the CPU. **Fails at full size on the GPU** (session 29, H100, torch 2.11,
-    #: ``results/base_vs_official_h100/session29/ab2/``): the generated C++ uses a size array (``int_array_86``) outside
-    #: the scope it was declared in, and g++ refuses it; an inductor code generation bug the 4-block CPU torso does not
-    #: meet: torch 2.11 keys its size-array cache on short-lived bound methods, so a name can be reused before its
-    #: declaration (fixed upstream, pytorch/pytorch#178147; in torch 2.13). Since session 29 the stage installs a fix
+    #: ``results/base_vs_official_h100/session29/ab2/``): the generated C++ uses a size array (``int_array_86``) before
+    #: its declaration, and g++ refuses it. An inductor code generation bug the 4-block CPU torso does not meet: torch
+    #: 2.11 keys its size-array cache on short-lived bound methods, so a name can be reused before its declaration
+    #: (fixed upstream, pytorch/pytorch#178147; in torch 2.13). Since session 29 the stage installs a fix
     #: for such a torch before compiling (``stages.inductor_compat``; a no-op on 2.13), not yet run on the GPU. So it has
     #: never been timed. Variant suffixes ``-nr-cw``, ``-lk-ci-nr-cw``.
     slat_cpp_wrapper: bool = False
