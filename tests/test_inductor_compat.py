@@ -4,6 +4,7 @@ that keys on the short-lived writeline, hands it one live bound method per owner
 from __future__ import annotations
 
 import gc
+import inspect
 
 from fs3d_accel.stages.inductor_compat import (install_stable_writeline_key, keys_on_short_lived_writeline,
                                                stable_writeline_key)
@@ -52,7 +53,7 @@ def test_the_gate_reads_which_key_a_method_uses():
 def test_the_installed_torch_keys_on_the_owner_and_is_left_unchanged():
     from torch._inductor.codegen.cpp_wrapper_cpu import CppWrapperCpu
     before = CppWrapperCpu.codegen_int_array_var
-    assert "__self__" in __import__("inspect").getsource(before)  # torch 2.13 (pytorch/pytorch#178147)
+    assert "__self__" in inspect.getsource(before)  # torch 2.13: "Bound methods have transient IDs"
     assert install_stable_writeline_key() is False
     assert CppWrapperCpu.codegen_int_array_var is before
 

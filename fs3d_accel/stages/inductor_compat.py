@@ -8,8 +8,8 @@ in the second code generation pass (buffer reuse and allocation lines) can then 
 declared further down the file, for a view passed to a custom op in a later block, and g++ refuses the result:
 ``'int_array_86' was not declared in this scope``. Session 29 met this compiling the full-size SLaT torso with
 ``RunOptions.slat_cpp_wrapper`` on an H100 (``benchmarks/results/base_vs_official_h100/session29/ab2/``). Upstream
-changed the key to ``id(writeline.__self__)``, the long-lived owner of the method (pytorch/pytorch#178147, in the
-torch 2.13 this project tests with).
+changed the key to ``id(writeline.__self__)``, the long-lived owner of the method, in the torch 2.13 this project
+tests with (its comment: "Bound methods have transient IDs, so we use the ID of the bound object instead").
 
 :func:`install_stable_writeline_key` gives the old method the same key: it hands the cached method one bound method
 per owner and function, kept alive (with its owner) on the wrapper object for the wrapper's life, so equal ids mean

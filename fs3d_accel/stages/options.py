@@ -334,7 +334,7 @@ class RunOptions:
     #: ``results/base_vs_official_h100/session29/ab2/``): the generated C++ uses a size array (``int_array_86``) before
     #: its declaration, and g++ refuses it. An inductor code generation bug the 4-block CPU torso does not meet: torch
     #: 2.11 keys its size-array cache on short-lived bound methods, so a name can be reused before its declaration
-    #: (fixed upstream, pytorch/pytorch#178147; in torch 2.13). Since session 29 the stage installs a fix
+    #: (torch 2.13 keys on the methods' owner instead). Since session 29 the stage installs a fix
     #: for such a torch before compiling (``stages.inductor_compat``; a no-op on 2.13), not yet run on the GPU. So it has
     #: never been timed. Variant suffixes ``-nr-cw``, ``-lk-ci-nr-cw``.
     slat_cpp_wrapper: bool = False
