@@ -296,7 +296,9 @@ class SLaTStage(HoldsInputs, nn.Module):
                     mods_kw = dict(zip(kept, mods, strict=True))
                     with call_options.network_context(c.device, "slat"):
                         if ckv is not None:
-                            out = flow(f.to(dtype), c_coords, tt, c.to(dtype), cond_kv=ckv, **mods_kw, **call_extra)
+                            # the flow reads the cached K/V, never the condition: no per-pass cast of it (session 29's
+                            # CPU op log found it: (B, L, 1024) fp32 -> bf16 in every pass, recorded into its graph)
+                            out = flow(f.to(dtype), c_coords, tt, None, cond_kv=ckv, **mods_kw, **call_extra)
                         else:
                             out = flow(f.to(dtype), c_coords, tt, c.to(dtype), **mods_kw, **call_extra)
                     return out.float()
