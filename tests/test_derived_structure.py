@@ -118,3 +118,58 @@ def test_tables_by_pass_is_the_reference_of_the_tables_only_build(monkeypatch):
     assert passes[1:] == passes_tables_only and passes[0] == min(passes_tables_only)
     with pytest.raises(ValueError, match="slat_tables_by_pass is a bool"):
         RunOptions(slat_tables_by_pass=1)
+
+
+def _torso_level(cache: dict) -> dict:
+    """The coarsest level of a structure: the cache the torso's tokens (and their position embedding) live in."""
+    while True:
+        down = next((v for k, v in cache.items() if isinstance(k, tuple) and k[0] == "downsample"), None)
+        if down is None:
+            return cache
+        cache = down[3]
+
+
+def test_the_position_embedding_is_built_with_the_tables_sliced_and_read_by_every_pass():
+    """build_structure keeps the torso level's position embedding (the tokens' coordinates alone decide it); the batch-1
+    structure sliced from the pair's holds element 0's rows, equal to a fresh build's; a pass with the structure reads
+    it instead of running the embedder (same output bit for bit), unless the embedder has hooks, which then fire."""
+    from fs3d_accel.model.slat_flow import pos_emb_key
+    cfg, coords, feats, cond = random_slat_inputs(n=300)
+    flow = SLaTFlowModel(cfg).eval()
+    key = pos_emb_key(flow.torso_dtype)
+    pair = built(flow, torch.cat([feats, feats]), pair_of(coords), 2)
+    fresh = built(flow, feats, coords, 1)
+    level = _torso_level(fresh)
+    with torch.no_grad():
+        expected = flow.pos_embedder(_coarse_coords(fresh)[:, 1:]).to(flow.torso_dtype)
+    assert torch.equal(level[key], expected)
+    target = persistent_structure()
+    assert first_element_structure(pair, coords, target)
+    assert torch.equal(_torso_level(target)[key], level[key]) and len(_torso_level(pair)[key]) == 2 * len(level[key])
+    calls = []
+    flow.pos_embedder.forward = lambda c, _f=flow.pos_embedder.forward: calls.append(1) or _f(c)
+    t = torch.full((1,), 300.0)
+    with torch.no_grad():
+        kept = flow(feats, coords, t, cond, structure=target)
+        assert calls == []  # read from the structure
+        plain = flow(feats, coords, t, cond)
+        assert calls == [1]  # no structure: computed in the pass
+        fired = []
+        handle = flow.pos_embedder.register_forward_hook(lambda *a: fired.append(1))
+        try:
+            hooked = flow(feats, coords, t, cond, structure=target)
+        finally:
+            handle.remove()
+    assert fired == [1] and torch.equal(kept, plain) and torch.equal(kept, hooked)
+    for s in (pair, fresh, target):
+        release_structure(s)
+
+
+def _coarse_coords(structure: dict) -> torch.Tensor:
+    """The torso level's coordinates: the last down-sampling map's coarse coordinates."""
+    cache, coords = structure, None
+    while True:
+        down = next((v for k, v in cache.items() if isinstance(k, tuple) and k[0] == "downsample"), None)
+        if down is None:
+            return coords
+        coords, cache = down[0], down[3]

@@ -317,6 +317,11 @@ def _dense_block_region(block: ModulatedSparseTransformerCrossBlock, f: Tensor, 
     return block.dense_forward(f, emb, context, context_kv, key_len, mods)
 
 
+def pos_emb_key(dtype: torch.dtype) -> tuple:
+    """The structure entry (of the torso's resolution level) holding its tokens' position embedding in ``dtype``."""
+    return ("pos_emb", dtype)
+
+
 class SLaTFlowModel(nn.Module):
     """Velocity network of the SLaT stage (official ``SLatFlowModel``, keys as its checkpoint)."""
 
@@ -586,7 +591,10 @@ class SLaTFlowModel(nn.Module):
         for i, block in enumerate(self.input_blocks):
             h = block(h, emb, None if mods is None else mods[i])
             skips.append(h.feats)
-        return h.replace(h.feats + self.pos_embedder(h.coords[:, 1:]).to(dtype)), skips
+        pe = h.cache.get(pos_emb_key(dtype))  # made by build_structure for these coordinates, where it ran
+        if pe is None or self.pos_embedder._forward_hooks or self.pos_embedder._forward_pre_hooks:
+            pe = self.pos_embedder(h.coords[:, 1:]).to(dtype)
+        return h.replace(h.feats + pe), skips
 
     def _io_out(self, h: SparseTensor, skips: list[Tensor], emb: Tensor, out_dtype: torch.dtype,
                 mods: list[Tensor] | None = None) -> Tensor:
@@ -635,3 +643,8 @@ class SLaTFlowModel(nn.Module):
             for block in self.input_blocks:
                 h = block.prepare(h)
         _ = (h.seqlens, h.layout)  # the torso's (or the block loop's) per-element token counts and slices
+        if h.cache.get("persistent"):
+            # the torso's position embedding depends on these coordinates alone: made here, outside any recorded
+            # graph, and read by every pass (_io_in), which otherwise computes it again (an outer product, sin, cos,
+            # two cats, a pad and a cast per pass: ~1.7 ms of kernels in a 14k call, session 29's CPU op log)
+            h.cache[pos_emb_key(self.torso_dtype)] = self.pos_embedder(h.coords[:, 1:]).to(self.torso_dtype)
