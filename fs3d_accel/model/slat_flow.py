@@ -611,7 +611,8 @@ class SLaTFlowModel(nn.Module):
                         by_pass: bool = False) -> None:
         """Fill a :func:`~fs3d_accel.model.sparse.persistent_structure` for ``coords`` without a pass: the input
         path's tables alone (its convs' neighbour tables, the down-sampling maps, which also serve the output path's
-        up-sampling, and the torso's token layout: what needs the host), built by ``SparseResBlock3d.prepare`` with
+        up-sampling, and the torso's token layout: what needs the host; since session 29 also the torso level's
+        position embedding, which every pass then reads), built by ``SparseResBlock3d.prepare`` with
         zero-width features, so that no conv, norm or linear runs. ``feats`` and ``t`` are checked, not used. A
         later :meth:`forward` with this structure then reads no device data on the host (checked by
         ``tests/test_cuda_graphs.py``), so it can be recorded into a CUDA graph behind queued work. Until session 23
