@@ -120,13 +120,15 @@ def test_tables_by_pass_is_the_reference_of_the_tables_only_build(monkeypatch):
         RunOptions(slat_tables_by_pass=1)
 
 
-def _torso_level(cache: dict) -> dict:
-    """The coarsest level of a structure: the cache the torso's tokens (and their position embedding) live in."""
+def _torso_level(structure: dict) -> tuple[torch.Tensor, dict]:
+    """The coarsest level of a structure, where the torso's tokens (and their position embedding) live: its
+    coordinates (the last down-sampling map's) and its cache."""
+    cache, coords = structure, None
     while True:
         down = next((v for k, v in cache.items() if isinstance(k, tuple) and k[0] == "downsample"), None)
         if down is None:
-            return cache
-        cache = down[3]
+            return coords, cache
+        coords, cache = down[0], down[3]
 
 
 def test_the_position_embedding_is_built_with_the_tables_sliced_and_read_by_every_pass():
@@ -139,13 +141,18 @@ def test_the_position_embedding_is_built_with_the_tables_sliced_and_read_by_ever
     key = pos_emb_key(flow.torso_dtype)
     pair = built(flow, torch.cat([feats, feats]), pair_of(coords), 2)
     fresh = built(flow, feats, coords, 1)
-    level = _torso_level(fresh)
+    level_coords, level = _torso_level(fresh)
     with torch.no_grad():
-        expected = flow.pos_embedder(_coarse_coords(fresh)[:, 1:]).to(flow.torso_dtype)
+        expected = flow.pos_embedder(level_coords[:, 1:]).to(flow.torso_dtype)
     assert torch.equal(level[key], expected)
     target = persistent_structure()
     assert first_element_structure(pair, coords, target)
-    assert torch.equal(_torso_level(target)[key], level[key]) and len(_torso_level(pair)[key]) == 2 * len(level[key])
+    assert torch.equal(_torso_level(target)[1][key], level[key])
+    assert len(_torso_level(pair)[1][key]) == 2 * len(level[key])
+    pair_level = _torso_level(pair)[1]
+    pair_level[key], whole = level[key], pair_level[key]  # rows that are not the pair's: refused
+    assert not first_element_structure(pair, coords, persistent_structure())
+    pair_level[key] = whole
     calls = []
     flow.pos_embedder.forward = lambda c, _f=flow.pos_embedder.forward: calls.append(1) or _f(c)
     t = torch.full((1,), 300.0)
@@ -160,16 +167,12 @@ def test_the_position_embedding_is_built_with_the_tables_sliced_and_read_by_ever
             hooked = flow(feats, coords, t, cond, structure=target)
         finally:
             handle.remove()
-    assert fired == [1] and torch.equal(kept, plain) and torch.equal(kept, hooked)
+        handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)  # a global hook sees it too
+        try:
+            flow(feats, coords, t, cond, structure=target)
+        finally:
+            handle.remove()
+    assert fired == [1] and calls == [1, 1, 1] and torch.equal(kept, plain) and torch.equal(kept, hooked)
     for s in (pair, fresh, target):
         release_structure(s)
 
-
-def _coarse_coords(structure: dict) -> torch.Tensor:
-    """The torso level's coordinates: the last down-sampling map's coarse coordinates."""
-    cache, coords = structure, None
-    while True:
-        down = next((v for k, v in cache.items() if isinstance(k, tuple) and k[0] == "downsample"), None)
-        if down is None:
-            return coords
-        coords, cache = down[0], down[3]

@@ -48,6 +48,9 @@ def test_the_gate_reads_which_key_a_method_uses():
             return f"{int_array}{writeline_id}"
 
     assert not keys_on_short_lived_writeline(OwnerKeyWrapper.codegen_int_array_var)
+    exec_ns: dict = {}
+    exec("def codegen_int_array_var(self, int_array, writeline):\n    return int_array\n", exec_ns)
+    assert keys_on_short_lived_writeline(exec_ns["codegen_int_array_var"])  # no readable source: wrapped, harmless
 
 
 def test_the_installed_torch_keys_on_the_owner_and_is_left_unchanged():
@@ -58,25 +61,38 @@ def test_the_installed_torch_keys_on_the_owner_and_is_left_unchanged():
     assert CppWrapperCpu.codegen_int_array_var is before
 
 
+def _names_and_lines(wrapper) -> tuple[list[str], list[str], list[str]]:
+    """Ask ``wrapper`` for one array through two buffers, twice each, each time through a fresh bound method freed
+    right after (its address free for the next one, as in inductor's two code generation passes)."""
+    first, second, names = Lines(), Lines(), []
+    for buffer in (first, second, first, second):
+        names.append(wrapper.codegen_int_array_var("{2L, 4L}", buffer.writeline))
+        gc.collect()
+    return names, first.lines, second.lines
+
+
+def test_the_old_key_gives_no_owner_a_stable_name():
+    """The stand-in unpatched: a later bound method either hits an earlier owner's name (its id reused: that
+    buffer never declares it, the g++ error of session 29) or misses its own and declares the array again."""
+    names, first, second = _names_and_lines(OldKeyWrapper())
+    assert names != ["int_array_0", "int_array_1", "int_array_0", "int_array_1"]
+
+
 def test_each_owner_declares_its_own_arrays_and_reuses_them_through_new_bound_methods():
     class Patched(OldKeyWrapper):
         pass
 
     assert install_stable_writeline_key(Patched) is True
     assert install_stable_writeline_key(Patched) is False  # a second install wraps nothing
-    wrapper, first, second = Patched(), Lines(), Lines()
-    names = []
-    for buffer in (first, second, first, second):
-        names.append(wrapper.codegen_int_array_var("{2L, 4L}", buffer.writeline))  # a fresh bound method each time
-        gc.collect()  # the caller's bound method is gone: its address is free for the next one
+    wrapper = Patched()
+    names, first, second = _names_and_lines(wrapper)
     # each buffer holds its own declaration, written once, and later calls through new bound methods reuse its name
-    assert first.lines == ["const int64_t int_array_0[] = {2L, 4L};"]
-    assert second.lines == ["const int64_t int_array_1[] = {2L, 4L};"]
+    assert first == ["const int64_t int_array_0[] = {2L, 4L};"]
+    assert second == ["const int64_t int_array_1[] = {2L, 4L};"]
     assert names == ["int_array_0", "int_array_1", "int_array_0", "int_array_1"]
     # the bound methods the cache keys on are kept with their owners for the wrapper's life
     kept = wrapper.__dict__["_fs3d_writelines"]
-    assert sorted(owner is first for owner, _ in kept.values()) == [False, True]
-    assert all(method.__self__ is owner for owner, method in kept.values())
+    assert len(kept) == 2 and all(method.__self__ is owner for owner, method in kept.values())
     # other arguments pass through; a callable without __func__ (here a builtin's method) is used as given
     plain = []
     assert wrapper.codegen_int_array_var("{8L}", plain.append, True) == "int_array_2"

@@ -592,9 +592,16 @@ class SLaTFlowModel(nn.Module):
             h = block(h, emb, None if mods is None else mods[i])
             skips.append(h.feats)
         pe = h.cache.get(pos_emb_key(dtype))  # made by build_structure for these coordinates, where it ran
-        if pe is None or self.pos_embedder._forward_hooks or self.pos_embedder._forward_pre_hooks:
+        if pe is None or self._pos_embedder_observed():
             pe = self.pos_embedder(h.coords[:, 1:]).to(dtype)
         return h.replace(h.feats + pe), skips
+
+    def _pos_embedder_observed(self) -> bool:
+        """Whether hooks would see the position embedder run (its own, or global module hooks): then each pass runs
+        it, instead of reading the structure's kept embedding."""
+        from torch.nn.modules import module as module_mod
+        return bool(self.pos_embedder._forward_hooks or self.pos_embedder._forward_pre_hooks
+                    or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
 
     def _io_out(self, h: SparseTensor, skips: list[Tensor], emb: Tensor, out_dtype: torch.dtype,
                 mods: list[Tensor] | None = None) -> Tensor:

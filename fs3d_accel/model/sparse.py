@@ -228,6 +228,8 @@ def _first_element_level(cache: dict[Any, Any], batch: int, n: int, level_coords
         elif isinstance(key, tuple) and key[0] == "upsample_source":
             continue  # set by the finer level, which knows its own element-0 cache
         elif isinstance(key, tuple) and key[0] == "pos_emb":
+            if len(value) != rows:
+                return False
             filled[key] = value[:n]  # per-row values of the coordinates (SLaTFlowModel.build_structure's)
         elif isinstance(key, tuple) and key[0] in _PER_BATCH_ENTRIES:
             continue  # the batch's own (its CUDA graphs, its memory-pool lease) or rebuilt from the sliced table

@@ -28,10 +28,15 @@ _MARK = "_fs3d_stable_writeline_key"
 
 def keys_on_short_lived_writeline(method: Callable) -> bool:
     """True where ``method`` (a ``codegen_int_array_var``) keys its cache on ``id(writeline)`` rather than on the
-    writeline's owner (``writeline.__self__``): the torch 2.11 form. False for an already wrapped method."""
+    writeline's owner (``writeline.__self__``): the torch 2.11 form. False for an already wrapped method; True where
+    the source cannot be read (wrapping a method that keys on the owner changes nothing: one bound method per owner
+    has that owner's id)."""
     if getattr(method, _MARK, False):
         return False
-    src = inspect.getsource(method)
+    try:
+        src = inspect.getsource(method)
+    except (OSError, TypeError):  # no source shipped: cannot tell, and the wrapper is harmless on the owner key
+        return True
     return "id(writeline)" in src and "__self__" not in src
 
 
@@ -46,11 +51,10 @@ def stable_writeline_key(method: Callable) -> Callable:
         owner = getattr(writeline, "__self__", None)
         func = getattr(writeline, "__func__", None)
         if owner is not None and func is not None:
+            # the first bound method seen for this owner, kept with the owner for the wrapper's life: neither id can
+            # be reused meanwhile, so the id in the cache key names this owner
             kept = self.__dict__.setdefault("_fs3d_writelines", {})
-            entry = kept.get((id(owner), func))
-            if entry is None or entry[0] is not owner:
-                entry = kept[(id(owner), func)] = (owner, writeline)  # the owner kept alive: its id stays its own
-            writeline = entry[1]
+            writeline = kept.setdefault((id(owner), func), (owner, writeline))[1]
         return method(self, int_array, writeline, known_statically, graph)
 
     setattr(codegen_int_array_var, _MARK, True)
