@@ -386,8 +386,8 @@ class RunOptions:
     #: Variant suffix ``-lk``; timed with ``cache_io_modulations`` as ``-lk-ci`` against the named path: faster in 4 of
     #: 4 rounds of session 28's second process and 3 of 4 of session 29's (by 0.1-6.4 ms; the other round, 0.5 ms
     #: slower, ran both units with a slow host), slower in 3 of 4 of session 28's first, whose host was slow in some
-    #: calls; 0.3 GB less peak memory (``results/base_vs_official_h100/session29/``). Its GPU quality run is still to
-    #: make.
+    #: calls; 0.3 GB less peak memory (``results/base_vs_official_h100/session29/``). On the GPU its sam3d-mini results
+    #: equal the named path's on all 28 objects (session 30); since then part of the named path ``…-mi-lk-ci``.
     lean_cond_kv: bool = False
 
     def __post_init__(self) -> None:
@@ -921,6 +921,14 @@ FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi"] = dat
     FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-pieces"], slat_graph_merge_after=4, derive_unguided_tables=True,
     sparse_conv="implicit-skip-nested", fa4_call="kernel", cache_block_modulations=True, one_key_projection=True,
     slat_merge_inlined=True)
+# + the condition K/V made with fewer host operations (``-lk``) and the timestep embedding with the IO blocks' scale and
+# shift kept per step (``-ci``): faster than the path above in 7 of 8 rounds over two processes (sessions 28-29, by
+# 0.1-6.4 ms per SLaT call at 14k on an H100; the other round ran both units on a slow host), 0.3 GB less peak memory
+# (``results/base_vs_official_h100/session29/``); both exact on the CPU, and on the GPU its sam3d-mini results equal
+# the path above's on all 28 objects (session 30, ``results/fast_path_quality_h100/session30_lk_ci/``).
+FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi-lk-ci"] = dataclasses.replace(
+    FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi"], lean_cond_kv=True,
+    cache_io_modulations=True)
 
 
 def fast_path(name: str) -> RunOptions:
