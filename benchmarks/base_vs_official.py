@@ -136,7 +136,7 @@ COLUMNS = ["round", "variant", "stage", "object", "N", "median_s", "min_s", "fir
            "round_peak_tflops", "mfu_executed_round_peak", "launches", "gpu_busy",
            "graphs_recorded_per_call", "peak_mem_gb", "resident_gb",
            "gc_per_call", "gc_gen2_per_call", "gc_ms_per_call", "gc_longest_ms", "host_probe_us",
-           "max_abs_vs_official", "rel_vs_official", "precision", "error"]
+           "max_abs_vs_official", "rel_vs_official", "max_abs_vs_first", "precision", "error"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -719,14 +719,18 @@ def readme_text(rows: list[dict], meta: dict) -> str:
               "synchronisation and a capture (a moved static input, or a new dynamic size). Since session 16 the "
               "count also includes the stages' own whole-pass graphs (`cuda_graphs`): two per SLaT call by design, "
               "recorded without a sync with `async_graph_capture`; earlier runs of those variants show 0 for them. "
-              "Empty in runs made before the column existed (session 10's included)."]
+              "Empty in runs made before the column existed (session 10's included).",
+              "", "Max abs diff vs first unit = the largest difference of the unit's output from the output of the "
+              "process's first unit of the same stage and object (the first row of that stage and object in round 1; "
+              "0 there): 0 for a variant whose switches change no value and for a repeat of the same variant, so it "
+              "shows which switches round differently, on this GPU, without an official run. Since session 30."]
     multi = len({r.get("round", 1) for r in rows}) > 1
     round_peak = any("round_peak_tflops" in r for r in rows)
     header = (["round"] if multi else []) + [
         "stage", "object", "N", "variant", "median s", "first call s", "speedup vs official", "TFLOP", "TFLOP/s", "MFU",
         "MFU (executed)"] + (["round's peak TFLOP/s", "MFU (executed, round's peak)"] if round_peak else []) + (
         ["GPU busy", "MFU (kernels)", "launches"] if busy else []) + [
-        "graphs recorded / call", "peak GB", "resident GB", "max abs diff vs official", "rel"]
+        "graphs recorded / call", "peak GB", "resident GB", "max abs diff vs official", "rel", "max abs diff vs first unit"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         lead = f"| {r.get('round', 1)} " if multi else ""
@@ -748,7 +752,8 @@ def readme_text(rows: list[dict], meta: dict) -> str:
                if "gpu_busy" in r else "| | | " if busy else "")
             + f"{_fmt(r.get('graphs_recorded_per_call'), '.2g')} | "
             f"{_fmt(r.get('peak_mem_gb'), '.2f')} | {_fmt(r.get('resident_gb'), '.2f')} | "
-            f"{_fmt(r.get('max_abs_vs_official'), '.3g')} | {_fmt(r.get('rel_vs_official'), '.3g')} |")
+            f"{_fmt(r.get('max_abs_vs_official'), '.3g')} | {_fmt(r.get('rel_vs_official'), '.3g')} | "
+            f"{_fmt(r.get('max_abs_vs_first'), '.3g')} |")
     per_object = per_object_lines(rows)
     if per_object:
         lines += [""] + per_object
@@ -1344,6 +1349,7 @@ def run(args) -> list[dict]:
 
     rows: list[dict] = []
     ref_out: dict[tuple[str, str | None], Any] = {}
+    first_out: dict[tuple[str, str | None], Any] = {}  # the process's first output per (stage, object)
     res_out = cfg.mesh_decoder.output_resolution
 
     rnd = 1  # the round being measured (set by the loop below)
@@ -1403,6 +1409,14 @@ def run(args) -> list[dict]:
             elif (stage, obj) in ref_out:
                 d, rel = difference(ref_out[(stage, obj)], got)
                 row.update(max_abs_vs_official=d, rel_vs_official=rel)
+            if (stage, obj) not in first_out:
+                first_out[(stage, obj)] = got
+                row.update(max_abs_vs_first=0.0)
+            else:
+                try:
+                    row.update(max_abs_vs_first=difference(first_out[(stage, obj)], got)[0])
+                except ValueError:  # meshes over other voxel sets: no row-by-row difference (not the unit's error)
+                    row.update(max_abs_vs_first=float("nan"))
         except Exception as exc:  # keep going: one failing unit must not lose the others
             traceback.print_exc()
             row["error"] = f"{type(exc).__name__}: {exc}".replace("\n", " ").replace("|", "/")

@@ -161,12 +161,18 @@ _FASTEST = "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-c
 SETTINGS[_LATENCY_SHORT[_FASTEST]] = _LATENCY_VARIANTS[_LATENCY_SHORT[_FASTEST]]
 SHORT[_FASTEST] = _LATENCY_SHORT[_FASTEST]
 ONE_SWITCH_REF[SHORT[_FASTEST]] = SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-cm-ok"]
-# its candidate successor (sessions 28-29's timings): the lean condition K/V and the IO modulations kept per step, two
+# its successor (sessions 28-29's timings, the named path since session 30's quality run): the lean condition K/V and the IO modulations kept per step, two
 # switches that are exact on the CPU, against the named path itself
 _LEAN = _FASTEST + "-lk-ci"
 SETTINGS[_LATENCY_SHORT[_LEAN]] = _LATENCY_VARIANTS[_LATENCY_SHORT[_LEAN]]
 SHORT[_LEAN] = _LATENCY_SHORT[_LEAN]
 ONE_SWITCH_REF[SHORT[_LEAN]] = SHORT[_FASTEST]
+# the named path since session 30 (``…-mi-lk-ci``) with the condition rows' K/V projected once per call (``-sk``: the
+# same dot products, possibly other GEMM kernels on the GPU), against it
+_SPLIT = _LEAN + "-sk"
+SETTINGS[_LATENCY_SHORT[_SPLIT]] = _LATENCY_VARIANTS[_LATENCY_SHORT[_SPLIT]]
+SHORT[_SPLIT] = _LATENCY_SHORT[_SPLIT]
+ONE_SWITCH_REF[SHORT[_SPLIT]] = SHORT[_LEAN]
 DATASETS = {"shipped": None, "ycb_scale": Path(__file__).parent / "data" / "ycb_scale" / "objects"}
 METRICS = ["f_score", "volume_iou", "chamfer", "box_iou_3d"]
 

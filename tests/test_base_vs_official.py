@@ -427,6 +427,13 @@ def test_ours_only_tiny_cpu_run(tmp_path):
     assert all("graphs_recorded_per_call" in r for r in rows)  # the column exists (a CPU records no graphs)
     assert (tmp_path / bvo.CSV_NAME).exists() and (tmp_path / bvo.README_NAME).exists()
     assert "| graphs recorded / call |" in (tmp_path / bvo.README_NAME).read_text()
+    # each unit against the process's first unit of its stage (and object): fp32 of round 1 is that unit, so it and
+    # fp32 of round 2 (the same computation on the CPU) read 0; bf16 rounds differently
+    first = {(r["round"], r["variant"], r["stage"]): r["max_abs_vs_first"] for r in rows}
+    for stage in ("ss", "slat", "mesh"):
+        assert first[(1, "fp32", stage)] == 0.0 and first[(2, "fp32", stage)] == 0.0, stage
+        assert first[(1, "bf16-cfg-kv", stage)] > 0 and first[(2, "bf16-cfg-kv", stage)] > 0, stage
+    assert "max abs diff vs first unit |" in (tmp_path / bvo.README_NAME).read_text()
 
 
 def test_executed_flops_count_what_the_switches_skip(tmp_path, monkeypatch):

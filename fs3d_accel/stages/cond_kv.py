@@ -7,10 +7,17 @@ batch, slices every row (one key for the all-zero rows), walks the result with `
 per-element tensors. This module makes the same tensors directly: per block one ``to_kv`` as before, one copy each of
 the conditional rows' keys and values, and the all-zero rows' one key and value taken from ``to_kv``'s bias (``to_kv``
 of a zero token is its bias, exactly: the GEMM adds nothing to it), made once and kept across objects.
+
+``RunOptions.split_cond_kv`` goes one step further (:func:`project_cond_rows`, :func:`split_slat_cond_kv`): each
+conditional row's key and value come from two GEMMs on ``to_kv``'s weight halves, made once per call and shared by
+every K/V set of the call (the CFG pair's and the batch-1 passes'), so that no copy runs and no GEMM projects the zero
+rows or the same row twice. Per 14k call on the named path that is 96 strided copies and 24 GEMMs fewer (session 30's
+kernel table: ``benchmarks/results/base_vs_official_h100/session30/``).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 #: kept zero-row K/V entries per stage: one per (dtype, device, weights); more means weights or settings changed
@@ -81,6 +88,73 @@ def lean_slat_cond_kv(store: dict, blocks: nn.ModuleList, cond: Tensor, zero_row
                 first_zero = False
             else:
                 parts += [_copy(kv[row:row + 1, :, 0]), _copy(kv[row:row + 1, :, 1])]
+        out.append(tuple(parts))
+    if mark_static:
+        from torch._dynamo import mark_static_address
+        for entry in out:
+            for t in entry:
+                mark_static_address(t)
+    return out
+
+
+def project_cond_rows(blocks: nn.ModuleList, cond: Tensor) -> list[list[tuple[Tensor, Tensor]]]:
+    """Per block, per row of ``cond`` ((B, L, Cc), already in the torso's dtype): that row's cross-attention key and
+    value, (1, L, H, D) each, as two ``F.linear`` on ``to_kv``'s weight and bias halves. Each is its own contiguous
+    tensor, so no copy separates k from v (the nested compile region refuses inputs that alias). Row ``r`` of
+    ``to_kv(cond)`` holds the same dot products; whether the GEMM library rounds them the same for the halves as for
+    the whole weight is its choice of kernel (bit-identical on the CPU, tested; the GPU's measured difference is in
+    ``benchmarks/results/base_vs_official_h100/session30/``)."""
+    if cond.ndim != 3:
+        raise ValueError(f"cond must be (B, L, C), got {tuple(cond.shape)}")
+    out: list[list[tuple[Tensor, Tensor]]] = []
+    for blk in blocks:
+        cross = blk.cross_attn
+        width, heads = cross.channels, cross.num_heads
+        w, bias = cross.to_kv.weight, cross.to_kv.bias
+        rows = []
+        for r in range(cond.shape[0]):
+            row = cond[r:r + 1]
+            k = F.linear(row, w[:width], None if bias is None else bias[:width])
+            v = F.linear(row, w[width:], None if bias is None else bias[width:])
+            rows.append((k.view(1, row.shape[1], heads, -1), v.view(1, row.shape[1], heads, -1)))
+        out.append(rows)
+    return out
+
+
+def split_slat_cond_kv(store: dict, blocks: nn.ModuleList, rows_kv: list[list[tuple[Tensor, Tensor]]],
+                       zero_rows: list[bool], mark_static: bool = False) -> list[tuple[Tensor, ...]]:
+    """The same K/V sets as :func:`lean_slat_cond_kv`, assembled from ``rows_kv`` (:func:`project_cond_rows` of the
+    call's condition): the batch's non-zero rows are the condition's rows in order, the zero rows take the kept
+    one-key tensors (a set of zero rows only does not read ``rows_kv``). The row tensors are shared by every set of
+    the call (each set's own tensors stay distinct); a set without zero rows and more than one row stacks them (one
+    copy), as ``to_kv`` over the batch would give."""
+    n_cond = sum(not z for z in zero_rows)
+    if len(rows_kv) != len(blocks):
+        raise ValueError(f"rows_kv has {len(rows_kv)} blocks, the flow has {len(blocks)}")
+    if n_cond and any(len(rows) != n_cond for rows in rows_kv):
+        raise ValueError(f"rows_kv holds {len(rows_kv[0])} condition rows per block, zero_rows names {n_cond} "
+                         f"non-zero rows")
+    w = blocks[0].cross_attn.to_kv.weight
+    zero_kv = _zero_row_kv(store, blocks, w.dtype, w.device) if any(zero_rows) else None
+    out: list[tuple[Tensor, ...]] = []
+    for i, rows in enumerate(rows_kv):
+        if not any(zero_rows):
+            out.append(rows[0] if n_cond == 1 else (torch.cat([k for k, _ in rows]), torch.cat([v for _, v in rows])))
+            continue
+        kz, vz = zero_kv[i]
+        b = len(zero_rows)
+        if all(zero_rows):
+            out.append((kz.expand(b, 1, *kz.shape[2:]).clone(), vz.expand(b, 1, *vz.shape[2:]).clone()))
+            continue
+        parts: list[Tensor] = []
+        first_zero, j = True, 0
+        for zero in zero_rows:
+            if zero:
+                parts += [kz, vz] if first_zero else [kz.clone(), vz.clone()]
+                first_zero = False
+            else:
+                parts += list(rows[j])
+                j += 1
         out.append(tuple(parts))
     if mark_static:
         from torch._dynamo import mark_static_address

@@ -389,6 +389,15 @@ class RunOptions:
     #: calls; 0.3 GB less peak memory (``results/base_vs_official_h100/session29/``). On the GPU its sam3d-mini results
     #: equal the named path's on all 28 objects (session 30); since then part of the named path ``…-mi-lk-ci``.
     lean_cond_kv: bool = False
+    #: with ``lean_cond_kv``: project each conditional row's key and value once per call by two GEMMs on ``to_kv``'s
+    #: weight halves (``stages.cond_kv.project_cond_rows``) and share them between the CFG pair's K/V and the batch-1
+    #: passes' K/V, instead of one ``to_kv`` per set over its whole batch (the zero row included) and a contiguous
+    #: copy each of k and v: per 14k call on an H100, 96 copy kernels (1.5 ms) and 24 GEMMs over the zero row fewer
+    #: (session 30's kernel table), and ~120 host operations fewer in the first step, where the GPU waits for the
+    #: host. The same dot products; bit-identical on the CPU (tested), while a GPU's GEMM library may pick other
+    #: kernels for the halves than for the whole weight (the measured difference: ``results/base_vs_official_h100/
+    #: session30/``). Variant suffix ``-sk``.
+    split_cond_kv: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -522,6 +531,10 @@ class RunOptions:
         if self.lean_cond_kv and not (self.collapse_zero_cond and self.compile_slat):
             raise ValueError("lean_cond_kv makes the collapsed condition K/V the compiled SLaT torso takes: it needs "
                              "collapse_zero_cond=True and compile_slat=True")
+        if not isinstance(self.split_cond_kv, bool):
+            raise ValueError(f"split_cond_kv is a bool, got {self.split_cond_kv!r}")
+        if self.split_cond_kv and not self.lean_cond_kv:
+            raise ValueError("split_cond_kv refines the lean condition K/V: it needs lean_cond_kv=True")
         if self.lean_cond_kv and self.slat_token_bucket:
             raise ValueError("lean_cond_kv does not apply with slat_token_bucket: the bucketed torso's K/V go into "
                              "buffers held between calls, which the default path fills; turn one of them off")

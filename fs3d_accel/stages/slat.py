@@ -16,7 +16,7 @@ from ..model.sparse import first_element_structure, persistent_structure, releas
 from ..preprocess import PreparedInputs
 from ..samplers import EulerFlowSampler, cfg_active, guided, time_grid
 from ..seams import (EventBus, SparseTokens, StepPolicy, TokenTransform, TransformContext, TransformState)
-from .cond_kv import lean_slat_cond_kv
+from .cond_kv import lean_slat_cond_kv, project_cond_rows, split_slat_cond_kv
 from .graphs import GraphedCall, GraphPool
 from .held import HoldsInputs
 from .inductor_compat import install_stable_writeline_key
@@ -242,7 +242,13 @@ class SLaTStage(HoldsInputs, nn.Module):
             if not options.cache_cond_kv:
                 return None
             if name not in kv_cache:
-                if options.lean_cond_kv:  # (the options refuse it without a compiled torso and with held K/V)
+                if options.split_cond_kv:  # the condition's rows projected once per call, shared by every set
+                    if "_cond_rows" not in kv_cache:
+                        kv_cache["_cond_rows"] = project_cond_rows(flow.blocks, cond.to(dtype).to(flow.torso_dtype))
+                    kv_cache[name] = split_slat_cond_kv(self.__dict__.setdefault("_zero_row_kv", {}), flow.blocks,
+                                                        kv_cache["_cond_rows"], zero_rows,
+                                                        options.compile_uses_cuda_graphs)
+                elif options.lean_cond_kv:  # (the options refuse it without a compiled torso and with held K/V)
                     kv_cache[name] = lean_slat_cond_kv(self.__dict__.setdefault("_zero_row_kv", {}), flow.blocks,
                                                        c.to(dtype).to(flow.torso_dtype), zero_rows,
                                                        options.compile_uses_cuda_graphs)
