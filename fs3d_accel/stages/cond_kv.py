@@ -102,8 +102,8 @@ def project_cond_rows(blocks: nn.ModuleList, cond: Tensor) -> list[list[tuple[Te
     value, (1, L, H, D) each, as two ``F.linear`` on ``to_kv``'s weight and bias halves. Each is its own contiguous
     tensor, so no copy separates k from v (the nested compile region refuses inputs that alias). Row ``r`` of
     ``to_kv(cond)`` holds the same dot products; whether the GEMM library rounds them the same for the halves as for
-    the whole weight is its choice of kernel (bit-identical on the CPU, tested; the GPU's measured difference is in
-    ``benchmarks/results/base_vs_official_h100/session30/``)."""
+    the whole weight is its choice of kernel: bit-identical on the CPU (tested), and the same latents bit for bit at
+    full size on an H100 (``benchmarks/results/base_vs_official_h100/session30/``)."""
     if cond.ndim != 3:
         raise ValueError(f"cond must be (B, L, C), got {tuple(cond.shape)}")
     out: list[list[tuple[Tensor, Tensor]]] = []

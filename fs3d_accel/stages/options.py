@@ -394,9 +394,10 @@ class RunOptions:
     #: passes' K/V, instead of one ``to_kv`` per set over its whole batch (the zero row included) and a contiguous
     #: copy each of k and v: per 14k call on an H100, 96 copy kernels (1.5 ms) and 24 GEMMs over the zero row fewer
     #: (session 30's kernel table), and ~120 host operations fewer in the first step, where the GPU waits for the
-    #: host. The same dot products; bit-identical on the CPU (tested), while a GPU's GEMM library may pick other
-    #: kernels for the halves than for the whole weight (the measured difference: ``results/base_vs_official_h100/
-    #: session30/``). Variant suffix ``-sk``.
+    #: host. The same dot products; bit-identical on the CPU (tested) and, at full size on an H100, the same latents
+    #: bit for bit although cuBLAS runs other kernels for the halves. Against ``-lk-ci`` (session 30, two processes,
+    #: ``results/base_vs_official_h100/session30/``): faster in 6 of 7 rounds, median −4.0 ms per 14k call, 0.38 GB
+    #: less peak memory. Its sam3d-mini quality run is still to make. Variant suffix ``-sk``.
     split_cond_kv: bool = False
 
     def __post_init__(self) -> None:
