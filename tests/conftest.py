@@ -332,3 +332,17 @@ def assert_same_structure(a: dict, b: dict, seen=None) -> None:
             assert_same_structure(va[2], vb[2], seen)
         else:
             assert same_value(va, vb), key
+
+
+def assert_same_kv_sets(out, ref, n_blocks: int) -> None:
+    """``out`` and ``ref`` are the same cached condition K/V sets: per block the same number of tensors, each equal in
+    shape, dtype and bits, contiguous, and no two tensors of one block in one storage (a nested compile region refuses
+    inputs that alias)."""
+    assert len(out) == len(ref) == n_blocks
+    for got, want in zip(out, ref):
+        assert len(got) == len(want)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+            assert a.is_contiguous()
+        storages = {t.untyped_storage().data_ptr() for t in got}
+        assert len(storages) == len(got), "two tensors of one block share storage (a nested region refuses them)"

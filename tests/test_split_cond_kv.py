@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import mini_slat_setup, sample_slat
+from conftest import assert_same_kv_sets, mini_slat_setup, sample_slat
 from fs3d_accel.stages.cond_kv import lean_slat_cond_kv, project_cond_rows, split_slat_cond_kv
 from fs3d_accel.stages.options import RunOptions
 
@@ -48,14 +48,7 @@ def test_the_same_sets_as_the_lean_path(slat_setup, zero_rows, dtype):
         assert len(rows) == len(flow.blocks) and all(len(r) == n_cond for r in rows)
         out = split_slat_cond_kv({}, flow.blocks, rows, zero_rows)
         ref = lean_slat_cond_kv({}, flow.blocks, _batch(cond, zero_rows), zero_rows)
-        assert len(out) == len(ref) == len(flow.blocks)
-        for got, want in zip(out, ref):
-            assert len(got) == len(want)
-            for a, b in zip(got, want):
-                assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
-                assert a.is_contiguous()
-            storages = {t.untyped_storage().data_ptr() for t in got}
-            assert len(storages) == len(got), "two tensors of one set share storage (a nested region refuses them)"
+        assert_same_kv_sets(out, ref, len(flow.blocks))
     finally:
         stage.flow.float()
 

@@ -76,24 +76,39 @@ def lean_slat_cond_kv(store: dict, blocks: nn.ModuleList, cond: Tensor, zero_row
             continue
         if zero_kv is None:
             zero_kv = _zero_row_kv(store, blocks, kv.dtype, kv.device)
-        kz, vz = zero_kv[i]
-        if all(zero_rows):
-            out.append((kz.expand(b, 1, *kz.shape[2:]).clone(), vz.expand(b, 1, *vz.shape[2:]).clone()))
-            continue
-        parts: list[Tensor] = []
-        first_zero = True
-        for row, zero in enumerate(zero_rows):
-            if zero:
-                parts += [kz, vz] if first_zero else [kz.clone(), vz.clone()]
-                first_zero = False
-            else:
-                parts += [_copy(kv[row:row + 1, :, 0]), _copy(kv[row:row + 1, :, 1])]
-        out.append(tuple(parts))
-    if mark_static:
-        from torch._dynamo import mark_static_address
-        for entry in out:
-            for t in entry:
-                mark_static_address(t)
+        rows = [] if all(zero_rows) else [(_copy(kv[r:r + 1, :, 0]), _copy(kv[r:r + 1, :, 1]))
+                                          for r, zero in enumerate(zero_rows) if not zero]
+        out.append(_with_zero_rows(rows, zero_kv[i], zero_rows))
+    return _marked(out) if mark_static else out
+
+
+def _with_zero_rows(rows: list[tuple[Tensor, Tensor]], zero_kv: tuple[Tensor, Tensor],
+                    zero_rows: list[bool]) -> tuple[Tensor, ...]:
+    """One block's K/V set for a batch with zero rows: ``(k[:, :1], v[:, :1])`` of the kept one-key tensors when every
+    row is zero, else the per-element form, the non-zero rows taking ``rows`` in order and the zero rows the kept
+    tensors (the first zero row shares them, later ones get copies: a nested compile region refuses aliasing inputs)."""
+    kz, vz = zero_kv
+    if all(zero_rows):
+        b = len(zero_rows)
+        return kz.expand(b, 1, *kz.shape[2:]).clone(), vz.expand(b, 1, *vz.shape[2:]).clone()
+    parts: list[Tensor] = []
+    first_zero, j = True, 0
+    for zero in zero_rows:
+        if zero:
+            parts += [kz, vz] if first_zero else [kz.clone(), vz.clone()]
+            first_zero = False
+        else:
+            parts += list(rows[j])
+            j += 1
+    return tuple(parts)
+
+
+def _marked(out: list[tuple[Tensor, ...]]) -> list[tuple[Tensor, ...]]:
+    """``out`` with each tensor marked a static address (compile modes that capture CUDA graphs)."""
+    from torch._dynamo import mark_static_address
+    for entry in out:
+        for t in entry:
+            mark_static_address(t)
     return out
 
 
@@ -141,24 +156,5 @@ def split_slat_cond_kv(store: dict, blocks: nn.ModuleList, rows_kv: list[list[tu
         if not any(zero_rows):
             out.append(rows[0] if n_cond == 1 else (torch.cat([k for k, _ in rows]), torch.cat([v for _, v in rows])))
             continue
-        kz, vz = zero_kv[i]
-        b = len(zero_rows)
-        if all(zero_rows):
-            out.append((kz.expand(b, 1, *kz.shape[2:]).clone(), vz.expand(b, 1, *vz.shape[2:]).clone()))
-            continue
-        parts: list[Tensor] = []
-        first_zero, j = True, 0
-        for zero in zero_rows:
-            if zero:
-                parts += [kz, vz] if first_zero else [kz.clone(), vz.clone()]
-                first_zero = False
-            else:
-                parts += list(rows[j])
-                j += 1
-        out.append(tuple(parts))
-    if mark_static:
-        from torch._dynamo import mark_static_address
-        for entry in out:
-            for t in entry:
-                mark_static_address(t)
-    return out
+        out.append(_with_zero_rows(rows, zero_kv[i], zero_rows))
+    return _marked(out) if mark_static else out
