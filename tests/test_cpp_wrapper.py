@@ -28,10 +28,12 @@ def test_the_options_refuse_what_cannot_work():
 def test_compile_kwargs_ask_for_the_cpp_wrapper_as_an_inductor_option():
     opts = RunOptions(**BASE, slat_block_regions=False, slat_cpp_wrapper=True)
     assert opts.compile_kwargs("default") == {"mode": "default"}  # the SS flow never asks for it
-    assert opts.compile_kwargs("default", cpp_wrapper=True) == {"options": {"cpp_wrapper": True}}
+    assert opts.compile_kwargs("default", cpp_wrapper=True) == {
+        "options": {"cpp_wrapper": True, "cpp_wrapper_build_separate": True}}  # the glue built at -O1
     with_tuning = RunOptions(**BASE, slat_block_regions=False, slat_cpp_wrapper=True, coordinate_descent=True)
     kw = with_tuning.compile_kwargs("max-autotune-no-cudagraphs", cpp_wrapper=True)
     assert kw["options"]["cpp_wrapper"] is True and kw["options"]["coordinate_descent_tuning"] is True
+    assert kw["options"]["cpp_wrapper_build_separate"] is True
     assert kw["options"]["max_autotune"] is True and "mode" not in kw
 
 
@@ -50,10 +52,10 @@ def test_compile_kwargs_turn_the_checks_off_as_inductor_options():
     off = {"size_asserts": False, "alignment_asserts": False, "scalar_asserts": False}
     assert opts.compile_kwargs("default", wrapper_asserts=False) == {"options": off}
     kw = opts.compile_kwargs("default", cpp_wrapper=True, wrapper_asserts=False)
-    assert kw == {"options": {"cpp_wrapper": True, **off}}
+    assert kw == {"options": {"cpp_wrapper": True, "cpp_wrapper_build_separate": True, **off}}
     # every key is one this torch's inductor knows (torch.compile refuses unknown ones only at the first call)
     import torch._inductor.config as inductor_config
-    assert all(hasattr(inductor_config, k) for k in off)
+    assert all(hasattr(inductor_config, k) for k in kw["options"])
 
 
 @torch.no_grad()

@@ -336,7 +336,9 @@ class RunOptions:
     #: 2.11 keys its size-array cache on short-lived bound methods, so a name can be reused before its declaration
     #: (torch 2.13 keys on the methods' owner instead). Since session 29 the stage installs a fix
     #: for such a torch before compiling (``stages.inductor_compat``; a no-op on 2.13), not yet run on the GPU. So it has
-    #: never been timed. Variant suffixes ``-nr-cw``, ``-lk-ci-nr-cw``.
+    #: never been timed. In session 30 (H100) the fix held (every size array declared before use in the generated
+    #: files), but the build of the generated C++ did not finish within a call; since then the entry is built apart,
+    #: at -O1 (``cpp_wrapper_build_separate``, :meth:`compile_kwargs`). Variant suffixes ``-nr-cw``, ``-lk-ci-nr-cw``.
     slat_cpp_wrapper: bool = False
     #: keep inductor's run-time checks in the SLaT torso's generated wrapper (``size_asserts``, ``alignment_asserts``,
     #: ``scalar_asserts``): every call of the compiled torso checks each input's sizes, strides and alignment, and each
@@ -645,7 +647,11 @@ class RunOptions:
         from torch._inductor import list_mode_options
         extra = {"coordinate_descent_tuning": True} if self.coordinate_descent else {}
         if cpp_wrapper:
-            extra["cpp_wrapper"] = True
+            # the generated entry (host-side glue, ~1.5 MB of C++ for the full-size torso) built apart from any CPU
+            # kernels, at -O1: where the entry and kernels build as one unit it is compiled at -O3, and at full size
+            # on the GPU's torch 2.11 that build outlasted a ~355 s call (session 30); torch 2.13 builds a GPU
+            # wrapper at -O1 anyway (its comment: "the C++ wrapper is just glue")
+            extra.update(cpp_wrapper=True, cpp_wrapper_build_separate=True)
         if not wrapper_asserts:
             extra.update(size_asserts=False, alignment_asserts=False, scalar_asserts=False)
         return {"options": {**list_mode_options(mode), **extra}}
