@@ -607,6 +607,10 @@ def unit_flops(base, cfg, stage: str, dev: torch.device, cond: torch.Tensor | No
 #: graphs, attention kernel) run the same FLOPs. ``slat_token_bucket`` adds padded work, left out of the count on
 #: purpose: MFU stays measured against the useful FLOPs
 FLOP_OPTIONS = ("cache_cond_kv", "collapse_zero_cond", "one_key_projection")
+#: SLaT switches that change the executed FLOPs but cannot run in the counting run (they need the compiled torso, or
+#: step aside under the counter's global module hooks): :func:`executed_flops` counts the run without them and takes
+#: off what they skip, from the same run's shapes (:func:`moved_flops`)
+MOVED_FLOP_OPTIONS = ("split_cond_kv", "slat_coarse_upsample")
 
 
 #: how the variants are ordered in each round (``--order``)
@@ -630,22 +634,76 @@ def counting_options(opts):
     return RunOptions(**{"batch_cfg": opts.batch_cfg, **{k: getattr(opts, k) for k in FLOP_OPTIONS}})
 
 
-def executed_flops(stage_module: torch.nn.Module, make_fn, dev: torch.device) -> dict[str, float]:
+def executed_flops(stage_module: torch.nn.Module, make_fn, dev: torch.device, switches=None) -> dict[str, float]:
     """FLOPs one call of the unit actually executes, per operator class and in total (``count_flops_by_class``):
     ``make_fn()``'s sampler run once under FlopCounterMode on the fp32 ``stage_module`` (the K/V cache computes the
     condition K/V once per object, the one-key K/V skips the unconditional branch's attention over L keys), where
-    ``model_tflop`` counts every network pass in full."""
+    ``model_tflop`` counts every network pass in full. ``switches`` (the variant's options): the SLaT switches of
+    :data:`MOVED_FLOP_OPTIONS` it has, taken off the count (:func:`moved_flops`)."""
     from fs3d_accel.model.sparse import SparseConv3d
     impl = SparseConv3d.impl
     SparseConv3d.impl = "scatter"  # present neighbours only, as unit_flops
     try:
         stage_module.to(dev)
-        with torch.no_grad(), skip_heavy_ops():  # shapes are all a count needs (exact: tests/test_shape_only.py)
-            return count_flops_by_class(make_fn())
+        with torch.no_grad(), skip_heavy_ops(), moved_flops(stage_module, switches) as saved:
+            out = count_flops_by_class(make_fn())  # shapes are all a count needs (exact: tests/test_shape_only.py)
+        out["matmul"] -= saved[0]
+        out["total"] -= saved[0]
+        return out
     finally:
         SparseConv3d.impl = impl
         stage_module.to("cpu")
         _free(dev)
+
+
+@contextlib.contextmanager
+def moved_flops(stage_module: torch.nn.Module, switches):
+    """Within the block, record what the counting run computes that the variant's :data:`MOVED_FLOP_OPTIONS` skip, as
+    matmul FLOPs in the yielded one-element list (2 x rows x in x out per linear, as FlopCounterMode counts
+    ``addmm``):
+
+    - ``split_cond_kv``: every ``to_kv`` projection of the counting run's K/V sets (the CFG pair's, the zero row
+      included, and the batch-1 set's), less one projection of the condition's rows, which the switch makes once per
+      call and shares;
+    - ``slat_coarse_upsample``: the up-sampling blocks' skip linear on the fine rows, less the same on the coarse
+      rows."""
+    saved = [0.0]
+    if switches is None or not any(getattr(switches, k) for k in MOVED_FLOP_OPTIONS):
+        yield saved
+        return
+    flow = stage_module.flow
+    restore, handles = None, []
+
+    def kv_flops(rows: int) -> float:
+        return float(sum(2 * rows * b.cross_attn.to_kv.in_features * b.cross_attn.to_kv.out_features
+                         for b in flow.blocks))
+
+    if switches.split_cond_kv:
+        real = flow.precompute_cond_kv
+        batches: list[tuple[int, int]] = []
+
+        def recording(cond):
+            batches.append((cond.shape[0], cond.shape[1]))
+            return real(cond)
+        flow.precompute_cond_kv, restore = recording, True
+    if switches.slat_coarse_upsample:
+        def skip_rows(block, args):
+            coarse = args[0]
+            fine_rows = len(block.updown.source(coarse)[1])
+            lin = block.skip_connection
+            saved[0] += 2.0 * (fine_rows - len(coarse)) * lin.in_features * lin.out_features
+        handles = [b.register_forward_pre_hook(skip_rows) for b in flow.out_blocks
+                   if b.updown is not None and hasattr(b.updown, "source")]
+    try:
+        yield saved
+    finally:
+        for h in handles:
+            h.remove()
+        if restore is not None:
+            del flow.precompute_cond_kv  # the recording instance attribute goes; the method shows through again
+    if switches.split_cond_kv and batches:
+        rows_kept = 1  # the condition's rows: one object per call
+        saved[0] += sum(kv_flops(b * length) for b, length in batches) - kv_flops(rows_kept * batches[0][1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1363,17 +1421,20 @@ def run(args) -> list[dict]:
         model = flops.get((stage, obj), float("nan"))
         if variant in OFFICIAL_VARIANTS or stage == "mesh" or model != model:
             return model / 1e12 if flop_class == "total" else float("nan")
-        opts = counting_options(variant_options(variant))
-        key = (stage, obj) + tuple(getattr(opts, k) for k in FLOP_OPTIONS)
+        full = variant_options(variant)
+        opts = counting_options(full)
+        moved = tuple(getattr(full, k) for k in MOVED_FLOP_OPTIONS) if stage == "slat" else ()
+        key = (stage, obj) + tuple(getattr(opts, k) for k in FLOP_OPTIONS) + moved
         if key not in executed:
-            if not any(getattr(opts, k) for k in FLOP_OPTIONS):
+            if not any(getattr(opts, k) for k in FLOP_OPTIONS) and not any(moved):
                 executed[key] = {"total": model}  # nothing skipped: the model count
             elif stage == "ss":
                 executed[key] = executed_flops(base.ss, lambda: ours_ss_fn(base.ss, noise_ss, cond["ss"],
                                                                            cfg.ss_sampler, opts), dev)
             else:
                 executed[key] = executed_flops(base.slat, lambda: ours_slat_fn(
-                    base.slat, noise_slat[obj], cond["slat"], coords[obj], cfg.slat_sampler, opts), dev)
+                    base.slat, noise_slat[obj], cond["slat"], coords[obj], cfg.slat_sampler, opts), dev,
+                    switches=full)
         return executed[key].get(flop_class, float("nan")) / 1e12
 
     if args.flops_only:

@@ -173,6 +173,12 @@ _SPLIT = _LEAN + "-sk"
 SETTINGS[_LATENCY_SHORT[_SPLIT]] = _LATENCY_VARIANTS[_LATENCY_SHORT[_SPLIT]]
 SHORT[_SPLIT] = _LATENCY_SHORT[_SPLIT]
 ONE_SWITCH_REF[SHORT[_SPLIT]] = SHORT[_LEAN]
+# ... and the up-sampling block on the coarse rows (``-cu``: the same row-wise steps on fewer rows, the skip GEMM with
+# fewer rows), against ``-sk``
+_COARSE = _SPLIT + "-cu"
+SETTINGS[_LATENCY_SHORT[_COARSE]] = _LATENCY_VARIANTS[_LATENCY_SHORT[_COARSE]]
+SHORT[_COARSE] = _LATENCY_SHORT[_COARSE]
+ONE_SWITCH_REF[SHORT[_COARSE]] = SHORT[_SPLIT]
 DATASETS = {"shipped": None, "ycb_scale": Path(__file__).parent / "data" / "ycb_scale" / "objects"}
 METRICS = ["f_score", "volume_iou", "chamfer", "box_iou_3d"]
 

@@ -316,6 +316,11 @@ VARIANTS[NC_FK_CM_OK_MI_LK_CI_NR_CW_NA_LONG] = dataclasses.replace(VARIANTS[NC_F
 # the batch-1 sets (``split_cond_kv``, session 30): no copies, no GEMM over the zero row
 NC_FK_CM_OK_MI_LK_CI_SK_LONG = NC_FK_CM_OK_MI_LK_CI_LONG + ", the condition rows' K/V projected once per call"
 VARIANTS[NC_FK_CM_OK_MI_LK_CI_SK_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_MI_LK_CI_LONG], split_cond_kv=True)
+# ... and SLaT's up-sampling block on the coarse rows (``slat_coarse_upsample``, session 30, CPU only so far): the
+# 2,048-channel gather gone, the norm and the skip GEMM on the coarse rows, the first conv through a composed table
+NC_FK_CM_OK_MI_LK_CI_SK_CU_LONG = NC_FK_CM_OK_MI_LK_CI_SK_LONG + ", the up-sampling block on the coarse rows"
+VARIANTS[NC_FK_CM_OK_MI_LK_CI_SK_CU_LONG] = dataclasses.replace(VARIANTS[NC_FK_CM_OK_MI_LK_CI_SK_LONG],
+                                                                slat_coarse_upsample=True)
 # max-autotune: inductor benchmarks Triton GEMM templates against cuBLAS per shape (element-wise epilogues fuse into
 # the templates) and captures the same CUDA graphs as reduce-overhead; minutes of first-call autotuning, cached in
 # TORCHINDUCTOR_CACHE_DIR for later processes on the machine (session 10: not faster, results/base_vs_official_h100/)
@@ -416,6 +421,8 @@ SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-nr-cw"] = NC_FK_CM_OK_MI_NR_CW_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-lk-ci-na"] = NC_FK_CM_OK_MI_LK_CI_NA_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-lk-ci-sk"] = NC_FK_CM_OK_MI_LK_CI_SK_LONG
+SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-lk-ci-sk-cu"] = (
+    NC_FK_CM_OK_MI_LK_CI_SK_CU_LONG)
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-lk-ci-nr-cw"] = NC_FK_CM_OK_MI_LK_CI_NR_CW_LONG
 SHORT["compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-ua-gp2-m4-dt-nc-fk-cm-ok-mi-lk-ci-nr-cw-na"] = (
     NC_FK_CM_OK_MI_LK_CI_NR_CW_NA_LONG)

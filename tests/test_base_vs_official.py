@@ -625,3 +625,55 @@ def test_collections_are_tabled_written_and_read_back(tmp_path):
     assert back[0]["host_probe_us"] == 1.375
     assert bvo.gc_lines(back, back_meta) == bvo.gc_lines(rows, meta)
     assert bvo.gc_lines(_rows(), meta) == []  # older runs without the columns: no section
+
+
+def test_moved_flops_take_off_what_the_compiled_only_switches_skip():
+    """``split_cond_kv`` and ``slat_coarse_upsample`` cannot run in the counting run; ``moved_flops`` takes off what they
+    skip: for the coarse up-sampling exactly the difference FlopCounterMode sees between the two paths run eagerly,
+    and for the split K/V every counted ``to_kv`` projection but one of the condition's rows."""
+    import dataclasses
+    import types
+
+    from conftest import mini_slat_setup, sample_slat
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from fs3d_accel.stages.options import RunOptions
+    stage, objects, sampler = mini_slat_setup((150,))
+    cond, coords, noise = objects[0]
+    counting = RunOptions(batch_cfg=True, cache_cond_kv=True, collapse_zero_cond=True)
+
+    def total(options, switches=None):
+        with bvo.moved_flops(stage, switches) as saved, FlopCounterMode(display=False) as counter:
+            sample_slat(stage, cond, coords, noise, sampler, options)
+        return counter.get_total_flops(), saved[0]
+
+    plain, nothing = total(counting)
+    assert nothing == 0.0
+    # FlopCounterMode's module tracker installs global module hooks, under which the coarse path steps aside (so
+    # observers see the steps they watch): the two paths' GEMMs are counted here by a dispatch mode without hooks
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class MatmulFlops(TorchDispatchMode):
+        flops = 0
+
+        def __torch_dispatch__(self, func, types_, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in (torch.ops.aten.mm, torch.ops.aten.addmm):
+                a, b = args[-2], args[-1]
+                self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+            return out
+
+    gemms = {}
+    for on in (False, True):
+        with MatmulFlops() as mode:
+            sample_slat(stage, cond, coords, noise, sampler, dataclasses.replace(counting, slat_coarse_upsample=on))
+        gemms[on] = mode.flops
+    _, coarse_saved = total(counting, types.SimpleNamespace(split_cond_kv=False, slat_coarse_upsample=True))
+    assert coarse_saved > 0 and gemms[False] - gemms[True] == coarse_saved
+    counted, split_saved = total(counting, types.SimpleNamespace(split_cond_kv=True, slat_coarse_upsample=False))
+    assert counted == plain
+    length = cond.shape[1]
+    per_row = sum(2 * length * b.cross_attn.to_kv.in_features * b.cross_attn.to_kv.out_features
+                  for b in stage.flow.blocks)
+    assert split_saved == 2 * per_row  # the pair's two rows and the batch-1 row counted, one row made
+    assert "precompute_cond_kv" not in stage.flow.__dict__  # the recording wrapper is gone

@@ -36,6 +36,8 @@ NORM_EPS = 1e-6
 _TOKEN_BUCKET: ContextVar[float] = ContextVar("fs3d_slat_token_bucket", default=0.0)
 #: the torch.compile backend of the IO res-blocks' fused element-wise steps (:func:`use_fused_io_blocks`; None: off)
 _FUSED_IO: ContextVar[str | None] = ContextVar("fs3d_slat_fused_io", default=None)
+#: whether the output path's up-sampling block runs its row-wise steps on the coarse rows (:func:`use_coarse_upsample`)
+_COARSE_UPSAMPLE: ContextVar[bool] = ContextVar("fs3d_slat_coarse_upsample", default=False)
 #: transformer blocks per piece of a CUDA graph recorded in pieces (:func:`use_graph_pieces`; 0: no piece ends)
 _PIECE_BLOCKS: ContextVar[int] = ContextVar("fs3d_slat_piece_blocks", default=0)
 
@@ -97,6 +99,27 @@ def use_fused_io_blocks(backend: str | None) -> Iterator[None]:
         yield
     finally:
         _FUSED_IO.reset(token)
+
+
+def current_coarse_upsample() -> bool:
+    """Whether the SLaT up-sampling res-block runs on the coarse rows here (:func:`use_coarse_upsample`)."""
+    return _COARSE_UPSAMPLE.get()
+
+
+@contextlib.contextmanager
+def use_coarse_upsample(on: bool) -> Iterator[None]:
+    """Within the block, a SLaT res-block that up-samples runs its first norm and SiLU and its skip linear on the
+    coarse rows, gathers the skip's output (128 channels) instead of the block's input (2,048), and lets its first
+    conv read the coarse rows through its composed table (``SparseConv3d.forward_gathered``). Each of those steps acts
+    row by row, and nearest up-sampling copies rows, so each fine row gets what it got before (bit for bit on the CPU,
+    tested). Restored on exit, errors included."""
+    if not isinstance(on, bool):
+        raise ValueError(f"use_coarse_upsample takes True or False, got {on!r}")
+    token = _COARSE_UPSAMPLE.set(on)
+    try:
+        yield
+    finally:
+        _COARSE_UPSAMPLE.reset(token)
 
 
 def bucket_tokens(n: int, step: float) -> int:
@@ -206,6 +229,8 @@ class SparseResBlock3d(nn.Module):
     def forward(self, x: SparseTensor, emb: Tensor, mod: Tensor | None = None) -> SparseTensor:
         """``mod`` (optional, (B, 2 * out_channels)): this block's :meth:`emb_modulation` of ``emb``, computed ahead."""
         scale, shift = (self.emb_modulation(emb) if mod is None else mod).chunk(2, dim=1)
+        if self._coarse_upsample():
+            return self._forward_coarse(x, scale, shift)
         if self.updown is not None:
             x = self.updown(x)
         backend = current_fused_io()
@@ -222,6 +247,47 @@ class SparseResBlock3d(nn.Module):
         f = self.norm2(h.feats) * (1 + x.per_row(scale)) + x.per_row(shift)
         h = self.conv2(h.replace(F.silu(f)))
         return h.replace(h.feats + self.skip_connection(x).feats)
+
+    def _coarse_upsample(self) -> bool:
+        """Whether this forward runs on the coarse rows (:func:`use_coarse_upsample`): an up-sampling block, asked for,
+        and nothing observing the steps it moves (module hooks on the norm, the skip, the conv or the up-sampling,
+        or global module hooks: they would see other rows or not fire)."""
+        if not (isinstance(self.updown, SparseUpsample) and current_coarse_upsample()):
+            return False
+        from torch.nn.modules import module as module_mod
+        watched = (self.norm1, self.conv1, self.updown, self.skip_connection)
+        return not (any(m._forward_hooks or m._forward_pre_hooks for m in watched)
+                    or module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+
+    def _forward_coarse(self, x: SparseTensor, scale: Tensor, shift: Tensor) -> SparseTensor:
+        """:meth:`forward` of an up-sampling block with the row-wise steps on the coarse rows of ``x``: the norm and
+        SiLU, and the skip linear, whose 128-channel output is gathered instead of the 2,048-channel input; the first
+        conv reads the coarse rows through its composed table. The same values for every fine row."""
+        fine_coords, inverse, fine_cache = self.updown.source(x)
+        fine = SparseTensor(x.feats.new_empty(len(inverse), 0), fine_coords, fine_cache)
+        backend = current_fused_io()
+        if backend is not None and not self._fused_bypassed(x.feats):
+            norm_silu, norm_modulate_silu = _fused_io_fns(backend)
+            if scale.shape[0] != fine.batch_size:
+                raise ValueError(f"per-batch values have {scale.shape[0]} rows, batch_size is {fine.batch_size}")
+            h = self.conv1.forward_gathered(fine, norm_silu(x.feats, self.norm1.weight, self.norm1.bias,
+                                                            self.norm1.eps), inverse)
+            f = norm_modulate_silu(h.feats, scale, shift, None if fine.batch_size == 1 else fine.batch_idx,
+                                   self.norm2.eps)
+        else:
+            h = self.conv1.forward_gathered(fine, F.silu(self.norm1(x.feats)), inverse)
+            f = F.silu(self.norm2(h.feats) * (1 + fine.per_row(scale)) + fine.per_row(shift))
+        h = self.conv2(h.replace(f))
+        return h.replace(h.feats + self.skip_connection(x).feats[inverse])
+
+    def prepare_coarse_upsample(self, x: SparseTensor) -> None:
+        """For an up-sampling block: build the composed table its first conv reads on the coarse path
+        (:meth:`_forward_coarse`), from the coarse tensor ``x`` (zero-width features do), outside any recorded graph."""
+        if not isinstance(self.updown, SparseUpsample):
+            return
+        fine_coords, inverse, fine_cache = self.updown.source(x)
+        fine = SparseTensor(x.feats.new_empty(len(inverse), 0), fine_coords, fine_cache)
+        self.conv1.prepare_gathered(fine, inverse, len(x))
 
     def prepare(self, x: SparseTensor) -> SparseTensor:
         """Build on the caches the tables a forward on ``x`` would read (down/upsampling maps, both convs' neighbour
@@ -651,6 +717,9 @@ class SLaTFlowModel(nn.Module):
             for block in self.input_blocks:
                 h = block.prepare(h)
         _ = (h.seqlens, h.layout)  # the torso's (or the block loop's) per-element token counts and slices
+        if current_coarse_upsample():  # the up-sampling block's composed conv table (use_coarse_upsample)
+            for block in self.out_blocks:
+                block.prepare_coarse_upsample(h)
         if h.cache.get("persistent"):
             # the torso's position embedding depends on these coordinates alone: made here, outside any recorded
             # graph, and read by every pass (_io_in), which otherwise computes it again (an outer product, sin, cos,

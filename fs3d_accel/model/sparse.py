@@ -155,8 +155,8 @@ def release_structure(cache: dict[Any, Any]) -> None:
 
 #: structure entries that element 0's structure does not inherit: the batch's CUDA graphs and memory-pool lease (the
 #: SLaT stage's), and the conv layouts each structure builds lazily from its neighbour table (the tiled kernels'
-#: row order, on the device alone; the scatter conv's neighbour pairs)
-_PER_BATCH_ENTRIES = ("cuda_graph", "graph_pool_lease", "subm_tiles", "subm_pairs")
+#: row order and its layout composed with an up-sampling map, on the device alone; the scatter conv's neighbour pairs)
+_PER_BATCH_ENTRIES = ("cuda_graph", "graph_pool_lease", "subm_tiles", "subm_tiles_gathered", "subm_pairs")
 
 
 def first_element_structure(structure: dict[Any, Any], coords: Tensor, target: dict[Any, Any]) -> bool:
@@ -459,6 +459,50 @@ class SparseConv3d(nn.Module):
         else:
             raise ValueError(f"SparseConv3d.impl must be one of {CONV_IMPLS}, got {impl!r}")
 
+    def _gathered_tiles(self, x: SparseTensor, source_rows: Tensor, n_source: int, skip: bool):
+        """The tiled layout of ``x``'s table composed with ``source_rows`` (``sparse_conv_triton.compose_tiles``),
+        kept on ``x``'s cache with the map it was made for (a persistent structure builds it once, outside any
+        recorded graph: :meth:`prepare_gathered`)."""
+        from .sparse_conv_triton import compose_tiles
+        key = ("subm_tiles_gathered", self.kernel_size, bool(skip))
+        kept = x.cache.get(key)
+        if kept is None or kept[0] is not source_rows:
+            kept = x.cache[key] = (source_rows, compose_tiles(neighbour_tiles(x, self.kernel_size, skip=skip),
+                                                              source_rows, n_source))
+        return kept[1]
+
+    def prepare_gathered(self, x: SparseTensor, source_rows: Tensor, n_source: int) -> None:
+        """:meth:`prepare`, and for the tiled algorithms also the layout :meth:`forward_gathered` reads with this row
+        map (``x.feats`` only give the device)."""
+        self.prepare(x)
+        impl, _ = self._call_algorithm(x.feats)
+        if self.kernel_size > 1 and impl in _TILED_IMPLS:
+            self._gathered_tiles(x, source_rows, n_source, _TILED_IMPLS[impl][0])
+
+    def forward_gathered(self, x: SparseTensor, source: Tensor, source_rows: Tensor) -> SparseTensor:
+        """The conv at ``x``'s coordinates of the features ``source[source_rows]`` (``x.feats`` are not read; ``x``
+        gives the coordinates, cache and device), without writing the gathered block where the algorithm allows: the
+        tiled Triton algorithms read each neighbour's row of ``source`` directly (a layout composed with the map),
+        the others gather first and run :meth:`forward`. The same values either way, bit for bit: the same rows reach
+        the same products in the same order. For the SLaT output path's up-sampling block, whose gathered input is
+        2,048 channels wide (``RunOptions.slat_coarse_upsample``)."""
+        if source.dim() != 2 or source.shape[1] != self.in_channels:
+            raise ValueError(f"source must be (M, {self.in_channels}), got {tuple(source.shape)}")
+        if source_rows.shape != (len(x),):
+            raise ValueError(f"source_rows must hold one row index per voxel of x ({len(x)}), got "
+                             f"{tuple(source_rows.shape)}")
+        w, b = self.conv.weight, self.conv.bias
+        autocast = torch.is_autocast_enabled(source.device.type)
+        feats = source if autocast else source.to(w.dtype)
+        impl, dtype = self._call_algorithm(feats)
+        if self.kernel_size == 1 or impl not in _TILED_IMPLS:
+            return self(x.replace(source[source_rows]))
+        from .sparse_conv_triton import implicit_gemm_subm_conv_tiled
+        skip, flat = _TILED_IMPLS[impl]
+        tiles = self._gathered_tiles(x, source_rows, source.shape[0], skip)
+        return x.replace(implicit_gemm_subm_conv_tiled(feats.to(dtype), tiles, w.reshape(self.out_channels, -1)
+                                                       .to(dtype), b.to(dtype), flat_loop=flat))
+
     def forward(self, x: SparseTensor) -> SparseTensor:
         if x.num_channels != self.in_channels:
             raise ValueError(f"SparseConv3d expects {self.in_channels} channels, got {x.num_channels}")
@@ -674,12 +718,16 @@ class SparseUpsample(nn.Module):
         super().__init__()
         self.factor = factor
 
-    def forward(self, x: SparseTensor) -> SparseTensor:
+    def source(self, x: SparseTensor) -> tuple[Tensor, Tensor, dict]:
+        """(fine coordinates, fine-to-coarse row map, fine cache) that the paired SparseDownsample kept on ``x``."""
         key = ("upsample_source", self.factor)
         if key not in x.cache:
             raise ValueError(
                 f"SparseUpsample({self.factor}) needs a tensor produced by SparseDownsample({self.factor})")
-        fine_coords, inverse, fine_cache = x.cache[key]
+        return x.cache[key]
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        fine_coords, inverse, fine_cache = self.source(x)
         return SparseTensor(x.feats[inverse], fine_coords, fine_cache)
 
 

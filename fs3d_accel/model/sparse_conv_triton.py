@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -301,6 +301,14 @@ class NeighbourTiles:
     offsets: dict[int, Tensor]
     #: tile height -> (n_pad / height,) int32: how many of the tile's offsets ``offsets`` lists first
     counts: dict[int, Tensor]
+    #: rows of the features the kernel reads: ``n_rows`` (a submanifold conv reads its own rows), or fewer for a layout
+    #: composed with a row map (:func:`compose_tiles`: the conv of gathered features, read where they come from)
+    n_source: int | None = None
+
+    @property
+    def source_rows(self) -> int:
+        """Rows of the features :func:`implicit_gemm_subm_conv_tiled` takes with this layout."""
+        return self.n_rows if self.n_source is None else self.n_source
 
     def work_fraction(self, height: int) -> Tensor:
         """The share of (tile, offset) pairs the tiled kernel runs at tile ``height`` (1 without skipping; all-padding
@@ -349,15 +357,39 @@ def neighbour_tiles(table: Tensor, skip: bool = True, heights: tuple[int, ...] =
     return NeighbourTiles(n_rows=n, k3=k3, perm=perm_p, table_t=table_t, offsets=offsets, counts=counts)
 
 
+def compose_tiles(tiles: NeighbourTiles, source_rows: Tensor, n_source: int) -> NeighbourTiles:
+    """``tiles`` for features given as ``source[source_rows]`` (``source`` with ``n_source`` rows, ``source_rows`` one
+    index per row of the table, e.g. a nearest up-sampling's fine-to-coarse map): each present neighbour index ``j``
+    becomes ``source_rows[j]``, so the kernel reads the row the gathered one would copy, and the gathered block is never
+    written. The same rows, offsets and products in the same order as the tiled conv of the gathered features, so the
+    same values bit for bit. Absent neighbours keep the marker ``n_rows``, which needs ``n_source <= n_rows`` (the
+    kernel takes an index below ``n_rows`` as present). Device ops only."""
+    if isinstance(n_source, bool) or not isinstance(n_source, int) or not 0 <= n_source <= tiles.n_rows:
+        raise ValueError(f"n_source must be an int in [0, {tiles.n_rows}] (the table's rows), got {n_source!r}")
+    if tiles.n_source is not None:
+        raise ValueError("these tiles are already composed with a row map; compose the original layout")
+    if source_rows.shape != (tiles.n_rows,) or source_rows.dtype.is_floating_point or source_rows.dtype == torch.bool:
+        raise ValueError(f"source_rows must be ({tiles.n_rows},) integer row indices, got "
+                         f"{tuple(source_rows.shape)} {source_rows.dtype}")
+    if source_rows.device != tiles.table_t.device:
+        raise ValueError(f"source_rows is on {source_rows.device}, the tiles on {tiles.table_t.device}")
+    marker = source_rows.new_full((1,), tiles.n_rows)
+    lookup = torch.cat([source_rows, marker]).to(torch.int32)  # the marker row maps to itself
+    table_t = lookup[tiles.table_t.long()]
+    return replace(tiles, table_t=table_t, n_source=n_source)
+
+
 def implicit_gemm_subm_conv_tiled(feats: Tensor, tiles: NeighbourTiles, weight: Tensor, bias: Tensor | None,
                                   flat_loop: bool = True) -> Tensor:
     """:func:`implicit_gemm_subm_conv` through a :class:`NeighbourTiles` layout: the same products and the same
     fp32 sums in the same offset order per output row (an offset a tile skips would only add zeros). ``flat_loop``:
     one loop over (listed offset, channel block) instead of the original loop nest (offsets outside, channel blocks
-    inside), so that Triton's software pipelining spans the offsets too."""
-    n = _check_features(feats)
-    if tiles.n_rows != n:
-        raise ValueError(f"the neighbour tiles were built for {tiles.n_rows} rows, the features have {n}")
+    inside), so that Triton's software pipelining spans the offsets too. ``feats`` has ``tiles.source_rows`` rows:
+    the table's own for a submanifold conv, or the source rows of a layout :func:`compose_tiles` made."""
+    n_in = _check_features(feats)
+    if tiles.source_rows != n_in:
+        raise ValueError(f"the neighbour tiles read {tiles.source_rows} feature rows, the features have {n_in}")
+    n = tiles.n_rows
     if set(tiles.offsets) != set(TILE_ROWS):
         raise ValueError(f"the neighbour tiles must hold lists for tile heights {TILE_ROWS}, got {sorted(tiles.offsets)}")
     k3 = tiles.k3

@@ -401,6 +401,15 @@ class RunOptions:
     #: ``results/base_vs_official_h100/session30/``): faster in 6 of 7 rounds, median −4.0 ms per 14k call, 0.38 GB
     #: less peak memory. Its sam3d-mini quality run is still to make. Variant suffix ``-sk``.
     split_cond_kv: bool = False
+    #: SLaT's output path: the up-sampling res-block runs its first norm and SiLU and its skip linear on the coarse
+    #: rows, gathers the skip's 128-channel output instead of its 2,048-channel input, and its first conv reads the
+    #: coarse rows through a table composed with the up-sampling map (``slat_flow.use_coarse_upsample``,
+    #: ``SparseConv3d.forward_gathered``). Each of those steps acts row by row and nearest up-sampling copies rows,
+    #: so each fine row gets the same values (bit for bit on the CPU, tested; the skip's GEMM then has fewer rows,
+    #: which a GPU's GEMM library may tile differently). Per 14k pass it drops the (2N, 2,048) gather (session 30's
+    #: kernel table: 50 launches, 1.75 ms per call) and runs the norm and the skip GEMM on the coarse rows. Built in
+    #: session 30 on the CPU, not yet timed on a GPU. Variant suffix ``-cu``.
+    slat_coarse_upsample: bool = False
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -534,6 +543,8 @@ class RunOptions:
         if self.lean_cond_kv and not (self.collapse_zero_cond and self.compile_slat):
             raise ValueError("lean_cond_kv makes the collapsed condition K/V the compiled SLaT torso takes: it needs "
                              "collapse_zero_cond=True and compile_slat=True")
+        if not isinstance(self.slat_coarse_upsample, bool):
+            raise ValueError(f"slat_coarse_upsample is a bool, got {self.slat_coarse_upsample!r}")
         if not isinstance(self.split_cond_kv, bool):
             raise ValueError(f"split_cond_kv is a bool, got {self.split_cond_kv!r}")
         if self.split_cond_kv and not self.lean_cond_kv:
@@ -776,12 +787,13 @@ class RunOptions:
         ``attention_kernel`` for the attention roles :meth:`kernel_roles` selects (SDPA for the others) with the FA4
         tiles of :meth:`kernel_tiles`, the small-query path (``small_query_attention``), the MLPs' GELU epilogue
         (``gelu_epilogue`` at ``gelu_epilogue_sites``), SLaT's token buckets (``slat_token_bucket``) and fused IO steps
-        (``fuse_slat_io``) and the
-        graph pieces' ends (``slat_graph_piece_blocks``), these three for stage "slat" only, the ``sparse_conv``
+        (``fuse_slat_io``), the
+        graph pieces' ends (``slat_graph_piece_blocks``) and the coarse up-sampling (``slat_coarse_upsample``), these
+        four for stage "slat" only, the ``sparse_conv``
         algorithm, how FA4 is called (``fa4_call``) and the one-key rows' projection (``one_key_projection``)."""
         from ..model.attention_kernels import use_attention_kernel, use_fa4_call, use_small_query_path
         from ..model.layers import use_gelu_epilogue, use_one_key_projection
-        from ..model.slat_flow import use_fused_io_blocks, use_graph_pieces, use_token_buckets
+        from ..model.slat_flow import use_coarse_upsample, use_fused_io_blocks, use_graph_pieces, use_token_buckets
         from ..model.sparse import use_conv_impl
         return _entered_together(self.autocast(device),
                                  use_attention_kernel(self.attention_kernel, self.kernel_roles(stage),
@@ -793,6 +805,7 @@ class RunOptions:
                                  use_graph_pieces(self.slat_graph_piece_blocks if stage == "slat" else 0),
                                  use_fused_io_blocks(self.compile_backend if self.fuse_slat_io and stage == "slat"
                                                      else None),
+                                 use_coarse_upsample(self.slat_coarse_upsample and stage == "slat"),
                                  use_conv_impl(self.sparse_conv),
                                  use_fa4_call(self.fa4_call),
                                  use_one_key_projection(self.one_key_projection))
