@@ -1632,7 +1632,8 @@ def flops_only_rows(args, flops: dict, executed_tflop, coords: dict, meta: dict)
              f"Config `{meta.get('config')}`, condition tokens {meta.get('cond_tokens')}, sampler steps SS "
              f"{meta.get('ss_steps')}, SLaT {meta.get('slat_steps')}. Model: one network pass in full x the "
              "sampler's passes (what the official code runs). Executed: one sampler run with the variant's "
-             "FLOP-changing switches (condition K/V cache, one-key K/V of the zero condition).", "",
+             "FLOP-changing switches (condition K/V cache, one-key K/V of the zero condition; the split condition "
+             "K/V and the coarse up-sampling taken off the count from the same run's shapes, `moved_flops`).", "",
              "Per class: the executed FLOPs of attention (SDPA / FA4), matmuls, and convolutions (dense ones and "
              "SLaT's sparse ones, attributed per `SparseConv3d` module whatever operators they count as); empty where "
              "nothing is skipped and only the model total was counted.", "",

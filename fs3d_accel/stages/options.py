@@ -399,7 +399,8 @@ class RunOptions:
     #: host. The same dot products; bit-identical on the CPU (tested) and, at full size on an H100, the same latents
     #: bit for bit although cuBLAS runs other kernels for the halves. Against ``-lk-ci`` (session 30, two processes,
     #: ``results/base_vs_official_h100/session30/``): faster in 6 of 7 rounds, median −4.0 ms per 14k call, 0.38 GB
-    #: less peak memory. Its sam3d-mini quality run is still to make. Variant suffix ``-sk``.
+    #: less peak memory; 1.107 TFLOP fewer executed per call (200.145 against 201.251: one condition row projected
+    #: where the lean path projects three). Its sam3d-mini quality run is still to make. Variant suffix ``-sk``.
     split_cond_kv: bool = False
     #: SLaT's output path: the up-sampling res-block runs its first norm and SiLU and its skip linear on the coarse
     #: rows, gathers the skip's 128-channel output instead of its 2,048-channel input, and its first conv reads the
