@@ -42,6 +42,16 @@ _COARSE_UPSAMPLE: ContextVar[bool] = ContextVar("fs3d_slat_coarse_upsample", def
 _PIECE_BLOCKS: ContextVar[int] = ContextVar("fs3d_slat_piece_blocks", default=0)
 
 
+@contextlib.contextmanager
+def _set_within(var: ContextVar, value) -> Iterator[None]:
+    """``var`` set to ``value`` within the block and restored on exit, errors included (the ``use_*`` scopes)."""
+    token = var.set(value)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
 def _norm_silu(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
     """SiLU(LayerNorm32(x)) with an affine norm: the res-block's first step, as its eager ops."""
     y = F.layer_norm(x.float(), x.shape[-1:], weight.float(), bias.float(), eps).to(x.dtype)
@@ -94,11 +104,8 @@ def use_fused_io_blocks(backend: str | None) -> Iterator[None]:
     about a dozen (the sparse convs stay as they are). None: the eager ops. Restored on exit, errors included."""
     if backend is not None and not isinstance(backend, str):
         raise ValueError(f"use_fused_io_blocks takes a torch.compile backend name or None, got {backend!r}")
-    token = _FUSED_IO.set(backend)
-    try:
+    with _set_within(_FUSED_IO, backend):
         yield
-    finally:
-        _FUSED_IO.reset(token)
 
 
 def current_coarse_upsample() -> bool:
@@ -115,11 +122,8 @@ def use_coarse_upsample(on: bool) -> Iterator[None]:
     tested). Restored on exit, errors included."""
     if not isinstance(on, bool):
         raise ValueError(f"use_coarse_upsample takes True or False, got {on!r}")
-    token = _COARSE_UPSAMPLE.set(on)
-    try:
+    with _set_within(_COARSE_UPSAMPLE, on):
         yield
-    finally:
-        _COARSE_UPSAMPLE.reset(token)
 
 
 def bucket_tokens(n: int, step: float) -> int:
@@ -155,11 +159,8 @@ def use_token_buckets(step: float) -> Iterator[None]:
     bucket then share one shape, so CUDA graphs recorded for one replay for the others. Restored on exit, errors
     included."""
     check_token_bucket(step)
-    token = _TOKEN_BUCKET.set(float(step))
-    try:
+    with _set_within(_TOKEN_BUCKET, float(step)):
         yield
-    finally:
-        _TOKEN_BUCKET.reset(token)
 
 
 def check_piece_blocks(blocks: int) -> None:
@@ -181,11 +182,8 @@ def use_graph_pieces(blocks: int) -> Iterator[None]:
     recording ends one graph and starts the next. Outside such a recording the calls do nothing. 0: no calls (the
     default; the compiled torso is then the one without them). Restored on exit, errors included."""
     check_piece_blocks(blocks)
-    token = _PIECE_BLOCKS.set(blocks)
-    try:
+    with _set_within(_PIECE_BLOCKS, blocks):
         yield
-    finally:
-        _PIECE_BLOCKS.reset(token)
 
 
 def _piece_end(x: Tensor) -> None:
