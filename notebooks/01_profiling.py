@@ -1281,7 +1281,9 @@ ab30w.round(4)
 # `session30/sk/` shows the 96 copies and the 48 GEMMs over the batch gone (3 ms of kernels). `-sk` also executes
 # fewer FLOPs (one condition row projected, not three): `session30/flops/flops.csv` is the corrected count, which the
 # CSVs of these runs predate, so the MFU below uses it. The C++ wrapper (`session30/cw/`) no longer fails to compile,
-# but did not finish compiling within the call. 55% per call:
+# but did not finish compiling within the call (its entry now builds at -O1). Built on the CPU for the next GPU run:
+# `slat_coarse_upsample` (`-cu`), the up-sampling block on the coarse rows without the 2,048-channel gather
+# (199.935 TFLOP per call in `flops.csv`). 55% per call:
 
 # %%
 top30 = {f: max(json.loads((B30 / f / "meta.json").read_text())["peak_tflops_runs"]) for f in ("sk", "sk2")}
