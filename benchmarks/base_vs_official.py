@@ -672,7 +672,7 @@ def moved_flops(stage_module: torch.nn.Module, switches):
         yield saved
         return
     flow = stage_module.flow
-    restore, handles = None, []
+    handles = []
 
     def kv_flops(rows: int) -> float:
         return float(sum(2 * rows * b.cross_attn.to_kv.in_features * b.cross_attn.to_kv.out_features
@@ -685,7 +685,7 @@ def moved_flops(stage_module: torch.nn.Module, switches):
         def recording(cond):
             batches.append((cond.shape[0], cond.shape[1]))
             return real(cond)
-        flow.precompute_cond_kv, restore = recording, True
+        flow.precompute_cond_kv = recording  # an instance attribute over the method, for this run only
     if switches.slat_coarse_upsample:
         def skip_rows(block, args):
             coarse = args[0]
@@ -699,10 +699,10 @@ def moved_flops(stage_module: torch.nn.Module, switches):
     finally:
         for h in handles:
             h.remove()
-        if restore is not None:
+        if switches.split_cond_kv:
             del flow.precompute_cond_kv  # the recording instance attribute goes; the method shows through again
     if switches.split_cond_kv and batches:
-        rows_kept = 1  # the condition's rows: one object per call
+        rows_kept = 1  # the stage's condition is one row (its K/V sets name one conditional row: kv_of)
         saved[0] += sum(kv_flops(b * length) for b, length in batches) - kv_flops(rows_kept * batches[0][1])
 
 
@@ -788,7 +788,8 @@ def readme_text(rows: list[dict], meta: dict) -> str:
         "stage", "object", "N", "variant", "median s", "first call s", "speedup vs official", "TFLOP", "TFLOP/s", "MFU",
         "MFU (executed)"] + (["round's peak TFLOP/s", "MFU (executed, round's peak)"] if round_peak else []) + (
         ["GPU busy", "MFU (kernels)", "launches"] if busy else []) + [
-        "graphs recorded / call", "peak GB", "resident GB", "max abs diff vs official", "rel", "max abs diff vs first unit"]
+        "graphs recorded / call", "peak GB", "resident GB", "max abs diff vs official", "rel",
+        "max abs diff vs first unit"]
     lines += ["", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         lead = f"| {r.get('round', 1)} " if multi else ""

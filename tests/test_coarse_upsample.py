@@ -16,7 +16,7 @@ from conftest import mini_slat_setup, random_coords, sample_slat
 
 from fs3d_accel.model import sparse_conv_triton as sct
 from fs3d_accel.model.slat_flow import SparseResBlock3d, current_coarse_upsample, use_coarse_upsample
-from fs3d_accel.model.sparse import (SparseConv3d, SparseDownsample, SparseTensor, neighbour_tiles,
+from fs3d_accel.model.sparse import (_TILED_IMPLS, SparseConv3d, SparseDownsample, SparseTensor, neighbour_tiles,
                                      persistent_structure, release_structure, use_conv_impl)
 from fs3d_accel.stages.options import RunOptions
 
@@ -53,17 +53,12 @@ def test_the_conv_of_gathered_rows_reads_them_where_they_come_from(impl):
     got = conv.forward_gathered(fine, source, inverse).feats
     assert got.shape == (len(fine), 5) and torch.equal(got, want)
     if impl in TILED:  # the layout it read was composed with the map and kept on the fine cache
-        key = ("subm_tiles_gathered", 3, sct_skip(impl))
+        key = ("subm_tiles_gathered", 3, _TILED_IMPLS[impl][0])
         assert fine.cache[key][0] is inverse and fine.cache[key][1].source_rows == len(coarse)
     with pytest.raises(ValueError, match=r"source must be \(M, 6\)"):
         conv.forward_gathered(fine, source[:, :5], inverse)
     with pytest.raises(ValueError, match="one row index per voxel of x"):
         conv.forward_gathered(fine, source, inverse[:-1])
-
-
-def sct_skip(impl: str) -> bool:
-    from fs3d_accel.model.sparse import _TILED_IMPLS
-    return _TILED_IMPLS[impl][0]
 
 
 def test_compose_tiles_refuses_maps_it_cannot_honour():
@@ -84,12 +79,26 @@ def test_compose_tiles_refuses_maps_it_cannot_honour():
         sct.compose_tiles(tiles, inverse.float(), len(coarse))
     with pytest.raises(ValueError, match="integer row indices"):
         sct.compose_tiles(tiles, inverse[:-1], len(coarse))
+    # a row past the source (or negative) would be read out of bounds by the kernel
+    for bad in (len(coarse), -1):
+        wrong = inverse.clone()
+        wrong[3] = bad
+        with pytest.raises(ValueError, match=rf"source_rows holds rows outside \[0, {len(coarse)}\)"):
+            sct.compose_tiles(tiles, wrong, len(coarse))
+    fine2, _, _ = _fine_and_coarse()
+    conv = SparseConv3d(3, 2)
+    conv.impl = "implicit-skip-nested"
+    wrong = inverse.clone()
+    wrong[0] = len(coarse)
+    if sct.interpreting():  # the conv's own composition checks the map too
+        with torch.no_grad(), pytest.raises(ValueError, match="source_rows holds rows outside"):
+            conv.forward_gathered(fine2, torch.randn(len(coarse), 3), wrong)
 
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_the_stage_gives_the_same_latents_through_the_coarse_path(slat_setup, cpu_compile, monkeypatch, fused):
     stage, objects, sampler = slat_setup
-    assert any(isinstance(b.updown, type(None)) is False for b in stage.flow.out_blocks)  # the mini flow up-samples
+    assert any(b.updown is not None for b in stage.flow.out_blocks)  # the mini flow up-samples
     calls = []
     real = SparseResBlock3d._forward_coarse
     monkeypatch.setattr(SparseResBlock3d, "_forward_coarse",

@@ -72,6 +72,8 @@ def test_bad_inputs_are_refused(slat_setup):
     rows = project_cond_rows(flow.blocks, _rows(flow, 1, torch.float32))
     with pytest.raises(ValueError, match="rows_kv holds 1 condition rows per block, zero_rows names 2 non-zero rows"):
         split_slat_cond_kv({}, flow.blocks, rows, [False, False, True])
+    with pytest.raises(ValueError, match="zero_rows names no batch row"):
+        split_slat_cond_kv({}, flow.blocks, rows, [])
     with pytest.raises(ValueError, match=f"rows_kv has {len(rows) - 1} blocks, the flow has {len(rows)}"):
         split_slat_cond_kv({}, flow.blocks, rows[:-1], [False, True])
     with pytest.raises(ValueError, match=r"cond must be \(B, L, C\)"):

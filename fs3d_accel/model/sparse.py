@@ -462,13 +462,15 @@ class SparseConv3d(nn.Module):
     def _gathered_tiles(self, x: SparseTensor, source_rows: Tensor, n_source: int, skip: bool):
         """The tiled layout of ``x``'s table composed with ``source_rows`` (``sparse_conv_triton.compose_tiles``),
         kept on ``x``'s cache with the map it was made for (a persistent structure builds it once, outside any
-        recorded graph: :meth:`prepare_gathered`)."""
+        recorded graph: :meth:`prepare_gathered`). The map's range is checked where that is allowed: not while a CUDA
+        graph records."""
         from .sparse_conv_triton import compose_tiles
         key = ("subm_tiles_gathered", self.kernel_size, bool(skip))
         kept = x.cache.get(key)
         if kept is None or kept[0] is not source_rows:
+            recording = source_rows.is_cuda and torch.cuda.is_current_stream_capturing()
             kept = x.cache[key] = (source_rows, compose_tiles(neighbour_tiles(x, self.kernel_size, skip=skip),
-                                                              source_rows, n_source))
+                                                              source_rows, n_source, check=not recording))
         return kept[1]
 
     def prepare_gathered(self, x: SparseTensor, source_rows: Tensor, n_source: int) -> None:

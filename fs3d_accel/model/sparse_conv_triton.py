@@ -357,13 +357,15 @@ def neighbour_tiles(table: Tensor, skip: bool = True, heights: tuple[int, ...] =
     return NeighbourTiles(n_rows=n, k3=k3, perm=perm_p, table_t=table_t, offsets=offsets, counts=counts)
 
 
-def compose_tiles(tiles: NeighbourTiles, source_rows: Tensor, n_source: int) -> NeighbourTiles:
+def compose_tiles(tiles: NeighbourTiles, source_rows: Tensor, n_source: int, check: bool = True) -> NeighbourTiles:
     """``tiles`` for features given as ``source[source_rows]`` (``source`` with ``n_source`` rows, ``source_rows`` one
     index per row of the table, e.g. a nearest up-sampling's fine-to-coarse map): each present neighbour index ``j``
     becomes ``source_rows[j]``, so the kernel reads the row the gathered one would copy, and the gathered block is never
     written. The same rows, offsets and products in the same order as the tiled conv of the gathered features, so the
     same values bit for bit. Absent neighbours keep the marker ``n_rows``, which needs ``n_source <= n_rows`` (the
-    kernel takes an index below ``n_rows`` as present). Device ops only."""
+    kernel takes an index below ``n_rows`` as present). ``check``: refuse a map with a row outside ``[0, n_source)``,
+    which the kernel would read out of bounds; that reads the device (a synchronisation), so a caller recording a CUDA
+    graph passes False. Otherwise device ops only."""
     if isinstance(n_source, bool) or not isinstance(n_source, int) or not 0 <= n_source <= tiles.n_rows:
         raise ValueError(f"n_source must be an int in [0, {tiles.n_rows}] (the table's rows), got {n_source!r}")
     if tiles.n_source is not None:
@@ -373,6 +375,8 @@ def compose_tiles(tiles: NeighbourTiles, source_rows: Tensor, n_source: int) -> 
                          f"{tuple(source_rows.shape)} {source_rows.dtype}")
     if source_rows.device != tiles.table_t.device:
         raise ValueError(f"source_rows is on {source_rows.device}, the tiles on {tiles.table_t.device}")
+    if check and len(source_rows) and bool(((source_rows < 0) | (source_rows >= n_source)).any()):
+        raise ValueError(f"source_rows holds rows outside [0, {n_source}): the kernel would read past the source")
     marker = source_rows.new_full((1,), tiles.n_rows)
     lookup = torch.cat([source_rows, marker]).to(torch.int32)  # the marker row maps to itself
     table_t = lookup[tiles.table_t.long()]

@@ -143,6 +143,8 @@ def split_slat_cond_kv(store: dict, blocks: nn.ModuleList, rows_kv: list[list[tu
     one-key tensors (a set of zero rows only does not read ``rows_kv``). The row tensors are shared by every set of
     the call (each set's own tensors stay distinct); a set without zero rows and more than one row stacks them (one
     copy), as ``to_kv`` over the batch would give."""
+    if not zero_rows:
+        raise ValueError("zero_rows names no batch row: a K/V set needs at least one")
     n_cond = sum(not z for z in zero_rows)
     if len(rows_kv) != len(blocks):
         raise ValueError(f"rows_kv has {len(rows_kv)} blocks, the flow has {len(blocks)}")
