@@ -167,8 +167,9 @@ _LEAN = _FASTEST + "-lk-ci"
 SETTINGS[_LATENCY_SHORT[_LEAN]] = _LATENCY_VARIANTS[_LATENCY_SHORT[_LEAN]]
 SHORT[_LEAN] = _LATENCY_SHORT[_LEAN]
 ONE_SWITCH_REF[SHORT[_LEAN]] = SHORT[_FASTEST]
-# the named path since session 30 (``…-mi-lk-ci``) with the condition rows' K/V projected once per call (``-sk``: the
-# same dot products, possibly other GEMM kernels on the GPU), against it
+# the named path of session 30 (``…-mi-lk-ci``) with the condition rows' K/V projected once per call (``-sk``: the
+# same dot products, possibly other GEMM kernels on the GPU), against it; the named path ``…-mi-lk-ci-sk`` since its
+# quality run in session 31 (the same results on all 28 objects)
 _SPLIT = _LEAN + "-sk"
 SETTINGS[_LATENCY_SHORT[_SPLIT]] = _LATENCY_VARIANTS[_LATENCY_SHORT[_SPLIT]]
 SHORT[_SPLIT] = _LATENCY_SHORT[_SPLIT]

@@ -123,9 +123,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                         "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi (the pieces path with every "
                         "SLaT switch timed on it since, the suffixes of base_vs_official.py: SLaT at 14k "
                         "0.478-0.485 s against 0.499-0.501 s on an H100, session 25; inference only), "
-                        "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi-lk-ci (the fastest: the same "
+                        "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi-lk-ci (the same "
                         "with the condition K/V made lean and the IO modulations kept per step; faster in 7 of 8 "
-                        "rounds at 14k on H100s, sessions 28-29, the same sam3d-mini results, session 30)")
+                        "rounds at 14k on H100s, sessions 28-29, the same sam3d-mini results, session 30), "
+                        "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi-lk-ci-sk (the fastest: the same "
+                        "with the condition rows' K/V projected once per call; faster in 6 of 7 rounds at 14k on "
+                        "H100s, session 30, the same sam3d-mini results on an H200, session 31)")
     p.add_argument("--cublaslt-workspace-kib", default="auto", type=workspace_arg,
                    help="cuBLASLt workspace for the whole process, in KiB (fs3d_accel.cuda_settings). auto (default): "
                         "0 for a fast path with the GELU epilogue (-ge) on CUDA, which removes a memset in front of "

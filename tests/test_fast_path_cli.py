@@ -20,7 +20,8 @@ def test_named_fast_paths():
                                 "compiled-zkv-fa4-all-sqfa2-ge-ac-fd", "compiled-zkv-fa4-all-sqfa2-ge-ac-fk",
                                 "compiled-zkv-fa4-all-sqfa2-ge-ac-stream", "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces",
                                 "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi",
-                                "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi-lk-ci"]
+                                "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi-lk-ci",
+                                "compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi-lk-ci-sk"]
     for suffix, call in (("fd", "direct"), ("fk", "kernel")):
         assert fast_path(f"compiled-zkv-fa4-all-sqfa2-ge-ac-{suffix}") == dataclasses.replace(
             fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac"), fa4_call=call)
@@ -34,6 +35,8 @@ def test_named_fast_paths():
                                           slat_merge_inlined=True)
     assert fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi-lk-ci") == dataclasses.replace(
         fastest, lean_cond_kv=True, cache_io_modulations=True)
+    assert fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi-lk-ci-sk") == dataclasses.replace(
+        fastest, lean_cond_kv=True, cache_io_modulations=True, split_cond_kv=True)
     ro = fast_path("compiled-zkv-ro")
     assert ro.compile_mode == "reduce-overhead" and ro.for_stage("slat") is ro and ro.attention_kernel == "sdpa"
     fa4 = fast_path("compiled-zkv-fa4")
@@ -179,10 +182,14 @@ def test_named_fast_paths_are_the_benchmarked_variants():
     assert fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi") == VARIANTS[SHORT[fastest]]
     assert (fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi-lk-ci")
             == VARIANTS[SHORT[fastest + "-lk-ci"]])
+    assert (fast_path("compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi-lk-ci-sk")
+            == VARIANTS[SHORT[fastest + "-lk-ci-sk"]])
     # and the quality run's settings (benchmarks/fast_path_quality.py) are the same paths
     from benchmarks import fast_path_quality as fpq
     for name, short in (("compiled-zkv-fa4-all-sqfa2-ge-ac", "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac"),
                         ("compiled-zkv-fa4-all-sqfa2-ge-ac-stream", "compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac-rf-sg"),
                         ("compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi", fastest),
-                        ("compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi-lk-ci", fastest + "-lk-ci")):
+                        ("compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi-lk-ci", fastest + "-lk-ci"),
+                        ("compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi-lk-ci-sk",
+                         fastest + "-lk-ci-sk")):
         assert fast_path(name) == fpq.SETTINGS[fpq.SHORT[short]], name

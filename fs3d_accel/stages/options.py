@@ -400,7 +400,8 @@ class RunOptions:
     #: bit for bit although cuBLAS runs other kernels for the halves. Against ``-lk-ci`` (session 30, two processes,
     #: ``results/base_vs_official_h100/session30/``): faster in 6 of 7 rounds, median −4.0 ms per 14k call, 0.38 GB
     #: less peak memory; 1.107 TFLOP fewer executed per call (200.145 against 201.251: one condition row projected
-    #: where the lean path projects three). Its sam3d-mini quality run is still to make. Variant suffix ``-sk``.
+    #: where the lean path projects three). On an H200 its sam3d-mini results equal ``-lk-ci``'s on all 28 objects
+    #: (session 31); since then part of the named path ``…-mi-lk-ci-sk``. Variant suffix ``-sk``.
     split_cond_kv: bool = False
     #: SLaT's output path: the up-sampling res-block runs its first norm and SiLU and its skip linear on the coarse
     #: rows, gathers the skip's 128-channel output instead of its 2,048-channel input, and its first conv reads the
@@ -408,8 +409,11 @@ class RunOptions:
     #: ``SparseConv3d.forward_gathered``). Each of those steps acts row by row and nearest up-sampling copies rows,
     #: so each fine row gets the same values (bit for bit on the CPU, tested; the skip's GEMM then has fewer rows,
     #: which a GPU's GEMM library may tile differently). Per 14k pass it drops the (2N, 2,048) gather (session 30's
-    #: kernel table: 50 launches, 1.75 ms per call) and runs the norm and the skip GEMM on the coarse rows. Built in
-    #: session 30 on the CPU, not yet timed on a GPU. Variant suffix ``-cu``.
+    #: kernel table: 50 launches, 1.75 ms per call) and runs the norm and the skip GEMM on the coarse rows. On an H200
+    #: (session 31, ``results/base_vs_official_h200/session31/``): 3.2-3.4 ms of kernels fewer per 14k call in three
+    #: profiled calls, the same latents bit for bit and the same sam3d-mini results as ``-sk``, 0.15 GB less peak
+    #: memory; per call faster in only 6 of 11 rounds (median −1.1 ms), so not part of a named path. Variant suffix
+    #: ``-cu``.
     slat_coarse_upsample: bool = False
 
     def __post_init__(self) -> None:
@@ -963,6 +967,12 @@ FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi"] = dat
 FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi-lk-ci"] = dataclasses.replace(
     FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi"], lean_cond_kv=True,
     cache_io_modulations=True)
+# + the condition rows' K/V projected once per call on ``to_kv``'s weight halves (``-sk``): faster than the path above
+# in 6 of 7 rounds over two processes (session 30, median −4.0 ms per SLaT call at 14k on an H100), 0.38 GB less peak
+# memory, the same latents bit for bit there (``results/base_vs_official_h100/session30/``); on an H200 its sam3d-mini
+# results equal the path above's on all 28 objects (session 31, ``results/fast_path_quality_h200/session31_sk_cu/``).
+FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi-lk-ci-sk"] = dataclasses.replace(
+    FAST_PATHS["compiled-zkv-fa4-all-sqfa2-ge-ac-pieces-m4-dt-nc-fk-cm-ok-mi-lk-ci"], split_cond_kv=True)
 
 
 def fast_path(name: str) -> RunOptions:
