@@ -410,10 +410,10 @@ class RunOptions:
     #: so each fine row gets the same values (bit for bit on the CPU, tested; the skip's GEMM then has fewer rows,
     #: which a GPU's GEMM library may tile differently). Per 14k pass it drops the (2N, 2,048) gather (session 30's
     #: kernel table: 50 launches, 1.75 ms per call) and runs the norm and the skip GEMM on the coarse rows. On an H200
-    #: (session 31, ``results/base_vs_official_h200/session31/``): 3.2-3.4 ms of kernels fewer per 14k call in three
-    #: profiled calls, the same latents bit for bit and the same sam3d-mini results as ``-sk``, 0.15 GB less peak
-    #: memory; per call faster in only 6 of 11 rounds (median −1.1 ms), so not part of a named path. Variant suffix
-    #: ``-cu``.
+    #: (session 31, ``results/base_vs_official_h200/session31/``): ~3.25 ms less in the kernels it changes per 14k
+    #: call in three profiled calls, the same latents bit for bit and the same sam3d-mini results as ``-sk``, 0.15 GB
+    #: less peak memory; per call faster in only 6 of 11 rounds (median −1.1 ms), so not part of a named path. Variant
+    #: suffix ``-cu``.
     slat_coarse_upsample: bool = False
 
     def __post_init__(self) -> None:
