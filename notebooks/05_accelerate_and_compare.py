@@ -32,12 +32,12 @@
 # and pose (3D box IoU, rotation and translation error); see `fs3d_analysis.eval`.
 #
 # Model from `load_pipeline()` (shipped `sam3d-mini`; random weights only with
-# `FS3D_ALLOW_RANDOM=1`, for development). `FS3D_QUICK=1`: two objects, 8 SLaT steps, one CPU thread.
+# `FS3D_ALLOW_RANDOM=1`, for development). `FS3D_QUICK=1`: one object, 8 SLaT steps, one CPU thread.
 #
 # **Our runs** (shipped `sam3d-mini` run-3 weights, CPU): the committed `figures/05_speed_quality.png`
 # is from the **full-size** run inside `fs3d reproduce` (8 shipped objects x 15 methods, 25 SS and
 # 25 SLaT steps, 2 threads, 5.4 min); the first paragraph after the table quotes it. The second
-# quotes a **quick-mode** run (011_banana and 021_bleach_cleanser, 8 SLaT steps, one thread). The
+# quotes a **quick-mode** run (011_banana only, 8 SLaT steps, one thread). The
 # printed tables are the measurement of *your* run. A full-size run resumes finished rows from
 # `runs/05_accelerate/<weights fingerprint>/results.csv`: rows of other weights are never reused.
 
@@ -68,7 +68,7 @@ TIMER = "GPU wall time (cuda-synchronised)" if pipe.device.type == "cuda" else "
 
 # %%
 shipped = list(load_shipped_samples())
-ss_runs, screened = ex.screen_samples(pipe, shipped, n=pick(None, 2), prefer=pick((), QUICK_OBJECTS))
+ss_runs, screened = ex.screen_samples(pipe, shipped, n=pick(None, 1), prefer=pick((), QUICK_OBJECTS))
 print(screened.to_string(index=False))
 samples = [s for s in shipped if s.name in ss_runs]
 steps = f"ss{pipe.config.ss_sampler.steps}-slat{pipe.config.slat_sampler.steps}"
@@ -125,19 +125,18 @@ ablation[["ss", "slat", "mesh", *[m for m in METRICS if m in ablation], "time_to
 # destroys the occupancy (vIoU 0.027). Ablation: SS cache alone 1.19x, SLaT modules alone 1.97x,
 # mesh aggregation alone 1.10x, SS + SLaT 2.78x, SLaT + mesh 2.60x, SS + mesh 1.32x.
 #
-# *In our quick run* (2 objects, 8 SLaT steps): Fast-SAM3D runs **2.74x** faster than the base
-# (3.14 s -> 1.15 s per object; SS 10 of 25 steps computed, SLaT 3 of 8 steps with 26 % of the
-# tokens active on average, decoder tokens merged by S = 2) and keeps the quality: F1@0.05 18.9 vs
-# 18.6, vIoU 0.075 vs 0.070, Chamfer 0.306 vs 0.314, 3D box IoU 0.42 vs 0.42. So the paper's
-# "quality kept at about 2.7x" is reproduced here (on CPU wall time of the mini model, not GPU time
-# at full scale). The released-code variant is faster (3.21x) but loses 2.0 F1 points; TaylorSeer
-# (1.99x) keeps F1 (19.2) but its pose degrades (box IoU 0.14); EasyCache (1.08x), Fast3Dcache
-# (1.20x) and uniform merge (1.27x) keep quality with little speed-up; random drop (1.41x) loses
-# the most (F1 14.4, vIoU 0.025). Ablation: each module alone gives 1.27-1.32x, any two
-# 1.67-1.77x, all three 2.74x; the SS cache alone costs 2.0 F1 points, the SLaT and mesh modules
-# alone cost none. Two objects make these quality differences indicative only.
+# *In our quick run* (one object, 011_banana, 8 SLaT steps): Fast-SAM3D runs **2.47x** faster than
+# the base (6.11 s -> 2.48 s; SS 10 of 25 steps computed, SLaT 3 of 8 steps with 26 % of the tokens
+# active on average, decoder tokens merged by S = 2) and keeps the quality on this object: F1@0.05
+# 15.7 vs 14.3, Chamfer 0.310 vs 0.343, 3D box IoU 0.57 vs 0.58 (vIoU 0.063 vs 0.069). The
+# released-code variant is faster (2.80x, F1 15.0); TaylorSeer (1.44x) keeps F1 (16.0) but its pose
+# degrades (box IoU 0.21); EasyCache, Fast3Dcache and uniform merge give no speed-up at this size
+# (0.88-1.00x) and keep quality; random drop (1.07x) loses the most (F1 9.4, vIoU 0.013). Ablation:
+# SS + SLaT 1.88x, SS + mesh 1.64x, SLaT + mesh 1.46x, all three 2.47x; each module alone
+# 0.95-1.10x, within the noise of single runs of a few seconds (10-15 % between runs). One object
+# makes these quality differences indicative only; the full-size run above is the measurement.
 #
-# The absolute quality columns are low (F1 about 19, rotation error about 155 degrees) because
+# The absolute quality columns are low (F1 14-30 in our runs, rotation error above 150 degrees) because
 # `evaluate` compares the object-frame mesh and the layout with the canonical ground truth, while
 # `sam3d-mini`'s object frame is camera-aligned and its rotation always the identity (see its model
 # card: its posed F1 on these samples is 45 and 11); the comparisons between methods are what

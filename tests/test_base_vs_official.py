@@ -638,7 +638,7 @@ def test_moved_flops_take_off_what_the_compiled_only_switches_skip():
     from torch.utils.flop_counter import FlopCounterMode
 
     from fs3d_accel.stages.options import RunOptions
-    stage, objects, sampler = mini_slat_setup((150,))
+    stage, objects, sampler = mini_slat_setup((150,), steps=5)
     cond, coords, noise = objects[0]
     counting = RunOptions(batch_cfg=True, cache_cond_kv=True, collapse_zero_cond=True)
 

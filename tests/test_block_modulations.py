@@ -16,7 +16,7 @@ from fs3d_accel.stages.options import RunOptions
 
 @pytest.fixture(scope="module")
 def slat_setup():
-    stage, objects, sampler = mini_slat_setup((260, 170))
+    stage, objects, sampler = mini_slat_setup((260, 170), steps=5)
     yield stage, objects, sampler
     stage.__dict__.pop("_compiled_torso", None)
     stage.__dict__.pop("_block_modulations", None)

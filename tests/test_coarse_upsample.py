@@ -25,7 +25,7 @@ TILED = ("implicit-skip", "implicit-skip-nested", "implicit-flat")
 
 @pytest.fixture(scope="module")
 def slat_setup():
-    stage, objects, sampler = mini_slat_setup((230, 150))
+    stage, objects, sampler = mini_slat_setup((230, 150), steps=5)
     yield stage, objects, sampler
 
 

@@ -159,8 +159,14 @@ def test_the_switch_comes_back_after_an_exception():
 # ----------------------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def mini():
+    """The mini SS and SLaT stages (biases made non-zero) and their config, its samplers shortened to 5 steps (their
+    other settings kept): both schedules still hold guided and unguided steps, which the row counts below need."""
     cfg = mini_config()
     cfg = dataclasses.replace(cfg, ss_flow=dataclasses.replace(cfg.ss_flow, resolution=4))
+    cfg = cfg.with_samplers(dataclasses.replace(cfg.ss_sampler, steps=5),
+                            dataclasses.replace(cfg.slat_sampler, steps=5))
+    from fs3d_accel.samplers import count_network_passes
+    assert all(s.steps < count_network_passes(s) < 2 * s.steps for s in (cfg.ss_sampler, cfg.slat_sampler))
     torch.manual_seed(0)
     ss, slat = SSStage(cfg).eval(), SLaTStage(cfg).eval()
     with torch.no_grad():

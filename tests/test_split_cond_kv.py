@@ -18,7 +18,7 @@ ZERO_ROWS = [[False, True], [False], [True], [False, False], [True, True], [True
 
 @pytest.fixture(scope="module")
 def slat_setup():
-    stage, objects, sampler = mini_slat_setup((230, 150))
+    stage, objects, sampler = mini_slat_setup((230, 150), steps=5)
     yield stage, objects, sampler
     stage.__dict__.pop("_compiled_torso", None)
 
