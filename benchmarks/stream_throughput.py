@@ -13,7 +13,8 @@ meaningful), and each round and mode gets sizes of its own (shifted by a few vox
 meeting, as in a dataset run (the sequential mode also reports its mesh extraction's host seconds per object: on
 random weights the decoded surfaces are noisy, so the extraction is likely longer than on trained weights). Rounds
 alternate the modes' order. Per mode: seconds of the whole stream (``stage_latency.Timer``, one call), per object,
-and its ratio against sequential within the round.
+and its ratio against sequential within the round. ``--steps`` shortens both samplers (default: the config's 25), for
+a quick look or a smoke run; the committed results use the default.
 
     python benchmarks/stream_throughput.py --device cuda --config full \\
         --variant compile-all-zkv-fa4-ro-sqfa2-ge-slatcg-io-ac --objects 8 --rounds 2 --out runs/stream
@@ -40,6 +41,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.slat_many_sizes import object_coords, object_sizes  # noqa: E402
 from benchmarks.stage_latency import (SHORT, Timer, checked_device, checked_variants,  # noqa: E402
                                       synthetic_inputs, variant_label, variant_options)
+from fs3d_accel.model.configs import get_config  # noqa: E402
 from fs3d_accel.pipeline import Pipeline  # noqa: E402
 from fs3d_accel.stream import run_stream  # noqa: E402
 from fs3d_analysis.profile.latency import sync_device  # noqa: E402
@@ -122,7 +124,8 @@ def write_readme(out: Path, rows: list[dict], meta: dict) -> None:
              f"Device **{meta['device']}**, torch {meta['torch']}, `{meta['config']}` config, variant "
              f"`{meta['variant']}`, {meta['objects']} objects of new sizes per round and mode "
              f"(about {min(meta['sizes'])}-{max(meta['sizes'])} voxels, shifted by a few per round and mode: the "
-             f"CSV's `sizes`), {meta['rounds']} rounds.", "",
+             f"CSV's `sizes`), {meta['rounds']} rounds, {meta['steps']['ss']} SS and {meta['steps']['slat']} SLaT "
+             "sampler steps.", "",
              "| round | mode | seconds | per object | against its sequential mode |", "| --- | --- | --- | --- | --- |"]
     for r in sorted({row["round"] for row in rows}):
         pair = {row["mode"]: row for row in rows if row["round"] == r}
@@ -154,10 +157,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, from {list(MODES)}")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="SS and SLaT sampler steps (default: the config's, 25): fewer for a quick look at the modes")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     if args.rounds < 1:
         raise SystemExit(f"--rounds must be >= 1, got {args.rounds}")
+    if args.steps is not None and args.steps < 1:
+        raise SystemExit(f"--steps must be >= 1, got {args.steps}")
     modes = [m for m in args.modes.split(",") if m]
     unknown = [m for m in modes if m not in MODES]
     if not modes or unknown or len(set(modes)) != len(modes):
@@ -181,7 +188,11 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"sizes of two rounds or modes coincide (each meets its own, {3} voxels apart per slot): "
                          f"spread --min-voxels .. --max-voxels wider or use fewer --objects / --rounds")
 
-    pipe = Pipeline.from_config(args.config, seed=args.seed, device="cpu").to(dev)
+    cfg = get_config(args.config)
+    if args.steps is not None:
+        cfg = cfg.with_samplers(dataclasses.replace(cfg.ss_sampler, steps=args.steps),
+                                dataclasses.replace(cfg.slat_sampler, steps=args.steps))
+    pipe = Pipeline.from_config(cfg, seed=args.seed, device="cpu").to(dev)
     pipe.with_options(opts)
     resolution = pipe.config.slat_flow.resolution
     try:
@@ -192,7 +203,9 @@ def main(argv: list[str] | None = None) -> None:
     inp = pipe.prepare(*synthetic_inputs(pipe.config.image_size))
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-            "config": args.config, "variant": variant, "variant_options": f"{variant_label(variant)} = {opts}",
+            "config": args.config,
+            "steps": {"ss": pipe.config.ss_sampler.steps, "slat": pipe.config.slat_sampler.steps},
+            "variant": variant, "variant_options": f"{variant_label(variant)} = {opts}",
             "objects": len(sizes), "sizes": sizes, "rounds": args.rounds, "seed": args.seed, "modes": modes,
             "timing": "one call per round and mode (stage_latency.Timer: CUDA events after a synchronisation, "
                       "synchronised at the end); every object a new size"}

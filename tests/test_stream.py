@@ -2,6 +2,7 @@
 start changes the order of work across objects, never an object's result; after ``prepare(build_tables=True)`` the
 SLaT sampler reads no device data on the host (what lets its GPU work queue behind other work)."""
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -216,12 +217,14 @@ def test_stream_reports_a_failed_extraction_at_its_object(stream_pipe, objects, 
 
 
 def test_stream_throughput_script_runs_every_mode_on_new_sizes(tmp_path):
-    """The benchmark's CPU smoke run: one row per round and mode, each mode on sizes of its own, and a README."""
+    """The benchmark's CPU smoke run (3 sampler steps, for time): one row per round and mode, each mode on sizes of its
+    own, the steps in the metadata, and a README."""
     import csv
 
     from benchmarks.stream_throughput import main
     main(["--device", "cpu", "--config", "mini", "--variant", "fp32", "--objects", "2", "--min-voxels", "60",
-          "--max-voxels", "90", "--rounds", "1", "--out", str(tmp_path)])
+          "--max-voxels", "90", "--rounds", "1", "--steps", "3", "--out", str(tmp_path)])
+    assert json.loads((tmp_path / "meta.json").read_text())["steps"] == {"ss": 3, "slat": 3}
     rows = list(csv.DictReader(open(tmp_path / "stream_throughput.csv")))
     assert [r["mode"] for r in rows] == ["sequential", "stream-gpu", "stream"]
     sizes = [set(r["sizes"].split()) for r in rows]
@@ -254,7 +257,7 @@ def test_stream_throughput_script_times_the_stream_without_extraction(tmp_path, 
     monkeypatch.setattr(st.Pipeline, "from_config", staticmethod(from_config))
     st.main(["--device", "cpu", "--config", "mini", "--variant", "fp32", "--objects", "1", "--min-voxels", "60",
              "--max-voxels", "90", "--rounds", "1", "--modes", "stream-noextract,sequential-noextract",
-             "--out", str(tmp_path)])
+             "--steps", "3", "--out", str(tmp_path)])
     rows = list(csv.DictReader(open(tmp_path / "stream_throughput.csv")))
     assert [r["mode"] for r in rows] == ["sequential-noextract", "stream-noextract"]
     assert calls == []  # neither mode extracted a mesh (the spy wraps the extraction the stream would call)
@@ -266,6 +269,7 @@ def test_stream_throughput_script_times_the_stream_without_extraction(tmp_path, 
     (["--modes", "stream,nope"], "--modes: each of"),
     (["--modes", "stream,stream"], "--modes: each of"),
     (["--rounds", "0"], "--rounds must be >= 1"),
+    (["--steps", "0"], "--steps must be >= 1"),
     (["--variant", "fp32,bf16"], "one variant"),
     (["--variant", "fp32", "--objects", "8", "--min-voxels", "60", "--max-voxels", "70"],
      "sizes of two rounds or modes coincide"),
