@@ -41,9 +41,9 @@ if str(ROOT) not in sys.path:
 from benchmarks.slat_many_sizes import object_coords, object_sizes  # noqa: E402
 from benchmarks.stage_latency import (SHORT, Timer, checked_device, checked_variants,  # noqa: E402
                                       synthetic_inputs, variant_label, variant_options)
-from fs3d_accel.model.configs import get_config  # noqa: E402
 from fs3d_accel.pipeline import Pipeline  # noqa: E402
 from fs3d_accel.stream import run_stream  # noqa: E402
+from fs3d_analysis.notebook_utils import set_samplers  # noqa: E402
 from fs3d_analysis.profile.latency import sync_device  # noqa: E402
 
 CSV_NAME = "stream_throughput.csv"
@@ -188,11 +188,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"sizes of two rounds or modes coincide (each meets its own, {3} voxels apart per slot): "
                          f"spread --min-voxels .. --max-voxels wider or use fewer --objects / --rounds")
 
-    cfg = get_config(args.config)
-    if args.steps is not None:
-        cfg = cfg.with_samplers(dataclasses.replace(cfg.ss_sampler, steps=args.steps),
-                                dataclasses.replace(cfg.slat_sampler, steps=args.steps))
-    pipe = Pipeline.from_config(cfg, seed=args.seed, device="cpu").to(dev)
+    pipe = set_samplers(Pipeline.from_config(args.config, seed=args.seed, device="cpu"), args.steps, args.steps).to(dev)
     pipe.with_options(opts)
     resolution = pipe.config.slat_flow.resolution
     try:

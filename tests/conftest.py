@@ -337,6 +337,20 @@ def assert_same_structure(a: dict, b: dict, seen=None) -> None:
             assert same_value(va, vb), key
 
 
+#: which rows of a batch are the unconditional (all-zero) condition, for the condition K/V tests: pair, batch-1 and
+#: longer batches, zero rows first, last and between
+KV_ZERO_ROWS = [[False, True], [False], [True], [False, False], [True, True], [True, False, True], [False, True, False]]
+
+
+@pytest.fixture(scope="module")
+def kv_slat_setup():
+    """The condition K/V tests' mini SLaT stage, two objects (230 and 150 voxels) and a 5-step sampler
+    (:func:`mini_slat_setup`); the stage's compiled torso is dropped after the module."""
+    stage, objects, sampler = mini_slat_setup((230, 150), steps=5)
+    yield stage, objects, sampler
+    stage.__dict__.pop("_compiled_torso", None)
+
+
 def assert_same_kv_sets(out, ref, n_blocks: int) -> None:
     """``out`` and ``ref`` are the same cached condition K/V sets: per block the same number of tensors, each equal in
     shape, dtype and bits, contiguous, and no two tensors of one block in one storage (a nested compile region refuses

@@ -9,18 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_same_kv_sets, mini_slat_setup, sample_slat
+from conftest import KV_ZERO_ROWS, assert_same_kv_sets, sample_slat
 from fs3d_accel.stages.cond_kv import lean_slat_cond_kv
 from fs3d_accel.stages.options import RunOptions
-
-ZERO_ROWS = [[False, True], [False], [True], [False, False], [True, True], [True, False, True]]
-
-
-@pytest.fixture(scope="module")
-def slat_setup():
-    stage, objects, sampler = mini_slat_setup((230, 150), steps=5)
-    yield stage, objects, sampler
-    stage.__dict__.pop("_compiled_torso", None)
 
 
 def _default(flow, cond, zero_rows, compiled=True):
@@ -36,10 +27,10 @@ def _condition(flow, zero_rows, dtype, seed=0):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("zero_rows", ZERO_ROWS)
+@pytest.mark.parametrize("zero_rows", KV_ZERO_ROWS)
 @torch.no_grad()
-def test_the_same_tensors_as_the_default_path(slat_setup, zero_rows, dtype):
-    stage, _, _ = slat_setup
+def test_the_same_tensors_as_the_default_path(kv_slat_setup, zero_rows, dtype):
+    stage, _, _ = kv_slat_setup
     flow = stage.flow.to(dtype)
     try:
         cond = _condition(flow, zero_rows, dtype)
@@ -51,8 +42,8 @@ def test_the_same_tensors_as_the_default_path(slat_setup, zero_rows, dtype):
 
 
 @torch.no_grad()
-def test_zero_rows_are_kept_across_calls_and_remade_when_weights_change(slat_setup):
-    stage, _, _ = slat_setup
+def test_zero_rows_are_kept_across_calls_and_remade_when_weights_change(kv_slat_setup):
+    stage, _, _ = kv_slat_setup
     flow = stage.flow
     store: dict = {}
     rows = [False, True]
@@ -73,8 +64,8 @@ def test_zero_rows_are_kept_across_calls_and_remade_when_weights_change(slat_set
         bias.copy_(saved)
 
 
-def test_bad_inputs_are_refused(slat_setup):
-    stage, _, _ = slat_setup
+def test_bad_inputs_are_refused(kv_slat_setup):
+    stage, _, _ = kv_slat_setup
     cond = _condition(stage.flow, [False, True], torch.float32)
     with pytest.raises(ValueError, match="zero_rows has 1 entries, the condition batch is 2"):
         lean_slat_cond_kv({}, stage.flow.blocks, cond, [True])
@@ -87,13 +78,13 @@ def test_bad_inputs_are_refused(slat_setup):
                    slat_token_bucket=0.0625, lean_cond_kv=True)
 
 
-def test_stage_with_a_compiled_torso_gives_the_same_latents(slat_setup, cpu_compile, monkeypatch):
+def test_stage_with_a_compiled_torso_gives_the_same_latents(kv_slat_setup, cpu_compile, monkeypatch):
     """The whole SLaT sampler with the compiled torso (eager backend: the same kernels), CFG batched, through the
     whole-pass graph calls (eager on the CPU): bit-identical latents with the lean K/V, on two objects (the kept zero
     rows reused)."""
     import fs3d_accel.stages.options as options_mod
     monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
-    stage, objects, sampler = slat_setup
+    stage, objects, sampler = kv_slat_setup
     common = dict(batch_cfg=True, cache_cond_kv=True, collapse_zero_cond=True, compile_slat=True,
                   compile_backend="eager", cuda_graphs=True)
     calls = []

@@ -9,18 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import assert_same_kv_sets, mini_slat_setup, sample_slat
+from conftest import KV_ZERO_ROWS, assert_same_kv_sets, sample_slat
 from fs3d_accel.stages.cond_kv import lean_slat_cond_kv, project_cond_rows, split_slat_cond_kv
 from fs3d_accel.stages.options import RunOptions
-
-ZERO_ROWS = [[False, True], [False], [True], [False, False], [True, True], [True, False, True], [False, True, False]]
-
-
-@pytest.fixture(scope="module")
-def slat_setup():
-    stage, objects, sampler = mini_slat_setup((230, 150), steps=5)
-    yield stage, objects, sampler
-    stage.__dict__.pop("_compiled_torso", None)
 
 
 def _rows(flow, n, dtype, seed=0):
@@ -36,10 +27,10 @@ def _batch(cond_rows, zero_rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("zero_rows", ZERO_ROWS)
+@pytest.mark.parametrize("zero_rows", KV_ZERO_ROWS)
 @torch.no_grad()
-def test_the_same_sets_as_the_lean_path(slat_setup, zero_rows, dtype):
-    stage, _, _ = slat_setup
+def test_the_same_sets_as_the_lean_path(kv_slat_setup, zero_rows, dtype):
+    stage, _, _ = kv_slat_setup
     flow = stage.flow.to(dtype)
     try:
         n_cond = max(1, sum(not z for z in zero_rows))
@@ -54,8 +45,8 @@ def test_the_same_sets_as_the_lean_path(slat_setup, zero_rows, dtype):
 
 
 @torch.no_grad()
-def test_the_sets_of_one_call_share_the_rows(slat_setup):
-    stage, _, _ = slat_setup
+def test_the_sets_of_one_call_share_the_rows(kv_slat_setup):
+    stage, _, _ = kv_slat_setup
     flow = stage.flow
     rows = project_cond_rows(flow.blocks, _rows(flow, 1, torch.float32))
     store: dict = {}
@@ -66,8 +57,8 @@ def test_the_sets_of_one_call_share_the_rows(slat_setup):
     assert len(store) == 1  # the zero row's key and value, made once
 
 
-def test_bad_inputs_are_refused(slat_setup):
-    stage, _, _ = slat_setup
+def test_bad_inputs_are_refused(kv_slat_setup):
+    stage, _, _ = kv_slat_setup
     flow = stage.flow
     rows = project_cond_rows(flow.blocks, _rows(flow, 1, torch.float32))
     with pytest.raises(ValueError, match="rows_kv holds 1 condition rows per block, zero_rows names 2 non-zero rows"):
@@ -85,12 +76,12 @@ def test_bad_inputs_are_refused(slat_setup):
                    split_cond_kv=True)
 
 
-def test_stage_gives_the_same_latents_as_the_lean_path(slat_setup, cpu_compile, monkeypatch):
+def test_stage_gives_the_same_latents_as_the_lean_path(kv_slat_setup, cpu_compile, monkeypatch):
     """The whole SLaT sampler with the compiled torso (eager backend), CFG batched, through the whole-pass graph calls
     (eager on the CPU): bit-identical latents with the split K/V, which projects the condition once per call."""
     import fs3d_accel.stages.options as options_mod
     monkeypatch.setattr(options_mod, "_ALLOW_CPU_GRAPHS", True)
-    stage, objects, sampler = slat_setup
+    stage, objects, sampler = kv_slat_setup
     common = dict(batch_cfg=True, cache_cond_kv=True, collapse_zero_cond=True, compile_slat=True,
                   compile_backend="eager", cuda_graphs=True, lean_cond_kv=True)
     projected = []
